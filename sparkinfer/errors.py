@@ -1,0 +1,33 @@
+"""Errors a user can cause (bad files, bad requests, too little memory).
+
+Every one of them carries a message that names the problem; the CLI prints it
+without a traceback and exits non-zero.
+"""
+
+
+class SparkInferError(Exception):
+    """Base of all errors caused by input rather than by a bug."""
+
+
+class GGUFFormatError(SparkInferError):
+    """The file is not a GGUF, or is truncated or corrupt."""
+
+
+class UnsupportedArchitectureError(SparkInferError):
+    """general.architecture names a model family we do not run."""
+
+
+class UnsupportedQuantTypeError(SparkInferError):
+    """A tensor uses a ggml type with no registered quant format."""
+
+
+class MissingTensorError(SparkInferError):
+    """A tensor the configuration requires is absent from the file."""
+
+
+class TensorShapeError(SparkInferError):
+    """A tensor's shape disagrees with the configuration."""
+
+
+class MetadataError(SparkInferError):
+    """A required metadata key is missing or has the wrong type."""
