@@ -31,3 +31,7 @@ class TensorShapeError(SparkInferError):
 
 class MetadataError(SparkInferError):
     """A required metadata key is missing or has the wrong type."""
+
+
+class ChatTemplateError(SparkInferError):
+    """The chat template refused the conversation (e.g. via `raise_exception`), so the request is at fault."""

@@ -12,7 +12,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sparkinfer.errors import MetadataError, SparkInferError
+from sparkinfer.errors import ChatTemplateError, MetadataError
 
 # Qwen's ChatML, without the default system prompt Qwen2.5 adds: each turn is
 # `<|im_start|>role\ncontent<|im_end|>\n`, and the prompt ends with an open assistant turn.
@@ -24,10 +24,6 @@ CHATML_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n"
 )
-
-
-class ChatTemplateError(SparkInferError):
-    """The chat template refused the conversation (e.g. via `raise_exception`), so the request is at fault."""
 
 
 Message = dict[str, Any]
