@@ -11,9 +11,10 @@ def _has_cuda_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_cuda_gpu():
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # Importing TVM costs seconds: only probe for a GPU when a GPU test was collected.
+    if not gpu_items or _has_cuda_gpu():
         return
     skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    for item in gpu_items:
+        item.add_marker(skip_gpu)
