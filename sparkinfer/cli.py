@@ -1,0 +1,136 @@
+"""The `sparkinfer` command. Each subcommand is a small `_add_<name>` function that registers its
+arguments and handler; add new ones to COMMANDS. Heavy dependencies (TVM) belong in handlers,
+imported there, so `--help` and `info` stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from gguf import LlamaFileType
+
+from sparkinfer.errors import SparkInferError
+from sparkinfer.gguf_file import FILE_TYPES, PRESETS, GGUFModel, ModelConfig, preset_config, synth_model
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a GGUF model: hyper-parameters, tensor types, sizes")
+    p.add_argument("model", type=Path, help="path to a .gguf file")
+    p.set_defaults(handler=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    model = GGUFModel.open(args.model)
+    c = model.config
+    file_type = model.metadata.get("general.file_type")
+    rows = [
+        ("file", f"{model.path}, {_bytes(model.file_size)}"),
+        ("name", str(model.metadata.get("general.name", "-"))),
+        ("architecture", c.arch),
+        ("file type", _file_type_name(file_type) if isinstance(file_type, int) else "-"),
+        ("layers", str(c.n_layers)),
+        ("hidden", str(c.hidden)),
+        ("attention", f"{c.n_heads} heads, {c.n_kv_heads} kv heads, head_dim {c.head_dim}"),
+        ("feed-forward", _ffn_text(c)),
+        ("vocabulary", str(c.vocab_size)),
+        ("context", str(c.context_length)),
+        ("rms_eps, rope_theta", f"{c.rms_eps:g}, {c.rope_theta:g}"),
+        ("parameters", f"{_count(c.n_params)} ({c.n_params:,}), {_count(c.n_active_params)} active per token"),
+        ("tensors", f"{len(model.tensors)}: " + ", ".join(f"{n} {t}" for t, n in model.type_histogram().items())),
+        ("bytes per token", f"{_bytes(model.bytes_per_token())} of weights read per decoded token"),
+        ("hparams hash", c.hparams_hash()),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def _ffn_text(c: ModelConfig) -> str:
+    if c.is_moe:
+        return f"{c.n_experts} experts, top-{c.n_experts_used}, expert ffn {c.expert_ffn}"
+    return f"dense, ffn {c.ffn}"
+
+
+def _file_type_name(value: int) -> str:
+    try:
+        return LlamaFileType(value).name
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n:,} bytes)"
+    return f"{n} bytes"
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a random-weight model of a preset's shapes")
+    p.add_argument("out", type=Path, help="the .gguf file to write")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    p.add_argument("--type", dest="file_type", choices=list(FILE_TYPES), default="q4_k_m")
+    p.add_argument("--layers", type=int, help="override the preset's layer count")
+    p.add_argument("--experts", type=int, help="override the expert count (MoE presets)")
+    p.add_argument("--experts-used", type=int, help="override the experts used per token (MoE presets)")
+    p.add_argument("--context", type=int, help="override the context length")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_synth)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    overrides = {
+        field: value
+        for field, value in (
+            ("n_layers", args.layers),
+            ("n_experts", args.experts),
+            ("n_experts_used", args.experts_used),
+            ("context_length", args.context),
+        )
+        if value is not None
+    }
+    config = preset_config(args.preset, **overrides)
+    start = time.perf_counter()
+    synth_model(args.out, config, args.file_type, seed=args.seed, name=f"sparkinfer-{args.preset}", progress=True)
+    elapsed = time.perf_counter() - start
+    model = GGUFModel.open(args.out)
+    print(f"wrote {args.out}: {len(model.tensors)} tensors, {_bytes(model.file_size)}, in {elapsed:.1f} s")
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_synth]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparkinfer", description="Batch-1 Qwen3-MoE inference from GGUF files.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except SparkInferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
