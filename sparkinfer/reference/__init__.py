@@ -1,0 +1,25 @@
+"""Numpy float32 reference forward of the models: the oracle every kernel is checked against."""
+
+from sparkinfer.reference.qwen3moe import (
+    ReferenceModel,
+    causal_gqa_attention,
+    rms_norm,
+    rope_cos_sin,
+    rope_neox,
+    route_topk,
+    silu,
+    softmax,
+    swiglu,
+)
+
+__all__ = [
+    "ReferenceModel",
+    "causal_gqa_attention",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_neox",
+    "route_topk",
+    "silu",
+    "softmax",
+    "swiglu",
+]
