@@ -111,7 +111,44 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_synth]
+def _add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="compile a model's decode step for a GPU arch (or cpu) into compiled/<arch>/<key>/")
+    p.add_argument("model", type=Path, help="path to a .gguf file (only its hyper-parameters and tensor types are used)")
+    p.add_argument("--arch", required=True, choices=["sm_90", "sm_120", "sm_121", "cpu"])
+    p.add_argument("--out", type=Path, default=Path("compiled"), help="root of compiled modules (default: compiled/)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date module is there")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparkinfer.compiler.pipeline import compile_model
+
+        model = GGUFModel.open(args.model)
+        types = {name: info.ggml_type for name, info in model.tensors.items()}
+        result = compile_model(model.config, types, args.arch, args.out, force=args.force)
+        m = result.manifest
+        how = "up to date" if result.cached else f"compiled in {result.seconds:.1f} s"
+        fallbacks = sum(k["schedule"] == "dlight-fallback" for k in m.kernels)
+        print(f"{result.directory}: {how}; {len(m.kernels)} kernels ({fallbacks} on dlight's default schedule), "
+              f"{len(m.inputs)} inputs, page size {m.page_size}, {m.max_pages} pages max, {m.n_splits} splits")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.runtime.cli_run import add_arguments
+
+    p = sub.add_parser("run", help="generate text from a prompt (default model: the one shipped in the package)")
+    add_arguments(p)
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sparkinfer.runtime.cli_run import run
+
+    return run(args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_synth, _add_compile, _add_run]
 
 
 def build_parser() -> argparse.ArgumentParser:

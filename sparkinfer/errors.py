@@ -35,3 +35,19 @@ class MetadataError(SparkInferError):
 
 class ChatTemplateError(SparkInferError):
     """The chat template refused the conversation (e.g. via `raise_exception`), so the request is at fault."""
+
+
+class OutOfMemoryError(SparkInferError):
+    """The device has too little free memory for the weights or the KV cache asked for."""
+
+
+class ContextLengthError(SparkInferError):
+    """A request needs more tokens than the context the engine was loaded with."""
+
+
+class CompiledModuleError(SparkInferError):
+    """No usable compiled module for this model and arch (missing, stale, or for another one)."""
+
+
+class UnsupportedDeviceError(SparkInferError):
+    """The arch asked for is unknown, absent from this machine, or the GPU found has no target."""

@@ -2,12 +2,11 @@ import pytest
 
 
 def _has_cuda_gpu() -> bool:
-    try:
-        import tvm
+    # Through the runtime's loader: runtime-only TVM (the GPU machines) does not autoload
+    # the CUDA backend, and a bare tvm.cuda(0).exist would say False there.
+    from sparkinfer.runtime.device import cuda_available
 
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # no CUDA runtime at all on the CPU machines
-        return False
+    return cuda_available()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

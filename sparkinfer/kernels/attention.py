@@ -1,0 +1,364 @@
+"""Flash-decode attention over the paged KV cache: unscheduled TIR + numpy references.
+
+One query token (at position pos[0], already appended to the cache) attends to the L = pos + 1
+cached tokens. Query head h reads KV head h // G (G = NH / NKV), scale 1 / sqrt(D), float32
+math on the float16 cache. Token t lives at page page_table[t // P], slot t % P.
+
+`paged_decode_attention` cuts the context into S splits of C = ceil(L / S) tokens (split s:
+tokens [s*C, min((s+1)*C, L)); trailing splits may be empty) and returns, per query head and
+split, the split's softmax-normalised output and its log-sum-exp:
+  o_part[h, s] = sum_t softmax_s(score)[t] * V[t]          lse[h, s] = log sum_t exp(score[t])
+An empty split gives o_part = 0 and lse = -inf. `attention_combine` merges the splits:
+  out[h] = sum_s exp(lse[h, s] - M) * o_part[h, s] / sum_s exp(lse[h, s] - M),  M = max_s lse
+(split 0 is never empty, so M is finite).
+
+Inside a split the work is `streams` token streams, each an online softmax over tiles of `tile`
+consecutive tokens: step i of stream w takes tokens s*C + (i*streams + w)*tile + [0, tile).
+Per tile, the scores of all its tokens, then the tile's max, then one rescale of the running
+state (max m, sum l, output acc) by exp(m_old - m_new), then the tile's p = exp(score - m_new)
+and p . V. The streams' states are merged at the end of the split. Per (KV head, split, stream)
+the G query heads of the group are handled together, so every K and V row is read once for the
+whole GQA group. The shape is the GPU's (a stream per warp, a tile token per lane for q . K,
+a lane per head dim for p . V, all of a warp's tile loads in flight at once), but nothing
+here is bound to threads: built as is for LLVM it runs serially.
+
+The trip count of a stream's tile loop, ceil(C / (streams * tile)), is computed from pos on
+the device, so the work follows the actual context, not the cache capacity.
+"""
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+from tvm import te, tirx
+
+from sparkinfer.reference import qwen3moe as ref
+
+Expr = tirx.Expr
+_NEG_INF = float("-inf")
+
+
+def paged_decode_attention(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    splits: int,
+    streams: int = 8,
+    tile: int = 32,
+) -> tirx.PrimFunc:
+    """Params (q_rot f32[NH, D], k_cache f16[NP, P, NKV, D], v_cache (same), page_table
+    int32[MP], pos int32[1], o_part f32[NH, S, D], lse f32[NH, S]); NP is symbolic.
+
+    `streams` and `tile` shape the work inside a split (module docstring); they change the
+    order of float32 sums only, never which tokens are read."""
+    # Imported here: TVMScript needs TVM's compiler half, and the GPU machines' runtime-only
+    # TVM must still import this module for its numpy reference.
+    from tvm.script import tirx as T
+
+    NH, NKV, D, P, MP, S = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits
+    W, TT = streams, tile
+    if NH % NKV:
+        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    G = NH // NKV
+    f32 = "float32"
+    neg_inf = T.float32(_NEG_INF)
+    # "No token yet" for a running max: the float32 minimum rather than -inf, so that
+    # exp(m_old - m_new) of two empty states is exp(0), which multiplies l = 0 and acc = 0,
+    # instead of NaN; and it is the identity TVM's max reducer matches (needed to turn a
+    # max into a cross-thread reduction).
+    lowest = T.min_value(f32)
+    scale = T.float32(1.0 / math.sqrt(D))
+
+    # The split geometry, as expressions of the device position (see the module docstring).
+    def chunk(pos: tirx.Buffer) -> Expr:
+        return (pos[0] + S) // S  # ceil((pos + 1) / S)
+
+    def steps(pos: tirx.Buffer) -> Expr:
+        return (chunk(pos) + W * TT - 1) // (W * TT)
+
+    def token(pos: tirx.Buffer, s: Expr, w: Expr, it: Expr, t: Expr) -> Expr:
+        return s * chunk(pos) + (it * W + w) * TT + t
+
+    def valid(pos: tirx.Buffer, s: Expr, w: Expr, it: Expr, t: Expr) -> Expr:
+        end = tirx.min((s + 1) * chunk(pos), pos[0] + 1)
+        return token(pos, s, w, it, t) < end
+
+    def row(
+        cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, t: Expr, kv: Expr, d: Expr
+    ) -> Expr:
+        # Clamped to a cached token: a tile's rows are all loaded, used or not, so that a
+        # schedule issues them together without a bounds test per token. The page lookups
+        # are clamped into range too (a no-op for a valid table) so that TVM can bound the
+        # access: an unprovable index makes cache_read guard its copy and keep the cache in
+        # addressable local memory instead of registers.
+        t = tirx.min(t, pos[0])
+        page = page_table[tirx.min(t // P, MP - 1)]
+        page = tirx.max(tirx.min(page, (cache.shape[0] - 1).astype("int32")), 0)
+        return cache[page, t % P, kv, d]
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        q_rot: T.Buffer((NH, D), "float32"),
+        var_k_cache: T.handle,
+        var_v_cache: T.handle,
+        page_table: T.Buffer((MP,), "int32"),
+        pos: T.Buffer((1,), "int32"),
+        o_part: T.Buffer((NH, S, D), "float32"),
+        lse: T.Buffer((NH, S), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        # Per stream: running max, running sum, running output (private to the stream) ...
+        m = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
+        l = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
+        acc = T.sblock_alloc_buffer((NKV, S, W, G, D), "float32")
+        # ... and their final values, published for the merge.
+        m_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
+        l_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
+        acc_out = T.sblock_alloc_buffer((NKV, S, W, G, D), "float32")
+        # A tile's probabilities, per stream: the q . K and p . V halves of a step split the
+        # tile differently (by token, by head dim), so p is exchanged between them.
+        p = T.sblock_alloc_buffer((NKV, S, W, TT, G), "float32")
+        # Per split: max over streams, merged sum, merged unnormalised output.
+        m_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
+        l_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
+        o_all = T.sblock_alloc_buffer((NKV, S, G, D), "float32")
+        for kv, s, w in T.grid(NKV, S, W):
+            for g in range(G):
+                with T.sblock("state_init"):
+                    vkv, vs, vw, vg = T.axis.remap("SSSS", [kv, s, w, g])
+                    m[vkv, vs, vw, vg] = lowest
+                    l[vkv, vs, vw, vg] = T.float32(0)
+            for g, d in T.grid(G, D):
+                with T.sblock("acc_init"):
+                    vkv, vs, vw, vg, vd = T.axis.remap("SSSSS", [kv, s, w, g, d])
+                    acc[vkv, vs, vw, vg, vd] = T.float32(0)
+            for it in range(steps(pos)):
+                # One tile of the stream; the step's buffers are per tile.
+                with T.sblock("step"):
+                    vkv, vs, vw = T.axis.remap("SSS", [kv, s, w])
+                    vit = T.axis.opaque(steps(pos), it)
+                    score = T.sblock_alloc_buffer((TT, G), "float32")
+                    tile_max = T.sblock_alloc_buffer((G,), "float32")
+                    alpha = T.sblock_alloc_buffer((G,), "float32")
+                    tile_sum = T.sblock_alloc_buffer((G,), "float32")
+                    pv = T.sblock_alloc_buffer((G, D), "float32")
+                    # The tile's K and V rows, gathered from their pages first, so that a
+                    # schedule can have every load of the tile in flight before any math.
+                    k_tile = T.sblock_alloc_buffer((TT, D), "float16")
+                    v_tile = T.sblock_alloc_buffer((TT, D), "float16")
+                    for t, d in T.grid(TT, D):
+                        with T.sblock("gather_k"):
+                            vt, vd = T.axis.remap("SS", [t, d])
+                            k_tile[vt, vd] = row(
+                                k_cache, page_table, pos, token(pos, vs, vw, vit, vt), vkv, vd
+                            )
+                    for t, d in T.grid(TT, D):
+                        with T.sblock("gather_v"):
+                            vt, vd = T.axis.remap("SS", [t, d])
+                            v_tile[vt, vd] = row(
+                                v_cache, page_table, pos, token(pos, vs, vw, vit, vt), vkv, vd
+                            )
+                    for t, g, d in T.grid(TT, G, D):
+                        with T.sblock("score"):
+                            vt, vg, vd = T.axis.remap("SSR", [t, g, d])
+                            with T.init():
+                                score[vt, vg] = T.float32(0)
+                            score[vt, vg] = score[vt, vg] + q_rot[vkv * G + vg, vd] * k_tile[
+                                vt, vd
+                            ].astype(f32)
+                    for g, t in T.grid(G, TT):
+                        with T.sblock("tile_max"):
+                            vg, vt = T.axis.remap("SR", [g, t])
+                            with T.init():
+                                tile_max[vg] = lowest
+                            tile_max[vg] = T.max(
+                                tile_max[vg],
+                                T.Select(
+                                    valid(pos, vs, vw, vit, vt), score[vt, vg] * scale, lowest
+                                ),
+                            )
+                    for g in range(G):
+                        with T.sblock("rescale"):
+                            vg = T.axis.remap("S", [g])
+                            alpha[vg] = T.exp(
+                                m[vkv, vs, vw, vg] - T.max(m[vkv, vs, vw, vg], tile_max[vg])
+                            )
+                            m[vkv, vs, vw, vg] = T.max(m[vkv, vs, vw, vg], tile_max[vg])
+                    for t, g in T.grid(TT, G):
+                        with T.sblock("p"):
+                            vt, vg = T.axis.remap("SS", [t, g])
+                            p[vkv, vs, vw, vt, vg] = T.Select(
+                                valid(pos, vs, vw, vit, vt),
+                                T.exp(score[vt, vg] * scale - m[vkv, vs, vw, vg]),
+                                T.float32(0),
+                            )
+                    for g, t in T.grid(G, TT):
+                        with T.sblock("tile_sum"):
+                            vg, vt = T.axis.remap("SR", [g, t])
+                            with T.init():
+                                tile_sum[vg] = T.float32(0)
+                            tile_sum[vg] = tile_sum[vg] + p[vkv, vs, vw, vt, vg]
+                    for g in range(G):
+                        with T.sblock("update_sum"):
+                            vg = T.axis.remap("S", [g])
+                            l[vkv, vs, vw, vg] = l[vkv, vs, vw, vg] * alpha[vg] + tile_sum[vg]
+                    for g, d, t in T.grid(G, D, TT):
+                        with T.sblock("pv"):
+                            vg, vd, vt = T.axis.remap("SSR", [g, d, t])
+                            with T.init():
+                                pv[vg, vd] = T.float32(0)
+                            pv[vg, vd] = pv[vg, vd] + p[vkv, vs, vw, vt, vg] * v_tile[
+                                vt, vd
+                            ].astype(f32)
+                    for g, d in T.grid(G, D):
+                        with T.sblock("update_acc"):
+                            vg, vd = T.axis.remap("SS", [g, d])
+                            acc[vkv, vs, vw, vg, vd] = (
+                                acc[vkv, vs, vw, vg, vd] * alpha[vg] + pv[vg, vd]
+                            )
+            for g in range(G):
+                with T.sblock("publish_state"):
+                    vkv, vs, vw, vg = T.axis.remap("SSSS", [kv, s, w, g])
+                    m_out[vkv, vs, vw, vg] = m[vkv, vs, vw, vg]
+                    l_out[vkv, vs, vw, vg] = l[vkv, vs, vw, vg]
+            for g, d in T.grid(G, D):
+                with T.sblock("publish_acc"):
+                    vkv, vs, vw, vg, vd = T.axis.remap("SSSSS", [kv, s, w, g, d])
+                    acc_out[vkv, vs, vw, vg, vd] = acc[vkv, vs, vw, vg, vd]
+        for kv, s, g, w in T.grid(NKV, S, G, W):
+            with T.sblock("merge_max"):
+                vkv, vs, vg, vw = T.axis.remap("SSSR", [kv, s, g, w])
+                with T.init():
+                    m_all[vkv, vs, vg] = lowest
+                m_all[vkv, vs, vg] = T.max(m_all[vkv, vs, vg], m_out[vkv, vs, vw, vg])
+        for kv, s, g, w in T.grid(NKV, S, G, W):
+            with T.sblock("merge_sum"):
+                vkv, vs, vg, vw = T.axis.remap("SSSR", [kv, s, g, w])
+                with T.init():
+                    l_all[vkv, vs, vg] = T.float32(0)
+                l_all[vkv, vs, vg] = l_all[vkv, vs, vg] + l_out[vkv, vs, vw, vg] * T.exp(
+                    m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg]
+                )
+        for kv, s, g, d, w in T.grid(NKV, S, G, D, W):
+            with T.sblock("merge_out"):
+                vkv, vs, vg, vd, vw = T.axis.remap("SSSSR", [kv, s, g, d, w])
+                with T.init():
+                    o_all[vkv, vs, vg, vd] = T.float32(0)
+                o_all[vkv, vs, vg, vd] = o_all[vkv, vs, vg, vd] + acc_out[
+                    vkv, vs, vw, vg, vd
+                ] * T.exp(m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg])
+        for kv, s, g, d in T.grid(NKV, S, G, D):
+            with T.sblock("o_part"):
+                vkv, vs, vg, vd = T.axis.remap("SSSS", [kv, s, g, d])
+                o_part[vkv * G + vg, vs, vd] = T.Select(
+                    l_all[vkv, vs, vg] > T.float32(0),
+                    o_all[vkv, vs, vg, vd] / l_all[vkv, vs, vg],
+                    T.float32(0),
+                )
+        for kv, s, g in T.grid(NKV, S, G):
+            with T.sblock("lse"):
+                vkv, vs, vg = T.axis.remap("SSS", [kv, s, g])
+                lse[vkv * G + vg, vs] = T.Select(
+                    l_all[vkv, vs, vg] > T.float32(0),
+                    m_all[vkv, vs, vg] + T.log(l_all[vkv, vs, vg]),
+                    neg_inf,
+                )
+
+    return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}")
+
+
+def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc:
+    """Params (o_part f32[NH, S, D], lse f32[NH, S], out f32[NH*D])."""
+    NH, S, D = n_heads, splits, head_dim
+    f32 = "float32"
+    o_part = te.placeholder((NH, S, D), f32, name="o_part")
+    lse = te.placeholder((NH, S), f32, name="lse")
+    s_max = te.reduce_axis((0, S), name="s")
+    lse_max = te.compute((NH,), lambda h: te.max(lse[h, s_max], axis=s_max), name="lse_max")
+
+    def weight(h: Expr, s: Expr) -> Expr:
+        # Empty splits have lse = -inf and weigh exp(-inf) = 0; lse_max is finite (split 0).
+        return tirx.exp(lse[h, s] - lse_max[h])
+
+    s_sum = te.reduce_axis((0, S), name="s")
+    total = te.compute((NH,), lambda h: te.sum(weight(h, s_sum), axis=s_sum), name="weight_sum")
+    s_out = te.reduce_axis((0, S), name="s")
+    merged = te.compute(
+        (NH, D),
+        lambda h, d: te.sum(weight(h, s_out) * o_part[h, s_out, d], axis=s_out),
+        name="merged",
+    )
+    out = te.compute((NH * D,), lambda i: merged[i // D, i % D] / total[i // D], name="combine")
+    return te.create_prim_func([o_part, lse, out]).with_attr(
+        "global_symbol", f"attention_combine_{NH}x{S}x{D}"
+    )
+
+
+def gather_context(
+    cache: npt.NDArray[np.float16], page_table: npt.NDArray[np.int32], length: int
+) -> np.ndarray:
+    """The first `length` tokens of a paged cache f16[NP, P, NKV, D] -> f32[length, NKV, D]."""
+    page_size = cache.shape[1]
+    t = np.arange(length)
+    return cache[page_table[t // page_size], t % page_size].astype(np.float32)
+
+
+def paged_decode_attention_reference(
+    q_rot: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float16],
+    v_cache: npt.NDArray[np.float16],
+    page_table: npt.NDArray[np.int32],
+    pos: int,
+    splits: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """numpy oracle in float64: (o_part f32[NH, S, D], lse f32[NH, S]) for context pos + 1."""
+    n_heads, d = q_rot.shape
+    length = pos + 1
+    k = gather_context(k_cache, page_table, length).astype(np.float64)
+    v = gather_context(v_cache, page_table, length).astype(np.float64)
+    group = n_heads // k.shape[1]
+    kv_of = np.arange(n_heads) // group
+    scores = np.einsum("hd,thd->ht", q_rot.astype(np.float64), k[:, kv_of]) / np.sqrt(d)
+    chunk = -(-length // splits)
+    o_part = np.zeros((n_heads, splits, d))
+    lse = np.full((n_heads, splits), -np.inf)
+    for s in range(splits):
+        lo, hi = s * chunk, min((s + 1) * chunk, length)
+        if lo >= hi:
+            continue
+        sc = scores[:, lo:hi]
+        m = sc.max(axis=1, keepdims=True)
+        e = np.exp(sc - m)
+        total = e.sum(axis=1, keepdims=True)
+        o_part[:, s] = np.einsum("ht,thd->hd", e / total, v[lo:hi, kv_of])
+        lse[:, s] = (m + np.log(total))[:, 0]
+    return o_part.astype(np.float32), lse.astype(np.float32)
+
+
+def attention_combine_reference(
+    o_part: npt.NDArray[np.float32], lse: npt.NDArray[np.float32]
+) -> np.ndarray:
+    """numpy oracle: out f32[NH*D]."""
+    lse64 = lse.astype(np.float64)
+    w = np.exp(lse64 - lse64.max(axis=1, keepdims=True))
+    out = np.einsum("hs,hsd->hd", w, o_part.astype(np.float64)) / w.sum(axis=1)[:, None]
+    return out.reshape(-1).astype(np.float32)
+
+
+def decode_attention_reference(
+    q_rot: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float16],
+    v_cache: npt.NDArray[np.float16],
+    page_table: npt.NDArray[np.int32],
+    pos: int,
+) -> np.ndarray:
+    """The model oracle's attention for the last query over the paged cache: f32[NH*D]."""
+    length = pos + 1
+    k = gather_context(k_cache, page_table, length)
+    v = gather_context(v_cache, page_table, length)
+    return ref.causal_gqa_attention(q_rot[None], k, v, q_start=pos)[0]

@@ -1,0 +1,370 @@
+"""Dequantizing GEMV, y = W . x, straight from GGUF blocks: unscheduled compute + numpy reference.
+
+Weights stay in the GGUF byte layout (`sparkinfer.quant.layouts`); the kernel only views the
+row bytes as little-endian words (`weight_view`), a zero-copy reinterpretation:
+
+| type | words             | why that word size                                      |
+|------|-------------------|---------------------------------------------------------|
+| Q4_K | uint32, 36/block  | 144 B blocks: every block and its QS are 16-byte aligned |
+| Q5_K | uint32, 44/block  | 176 B blocks: likewise                                   |
+| Q6_K | uint16, 105/block | 210 B blocks start at even offsets only                  |
+| Q8_0 | uint16, 17/block  | 34 B blocks start at even offsets only                   |
+| F16  | float16           |                                                         |
+| BF16 | uint16            | widening to f32 is a 16-bit shift; no bf16 math needed   |
+| F32  | float32           |                                                         |
+
+x and y are float32 and every sum is float32. At batch 1, x is 8-16 KiB against megabytes of
+weights, so halving it buys nothing measurable, while float32 is what the norms produce and
+what the numpy oracle computes (fp16 x would add ~1e-3 relative error before any sum).
+
+K is cut into chunks (the bytes one GPU lane loads at once), each of `parts` sub-blocks of
+`sub` weights sharing one scale (see GemvFormat). The compute is three blocks:
+  dot[n, c, p]  = sum_l code(W, n, c, p, l) * x[c, p, l]     quant codes times x, per sub-block
+  xsum[c, p]    = sum_l x[c, p, l]                           only where there is a min (K-quants)
+  gemv[n]       = sum_{c,p} scale(W, n, c, p) * dot[n, c, p] + min(W, n, c, p) * xsum[c, p]
+so scales and mins are decoded once per sub-block, never per weight. Float types take the same
+shape with no scale, so one schedule (`sparkinfer.schedule.gemv`) covers every type.
+
+`gemv_experts` is the MoE form: W[E, N, K] holds all experts, ids[k_used] (on device) picks
+the ones this token uses, and x is shared ([K]: gate/up) or per expert ([k_used, K]: down).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType
+from tvm import te, tirx
+
+from sparkinfer import quant
+from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.quant import layouts as L
+
+_T = GGMLQuantizationType
+Expr = tirx.Expr
+# A row accessor: word index within the row -> that word (uint16/uint32/float).
+Row = Callable[[Expr], Expr]
+
+
+@dataclass(frozen=True)
+class GemvFormat:
+    """How the kernel reads one ggml type: word view, chunking and decoders.
+
+    K is cut into chunks of `parts` sub-blocks of `sub` weights. A chunk is the unit whose
+    bytes a GPU lane loads at once (e.g. Q4_K: 32 QS bytes carry two sub-blocks, one per
+    nibble); a sub-block is the unit sharing one scale. `code(row, c, p, l)` is weight l of
+    part p of chunk c as float32 before scaling (an integer for quant types, the weight for
+    float types); `scale(row, c, p)` multiplies that sub-block's dot product and
+    `min(row, c, p)` multiplies its sum of x.
+    """
+
+    ggml_type: GGMLQuantizationType
+    word_dtype: str
+    words_per_block: int
+    block_size: int
+    sub: int
+    parts: int
+    code: Callable[[Row, Expr, Expr, Expr], Expr]
+    scale: Callable[[Row, Expr, Expr], Expr] | None = None
+    min: Callable[[Row, Expr, Expr], Expr] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name
+
+    @property
+    def chunk(self) -> int:
+        return self.sub * self.parts
+
+    @property
+    def word_bytes(self) -> int:
+        return np.dtype(self.word_dtype).itemsize
+
+    def row_words(self, k: int) -> int:
+        if k % self.block_size != 0 or k % self.chunk != 0:
+            raise TensorShapeError(
+                f"a {self.name} row must hold a multiple of {max(self.block_size, self.chunk)} "
+                f"weights, got {k}"
+            )
+        return k // self.block_size * self.words_per_block
+
+
+def _u32(v: Expr | int) -> Expr:
+    return v.astype("uint32") if isinstance(v, Expr) else tirx.const(v, "uint32")
+
+
+def _byte(row: Row, word_bytes: int, byte_index: Expr) -> Expr:
+    """Byte `byte_index` of the row (little-endian words), as uint32."""
+    word = row(byte_index // word_bytes).astype("uint32")
+    return (word >> _u32(byte_index % word_bytes * 8)) & _u32(0xFF)
+
+
+def _f16(row: Row, word_bytes: int, byte_index: Expr) -> Expr:
+    """The f16 at even byte offset `byte_index` of the row, as float32."""
+    word = row(byte_index // word_bytes).astype("uint32")
+    half = (word >> _u32(byte_index % word_bytes * 8)) & _u32(0xFFFF)
+    return tirx.reinterpret("float16", half.astype("uint16")).astype("float32")
+
+
+def _to_f32(q: Expr, offset: int = 0) -> Expr:
+    """The unsigned integer q minus offset, as float32. A plain convert: OR-ing q into the
+    mantissa of 2^23 (no I2F) measured no faster on an H200; loads and latency bound these
+    kernels, not conversions."""
+    return (q.astype("int32") - offset).astype("float32")
+
+
+def _int8_to_f32(byte: Expr) -> Expr:
+    """A byte holding an int8, as float32 (flipping the sign bit makes it offset-binary)."""
+    return _to_f32(byte ^ _u32(0x80), 128)
+
+
+# Q4_K and Q5_K: chunk c is 64 weights, the two sub-blocks whose 4-bit quants share the 32
+# QS bytes 32*(c%4).. of block c//4 (part 0: low nibbles, part 1: high nibbles).
+_K_CHUNKS = L.QK_K // 64
+
+
+def _k_scale_min(row: Row, block_byte: Expr, j: Expr) -> tuple[Expr, Expr]:
+    """6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K block (kquants.unpack_scale_min)."""
+
+    def packed(i: Expr) -> Expr:
+        return _byte(row, 4, block_byte + L.Q4_K_SCALES.start + i)
+
+    low = j < 4
+    # For j < 4 the else-branch index j - 4 would be negative; (j + 8) % 12 equals j - 4
+    # where that branch is taken and stays in range where it is not (Select evaluates both).
+    sc = tirx.Select(low, packed(j) & _u32(63),
+                     (packed(j + 4) & _u32(0xF)) | ((packed((j + 8) % 12) >> _u32(6)) << _u32(4)))
+    m = tirx.Select(low, packed(j + 4) & _u32(63),
+                    (packed(j + 4) >> _u32(4)) | ((packed(j) >> _u32(6)) << _u32(4)))
+    return _to_f32(sc), _to_f32(m)
+
+
+def _k_scale_decoders(type_size: int) -> tuple[Callable, Callable]:
+    """scale and min decoders shared by Q4_K and Q5_K (same header, same packing)."""
+
+    def scale(row: Row, c: Expr, p: Expr) -> Expr:
+        block_byte = c // _K_CHUNKS * type_size
+        sc, _ = _k_scale_min(row, block_byte, c % _K_CHUNKS * 2 + p)
+        return _f16(row, 4, block_byte + L.Q4_K_D.start) * sc
+
+    def min_(row: Row, c: Expr, p: Expr) -> Expr:
+        block_byte = c // _K_CHUNKS * type_size
+        _, m = _k_scale_min(row, block_byte, c % _K_CHUNKS * 2 + p)
+        return -_f16(row, 4, block_byte + L.Q4_K_DMIN.start) * m
+
+    return scale, min_
+
+
+def _q4_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    byte = c // _K_CHUNKS * L.Q4_K_TYPE_SIZE + L.Q4_K_QS.start + c % _K_CHUNKS * 32 + l
+    return _to_f32((_byte(row, 4, byte) >> _u32(p * 4)) & _u32(0xF))
+
+
+def _q5_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    block_byte = c // _K_CHUNKS * L.Q5_K_TYPE_SIZE
+    low = _byte(row, 4, block_byte + L.Q5_K_QS.start + c % _K_CHUNKS * 32 + l) >> _u32(p * 4)
+    high = _byte(row, 4, block_byte + L.Q5_K_QH.start + l) >> _u32(c % _K_CHUNKS * 2 + p)
+    return _to_f32((low & _u32(0xF)) | ((high & _u32(1)) << _u32(4)))
+
+
+# Q6_K: chunk c is one half (128 weights) of block c//2, the 8 sub-blocks of 16 that share
+# QL bytes 64*h.. and QH bytes 32*h.. (layouts.py); part p is in quarter p//2.
+_Q6_K_HALF = 128
+
+
+def _q6_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    block_byte, h = c // 2 * L.Q6_K_TYPE_SIZE, c % 2
+    quarter, pos = p // 2, p % 2 * 16 + l
+    low = _byte(row, 2, block_byte + L.Q6_K_QL.start + 64 * h + 32 * (quarter % 2) + pos)
+    high = _byte(row, 2, block_byte + L.Q6_K_QH.start + 32 * h + pos)
+    low_bits = (low >> _u32(quarter // 2 * 4)) & _u32(0xF)
+    high_bits = (high >> _u32(quarter * 2)) & _u32(3)
+    return _to_f32(low_bits | (high_bits << _u32(4)), 32)
+
+
+def _q6_k_scale(row: Row, c: Expr, p: Expr) -> Expr:
+    block_byte = c // 2 * L.Q6_K_TYPE_SIZE
+    sc = _int8_to_f32(_byte(row, 2, block_byte + L.Q6_K_SCALES.start + c % 2 * 8 + p))
+    return _f16(row, 2, block_byte + L.Q6_K_D.start) * sc
+
+
+def _q8_0_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    return _int8_to_f32(_byte(row, 2, c * L.Q8_0_TYPE_SIZE + L.Q8_0_QS.start + l))
+
+
+def _q8_0_scale(row: Row, c: Expr, p: Expr) -> Expr:
+    return _f16(row, 2, c * L.Q8_0_TYPE_SIZE + L.Q8_0_D.start)
+
+
+# Float types: a chunk is 16 bytes, one vector load, with no scale.
+def _float_code(chunk: int) -> Callable[[Row, Expr, Expr, Expr], Expr]:
+    return lambda row, c, p, l: row(c * chunk + l).astype("float32")
+
+
+def _bf16_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    return tirx.reinterpret("float32", row(c * 8 + l).astype("uint32") << _u32(16))
+
+
+_q4_k_scale, _q4_k_min = _k_scale_decoders(L.Q4_K_TYPE_SIZE)
+_q5_k_scale, _q5_k_min = _k_scale_decoders(L.Q5_K_TYPE_SIZE)
+
+FORMATS: dict[GGMLQuantizationType, GemvFormat] = {
+    f.ggml_type: f
+    for f in (
+        GemvFormat(_T.Q4_K, "uint32", L.Q4_K_TYPE_SIZE // 4, L.QK_K, L.Q4_K_SUB_BLOCK, 2,
+                   _q4_k_code, _q4_k_scale, _q4_k_min),
+        GemvFormat(_T.Q5_K, "uint32", L.Q5_K_TYPE_SIZE // 4, L.QK_K, L.Q5_K_SUB_BLOCK, 2,
+                   _q5_k_code, _q5_k_scale, _q5_k_min),
+        GemvFormat(_T.Q6_K, "uint16", L.Q6_K_TYPE_SIZE // 2, L.QK_K, L.Q6_K_SUB_BLOCK,
+                   _Q6_K_HALF // L.Q6_K_SUB_BLOCK, _q6_k_code, _q6_k_scale),
+        GemvFormat(_T.Q8_0, "uint16", L.Q8_0_TYPE_SIZE // 2, L.QK8_0, L.QK8_0, 1,
+                   _q8_0_code, _q8_0_scale),
+        GemvFormat(_T.F16, "float16", 1, 1, 8, 1, _float_code(8)),
+        GemvFormat(_T.BF16, "uint16", 1, 1, 8, 1, _bf16_code),
+        GemvFormat(_T.F32, "float32", 1, 1, 4, 1, _float_code(4)),
+    )
+}
+
+
+def gemv_format(ggml_type: int) -> GemvFormat:
+    fmt = FORMATS.get(ggml_type)  # type: ignore[call-overload]
+    if fmt is None:
+        supported = ", ".join(t.name for t in FORMATS)
+        raise UnsupportedQuantTypeError(
+            f"no GEMV kernel for quant type {GGMLQuantizationType(ggml_type).name} "
+            f"(supported: {supported})"
+        )
+    return fmt
+
+
+def _gemv_te(
+    fmt: GemvFormat,
+    n: int,
+    k: int,
+    experts: tuple[int, int] | None,
+    x_per_expert: bool,
+) -> tirx.PrimFunc:
+    """One compute for both forms; `experts` is (n_experts, n_used) for the MoE form."""
+    n_chunks = k // fmt.chunk
+    lead: tuple[int, ...] = () if experts is None else (experts[1],)
+    row_words = fmt.row_words(k)
+    w_shape = (n, row_words) if experts is None else (experts[0], n, row_words)
+    w = te.placeholder(w_shape, fmt.word_dtype, name="W")
+    ids = None if experts is None else te.placeholder((experts[1],), "int32", name="ids")
+    x = te.placeholder(lead + (k,) if x_per_expert else (k,), "float32", name="x")
+
+    def row(e: tuple[Expr, ...], r: Expr) -> Row:
+        if ids is None:
+            return lambda i: w[r, i]
+        # Clamped so that TVM can bound the access: an unprovable index makes cache_read
+        # guard the copy and keep the cache in addressable local memory, not registers.
+        expert = tirx.max(tirx.min(ids[e[0]], experts[0] - 1), 0)
+        return lambda i: w[expert, r, i]
+
+    def x_lead_of(e: tuple[Expr, ...]) -> tuple[Expr, ...]:
+        return e if x_per_expert else ()
+
+    def x_at(e: tuple[Expr, ...], c: Expr, p: Expr, l: Expr) -> Expr:
+        return x[x_lead_of(e) + (c * fmt.chunk + p * fmt.sub + l,)]
+
+    l_dot = te.reduce_axis((0, fmt.sub), name="l")
+
+    def dot_term(ax: tuple[Expr, ...]) -> Expr:
+        e, r, c, p = ax[:-3], ax[-3], ax[-2], ax[-1]
+        return fmt.code(row(e, r), c, p, l_dot) * x_at(e, c, p, l_dot)
+
+    dot = te.compute(
+        lead + (n, n_chunks, fmt.parts),
+        lambda *ax: te.sum(dot_term(ax), axis=l_dot),
+        name="dot",
+    )
+    xsum = None
+    if fmt.min is not None:
+        l_sum = te.reduce_axis((0, fmt.sub), name="l")
+        xsum = te.compute(
+            (lead if x_per_expert else ()) + (n_chunks, fmt.parts),
+            lambda *ax: te.sum(x_at(ax[:-2], ax[-2], ax[-1], l_sum), axis=l_sum),
+            name="xsum",
+        )
+
+    c = te.reduce_axis((0, n_chunks), name="c")
+    p = te.reduce_axis((0, fmt.parts), name="p")
+
+    def term(ax: tuple[Expr, ...]) -> Expr:
+        e, r = ax[:-1], ax[-1]
+        value = dot[ax + (c, p)]
+        if fmt.scale is not None:
+            value = fmt.scale(row(e, r), c, p) * value
+        if fmt.min is not None and xsum is not None:
+            value = value + fmt.min(row(e, r), c, p) * xsum[x_lead_of(e) + (c, p)]
+        return value
+
+    y = te.compute(lead + (n,), lambda *ax: te.sum(term(ax), axis=[c, p]), name="gemv")
+    args = [w, x, y] if ids is None else [w, ids, x, y]
+    return te.create_prim_func(args)
+
+
+def gemv_symbol(ggml_type: int, n: int, k: int) -> str:
+    """The kernel name of `gemv(ggml_type, n, k)`; needs no compiler (runtime-only TVM)."""
+    return f"gemv_{gemv_format(ggml_type).name.lower()}_{n}x{k}"
+
+
+def gemv_experts_symbol(
+    ggml_type: int, n_experts: int, n_used: int, n: int, k: int, x_per_expert: bool
+) -> str:
+    name = gemv_format(ggml_type).name.lower()
+    per = "_xper" if x_per_expert else ""
+    return f"gemv_experts_{name}_{n_experts}x{n}x{k}_top{n_used}{per}"
+
+
+def gemv(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
+    """y[n] = W[n, k] . x[k] for W in `ggml_type`; params (W words, x f32[k], y f32[n])."""
+    func = _gemv_te(gemv_format(ggml_type), n, k, None, False)
+    return func.with_attr("global_symbol", gemv_symbol(ggml_type, n, k))
+
+
+def gemv_experts(
+    ggml_type: int, n_experts: int, n_used: int, n: int, k: int, x_per_expert: bool
+) -> tirx.PrimFunc:
+    """y[i, n] = W[ids[i], n, k] . x[(i,) k]: the MoE expert GEMV.
+
+    Params (W words [n_experts, n, row_words], ids int32[n_used], x f32[k] or f32[n_used, k],
+    y f32[n_used, n]). An id outside [0, n_experts) is clamped into it, never read past W.
+    """
+    func = _gemv_te(gemv_format(ggml_type), n, k, (n_experts, n_used), x_per_expert)
+    symbol = gemv_experts_symbol(ggml_type, n_experts, n_used, n, k, x_per_expert)
+    return func.with_attr("global_symbol", symbol)
+
+
+def weight_view(ggml_type: int, data: npt.NDArray[np.uint8]) -> np.ndarray:
+    """GGUF row bytes uint8[..., row_bytes] -> the word array the kernels take (a view of the
+    same memory when `data` is contiguous, as a GGUF memmap is)."""
+    fmt = gemv_format(ggml_type)
+    data = np.ascontiguousarray(data)
+    if data.dtype != np.uint8 or data.shape[-1] % fmt.word_bytes != 0:
+        raise TensorShapeError(
+            f"{fmt.name} weights must be uint8 rows of a multiple of {fmt.word_bytes} bytes, "
+            f"got {data.dtype} {data.shape}"
+        )
+    return data.view(np.dtype(fmt.word_dtype))
+
+
+def gemv_reference(
+    ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32]
+) -> np.ndarray:
+    """numpy oracle: dequantize the GGUF rows uint8[n, row_bytes], multiply in float64."""
+    n = data.shape[0]
+    w = quant.dequantize(ggml_type, data, (n, x.shape[-1]))
+    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+
+
+def gemv_experts_reference(
+    ggml_type: int,
+    data: npt.NDArray[np.uint8],
+    ids: npt.NDArray[np.int32],
+    x: npt.NDArray[np.float32],
+) -> np.ndarray:
+    """numpy oracle of gemv_experts: data uint8[E, n, row_bytes], x f32[k] or f32[n_used, k]."""
+    xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), x.shape[-1]))
+    return np.stack([gemv_reference(ggml_type, data[e], xi) for e, xi in zip(ids, xs)])

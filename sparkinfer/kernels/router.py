@@ -1,0 +1,70 @@
+"""MoE router top-k: unscheduled compute + numpy reference.
+
+`router_topk(E, KU)` takes the router logits f32[E] (from an F32 `gemv`) and writes the KU
+chosen experts `ids` int32[KU] and their weights f32[KU]: softmax over all E experts, the KU
+most probable, renormalised to sum 1 (Qwen3-MoE; `reference.qwen3moe.route_topk`).
+
+Selection is a rank computation, parallel across experts and without a sort:
+  rank[e]  = #{j : l[j] > l[e]  or  (l[j] == l[e] and j < e)}   a permutation of 0..E-1
+  ids[s]   = the e with rank[e] == s                            slots in descending order
+Expert e is chosen iff rank[e] < KU. The order is by logit, ties to the lower index: since
+softmax is monotone this is the oracle's order (descending probability, ties to the lower
+id) except where two different logits round to the same float32 probability, where ranking
+the exact logits is the deterministic choice.
+
+The weights skip the full softmax: p[e] / sum_top p = exp(l[e] - m) / sum_top exp(l - m) for
+any m, since the softmax denominator cancels; m = max(l) keeps every exp <= 1.
+"""
+
+import numpy as np
+import numpy.typing as npt
+from tvm import te, tirx
+
+
+def router_topk_symbol(n_experts: int, n_used: int) -> str:
+    """The kernel name of `router_topk(n_experts, n_used)`; needs no compiler (runtime-only
+    TVM)."""
+    return f"router_topk_{n_experts}_top{n_used}"
+
+
+def router_topk(n_experts: int, n_used: int) -> tirx.PrimFunc:
+    """Params (logits f32[E], ids int32[KU], weights f32[KU]); ids in descending order."""
+    if not 0 < n_used <= n_experts:
+        raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
+    logits = te.placeholder((n_experts,), "float32", name="logits")
+
+    j = te.reduce_axis((0, n_experts), name="j")
+
+    def beats(j: tirx.Expr, e: tirx.Expr) -> tirx.Expr:
+        return tirx.any(logits[j] > logits[e], tirx.all(logits[j] == logits[e], j < e))
+
+    rank = te.compute(
+        (n_experts,), lambda e: te.sum(tirx.Select(beats(j, e), 1, 0), axis=j), name="rank"
+    )
+    # Ranks are a permutation, so exactly one expert matches each slot; max (not sum) keeps
+    # the id inside [0, E) even for NaN logits, which break the permutation.
+    e = te.reduce_axis((0, n_experts), name="e")
+    ids = te.compute(
+        (n_used,), lambda s: te.max(tirx.Select(rank[e] == s, e, 0), axis=e), name="ids"
+    )
+    m = te.reduce_axis((0, n_experts), name="m")
+    lmax = te.compute((1,), lambda _: te.max(logits[m], axis=m), name="lmax")
+    # Reads ids[s] only, never another slot's id: on the GPU each slot's thread reads back
+    # its own write to the output, which needs no barrier.
+    ex = te.compute((n_used,), lambda s: te.exp(logits[ids[s]] - lmax[0]), name="ex")
+    t = te.reduce_axis((0, n_used), name="t")
+    total = te.compute((1,), lambda _: te.sum(ex[t], axis=t), name="total")
+    weights = te.compute((n_used,), lambda s: ex[s] / total[0], name="weights")
+    return te.create_prim_func([logits, ids, weights]).with_attr(
+        "global_symbol", router_topk_symbol(n_experts, n_used)
+    )
+
+
+def router_topk_reference(
+    logits: npt.NDArray[np.float32], n_used: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """numpy oracle of router_topk, the same rule: by logit, ties to the lower index."""
+    logits = np.asarray(logits, np.float32)
+    ids = np.argsort(-logits, kind="stable")[:n_used].astype(np.int32)
+    ex = np.exp(logits[ids] - logits.max())
+    return ids, (ex / ex.sum(dtype=np.float32)).astype(np.float32)

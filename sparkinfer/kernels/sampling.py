@@ -1,0 +1,362 @@
+"""Token sampling on the device: unscheduled compute + a numpy reference that is the same
+algorithm, operation for operation, so that the two pick the same token for the same seed.
+
+`sample_token(V)`: (logits f32[V], sample_params f32[3] = (temperature, top_p, top_k),
+rng uint32[2] = (seed, counter)) -> next int32[1], and rng[1] += 1 in place.
+`advance()`: (next int32[1], token int32[1], pos int32[1]) -> token = next, pos += 1 in place.
+
+In-place convention: a mutated buffer is an ordinary parameter that the kernel reads and
+writes; parameters are the inputs in order, then the fresh outputs. Relax calls these with
+`call_tir_inplace`:
+    sample_token: args (logits, sample_params, rng), inplace_indices [2, -1],
+                  out_sinfo [rng, next]            -> PrimFunc (logits, sample_params, rng, next)
+    advance:      args (next, token, pos), inplace_indices [1, 2], out_sinfo [token, pos]
+
+The algorithm (every step a reduction over V, so a thread block sweeps it in parallel, and
+every decision exact or in integers, so that it does not depend on the summation order):
+  1. greedy: the highest logit, ties to the lowest index, as one max over packed
+     (order_key(logit) << 32 | ~index) uint64 values. temperature <= 0 (or NaN) stops here.
+  2. top-k (0 < k < V, k = int(top_k)): the smallest order key t with #{i: key_i > t} < k,
+     by bisection over the 2^32 keys (32 rounds, each a parallel count). Kept: key_i >= t,
+     so tokens tied with the k-th are all kept (as Hugging Face's TopKLogitsWarper does).
+  3. top-p (top_p < 1): over the top-k survivors, masses q_i = uint64(exp((l_i - max) / T)
+     * 2^32) (exact integer sums, below 2^50 so exact in float64 too); the smallest key t
+     >= the top-k cut with sum_{key_i > t} q_i < top_p * sum_{survivors} q_i (float64).
+     Kept: key_i >= t, i.e. a token is kept iff the mass strictly above it is short of
+     top_p: the smallest nucleus reaching top_p, ties at its edge all kept.
+  4. sample: Gumbel-max, argmax over kept i of l_i / T + g_i with g_i = -log(-log1p(-u_i)),
+     u_i uniform from a counter-based hash: fmix32(i ^ fmix32(counter ^ fmix32(seed ^ phi)))
+     (MurmurHash3's finaliser; no generator state, so every token's noise is independent of
+     the thread that computes it). The argmax is a draw from softmax(l / T) restricted to
+     the kept tokens, without normalising or any prefix sum. Ties to the lowest index.
+Determinism: given the same float32 exp/log/log1p results, the kernel and the reference
+agree bit for bit. Across implementations (numpy, LLVM's libm, CUDA) those functions may
+differ in the last bit, which changes the token only when two Gumbel keys, or a mass and
+its threshold, are within a few ulps: measure-zero in practice, and the tests say so.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from tvm import tirx
+
+Expr = tirx.Expr
+
+# Bisection over uint32 keys: 32 halvings take any range down to one key.
+SEARCH_ROUNDS = 32
+# q_i = p_i * 2^32 with p_i = exp(z_i) <= 1: a vocabulary's sum stays below 2^50, exact in
+# uint64 and in float64; tokens with p_i < 2^-32 of the top one carry no mass (<4e-5 in all).
+_MASS_SCALE = 2.0**32
+_GOLDEN = 0x9E3779B9
+_FMIX1, _FMIX2 = 0x85EBCA6B, 0xC2B2AE35
+_SIGN = 0x80000000
+_U32 = 0xFFFFFFFF
+
+
+# ---- TIR expressions --------------------------------------------------------------------
+# Plain tirx, not TVMScript: runtime-only TVM (the GPU machines) lacks the script parser, and
+# this module must import there (the tests look kernels up by `sample_token_symbol`).
+
+
+def _u32(value: int) -> Expr:
+    return tirx.const(value, "uint32")
+
+
+def _let(value: Expr, body: Callable[[Expr], Expr], dtype: str = "uint32") -> Expr:
+    """body(v) with v bound to value once. Using an expression twice would duplicate its
+    tree (exponentially so in nested hashes) and any Let inside it, which is ill-formed."""
+    var = tirx.Var("v", dtype)
+    return tirx.Let(var, value, body(var))
+
+
+def _order_key(x: Expr) -> Expr:
+    """float32 -> uint32 with the same order (-inf < ... < -0.0 < +0.0 < ... < +inf)."""
+    return _let(tirx.reinterpret("uint32", x), lambda bits: tirx.Select(
+        bits >= _u32(_SIGN), bits ^ _u32(_U32), bits | _u32(_SIGN)))
+
+
+def _from_order_key(key: Expr) -> Expr:
+    return _let(key, lambda k: tirx.reinterpret("float32", tirx.Select(
+        k >= _u32(_SIGN), k ^ _u32(_SIGN), k ^ _u32(_U32))))
+
+
+def _pack(key: Expr, index: Expr) -> Expr:
+    """(key, index) as one uint64 whose max is the max key, ties to the lowest index."""
+    low = _u32(_U32) - index.astype("uint32")
+    return (key.astype("uint64") << tirx.const(32, "uint64")) | low.astype("uint64")
+
+
+def _unpack_index(packed: Expr) -> Expr:
+    low = (packed & tirx.const(_U32, "uint64")).astype("uint32")
+    return (_u32(_U32) - low).astype("int32")
+
+
+def _high_key(packed: Expr) -> Expr:
+    return (packed >> tirx.const(32, "uint64")).astype("uint32")
+
+
+def _mul32(a: Expr, b: int) -> Expr:
+    """a * b mod 2^32 for uint32 a. TVM's LLVM backend emits unsigned arithmetic of 32 bits
+    and more with `nuw` (wrapping is undefined, and LLVM folds on that), so the wrapping
+    product is formed in uint64, where it cannot overflow, and truncated."""
+    product = a.astype("uint64") * tirx.const(b, "uint64")
+    return (product & tirx.const(_U32, "uint64")).astype("uint32")
+
+
+def _fmix32(x: Expr) -> Expr:
+    """MurmurHash3's 32-bit finaliser: a bijection with full avalanche."""
+    return _let(x, lambda x0: _let(
+        _mul32(x0 ^ (x0 >> _u32(16)), _FMIX1), lambda b: _let(
+            _mul32(b ^ (b >> _u32(13)), _FMIX2), lambda c: c ^ (c >> _u32(16)))))
+
+
+def _draw_key(seed: Expr, counter: Expr) -> Expr:
+    return _fmix32(counter ^ _fmix32(seed ^ _u32(_GOLDEN)))
+
+
+def _gumbel(key: Expr, index: Expr) -> Expr:
+    """Gumbel noise for token `index` of the draw with key `key`: u in (0, 1] from a hash of
+    (index, key), and -log1p(-u) is Exp(1) with full precision near 0, where the large
+    (winning) noise values come from."""
+    bits = _fmix32(index.astype("uint32") ^ key)
+    half, scale = tirx.const(0.5, "float32"), tirx.const(2.0**-32, "float32")
+    u = (bits.astype("float32") + half) * scale
+    return -tirx.log(-tirx.log1p(-u))
+
+
+def _share(top_p: Expr, total: Expr) -> Expr:
+    """top_p * total in float64: total < 2^50 converts exactly, so the product is one
+    rounding, the same in every implementation."""
+    return top_p.astype("float64") * total.astype("float64")
+
+
+def _score(logit: Expr, temperature: Expr, key: Expr, index: Expr) -> Expr:
+    """The Gumbel-max score l / T + g of a token."""
+    return logit / temperature + _gumbel(key, index)
+
+
+def _mass(logit: Expr, lmax: Expr, temperature: Expr) -> Expr:
+    """q = uint64(exp((logit - lmax) / T) * 2^32), the token's integer mass."""
+    p = tirx.exp((logit - lmax) / temperature)
+    return (p * tirx.const(_MASS_SCALE, "float32")).astype("uint64")
+
+
+def _increment(counter: Expr) -> Expr:
+    """counter + 1 mod 2^32, widened: the uint32 increment's wrap is undefined on LLVM."""
+    one, mask = tirx.const(1, "uint64"), tirx.const(_U32, "uint64")
+    return ((counter.astype("uint64") + one) & mask).astype("uint32")
+
+
+def sample_token_symbol(vocab: int) -> str:
+    """The kernel name of `sample_token(vocab)`; needs no compiler (runtime-only TVM)."""
+    return f"sample_token_{vocab}"
+
+
+# ---- kernels ----------------------------------------------------------------------------
+
+
+def sample_token(vocab: int) -> tirx.PrimFunc:
+    """Params (logits f32[V], sample_params f32[3], rng uint32[2] (in place), next int32[1]).
+
+    One outer unit loop holds everything, so that a schedule can make it one thread block;
+    the scalar state is per-thread ("local") and updated by plain statements that every
+    thread runs alike, between the block-wide reductions.
+    """
+    from tvm.script import tirx as T
+
+    n = vocab
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def sample(logits: T.Buffer((n,), "float32"), sample_params: T.Buffer((3,), "float32"),
+               rng: T.Buffer((2,), "uint32"), next_token: T.Buffer((1,), "int32")):
+        top = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+        count = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        mass = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+        total = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+        win = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+        # Scalars every thread keeps alike: search bounds, cuts, the draw's key, result.
+        lo = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        hi = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        mid = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        cut = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        lmax = T.sblock_alloc_buffer((1,), "float32", scope="local")
+        k = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        key = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        counter = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+        choice = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        for _ in range(1):
+            # Read before any thread can write it back (the reductions below are barriers).
+            counter[0] = rng[1]
+            for i in range(n):
+                with T.sblock("top"):
+                    vi = T.axis.reduce(n, i)
+                    with T.init():
+                        top[0] = T.uint64(0)
+                    top[0] = T.max(top[0], _pack(_order_key(logits[vi]), vi))
+            choice[0] = _unpack_index(top[0])
+            if sample_params[0] > T.float32(0.0):
+                lmax[0] = _from_order_key(_high_key(top[0]))
+                # top-k cut: smallest key t with fewer than k keys above it.
+                k[0] = T.Cast("int32", T.max(T.min(sample_params[2], T.float32(n)), T.float32(0)))
+                lo[0] = T.uint32(0)
+                hi[0] = T.uint32(0)
+                if k[0] > 0 and k[0] < n:
+                    hi[0] = _high_key(top[0])
+                for _r in range(SEARCH_ROUNDS):
+                    if lo[0] < hi[0]:
+                        mid[0] = lo[0] + ((hi[0] - lo[0]) >> T.uint32(1))
+                        for i in range(n):
+                            with T.sblock("topk_count"):
+                                vi = T.axis.reduce(n, i)
+                                with T.init():
+                                    count[0] = 0
+                                count[0] = count[0] + T.Select(
+                                    _order_key(logits[vi]) > mid[0], 1, 0)
+                        if count[0] < k[0]:
+                            hi[0] = mid[0]
+                        else:
+                            lo[0] = mid[0] + T.uint32(1)
+                cut[0] = lo[0]
+                # top-p cut over the top-k survivors, in integer masses.
+                if sample_params[1] < T.float32(1.0):
+                    for i in range(n):
+                        with T.sblock("topp_total"):
+                            vi = T.axis.reduce(n, i)
+                            with T.init():
+                                total[0] = T.uint64(0)
+                            total[0] = total[0] + T.if_then_else(
+                                _order_key(logits[vi]) >= cut[0],
+                                _mass(logits[vi], lmax[0], sample_params[0]), T.uint64(0))
+                    hi[0] = _high_key(top[0])
+                    for _r in range(SEARCH_ROUNDS):
+                        if lo[0] < hi[0]:
+                            mid[0] = lo[0] + ((hi[0] - lo[0]) >> T.uint32(1))
+                            for i in range(n):
+                                with T.sblock("topp_mass"):
+                                    vi = T.axis.reduce(n, i)
+                                    with T.init():
+                                        mass[0] = T.uint64(0)
+                                    mass[0] = mass[0] + T.if_then_else(
+                                        _order_key(logits[vi]) > mid[0],
+                                        _mass(logits[vi], lmax[0], sample_params[0]), T.uint64(0))
+                            if T.Cast("float64", mass[0]) < _share(sample_params[1], total[0]):
+                                hi[0] = mid[0]
+                            else:
+                                lo[0] = mid[0] + T.uint32(1)
+                    cut[0] = lo[0]
+                key[0] = _draw_key(rng[0], counter[0])
+                for i in range(n):
+                    with T.sblock("sample"):
+                        vi = T.axis.reduce(n, i)
+                        with T.init():
+                            win[0] = T.uint64(0)
+                        win[0] = T.max(win[0], T.if_then_else(
+                            _order_key(logits[vi]) >= cut[0],
+                            _pack(_order_key(_score(logits[vi], sample_params[0], key[0], vi)), vi),
+                            T.uint64(0)))
+                choice[0] = _unpack_index(win[0])
+            with T.sblock("write"):
+                next_token[0] = choice[0]
+                rng[1] = _increment(counter[0])
+    # fmt: on
+
+    return sample.with_attr("global_symbol", sample_token_symbol(vocab))
+
+
+def advance() -> tirx.PrimFunc:
+    """Params (next int32[1], token int32[1] (in place), pos int32[1] (in place))."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def advance_(next_token: T.Buffer((1,), "int32"), token: T.Buffer((1,), "int32"),
+                 pos: T.Buffer((1,), "int32")):
+        T.func_attr({"global_symbol": "advance"})
+        # pos is read into a register first: a block that reads and writes the same buffer
+        # cannot be scheduled (bound to a thread), one that reads `old` and writes pos can.
+        old = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        for _ in range(1):
+            old[0] = pos[0]
+            with T.sblock("advance"):
+                token[0] = next_token[0]
+                pos[0] = old[0] + 1
+
+    return advance_
+
+
+# ---- numpy reference --------------------------------------------------------------------
+
+
+def _order_key_np(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    return np.where(bits >= _SIGN, bits ^ np.uint32(_U32), bits | np.uint32(_SIGN))
+
+
+def _fmix32_np(x: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(_FMIX1)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(_FMIX2)
+    return x ^ (x >> np.uint32(16))
+
+
+def gumbel_reference(seed: int, counter: int, vocab: int) -> npt.NDArray[np.float32]:
+    """The noise g_i the kernel adds for draw (seed, counter), float32[vocab]."""
+    seed_mix = _fmix32_np(np.array([seed], np.uint32) ^ np.uint32(_GOLDEN))
+    key = _fmix32_np(np.array([counter], np.uint32) ^ seed_mix)
+    bits = _fmix32_np(np.arange(vocab, dtype=np.uint32) ^ key)
+    u = (bits.astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-32)
+    with np.errstate(divide="ignore"):  # u rounded to 1: -inf noise, as in the kernel
+        return -np.log(-np.log1p(-u))
+
+
+def _bisect(lo: int, hi: int, below: Callable[[int], bool]) -> int:
+    """Smallest t in [lo, hi] with below(t), below monotone and true at hi; SEARCH_ROUNDS
+    halvings, as the kernel does them."""
+    for _ in range(SEARCH_ROUNDS):
+        if lo < hi:
+            mid = lo + ((hi - lo) >> 1)
+            if below(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+    return lo
+
+
+def kept_tokens_reference(
+    logits: npt.NDArray[np.float32], temperature: float, top_p: float, top_k: float
+) -> npt.NDArray[np.bool_]:
+    """The tokens that survive top-k and top-p (steps 2 and 3), bool[V]; temperature > 0."""
+    logits = np.asarray(logits, np.float32)
+    vocab = len(logits)
+    keys = _order_key_np(logits).astype(np.int64)
+    top_key = int(keys.max())
+    lmax = logits[int(np.argmax(keys))]
+    k = int(np.float32(max(min(np.float32(top_k), np.float32(vocab)), np.float32(0.0))))
+    cut = 0
+    if 0 < k < vocab:
+        cut = _bisect(0, top_key, lambda t: int(np.count_nonzero(keys > t)) < k)
+    if np.float32(top_p) < np.float32(1.0):
+        with np.errstate(under="ignore"):
+            p = np.exp((logits - lmax) / np.float32(temperature))
+        q = (p * np.float32(_MASS_SCALE)).astype(np.uint64)
+        total = int(q[keys >= cut].sum())
+        limit = np.float64(np.float32(top_p)) * np.float64(total)
+        cut = _bisect(cut, top_key, lambda t: np.float64(int(q[keys > t].sum())) < limit)
+    return keys >= cut
+
+
+def sample_token_reference(
+    logits: npt.NDArray[np.float32], sample_params: npt.NDArray[np.float32], seed: int, counter: int
+) -> int:
+    """numpy oracle of sample_token: the token it writes for draw (seed, counter)."""
+    logits = np.asarray(logits, np.float32)
+    temperature, top_p, top_k = (np.float32(v) for v in sample_params)
+    keys = _order_key_np(logits)
+    if not temperature > 0:
+        return int(np.flatnonzero(keys == keys.max())[0])
+    kept = kept_tokens_reference(logits, temperature, top_p, top_k)
+    scores = _order_key_np(logits / temperature + gumbel_reference(seed, counter, len(logits)))
+    scores = np.where(kept, scores.astype(np.int64), -1)
+    return int(np.flatnonzero(scores == scores.max())[0])

@@ -1,0 +1,676 @@
+"""The decode driver: a GGUF model, its compiled step for this device, weights, KV cache, and
+`generate`.
+
+One compiled Relax function `decode` is the whole model step (docs/ARCHITECTURE.md): it reads
+`token` and `pos`, appends K/V, samples `next`, and itself writes `token := next`,
+`pos := pos + 1` on the device. So:
+  - prefill is the step in a loop, the driver writing each prompt token into `token` first
+    (on a GPU: a device-to-device copy from the prompt uploaded once);
+  - decoding is the step replayed with no host -> device write at all;
+  - the host only reads `next` back (a 4-byte async copy) to stream text.
+On a GPU the step is captured once as a CUDA graph (`cuda_graph.CapturedStep`) and each token
+is one `cudaGraphLaunch`; the next step is launched before the previous token is read
+(`lookahead`), so the host's read never starves the GPU. On the CPU the VM is called directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from sparkinfer.errors import CompiledModuleError, ContextLengthError, SparkInferError
+from sparkinfer.runtime import device as device_mod
+from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
+from sparkinfer.runtime.kv_cache import KVCache
+from sparkinfer.runtime.cudart import HOST_TO_DEVICE
+from sparkinfer.runtime.manifest import MANIFEST, Manifest
+from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, upload_weights
+
+Log = Callable[[str], None]
+
+
+# -----------------------------------------------------------------------------------------
+# Where compiled modules live
+# -----------------------------------------------------------------------------------------
+
+
+def repo_compiled_dir() -> Path:
+    """`compiled/` at the project root (ahead-of-time modules the lead builds and ships)."""
+    return Path(__file__).resolve().parents[2] / "compiled"
+
+
+def cache_dir() -> Path:
+    """Where modules compiled on demand go: $SPARKINFER_CACHE, else ~/.cache/sparkinfer."""
+    env = os.environ.get("SPARKINFER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sparkinfer" / "compiled"
+
+
+def default_search_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("SPARKINFER_COMPILED"):
+        roots.append(Path(os.environ["SPARKINFER_COMPILED"]))
+    roots += [Path("compiled").resolve(), repo_compiled_dir(), cache_dir()]
+    unique: list[Path] = []
+    for r in roots:
+        if r not in unique:
+            unique.append(r)
+    return unique
+
+
+def type_map_of(model: Any) -> dict[str, Any]:
+    return {name: info.ggml_type for name, info in model.tensors.items()}
+
+
+def module_matches(manifest: Manifest, arch: str, config: Any, type_map: dict[str, Any]) -> str | None:
+    """None if `manifest` is a module for this model on `arch`, else why not."""
+    if manifest.arch != arch:
+        return f"built for {manifest.arch}"
+    if manifest.hparams_hash is not None and manifest.hparams_hash != config.hparams_hash():
+        return "built for other hyper-parameters"
+    for inp in manifest.weights:
+        t = type_map.get(inp.tensor)
+        if t is None:
+            return f"needs tensor '{inp.tensor}'"
+        if inp.ggml_type is not None and str(inp.ggml_type) != t.name:
+            return f"built for {inp.tensor} in {inp.ggml_type}, the file has {t.name}"
+    version = manifest.tvm_version
+    if version is not None:
+        tvm = device_mod.import_tvm()
+        if str(version) != str(tvm.__version__):
+            return f"built with TVM {version}, this is TVM {tvm.__version__}"
+    return None
+
+
+def find_module(roots: Sequence[Path], arch: str, config: Any, type_map: dict[str, Any]) -> Manifest | None:
+    """The first up-to-date compiled module for this model and arch under `roots` (layout
+    `<root>/<arch>/<key>/manifest.json`): the compiler's own lookup (`find_compiled`, which
+    needs no TVM) when it is importable, else any manifest under `<root>/<arch>/` that fits."""
+    finder = _compiler_finder()
+    for root in roots:
+        if finder is not None:
+            found = finder(config, type_map, arch, root)
+            if found is not None:
+                return Manifest.load(Path(found.directory))
+            continue
+        for path in sorted(Path(root).glob(f"{arch}/*/{MANIFEST}")):
+            try:
+                manifest = Manifest.load(path)
+            except CompiledModuleError:
+                continue
+            if module_matches(manifest, arch, config, type_map) is None:
+                return manifest
+    return None
+
+
+def stale_modules(roots: Sequence[Path], arch: str, config: Any, type_map: dict[str, Any]) -> list[str]:
+    """'<dir>: <why>' for each module of this model under `roots` that cannot be used."""
+    try:
+        from sparkinfer.compiler.manifest import Manifest as CompiledManifest
+        from sparkinfer.compiler.manifest import compiled_dir, stale_reason
+    except ImportError:
+        return []
+    out = []
+    for root in roots:
+        directory = compiled_dir(config, type_map, arch, root)
+        if (directory / MANIFEST).is_file():
+            try:
+                why = stale_reason(CompiledManifest.read(directory), config, type_map, arch)
+            except (SparkInferError, KeyError, TypeError, ValueError) as e:
+                why = f"unreadable manifest ({e})"
+            if why:
+                out.append(f"{directory}: {why}")
+    return out
+
+
+def _compiler_finder() -> Callable[..., Any] | None:
+    try:
+        from sparkinfer.compiler.manifest import find_compiled
+    except ImportError:
+        return None
+    return find_compiled
+
+
+def compile_module(config: Any, type_map: dict[str, Any], arch: str, out_root: Path, note: str = "") -> Manifest:
+    """Build the step with `sparkinfer.compiler` into `out_root`; CompiledModuleError when the
+    compiler (full TVM) is not there (`note` says what was found instead)."""
+    try:
+        if device_mod.tvm_runtime_only():
+            raise ImportError("TVM is runtime-only here")
+        from sparkinfer.compiler import compile_model
+    except ImportError as e:
+        raise CompiledModuleError(
+            f"no compiled module for {arch} at {out_root / arch}{note} and no TVM compiler to build one ({e}): "
+            f"run `sparkinfer compile ...` on a machine with full TVM"
+        ) from None
+    result = compile_model(config, type_map, arch, out_root)
+    return _manifest_of(result, out_root, arch, config, type_map)
+
+
+def _manifest_of(result: Any, out_root: Path, arch: str, config: Any, type_map: dict[str, Any]) -> Manifest:
+    """The manifest of what `compile_model` returned (a manifest, a path or nothing)."""
+    if isinstance(result, Manifest):
+        return result
+    for attr in ("manifest_path", "path", "directory", "out_dir"):
+        candidate = getattr(result, attr, None)
+        if candidate is not None:
+            result = candidate
+            break
+    if isinstance(result, (str, os.PathLike)):
+        return Manifest.load(Path(result))
+    found = find_module([out_root], arch, config, type_map)
+    if found is None:
+        raise CompiledModuleError(f"compiling for {arch} into {out_root} produced no usable module")
+    return found
+
+
+# -----------------------------------------------------------------------------------------
+# Generation results
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one `generate` call (seconds). Prefill ends when the first new token is on
+    the host; decode covers the tokens after it."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_times: list[float] = field(default_factory=list)  # per token after the first (streaming)
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # "stop" (a stop token, not yielded), "length", or "" while running
+    timed_on_device: bool = False  # bench mode on a GPU: CUDA event times, not host clocks
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
+            "generated_tokens": len(self.tokens),
+            "prefill_ms": self.prefill_s * 1e3,
+            "prefill_tok_s": self.prefill_tokens_per_s,
+            "decode_ms": self.decode_s * 1e3,
+            "decode_steps": self.decode_steps,
+            "decode_tok_s": self.decode_tokens_per_s,
+            "stop_reason": self.stop_reason,
+            "timed_on_device": self.timed_on_device,
+        }
+
+
+class Generation:
+    """An iterator of generated token ids; `stats` fills in as it runs."""
+
+    def __init__(self, run: Callable[[GenerationStats], Iterator[int]]) -> None:
+        self.stats = GenerationStats()
+        self._it = run(self.stats)
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    def all(self) -> list[int]:
+        return list(self)
+
+
+# -----------------------------------------------------------------------------------------
+# Step backends
+# -----------------------------------------------------------------------------------------
+
+
+class _VMBackend:
+    """Plain VM calls (the CPU; a GPU with cuda_graph=False). Synchronous reads."""
+
+    def __init__(self, fn: Any, args: list[Any], kv: KVCache) -> None:
+        self.fn, self.args, self.kv = fn, args, kv
+        self.outs: list[Any] = []
+        self.out_host: list[int] = []
+        self._prompt: list[int] = []
+        self._marks: dict[str, float] = {}
+
+    def load_prompt(self, tokens: Sequence[int]) -> None:
+        self._prompt = list(tokens)
+
+    def feed(self, i: int) -> None:
+        self.kv.writer.write(self.kv.arrays["token"], np.array([self._prompt[i]], np.int32))
+
+    def step(self) -> None:
+        outs = self.fn(*self.args)
+        self.outs = [outs[0], outs[1]]
+
+    def emit(self, o: int, notify: bool = True) -> None:
+        value = int(self.outs[1].numpy().reshape(-1)[0])
+        if o == len(self.out_host):
+            self.out_host.append(value)
+        else:
+            self.out_host[o] = value
+
+    def wait(self, o: int) -> int:
+        return self.out_host[o]
+
+    def result(self, o: int) -> int:
+        return self.out_host[o]
+
+    def logits(self) -> np.ndarray:
+        return self.outs[0].numpy()
+
+    def start(self, n_out: int) -> None:
+        self.out_host = []
+
+    def synchronize(self) -> None:
+        pass
+
+    def mark(self, name: str) -> None:
+        self._marks[name] = time.perf_counter()
+
+    def step_times(self) -> tuple[float, float]:
+        """(prefill, decode) seconds between the marks "start", "prefill" and "end"."""
+        m = self._marks
+        return m["prefill"] - m["start"], m["end"] - m["prefill"]
+
+    def close(self) -> None:
+        pass
+
+
+class _CudaBackend(_VMBackend):
+    """Graph replay (or VM calls) on the runtime's stream; prompt tokens copied on the device,
+    `next` copied to pinned host memory with an event per token."""
+
+    def __init__(self, fn: Any, args: list[Any], kv: KVCache, stream: Any, capture: bool, lookahead: int) -> None:
+        super().__init__(fn, args, kv)
+        import tvm
+
+        from sparkinfer.runtime.cuda_graph import CapturedStep
+
+        self.stream = stream
+        self.graph = CapturedStep(stream, fn, args) if capture else None
+        if self.graph is not None:
+            self.outs = self.graph.outputs
+        capacity = kv.capacity
+        self.prompt_dev = tvm.runtime.empty((capacity,), "int32", kv.arrays["token"].device)
+        self.out_pinned = stream.pinned(capacity, np.int32)
+        self.n_events = max(2, lookahead + 2)
+        self.events = [stream.event() for _ in range(self.n_events)]
+        self.timing = {name: stream.event(timing=True) for name in ("start", "prefill", "end")}
+        kv.reset()  # the warm-up step moved pos
+        stream.synchronize()
+
+    def load_prompt(self, tokens: Sequence[int]) -> None:
+        arr = np.asarray(tokens, np.int32)
+        if arr.size:
+            self.stream.rt.memcpy_async(self.prompt_dev.data_ptr(), arr.ctypes.data, arr.nbytes,
+                                        HOST_TO_DEVICE, self.stream.handle)
+
+    def feed(self, i: int) -> None:
+        self.stream.copy_device(self.kv.arrays["token"].data_ptr(), self.prompt_dev.data_ptr() + 4 * i, 4)
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.stream.activate()
+            super().step()
+
+    def emit(self, o: int, notify: bool = True) -> None:
+        """Copy output `o` to pinned memory; with `notify`, record the event `wait` blocks on."""
+        self.stream.copy_to_host(self.out_pinned.ctypes.data + 4 * o, self.outs[1].data_ptr(), 4)
+        if notify:
+            self.stream.record(self.events[o % self.n_events])
+
+    def wait(self, o: int) -> int:
+        self.stream.rt.event_synchronize(self.events[o % self.n_events])
+        return int(self.out_pinned[o])
+
+    def result(self, o: int) -> int:
+        return int(self.out_pinned[o])
+
+    def logits(self) -> np.ndarray:
+        self.stream.synchronize()
+        return self.outs[0].numpy()
+
+    def start(self, n_out: int) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def mark(self, name: str) -> None:
+        self.stream.record(self.timing[name])
+
+    def step_times(self) -> tuple[float, float]:
+        rt = self.stream.rt
+        return (rt.event_elapsed_ms(self.timing["start"], self.timing["prefill"]) / 1e3,
+                rt.event_elapsed_ms(self.timing["prefill"], self.timing["end"]) / 1e3)
+
+    def close(self) -> None:
+        self.stream.synchronize()
+        if self.graph is not None:
+            self.graph.close()
+        for ev in self.events + list(self.timing.values()):
+            self.stream.rt.event_destroy(ev)
+        self.events = []
+        self.timing = {}
+
+
+# -----------------------------------------------------------------------------------------
+# The engine
+# -----------------------------------------------------------------------------------------
+
+
+class Engine:
+    """A model loaded for decoding on one device.
+
+    model: a GGUF path (or an open GGUFModel). arch: "sm_90" / "sm_120" / "sm_121" / "cpu"
+    (None: the GPU's arch, else cpu). context: tokens of KV cache (None: the model's
+    context_length, shrunk to what fits in memory). module_dir: a compiled module's directory
+    (else searched under `search_roots`, then compiled into `cache` when `compile` and the
+    compiler is importable). memory_info: (free, total) bytes of the device, injectable.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        arch: str | None = None,
+        context: int | None = None,
+        module_dir: str | Path | None = None,
+        search_roots: Sequence[str | Path] | None = None,
+        cache: str | Path | None = None,
+        compile: bool = True,
+        cuda_graph: bool = True,
+        lookahead: int = 1,
+        memory_info: MemoryInfo | None = None,
+        reserve: int = DEFAULT_RESERVE_BYTES,
+        progress: bool = False,
+        log: Log | None = None,
+    ) -> None:
+        from sparkinfer.gguf_file import GGUFModel
+
+        t0 = time.perf_counter()
+        self.log: Log = log or (lambda message: None)
+        self.model = model if isinstance(model, GGUFModel) else GGUFModel.open(model)
+        self.config = self.model.config
+        tvm = device_mod.import_tvm()
+        if arch is not None:
+            device_mod.check_arch(arch)
+        self.device: Device = device_mod.open_device(arch)
+        self.arch = self.device.arch
+        where = "GPU" if self.device.is_cuda else "host"
+        mem = memory_info or self.device.memory_info
+        self.manifest = self._find_or_compile(module_dir, search_roots, cache, compile)
+        self.lookahead = max(0, int(lookahead))
+
+        lib = tvm.runtime.load_module(str(self.manifest.library))
+        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device.tvm_device)
+        self._fn = self.vm[self.manifest.entry]
+
+        self.weights = upload_weights(self.model, self.manifest.inputs, self.device.tvm_device,
+                                      memory_info=mem, reserve=reserve, where=where, progress=progress)
+        self.stream = None
+        writer = None
+        if self.device.is_cuda:
+            from sparkinfer.runtime.cuda_graph import CudaStream
+
+            self.stream = CudaStream(self.device.tvm_device, self.device.index)
+            writer = self.stream
+        self.kv = KVCache(self.manifest, self.device.tvm_device, context=context,
+                          model_context=self.config.context_length, memory_info=mem, reserve=reserve,
+                          writer=writer, where=where)
+        if self.kv.shrunk_from is not None:
+            self.log(f"KV cache: {self.kv.capacity} tokens ({format_bytes(self.kv.kv_bytes)}), "
+                     f"not {self.kv.shrunk_from}: that is what fits in free memory")
+        self.args = self._arguments()
+        if self.device.is_cuda:
+            self._backend: _VMBackend = _CudaBackend(self._fn, self.args, self.kv, self.stream, cuda_graph,
+                                                     self.lookahead)
+        else:
+            self._backend = _VMBackend(self._fn, self.args, self.kv)
+        self.cuda_graph = bool(cuda_graph and self.device.is_cuda)
+        self.load_s = time.perf_counter() - t0
+        self._tokenizer = None
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _find_or_compile(self, module_dir: str | Path | None, search_roots: Sequence[str | Path] | None,
+                         cache: str | Path | None, compile: bool) -> Manifest:
+        type_map = type_map_of(self.model)
+        if module_dir is not None:
+            manifest = Manifest.load(Path(module_dir))
+            why = module_matches(manifest, self.arch, self.config, type_map)
+            if why is not None:
+                raise CompiledModuleError(f"the module at {module_dir} does not fit {self.model.path}: {why}")
+            return manifest
+        cache_root = Path(cache) if cache is not None else cache_dir()
+        roots = [Path(r) for r in search_roots] if search_roots is not None else default_search_roots()
+        if cache_root not in roots:
+            roots.append(cache_root)
+        found = find_module(roots, self.arch, self.config, type_map)
+        if found is not None:
+            return found
+        where = cache_root / self.arch
+        stale = stale_modules(roots, self.arch, self.config, type_map)
+        note = f" (found only stale ones: {'; '.join(stale)})" if stale else ""
+        if not compile:
+            raise CompiledModuleError(
+                f"no compiled module for {self.arch} at {where}{note} and no TVM compiler to build one (compilation "
+                f"disabled): run `sparkinfer compile ...` on a machine with full TVM"
+            )
+        if device_mod.tvm_runtime_only():
+            return compile_module(self.config, type_map, self.arch, cache_root, note)  # raises
+        self.log(f"compiling the {self.arch} module for {self.model.path.name} into {cache_root} (first run only)")
+        t0 = time.perf_counter()
+        manifest = compile_module(self.config, type_map, self.arch, cache_root, note)
+        self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
+        return manifest
+
+    def _arguments(self) -> list[Any]:
+        weights = iter(self.weights)
+        args = []
+        for inp in self.manifest.inputs:
+            args.append(next(weights) if inp.role == "weight" else self.kv.arrays[inp.name])
+        return args
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from sparkinfer.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_vocab(self.model.vocab)
+        return self._tokenizer
+
+    def default_stop_tokens(self) -> list[int]:
+        stops = []
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            value = self.model.metadata.get(key)
+            if isinstance(value, int) and value not in stops:
+                stops.append(value)
+        return stops
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "device": self.device.describe(),
+            "cuda_graph": self.cuda_graph,
+            "context": self.kv.capacity,
+            "kv_cache_bytes": self.kv.kv_bytes,
+            "weights_bytes": sum(int(np.prod(w.shape)) * np.dtype(str(w.dtype)).itemsize for w in self.weights),
+            "module": str(self.manifest.directory),
+            "runtime_only_tvm": device_mod.tvm_runtime_only(),
+        }
+
+    # -- running ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[int],
+        max_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+        stream: bool = True,
+        reuse_prefix: bool = False,
+    ) -> Generation:
+        """Generate up to `max_tokens` ids after `prompt_tokens` (iterate the result).
+
+        temperature <= 0 is greedy; top_k 0 means no top-k cut. A stop token ends generation
+        and is not yielded (stop_tokens None: the model's EOS/EOT ids; () for none).
+        stream=False (bench mode): every step is launched before any token is read, stop
+        tokens are ignored, and on a GPU the times come from CUDA events.
+        reuse_prefix: keep the cached K/V of the longest common prefix with the last
+        sequence and run only the rest of the prompt.
+        """
+        prompt = [int(t) for t in prompt_tokens]
+        if not prompt:
+            raise SparkInferError("the prompt is empty: give at least one token")
+        if max_tokens < 0:
+            raise SparkInferError(f"max_tokens must be >= 0, got {max_tokens}")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise SparkInferError(f"prompt token id {bad[0]} is outside the vocabulary of {vocab} tokens")
+        self.kv.check_fits(len(prompt), max_tokens)
+        stops = set(self.default_stop_tokens() if stop_tokens is None else stop_tokens)
+        if not stream:
+            stops = set()
+        params = (float(temperature), float(top_p), int(top_k), int(seed))
+
+        def run(stats: GenerationStats) -> Iterator[int]:
+            return self._run(prompt, max_tokens, params, stops, stream, reuse_prefix, stats)
+
+        return Generation(run)
+
+    def _run(self, prompt: list[int], max_tokens: int, params: tuple[float, float, int, int], stops: set[int],
+             stream: bool, reuse_prefix: bool, stats: GenerationStats) -> Iterator[int]:
+        b, kv = self._backend, self.kv
+        t0 = time.perf_counter()
+        reused = kv.common_prefix(prompt) if reuse_prefix else 0
+        kv.set_position(reused)
+        kv.set_sampling(*params)
+        new = prompt[reused:]
+        stats.prompt_tokens, stats.reused_tokens = len(prompt), reused
+        if max_tokens == 0:
+            stats.stop_reason = "length"
+            return
+        total_steps = len(new) + max_tokens - 1
+        first_out = len(new) - 1  # step index that yields output 0
+        b.load_prompt(new)
+        b.start(max_tokens)
+        lookahead = self.lookahead if stream else total_steps
+        launched = 0
+        n_read = 0
+        fed: list[int] = []
+
+        def launch() -> None:
+            nonlocal launched
+            j = launched
+            if j < len(new):
+                b.feed(j)
+            if j == 0:
+                b.mark("start")
+            b.step()
+            if j >= first_out:
+                b.emit(j - first_out, notify=stream)
+            if j == first_out:
+                b.mark("prefill")
+            launched += 1
+
+        last = t0
+        try:
+            while n_read < max_tokens:
+                # Keep up to `lookahead` steps in flight beyond the one whose token is read next.
+                while launched < total_steps and launched <= first_out + n_read + lookahead:
+                    launch()
+                if not stream and launched == total_steps and n_read == 0:
+                    b.mark("end")
+                    b.synchronize()
+                token = b.wait(n_read) if stream else b.result(n_read)
+                now = time.perf_counter()
+                if n_read == 0:
+                    stats.prefill_s = now - t0
+                else:
+                    stats.decode_times.append(now - last)
+                last = now
+                n_read += 1
+                if token in stops:
+                    stats.stop_reason = "stop"
+                    break
+                stats.tokens.append(token)
+                yield token
+            else:
+                stats.stop_reason = "length"
+        finally:
+            b.synchronize()
+            # What the device cached: every token fed to a launched step.
+            n_new_out = max(0, launched - len(new))
+            fed = new[: min(launched, len(new))] + [b.result(o) for o in range(n_new_out)]
+            kv.tokens.extend(fed)
+            stats.decode_steps = max(0, n_read - 1)
+            stats.decode_s = sum(stats.decode_times)
+            if not stream and launched == total_steps:
+                # Bench mode: step times between marks (CUDA events on a GPU).
+                stats.prefill_s, stats.decode_s = b.step_times()
+                stats.decode_steps = max_tokens - 1
+                stats.timed_on_device = isinstance(b, _CudaBackend)
+
+    def forward(self, tokens: Sequence[int], *, reset: bool = True) -> np.ndarray:
+        """Logits float32[T, V] of feeding `tokens` one step each (from position 0 if reset),
+        reading the logits after every step. For tests and debugging; greedy sampling."""
+        if reset:
+            self.kv.reset()
+        self.kv.check_fits(self.kv.n_tokens + len(tokens), 0)
+        self.kv.set_sampling(0.0, 1.0, 0, 0)
+        b = self._backend
+        b.load_prompt(tokens)
+        out = []
+        for j in range(len(tokens)):
+            b.feed(j)
+            b.step()
+            out.append(b.logits())
+        self.kv.tokens.extend(int(t) for t in tokens)
+        return np.stack(out) if out else np.zeros((0, self.config.vocab_size), np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_backend", None) is not None:
+            self._backend.close()
+            self._backend = None  # type: ignore[assignment]
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["ContextLengthError", "Engine", "Generation", "GenerationStats", "cache_dir", "find_module"]

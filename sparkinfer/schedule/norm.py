@@ -1,0 +1,46 @@
+"""Hand-made GPU schedule for the RMSNorms of `sparkinfer.kernels.norm`.
+
+dlight's GeneralReduction handles `rms_norm` but not `add_rms_norm` (it falls back to three
+kernels, one of them a single-thread loop over H), so both get this one: a single thread
+block; thread i owns elements i, i + threads, ... in every stage (residual sum, sum of squares,
+output), so the residual a thread writes to global memory is only ever read back by itself
+(no barrier needed), and the sum of squares is one block-wide allreduce. At H = 2048 the
+kernel moves 24 KiB: its time is launch latency, which is why it is not split over blocks.
+"""
+
+from tvm import s_tir, tirx
+
+_THREADS = 256
+
+
+def schedule_rms_norm(func: tirx.PrimFunc, threads: int = _THREADS) -> tirx.PrimFunc:
+    """Schedule an `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target."""
+    sch = s_tir.Schedule(func)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
+    sch.set_scope(sumsq, 0, "local")
+
+    def over_threads(loop: s_tir.schedule.LoopRV) -> None:
+        _, lane = sch.split(loop, [None, threads])
+        sch.bind(lane, "threadIdx.x")
+
+    # The block-level loop hangs off the first output: the residual where there is one (an
+    # output, which compute_at may not move), else the norm.
+    if "residual" in names:
+        anchor, producers, consumers = sch.get_sblock("residual"), [], [sumsq, norm]
+    else:
+        anchor, producers, consumers = norm, [sumsq], []
+    block, loop = sch.split(sch.get_loops(anchor)[0], [1, None])
+    sch.bind(block, "blockIdx.x")
+    over_threads(loop)
+    for producer in producers:
+        sch.compute_at(producer, block)
+        over_threads(sch.get_loops(producer)[-1])
+    for consumer in consumers:
+        sch.reverse_compute_at(consumer, block)
+        over_threads(sch.get_loops(consumer)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+# The pipeline looks schedules up by factory name; one schedule serves both norms.
+schedule_add_rms_norm = schedule_rms_norm

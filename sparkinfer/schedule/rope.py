@@ -1,0 +1,23 @@
+"""GPU schedule for `sparkinfer.kernels.rope.qk_norm_rope_kv_append`.
+
+One thread block per head (the NH query heads, then the NKV key heads), one thread per head
+dim: the head's sum of squares is a block-wide allreduce, then each thread writes its rotated
+element (to q_rot, or to the cache slot with the matching value element). One launch for the
+whole step; the cache slot is written by the NKV key-head blocks only.
+"""
+
+from tvm import s_tir, tirx
+
+
+def schedule_qk_norm_rope_kv_append(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Schedule a `qk_norm_rope_kv_append` PrimFunc for a CUDA target."""
+    sch = s_tir.Schedule(func)
+    rope = sch.get_sblock("rope")
+    head, dim = sch.get_loops(rope)
+    sch.bind(head, "blockIdx.x")
+    sch.bind(dim, "threadIdx.x")
+    sumsq = sch.get_sblock("sumsq")
+    sch.compute_at(sumsq, head)
+    sch.set_scope(sumsq, 0, "local")
+    sch.bind(sch.get_loops(sumsq)[-1], "threadIdx.x")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

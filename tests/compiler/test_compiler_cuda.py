@@ -1,0 +1,57 @@
+"""CUDA builds of the whole decode step (no GPU needed): the tiny model and a full-width
+one-layer Qwen3-30B-A3B cut, for every arch, each exported with an embedded nvcc fatbin for
+exactly that arch and no CUDA source (so it loads with runtime-only TVM, no NVRTC or nvcc).
+About 6-8 s a build on 2 cores."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparkinfer.compiler import targets
+from sparkinfer.compiler.pipeline import DLIGHT, HAND, TUNED, compile_model
+from sparkinfer.gguf_file import preset_config, type_map
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)"),
+]
+
+CUDA_ARCHS = ["sm_90", "sm_120", "sm_121"]
+MODELS = {
+    "tiny": preset_config("tiny"),
+    "30b-a3b-1layer": preset_config("qwen3-30b-a3b", n_layers=1),
+}
+
+
+def library_bytes(path: Path) -> bytes:
+    import tarfile
+
+    if path.suffix != ".tar":
+        return path.read_bytes()
+    with tarfile.open(path, "r:*") as tar:
+        return b"".join(f.read() for m in tar.getmembers() if m.isfile() and (f := tar.extractfile(m)))
+
+
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_whole_step_builds_with_a_fatbin_for_the_arch(model: str, arch: str, tmp_path: Path) -> None:
+    config = MODELS[model]
+    types = type_map(config, "q4_k_m")
+    result = compile_model(config, types, arch, tmp_path)
+    manifest = result.manifest
+    lib = result.directory / manifest.library
+    assert lib.name == ("model.tar" if arch == "sm_121" else "model.so")
+    fatbins = targets.embedded_fatbins(lib)
+    assert len(fatbins) == 1
+    assert targets.fatbin_entries(fatbins[0]) == [targets.FatbinEntry("cubin", arch + "a")]
+    assert manifest.fatbins == [{"kind": "cubin", "arch": arch + "a"}]
+    assert b'extern "C" __global__' not in library_bytes(lib)
+    # Every kernel was scheduled, and the manifest says how.
+    for kernel in manifest.kernels:
+        assert kernel["schedule"] == DLIGHT or kernel["schedule"].split(":")[0] in (HAND, TUNED), kernel
+    gemvs = [k for k in manifest.kernels if k["family"] == "gemv"]
+    assert gemvs and all(k["schedule"] == "hand:sparkinfer.schedule.gemv.schedule_gemv" for k in gemvs)
+    raw = json.loads((result.directory / "manifest.json").read_text())
+    assert raw["target"]["kind"] == "cuda" and raw["target"]["arch"] == arch + "a"
+    assert raw["max_pages"] == -(-config.context_length // 64)

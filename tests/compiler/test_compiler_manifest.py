@@ -1,0 +1,124 @@
+"""compile_model for the CPU: manifest contents and round trip, the module cache, determinism."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from sparkinfer.compiler import manifest as M
+from sparkinfer.compiler.pipeline import compile_model
+from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
+
+pytestmark = pytest.mark.slow
+
+TINY = preset_config("tiny")
+TYPES = type_map(TINY, "q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return compile_model(TINY, TYPES, "cpu", tmp_path_factory.mktemp("compiled"))
+
+
+def test_module_lands_in_arch_and_key_directory(compiled) -> None:  # noqa: ANN001
+    assert compiled.directory.parent.name == "cpu"
+    assert compiled.directory.name == M.module_key(TINY, TYPES) == compiled.manifest.key
+    assert (compiled.directory / "model.so").is_file()
+    assert (compiled.directory / "manifest.json").is_file()
+    assert not compiled.cached
+
+
+def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN001
+    raw = json.loads((compiled.directory / "manifest.json").read_text())
+    assert raw["format"] == M.MANIFEST_FORMAT and raw["arch"] == "cpu" and raw["entry"] == "decode"
+    assert raw["tvm_version"] == M.tvm_version()
+    assert raw["hparams_hash"] == TINY.hparams_hash() == raw["model"]["hparams_hash"]
+    assert raw["type_map_hash"] == M.type_map_hash(TYPES)
+    assert (raw["page_size"], raw["max_pages"]) == (64, 32)
+    assert raw["n_splits"] >= 1 and raw["kv_dtype"] == "float16"
+    assert raw["library"] == "model.so"
+    assert raw["library_sha256"] == hashlib.sha256((compiled.directory / "model.so").read_bytes()).hexdigest()
+    assert raw["target"]["kind"] == "llvm"
+    assert [o["name"] for o in raw["outputs"]] == ["logits", "next"]
+    inputs = raw["inputs"]
+    assert [i["role"] for i in inputs[:9]] == ["state"] * 5 + ["kv"] * 4
+    assert inputs[5] == {"name": "k_cache_0", "role": "kv", "dtype": "float16", "shape": ["n_pages", 64, 2, 64]}
+    weights = [i for i in inputs if i["role"] == "weight"]
+    assert [w["tensor"] for w in weights] == [s.name for s in tensor_specs(TINY)]
+    assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)
+    # CPU kernels are built as they are; every kernel says where it came from.
+    assert {k["schedule"] for k in raw["kernels"]} == {"unscheduled"}
+    assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
+
+
+def test_manifest_round_trip(compiled) -> None:  # noqa: ANN001
+    again = M.Manifest.read(compiled.directory)
+    assert again.to_json() == compiled.manifest.to_json()
+    assert again.inputs == compiled.manifest.inputs
+    assert again.config == TINY
+    assert again.library_path == compiled.directory / "model.so"
+    assert [i.name for i in again.kv_inputs] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+
+
+def test_the_runtime_reads_the_manifest(compiled) -> None:  # noqa: ANN001
+    runtime_manifest = pytest.importorskip("sparkinfer.runtime.manifest")
+    m = runtime_manifest.Manifest.load(compiled.directory)
+    assert m.arch == "cpu" and m.page_size == 64 and m.max_pages == 32
+    assert m.hparams_hash == TINY.hparams_hash()
+    assert m.library == compiled.directory / "model.so"
+    assert [i.name for i in m.inputs] == [i.name for i in compiled.manifest.inputs]
+    assert [i.tensor for i in m.weights] == [i.tensor for i in compiled.manifest.weight_inputs]
+
+
+def test_find_compiled_finds_only_a_matching_module(compiled, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    root = compiled.directory.parents[1]
+    found = M.find_compiled(TINY, TYPES, "cpu", root)
+    assert found is not None and found.key == compiled.manifest.key and found.directory == compiled.directory
+    assert M.find_compiled(TINY, TYPES, "cpu", root, n_splits=found.n_splits) is not None
+    assert M.find_compiled(TINY, TYPES, "cpu", root, n_splits=found.n_splits + 1) is None
+    assert M.find_compiled(TINY, TYPES, "sm_90", root) is None
+    assert M.find_compiled(TINY, type_map(TINY, "f16"), "cpu", root) is None
+    assert M.find_compiled(TINY.replace(rope_theta=1e4), TYPES, "cpu", root) is None
+    monkeypatch.setattr(M, "sources_hash", lambda arch: "0" * 16)
+    assert M.find_compiled(TINY, TYPES, "cpu", root) is None
+    assert M.find_compiled(TINY, TYPES, "cpu", root, check_sources=False) is not None
+
+
+def test_find_compiled_skips_modules_built_with_stand_in_kernels(compiled, tmp_path: Path) -> None:  # noqa: ANN001
+    directory = M.compiled_dir(TINY, TYPES, "cpu", tmp_path)
+    directory.mkdir(parents=True)
+    (directory / "model.so").write_bytes((compiled.directory / "model.so").read_bytes())
+    raw = compiled.manifest.to_json()
+    raw["kernels"][0]["stand_in"] = True
+    (directory / "manifest.json").write_text(json.dumps(raw))
+    assert M.find_compiled(TINY, TYPES, "cpu", tmp_path) is None
+    assert M.find_compiled(TINY, TYPES, "cpu", tmp_path, allow_stand_ins=True) is not None
+
+
+def test_compile_model_reuses_an_up_to_date_module(compiled) -> None:  # noqa: ANN001
+    again = compile_model(TINY, TYPES, "cpu", compiled.directory.parents[1])
+    if again.manifest.sources_hash != compiled.manifest.sources_hash:
+        pytest.skip("the package's sources changed while the tests ran")
+    assert again.cached and again.directory == compiled.directory
+
+
+def test_key_depends_on_hyper_parameters_and_types_only() -> None:
+    assert M.module_key(TINY, TYPES) == M.module_key(preset_config("tiny"), dict(reversed(list(TYPES.items()))))
+    assert M.module_key(TINY, {k: int(v) for k, v in TYPES.items()}) == M.module_key(TINY, TYPES)
+    assert M.module_key(TINY, TYPES) != M.module_key(TINY, type_map(TINY, "f16"))
+    assert M.module_key(TINY, TYPES) != M.module_key(TINY.replace(context_length=4096), TYPES)
+
+
+def test_compilation_is_deterministic(compiled, tmp_path: Path) -> None:  # noqa: ANN001
+    again = compile_model(TINY, TYPES, "cpu", tmp_path, force=True)
+    assert (again.directory / "model.so").read_bytes() == (compiled.directory / "model.so").read_bytes()
+    first, second = compiled.manifest.to_json(), again.manifest.to_json()
+    first.pop("sources_hash"), second.pop("sources_hash")  # other engineers' edits may land in between
+    assert first == second
+
+
+def test_unknown_arch_is_rejected_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sm_89"):
+        compile_model(TINY, TYPES, "sm_89", tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,80 @@
+"""The unscheduled GEMV compute, built for LLVM, against the numpy oracle on random blocks."""
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.compiler.targets import target_for
+from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+
+ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261127)
+
+
+def run_cpu(func: tvm.tirx.PrimFunc, *arrays: np.ndarray) -> np.ndarray:
+    """Build for this CPU and run; the last array is the output, poisoned with NaN first so
+    that an element the kernel never writes fails the comparison."""
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    dev = tvm.cpu()
+    out = np.full_like(arrays[-1], np.nan)
+    tensors = [tvm.runtime.tensor(a, dev) for a in (*arrays[:-1], out)]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def magnitude(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|W| . |x| per output, the scale of the rounding error of an fp32 dot product."""
+    rows = data.shape[0]
+    return np.abs(quant.dequantize(t, data, (rows, x.shape[-1]))).astype(np.float64) @ np.abs(x)
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_gemv_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    # Two K-quant super-blocks per row, and a row count no schedule tile divides.
+    n, k = 37, 512
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal(k, dtype=np.float32)
+    y = run_cpu(G.gemv(t, n, k), G.weight_view(t, data), x, np.empty(n, np.float32))
+    assert_gemv_close(y, G.gemv_reference(t, data, x), magnitude(t, data, x))
+
+
+@pytest.mark.parametrize("x_per_expert", [False, True], ids=["shared_x", "x_per_expert"])
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.Q8_0, T.BF16], ids=lambda t: t.name)
+def test_gemv_experts_matches_numpy(rng: np.random.Generator, t: T, x_per_expert: bool) -> None:
+    n_experts, n_used, n, k = 6, 3, 16, 256
+    data = random_weights(t, (n_experts, n, k), rng)
+    # Out of order and skipping experts: slot i must read expert ids[i], nothing else.
+    ids = np.array([4, 0, 5], dtype=np.int32)
+    x = rng.standard_normal((n_used, k) if x_per_expert else k, dtype=np.float32)
+    func = G.gemv_experts(t, n_experts, n_used, n, k, x_per_expert)
+    y = run_cpu(func, G.weight_view(t, data), ids, x, np.empty((n_used, n), np.float32))
+    xs = x if x_per_expert else np.broadcast_to(x, (n_used, k))
+    mag = np.stack([magnitude(t, data[e], xi) for e, xi in zip(ids, xs)])
+    assert_gemv_close(y, G.gemv_experts_reference(t, data, ids, x), mag)
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_weight_view_is_zero_copy(rng: np.random.Generator, t: T) -> None:
+    data = random_weights(t, (4, 256), rng)
+    view = G.weight_view(t, data)
+    assert np.shares_memory(view, data)
+    assert view.shape == (4, G.gemv_format(t).row_words(256))
+    assert str(view.dtype) == G.gemv_format(t).word_dtype
+
+
+def test_unsupported_type_names_it() -> None:
+    with pytest.raises(UnsupportedQuantTypeError, match="Q4_0"):
+        G.gemv(T.Q4_0, 16, 256)
+
+
+def test_row_that_does_not_divide_into_blocks_is_rejected() -> None:
+    with pytest.raises(TensorShapeError, match="Q4_K"):
+        G.gemv(T.Q4_K, 16, 320)

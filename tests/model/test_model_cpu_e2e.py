@@ -1,0 +1,119 @@
+"""The CPU gate: the whole decode step, compiled for LLVM and driven token by token through
+the VM, against the numpy reference on the same GGUF file.
+
+The models are the tiny preset's shapes with _tiny's large-gain weights (decisive top-1
+tokens and top-k experts), written as Q4_K_M (Q4_K, Q5_K, Q6_K and Q8_0 tensors, as
+llama.cpp mixes them for 8 experts) and as F16. Two references: the plain float32 one, and
+one that rounds K and V to float16 as they enter its cache, as the compiled step does; what
+is left against that one is float32 rounding (and float32 vs float64 RoPE angles).
+
+Bounds, relative to the largest |logit|: 1e-3 against the f16-cache reference (seen: up to
+2.5e-4), 1e-2 against the float32 one (seen: up to 7e-3; float16 K/V cost ~1e-3 relative per
+element, and the large-gain weights amplify it).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparkinfer.compiler.pipeline import compile_model
+from sparkinfer.gguf_file import GGUFModel, preset_config
+from sparkinfer.reference import ReferenceModel
+
+from ._harness import F16CacheReference, StepRunner, write_decisive_model
+
+pytestmark = pytest.mark.slow
+
+
+class F16Reference(F16CacheReference, ReferenceModel):
+    pass
+
+
+def _compiled(tmp_path_factory: pytest.TempPathFactory, preset: str, file_type: str) -> tuple[GGUFModel, object]:
+    root = tmp_path_factory.mktemp(f"{preset}-{file_type}")
+    config = preset_config(preset)
+    model = write_decisive_model(root / "model.gguf", config, file_type, seed=3)
+    types = {name: info.ggml_type for name, info in model.tensors.items()}
+    result = compile_model(config, types, "cpu", root / "compiled")
+    return model, result
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_k_m(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return _compiled(tmp_path_factory, "tiny", "q4_k_m")
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def run_and_compare(model: GGUFModel, manifest, prompt: list[int], n_new: int, n_pages: int):  # noqa: ANN001, ANN201
+    """Feed `prompt`, then let the step feed itself `n_new - 1` times; returns the generated
+    tokens, the reference's greedy tokens, and the worst relative logits errors against
+    the float32 and the f16-cache reference."""
+    runner = StepRunner(manifest, model, n_pages=n_pages)
+    ref32, ref16 = ReferenceModel(model.config, model), F16Reference(model.config, model)
+    err32 = err16 = 0.0
+    got, want = [], []
+    for i in range(len(prompt) + n_new - 1):
+        feed = prompt[i] if i < len(prompt) else None
+        logits, nxt = runner.step(feed)
+        token = prompt[i] if i < len(prompt) else got[-1]
+        want32, want16 = ref32.decode(token), ref16.decode(token)
+        err32, err16 = max(err32, _rel_err(logits, want32)), max(err16, _rel_err(logits, want16))
+        if i >= len(prompt) - 1:
+            got.append(nxt)
+            want.append(int(np.argmax(want16)))
+            # The step advanced itself: next fed, position counted, sampler's counter bumped.
+            assert runner.token == nxt and runner.pos == i + 1
+        assert int(runner.named["rng"].numpy()[1]) == i + 1
+    return got, want, err32, err16
+
+
+def test_q4_k_m_step_matches_the_reference_for_16_greedy_tokens(tiny_q4_k_m) -> None:  # noqa: ANN001
+    model, result = tiny_q4_k_m
+    got, want, err32, err16 = run_and_compare(model, result.manifest, [1, 100, 7, 512, 33, 901, 2, 64], 16, 4)
+    assert got == want
+    assert len(set(got)) > 4  # not stuck on one token: the comparison means something
+    assert err16 < 1e-3, err16
+    assert err32 < 1e-2, err32
+
+
+def test_q4_k_m_step_across_pages_and_splits(tiny_q4_k_m) -> None:  # noqa: ANN001
+    # 150 positions: three KV pages (mapped in reverse: the step must follow the page table)
+    # and, at 16 splits, every split of the flash-decode in use.
+    model, result = tiny_q4_k_m
+    assert result.manifest.n_splits > 1
+    got, want, err32, err16 = run_and_compare(model, result.manifest, [5, 6, 7], 148, 3)
+    assert got == want
+    assert err16 < 1e-3, err16
+    assert err32 < 1e-2, err32
+
+
+def test_f16_step_matches_the_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, result = _compiled(tmp_path_factory, "tiny", "f16")
+    got, want, err32, err16 = run_and_compare(model, result.manifest, [3, 1000, 42], 16, 2)
+    assert got == want
+    assert err16 < 1e-3, err16
+    assert err32 < 1e-2, err32
+
+
+def test_dense_qwen3_step_matches_the_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, result = _compiled(tmp_path_factory, "tiny-dense", "q4_k_m")
+    got, want, err32, err16 = run_and_compare(model, result.manifest, [9, 8, 7], 12, 1)
+    assert got == want
+    assert err16 < 1e-3, err16
+
+
+def test_a_page_table_in_order_gives_the_same_logits(tiny_q4_k_m) -> None:  # noqa: ANN001
+    model, result = tiny_q4_k_m
+    outs = []
+    for permute in (True, False):
+        runner = StepRunner(result.manifest, model, n_pages=2, permute_pages=permute)
+        outs.append(np.stack([runner.step(t)[0] for t in (4, 5, 6, 7)]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def _library(result) -> Path:  # noqa: ANN001
+    return result.directory / result.manifest.library

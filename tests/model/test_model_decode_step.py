@@ -1,0 +1,135 @@
+"""The decode step's Relax module: parameter order and types, kernels, determinism."""
+
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeError
+from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
+from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.model import spec
+from sparkinfer.model.qwen3moe import KernelSource, build_decode_step, decode_inputs
+
+TINY = preset_config("tiny")
+
+
+def test_inputs_are_state_then_caches_then_weights_in_layout_order() -> None:
+    types = type_map(TINY, "q4_k_m")
+    inputs = decode_inputs(TINY, types)
+    names = [i.name for i in inputs]
+    assert names[:5] == ["token", "pos", "page_table", "sample_params", "rng"]
+    assert names[5:9] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    weights = [i for i in inputs if i.role == "weight"]
+    assert [w.tensor for w in weights] == [s.name for s in tensor_specs(TINY)]
+    assert [i.role for i in inputs] == ["state"] * 5 + ["kv"] * 4 + ["weight"] * len(weights)
+    state = {i.name: (i.dtype, i.shape) for i in inputs[:5]}
+    assert state == {
+        "token": ("int32", (1,)),
+        "pos": ("int32", (1,)),
+        "page_table": ("int32", (32,)),  # ceil(2048 / 64)
+        "sample_params": ("float32", (3,)),
+        "rng": ("uint32", (2,)),
+    }
+    assert inputs[5].dtype == "float16" and inputs[5].shape == ("n_pages", 64, 2, 64)
+
+
+def test_weight_inputs_are_the_gemv_word_views() -> None:
+    types = type_map(TINY, "q4_k_m")
+    by_tensor = {i.tensor: i for i in decode_inputs(TINY, types) if i.role == "weight"}
+    q = by_tensor["blk.0.attn_q.weight"]
+    assert (q.dtype, q.shape, q.ggml_type) == ("uint32", (256, 256 // 256 * 36), "Q4_K")
+    out = by_tensor["output.weight"]
+    assert (out.dtype, out.shape, out.ggml_type) == ("uint16", (1024, 105), "Q6_K")
+    experts = by_tensor["blk.1.ffn_down_exps.weight"]
+    fmt = gemv_format(types["blk.1.ffn_down_exps.weight"])
+    assert experts.shape == (8, 256, fmt.row_words(256)) and experts.dtype == fmt.word_dtype
+    assert (by_tensor["blk.0.attn_norm.weight"].dtype, by_tensor["blk.0.attn_norm.weight"].shape) == ("float32", (256,))
+    assert by_tensor["blk.0.ffn_gate_inp.weight"].shape == (8, 256)  # F32 router
+
+
+def test_relax_function_takes_the_inputs_in_order() -> None:
+    step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
+    func = step.mod[spec.ENTRY]
+    assert len(func.params) == len(step.inputs)
+    for param, inp in zip(func.params, step.inputs):
+        assert param.name == inp.name
+        assert param.ty.dtype == inp.dtype
+        dims = [str(d) if not isinstance(d, tvm.tirx.IntImm) else int(d) for d in param.ty.shape]
+        assert dims == list(inp.shape)
+    ret = func.ret_ty
+    assert [f.dtype for f in ret.fields] == ["float32", "int32"]
+    assert [int(d) for d in ret.fields[0].shape] == [TINY.vocab_size]
+
+
+def test_each_distinct_kernel_is_in_the_module_once() -> None:
+    step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
+    names = [k.name for k in step.kernels]
+    assert len(names) == len(set(names))
+    prim_funcs = {gv.name_hint for gv, f in step.mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert prim_funcs == set(names)
+    factories = {(k.family, k.factory) for k in step.kernels}
+    assert {("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
+            ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
+            ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
+            ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance")} == factories
+    # Q6_K and Q4_K down projections (llama.cpp's layer mix) are two kernels.
+    downs = [k for k in step.kernels if k.factory == "moe_down_residual"]
+    assert sorted(k.args[0] for k in downs) == ["Q4_K", "Q6_K"]
+
+
+def test_module_is_deterministic() -> None:
+    types = type_map(TINY, "q4_k_m")
+    a = build_decode_step(TINY, types)
+    b = build_decode_step(TINY, dict(reversed(list(types.items()))))
+    assert a.mod.script() == b.mod.script()
+    tvm.ir.assert_structural_equal(a.mod, b.mod)
+    assert a.kernels == b.kernels and a.inputs == b.inputs
+
+
+def test_kv_caches_are_updated_in_place_and_the_step_advances() -> None:
+    text = build_decode_step(TINY, type_map(TINY, "q4_k_m")).mod[spec.ENTRY].script()
+    assert text.count("R.call_tir_inplace") == TINY.n_layers + 2  # rope per layer, sample, advance
+    assert "inplace_indices=[-1, 7, 8]" in text  # q_rot fresh, k/v caches in place
+    assert "inplace_indices=[0, 1, 2]" in text  # advance: next, token, pos
+
+
+def test_dense_qwen3_runs_its_ffn_as_one_expert() -> None:
+    cfg = preset_config("tiny-dense")
+    step = build_decode_step(cfg, type_map(cfg, "f16"))
+    gate = next(i for i in step.inputs if i.tensor == "blk.0.ffn_gate.weight")
+    assert (gate.dtype, gate.shape) == ("float16", (1, 512, 256))
+    moe = [k for k in step.kernels if k.family == "moe"]
+    assert {k.args for k in moe} == {("F16", "F16", 1, 1, 512, 256), ("F16", 1, 1, 256, 512)}
+    assert not any(k.family == "router" for k in step.kernels)
+
+
+def test_tied_embeddings_use_token_embd_as_lm_head() -> None:
+    types = type_map(TINY, "q4_k_m")
+    del types["output.weight"]
+    step = build_decode_step(TINY, types)
+    assert "output.weight" not in {i.tensor for i in step.inputs}
+    assert any(k.factory == "gemv" and k.args == ("Q4_K", 1024, 256) for k in step.kernels)
+
+
+def test_norm_weights_must_be_f32() -> None:
+    types = type_map(TINY, "q4_k_m")
+    types["blk.1.ffn_norm.weight"] = T.F16
+    with pytest.raises(TensorShapeError, match="blk.1.ffn_norm.weight.*F16"):
+        decode_inputs(TINY, types)
+
+
+def test_a_tensor_missing_from_the_type_map_is_named() -> None:
+    types = type_map(TINY, "q4_k_m")
+    del types["blk.1.attn_k.weight"]
+    with pytest.raises(MissingTensorError, match="blk.1.attn_k.weight"):
+        decode_inputs(TINY, types)
+
+
+def test_a_missing_kernel_factory_is_named() -> None:
+    with pytest.raises(SparkInferError, match="sparkinfer.kernels.nosuchfamily.thing"):
+        KernelSource().factory("nosuchfamily", "thing")
+
+
+def test_splits_must_fit_the_page_table() -> None:
+    with pytest.raises(ValueError, match="n_splits"):
+        build_decode_step(TINY, type_map(TINY, "q4_k_m"), n_splits=33)

@@ -1,0 +1,117 @@
+"""Qwen3-30B-A3B GEMV shapes for the GPU test, built ahead of time into one library.
+
+Where TVM's compiler is installed the GPU test builds them itself. The GPU machines here have
+runtime-only TVM, so build on the CPU machine and point the test at the result:
+    python tests/schedule/schedule_gemv_cases.py --arch sm_90 --out DIR
+    SPARKINFER_GEMV_LIBRARY=DIR/gemv_cases_sm_90.so pytest -m gpu tests/schedule
+(sm_121 gives a .tar of aarch64 objects, which tvm.runtime.load_module links on the Spark.)
+"""
+
+import argparse
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.compiler.targets import build
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels.testing import random_weights
+from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv
+
+QWEN3_EXPERTS, QWEN3_USED = 128, 8
+
+
+@dataclass(frozen=True)
+class GemvCase:
+    name: str
+    ggml_type: T
+    n: int
+    k: int
+    moe: bool = False
+    x_per_expert: bool = False
+    schedule: GemvSchedule | None = None  # None: default_schedule
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        if self.moe:
+            return G.gemv_experts(
+                self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n, self.k, self.x_per_expert
+            )
+        return G.gemv(self.ggml_type, self.n, self.k)
+
+    @property
+    def symbol(self) -> str:
+        if self.moe:
+            return G.gemv_experts_symbol(
+                self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n, self.k, self.x_per_expert
+            )
+        return G.gemv_symbol(self.ggml_type, self.n, self.k)
+
+    def inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Host arrays: data (GGUF bytes), ids (MoE only), x."""
+        if not self.moe:
+            return {
+                "data": random_weights(self.ggml_type, (self.n, self.k), rng),
+                "x": rng.standard_normal(self.k, dtype=np.float32),
+            }
+        x_shape = (QWEN3_USED, self.k) if self.x_per_expert else (self.k,)
+        return {
+            "data": random_weights(self.ggml_type, (QWEN3_EXPERTS, self.n, self.k), rng),
+            "ids": rng.choice(QWEN3_EXPERTS, QWEN3_USED, replace=False).astype(np.int32),
+            "x": rng.standard_normal(x_shape, dtype=np.float32),
+        }
+
+
+CASES: tuple[GemvCase, ...] = (
+    GemvCase("attn_q", T.Q4_K, 4096, 2048),
+    GemvCase("attn_output", T.Q4_K, 2048, 4096),
+    GemvCase("ffn_gate_up_exps", T.Q4_K, 768, 2048, moe=True),
+    GemvCase("ffn_down_exps_q6_k", T.Q6_K, 2048, 768, moe=True, x_per_expert=True),
+    GemvCase("ffn_down_exps_q4_k", T.Q4_K, 2048, 768, moe=True, x_per_expert=True),
+    GemvCase("attn_v_q6_k", T.Q6_K, 512, 2048),
+    GemvCase("attn_k_q5_k", T.Q5_K, 512, 2048),
+    GemvCase("attn_k_q8_0", T.Q8_0, 512, 2048),
+    GemvCase("attn_k_f16", T.F16, 512, 2048),
+    GemvCase("attn_k_bf16", T.BF16, 512, 2048),
+    GemvCase("ffn_gate_inp", T.F32, 128, 2048),
+    # Non-default tilings: rows shared per thread, and a row count no block divides.
+    GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, schedule=GemvSchedule(32, 4, 2)),
+    GemvCase("experts_rows_per_thread_4", T.Q6_K, 1024, 2048, moe=True,
+             schedule=GemvSchedule(16, 2, 4)),
+)
+
+
+def cases_module() -> tvm.IRModule:
+    return tvm.IRModule(
+        {c.symbol: schedule_gemv(c.func(), c.ggml_type, c.schedule) for c in CASES}
+    )
+
+
+def build_library(arch: str, out_dir: Path) -> Path:
+    """Export the cases for `arch`: a .so, or for the Spark (aarch64 host) a .tar of objects,
+    which tvm.runtime.load_module links there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"gemv_cases_{arch}.{'tar' if arch == 'sm_121' else 'so'}"
+    build(cases_module(), arch).export_library(str(path))
+    return path
+
+
+def load_cuda_runtime() -> None:
+    """Runtime-only TVM skips backend autoload: load the CUDA runtime ourselves, so that
+    tvm.cuda() sees the device (a no-op where it is loaded, harmless without a driver)."""
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    try:
+        ctypes.CDLL(str(lib), mode=os.RTLD_GLOBAL)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", required=True, choices=["sm_90", "sm_120", "sm_121"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(build_library(args.arch, args.out))

@@ -1,0 +1,174 @@
+"""The fused MoE schedules: CUDA codegen, nvcc for every arch, and on a GPU the Qwen3-30B-A3B
+shapes (128 experts, top 8, H 2048, I 768) against the numpy reference (see cuda_testutil for
+prebuilt libraries: SPARKINFER_MOE_LIBRARY)."""
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.compiler import targets
+from sparkinfer.kernels import moe as M
+from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.reference.qwen3moe import silu
+from sparkinfer.schedule.moe import (
+    MoeSchedule,
+    default_schedule,
+    schedule_moe_down_residual,
+    schedule_moe_gate_up_silu,
+)
+
+from cuda_testutil import CUDA_ARCHS, Gpu, cuda_source, load_library, main, module, needs_nvcc
+
+E, KU, H, I = 128, 8, 2048, 768
+
+
+@dataclass(frozen=True)
+class GateUp:
+    type_gate: T
+    type_up: T
+
+    @property
+    def symbol(self) -> str:
+        return M.moe_gate_up_silu_symbol(self.type_gate, self.type_up, E, KU, I, H)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        func = M.moe_gate_up_silu(self.type_gate, self.type_up, E, KU, I, H)
+        return schedule_moe_gate_up_silu(func, self.type_gate, self.type_up)
+
+
+@dataclass(frozen=True)
+class Down:
+    ggml_type: T
+
+    @property
+    def symbol(self) -> str:
+        return M.moe_down_residual_symbol(self.ggml_type, E, KU, H, I)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        func = M.moe_down_residual(self.ggml_type, E, KU, H, I)
+        return schedule_moe_down_residual(func, self.ggml_type)
+
+
+# Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes.
+GATE_UP = [GateUp(T.Q4_K, T.Q4_K), GateUp(T.Q5_K, T.Q8_0)]
+DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0)]
+
+
+def kernels_module() -> tvm.IRModule:
+    return module(*(case.func() for case in (*GATE_UP, *DOWN)))
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return cuda_source(kernels_module())
+
+
+def kernel_body(source: str, name: str) -> str:
+    """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
+    start = source.rindex(f" {name}_kernel(")
+    end = source.find('extern "C"', start)
+    return source[start : end if end >= 0 else None]
+
+
+@pytest.mark.parametrize("case", [*GATE_UP, *DOWN], ids=lambda c: c.symbol)
+def test_lowers_to_warp_reductions_reading_ids_on_device(
+    source: str, case: GateUp | Down
+) -> None:
+    body = kernel_body(source, case.symbol)
+    assert "__shfl_down_sync" in body
+    assert "ids_ptr[" in body
+    # A register cache indexed by a runtime value would live in local memory (stack).
+    assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx|ids_ptr)", body)
+    # One write per output element, after the lanes' allreduce.
+    out = "act_ptr" if isinstance(case, GateUp) else "h_out_ptr"
+    assert body.count(f"{out}[") == 1
+
+
+def test_q4_k_weights_load_16_bytes_at_a_time(source: str) -> None:
+    body = kernel_body(source, GATE_UP[0].symbol)
+    assert "*(uint4*)(Wg_ptr" in body and "*(uint4*)(Wu_ptr" in body
+    assert "*(float4*)(x_ptr" in body
+
+
+def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
+    assert default_schedule((32, 32)) == MoeSchedule(lanes=32, rows=4)  # Q4_K gate and up
+    assert default_schedule((32, 64)) == MoeSchedule(lanes=32, rows=4)  # Q5_K gate, Q8_0 up
+    assert default_schedule((8 * 6,)) == MoeSchedule(lanes=16, rows=8)  # Q6_K down, 8 slots
+    assert default_schedule((12,)) == MoeSchedule(lanes=4, rows=32)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(source: str, arch: str) -> None:
+    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
+    assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[Gpu]:
+    for library in load_library("SPARKINFER_MOE_LIBRARY", "moe", kernels_module):
+        yield Gpu(library)
+
+
+def abs_gemv(t: T, data: np.ndarray, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|W[ids[s]]| . |x(s)|: the scale of an fp32 dot product's rounding error."""
+    xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), x.shape[-1]))
+    rows, k = data.shape[1], x.shape[-1]
+    w = [np.abs(quant.dequantize(t, data[e], (rows, k))).astype(np.float64) for e in ids]
+    return np.stack([we @ np.abs(xi) for we, xi in zip(w, xs)])
+
+
+def run_gpu(gpu: Gpu, symbol: str, out_shape: tuple[int, ...], *arrays: np.ndarray) -> np.ndarray:
+    """Run on the inputs `arrays` into a NaN-poisoned float32 output."""
+    out = gpu.poisoned(out_shape)
+    gpu(symbol, *(gpu.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GATE_UP, ids=lambda c: c.symbol)
+def test_gate_up_silu_on_gpu_matches_numpy(gpu: Gpu, case: GateUp) -> None:
+    rng = np.random.default_rng(20261127)
+    gate = random_weights(case.type_gate, (E, I, H), rng)
+    up = random_weights(case.type_up, (E, I, H), rng)
+    ids = rng.choice(E, KU, replace=False).astype(np.int32)
+    x = rng.standard_normal(H, dtype=np.float32)
+    weights = weight_view(case.type_gate, gate), weight_view(case.type_up, up)
+    act = run_gpu(gpu, case.symbol, (KU, I), *weights, ids, x)
+    ref = M.moe_gate_up_silu_reference(case.type_gate, gate, case.type_up, up, ids, x)
+    g = gemv_experts_reference(case.type_gate, gate, ids, x)
+    u = gemv_experts_reference(case.type_up, up, ids, x)
+    with np.errstate(over="ignore"):
+        magnitude = (
+            1.1 * np.abs(u) * abs_gemv(case.type_gate, gate, ids, x)
+            + np.abs(silu(g)) * abs_gemv(case.type_up, up, ids, x)
+            + np.abs(ref)
+        )
+    assert_gemv_close(act, ref, magnitude)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", DOWN, ids=lambda c: c.symbol)
+def test_down_residual_on_gpu_matches_numpy(gpu: Gpu, case: Down) -> None:
+    rng = np.random.default_rng(20261128)
+    down = random_weights(case.ggml_type, (E, H, I), rng)
+    ids = rng.choice(E, KU, replace=False).astype(np.int32)
+    weights = rng.dirichlet(np.ones(KU)).astype(np.float32)
+    act = rng.standard_normal((KU, I), dtype=np.float32)
+    h = rng.standard_normal(H, dtype=np.float32)
+    w_down = weight_view(case.ggml_type, down)
+    h_out = run_gpu(gpu, case.symbol, (H,), w_down, ids, weights, act, h)
+    ref = M.moe_down_residual_reference(case.ggml_type, down, ids, weights, act, h)
+    magnitude = np.abs(h) + weights.astype(np.float64) @ abs_gemv(case.ggml_type, down, ids, act)
+    assert_gemv_close(h_out, ref, magnitude)
+
+
+if __name__ == "__main__":
+    main(__doc__, "moe", kernels_module)

@@ -1,0 +1,98 @@
+"""QK-norm + RoPE + KV-append schedule: codegen, nvcc for every arch, and on a GPU the model's
+shapes against numpy (see cuda_testutil for prebuilt libraries: SPARKINFER_ROPE_LIBRARY)."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tvm
+
+from sparkinfer.kernels import rope as R
+from sparkinfer.reference import qwen3moe as ref
+from sparkinfer.schedule.rope import schedule_qk_norm_rope_kv_append
+
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    load_library,
+    main,
+    module,
+    needs_nvcc,
+)
+
+NH, NKV, D, P, MP = 32, 4, 128, 64, 640
+EPS, THETA = 1e-6, 1e6
+N_PAGES = 80
+SYMBOL = f"qk_norm_rope_kv_append_{NH}x{NKV}x{D}_p{P}"
+
+
+def kernels_module() -> tvm.IRModule:
+    func = R.qk_norm_rope_kv_append(NH, NKV, D, P, MP, EPS, THETA)
+    return module(schedule_qk_norm_rope_kv_append(func))
+
+
+def test_one_block_per_head() -> None:
+    source = cuda_source(kernels_module())
+    assert source.count('extern "C" __global__') == 2
+    assert "__launch_bounds__(128)" in source
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(arch: str) -> None:
+    assert_nvcc_compiles(arch, kernels_module())
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[Gpu]:
+    for library in load_library("SPARKINFER_ROPE_LIBRARY", "rope", kernels_module):
+        yield Gpu(library)
+
+
+def angle_error_bound(x_normed: np.ndarray, pos: int) -> np.ndarray:
+    """float32 angles (the kernel) against float64 (the oracle): ~pos * 2^-23 rad apart."""
+    pair = np.abs(x_normed) + np.abs(np.roll(x_normed, x_normed.shape[-1] // 2, axis=-1))
+    return pair * (pos * 2.0**-22 + 2.0**-20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", [0, 63, 64, 4095, 40959])
+def test_matches_numpy_on_gpu(gpu: Gpu, pos: int) -> None:
+    rng = np.random.default_rng(pos)
+    q = rng.standard_normal(NH * D, dtype=np.float32) * 4
+    k = rng.standard_normal(NKV * D, dtype=np.float32) * 4
+    v = rng.standard_normal(NKV * D, dtype=np.float32)
+    q_norm_w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    k_norm_w = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    page_table = rng.integers(0, N_PAGES, MP).astype(np.int32)
+    k_cache = rng.standard_normal((N_PAGES, P, NKV, D)).astype(np.float16)
+    v_cache = rng.standard_normal((N_PAGES, P, NKV, D)).astype(np.float16)
+
+    args = [q, k, v, q_norm_w, k_norm_w, np.array([pos], np.int32), page_table, k_cache, v_cache]
+    tensors = [gpu.tensor(a) for a in args]
+    q_rot = gpu.poisoned((NH, D))
+    gpu(SYMBOL, *tensors, q_rot)
+    got_k, got_v = tensors[7].numpy(), tensors[8].numpy()
+
+    q_ref, k_ref, v_ref = R.qk_norm_rope_kv_append_reference(
+        q, k, v, q_norm_w, k_norm_w, pos, page_table, k_cache, v_cache, EPS, THETA
+    )
+    q_normed = ref.rms_norm(q.reshape(NH, D), q_norm_w, EPS)
+    k_normed = ref.rms_norm(k.reshape(NKV, D), k_norm_w, EPS)
+    q_err = np.abs(q_rot.numpy() - q_ref)
+    assert (q_err <= angle_error_bound(q_normed, pos) + 1e-5 * np.abs(q_ref) + 1e-6).all()
+    page, slot = page_table[pos // P], pos % P
+    k_slot, k_slot_ref = got_k[page, slot].astype(np.float64), k_ref[page, slot].astype(np.float64)
+    k_bound = angle_error_bound(k_normed, pos) + 2.0**-10 * np.abs(k_slot_ref) + 2.0**-24
+    assert (np.abs(k_slot - k_slot_ref) <= k_bound).all()
+    np.testing.assert_array_equal(got_v[page, slot], v_ref[page, slot])
+    others = np.ones((N_PAGES, P), bool)
+    others[page, slot] = False
+    np.testing.assert_array_equal(got_k[others].view(np.uint16), k_cache[others].view(np.uint16))
+    np.testing.assert_array_equal(got_v[others].view(np.uint16), v_cache[others].view(np.uint16))
+
+
+if __name__ == "__main__":
+    main(__doc__, "rope", kernels_module)

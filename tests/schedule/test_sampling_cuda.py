@@ -1,0 +1,105 @@
+"""The sampling schedules: CUDA codegen, nvcc for every arch, and on a GPU the Qwen3 vocabulary
+(151936) against the numpy reference, draw for draw (see cuda_testutil for prebuilt libraries:
+SPARKINFER_SAMPLING_LIBRARY)."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tvm
+
+from sparkinfer.compiler import targets
+from sparkinfer.kernels import sampling as S
+from sparkinfer.schedule.sampling import SAMPLE_THREADS, schedule_advance, schedule_sample_token
+
+from cuda_testutil import CUDA_ARCHS, Gpu, cuda_source, load_library, main, module, needs_nvcc
+
+VOCAB = 151936
+# (temperature, top_p, top_k): greedy; plain; Qwen3's two recommended settings; top-k only.
+PARAMS = [(0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.6, 0.95, 20.0), (0.7, 0.8, 20.0), (1.0, 1.0, 40.0)]
+
+
+def kernels_module() -> tvm.IRModule:
+    return module(schedule_sample_token(S.sample_token(VOCAB)), schedule_advance(S.advance()))
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return cuda_source(kernels_module())
+
+
+def kernel_body(source: str, name: str) -> str:
+    """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
+    start = source.rindex(f" {name}_kernel(")
+    end = source.find('extern "C"', start)
+    return source[start : end if end >= 0 else None]
+
+
+def test_sampling_is_one_block_with_block_wide_reductions(source: str) -> None:
+    symbol = S.sample_token_symbol(VOCAB)
+    assert f"__launch_bounds__({SAMPLE_THREADS}) {symbol}_kernel" in source
+    body = kernel_body(source, symbol)
+    assert "blockIdx" not in body
+    # Five reductions over the vocabulary (top, top-k count, top-p total and mass, draw),
+    # each a warp-shuffle allreduce.
+    assert body.count("__syncthreads()") >= 10
+    assert "__shfl_down_sync" in body
+    # The counter is read once, before the first barrier, and written back incremented.
+    assert body.index("= rng_ptr[1];") < body.index("__syncthreads()")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(source: str, arch: str) -> None:
+    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
+    assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
+
+
+@pytest.fixture(scope="module")
+def gpu() -> Iterator[Gpu]:
+    for library in load_library("SPARKINFER_SAMPLING_LIBRARY", "sampling", kernels_module):
+        yield Gpu(library)
+
+
+def assert_same_draw(
+    token: int, logits: np.ndarray, params: tuple, seed: int, counter: int
+) -> None:
+    """The reference's token, or, where CUDA's expf/logf/log1pf and numpy's differ in the
+    last bit, a kept token whose Gumbel score ties the winner's to within float rounding."""
+    expected = S.sample_token_reference(logits, np.array(params, np.float32), seed, counter)
+    if token == expected:
+        return
+    temperature = np.float32(params[0])
+    assert temperature > 0, f"greedy must be exact: {token} != {expected}"
+    kept = S.kept_tokens_reference(logits, *params)
+    scores = logits / temperature + S.gumbel_reference(seed, counter, len(logits))
+    assert kept[token], f"token {token} (reference {expected}) is filtered out"
+    assert scores[expected] - scores[token] <= 1e-5 * max(1.0, abs(float(scores[expected])))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
+def test_sample_token_on_gpu_matches_numpy(gpu: Gpu, params: tuple) -> None:
+    # An LLM-like spread: a few strong candidates over a long tail.
+    rng = np.random.default_rng(20261127)
+    logits = (rng.standard_normal(VOCAB) * 2.0).astype(np.float32)
+    logits[rng.choice(VOCAB, 50, replace=False)] += rng.uniform(5, 12, 50).astype(np.float32)
+    logits_dev, params_dev = gpu.tensor(logits), gpu.tensor(np.array(params, np.float32))
+    for seed in range(12):
+        counter = 1000 + seed
+        rng_state = gpu.tensor(np.array([seed, counter], np.uint32))
+        out = gpu.tensor(np.full(1, -1, np.int32))
+        gpu(S.sample_token_symbol(VOCAB), logits_dev, params_dev, rng_state, out)
+        assert_same_draw(int(out.numpy()[0]), logits, params, seed, counter)
+        np.testing.assert_array_equal(rng_state.numpy(), [seed, counter + 1])
+
+
+@pytest.mark.gpu
+def test_advance_on_gpu(gpu: Gpu) -> None:
+    token, pos = gpu.tensor(np.array([3], np.int32)), gpu.tensor(np.array([99], np.int32))
+    gpu("advance", gpu.tensor(np.array([151643], np.int32)), token, pos)
+    assert token.numpy()[0] == 151643 and pos.numpy()[0] == 100
+
+
+if __name__ == "__main__":
+    main(__doc__, "sampling", kernels_module)

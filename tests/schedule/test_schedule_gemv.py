@@ -1,0 +1,84 @@
+"""The hand-made GEMV schedule: CUDA codegen for every type, and nvcc for every arch."""
+
+import re
+
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.compiler import targets
+from sparkinfer.kernels import gemv as G
+from sparkinfer.schedule.gemv import GemvSchedule, default_schedule, schedule_gemv
+
+ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
+needs_nvcc = pytest.mark.skipif(
+    targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)"
+)
+
+
+def cuda_source(func: tvm.tirx.PrimFunc) -> str:
+    return targets.cuda_source(tvm.IRModule({"main": func}), "sm_90")
+
+
+def kernel_body(source: str) -> str:
+    return source[source.index('extern "C" __global__') :]
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_every_type_lowers_to_a_warp_reduction(t: T) -> None:
+    body = kernel_body(cuda_source(schedule_gemv(G.gemv(t, 256, 2048), t)))
+    assert "__shfl_down_sync" in body
+    # A register cache indexed by a runtime value would live in local memory (stack).
+    assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx|ids_ptr)", body)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+def test_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
+    body = kernel_body(cuda_source(schedule_gemv(G.gemv(t, 256, 2048), t)))
+    vector_copy = r"\*\((uint4|float4)\*\)\(W_local_ptr \+ \d+\) = \*\((uint4|float4)\*\)\(W_ptr"
+    assert re.search(vector_copy, body)
+    assert "= *(float4*)(x_ptr" in body
+
+
+@pytest.mark.parametrize("x_per_expert", [False, True])
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_experts_form_reads_ids_on_device(t: T, x_per_expert: bool) -> None:
+    func = G.gemv_experts(t, 128, 8, 512, 768, x_per_expert)
+    body = kernel_body(cuda_source(schedule_gemv(func, t)))
+    assert "ids_ptr[((int)blockIdx.y)]" in body
+    # The expert index must not turn the weight cache's copy into a guarded one, nor make
+    # it span every expert: one 8-word chunk per row of the thread.
+    assert "if ((0 <= ids_ptr" not in body
+    sizes = [int(m) for m in re.findall(r"uint W_local_ptr\[(\d+)\]", body)]
+    assert all(size <= 8 * 4 for size in sizes)
+
+
+def test_default_schedule_splits_rows_without_idle_lanes() -> None:
+    assert default_schedule(T.Q4_K, 512, 2048).lanes == 32  # 32 chunks of 64
+    assert default_schedule(T.Q4_K, 512, 768).lanes == 4  # 12 chunks
+    assert default_schedule(T.Q6_K, 512, 2048).lanes == 16  # 16 halves of 128
+
+
+def test_default_schedule_shares_x_across_rows_while_blocks_remain() -> None:
+    assert default_schedule(T.Q4_K, 4096, 2048) == GemvSchedule(32, 4, rows_per_thread=4)
+    assert default_schedule(T.Q4_K, 2048, 4096) == GemvSchedule(32, 4, rows_per_thread=2)
+    assert default_schedule(T.Q4_K, 512, 2048).rows_per_thread == 1
+    # The MoE slots are blocks too.
+    assert default_schedule(T.Q4_K, 768, 2048, batch=8).rows_per_thread == 4
+
+
+def test_schedule_rejects_a_lane_count_that_is_not_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        GemvSchedule(lanes=12, rows=4)
+
+
+@needs_nvcc
+def test_nvcc_compiles_every_type_for_sm_90a() -> None:
+    funcs = [schedule_gemv(G.gemv(t, 256, 2048), t) for t in ALL_TYPES]
+    funcs += [
+        schedule_gemv(G.gemv_experts(T.Q4_K, 16, 8, 768, 2048, False), T.Q4_K),
+        schedule_gemv(G.gemv_experts(T.Q6_K, 16, 8, 2048, 768, True), T.Q6_K),
+    ]
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, "sm_90"), "sm_90")
+    assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", "sm_90a")]

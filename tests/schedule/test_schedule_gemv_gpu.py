@@ -1,0 +1,60 @@
+"""The scheduled GEMV kernels on a GPU, at Qwen3-30B-A3B shapes, against the numpy oracle."""
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+
+from sparkinfer import quant
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels.testing import assert_gemv_close
+
+from schedule_gemv_cases import CASES, GemvCase, build_library, load_cuda_runtime
+
+# At import, i.e. before conftest asks tvm.cuda() whether there is a GPU.
+load_cuda_runtime()
+
+
+def device_arch(dev: tvm.runtime.Device) -> str:
+    return "sm_" + dev.compute_version.replace(".", "")
+
+
+@pytest.fixture(scope="module")
+def library() -> Iterator[tvm.runtime.Module]:
+    prebuilt = os.environ.get("SPARKINFER_GEMV_LIBRARY")
+    if prebuilt:
+        yield tvm.runtime.load_module(prebuilt)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tvm.runtime.load_module(str(build_library(device_arch(tvm.cuda(0)), Path(tmp))))
+
+
+def magnitude(case: GemvCase, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    w = quant.dequantize(case.ggml_type, data, (data.shape[0], case.k))
+    return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gemv_on_gpu_matches_numpy(library: tvm.runtime.Module, case: GemvCase) -> None:
+    rng = np.random.default_rng(20261127)
+    inputs = case.inputs(rng)
+    data, x = inputs["data"], inputs["x"]
+    dev = tvm.cuda(0)
+    out_shape = (len(inputs["ids"]), case.n) if case.moe else (case.n,)
+    y = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32), dev)
+    args = [G.weight_view(case.ggml_type, data)] + ([inputs["ids"]] if case.moe else []) + [x]
+    library[case.symbol](*[tvm.runtime.tensor(a, dev) for a in args], y)
+    dev.sync()
+    if not case.moe:
+        ref, mag = G.gemv_reference(case.ggml_type, data, x), magnitude(case, data, x)
+    else:
+        ids = inputs["ids"]
+        xs = x if case.x_per_expert else np.broadcast_to(x, (len(ids), case.k))
+        ref = G.gemv_experts_reference(case.ggml_type, data, ids, x)
+        mag = np.stack([magnitude(case, data[e], xi) for e, xi in zip(ids, xs)])
+    assert_gemv_close(y.numpy(), ref, mag)
