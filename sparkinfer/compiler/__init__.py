@@ -1,10 +1,12 @@
 """The build pipeline: targets per arch, AOT fatbins, compiled modules and their manifests.
 
-`compile_model` and `find_compiled` are imported lazily: `sparkinfer.compiler.manifest`
-(and `find_compiled`) need no TVM, the pipeline needs the full TVM compiler.
+`sparkinfer.compiler.manifest` (and so `find_compiled`) needs no TVM; `compile_model` is
+imported lazily, as the pipeline needs the full TVM compiler.
 """
 
 from typing import Any
+
+from sparkinfer.compiler.manifest import find_compiled
 
 __all__ = ["compile_model", "find_compiled"]
 
@@ -14,8 +16,4 @@ def __getattr__(name: str) -> Any:
         from sparkinfer.compiler.pipeline import compile_model
 
         return compile_model
-    if name == "find_compiled":
-        from sparkinfer.compiler.manifest import find_compiled
-
-        return find_compiled
     raise AttributeError(f"module 'sparkinfer.compiler' has no attribute {name!r}")

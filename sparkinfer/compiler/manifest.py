@@ -1,8 +1,11 @@
 """`compiled/<arch>/<key>/manifest.json`: what a compiled decode step is and how to bind it.
 
-This module needs neither TVM nor the compiler: the runtime reads a manifest, loads
-`library` with `tvm.runtime.load_module`, makes a `VirtualMachine` and binds the inputs of
-`entry` in the listed order from the GGUF file's tensors, with no import of the compiler.
+The one definition of the manifest format, for the compiler (which writes it) and the
+runtime (which reads it, as `sparkinfer.runtime.manifest`). It imports no TVM and nothing
+of the build pipeline: the runtime reads a manifest with `Manifest.load`, loads `library`
+with `tvm.runtime.load_module`, makes a `VirtualMachine` and binds the inputs of `entry` in
+the listed order from the GGUF file's tensors, so modules compiled elsewhere load with
+runtime-only TVM.
 
 The key says which model a module is for: a digest of the hyper-parameters
 (`ModelConfig.hparams_hash`), the per-tensor ggml types (`type_map_hash`) and the page size,
@@ -12,7 +15,8 @@ directory above the key. Sources: a digest of the code that produced the module 
 schedules, model, compiler, quant layouts, per-arch schedule choices and tuning logs);
 `find_compiled` treats a module built from other sources as stale.
 
-Manifest fields (format 1):
+Manifest fields (format 1; binding needs only arch, inputs, page_size, max_pages and
+library, and a manifest without "format" is read as format 1):
   format, key, arch, target (TVM target as a dict), tvm_version, library (file name beside
   the manifest; ".tar" of objects for sm_121, whose host code is aarch64: TVM links it on
   load), library_sha256, entry ("decode"), hparams_hash, type_map_hash (also under model),
@@ -38,14 +42,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gguf import GGMLQuantizationType
-
-from sparkinfer.errors import SparkInferError
+from sparkinfer.errors import CompiledModuleError
 from sparkinfer.gguf_file.config import ModelConfig
-from sparkinfer.model.spec import ENTRY, PAGE_SIZE, ROLE_KV, ROLE_STATE, ROLE_WEIGHT, StepInput
+from sparkinfer.model.spec import (
+    ENTRY,
+    KV_DTYPE,
+    PAGE_SIZE,
+    ROLE_KV,
+    ROLE_STATE,
+    ROLE_WEIGHT,
+    STATE_INPUTS,
+    StepInput,
+    ggml_type,
+)
 
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
+ROLES = (ROLE_STATE, ROLE_KV, ROLE_WEIGHT)
 DEFAULT_ROOT = Path("compiled")
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # sparkinfer/
@@ -54,15 +67,9 @@ _REPO = _PACKAGE.parent
 _SOURCE_DIRS = ("kernels", "schedule", "model", "compiler", "quant")
 
 
-def type_name(value: Any) -> str:
-    if isinstance(value, str):
-        return GGMLQuantizationType[value].name
-    return GGMLQuantizationType(int(value)).name
-
-
 def type_map_hash(type_map: Mapping[str, Any]) -> str:
     """16 hex digits over every (tensor name, ggml type name), order-free."""
-    canonical = json.dumps({k: type_name(v) for k, v in sorted(type_map.items())}, separators=(",", ":"))
+    canonical = json.dumps({k: ggml_type(v).name for k, v in sorted(type_map.items())}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -111,68 +118,74 @@ class Output:
 
 @dataclass
 class Manifest:
-    key: str
+    """A compiled module: its `manifest.json` and the library beside it. Only what binding
+    the step needs is required (`arch`, `inputs`, `page_size`, `max_pages`, `library`); the
+    rest describes the build, and `sparkinfer.compiler` always writes it."""
+
     arch: str
-    target: dict[str, Any]
-    tvm_version: str
-    library: str
-    library_sha256: str
-    model: dict[str, Any]
+    inputs: list[StepInput]
     page_size: int
     max_pages: int
-    n_splits: int
-    kv_dtype: str
-    sources_hash: str
-    inputs: list[StepInput]
-    outputs: list[Output]
-    kernels: list[dict[str, Any]]
-    fatbins: list[dict[str, str]] = field(default_factory=list)
+    library: Path  # the library file, beside manifest.json
+    n_splits: int | None = None
     entry: str = ENTRY
-    format: int = MANIFEST_FORMAT
-    directory: Path | None = None  # where it was read from (not written)
-
-    # -- views the runtime wants --------------------------------------------------------
-
-    def role(self, role: str) -> list[StepInput]:
-        return [i for i in self.inputs if i.role == role]
-
-    @property
-    def state_inputs(self) -> list[StepInput]:
-        return self.role(ROLE_STATE)
-
-    @property
-    def kv_inputs(self) -> list[StepInput]:
-        return self.role(ROLE_KV)
+    tvm_version: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # model_record(); at least the hashes
+    key: str | None = None
+    target: dict[str, Any] = field(default_factory=dict)
+    library_sha256: str | None = None
+    kv_dtype: str = KV_DTYPE
+    sources_hash: str | None = None
+    outputs: list[Output] = field(default_factory=list)
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    fatbins: list[dict[str, str]] = field(default_factory=list)
 
     @property
-    def weight_inputs(self) -> list[StepInput]:
-        return self.role(ROLE_WEIGHT)
+    def directory(self) -> Path:
+        return self.library.parent
 
     @property
-    def library_path(self) -> Path:
-        if self.directory is None:
-            raise ValueError("this manifest was not read from a directory")
-        return self.directory / self.library
+    def path(self) -> Path:
+        return self.directory / MANIFEST_NAME
+
+    @property
+    def hparams_hash(self) -> str | None:
+        return self.model.get("hparams_hash")
+
+    @property
+    def type_map_hash(self) -> str | None:
+        return self.model.get("type_map_hash")
 
     @property
     def config(self) -> ModelConfig:
         return ModelConfig(**self.model["hparams"])
+
+    def by_role(self, role: str) -> list[StepInput]:
+        return [i for i in self.inputs if i.role == role]
+
+    @property
+    def kv(self) -> list[StepInput]:
+        return self.by_role(ROLE_KV)
+
+    @property
+    def weights(self) -> list[StepInput]:
+        return self.by_role(ROLE_WEIGHT)
 
     # -- JSON ---------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
         """A fresh JSON-ready dict (editing it leaves the manifest as it was)."""
         return copy.deepcopy({
-            "format": self.format,
+            "format": MANIFEST_FORMAT,
             "key": self.key,
             "arch": self.arch,
             "target": self.target,
             "tvm_version": self.tvm_version,
-            "library": self.library,
+            "library": self.library.name,
             "library_sha256": self.library_sha256,
             "entry": self.entry,
-            "hparams_hash": self.model["hparams_hash"],
-            "type_map_hash": self.model["type_map_hash"],
+            "hparams_hash": self.hparams_hash,
+            "type_map_hash": self.type_map_hash,
             "model": self.model,
             "page_size": self.page_size,
             "max_pages": self.max_pages,
@@ -186,48 +199,82 @@ class Manifest:
         })
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any], directory: Path | None = None) -> Manifest:
-        if obj.get("format") != MANIFEST_FORMAT:
-            raise SparkInferError(f"manifest format {obj.get('format')!r} is not {MANIFEST_FORMAT}: recompile the model")
+    def from_json(cls, obj: Mapping[str, Any], directory: Path) -> Manifest:
+        """KeyError, TypeError or ValueError where a required field is missing or malformed."""
+        # The hashes stand at the top level and under "model"; a minimal manifest has only the former.
+        model = {k: obj[k] for k in ("hparams_hash", "type_map_hash") if obj.get(k) is not None}
+        model.update(obj.get("model") or {})
         return cls(
-            key=obj["key"],
-            arch=obj["arch"],
-            target=obj["target"],
-            tvm_version=obj["tvm_version"],
-            library=obj["library"],
-            library_sha256=obj["library_sha256"],
-            model=obj["model"],
-            page_size=obj["page_size"],
-            max_pages=obj["max_pages"],
-            n_splits=obj["n_splits"],
-            kv_dtype=obj["kv_dtype"],
-            sources_hash=obj["sources_hash"],
+            arch=str(obj["arch"]),
             inputs=[StepInput.from_json(i) for i in obj["inputs"]],
-            outputs=[Output(o["name"], o["dtype"], tuple(o["shape"])) for o in obj["outputs"]],
-            kernels=list(obj["kernels"]),
+            page_size=int(obj["page_size"]),
+            max_pages=int(obj["max_pages"]),
+            library=Path(directory) / obj["library"],
+            n_splits=int(obj["n_splits"]) if obj.get("n_splits") is not None else None,
+            entry=str(obj.get("entry", ENTRY)),
+            tvm_version=obj.get("tvm_version"),
+            model=model,
+            key=obj.get("key"),
+            target=dict(obj.get("target") or {}),
+            library_sha256=obj.get("library_sha256"),
+            kv_dtype=str(obj.get("kv_dtype", KV_DTYPE)),
+            sources_hash=obj.get("sources_hash"),
+            outputs=[Output(o["name"], o["dtype"], tuple(o["shape"])) for o in obj.get("outputs", [])],
+            kernels=list(obj.get("kernels", [])),
             fatbins=list(obj.get("fatbins", [])),
-            entry=obj.get("entry", ENTRY),
-            directory=directory,
         )
 
-    def write(self, directory: Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
+    def validate(self) -> None:
+        """CompiledModuleError unless the step can be bound from this manifest."""
+        for role in {i.role for i in self.inputs} - set(ROLES):
+            raise CompiledModuleError(f"{self.path}: unknown input role {role!r}")
+        missing = [n for n in STATE_INPUTS if n not in {i.name for i in self.inputs}]
+        if missing:
+            raise CompiledModuleError(f"{self.path}: the step has no input {', '.join(missing)}")
+        for i in self.weights:
+            if not i.tensor:
+                raise CompiledModuleError(f"{self.path}: weight input '{i.name}' names no GGUF tensor")
+
+    # -- files --------------------------------------------------------------------------
+
+    def write(self) -> Path:
+        """Write manifest.json beside the library (atomically); returns its path."""
+        path = self.path
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
         tmp.replace(path)
         return path
 
     @classmethod
-    def read(cls, directory: str | Path) -> Manifest:
-        directory = Path(directory)
-        path = directory / MANIFEST_NAME
+    def read(cls, path: str | Path) -> Manifest:
+        """The manifest in directory `path` (or the file `path`), validated; CompiledModuleError
+        where it is missing, unreadable or invalid. Its library need not be there (`load`)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
         try:
             obj = json.loads(path.read_text())
         except FileNotFoundError:
-            raise SparkInferError(f"{directory} holds no compiled model ({MANIFEST_NAME} is missing)") from None
-        except json.JSONDecodeError as e:
-            raise SparkInferError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_json(obj, directory)
+            raise CompiledModuleError(f"no compiled module at {path.parent}: {path.name} is missing") from None
+        except (OSError, ValueError) as e:
+            raise CompiledModuleError(f"cannot read {path}: {e}") from e
+        if isinstance(obj, dict) and obj.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+            raise CompiledModuleError(f"{path}: manifest format {obj['format']!r} is not {MANIFEST_FORMAT}: "
+                                      f"recompile the model")
+        try:
+            manifest = cls.from_json(obj, path.parent)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CompiledModuleError(f"{path} is not a valid module manifest: {type(e).__name__} {e}") from e
+        manifest.validate()
+        return manifest
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """`read`, and the library must be there: a module ready to load."""
+        manifest = cls.read(path)
+        if not manifest.library.is_file():
+            raise CompiledModuleError(f"no compiled module at {manifest.directory}: the library is missing")
+        return manifest
 
 
 def model_record(config: ModelConfig, type_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,16 +296,16 @@ def stale_reason(manifest: Manifest, config: ModelConfig, type_map: Mapping[str,
     """Why this compiled module cannot serve this model (None: it can)."""
     if manifest.arch != arch:
         return f"built for {manifest.arch}, not {arch}"
-    if manifest.model.get("hparams_hash") != config.hparams_hash():
+    if manifest.hparams_hash != config.hparams_hash():
         return "built for other hyper-parameters"
-    if manifest.model.get("type_map_hash") != type_map_hash(type_map):
+    if manifest.type_map_hash != type_map_hash(type_map):
         return "built for other tensor types"
     if manifest.tvm_version != tvm_version():
         return f"built with TVM {manifest.tvm_version}, this is {tvm_version()}"
     if check_sources and manifest.sources_hash != sources_hash(arch):
         return "built from other sources (kernels, schedules or compiler changed)"
-    if manifest.directory is not None and not manifest.library_path.is_file():
-        return f"{manifest.library} is missing"
+    if not manifest.library.is_file():
+        return f"{manifest.library.name} is missing"
     return None
 
 
@@ -271,22 +318,18 @@ def find_compiled(
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
     check_sources: bool = True,
-    allow_stand_ins: bool = False,
 ) -> Manifest | None:
     """The compiled module for this model and arch under `root`, or None if there is none
-    or it is stale (other TVM, other sources, or asked for other n_splits). A module built
-    with a test's stand-in kernels counts only with `allow_stand_ins`."""
+    or it is stale (other TVM, other sources, or asked for other n_splits)."""
     directory = compiled_dir(config, type_map, arch, root, page_size)
     if not (directory / MANIFEST_NAME).is_file():
         return None
     try:
         manifest = Manifest.read(directory)
-    except (SparkInferError, KeyError, TypeError):
+    except CompiledModuleError:
         return None
     if stale_reason(manifest, config, type_map, arch, check_sources=check_sources) is not None:
         return None
     if n_splits is not None and manifest.n_splits != n_splits:
-        return None
-    if not allow_stand_ins and any(k.get("stand_in") for k in manifest.kernels):
         return None
     return manifest

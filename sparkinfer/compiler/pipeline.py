@@ -52,7 +52,7 @@ from sparkinfer.compiler.manifest import (
 )
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
-from sparkinfer.model.qwen3moe import DecodeStep, KernelSource, KernelUse, build_decode_step, factory_args
+from sparkinfer.model.qwen3moe import DecodeStep, KernelUse, build_decode_step, factory_args, kernel_factory
 from sparkinfer.model.spec import PAGE_SIZE
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -101,23 +101,23 @@ def _schedule_function(use: KernelUse) -> Callable[..., Any] | None:
     return getattr(module, f"schedule_{use.factory}", None)
 
 
-def _factory_params(use: KernelUse, kernels: KernelSource) -> dict[str, Any]:
+def _factory_params(use: KernelUse) -> dict[str, Any]:
     """The factory's arguments by parameter name (`ggml_type`, `n`, `k`, ...)."""
     try:
-        factory = kernels.factory(use.family, use.factory)
+        factory = kernel_factory(use.family, use.factory)
         names = list(inspect.signature(factory).parameters)
     except (SparkInferError, TypeError, ValueError):
         return {}
     return dict(zip(names, factory_args(use)))
 
 
-def hand_schedule(use: KernelUse, func: tirx.PrimFunc, arch: str, kernels: KernelSource) -> tuple[tirx.PrimFunc, str] | None:
+def hand_schedule(use: KernelUse, func: tirx.PrimFunc, arch: str) -> tuple[tirx.PrimFunc, str] | None:
     """The family's hand schedule of this kernel, or None where there is none."""
     schedule = _schedule_function(use)
     if schedule is None:
         return None
     params = inspect.signature(schedule).parameters
-    available = {**_factory_params(use, kernels), "arch": arch}
+    available = {**_factory_params(use), "arch": arch}
     kwargs = {name: available[name] for name in list(params)[1:] if name in available}
     scheduled = schedule(func, **kwargs)
     if scheduled is None:
@@ -178,15 +178,9 @@ def dlight_schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -
     return scheduled
 
 
-ExtraSchedules = Mapping[tuple[str, str], Callable[[tirx.PrimFunc], tirx.PrimFunc]]
-
-
-def schedule_step(step: DecodeStep, arch: str, kernels: KernelSource, *, logs: Path = TUNING_LOGS,
-                  extra: ExtraSchedules | None = None,
+def schedule_step(step: DecodeStep, arch: str, *, logs: Path = TUNING_LOGS,
                   warn: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Replace every kernel of `step.mod` by its GPU schedule; returns name -> provenance.
-    `extra` maps (family, factory) to a schedule tried before the package's (tests give
-    their stand-in kernels one this way)."""
+    """Replace every kernel of `step.mod` by its GPU schedule; returns name -> provenance."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     target = targets.target_for(arch)
     provenance: dict[str, str] = {}
@@ -194,14 +188,9 @@ def schedule_step(step: DecodeStep, arch: str, kernels: KernelSource, *, logs: P
     for use in step.kernels:
         gvar = mod.get_global_var(use.name)
         func = mod[gvar]
-        found = None
-        if extra and (use.family, use.factory) in extra:
-            fn = extra[(use.family, use.factory)]
-            found = fn(func).with_attr("tirx.is_scheduled", True), f"{HAND}:{fn.__module__}.{fn.__name__}"
+        found = tuned_schedule(step.originals[use.name], target, arch, logs)
         if found is None:
-            found = tuned_schedule(step.originals[use.name], target, arch, logs)
-        if found is None:
-            found = hand_schedule(use, func, arch, kernels)
+            found = hand_schedule(use, func, arch)
         if found is None:
             warn(
                 f"warning: kernel {use.name} ({use.family}.{use.factory}) has no GPU schedule "
@@ -229,16 +218,14 @@ class CompileResult:
     cached: bool
 
 
-def build_step(step: DecodeStep, arch: str, kernels: KernelSource | None = None, *,
-               logs: Path = TUNING_LOGS, extra_schedules: ExtraSchedules | None = None,
-               ) -> tuple[tvm.runtime.Executable, dict[str, str]]:
+def build_step(step: DecodeStep, arch: str, *,
+               logs: Path = TUNING_LOGS) -> tuple[tvm.runtime.Executable, dict[str, str]]:
     """Schedule (CUDA) and build a decode step; returns the executable and the provenance."""
-    kernels = kernels or KernelSource()
     target = targets.target_for(arch)
     if arch == "cpu":
         provenance = {use.name: UNSCHEDULED for use in step.kernels}
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), provenance
-    provenance = schedule_step(step, arch, kernels, logs=logs, extra=extra_schedules)
+    provenance = schedule_step(step, arch, logs=logs)
     with targets.aot_fatbin(arch):
         ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline())
     return ex, provenance
@@ -265,13 +252,6 @@ def _target_json(target: tvm.target.Target) -> dict[str, Any]:
     return out
 
 
-def _kernel_record(use: KernelUse, provenance: str, step: DecodeStep) -> dict[str, Any]:
-    record = {**use.to_json(), "schedule": provenance}
-    if (use.family, use.factory) in step.fallbacks:
-        record["stand_in"] = True  # a test's stand-in, not the package's kernel
-    return record
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -284,10 +264,8 @@ def compile_model(
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
-    kernels: KernelSource | None = None,
     force: bool = False,
     logs: Path = TUNING_LOGS,
-    extra_schedules: ExtraSchedules | None = None,
 ) -> CompileResult:
     """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`.
 
@@ -297,15 +275,12 @@ def compile_model(
 
     targets.target_for(arch)  # rejects an unknown arch before any work
     if not force:
-        # A module built with a test's stand-in kernels serves only a caller that passes kernels.
-        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits,
-                              allow_stand_ins=kernels is not None)
+        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits)
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
-    kernels = kernels or KernelSource()
     start = time.perf_counter()
-    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, kernels=kernels)
-    ex, provenance = build_step(step, arch, kernels, logs=logs, extra_schedules=extra_schedules)
+    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits)
+    ex, provenance = build_step(step, arch, logs=logs)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,21 +303,19 @@ def compile_model(
         arch=arch,
         target=_target_json(targets.target_for(arch)),
         tvm_version=tvm_version(),
-        library=lib_name,
+        library=lib_path,
         library_sha256=_sha256(lib_path),
         model=model_record(config, type_map),
         page_size=step.page_size,
         max_pages=step.max_pages,
         n_splits=step.n_splits,
-        kv_dtype="float16",
         sources_hash=sources_hash(arch),
         inputs=step.inputs,
         outputs=[Output("logits", "float32", (config.vocab_size,)), Output("next", "int32", (1,))],
-        kernels=[_kernel_record(use, provenance[use.name], step) for use in step.kernels],
+        kernels=[{**use.to_json(), "schedule": provenance[use.name]} for use in step.kernels],
         fatbins=fatbins,
-        directory=directory,
     )
-    manifest.write(directory)
+    manifest.write()
     seconds = time.perf_counter() - start
     return CompileResult(manifest, directory, seconds, False)
 

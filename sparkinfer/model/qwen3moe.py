@@ -33,7 +33,6 @@ moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -81,15 +80,9 @@ def default_n_splits(config: ModelConfig, page_size: int = PAGE_SIZE) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _ggml_type(value: Any) -> GGMLQuantizationType:
-    if isinstance(value, str):
-        return _T[value]
-    return _T(int(value))
-
-
 def normalize_type_map(type_map: Mapping[str, Any]) -> dict[str, GGMLQuantizationType]:
     """name -> GGMLQuantizationType from enum members, ints or type names."""
-    return {name: _ggml_type(t) for name, t in type_map.items()}
+    return {name: _spec.ggml_type(t) for name, t in type_map.items()}
 
 
 def _weight_type(spec: TensorSpec, ggml_type: GGMLQuantizationType) -> tuple[str, tuple[int, ...]]:
@@ -151,38 +144,20 @@ def _param_name(tensor: str) -> str:
 KernelFactory = Callable[..., tirx.PrimFunc]
 
 
-def _optional_module(family: str) -> Any:
+def kernel_factory(family: str, name: str) -> KernelFactory:
+    """The factory `sparkinfer.kernels.<family>.<name>`; SparkInferError names a missing one."""
     try:
-        return importlib.import_module(f"sparkinfer.kernels.{family}")
+        module = importlib.import_module(f"sparkinfer.kernels.{family}")
     except ModuleNotFoundError as e:
         if e.name != f"sparkinfer.kernels.{family}":
             raise
-        return None
-
-
-class KernelSource:
-    """Where the kernel factories come from: `sparkinfer.kernels.<family>.<factory>`.
-
-    `fallbacks` maps (family, factory) to a stand-in used only where the package has no such
-    factory (tests build the model before every family exists); `used_fallbacks` records
-    which were taken.
-    """
-
-    def __init__(self, fallbacks: Mapping[tuple[str, str], KernelFactory] | None = None) -> None:
-        self._fallbacks = dict(fallbacks or {})
-        self.used_fallbacks: set[tuple[str, str]] = set()
-
-    def factory(self, family: str, name: str) -> KernelFactory:
-        module = _optional_module(family)
-        found = getattr(module, name, None) if module is not None else None
-        if found is not None:
-            return found
-        if (family, name) in self._fallbacks:
-            self.used_fallbacks.add((family, name))
-            return self._fallbacks[(family, name)]
+        module = None
+    found = getattr(module, name, None)
+    if found is None:
         raise SparkInferError(
-            f"kernel factory sparkinfer.kernels.{family}.{name} does not exist (yet): the decode step needs it"
+            f"kernel factory sparkinfer.kernels.{family}.{name} does not exist: the decode step needs it"
         )
+    return found
 
 
 @dataclass(frozen=True)
@@ -210,7 +185,6 @@ class DecodeStep:
     page_size: int
     max_pages: int
     n_splits: int
-    fallbacks: list[tuple[str, str]] = field(default_factory=list)
     # name -> the PrimFunc exactly as its factory made it (the form a tuning log records)
     originals: dict[str, tirx.PrimFunc] = field(default_factory=dict)
 
@@ -240,9 +214,8 @@ def factory_args(use: KernelUse) -> tuple[Any, ...]:
 class _Kernels:
     """Adds each distinct factory call to the module once, under a deterministic name."""
 
-    def __init__(self, bb: relax.BlockBuilder, source: KernelSource) -> None:
+    def __init__(self, bb: relax.BlockBuilder) -> None:
         self._bb = bb
-        self._source = source
         self._gvars: dict[tuple[str, str, tuple[Any, ...]], relax.GlobalVar] = {}
         self._names: set[str] = set()
         self.uses: list[KernelUse] = []
@@ -252,7 +225,7 @@ class _Kernels:
         key = (family, factory, kernel_args(args))
         if key in self._gvars:
             return self._gvars[key]
-        func = self._source.factory(family, factory)(*args)
+        func = kernel_factory(family, factory)(*args)
         if not isinstance(func, tirx.PrimFunc):
             raise TypeError(f"sparkinfer.kernels.{family}.{factory}{args} returned {type(func).__name__}, not a PrimFunc")
         base = _symbol(func, factory)
@@ -295,14 +268,14 @@ def _tensor(shape: Iterable[Any], dtype: str) -> relax.TensorType:
 
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
-                 n_splits: int, source: KernelSource) -> None:
+                 n_splits: int) -> None:
         self.c = config
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
         self.S = n_splits
         self.bb = relax.BlockBuilder()
-        self.k = _Kernels(self.bb, source)
+        self.k = _Kernels(self.bb)
         self.n_pages = tirx.Var(N_PAGES, "int64")
         self.inputs = decode_inputs(config, types, page_size)
         self.params: dict[str, relax.Var] = {}
@@ -411,7 +384,7 @@ class _StepBuilder:
         return h, x
 
     def _moe(self, i: int, h: relax.Var, f: relax.Var) -> relax.Var:
-        c, p = self.c, self.params
+        c = self.c
         w = f"blk.{i}."
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
@@ -442,7 +415,6 @@ def build_decode_step(
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
-    kernels: KernelSource | None = None,
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types."""
     types = normalize_type_map(type_map)
@@ -452,8 +424,7 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    source = kernels if kernels is not None else KernelSource()
-    builder = _StepBuilder(config, types, page_size, n_splits, source)
+    builder = _StepBuilder(config, types, page_size, n_splits)
     mod = builder.build()
     return DecodeStep(
         mod=mod,
@@ -463,16 +434,5 @@ def build_decode_step(
         page_size=page_size,
         max_pages=mp,
         n_splits=n_splits,
-        fallbacks=sorted(source.used_fallbacks),
         originals=builder.k.originals,
     )
-
-
-def kv_cache_bytes(config: ModelConfig, n_pages: int, page_size: int = PAGE_SIZE) -> int:
-    """Bytes of all K and V caches for `n_pages` physical pages."""
-    per_page = page_size * config.n_kv_heads * config.head_dim * np.dtype(KV_DTYPE).itemsize
-    return 2 * config.n_layers * n_pages * per_page
-
-
-def pages_for(tokens: int, page_size: int = PAGE_SIZE) -> int:
-    return math.ceil(tokens / page_size)

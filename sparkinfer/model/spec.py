@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gguf import GGMLQuantizationType
+
+from sparkinfer.errors import CompiledModuleError
+
 PAGE_SIZE = 64  # tokens per KV page (docs/ARCHITECTURE.md)
 N_PAGES = "n_pages"  # the symbolic dim of every KV cache, as the manifest writes it
 KV_DTYPE = "float16"
@@ -15,6 +19,13 @@ ENTRY = "decode"  # the Relax function of the step
 ROLE_STATE, ROLE_KV, ROLE_WEIGHT = "state", "kv", "weight"
 STATE_INPUTS = ("token", "pos", "page_table", "sample_params", "rng")
 OUTPUTS = ("logits", "next")
+
+
+def ggml_type(value: Any) -> GGMLQuantizationType:
+    """A ggml type from its enum member, its int value or its name."""
+    if isinstance(value, str):
+        return GGMLQuantizationType[value]
+    return GGMLQuantizationType(int(value))
 
 
 def max_pages(context_length: int, page_size: int = PAGE_SIZE) -> int:
@@ -46,8 +57,17 @@ class StepInput:
     def from_json(cls, obj: Mapping[str, Any]) -> StepInput:
         return cls(obj["name"], obj["role"], obj["dtype"], tuple(obj["shape"]), obj.get("tensor"), obj.get("ggml_type"))
 
-    def concrete_shape(self, n_pages: int) -> tuple[int, ...]:
-        return tuple(n_pages if d == N_PAGES else int(d) for d in self.shape)
+    def concrete_shape(self, n_pages: int | None = None) -> tuple[int, ...]:
+        """The shape with "n_pages" bound; CompiledModuleError for a dim left symbolic."""
+        out = []
+        for d in self.shape:
+            if isinstance(d, str):
+                if d != N_PAGES or n_pages is None:
+                    raise CompiledModuleError(f"input '{self.name}' has symbolic dim {d!r} with no value")
+                out.append(int(n_pages))
+            else:
+                out.append(int(d))
+        return tuple(out)
 
 
 def bind_weight(data: Any, inp: StepInput) -> Any:

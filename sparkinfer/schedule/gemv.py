@@ -29,9 +29,9 @@ _T = GGMLQuantizationType
 # Formats whose per-chunk quant bytes are one contiguous, 16-byte aligned run of words that
 # the dot block alone reads (Q4_K: 32 QS bytes at 16 + 32*c of a 144-byte block; floats: 16
 # bytes). Q5_K's chunk also needs QH (two runs), Q6_K and Q8_0 blocks are 2-byte aligned only.
-_VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
-_VECTOR_BYTES = 16
-_WARP = 32
+VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
+VECTOR_BYTES = 16
+WARP = 32
 # Two thread blocks per SM of an H100/H200 (132 SMs): below this, a GEMV has too few loads
 # in flight to cover DRAM latency.
 _MIN_BLOCKS = 256
@@ -50,10 +50,27 @@ class GemvSchedule:
     unroll: int = 256
 
     def __post_init__(self) -> None:
-        if self.lanes < 1 or self.lanes > _WARP or self.lanes & (self.lanes - 1):
-            raise ValueError(f"lanes must be a power of two in 1..{_WARP}, got {self.lanes}")
-        if self.rows < 1 or self.rows_per_thread < 1 or self.lanes * self.rows > 1024:
+        check_block(self.lanes, self.rows)
+        if self.rows_per_thread < 1:
             raise ValueError(f"{self.lanes} lanes x {self.rows} rows is not a valid block")
+
+
+def check_block(lanes: int, rows: int) -> None:
+    """ValueError unless `lanes` threads per row (threadIdx.x) and `rows` thread rows
+    (threadIdx.y) make a valid thread block."""
+    if lanes < 1 or lanes > WARP or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two in 1..{WARP}, got {lanes}")
+    if rows < 1 or lanes * rows > 1024:
+        raise ValueError(f"{lanes} lanes x {rows} rows is not a valid block")
+
+
+def even_lanes(*chunk_counts: int) -> int:
+    """The most lanes (a power of two, up to a warp) that split every reduction's chunk
+    count evenly, so no lane idles on a tail."""
+    lanes = 1
+    while lanes < WARP and all(c % (lanes * 2) == 0 for c in chunk_counts):
+        lanes *= 2
+    return lanes
 
 
 def default_schedule(ggml_type: int, n: int, k: int, batch: int = 1) -> GemvSchedule:
@@ -66,10 +83,7 @@ def default_schedule(ggml_type: int, n: int, k: int, batch: int = 1) -> GemvSche
     fewer blocks than that starve the memory system (2048x4096 Q4_K: 8.8 us at 256 blocks,
     10.6 at 128).
     """
-    chunks = k // gemv_format(ggml_type).chunk
-    lanes = 1
-    while lanes < _WARP and chunks % (lanes * 2) == 0:
-        lanes *= 2
+    lanes = even_lanes(k // gemv_format(ggml_type).chunk)
     rows = max(1, 128 // lanes)
     per_thread = 1
     while per_thread < 4 and batch * n // (rows * per_thread * 2) >= _MIN_BLOCKS:
@@ -77,7 +91,8 @@ def default_schedule(ggml_type: int, n: int, k: int, batch: int = 1) -> GemvSche
     return GemvSchedule(lanes=lanes, rows=rows, rows_per_thread=per_thread)
 
 
-def _loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
+def loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
+    """The loops of `block` nested inside `loop`, outermost first."""
     loops = sch.get_loops(block)
     anchor = sch.get(loop)
     index = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor))
@@ -89,7 +104,7 @@ def _read_index(sch: s_tir.Schedule, block: SBlockRV, buffer: str) -> int:
     return next(i for i, region in enumerate(reads) if region.source.name == buffer)
 
 
-def _cache_in_registers(
+def cache_in_registers(
     sch: s_tir.Schedule, consumers: list[SBlockRV], buffer: str, at: LoopRV, vector: int
 ) -> None:
     """Copy what `consumers` read of `buffer` under loop `at` into registers, `vector`
@@ -97,11 +112,38 @@ def _cache_in_registers(
     cache = sch.cache_read(consumers[0], _read_index(sch, consumers[0], buffer), "local",
                            consumer_blocks=consumers)
     sch.compute_at(cache, at)
-    *outer, inner = _loops_below(sch, cache, at)
+    *outer, inner = loops_below(sch, cache, at)
     rest, vec = sch.split(inner, [None, vector])
     sch.vectorize(vec)
     for loop in (*outer, rest):
         sch.unroll(loop)
+
+
+def cache_chunk_in_registers(
+    sch: s_tir.Schedule, fmt: GemvFormat, dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV,
+    weight: str, x: str, part: LoopRV,
+) -> None:
+    """Registers for a lane's chunk (loop `it`) of a dequantizing dot product: the chunk's
+    quant bytes of `weight` in vector loads where the format allows, and `x` (4 bytes a
+    weight) a whole chunk at a time where `xsum` shares it, else one sub-block at a time
+    under `part` (the dot's part loop, or `it` for a one-part format), to stay inside the
+    register file."""
+    if fmt.ggml_type in VECTOR_CHUNKS:
+        cache_in_registers(sch, [dot], weight, it, VECTOR_BYTES // fmt.word_bytes)
+    if xsum is None:
+        cache_in_registers(sch, [dot], x, part, 4)
+    else:
+        cache_in_registers(sch, [dot, xsum], x, it, 4)
+
+
+def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], unroll: int) -> None:
+    """Unroll every loop of `blocks` inside a lane's chunk loop `it`, and `it` itself
+    explicitly up to `unroll` statements."""
+    for block in blocks:
+        for loop in loops_below(sch, block, it):
+            sch.unroll(loop)
+    sch.annotate(it, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(it, "pragma_unroll_explicit", 1)
 
 
 def schedule_gemv(
@@ -136,7 +178,7 @@ def schedule_gemv(
 
     sch.compute_at(partial, final_ty, preserve_unit_loops=True)
     # rfactor put the lane axis first, then the expert slot (MoE form), row, chunk, part.
-    lane, *_, row, it, part = _loops_below(sch, partial, final_ty)
+    lane, *_, row, it, part = loops_below(sch, partial, final_ty)
     # Chunk loop outside the row loop: a chunk's x is loaded once for all the thread's rows.
     sch.reorder(it, row)
     sch.bind(lane, "threadIdx.x")
@@ -149,24 +191,12 @@ def schedule_gemv(
         # registers and the DRAM traffic).
         sch.compute_at(block, it, preserve_unit_loops=False)
         sch.set_scope(block, 0, "local")
-    *dot_outer, _ = _loops_below(sch, dot, it)  # [row if several][part if several], l
+    *dot_outer, _ = loops_below(sch, dot, it)  # [row if several][part if several], l
     dot_part = dot_outer[-1] if fmt.parts > 1 else None
     if dot_part is not None and config.rows_per_thread > 1:
+        # x one sub-block at a time above the row loop, so the thread's rows share it.
         sch.reorder(dot_part, dot_outer[0])
 
-    if fmt.ggml_type in _VECTOR_CHUNKS:
-        _cache_in_registers(sch, [dot], "W", it, _VECTOR_BYTES // fmt.word_bytes)
-    # x is 4 bytes a weight: keep a whole chunk where xsum shares it or where it is one
-    # sub-block, else one sub-block at a time (above the row loop, so rows share it), to
-    # stay inside the register file.
-    if xsum is not None:
-        _cache_in_registers(sch, [dot, xsum], "x", it, 4)
-    else:
-        _cache_in_registers(sch, [dot], "x", it if dot_part is None else dot_part, 4)
-
-    for block in (*producers, partial):
-        for loop in _loops_below(sch, block, it):
-            sch.unroll(loop)
-    sch.annotate(it, "pragma_auto_unroll_max_step", config.unroll)
-    sch.annotate(it, "pragma_unroll_explicit", 1)
+    cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "x", it if dot_part is None else dot_part)
+    unroll_chunk_loop(sch, it, [*producers, partial], config.unroll)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -12,19 +12,17 @@ registers, sub-block scales decoded once, lanes meeting in a warp-shuffle allred
 
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
 from tvm import s_tir, tirx
-from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
-
-_T = GGMLQuantizationType
-_WARP = 32
-
-# As in schedule.gemv: formats whose chunk's quant bytes are one 16-byte aligned run of words
-# that only the dot block reads, so a lane loads them with vector loads.
-_VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
-_VECTOR_BYTES = 16
+from sparkinfer.schedule.gemv import (
+    cache_chunk_in_registers,
+    check_block,
+    even_lanes,
+    loops_below,
+    unroll_chunk_loop,
+)
 
 
 @dataclass(frozen=True)
@@ -38,43 +36,15 @@ class MoeSchedule:
     unroll: int = 256
 
     def __post_init__(self) -> None:
-        if self.lanes < 1 or self.lanes > _WARP or self.lanes & (self.lanes - 1):
-            raise ValueError(f"lanes must be a power of two in 1..{_WARP}, got {self.lanes}")
-        if self.rows < 1 or self.lanes * self.rows > 1024:
-            raise ValueError(f"{self.lanes} lanes x {self.rows} rows is not a valid block")
+        check_block(self.lanes, self.rows)
 
 
 def default_schedule(chunk_counts: tuple[int, ...]) -> MoeSchedule:
     """Lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
     idles on a tail (threadIdx.x has one extent per kernel, so gate and up share it);
     rows: enough for 128 threads a block."""
-    lanes = 1
-    while lanes < _WARP and all(c % (lanes * 2) == 0 for c in chunk_counts):
-        lanes *= 2
+    lanes = even_lanes(*chunk_counts)
     return MoeSchedule(lanes=lanes, rows=max(1, 128 // lanes))
-
-
-def _loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
-    loops = sch.get_loops(block)
-    anchor = sch.get(loop)
-    index = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(anchor))
-    return loops[index + 1 :]
-
-
-def _cache_in_registers(
-    sch: s_tir.Schedule, consumers: list[SBlockRV], buffer: str, at: LoopRV, vector: int
-) -> None:
-    """Copy what `consumers` read of `buffer` under loop `at` into registers, `vector`
-    elements per load, the copy unrolled so that every register index is a constant."""
-    reads = sch.get(consumers[0]).reads
-    index = next(i for i, region in enumerate(reads) if region.source.name == buffer)
-    cache = sch.cache_read(consumers[0], index, "local", consumer_blocks=consumers)
-    sch.compute_at(cache, at)
-    *outer, inner = _loops_below(sch, cache, at)
-    rest, vec = sch.split(inner, [None, vector])
-    sch.vectorize(vec)
-    for loop in (*outer, rest):
-        sch.unroll(loop)
 
 
 def _lane_reduction(
@@ -92,7 +62,7 @@ def _lane_reduction(
     `weight` and `x` buffers."""
     block = sch.get_sblock(name)
     it, tx = sch.split(chunk_loop, [None, config.lanes])
-    parts = _loops_below(sch, block, tx)  # none where compute_at dropped a unit part loop
+    parts = loops_below(sch, block, tx)  # none where compute_at dropped a unit part loop
     sch.reorder(tx, it, *parts)
     sch.bind(tx, "threadIdx.x")
 
@@ -103,23 +73,9 @@ def _lane_reduction(
         sch.compute_at(producer, it)
         sch.set_scope(producer, 0, "local")
 
-    if fmt.ggml_type in _VECTOR_CHUNKS:
-        _cache_in_registers(sch, [dot], weight, it, _VECTOR_BYTES // fmt.word_bytes)
-    # x is 4 bytes a weight: a whole chunk where xsum shares it (<= 64 floats), else one
-    # sub-block at a time, to stay inside the register file.
-    if xsum is None:
-        part_loop = it if fmt.parts == 1 else _loops_below(sch, dot, it)[0]
-        _cache_in_registers(sch, [dot], x, part_loop, 4)
-    else:
-        _cache_in_registers(sch, [dot, xsum], x, it, 4)
-
-    for producer in producers:
-        for loop in _loops_below(sch, producer, it):
-            sch.unroll(loop)
-    for loop in parts:
-        sch.unroll(loop)
-    sch.annotate(it, "pragma_auto_unroll_max_step", config.unroll)
-    sch.annotate(it, "pragma_unroll_explicit", 1)
+    part = it if fmt.parts == 1 else loops_below(sch, dot, it)[0]
+    cache_chunk_in_registers(sch, fmt, dot, xsum, it, weight, x, part)
+    unroll_chunk_loop(sch, it, [*producers, block], config.unroll)
 
 
 def _extent(sch: s_tir.Schedule, block: str, loop: int) -> int:
@@ -145,7 +101,7 @@ def schedule_moe_gate_up_silu(
         block = sch.get_sblock(name)
         sch.compute_at(block, ty)
         sch.set_scope(block, 0, "local")
-        chunk_loop = _loops_below(sch, block, ty)[0]
+        chunk_loop = loops_below(sch, block, ty)[0]
         _lane_reduction(sch, fmt, name, chunk_loop, config, weight, "x")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -167,6 +123,6 @@ def schedule_moe_down_residual(
     sch.bind(ty, "threadIdx.y")
     sch.compute_at(down, ty)
     sch.set_scope(down, 0, "local")
-    slot, chunk = _loops_below(sch, down, ty)[:2]
+    slot, chunk = loops_below(sch, down, ty)[:2]
     _lane_reduction(sch, fmt, "down", sch.fuse(slot, chunk), config, "Wd", "act")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

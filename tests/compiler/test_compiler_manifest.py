@@ -2,12 +2,15 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from sparkinfer.compiler import manifest as M
 from sparkinfer.compiler.pipeline import compile_model
+from sparkinfer.errors import CompiledModuleError
 from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
 
 pytestmark = pytest.mark.slow
@@ -57,8 +60,8 @@ def test_manifest_round_trip(compiled) -> None:  # noqa: ANN001
     assert again.to_json() == compiled.manifest.to_json()
     assert again.inputs == compiled.manifest.inputs
     assert again.config == TINY
-    assert again.library_path == compiled.directory / "model.so"
-    assert [i.name for i in again.kv_inputs] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert again.library == compiled.directory / "model.so"
+    assert [i.name for i in again.kv] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
 
 
 def test_the_runtime_reads_the_manifest(compiled) -> None:  # noqa: ANN001
@@ -68,7 +71,7 @@ def test_the_runtime_reads_the_manifest(compiled) -> None:  # noqa: ANN001
     assert m.hparams_hash == TINY.hparams_hash()
     assert m.library == compiled.directory / "model.so"
     assert [i.name for i in m.inputs] == [i.name for i in compiled.manifest.inputs]
-    assert [i.tensor for i in m.weights] == [i.tensor for i in compiled.manifest.weight_inputs]
+    assert [i.tensor for i in m.weights] == [i.tensor for i in compiled.manifest.weights]
 
 
 def test_find_compiled_finds_only_a_matching_module(compiled, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -85,15 +88,21 @@ def test_find_compiled_finds_only_a_matching_module(compiled, monkeypatch: pytes
     assert M.find_compiled(TINY, TYPES, "cpu", root, check_sources=False) is not None
 
 
-def test_find_compiled_skips_modules_built_with_stand_in_kernels(compiled, tmp_path: Path) -> None:  # noqa: ANN001
-    directory = M.compiled_dir(TINY, TYPES, "cpu", tmp_path)
-    directory.mkdir(parents=True)
-    (directory / "model.so").write_bytes((compiled.directory / "model.so").read_bytes())
+def test_a_manifest_of_another_format_is_refused(compiled, tmp_path: Path) -> None:  # noqa: ANN001
     raw = compiled.manifest.to_json()
-    raw["kernels"][0]["stand_in"] = True
-    (directory / "manifest.json").write_text(json.dumps(raw))
-    assert M.find_compiled(TINY, TYPES, "cpu", tmp_path) is None
-    assert M.find_compiled(TINY, TYPES, "cpu", tmp_path, allow_stand_ins=True) is not None
+    raw["format"] = M.MANIFEST_FORMAT + 1
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    (tmp_path / "model.so").write_bytes(b"")
+    with pytest.raises(CompiledModuleError, match="manifest format 2 is not 1: recompile the model"):
+        M.Manifest.load(tmp_path)
+
+
+def test_the_manifest_format_imports_no_tvm() -> None:
+    # The runtime reads manifests with runtime-only TVM and no build pipeline.
+    code = ("import sys, sparkinfer.runtime.manifest; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] == 'tvm' or m.startswith('sparkinfer.compiler.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['sparkinfer.compiler.manifest']"
 
 
 def test_compile_model_reuses_an_up_to_date_module(compiled) -> None:  # noqa: ANN001

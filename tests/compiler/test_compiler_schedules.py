@@ -10,7 +10,7 @@ from tvm import s_tir
 from sparkinfer.compiler import pipeline
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import norm
-from sparkinfer.model.qwen3moe import DecodeStep, KernelSource, KernelUse
+from sparkinfer.model.qwen3moe import DecodeStep, KernelUse
 from sparkinfer.gguf_file import preset_config
 
 TINY = preset_config("tiny")
@@ -30,15 +30,10 @@ def one_kernel_step(family: str, factory: str, func: tvm.tirx.PrimFunc, args: tu
     )
 
 
-def fake_source(family: str, factory: str, make) -> KernelSource:  # noqa: ANN001
-    return KernelSource(fallbacks={(family, factory): make})
-
-
 def test_a_kernel_without_schedule_falls_back_to_dlight_with_a_warning(tmp_path: Path) -> None:
     step = one_kernel_step("nofamily", "rms_norm", norm.rms_norm(256, 1e-6), (256, 1e-6))
     warnings: list[str] = []
-    provenance = pipeline.schedule_step(step, "sm_90", fake_source("nofamily", "rms_norm", norm.rms_norm),
-                                        logs=tmp_path, warn=warnings.append)
+    provenance = pipeline.schedule_step(step, "sm_90", logs=tmp_path, warn=warnings.append)
     assert provenance == {"k0": pipeline.DLIGHT}
     assert len(warnings) == 1 and "k0" in warnings[0] and "dlight" in warnings[0]
     assert step.mod["k0"].attrs["tirx.is_scheduled"]
@@ -50,7 +45,7 @@ def test_hand_schedule_takes_the_factory_arguments_by_name(tmp_path: Path) -> No
     from sparkinfer.kernels import gemv
 
     step = one_kernel_step("gemv", "gemv", gemv.gemv(T.Q4_K, 512, 2048), ("Q4_K", 512, 2048))
-    provenance = pipeline.schedule_step(step, "sm_90", KernelSource(), logs=tmp_path, warn=pytest.fail)
+    provenance = pipeline.schedule_step(step, "sm_90", logs=tmp_path, warn=pytest.fail)
     assert provenance == {"k0": "hand:sparkinfer.schedule.gemv.schedule_gemv"}
     assert "threadIdx.x" in step.mod["k0"].script()
 
@@ -75,23 +70,7 @@ def test_a_tuning_record_wins_over_dlight(tmp_path: Path) -> None:
     db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-6], target))
 
     step = one_kernel_step("nofamily", "rms_norm", func, (256, 1e-6))
-    provenance = pipeline.schedule_step(step, "sm_90", fake_source("nofamily", "rms_norm", norm.rms_norm),
-                                        logs=logs, warn=pytest.fail)
+    provenance = pipeline.schedule_step(step, "sm_90", logs=logs, warn=pytest.fail)
     assert provenance["k0"].startswith(pipeline.TUNED + ":") and provenance["k0"].endswith("sm_90")
     assert "T.thread_binding(64, thread=\"threadIdx.x\")" in step.mod["k0"].script()
 
-
-def test_an_extra_schedule_is_tried_first(tmp_path: Path) -> None:
-    from gguf import GGMLQuantizationType as T
-
-    from sparkinfer.kernels import gemv
-    from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv
-
-    def narrow(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-        return schedule_gemv(func, T.Q8_0, GemvSchedule(lanes=4, rows=8))
-
-    step = one_kernel_step("gemv", "gemv", gemv.gemv(T.Q8_0, 64, 512), ("Q8_0", 64, 512))
-    provenance = pipeline.schedule_step(step, "sm_90", KernelSource(), logs=tmp_path,
-                                        extra={("gemv", "gemv"): narrow}, warn=pytest.fail)
-    assert provenance["k0"].endswith(".narrow") and provenance["k0"].startswith("hand:")
-    assert 'T.thread_binding(4, thread="threadIdx.x")' in step.mod["k0"].script()

@@ -29,7 +29,7 @@ class StepRunner:
                  permute_pages: bool = True, device: tvm.runtime.Device | None = None) -> None:
         self.manifest = manifest
         self.dev = device if device is not None else tvm.cpu()
-        self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(manifest.library_path)), self.dev)
+        self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(manifest.library)), self.dev)
         self.fn = self.vm[manifest.entry]
         page_table = np.zeros(manifest.max_pages, np.int32)
         # Logical page i lives in physical page n_pages-1-i: the step must follow the table.

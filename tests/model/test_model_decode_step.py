@@ -8,7 +8,7 @@ from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeEr
 from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
 from sparkinfer.kernels.gemv import gemv_format
 from sparkinfer.model import spec
-from sparkinfer.model.qwen3moe import KernelSource, build_decode_step, decode_inputs
+from sparkinfer.model.qwen3moe import build_decode_step, decode_inputs, kernel_factory
 
 TINY = preset_config("tiny")
 
@@ -127,7 +127,7 @@ def test_a_tensor_missing_from_the_type_map_is_named() -> None:
 
 def test_a_missing_kernel_factory_is_named() -> None:
     with pytest.raises(SparkInferError, match="sparkinfer.kernels.nosuchfamily.thing"):
-        KernelSource().factory("nosuchfamily", "thing")
+        kernel_factory("nosuchfamily", "thing")
 
 
 def test_splits_must_fit_the_page_table() -> None:
