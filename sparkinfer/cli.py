@@ -148,7 +148,53 @@ def _run(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_synth, _add_compile, _add_run]
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.chat import add_arguments
+
+    p = sub.add_parser("chat", help="chat in the terminal with the model's chat template (/reset, /exit)")
+    add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from sparkinfer.chat import run as chat
+
+        return chat(args)
+
+    p.set_defaults(handler=run)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.server.cli import add_arguments
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)")
+    add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from sparkinfer.server.cli import run as serve
+
+        return serve(args)
+
+    p.set_defaults(handler=run)
+
+
+def _add_accuracy(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.accuracy.cli import add_arguments, run
+
+    p = sub.add_parser("accuracy", help="accuracy gate: the compiled engine against the numpy reference (KL, top-1, "
+                       "perplexity, greedy match); exit 3 when over a threshold")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.runtime.bench import add_arguments, run
+
+    p = sub.add_parser("bench", help="decode speed like llama-bench's tg128 at context depths, and prefill speed")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_info, _add_synth, _add_compile, _add_run, _add_chat, _add_serve, _add_accuracy, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

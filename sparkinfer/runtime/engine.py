@@ -575,6 +575,10 @@ class Engine:
         reused = kv.common_prefix(prompt) if reuse_prefix else 0
         kv.set_position(reused)
         kv.set_sampling(*params)
+        if reused:
+            # Every step bumps the draw counter rng[1]: start it at the position, so a seeded
+            # sample is the same whatever prefix was cached.
+            kv.writer.write(kv.arrays["rng"], np.array([params[3] & 0xFFFFFFFF, reused], np.uint32))
         new = prompt[reused:]
         stats.prompt_tokens, stats.reused_tokens = len(prompt), reused
         if max_tokens == 0:

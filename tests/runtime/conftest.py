@@ -6,8 +6,8 @@ Two kinds of step:
   - the real step (`sparkinfer.compiler.compile_model`) of a tiny decisive model; tests
     tokens against the numpy reference.
 GPU machines carry runtime-only TVM and cannot compile: there the modules come prebuilt from
-$SPARKINFER_TEST_MODULES (default `compiled/runtime-tests/`), written on a machine with full
-TVM by `python -m tests.runtime.prebuild` (see its docstring).
+$SPARKINFER_TEST_MODULES (default `compiled/gpu-tests/<arch>/runtime/`), written on a machine
+with full TVM by `python -m tests.gpu_prebuild` (see its docstring).
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ REAL_TYPES = "q4_k_m"
 
 
 def prebuilt_root() -> Path:
-    return Path(os.environ.get("SPARKINFER_TEST_MODULES", REPO / "compiled" / "runtime-tests"))
+    """Where `python -m tests.gpu_prebuild` put this machine's runtime-test modules."""
+    env = os.environ.get("SPARKINFER_TEST_MODULES")
+    if env:
+        return Path(env)
+    from sparkinfer.runtime.device import detect_arch
+    from tests.gpu_prebuild import gpu_tests_dir
+
+    return gpu_tests_dir(detect_arch()) / "runtime"
 
 
 def can_compile() -> bool:

@@ -83,13 +83,21 @@ def test_run_errors_are_one_line(real_model: Path, real_cpu_module: Path, tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(bool(missing_factories()), reason=f"kernel factories not landed yet: {missing_factories()}")
 def test_run_default_model_compiles_the_cpu_module_once(tmp_path: Path) -> None:
-    first = sparkinfer("run", "-p", "hi", "-n", "4", "--arch", "cpu", "--json", cache=tmp_path)
+    """The shipped model is trained (stdlib Python): its greedy tokens are decisive, so the
+    compiled step gives the numpy reference's, and they read as Python."""
+    from sparkinfer.data import default_model_path
+    from sparkinfer.gguf_file import GGUFModel
+    from sparkinfer.reference import ReferenceModel
+
+    first = sparkinfer("run", "-p", "def ", "-n", "16", "--arch", "cpu", "--json", cache=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "compiling the cpu module for default.gguf" in first.stderr
     report = json.loads(first.stdout)
     assert report["model"].endswith("sparkinfer/data/default.gguf")
-    assert len(report["generated_ids"]) <= 4
-    second = sparkinfer("run", "-p", "hi", "-n", "4", "--arch", "cpu", "--json", cache=tmp_path)
+    model = GGUFModel.open(default_model_path())
+    assert report["generated_ids"] == ReferenceModel(model.config, model).greedy_generate(report["prompt_ids"], 16)
+    assert report["stop_reason"] == "length" and "\n    return " in report["text"]
+    second = sparkinfer("run", "-p", "def ", "-n", "16", "--arch", "cpu", "--json", cache=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "compiling" not in second.stderr
     assert json.loads(second.stdout)["generated_ids"] == report["generated_ids"]

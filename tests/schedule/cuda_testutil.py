@@ -1,17 +1,21 @@
-"""Shared by the attention, norm, RoPE and embedding CUDA tests: codegen + nvcc per arch, and
-the GPU run, on a library built here or prebuilt.
+"""Shared by the CUDA kernel tests (test_*_cuda.py and the GEMV GPU test): CUDA source and
+libraries through `sparkinfer.compiler.targets` (codegen only, or nvcc fatbins per arch: never
+TVM's NVRTC JIT), and the GPU run on a prebuilt library.
 
-The GPU machines have runtime-only TVM: build a test file's library on a CPU machine and point
-the GPU test at it, e.g. for the attention tests
-    python tests/schedule/test_attention_cuda.py --arch sm_90 --out DIR
-    SPARKINFER_ATTENTION_LIBRARY=DIR/attention_sm_90.so \
-        pytest -m gpu tests/schedule/test_attention_cuda.py
+The GPU machines have runtime-only TVM: every GPU test's library is built on a CPU machine by
+    python -m tests.gpu_prebuild --arch sm_90
+into compiled/gpu-tests/<arch>/<stem>_<arch>.so (tests/gpu_prebuild.py: $SPARKINFER_GPU_TESTS
+overrides compiled/gpu-tests), which the tests load from there. One test file's library alone:
+    python tests/schedule/test_attention_cuda.py --arch sm_90 [--out DIR]
 (sm_121 gives a .tar of aarch64 objects, which tvm.runtime.load_module links on the Spark.)
 """
 
+from __future__ import annotations
+
 import argparse
-import os
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,11 +24,17 @@ import pytest
 import tvm
 
 from sparkinfer.compiler import targets
+from sparkinfer.runtime.device import detect_arch, import_tvm
 
-from schedule_gemv_cases import load_cuda_runtime
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a bare `pytest`
+    sys.path.append(str(_REPO))
 
-# At import, i.e. before conftest asks tvm.cuda() whether there is a GPU.
-load_cuda_runtime()
+from tests.gpu_prebuild import can_compile, gpu_tests_dir, missing_reason, stale_note  # noqa: E402
+
+# At import, i.e. before conftest asks tvm.cuda() whether there is a GPU: with runtime-only TVM
+# this loads the CUDA runtime that its backend autoload skips.
+import_tvm()
 
 needs_nvcc = pytest.mark.skipif(
     targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)"
@@ -36,10 +46,16 @@ def module(*funcs: tvm.tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
 
 
-def cuda_source(mod: tvm.IRModule) -> str:
-    """Codegen only: outside `targets.build` TVM keeps the source and compiles nothing."""
-    lib = tvm.compile(mod, target=targets.target_for("sm_90"))
-    return lib.mod.imports[0].inspect_source("cuda")
+def cuda_source(mod: tvm.IRModule, arch: str = "sm_90") -> str:
+    """Codegen only: `targets.cuda_source` compiles nothing, even on a GPU machine."""
+    return targets.cuda_source(mod, arch)
+
+
+def kernel_body(source: str, name: str) -> str:
+    """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
+    start = source.rindex(f" {name}_kernel(")
+    end = source.find('extern "C"', start)
+    return source[start : end if end >= 0 else None]
 
 
 def assert_nvcc_compiles(arch: str, mod: tvm.IRModule) -> None:
@@ -47,34 +63,45 @@ def assert_nvcc_compiles(arch: str, mod: tvm.IRModule) -> None:
     assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
 
 
-def export(mod: tvm.IRModule, stem: str, arch: str, out_dir: Path) -> Path:
+def library_path(stem: str, arch: str, out_dir: Path | None = None) -> Path:
     """`stem`_`arch`.so, or for the Spark (aarch64 host) a .tar of objects."""
+    out_dir = gpu_tests_dir(arch) if out_dir is None else out_dir
+    return out_dir / f"{stem}_{arch}.{'tar' if arch == 'sm_121' else 'so'}"
+
+
+def export(mod: tvm.IRModule, stem: str, arch: str, out_dir: Path) -> Path:
+    """Build `mod` for `arch` (an embedded nvcc fatbin, no CUDA source) into `library_path`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}_{arch}.{'tar' if arch == 'sm_121' else 'so'}"
+    path = library_path(stem, arch, out_dir)
     targets.build(mod, arch).export_library(str(path))
     return path
 
 
-def load_library(
-    env: str, stem: str, mod: Callable[[], tvm.IRModule]
-) -> Iterator[tvm.runtime.Module]:
-    """For a module-scoped fixture: the library named by $`env`, else one built here for
-    this machine's GPU."""
-    prebuilt = os.environ.get(env)
-    if prebuilt:
-        yield tvm.runtime.load_module(prebuilt)
+def load_library(stem: str, mod: Callable[[], tvm.IRModule]) -> Iterator[tvm.runtime.Module]:
+    """For a module-scoped fixture: `stem`'s library for this machine's GPU from
+    compiled/gpu-tests/<arch>/, else (or if it was built from other sources) one built here
+    where TVM can compile, else a skip that names the prebuild command."""
+    arch = detect_arch()
+    path = library_path(stem, arch)
+    stale = stale_note(arch) if path.is_file() else None
+    if path.is_file() and not (stale and can_compile()):
+        if stale:
+            warnings.warn(f"{path}: {stale}", stacklevel=2)
+        yield tvm.runtime.load_module(str(path))
         return
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    if not can_compile():
+        pytest.skip(missing_reason(f"{stem} library", path, arch))
     with tempfile.TemporaryDirectory() as tmp:
         yield tvm.runtime.load_module(str(export(mod(), stem, arch, Path(tmp))))
 
 
 def main(doc: str, stem: str, mod: Callable[[], tvm.IRModule]) -> None:
+    """A test file's prebuild hook: `python tests/schedule/<file>.py --arch sm_90 [--out DIR]`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=CUDA_ARCHS)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="default: compiled/gpu-tests/<arch>/, where the tests look")
     args = parser.parse_args()
-    print(export(mod(), stem, args.arch, args.out))
+    print(export(mod(), stem, args.arch, args.out or gpu_tests_dir(args.arch)))
 
 
 class Gpu:

@@ -1,15 +1,14 @@
 """Qwen3-30B-A3B GEMV shapes for the GPU test, built ahead of time into one library.
 
-Where TVM's compiler is installed the GPU test builds them itself. The GPU machines here have
-runtime-only TVM, so build on the CPU machine and point the test at the result:
-    python tests/schedule/schedule_gemv_cases.py --arch sm_90 --out DIR
-    SPARKINFER_GEMV_LIBRARY=DIR/gemv_cases_sm_90.so pytest -m gpu tests/schedule
+The GPU machines have runtime-only TVM: `python -m tests.gpu_prebuild --arch sm_90` builds
+these cases (with every other GPU test's library) into compiled/gpu-tests/<arch>/
+gemv_cases_<arch>.so, where the GPU test loads them from (cuda_testutil.load_library); where
+TVM can compile and nothing is prebuilt, the test builds them itself. Alone:
+    python tests/schedule/schedule_gemv_cases.py --arch sm_90 [--out DIR]
 (sm_121 gives a .tar of aarch64 objects, which tvm.runtime.load_module links on the Spark.)
 """
 
 import argparse
-import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,13 @@ import numpy as np
 import tvm
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer.compiler.targets import build
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import random_weights
 from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv
 
+from cuda_testutil import CUDA_ARCHS, export, gpu_tests_dir
+
+STEM = "gemv_cases"
 QWEN3_EXPERTS, QWEN3_USED = 128, 8
 
 
@@ -91,27 +92,14 @@ def cases_module() -> tvm.IRModule:
 
 
 def build_library(arch: str, out_dir: Path) -> Path:
-    """Export the cases for `arch`: a .so, or for the Spark (aarch64 host) a .tar of objects,
-    which tvm.runtime.load_module links there."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gemv_cases_{arch}.{'tar' if arch == 'sm_121' else 'so'}"
-    build(cases_module(), arch).export_library(str(path))
-    return path
-
-
-def load_cuda_runtime() -> None:
-    """Runtime-only TVM skips backend autoload: load the CUDA runtime ourselves, so that
-    tvm.cuda() sees the device (a no-op where it is loaded, harmless without a driver)."""
-    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
-    try:
-        ctypes.CDLL(str(lib), mode=os.RTLD_GLOBAL)
-    except OSError:
-        pass
+    """Export the cases for `arch` into `out_dir`: a .so, or for the Spark (aarch64 host) a
+    .tar of objects, which tvm.runtime.load_module links there."""
+    return export(cases_module(), STEM, arch, out_dir)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", required=True, choices=["sm_90", "sm_120", "sm_121"])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arch", required=True, choices=CUDA_ARCHS)
+    parser.add_argument("--out", type=Path, help="default: compiled/gpu-tests/<arch>/, where the GPU test looks")
     args = parser.parse_args()
-    print(build_library(args.arch, args.out))
+    print(build_library(args.arch, args.out or gpu_tests_dir(args.arch)))

@@ -1,6 +1,6 @@
 """Flash-decode attention schedules: codegen, nvcc for every arch, and on a GPU the
-Qwen3-30B-A3B shapes against numpy (see cuda_testutil for prebuilt libraries:
-SPARKINFER_ATTENTION_LIBRARY)."""
+Qwen3-30B-A3B shapes against numpy (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 import re
 from collections.abc import Iterator
@@ -69,7 +69,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_ATTENTION_LIBRARY", "attention", kernels_module):
+    for library in load_library("attention", kernels_module):
         yield Gpu(library)
 
 

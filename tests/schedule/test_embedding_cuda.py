@@ -1,5 +1,5 @@
-"""Embedding schedule: nvcc for every arch, and on a GPU the model's vocabulary and width
-against numpy (see cuda_testutil for prebuilt libraries: SPARKINFER_EMBEDDING_LIBRARY)."""
+"""Embedding schedule: nvcc for every arch, and on a GPU the model's vocabulary and width against
+numpy (on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 from collections.abc import Iterator
 
@@ -45,7 +45,7 @@ def test_nvcc_compiles_every_type_for(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_EMBEDDING_LIBRARY", "embedding", kernels_module):
+    for library in load_library("embedding", kernels_module):
         yield Gpu(library)
 
 

@@ -1,6 +1,6 @@
 """The fused MoE schedules: CUDA codegen, nvcc for every arch, and on a GPU the Qwen3-30B-A3B
-shapes (128 experts, top 8, H 2048, I 768) against the numpy reference (see cuda_testutil for
-prebuilt libraries: SPARKINFER_MOE_LIBRARY)."""
+shapes (128 experts, top 8, H 2048, I 768) against the numpy reference (on GPU machines the
+library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 import re
 from collections.abc import Iterator
@@ -24,7 +24,16 @@ from sparkinfer.schedule.moe import (
     schedule_moe_gate_up_silu,
 )
 
-from cuda_testutil import CUDA_ARCHS, Gpu, cuda_source, load_library, main, module, needs_nvcc
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    cuda_source,
+    kernel_body,
+    load_library,
+    main,
+    module,
+    needs_nvcc,
+)
 
 E, KU, H, I = 128, 8, 2048, 768
 
@@ -70,13 +79,6 @@ def source() -> str:
     return cuda_source(kernels_module())
 
 
-def kernel_body(source: str, name: str) -> str:
-    """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
-    start = source.rindex(f" {name}_kernel(")
-    end = source.find('extern "C"', start)
-    return source[start : end if end >= 0 else None]
-
-
 @pytest.mark.parametrize("case", [*GATE_UP, *DOWN], ids=lambda c: c.symbol)
 def test_lowers_to_warp_reductions_reading_ids_on_device(
     source: str, case: GateUp | Down
@@ -113,7 +115,7 @@ def test_nvcc_compiles_for(source: str, arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_MOE_LIBRARY", "moe", kernels_module):
+    for library in load_library("moe", kernels_module):
         yield Gpu(library)
 
 

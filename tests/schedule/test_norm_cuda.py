@@ -1,5 +1,5 @@
 """RMSNorm schedules: codegen, nvcc for every arch, and on a GPU the model's hidden size against
-numpy (see cuda_testutil for prebuilt libraries: SPARKINFER_NORM_LIBRARY)."""
+numpy (on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 from collections.abc import Iterator
 
@@ -41,7 +41,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_NORM_LIBRARY", "norm", kernels_module):
+    for library in load_library("norm", kernels_module):
         yield Gpu(library)
 
 

@@ -1,5 +1,6 @@
 """QK-norm + RoPE + KV-append schedule: codegen, nvcc for every arch, and on a GPU the model's
-shapes against numpy (see cuda_testutil for prebuilt libraries: SPARKINFER_ROPE_LIBRARY)."""
+shapes against numpy (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 from collections.abc import Iterator
 
@@ -47,7 +48,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_ROPE_LIBRARY", "rope", kernels_module):
+    for library in load_library("rope", kernels_module):
         yield Gpu(library)
 
 

@@ -1,6 +1,6 @@
 """The router schedule: CUDA codegen, nvcc for every arch, and on a GPU the Qwen3-30B-A3B shape
-(128 experts, top 8) against the numpy reference (see cuda_testutil for prebuilt libraries:
-SPARKINFER_ROUTER_LIBRARY)."""
+(128 experts, top 8) against the numpy reference (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 from collections.abc import Iterator
 
@@ -12,7 +12,16 @@ from sparkinfer.compiler import targets
 from sparkinfer.kernels.router import router_topk, router_topk_reference, router_topk_symbol
 from sparkinfer.schedule.router import schedule_router_topk
 
-from cuda_testutil import CUDA_ARCHS, Gpu, cuda_source, load_library, main, module, needs_nvcc
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    cuda_source,
+    kernel_body,
+    load_library,
+    main,
+    module,
+    needs_nvcc,
+)
 
 QWEN3_EXPERTS, QWEN3_USED = 128, 8
 
@@ -25,13 +34,6 @@ def kernels_module() -> tvm.IRModule:
 @pytest.fixture(scope="module")
 def source() -> str:
     return cuda_source(kernels_module())
-
-
-def kernel_body(source: str, symbol: str) -> str:
-    """The definition of `symbol`'s kernel (the last mention; the first is a declaration)."""
-    start = source.rindex(f" {symbol}_kernel(")
-    end = source.find('extern "C"', start)
-    return source[start : end if end >= 0 else None]
 
 
 def test_one_block_of_one_thread_per_expert(source: str) -> None:
@@ -53,7 +55,7 @@ def test_nvcc_compiles_for(source: str, arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_ROUTER_LIBRARY", "router", kernels_module):
+    for library in load_library("router", kernels_module):
         yield Gpu(library)
 
 

@@ -1,6 +1,6 @@
 """The sampling schedules: CUDA codegen, nvcc for every arch, and on a GPU the Qwen3 vocabulary
-(151936) against the numpy reference, draw for draw (see cuda_testutil for prebuilt libraries:
-SPARKINFER_SAMPLING_LIBRARY)."""
+(151936) against the numpy reference, draw for draw (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 from collections.abc import Iterator
 
@@ -12,7 +12,16 @@ from sparkinfer.compiler import targets
 from sparkinfer.kernels import sampling as S
 from sparkinfer.schedule.sampling import SAMPLE_THREADS, schedule_advance, schedule_sample_token
 
-from cuda_testutil import CUDA_ARCHS, Gpu, cuda_source, load_library, main, module, needs_nvcc
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    cuda_source,
+    kernel_body,
+    load_library,
+    main,
+    module,
+    needs_nvcc,
+)
 
 VOCAB = 151936
 # (temperature, top_p, top_k): greedy; plain; Qwen3's two recommended settings; top-k only.
@@ -26,13 +35,6 @@ def kernels_module() -> tvm.IRModule:
 @pytest.fixture(scope="module")
 def source() -> str:
     return cuda_source(kernels_module())
-
-
-def kernel_body(source: str, name: str) -> str:
-    """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
-    start = source.rindex(f" {name}_kernel(")
-    end = source.find('extern "C"', start)
-    return source[start : end if end >= 0 else None]
 
 
 def test_sampling_is_one_block_with_block_wide_reductions(source: str) -> None:
@@ -57,7 +59,7 @@ def test_nvcc_compiles_for(source: str, arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def gpu() -> Iterator[Gpu]:
-    for library in load_library("SPARKINFER_SAMPLING_LIBRARY", "sampling", kernels_module):
+    for library in load_library("sampling", kernels_module):
         yield Gpu(library)
 
 

@@ -1,9 +1,7 @@
-"""The scheduled GEMV kernels on a GPU, at Qwen3-30B-A3B shapes, against the numpy oracle."""
+"""The scheduled GEMV kernels on a GPU, at Qwen3-30B-A3B shapes, against the numpy oracle
+(on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,24 +11,13 @@ from sparkinfer import quant
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import assert_gemv_close
 
-from schedule_gemv_cases import CASES, GemvCase, build_library, load_cuda_runtime
-
-# At import, i.e. before conftest asks tvm.cuda() whether there is a GPU.
-load_cuda_runtime()
-
-
-def device_arch(dev: tvm.runtime.Device) -> str:
-    return "sm_" + dev.compute_version.replace(".", "")
+from cuda_testutil import load_library
+from schedule_gemv_cases import CASES, STEM, GemvCase, cases_module
 
 
 @pytest.fixture(scope="module")
 def library() -> Iterator[tvm.runtime.Module]:
-    prebuilt = os.environ.get("SPARKINFER_GEMV_LIBRARY")
-    if prebuilt:
-        yield tvm.runtime.load_module(prebuilt)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        yield tvm.runtime.load_module(str(build_library(device_arch(tvm.cuda(0)), Path(tmp))))
+    yield from load_library(STEM, cases_module)
 
 
 def magnitude(case: GemvCase, data: np.ndarray, x: np.ndarray) -> np.ndarray:

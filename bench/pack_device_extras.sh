@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with pip and PyPI): wheels the GPU round may need on the GPU machine, which
+# has Python 3.12 (/opt/torch/.venv) and no registry, into .device/extras/ (git-ignored), listed
+# with their module in .device/extras/MODULES. bench/gpu_round.sh installs each one only where
+# its module does not import there.
+#
+#   bench/pack_device_extras.sh        # ~1.8 MB; re-running keeps the wheels already there
+#
+# pytest and its needs: the image has none of pytest, pluggy, iniconfig (packaging likely, as a
+# transformers dependency; pygments maybe). The runtime engineer's .device/rt/pytest_whl/ wheels
+# are reused when present. What sparkinfer imports beside numpy (tokenizers, jinja2, tqdm, pyyaml
+# for gguf) is in the image (KINDS.md's pip list: tokenizers, transformers, torch): not packed,
+# to keep the carried tree small; the round names any module that is missing.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+mkdir -p .git/info .device/extras
+grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+
+# import name = pip requirement (one version each: two of one package stop the install there)
+wheels=(
+  "pytest=pytest==9.2.0" "pluggy=pluggy==1.7.0" "iniconfig=iniconfig==2.3.1"
+  "packaging=packaging==26.4" "pygments=pygments==2.21.0"
+)
+plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+: > .device/extras/MODULES
+for entry in "${wheels[@]}"; do
+  module=${entry%%=*} req=${entry#*=}
+  dist=${req%%=*}
+  pattern=$(echo "$dist" | tr '[:upper:]-' '[:lower:]_')
+  have=$(ls .device/extras/ 2>/dev/null | grep -i "^${pattern}-.*\.whl$" | head -1 || true)
+  if [ -z "$have" ]; then
+    reuse=$(ls .device/rt/pytest_whl/ 2>/dev/null | grep -i "^${pattern}-.*\.whl$" | head -1 || true)
+    if [ -n "$reuse" ]; then
+      cp ".device/rt/pytest_whl/$reuse" .device/extras/
+      have=$reuse
+    else
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+          "${plat[@]}" -d .device/extras "$req" 2>&1 | grep -v "is ignored: it is neither" || true
+      have=$(ls .device/extras/ | grep -i "^${pattern}-.*\.whl$" | head -1)
+    fi
+  fi
+  echo "$module $have" >> .device/extras/MODULES
+done
+# Wheels packed before and no longer listed
+for f in .device/extras/*.whl; do
+  grep -q " $(basename "$f")$" .device/extras/MODULES || rm -f "$f"
+done
+cat .device/extras/MODULES
+du -sh .device/extras

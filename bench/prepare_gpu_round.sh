@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run HERE (full TVM + nvcc) right before the GPU round, on the tree that will travel: builds
+# into compiled/ everything bench/gpu_round.sh needs on the GPU machine, then prints the carry
+# list and what travels (the tree + carried paths; the tool's limit is 64 MiB a call).
+#   1. .device/extras/: wheels the GPU machine may lack (bench/pack_device_extras.sh)
+#   2. compiled/gpu-tests/<arch>/: every GPU test's library, the runtime tests' steps, the 4-layer
+#      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
+#   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, and
+#      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
+#
+#   bench/prepare_gpu_round.sh [ARCH]       # default sm_90; ~2-3 min on 2 cores
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+arch=${1:-sm_90}
+t0=$SECONDS
+[ -f .device/setup.sh ] || { echo "no .device/setup.sh: run ../shared/device/pack.sh first" >&2; exit 1; }
+
+bench/pack_device_extras.sh > /dev/null
+echo "extras: $(du -sh .device/extras | cut -f1) in .device/extras ($((SECONDS - t0)) s)"
+
+t1=$SECONDS
+python3 -m tests.gpu_prebuild --arch "$arch"
+echo "gpu tests prebuilt in $((SECONDS - t1)) s"
+
+t2=$SECONDS
+python3 bench/gpu_round.py prepare "$arch" | grep -v '"run_prompt"'
+echo "full model step in $((SECONDS - t2)) s"
+
+full=$(python3 bench/gpu_round.py get full_module)
+lib_bytes=$(python3 bench/gpu_round.py get full_library_bytes)
+# What the device call carries: the tree (tracked + untracked, not ignored), the runtime kit of
+# .device/ that setup.sh and the round use (not the other experiments kept in .device/), and of
+# compiled/ what the round uses (not compiled/runtime-tests, the runtime tests' older location).
+carry=(.device/setup.sh .device/tvm_runtime.tar.xz $(ls .device/*.whl) .device/extras compiled/gpu-tests "compiled/$arch")
+tracked=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null \
+           | awk '{s += $1} END {print s + 0}')
+carried=$(du -scb "${carry[@]}" | tail -1 | cut -f1)
+total=$((tracked + carried))
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+echo
+echo "full 48-layer module: $full, library $(mib "$lib_bytes")"
+compiled_bytes=$(du -scb compiled/gpu-tests "compiled/$arch" | tail -1 | cut -f1)
+echo "carried sizes: compiled/gpu-tests + compiled/$arch $(mib "$compiled_bytes") (gpu-tests" \
+     "$(mib "$(du -sb compiled/gpu-tests | cut -f1)")), .device kit $(mib $((carried - compiled_bytes)))"
+echo "travels: tree $(mib "$tracked") + carried $(mib "$carried") = $(mib "$total") (the tool's limit: 64 MiB)"
+{ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c '%s %n' -- 2>/dev/null \
+  | sort -n | tail -3 | awk '$1 > 1048576 {printf "  tree: %.1f MiB %s\n", $1 / 1048576, $2}'
+if [ "$total" -gt $((64 * 1048576)) ]; then
+  echo "ERROR: over the 64 MiB a call may carry" >&2
+elif [ "$total" -gt $((50 * 1048576)) ]; then
+  echo "WARNING: over ~50 MiB" >&2
+fi
+printf 'carry: ['; printf '"%s", ' "${carry[@]}" | sed 's/, $//'; printf ']\n'
+echo "prepared in $((SECONDS - t0)) s; then on the GPU machine: bash bench/gpu_round.sh"

@@ -1,0 +1,53 @@
+"""`sparkinfer bench` on the CPU with the tiny real model: the table and the JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.runtime.conftest import REPO
+
+
+def bench(model: Path, module: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SPARKINFER_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "sparkinfer.cli", "bench", str(model), "--arch", "cpu", "--module", str(module),
+           "--prompt-tokens", "8", "--gen", "4", "--reps", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cache, timeout=300)
+
+
+def test_bench_json_has_every_number(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:
+    proc = bench(real_model, real_cpu_module, tmp_path, "--depths", "16,8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["arch"] == "cpu" and report["card"].startswith("CPU")
+    assert report["module_key"] == real_cpu_module.name and report["tvm_version"]
+    assert report["mode"] == "device-loop" and report["timer"] == "host-clock" and report["cuda_graph"] is False
+    assert (report["gen"], report["prompt_tokens"], report["reps"], report["warmup_reps"]) == (4, 8, 2, 1)
+    pp = report["prefill"]
+    assert pp["tokens"] == 8 and len(pp["ms"]) == len(pp["tok_s"]) == 2
+    assert pp["tok_s_min"] <= pp["tok_s_median"] <= pp["tok_s_max"]
+    assert [d["depth"] for d in report["decode"]] == [8, 16]
+    for d in report["decode"]:
+        assert d["gen"] == 4 and len(d["tok_s"]) == 2 and all(t > 0 for t in d["tok_s"])
+        assert d["tok_s_min"] <= d["tok_s_median"] <= d["tok_s_max"]
+        assert abs(d["ms_per_token_median"] * d["tok_s_median"] - 1e3) < 1e-6
+        assert d["fill_ms"] > 0 and d["reused_tokens"] == [d["depth"] - 1] * 2
+
+
+def test_bench_table_and_sync_every_token(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:
+    proc = bench(real_model, real_cpu_module, tmp_path, "--sync-every-token")
+    assert proc.returncode == 0, proc.stderr
+    head, columns, pp, tg = proc.stdout.strip().splitlines()
+    assert "| cpu |" in head and "sync-every-token, host-clock" in head and "median of 2 reps" in head
+    assert columns.split() == ["test", "depth", "tok/s", "ms/token", "min", "tok/s", "max", "tok/s", "fill", "ms"]
+    assert pp.split()[:2] == ["pp8", "0"] and tg.split()[:2] == ["tg4", "8"]
+    assert float(tg.split()[2]) > 0
+
+
+def test_bench_errors_are_one_line(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:
+    proc = bench(real_model, real_cpu_module, tmp_path, "--depths", "1000")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
