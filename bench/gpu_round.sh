@@ -13,6 +13,7 @@
 #   4. bench: `sparkinfer bench` tg128 at depths 128, 512, 4096 (3 reps) and pp128, with the
 #      prebuilt full-model step (compiled/gpu-tests/gpu-round.json names it)
 #   5. run: `sparkinfer run -n 128 --json` with a 128-token prompt
+#   6. apps: the accuracy gate, chat prefix reuse and the HTTP server with the shipped model
 # Logs go to $OUT (else /tmp/gpu-round): setup.log, pytest.log, full_width_cut.txt, bench.json,
 # bench.log, run.json, run.log, summary.txt (8 files, what the device tool returns). The table
 # comes last. Each stage has a time limit inside a ~9.5-minute budget (ROUND_SECONDS), so the
@@ -108,5 +109,21 @@ rc=$?
 tail -n 3 "$out/run.log"
 stage run "$rc" "$t"
 
+# The apps on this GPU with the shipped demo model (its step is prebuilt in compiled/<arch>/):
+# the accuracy gate, chat prefix reuse, and the HTTP server.
+t=$SECONDS
+apps=/tmp/gpu-round-apps.txt  # printed last, not in $OUT: the tool returns 8 files
+{
+  echo "== sparkinfer accuracy --arch $arch (shipped Q4_K_M vs its F16 original, numpy reference)"
+  timeout -k 10 "$(limit 90 40)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
+  echo "== bench/chat_prefix_reuse.py --arch $arch"
+  timeout -k 10 "$(limit 60 25)" python3 bench/chat_prefix_reuse.py --arch "$arch" --repeats 2 2>&1 | tail -n 8
+  echo "== bench/server_smoke.py --arch $arch"
+  timeout -k 10 "$(limit 60 5)" python3 bench/server_smoke.py --arch "$arch" 2>&1 | grep -v "INFO" | tail -n 6
+} > "$apps" 2>&1
+stage apps 0 "$t"
+
 echo
 python3 bench/gpu_round.py report "$out" | tee "$out/summary.txt"
+echo
+cat "$apps"

@@ -27,6 +27,12 @@ shape with no scale, so one schedule (`sparkinfer.schedule.gemv`) covers every t
 
 `gemv_experts` is the MoE form: W[E, N, K] holds all experts, ids[k_used] (on device) picks
 the ones this token uses, and x is shared ([K]: gate/up) or per expert ([k_used, K]: down).
+
+`gemv_qkv` is the attention-input form: Wq, Wk (and Wv) of one type, sharing x, as one row
+space of n_q + n_k + n_v rows (one GPU launch). Row r reads the weight it falls in through
+a lazy if_then_else on r, with clamped indices so every access is provably in bounds; the
+quant codes go through a stage `W` (that row space, as the dot reads it) which the schedule
+keeps in registers, and the three outputs are copied out of the combined `gemv` stage.
 """
 
 from collections.abc import Callable
@@ -305,6 +311,70 @@ def _gemv_te(
     return te.create_prim_func(args)
 
 
+def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
+    """Row r of the concatenated row space of `weights` ((buffer, first row, rows) each):
+    a lazy if_then_else chain on r; each index is clamped into its buffer so that TVM can
+    bound it (the untaken branches are never loaded on the GPU)."""
+
+    def word(i: Expr) -> Expr:
+        value = None
+        for w, first, n in reversed(weights):
+            local = tirx.max(tirx.min(r - first, n - 1), 0)
+            load = w[local, i]
+            value = load if value is None else tirx.if_then_else(r < first + n, load, value)
+        return value
+
+    return word
+
+
+def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tirx.PrimFunc:
+    names = ("q", "k", "v")[: len(ns)]
+    row_words = fmt.row_words(k)
+    n_chunks = k // fmt.chunk
+    n_total = sum(ns)
+    firsts = [sum(ns[:j]) for j in range(len(ns))]
+    ws = [te.placeholder((n, row_words), fmt.word_dtype, name=f"W{name}")
+          for name, n in zip(names, ns)]
+    weights = list(zip(ws, firsts, ns))
+    x = te.placeholder((k,), "float32", name="x")
+    # The row space as the dot reads it; the schedule caches a lane's chunk of it in registers.
+    w = te.compute((n_total, row_words), lambda r, i: _qkv_row(weights, r)(i), name="W")
+
+    def x_at(c: Expr, p: Expr, l: Expr) -> Expr:
+        return x[c * fmt.chunk + p * fmt.sub + l]
+
+    l_dot = te.reduce_axis((0, fmt.sub), name="l")
+    dot = te.compute(
+        (n_total, n_chunks, fmt.parts),
+        lambda r, c, p: te.sum(fmt.code(lambda i: w[r, i], c, p, l_dot) * x_at(c, p, l_dot),
+                               axis=l_dot),
+        name="dot",
+    )
+    xsum = None
+    if fmt.min is not None:
+        l_sum = te.reduce_axis((0, fmt.sub), name="l")
+        xsum = te.compute((n_chunks, fmt.parts),
+                          lambda c, p: te.sum(x_at(c, p, l_sum), axis=l_sum), name="xsum")
+    c = te.reduce_axis((0, n_chunks), name="c")
+    p = te.reduce_axis((0, fmt.parts), name="p")
+
+    def term(r: Expr) -> Expr:
+        row = _qkv_row(weights, r)  # scales and mins: read once a sub-block, straight from W*
+        value = dot[r, c, p]
+        if fmt.scale is not None:
+            value = fmt.scale(row, c, p) * value
+        if fmt.min is not None and xsum is not None:
+            value = value + fmt.min(row, c, p) * xsum[c, p]
+        return value
+
+    y = te.compute((n_total,), lambda r: te.sum(term(r), axis=[c, p]), name="gemv")
+    def copy_out(first: int) -> Callable[[Expr], Expr]:
+        return lambda i: y[i + first]
+
+    outs = [te.compute((n,), copy_out(first), name=name) for name, first, n in zip(names, firsts, ns)]
+    return te.create_prim_func([*ws, x, *outs])
+
+
 def gemv_symbol(ggml_type: int, n: int, k: int) -> str:
     """The kernel name of `gemv(ggml_type, n, k)`; needs no compiler (runtime-only TVM)."""
     return f"gemv_{gemv_format(ggml_type).name.lower()}_{n}x{k}"
@@ -335,6 +405,25 @@ def gemv_experts(
     func = _gemv_te(gemv_format(ggml_type), n, k, (n_experts, n_used), x_per_expert)
     symbol = gemv_experts_symbol(ggml_type, n_experts, n_used, n, k, x_per_expert)
     return func.with_attr("global_symbol", symbol)
+
+
+def gemv_qkv_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
+    name = gemv_format(ggml_type).name.lower()
+    return f"gemv_qkv_{name}_{n_q}x{n_k}x{n_v}x{k}" if n_v else f"gemv_qk_{name}_{n_q}x{n_k}x{k}"
+
+
+def gemv_qkv(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimFunc:
+    """q, k, v = Wq . x, Wk . x, Wv . x in one kernel, all three weights in `ggml_type`.
+
+    Params (Wq words [n_q, row_words], Wk [n_k, ..], Wv [n_v, ..], x f32[k], q f32[n_q],
+    k f32[n_k], v f32[n_v]). n_v = 0 gives the Q+K form (Wq, Wk, x, q, k): for a V of
+    another type, which then takes its own `gemv`.
+    """
+    if n_q <= 0 or n_k <= 0 or n_v < 0:
+        raise TensorShapeError(f"gemv_qkv needs n_q, n_k > 0 and n_v >= 0, got {n_q}, {n_k}, {n_v}")
+    ns = (n_q, n_k, n_v) if n_v else (n_q, n_k)
+    func = _gemv_qkv_te(gemv_format(ggml_type), ns, k)
+    return func.with_attr("global_symbol", gemv_qkv_symbol(ggml_type, n_q, n_k, n_v, k))
 
 
 def weight_view(ggml_type: int, data: npt.NDArray[np.uint8]) -> np.ndarray:
@@ -368,3 +457,15 @@ def gemv_experts_reference(
     """numpy oracle of gemv_experts: data uint8[E, n, row_bytes], x f32[k] or f32[n_used, k]."""
     xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), x.shape[-1]))
     return np.stack([gemv_reference(ggml_type, data[e], xi) for e, xi in zip(ids, xs)])
+
+
+def gemv_qkv_reference(
+    ggml_type: int,
+    q_data: npt.NDArray[np.uint8],
+    k_data: npt.NDArray[np.uint8],
+    v_data: npt.NDArray[np.uint8] | None,
+    x: npt.NDArray[np.float32],
+) -> tuple[np.ndarray, ...]:
+    """numpy oracle of gemv_qkv: (q, k, v), or (q, k) where v_data is None (the n_v = 0 form)."""
+    datas = [q_data, k_data] + ([] if v_data is None else [v_data])
+    return tuple(gemv_reference(ggml_type, d, x) for d in datas)

@@ -25,7 +25,7 @@ and `pos := pos + 1` (advance). So the same call, replayed, decodes token after 
 prefill is that step in a loop.
 
 Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residual ->
-Q/K/V gemv -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
+Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
 """
@@ -311,6 +311,30 @@ class _StepBuilder:
         gv = self.k("gemv", "gemv", self.t(name), n, k)
         return self.call(gv, [self.params[name], x], [self.f32(n)], label)
 
+    def qkv(self, w: str, x: relax.Expr, i: int) -> list[relax.Var]:
+        """Q, K and V of layer i, in as few launches as their types allow: one `gemv_qkv`
+        where all three share a type; where two do (Q4_K_M's Q4_K Q+K beside a Q6_K V, or
+        a Q8_0 K+V beside a Q4_K Q), that pair in one `gemv_qkv` of n_v = 0 (the kernel is
+        two or three GEMVs sharing x; its q/k names are positions) and the third in a `gemv`;
+        else three `gemv` launches."""
+        kinds = ("q", "k", "v")
+        names = [w + f"attn_{kind}.weight" for kind in kinds]
+        out: list[relax.Var | None] = [None, None, None]
+        for t in dict.fromkeys(self.t(n) for n in names):  # distinct types, in q/k/v order
+            group = [j for j, n in enumerate(names) if self.t(n) == t]
+            if len(group) == 1:
+                j = group[0]
+                out[j] = self.gemv(names[j], x, f"{kinds[j]}{i}")
+                continue
+            rows = [self.spec_shape(names[j])[0] for j in group]
+            h = self.spec_shape(names[group[0]])[1]
+            gv = self.k("gemv", "gemv_qkv", t, rows[0], rows[1], rows[2] if len(group) == 3 else 0, h)
+            results = self.call(gv, [self.params[names[j]] for j in group] + [x],
+                                [self.f32(r) for r in rows], "".join(kinds[j] for j in group) + str(i))
+            for j, var in zip(group, results):
+                out[j] = var
+        return out  # type: ignore[return-value]
+
     def spec_shape(self, name: str) -> tuple[int, ...]:
         return self._specs[name].shape
 
@@ -361,9 +385,7 @@ class _StepBuilder:
         c, p = self.c, self.params
         w = f"blk.{i}."
         H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
-        q = self.gemv(w + "attn_q.weight", x, f"q{i}")
-        k = self.gemv(w + "attn_k.weight", x, f"k{i}")
-        v = self.gemv(w + "attn_v.weight", x, f"v{i}")
+        q, k, v = self.qkv(w, x, i)
         kc, vc = p[f"k_cache_{i}"], p[f"v_cache_{i}"]
         cache_t = kc.ty
         gv = self.k("rope", "qk_norm_rope_kv_append", NH, NKV, D, self.P, self.MP, c.rms_eps, c.rope_theta)

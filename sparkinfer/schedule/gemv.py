@@ -16,6 +16,7 @@ Measured on an H200 with ncu, L2 flushed, default schedules: 4096x2048 Q4_K 6.9 
 (a few MB per kernel); the Q6_K path (2-byte loads, 2-byte aligned blocks) is the slowest.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType
@@ -152,6 +153,61 @@ def schedule_gemv(
     """Schedule a `gemv` or `gemv_experts` PrimFunc of `ggml_type` for a CUDA target."""
     fmt: GemvFormat = gemv_format(ggml_type)
     sch = s_tir.Schedule(func)
+
+    def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
+        cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "x", part)
+
+    _schedule_rows(sch, fmt, config, cache_weight)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_gemv_qkv(
+    func: tirx.PrimFunc, ggml_type: int, config: GemvSchedule | None = None
+) -> tirx.PrimFunc:
+    """Schedule a `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
+    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
+    or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
+    16-byte loads where the format allows, else is inlined into the dot; each output copy
+    runs right after its row's warp reduction, predicated to the rows it owns."""
+    fmt: GemvFormat = gemv_format(ggml_type)
+    sch = s_tir.Schedule(func)
+    w = sch.get_sblock("W")
+
+    def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
+        if fmt.ggml_type in VECTOR_CHUNKS:
+            sch.compute_at(w, it)
+            sch.set_scope(w, 0, "local")
+            *outer, inner = loops_below(sch, w, it)
+            rest, vec = sch.split(inner, [None, VECTOR_BYTES // fmt.word_bytes])
+            sch.vectorize(vec)
+            for loop in (*outer, rest):
+                sch.unroll(loop)
+        else:
+            sch.compute_inline(w)
+        if xsum is None:
+            cache_in_registers(sch, [dot], "x", part, 4)
+        else:
+            cache_in_registers(sch, [dot, xsum], "x", it, 4)
+
+    gemv, row = _schedule_rows(sch, fmt, config, cache_weight)
+    # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
+    sch.set_scope(gemv, 0, "local")
+    # (Wq, Wk, Wv, x, q, k, v), or (Wq, Wk, x, q, k) for the n_v = 0 form.
+    for name in ("q", "k", "v")[: (len(func.params) - 1) // 2]:
+        sch.reverse_compute_at(sch.get_sblock(name), row)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_rows(
+    sch: s_tir.Schedule,
+    fmt: GemvFormat,
+    config: GemvSchedule | None,
+    cache_weight: Callable[[SBlockRV, SBlockRV | None, LoopRV, LoopRV], None],
+) -> tuple[SBlockRV, LoopRV]:
+    """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv;
+    `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers. Returns the
+    gemv block and its per-thread row loop."""
+    ggml_type = fmt.ggml_type
     dot, gemv = sch.get_sblock("dot"), sch.get_sblock("gemv")
     xsum = sch.get_sblock("xsum") if fmt.min is not None else None
     *lead, n, c, p = sch.get_loops(gemv)
@@ -197,6 +253,6 @@ def schedule_gemv(
         # x one sub-block at a time above the row loop, so the thread's rows share it.
         sch.reorder(dot_part, dot_outer[0])
 
-    cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "x", it if dot_part is None else dot_part)
+    cache_weight(dot, xsum, it, it if dot_part is None else dot_part)
     unroll_chunk_loop(sch, it, [*producers, partial], config.unroll)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return gemv, final_r

@@ -61,6 +61,41 @@ def test_gemv_experts_matches_numpy(rng: np.random.Generator, t: T, x_per_expert
     assert_gemv_close(y, G.gemv_experts_reference(t, data, ids, x), mag)
 
 
+def run_cpu_outputs(func: tvm.tirx.PrimFunc, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """run_cpu for several outputs, each poisoned with NaN."""
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    dev = tvm.cpu()
+    outs = [tvm.runtime.tensor(np.full_like(o, np.nan), dev) for o in outputs]
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in inputs], *outs)
+    return [o.numpy() for o in outs]
+
+
+@pytest.mark.parametrize("n_v", [24, 0], ids=["qkv", "qk"])
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_gemv_qkv_matches_numpy(rng: np.random.Generator, t: T, n_v: int) -> None:
+    # Row counts no schedule tile divides, so tiles straddle the Q/K and K/V boundaries.
+    k, ns = 512, [37, 19, n_v]
+    datas = [random_weights(t, (n, k), rng) for n in ns if n]
+    x = rng.standard_normal(k, dtype=np.float32)
+    func = G.gemv_qkv(t, *ns, k)
+    got = run_cpu_outputs(func, [G.weight_view(t, d) for d in datas] + [x],
+                          [np.empty(d.shape[0], np.float32) for d in datas])
+    want = G.gemv_qkv_reference(t, datas[0], datas[1], datas[2] if n_v else None, x)
+    assert len(got) == len(want) == len(datas)
+    for y, ref, data in zip(got, want, datas):
+        assert_gemv_close(y, ref, magnitude(t, data, x))
+
+
+def test_gemv_qkv_params_are_the_weights_then_x_then_the_outputs() -> None:
+    func = G.gemv_qkv(T.Q4_K, 64, 32, 32, 256)
+    assert (
+        '(Wq: T.Buffer((64, 36), "uint32"), Wk: T.Buffer((32, 36), "uint32"), '
+        'Wv: T.Buffer((32, 36), "uint32"), x: T.Buffer((256,), "float32"), '
+        'q: T.Buffer((64,), "float32"), k: T.Buffer((32,), "float32"), v: T.Buffer((32,), "float32"))'
+    ) in func.script()
+    assert len(G.gemv_qkv(T.Q4_K, 64, 32, 0, 256).params) == 5
+
+
 @pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
 def test_weight_view_is_zero_copy(rng: np.random.Generator, t: T) -> None:
     data = random_weights(t, (4, 256), rng)

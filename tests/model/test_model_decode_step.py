@@ -1,5 +1,7 @@
 """The decode step's Relax module: parameter order and types, kernels, determinism."""
 
+import re
+
 import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
@@ -69,12 +71,36 @@ def test_each_distinct_kernel_is_in_the_module_once() -> None:
     assert prim_funcs == set(names)
     factories = {(k.family, k.factory) for k in step.kernels}
     assert {("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
-            ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
+            ("gemv", "gemv_qkv"), ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
             ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
             ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance")} == factories
     # Q6_K and Q4_K down projections (llama.cpp's layer mix) are two kernels.
     downs = [k for k in step.kernels if k.factory == "moe_down_residual"]
     assert sorted(k.args[0] for k in downs) == ["Q4_K", "Q6_K"]
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "v", "launches"),
+    [
+        (T.Q4_K, T.Q4_K, T.Q4_K, ["qkv0"]),
+        (T.Q4_K, T.Q4_K, T.Q6_K, ["qk0", "v0"]),  # Q4_K_M's Q6_K attn_v layers
+        (T.Q4_K, T.Q8_0, T.Q8_0, ["q0", "kv0"]),  # the tiny preset's Q4_K_M mix
+        (T.Q4_K, T.Q8_0, T.Q6_K, ["q0", "k0", "v0"]),
+    ],
+    ids=["qkv", "qk+v", "q+kv", "q+k+v"],
+)
+def test_q_k_and_v_share_launches_where_their_types_allow(q: T, k: T, v: T, launches: list[str]) -> None:
+    types = type_map(TINY, "q4_k_m")
+    for kind, t in zip("qkv", (q, k, v)):
+        types[f"blk.0.attn_{kind}.weight"] = t
+    step = build_decode_step(TINY, types)
+    text = step.mod[spec.ENTRY].script()
+    calls = set(re.findall(r"\b(qkv0|qk0|kv0|q0|k0|v0) = R\.call_tir", text))
+    assert calls == set(launches)
+    nq, nk, h = TINY.n_heads * TINY.head_dim, TINY.n_kv_heads * TINY.head_dim, TINY.hidden
+    fused = {k.args for k in step.kernels if k.factory == "gemv_qkv"}
+    want = {"qkv0": (q.name, nq, nk, nk, h), "qk0": (q.name, nq, nk, 0, h), "kv0": (k.name, nk, nk, 0, h)}
+    assert {want[name] for name in launches if name in want} <= fused
 
 
 def test_module_is_deterministic() -> None:

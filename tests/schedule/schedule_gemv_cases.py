@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import random_weights
-from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv
+from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv, schedule_gemv_qkv
 
 from cuda_testutil import CUDA_ARCHS, export, gpu_tests_dir
 
@@ -85,10 +85,52 @@ CASES: tuple[GemvCase, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class GemvQkvCase:
+    """A `gemv_qkv` launch: Q, K and V (or Q and K where n_v is 0) sharing x."""
+
+    name: str
+    ggml_type: T
+    n_q: int
+    n_k: int
+    n_v: int
+    k: int
+    schedule: GemvSchedule | None = None  # None: default_schedule
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return (self.n_q, self.n_k, self.n_v) if self.n_v else (self.n_q, self.n_k)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        return G.gemv_qkv(self.ggml_type, self.n_q, self.n_k, self.n_v, self.k)
+
+    @property
+    def symbol(self) -> str:
+        return G.gemv_qkv_symbol(self.ggml_type, self.n_q, self.n_k, self.n_v, self.k)
+
+    def inputs(self, rng: np.random.Generator) -> dict[str, object]:
+        """Host arrays: datas (GGUF bytes of Wq, Wk[, Wv]), x."""
+        return {
+            "datas": [random_weights(self.ggml_type, (n, self.k), rng) for n in self.rows],
+            "x": rng.standard_normal(self.k, dtype=np.float32),
+        }
+
+
+# Qwen3-30B-A3B attention inputs: 32 x 128 query rows, 4 x 128 key and value rows.
+QKV_CASES: tuple[GemvQkvCase, ...] = (
+    GemvQkvCase("attn_qkv_q4_k", T.Q4_K, 4096, 512, 512, 2048),
+    GemvQkvCase("attn_qk_q4_k", T.Q4_K, 4096, 512, 0, 2048),  # Q4_K_M layers with a Q6_K V
+    GemvQkvCase("attn_qkv_q6_k", T.Q6_K, 4096, 512, 512, 2048),
+    GemvQkvCase("attn_qkv_q8_0", T.Q8_0, 4096, 512, 512, 2048),
+)
+
+
 def cases_module() -> tvm.IRModule:
-    return tvm.IRModule(
-        {c.symbol: schedule_gemv(c.func(), c.ggml_type, c.schedule) for c in CASES}
+    funcs = {c.symbol: schedule_gemv(c.func(), c.ggml_type, c.schedule) for c in CASES}
+    funcs.update(
+        {c.symbol: schedule_gemv_qkv(c.func(), c.ggml_type, c.schedule) for c in QKV_CASES}
     )
+    return tvm.IRModule(funcs)
 
 
 def build_library(arch: str, out_dir: Path) -> Path:

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
 from sparkinfer.kernels import gemv as G
-from sparkinfer.schedule.gemv import GemvSchedule, default_schedule, schedule_gemv
+from sparkinfer.schedule.gemv import GemvSchedule, default_schedule, schedule_gemv, schedule_gemv_qkv
 
 ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
 needs_nvcc = pytest.mark.skipif(
@@ -82,3 +82,38 @@ def test_nvcc_compiles_every_type_for_sm_90a() -> None:
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, "sm_90"), "sm_90")
     assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", "sm_90a")]
+
+
+QKV_TYPES = [T.Q4_K, T.Q6_K, T.Q8_0, T.F16]
+
+
+@pytest.mark.parametrize("n_v", [512, 0], ids=["qkv", "qk"])
+@pytest.mark.parametrize("t", QKV_TYPES, ids=lambda t: t.name)
+def test_qkv_is_one_kernel_writing_each_output(t: T, n_v: int) -> None:
+    source = cuda_source(schedule_gemv_qkv(G.gemv_qkv(t, 4096, 512, n_v, 2048), t))
+    assert source.count('extern "C" __global__ void') == 2  # declaration + definition: one kernel
+    body = kernel_body(source)
+    assert "__shfl_down_sync" in body
+    assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx)", body)
+    outputs = ["q", "k", "v"] if n_v else ["q", "k"]
+    for name in outputs:
+        assert re.search(rf"\b{name}_ptr\[[^\]]*\] = red_buf0_ptr\[0\]", body), name
+    assert ("Wv_ptr" in body) == bool(n_v)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.F16], ids=lambda t: t.name)
+def test_qkv_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
+    body = kernel_body(cuda_source(schedule_gemv_qkv(G.gemv_qkv(t, 4096, 512, 512, 2048), t)))
+    for w in ("Wq", "Wk", "Wv"):
+        assert re.search(rf"\*\((uint4|float4)\*\)\({w}_ptr", body), w
+    assert "= *(float4*)(x_ptr" in body
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_nvcc_compiles_qkv_for_every_arch(arch: str) -> None:
+    funcs = [schedule_gemv_qkv(G.gemv_qkv(t, 4096, 512, 512, 2048), t) for t in QKV_TYPES]
+    funcs.append(schedule_gemv_qkv(G.gemv_qkv(T.Q4_K, 4096, 512, 0, 2048), T.Q4_K))
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, arch), arch)
+    assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", arch + "a")]

@@ -12,7 +12,7 @@ from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import assert_gemv_close
 
 from cuda_testutil import load_library
-from schedule_gemv_cases import CASES, STEM, GemvCase, cases_module
+from schedule_gemv_cases import CASES, QKV_CASES, STEM, GemvCase, GemvQkvCase, cases_module
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,21 @@ def test_gemv_on_gpu_matches_numpy(library: tvm.runtime.Module, case: GemvCase) 
         ref = G.gemv_experts_reference(case.ggml_type, data, ids, x)
         mag = np.stack([magnitude(case, data[e], xi) for e, xi in zip(ids, xs)])
     assert_gemv_close(y.numpy(), ref, mag)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: c.name)
+def test_gemv_qkv_on_gpu_matches_numpy(library: tvm.runtime.Module, case: GemvQkvCase) -> None:
+    rng = np.random.default_rng(20261127)
+    inputs = case.inputs(rng)
+    datas, x = inputs["datas"], inputs["x"]
+    dev = tvm.cuda(0)
+    ys = [tvm.runtime.tensor(np.full(n, np.nan, np.float32), dev) for n in case.rows]
+    args = [G.weight_view(case.ggml_type, d) for d in datas] + [x]
+    library[case.symbol](*[tvm.runtime.tensor(a, dev) for a in args], *ys)
+    dev.sync()
+    refs = G.gemv_qkv_reference(case.ggml_type, datas[0], datas[1], datas[2] if case.n_v else None, x)
+    for y, ref, data in zip(ys, refs, datas):
+        w = quant.dequantize(case.ggml_type, data, (data.shape[0], case.k))
+        mag = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
+        assert_gemv_close(y.numpy(), ref, mag)
