@@ -10,7 +10,8 @@
 # transformers dependency; pygments maybe). The runtime engineer's .device/rt/pytest_whl/ wheels
 # are reused when present. What sparkinfer imports beside numpy (tokenizers, jinja2, tqdm, pyyaml
 # for gguf) is in the image (KINDS.md's pip list: tokenizers, transformers, torch): not packed,
-# to keep the carried tree small; the round names any module that is missing.
+# to keep the carried tree small; the round names any module that is missing. The server's
+# stack (fastapi, uvicorn, pydantic) is packed: the image lacks uvicorn.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -21,6 +22,12 @@ grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/i
 wheels=(
   "pytest=pytest==9.2.0" "pluggy=pluggy==1.7.0" "iniconfig=iniconfig==2.3.1"
   "packaging=packaging==26.4" "pygments=pygments==2.21.0"
+  # sparkinfer serve (bench/server_smoke.py): the image has no uvicorn (seen 2026-11-27)
+  "uvicorn=uvicorn==0.54.0" "h11=h11==0.16.0" "click=click==8.5.1"
+  "fastapi=fastapi==0.165.0" "starlette=starlette==1.10.0" "anyio=anyio==4.16.0" "idna=idna==3.20"
+  "sniffio=sniffio==1.3.1" "annotated_doc=annotated-doc==0.0.7" "opentelemetry=opentelemetry-api==1.45.2"
+  "pydantic=pydantic==2.13.4" "pydantic_core=pydantic_core==2.46.4" "annotated_types=annotated-types==0.7.0"
+  "typing_inspection=typing-inspection==0.4.2"
 )
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
