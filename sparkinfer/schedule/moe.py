@@ -115,14 +115,17 @@ def schedule_moe_down_residual(
     h_out = sch.get_sblock("h_out")
     (n,) = sch.get_loops(h_out)
     down = sch.get_sblock("down")
+    n_used = _extent(sch, "down", 1)
     if config is None:
         # The lanes sweep slot x chunk: size them by all the slots' chunks together.
-        config = default_schedule((_extent(sch, "down", 1) * _extent(sch, "down", 2),))
+        config = default_schedule((n_used * _extent(sch, "down", 2),))
     bx, ty = sch.split(n, [None, config.rows])
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.compute_at(down, ty)
     sch.set_scope(down, 0, "local")
-    slot, chunk = loops_below(sch, down, ty)[:2]
-    _lane_reduction(sch, fmt, "down", sch.fuse(slot, chunk), config, "Wd", "act")
+    below = loops_below(sch, down, ty)
+    # compute_at drops a unit slot loop: with one expert (a dense FFN) the chunks alone.
+    chunk_loop = sch.fuse(*below[:2]) if n_used > 1 else below[0]
+    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", "act")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
