@@ -1,7 +1,7 @@
 """`compiled/<arch>/<key>/manifest.json`: what a compiled decode step is and how to bind it.
 
 The one definition of the manifest format, for the compiler (which writes it) and the
-runtime (which reads it, as `sparkinfer.runtime.manifest`). It imports no TVM and nothing
+runtime (which reads it). It imports no TVM and nothing
 of the build pipeline: the runtime reads a manifest with `Manifest.load`, loads `library`
 with `tvm.runtime.load_module`, makes a `VirtualMachine` and binds the inputs of `entry` in
 the listed order from the GGUF file's tensors, so modules compiled elsewhere load with

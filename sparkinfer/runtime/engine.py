@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from sparkinfer.compiler.manifest import MANIFEST_NAME, Manifest, compiled_dir, find_compiled, stale_reason
 from sparkinfer.errors import CompiledModuleError, ContextLengthError, SparkInferError
 from sparkinfer.runtime import device as device_mod
 from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
 from sparkinfer.runtime.kv_cache import KVCache
 from sparkinfer.runtime.cudart import HOST_TO_DEVICE
-from sparkinfer.runtime.manifest import MANIFEST, Manifest
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, upload_weights
 
 Log = Callable[[str], None]
@@ -91,51 +91,28 @@ def module_matches(manifest: Manifest, arch: str, config: Any, type_map: dict[st
 
 def find_module(roots: Sequence[Path], arch: str, config: Any, type_map: dict[str, Any]) -> Manifest | None:
     """The first up-to-date compiled module for this model and arch under `roots` (layout
-    `<root>/<arch>/<key>/manifest.json`): the compiler's own lookup (`find_compiled`, which
-    needs no TVM) when it is importable, else any manifest under `<root>/<arch>/` that fits."""
-    finder = _compiler_finder()
+    `<root>/<arch>/<key>/manifest.json`): the compiler's own lookup, `find_compiled`, which
+    needs no TVM."""
     for root in roots:
-        if finder is not None:
-            found = finder(config, type_map, arch, root)
-            if found is not None:
-                return Manifest.load(Path(found.directory))
-            continue
-        for path in sorted(Path(root).glob(f"{arch}/*/{MANIFEST}")):
-            try:
-                manifest = Manifest.load(path)
-            except CompiledModuleError:
-                continue
-            if module_matches(manifest, arch, config, type_map) is None:
-                return manifest
+        found = find_compiled(config, type_map, arch, root)
+        if found is not None:
+            return Manifest.load(Path(found.directory))
     return None
 
 
 def stale_modules(roots: Sequence[Path], arch: str, config: Any, type_map: dict[str, Any]) -> list[str]:
     """'<dir>: <why>' for each module of this model under `roots` that cannot be used."""
-    try:
-        from sparkinfer.compiler.manifest import Manifest as CompiledManifest
-        from sparkinfer.compiler.manifest import compiled_dir, stale_reason
-    except ImportError:
-        return []
     out = []
     for root in roots:
         directory = compiled_dir(config, type_map, arch, root)
-        if (directory / MANIFEST).is_file():
+        if (directory / MANIFEST_NAME).is_file():
             try:
-                why = stale_reason(CompiledManifest.read(directory), config, type_map, arch)
+                why = stale_reason(Manifest.read(directory), config, type_map, arch)
             except (SparkInferError, KeyError, TypeError, ValueError) as e:
                 why = f"unreadable manifest ({e})"
             if why:
                 out.append(f"{directory}: {why}")
     return out
-
-
-def _compiler_finder() -> Callable[..., Any] | None:
-    try:
-        from sparkinfer.compiler.manifest import find_compiled
-    except ImportError:
-        return None
-    return find_compiled
 
 
 def compile_module(config: Any, type_map: dict[str, Any], arch: str, out_root: Path, note: str = "") -> Manifest:

@@ -16,9 +16,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.errors import ContextLengthError, OutOfMemoryError
+from sparkinfer.model.spec import StepInput
 from sparkinfer.runtime.device import MemoryInfo, format_bytes
-from sparkinfer.runtime.manifest import Input, Manifest
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, dtype_size
 
 
@@ -135,7 +136,7 @@ class KVCache:
                    else "")
             )
 
-    def state_args(self, inputs: Sequence[Input]) -> list[Any]:
+    def state_args(self, inputs: Sequence[StepInput]) -> list[Any]:
         return [self.arrays[i.name] for i in inputs if i.role != "weight"]
 
 

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparkinfer.errors import CompiledModuleError, MissingTensorError, OutOfMemoryError
+from sparkinfer.model.spec import StepInput
 from sparkinfer.runtime.device import MemoryInfo, format_bytes
-from sparkinfer.runtime.manifest import Input
 
 # Kept free for the step's own buffers (activations, logits, split-K partials), the CUDA graph
 # and the context's growth. A decode step's intermediates are a few MiB; this is generous.
@@ -27,11 +27,11 @@ def dtype_size(dtype: str) -> int:
     return np.dtype(str(dtype)).itemsize
 
 
-def input_bytes(inp: Input, n_pages: int | None = None) -> int:
+def input_bytes(inp: StepInput, n_pages: int | None = None) -> int:
     return math.prod(inp.concrete_shape(n_pages)) * dtype_size(inp.dtype)
 
 
-def weights_bytes(inputs: Sequence[Input]) -> int:
+def weights_bytes(inputs: Sequence[StepInput]) -> int:
     return sum(input_bytes(i) for i in inputs if i.role == "weight")
 
 
@@ -48,7 +48,7 @@ def check_fits(needed: int, what: str, memory_info: MemoryInfo, reserve: int = D
     return free
 
 
-def host_view(info: Any, inp: Input) -> np.ndarray:
+def host_view(info: Any, inp: StepInput) -> np.ndarray:
     """The tensor's file bytes as `inp.dtype[inp.shape]` (a view of the memory map)."""
     data = np.asarray(info.data).view(np.ndarray)
     if not data.flags["C_CONTIGUOUS"]:
@@ -65,7 +65,7 @@ def host_view(info: Any, inp: Input) -> np.ndarray:
     return raw.view(np.dtype(inp.dtype)).reshape(shape)
 
 
-def check_types(model: Any, inputs: Sequence[Input]) -> None:
+def check_types(model: Any, inputs: Sequence[StepInput]) -> None:
     """Every weight exists in the file, with the ggml type the module was compiled for."""
     for inp in inputs:
         if inp.role != "weight":
@@ -82,7 +82,7 @@ def check_types(model: Any, inputs: Sequence[Input]) -> None:
 
 def upload_weights(
     model: Any,
-    inputs: Sequence[Input],
+    inputs: Sequence[StepInput],
     tvm_device: Any,
     *,
     memory_info: MemoryInfo | None = None,

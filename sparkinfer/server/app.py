@@ -169,26 +169,9 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         if req.stream:
-            def chunk(delta: dict[str, Any], finish: str | None) -> str:
-                body = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-                if include_usage:
-                    body["usage"] = None
-                return p.sse(body)
-
-            async def events() -> AsyncIterator[str]:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                async for kind, value in relay(job):
-                    if kind == "delta":
-                        yield chunk({"content": value}, None)
-                    elif kind == "done":
-                        yield chunk({}, finish_reason(value))
-                        if include_usage:
-                            yield p.sse({**head, "choices": [], "usage": usage_of(value, prompt)})
-                    else:
-                        yield p.sse(stream_error(value))
-                yield p.sse("[DONE]")
-
-            return _EventStream(events(), job.cancel)
+            return event_stream(job, head, prompt, include_usage,
+                                lambda text: {"delta": {} if text is None else {"content": text}},
+                                opening={"delta": {"role": "assistant", "content": ""}})
 
         completion = await collect(request, job)
         return {
@@ -213,25 +196,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         if req.stream:
-            def chunk(text: str, finish: str | None) -> str:
-                body = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-                if include_usage:
-                    body["usage"] = None
-                return p.sse(body)
-
-            async def events() -> AsyncIterator[str]:
-                async for kind, value in relay(job):
-                    if kind == "delta":
-                        yield chunk(value, None)
-                    elif kind == "done":
-                        yield chunk("", finish_reason(value))
-                        if include_usage:
-                            yield p.sse({**head, "choices": [], "usage": usage_of(value, prompt)})
-                    else:
-                        yield p.sse(stream_error(value))
-                yield p.sse("[DONE]")
-
-            return _EventStream(events(), job.cancel)
+            return event_stream(job, head, prompt, include_usage,
+                                lambda text: {"text": "" if text is None else text})
 
         completion = await collect(request, job)
         return {
@@ -243,6 +209,35 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         }
 
     return app
+
+
+def event_stream(job: Job, head: dict[str, Any], prompt: list[int], include_usage: bool,
+                 content: Callable[[str | None], dict[str, Any]],
+                 opening: dict[str, Any] | None = None) -> _EventStream:
+    """A streamed job's server-sent events: the choice fields `opening` (if any), then a chunk
+    of `content(text)` per text delta, the finishing chunk of `content(None)`, the usage chunk
+    when asked (or an error chunk if the job fails), then [DONE]."""
+    def chunk(fields: dict[str, Any], finish: str | None) -> str:
+        body = {**head, "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return p.sse(body)
+
+    async def events() -> AsyncIterator[str]:
+        if opening is not None:
+            yield chunk(opening, None)
+        async for kind, value in relay(job):
+            if kind == "delta":
+                yield chunk(content(value), None)
+            elif kind == "done":
+                yield chunk(content(None), finish_reason(value))
+                if include_usage:
+                    yield p.sse({**head, "choices": [], "usage": usage_of(value, prompt)})
+            else:
+                yield p.sse(stream_error(value))
+        yield p.sse("[DONE]")
+
+    return _EventStream(events(), job.cancel)
 
 
 async def relay(job: Job) -> AsyncIterator[tuple[str, Any]]:

@@ -65,8 +65,8 @@ def test_manifest_round_trip(compiled) -> None:  # noqa: ANN001
 
 
 def test_the_runtime_reads_the_manifest(compiled) -> None:  # noqa: ANN001
-    runtime_manifest = pytest.importorskip("sparkinfer.runtime.manifest")
-    m = runtime_manifest.Manifest.load(compiled.directory)
+    runtime = pytest.importorskip("sparkinfer.runtime")
+    m = runtime.Manifest.load(compiled.directory)
     assert m.arch == "cpu" and m.page_size == 64 and m.max_pages == 32
     assert m.hparams_hash == TINY.hparams_hash()
     assert m.library == compiled.directory / "model.so"
@@ -99,7 +99,7 @@ def test_a_manifest_of_another_format_is_refused(compiled, tmp_path: Path) -> No
 
 def test_the_manifest_format_imports_no_tvm() -> None:
     # The runtime reads manifests with runtime-only TVM and no build pipeline.
-    code = ("import sys, sparkinfer.runtime.manifest; print(sorted(m for m in sys.modules "
+    code = ("import sys, sparkinfer.runtime; print(sorted(m for m in sys.modules "
             "if m.split('.')[0] == 'tvm' or m.startswith('sparkinfer.compiler.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['sparkinfer.compiler.manifest']"

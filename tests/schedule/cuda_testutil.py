@@ -58,8 +58,10 @@ def kernel_body(source: str, name: str) -> str:
     return source[start : end if end >= 0 else None]
 
 
-def assert_nvcc_compiles(arch: str, mod: tvm.IRModule) -> None:
-    entries = targets.fatbin_entries(targets.nvcc_fatbin(cuda_source(mod), arch))
+def assert_nvcc_compiles(arch: str, code: tvm.IRModule | str) -> None:
+    """nvcc makes one cubin for `arch` of `code` (a module, or its CUDA source)."""
+    source = code if isinstance(code, str) else cuda_source(code)
+    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
     assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
 
 
@@ -93,6 +95,17 @@ def load_library(stem: str, mod: Callable[[], tvm.IRModule]) -> Iterator[tvm.run
         pytest.skip(missing_reason(f"{stem} library", path, arch))
     with tempfile.TemporaryDirectory() as tmp:
         yield tvm.runtime.load_module(str(export(mod(), stem, arch, Path(tmp))))
+
+
+def gpu_fixture(stem: str, mod: Callable[[], tvm.IRModule]) -> Callable[[], Iterator[Gpu]]:
+    """A test file's module-scoped `gpu` fixture: `Gpu` on `stem`'s library (`load_library`)."""
+
+    @pytest.fixture(scope="module", name="gpu")
+    def gpu() -> Iterator[Gpu]:
+        for library in load_library(stem, mod):
+            yield Gpu(library)
+
+    return gpu
 
 
 def main(doc: str, stem: str, mod: Callable[[], tvm.IRModule]) -> None:

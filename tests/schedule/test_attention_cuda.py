@@ -3,7 +3,6 @@ Qwen3-30B-A3B shapes against numpy (on GPU machines the library comes prebuilt:
 `python -m tests.gpu_prebuild`)."""
 
 import re
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from cuda_testutil import (
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
-    load_library,
+    gpu_fixture,
     main,
     module,
     needs_nvcc,
@@ -67,10 +66,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module((16,)))
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("attention", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("attention", kernels_module)
 
 
 def paged_cache(

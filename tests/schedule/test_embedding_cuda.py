@@ -1,8 +1,6 @@
 """Embedding schedule: nvcc for every arch, and on a GPU the model's vocabulary and width against
 numpy (on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import tvm
@@ -17,7 +15,7 @@ from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
-    load_library,
+    gpu_fixture,
     main,
     module,
     needs_nvcc,
@@ -43,10 +41,7 @@ def test_nvcc_compiles_every_type_for(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module())
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("embedding", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("embedding", kernels_module)
 
 
 @pytest.mark.gpu

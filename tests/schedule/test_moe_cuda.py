@@ -3,7 +3,6 @@ shapes (128 experts, top 8, H 2048, I 768) against the numpy reference (on GPU m
 library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,6 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer import quant
-from sparkinfer.compiler import targets
 from sparkinfer.kernels import moe as M
 from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
@@ -27,9 +25,10 @@ from sparkinfer.schedule.moe import (
 from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
+    assert_nvcc_compiles,
     cuda_source,
+    gpu_fixture,
     kernel_body,
-    load_library,
     main,
     module,
     needs_nvcc,
@@ -99,6 +98,16 @@ def test_q4_k_weights_load_16_bytes_at_a_time(source: str) -> None:
     assert "*(float4*)(x_ptr" in body
 
 
+# The dense Qwen3 FFN runs through the MoE kernels with one expert (E = KU = 1).
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32], ids=lambda t: t.name)
+def test_down_residual_schedules_one_expert(ggml_type: T) -> None:
+    symbol = M.moe_down_residual_symbol(ggml_type, 1, 1, H, I)
+    func = schedule_moe_down_residual(M.moe_down_residual(ggml_type, 1, 1, H, I), ggml_type)
+    body = kernel_body(cuda_source(module(func)), symbol)
+    assert "__shfl_down_sync" in body
+    assert body.count("h_out_ptr[") == 1
+
+
 def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
     assert default_schedule((32, 32)) == MoeSchedule(lanes=32, rows=4)  # Q4_K gate and up
     assert default_schedule((32, 64)) == MoeSchedule(lanes=32, rows=4)  # Q5_K gate, Q8_0 up
@@ -109,14 +118,10 @@ def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(source: str, arch: str) -> None:
-    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
-    assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
+    assert_nvcc_compiles(arch, source)
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("moe", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("moe", kernels_module)
 
 
 def abs_gemv(t: T, data: np.ndarray, ids: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,6 @@
 """RMSNorm schedules: codegen, nvcc for every arch, and on a GPU the model's hidden size against
 numpy (on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import tvm
@@ -15,7 +13,7 @@ from cuda_testutil import (
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
-    load_library,
+    gpu_fixture,
     main,
     module,
     needs_nvcc,
@@ -39,10 +37,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module())
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("norm", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("norm", kernels_module)
 
 
 @pytest.mark.gpu

@@ -2,8 +2,6 @@
 shapes against numpy (on GPU machines the library comes prebuilt:
 `python -m tests.gpu_prebuild`)."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import tvm
@@ -17,7 +15,7 @@ from cuda_testutil import (
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
-    load_library,
+    gpu_fixture,
     main,
     module,
     needs_nvcc,
@@ -46,10 +44,7 @@ def test_nvcc_compiles_for(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module())
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("rope", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("rope", kernels_module)
 
 
 def angle_error_bound(x_normed: np.ndarray, pos: int) -> np.ndarray:

@@ -2,22 +2,20 @@
 (128 experts, top 8) against the numpy reference (on GPU machines the library comes prebuilt:
 `python -m tests.gpu_prebuild`)."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import tvm
 
-from sparkinfer.compiler import targets
 from sparkinfer.kernels.router import router_topk, router_topk_reference, router_topk_symbol
 from sparkinfer.schedule.router import schedule_router_topk
 
 from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
+    assert_nvcc_compiles,
     cuda_source,
+    gpu_fixture,
     kernel_body,
-    load_library,
     main,
     module,
     needs_nvcc,
@@ -49,14 +47,10 @@ def test_one_block_of_one_thread_per_expert(source: str) -> None:
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(source: str, arch: str) -> None:
-    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
-    assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
+    assert_nvcc_compiles(arch, source)
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("router", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("router", kernels_module)
 
 
 @pytest.mark.gpu

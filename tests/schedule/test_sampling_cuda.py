@@ -2,22 +2,20 @@
 (151936) against the numpy reference, draw for draw (on GPU machines the library comes prebuilt:
 `python -m tests.gpu_prebuild`)."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import tvm
 
-from sparkinfer.compiler import targets
 from sparkinfer.kernels import sampling as S
 from sparkinfer.schedule.sampling import SAMPLE_THREADS, schedule_advance, schedule_sample_token
 
 from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
+    assert_nvcc_compiles,
     cuda_source,
+    gpu_fixture,
     kernel_body,
-    load_library,
     main,
     module,
     needs_nvcc,
@@ -53,14 +51,10 @@ def test_sampling_is_one_block_with_block_wide_reductions(source: str) -> None:
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(source: str, arch: str) -> None:
-    entries = targets.fatbin_entries(targets.nvcc_fatbin(source, arch))
-    assert entries == [targets.FatbinEntry("cubin", targets.cuda_arch(arch))]
+    assert_nvcc_compiles(arch, source)
 
 
-@pytest.fixture(scope="module")
-def gpu() -> Iterator[Gpu]:
-    for library in load_library("sampling", kernels_module):
-        yield Gpu(library)
+gpu = gpu_fixture("sampling", kernels_module)
 
 
 def assert_same_draw(
