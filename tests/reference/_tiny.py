@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from sparkinfer.gguf_file import ModelConfig
 
-@dataclass(frozen=True)
-class TinyConfig:
-    """Duck-typed stand-in for ``gguf_file.ModelConfig`` (same attribute names)."""
 
-    arch: str = "qwen3moe"
-    n_layers: int = 2
-    hidden: int = 64
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 16
-    vocab_size: int = 300
-    context_length: int = 512
-    rms_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    n_experts: int = 8
-    n_experts_used: int = 2
-    expert_ffn: int = 32
-    ffn: int = 96
-    extra: dict = field(default_factory=dict)
+_TINY_MOE = dict(
+    arch="qwen3moe", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=300,
+    context_length=512, rms_eps=1e-6, rope_theta=10000.0, n_experts=8, n_experts_used=2, expert_ffn=32,
+)
+_TINY_DENSE_FFN = 96
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """A small ModelConfig: qwen3moe by default; arch="qwen3" gives the dense form (no experts)."""
+    fields: dict[str, object] = dict(_TINY_MOE)
+    if overrides.get("arch") == "qwen3":
+        fields.update(n_experts=0, n_experts_used=0, expert_ffn=0, ffn=_TINY_DENSE_FFN)
+    fields.update(overrides)
+    return ModelConfig(**fields)  # type: ignore[arg-type]
 
 
 def random_weights(

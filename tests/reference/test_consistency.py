@@ -7,12 +7,12 @@ import pytest
 
 from sparkinfer.reference import ReferenceModel
 
-from ._tiny import TinyConfig, random_weights
+from ._tiny import random_weights, tiny_config
 
 CONFIGS = {
-    "moe": TinyConfig(),
-    "dense": TinyConfig(arch="qwen3", n_kv_heads=4),
-    "moe_mqa_tied": TinyConfig(n_kv_heads=1, n_experts=6, n_experts_used=3),
+    "moe": tiny_config(),
+    "dense": tiny_config(arch="qwen3", n_kv_heads=4),
+    "moe_mqa_tied": tiny_config(n_kv_heads=1, n_experts=6, n_experts_used=3),
 }
 
 
