@@ -7,9 +7,10 @@
 #
 #   1. setup: runtime-only TVM (.device/setup.sh), and the wheels of .device/extras/ whose
 #      module the machine lacks (pytest, ...) into /tmp/site-extras
-#   2. pytest: every GPU test (the files that carry pytest.mark.gpu, tests/gpu first), on the
-#      libraries and steps prebuilt in compiled/gpu-tests/<arch>/
-#   3. synth: the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), once
+#   2. synth: the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), once
+#   3. pytest: every GPU test (the files that carry pytest.mark.gpu, tests/gpu first), on the
+#      libraries and steps prebuilt in compiled/gpu-tests/<arch>/; with SPARKINFER_FULL_MODEL
+#      set, so the accuracy gate also runs on the full-size model
 #   4. bench: `sparkinfer bench` tg128 at depths 128, 512, 4096 (3 reps) and pp128, with the
 #      prebuilt full-model step (compiled/gpu-tests/gpu-round.json names it)
 #   5. run: `sparkinfer run -n 128 --json` with a 128-token prompt
@@ -67,30 +68,32 @@ python3 bench/gpu_round.py check 2>&1 | tee -a "$log"
 stage setup 0 "$t"
 
 t=$SECONDS
-files=$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')
-note "== pytest -m gpu on:" $files
-rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt  # a warm machine's last round
-# Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
-# fail to collect, and the run stops there. --maxfail=3 rather than -x: one round, most answers.
-# shellcheck disable=SC2086
-timeout -k 10 "$(limit 300 150)" python3 -m pytest -m gpu --maxfail=3 -q -p no:cacheprovider --durations=8 $files \
-  > "$out/pytest.log" 2>&1
-rc=$?
-tail -n 3 "$out/pytest.log"
-cp /tmp/sparkinfer-gpu-tests/full_width_cut.txt "$out/" 2>/dev/null
-stage pytest "$rc" "$t"
-
-t=$SECONDS
 if [ -f "$model" ]; then
   note "== $model is there"
   rc=0
 else
   note "== synth $model"
-  timeout -k 10 "$(limit 180 110)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
+  timeout -k 10 "$(limit 150 400)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
     | tr '\r' '\n' | tail -n 3 >> "$log"
   rc=${PIPESTATUS[0]}
 fi
 stage synth "$rc" "$t"
+
+t=$SECONDS
+files=$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')
+note "== pytest -m gpu on:" $files
+# (reports a warm machine's last round left)
+rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
+export SPARKINFER_FULL_MODEL=$model  # the full-size accuracy gate (tests/accuracy/test_accuracy_gpu.py)
+# Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
+# fail to collect, and the run stops there. --maxfail=3 rather than -x: one round, most answers.
+# shellcheck disable=SC2086
+timeout -k 10 "$(limit 330 130)" python3 -m pytest -m gpu --maxfail=3 -q -p no:cacheprovider --durations=8 $files \
+  > "$out/pytest.log" 2>&1
+rc=$?
+tail -n 3 "$out/pytest.log"
+cp /tmp/sparkinfer-gpu-tests/full_width_cut.txt "$out/" 2>/dev/null
+stage pytest "$rc" "$t"
 
 t=$SECONDS
 note "== bench with $full"
@@ -114,6 +117,8 @@ stage run "$rc" "$t"
 t=$SECONDS
 apps=/tmp/gpu-round-apps.txt  # printed last, not in $OUT: the tool returns 8 files
 {
+  echo "== full-size synthetic model: accuracy gate against bench/refs/qwen3-30b-a3b-synth.npz (in pytest)"
+  cat /tmp/sparkinfer-gpu-tests/full_size_gate.txt 2>/dev/null || echo "(no report: see pytest.log)"
   echo "== sparkinfer accuracy --arch $arch (shipped Q4_K_M vs its F16 original, numpy reference)"
   timeout -k 10 "$(limit 90 40)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
   echo "== bench/chat_prefix_reuse.py --arch $arch"

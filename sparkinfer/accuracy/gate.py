@@ -262,11 +262,14 @@ def tokens_of(model: Any, text: str, n_tokens: int, text_name: str, *, prompt_to
     if greedy_tokens < 0 or prompt_tokens < 1:
         raise AccuracyInputError(f"--greedy must be >= 0 and --prompt-tokens >= 1, got {greedy_tokens} and "
                                  f"{prompt_tokens}")
+    if greedy_tokens and prompt_tokens > n_tokens:
+        raise AccuracyInputError(f"--prompt-tokens {prompt_tokens} exceeds --tokens {n_tokens}: the greedy prompt "
+                                 f"is the start of the scored tokens")
     if greedy_tokens and prompt_tokens + greedy_tokens > ctx:
         raise AccuracyInputError(f"--prompt-tokens {prompt_tokens} + --greedy {greedy_tokens} exceed the model's "
                                  f"context of {ctx} tokens")
     ids = Tokenizer.from_vocab(model.vocab).encode(text, allow_special=False)
-    need = max(n_tokens, prompt_tokens if greedy_tokens else 0)
+    need = n_tokens
     if len(ids) < need:
         raise AccuracyInputError(f"text {text_name} is {len(ids)} tokens long, shorter than the {need} needed "
                                  f"(--tokens {n_tokens}, --prompt-tokens {prompt_tokens}): give a longer text or "

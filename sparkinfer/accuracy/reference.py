@@ -5,7 +5,8 @@ A `Reference` holds, for the scored tokens `tokens[0..N-1]` (positions 0..N-2, s
   - `target_logprob[P]` (float32): log p_ref of the actual next token (the reference's perplexity);
   - `top1[P]` (int32): the reference's argmax;
   - its distributions, for the KL: full log-probs `logprobs[P, V]`, or the top-k
-    (`topk_ids[P, k]` int32, `topk_logprobs[P, k]` float32);
+    (`topk_ids[P, k]` int32, `topk_logprobs[P, k]` float32) with a uniform sample of the rest
+    (`tail_ids[P, m]`, `tail_logprobs[P, m]`);
   - `greedy_prompt[Pp]` and `greedy_tokens[G]`: the reference's greedy continuation of the prompt;
   - `meta`: what it was made from (the model's `hparams_hash`, a hash of its vocabulary, the text,
     the reference model file) so that reusing it with another model or text fails clearly.
@@ -18,9 +19,11 @@ string; it loads without pickle. The distributions are stored by vocabulary size
     and the mean over hundreds of positions by ~1e-5 (the gate's KL limits are 1e-2-ish).
     The demo model (V = 4096) at 511 positions: 4.2 MB raw.
   - larger vocabularies (Qwen3: 151936, i.e. 155 MB per 511 positions in float16): the top
-    TOPK (64) log-probs in float32 with their ids ("topk"); KL is then the KL with the tail
-    (every token outside the reference's top-64) merged into one outcome, a lower bound of
-    the full KL that misses only how the two models split the last few percent of mass.
+    TOPK (64) log-probs in float32 with their ids, and TAIL_SAMPLE (1024) of the other ids
+    drawn uniformly without replacement (seeded by position) with theirs ("topk"): 4.4 MB per
+    511 positions. The KL is then exact over the top-64 and an unbiased estimate over the
+    rest (`metrics.kl_topk_tail`), which matters for flat distributions such as a synthetic
+    model's, where the top-64 hold under 1 % of the mass.
   In both, `target_logprob` and `top1` are stored exactly (float32 / int32), so perplexity
   and top-1 agreement do not depend on the storage.
 """
@@ -38,16 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from sparkinfer.accuracy.metrics import kl_full, kl_topk, log_softmax, renormalise
+from sparkinfer.accuracy.metrics import kl_full, kl_topk_tail, log_softmax, renormalise
 from sparkinfer.errors import SparkInferError
 
 KIND = "sparkinfer-accuracy-reference"
-FORMAT = 1
+FORMAT = 2  # 2: "topk" storage carries the tail sample
 FULL_MAX_VOCAB = 16384
 TOPK = 64
+TAIL_SAMPLE = 1024
 STORAGES = ("auto", "full-f16", "topk")
 
 _ARRAYS = ("tokens", "target_logprob", "top1", "greedy_prompt", "greedy_tokens")
+_TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "tail_ids", "tail_logprobs")
 
 
 class ReferenceFileError(SparkInferError):
@@ -82,6 +87,8 @@ class Reference:
     logprobs: np.ndarray | None = None  # [P, V], float32 when computed, float16 when loaded
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    tail_ids: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,11 +107,11 @@ class Reference:
         if self.logprobs is not None:
             lr = self.logprobs if self.logprobs.dtype == np.float32 else renormalise(self.logprobs)
             return kl_full(lr, ours_logprobs)
-        return kl_topk(self.topk_ids, self.topk_logprobs, ours_logprobs)
+        return kl_topk_tail(self.topk_ids, self.topk_logprobs, self.tail_ids, self.tail_logprobs, ours_logprobs)
 
-    def with_storage(self, storage: str = "auto", k: int = TOPK) -> Reference:
-        """This reference as it will be saved: "full-f16", "topk" (top `k`), or "auto" (full
-        when the vocabulary has at most FULL_MAX_VOCAB tokens)."""
+    def with_storage(self, storage: str = "auto", k: int = TOPK, tail: int = TAIL_SAMPLE) -> Reference:
+        """This reference as it will be saved: "full-f16", "topk" (top `k` and a sample of `tail`
+        other ids), or "auto" (full when the vocabulary has at most FULL_MAX_VOCAB tokens)."""
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if self.logprobs is None:
@@ -121,9 +128,15 @@ class Reference:
             return Reference(**common, logprobs=self.logprobs.astype(np.float16), meta=meta)
         k = min(int(k), vocab)
         lp = np.asarray(self.logprobs, np.float32)
-        ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k].astype(np.int32)
-        meta["topk"] = k
-        return Reference(**common, topk_ids=ids, topk_logprobs=np.take_along_axis(lp, ids, axis=-1), meta=meta)
+        order = np.argsort(-lp, axis=-1, kind="stable").astype(np.int32)
+        ids, rest = order[:, :k], order[:, k:]
+        m = min(int(tail), vocab - k)
+        picks = np.stack([np.random.default_rng([FORMAT, p]).choice(vocab - k, m, replace=False)
+                          for p in range(lp.shape[0])]) if lp.shape[0] else np.zeros((0, m), np.int64)
+        tail_ids = np.take_along_axis(rest, picks, axis=-1)
+        meta.update(topk=k, tail_sample=m)
+        return Reference(**common, topk_ids=ids, topk_logprobs=np.take_along_axis(lp, ids, axis=-1),
+                         tail_ids=tail_ids, tail_logprobs=np.take_along_axis(lp, tail_ids, axis=-1), meta=meta)
 
 
 # -----------------------------------------------------------------------------------------
@@ -140,14 +153,25 @@ def compute_reference(model: Any, tokens: Sequence[int], *, prompt_tokens: int, 
     log = log or (lambda message: None)
     ids = np.asarray(tokens, np.int32)
     ref = ReferenceModel(model.config, model)
+    prompt = ids[:prompt_tokens] if greedy_tokens > 0 else ids[:0]
+    # The greedy prompt is a prefix of the scored tokens (tokens_of checks that): its KV cache is
+    # kept from the teacher-forced pass rather than computed twice, which on the full-size model
+    # saves one pass over all its experts (minutes of dequantization).
+    split = prompt.size if 0 < prompt.size < ids.size else 0
     t0 = time.perf_counter()
-    logits = ref.prefill(ids[:-1])
+    parts = [ref.prefill(ids[:split])] if split else []
+    after_prompt = ref.snapshot() if split else None
+    parts.append(ref.prefill(ids[split:-1]))
+    logits = np.concatenate(parts)
     lp = log_softmax(logits)
     target = lp[np.arange(lp.shape[0]), ids[1:]]
     top1 = np.argmax(logits, axis=-1).astype(np.int32)
     t1 = time.perf_counter()
-    prompt = ids[:prompt_tokens] if greedy_tokens > 0 else ids[:0]
-    greedy = ref.greedy_generate(prompt.tolist(), greedy_tokens) if greedy_tokens > 0 else []
+    if after_prompt is not None:
+        ref.restore(after_prompt)
+        greedy = ref.greedy_continue(logits[split - 1], greedy_tokens)
+    else:
+        greedy = ref.greedy_generate(prompt.tolist(), greedy_tokens) if greedy_tokens > 0 else []
     t2 = time.perf_counter()
     log(f"reference: numpy forward of {Path(model.path).name}: {ids.size - 1} positions in {t1 - t0:.1f} s, "
         f"{len(greedy)} greedy tokens in {t2 - t1:.1f} s")
@@ -173,18 +197,20 @@ def compute_reference(model: Any, tokens: Sequence[int], *, prompt_tokens: int, 
 # -----------------------------------------------------------------------------------------
 
 
-def save_reference(ref: Reference, path: str | Path, storage: str = "auto", k: int = TOPK) -> Reference:
+def save_reference(ref: Reference, path: str | Path, storage: str = "auto", k: int = TOPK,
+                   tail: int = TAIL_SAMPLE) -> Reference:
     """Write `ref` to `path` (exactly that name; see the module docstring for the format).
     Returns the reference as stored (what `load_reference` will give back)."""
     import sparkinfer
 
-    stored = ref.with_storage(storage, k)
+    stored = ref.with_storage(storage, k, tail)
     meta = {**stored.meta, "sparkinfer_version": sparkinfer.__version__}
     arrays = {name: getattr(stored, name) for name in _ARRAYS}
     if stored.logprobs is not None:
         arrays["logprobs"] = stored.logprobs
     else:
-        arrays["topk_ids"], arrays["topk_logprobs"] = stored.topk_ids, stored.topk_logprobs
+        for name in _TOPK_ARRAYS:
+            arrays[name] = getattr(stored, name)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,17 +244,17 @@ def load_reference(path: str | Path) -> Reference:
                                  f"format {FORMAT}: make it again with --save-ref")
     missing = [n for n in _ARRAYS if n not in arrays]
     has_full = "logprobs" in arrays
-    if not has_full and not {"topk_ids", "topk_logprobs"} <= arrays.keys():
-        missing.append("logprobs or topk_ids+topk_logprobs")
+    if not has_full and not set(_TOPK_ARRAYS) <= arrays.keys():
+        missing.append("logprobs or " + "+".join(_TOPK_ARRAYS))
     if missing:
         raise ReferenceFileError(f"{path} lacks {', '.join(missing)}: it is damaged; make it again with --save-ref")
     ref = Reference(**{n: arrays[n] for n in _ARRAYS}, meta=meta,
-                    logprobs=arrays.get("logprobs"), topk_ids=arrays.get("topk_ids"),
-                    topk_logprobs=arrays.get("topk_logprobs"))
+                    logprobs=arrays.get("logprobs"), **{n: arrays.get(n) for n in _TOPK_ARRAYS})
     p = ref.tokens.size - 1
     dist = ref.logprobs if has_full else ref.topk_ids
     shapes_ok = (ref.target_logprob.shape == (p,) and ref.top1.shape == (p,) and dist.ndim == 2 and dist.shape[0] == p
-                 and (has_full or ref.topk_logprobs.shape == ref.topk_ids.shape))
+                 and (has_full or (ref.topk_logprobs.shape == ref.topk_ids.shape
+                                   and ref.tail_ids.shape[0] == p and ref.tail_logprobs.shape == ref.tail_ids.shape)))
     if not shapes_ok:
         raise ReferenceFileError(f"{path} has arrays of inconsistent shapes: it is damaged; make it again with "
                                  f"--save-ref")
@@ -267,5 +293,5 @@ def check_reference(ref: Reference, source: str, *, model: Any, tokens: Sequence
             f"pass --greedy {ref.greedy_tokens.size} --prompt-tokens {ref.greedy_prompt.size}, or make a new one")
 
 
-__all__ = ["FULL_MAX_VOCAB", "Reference", "ReferenceFileError", "TOPK", "check_reference", "compute_reference",
+__all__ = ["FULL_MAX_VOCAB", "Reference", "ReferenceFileError", "TAIL_SAMPLE", "TOPK", "check_reference", "compute_reference",
            "load_reference", "model_identity", "save_reference", "vocab_hash"]

@@ -279,6 +279,15 @@ class ReferenceModel:
         self._k = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
         self._v = [np.zeros(shape, np.float32) for _ in range(self.config.n_layers)]
 
+    def snapshot(self) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+        """The KV cache as it is now, for ``restore`` (copies: later calls do not change it)."""
+        return self._pos, [k[: self._pos].copy() for k in self._k], [v[: self._pos].copy() for v in self._v]
+
+    def restore(self, snapshot: tuple[int, list[np.ndarray], list[np.ndarray]]) -> None:
+        """Go back to a ``snapshot``: the next token gets its position, the cache its contents."""
+        pos, k, v = snapshot
+        self._pos, self._k, self._v = pos, [a.copy() for a in k], [a.copy() for a in v]
+
     def _append_kv(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write k, v ``[T, n_kv, d]`` at the current position; grows capacity by doubling."""
         start, end = self._pos, self._pos + k.shape[0]
@@ -321,8 +330,13 @@ class ReferenceModel:
         self.reset()
         if n <= 0:
             return []
-        logits = self.prefill(prompt_tokens)[-1]
-        out = [int(np.argmax(logits))]
+        return self.greedy_continue(self.prefill(prompt_tokens)[-1], n)
+
+    def greedy_continue(self, last_logits: np.ndarray, n: int) -> list[int]:
+        """Greedy ``n`` tokens from the cache as it is, ``last_logits`` being those of its last token."""
+        if n <= 0:
+            return []
+        out = [int(np.argmax(last_logits))]
         while len(out) < n:
             out.append(int(np.argmax(self.decode(out[-1]))))
         return out

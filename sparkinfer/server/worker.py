@@ -182,6 +182,8 @@ class Worker:
         if job.finished:
             return
         job.finished = True
+        if self.running is job:  # before the job's last event, so a client told "done" never sees busy
+            self.running = None
         with self._count_lock:
             self._outstanding -= 1
         self.counts[reason] += 1

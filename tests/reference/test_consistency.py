@@ -59,6 +59,20 @@ def test_greedy_generate_matches_manual_loop_and_is_fast():
     assert elapsed < 10, f"100 tokens took {elapsed:.1f} s"
 
 
+def test_snapshot_restore_returns_to_the_same_cache():
+    cfg = CONFIGS["moe"]
+    m = ReferenceModel(cfg, random_weights(cfg, seed=9))
+    last = m.prefill([5, 6, 7])[-1]
+    snap = m.snapshot()
+    m.prefill(np.arange(40) % cfg.vocab_size)  # grows (reallocates) the cache past the snapshot
+    m.restore(snap)
+    assert m.position == 3
+    resumed = m.greedy_continue(last, 12)
+    assert resumed == m.greedy_generate([5, 6, 7], 12)
+    m.restore(snap)  # a snapshot survives the use of a restore
+    assert m.greedy_continue(last, 12) == resumed
+
+
 def test_capture_exposes_routing():
     cfg = CONFIGS["moe"]
     m = ReferenceModel(cfg, random_weights(cfg, seed=9))

@@ -61,6 +61,13 @@ def test_chat_completion(server: Server, client: openai.OpenAI) -> None:
         want.prompt_tokens, 12, want.prompt_tokens + 12)
 
 
+def test_not_busy_once_a_reply_has_arrived(http: httpx.Client) -> None:
+    for _ in range(5):  # the race it guards against (busy until the worker's loop turned) was rare
+        r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200
+        assert http.get("/health").json()["busy"] is False
+
+
 def test_chat_completion_streaming(server: Server, client: openai.OpenAI) -> None:
     want = reference(server, MESSAGES, 12)
     chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, temperature=0,
