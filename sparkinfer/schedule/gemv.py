@@ -36,6 +36,8 @@ WARP = 32
 # Two thread blocks per SM of an H100/H200 (132 SMs): below this, a GEMV has too few loads
 # in flight to cover DRAM latency.
 _MIN_BLOCKS = 256
+# A short GEMV (the MoE router's 128 rows) gets thinner blocks rather than fewer than this many.
+_MIN_SHORT_BLOCKS = 128
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,18 @@ def default_schedule(ggml_type: int, n: int, k: int, batch: int = 1) -> GemvSche
     """For `batch` GEMVs of n rows (the MoE slots) of k weights.
 
     lanes: the most (up to a warp) that split a row's chunks evenly, so no lane idles on a
-    tail; rows: enough for 128 threads a block; rows_per_thread: the most (up to 4) that
-    still leaves _MIN_BLOCKS blocks. Sharing x across rows cut a 4096x2048 Q4_K GEMV from
+    tail; rows: enough for 128 threads a block, halved while that leaves fewer than
+    _MIN_SHORT_BLOCKS blocks (the F32 router, 128 x 2048, ran as 32 blocks on 32 of the
+    H100's 132 SMs: 5.7 us for 1 MB); rows_per_thread: the most (up to 4) that still leaves
+    _MIN_BLOCKS blocks. Sharing x across rows cut a 4096x2048 Q4_K GEMV from
     11.5 to 7.1 us and the 151936x2048 Q6_K lm_head from 380 to 207 us on an H200, but
     fewer blocks than that starve the memory system (2048x4096 Q4_K: 8.8 us at 256 blocks,
     10.6 at 128).
     """
     lanes = even_lanes(k // gemv_format(ggml_type).chunk)
     rows = max(1, 128 // lanes)
+    while rows > 1 and batch * n // rows < _MIN_SHORT_BLOCKS:
+        rows //= 2
     per_thread = 1
     while per_thread < 4 and batch * n // (rows * per_thread * 2) >= _MIN_BLOCKS:
         per_thread *= 2

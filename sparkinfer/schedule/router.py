@@ -55,4 +55,9 @@ def schedule_router_topk(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _accumulate_in_registers(sch, blocks["ids"], _bind_threads(sch, blocks["ids"], n_experts))
     for name in ("lmax", "ex", "total", "weights"):
         _bind_threads(sch, blocks[name], n_experts)
+    # Unrolled, the E shared-memory reads of the rank and id scans are independent loads in
+    # flight together; as loops, each waits for the last (~30 cycles), E times over: ~4 µs of
+    # the kernel's ~8 (ncu on the H100, bench/NOTES.md).
+    for block in (rank, blocks["ids"]):
+        sch.unroll(sch.get_loops(block)[-1])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -67,6 +67,14 @@ def test_default_schedule_shares_x_across_rows_while_blocks_remain() -> None:
     assert default_schedule(T.Q4_K, 768, 2048, batch=8).rows_per_thread == 4
 
 
+def test_short_gemvs_get_thinner_blocks_not_fewer() -> None:
+    # the F32 router (128 x 2048): one warp a block, one block a row, not 32 blocks of 4 rows
+    assert default_schedule(T.F32, 128, 2048) == GemvSchedule(32, 1)
+    assert default_schedule(T.Q6_K, 512, 2048) == GemvSchedule(16, 4)  # a Q4_K_M V: 128 blocks, not 64
+    assert default_schedule(T.Q4_K, 2048, 768) == GemvSchedule(4, 16)  # 4 lanes: 128 blocks, not 64
+    assert default_schedule(T.Q4_K, 4096, 2048).rows == 4  # long enough: unchanged
+
+
 def test_schedule_rejects_a_lane_count_that_is_not_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         GemvSchedule(lanes=12, rows=4)

@@ -1,0 +1,63 @@
+"""Summarise an ncu CSV (bench/profile_kernels.sh) per kernel family of the decode step.
+
+    python3 bench/profile_summary.py ncu.csv --layers 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from collections import defaultdict
+
+
+def family(kernel: str) -> str:
+    """A kernel name without its shape suffixes: the part of the step it belongs to."""
+    name = re.sub(r"_kernel(_\d+)?$", "", kernel.split("(")[0])
+    return re.sub(r"_\d+(x\d+)+.*$", "", name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--layers", type=int, required=True)
+    args = ap.parse_args()
+    with open(args.csv, newline="") as f:
+        rows = list(csv.DictReader(line for line in f if line.startswith('"')))  # the app prints too
+    time_us: dict[str, list[float]] = defaultdict(list)
+    dram: dict[str, list[float]] = defaultdict(list)
+    names: dict[str, str] = {}
+    by_id: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        key = r["ID"]
+        by_id[key]["name"] = r["Kernel Name"]  # type: ignore[assignment]
+        value = float(r["Metric Value"].replace(",", ""))
+        unit = r["Metric Unit"]
+        if r["Metric Name"] == "gpu__time_duration.sum":
+            by_id[key]["us"] = value * {"ns": 1e-3, "nsecond": 1e-3, "us": 1, "usecond": 1, "ms": 1e3, "msecond": 1e3}[unit]
+        elif r["Metric Name"] == "dram__bytes_read.sum":
+            scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[unit]
+            by_id[key]["bytes"] = value * scale
+    for rec in by_id.values():
+        fam = family(str(rec["name"]))
+        names[fam] = str(rec["name"])
+        time_us[fam].append(float(rec.get("us", 0.0)))
+        dram[fam].append(float(rec.get("bytes", 0.0)))
+    steps = max(1, max(len(v) for v in time_us.values()) // args.layers)
+    total = 0.0
+    print(f"{len(by_id)} kernels, ~{steps} steps (the most frequent family's launches / {args.layers} layers)")
+    print(f"{'family':<44}{'launches/step':>14}{'us/launch':>11}{'us/step':>10}{'GB/s':>8}")
+    table = []
+    for fam, ts in time_us.items():
+        per_step = len(ts) / steps
+        mean = sum(ts) / len(ts)
+        gbps = sum(dram[fam]) / (sum(ts) * 1e-6) / 1e9 if sum(ts) else 0.0
+        table.append((mean * per_step, fam, per_step, mean, gbps))
+        total += mean * per_step
+    for us_step, fam, per_step, mean, gbps in sorted(table, reverse=True):
+        print(f"{fam[:43]:<44}{per_step:>14.1f}{mean:>11.2f}{us_step:>10.1f}{gbps:>8.0f}")
+    print(f"{'sum (kernels timed alone)':<44}{'':>14}{'':>11}{total:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
