@@ -7,7 +7,7 @@
 # Profiles the first N_LAUNCHES (default 1300: two steps of ~600 kernels) kernel launches of
 # `sparkinfer run -n 2` on the synthetic Qwen3-30B-A3B (/tmp/q30.gguf, written if absent), each
 # kernel serialised and timed alone at the card's own clocks (--clock-control none), and prints
-# bench/profile_summary.py's table: per kernel family, launches per token, µs per launch,
+# bench/profile_summary.py's table: per kernel family (whole steps only), launches per token, µs per launch,
 # µs per token, achieved DRAM bandwidth. Raw CSV in $OUT/ncu.csv. Kernels timed alone lose the
 # overlap of a graph replay: the per-token sum is an upper bound of the step's time.
 set -uo pipefail
@@ -27,4 +27,4 @@ echo "ncu: $ncu"
   > "$out/ncu.csv" 2> "$out/ncu.log"
 echo "ncu rc $?"
 tail -n 3 "$out/ncu.log"
-python3 bench/profile_summary.py "$out/ncu.csv" --layers 48 | tee "$out/profile.txt"
+python3 bench/profile_summary.py "$out/ncu.csv" | tee "$out/profile.txt"

@@ -1,6 +1,6 @@
 """Summarise an ncu CSV (bench/profile_kernels.sh) per kernel family of the decode step.
 
-    python3 bench/profile_summary.py ncu.csv --layers 48
+    python3 bench/profile_summary.py ncu.csv
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from collections import defaultdict
 
 
 def family(kernel: str) -> str:
-    """A kernel name without its shape suffixes: the part of the step it belongs to."""
-    name = re.sub(r"_kernel(_\d+)?$", "", kernel.split("(")[0])
-    return re.sub(r"_\d+(x\d+)+.*$", "", name)
+    """A kernel's name as the step calls it (type and shape kept: the V GEMV and the LM head
+    are both gemv_q6_k)."""
+    return re.sub(r"_kernel(_\d+)?$", "", kernel.split("(")[0])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
-    ap.add_argument("--layers", type=int, required=True)
     args = ap.parse_args()
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(line for line in f if line.startswith('"')))  # the app prints too
@@ -38,15 +37,21 @@ def main() -> None:
         elif r["Metric Name"] == "dram__bytes_read.sum":
             scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[unit]
             by_id[key]["bytes"] = value * scale
+    # Whole steps only: every kernel up to the last `advance` (the step's last kernel).
+    ends = [int(k) for k, rec in by_id.items() if str(rec["name"]).startswith("advance")]
+    if not ends:
+        raise SystemExit("no `advance` kernel among those profiled: profile at least one whole step")
+    for key in [k for k in by_id if int(k) > max(ends)]:
+        del by_id[key]
+    steps = len(ends)
     for rec in by_id.values():
         fam = family(str(rec["name"]))
         names[fam] = str(rec["name"])
         time_us[fam].append(float(rec.get("us", 0.0)))
         dram[fam].append(float(rec.get("bytes", 0.0)))
-    steps = max(1, max(len(v) for v in time_us.values()) // args.layers)
     total = 0.0
-    print(f"{len(by_id)} kernels, ~{steps} steps (the most frequent family's launches / {args.layers} layers)")
-    print(f"{'family':<44}{'launches/step':>14}{'us/launch':>11}{'us/step':>10}{'GB/s':>8}")
+    print(f"{len(by_id)} kernels in {steps} whole steps")
+    print(f"{'kernel':<56}{'launches/step':>14}{'us/launch':>11}{'us/step':>10}{'GB/s':>8}")
     table = []
     for fam, ts in time_us.items():
         per_step = len(ts) / steps
@@ -55,8 +60,8 @@ def main() -> None:
         table.append((mean * per_step, fam, per_step, mean, gbps))
         total += mean * per_step
     for us_step, fam, per_step, mean, gbps in sorted(table, reverse=True):
-        print(f"{fam[:43]:<44}{per_step:>14.1f}{mean:>11.2f}{us_step:>10.1f}{gbps:>8.0f}")
-    print(f"{'sum (kernels timed alone)':<44}{'':>14}{'':>11}{total:>10.1f}")
+        print(f"{fam[:55]:<56}{per_step:>14.1f}{mean:>11.2f}{us_step:>10.1f}{gbps:>8.0f}")
+    print(f"{'sum (kernels timed alone)':<56}{'':>14}{'':>11}{total:>10.1f}")
 
 
 if __name__ == "__main__":

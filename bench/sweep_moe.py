@@ -1,0 +1,87 @@
+"""Sweep the thread-block shape of the two fused MoE kernels on the full-size model.
+
+    python3 bench/sweep_moe.py prepare sm_90   # here: one full-model step per variant
+    python3 bench/sweep_moe.py run             # on the GPU: `sparkinfer bench` tg128 @ 128 of each
+
+A variant replaces `sparkinfer.schedule.moe.default_schedule` (lanes per row, rows per block)
+while the step compiles, for gate/up/SiLU and down+residual alike; every other kernel keeps
+its schedule. Steps go to compiled/sweep/<variant>/<arch>/<key>/ and compiled/sweep/variants.json
+lists them. What wins becomes the default rule in sparkinfer/schedule/moe.py, and is then
+checked by the GPU round's accuracy gate: this sweep measures speed only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "compiled" / "sweep"
+sys.path.insert(0, str(REPO))
+
+# (lanes, rows) of the default -> (lanes, rows) of the variant
+VARIANTS: dict[str, Callable[[int, int], tuple[int, int]]] = {
+    "default": lambda lanes, rows: (lanes, rows),
+    "rows1": lambda lanes, rows: (lanes, 1),
+    "rows2": lambda lanes, rows: (lanes, 2),
+    "rows8": lambda lanes, rows: (lanes, 8),
+    "rows16": lambda lanes, rows: (lanes, 16),
+    "half_lanes": lambda lanes, rows: (max(1, lanes // 2), rows * 2),
+    "quarter_lanes": lambda lanes, rows: (max(1, lanes // 4), rows * 4),
+    "half_lanes_same_rows": lambda lanes, rows: (max(1, lanes // 2), rows),
+}
+
+
+def prepare(arch: str) -> None:
+    from sparkinfer.compiler.pipeline import compile_model
+    from sparkinfer.gguf_file import preset_config, type_map
+    from sparkinfer.schedule import moe
+
+    config = preset_config("qwen3-30b-a3b")
+    types = type_map(config, "q4_k_m")
+    default = moe.default_schedule
+    listing = {}
+    for name, shape in VARIANTS.items():
+        def variant(chunk_counts: tuple[int, ...], shape=shape) -> moe.MoeSchedule:  # noqa: ANN001
+            base = default(chunk_counts)
+            lanes, rows = shape(base.lanes, base.rows)
+            return moe.MoeSchedule(lanes=lanes, rows=rows)
+
+        moe.default_schedule = variant
+        try:
+            result = compile_model(config, types, arch, SWEEP / name)
+        finally:
+            moe.default_schedule = default
+        listing[name] = str(result.directory.relative_to(REPO))
+        print(f"{name}: {listing[name]}", flush=True)
+    (SWEEP / "variants.json").write_text(json.dumps({"arch": arch, "modules": listing}, indent=1) + "\n")
+
+
+def run(model: str = "/tmp/q30.gguf") -> None:
+    listing = json.loads((SWEEP / "variants.json").read_text())
+    rows = []
+    for name, module in listing["modules"].items():
+        cmd = [sys.executable, "-m", "sparkinfer.cli", "bench", model, "--arch", listing["arch"], "--module",
+               str(REPO / module), "--depths", "128", "--reps", "3", "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            rows.append((name, None, done.stderr.strip().splitlines()[-1:]))
+            continue
+        decode = json.loads(done.stdout)["decode"][0]
+        rows.append((name, decode["tok_s_median"], decode["ms_per_token_median"]))
+        print(f"{name}: {decode['tok_s_median']:.1f} tok/s", flush=True)
+    print(f"\n{'variant':<24}{'tok/s':>8}{'ms/token':>10}")
+    for name, tok_s, ms in rows:
+        print(f"{name:<24}{'failed':>8}  {ms}" if tok_s is None else f"{name:<24}{tok_s:>8.1f}{ms:>10.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["prepare"]:
+        prepare(sys.argv[2])
+    elif sys.argv[1:2] == ["run"]:
+        run(*sys.argv[2:3])
+    else:
+        raise SystemExit(__doc__)
