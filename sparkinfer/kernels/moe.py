@@ -120,35 +120,6 @@ def moe_down_residual_symbol(
     return f"moe_down_residual_{name}_{n_experts}x{hidden}x{n_ffn}_top{n_used}"
 
 
-def shares_chunks(fmt_g: GemvFormat, fmt_u: GemvFormat) -> bool:
-    """Whether gate and up cut K alike, so that one reduction can sweep both."""
-    return fmt_g.sub == fmt_u.sub and fmt_g.parts == fmt_u.parts
-
-
-def _paired_projections(
-    fmt_g: GemvFormat, w_gate: te.Tensor, fmt_u: GemvFormat, w_up: te.Tensor, ids: te.Tensor,
-    x: te.Tensor, n_used: int, n_ffn: int, hidden: int,
-) -> tuple[te.Tensor, te.Tensor]:
-    """gate and up as one reduction block ("gate_up") with a pair of sums: a lane reads its
-    chunk of x once for both dot products, and both weight chunks' loads are in flight
-    together (as two blocks, x was loaded twice and up's loads waited for gate's shuffles)."""
-    term_g = _expert_gemv_terms(fmt_g, w_gate, ids, lambda s, i: x[i], n_used, n_ffn, hidden, "gate", False)
-    term_u = _expert_gemv_terms(fmt_u, w_up, ids, lambda s, i: x[i], n_used, n_ffn, hidden, "up", False)
-    pair_sum = te.comm_reducer(
-        lambda a, b: (a[0] + b[0], a[1] + b[1]),
-        lambda t0, t1: (tirx.const(0.0, t0), tirx.const(0.0, t1)),
-        name="pair_sum",
-    )
-    c = te.reduce_axis((0, hidden // fmt_g.chunk), name="c")
-    p = te.reduce_axis((0, fmt_g.parts), name="p")
-    gate, up = te.compute(
-        (n_used, n_ffn),
-        lambda s, r: pair_sum((term_g(s, r, c, p), term_u(s, r, c, p)), axis=[c, p]),
-        name="gate_up",
-    )
-    return gate, up
-
-
 def moe_gate_up_silu(
     type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int, hidden: int
 ) -> tirx.PrimFunc:
@@ -173,10 +144,7 @@ def moe_gate_up_silu(
             (n_used, n_ffn), lambda s, r: te.sum(term(s, r, c, p), axis=[c, p]), name=name
         )
 
-    if shares_chunks(fmt_g, fmt_u):
-        gate, up = _paired_projections(fmt_g, w_gate, fmt_u, w_up, ids, x, n_used, n_ffn, hidden)
-    else:
-        gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
+    gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
     act = te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
     symbol = moe_gate_up_silu_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
     return te.create_prim_func([w_gate, w_up, ids, x, act]).with_attr("global_symbol", symbol)

@@ -16,12 +16,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
-from sparkinfer.kernels.moe import shares_chunks
 from sparkinfer.schedule.gemv import (
-    VECTOR_BYTES,
-    VECTOR_CHUNKS,
     cache_chunk_in_registers,
-    cache_in_registers,
     check_block,
     even_lanes,
     loops_below,
@@ -86,31 +82,6 @@ def _extent(sch: s_tir.Schedule, block: str, loop: int) -> int:
     return int(sch.get(sch.get_loops(sch.get_sblock(block))[loop]).extent)
 
 
-def _paired_lane_reduction(
-    sch: s_tir.Schedule, fmt_g: GemvFormat, fmt_u: GemvFormat, ty: LoopRV, config: MoeSchedule
-) -> None:
-    """`_lane_reduction` for the "gate_up" block (gate and up in one reduction, see
-    `kernels.moe.shares_chunks`): one chunk loop, both weight chunks in registers, and one
-    register copy of the chunk's x that all four producers (gate/up dot, gate/up x sums) read."""
-    block = sch.get_sblock("gate_up")
-    sch.compute_at(block, ty)
-    sch.set_scope(block, 0, "local")
-    sch.set_scope(block, 1, "local")
-    it, tx = sch.split(loops_below(sch, block, ty)[0], [None, config.lanes])
-    sch.reorder(tx, it, *loops_below(sch, block, tx))
-    sch.bind(tx, "threadIdx.x")
-    names = ["gate_dot", "up_dot"] + [f"{n}_xsum" for n, f in (("gate", fmt_g), ("up", fmt_u)) if f.min is not None]
-    producers = [sch.get_sblock(name) for name in names]
-    for producer in producers:
-        sch.compute_at(producer, it)
-        sch.set_scope(producer, 0, "local")
-    for dot, weight, fmt in ((producers[0], "Wg", fmt_g), (producers[1], "Wu", fmt_u)):
-        if fmt.ggml_type in VECTOR_CHUNKS:
-            cache_in_registers(sch, [dot], weight, it, VECTOR_BYTES // fmt.word_bytes)
-    cache_in_registers(sch, producers, "x", it, 4)
-    unroll_chunk_loop(sch, it, [*producers, block], config.unroll)
-
-
 def schedule_moe_gate_up_silu(
     func: tirx.PrimFunc, type_gate: int, type_up: int, config: MoeSchedule | None = None
 ) -> tirx.PrimFunc:
@@ -118,19 +89,15 @@ def schedule_moe_gate_up_silu(
     sch = s_tir.Schedule(func)
     act = sch.get_sblock("act")
     slot, n = sch.get_loops(act)
-    fmt_g, fmt_u = gemv_format(type_gate), gemv_format(type_up)
-    paired = shares_chunks(fmt_g, fmt_u)
+    projections = (("gate", "Wg", gemv_format(type_gate)), ("up", "Wu", gemv_format(type_up)))
     if config is None:
-        chunk_counts = (_extent(sch, "gate_dot", 2), _extent(sch, "up_dot", 2))
+        chunk_counts = (_extent(sch, "gate", 2), _extent(sch, "up", 2))
         config = default_schedule(chunk_counts)
     bx, ty = sch.split(n, [None, config.rows])
     sch.bind(slot, "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
-    if paired:
-        _paired_lane_reduction(sch, fmt_g, fmt_u, ty, config)
-        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    for name, weight, fmt in (("gate", "Wg", fmt_g), ("up", "Wu", fmt_u)):
+    for name, weight, fmt in projections:
         block = sch.get_sblock(name)
         sch.compute_at(block, ty)
         sch.set_scope(block, 0, "local")
