@@ -125,8 +125,8 @@ def _int8_to_f32(byte: Expr) -> Expr:
     return _to_f32(byte ^ _u32(0x80), 128)
 
 
-# Q5_K: chunk c is 64 weights, the two sub-blocks whose 4-bit quants share the 32 QS bytes
-# 32*(c%4).. of block c//4 (part 0: low nibbles, part 1: high nibbles).
+# Q4_K and Q5_K: chunk c is 64 weights, the two sub-blocks whose 4-bit quants share the 32
+# QS bytes 32*(c%4).. of block c//4 (part 0: low nibbles, part 1: high nibbles).
 _K_CHUNKS = L.QK_K // 64
 
 
@@ -147,7 +147,7 @@ def _k_scale_min(row: Row, block_byte: Expr, j: Expr) -> tuple[Expr, Expr]:
 
 
 def _k_scale_decoders(type_size: int) -> tuple[Callable, Callable]:
-    """Q5_K's scale and min decoders (64-weight chunks; Q4_K's header, same packing)."""
+    """scale and min decoders shared by Q4_K and Q5_K (same header, same packing)."""
 
     def scale(row: Row, c: Expr, p: Expr) -> Expr:
         block_byte = c // _K_CHUNKS * type_size
@@ -162,38 +162,9 @@ def _k_scale_decoders(type_size: int) -> tuple[Callable, Callable]:
     return scale, min_
 
 
-# Q4_K: chunk c is 8 consecutive weights, a quarter of sub-block j = (c % 32) // 4 of block
-# c // 32, whose codes are nibble j % 2 of the 8 QS bytes 32*(j//2) + 8*(c%4).. (8-byte
-# aligned). Neighbouring lanes take neighbouring chunks, so a warp's loads of x and of the QS
-# bytes are contiguous runs. With 64-weight chunks (both nibbles of 32 bytes, one lane each) a
-# warp's x loads were 16-byte pieces 256 bytes apart: ncu on the H100 showed the L1 busy at
-# 67-76 % with DRAM at 14-20 % in the MoE kernels (bench/NOTES.md). The price: each QS byte is
-# loaded by two lanes (one per nibble), and scales are decoded per 8 weights, not per 32.
-_Q4_K_CHUNK = 8
-_Q4_K_CHUNKS = L.QK_K // _Q4_K_CHUNK
-
-
-def _q4_k_sub_block(c: Expr) -> Expr:
-    return c % _Q4_K_CHUNKS // (L.Q4_K_SUB_BLOCK // _Q4_K_CHUNK)
-
-
 def _q4_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
-    j = _q4_k_sub_block(c)
-    quarter = c % (L.Q4_K_SUB_BLOCK // _Q4_K_CHUNK)
-    byte = c // _Q4_K_CHUNKS * L.Q4_K_TYPE_SIZE + L.Q4_K_QS.start + j // 2 * 32 + quarter * _Q4_K_CHUNK + l
-    return _to_f32((_byte(row, 4, byte) >> _u32(j % 2 * 4)) & _u32(0xF))
-
-
-def _q4_k_scale(row: Row, c: Expr, p: Expr) -> Expr:
-    block_byte = c // _Q4_K_CHUNKS * L.Q4_K_TYPE_SIZE
-    sc, _ = _k_scale_min(row, block_byte, _q4_k_sub_block(c))
-    return _f16(row, 4, block_byte + L.Q4_K_D.start) * sc
-
-
-def _q4_k_min(row: Row, c: Expr, p: Expr) -> Expr:
-    block_byte = c // _Q4_K_CHUNKS * L.Q4_K_TYPE_SIZE
-    _, m = _k_scale_min(row, block_byte, _q4_k_sub_block(c))
-    return -_f16(row, 4, block_byte + L.Q4_K_DMIN.start) * m
+    byte = c // _K_CHUNKS * L.Q4_K_TYPE_SIZE + L.Q4_K_QS.start + c % _K_CHUNKS * 32 + l
+    return _to_f32((_byte(row, 4, byte) >> _u32(p * 4)) & _u32(0xF))
 
 
 def _q5_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
@@ -241,12 +212,13 @@ def _bf16_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
     return tirx.reinterpret("float32", row(c * 8 + l).astype("uint32") << _u32(16))
 
 
+_q4_k_scale, _q4_k_min = _k_scale_decoders(L.Q4_K_TYPE_SIZE)
 _q5_k_scale, _q5_k_min = _k_scale_decoders(L.Q5_K_TYPE_SIZE)
 
 FORMATS: dict[GGMLQuantizationType, GemvFormat] = {
     f.ggml_type: f
     for f in (
-        GemvFormat(_T.Q4_K, "uint32", L.Q4_K_TYPE_SIZE // 4, L.QK_K, _Q4_K_CHUNK, 1,
+        GemvFormat(_T.Q4_K, "uint32", L.Q4_K_TYPE_SIZE // 4, L.QK_K, L.Q4_K_SUB_BLOCK, 2,
                    _q4_k_code, _q4_k_scale, _q4_k_min),
         GemvFormat(_T.Q5_K, "uint32", L.Q5_K_TYPE_SIZE // 4, L.QK_K, L.Q5_K_SUB_BLOCK, 2,
                    _q5_k_code, _q5_k_scale, _q5_k_min),

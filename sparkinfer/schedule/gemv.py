@@ -27,11 +27,11 @@ from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 
 _T = GGMLQuantizationType
 
-# Formats whose per-chunk quant bytes are one contiguous, aligned run of words that the dot
-# block alone reads, and the bytes of that run (one vector load): Q4_K's 8 QS bytes at
-# 16 + 32*(j//2) + 8*q of a 144-byte block; floats: 16 bytes. Q5_K's chunk also needs QH (two
-# runs), Q6_K and Q8_0 blocks are 2-byte aligned only.
-VECTOR_CHUNKS: dict[int, int] = {_T.Q4_K: 8, _T.F16: 16, _T.BF16: 16, _T.F32: 16}
+# Formats whose per-chunk quant bytes are one contiguous, 16-byte aligned run of words that
+# the dot block alone reads (Q4_K: 32 QS bytes at 16 + 32*c of a 144-byte block; floats: 16
+# bytes). Q5_K's chunk also needs QH (two runs), Q6_K and Q8_0 blocks are 2-byte aligned only.
+VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
+VECTOR_BYTES = 16
 WARP = 32
 # Two thread blocks per SM of an H100/H200 (132 SMs): below this, a GEMV has too few loads
 # in flight to cover DRAM latency.
@@ -136,7 +136,7 @@ def cache_chunk_in_registers(
     under `part` (the dot's part loop, or `it` for a one-part format), to stay inside the
     register file."""
     if fmt.ggml_type in VECTOR_CHUNKS:
-        cache_in_registers(sch, [dot], weight, it, VECTOR_CHUNKS[fmt.ggml_type] // fmt.word_bytes)
+        cache_in_registers(sch, [dot], weight, it, VECTOR_BYTES // fmt.word_bytes)
     if xsum is None:
         cache_in_registers(sch, [dot], x, part, 4)
     else:
@@ -184,7 +184,7 @@ def schedule_gemv_qkv(
             sch.compute_at(w, it)
             sch.set_scope(w, 0, "local")
             *outer, inner = loops_below(sch, w, it)
-            rest, vec = sch.split(inner, [None, VECTOR_CHUNKS[fmt.ggml_type] // fmt.word_bytes])
+            rest, vec = sch.split(inner, [None, VECTOR_BYTES // fmt.word_bytes])
             sch.vectorize(vec)
             for loop in (*outer, rest):
                 sch.unroll(loop)

@@ -92,11 +92,10 @@ def test_lowers_to_warp_reductions_reading_ids_on_device(
     assert body.count(f"{out}[") == 1
 
 
-def test_q4_k_lanes_load_contiguous_runs(source: str) -> None:
+def test_q4_k_weights_load_16_bytes_at_a_time(source: str) -> None:
     body = kernel_body(source, GATE_UP[0].symbol)
-    # a lane's chunk: 8 QS bytes in one load, its 8 floats of x in two; lane t at x[8t..]
-    assert "*(uint2*)(Wg_ptr" in body and "*(uint2*)(Wu_ptr" in body
-    assert "*(float4*)(x_ptr + ((ax0_0 * 256) + (((int)threadIdx.x) * 8)))" in body
+    assert "*(uint4*)(Wg_ptr" in body and "*(uint4*)(Wu_ptr" in body
+    assert "*(float4*)(x_ptr" in body
 
 
 # The dense Qwen3 FFN runs through the MoE kernels with one expert (E = KU = 1).

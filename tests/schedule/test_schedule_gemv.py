@@ -33,10 +33,9 @@ def test_every_type_lowers_to_a_warp_reduction(t: T) -> None:
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
-def test_aligned_formats_load_a_chunk_at_a_time(t: T) -> None:
+def test_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
     body = kernel_body(cuda_source(schedule_gemv(G.gemv(t, 256, 2048), t)))
-    # 16 bytes for floats; Q4_K's chunk is 8 QS bytes (kernels/gemv.py)
-    vector_copy = r"\*\((uint4|uint2|float4)\*\)\(W_local_ptr \+ \d+\) = \*\((uint4|uint2|float4)\*\)\(W_ptr"
+    vector_copy = r"\*\((uint4|float4)\*\)\(W_local_ptr \+ \d+\) = \*\((uint4|float4)\*\)\(W_ptr"
     assert re.search(vector_copy, body)
     assert "= *(float4*)(x_ptr" in body
 
@@ -55,8 +54,8 @@ def test_experts_form_reads_ids_on_device(t: T, x_per_expert: bool) -> None:
 
 
 def test_default_schedule_splits_rows_without_idle_lanes() -> None:
-    assert default_schedule(T.Q4_K, 512, 2048).lanes == 32  # 256 chunks of 8
-    assert default_schedule(T.Q4_K, 512, 768).lanes == 32  # 96 chunks of 8
+    assert default_schedule(T.Q4_K, 512, 2048).lanes == 32  # 32 chunks of 64
+    assert default_schedule(T.Q4_K, 512, 768).lanes == 4  # 12 chunks
     assert default_schedule(T.Q6_K, 512, 2048).lanes == 16  # 16 halves of 128
 
 
@@ -72,7 +71,7 @@ def test_short_gemvs_get_thinner_blocks_not_fewer() -> None:
     # the F32 router (128 x 2048): one warp a block, one block a row, not 32 blocks of 4 rows
     assert default_schedule(T.F32, 128, 2048) == GemvSchedule(32, 1)
     assert default_schedule(T.Q6_K, 512, 2048) == GemvSchedule(16, 4)  # a Q4_K_M V: 128 blocks, not 64
-    assert default_schedule(T.Q5_K, 2048, 768) == GemvSchedule(4, 16)  # 12 chunks, 4 lanes: 128 blocks, not 64
+    assert default_schedule(T.Q4_K, 2048, 768) == GemvSchedule(4, 16)  # 4 lanes: 128 blocks, not 64
     assert default_schedule(T.Q4_K, 4096, 2048).rows == 4  # long enough: unchanged
 
 
@@ -111,10 +110,10 @@ def test_qkv_is_one_kernel_writing_each_output(t: T, n_v: int) -> None:
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.F16], ids=lambda t: t.name)
-def test_qkv_aligned_formats_load_a_chunk_at_a_time(t: T) -> None:
+def test_qkv_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
     body = kernel_body(cuda_source(schedule_gemv_qkv(G.gemv_qkv(t, 4096, 512, 512, 2048), t)))
     for w in ("Wq", "Wk", "Wv"):
-        assert re.search(rf"\*\((uint4|uint2|float4)\*\)\({w}_ptr", body), w
+        assert re.search(rf"\*\((uint4|float4)\*\)\({w}_ptr", body), w
     assert "= *(float4*)(x_ptr" in body
 
 
