@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU round, one command on the GPU machine (device tool `run`, with the carry list that
-# bench/prepare_gpu_round.sh prints: the .device runtime kit, compiled/gpu-tests, compiled/<arch>),
+# bench/prepare_gpu_round.sh prints: the .device runtime kit and .device/compiled.tar.xz),
 # after bench/prepare_gpu_round.sh here:
 #
 #   bash bench/gpu_round.sh
@@ -40,6 +40,8 @@ t=$SECONDS
 if [ -z "${ROUND_NO_SETUP:-}" ]; then
   source .device/setup.sh
 fi
+# compiled/gpu-tests and compiled/<arch>, packed by prepare_gpu_round.sh
+[ -f .device/compiled.tar.xz ] && tar xJf .device/compiled.tar.xz
 missing=$(python3 - <<'PY'
 import importlib.util
 for line in open(".device/extras/MODULES"):

@@ -16,6 +16,7 @@ out=${OUT:-/tmp/profile}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 source .device/setup.sh
+[ -f .device/compiled.tar.xz ] && tar xJf .device/compiled.tar.xz  # prepare_gpu_round.sh packs it
 model=/tmp/q30.gguf
 [ -f "$model" ] || python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 | tr '\r' '\n' | tail -n 1
 full=$(python3 bench/gpu_round.py get full_module)
