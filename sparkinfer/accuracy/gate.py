@@ -275,9 +275,8 @@ def tokens_of(model: Any, text: str, n_tokens: int, text_name: str, *, prompt_to
         raise AccuracyInputError(f"--prompt-tokens {prompt_tokens} + --greedy {greedy_tokens} exceed the model's "
                                  f"context of {ctx} tokens")
     ids = Tokenizer.from_vocab(model.vocab).encode(text, allow_special=False)
-    need = n_tokens
-    if len(ids) < need:
-        raise AccuracyInputError(f"text {text_name} is {len(ids)} tokens long, shorter than the {need} needed "
+    if len(ids) < n_tokens:
+        raise AccuracyInputError(f"text {text_name} is {len(ids)} tokens long, shorter than the {n_tokens} needed "
                                  f"(--tokens {n_tokens}, --prompt-tokens {prompt_tokens}): give a longer text or "
                                  f"fewer tokens")
     return ids[:n_tokens]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log-probs over the last axis, computed in float64, returned as float32."""
     x = np.asarray(logits, dtype=np.float64)
