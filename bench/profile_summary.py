@@ -25,7 +25,6 @@ def main() -> None:
         rows = list(csv.DictReader(line for line in f if line.startswith('"')))  # the app prints too
     time_us: dict[str, list[float]] = defaultdict(list)
     dram: dict[str, list[float]] = defaultdict(list)
-    names: dict[str, str] = {}
     by_id: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
         key = r["ID"]
@@ -46,7 +45,6 @@ def main() -> None:
     steps = len(ends)
     for rec in by_id.values():
         fam = family(str(rec["name"]))
-        names[fam] = str(rec["name"])
         time_us[fam].append(float(rec.get("us", 0.0)))
         dram[fam].append(float(rec.get("bytes", 0.0)))
     total = 0.0

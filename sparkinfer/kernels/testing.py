@@ -65,3 +65,43 @@ def assert_gemv_close(
             f"{int(bad.sum())} of {y.size} elements off (first at {idx}); "
             f"worst error/bound {worst:.3g}; NaNs in output: {int(np.isnan(y).sum())}"
         )
+
+
+def rope_angle_error_bound(x_normed: np.ndarray, pos: int) -> np.ndarray:
+    """The kernel's RoPE angles are float32 (pos * f, f = theta^(-2i/D) each rounded once), the
+    oracle's float64: ~pos * 2^-23 rad apart, times the magnitude of the rotated pair."""
+    half = x_normed.shape[-1] // 2
+    pair = np.abs(x_normed) + np.abs(np.roll(x_normed, half, axis=-1))
+    return pair * (pos * 2.0**-22 + 2.0**-20)
+
+
+def assert_qk_norm_rope_kv_append_close(
+    q_rot: np.ndarray, k_cache_out: np.ndarray, v_cache_out: np.ndarray, inputs: tuple[np.ndarray, ...],
+    pos: int, eps: float, theta: float, *, q_rtol: float, q_atol: float = 0.0,
+) -> None:
+    """`qk_norm_rope_kv_append`'s outputs against its numpy oracle. `inputs` are the kernel's
+    (q, k, v, q_norm_w, k_norm_w, page_table, k_cache, v_cache) as given to it. q and the new
+    k slot within the angle bound (k plus an fp16 ulp), v's slot exactly its fp16 value, and
+    every other cache entry unchanged, bit for bit."""
+    from sparkinfer.kernels.rope import qk_norm_rope_kv_append_reference
+    from sparkinfer.reference.qwen3moe import rms_norm
+
+    q, k, v, q_norm_w, k_norm_w, page_table, k_cache, v_cache = inputs
+    n_pages, page_size, n_kv, head_dim = k_cache.shape
+    q_ref, k_ref, v_ref = qk_norm_rope_kv_append_reference(
+        q, k, v, q_norm_w, k_norm_w, pos, page_table, k_cache, v_cache, eps, theta
+    )
+    q_normed = rms_norm(q.reshape(-1, head_dim), q_norm_w, eps)
+    k_normed = rms_norm(k.reshape(n_kv, head_dim), k_norm_w, eps)
+    q_err = np.abs(q_rot - q_ref)
+    assert (q_err <= rope_angle_error_bound(q_normed, pos) + q_rtol * np.abs(q_ref) + q_atol).all(), q_err.max()
+
+    page, slot = page_table[pos // page_size], pos % page_size
+    k_slot, k_slot_ref = k_cache_out[page, slot].astype(np.float64), k_ref[page, slot].astype(np.float64)
+    k_bound = rope_angle_error_bound(k_normed, pos) + 2.0**-10 * np.abs(k_slot_ref) + 2.0**-24
+    assert (np.abs(k_slot - k_slot_ref) <= k_bound).all()
+    np.testing.assert_array_equal(v_cache_out[page, slot], v_ref[page, slot])
+    others = np.ones((n_pages, page_size), bool)
+    others[page, slot] = False
+    np.testing.assert_array_equal(k_cache_out[others].view(np.uint16), k_cache[others].view(np.uint16))
+    np.testing.assert_array_equal(v_cache_out[others].view(np.uint16), v_cache[others].view(np.uint16))

@@ -7,7 +7,7 @@ from tvm import relax
 
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import rope as R
-from sparkinfer.reference import qwen3moe as ref
+from sparkinfer.kernels.testing import assert_qk_norm_rope_kv_append_close
 
 NH, NKV, D, P = 8, 2, 64, 16
 EPS, THETA = 1e-6, 1e6
@@ -19,14 +19,6 @@ N_PAGES = 9  # physical pages; 2, 4 and 6 are never mapped
 def lib() -> tvm.runtime.Executable:
     func = R.qk_norm_rope_kv_append(NH, NKV, D, P, len(PAGE_TABLE), EPS, THETA)
     return tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
-
-
-def angle_error_bound(x_normed: np.ndarray, pos: int) -> np.ndarray:
-    """The kernel's angles are float32 (pos * f, f = theta^(-2i/D) each rounded once), the
-    oracle's float64: ~pos * 2^-23 rad apart, times the magnitude of the rotated pair."""
-    half = x_normed.shape[-1] // 2
-    pair = np.abs(x_normed) + np.abs(np.roll(x_normed, half, axis=-1))
-    return pair * (pos * 2.0**-22 + 2.0**-20)
 
 
 @pytest.mark.parametrize("pos", [0, 1, 15, 16, 47, 95])
@@ -46,25 +38,10 @@ def test_qk_norm_rope_kv_append_matches_oracle(lib: tvm.runtime.Executable, pos:
     lib["main"](*tensors, q_rot)
     got_k, got_v = tensors[7].numpy(), tensors[8].numpy()
 
-    q_ref, k_ref, v_ref = R.qk_norm_rope_kv_append_reference(
-        q, k, v, q_norm_w, k_norm_w, pos, PAGE_TABLE, k_cache, v_cache, EPS, THETA
+    assert_qk_norm_rope_kv_append_close(
+        q_rot.numpy(), got_k, got_v, (q, k, v, q_norm_w, k_norm_w, PAGE_TABLE, k_cache, v_cache), pos, EPS, THETA,
+        q_rtol=1e-6,
     )
-    q_normed = ref.rms_norm(q.reshape(NH, D), q_norm_w, EPS)
-    k_normed = ref.rms_norm(k.reshape(NKV, D), k_norm_w, EPS)
-    q_err = np.abs(q_rot.numpy() - q_ref)
-    assert (q_err <= angle_error_bound(q_normed, pos) + 1e-6 * np.abs(q_ref)).all(), q_err.max()
-
-    page, slot = PAGE_TABLE[pos // P], pos % P
-    # The slot: rotated k within the angle bound plus an fp16 ulp; v exactly its fp16 value.
-    k_slot, k_slot_ref = got_k[page, slot].astype(np.float64), k_ref[page, slot].astype(np.float64)
-    k_bound = angle_error_bound(k_normed, pos) + 2.0**-10 * np.abs(k_slot_ref) + 2.0**-24
-    assert (np.abs(k_slot - k_slot_ref) <= k_bound).all()
-    np.testing.assert_array_equal(got_v[page, slot], v_ref[page, slot])
-    # Nothing else in either cache changed, bit for bit.
-    others = np.ones((N_PAGES, P), bool)
-    others[page, slot] = False
-    np.testing.assert_array_equal(got_k[others].view(np.uint16), k_cache[others].view(np.uint16))
-    np.testing.assert_array_equal(got_v[others].view(np.uint16), v_cache[others].view(np.uint16))
 
 
 def test_relax_calls_it_in_place() -> None:
