@@ -243,6 +243,22 @@ def test_unreadable_reference_files(tiny_model: Path, tmp_path: Path) -> None:
         load_reference(alien)
 
 
+def test_damaged_topk_references_are_refused(tiny_model: Path, tmp_path: Path) -> None:
+    path = tmp_path / "topk.npz"
+    save_reference(evaluate(tiny_model, reference_only=True, **SMALL), path, storage="topk", k=16, tail=32)
+    with np.load(path) as z:
+        arrays = {name: z[name] for name in z.files}
+    damaged = tmp_path / "no-tail.npz"
+    np.savez(damaged, **{n: a for n, a in arrays.items() if n != "tail_logprobs"})
+    with pytest.raises(ReferenceFileError, match=r"no-tail.npz lacks logprobs or "
+                                                 r"topk_ids\+topk_logprobs\+tail_ids\+tail_logprobs: it is damaged"):
+        load_reference(damaged)
+    damaged = tmp_path / "short-tail.npz"
+    np.savez(damaged, **{**arrays, "tail_logprobs": arrays["tail_logprobs"][:, :8]})
+    with pytest.raises(ReferenceFileError, match="short-tail.npz has arrays of inconsistent shapes: it is damaged"):
+        load_reference(damaged)
+
+
 # -- bad inputs -----------------------------------------------------------------------------
 
 
