@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader
+from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField
 
 from sparkinfer import quant
 from sparkinfer.errors import GGUFFormatError, MissingTensorError, TensorShapeError
@@ -183,7 +183,28 @@ class _BoundsCheckedReader(GGUFReader):
 def _metadata(reader: GGUFReader) -> dict[str, Any]:
     """Key -> plain python value (str, int, float, bool, or a list of them)."""
     # GGUF.version and the counts are the reader's own pseudo-fields, not metadata.
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return {name: _field_value(name, field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+# Descriptive keys nothing computes with: a stray byte there is shown as U+FFFD rather than
+# refusing a model that runs fine. Every other string (architecture, tokens, merges, chat
+# template) feeds the model or the tokenizer, where a guessed character would change the output.
+_FREE_TEXT_PREFIX = "general."
+_FREE_TEXT_EXCEPTIONS = {"general.architecture"}
+
+
+def _field_value(name: str, field: ReaderField) -> Any:
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        if name.startswith(_FREE_TEXT_PREFIX) and name not in _FREE_TEXT_EXCEPTIONS:
+            return _contents_replacing_bad_utf8(field)
+        raise GGUFFormatError(f"metadata key '{name}' holds a string that is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _contents_replacing_bad_utf8(field: ReaderField) -> Any:
+    strings = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+    return strings if field.types[0] == GGUFValueType.ARRAY else strings[0]
 
 
 def _validate(tensors: dict[str, TensorInfo], expected: dict[str, TensorSpec]) -> None:

@@ -183,6 +183,22 @@ def test_missing_metadata_key(patched_copy: Patch) -> None:
         GGUFModel.open(path)
 
 
+def _break_utf8(field_part: np.ndarray) -> None:
+    field_part[0] = 0xFF  # never valid in UTF-8
+
+
+def test_metadata_string_not_utf8_names_the_key(patched_copy: Patch) -> None:
+    path = patched_copy(lambda r: _break_utf8(r.fields["tokenizer.ggml.tokens"].parts[r.fields["tokenizer.ggml.tokens"].data[7]]))
+    with pytest.raises(GGUFFormatError, match=r"metadata key 'tokenizer.ggml.tokens' holds a string that is not valid UTF-8 \(invalid start byte at byte 0\)"):
+        GGUFModel.open(path)
+
+
+def test_free_text_metadata_not_utf8_is_shown_with_replacement_characters(patched_copy: Patch) -> None:
+    path = patched_copy(lambda r: _break_utf8(r.fields["general.name"].parts[-1]))
+    model = GGUFModel.open(path)
+    assert model.metadata["general.name"].startswith("\ufffd")
+
+
 def test_unsupported_quant_type(patched_copy: Patch) -> None:
     def to_iq2_xs(reader: GGUFReader) -> None:
         _tensor(reader, "blk.0.ffn_up_exps.weight").field.parts[4][0] = T.IQ2_XS  # smaller blocks: still fits
