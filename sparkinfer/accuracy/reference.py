@@ -161,7 +161,8 @@ def compute_reference(model: Any, tokens: Sequence[int], *, prompt_tokens: int, 
     t0 = time.perf_counter()
     parts = [ref.prefill(ids[:split])] if split else []
     after_prompt = ref.snapshot() if split else None
-    parts.append(ref.prefill(ids[split:-1]))
+    if split < ids.size - 1:  # a prompt of all but the last token leaves nothing to add
+        parts.append(ref.prefill(ids[split:-1]))
     logits = np.concatenate(parts)
     lp = log_softmax(logits)
     target = lp[np.arange(lp.shape[0]), ids[1:]]

@@ -293,6 +293,22 @@ def test_bad_inputs(flags: list[str], message: str, tiny_model: Path, tmp_path: 
     assert capsys.readouterr().err.startswith(message.format(tmp=tmp_path))
 
 
+@pytest.mark.parametrize("prompt_tokens", [63, 64], ids=["all-but-last", "all"])
+def test_greedy_prompt_up_to_all_scored_tokens(prompt_tokens: int, tiny_model: Path, tiny_engine) -> None:  # noqa: ANN001
+    # The reference keeps the prompt's KV from the teacher-forced pass when the prompt is shorter
+    # than the scored tokens; at the edges its greedy tokens must still be the plain greedy run's.
+    from sparkinfer.gguf_file import GGUFModel
+    from sparkinfer.reference import ReferenceModel
+
+    sizes = {**SMALL, "prompt_tokens": prompt_tokens}
+    report = evaluate(tiny_model, engine=tiny_engine, **sizes)
+    ref = evaluate(tiny_model, reference_only=True, **sizes)
+    model = GGUFModel.open(tiny_model)
+    want = ReferenceModel(model.config, model).greedy_generate(ref.tokens[:prompt_tokens].tolist(), 16)
+    assert ref.greedy_tokens.tolist() == want
+    assert report.greedy["prompt_tokens"] == prompt_tokens and report.ok
+
+
 def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["accuracy", str(tmp_path / "none.gguf")]) == 1
     assert capsys.readouterr().err == f"error: cannot read {tmp_path / 'none.gguf'}: No such file or directory\n"
