@@ -39,3 +39,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LLM", "Completion", "TextStream", "__version__", "load"]
+
+
+def __dir__() -> list[str]:
+    """The public names only (not the typing helpers this module imports)."""
+    return sorted(__all__)

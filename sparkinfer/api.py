@@ -20,6 +20,7 @@ Importing this module is light: TVM, numpy and the tokenizer load with the model
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -27,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-from sparkinfer.errors import ContextLengthError, SparkInferError
+from sparkinfer.errors import ContextLengthError, InvalidParameterError, SparkInferError
+from sparkinfer.sampling_params import check_max_tokens, check_sampling
 
 if TYPE_CHECKING:
     import numpy as np
 
     from sparkinfer.runtime.engine import Engine, Generation, GenerationStats
+
+_PROMPT_KINDS = "a prompt is a string, a list of chat messages (dicts with 'role' and 'content') or a list of token ids"
 
 Message = dict[str, Any]
 Prompt = Union[str, Sequence[Message], Sequence[int]]
@@ -54,7 +58,14 @@ def load(
     (module_dir, cuda_graph, search_roots, cache, compile, ...). The module for this model and
     device is compiled on first use when none is found (needs full TVM).
     """
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise InvalidParameterError("model", f"model must be a path to a .gguf file or None, got "
+                                    f"{type(model).__name__}")
+    from sparkinfer.runtime.device import check_arch
     from sparkinfer.runtime.engine import Engine
+
+    if arch is not None:
+        check_arch(arch)
 
     if model is None:
         from sparkinfer.data import default_model_path
@@ -259,6 +270,8 @@ class LLM:
         for the assistant's turn) or token ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if not isinstance(prompt, Sequence):
+            raise InvalidParameterError("prompt", f"{_PROMPT_KINDS}, got {type(prompt).__name__}")
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
             return self.tokenize(self.apply_chat_template(items, add_generation_prompt=True, **template_extra))
@@ -268,8 +281,8 @@ class LLM:
             if bad:
                 raise SparkInferError(f"token id {bad[0]} is outside the vocabulary of {vocab} tokens")
             return [int(t) for t in items]
-        raise SparkInferError("a prompt is a string, a list of chat messages (dicts with 'role' and 'content') "
-                              "or a list of token ids")
+        raise InvalidParameterError("prompt", f"{_PROMPT_KINDS}, got a list holding "
+                                    f"{', '.join(sorted({type(i).__name__ for i in items}))}")
 
     # -- generation -------------------------------------------------------------------------
 
@@ -317,17 +330,13 @@ class LLM:
         stop_tokens: Sequence[int] | None = None,
     ) -> TextStream:
         """The `TextStream` of `generate(..., stream=True)`; checks every argument before any work."""
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        check_max_tokens(max_tokens)
+        stops = _stop_strings(stop)
         ids = self.prompt_tokens(prompt)
         if not ids:
             raise SparkInferError("the prompt is empty: give at least one token")
         max_tokens = self.check_length(len(ids), max_tokens)
-        if not 0.0 <= top_p <= 1.0:
-            raise SparkInferError(f"top_p must be in [0, 1], got {top_p}")
-        if top_k < 0:
-            raise SparkInferError(f"top_k must be >= 0, got {top_k}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise SparkInferError("stop must be a string or a list of strings")
         if seed is None:
             seed = secrets.randbits(31)
         return TextStream(self, ids, max_tokens, (float(temperature), float(top_p), int(top_k), int(seed)), stops,
@@ -336,8 +345,7 @@ class LLM:
     def check_length(self, n_prompt: int, max_tokens: int | None) -> int:
         """max_tokens for a prompt of `n_prompt` tokens (None: what is left of the context);
         ContextLengthError naming the prompt, max_tokens and the context when it does not fit."""
-        if max_tokens is not None and max_tokens < 0:
-            raise SparkInferError(f"max_tokens must be >= 0, got {max_tokens}")
+        check_max_tokens(max_tokens)
         if max_tokens is None:
             if n_prompt >= self.context:
                 raise ContextLengthError(
@@ -410,6 +418,15 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, arch={self.engine.arch!r}, context={self.context})"
+
+
+def _stop_strings(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise InvalidParameterError("stop", f"stop must be a string or a list of strings, got {stop!r:.40}")
+    return stops
 
 
 def _model_name(engine: Any) -> str:

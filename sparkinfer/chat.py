@@ -29,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparkinfer.sampling_params import check_max_tokens, check_sampling
     from sparkinfer.server.cli import load_model
 
+    check_sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    check_max_tokens(args.max_tokens)
     llm = load_model(args)
     try:
         interactive = sys.stdin.isatty()

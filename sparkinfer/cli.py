@@ -20,12 +20,14 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a GGUF model: hyper-parameters, tensor types, sizes")
-    p.add_argument("model", type=Path, help="path to a .gguf file")
+    p.add_argument("model", type=Path, nargs="?", help="a .gguf file (default: the small model shipped in the package)")
     p.set_defaults(handler=_info)
 
 
 def _info(args: argparse.Namespace) -> int:
-    model = GGUFModel.open(args.model)
+    from sparkinfer.data import default_model_path
+
+    model = GGUFModel.open(args.model or default_model_path())
     c = model.config
     file_type = model.metadata.get("general.file_type")
     rows = [
@@ -114,7 +116,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model's decode step for a GPU arch (or cpu) into compiled/<arch>/<key>/")
     p.add_argument("model", type=Path, help="path to a .gguf file (only its hyper-parameters and tensor types are used)")
-    p.add_argument("--arch", required=True, choices=["sm_90", "sm_120", "sm_121", "cpu"])
+    p.add_argument("--arch", required=True, help="sm_90, sm_120, sm_121 or cpu")
     p.add_argument("--out", type=Path, default=Path("compiled"), help="root of compiled modules (default: compiled/)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date module is there")
 
@@ -209,10 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
+        _check_arch(args)
         return handler(args)
     except SparkInferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _check_arch(args: argparse.Namespace) -> None:
+    """Every command that takes --arch refuses an unknown one alike, before it opens a model."""
+    if getattr(args, "arch", None) is not None:
+        from sparkinfer.runtime.device import check_arch
+
+        check_arch(args.arch)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,12 @@ class CompiledModuleError(SparkInferError):
 
 class UnsupportedDeviceError(SparkInferError):
     """The arch asked for is unknown, absent from this machine, or the GPU found has no target."""
+
+
+class InvalidParameterError(SparkInferError):
+    """A generation argument (sampling, length) is of the wrong type or out of range; `param`
+    is its API name."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param

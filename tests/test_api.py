@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
 
 from sparkinfer.api import LLM, StopMatcher
-from sparkinfer.errors import ContextLengthError, SparkInferError
+from sparkinfer.errors import ContextLengthError, InvalidParameterError, SparkInferError, UnsupportedDeviceError
 from tests.runtime.conftest import REPO
 from tests.server.tiny import load_tiny
+from tests.test_sampling_params import BAD
+from tests.test_sampling_params import IDS as BAD_IDS
 
 PROMPT = "hello world, the model"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
@@ -173,6 +176,42 @@ def test_a_new_generation_ends_an_open_stream(llm: LLM) -> None:
     assert list(old) == [] and old.completion.finish_reason == "cancelled"
 
 
+@pytest.mark.parametrize("args, flags, message", BAD, ids=BAD_IDS)
+def test_sampling_and_length_errors_are_the_shared_ones(llm: LLM, args: dict[str, Any], flags: list[str],
+                                                        message: str) -> None:
+    with pytest.raises(InvalidParameterError) as e:
+        llm.generate(PROMPT, **{"max_tokens": 4, **args})
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (123, "a prompt is a string, a list of chat messages (dicts with 'role' and 'content') or a list of token "
+              "ids, got int"),
+        ([1, "a"], "a prompt is a string, a list of chat messages (dicts with 'role' and 'content') or a list of "
+                   "token ids, got a list holding int, str"),
+        (None, "a prompt is a string, a list of chat messages (dicts with 'role' and 'content') or a list of token "
+               "ids, got NoneType"),
+    ],
+    ids=["int", "mixed-list", "none"],
+)
+def test_a_prompt_of_the_wrong_type_is_named(llm: LLM, prompt: Any, message: str) -> None:
+    with pytest.raises(InvalidParameterError) as e:
+        llm.generate(prompt, max_tokens=4)
+    assert str(e.value) == message and e.value.param == "prompt"
+
+
+def test_load_checks_its_arguments_before_loading() -> None:
+    import sparkinfer
+
+    with pytest.raises(InvalidParameterError, match="model must be a path to a .gguf file or None, got int"):
+        sparkinfer.load(123)
+    with pytest.raises(UnsupportedDeviceError, match="unknown arch 'sm_80': SparkInfer targets sm_90, sm_120, "
+                                                     "sm_121, cpu"):
+        sparkinfer.load("absent.gguf", arch="sm_80")
+
+
 def test_errors_name_the_problem(llm: LLM) -> None:
     with pytest.raises(SparkInferError, match="the prompt is empty"):
         llm.generate("", max_tokens=4)
@@ -181,16 +220,24 @@ def test_errors_name_the_problem(llm: LLM) -> None:
         llm.generate(PROMPT, max_tokens=300)
     with pytest.raises(ContextLengthError, match="leaves no room for max_tokens"):
         llm.generate([5] * 256)
-    with pytest.raises(SparkInferError, match="max_tokens must be >= 0, got -1"):
+    with pytest.raises(SparkInferError, match="max_tokens must be an integer >= 0, got -1"):
         llm.generate(PROMPT, max_tokens=-1)
     with pytest.raises(SparkInferError, match="token id 9999 is outside the vocabulary of 512 tokens"):
         llm.generate([1, 9999])
     with pytest.raises(SparkInferError, match="top_p must be in"):
         llm.generate(PROMPT, 4, top_p=1.5)
-    with pytest.raises(SparkInferError, match="stop must be a string or a list of strings"):
+    with pytest.raises(SparkInferError, match="stop must be a string or a list of strings, got \\[3\\]"):
         llm.generate(PROMPT, 4, stop=[3])
+    with pytest.raises(SparkInferError, match="stop must be a string or a list of strings, got 5"):
+        llm.generate(PROMPT, 4, stop=5)
     with pytest.raises(ContextLengthError, match="300 tokens to score exceed the context of 256"):
         llm.score([5] * 300)
     # max_tokens None fills the context.
     c = llm.complete([5] * 250, stop_tokens=())
     assert c.completion_tokens == 6 and c.finish_reason == "length"
+
+
+def test_the_public_namespace_is_what_all_lists() -> None:
+    import sparkinfer
+
+    assert dir(sparkinfer) == ["Completion", "LLM", "TextStream", "__version__", "load"] == sorted(sparkinfer.__all__)

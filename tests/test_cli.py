@@ -68,3 +68,16 @@ def test_console_entry_exits_1_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {bad} is truncated: the file ends inside its header")
     assert "Traceback" not in result.stderr
+
+
+def test_info_defaults_to_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
+    from sparkinfer.data import default_model_path
+
+    assert main(["info"]) == 0
+    assert f"file                 {default_model_path()}," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["run"], ["chat"], ["serve"], ["bench"], ["accuracy"], ["compile", "x.gguf"]])
+def test_an_unknown_arch_is_the_same_error_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--arch", "sm_80"]) == 1
+    assert capsys.readouterr().err == "error: unknown arch 'sm_80': SparkInfer targets sm_90, sm_120, sm_121, cpu\n"

@@ -37,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparkinfer.data import default_model_path
     from sparkinfer.runtime.engine import Engine
+    from sparkinfer.sampling_params import check_max_tokens, check_sampling
     from sparkinfer.tokenizer import StreamDecoder
+
+    check_sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    check_max_tokens(args.max_tokens)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
 from sparkinfer.runtime.kv_cache import KVCache
 from sparkinfer.runtime.cudart import HOST_TO_DEVICE
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, upload_weights
+from sparkinfer.sampling_params import check_max_tokens, check_sampling
 
 Log = Callable[[str], None]
 
@@ -528,8 +529,8 @@ class Engine:
         prompt = [int(t) for t in prompt_tokens]
         if not prompt:
             raise SparkInferError("the prompt is empty: give at least one token")
-        if max_tokens < 0:
-            raise SparkInferError(f"max_tokens must be >= 0, got {max_tokens}")
+        check_max_tokens(max_tokens)
+        check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         vocab = self.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:

@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sparkinfer.errors import InvalidParameterError
+from sparkinfer.sampling_params import check_max_tokens, check_sampling
+
 
 class APIError(Exception):
     """An error with an HTTP status and an OpenAI-style body."""
@@ -44,10 +47,11 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)  # extension (llama.cpp, vLLM)
+    # Types here; ranges in common_checks (sparkinfer.sampling_params, shared with the CLI and API).
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension (llama.cpp, vLLM)
     seed: int | None = None
     stop: Any = None
     stream: bool | None = False
@@ -72,10 +76,25 @@ class _Request(BaseModel):
         return [s for s in value if s]
 
     def common_checks(self) -> None:
+        try:
+            self.check_sampling_and_length()
+        except InvalidParameterError as e:
+            raise APIError(400, str(e), param=e.param) from None
         if self.n not in (None, 1):
             raise APIError(400, f"only n=1 is supported (one sequence at a time), got n={self.n}", param="n")
         if self.logprobs not in (None, False, 0):
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+
+
+    def check_sampling_and_length(self) -> None:
+        """null is the default, which is always valid."""
+        check_sampling(temperature=_or(self.temperature, 0.0), top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, 0),
+                       seed=self.seed)
+        check_max_tokens(self.max_tokens)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class StreamOptions(BaseModel):
@@ -113,9 +132,13 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None  # given to the chat template; tool calls are not parsed
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): variables for the template
+
+    def check_sampling_and_length(self) -> None:
+        super().check_sampling_and_length()
+        check_max_tokens(self.max_completion_tokens, "max_completion_tokens")
 
     def template_messages(self) -> list[dict[str, Any]]:
         out = []

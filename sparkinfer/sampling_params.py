@@ -1,0 +1,61 @@
+"""The sampling and length arguments of a generation, checked in one place.
+
+The `run` and `chat` commands, the Python API (`LLM.start`) and the HTTP server
+(`sparkinfer.server.protocol`) all call these functions, so a value is accepted or refused
+with the same message everywhere, before any model loads. One function per group of
+parameters; each raises `InvalidParameterError`, whose `param` is the API name (the server
+reports it as the OpenAI error's `param`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from sparkinfer.errors import InvalidParameterError
+
+# OpenAI's ranges (the server speaks its API); 0 is greedy, top_k 0 keeps every token.
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_P_RANGE = (0.0, 1.0)
+
+
+def check_sampling(*, temperature: object, top_p: object, top_k: object, seed: object = None) -> None:
+    """temperature in [0, 2], top_p in [0, 1], top_k an integer >= 0, seed an integer or None."""
+    _check_number("temperature", temperature, TEMPERATURE_RANGE)
+    _check_number("top_p", top_p, TOP_P_RANGE)
+    _check_integer("top_k", top_k, "an integer >= 0 (0: no top-k cut)")
+    if seed is not None and not _is_integer(seed):
+        raise InvalidParameterError("seed", f"seed must be an integer or None, got {_shown(seed)}")
+
+
+def check_max_tokens(max_tokens: object, param: str = "max_tokens") -> None:
+    """An integer >= 0, or None (until a stop or the end of the context). `param` names it in
+    the message (the server's max_completion_tokens)."""
+    if max_tokens is not None:
+        _check_integer(param, max_tokens, "an integer >= 0")
+
+
+def _check_number(param: str, value: object, bounds: tuple[float, float]) -> None:
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidParameterError(param, f"{param} must be a number in [{lo:g}, {hi:g}], got {_shown(value)}")
+    if math.isnan(value) or not lo <= value <= hi:
+        raise InvalidParameterError(param, f"{param} must be in [{lo:g}, {hi:g}], got {float(value):g}")
+
+
+def _check_integer(param: str, value: object, what: str) -> None:
+    if not _is_integer(value) or value < 0:  # type: ignore[operator]
+        raise InvalidParameterError(param, f"{param} must be {what}, got {_shown(value)}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, (bool, numbers.Real)):
+        return str(value)
+    return f"{value!r:.40} ({type(value).__name__})"
+
+
+__all__ = ["TEMPERATURE_RANGE", "TOP_P_RANGE", "check_max_tokens", "check_sampling"]
