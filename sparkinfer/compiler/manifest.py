@@ -293,14 +293,17 @@ def compiled_dir(config: ModelConfig, type_map: Mapping[str, Any], arch: str,
 
 def stale_reason(manifest: Manifest, config: ModelConfig, type_map: Mapping[str, Any], arch: str,
                  *, check_sources: bool = True) -> str | None:
-    """Why this compiled module cannot serve this model (None: it can)."""
+    """Why this compiled module cannot serve this model (None: it can): the one staleness check,
+    for `find_compiled` and for a module the user names (`Engine(module_dir=...)`, which skips
+    the sources). What a manifest does not record (only binding fields are required) is not
+    checked; binding itself checks each weight's type (`runtime.weights.check_types`)."""
     if manifest.arch != arch:
         return f"built for {manifest.arch}, not {arch}"
-    if manifest.hparams_hash != config.hparams_hash():
+    if manifest.hparams_hash is not None and manifest.hparams_hash != config.hparams_hash():
         return "built for other hyper-parameters"
-    if manifest.type_map_hash != type_map_hash(type_map):
+    if manifest.type_map_hash is not None and manifest.type_map_hash != type_map_hash(type_map):
         return "built for other tensor types"
-    if manifest.tvm_version != tvm_version():
+    if manifest.tvm_version is not None and manifest.tvm_version != tvm_version():
         return f"built with TVM {manifest.tvm_version}, this is {tvm_version()}"
     if check_sources and manifest.sources_hash != sources_hash(arch):
         return "built from other sources (kernels, schedules or compiler changed)"

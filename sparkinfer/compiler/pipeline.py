@@ -27,7 +27,6 @@ import hashlib
 import importlib
 import inspect
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -318,7 +317,3 @@ def compile_model(
     manifest.write()
     seconds = time.perf_counter() - start
     return CompileResult(manifest, directory, seconds, False)
-
-
-def remove_compiled(directory: str | Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)

@@ -24,7 +24,7 @@ def embedding(ggml_type: int, vocab: int, hidden: int) -> tirx.PrimFunc:
     token = te.placeholder((1,), "int32", name="token")
 
     def weight(h: tirx.Var) -> tirx.Expr:
-        # Clamped for the same reason as the expert ids in gemv_experts: a provable bound.
+        # Clamped for the same reason as the expert ids in kernels/moe.py: a provable bound.
         t = tirx.max(tirx.min(token[0], vocab - 1), 0)
 
         def row(i: tirx.Expr) -> tirx.Expr:

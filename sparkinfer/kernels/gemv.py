@@ -25,9 +25,6 @@ K is cut into chunks (the bytes one GPU lane loads at once), each of `parts` sub
 so scales and mins are decoded once per sub-block, never per weight. Float types take the same
 shape with no scale, so one schedule (`sparkinfer.schedule.gemv`) covers every type.
 
-`gemv_experts` is the MoE form: W[E, N, K] holds all experts, ids[k_used] (on device) picks
-the ones this token uses, and x is shared ([K]: gate/up) or per expert ([k_used, K]: down).
-
 `gemv_qkv` is the attention-input form: Wq, Wk (and Wv) of one type, sharing x, as one row
 space of n_q + n_k + n_v rows (one GPU launch). Row r reads the weight it falls in through
 a lazy if_then_else on r, with clamped indices so every access is provably in bounds; the
@@ -244,71 +241,41 @@ def gemv_format(ggml_type: int) -> GemvFormat:
     return fmt
 
 
-def _gemv_te(
-    fmt: GemvFormat,
-    n: int,
-    k: int,
-    experts: tuple[int, int] | None,
-    x_per_expert: bool,
-) -> tirx.PrimFunc:
-    """One compute for both forms; `experts` is (n_experts, n_used) for the MoE form."""
+def _gemv_te(fmt: GemvFormat, n: int, k: int) -> tirx.PrimFunc:
     n_chunks = k // fmt.chunk
-    lead: tuple[int, ...] = () if experts is None else (experts[1],)
-    row_words = fmt.row_words(k)
-    w_shape = (n, row_words) if experts is None else (experts[0], n, row_words)
-    w = te.placeholder(w_shape, fmt.word_dtype, name="W")
-    ids = None if experts is None else te.placeholder((experts[1],), "int32", name="ids")
-    x = te.placeholder(lead + (k,) if x_per_expert else (k,), "float32", name="x")
+    w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
+    x = te.placeholder((k,), "float32", name="x")
 
-    def row(e: tuple[Expr, ...], r: Expr) -> Row:
-        if ids is None:
-            return lambda i: w[r, i]
-        # Clamped so that TVM can bound the access: an unprovable index makes cache_read
-        # guard the copy and keep the cache in addressable local memory, not registers.
-        expert = tirx.max(tirx.min(ids[e[0]], experts[0] - 1), 0)
-        return lambda i: w[expert, r, i]
+    def row(r: Expr) -> Row:
+        return lambda i: w[r, i]
 
-    def x_lead_of(e: tuple[Expr, ...]) -> tuple[Expr, ...]:
-        return e if x_per_expert else ()
-
-    def x_at(e: tuple[Expr, ...], c: Expr, p: Expr, l: Expr) -> Expr:
-        return x[x_lead_of(e) + (c * fmt.chunk + p * fmt.sub + l,)]
+    def x_at(c: Expr, p: Expr, l: Expr) -> Expr:
+        return x[c * fmt.chunk + p * fmt.sub + l]
 
     l_dot = te.reduce_axis((0, fmt.sub), name="l")
-
-    def dot_term(ax: tuple[Expr, ...]) -> Expr:
-        e, r, c, p = ax[:-3], ax[-3], ax[-2], ax[-1]
-        return fmt.code(row(e, r), c, p, l_dot) * x_at(e, c, p, l_dot)
-
     dot = te.compute(
-        lead + (n, n_chunks, fmt.parts),
-        lambda *ax: te.sum(dot_term(ax), axis=l_dot),
+        (n, n_chunks, fmt.parts),
+        lambda r, c, p: te.sum(fmt.code(row(r), c, p, l_dot) * x_at(c, p, l_dot), axis=l_dot),
         name="dot",
     )
     xsum = None
     if fmt.min is not None:
         l_sum = te.reduce_axis((0, fmt.sub), name="l")
-        xsum = te.compute(
-            (lead if x_per_expert else ()) + (n_chunks, fmt.parts),
-            lambda *ax: te.sum(x_at(ax[:-2], ax[-2], ax[-1], l_sum), axis=l_sum),
-            name="xsum",
-        )
+        xsum = te.compute((n_chunks, fmt.parts), lambda c, p: te.sum(x_at(c, p, l_sum), axis=l_sum), name="xsum")
 
     c = te.reduce_axis((0, n_chunks), name="c")
     p = te.reduce_axis((0, fmt.parts), name="p")
 
-    def term(ax: tuple[Expr, ...]) -> Expr:
-        e, r = ax[:-1], ax[-1]
-        value = dot[ax + (c, p)]
+    def term(r: Expr) -> Expr:
+        value = dot[r, c, p]
         if fmt.scale is not None:
-            value = fmt.scale(row(e, r), c, p) * value
+            value = fmt.scale(row(r), c, p) * value
         if fmt.min is not None and xsum is not None:
-            value = value + fmt.min(row(e, r), c, p) * xsum[x_lead_of(e) + (c, p)]
+            value = value + fmt.min(row(r), c, p) * xsum[c, p]
         return value
 
-    y = te.compute(lead + (n,), lambda *ax: te.sum(term(ax), axis=[c, p]), name="gemv")
-    args = [w, x, y] if ids is None else [w, ids, x, y]
-    return te.create_prim_func(args)
+    y = te.compute((n,), lambda r: te.sum(term(r), axis=[c, p]), name="gemv")
+    return te.create_prim_func([w, x, y])
 
 
 def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
@@ -380,31 +347,10 @@ def gemv_symbol(ggml_type: int, n: int, k: int) -> str:
     return f"gemv_{gemv_format(ggml_type).name.lower()}_{n}x{k}"
 
 
-def gemv_experts_symbol(
-    ggml_type: int, n_experts: int, n_used: int, n: int, k: int, x_per_expert: bool
-) -> str:
-    name = gemv_format(ggml_type).name.lower()
-    per = "_xper" if x_per_expert else ""
-    return f"gemv_experts_{name}_{n_experts}x{n}x{k}_top{n_used}{per}"
-
-
 def gemv(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
     """y[n] = W[n, k] . x[k] for W in `ggml_type`; params (W words, x f32[k], y f32[n])."""
-    func = _gemv_te(gemv_format(ggml_type), n, k, None, False)
+    func = _gemv_te(gemv_format(ggml_type), n, k)
     return func.with_attr("global_symbol", gemv_symbol(ggml_type, n, k))
-
-
-def gemv_experts(
-    ggml_type: int, n_experts: int, n_used: int, n: int, k: int, x_per_expert: bool
-) -> tirx.PrimFunc:
-    """y[i, n] = W[ids[i], n, k] . x[(i,) k]: the MoE expert GEMV.
-
-    Params (W words [n_experts, n, row_words], ids int32[n_used], x f32[k] or f32[n_used, k],
-    y f32[n_used, n]). An id outside [0, n_experts) is clamped into it, never read past W.
-    """
-    func = _gemv_te(gemv_format(ggml_type), n, k, (n_experts, n_used), x_per_expert)
-    symbol = gemv_experts_symbol(ggml_type, n_experts, n_used, n, k, x_per_expert)
-    return func.with_attr("global_symbol", symbol)
 
 
 def gemv_qkv_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
@@ -454,7 +400,8 @@ def gemv_experts_reference(
     ids: npt.NDArray[np.int32],
     x: npt.NDArray[np.float32],
 ) -> np.ndarray:
-    """numpy oracle of gemv_experts: data uint8[E, n, row_bytes], x f32[k] or f32[n_used, k]."""
+    """numpy oracle of the MoE kernels' per-expert GEMVs (`kernels.moe`): y[i] = W[ids[i]] . x
+    (or . x[i]) for data uint8[E, n, row_bytes], x f32[k] or f32[n_used, k]."""
     xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), x.shape[-1]))
     return np.stack([gemv_reference(ggml_type, data[e], xi) for e, xi in zip(ids, xs)])
 

@@ -12,7 +12,7 @@ GEMV schedule's layout (lanes along K, warp allreduce) carries over.
 Gate and up may have different types (the fusion is in the epilogue, not the decode). Down
 folds the weighted sum over the KU slots into its reduction, so h_out is one pass with no
 [KU, H] intermediate and no atomics: each output row reduces over (slot, chunk, part).
-An id outside [0, E) is clamped into it, never read past the weights (as in gemv_experts).
+An id outside [0, E) is clamped into it, never read past the weights.
 """
 
 from collections.abc import Callable

@@ -70,26 +70,6 @@ def type_map_of(model: Any) -> dict[str, Any]:
     return {name: info.ggml_type for name, info in model.tensors.items()}
 
 
-def module_matches(manifest: Manifest, arch: str, config: Any, type_map: dict[str, Any]) -> str | None:
-    """None if `manifest` is a module for this model on `arch`, else why not."""
-    if manifest.arch != arch:
-        return f"built for {manifest.arch}"
-    if manifest.hparams_hash is not None and manifest.hparams_hash != config.hparams_hash():
-        return "built for other hyper-parameters"
-    for inp in manifest.weights:
-        t = type_map.get(inp.tensor)
-        if t is None:
-            return f"needs tensor '{inp.tensor}'"
-        if inp.ggml_type is not None and str(inp.ggml_type) != t.name:
-            return f"built for {inp.tensor} in {inp.ggml_type}, the file has {t.name}"
-    version = manifest.tvm_version
-    if version is not None:
-        tvm = device_mod.import_tvm()
-        if str(version) != str(tvm.__version__):
-            return f"built with TVM {version}, this is TVM {tvm.__version__}"
-    return None
-
-
 def find_module(roots: Sequence[Path], arch: str, config: Any, type_map: dict[str, Any]) -> Manifest | None:
     """The first up-to-date compiled module for this model and arch under `roots` (layout
     `<root>/<arch>/<key>/manifest.json`): the compiler's own lookup, `find_compiled`, which
@@ -128,25 +108,7 @@ def compile_module(config: Any, type_map: dict[str, Any], arch: str, out_root: P
             f"no compiled module for {arch} at {out_root / arch}{note} and no TVM compiler to build one ({e}): "
             f"run `sparkinfer compile ...` on a machine with full TVM"
         ) from None
-    result = compile_model(config, type_map, arch, out_root)
-    return _manifest_of(result, out_root, arch, config, type_map)
-
-
-def _manifest_of(result: Any, out_root: Path, arch: str, config: Any, type_map: dict[str, Any]) -> Manifest:
-    """The manifest of what `compile_model` returned (a manifest, a path or nothing)."""
-    if isinstance(result, Manifest):
-        return result
-    for attr in ("manifest_path", "path", "directory", "out_dir"):
-        candidate = getattr(result, attr, None)
-        if candidate is not None:
-            result = candidate
-            break
-    if isinstance(result, (str, os.PathLike)):
-        return Manifest.load(Path(result))
-    found = find_module([out_root], arch, config, type_map)
-    if found is None:
-        raise CompiledModuleError(f"compiling for {arch} into {out_root} produced no usable module")
-    return found
+    return compile_model(config, type_map, arch, out_root).manifest
 
 
 # -----------------------------------------------------------------------------------------
@@ -436,7 +398,7 @@ class Engine:
         type_map = type_map_of(self.model)
         if module_dir is not None:
             manifest = Manifest.load(Path(module_dir))
-            why = module_matches(manifest, self.arch, self.config, type_map)
+            why = stale_reason(manifest, self.config, type_map, self.arch, check_sources=False)
             if why is not None:
                 raise CompiledModuleError(f"the module at {module_dir} does not fit {self.model.path}: {why}")
             return manifest

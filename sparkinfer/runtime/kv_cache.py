@@ -18,7 +18,6 @@ import numpy as np
 
 from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.errors import ContextLengthError, OutOfMemoryError
-from sparkinfer.model.spec import StepInput
 from sparkinfer.runtime.device import MemoryInfo, format_bytes
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, dtype_size
 
@@ -135,9 +134,6 @@ class KVCache:
                 + (f" (the model's context_length is {self.model_context})" if self.capacity < self.model_context
                    else "")
             )
-
-    def state_args(self, inputs: Sequence[StepInput]) -> list[Any]:
-        return [self.arrays[i.name] for i in inputs if i.role != "weight"]
 
 
 def plan_pages(

@@ -156,7 +156,7 @@ def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], u
 def schedule_gemv(
     func: tirx.PrimFunc, ggml_type: int, config: GemvSchedule | None = None
 ) -> tirx.PrimFunc:
-    """Schedule a `gemv` or `gemv_experts` PrimFunc of `ggml_type` for a CUDA target."""
+    """Schedule a `gemv` PrimFunc of `ggml_type` for a CUDA target."""
     fmt: GemvFormat = gemv_format(ggml_type)
     sch = s_tir.Schedule(func)
 

@@ -46,21 +46,6 @@ def test_gemv_matches_numpy(rng: np.random.Generator, t: T) -> None:
     assert_gemv_close(y, G.gemv_reference(t, data, x), magnitude(t, data, x))
 
 
-@pytest.mark.parametrize("x_per_expert", [False, True], ids=["shared_x", "x_per_expert"])
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.Q8_0, T.BF16], ids=lambda t: t.name)
-def test_gemv_experts_matches_numpy(rng: np.random.Generator, t: T, x_per_expert: bool) -> None:
-    n_experts, n_used, n, k = 6, 3, 16, 256
-    data = random_weights(t, (n_experts, n, k), rng)
-    # Out of order and skipping experts: slot i must read expert ids[i], nothing else.
-    ids = np.array([4, 0, 5], dtype=np.int32)
-    x = rng.standard_normal((n_used, k) if x_per_expert else k, dtype=np.float32)
-    func = G.gemv_experts(t, n_experts, n_used, n, k, x_per_expert)
-    y = run_cpu(func, G.weight_view(t, data), ids, x, np.empty((n_used, n), np.float32))
-    xs = x if x_per_expert else np.broadcast_to(x, (n_used, k))
-    mag = np.stack([magnitude(t, data[e], xi) for e, xi in zip(ids, xs)])
-    assert_gemv_close(y, G.gemv_experts_reference(t, data, ids, x), mag)
-
-
 def run_cpu_outputs(func: tvm.tirx.PrimFunc, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
     """run_cpu for several outputs, each poisoned with NaN."""
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))

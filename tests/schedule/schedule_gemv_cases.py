@@ -23,7 +23,6 @@ from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv, schedule_gemv_
 from cuda_testutil import CUDA_ARCHS, export, gpu_tests_dir
 
 STEM = "gemv_cases"
-QWEN3_EXPERTS, QWEN3_USED = 128, 8
 
 
 @dataclass(frozen=True)
@@ -32,46 +31,26 @@ class GemvCase:
     ggml_type: T
     n: int
     k: int
-    moe: bool = False
-    x_per_expert: bool = False
     schedule: GemvSchedule | None = None  # None: default_schedule
 
     def func(self) -> tvm.tirx.PrimFunc:
-        if self.moe:
-            return G.gemv_experts(
-                self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n, self.k, self.x_per_expert
-            )
         return G.gemv(self.ggml_type, self.n, self.k)
 
     @property
     def symbol(self) -> str:
-        if self.moe:
-            return G.gemv_experts_symbol(
-                self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n, self.k, self.x_per_expert
-            )
         return G.gemv_symbol(self.ggml_type, self.n, self.k)
 
     def inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Host arrays: data (GGUF bytes), ids (MoE only), x."""
-        if not self.moe:
-            return {
-                "data": random_weights(self.ggml_type, (self.n, self.k), rng),
-                "x": rng.standard_normal(self.k, dtype=np.float32),
-            }
-        x_shape = (QWEN3_USED, self.k) if self.x_per_expert else (self.k,)
+        """Host arrays: data (GGUF bytes), x."""
         return {
-            "data": random_weights(self.ggml_type, (QWEN3_EXPERTS, self.n, self.k), rng),
-            "ids": rng.choice(QWEN3_EXPERTS, QWEN3_USED, replace=False).astype(np.int32),
-            "x": rng.standard_normal(x_shape, dtype=np.float32),
+            "data": random_weights(self.ggml_type, (self.n, self.k), rng),
+            "x": rng.standard_normal(self.k, dtype=np.float32),
         }
 
 
 CASES: tuple[GemvCase, ...] = (
     GemvCase("attn_q", T.Q4_K, 4096, 2048),
     GemvCase("attn_output", T.Q4_K, 2048, 4096),
-    GemvCase("ffn_gate_up_exps", T.Q4_K, 768, 2048, moe=True),
-    GemvCase("ffn_down_exps_q6_k", T.Q6_K, 2048, 768, moe=True, x_per_expert=True),
-    GemvCase("ffn_down_exps_q4_k", T.Q4_K, 2048, 768, moe=True, x_per_expert=True),
     GemvCase("attn_v_q6_k", T.Q6_K, 512, 2048),
     GemvCase("attn_k_q5_k", T.Q5_K, 512, 2048),
     GemvCase("attn_k_q8_0", T.Q8_0, 512, 2048),
@@ -80,8 +59,7 @@ CASES: tuple[GemvCase, ...] = (
     GemvCase("ffn_gate_inp", T.F32, 128, 2048),
     # Non-default tilings: rows shared per thread, and a row count no block divides.
     GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, schedule=GemvSchedule(32, 4, 2)),
-    GemvCase("experts_rows_per_thread_4", T.Q6_K, 1024, 2048, moe=True,
-             schedule=GemvSchedule(16, 2, 4)),
+    GemvCase("q6_k_rows_per_thread_4", T.Q6_K, 1024, 2048, schedule=GemvSchedule(16, 2, 4)),
 )
 
 

@@ -40,19 +40,6 @@ def test_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
     assert "= *(float4*)(x_ptr" in body
 
 
-@pytest.mark.parametrize("x_per_expert", [False, True])
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_experts_form_reads_ids_on_device(t: T, x_per_expert: bool) -> None:
-    func = G.gemv_experts(t, 128, 8, 512, 768, x_per_expert)
-    body = kernel_body(cuda_source(schedule_gemv(func, t)))
-    assert "ids_ptr[((int)blockIdx.y)]" in body
-    # The expert index must not turn the weight cache's copy into a guarded one, nor make
-    # it span every expert: one 8-word chunk per row of the thread.
-    assert "if ((0 <= ids_ptr" not in body
-    sizes = [int(m) for m in re.findall(r"uint W_local_ptr\[(\d+)\]", body)]
-    assert all(size <= 8 * 4 for size in sizes)
-
-
 def test_default_schedule_splits_rows_without_idle_lanes() -> None:
     assert default_schedule(T.Q4_K, 512, 2048).lanes == 32  # 32 chunks of 64
     assert default_schedule(T.Q4_K, 512, 768).lanes == 4  # 12 chunks
@@ -83,10 +70,6 @@ def test_schedule_rejects_a_lane_count_that_is_not_a_power_of_two() -> None:
 @needs_nvcc
 def test_nvcc_compiles_every_type_for_sm_90a() -> None:
     funcs = [schedule_gemv(G.gemv(t, 256, 2048), t) for t in ALL_TYPES]
-    funcs += [
-        schedule_gemv(G.gemv_experts(T.Q4_K, 16, 8, 768, 2048, False), T.Q4_K),
-        schedule_gemv(G.gemv_experts(T.Q6_K, 16, 8, 2048, 768, True), T.Q6_K),
-    ]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, "sm_90"), "sm_90")
     assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", "sm_90a")]
