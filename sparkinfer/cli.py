@@ -195,8 +195,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.export.cli import add_arguments, run
+
+    p = sub.add_parser("export", help="a self-contained folder that runs the model on a machine without the "
+                       "TVM compiler (runtime-only TVM, the compiled module, a launcher run.py)")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_info, _add_synth, _add_compile, _add_run, _add_chat, _add_serve, _add_accuracy, _add_bench]
+    _add_info, _add_synth, _add_compile, _add_run, _add_chat, _add_serve, _add_accuracy, _add_bench, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,44 @@ def compile_module(config: Any, type_map: dict[str, Any], arch: str, out_root: P
     return compile_model(config, type_map, arch, out_root).manifest
 
 
+def find_or_compile(model: Any, arch: str, *, module_dir: str | Path | None = None,
+                    search_roots: Sequence[str | Path] | None = None, cache: str | Path | None = None,
+                    compile: bool = True, log: Log | None = None) -> Manifest:
+    """The compiled module for `model` (an open GGUFModel) on `arch`: `module_dir` when given
+    (CompiledModuleError unless it fits), else the first up-to-date one under `search_roots`
+    (None: `default_search_roots`) or `cache`, else compiled into `cache` when `compile`."""
+    log = log or (lambda message: None)
+    config, type_map = model.config, type_map_of(model)
+    if module_dir is not None:
+        manifest = Manifest.load(Path(module_dir))
+        why = stale_reason(manifest, config, type_map, arch, check_sources=False)
+        if why is not None:
+            raise CompiledModuleError(f"the module at {module_dir} does not fit {model.path}: {why}")
+        return manifest
+    cache_root = Path(cache) if cache is not None else cache_dir()
+    roots = [Path(r) for r in search_roots] if search_roots is not None else default_search_roots()
+    if cache_root not in roots:
+        roots.append(cache_root)
+    found = find_module(roots, arch, config, type_map)
+    if found is not None:
+        return found
+    where = cache_root / arch
+    stale = stale_modules(roots, arch, config, type_map)
+    note = f" (found only stale ones: {'; '.join(stale)})" if stale else ""
+    if not compile:
+        raise CompiledModuleError(
+            f"no compiled module for {arch} at {where}{note} and no TVM compiler to build one (compilation "
+            f"disabled): run `sparkinfer compile ...` on a machine with full TVM"
+        )
+    if device_mod.tvm_runtime_only():
+        return compile_module(config, type_map, arch, cache_root, note)  # raises
+    log(f"compiling the {arch} module for {model.path.name} into {cache_root} (first run only)")
+    t0 = time.perf_counter()
+    manifest = compile_module(config, type_map, arch, cache_root, note)
+    log(f"compiled in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
 # -----------------------------------------------------------------------------------------
 # Generation results
 # -----------------------------------------------------------------------------------------
@@ -359,7 +397,8 @@ class Engine:
         self.arch = self.device.arch
         where = "GPU" if self.device.is_cuda else "host"
         mem = memory_info or self.device.memory_info
-        self.manifest = self._find_or_compile(module_dir, search_roots, cache, compile)
+        self.manifest = find_or_compile(self.model, self.arch, module_dir=module_dir, search_roots=search_roots,
+                                        cache=cache, compile=compile, log=self.log)
         self.lookahead = max(0, int(lookahead))
 
         lib = tvm.runtime.load_module(str(self.manifest.library))
@@ -392,38 +431,6 @@ class Engine:
         self._tokenizer = None
 
     # -- setup ------------------------------------------------------------------------------
-
-    def _find_or_compile(self, module_dir: str | Path | None, search_roots: Sequence[str | Path] | None,
-                         cache: str | Path | None, compile: bool) -> Manifest:
-        type_map = type_map_of(self.model)
-        if module_dir is not None:
-            manifest = Manifest.load(Path(module_dir))
-            why = stale_reason(manifest, self.config, type_map, self.arch, check_sources=False)
-            if why is not None:
-                raise CompiledModuleError(f"the module at {module_dir} does not fit {self.model.path}: {why}")
-            return manifest
-        cache_root = Path(cache) if cache is not None else cache_dir()
-        roots = [Path(r) for r in search_roots] if search_roots is not None else default_search_roots()
-        if cache_root not in roots:
-            roots.append(cache_root)
-        found = find_module(roots, self.arch, self.config, type_map)
-        if found is not None:
-            return found
-        where = cache_root / self.arch
-        stale = stale_modules(roots, self.arch, self.config, type_map)
-        note = f" (found only stale ones: {'; '.join(stale)})" if stale else ""
-        if not compile:
-            raise CompiledModuleError(
-                f"no compiled module for {self.arch} at {where}{note} and no TVM compiler to build one (compilation "
-                f"disabled): run `sparkinfer compile ...` on a machine with full TVM"
-            )
-        if device_mod.tvm_runtime_only():
-            return compile_module(self.config, type_map, self.arch, cache_root, note)  # raises
-        self.log(f"compiling the {self.arch} module for {self.model.path.name} into {cache_root} (first run only)")
-        t0 = time.perf_counter()
-        manifest = compile_module(self.config, type_map, self.arch, cache_root, note)
-        self.log(f"compiled in {time.perf_counter() - t0:.1f} s")
-        return manifest
 
     def _arguments(self) -> list[Any]:
         weights = iter(self.weights)
