@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-# reference-numbers.md: llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128, H100.
+# llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128: bench/NOTES.md, "Reference measurements".
 LLAMA_CPP_H100 = {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3}
 LLAMA_CPP_H200 = {128: 333.6, 512: 310.8, 4096: 286.3, 16384: 249.4}
 

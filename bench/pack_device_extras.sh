@@ -7,9 +7,9 @@
 #   bench/pack_device_extras.sh        # ~1.8 MB; re-running keeps the wheels already there
 #
 # pytest and its needs: the image has none of pytest, pluggy, iniconfig (packaging likely, as a
-# transformers dependency; pygments maybe). The runtime engineer's .device/rt/pytest_whl/ wheels
+# transformers dependency; pygments maybe). Wheels already in .device/rt/pytest_whl/
 # are reused when present. What sparkinfer imports beside numpy (tokenizers, jinja2, tqdm, pyyaml
-# for gguf) is in the image (KINDS.md's pip list: tokenizers, transformers, torch): not packed,
+# for gguf) is in the image (its `pip list`: tokenizers, transformers, torch): not packed,
 # to keep the carried tree small; the round names any module that is missing. The server's
 # stack (fastapi, uvicorn, pydantic) is packed: the image lacks uvicorn.
 set -euo pipefail

@@ -15,7 +15,7 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 arch=${1:-sm_90}
 t0=$SECONDS
-[ -f .device/setup.sh ] || { echo "no .device/setup.sh: run ../shared/device/pack.sh first" >&2; exit 1; }
+[ -f .device/setup.sh ] || { echo "no .device/setup.sh: run bench/device/pack.sh first" >&2; exit 1; }
 
 bench/pack_device_extras.sh > /dev/null
 echo "extras: $(du -sh .device/extras | cut -f1) in .device/extras ($((SECONDS - t0)) s)"

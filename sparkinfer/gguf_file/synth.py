@@ -35,7 +35,7 @@ PRESETS: dict[str, ModelConfig] = {
         arch="qwen3", n_layers=2, hidden=256, n_heads=4, n_kv_heads=2, head_dim=64,
         vocab_size=1024, context_length=2048, ffn=512,
     ),
-    # The shapes of the real Qwen3-30B-A3B (shared/design.md).
+    # The shapes of the real Qwen3-30B-A3B (its config.json on the Hugging Face Hub, Qwen/Qwen3-30B-A3B).
     "qwen3-30b-a3b": ModelConfig(
         arch="qwen3moe", n_layers=48, hidden=2048, n_heads=32, n_kv_heads=4, head_dim=128,
         vocab_size=151936, context_length=40960, n_experts=128, n_experts_used=8, expert_ffn=768, ffn=6144,

@@ -1,6 +1,6 @@
 """One VM `decode` call captured as a CUDA graph on the runtime's own stream, and replayed.
 
-Recipe (shared/design.md, seen working on an H100/H200 with runtime-only TVM):
+Recipe (seen working on an H100 and an H200 with runtime-only TVM: tests/runtime/test_runtime_gpu.py):
   s = dev.create_raw_stream(); dev.set_raw_stream(s)    # TVM launches its kernels on s
   warm-up call (loads the kernels, fills the VM's memory pool)
   cudaStreamBeginCapture(s, relaxed); call; cudaStreamEndCapture(s) -> graph

@@ -2,8 +2,8 @@
 
 Runtime-only TVM (`TVM_USE_RUNTIME_LIB=1`, or a package without libtvm_compiler.so: what the
 GPU machines carry) imports in seconds but skips the backend autoload, so
-`tvm/lib/libtvm_runtime_cuda.so` must be loaded by hand before `tvm.cuda()` means anything
-(shared/design.md). `import_tvm()` does that in both modes; import TVM through it.
+`tvm/lib/libtvm_runtime_cuda.so` must be loaded by hand before `tvm.cuda()` means anything.
+`import_tvm()` does that in both modes; import TVM through it.
 
 Arch names are the compiler's (`sparkinfer.compiler.targets.ARCHS`): "sm_90", "sm_120",
 "sm_121" from the GPU's compute capability, or "cpu".

@@ -20,7 +20,7 @@ Tolerances (measured on the CPU machine, transformers 5.24 / torch 2.13, seed 0)
 - weights: transformers' dequantized tensors equal the reader's to 1e-6 of their max
   (measured: bit-identical for F16, Q4_K, Q5_K, Q6_K and Q8_0).
 
-transformers quirks handled here (see also shared/design.md):
+transformers quirks handled here:
 - its GGUF config mapping ignores ``qwen3moe.expert_feed_forward_length`` (default 768):
   pass ``moe_intermediate_size``;
 - for dense ``qwen3`` it also ignores ``attention.key_length`` (default head_dim 128):
