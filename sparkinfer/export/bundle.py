@@ -86,6 +86,7 @@ def export_bundle(out: str | Path, model: str | Path, arch: str, *, module_dir: 
         raise SparkInferError(f"{out} already exists: export into a new or empty folder")
     gguf_model = GGUFModel.open(model)
     manifest = find_or_compile(gguf_model, arch, module_dir=module_dir, log=log)
+    _check_host(manifest.target, arch)
     out.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copytree(manifest.directory, out / MODULE_DIR,
@@ -107,6 +108,17 @@ def export_bundle(out: str | Path, model: str | Path, arch: str, *, module_dir: 
         raise
     runtime = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p != copied)
     return Bundle(out, arch, copied, runtime)
+
+
+def _check_host(target: dict, arch: str) -> None:
+    """The module's host code must run on this machine's kind of CPU: the folder's TVM is this
+    machine's (an sm_121 module holds aarch64 code for the DGX Spark's Arm cores)."""
+    triple = (target.get("host") or target).get("mtriple")
+    machine = platform.machine()
+    if triple is not None and triple.split("-")[0] != machine:
+        raise SparkInferError(
+            f"the {arch} module's host code is for {triple}, this machine is {machine}: the folder's TVM would not "
+            f"load it. Export on a {triple.split('-')[0]} machine (give it this module with --module)")
 
 
 def _copy_package(package: str, site: Path, left_out: frozenset[str]) -> None:

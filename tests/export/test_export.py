@@ -127,3 +127,17 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().err == (f"error: the module at {module} does not fit {other}: "
                                        "built for other hyper-parameters\n")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_module_for_another_kind_of_cpu_is_refused() -> None:
+    from sparkinfer.errors import SparkInferError
+    from sparkinfer.export.bundle import _check_host
+
+    here = os.uname().machine
+    other = "aarch64" if here == "x86_64" else "x86_64"
+    with pytest.raises(SparkInferError, match=f"the sm_121 module's host code is for {other}-linux-gnu, this machine "
+                                              f"is {here}: the folder's TVM would not load it. Export on a {other} "
+                                              "machine \\(give it this module with --module\\)"):
+        _check_host({"kind": "cuda", "host": {"mtriple": f"{other}-linux-gnu"}}, "sm_121")
+    _check_host({"kind": "cuda", "host": {"mtriple": f"{here}-linux-gnu"}}, "sm_90")
+    _check_host({"kind": "llvm", "mcpu": "native"}, "cpu")  # no triple: built for this machine
