@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 from sparkinfer.errors import ContextLengthError, InvalidParameterError, SparkInferError
-from sparkinfer.sampling_params import check_max_tokens, check_sampling
+from sparkinfer.sampling_params import check_max_tokens, check_prompt_tokens, check_sampling
 
 if TYPE_CHECKING:
     import numpy as np
@@ -276,11 +276,10 @@ class LLM:
         if items and all(isinstance(m, dict) for m in items):
             return self.tokenize(self.apply_chat_template(items, add_generation_prompt=True, **template_extra))
         if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-            vocab = self.config.vocab_size
-            bad = [t for t in items if not 0 <= t < vocab]
-            if bad:
-                raise SparkInferError(f"token id {bad[0]} is outside the vocabulary of {vocab} tokens")
-            return [int(t) for t in items]
+            ids = [int(t) for t in items]
+            if ids:  # empty is refused by `start`, and scores nothing
+                check_prompt_tokens(ids, self.config.vocab_size)
+            return ids
         raise InvalidParameterError("prompt", f"{_PROMPT_KINDS}, got a list holding "
                                     f"{', '.join(sorted({type(i).__name__ for i in items}))}")
 
@@ -334,8 +333,7 @@ class LLM:
         check_max_tokens(max_tokens)
         stops = _stop_strings(stop)
         ids = self.prompt_tokens(prompt)
-        if not ids:
-            raise SparkInferError("the prompt is empty: give at least one token")
+        check_prompt_tokens(ids, self.config.vocab_size)
         max_tokens = self.check_length(len(ids), max_tokens)
         if seed is None:
             seed = secrets.randbits(31)

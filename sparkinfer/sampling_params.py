@@ -1,4 +1,4 @@
-"""The sampling and length arguments of a generation, checked in one place.
+"""The sampling, length and prompt arguments of a generation, checked in one place.
 
 The `run` and `chat` commands, the Python API (`LLM.start`) and the HTTP server
 (`sparkinfer.server.protocol`) all call these functions, so a value is accepted or refused
@@ -35,6 +35,15 @@ def check_max_tokens(max_tokens: object, param: str = "max_tokens") -> None:
         _check_integer(param, max_tokens, "an integer >= 0")
 
 
+def check_prompt_tokens(tokens: list[int], vocab_size: int) -> None:
+    """At least one token, every id inside the vocabulary (ids already ints)."""
+    if not tokens:
+        raise InvalidParameterError("prompt", "the prompt is empty: give at least one token")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidParameterError("prompt", f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
+
+
 def _check_number(param: str, value: object, bounds: tuple[float, float]) -> None:
     lo, hi = bounds
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -58,4 +67,4 @@ def _shown(value: object) -> str:
     return f"{value!r:.40} ({type(value).__name__})"
 
 
-__all__ = ["TEMPERATURE_RANGE", "TOP_P_RANGE", "check_max_tokens", "check_sampling"]
+__all__ = ["TEMPERATURE_RANGE", "TOP_P_RANGE", "check_max_tokens", "check_prompt_tokens", "check_sampling"]

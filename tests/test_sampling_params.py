@@ -93,3 +93,13 @@ def test_defaults_and_edges_pass() -> None:
     check_sampling(temperature=2, top_p=1, top_k=10**6, seed=-7)
     check_max_tokens(None)
     check_max_tokens(0)
+
+
+def test_prompt_tokens() -> None:
+    from sparkinfer.sampling_params import check_prompt_tokens
+
+    check_prompt_tokens([0, 511], 512)
+    with pytest.raises(InvalidParameterError, match="^the prompt is empty: give at least one token$"):
+        check_prompt_tokens([], 512)
+    with pytest.raises(InvalidParameterError, match="^token id 512 is outside the vocabulary of 512 tokens$"):
+        check_prompt_tokens([3, 512, -1], 512)

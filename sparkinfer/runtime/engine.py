@@ -30,7 +30,7 @@ from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
 from sparkinfer.runtime.kv_cache import KVCache
 from sparkinfer.runtime.cudart import HOST_TO_DEVICE
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, upload_weights
-from sparkinfer.sampling_params import check_max_tokens, check_sampling
+from sparkinfer.sampling_params import check_max_tokens, check_prompt_tokens, check_sampling
 
 Log = Callable[[str], None]
 
@@ -496,14 +496,9 @@ class Engine:
         sequence and run only the rest of the prompt.
         """
         prompt = [int(t) for t in prompt_tokens]
-        if not prompt:
-            raise SparkInferError("the prompt is empty: give at least one token")
+        check_prompt_tokens(prompt, self.config.vocab_size)
         check_max_tokens(max_tokens)
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise SparkInferError(f"prompt token id {bad[0]} is outside the vocabulary of {vocab} tokens")
         self.kv.check_fits(len(prompt), max_tokens)
         stops = set(self.default_stop_tokens() if stop_tokens is None else stop_tokens)
         if not stream:

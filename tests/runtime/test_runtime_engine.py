@@ -192,7 +192,7 @@ def test_prompt_errors(toy: Engine) -> None:
 
     with pytest.raises(SparkInferError, match="the prompt is empty"):
         toy.generate([], 4)
-    with pytest.raises(SparkInferError, match="prompt token id 300 is outside the vocabulary of 300 tokens"):
+    with pytest.raises(SparkInferError, match="token id 300 is outside the vocabulary of 300 tokens"):
         toy.generate([1, 300], 4)
     gen = toy.generate(PROMPT, 0)
     assert list(gen) == [] and gen.stats.stop_reason == "length"
