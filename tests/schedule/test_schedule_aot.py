@@ -10,7 +10,8 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
 from sparkinfer.kernels import gemv as G
-from sparkinfer.schedule.gemv import schedule_gemv
+
+from cuda_testutil import scheduled
 
 CUDA_ARCHS = ["sm_90", "sm_120", "sm_121"]
 needs_nvcc = pytest.mark.skipif(
@@ -51,10 +52,10 @@ def library_bytes(path: Path) -> bytes:
 
 
 def module() -> tvm.IRModule:
-    """A Q4_K GEMV and a Q6_K one: one kernel with vector loads, one without."""
+    """A plain Q4_K GEMV and a MoE Q6_K one: one kernel with vector loads, one without."""
     funcs = [
-        schedule_gemv(G.gemv(T.Q4_K, 512, 2048), T.Q4_K),
-        schedule_gemv(G.gemv(T.Q6_K, 512, 768), T.Q6_K),
+        scheduled(G.gemv, "gemv", T.Q4_K, 512, 2048),
+        scheduled(G.gemv, "gemv", T.Q6_K, 512, 768),
     ]
     return tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
 
