@@ -28,7 +28,8 @@ class MutateCategorical(PyMutator):
 
     def apply(self, trace: Trace, rand_state: int) -> Trace | None:
         decisions = trace.decisions
-        insts = [inst for inst in categorical_insts(trace) if inst in decisions and len(inst.attrs[0]) > 1]
+        insts = [inst for inst in categorical_insts(trace)
+                 if decisions.get(inst) is not None and len(inst.attrs[0]) > 1]
         if not insts:
             return None
         rng = random.Random(int(rand_state))
