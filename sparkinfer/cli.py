@@ -200,7 +200,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     from sparkinfer.tune.cli import add_arguments
 
     p = sub.add_parser("tune", help="auto-tune the model's kernel schedules for an arch (MetaSchedule + XGBoost); "
-                       "writes tuning_logs/<arch>/ and schedules/<arch>.json")
+                       "writes tuning_logs/<arch>/ and the package's schedules/<arch>.json")
     add_arguments(p)
 
     def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@
     bundle.py     builds a round's candidates into a bundle (--emit)
     runner.py     times a bundle with runtime-only TVM (--run; python -m sparkinfer.tune.runner)
     database.py   records a timed bundle in tuning_logs/<arch>/ (--ingest)
-    schedules.py  writes schedules/<arch>.json from the database
+    schedules.py  writes the schedules file (sparkinfer/data/schedules/<arch>.json) from the database
     tuning.py     one-phase tuning: emit -> run -> ingest rounds on this machine
     cli.py        the `sparkinfer tune` command
 

@@ -2,11 +2,11 @@
 
     sparkinfer tune [MODEL.gguf] --arch A [--trials N] [--seed S] [--kernels PATTERN]
         tune here: per kernel, rounds of propose -> build -> time -> record until it has N
-        records; writes tuning_logs/<arch>/ and schedules/<arch>.json
+        records; writes tuning_logs/<arch>/ and the schedules file (sparkinfer/data/schedules/<arch>.json)
     sparkinfer tune [MODEL.gguf] --arch A --emit DIR     build the next round of every kernel into DIR
     sparkinfer tune --run DIR                            time DIR's candidates on this machine
                                                          (= python -m sparkinfer.tune.runner DIR)
-    sparkinfer tune [MODEL.gguf] --ingest DIR            record DIR's times, update schedules/<arch>.json
+    sparkinfer tune [MODEL.gguf] --ingest DIR            record DIR's times, update the schedules file
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from sparkinfer.errors import SparkInferError
+from sparkinfer.schedule.schedules import SchedulesFile
 
 # 18 kernels of the shipped model x 24 trials finish well inside 30 minutes on this 2-core
 # machine (bench/NOTES.md, "Tuning the CPU schedules").
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logs", type=Path, default=Path("tuning_logs"),
                    help="root of the tuning logs: <logs>/<arch>/ (default tuning_logs/)")
     p.add_argument("--schedules", type=Path,
-                   help="the schedules file to update (default schedules/<arch>.json)")
+                   help="the schedules file to update (default: the package's, sparkinfer/data/schedules/<arch>.json)")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--emit", type=Path, metavar="DIR", help="build the next round into a bundle DIR and stop")
     phase.add_argument("--run", type=Path, metavar="DIR", help="time a bundle's candidates on this machine")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                               "tune in two phases instead: --emit DIR here, --run DIR there, --ingest DIR here")
     from sparkinfer.tune.tuning import tune
 
-    schedules = args.schedules or Path("schedules") / f"{arch}.json"
+    schedules = _schedules_path(args, arch)
     print(f"tuning {len(tasks)} kernels for {arch}, {args.trials} trials each, seed {args.seed}")
     out = tune(tasks, arch, work_dir, schedules, trials=args.trials, seed=args.seed, rotate_bytes=rotate_bytes)
     _summary(out, [t.key for t in tasks])
@@ -86,15 +87,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(out: dict, keys: list[str]) -> None:
+def _schedules_path(args: argparse.Namespace, arch: str) -> Path:
+    from sparkinfer.schedule.schedules import packaged_schedules_path
+
+    return args.schedules or packaged_schedules_path(arch)
+
+
+def _summary(out: SchedulesFile, keys: list[str]) -> None:
     for key in keys:
-        entry = out["kernels"].get(key)
-        if entry is None:
+        entry = out.kernels.get(key)
+        if entry is None or entry.time_us is None:
             print(f"  {key}: nothing measured")
             continue
-        default = entry["default_time_us"]
-        gain = f", default {default:.2f} us ({default / entry['time_us']:.2f}x)" if default else ""
-        print(f"  {key}: {entry['time_us']:.2f} us{gain}, {entry['trials']} trials, knobs {entry['knobs']}")
+        default = entry.default_time_us
+        gain = f", default {default:.2f} us ({default / entry.time_us:.2f}x)" if default else ""
+        print(f"  {key}: {entry.time_us:.2f} us{gain}, {entry.trials} trials, knobs {entry.knobs}")
 
 
 def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rotate_bytes: int) -> int:
@@ -137,7 +144,7 @@ def _ingest(args: argparse.Namespace) -> int:
     work_dir = args.logs / arch
     database = open_database(work_dir)
     lines = ingest(args.ingest, {t.key: t for t in tasks}, database, work_dir)
-    schedules = args.schedules or Path("schedules") / f"{arch}.json"
+    schedules = _schedules_path(args, arch)
     out = write_schedules(schedules, arch, tasks, database, work_dir, index["seed"])
     failed = sum(line["error"] is not None for line in lines)
     print(f"recorded {len(lines)} candidates ({failed} failed) in {work_dir}/")

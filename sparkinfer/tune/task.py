@@ -23,7 +23,7 @@ SAMPLE_CATEGORICAL = "SampleCategorical"
 
 @dataclass
 class TuneTask:
-    key: str  # the kernel's stable key in schedules/<arch>.json ("family.factory(args)")
+    key: str  # the kernel's key in the schedules file ("family.factory(args)")
     name: str  # the kernel's name in the decode step, for messages and progress bars
     func: tirx.PrimFunc  # unscheduled, every shape concrete (inputs.concrete_kernel)
     inputs: list[np.ndarray]  # one valid input set, in parameter order

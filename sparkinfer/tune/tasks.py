@@ -33,7 +33,8 @@ def use_task(use: KernelUse, func, facts: ArchFacts, seed: int = 0) -> TuneTask:
 def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: Log | None = None) -> list[TuneTask]:
     """The model's kernels matching `pattern` (fnmatch on the kernel name or key), one task
     each. A kernel without a rule for the arch is skipped with a note, unless `pattern` named
-    it; a pattern that matches nothing is an error."""
+    it; so is one whose rule has nothing to choose (every knob has one value: it keeps the
+    default). A pattern that matches nothing is an error."""
     log = log or (lambda message: None)
     gguf = GGUFModel.open(model)
     step = build_decode_step(gguf.config, {name: t.ggml_type for name, t in gguf.tensors.items()})
@@ -45,11 +46,16 @@ def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: L
             continue
         matched += 1
         try:
-            tasks.append(use_task(use, step.originals[use.name], facts))
+            rule = rule_for(use, facts)
         except ScheduleError as e:
             if pattern:
                 raise
             log(f"skipped {use.name}: {e}")
+            continue
+        if not any(len(values) > 1 for values in rule.space(use, facts).values()):
+            log(f"skipped {use.name}: {rule.name} has nothing to choose")
+            continue
+        tasks.append(use_task(use, step.originals[use.name], facts))
     if pattern and not matched:
         names = ", ".join(u.name for u in step.kernels)
         raise SparkInferError(f"--kernels {pattern!r} matches none of the model's kernels ({names})")

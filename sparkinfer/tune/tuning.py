@@ -1,6 +1,6 @@
 """One-phase tuning: rounds of emit (sparkinfer/tune/bundle.py) -> time (runner.py) -> ingest
 (database.py) per kernel on this machine, the same code paths as two-phase tuning, until each
-kernel has `trials` records or its search finds nothing new; then schedules/<arch>.json."""
+kernel has `trials` records or its search finds nothing new; then the schedules file."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from tvm.s_tir import meta_schedule as ms
 
+from sparkinfer.schedule.schedules import SchedulesFile
 from sparkinfer.tune.bundle import emit
 from sparkinfer.tune.database import ingest
 from sparkinfer.tune.runner import run_bundle
@@ -59,7 +60,7 @@ def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir
 
 def tune(tasks: Sequence[TuneTask], arch: str, work_dir: str | Path, schedules: str | Path, *, trials: int,
          seed: int, rotate_bytes: int, per_round: int = PER_ROUND, config: SearchConfig = SearchConfig(),
-         runner: Runner = run_bundle, progress: bool = True) -> dict[str, Any]:
+         runner: Runner = run_bundle, progress: bool = True) -> SchedulesFile:
     from sparkinfer.tune.database import open_database
 
     work_dir = Path(work_dir)

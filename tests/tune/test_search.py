@@ -88,6 +88,7 @@ def test_same_seed_same_times_same_candidates(tmp_path):
     assert first == again
     assert first != other
     schedules = json.loads((tmp_path / "a" / "cpu.json").read_text())
+    assert schedules["arch"] == "cpu" and schedules["made_by"]["device"] == "fake"
     entry = schedules["kernels"]["toy.gemv(256, 512)"]
     best = min(first, key=lambda k: 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0))
     assert entry["knobs"] == best and entry["trials"] == 14 and entry["seed"] == 7
