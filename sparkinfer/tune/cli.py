@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ingest is not None:
         return _ingest(args)
     arch = _need_arch(args, "tuning" if args.emit is None else "--emit")
+    _need_xgboost()
     from sparkinfer.schedule.arch import arch_facts
     from sparkinfer.tune.tasks import model_tasks
 
@@ -85,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
     _summary(out, [t.key for t in tasks])
     print(f"wrote {work_dir}/ and {schedules}")
     return 0
+
+
+def _need_xgboost() -> None:
+    """The search's cost model is XGBoost, an optional extra (running and compiling never use it)."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        raise SparkInferError("tuning needs xgboost, the [tune] extra: pip install 'sparkinfer[tune]'") from None
 
 
 def _schedules_path(args: argparse.Namespace, arch: str) -> Path:
