@@ -68,7 +68,7 @@ def trace_from_json(task: TuneTask, data: Any) -> s_tir.Trace:
 
 
 def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.database.Database, *, seed: int,
-                     n: int, trials: int, config: SearchConfig) -> list[tuple[s_tir.Schedule, bool]]:
+                     n: int, trials: int, config: SearchConfig, log: Log) -> list[tuple[s_tir.Schedule, bool]]:
     """The next round of a kernel: the arch default first while the database holds nothing of
     the kernel (so every tune measures it, with the same runner), then the search's proposals.
     The round index is the number of records: a pure function of the database. A round never
@@ -79,7 +79,11 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         return []
     picks: list[tuple[s_tir.Schedule, bool]] = []
     if recorded == 0:
-        picks.append((replay(task, default_trace(task)), True))
+        try:
+            picks.append((replay(task, default_trace(task)), True))
+        except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
+            log(f"warning: {task.name}: the default knobs {task.default_knobs} do not replay in the design space "
+                f"({_last_line(e)}): the default is not measured")
     proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
     seen = {_hash(s) for s, _ in picks}
     for sch in proposals:
@@ -89,6 +93,11 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
             seen.add(_hash(sch))
             picks.append((sch, False))
     return picks
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else ""
 
 
 def _hash(sch: s_tir.Schedule) -> int:
@@ -122,7 +131,8 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
     target = targets.target_for(arch)
     kernels, candidates = [], []
     for i, task in enumerate(tasks):
-        picks = round_candidates(task, target, database, seed=seed, n=per_round, trials=trials, config=config)
+        picks = round_candidates(task, target, database, seed=seed, n=per_round, trials=trials, config=config,
+                                 log=log)
         inputs = f"inputs/k{i}.npz"
         np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(task.inputs)})
         kernels.append({"key": task.key, "name": task.name, "inputs": inputs})
@@ -133,7 +143,7 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
             try:
                 build(sch, arch, directory / library)
             except Exception as e:  # a candidate that does not build is recorded as failed
-                error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                error = f"{type(e).__name__}: {_last_line(e)}"
             candidates.append({"id": cid, "kernel": task.key, "library": library, "knobs": trace_knobs(task, sch.trace),
                                "default": is_default, "trace": trace_json(sch), "build_error": error})
         log(f"{task.name}: {len(picks)} candidates")

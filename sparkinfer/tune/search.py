@@ -20,6 +20,8 @@ of the scheduled module: two knob settings that make the same program are one ca
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +33,7 @@ from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
 from tvm.target import Target
 
 from sparkinfer.tune.mutator import MutateCategorical
-from sparkinfer.tune.task import TuneTask
+from sparkinfer.tune.task import TuneTask, categorical_insts
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ def propose(task: TuneTask, target: Target, database: ms.database.Database, *, s
     recorded = records(task, database)
     measured = {structural_hash(replay(task, r.trace).mod) for r in recorded}
     s = round_seed(seed, task.key, round_index)
+    if not task.enable_check:
+        return sweep(task, measured, s, n)
     np.random.seed(s)
     context = tune_context(task, target, s, config)
     model = cost_model(context, task, recorded, config)
@@ -132,3 +136,41 @@ def propose(task: TuneTask, target: Target, database: ms.database.Database, *, s
             measured.add(h)
             fresh.append(candidate.sch)
     return fresh[:n]
+
+
+# A design space is swept over at most its first this many points.
+MAX_SWEEP = 4096
+
+
+def sweep(task: TuneTask, measured: set[int], seed: int, n: int) -> list[s_tir.Schedule]:
+    """The next `n` unmeasured points of the declared space, in a seeded random order.
+
+    For kernels whose rule needs `enable_check=False` (the attention kernel's recurrences
+    defeat the schedule's dataflow checks): MetaSchedule 0.27 replays every trace on schedules
+    it makes itself, with the checks on, so each of its samples fails and EvolutionarySearch
+    gives up ("Cannot sample enough initial population"). Such a kernel's space is swept
+    instead, with the same runner and into the same database as the search's candidates."""
+    rng = random.Random(seed)
+    spaces = task.spaces()
+    points = []
+    for index, space in enumerate(spaces):
+        insts = [i for i in categorical_insts(space.trace) if len(i.attrs[0]) > 1]
+        combos = itertools.product(*(range(len(i.attrs[0])) for i in insts))
+        points += [(index, insts, combo) for combo in itertools.islice(combos, MAX_SWEEP)]
+    rng.shuffle(points)
+    fresh: list[s_tir.Schedule] = []
+    for index, insts, combo in points:
+        if len(fresh) >= n:
+            break
+        trace = spaces[index].trace
+        for inst, decision in zip(insts, combo):
+            trace = trace.with_decision(inst, decision, True)
+        try:
+            sch = replay(task, trace)
+        except Exception:  # TVM's errors: this point does not schedule; it is no candidate
+            continue
+        h = structural_hash(sch.mod)
+        if h not in measured:
+            measured.add(h)
+            fresh.append(sch)
+    return fresh

@@ -30,6 +30,14 @@ def best_us(task: TuneTask, database: ms.database.Database) -> float | None:
     return min(times) * 1e6 if times else None
 
 
+def _warnings(bar: Any) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if message.startswith("warning"):
+            bar.write(message)
+
+    return log
+
+
 def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir: Path, *, trials: int, seed: int,
              rotate_bytes: int, per_round: int = PER_ROUND, config: SearchConfig = SearchConfig(),
              runner: Runner = run_bundle, progress: bool = True) -> int:
@@ -43,7 +51,7 @@ def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir
             with tempfile.TemporaryDirectory(prefix="sparkinfer-tune-") as tmp:
                 bundle = Path(tmp) / "bundle"
                 index = emit([task], arch, database, bundle, seed=seed, per_round=per_round, trials=trials,
-                             rotate_bytes=rotate_bytes, config=config)
+                             rotate_bytes=rotate_bytes, config=config, log=_warnings(bar))
                 if not index["candidates"]:
                     bar.set_postfix_str("space exhausted")
                     break
