@@ -84,7 +84,11 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
             log(f"warning: {task.name}: the default knobs {task.default_knobs} do not replay in the design space "
                 f"({_last_line(e)}): the default is not measured")
-    proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
+    try:
+        proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
+    except Exception as e:  # the rule's design space fails to build (TVM's ScheduleError): report, go on
+        log(f"warning: {task.name}: its design space does not schedule ({_last_line(e)}): no candidates proposed")
+        proposals = []
     seen = {_hash(s) for s, _ in picks}
     for sch in proposals:
         if len(picks) >= n:
