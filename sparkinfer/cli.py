@@ -207,8 +207,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from sparkinfer.tune.cli import add_arguments
+
+    p = sub.add_parser("tune", help="auto-tune the model's kernel schedules for an arch (MetaSchedule + XGBoost); "
+                       "writes tuning_logs/<arch>/ and the package's schedules/<arch>.json")
+    add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from sparkinfer.tune.cli import run as tune
+
+        return tune(args)
+
+    p.set_defaults(handler=run)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_info, _add_synth, _add_compile, _add_run, _add_chat, _add_serve, _add_accuracy, _add_bench, _add_export]
+    _add_info, _add_synth, _add_compile, _add_run, _add_chat, _add_serve, _add_accuracy, _add_bench, _add_export,
+    _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,180 @@
+"""Build one round of candidates into a bundle that runtime-only TVM can time.
+
+    DIR/index.json           what was built: arch, seed, the compile side's versions and host,
+                             `rotate_bytes`, the kernels (key, name, inputs .npz) and the
+                             candidates (id, kernel, library, knobs, trace as JSON, default?,
+                             build error)
+    DIR/inputs/k<i>.npz      one valid input set per kernel (arg0, arg1, ... in parameter order)
+    DIR/lib/k<i>-c<j>.so     one library per candidate, exporting "main" (.tar for sm_121: its
+                             host code is aarch64, linked where it is loaded)
+
+`sparkinfer.tune.runner` adds results.json; `sparkinfer.tune.database.ingest` reads both back.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+from sparkinfer.compiler import targets
+from sparkinfer.errors import SparkInferError
+from sparkinfer.tune.runner import FORMAT, INDEX, versions
+from sparkinfer.tune.search import SearchConfig, propose, records, replay
+from sparkinfer.tune.task import TuneTask, default_trace, trace_knobs
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Candidate:
+    id: str
+    task: TuneTask
+    sch: s_tir.Schedule
+    default: bool
+
+
+def plain(value: Any) -> Any:
+    """A TVM FFI container (a trace's JSON form) as plain JSON values."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [plain(v) for v in value]
+    if hasattr(value, "value"):  # IntImm, FloatImm, String
+        return plain(value.value)
+    return str(value)
+
+
+def trace_json(sch: s_tir.Schedule) -> Any:
+    return plain(sch.trace.as_json(remove_postproc=True))
+
+
+def trace_from_json(task: TuneTask, data: Any) -> s_tir.Trace:
+    sch = s_tir.Schedule(task.mod, enable_check=task.enable_check)
+    s_tir.Trace.apply_json_to_schedule(data, sch)
+    return sch.trace
+
+
+def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.database.Database, *, seed: int,
+                     n: int, trials: int, config: SearchConfig, log: Log) -> list[tuple[s_tir.Schedule, bool]]:
+    """The next round of a kernel: the arch default first while the database holds nothing of
+    the kernel (so every tune measures it, with the same runner), then the search's proposals.
+    The round index is the number of records: a pure function of the database. A round never
+    takes the kernel past `trials` records."""
+    recorded = len(records(task, database))
+    n = min(n, trials - recorded)
+    if n <= 0:
+        return []
+    picks: list[tuple[s_tir.Schedule, bool]] = []
+    if recorded == 0:
+        try:
+            picks.append((replay(task, default_trace(task)), True))
+        except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
+            log(f"warning: {task.name}: the default knobs {task.default_knobs} do not replay in the design space "
+                f"({_last_line(e)}): the default is not measured")
+    try:
+        proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
+    except Exception as e:  # the rule's design space fails to build (TVM's ScheduleError): report, go on
+        log(f"warning: {task.name}: its design space does not schedule ({_last_line(e)}): no candidates proposed")
+        proposals = []
+    seen = {_hash(s) for s, _ in picks}
+    for sch in proposals:
+        if len(picks) >= n:
+            break
+        if _hash(sch) not in seen:
+            seen.add(_hash(sch))
+            picks.append((sch, False))
+    return picks
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def _hash(sch: s_tir.Schedule) -> int:
+    from tvm_ffi import structural_hash
+
+    return int(structural_hash(sch.mod))
+
+
+def library_suffix(arch: str) -> str:
+    return ".tar" if arch == "sm_121" else ".so"
+
+
+def build(sch: s_tir.Schedule, arch: str, path: Path) -> None:
+    """Compile one scheduled kernel for `arch` and export it (CUDA: an nvcc fatbin inside)."""
+    target = targets.target_for(arch)
+    if arch == "cpu":
+        lib = tvm.compile(sch.mod, target=target)
+    else:
+        with targets.aot_fatbin(arch):
+            lib = tvm.compile(sch.mod, target=target)
+    lib.export_library(str(path))
+
+
+def host_record() -> dict[str, str]:
+    return {**versions(), "host": platform.node() or "unknown",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Database, directory: Path, *,
+                 seed: int, per_round: int, trials: int, config: SearchConfig, log: Log) -> tuple[list, list]:
+    target = targets.target_for(arch)
+    kernels, candidates = [], []
+    for i, task in enumerate(tasks):
+        picks = round_candidates(task, target, database, seed=seed, n=per_round, trials=trials, config=config,
+                                 log=log)
+        inputs = f"inputs/k{i}.npz"
+        np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(task.inputs)})
+        kernels.append({"key": task.key, "name": task.name, "inputs": inputs})
+        for j, (sch, is_default) in enumerate(picks):
+            cid = f"k{i}-c{j}"
+            library = f"lib/{cid}{library_suffix(arch)}"
+            error = None
+            try:
+                build(sch, arch, directory / library)
+            except Exception as e:  # a candidate that does not build is recorded as failed
+                error = f"{type(e).__name__}: {_last_line(e)}"
+            candidates.append({"id": cid, "kernel": task.key, "library": library, "knobs": trace_knobs(task, sch.trace),
+                               "default": is_default, "trace": trace_json(sch), "build_error": error})
+        log(f"{task.name}: {len(picks)} candidates")
+    return kernels, candidates
+
+
+def emit(tasks: Sequence[TuneTask], arch: str, database: ms.database.Database, directory: str | Path, *,
+         seed: int, per_round: int, trials: int, rotate_bytes: int, config: SearchConfig = SearchConfig(),
+         log: Log | None = None) -> dict[str, Any]:
+    """Propose and build one round of every task into `directory` (emptied first); returns
+    the index. A kernel with `trials` records, or whose search found nothing new, gets no
+    candidates."""
+    log = log or (lambda message: None)
+    directory = Path(directory)
+    if directory.exists():
+        if not (directory / INDEX).is_file() and any(directory.iterdir()):
+            raise SparkInferError(f"{directory} exists and is not a tuning bundle: give a new or empty directory")
+        shutil.rmtree(directory)
+    (directory / "lib").mkdir(parents=True)
+    (directory / "inputs").mkdir()
+    try:
+        kernels, candidates = _build_round(tasks, arch, database, directory, seed=seed, per_round=per_round,
+                                           trials=trials, config=config, log=log)
+    except BaseException:
+        shutil.rmtree(directory)  # no half bundle: an index only exists for a complete round
+        raise
+    index = {"format": FORMAT, "arch": arch, "seed": seed, "rotate_bytes": int(rotate_bytes),
+             "made_by": host_record(), "kernels": kernels, "candidates": candidates}
+    (directory / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return index

@@ -1,0 +1,168 @@
+"""Valid, non-zero inputs for timing one kernel, in its parameter order.
+
+The runner only copies and rotates arrays (it knows no kernel), so what makes an input valid
+lives here, on the compiler side, per factory (explicit registration, like the kernels): token
+and expert ids in range, a page table that is a permutation, the context position the
+benchmark decodes at (`TIMING_DEPTH`), quantized weights as random valid blocks
+(`kernels.testing.random_weights`), and finite floats everywhere else. Outputs are filled
+too: their values are never read, but nothing the runner hands a kernel is zeros.
+
+The shapes are concrete: the paged KV cache's symbolic page count becomes the page-table
+length, and `concrete_kernel` binds every parameter of the PrimFunc to these arrays' shapes,
+which is the form the tuner schedules, builds and records (MetaSchedule's argument info
+needs static shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from tvm import tirx
+
+from sparkinfer.errors import SparkInferError
+from sparkinfer.kernels.gemv import weight_view
+from sparkinfer.kernels.testing import random_weights
+
+# The context position attention and RoPE are timed at: `sparkinfer bench`'s default depth.
+TIMING_DEPTH = 128
+
+Arrays = list[np.ndarray]
+InputMaker = Callable[..., Arrays]
+
+
+def _f32(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _words(ggml_type: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Random valid blocks of a weight with `shape` = (*rows, cols), as the kernel's words."""
+    t = GGMLQuantizationType[ggml_type]
+    return weight_view(t, random_weights(t, shape, rng))
+
+
+def _ids(rng: np.random.Generator, n_experts: int, n_used: int) -> np.ndarray:
+    return rng.permutation(n_experts)[:n_used].astype(np.int32)
+
+
+def _paged(rng: np.random.Generator, n_kv: int, head_dim: int, page_size: int, max_pages: int) -> Arrays:
+    """pos, page_table, k_cache, v_cache for a context of TIMING_DEPTH + 1 tokens (or as many
+    as the pages hold)."""
+    pos = np.array([min(TIMING_DEPTH, page_size * max_pages - 1)], np.int32)
+    page_table = rng.permutation(max_pages).astype(np.int32)
+    cache = (max_pages, page_size, n_kv, head_dim)
+    return [pos, page_table, _f32(rng, *cache).astype(np.float16), _f32(rng, *cache).astype(np.float16)]
+
+
+def _embedding(rng: np.random.Generator, ggml_type: str, vocab: int, hidden: int) -> Arrays:
+    return [_words(ggml_type, (vocab, hidden), rng), rng.integers(0, vocab, 1, dtype=np.int32), _f32(rng, hidden)]
+
+
+def _rms_norm(rng: np.random.Generator, hidden: int, eps: float) -> Arrays:
+    return [_f32(rng, hidden) for _ in range(3)]
+
+
+def _add_rms_norm(rng: np.random.Generator, hidden: int, eps: float) -> Arrays:
+    return [_f32(rng, hidden) for _ in range(5)]
+
+
+def _gemv(rng: np.random.Generator, ggml_type: str, n: int, k: int) -> Arrays:
+    return [_words(ggml_type, (n, k), rng), _f32(rng, k), _f32(rng, n)]
+
+
+def _gemv_qkv(rng: np.random.Generator, ggml_type: str, n_q: int, n_k: int, n_v: int, k: int) -> Arrays:
+    rows = [n for n in (n_q, n_k, n_v) if n]
+    return [*(_words(ggml_type, (n, k), rng) for n in rows), _f32(rng, k), *(_f32(rng, n) for n in rows)]
+
+
+def _rope(rng: np.random.Generator, n_heads: int, n_kv: int, head_dim: int, page_size: int, max_pages: int,
+          eps: float, theta: float) -> Arrays:
+    q, k, v = _f32(rng, n_heads * head_dim), _f32(rng, n_kv * head_dim), _f32(rng, n_kv * head_dim)
+    return [q, k, v, _f32(rng, head_dim), _f32(rng, head_dim), *_paged(rng, n_kv, head_dim, page_size, max_pages),
+            _f32(rng, n_heads, head_dim)]
+
+
+def _attention(rng: np.random.Generator, n_heads: int, n_kv: int, head_dim: int, page_size: int, max_pages: int,
+               splits: int) -> Arrays:
+    pos, page_table, k_cache, v_cache = _paged(rng, n_kv, head_dim, page_size, max_pages)
+    return [_f32(rng, n_heads, head_dim), k_cache, v_cache, page_table, pos, _f32(rng, n_heads, splits, head_dim),
+            _f32(rng, n_heads, splits)]
+
+
+def _attention_combine(rng: np.random.Generator, n_heads: int, splits: int, head_dim: int) -> Arrays:
+    return [_f32(rng, n_heads, splits, head_dim), _f32(rng, n_heads, splits), _f32(rng, n_heads * head_dim)]
+
+
+def _router_topk(rng: np.random.Generator, n_experts: int, n_used: int) -> Arrays:
+    return [_f32(rng, n_experts), _ids(rng, n_experts, n_used), _f32(rng, n_used)]
+
+
+def _moe_gate_up_silu(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int, n_used: int,
+                      n_ffn: int, hidden: int) -> Arrays:
+    return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
+            _ids(rng, n_experts, n_used), _f32(rng, hidden), _f32(rng, n_used, n_ffn)]
+
+
+def _moe_down_residual(rng: np.random.Generator, ggml_type: str, n_experts: int, n_used: int, hidden: int,
+                       n_ffn: int) -> Arrays:
+    weights = rng.dirichlet(np.ones(n_used)).astype(np.float32)
+    return [_words(ggml_type, (n_experts, hidden, n_ffn), rng), _ids(rng, n_experts, n_used), weights,
+            _f32(rng, n_used, n_ffn), _f32(rng, hidden), _f32(rng, hidden)]
+
+
+def _sample_token(rng: np.random.Generator, vocab: int) -> Arrays:
+    # Sampling with temperature, top-p and top-k: the path that does the most work.
+    params = np.array([0.8, 0.95, 40.0], np.float32)
+    return [_f32(rng, vocab), params, rng.integers(1, 2**32, 2, dtype=np.uint32),
+            rng.integers(0, vocab, 1, dtype=np.int32)]
+
+
+def _advance(rng: np.random.Generator) -> Arrays:
+    return [rng.integers(1, 1000, 1, dtype=np.int32) for _ in range(3)]
+
+
+INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
+    ("embedding", "embedding"): _embedding,
+    ("norm", "rms_norm"): _rms_norm,
+    ("norm", "add_rms_norm"): _add_rms_norm,
+    ("gemv", "gemv"): _gemv,
+    ("gemv", "gemv_qkv"): _gemv_qkv,
+    ("rope", "qk_norm_rope_kv_append"): _rope,
+    ("attention", "paged_decode_attention"): _attention,
+    ("attention", "attention_combine"): _attention_combine,
+    ("router", "router_topk"): _router_topk,
+    ("moe", "moe_gate_up_silu"): _moe_gate_up_silu,
+    ("moe", "moe_down_residual"): _moe_down_residual,
+    ("sampling", "sample_token"): _sample_token,
+    ("sampling", "advance"): _advance,
+}
+
+
+def kernel_inputs(family: str, factory: str, args: tuple[Any, ...], seed: int) -> Arrays:
+    """One input set for `family.factory(*args)` (ggml types by name), in parameter order."""
+    maker = INPUT_MAKERS.get((family, factory))
+    if maker is None:
+        raise SparkInferError(f"the tuner has no input maker for kernel {family}.{factory}: add one to "
+                              "sparkinfer/tune/inputs.py")
+    return maker(np.random.default_rng(seed), *args)
+
+
+def concrete_kernel(func: tirx.PrimFunc, inputs: Arrays) -> tirx.PrimFunc:
+    """`func` with each parameter of a symbolic shape bound to its input's shape (the paged KV
+    cache's page count becomes the page table's length)."""
+    if len(func.params) != len(inputs):
+        raise SparkInferError(f"kernel takes {len(func.params)} parameters, the input maker gave {len(inputs)}")
+    bindings = {}
+    for param, array in zip(func.params, inputs):
+        if len(param.shape) != array.ndim:
+            raise SparkInferError(f"parameter {param.name} has {len(param.shape)} dims, its input {array.ndim}")
+        if not any(isinstance(d, tirx.Var) for d in param.shape):
+            continue
+        # Static dims stay the very IntImm objects (specialize compares them, dtype included).
+        shape = [tirx.IntImm(d.ty.dtype, n) if isinstance(d, tirx.Var) else d for d, n in zip(param.shape, array.shape)]
+        bindings[param] = tirx.decl_buffer(shape, param.dtype, name=param.name, elem_offset=param.elem_offset)
+    return func.specialize(bindings) if bindings else func
+
+

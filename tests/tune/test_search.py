@@ -1,0 +1,95 @@
+"""The search: default trace, the categorical mutator, knobs of simplified traces, and that a
+seed with the same measured times proposes the same candidates (deterministic fake runner)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tvm.s_tir.meta_schedule import _ffi_api as ms_api
+
+from sparkinfer.errors import SparkInferError
+from sparkinfer.tune.database import measurements
+from sparkinfer.tune.mutator import MutateCategorical
+from sparkinfer.tune.search import replay
+from sparkinfer.tune.task import categorical_insts, default_trace, trace_knobs
+from sparkinfer.tune.tuning import tune
+from tests.tune.toy import DEFAULT, LANES, ROWS, toy_task
+
+
+def test_default_trace_has_the_default_knobs():
+    task = toy_task()
+    assert trace_knobs(task, default_trace(task)) == DEFAULT
+
+
+def test_default_outside_the_space_is_an_error():
+    task = toy_task()
+    task.default_knobs = {**DEFAULT, "lanes": 3}
+    with pytest.raises(SparkInferError, match="not in its design space"):
+        default_trace(task)
+
+
+def test_mutator_redraws_exactly_one_knob():
+    task = toy_task()
+    trace = default_trace(task)
+    mutator = MutateCategorical()
+    seen = set()
+    for state in range(40):
+        mutated = ms_api.MutatorApply(mutator, trace, state)  # as the search calls it
+        before, after = trace_knobs(task, trace), trace_knobs(task, mutated)
+        changed = [k for k in before if before[k] != after[k]]
+        assert len(changed) == 1 and changed[0] in ("rows", "lanes")
+        seen.add((changed[0], after[changed[0]]))
+    # every other value of both knobs is reachable
+    assert seen == {("rows", r) for r in ROWS if r != DEFAULT["rows"]} | {
+        ("lanes", v) for v in LANES if v != DEFAULT["lanes"]}
+
+
+def test_mutator_gives_up_without_categorical_draws():
+    task = toy_task()
+    trace = default_trace(task)
+    bare = trace
+    for inst in categorical_insts(trace):
+        bare = bare.with_decision(inst, None, True)
+    assert ms_api.MutatorApply(MutateCategorical(), bare, 1) is None
+
+
+def test_knobs_of_a_simplified_trace():
+    task = toy_task()
+    trace = replay(task, default_trace(task)).trace.simplified(True)
+    assert trace_knobs(task, trace) == DEFAULT
+
+
+def fake_runner(bundle: Path) -> None:
+    """Times as a fixed function of the knobs: more rows and lanes are faster, unroll helps."""
+    index = json.loads((bundle / "index.json").read_text())
+    results = {}
+    for c in index["candidates"]:
+        k = c["knobs"]
+        t = 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0)
+        results[c["id"]] = {"times_us": [t, t, t], "error": None}
+    (bundle / "results.json").write_text(json.dumps({
+        "device": "fake", "timer": "fake", "samples": 3, "date": "2026-01-01T00:00:00Z",
+        "made_by": {"tvm": "fake", "sparkinfer": "fake"}, "results": results}))
+
+
+def _proposals(tmp: Path, seed: int) -> list[dict]:
+    tune([toy_task()], "cpu", tmp / "logs", tmp / "cpu.json", trials=9, seed=seed, rotate_bytes=1 << 16,
+         per_round=3, runner=fake_runner, progress=False)
+    return [line["knobs"] for line in measurements(tmp / "logs")]
+
+
+def test_same_seed_same_times_same_candidates(tmp_path):
+    first = _proposals(tmp_path / "a", seed=7)
+    again = _proposals(tmp_path / "b", seed=7)
+    other = _proposals(tmp_path / "c", seed=8)
+    assert len(first) == 9 and first[0] == DEFAULT
+    assert len({json.dumps(k, sort_keys=True) for k in first}) == 9  # never a candidate twice
+    assert first == again
+    assert first != other
+    schedules = json.loads((tmp_path / "a" / "cpu.json").read_text())
+    assert schedules["arch"] == "cpu" and schedules["made_by"]["device"] == "fake"
+    entry = schedules["kernels"]["toy.gemv(256, 512)"]
+    best = min(first, key=lambda k: 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0))
+    assert entry["knobs"] == best and entry["trials"] == 9 and entry["seed"] == 7
+    assert entry["default_time_us"] == pytest.approx(100.0 / 4 + 50.0 / 8 + 7.0)

@@ -1,0 +1,82 @@
+"""Two-phase tuning on the CPU: emit a round, time it with the runner under runtime-only TVM in
+another process, ingest it, and the next emit proposes new candidates from the database."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparkinfer.errors import SparkInferError
+from sparkinfer.tune.bundle import emit
+from sparkinfer.tune.database import ingest, measurements, open_database
+from sparkinfer.tune.runner import read_index
+from sparkinfer.tune.search import records
+from tests.tune.toy import DEFAULT, toy_task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_runtime_only(bundle: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PYTHONPATH": str(REPO)}
+    # Runtime-only TVM (no compiler library); besides, none of the compiler side's Python may load
+    # (`import tvm` itself loads tvm.te and tvm.script's Python even then).
+    code = ("import sys, runpy; sys.argv = ['runner', sys.argv[1]]; "
+            "rc = 0\ntry:\n    runpy.run_module('sparkinfer.tune.runner', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "bad = [m for m in sys.modules if m.startswith(('tvm.s_tir', 'tvm.relax', 'sparkinfer.compiler.pipeline', "
+            "'sparkinfer.kernels', 'sparkinfer.schedule', 'sparkinfer.tune.bundle', 'sparkinfer.tune.search', "
+            "'xgboost'))]\n"
+            "assert not bad, bad\nsys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, str(bundle)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_round_trip(tmp_path):
+    tasks = [toy_task(), toy_task(128, 256)]
+    work_dir = tmp_path / "logs"
+    database = open_database(work_dir)
+    bundle = tmp_path / "round0"
+    index = emit(tasks, "cpu", database, bundle, seed=3, per_round=4, trials=10, rotate_bytes=1 << 20)
+    assert [c["default"] for c in index["candidates"]] == [True, False, False, False] * 2
+    assert index["candidates"][0]["knobs"] == DEFAULT
+    assert index["made_by"]["tvm"] and index["made_by"]["sparkinfer"]
+    for c in index["candidates"]:
+        assert (bundle / c["library"]).is_file() and c["build_error"] is None
+
+    with pytest.raises(SparkInferError, match="time it first"):
+        ingest(bundle, {t.key: t for t in tasks}, database, work_dir)
+    done = _run_runtime_only(bundle)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((bundle / "results.json").read_text())
+    assert results["timer"] == "host-clock" and results["device"].startswith("CPU")
+    assert all(r["error"] is None and len(r["times_us"]) >= 3 and min(r["times_us"]) > 0
+               for r in results["results"].values())
+
+    lines = ingest(bundle, {t.key: t for t in tasks}, database, work_dir)
+    assert len(lines) == 8 and measurements(work_dir) == lines
+    assert all(line["device"] == results["device"] and line["measured_by"]["tvm"] for line in lines)
+    with pytest.raises(SparkInferError, match="ingested already"):
+        ingest(bundle, {t.key: t for t in tasks}, database, work_dir)
+    # A fresh process (a new database object over the same files) continues from the records.
+    database = open_database(work_dir)
+    for task in tasks:
+        assert len(records(task, database)) == 4
+    measured = {json.dumps(c["knobs"], sort_keys=True) for c in index["candidates"]}
+    again = emit(tasks, "cpu", database, tmp_path / "round1", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20)
+    assert len(again["candidates"]) == 8 and not any(c["default"] for c in again["candidates"])
+    fresh = {(c["kernel"], json.dumps(c["knobs"], sort_keys=True)) for c in again["candidates"]}
+    old = {(c["kernel"], json.dumps(c["knobs"], sort_keys=True)) for c in index["candidates"]}
+    assert not fresh & old and measured
+
+
+def test_bad_bundles(tmp_path):
+    with pytest.raises(SparkInferError, match="not a tuning bundle"):
+        read_index(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "junk").write_text("")
+    with pytest.raises(SparkInferError, match="not a tuning bundle"):
+        emit([toy_task()], "cpu", open_database(tmp_path / "logs"), tmp_path / "x", seed=0, per_round=2, trials=2,
+             rotate_bytes=1024)
