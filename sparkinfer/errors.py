@@ -51,3 +51,7 @@ class CompiledModuleError(SparkInferError):
 
 class UnsupportedDeviceError(SparkInferError):
     """The arch asked for is unknown, absent from this machine, or the GPU found has no target."""
+
+
+class LlamaCppError(SparkInferError):
+    """llama.cpp, asked for by `bench --compare`, is missing, failed, or its output is unreadable."""
