@@ -17,6 +17,11 @@ tools/llama-bench/llama-bench.cpp):
     `-o json` output of an earlier run (`parse_llama_bench_json`).
 Every figure is the median over reps (llama-bench prints the mean; its JSON keeps each rep).
 
+On a CPU with AMX tiles llama.cpp's extra weight buffers (AMX, repacked) are turned off (the
+binding's use_extra_bufts, llama-bench's --repack 0), and the output says so: with them, llama.cpp
+0c1e570 segfaults in ggml's AMX matmul (ggml::cpu::amx::tensor_traits::compute_forward) on the
+Intel Xeon development machines, through the binding and through llama-bench alike.
+
 The binding is imported only here, only when --compare asks for it: llama-cpp-python stays an
 optional dependency (the `compare` extra).
 """
@@ -65,6 +70,19 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def extra_buffers_ok(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether llama.cpp may use its extra weight buffers here: not on a CPU with AMX tiles (see
+    the module docstring)."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return "amx_tile" not in flags.split()
+
+
+EXTRA_BUFFERS_OFF = "extra weight buffers off (this CPU has AMX tiles, where llama.cpp's AMX matmul segfaults)"
+
+
 # -- llama-cpp-python's low-level binding ------------------------------------------------------
 
 def check_binding() -> None:
@@ -89,7 +107,7 @@ def import_binding() -> Any:
 class _Binding:
     """One model loaded through the binding; `run` times one test in its own context."""
 
-    def __init__(self, llama_cpp: Any, model_path: Path, threads: int, seed: int) -> None:
+    def __init__(self, llama_cpp: Any, model_path: Path, threads: int, seed: int, extra_buffers: bool) -> None:
         import numpy as np
 
         self.ll = llama_cpp
@@ -105,8 +123,9 @@ class _Binding:
         self._log = llama_cpp.llama_log_callback(keep_errors)
         llama_cpp.llama_log_set(self._log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
-                                                          llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = extra_buffers
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
         if not self.model:
             raise LlamaCppError(f"llama.cpp could not load {model_path}: {self._why()}")
         vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -187,7 +206,10 @@ def run_binding(model_path: Path, tests: Sequence[tuple[int, int, int]], reps: i
     log = log or (lambda message: None)
     llama_cpp = import_binding()
     threads = threads or cores()
-    binding = _Binding(llama_cpp, model_path, threads, seed)
+    extra_buffers = extra_buffers_ok()
+    if not extra_buffers:
+        log(f"llama.cpp: {EXTRA_BUFFERS_OFF}")
+    binding = _Binding(llama_cpp, model_path, threads, seed, extra_buffers)
     results = []
     try:
         for n_prompt, n_gen, n_depth in tests:
@@ -204,6 +226,7 @@ def run_binding(model_path: Path, tests: Sequence[tuple[int, int, int]], reps: i
         "n_batch": N_BATCH,
         "n_ubatch": N_UBATCH,
         "flash_attn": "auto",
+        "extra_buffers": extra_buffers,
         "reps": reps,
         "warmup_reps": 1,
         "tests": results,
@@ -241,6 +264,7 @@ def parse_llama_bench_json(text: str, origin: str) -> dict[str, Any]:
         "n_batch": first.get("n_batch"),
         "n_ubatch": first.get("n_ubatch"),
         "flash_attn": first.get("flash_attn"),
+        "extra_buffers": first.get("repack"),
         "model_filename": first.get("model_filename"),
         "reps": len(records[0]["samples_ts"]),
         "warmup_reps": None,
@@ -265,6 +289,9 @@ def run_llama_bench(path: Path, model_path: Path, tests: Sequence[tuple[int, int
     gens = sorted({g for p, g, _ in tests if not p})
     depths = sorted({d for p, _, d in tests if not p})
     common = [str(path), "-m", str(model_path), "-r", str(reps), "-t", str(threads), "-o", "json"]
+    if not extra_buffers_ok():
+        log(f"llama-bench: {EXTRA_BUFFERS_OFF}")
+        common += ["--repack", "0"]
     calls = []
     if prompts:
         calls.append(common + ["-p", ",".join(map(str, prompts)), "-n", "0"])
@@ -317,8 +344,10 @@ def _row(key: tuple[int, int, int], ours: float, theirs: dict[tuple[int, int, in
 def compare_table(report: dict[str, Any], llama: dict[str, Any]) -> str:
     """The side-by-side table: a header naming llama.cpp's source and settings, then per test
     both tok/s, both times (a prompt's whole time for pp, ms per token for tg) and the ratio."""
+    buffers = {True: "", False: f", {EXTRA_BUFFERS_OFF}", None: ""}[llama.get("extra_buffers")]
     head = (f"llama.cpp: {llama['source']} | {llama['threads']} threads, n_batch {llama['n_batch']}, "
-            f"n_ubatch {llama['n_ubatch']}, flash attention {llama['flash_attn']} | median of {llama['reps']} reps")
+            f"n_ubatch {llama['n_ubatch']}, flash attention {llama['flash_attn']}{buffers} | median of "
+            f"{llama['reps']} reps")
     rows = [("test", "SparkInfer tok/s", "llama.cpp tok/s", "ratio", "SparkInfer ms", "llama.cpp ms")]
     for r in side_by_side(report, llama):
         missing = "-"
@@ -332,5 +361,5 @@ def compare_table(report: dict[str, Any], llama: dict[str, Any]) -> str:
     return "\n".join([head, *lines, note])
 
 
-__all__ = ["check_binding", "compare_table", "cores", "import_binding", "parse_llama_bench_json", "run_binding", "run_llama_bench",
+__all__ = ["check_binding", "compare_table", "cores", "extra_buffers_ok", "import_binding", "parse_llama_bench_json", "run_binding", "run_llama_bench",
            "side_by_side", "llama_test_name", "wanted_tests"]
