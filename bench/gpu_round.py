@@ -3,7 +3,7 @@
     python3 bench/gpu_round.py prepare ARCH       # here: compiled/gpu-tests/gpu-round.json (modules, prompt, sources)
     python3 bench/gpu_round.py get KEY            # a field of compiled/gpu-tests/gpu-round.json
     python3 bench/gpu_round.py check              # there: are compiled/'s modules this tree's code?
-    python3 bench/gpu_round.py report OUT         # there: the short table from OUT's logs
+    python3 bench/gpu_round.py report DIR         # there: the short table from the round's results in DIR
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-# llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128: bench/NOTES.md, "Reference measurements".
-LLAMA_CPP_H100 = {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3}
-LLAMA_CPP_H200 = {128: 333.6, 512: 310.8, 4096: 286.3, 16384: 249.4}
+# bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
+# and pp by prompt size, on each card.
+LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
+                "H200": {128: 333.6, 512: 310.8, 4096: 286.3, 16384: 249.4}}
+LLAMA_CPP_PP = {"H100": {512: 8873.0, 4096: 10138.0, 16384: 8567.0},
+                "H200": {4096: 10577.0, 16384: 8821.0}}
+# bench/NOTES.md's floor: bytes read per decoded token of the full-size model (`sparkinfer info`),
+# and the H200's nominal HBM3e bandwidth (the GPU round issue).
+BYTES_PER_TOKEN = 1_919_597_696
+H200_BYTES_PER_S = 4.8e12
 
 sys.path.insert(0, str(REPO))
 
@@ -101,47 +108,84 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def report(out: Path) -> str:
+def _card_key(card: str) -> str:
+    return "H200" if "H200" in card else "H100"
+
+
+def _decode_rows(device: dict | None, sync: dict | None) -> list[str]:
+    """tg128 by depth in both modes, beside llama.cpp's best on the same card kind."""
+    first = device or sync
+    if first is None:
+        return []
+    ref = LLAMA_CPP_TG[_card_key(first["card"])]
+    by_mode = [{d["depth"]: d for d in b["decode"]} if b else {} for b in (device, sync)]
+    lines = [f"decode ({first['card']}, module {first['module_key']}, median of {first['reps']}; llama.cpp: "
+             f"its best configuration on an {_card_key(first['card'])}, bench/NOTES.md, "Reference measurements"):",
+             f"  {'test':<14}{'device loop':>12}{'ratio':>7}{'host sync':>11}{'ratio':>7}{'llama.cpp':>11}{'fill ms':>10}"]
+    for depth in sorted(set(by_mode[0]) | set(by_mode[1])):
+        base = ref.get(depth)
+        cells = []
+        for mode, width in zip(by_mode, (12, 11)):
+            d = mode.get(depth)
+            cells.append(f"{d['tok_s_median']:>{width}.1f}" if d else f"{'-':>{width}}")
+            cells.append(f"{d['tok_s_median'] / base:>7.2f}" if d and base else f"{'':>7}")
+        fill = (by_mode[0].get(depth) or by_mode[1].get(depth))["fill_ms"]
+        lines.append(f"  {'tg128 @ %d' % depth:<14}{''.join(cells)}{base if base else '-':>11}{fill:>10.1f}")
+    d128 = by_mode[0].get(128) or by_mode[1].get(128)
+    if d128 and _card_key(first["card"]) == "H200":
+        share = BYTES_PER_TOKEN * d128["tok_s_median"] / H200_BYTES_PER_S
+        lines.append(f"  depth 128 moves {BYTES_PER_TOKEN * d128['tok_s_median'] / 1e12:.2f} TB/s: {share:.0%} of the "
+                     f"H200's 4.8 TB/s (the floor: {BYTES_PER_TOKEN / 1e9:.2f} GB a token; the goal 60 %)")
+    return lines
+
+
+def _prefill_rows(prefill: dict | None, log: str) -> list[str]:
+    """pp by prompt size: tok/s and time to first token, beside llama.cpp's on the same card kind;
+    from bench.log's lines when the JSON is missing (the stage ran out of time)."""
+    if prefill is None:
+        partial = re.findall(r"^(pp\d+: .*)$", log, re.M)
+        return ["prefill: no JSON" + ("; what bench.log has:" if partial else " (see bench.log)")] + \
+            [f"  {ln}" for ln in partial]
+    ref = LLAMA_CPP_PP[_card_key(prefill["card"])]
+    lines = [f"prefill ({prefill['mode']}, median of {prefill['reps']}):",
+             f"  {'test':<10}{'tok/s':>9}{'TTFT ms':>10}{'llama.cpp':>11}{'its TTFT':>10}{'ratio':>7}"]
+    for pp in prefill["prefill"]:
+        base = ref.get(pp["tokens"])
+        theirs = f"{base:>11.0f}{pp['tokens'] / base * 1e3:>10.1f}{pp['tok_s_median'] / base:>7.2f}" if base else ""
+        lines.append(f"  {'pp' + str(pp['tokens']):<10}{pp['tok_s_median']:>9.1f}{pp['ttft_ms_median']:>10.1f}{theirs}")
+    return lines
+
+
+def report(round_dir: Path) -> str:
     lines = []
-    stages = _read(out / "setup.log")
+    stages = _read(round_dir / "setup.log")
     gpu = re.search(r"^GPU: (.*)$", stages, re.M)
     lines.append(f"GPU round: {gpu.group(1) if gpu else 'GPU unknown'}")
     check_line = re.search(r"^(sources .*|WARNING: sources .*)$", stages, re.M)
     if check_line:
         lines.append(check_line.group(1))
-    pytest_log = _read(out / "pytest.log").strip().splitlines()
+    pytest_log = _read(round_dir / "pytest.log").strip().splitlines()
     summary = next((ln for ln in reversed(pytest_log) if re.search(r"\b(passed|failed|error|skipped)\b", ln)),
                    "no pytest summary (see pytest.log)")
     lines.append(f"pytest -m gpu: {summary.strip('= ')}")
     fails = [ln for ln in pytest_log if ln.startswith(("FAILED", "ERROR"))]
     lines += [f"  {ln}" for ln in fails[:5]]
-    cut = _read(out / "full_width_cut.txt").strip().splitlines()
+    cut = _read(round_dir / "full_width_cut.txt").strip().splitlines()
     lines.append(cut[0] if cut else "full-width cut: no result (see pytest.log)")
+    gate = _read(round_dir / "full_size_gate.txt").strip().splitlines()
+    lines.append(gate[0] if gate else "full-size accuracy gate: no result (see pytest.log)")
 
-    bench = _json(out / "bench.json")
-    if bench:
-        ref = LLAMA_CPP_H200 if "H200" in bench["card"] else LLAMA_CPP_H100
-        lines.append(f"sparkinfer bench ({bench['card']}, module {bench['module_key']}, TVM {bench['tvm_version']}, "
-                     f"{bench['mode']}, {bench['timer']}, median of {bench['reps']}):")
-        lines.append(f"  {'test':<14}{'tok/s':>9}{'ms/tok':>9}{'min':>9}{'max':>9}{'fill ms':>10}"
-                     f"{'llama.cpp':>11}{'ratio':>7}")
-        pp = bench["prefill"]
-        lines.append(f"  {'pp' + str(pp['tokens']):<14}{pp['tok_s_median']:>9.1f}{1e3 / pp['tok_s_median']:>9.3f}"
-                     f"{pp['tok_s_min']:>9.1f}{pp['tok_s_max']:>9.1f}{pp['ms_median']:>10.1f}")
-        for d in bench["decode"]:
-            base = ref.get(d["depth"])
-            ratio = f"{d['tok_s_median'] / base:>7.2f}" if base else ""
-            lines.append(f"  {'tg%d @ %d' % (d['gen'], d['depth']):<14}{d['tok_s_median']:>9.1f}"
-                         f"{d['ms_per_token_median']:>9.3f}{d['tok_s_min']:>9.1f}{d['tok_s_max']:>9.1f}"
-                         f"{d['fill_ms']:>10.1f}{base if base else '':>11}{ratio}")
-    else:
-        log = _read(out / "bench.log")
-        partial = re.findall(r"^(pp\d+: .*|tg\d+ @ d\d+: .*)$", log, re.M)
-        tail = log.strip().splitlines()[-1:] or ["no output"]
-        lines.append(f"sparkinfer bench: no JSON ({tail[0]})" + ("; what bench.log has:" if partial else ""))
+    log = _read(round_dir / "bench.log")
+    device, sync = _json(round_dir / "bench-device.json"), _json(round_dir / "bench-sync.json")
+    lines += _decode_rows(device, sync)
+    if device is None or sync is None:
+        partial = re.findall(r"^(== bench .*|tg\d+ @ d\d+: .*)$", log, re.M)
+        missing = " and ".join(m for m, b in (("device loop", device), ("host sync", sync)) if b is None)
+        lines.append(f"decode: no JSON for the {missing} mode" + ("; what bench.log has:" if partial else ""))
         lines += [f"  {ln}" for ln in partial]
+    lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
 
-    run = _json(out / "run.json")
+    run = _json(round_dir / "run.json")
     if run:
         t = run["timings"]
         lines.append(f"sparkinfer run -n 128 ({len(run['prompt_ids'])}-token prompt, streaming): load {t['load_s']:.1f} s, "
@@ -149,8 +193,7 @@ def report(out: Path) -> str:
                      f"{t['generated_tokens']} tokens at {t['decode_tok_s']:.1f} tok/s ({t['stop_reason']}), "
                      f"cuda_graph {run['cuda_graph']}")
     else:
-        tail = _read(out / "run.log").strip().splitlines()[-1:] or ["no output"]
-        lines.append(f"sparkinfer run: no result ({tail[0]})")
+        lines.append("sparkinfer run: no result (see bench.log)")
     times = re.findall(r"^stage (\S+): rc (\S+), (\d+) s$", stages, re.M)
     if times:
         lines.append("stages: " + ", ".join(f"{name} {s} s (rc {rc})" for name, rc, s in times))

@@ -1,48 +1,57 @@
 #!/usr/bin/env bash
-# The GPU round, one command on the GPU machine (device tool `run`, with the carry list that
-# bench/prepare_gpu_round.sh prints: the .device runtime kit and .device/compiled.tar.xz),
-# after bench/prepare_gpu_round.sh here:
+# The GPU round on an H200 (device tool `run`, kind nvidia-h200, with the carry list that
+# bench/prepare_gpu_round.sh prints), after bench/prepare_gpu_round.sh here. Two calls, each
+# inside the tool's 600 s a call, the second right after the first (the machine stays warm
+# ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
+# the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh
+#   bash bench/gpu_round.sh 1      # setup, synth, pytest, decode
+#   bash bench/gpu_round.sh 2      # setup, synth (if gone), prefill, run, apps, profile
+#   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
-#   1. setup: runtime-only TVM (.device/setup.sh), and the wheels of .device/extras/ whose
-#      module the machine lacks (pytest, ...) into /tmp/site-extras
-#   2. synth: the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), once
-#   3. pytest: every GPU test (the files that carry pytest.mark.gpu, tests/gpu first), on the
-#      libraries and steps prebuilt in compiled/gpu-tests/<arch>/; with SPARKINFER_FULL_MODEL
-#      set, so the accuracy gate also runs on the full-size model
-#   4. bench: `sparkinfer bench` tg128 at depths 128, 512, 4096 (3 reps) and pp128, with the
-#      prebuilt full-model step (compiled/gpu-tests/gpu-round.json names it)
-#   5. run: `sparkinfer run -n 128 --json` with a 128-token prompt
-#   6. apps: the accuracy gate, chat prefix reuse and the HTTP server with the shipped model
-# Logs go to $OUT (else /tmp/gpu-round): setup.log, pytest.log, full_width_cut.txt, bench.json,
-# bench.log, run.json, run.log, summary.txt (8 files, what the device tool returns). The table
-# comes last. Each stage has a time limit inside a ~9.5-minute budget (ROUND_SECONDS), so the
-# table prints before the tool's 10-minute limit; a failed stage does not stop the next.
+# Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
+#   setup    runtime-only TVM (.device/setup.sh), .device/extras' wheels the image lacks, compiled/
+#   synth    the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), if absent
+#   pytest   every GPU test (files with pytest.mark.gpu), the full-size accuracy gate among them
+#            (SPARKINFER_FULL_MODEL), on the libraries prebuilt in compiled/gpu-tests/<arch>/
+#   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, in both
+#            modes: device loop, then --sync-every-token (llama-bench's way)
+#   prefill  `sparkinfer bench --prompts 512,4096,16384`: prefill tok/s and time to first token
+#            (2 reps; its longest prompts are the first thing cut when the time runs out)
+#   run      `sparkinfer run -n 128 --json` with a 128-token prompt
+#   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
+#   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
+# No tuning stage: `sparkinfer tune --run` does not exist yet (the auto-tuning issue adds it).
+# Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
+# what its stages wrote, and summary.txt, to $OUT (at most 8 files: what the tool returns), then
+# prints apps and profile, and the short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-round}
-mkdir -p "$out"
+round=${ROUND_DIR:-/tmp/gpu-round-results}
+mkdir -p "$out" "$round"
 export PYTHONUNBUFFERED=1
 model=${ROUND_MODEL:-/tmp/q30.gguf}
 extras_dir=${ROUND_EXTRAS_DIR:-/tmp/site-extras}
 deadline=$((SECONDS + ${ROUND_SECONDS:-565}))
-log="$out/setup.log"
-: > "$log"
+log="$round/setup.log"
 note() { echo "$*" | tee -a "$log"; }
 # seconds for a stage: at most $1, leaving $2 for the stages after it
 limit() { local t=$((deadline - SECONDS - $2)); ((t > $1)) && t=$1; ((t < 15)) && t=15; echo "$t"; }
-stage() {  # stage NAME RC START
+stage_done() {  # NAME RC START
   note "stage $1: rc $2, $((SECONDS - $3)) s"
 }
+returned=(summary.txt)  # files of $round that this call returns in $OUT
+returns() { returned+=("$@"); }
 
-t=$SECONDS
-if [ -z "${ROUND_NO_SETUP:-}" ]; then
-  source .device/setup.sh
-fi
-# compiled/gpu-tests and compiled/<arch>, packed by prepare_gpu_round.sh
-[ -f .device/compiled.tar.xz ] && tar xJf .device/compiled.tar.xz
-missing=$(python3 - <<'PY'
+stage_setup() {
+  if [ -z "${ROUND_NO_SETUP:-}" ]; then
+    source .device/setup.sh
+  fi
+  # compiled/gpu-tests and compiled/<arch>, packed by prepare_gpu_round.sh
+  [ -f .device/compiled.tar.xz ] && tar xJf .device/compiled.tar.xz
+  local missing
+  missing=$(python3 - <<'PY'
 import importlib.util
 for line in open(".device/extras/MODULES"):
     module, wheel = line.split()
@@ -50,87 +59,143 @@ for line in open(".device/extras/MODULES"):
         print(".device/extras/" + wheel)
 PY
 )
-if [ -n "$missing" ]; then
-  note "installing into $extras_dir:" $missing
-  # shellcheck disable=SC2086
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$extras_dir" $missing >> "$log" 2>&1
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$extras_dir"  # after the image's own packages
-lacking=$(python3 -c 'import importlib.util as u; print(*[m for m in ("numpy", "tokenizers", "jinja2", "tqdm", "yaml", "gguf", "tvm", "pytest") if u.find_spec(m) is None])')
-[ -n "$lacking" ] && note "MISSING python modules: $lacking (pack wheels for them with bench/pack_device_extras.sh)"
-# The test files import `tests.*` (a namespace package here): a regular `tests` package installed
-# in the image would shadow it.
-python3 -c 'import os, tests; assert os.path.abspath("tests") in [os.path.abspath(p) for p in tests.__path__]' 2>/dev/null \
-  || note "WARNING: \`import tests\` does not find $PWD/tests: $(python3 -c 'import tests; print(list(tests.__path__))' 2>&1 | tail -1)"
-arch=$(python3 bench/gpu_round.py get arch)
-full=$(python3 bench/gpu_round.py get full_module)
-note "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
-note "python: $(python3 -c 'import sys, numpy, tvm; print(sys.version.split()[0], "numpy", numpy.__version__, "tvm", tvm.__version__)' 2>&1 | tail -1)"
-python3 bench/gpu_round.py check 2>&1 | tee -a "$log"
-stage setup 0 "$t"
+  if [ -n "$missing" ]; then
+    note "installing into $extras_dir:" $missing
+    # shellcheck disable=SC2086
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$extras_dir" $missing >> "$log" 2>&1
+  fi
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$extras_dir"  # after the image's own packages
+  local lacking
+  lacking=$(python3 -c 'import importlib.util as u; print(*[m for m in ("numpy", "tokenizers", "jinja2", "tqdm", "yaml", "gguf", "tvm", "pytest") if u.find_spec(m) is None])')
+  [ -n "$lacking" ] && note "MISSING python modules: $lacking (pack wheels for them with bench/pack_device_extras.sh)"
+  # The test files import `tests.*` (a namespace package here): a regular `tests` package installed
+  # in the image would shadow it.
+  python3 -c 'import os, tests; assert os.path.abspath("tests") in [os.path.abspath(p) for p in tests.__path__]' 2>/dev/null \
+    || note "WARNING: \`import tests\` does not find $PWD/tests: $(python3 -c 'import tests; print(list(tests.__path__))' 2>&1 | tail -1)"
+  arch=$(python3 bench/gpu_round.py get arch)
+  full=$(python3 bench/gpu_round.py get full_module)
+  note "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
+  note "python: $(python3 -c 'import sys, numpy, tvm; print(sys.version.split()[0], "numpy", numpy.__version__, "tvm", tvm.__version__)' 2>&1 | tail -1)"
+  python3 bench/gpu_round.py check 2>&1 | tee -a "$log"
+  returns setup.log
+}
 
-t=$SECONDS
-if [ -f "$model" ]; then
-  note "== $model is there"
-  rc=0
-else
+stage_synth() {
+  if [ -f "$model" ]; then
+    note "== $model is there"
+    return 0
+  fi
   note "== synth $model"
-  timeout -k 10 "$(limit 150 400)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
+  timeout -k 10 "$(limit 150 300)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
     | tr '\r' '\n' | tail -n 3 >> "$log"
-  rc=${PIPESTATUS[0]}
-fi
-stage synth "$rc" "$t"
+  return "${PIPESTATUS[0]}"
+}
 
-t=$SECONDS
-files=$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')
-note "== pytest -m gpu on:" $files
-# (reports a warm machine's last round left)
-rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
-export SPARKINFER_FULL_MODEL=$model  # the full-size accuracy gate (tests/accuracy/test_accuracy_gpu.py)
-# Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
-# fail to collect, and the run stops there. --maxfail=3 rather than -x: one round, most answers.
-# shellcheck disable=SC2086
-timeout -k 10 "$(limit 330 130)" python3 -m pytest -m gpu --maxfail=3 -q -p no:cacheprovider --durations=8 $files \
-  > "$out/pytest.log" 2>&1
-rc=$?
-tail -n 3 "$out/pytest.log"
-cp /tmp/sparkinfer-gpu-tests/full_width_cut.txt "$out/" 2>/dev/null
-stage pytest "$rc" "$t"
+stage_pytest() {
+  local files
+  files=$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')
+  note "== pytest -m gpu on:" $files
+  # (reports a warm machine's last round left)
+  rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
+  export SPARKINFER_FULL_MODEL=$model  # the full-size accuracy gate (tests/accuracy/test_accuracy_gpu.py)
+  # Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
+  # fail to collect, and the run stops there. --maxfail=3 rather than -x: one round, most answers.
+  # shellcheck disable=SC2086
+  timeout -k 10 "$(limit 240 250)" python3 -m pytest -m gpu --maxfail=3 -q -p no:cacheprovider --durations=8 $files \
+    > "$round/pytest.log" 2>&1
+  local rc=$?
+  tail -n 3 "$round/pytest.log"
+  cp /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt "$round/" 2>/dev/null
+  returns pytest.log full_width_cut.txt
+  return $rc
+}
 
-t=$SECONDS
-note "== bench with $full"
-timeout -k 10 "$(limit 240 50)" python3 -m sparkinfer.cli bench "$model" --arch "$arch" --module "$full" \
-  --depths 128,512,4096 --reps 3 --json > "$out/bench.json" 2> "$out/bench.log"
-rc=$?
-tail -n 5 "$out/bench.log"
-stage bench "$rc" "$t"
+bench_json() {  # OUT_NAME LIMIT RESERVE ARGS...: one `sparkinfer bench --json` on the full model
+  local name=$1 max=$2 reserve=$3
+  shift 3
+  note "== bench $* -> $name"
+  echo "== bench $*" >> "$round/bench.log"
+  timeout -k 10 "$(limit "$max" "$reserve")" python3 -m sparkinfer.cli bench "$model" --arch "$arch" \
+    --module "$full" --json "$@" > "$round/$name" 2>> "$round/bench.log"
+}
 
-t=$SECONDS
-note "== run -n 128"
-prompt=$(python3 bench/gpu_round.py get run_prompt)
-timeout -k 10 "$(limit 120 5)" python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n 128 --json \
-  -p "$prompt" > "$out/run.json" 2> "$out/run.log"
-rc=$?
-tail -n 3 "$out/run.log"
-stage run "$rc" "$t"
+stage_decode() {
+  # Each mode fills depths 128..16384 (21,120 tokens of prefill) before its timed reps.
+  bench_json bench-device.json 240 200 --depths 128,512,4096,16384 --prompts 512 --reps 3
+  local rc=$?
+  bench_json bench-sync.json 240 0 --depths 128,512,4096,16384 --prompts 512 --reps 3 --sync-every-token
+  local rc2=$?
+  tail -n 4 "$round/bench.log"
+  returns bench-device.json bench-sync.json bench.log
+  return $((rc || rc2))
+}
+
+stage_prefill() {
+  bench_json prefill.json 300 150 --prompts 512,4096,16384 --depths 128 --reps 2
+  local rc=$?
+  tail -n 4 "$round/bench.log"
+  returns prefill.json bench.log
+  return $rc
+}
+
+stage_run() {
+  note "== run -n 128"
+  local prompt
+  prompt=$(python3 bench/gpu_round.py get run_prompt)
+  timeout -k 10 "$(limit 60 120)" python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n 128 \
+    --json -p "$prompt" > "$round/run.json" 2>> "$round/bench.log"
+  local rc=$?
+  returns run.json
+  return $rc
+}
 
 # The apps on this GPU with the shipped demo model (its step is prebuilt in compiled/<arch>/):
 # the accuracy gate, chat prefix reuse, and the HTTP server.
-t=$SECONDS
-apps=/tmp/gpu-round-apps.txt  # printed last, not in $OUT: the tool returns 8 files
-{
-  echo "== full-size synthetic model: accuracy gate against bench/refs/qwen3-30b-a3b-synth.npz (in pytest)"
-  cat /tmp/sparkinfer-gpu-tests/full_size_gate.txt 2>/dev/null || echo "(no report: see pytest.log)"
-  echo "== sparkinfer accuracy --arch $arch (shipped Q4_K_M vs its F16 original, numpy reference)"
-  timeout -k 10 "$(limit 90 40)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
-  echo "== bench/chat_prefix_reuse.py --arch $arch"
-  timeout -k 10 "$(limit 60 25)" python3 bench/chat_prefix_reuse.py --arch "$arch" --repeats 2 2>&1 | tail -n 8
-  echo "== bench/server_smoke.py --arch $arch"
-  timeout -k 10 "$(limit 60 5)" python3 bench/server_smoke.py --arch "$arch" 2>&1 | grep -v "INFO" | tail -n 6
-} > "$apps" 2>&1
-stage apps 0 "$t"
+stage_apps() {
+  {
+    echo "== full-size synthetic model: accuracy gate against bench/refs/qwen3-30b-a3b-synth.npz (in pytest)"
+    cat "$round/full_size_gate.txt" 2>/dev/null || echo "(no report: see pytest.log)"
+    echo "== sparkinfer accuracy --arch $arch (shipped Q4_K_M vs its F16 original, numpy reference)"
+    timeout -k 10 "$(limit 90 100)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
+    echo "== bench/chat_prefix_reuse.py --arch $arch"
+    timeout -k 10 "$(limit 60 90)" python3 bench/chat_prefix_reuse.py --arch "$arch" --repeats 2 2>&1 | tail -n 8
+    echo "== bench/server_smoke.py --arch $arch"
+    timeout -k 10 "$(limit 60 80)" python3 bench/server_smoke.py --arch "$arch" 2>&1 | grep -v "INFO" | tail -n 6
+  } > "$round/apps.txt" 2>&1
+  returns apps.txt
+}
 
+stage_profile() {
+  OUT=$round timeout -k 10 "$(limit 150 5)" bash bench/profile_kernels.sh > "$round/profile.log" 2>&1
+  local rc=$?
+  [ -f "$round/profile.txt" ] || tail -n 5 "$round/profile.log" > "$round/profile.txt"
+  returns profile.txt ncu.csv
+  return $rc
+}
+
+case "${1:-}" in
+  1) stages=(setup synth pytest decode) ;;
+  2) stages=(setup synth prefill run apps profile) ;;
+  "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
+  *) stages=("$@") ;;
+esac
+[ "${stages[0]}" = setup ] || stage_setup > /dev/null  # every stage needs the environment
+for name in "${stages[@]}"; do
+  if ! declare -F "stage_$name" > /dev/null; then
+    note "no stage $name"
+    continue
+  fi
+  t=$SECONDS
+  "stage_$name"
+  stage_done "$name" $? "$t"
+done
+
+python3 bench/gpu_round.py report "$round" > "$round/summary.txt"
+for f in $(printf '%s\n' "${returned[@]}" | awk '!seen[$0]++'); do
+  [ -f "$round/$f" ] && cp "$round/$f" "$out/"
+done
 echo
-python3 bench/gpu_round.py report "$out" | tee "$out/summary.txt"
-echo
-cat "$apps"
+for f in apps.txt profile.txt; do
+  [ -f "$round/$f" ] && { echo "== $f"; cat "$round/$f"; echo; }
+done
+cat "$round/summary.txt"

@@ -15,8 +15,7 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-mkdir -p .git/info .device/extras
-grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+mkdir -p .device/extras  # .gitignore keeps /.device/ out of git
 
 # import name = pip requirement (one version each: two of one package stop the install there)
 wheels=(

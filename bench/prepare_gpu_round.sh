@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Run HERE (full TVM + nvcc) right before the GPU round, on the tree that will travel: builds
-# into compiled/ everything bench/gpu_round.sh needs on the GPU machine, then prints the carry
-# list and what travels (the tree + carried paths; the tool's limit is 64 MiB a call).
+# into compiled/ everything bench/gpu_round.sh needs on the GPU machine (an H200: sm_90, as the
+# H100 was), then prints the carry list, what travels (the tree + carried paths; the device
+# tool's limit is 64 MiB a call) and the two device calls of the round.
+#   0. .device/setup.sh, tvm_runtime.tar.xz and wheels: the kit of bench/device/pack.sh (run it first)
 #   1. .device/extras/: wheels the GPU machine may lack (bench/pack_device_extras.sh)
 #   2. compiled/gpu-tests/<arch>/: every GPU test's library, the runtime tests' steps, the 4-layer
 #      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
 #   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, and
 #      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
-#   4. .device/compiled.tar.xz: those two folders of compiled/, which the call carries
+#   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #
-#   bench/prepare_gpu_round.sh [ARCH]       # default sm_90; ~2-3 min on 2 cores
+#   bench/prepare_gpu_round.sh [ARCH]       # default sm_90
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -57,5 +59,9 @@ if [ "$total" -gt $((64 * 1048576)) ]; then
 elif [ "$total" -gt $((50 * 1048576)) ]; then
   echo "WARNING: over ~50 MiB" >&2
 fi
-printf 'carry: ['; printf '"%s", ' "${carry[@]}" | sed 's/, $//'; printf ']\n'
-echo "prepared in $((SECONDS - t0)) s; then on the GPU machine: bash bench/gpu_round.sh"
+carry_json=$(printf '"%s", ' "${carry[@]}" | sed 's/, $//')
+echo "carry: [$carry_json]"
+echo "prepared in $((SECONDS - t0)) s. Then the round, two device calls (kind nvidia-h200), the second"
+echo "right after the first, while the machine is warm (it keeps /tmp/q30.gguf and the first call's results):"
+echo "  run(kind=\"nvidia-h200\", timeout_s=600, carry=[$carry_json], command=\"bash bench/gpu_round.sh 1\")"
+echo "  run(timeout_s=600, carry=[$carry_json], command=\"bash bench/gpu_round.sh 2\")"

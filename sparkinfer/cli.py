@@ -193,7 +193,8 @@ def _add_accuracy(sub: argparse._SubParsersAction) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from sparkinfer.runtime.bench import add_arguments, run
 
-    p = sub.add_parser("bench", help="decode speed like llama-bench's tg128 at context depths, and prefill speed")
+    p = sub.add_parser("bench", help="decode speed like llama-bench's tg128 at context depths, prefill speed and time to "
+                       "first token like its pp512; --compare llama.cpp runs the same tests through llama.cpp")
     add_arguments(p)
     p.set_defaults(handler=run)
 

@@ -60,3 +60,7 @@ class InvalidParameterError(SparkInferError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class LlamaCppError(SparkInferError):
+    """llama.cpp, asked for by `bench --compare`, is missing, failed, or its output is unreadable."""
