@@ -345,7 +345,8 @@ def compare_table(report: dict[str, Any], llama: dict[str, Any]) -> str:
     """The side-by-side table: a header naming llama.cpp's source and settings, then per test
     both tok/s, both times (a prompt's whole time for pp, ms per token for tg) and the ratio."""
     buffers = {True: "", False: f", {EXTRA_BUFFERS_OFF}", None: ""}[llama.get("extra_buffers")]
-    head = (f"llama.cpp: {llama['source']} | {llama['threads']} threads, n_batch {llama['n_batch']}, "
+    threads = f"{llama['threads']} thread{'' if llama['threads'] == 1 else 's'}"
+    head = (f"llama.cpp: {llama['source']} | {threads}, n_batch {llama['n_batch']}, "
             f"n_ubatch {llama['n_ubatch']}, flash attention {llama['flash_attn']}{buffers} | median of "
             f"{llama['reps']} reps")
     rows = [("test", "SparkInfer tok/s", "llama.cpp tok/s", "ratio", "SparkInfer ms", "llama.cpp ms")]

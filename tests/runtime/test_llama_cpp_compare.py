@@ -171,14 +171,14 @@ def test_llama_cpp_python_is_imported_only_for_compare() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp here)")
 def test_bench_compare_through_the_binding(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:
-    proc = bench(real_model, real_cpu_module, tmp_path, *BENCH_ARGS, "--compare", "llama.cpp")
+    proc = bench(real_model, real_cpu_module, tmp_path, *BENCH_ARGS, "--compare", "llama.cpp", "--json")
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("llama.cpp: llama-cpp-python"))
-    assert f"{llama.cores()} threads, n_batch 2048, n_ubatch 512" in lines[at]
-    rows = [line.split() for line in lines[at + 2:-1]]
-    assert [r[0] for r in rows] == ["pp8", "tg4"]
-    for r in rows:
-        ours, theirs, ratio = float(r[-5]), float(r[-4]), float(r[-3])
-        assert theirs > 0 and ratio == pytest.approx(ours / theirs, rel=2e-3, abs=2e-3)
+    theirs = json.loads(proc.stdout)["llama_cpp"]
+    assert theirs["source"].startswith("llama-cpp-python ") and theirs["threads"] == llama.cores()
+    assert (theirs["n_batch"], theirs["n_ubatch"], theirs["reps"]) == (2048, 512, 2)
+    assert theirs["extra_buffers"] == llama.extra_buffers_ok()
+    assert [t["test"] for t in theirs["tests"]] == ["pp8", "tg4 @ d8"]
+    for row, test in zip(theirs["side_by_side"], theirs["tests"]):
+        assert len(test["tok_s"]) == 2 and all(t > 0 for t in test["tok_s"])
+        assert row["ratio"] == pytest.approx(row["sparkinfer_tok_s"] / test["tok_s_median"])
     assert "llama.cpp pp8:" in proc.stderr and "llama.cpp tg4 @ d8:" in proc.stderr

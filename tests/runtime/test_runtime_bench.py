@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.runtime.conftest import REPO
 
 
@@ -54,3 +56,23 @@ def test_bench_errors_are_one_line(real_model: Path, real_cpu_module: Path, tmp_
     proc = bench(real_model, real_cpu_module, tmp_path, "--prompts", "8", "--depths", "1000")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr == "error: --depths 1000: each depth + 5 tokens must fit in the model's context of 256 tokens\n"
+
+
+def test_default_sizes_are_clipped_to_the_context_and_given_ones_refused() -> None:
+    from sparkinfer.errors import SparkInferError
+    from sparkinfer.runtime.bench import plan_sizes
+
+    notes: list[str] = []
+    assert plan_sizes(None, None, 128, 5, 1024, notes.append) == ([512], [128]) and notes == []
+    assert plan_sizes(None, None, 4, 5, 256, notes.append) == ([], [128])
+    assert notes == ["left out of the default tests: pp512 (the model's context holds 256 tokens)"]
+    for prompts, depths, message in [
+            ([1000, 8], None, "--prompts 1000: each prompt + 1 generated token must fit in the model's context of "
+                              "256 tokens"),
+            (None, [8, 300], "--depths 300: each depth + 5 tokens must fit in the model's context of 256 tokens"),
+            ([0], None, "--prompts, --gen, --reps and every depth must be >= 1")]:
+        with pytest.raises(SparkInferError) as e:
+            plan_sizes(prompts, depths, 4, 5, 256, notes.append)
+        assert str(e.value) == message
+    with pytest.raises(SparkInferError, match=r"^the model's context of 256 tokens holds none of the default depths"):
+        plan_sizes(None, None, 200, 5, 256, notes.append)
