@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from sparkinfer.compiler import targets
 from sparkinfer.compiler.manifest import (
