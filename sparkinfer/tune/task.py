@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tvm
+import tvm_ffi
 from tvm import IRModule, s_tir, tirx
 
 from sparkinfer.errors import SparkInferError
 
 SAMPLE_CATEGORICAL = "SampleCategorical"
+_deep_copy = tvm_ffi.get_global_func("ffi.DeepCopy")
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TuneTask:
 
         A deep copy each time: replaying a trace on a Schedule rewrites statements of the
         module it was made from in place where it can, which would change `func` itself."""
-        return tvm.ir.load_json(tvm.ir.save_json(IRModule({"main": self.func.with_attr("global_symbol", "main")})))
+        return _deep_copy(IRModule({"main": self.func.with_attr("global_symbol", "main")}))
 
     def spaces(self) -> list[s_tir.Schedule]:
         return self.design_spaces(self.mod["main"])
