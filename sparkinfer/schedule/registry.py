@@ -5,6 +5,22 @@ fails to compile with an error naming it.
 """
 
 from sparkinfer.schedule.attention import AttentionCombineCudaRule, PagedDecodeAttentionCudaRule
+from sparkinfer.schedule.cpu import (
+    AddRmsNormCpuRule,
+    AdvanceCpuRule,
+    AttentionCombineCpuRule,
+    EmbeddingCpuRule,
+    GemvCpuRule,
+    GemvExpertsCpuRule,
+    GemvQkvCpuRule,
+    MoeDownResidualCpuRule,
+    MoeGateUpSiluCpuRule,
+    PagedDecodeAttentionCpuRule,
+    QkNormRopeKvAppendCpuRule,
+    RmsNormCpuRule,
+    RouterTopkCpuRule,
+    SampleTokenCpuRule,
+)
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
 from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
@@ -29,5 +45,19 @@ for _rule in (
     SampleTokenCudaRule(),
     AdvanceCudaRule(),
     EmbeddingCudaRule(),
+    GemvCpuRule(),
+    GemvExpertsCpuRule(),
+    GemvQkvCpuRule(),
+    MoeGateUpSiluCpuRule(),
+    MoeDownResidualCpuRule(),
+    PagedDecodeAttentionCpuRule(),
+    AttentionCombineCpuRule(),
+    QkNormRopeKvAppendCpuRule(),
+    RmsNormCpuRule(),
+    AddRmsNormCpuRule(),
+    RouterTopkCpuRule(),
+    SampleTokenCpuRule(),
+    AdvanceCpuRule(),
+    EmbeddingCpuRule(),
 ):
     register(_rule)
