@@ -17,9 +17,9 @@ from pathlib import Path
 from sparkinfer.errors import SparkInferError
 from sparkinfer.schedule.schedules import SchedulesFile
 
-# 18 kernels of the shipped model x 24 trials finish well inside 30 minutes on this 2-core
+# The shipped model's tunable kernels x 32 trials finish inside 30 minutes on this 2-core
 # machine (bench/NOTES.md, "Tuning the CPU schedules").
-DEFAULT_TRIALS = 24
+DEFAULT_TRIALS = 32
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -40,11 +40,12 @@ from sparkinfer.tune.task import TuneTask, categorical_insts
 class SearchConfig:
     """EvolutionarySearch's parameters, sized for design spaces of tens to thousands of points
     (MetaSchedule's defaults, population 512 and 50 fresh samples, are for tile-size spaces of
-    millions and would cost minutes per round here)."""
+    millions and would cost minutes per round here: the cost model's feature extraction, once
+    per member and generation, is what a round spends most of its time on)."""
 
-    population: int = 64
-    init_min_unmeasured: int = 16
-    genetic_num_iters: int = 3
+    population: int = 32
+    init_min_unmeasured: int = 8
+    genetic_num_iters: int = 2
     eps_greedy: float = 0.05
     # Records before the cost model's predictions replace random scores.
     warmup_samples: int = 4

@@ -9,16 +9,18 @@ tests make them from a toy rule.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import IRModule, s_tir, tirx
 
 from sparkinfer.errors import SparkInferError
 
 SAMPLE_CATEGORICAL = "SampleCategorical"
+_from_json = tvm_ffi.get_global_func("ffi.FromJSONGraphString")
 
 
 @dataclass
@@ -32,14 +34,19 @@ class TuneTask:
     knobs_of: Callable[[s_tir.Trace], dict[str, Any]]  # a (design-space) trace's knobs, as JSON
     default_knobs: dict[str, Any]  # the arch default's knobs, as JSON
     enable_check: bool = True  # s_tir.Schedule's dataflow checks (the rule's `enable_check`)
+    _json: str | None = field(default=None, repr=False, compare=False)  # `mod`, serialized once
 
     @property
     def mod(self) -> IRModule:
         """The workload as MetaSchedule records it: the kernel as "main", exported as "main".
 
         A deep copy each time: replaying a trace on a Schedule rewrites statements of the
-        module it was made from in place where it can, which would change `func` itself."""
-        return tvm.ir.load_json(tvm.ir.save_json(IRModule({"main": self.func.with_attr("global_symbol", "main")})))
+        module it was made from in place where it can, which would change `func` itself. Copied
+        through TVM's JSON graph (ffi.DeepCopy would copy the Op singletons too, and a copy would
+        then not be structurally equal to the workload the database holds)."""
+        if self._json is None:
+            self._json = tvm.ir.save_json(IRModule({"main": self.func.with_attr("global_symbol", "main")}))
+        return _from_json(self._json)
 
     def spaces(self) -> list[s_tir.Schedule]:
         return self.design_spaces(self.mod["main"])

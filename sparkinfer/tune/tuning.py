@@ -12,6 +12,7 @@ from typing import Any
 
 from tvm.s_tir import meta_schedule as ms
 
+from sparkinfer.errors import SparkInferError
 from sparkinfer.schedule.schedules import SchedulesFile
 from sparkinfer.tune.bundle import emit
 from sparkinfer.tune.database import ingest
@@ -58,6 +59,9 @@ def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir
                 runner(bundle)
                 ingest(bundle, {task.key: task}, database, work_dir)
             now = len(records(task, database))
+            if now <= done:
+                raise SparkInferError(f"kernel {task.name}: a round was recorded but the database does not find its "
+                                      f"records (its workload does not match itself)")
             bar.update(now - done)
             done = now
             best = best_us(task, database)

@@ -22,3 +22,32 @@ def test_argument_errors(capsys, tmp_path):
     assert "matches none of the model's kernels" in message and "gemv_q4_k_256x512" in message
     assert "needs that GPU" in _error(capsys, ["tune", "--arch", "sm_90", "--kernels", "gemv_q4_k_256x512",
                                                "--logs", str(tmp_path)])
+
+
+def test_small_tune_then_two_phase_round(capsys, tmp_path):
+    """Two kernels, three trials each, then one more round by --emit / --run / --ingest."""
+    logs, schedules, bundle = tmp_path / "logs", tmp_path / "cpu.json", tmp_path / "round"
+    common = ["--arch", "cpu", "--kernels", "*rms_norm_256", "--logs", str(logs), "--schedules", str(schedules)]
+    assert main(["tune", "--trials", "3", *common]) == 0
+    out = json.loads(schedules.read_text())
+    assert out["arch"] == "cpu" and out["made_by"]["tvm"] and out["made_by"]["device"].startswith("CPU")
+    keys = ["norm.add_rms_norm(256, 1e-06)", "norm.rms_norm(256, 1e-06)"]
+    assert sorted(out["kernels"]) == keys
+    for entry in out["kernels"].values():
+        assert entry["source"] == "tuned" and entry["trials"] == 3 and entry["seed"] == 0
+        assert 0 < entry["time_us"] <= entry["default_time_us"]
+    work = logs / "cpu"
+    assert {p.name for p in work.iterdir()} >= {"database_workload.json", "database_tuning_record.json",
+                                                "measurements.jsonl"}
+    lines = [json.loads(line) for line in (work / "measurements.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(line["measured_by"]["tvm"] and line["device"] for line in lines)
+    capsys.readouterr()
+
+    assert main(["tune", "--trials", "5", *common, "--emit", str(bundle)]) == 0
+    index = json.loads((bundle / "index.json").read_text())
+    assert len(index["candidates"]) == 4 and not any(c["default"] for c in index["candidates"])
+    assert main(["tune", "--run", str(bundle)]) == 0
+    assert main(["tune", "--ingest", str(bundle), "--logs", str(logs), "--schedules", str(schedules)]) == 0
+    out = json.loads(schedules.read_text())
+    assert [out["kernels"][k]["trials"] for k in keys] == [5, 5]
+    assert len((work / "measurements.jsonl").read_text().splitlines()) == 10
