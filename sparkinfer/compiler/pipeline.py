@@ -45,7 +45,8 @@ from sparkinfer.compiler.manifest import (
     tvm_version,
 )
 from sparkinfer.gguf_file.config import ModelConfig
-from sparkinfer.model.qwen3moe import DecodeStep, KernelUse, build_decode_step
+from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import DEFAULT, TRANSFERRED, TUNED, SchedulesFile, schedules_for

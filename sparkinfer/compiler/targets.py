@@ -34,8 +34,10 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
+from sparkinfer.schedule.arch import ARCHS
+
+# The arch-specific ("a") variant each CUDA arch compiles for.
 _CUDA_ARCHS = {"sm_90": "sm_90a", "sm_120": "sm_120a", "sm_121": "sm_121a"}
-ARCHS: tuple[str, ...] = (*_CUDA_ARCHS, "cpu")
 
 # DGX Spark (GB10, sm_121) has Arm cores: its host code must be aarch64. Export such a
 # module as .tar (objects; no cross linker needed here) and link it on the Spark.

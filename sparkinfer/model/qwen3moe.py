@@ -32,9 +32,8 @@ moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +41,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tvm import IRModule, relax, tirx
 
-from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeError
+from sparkinfer.errors import MissingTensorError, TensorShapeError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.model.spec import (
     ENTRY,
@@ -141,39 +141,6 @@ def _param_name(tensor: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-KernelFactory = Callable[..., tirx.PrimFunc]
-
-
-def kernel_factory(family: str, name: str) -> KernelFactory:
-    """The factory `sparkinfer.kernels.<family>.<name>`; SparkInferError names a missing one."""
-    try:
-        module = importlib.import_module(f"sparkinfer.kernels.{family}")
-    except ModuleNotFoundError as e:
-        if e.name != f"sparkinfer.kernels.{family}":
-            raise
-        module = None
-    found = getattr(module, name, None)
-    if found is None:
-        raise SparkInferError(
-            f"kernel factory sparkinfer.kernels.{family}.{name} does not exist: the decode step needs it"
-        )
-    return found
-
-
-@dataclass(frozen=True)
-class KernelUse:
-    """One distinct kernel of the module: the GlobalVar name and the factory call behind it.
-    `args` holds ints, floats and ggml type names (strings)."""
-
-    name: str
-    family: str
-    factory: str
-    args: tuple[Any, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "factory": self.factory, "args": list(self.args)}
-
-
 @dataclass
 class DecodeStep:
     """What `build_decode_step` returns."""
@@ -187,28 +154,6 @@ class DecodeStep:
     n_splits: int
     # name -> the PrimFunc exactly as its factory made it (the form a tuning log records)
     originals: dict[str, tirx.PrimFunc] = field(default_factory=dict)
-
-
-def _arg_json(value: Any) -> Any:
-    if isinstance(value, GGMLQuantizationType):
-        return value.name
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    raise TypeError(f"kernel factory argument {value!r} is not an int, float or ggml type")
-
-
-def kernel_args(args: Iterable[Any]) -> tuple[Any, ...]:
-    """Factory arguments as stored in a KernelUse: ggml types by name."""
-    return tuple(_arg_json(a) for a in args)
-
-
-def factory_args(use: KernelUse) -> tuple[Any, ...]:
-    """A KernelUse's arguments as the factory takes them (ggml type names back to the enum)."""
-    return tuple(_T[a] if isinstance(a, str) else a for a in use.args)
 
 
 class _Kernels:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sparkinfer.compiler.targets import ARCHS
+# Every arch SparkInfer compiles for: the CUDA ones by compute capability, and this machine's CPU.
+ARCHS: tuple[str, ...] = ("sm_90", "sm_120", "sm_121", "cpu")
 
 
 @dataclass(frozen=True)
 class ArchFacts:
-    name: str  # one of compiler.targets.ARCHS
+    name: str  # one of ARCHS
     kind: str  # "cuda" | "cpu"
     sms: int  # streaming multiprocessors; 0 on cpu
     max_threads_per_block: int  # 0 on cpu
@@ -61,7 +62,7 @@ _CUDA_FACTS = {
 
 
 def arch_facts(arch: str) -> ArchFacts:
-    """The facts for one of compiler.targets.ARCHS ("cpu": this machine's CPU)."""
+    """The facts for one of ARCHS ("cpu": this machine's CPU)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; SparkInfer targets {', '.join(ARCHS)}")
     if arch == "cpu":

@@ -29,7 +29,7 @@ from typing import Any
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import WARP, powers_of_two
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule

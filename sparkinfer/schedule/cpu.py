@@ -1,7 +1,7 @@
 """CPU schedules (LLVM) for every kernel family: the CPU is a target of its own, not the
 unscheduled build.
 
-Dequantizing dot products (gemv, gemv_experts, gemv_qkv and the fused MoE kernels) share one
+Dequantizing dot products (gemv, gemv_qkv and the fused MoE kernels) share one
 layout:
   - rows are cut into tasks of `rows_per_task` rows, run in parallel across the cores (TVM's
     thread pool; the MoE/expert slot is fused into the task loop), unless the kernel is too
@@ -31,7 +31,7 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
-from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, floor_pow2
 from sparkinfer.schedule.gemv import DEFAULT_UNROLL, UNROLL_STEPS, loops_below, powers_of_two
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
@@ -151,14 +151,6 @@ class GemvCpuRule(_GemvCpuRule):
     def size(self, use: KernelUse) -> tuple[int, int]:
         _, n, k = factory_args(use)
         return n, n * k
-
-
-class GemvExpertsCpuRule(_GemvCpuRule):
-    factory = "gemv_experts"
-
-    def size(self, use: KernelUse) -> tuple[int, int]:
-        _, _, n_used, n, k, _ = factory_args(use)
-        return n, n_used * n * k
 
 
 class GemvQkvCpuRule(_GemvCpuRule):

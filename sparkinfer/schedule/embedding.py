@@ -9,7 +9,7 @@ from typing import Any
 
 from tvm import s_tir
 
-from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.norm import DEFAULT_THREADS, BlockThreadsKnobs, block_threads_space
 from sparkinfer.schedule.space import Knobs, ScheduleRule

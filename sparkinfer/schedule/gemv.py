@@ -26,7 +26,7 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
-from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, floor_pow2
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 

@@ -18,7 +18,7 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
-from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
     BLOCK_THREADS,

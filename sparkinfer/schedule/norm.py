@@ -13,7 +13,7 @@ from typing import Any
 
 from tvm import s_tir
 
-from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import WARP, powers_of_two
 from sparkinfer.schedule.space import Knobs, ScheduleRule

@@ -8,7 +8,7 @@ whole step; the cache slot is written by the NKV key-head blocks only.
 
 from tvm import s_tir
 
-from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.space import FixedRule, Knobs
 

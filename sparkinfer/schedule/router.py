@@ -11,7 +11,7 @@ At E = 128 this is a few microseconds of one SM, all of it latency.
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.space import FixedRule, Knobs
 

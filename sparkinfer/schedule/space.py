@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from tvm import s_tir, tirx
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.model.qwen3moe import KernelUse, kernel_args
+from sparkinfer.kernels.use import KernelUse, kernel_args
 from sparkinfer.schedule.arch import ArchFacts
 
 

@@ -10,6 +10,7 @@
     database.py   records a timed bundle in tuning_logs/<arch>/ (--ingest)
     schedules.py  writes the schedules file (sparkinfer/data/schedules/<arch>.json) from the database
     tuning.py     one-phase tuning: emit -> run -> ingest rounds on this machine
+    transfer.py   schedules files of untuned arches: the arch table's defaults, marked transferred
     cli.py        the `sparkinfer tune` command
 
 Importing this package imports nothing: runner.py must load under runtime-only TVM.

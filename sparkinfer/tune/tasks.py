@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import GGUFModel
-from sparkinfer.model.qwen3moe import KernelUse, build_decode_step
+from sparkinfer.model.qwen3moe import build_decode_step
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.space import ScheduleError, design_spaces, kernel_key, knobs_from_trace, rule_for
 from sparkinfer.tune.inputs import concrete_kernel, kernel_inputs

@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as T
 from sparkinfer.compiler import pipeline
 from sparkinfer.gguf_file import preset_config
 from sparkinfer.kernels import gemv, norm
-from sparkinfer.model.qwen3moe import DecodeStep, KernelUse
+from sparkinfer.model.qwen3moe import DecodeStep
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.schedules import SchedulesFile, SchedulesFileError, schedules_for
 from sparkinfer.schedule.space import ScheduleError
 

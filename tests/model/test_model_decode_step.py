@@ -10,7 +10,8 @@ from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeEr
 from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
 from sparkinfer.kernels.gemv import gemv_format
 from sparkinfer.model import spec
-from sparkinfer.model.qwen3moe import build_decode_step, decode_inputs, kernel_factory
+from sparkinfer.model.qwen3moe import build_decode_step, decode_inputs
+from sparkinfer.kernels.use import kernel_factory
 
 TINY = preset_config("tiny")
 

@@ -58,17 +58,9 @@ def test_gemv(t: T, n: int, knobs: CpuDotKnobs | None) -> None:
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
-def test_gemv_experts_and_qkv(knobs: CpuDotKnobs | None) -> None:
+def test_gemv_qkv(knobs: CpuDotKnobs | None) -> None:
     rng = np.random.default_rng(2)
     t, k = T.Q4_K, 256
-    data = random_weights(t, (8, 64, k), rng)
-    ids = np.array([5, 0, 7], np.int32)
-    x = rng.standard_normal((3, k), dtype=np.float32)
-    (y,) = run("gemv", G.gemv_experts, (t, 8, 3, 64, k, True), knobs,
-               [G.weight_view(t, data), ids, x], [np.empty((3, 64), np.float32)])
-    ref = G.gemv_experts_reference(t, data, ids, x)
-    assert_gemv_close(y, ref, np.stack([magnitude(t, data[e], xi) for e, xi in zip(ids, x)]))
-
     datas = [random_weights(t, (n, k), rng) for n in (64, 32, 32)]
     x = rng.standard_normal(k, dtype=np.float32)
     outs = run("gemv", G.gemv_qkv, (t, 64, 32, 32, k), knobs, [*(G.weight_view(t, d) for d in datas), x],

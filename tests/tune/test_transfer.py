@@ -1,12 +1,12 @@
 """The committed schedules files of the untuned CUDA arches are what
-`python -m sparkinfer.schedule.transfer` writes: the arch table's defaults, marked transferred."""
+`python -m sparkinfer.tune.transfer` writes: the arch table's defaults, marked transferred."""
 
 from pathlib import Path
 
 import pytest
 
 from sparkinfer.schedule.schedules import TRANSFERRED, SchedulesFile, packaged_schedules_path, schedules_for
-from sparkinfer.schedule.transfer import main, reference_model_kernels, transferred_schedules
+from sparkinfer.tune.transfer import main, reference_model_kernels, transferred_schedules
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def test_committed_file_is_the_arch_default_transferred(arch: str, kernels: list
     committed, path = schedules_for(arch)
     assert path == packaged_schedules_path(arch)
     assert committed == transferred_schedules(arch, kernels), \
-        f"{path} is stale: run python -m sparkinfer.schedule.transfer --arch {arch}"
+        f"{path} is stale: run python -m sparkinfer.tune.transfer --arch {arch}"
     assert {e.source for e in committed.kernels.values()} == {TRANSFERRED}
     assert any(k.startswith("moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)") for k in committed.kernels)
 

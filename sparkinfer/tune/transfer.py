@@ -1,11 +1,11 @@
 """Schedules files for arches nobody has tuned on: every kernel of the given models gets its
 rule's arch-table default, marked "transferred" (untuned; no time measured).
 
-    python -m sparkinfer.schedule.transfer --arch sm_120 [--out PATH]
+    python -m sparkinfer.tune.transfer --arch sm_120 [--out PATH]
 
 writes the package's sparkinfer/data/schedules/<arch>.json (or PATH) for the embedded default
 model and the full-size Qwen3-30B-A3B (Q4_K_M): only hyper-parameters and tensor types are
-used, no weights. tests/schedule/test_transfer.py checks that the committed files are what this
+used, no weights. tests/tune/test_transfer.py checks that the committed files are what this
 writes.
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 
 from sparkinfer import __version__
 from sparkinfer.compiler.manifest import tvm_version
-from sparkinfer.compiler.targets import ARCHS
+from sparkinfer.schedule.arch import ARCHS
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.gguf_file.reader import GGUFModel
-from sparkinfer.model.qwen3moe import KernelUse, build_decode_step
+from sparkinfer.model.qwen3moe import build_decode_step
+from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.schedules import TRANSFERRED, ScheduleEntry, SchedulesFile, packaged_schedules_path
 from sparkinfer.schedule.space import kernel_key, rule_for
@@ -45,12 +46,12 @@ def transferred_schedules(arch: str, kernels: Iterable[KernelUse]) -> SchedulesF
         entries[kernel_key(use)] = ScheduleEntry(rule_for(use, facts).default(use, facts).to_json(), TRANSFERRED)
     made_by = {"tvm": tvm_version(), "sparkinfer": __version__, "device": None, "date": None,
                "how": f"the arch table's defaults for {arch} (sparkinfer/schedule/arch.py), untuned: "
-                      "python -m sparkinfer.schedule.transfer"}
+                      "python -m sparkinfer.tune.transfer"}
     return SchedulesFile(arch=arch, made_by=made_by, kernels=entries)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparkinfer.schedule.transfer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparkinfer.tune.transfer", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", required=True, choices=[a for a in ARCHS if a != "cpu"])
     p.add_argument("--out", type=Path, help="where to write (default: the package's schedules file for the arch)")
     args = p.parse_args(argv)

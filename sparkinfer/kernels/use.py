@@ -1,0 +1,72 @@
+"""Which kernel a module uses: a kernel factory call (family, factory, arguments) as a value
+that the model records, the schedule rules match on, the compiler writes into the manifest and
+the tuner rebuilds its kernel from."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from tvm import tirx
+
+from sparkinfer.errors import SparkInferError
+
+_T = GGMLQuantizationType
+
+KernelFactory = Callable[..., tirx.PrimFunc]
+
+
+def kernel_factory(family: str, name: str) -> KernelFactory:
+    """The factory `sparkinfer.kernels.<family>.<name>`; SparkInferError names a missing one."""
+    try:
+        module = importlib.import_module(f"sparkinfer.kernels.{family}")
+    except ModuleNotFoundError as e:
+        if e.name != f"sparkinfer.kernels.{family}":
+            raise
+        module = None
+    found = getattr(module, name, None)
+    if found is None:
+        raise SparkInferError(
+            f"kernel factory sparkinfer.kernels.{family}.{name} does not exist: the decode step needs it"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class KernelUse:
+    """One distinct kernel of the module: the GlobalVar name and the factory call behind it.
+    `args` holds ints, floats and ggml type names (strings)."""
+
+    name: str
+    family: str
+    factory: str
+    args: tuple[Any, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "factory": self.factory, "args": list(self.args)}
+
+
+def _arg_json(value: Any) -> Any:
+    if isinstance(value, GGMLQuantizationType):
+        return value.name
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    raise TypeError(f"kernel factory argument {value!r} is not an int, float or ggml type")
+
+
+def kernel_args(args: Iterable[Any]) -> tuple[Any, ...]:
+    """Factory arguments as stored in a KernelUse: ggml types by name."""
+    return tuple(_arg_json(a) for a in args)
+
+
+def factory_args(use: KernelUse) -> tuple[Any, ...]:
+    """A KernelUse's arguments as the factory takes them (ggml type names back to the enum)."""
+    return tuple(_T[a] if isinstance(a, str) else a for a in use.args)
