@@ -77,6 +77,16 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
 
 HAND, TUNED, DLIGHT, UNSCHEDULED = "hand", "tuned", "dlight-fallback", "unscheduled"
 
+# The T-token steps built beside the decode step when the caller names none: the chunk sizes
+# a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
+# its build small (128 amortises each weight's dequantization over 128 tokens). None on the
+# CUDA archs yet: the chunk kernels have CPU schedules only, so a GPU prefills token by token.
+DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
+
+
+def default_prefill_chunks(arch: str) -> tuple[int, ...]:
+    return DEFAULT_PREFILL_CHUNKS.get(arch, ())
+
 
 def relax_pipeline() -> tvm.transform.Pass:
     return tvm.transform.Sequential([p() for p in RELAX_PASSES], name="sparkinfer_relax_lowering")
@@ -264,22 +274,26 @@ def compile_model(
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
+    prefill_chunks: tuple[int, ...] | None = None,
     force: bool = False,
     logs: Path = TUNING_LOGS,
 ) -> CompileResult:
-    """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`.
+    """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`,
+    with a T-token step for each T of `prefill_chunks` (None: `default_prefill_chunks(arch)`).
 
-    A module already there for the same model, TVM and sources is reused unless `force`.
+    A module already there for the same model, TVM, sources and chunks is reused unless `force`.
     """
     from sparkinfer.compiler.manifest import find_compiled
 
     targets.target_for(arch)  # rejects an unknown arch before any work
+    chunks = default_prefill_chunks(arch) if prefill_chunks is None else tuple(sorted(set(prefill_chunks)))
     if not force:
-        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits)
+        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits,
+                              prefill_chunks=chunks)
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
-    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits)
+    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks)
     ex, provenance = build_step(step, arch, logs=logs)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)
@@ -309,6 +323,7 @@ def compile_model(
         page_size=step.page_size,
         max_pages=step.max_pages,
         n_splits=step.n_splits,
+        prefill_chunks=step.prefill_chunks,
         sources_hash=sources_hash(arch),
         inputs=step.inputs,
         outputs=[Output("logits", "float32", (config.vocab_size,)), Output("next", "int32", (1,))],

@@ -93,7 +93,7 @@ def test_a_manifest_of_another_format_is_refused(compiled, tmp_path: Path) -> No
     raw["format"] = M.MANIFEST_FORMAT + 1
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     (tmp_path / "model.so").write_bytes(b"")
-    with pytest.raises(CompiledModuleError, match="manifest format 2 is not 1: recompile the model"):
+    with pytest.raises(CompiledModuleError, match=f"manifest format {M.MANIFEST_FORMAT + 1} is not {M.MANIFEST_FORMAT}: recompile the model"):
         M.Manifest.load(tmp_path)
 
 
