@@ -54,6 +54,8 @@ from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.model.qwen3moe import DecodeStep, KernelUse, build_decode_step, factory_args, kernel_factory
 from sparkinfer.model.spec import PAGE_SIZE
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.space import ScheduleError, rule_for, schedule_kernel
 
 _REPO = Path(__file__).resolve().parents[2]
 TUNING_LOGS = _REPO / "tuning_logs"
@@ -123,6 +125,13 @@ def _factory_params(use: KernelUse) -> dict[str, Any]:
 
 def hand_schedule(use: KernelUse, func: tirx.PrimFunc, arch: str) -> tuple[tirx.PrimFunc, str] | None:
     """The family's hand schedule of this kernel, or None where there is none."""
+    facts = arch_facts(arch)
+    try:
+        rule = rule_for(use, facts)
+    except ScheduleError:
+        rule = None
+    if rule is not None:
+        return schedule_kernel(func, use, facts), f"{HAND}:{rule.name}"
     schedule = _schedule_function(use)
     if schedule is None:
         return None

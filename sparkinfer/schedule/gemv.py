@@ -18,12 +18,17 @@ Measured on an H200 with ncu, L2 flushed, default schedules: 4096x2048 Q4_K 6.9 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from abc import abstractmethod
+from typing import Any
 
 from gguf import GGMLQuantizationType
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
+from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.schedule.arch import ArchFacts, floor_pow2
+from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 _T = GGMLQuantizationType
 
@@ -33,38 +38,41 @@ _T = GGMLQuantizationType
 VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
 VECTOR_BYTES = 16
 WARP = 32
-# Two thread blocks per SM of an H100/H200 (132 SMs): below this, a GEMV has too few loads
-# in flight to cover DRAM latency.
-_MIN_BLOCKS = 256
-# A short GEMV (the MoE router's 128 rows) gets thinner blocks rather than fewer than this many.
-_MIN_SHORT_BLOCKS = 128
+# Threads a block aims at by default: 4 warps.
+BLOCK_THREADS = 128
+# Explicit-unroll budgets (statements) of a lane's chunk loop; 256 is the default.
+UNROLL_STEPS = (16, 64, 256, 1024)
+DEFAULT_UNROLL = 256
+
+
+def powers_of_two(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... <= limit."""
+    return tuple(1 << i for i in range(max(1, limit).bit_length()))
+
+
+def min_blocks(facts: ArchFacts) -> int:
+    """Blocks a GEMV needs to have enough loads in flight to cover DRAM latency: two per SM
+    (a power of two: 256 on the H100/H200's 132 SMs, where this was measured)."""
+    return floor_pow2(2 * facts.sms)
+
+
+def min_short_blocks(facts: ArchFacts) -> int:
+    """Blocks a short GEMV (the MoE router's 128 rows) keeps by taking thinner blocks: one
+    per SM (a power of two: 128 on 132 SMs)."""
+    return floor_pow2(facts.sms)
 
 
 @dataclass(frozen=True)
-class GemvSchedule:
-    """lanes: threads per row (a power of two <= 32); rows: thread rows per block
-    (threadIdx.y); rows_per_thread: rows each thread works on at once, sharing the x it
-    loaded (so a block covers rows * rows_per_thread rows); unroll: explicit-unroll budget
-    (statements) for a lane's loop over its chunks."""
+class GemvKnobs(Knobs):
+    """lanes: threads per row (threadIdx.x); rows: thread rows per block (threadIdx.y);
+    rows_per_thread: rows each thread works on at once, sharing the x it loaded (a block
+    covers rows * rows_per_thread rows; structural: whether the row loop exists); unroll:
+    explicit-unroll budget (statements) for a lane's loop over its chunks."""
 
-    lanes: int
-    rows: int
-    rows_per_thread: int = 1
-    unroll: int = 256
-
-    def __post_init__(self) -> None:
-        check_block(self.lanes, self.rows)
-        if self.rows_per_thread < 1:
-            raise ValueError(f"{self.lanes} lanes x {self.rows} rows is not a valid block")
-
-
-def check_block(lanes: int, rows: int) -> None:
-    """ValueError unless `lanes` threads per row (threadIdx.x) and `rows` thread rows
-    (threadIdx.y) make a valid thread block."""
-    if lanes < 1 or lanes > WARP or lanes & (lanes - 1):
-        raise ValueError(f"lanes must be a power of two in 1..{WARP}, got {lanes}")
-    if rows < 1 or lanes * rows > 1024:
-        raise ValueError(f"{lanes} lanes x {rows} rows is not a valid block")
+    lanes: Any
+    rows: Any
+    rows_per_thread: int
+    unroll: Any
 
 
 def even_lanes(*chunk_counts: int) -> int:
@@ -76,26 +84,32 @@ def even_lanes(*chunk_counts: int) -> int:
     return lanes
 
 
-def default_schedule(ggml_type: int, n: int, k: int, batch: int = 1) -> GemvSchedule:
+def lanes_rows_space(*chunk_counts: int) -> dict[str, tuple[int, ...]]:
+    """Lanes that split every chunk count evenly, and thread rows that keep a block within
+    1024 threads at the most lanes."""
+    most = even_lanes(*chunk_counts)
+    return {"lanes": powers_of_two(most), "rows": powers_of_two(1024 // most)}
+
+
+def default_knobs(facts: ArchFacts, ggml_type: int, n: int, k: int, batch: int = 1) -> GemvKnobs:
     """For `batch` GEMVs of n rows (the MoE slots) of k weights.
 
     lanes: the most (up to a warp) that split a row's chunks evenly, so no lane idles on a
-    tail; rows: enough for 128 threads a block, halved while that leaves fewer than
-    _MIN_SHORT_BLOCKS blocks (the F32 router, 128 x 2048, ran as 32 blocks on 32 of the
-    H100's 132 SMs: 5.7 us for 1 MB); rows_per_thread: the most (up to 4) that still leaves
-    _MIN_BLOCKS blocks. Sharing x across rows cut a 4096x2048 Q4_K GEMV from
-    11.5 to 7.1 us and the 151936x2048 Q6_K lm_head from 380 to 207 us on an H200, but
-    fewer blocks than that starve the memory system (2048x4096 Q4_K: 8.8 us at 256 blocks,
-    10.6 at 128).
+    tail; rows: enough for BLOCK_THREADS threads a block, halved while that leaves fewer than
+    min_short_blocks (the F32 router, 128 x 2048, ran as 32 blocks on 32 of the H100's 132
+    SMs: 5.7 us for 1 MB); rows_per_thread: the most (up to 4) that still leaves min_blocks.
+    Sharing x across rows cut a 4096x2048 Q4_K GEMV from 11.5 to 7.1 us and the 151936x2048
+    Q6_K lm_head from 380 to 207 us on an H200, but fewer blocks than that starve the memory
+    system (2048x4096 Q4_K: 8.8 us at 256 blocks, 10.6 at 128).
     """
     lanes = even_lanes(k // gemv_format(ggml_type).chunk)
-    rows = max(1, 128 // lanes)
-    while rows > 1 and batch * n // rows < _MIN_SHORT_BLOCKS:
+    rows = max(1, BLOCK_THREADS // lanes)
+    while rows > 1 and batch * n // rows < min_short_blocks(facts):
         rows //= 2
     per_thread = 1
-    while per_thread < 4 and batch * n // (rows * per_thread * 2) >= _MIN_BLOCKS:
+    while per_thread < 4 and batch * n // (rows * per_thread * 2) >= min_blocks(facts):
         per_thread *= 2
-    return GemvSchedule(lanes=lanes, rows=rows, rows_per_thread=per_thread)
+    return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
 
 
 def loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
@@ -153,30 +167,21 @@ def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], u
     sch.annotate(it, "pragma_unroll_explicit", 1)
 
 
-def schedule_gemv(
-    func: tirx.PrimFunc, ggml_type: int, config: GemvSchedule | None = None
-) -> tirx.PrimFunc:
-    """Schedule a `gemv` or `gemv_experts` PrimFunc of `ggml_type` for a CUDA target."""
-    fmt: GemvFormat = gemv_format(ggml_type)
-    sch = s_tir.Schedule(func)
+def _schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -> None:
+    """A `gemv` or `gemv_experts` PrimFunc for a CUDA target."""
 
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
         cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "x", part)
 
-    _schedule_rows(sch, fmt, config, cache_weight)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    _schedule_rows(sch, fmt, knobs, cache_weight)
 
 
-def schedule_gemv_qkv(
-    func: tirx.PrimFunc, ggml_type: int, config: GemvSchedule | None = None
-) -> tirx.PrimFunc:
-    """Schedule a `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
-    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
+def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -> None:
+    """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
+    `_schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
     or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
     16-byte loads where the format allows, else is inlined into the dot; each output copy
     runs right after its row's warp reduction, predicated to the rows it owns."""
-    fmt: GemvFormat = gemv_format(ggml_type)
-    sch = s_tir.Schedule(func)
     w = sch.get_sblock("W")
 
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
@@ -195,34 +200,86 @@ def schedule_gemv_qkv(
         else:
             cache_in_registers(sch, [dot, xsum], "x", it, 4)
 
-    gemv, row = _schedule_rows(sch, fmt, config, cache_weight)
+    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight)
     # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
     sch.set_scope(gemv, 0, "local")
     # (Wq, Wk, Wv, x, q, k, v), or (Wq, Wk, x, q, k) for the n_v = 0 form.
-    for name in ("q", "k", "v")[: (len(func.params) - 1) // 2]:
+    n_outputs = (len(sch.mod["main"].params) - 1) // 2
+    for name in ("q", "k", "v")[:n_outputs]:
         sch.reverse_compute_at(sch.get_sblock(name), row)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+class _GemvCudaRule(ScheduleRule):
+    """The GEMV layout of the module docstring, for the factories whose kernels it fits."""
+
+    family = "gemv"
+    knobs_type = GemvKnobs
+
+    def is_target_available(self, facts: ArchFacts) -> bool:
+        return facts.kind == "cuda"
+
+    @abstractmethod
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        """(ggml_type, rows n, row length k, batch of GEMVs) of the kernel."""
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        ggml_type, _, k, _ = self.shape(use)
+        return {**lanes_rows_space(k // gemv_format(ggml_type).chunk),
+                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("rows_per_thread",)
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> GemvKnobs:
+        return default_knobs(facts, *self.shape(use))
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs)
+
+
+class GemvCudaRule(_GemvCudaRule):
+    factory = "gemv"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n, k = factory_args(use)
+        return ggml_type, n, k, 1
+
+
+class GemvExpertsCudaRule(_GemvCudaRule):
+    """The expert slot is blockIdx.y."""
+
+    factory = "gemv_experts"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, _, n_used, n, k, _ = factory_args(use)
+        return ggml_type, n, k, n_used
+
+
+class GemvQkvCudaRule(_GemvCudaRule):
+    factory = "gemv_qkv"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n_q, n_k, n_v, k = factory_args(use)
+        return ggml_type, n_q + n_k + n_v, k, 1
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs)
 
 
 def _schedule_rows(
     sch: s_tir.Schedule,
     fmt: GemvFormat,
-    config: GemvSchedule | None,
+    config: GemvKnobs,
     cache_weight: Callable[[SBlockRV, SBlockRV | None, LoopRV, LoopRV], None],
 ) -> tuple[SBlockRV, LoopRV]:
     """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv;
     `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers. Returns the
     gemv block and its per-thread row loop."""
-    ggml_type = fmt.ggml_type
     dot, gemv = sch.get_sblock("dot"), sch.get_sblock("gemv")
     xsum = sch.get_sblock("xsum") if fmt.min is not None else None
-    *lead, n, c, p = sch.get_loops(gemv)
-    if config is None:
-        batch = 1
-        for loop in lead:
-            batch *= int(sch.get(loop).extent)
-        k = int(sch.get(c).extent) * fmt.chunk
-        config = default_schedule(ggml_type, int(sch.get(n).extent), k, batch)
+    *_, n, c, p = sch.get_loops(gemv)
 
     # Lanes' partial sums go through rfactor: TIR's cross-thread reduction needs the
     # thread-bound reduction loop innermost, which a thread's own row loop would break.

@@ -17,12 +17,19 @@ from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 from sparkinfer.schedule.gemv import (
+    WARP,
     cache_chunk_in_registers,
-    check_block,
     even_lanes,
     loops_below,
     unroll_chunk_loop,
 )
+
+
+def check_block(lanes: int, rows: int) -> None:
+    if lanes < 1 or lanes > WARP or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two in 1..{WARP}, got {lanes}")
+    if rows < 1 or lanes * rows > 1024:
+        raise ValueError(f"{lanes} lanes x {rows} rows is not a valid block")
 
 
 @dataclass(frozen=True)

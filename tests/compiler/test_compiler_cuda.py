@@ -51,7 +51,7 @@ def test_whole_step_builds_with_a_fatbin_for_the_arch(model: str, arch: str, tmp
     for kernel in manifest.kernels:
         assert kernel["schedule"] == DLIGHT or kernel["schedule"].split(":")[0] in (HAND, TUNED), kernel
     gemvs = [k for k in manifest.kernels if k["family"] == "gemv"]
-    assert gemvs and all(k["schedule"] == f"hand:sparkinfer.schedule.gemv.schedule_{k['factory']}" for k in gemvs)
+    assert gemvs and all(k["schedule"].startswith("hand:sparkinfer.schedule.gemv.") for k in gemvs)
     assert any(k["factory"] == "gemv_qkv" for k in gemvs)
     raw = json.loads((result.directory / "manifest.json").read_text())
     assert raw["target"]["kind"] == "cuda" and raw["target"]["arch"] == arch + "a"

@@ -39,14 +39,14 @@ def test_a_kernel_without_schedule_falls_back_to_dlight_with_a_warning(tmp_path:
     assert step.mod["k0"].attrs["tirx.is_scheduled"]
 
 
-def test_hand_schedule_takes_the_factory_arguments_by_name(tmp_path: Path) -> None:
+def test_a_registered_rule_schedules_its_kernel(tmp_path: Path) -> None:
     from gguf import GGMLQuantizationType as T
 
     from sparkinfer.kernels import gemv
 
     step = one_kernel_step("gemv", "gemv", gemv.gemv(T.Q4_K, 512, 2048), ("Q4_K", 512, 2048))
     provenance = pipeline.schedule_step(step, "sm_90", logs=tmp_path, warn=pytest.fail)
-    assert provenance == {"k0": "hand:sparkinfer.schedule.gemv.schedule_gemv"}
+    assert provenance == {"k0": "hand:sparkinfer.schedule.gemv.GemvCudaRule"}
     assert "threadIdx.x" in step.mod["k0"].script()
 
 

@@ -25,6 +25,8 @@ import tvm
 
 from sparkinfer.compiler import targets
 from sparkinfer.runtime.device import detect_arch, import_tvm
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.space import Knobs, kernel_use, schedule_kernel
 
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a bare `pytest`
@@ -40,6 +42,13 @@ needs_nvcc = pytest.mark.skipif(
     targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)"
 )
 CUDA_ARCHS = [a for a in targets.ARCHS if a != "cpu"]
+
+
+def scheduled(factory: Callable[..., tvm.tirx.PrimFunc], family: str, *args: object,
+              knobs: Knobs | None = None, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+    """`factory(*args)` scheduled by its registered rule for `arch` (knobs None: the default)."""
+    use = kernel_use(family, factory.__name__, *args)
+    return schedule_kernel(factory(*args), use, arch_facts(arch), knobs)
 
 
 def module(*funcs: tvm.tirx.PrimFunc) -> tvm.IRModule:

@@ -18,9 +18,9 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import random_weights
-from sparkinfer.schedule.gemv import GemvSchedule, schedule_gemv, schedule_gemv_qkv
+from sparkinfer.schedule.gemv import GemvKnobs
 
-from cuda_testutil import CUDA_ARCHS, export, gpu_tests_dir
+from cuda_testutil import CUDA_ARCHS, export, gpu_tests_dir, scheduled
 
 STEM = "gemv_cases"
 QWEN3_EXPERTS, QWEN3_USED = 128, 8
@@ -34,14 +34,13 @@ class GemvCase:
     k: int
     moe: bool = False
     x_per_expert: bool = False
-    schedule: GemvSchedule | None = None  # None: default_schedule
+    knobs: GemvKnobs | None = None  # None: the rule's default
 
-    def func(self) -> tvm.tirx.PrimFunc:
+    def scheduled(self, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
         if self.moe:
-            return G.gemv_experts(
-                self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n, self.k, self.x_per_expert
-            )
-        return G.gemv(self.ggml_type, self.n, self.k)
+            return scheduled(G.gemv_experts, "gemv", self.ggml_type, QWEN3_EXPERTS, QWEN3_USED, self.n,
+                             self.k, self.x_per_expert, knobs=self.knobs, arch=arch)
+        return scheduled(G.gemv, "gemv", self.ggml_type, self.n, self.k, knobs=self.knobs, arch=arch)
 
     @property
     def symbol(self) -> str:
@@ -79,9 +78,9 @@ CASES: tuple[GemvCase, ...] = (
     GemvCase("attn_k_bf16", T.BF16, 512, 2048),
     GemvCase("ffn_gate_inp", T.F32, 128, 2048),
     # Non-default tilings: rows shared per thread, and a row count no block divides.
-    GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, schedule=GemvSchedule(32, 4, 2)),
+    GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, knobs=GemvKnobs(32, 4, 2, 256)),
     GemvCase("experts_rows_per_thread_4", T.Q6_K, 1024, 2048, moe=True,
-             schedule=GemvSchedule(16, 2, 4)),
+             knobs=GemvKnobs(16, 2, 4, 256)),
 )
 
 
@@ -95,14 +94,15 @@ class GemvQkvCase:
     n_k: int
     n_v: int
     k: int
-    schedule: GemvSchedule | None = None  # None: default_schedule
+    knobs: GemvKnobs | None = None  # None: the rule's default
 
     @property
     def rows(self) -> tuple[int, ...]:
         return (self.n_q, self.n_k, self.n_v) if self.n_v else (self.n_q, self.n_k)
 
-    def func(self) -> tvm.tirx.PrimFunc:
-        return G.gemv_qkv(self.ggml_type, self.n_q, self.n_k, self.n_v, self.k)
+    def scheduled(self, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+        return scheduled(G.gemv_qkv, "gemv", self.ggml_type, self.n_q, self.n_k, self.n_v, self.k,
+                         knobs=self.knobs, arch=arch)
 
     @property
     def symbol(self) -> str:
@@ -126,10 +126,7 @@ QKV_CASES: tuple[GemvQkvCase, ...] = (
 
 
 def cases_module() -> tvm.IRModule:
-    funcs = {c.symbol: schedule_gemv(c.func(), c.ggml_type, c.schedule) for c in CASES}
-    funcs.update(
-        {c.symbol: schedule_gemv_qkv(c.func(), c.ggml_type, c.schedule) for c in QKV_CASES}
-    )
+    funcs = {c.symbol: c.scheduled() for c in [*CASES, *QKV_CASES]}
     return tvm.IRModule(funcs)
 
 

@@ -10,7 +10,8 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
 from sparkinfer.kernels import gemv as G
-from sparkinfer.schedule.gemv import schedule_gemv
+
+from cuda_testutil import scheduled
 
 CUDA_ARCHS = ["sm_90", "sm_120", "sm_121"]
 needs_nvcc = pytest.mark.skipif(
@@ -53,8 +54,8 @@ def library_bytes(path: Path) -> bytes:
 def module() -> tvm.IRModule:
     """A plain Q4_K GEMV and a MoE Q6_K one: one kernel with vector loads, one without."""
     funcs = [
-        schedule_gemv(G.gemv(T.Q4_K, 512, 2048), T.Q4_K),
-        schedule_gemv(G.gemv_experts(T.Q6_K, 16, 8, 512, 768, True), T.Q6_K),
+        scheduled(G.gemv, "gemv", T.Q4_K, 512, 2048),
+        scheduled(G.gemv_experts, "gemv", T.Q6_K, 16, 8, 512, 768, True),
     ]
     return tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
 

@@ -1,0 +1,15 @@
+"""Every schedule rule, registered explicitly: `space.rule_for` finds a kernel's rule here.
+
+A new kernel factory needs a rule per target kind (cuda, cpu) listed below; a kernel without
+one fails to compile with an error naming it.
+"""
+
+from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.space import register
+
+for _rule in (
+    GemvCudaRule(),
+    GemvExpertsCudaRule(),
+    GemvQkvCudaRule(),
+):
+    register(_rule)

@@ -1,0 +1,126 @@
+"""Schedule rules and spaces (sparkinfer.schedule.space): defaults inside the space, design
+spaces whose traces replay with other decisions, knobs read back from a trace, clear errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+from tvm import s_tir
+
+from sparkinfer.kernels import gemv as G
+from sparkinfer.schedule.arch import ArchFacts, arch_facts
+from sparkinfer.schedule.gemv import GemvKnobs
+from sparkinfer.schedule.space import (
+    Knobs,
+    ScheduleError,
+    design_spaces,
+    kernel_use,
+    knobs_from_trace,
+    rule_for,
+    schedule_kernel,
+)
+
+SM_90 = arch_facts("sm_90")
+
+
+def replay(sch: s_tir.Schedule, func: tvm.tirx.PrimFunc, decisions: list[int]) -> s_tir.Schedule:
+    """`sch`'s trace with its sampled knobs decided by `decisions`, applied to a fresh schedule."""
+    trace = sch.trace
+    samples = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    for inst, decision in zip(samples, decisions, strict=True):
+        trace = trace.with_decision(inst, decision, remove_postproc=True)
+    fresh = s_tir.Schedule(func)
+    trace.apply_to_schedule(fresh, remove_postproc=True)
+    return fresh
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_defaults_lie_inside_the_space(arch: str) -> None:
+    facts = arch_facts(arch)
+    for args in [(T.Q4_K, 4096, 2048), (T.Q6_K, 151936, 2048), (T.F32, 128, 2048), (T.Q4_K, 2048, 768)]:
+        use = kernel_use("gemv", "gemv", *args)
+        rule = rule_for(use, facts)
+        space = rule.space(use, facts)
+        for name, value in rule.default(use, facts).to_json().items():
+            assert value in space[name], (args, name, value)
+
+
+def test_gemv_defaults_follow_the_sm_count() -> None:
+    use = kernel_use("gemv", "gemv", T.Q4_K, 4096, 2048)
+    # 256 blocks wanted on 132 SMs (rows_per_thread 4: 4096 / 16 rows = 256 blocks); a GB10's
+    # 48 SMs want 64, so the threads take more rows each.
+    assert rule_for(use, SM_90).default(use, SM_90) == GemvKnobs(32, 4, 4, 256)
+    gb10 = arch_facts("sm_121")
+    assert rule_for(use, gb10).default(use, gb10) == GemvKnobs(32, 4, 4, 256)
+    short = kernel_use("gemv", "gemv", T.F32, 128, 2048)
+    assert rule_for(short, SM_90).default(short, SM_90).rows == 1
+    assert rule_for(short, gb10).default(short, gb10).rows == 4
+
+
+@pytest.mark.parametrize("factory,args", [
+    ("gemv", (T.Q4_K, 512, 2048)),
+    ("gemv", (T.Q6_K, 256, 768)),
+    ("gemv_qkv", (T.Q4_K, 512, 128, 128, 2048)),
+    ("gemv_experts", (T.Q4_K, 16, 4, 256, 512, False)),
+])
+def test_design_space_traces_replay_with_other_decisions(factory: str, args: tuple) -> None:
+    func = getattr(G, factory)(*args)
+    use = kernel_use("gemv", factory, *args)
+    rule = rule_for(use, SM_90)
+    space = rule.space(use, SM_90)
+    schedules = design_spaces(func, use, SM_90)
+    assert len(schedules) == len(space["rows_per_thread"])  # the one structural knob
+    rng = np.random.default_rng(0)
+    for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
+        for _ in range(2):
+            lanes, rows, unroll = (int(rng.integers(len(space[n]))) for n in ("lanes", "rows", "unroll"))
+            replayed = replay(sch, func, [lanes, rows, 0, unroll])
+            knobs = knobs_from_trace(replayed.trace, use, SM_90)
+            assert knobs == GemvKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
+                                      space["unroll"][unroll])
+            # The replayed program is the one the concrete knobs give.
+            tvm.ir.assert_structural_equal(
+                replayed.mod["main"].with_attr("tirx.is_scheduled", True),
+                schedule_kernel(func, use, SM_90, knobs),
+            )
+
+
+def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
+    from sparkinfer.compiler import targets
+
+    use = kernel_use("gemv", "gemv", T.Q4_K, 64, 256)  # 4 chunks: lanes 1, 2, 4
+    func = G.gemv(T.Q4_K, 64, 256)
+    space = rule_for(use, SM_90).space(use, SM_90)
+    for lanes, rows, per_thread in itertools.product(space["lanes"], (1, 8), space["rows_per_thread"]):
+        knobs = GemvKnobs(lanes, rows, per_thread, 16)
+        source = targets.cuda_source(tvm.IRModule({"main": schedule_kernel(func, use, SM_90, knobs)}), "sm_90")
+        assert "__global__" in source
+
+
+def test_knobs_outside_the_space_are_an_error_naming_the_knob() -> None:
+    use = kernel_use("gemv", "gemv", T.Q4_K, 512, 768)  # 12 chunks: at most 4 lanes
+    with pytest.raises(ScheduleError, match=r"knob lanes=8 is outside the space .*\(1, 2, 4\)"):
+        schedule_kernel(G.gemv(T.Q4_K, 512, 768), use, SM_90, GemvKnobs(8, 4, 1, 256))
+
+
+def test_a_kernel_without_a_rule_is_an_error_naming_it() -> None:
+    use = kernel_use("gemv", "no_such_factory", 1)
+    with pytest.raises(ScheduleError, match=r"kernel gemv.no_such_factory\(1\) .* no schedule rule for sm_90"):
+        rule_for(use, SM_90)
+
+
+def test_knobs_round_trip_through_json() -> None:
+    knobs = GemvKnobs(16, 8, 2, 64)
+    assert GemvKnobs.from_json(knobs.to_json()) == knobs
+    with pytest.raises(ScheduleError, match=r"unknown \['lane'\]; missing \['lanes'\]"):
+        GemvKnobs.from_json({"lane": 16, "rows": 8, "rows_per_thread": 2, "unroll": 64})
+
+
+def test_the_arch_table_rejects_an_unknown_arch() -> None:
+    with pytest.raises(ValueError, match="unknown arch 'sm_80'"):
+        arch_facts("sm_80")
+    cpu = arch_facts("cpu")
+    assert isinstance(cpu, ArchFacts) and cpu.kind == "cpu" and cpu.cores >= 1 and cpu.sms == 0
+    assert issubclass(GemvKnobs, Knobs)
