@@ -8,7 +8,8 @@
          with the PrimFunc and, by parameter name, any of the factory's arguments (`ggml_type`,
          `n`, ...) and `arch`; a `None` return means "no hand schedule for this instance",
        - dlight's default GPU rules, with a printed warning that names the kernel;
-     for `cpu` the kernels stay unscheduled (LLVM builds them as they are);
+     for `cpu` the kernels with a registered CPU rule (the T-token step's GEMMs and
+     attention) get it and the others stay unscheduled (LLVM builds them as they are);
   3. the Relax side is lowered by `RELAX_PASSES` (no operator fusion, no dlight pass and
      no RewriteCUDAGraph: the kernels are already final and the runtime captures the whole
      step itself), and `tvm.compile` builds it, for CUDA inside `targets.aot_fatbin`, so the
@@ -224,6 +225,23 @@ def schedule_step(step: DecodeStep, arch: str, *, logs: Path = TUNING_LOGS,
     return provenance
 
 
+def schedule_cpu_step(step: DecodeStep) -> dict[str, str]:
+    """The kernels with a CPU rule (the T-token step's GEMMs and attention) get it; the others
+    stay unscheduled (LLVM builds them as they are). Returns name -> provenance."""
+    facts = arch_facts("cpu")
+    provenance: dict[str, str] = {}
+    for use in step.kernels:
+        try:
+            rule = rule_for(use, facts)
+        except ScheduleError:
+            provenance[use.name] = UNSCHEDULED
+            continue
+        gvar = step.mod.get_global_var(use.name)
+        step.mod.update_func(gvar, schedule_kernel(step.mod[gvar], use, facts))
+        provenance[use.name] = f"{HAND}:{rule.name}"
+    return provenance
+
+
 # ---------------------------------------------------------------------------------------
 # Build and export
 # ---------------------------------------------------------------------------------------
@@ -242,7 +260,7 @@ def build_step(step: DecodeStep, arch: str, *,
     """Schedule (CUDA) and build a decode step; returns the executable and the provenance."""
     target = targets.target_for(arch)
     if arch == "cpu":
-        provenance = {use.name: UNSCHEDULED for use in step.kernels}
+        provenance = schedule_cpu_step(step)
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), provenance
     provenance = schedule_step(step, arch, logs=logs)
     with targets.aot_fatbin(arch):

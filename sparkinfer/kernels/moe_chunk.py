@@ -16,8 +16,9 @@ After `router.router_topk_rows` has chosen ids[T, KU] and weights[T, KU] for eve
 
 `grouped_gemm` dequantizes each expert's rows once per chunk, `TILE_N` rows at a time into a
 float32 tile [K, TILE_N] (`gemm.dequant_tile_value`, the GEMV's decoders), and multiplies the
-tile by every row that chose the expert: weights are read once per chunk, not once per token.
-The loop over an expert's rows has a trip count read from `offsets` on the device.
+tile by every row that chose the expert (ROW_BLOCK rows at a time): weights are read once per
+chunk, not once per token. The loop over an expert's rows has a trip count read from
+`offsets` on the device; an expert no row chose skips its dequantization too.
 """
 
 import numpy as np
@@ -32,6 +33,10 @@ from sparkinfer.reference.qwen3moe import silu
 Expr = tirx.Expr
 # Rows of an expert's weight dequantized together: one AVX-512 float32 vector on the CPU.
 TILE_N = 16
+# Sorted rows multiplied by a tile at once: ROW_BLOCK independent accumulator rows, each x
+# value broadcast against one tile row (register blocking; a lone accumulator would chain
+# every multiply-add on the previous one).
+ROW_BLOCK = 4
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
@@ -89,7 +94,7 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
     fmt = gemv_format(ggml_type)
     if n % TILE_N:
         raise ValueError(f"grouped_gemm needs n a multiple of {TILE_N}, got {n}")
-    E, R, N, K, XR, TN = n_experts, rows, n, k, x_rows, TILE_N
+    E, R, N, K, XR, TN, RB = n_experts, rows, n, k, x_rows, TILE_N, ROW_BLOCK
     RW = fmt.row_words(k)
     C, P = k // fmt.chunk, fmt.parts
     has_scale, has_min = fmt.scale is not None, fmt.min is not None
@@ -108,6 +113,11 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
                                   (lambda c, p: sc[i, c, p]) if has_scale else None,
                                   (lambda c, p: mn[i, c, p]) if has_min else None)
 
+    def sorted_row(offsets: tirx.Buffer, e: Expr, block: Expr, i: Expr) -> Expr:
+        """Row i of group `block` of expert e's rows, clamped to its last row (a group's tail
+        past the expert's rows computes a copy of that row and does not store it)."""
+        return offsets[e] + tirx.min(block * RB + i, offsets[e + 1] - offsets[e] - 1)
+
     def x_row(row_token: tirx.Buffer, r: Expr) -> Expr:
         return tirx.max(tirx.min(row_token[r], XR - 1), 0) if gather else r
 
@@ -117,22 +127,40 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
              y: T.Buffer((R, N), "float32")):
         T.func_attr({"tirx.noalias": True})
         for e, tile in T.grid(E, N // TN):
-            sc = T.alloc_buffer((TN, C, P), "float32")
-            mn = T.alloc_buffer((TN, C, P), "float32")
-            wt = T.alloc_buffer((K, TN), "float32")
-            acc = T.alloc_buffer((TN,), "float32")
-            for i, c, p in T.grid(TN, C, P):
-                sc[i, c, p] = scale_of(w, e, tile * TN + i, c, p)
-                mn[i, c, p] = min_of(w, e, tile * TN + i, c, p)
-            for kk, i in T.grid(K, TN):
-                wt[kk, i] = weight(w, sc, mn, e, tile * TN + i, i, kk)
-            for r in range(offsets[e], offsets[e + 1]):
-                for i in range(TN):
-                    acc[i] = T.float32(0)
-                for kk, i in T.grid(K, TN):
-                    acc[i] = acc[i] + x[x_row(row_token, r), kk] * wt[kk, i]
-                for i in range(TN):
-                    y[r, tile * TN + i] = acc[i]
+            with T.sblock("tile"):
+                ve, vt = T.axis.remap("SS", [e, tile])
+                sc = T.sblock_alloc_buffer((TN, C, P), "float32")
+                mn = T.sblock_alloc_buffer((TN, C, P), "float32")
+                wt = T.sblock_alloc_buffer((K, TN), "float32")
+                acc = T.sblock_alloc_buffer((RB, TN), "float32", scope="local")
+                # An expert no token chose costs nothing, not even its dequantization.
+                for i, c, p in T.grid(TN, T.if_then_else(offsets[ve] < offsets[ve + 1], C, 0), P):
+                    with T.sblock("scale"):
+                        vi, vc, vp = T.axis.remap("SSS", [i, c, p])
+                        sc[vi, vc, vp] = scale_of(w, ve, vt * TN + vi, vc, vp)
+                        mn[vi, vc, vp] = min_of(w, ve, vt * TN + vi, vc, vp)
+                for kk, i in T.grid(T.if_then_else(offsets[ve] < offsets[ve + 1], K, 0), TN):
+                    with T.sblock("dequant"):
+                        vk, vi = T.axis.remap("SS", [kk, i])
+                        wt[vk, vi] = weight(w, sc, mn, ve, vt * TN + vi, vi, vk)
+                for rb in range((offsets[ve + 1] - offsets[ve] + RB - 1) // RB):
+                    for ri, i in T.grid(RB, TN):
+                        with T.sblock("init"):
+                            vb = T.axis.opaque(R, rb)
+                            vri, vi = T.axis.remap("SS", [ri, i])
+                            acc[vri, vi] = T.float32(0)
+                    for kk, ri, i in T.grid(K, RB, TN):
+                        with T.sblock("fma"):
+                            vb = T.axis.opaque(R, rb)
+                            vk, vri, vi = T.axis.remap("RSS", [kk, ri, i])
+                            acc[vri, vi] = acc[vri, vi] + x[x_row(row_token, sorted_row(offsets, ve, vb, vri)), vk] * wt[
+                                vk, vi]
+                    for ri, i in T.grid(RB, TN):
+                        with T.sblock("store"):
+                            vb = T.axis.opaque(R, rb)
+                            vri, vi = T.axis.remap("SS", [ri, i])
+                            if vb * RB + vri < offsets[ve + 1] - offsets[ve]:
+                                y[sorted_row(offsets, ve, vb, vri), vt * TN + vi] = acc[vri, vi]
 
     return func.with_attr("global_symbol", grouped_gemm_symbol(ggml_type, E, R, N, K, gather))
 

@@ -9,7 +9,9 @@ are padding: nothing of theirs enters the cache, and their attention output is 0
 norm, NEOX RoPE with float32 angles, fp16 K/V) for each row t at position pos + t.
 `causal_prefill_attention` runs after the append, so the chunk's own K/V are already in the
 cache: query t (position p = pos + t) attends to the cached positions 0 .. p, read through the
-page table, with an online softmax (running max, sum and output; one pass over K and V).
+page table, with an online softmax (running max, sum and output; one pass over K and V): a key
+that raises the max rescales the state by exp(old max - score) and weighs 1, any other weighs
+exp(score - max), so a key costs one exp.
 Query head h reads KV head h // (NH / NKV), scale 1 / sqrt(D), float32 math on the fp16 cache,
 as `attention.paged_decode_attention` does for one token.
 """
@@ -97,6 +99,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G = NH // NKV
+    LANES = math.gcd(D, 16)  # q . k in LANES partial sums (one float32 SIMD vector), then added
     scale = T.float32(1.0 / math.sqrt(D))
 
     def cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: Expr) -> Expr:
@@ -113,26 +116,57 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
         for t, h in T.grid(NT, NH):
-            acc = T.alloc_buffer((D,), "float32")
-            state = T.alloc_buffer((3,), "float32")  # running max, running sum, this key's score
-            for d in range(D):
-                acc[d] = T.float32(0)
-            state[0] = T.min_value("float32")
-            state[1] = T.float32(0)
-            for j in range(T.if_then_else(t < n_valid[0], pos[0] + t + 1, 0)):
-                state[2] = T.float32(0)
+            with T.sblock("query"):
+                vt, vh = T.axis.remap("SS", [t, h])
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                part = T.sblock_alloc_buffer((LANES,), "float32")
+                # running max, running sum, this key's score, its weight exp(score - max)
+                st = T.sblock_alloc_buffer((4,), "float32")
                 for d in range(D):
-                    state[2] = state[2] + q_rot[t, h, d] * cached(k_cache, page_table, j, h // G, d)
-                state[2] = state[2] * scale
-                # new max m' = max(m, s): rescale the running state by exp(m - m'), add exp(s - m')
+                    with T.sblock("acc_init"):
+                        vd = T.axis.spatial(D, d)
+                        acc[vd] = T.float32(0)
+                st[0] = T.min_value("float32")
+                st[1] = T.float32(0)
+                for j in range(T.if_then_else(vt < n_valid[0], pos[0] + vt + 1, 0)):
+                    for lane in range(LANES):
+                        with T.sblock("dot_init"):
+                            vj = T.axis.opaque(MP * P, j)
+                            vl = T.axis.spatial(LANES, lane)
+                            part[vl] = T.float32(0)
+                    for dd, lane in T.grid(D // LANES, LANES):
+                        with T.sblock("dot"):
+                            vj = T.axis.opaque(MP * P, j)
+                            vdd, vl = T.axis.remap("RS", [dd, lane])
+                            part[vl] = part[vl] + q_rot[vt, vh, vdd * LANES + vl] * cached(
+                                k_cache, page_table, vj, vh // G, vdd * LANES + vl)
+                    st[2] = T.float32(0)
+                    for lane in range(LANES):
+                        st[2] = st[2] + part[lane]
+                    st[2] = st[2] * scale
+                    if st[2] > st[0]:
+                        # a new max: rescale the running state by exp(old - new); this key weighs 1
+                        st[3] = T.exp(st[0] - st[2])
+                        for d in range(D):
+                            with T.sblock("rescale"):
+                                vj = T.axis.opaque(MP * P, j)
+                                vd = T.axis.spatial(D, d)
+                                acc[vd] = acc[vd] * st[3]
+                        st[1] = st[1] * st[3]
+                        st[0] = st[2]
+                        st[3] = T.float32(1)
+                    else:
+                        st[3] = T.exp(st[2] - st[0])
+                    st[1] = st[1] + st[3]
+                    for d in range(D):
+                        with T.sblock("pv"):
+                            vj = T.axis.opaque(MP * P, j)
+                            vd = T.axis.spatial(D, d)
+                            acc[vd] = acc[vd] + st[3] * cached(v_cache, page_table, vj, vh // G, vd)
                 for d in range(D):
-                    acc[d] = acc[d] * T.exp(state[0] - T.max(state[0], state[2])) + T.exp(
-                        state[2] - T.max(state[0], state[2])) * cached(v_cache, page_table, j, h // G, d)
-                state[1] = state[1] * T.exp(state[0] - T.max(state[0], state[2])) + T.exp(
-                    state[2] - T.max(state[0], state[2]))
-                state[0] = T.max(state[0], state[2])
-            for d in range(D):
-                out[t, h * D + d] = T.if_then_else(t < n_valid[0], acc[d] / state[1], T.float32(0))
+                    with T.sblock("store"):
+                        vd = T.axis.spatial(D, d)
+                        out[vt, vh * D + vd] = T.if_then_else(vt < n_valid[0], acc[vd] / st[1], T.float32(0))
 
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 

@@ -5,11 +5,15 @@ one fails to compile with an error naming it.
 """
 
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.prefill_cpu import CausalPrefillAttentionCpuRule, GemmCpuRule, GroupedGemmCpuRule
 from sparkinfer.schedule.space import register
 
 for _rule in (
     GemvCudaRule(),
     GemvExpertsCudaRule(),
     GemvQkvCudaRule(),
+    GemmCpuRule(),
+    GroupedGemmCpuRule(),
+    CausalPrefillAttentionCpuRule(),
 ):
     register(_rule)

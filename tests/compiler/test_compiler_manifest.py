@@ -50,8 +50,12 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
     weights = [i for i in inputs if i["role"] == "weight"]
     assert [w["tensor"] for w in weights] == [s.name for s in tensor_specs(TINY)]
     assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)
-    # CPU kernels are built as they are; every kernel says where it came from.
-    assert {k["schedule"] for k in raw["kernels"]} == {"unscheduled"}
+    # The T-token step's GEMMs and attention have CPU rules, the other CPU kernels are built
+    # as they are; every kernel says where it came from.
+    assert raw["prefill_chunks"] == list(compiled.manifest.prefill_chunks) == [128]
+    ruled = {"gemm", "grouped_gemm", "causal_prefill_attention"}
+    assert {k["factory"] for k in raw["kernels"] if k["schedule"].startswith("hand:")} == ruled
+    assert all(k["schedule"] == "unscheduled" for k in raw["kernels"] if k["factory"] not in ruled)
     assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
 
 
