@@ -55,24 +55,27 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
              offsets: T.Buffer((E + 1,), "int32"), row_token: T.Buffer((NT * KU,), "int32"),
              row_of: T.Buffer((NT, KU), "int32")):
         T.func_attr({"tirx.noalias": True})
-        fill = T.sblock_alloc_buffer((E,), "int32")
-        for e in range(E):
-            fill[e] = 0
-        for r in range(NT * KU):
-            row_token[r] = 0
-        for t, j in T.grid(NT, KU):
-            row_of[t, j] = 0
-            if t < n_valid[0]:
-                fill[expert(ids, t, j)] = fill[expert(ids, t, j)] + 1
-        offsets[0] = 0
-        for e in range(E):
-            offsets[e + 1] = offsets[e] + fill[e]
-            fill[e] = offsets[e]
-        for t, j in T.grid(NT, KU):
-            if t < n_valid[0]:
-                row_token[fill[expert(ids, t, j)]] = t
-                row_of[t, j] = fill[expert(ids, t, j)]
-                fill[expert(ids, t, j)] = fill[expert(ids, t, j)] + 1
+        # One block, serial: T * KU pairs are a few thousand steps at most, less than a launch.
+        for _ in range(1):
+            with T.sblock("sort"):
+                fill = T.sblock_alloc_buffer((E,), "int32", scope="local")
+                for e in range(E):
+                    fill[e] = 0
+                for r in range(NT * KU):
+                    row_token[r] = 0
+                for t, j in T.grid(NT, KU):
+                    row_of[t, j] = 0
+                    if t < n_valid[0]:
+                        fill[expert(ids, t, j)] = fill[expert(ids, t, j)] + 1
+                offsets[0] = 0
+                for e in range(E):
+                    offsets[e + 1] = offsets[e] + fill[e]
+                    fill[e] = offsets[e]
+                for t, j in T.grid(NT, KU):
+                    if t < n_valid[0]:
+                        row_token[fill[expert(ids, t, j)]] = t
+                        row_of[t, j] = fill[expert(ids, t, j)]
+                        fill[expert(ids, t, j)] = fill[expert(ids, t, j)] + 1
 
     return func.with_attr("global_symbol", f"moe_sort_{NT}x{E}_top{KU}")
 

@@ -118,10 +118,10 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         for t, h in T.grid(NT, NH):
             with T.sblock("query"):
                 vt, vh = T.axis.remap("SS", [t, h])
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((LANES,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                part = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
                 # running max, running sum, this key's score, its weight exp(score - max)
-                st = T.sblock_alloc_buffer((4,), "float32")
+                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
                 for d in range(D):
                     with T.sblock("acc_init"):
                         vd = T.axis.spatial(D, d)

@@ -5,6 +5,7 @@ one fails to compile with an error naming it.
 """
 
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.prefill_cuda import CUDA_RULES as PREFILL_CUDA_RULES
 from sparkinfer.schedule.prefill_cpu import CausalPrefillAttentionCpuRule, GemmCpuRule, GroupedGemmCpuRule
 from sparkinfer.schedule.space import register
 
@@ -15,5 +16,6 @@ for _rule in (
     GemmCpuRule(),
     GroupedGemmCpuRule(),
     CausalPrefillAttentionCpuRule(),
+    *PREFILL_CUDA_RULES,
 ):
     register(_rule)
