@@ -11,7 +11,8 @@ norm, NEOX RoPE with float32 angles, fp16 K/V) for each row t at position pos + 
 cache: query t (position p = pos + t) attends to the cached positions 0 .. p, read through the
 page table, with an online softmax (running max, sum and output; one pass over K and V): a key
 that raises the max rescales the state by exp(old max - score) and weighs 1, any other weighs
-exp(score - max), so a key costs one exp.
+exp(score - max), so a key costs one exp. The G query heads of a KV head go together, so each
+K and V row is read (and widened from fp16) once for the group.
 Query head h reads KV head h // (NH / NKV), scale 1 / sqrt(D), float32 math on the fp16 cache,
 as `attention.paged_decode_attention` does for one token.
 """
@@ -99,7 +100,9 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G = NH // NKV
-    LANES = math.gcd(D, 16)  # q . k in LANES partial sums (one float32 SIMD vector), then added
+    LANES = 16  # q . k in 16 partial sums (one AVX-512 float32 vector), then folded
+    if D % LANES:
+        raise ValueError(f"causal_prefill_attention needs head_dim a multiple of {LANES}, got {D}")
     scale = T.float32(1.0 / math.sqrt(D))
 
     def cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: Expr) -> Expr:
@@ -115,58 +118,70 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         n_pages = T.int64()
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
-        for t, h in T.grid(NT, NH):
+        for t, kv in T.grid(NT, NKV):
             with T.sblock("query"):
-                vt, vh = T.axis.remap("SS", [t, h])
-                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                part = T.sblock_alloc_buffer((LANES,), "float32", scope="local")
-                # running max, running sum, this key's score, its weight exp(score - max)
-                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                for d in range(D):
+                vt, vkv = T.axis.remap("SS", [t, kv])
+                acc = T.sblock_alloc_buffer((G, D), "float32", scope="local")
+                part = T.sblock_alloc_buffer((G, LANES), "float32", scope="local")
+                # per head: running max, running sum, this key's score, its weight exp(score - max)
+                st = T.sblock_alloc_buffer((G, 4), "float32", scope="local")
+                for g, d in T.grid(G, D):
                     with T.sblock("acc_init"):
-                        vd = T.axis.spatial(D, d)
-                        acc[vd] = T.float32(0)
-                st[0] = T.min_value("float32")
-                st[1] = T.float32(0)
+                        vg, vd = T.axis.remap("SS", [g, d])
+                        acc[vg, vd] = T.float32(0)
+                for g in range(G):
+                    st[g, 0] = T.min_value("float32")
+                    st[g, 1] = T.float32(0)
                 for j in range(T.if_then_else(vt < n_valid[0], pos[0] + vt + 1, 0)):
-                    for lane in range(LANES):
+                    for g, lane in T.grid(G, LANES):
                         with T.sblock("dot_init"):
                             vj = T.axis.opaque(MP * P, j)
-                            vl = T.axis.spatial(LANES, lane)
-                            part[vl] = T.float32(0)
-                    for dd, lane in T.grid(D // LANES, LANES):
+                            vg, vl = T.axis.remap("SS", [g, lane])
+                            part[vg, vl] = T.float32(0)
+                    for dd, g, lane in T.grid(D // LANES, G, LANES):
                         with T.sblock("dot"):
                             vj = T.axis.opaque(MP * P, j)
-                            vdd, vl = T.axis.remap("RS", [dd, lane])
-                            part[vl] = part[vl] + q_rot[vt, vh, vdd * LANES + vl] * cached(
-                                k_cache, page_table, vj, vh // G, vdd * LANES + vl)
-                    st[2] = T.float32(0)
-                    for lane in range(LANES):
-                        st[2] = st[2] + part[lane]
-                    st[2] = st[2] * scale
-                    if st[2] > st[0]:
-                        # a new max: rescale the running state by exp(old - new); this key weighs 1
-                        st[3] = T.exp(st[0] - st[2])
-                        for d in range(D):
-                            with T.sblock("rescale"):
-                                vj = T.axis.opaque(MP * P, j)
-                                vd = T.axis.spatial(D, d)
-                                acc[vd] = acc[vd] * st[3]
-                        st[1] = st[1] * st[3]
-                        st[0] = st[2]
-                        st[3] = T.float32(1)
-                    else:
-                        st[3] = T.exp(st[2] - st[0])
-                    st[1] = st[1] + st[3]
-                    for d in range(D):
+                            vdd, vg, vl = T.axis.remap("RSS", [dd, g, lane])
+                            part[vg, vl] = part[vg, vl] + q_rot[vt, vkv * G + vg, vdd * LANES + vl] * cached(
+                                k_cache, page_table, vj, vkv, vdd * LANES + vl)
+                    # the LANES partial sums folded in halves (a short dependency chain)
+                    for g, lane in T.grid(G, 8):
+                        with T.sblock("fold8"):
+                            vj = T.axis.opaque(MP * P, j)
+                            vg, vl = T.axis.remap("SS", [g, lane])
+                            part[vg, vl] = part[vg, vl] + part[vg, vl + 8]
+                    for g, lane in T.grid(G, 4):
+                        with T.sblock("fold4"):
+                            vj = T.axis.opaque(MP * P, j)
+                            vg, vl = T.axis.remap("SS", [g, lane])
+                            part[vg, vl] = part[vg, vl] + part[vg, vl + 4]
+                    for g in range(G):
+                        st[g, 2] = (part[g, 0] + part[g, 2] + (part[g, 1] + part[g, 3])) * scale
+                        if st[g, 2] > st[g, 0]:
+                            # a new max: rescale the running state by exp(old - new); the key weighs 1
+                            st[g, 3] = T.exp(st[g, 0] - st[g, 2])
+                            for d in range(D):
+                                with T.sblock("rescale"):
+                                    vj = T.axis.opaque(MP * P, j)
+                                    vg = T.axis.opaque(G, g)
+                                    vd = T.axis.spatial(D, d)
+                                    acc[vg, vd] = acc[vg, vd] * st[vg, 3]
+                            st[g, 1] = st[g, 1] * st[g, 3]
+                            st[g, 0] = st[g, 2]
+                            st[g, 3] = T.float32(1)
+                        else:
+                            st[g, 3] = T.exp(st[g, 2] - st[g, 0])
+                        st[g, 1] = st[g, 1] + st[g, 3]
+                    for g, d in T.grid(G, D):
                         with T.sblock("pv"):
                             vj = T.axis.opaque(MP * P, j)
-                            vd = T.axis.spatial(D, d)
-                            acc[vd] = acc[vd] + st[3] * cached(v_cache, page_table, vj, vh // G, vd)
-                for d in range(D):
+                            vg, vd = T.axis.remap("SS", [g, d])
+                            acc[vg, vd] = acc[vg, vd] + st[vg, 3] * cached(v_cache, page_table, vj, vkv, vd)
+                for g, d in T.grid(G, D):
                     with T.sblock("store"):
-                        vd = T.axis.spatial(D, d)
-                        out[vt, vh * D + vd] = T.if_then_else(vt < n_valid[0], acc[vd] / st[1], T.float32(0))
+                        vg, vd = T.axis.remap("SS", [g, d])
+                        out[vt, (vkv * G + vg) * D + vd] = T.if_then_else(
+                            vt < n_valid[0], acc[vg, vd] / st[vg, 1], T.float32(0))
 
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 

@@ -8,8 +8,8 @@ GEMM and the causal prefill attention. The decode step's kernels stay unschedule
                         parallel over the cores.
   moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the multiply-add over the
                         tile's TILE_N lanes vectorised.
-  prefill_attention.causal_prefill_attention: (token, head) pairs in parallel; the p . V
-                        update over the head dims vectorised.
+  prefill_attention.causal_prefill_attention: (token, KV head) pairs in parallel; the q . k
+                        lanes, their folds and the p . V update over the head dims vectorised.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class CausalPrefillAttentionCpuRule(_CpuRule):
         return NoKnobs()
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        t, h = sch.get_loops(sch.get_sblock("query"))
-        for name in ("acc_init", "dot_init", "dot", "rescale", "pv", "store"):
+        t, kv = sch.get_loops(sch.get_sblock("query"))
+        for name in ("acc_init", "dot_init", "dot", "fold8", "fold4", "rescale", "pv", "store"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
-        sch.parallel(sch.fuse(t, h))
+        sch.parallel(sch.fuse(t, kv))
