@@ -3,8 +3,9 @@ against the numpy reference's prefill and against the decode step in a token loo
 lengths 1, T-1, T, T+1 and 3T+5, after a cached prefix, and through `generate` with prefix
 reuse. The model is conftest's real tiny one (decisive top-1 tokens and experts).
 
-Measured here: logits against the f16-cache reference within 2e-4 of the largest |logit|,
-KL(token loop || chunks) <= 1e-6 and top-1 agreement 1.0 at every length."""
+Measured here (max over rows, at lengths 1 / 7 / 8 / 9 / 29): logits against the f16-cache
+reference within 4e-6 - 5.2e-5 of the largest |logit|; KL(token loop || chunks) 3.6e-9 - 6.8e-8,
+KL(reference || chunks) 1.1e-10 - 8.6e-9; top-1 agreement 1.0 with both at every length."""
 
 from __future__ import annotations
 
