@@ -61,13 +61,11 @@ def gemm(ggml_type: int, t: int, n: int, k: int) -> tirx.PrimFunc:
     def row(r: Expr) -> Row:
         return lambda i: w[r, i]
 
-    scale = minv = None
-    if fmt.scale is not None:
-        scale_t = te.compute((n, n_chunks, fmt.parts), lambda r, c, p: fmt.scale(row(r), c, p), name="scale")
-        scale = scale_t
-    if fmt.min is not None:
-        min_t = te.compute((n, n_chunks, fmt.parts), lambda r, c, p: fmt.min(row(r), c, p), name="minv")
-        minv = min_t
+    sub_blocks = (n, n_chunks, fmt.parts)
+    scale = None if fmt.scale is None else te.compute(
+        sub_blocks, lambda r, c, p: fmt.scale(row(r), c, p), name="scale")
+    minv = None if fmt.min is None else te.compute(
+        sub_blocks, lambda r, c, p: fmt.min(row(r), c, p), name="minv")
 
     def weight(kk: Expr, r: Expr) -> Expr:
         return dequant_tile_value(
