@@ -15,13 +15,18 @@ directory above the key. Sources: a digest of the code that produced the module 
 schedules, model, compiler, quant layouts, per-arch schedule choices and tuning logs);
 `find_compiled` treats a module built from other sources as stale.
 
-Manifest fields (format 1; binding needs only arch, inputs, page_size, max_pages and
-library, and a manifest without "format" is read as format 1):
+Manifest fields (format 2; binding needs only arch, inputs, page_size, max_pages and
+library, and a manifest without "format" is read as format 2; format 1, before the T-token
+step, is rebuilt):
   format, key, arch, target (TVM target as a dict), tvm_version, library (file name beside
   the manifest; ".tar" of objects for sm_121, whose host code is aarch64: TVM links it on
   load), library_sha256, entry ("decode"), hparams_hash, type_map_hash (also under model),
   model {arch, hparams (every ModelConfig field), hparams_hash, type_map_hash},
   page_size, max_pages, n_splits, kv_dtype, sources_hash,
+  prefill_chunks: [T, ...] the T-token steps beside `decode` (ascending; [] for none): Relax
+           functions `prefill_T` and `score_T` taking `chunk_inputs(T)` (tokens int32[T],
+           n_valid int32[1]) and then `inputs`, returning (logits f32[V], next int32[1]) and
+           (logits f32[T, V], pos int32[1]),
   inputs: [{name, role: state|kv|weight, dtype, shape ("n_pages" for the KV pages),
             tensor and ggml_type for weights}] in call order,
   outputs: [{name, dtype, shape}] (logits, next),
@@ -57,7 +62,7 @@ from sparkinfer.model.spec import (
     ggml_type,
 )
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
 ROLES = (ROLE_STATE, ROLE_KV, ROLE_WEIGHT)
 DEFAULT_ROOT = Path("compiled")
@@ -132,6 +137,7 @@ class Manifest:
     max_pages: int
     library: Path  # the library file, beside manifest.json
     n_splits: int | None = None
+    prefill_chunks: tuple[int, ...] = ()
     entry: str = ENTRY
     tvm_version: str | None = None
     model: dict[str, Any] = field(default_factory=dict)  # model_record(); at least the hashes
@@ -195,6 +201,7 @@ class Manifest:
             "page_size": self.page_size,
             "max_pages": self.max_pages,
             "n_splits": self.n_splits,
+            "prefill_chunks": list(self.prefill_chunks),
             "kv_dtype": self.kv_dtype,
             "sources_hash": self.sources_hash,
             "inputs": [i.to_json() for i in self.inputs],
@@ -217,6 +224,7 @@ class Manifest:
             max_pages=int(obj["max_pages"]),
             library=Path(directory) / obj["library"],
             n_splits=int(obj["n_splits"]) if obj.get("n_splits") is not None else None,
+            prefill_chunks=tuple(sorted(int(t) for t in obj.get("prefill_chunks", []))),
             entry=str(obj.get("entry", ENTRY)),
             tvm_version=obj.get("tvm_version"),
             model=model,
@@ -327,11 +335,12 @@ def find_compiled(
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
+    prefill_chunks: tuple[int, ...] | None = None,
     check_sources: bool = True,
     schedules: Path | None = None,
 ) -> Manifest | None:
     """The compiled module for this model and arch under `root`, or None if there is none
-    or it is stale (other TVM, other sources, or asked for other n_splits)."""
+    or it is stale (other TVM, other sources, or asked for other n_splits or prefill chunks)."""
     directory = compiled_dir(config, type_map, arch, root, page_size)
     if not (directory / MANIFEST_NAME).is_file():
         return None
@@ -343,5 +352,7 @@ def find_compiled(
                     schedules=schedules) is not None:
         return None
     if n_splits is not None and manifest.n_splits != n_splits:
+        return None
+    if prefill_chunks is not None and manifest.prefill_chunks != tuple(sorted(prefill_chunks)):
         return None
     return manifest

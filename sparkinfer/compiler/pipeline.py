@@ -6,7 +6,7 @@
      (sparkinfer/schedule/registry.py; a kernel without one is an error naming it), applied
      with the knobs of the schedules file (sparkinfer/schedule/schedules.py: the package's
      schedules/<arch>.json, or `--schedules PATH`), else the rule's arch-table default;
-     for `cpu` the kernels stay unscheduled (LLVM builds them as they are);
+     for `cpu` as for CUDA (sparkinfer/schedule/cpu.py, prefill_cpu.py);
   3. the Relax side is lowered by `RELAX_PASSES` (no operator fusion, no dlight pass and
      no RewriteCUDAGraph: the kernels are already final and the runtime captures the whole
      step itself), and `tvm.compile` builds it, for CUDA inside `targets.aot_fatbin`, so the
@@ -75,6 +75,16 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
 # which a GPU spreads over its SMs and a CPU computes one by one: at depth 128 of the default
 # model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md, bench/cpu_kernels.py).
 CPU_SPLITS = 1
+
+# The T-token steps built beside the decode step when the caller names none: the chunk sizes
+# a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
+# its build small (128 amortises each weight's dequantization over 128 tokens). None on the
+# CUDA archs yet: the chunk kernels have CPU schedules only, so a GPU prefills token by token.
+DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
+
+
+def default_prefill_chunks(arch: str) -> tuple[int, ...]:
+    return DEFAULT_PREFILL_CHUNKS.get(arch, ())
 
 
 def relax_pipeline() -> tvm.transform.Pass:
@@ -177,27 +187,31 @@ def compile_model(
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
+    prefill_chunks: tuple[int, ...] | None = None,
     force: bool = False,
     schedules: str | Path | None = None,
 ) -> CompileResult:
     """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`,
     with the knobs of `schedules` (a schedules file; None: the package's for `arch`, if any).
 
-    A module already there for the same model, TVM, sources and schedules is reused unless `force`.
+    with a T-token step for each T of `prefill_chunks` (None: `default_prefill_chunks(arch)`).
+
+    A module already there for the same model, TVM, sources, schedules and chunks is reused unless `force`.
     """
     from sparkinfer.compiler.manifest import find_compiled
 
     targets.target_for(arch)  # rejects an unknown arch before any work
     if n_splits is None and arch == "cpu":
         n_splits = CPU_SPLITS
+    chunks = default_prefill_chunks(arch) if prefill_chunks is None else tuple(sorted(set(prefill_chunks)))
     chosen, schedules_path = schedules_for(arch, schedules)
     if not force:
         found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits,
-                              schedules=schedules_path)
+                              prefill_chunks=chunks, schedules=schedules_path)
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
-    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits)
+    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks)
     ex, provenance = build_step(step, arch, chosen)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)
@@ -227,6 +241,7 @@ def compile_model(
         page_size=step.page_size,
         max_pages=step.max_pages,
         n_splits=step.n_splits,
+        prefill_chunks=step.prefill_chunks,
         sources_hash=sources_hash(arch, schedules_path),
         schedules=None if schedules_path is None else str(schedules_path),
         inputs=step.inputs,

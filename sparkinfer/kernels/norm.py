@@ -48,6 +48,36 @@ def add_rms_norm(h: int, eps: float) -> tirx.PrimFunc:
     return te.create_prim_func([x, r, w, total, y]).with_attr("global_symbol", f"add_rms_norm_{h}")
 
 
+def _normalize_rows(t: int, h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """`_normalize` for each row of src f32[t, h]."""
+    k = te.reduce_axis((0, h), name="k")
+    sumsq = te.compute((t,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="sumsq")
+
+    def y(r: tirx.Var, i: tirx.Var) -> tirx.Expr:
+        inv_rms = tirx.const(1.0, _F32) / tirx.sqrt(sumsq[r] / tirx.const(h, _F32) + tirx.const(eps, _F32))
+        return src[r, i] * inv_rms * w[i]
+
+    return te.compute((t, h), y, name="norm")
+
+
+def rms_norm_rows(t: int, h: int, eps: float) -> tirx.PrimFunc:
+    """`rms_norm` of each of T rows; params (x f32[t, h], w f32[h], y f32[t, h])."""
+    x = te.placeholder((t, h), _F32, name="x")
+    w = te.placeholder((h,), _F32, name="w")
+    y = _normalize_rows(t, h, eps, x, w)
+    return te.create_prim_func([x, w, y]).with_attr("global_symbol", f"rms_norm_rows_{t}x{h}")
+
+
+def add_rms_norm_rows(t: int, h: int, eps: float) -> tirx.PrimFunc:
+    """`add_rms_norm` of each of T rows; params (x, r f32[t, h], w f32[h], sum, y f32[t, h])."""
+    x = te.placeholder((t, h), _F32, name="x")
+    r = te.placeholder((t, h), _F32, name="r")
+    w = te.placeholder((h,), _F32, name="w")
+    total = te.compute((t, h), lambda i, j: x[i, j] + r[i, j], name="residual")
+    y = _normalize_rows(t, h, eps, total, w)
+    return te.create_prim_func([x, r, w, total, y]).with_attr("global_symbol", f"add_rms_norm_rows_{t}x{h}")
+
+
 def rms_norm_reference(
     x: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float
 ) -> np.ndarray:

@@ -32,32 +32,54 @@ def router_topk(n_experts: int, n_used: int) -> tirx.PrimFunc:
     if not 0 < n_used <= n_experts:
         raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
     logits = te.placeholder((n_experts,), "float32", name="logits")
+    ids, weights = _topk(logits, (), n_experts, n_used)
+    return te.create_prim_func([logits, ids, weights]).with_attr(
+        "global_symbol", router_topk_symbol(n_experts, n_used)
+    )
 
+
+def router_topk_rows(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
+    """`router_topk` for each of a chunk's T tokens: params (logits f32[T, E],
+    ids int32[T, KU], weights f32[T, KU])."""
+    if not 0 < n_used <= n_experts:
+        raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
+    logits = te.placeholder((n_tokens, n_experts), "float32", name="logits")
+    ids, weights = _topk(logits, (n_tokens,), n_experts, n_used)
+    return te.create_prim_func([logits, ids, weights]).with_attr(
+        "global_symbol", f"router_topk_rows_{n_tokens}x{n_experts}_top{n_used}"
+    )
+
+
+def _topk(logits: te.Tensor, lead: tuple[int, ...], n_experts: int, n_used: int) -> tuple[te.Tensor, te.Tensor]:
+    """The rank selection and weights of the module docstring, per leading index (`lead`:
+    () for one token, (T,) for a chunk)."""
     j = te.reduce_axis((0, n_experts), name="j")
 
-    def beats(j: tirx.Expr, e: tirx.Expr) -> tirx.Expr:
-        return tirx.any(logits[j] > logits[e], tirx.all(logits[j] == logits[e], j < e))
+    def beats(t: tuple[tirx.Expr, ...], j: tirx.Expr, e: tirx.Expr) -> tirx.Expr:
+        return tirx.any(logits[t + (j,)] > logits[t + (e,)],
+                        tirx.all(logits[t + (j,)] == logits[t + (e,)], j < e))
 
     rank = te.compute(
-        (n_experts,), lambda e: te.sum(tirx.Select(beats(j, e), 1, 0), axis=j), name="rank"
+        lead + (n_experts,), lambda *ax: te.sum(tirx.Select(beats(ax[:-1], j, ax[-1]), 1, 0), axis=j),
+        name="rank",
     )
     # Ranks are a permutation, so exactly one expert matches each slot; max (not sum) keeps
     # the id inside [0, E) even for NaN logits, which break the permutation.
     e = te.reduce_axis((0, n_experts), name="e")
     ids = te.compute(
-        (n_used,), lambda s: te.max(tirx.Select(rank[e] == s, e, 0), axis=e), name="ids"
+        lead + (n_used,), lambda *ax: te.max(tirx.Select(rank[ax[:-1] + (e,)] == ax[-1], e, 0), axis=e),
+        name="ids",
     )
     m = te.reduce_axis((0, n_experts), name="m")
-    lmax = te.compute((1,), lambda _: te.max(logits[m], axis=m), name="lmax")
+    lmax = te.compute(lead + (1,), lambda *ax: te.max(logits[ax[:-1] + (m,)], axis=m), name="lmax")
     # Reads ids[s] only, never another slot's id: on the GPU each slot's thread reads back
     # its own write to the output, which needs no barrier.
-    ex = te.compute((n_used,), lambda s: te.exp(logits[ids[s]] - lmax[0]), name="ex")
+    ex = te.compute(lead + (n_used,),
+                    lambda *ax: te.exp(logits[ax[:-1] + (ids[ax],)] - lmax[ax[:-1] + (0,)]), name="ex")
     t = te.reduce_axis((0, n_used), name="t")
-    total = te.compute((1,), lambda _: te.sum(ex[t], axis=t), name="total")
-    weights = te.compute((n_used,), lambda s: ex[s] / total[0], name="weights")
-    return te.create_prim_func([logits, ids, weights]).with_attr(
-        "global_symbol", router_topk_symbol(n_experts, n_used)
-    )
+    total = te.compute(lead + (1,), lambda *ax: te.sum(ex[ax[:-1] + (t,)], axis=t), name="total")
+    weights = te.compute(lead + (n_used,), lambda *ax: ex[ax] / total[ax[:-1] + (0,)], name="weights")
+    return ids, weights
 
 
 def router_topk_reference(

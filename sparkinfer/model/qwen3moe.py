@@ -154,6 +154,8 @@ class DecodeStep:
     n_splits: int
     # name -> the PrimFunc exactly as its factory made it (the form a tuning log records)
     originals: dict[str, tirx.PrimFunc] = field(default_factory=dict)
+    # T of each T-token step in the module (`prefill_T` and `score_T`), ascending
+    prefill_chunks: tuple[int, ...] = ()
 
 
 class _Kernels:
@@ -221,12 +223,18 @@ class _StepBuilder:
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.n_pages = tirx.Var(N_PAGES, "int64")
         self.inputs = decode_inputs(config, types, page_size)
         self.params: dict[str, relax.Var] = {}
-        for inp in self.inputs:
-            shape = [self.n_pages if d == N_PAGES else d for d in inp.shape]
+
+    def _fresh_params(self, extra: list[StepInput]) -> list[relax.Var]:
+        """New parameter Vars (a Var belongs to one function) for `extra` + the step inputs, in
+        call order; `self.params` maps names (GGUF tensor names for weights) to them."""
+        n_pages = tirx.Var(N_PAGES, "int64")
+        self.params = {}
+        for inp in extra + self.inputs:
+            shape = [n_pages if d == N_PAGES else d for d in inp.shape]
             self.params[inp.tensor or inp.name] = relax.Var(inp.name, _tensor(shape, inp.dtype))
+        return list(self.params.values())
 
     # helpers ---------------------------------------------------------------------------
 
@@ -285,19 +293,21 @@ class _StepBuilder:
 
     # the step --------------------------------------------------------------------------
 
-    def build(self) -> IRModule:
-        c = self.c
-        self._specs = {s.name: s for s in tensor_specs(c)}
-        p = self.params
-        state = [p["token"], p["pos"], p["page_table"], p["sample_params"], p["rng"]]
-        caches = [p[f"{kv}_cache_{i}"] for i in range(c.n_layers) for kv in ("k", "v")]
-        weights = [p[inp.tensor] for inp in self.inputs if inp.role == ROLE_WEIGHT]
-        with self.bb.function(ENTRY, state + caches + weights):
+    def build(self, chunks: tuple[int, ...]) -> IRModule:
+        self._specs = {s.name: s for s in tensor_specs(self.c)}
+        with self.bb.function(ENTRY, self._fresh_params([])):
             with self.bb.dataflow():
                 logits, nxt = self._body()
                 logits = self.bb.emit_output(logits)
                 nxt = self.bb.emit_output(nxt)
             self.bb.emit_func_output(relax.Tuple([logits, nxt]))
+        for n_tokens in chunks:
+            for all_logits in (False, True):
+                name = _spec.chunk_entry(n_tokens, all_logits)
+                with self.bb.function(name, self._fresh_params(_spec.chunk_inputs(n_tokens))):
+                    with self.bb.dataflow():
+                        outs = [self.bb.emit_output(o) for o in self._chunk_body(n_tokens, all_logits)]
+                    self.bb.emit_func_output(relax.Tuple(outs))
         return self.bb.finalize()
 
     def _body(self) -> tuple[relax.Var, relax.Var]:
@@ -376,14 +386,110 @@ class _StepBuilder:
         return self.call(gv, [p[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
 
 
+    # the T-token step ----------------------------------------------------------------------
+
+    def gemm(self, name: str, x: relax.Expr, n_tokens: int, label: str) -> relax.Var:
+        n, k = self.spec_shape(name)
+        gv = self.k("gemm", "gemm", self.t(name), n_tokens, n, k)
+        return self.call(gv, [self.params[name], x], [self.f32(n_tokens, n)], label)
+
+    def _chunk_body(self, n_tokens: int, all_logits: bool) -> list[relax.Var]:
+        """`prefill_T` (all_logits False): logits of the last valid row, sampled into `next`,
+        token := next, pos += n_valid. `score_T`: logits of every row, pos += n_valid."""
+        c, p, NT = self.c, self.params, n_tokens
+        H, V = c.hidden, c.vocab_size
+        embd = "token_embd.weight"
+        gv = self.k("embedding", "embedding_rows", self.t(embd), V, H, NT)
+        h = self.call(gv, [p[embd], p["tokens"]], [self.f32(NT, H)], "embd")
+        x = self.call(self.k("norm", "rms_norm_rows", NT, H, c.rms_eps), [h, p["blk.0.attn_norm.weight"]],
+                      [self.f32(NT, H)], "attn_in")
+        for i in range(c.n_layers):
+            h, x = self._chunk_layer(i, NT, h, x)
+        head = "output.weight" if "output.weight" in self.types else embd
+        if all_logits:
+            logits = self.gemm(head, x, NT, "logits")
+            gv = self.k("chunk", "advance_pos")
+            pos = self.call_inplace(gv, [p["n_valid"], p["pos"]], [1], [_tensor((1,), "int32")], "advance")
+            # The returned pos depends on the advance, so no pass can drop it.
+            return [logits, pos]
+        gv = self.k("chunk", "take_row", NT, H)
+        last = self.call(gv, [x, p["n_valid"]], [self.f32(H)], "last")
+        logits = self.gemv(head, last, "logits")
+        gv = self.k("sampling", "sample_token", V)
+        nxt, _rng = self.call_inplace(gv, [logits, p["sample_params"], p["rng"]], [-1, 2],
+                                      [_tensor((1,), "int32"), _tensor((2,), "uint32")], "sample")
+        gv = self.k("chunk", "advance_chunk")
+        nxt, _n, _tok, _pos = self.call_inplace(gv, [nxt, p["n_valid"], p["token"], p["pos"]], [0, 1, 2, 3],
+                                                [_tensor((1,), "int32")] * 4, "advance")
+        return [logits, nxt]
+
+    def _chunk_layer(self, i: int, NT: int, h: relax.Var, x: relax.Var) -> tuple[relax.Var, relax.Var]:
+        """`_layer` over T rows: h [T, H] the residual stream, x its attn_norm."""
+        c, p = self.c, self.params
+        w = f"blk.{i}."
+        H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
+        q, k, v = (self.gemm(w + f"attn_{kind}.weight", x, NT, f"{kind}{i}") for kind in ("q", "k", "v"))
+        kc, vc = p[f"k_cache_{i}"], p[f"v_cache_{i}"]
+        cache_t = kc.ty
+        gv = self.k("prefill_attention", "qk_norm_rope_kv_append_rows", NT, NH, NKV, D, self.P, self.MP,
+                    c.rms_eps, c.rope_theta)
+        q_rot, kc, vc = self.call_inplace(
+            gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["n_valid"],
+                 p["page_table"], kc, vc],
+            [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
+        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP)
+        att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
+                        f"att{i}")
+        ao = self.gemm(w + "attn_output.weight", att, NT, f"ao{i}")
+        gv = self.k("norm", "add_rms_norm_rows", NT, H, c.rms_eps)
+        h, f = self.call(gv, [ao, h, p[w + "ffn_norm.weight"]], [self.f32(NT, H), self.f32(NT, H)], f"ffn_in{i}")
+        if c.is_moe:
+            E, KU = c.n_experts, c.n_experts_used
+            router = self.gemm(w + "ffn_gate_inp.weight", f, NT, f"router{i}")
+            gv = self.k("router", "router_topk_rows", NT, E, KU)
+            ids, weights = self.call(gv, [router], [_tensor((NT, KU), "int32"), self.f32(NT, KU)], f"topk{i}")
+            h = self._chunk_experts(w, "_exps", E, KU, c.expert_ffn, NT, ids, weights, h, f, i)
+        else:
+            ids = relax.const(np.zeros((NT, 1), np.int32))
+            weights = relax.const(np.ones((NT, 1), np.float32))
+            h = self._chunk_experts(w, "", 1, 1, c.ffn, NT, ids, weights, h, f, i)
+        nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
+        x = self.call(self.k("norm", "rms_norm_rows", NT, H, c.rms_eps), [h, p[nxt]], [self.f32(NT, H)],
+                      f"norm{i + 1}")
+        return h, x
+
+    def _chunk_experts(self, w: str, suffix: str, E: int, KU: int, I: int, NT: int, ids: relax.Expr,
+                       weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
+        """Sort the chunk's (token, slot) pairs by expert, grouped GEMMs, weighted gather-add."""
+        p, H, R = self.params, self.c.hidden, NT * KU
+        g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
+        gv = self.k("moe_chunk", "moe_sort", NT, E, KU)
+        offsets, row_token, row_of = self.call(
+            gv, [ids, p["n_valid"]],
+            [_tensor((E + 1,), "int32"), _tensor((R,), "int32"), _tensor((NT, KU), "int32")], f"sort{i}")
+        gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
+                              [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
+                    for name, kind in ((g, "gate"), (u, "up")))
+        act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
+        down = self.call(self.k("moe_chunk", "grouped_gemm", self.t(d), E, R, H, I, R, False),
+                         [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
+        gv = self.k("moe_chunk", "moe_combine_residual", NT, KU, R, H)
+        return self.call(gv, [down, row_of, weights, h, p["n_valid"]], [self.f32(NT, H)], f"h{i}")
+
+
 def build_decode_step(
     config: ModelConfig,
     type_map: Mapping[str, Any],
     *,
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
+    prefill_chunks: Iterable[int] = (),
 ) -> DecodeStep:
-    """The Relax module of one decode step for `config` with these tensor types."""
+    """The Relax module of one decode step for `config` with these tensor types, and a
+    T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`."""
+    chunks = tuple(sorted(set(int(t) for t in prefill_chunks)))
+    if any(t < 1 for t in chunks):
+        raise ValueError(f"prefill chunk sizes must be >= 1, got {chunks}")
     types = normalize_type_map(type_map)
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
@@ -392,7 +498,7 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits)
-    mod = builder.build()
+    mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
         inputs=builder.inputs,
@@ -402,4 +508,5 @@ def build_decode_step(
         max_pages=mp,
         n_splits=n_splits,
         originals=builder.k.originals,
+        prefill_chunks=chunks,
     )

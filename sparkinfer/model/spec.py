@@ -21,6 +21,18 @@ STATE_INPUTS = ("token", "pos", "page_table", "sample_params", "rng")
 OUTPUTS = ("logits", "next")
 
 
+def chunk_entry(n_tokens: int, all_logits: bool) -> str:
+    """The Relax function of the T-token step: `prefill_T` (logits of the last valid row, and
+    the next token sampled) or `score_T` (logits of every row)."""
+    return f"{'score' if all_logits else 'prefill'}_{n_tokens}"
+
+
+def chunk_inputs(n_tokens: int) -> list[StepInput]:
+    """The parameters a T-token step takes before the decode step's: the chunk's token ids
+    (padded past n_valid) and n_valid, the rows that are prompt tokens."""
+    return [StepInput("tokens", ROLE_STATE, "int32", (n_tokens,)), StepInput("n_valid", ROLE_STATE, "int32", (1,))]
+
+
 def ggml_type(value: Any) -> GGMLQuantizationType:
     """A ggml type from its enum member, its int value or its name."""
     if isinstance(value, str):

@@ -4,8 +4,11 @@
 One compiled Relax function `decode` is the whole model step (docs/ARCHITECTURE.md): it reads
 `token` and `pos`, appends K/V, samples `next`, and itself writes `token := next`,
 `pos := pos + 1` on the device. So:
-  - prefill is the step in a loop, the driver writing each prompt token into `token` first
-    (on a GPU: a device-to-device copy from the prompt uploaded once);
+  - prefill runs the module's T-token steps (`prefill_T`, manifest `prefill_chunks`): the
+    prompt's new tokens cut into chunks, the last one partial (its valid length an input), the
+    last chunk sampling the first new token and writing `token`/`pos` as `decode` does. A module
+    without them (the CUDA archs today) prefills with the step in a loop, the driver writing
+    each prompt token into `token` first (on a GPU: a device-to-device copy), and says so;
   - decoding is the step replayed with no host -> device write at all;
   - the host only reads `next` back (a 4-byte async copy) to stream text.
 On a GPU the step is captured once as a CUDA graph (`cuda_graph.CapturedStep`) and each token
@@ -238,6 +241,13 @@ class _VMBackend:
         outs = self.fn(*self.args)
         self.outs = [outs[0], outs[1]]
 
+    def run(self, fn: Any, args: list[Any]) -> Any:
+        """Call another function of the module (a T-token step) on the step's device; its
+        outputs become what `emit` and `logits` read until the next `step`."""
+        outs = fn(*args)
+        self.outs = [outs[0], outs[1]]
+        return outs
+
     def emit(self, o: int, notify: bool = True) -> None:
         value = int(self.outs[1].numpy().reshape(-1)[0])
         if o == len(self.out_host):
@@ -306,10 +316,15 @@ class _CudaBackend(_VMBackend):
 
     def step(self) -> None:
         if self.graph is not None:
+            self.outs = self.graph.outputs
             self.graph.replay()
         else:
             self.stream.activate()
             super().step()
+
+    def run(self, fn: Any, args: list[Any]) -> Any:
+        self.stream.activate()
+        return super().run(fn, args)
 
     def emit(self, o: int, notify: bool = True) -> None:
         """Copy output `o` to pinned memory; with `notify`, record the event `wait` blocks on."""
@@ -350,6 +365,56 @@ class _CudaBackend(_VMBackend):
             self.stream.rt.event_destroy(ev)
         self.events = []
         self.timing = {}
+
+
+def plan_chunks(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """(T, valid rows) per chunk for n tokens and the step sizes `sizes` (ascending): the
+    largest T while more than it is left, then the smallest T that holds the rest."""
+    out = []
+    while n > 0:
+        fitting = [t for t in sizes if t >= n]
+        t = fitting[0] if fitting else sizes[-1]
+        out.append((t, min(t, n)))
+        n -= out[-1][1]
+    return out
+
+
+class _ChunkSteps:
+    """The module's T-token steps (`prefill_T`, `score_T` for T in the manifest's
+    `prefill_chunks`) with their device inputs: each T's token buffer, and n_valid."""
+
+    def __init__(self, vm: Any, manifest: Manifest, kv: KVCache, args: list[Any], tvm: Any, device: Any) -> None:
+        from sparkinfer.model.spec import chunk_entry
+
+        self.sizes = tuple(sorted(manifest.prefill_chunks))
+        self.kv = kv
+        self.fns = {(t, all_logits): vm[chunk_entry(t, all_logits)] for t in self.sizes for all_logits in (False, True)}
+        self.tokens = {t: tvm.runtime.empty((t,), "int32", device) for t in self.sizes}
+        self.n_valid = tvm.runtime.empty((1,), "int32", device)
+        self.args = args
+
+    def run(self, b: _VMBackend, tokens: Sequence[int], *, all_logits: bool, seed: int,
+            first_pos: int) -> np.ndarray:
+        """Run `tokens` (at positions first_pos ..) through the steps. all_logits: returns the
+        logits of every token (float32[n, V]); else the last chunk samples `next` (the
+        backend's output, read by `emit`) with draw counter first_pos + n - 1 and writes
+        token/pos, and its logits row is returned."""
+        write = self.kv.writer.write
+        rows, start = [], 0
+        plan = plan_chunks(self.sizes, len(tokens))
+        for i, (t, n) in enumerate(plan):
+            chunk = np.zeros(t, np.int32)
+            chunk[:n] = tokens[start:start + n]
+            write(self.tokens[t], chunk)
+            write(self.n_valid, np.array([n], np.int32))
+            if not all_logits and i == len(plan) - 1:
+                write(self.kv.arrays["rng"], np.array([seed & 0xFFFFFFFF, first_pos + len(tokens) - 1], np.uint32))
+            outs = b.run(self.fns[(t, all_logits)], [self.tokens[t], self.n_valid] + self.args)
+            if all_logits:
+                b.synchronize()
+                rows.append(outs[0].numpy()[:n])
+            start += n
+        return np.concatenate(rows) if all_logits else b.logits()
 
 
 # -----------------------------------------------------------------------------------------
@@ -427,6 +492,10 @@ class Engine:
         else:
             self._backend = _VMBackend(self._fn, self.args, self.kv)
         self.cuda_graph = bool(cuda_graph and self.device.is_cuda)
+        self._chunks = _ChunkSteps(self.vm, self.manifest, self.kv, self.args, tvm, self.device.tvm_device)
+        if not self._chunks.sizes:
+            self.log(f"the {self.arch} module has no T-token step: prompts are prefilled token by token "
+                     f"(the decode step in a loop)")
         self.load_s = time.perf_counter() - t0
         self._tokenizer = None
 
@@ -534,6 +603,14 @@ class Engine:
         launched = 0
         n_read = 0
         fed: list[int] = []
+        if self._chunks.sizes:
+            # The prompt in T-token steps; the last one samples output 0 with the draw counter
+            # the token loop would have reached there (one draw per position).
+            b.mark("start")
+            self._chunks.run(b, new, all_logits=False, seed=params[3], first_pos=reused)
+            b.emit(0, notify=stream)
+            b.mark("prefill")
+            launched = len(new)
 
         def launch() -> None:
             nonlocal launched
@@ -587,22 +664,29 @@ class Engine:
                 stats.decode_steps = max_tokens - 1
                 stats.timed_on_device = isinstance(b, _CudaBackend)
 
-    def forward(self, tokens: Sequence[int], *, reset: bool = True) -> np.ndarray:
-        """Logits float32[T, V] of feeding `tokens` one step each (from position 0 if reset),
-        reading the logits after every step. For tests and debugging; greedy sampling."""
+    def forward(self, tokens: Sequence[int], *, reset: bool = True, token_loop: bool = False) -> np.ndarray:
+        """Logits float32[T, V] of every one of `tokens` (from position 0 if reset, else after
+        what is cached): the module's `score_T` steps, or with `token_loop` (or a module
+        without them) the decode step fed one token at a time, reading the logits after
+        every step. Teacher forcing (`score`, the accuracy gate) and tests; greedy sampling."""
         if reset:
             self.kv.reset()
         self.kv.check_fits(self.kv.n_tokens + len(tokens), 0)
         self.kv.set_sampling(0.0, 1.0, 0, 0)
         b = self._backend
+        tokens = [int(t) for t in tokens]
+        if self._chunks.sizes and not token_loop and tokens:
+            out = self._chunks.run(b, tokens, all_logits=True, seed=0, first_pos=self.kv.n_tokens)
+            self.kv.tokens.extend(tokens)
+            return out
         b.load_prompt(tokens)
-        out = []
+        rows = []
         for j in range(len(tokens)):
             b.feed(j)
             b.step()
-            out.append(b.logits())
-        self.kv.tokens.extend(int(t) for t in tokens)
-        return np.stack(out) if out else np.zeros((0, self.config.vocab_size), np.float32)
+            rows.append(b.logits())
+        self.kv.tokens.extend(tokens)
+        return np.stack(rows) if rows else np.zeros((0, self.config.vocab_size), np.float32)
 
     def close(self) -> None:
         if getattr(self, "_backend", None) is not None:

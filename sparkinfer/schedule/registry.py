@@ -27,6 +27,8 @@ from sparkinfer.schedule.norm import AddRmsNormCudaRule, RmsNormCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
 from sparkinfer.schedule.router import RouterTopkCudaRule
 from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleTokenCudaRule
+from sparkinfer.schedule.prefill_cpu import CPU_RULES as PREFILL_CPU_RULES
+from sparkinfer.schedule.prefill_cuda import CUDA_RULES as PREFILL_CUDA_RULES
 from sparkinfer.schedule.space import register
 
 for _rule in (
@@ -56,5 +58,7 @@ for _rule in (
     SampleTokenCpuRule(),
     AdvanceCpuRule(),
     EmbeddingCpuRule(),
+    *PREFILL_CPU_RULES,
+    *PREFILL_CUDA_RULES,
 ):
     register(_rule)

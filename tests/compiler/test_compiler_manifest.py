@@ -52,6 +52,7 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
     assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)
     # Every kernel says which rule scheduled it, with which knobs from where.
     assert {k["schedule"]["source"] for k in raw["kernels"]} == {"default"}
+    assert raw["prefill_chunks"] == list(compiled.manifest.prefill_chunks) == [128]
     assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
 
 
@@ -93,7 +94,7 @@ def test_a_manifest_of_another_format_is_refused(compiled, tmp_path: Path) -> No
     raw["format"] = M.MANIFEST_FORMAT + 1
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     (tmp_path / "model.so").write_bytes(b"")
-    with pytest.raises(CompiledModuleError, match="manifest format 2 is not 1: recompile the model"):
+    with pytest.raises(CompiledModuleError, match=f"manifest format {M.MANIFEST_FORMAT + 1} is not {M.MANIFEST_FORMAT}: recompile the model"):
         M.Manifest.load(tmp_path)
 
 

@@ -140,7 +140,10 @@ def test_kv_cache_beyond_free_memory(toy_model: Path, toy_cpu_module: Path) -> N
     engine = Engine(toy_model, arch="cpu", module_dir=toy_cpu_module, memory_info=memory(GIB, reserve + 5 * 4096 + 100),
                     log=said.append)
     assert engine.capacity == 5 * 16 and engine.kv.n_pages == 5
-    assert said == ["KV cache: 80 tokens (20.00 KiB), not 128: that is what fits in free memory"]
+    assert said == ["KV cache: 80 tokens (20.00 KiB), not 128: that is what fits in free memory",
+                    # the toy step has no T-token step, and the fallback says so
+                    "the cpu module has no T-token step: prompts are prefilled token by token "
+                    "(the decode step in a loop)"]
     with pytest.raises(ContextLengthError, match="exceeds the context of 80 tokens"):
         engine.generate(PROMPT, 75)
 

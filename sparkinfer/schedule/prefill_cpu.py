@@ -1,0 +1,128 @@
+"""CPU schedules (LLVM) of the T-token step's heavy kernels: the dense GEMM, the grouped expert
+GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its factories wrote it.
+
+  gemm.gemm:            n cut into tiles of `tile_n` outputs (one SIMD vector of float32 at
+                        the default); per tile, the weights' scales, mins and float32 values
+                        are computed once (compute_at the tile) and multiplied by every row of
+                        the chunk, the tile's n lanes vectorised (x[t, k] broadcast); tiles in
+                        parallel over the cores.
+  moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the multiply-add over the
+                        tile's TILE_N lanes vectorised.
+  prefill_attention.causal_prefill_attention: (token, KV head) pairs in parallel; the q . k
+                        lanes, their folds and the p . V update over the head dims vectorised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir
+
+from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.use import KernelUse, factory_args
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+
+
+class _CpuRule(ScheduleRule):
+    def is_target_available(self, facts: ArchFacts) -> bool:
+        return facts.kind == "cpu"
+
+
+@dataclass(frozen=True)
+class GemmCpuKnobs(Knobs):
+    tile_n: int  # outputs per tile: the vector lanes
+
+
+def _tiles(n: int, facts: ArchFacts) -> tuple[int, ...]:
+    """Tile widths that divide n, from one float32 lane to two SIMD vectors."""
+    widest = 2 * max(1, facts.vector_bytes // 4)
+    return tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= widest and n % t == 0)
+
+
+class GemmCpuRule(_CpuRule):
+    family, factory, knobs_type = "gemm", "gemm", GemmCpuKnobs
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[int, ...]]:
+        _, _, n, _ = factory_args(use)
+        return {"tile_n": _tiles(n, facts)}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("tile_n",)  # a width that must divide n: not a free split factor
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> GemmCpuKnobs:
+        tiles = self.space(use, facts)["tile_n"]
+        lanes = max(1, facts.vector_bytes // 4)
+        return GemmCpuKnobs(max(t for t in tiles if t <= lanes))
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemmCpuKnobs)
+        block = sch.get_sblock("gemm")
+        i, j, k = sch.get_loops(block)
+        jo, ji = sch.split(j, [None, knobs.tile_n])
+        sch.reorder(jo, i, k, ji)
+        fmt = gemv_format(factory_args(use)[0])
+        stages = ["wdq"] + (["minv"] if fmt.min is not None else []) + (["scale"] if fmt.scale is not None else [])
+        for stage in stages:  # consumers first: each goes under the tile its consumer is in
+            sch.compute_at(sch.get_sblock(stage), jo)
+        sch.vectorize(ji)
+        sch.parallel(jo)
+
+
+class _FixedCpuRule(FixedRule):
+    target_kind = "cpu"
+
+
+class GroupedGemmCpuRule(_FixedCpuRule):
+    family, factory = "moe_chunk", "grouped_gemm"
+    enable_check = False  # the rows loop's trip count is read from `offsets`
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        e, tile = sch.get_loops(sch.get_sblock("tile"))
+        for name in ("init", "fma", "store"):
+            loops = sch.get_loops(sch.get_sblock(name))
+            sch.vectorize(loops[-1])
+            sch.unroll(loops[-2])  # the ROW_BLOCK accumulator rows
+        sch.parallel(sch.fuse(e, tile))
+
+
+class CausalPrefillAttentionCpuRule(_FixedCpuRule):
+    family, factory = "prefill_attention", "causal_prefill_attention"
+    enable_check = False  # the key loop's trip count is read from pos and n_valid
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        t, kv = sch.get_loops(sch.get_sblock("query"))
+        for name in ("acc_init", "dot_init", "dot", "fold8", "fold4", "rescale", "pv", "store"):
+            sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+        sch.parallel(sch.fuse(t, kv))
+
+
+class _AsWrittenCpuRule(_FixedCpuRule):
+    """Row-wise bookkeeping of the chunk (norms, RoPE, routing, sorting, copies): a small part
+    of a chunk's time next to its GEMMs and attention, so LLVM builds the factory's loop nest."""
+
+    def __init__(self, family: str, factory: str) -> None:
+        self.family, self.factory = family, factory
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        del sch, use, knobs, facts
+
+
+CPU_RULES: tuple[ScheduleRule, ...] = (
+    GemmCpuRule(),
+    GroupedGemmCpuRule(),
+    CausalPrefillAttentionCpuRule(),
+    *(_AsWrittenCpuRule(family, factory) for family, factory in (
+        ("embedding", "embedding_rows"),
+        ("norm", "rms_norm_rows"),
+        ("norm", "add_rms_norm_rows"),
+        ("router", "router_topk_rows"),
+        ("prefill_attention", "qk_norm_rope_kv_append_rows"),
+        ("moe_chunk", "silu_mul"),
+        ("moe_chunk", "moe_combine_residual"),
+        ("moe_chunk", "moe_sort"),
+        ("chunk", "take_row"),
+        ("chunk", "advance_chunk"),
+        ("chunk", "advance_pos"),
+    )),
+)

@@ -1,0 +1,33 @@
+"""CUDA build of the whole module with a T-token step beside the decode step (no GPU needed):
+the tiny model with prefill_chunks=(16,) for sm_90, one nvcc fatbin, every chunk kernel
+scheduled by its rule in schedule/prefill_cuda.py (tests/schedule/test_prefill_cuda.py builds
+the chunk kernels with nvcc for every arch). The CUDA archs do not build the T-token
+step by default yet (pipeline.DEFAULT_PREFILL_CHUNKS): it has not run on a GPU."""
+
+from pathlib import Path
+
+import pytest
+
+from sparkinfer.compiler import targets
+from sparkinfer.compiler.pipeline import HAND, compile_model, default_prefill_chunks
+from sparkinfer.gguf_file import preset_config, type_map
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)"),
+]
+
+CHUNK_FAMILIES = {"gemm", "moe_chunk", "prefill_attention", "chunk"}
+
+
+@pytest.mark.parametrize("arch", ["sm_90"])
+def test_step_with_a_chunk_step_builds_for_the_arch(arch: str, tmp_path: Path) -> None:
+    config = preset_config("tiny")
+    result = compile_model(config, type_map(config, "q4_k_m"), arch, tmp_path, prefill_chunks=(16,))
+    manifest = result.manifest
+    assert manifest.prefill_chunks == (16,) and default_prefill_chunks(arch) == ()
+    assert manifest.fatbins == [{"kind": "cubin", "arch": arch + "a"}]
+    chunk_kernels = [k for k in manifest.kernels if k["family"] in CHUNK_FAMILIES]
+    assert {k["factory"] for k in chunk_kernels} >= {"gemm", "grouped_gemm", "moe_sort", "causal_prefill_attention"}
+    for kernel in chunk_kernels:
+        assert kernel["schedule"].startswith(f"{HAND}:sparkinfer.schedule.prefill_cuda."), kernel

@@ -1,0 +1,152 @@
+"""The T-token step's kernels (gemm, moe_chunk, prefill_attention, chunk, and the row forms of
+embedding, norm and router), built for LLVM unscheduled, against their numpy references on
+fresh random inputs. Chunks are short and rows odd-sized so padding and partial tiles show."""
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.compiler.targets import target_for
+from sparkinfer.kernels import chunk, embedding, gemm, gemv, moe_chunk, norm, prefill_attention, router
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+
+ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261204)
+
+
+def run_cpu(func: tvm.tirx.PrimFunc, *arrays: np.ndarray, n_out: int = 1) -> list[np.ndarray]:
+    """Build for this CPU and run; the last n_out arrays are outputs (or in-place buffers),
+    outputs given as NaN-filled arrays so that an element never written fails."""
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    dev = tvm.cpu()
+    tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
+    lib["main"](*tensors)
+    return [t.numpy() for t in tensors[len(arrays) - n_out:]]
+
+
+def nan(*shape: int) -> np.ndarray:
+    return np.full(shape, np.nan, np.float32)
+
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_gemm_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    n, k, rows = 37, 512, 5
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    (y,) = run_cpu(gemm.gemm(t, rows, n, k), gemv.weight_view(t, data), x, nan(rows, n))
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
+
+
+def test_row_kernels_match_their_one_token_forms(rng: np.random.Generator) -> None:
+    rows, h, vocab, eps = 5, 256, 40, 1e-6
+    data = random_weights(T.Q4_K, (vocab, h), rng)
+    tokens = np.array([3, 39, 0, 17, 3], np.int32)
+    (x,) = run_cpu(embedding.embedding_rows(T.Q4_K, vocab, h, rows), gemv.weight_view(T.Q4_K, data), tokens,
+                   nan(rows, h))
+    for i, tok in enumerate(tokens):
+        np.testing.assert_array_equal(x[i], embedding.embedding_reference(T.Q4_K, data, int(tok)))
+    w = rng.standard_normal(h, dtype=np.float32)
+    r = rng.standard_normal((rows, h), dtype=np.float32)
+    (y,) = run_cpu(norm.rms_norm_rows(rows, h, eps), x, w, nan(rows, h))
+    np.testing.assert_allclose(y, norm.rms_norm_reference(x, w, eps), rtol=1e-5, atol=1e-6)
+    total, y = run_cpu(norm.add_rms_norm_rows(rows, h, eps), x, r, w, nan(rows, h), nan(rows, h), n_out=2)
+    want_total, want_y = norm.add_rms_norm_reference(x, r, w, eps)
+    np.testing.assert_array_equal(total, want_total)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    (last,) = run_cpu(chunk.take_row(rows, h), x, np.array([3], np.int32), nan(h))
+    np.testing.assert_array_equal(last, chunk.take_row_reference(x, 3))
+
+
+def test_router_topk_rows_matches_numpy(rng: np.random.Generator) -> None:
+    rows, experts, used = 6, 16, 4
+    logits = rng.standard_normal((rows, experts), dtype=np.float32)
+    logits[2, 5] = logits[2, 9]  # a tie: the lower id wins
+    ids, weights = run_cpu(router.router_topk_rows(rows, experts, used), logits, np.zeros((rows, used), np.int32),
+                           nan(rows, used), n_out=2)
+    for t in range(rows):
+        want_ids, want_w = router.router_topk_reference(logits[t], used)
+        np.testing.assert_array_equal(ids[t], want_ids)
+        np.testing.assert_allclose(weights[t], want_w, rtol=1e-6)
+
+
+def test_moe_sort_groups_valid_tokens_by_expert(rng: np.random.Generator) -> None:
+    rows, experts, used, n_valid = 9, 5, 2, 7
+    ids = np.stack([rng.choice(experts, used, replace=False) for _ in range(rows)]).astype(np.int32)
+    got = run_cpu(moe_chunk.moe_sort(rows, experts, used), ids, np.array([n_valid], np.int32),
+                  np.zeros(experts + 1, np.int32), np.zeros(rows * used, np.int32), np.zeros((rows, used), np.int32),
+                  n_out=3)
+    offsets, row_token, row_of = moe_chunk.moe_sort_reference(ids, n_valid, experts)
+    for a, b in zip(got, (offsets, row_token, row_of)):
+        np.testing.assert_array_equal(a, b)
+    assert offsets[-1] == n_valid * used
+    for t in range(n_valid):  # every valid pair's row lies in its expert's range, token t
+        for j in range(used):
+            r, e = row_of[t, j], ids[t, j]
+            assert offsets[e] <= r < offsets[e + 1] and row_token[r] == t
+
+
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q5_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)],
+                         ids=lambda ts: "-".join(t.name for t in ts))
+def test_moe_chunk_pipeline_matches_numpy(rng: np.random.Generator, types: tuple[T, T, T]) -> None:
+    rows, experts, used, h, ffn, n_valid = 7, 5, 2, 256, 256, 6
+    tg, tu, td = types
+    g, u = random_weights(tg, (experts, ffn, h), rng), random_weights(tu, (experts, ffn, h), rng)
+    d = random_weights(td, (experts, h, ffn), rng)
+    ids = np.stack([rng.choice(experts, used, replace=False) for _ in range(rows)]).astype(np.int32)
+    weights = rng.random((rows, used)).astype(np.float32)
+    x = rng.standard_normal((rows, h), dtype=np.float32)
+    res = rng.standard_normal((rows, h), dtype=np.float32)
+    nv = np.array([n_valid], np.int32)
+    offsets, row_token, row_of = moe_chunk.moe_sort_reference(ids, n_valid, experts)
+    r = rows * used
+    (gate,) = run_cpu(moe_chunk.grouped_gemm(tg, experts, r, ffn, h, rows, True), gemv.weight_view(tg, g),
+                      offsets, row_token, x, nan(r, ffn))
+    (up,) = run_cpu(moe_chunk.grouped_gemm(tu, experts, r, ffn, h, rows, True), gemv.weight_view(tu, u),
+                    offsets, row_token, x, nan(r, ffn))
+    (act,) = run_cpu(moe_chunk.silu_mul(r, ffn), gate, up, nan(r, ffn))
+    (down,) = run_cpu(moe_chunk.grouped_gemm(td, experts, r, h, ffn, r, False), gemv.weight_view(td, d),
+                      offsets, row_token, act, nan(r, h))
+    assert not np.isnan(down[: n_valid * used]).any()
+    (out,) = run_cpu(moe_chunk.moe_combine_residual(rows, used, r, h), down, row_of, weights, res, nv,
+                     nan(rows, h))
+    want = moe_chunk.moe_chunk_reference((tg, g), (tu, u), (td, d), ids, weights, x, res, n_valid)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_array_equal(out[n_valid:], res[n_valid:])
+
+
+def test_grouped_gemm_rejects_a_row_count_off_the_tile() -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        moe_chunk.grouped_gemm(T.F32, 2, 4, 24, 64, 4, True)
+
+
+@pytest.mark.parametrize("pos, n_valid", [(0, 5), (6, 3), (61, 5)])
+def test_rope_append_and_causal_attention_match_numpy(rng: np.random.Generator, pos: int, n_valid: int) -> None:
+    rows, nh, nkv, d, p, mp, n_pages = 5, 4, 2, 64, 4, 17, 20
+    eps, theta = 1e-6, 1e6
+    q = rng.standard_normal((rows, nh * d), dtype=np.float32)
+    k = rng.standard_normal((rows, nkv * d), dtype=np.float32)
+    v = rng.standard_normal((rows, nkv * d), dtype=np.float32)
+    qw, kw = rng.standard_normal(d, dtype=np.float32), rng.standard_normal(d, dtype=np.float32)
+    table = rng.permutation(n_pages)[:mp].astype(np.int32)
+    kc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    state = (np.array([pos], np.int32), np.array([n_valid], np.int32), table)
+    kc_out, vc_out, q_rot = run_cpu(
+        prefill_attention.qk_norm_rope_kv_append_rows(rows, nh, nkv, d, p, mp, eps, theta),
+        q, k, v, qw, kw, *state, kc, vc, nan(rows, nh, d), n_out=3)
+    want_q, want_k, want_v = prefill_attention.qk_norm_rope_kv_append_rows_reference(
+        q, k, v, qw, kw, pos, n_valid, table, kc, vc, eps, theta)
+    np.testing.assert_allclose(q_rot, want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kc_out.astype(np.float32), want_k.astype(np.float32), rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(vc_out, want_v)  # padding rows left the cache as it was
+    (out,) = run_cpu(prefill_attention.causal_prefill_attention(rows, nh, nkv, d, p, mp),
+                     want_q, want_k, want_v, table, state[0], state[1], nan(rows, nh * d))
+    want = prefill_attention.causal_prefill_attention_reference(want_q, want_k, want_v, table, pos, n_valid)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)

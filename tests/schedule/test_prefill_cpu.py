@@ -1,0 +1,84 @@
+"""The CPU rules of the T-token step (schedule/prefill_cpu.py): each scheduled kernel, built for
+LLVM, against its numpy reference on fresh random inputs, and the rules' spaces."""
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.compiler.targets import target_for
+from sparkinfer.kernels import gemm, gemv, moe_chunk, prefill_attention
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.kernels.use import factory_args, kernel_factory
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.prefill_cpu import GemmCpuKnobs, GemmCpuRule
+from sparkinfer.schedule.space import ScheduleError, kernel_use, schedule_kernel
+
+CPU = arch_facts("cpu")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261205)
+
+
+def run_scheduled(family: str, factory: str, args: tuple, *arrays: np.ndarray, n_out: int = 1,
+                  knobs: object = None) -> list[np.ndarray]:
+    use = kernel_use(family, factory, *args)
+    func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, CPU, knobs)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]
+    lib["main"](*tensors)
+    return [t.numpy() for t in tensors[len(arrays) - n_out:]]
+
+
+@pytest.mark.parametrize("t, n, tile", [(T.Q4_K, 48, None), (T.Q6_K, 32, 32), (T.Q8_0, 37, None), (T.F32, 16, 4)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, tile: int | None) -> None:
+    rows, k = 5, 256
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    knobs = None if tile is None else GemmCpuKnobs(tile)
+    (y,) = run_scheduled("gemm", "gemm", (t, rows, n, k), gemv.weight_view(t, data), x,
+                         np.full((rows, n), np.nan, np.float32), knobs=knobs)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
+
+
+def test_gemm_tiles_divide_the_outputs() -> None:
+    use = kernel_use("gemm", "gemm", T.Q4_K, 8, 37, 256)
+    assert GemmCpuRule().space(use, CPU)["tile_n"] == (1,)
+    assert GemmCpuRule().default(use, CPU) == GemmCpuKnobs(1)
+    with pytest.raises(ScheduleError, match="tile_n=16 is outside the space"):
+        schedule_kernel(gemm.gemm(T.Q4_K, 8, 37, 256), use, CPU, GemmCpuKnobs(16))
+
+
+def test_scheduled_grouped_gemm_matches_numpy(rng: np.random.Generator) -> None:
+    experts, rows, n, k, tokens = 4, 14, 32, 256, 7
+    data = random_weights(T.Q4_K, (experts, n, k), rng)
+    # expert 2 chose no row; expert 3 has a row count off the ROW_BLOCK
+    offsets = np.array([0, 5, 8, 8, 14], np.int32)
+    row_token = rng.integers(0, tokens, rows).astype(np.int32)
+    x = rng.standard_normal((tokens, k), dtype=np.float32)
+    (y,) = run_scheduled("moe_chunk", "grouped_gemm", (T.Q4_K, experts, rows, n, k, tokens, True),
+                         gemv.weight_view(T.Q4_K, data), offsets, row_token, x, np.full((rows, n), np.nan, np.float32))
+    for e in range(experts):
+        for r in range(offsets[e], offsets[e + 1]):
+            want = gemv.gemv_reference(T.Q4_K, data[e], x[row_token[r]])
+            np.testing.assert_allclose(y[r], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert moe_chunk.ROW_BLOCK > 1 and (offsets[4] - offsets[3]) % moe_chunk.ROW_BLOCK
+
+
+@pytest.mark.parametrize("pos, n_valid", [(0, 6), (70, 4)])
+def test_scheduled_causal_attention_matches_numpy(rng: np.random.Generator, pos: int, n_valid: int) -> None:
+    rows, nh, nkv, d, p, mp, n_pages = 6, 4, 2, 64, 16, 8, 9
+    q = rng.standard_normal((rows, nh, d), dtype=np.float32)
+    table = rng.permutation(n_pages)[:mp].astype(np.int32)
+    kc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    (out,) = run_scheduled("prefill_attention", "causal_prefill_attention", (rows, nh, nkv, d, p, mp),
+                           q, kc, vc, table, np.array([pos], np.int32), np.array([n_valid], np.int32),
+                           np.full((rows, nh * d), np.nan, np.float32))
+    want = prefill_attention.causal_prefill_attention_reference(q, kc, vc, table, pos, n_valid)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
