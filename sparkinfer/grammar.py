@@ -33,7 +33,7 @@ def _llguidance() -> Any:
     try:
         import llguidance
     except ImportError:
-        raise GrammarError("constrained decoding needs llguidance: pip install 'sparkinfer[agent]'") from None
+        raise GrammarError("constrained decoding needs llguidance (a dependency of sparkinfer): pip install llguidance") from None
     return llguidance
 
 

@@ -11,6 +11,9 @@ One compiled Relax function `decode` is the whole model step (docs/ARCHITECTURE.
 On a GPU the step is captured once as a CUDA graph (`cuda_graph.CapturedStep`) and each token
 is one `cudaGraphLaunch`; the next step is launched before the previous token is read
 (`lookahead`), so the host's read never starves the GPU. On the CPU the VM is called directly.
+A request with penalties or a grammar (runtime/processing.py) runs the module's second step
+function, `decode_processed`, from its first sampled token on (a second graph, captured on
+first use); a grammar's mask, and logprobs, are handled per token with no lookahead.
 """
 
 from __future__ import annotations

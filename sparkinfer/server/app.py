@@ -211,7 +211,9 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = check_fits(len(prompt), req.limit(), "messages" if req.limit() is None else limit_param)
         options = sampling(req)
-        grammar = chat_grammar(req)
+        # Off the event loop: the first grammar builds llguidance's tokenizer (a second for a
+        # large vocabulary), and a large schema takes milliseconds to compile.
+        grammar = await asyncio.to_thread(chat_grammar, req)
         if grammar is not None:
             options["grammar"] = grammar
         rid = p.new_id("chatcmpl")
