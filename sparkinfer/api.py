@@ -34,7 +34,9 @@ from sparkinfer.sampling_params import check_max_tokens, check_prompt_tokens, ch
 if TYPE_CHECKING:
     import numpy as np
 
+    from sparkinfer.grammar import Grammar, Grammars
     from sparkinfer.runtime.engine import Engine, Generation, GenerationStats
+    from sparkinfer.runtime.processing import LogitsProcessing, TokenLogprob
 
 _PROMPT_KINDS = "a prompt is a string, a list of chat messages (dicts with 'role' and 'content') or a list of token ids"
 
@@ -92,6 +94,11 @@ class Completion:
     stats: GenerationStats | None = field(default=None, repr=False)
 
     @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """Per token of `tokens`, when the generation asked for logprobs (else empty)."""
+        return self.stats.logprobs if self.stats is not None else []
+
+    @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
 
@@ -146,8 +153,10 @@ class TextStream:
     `close()` ends it at once."""
 
     def __init__(self, llm: LLM, prompt: list[int], max_tokens: int, sampling: tuple[float, float, int, int],
-                 stop: Sequence[str], stop_tokens: Sequence[int] | None) -> None:
+                 stop: Sequence[str], stop_tokens: Sequence[int] | None,
+                 processing: LogitsProcessing | None = None) -> None:
         self._llm = llm
+        self._processing = processing
         self._prompt = prompt
         self._max_tokens = max_tokens
         self._sampling = sampling
@@ -161,6 +170,11 @@ class TextStream:
     @property
     def seed(self) -> int:
         return self._sampling[3]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens generated so far (when asked for)."""
+        return self._gen.stats.logprobs if self._gen is not None else []
 
     def __iter__(self) -> TextStream:
         return self
@@ -186,7 +200,8 @@ class TextStream:
         llm._claim(self)
         temperature, top_p, top_k, seed = self._sampling
         gen = llm.engine.generate(self._prompt, self._max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed, stop_tokens=self._stop_tokens, stream=True, reuse_prefix=True)
+                                  seed=seed, stop_tokens=self._stop_tokens, stream=True, reuse_prefix=True,
+                                  processing=self._processing)
         self._gen = gen
         decoder = StreamDecoder(llm.tokenizer, skip_special=True)
         matcher = StopMatcher(self._stop)
@@ -234,12 +249,22 @@ class LLM:
         self._lock = threading.Lock()
         self._active: TextStream | None = None
         self._bound_thread: int | None = None
+        self._grammars: Grammars | None = None
 
     # -- model facts ------------------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this model's tokenizer (llguidance; built on first use)."""
+        if self._grammars is None:
+            from sparkinfer.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.engine.default_stop_tokens())
+        return self._grammars
 
     @property
     def config(self) -> Any:
@@ -297,16 +322,19 @@ class LLM:
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
         stop_tokens: Sequence[int] | None = None,
+        **processing: Any,
     ) -> Any:
         """Generate text after `prompt` (text, chat messages or token ids).
 
         max_tokens None: until a stop, or the context is full. temperature 0 is greedy.
         seed None: a fresh random one (see `Completion.seed`). stop: strings that end the text
         (not included). stop_tokens: token ids that end it (None: the model's EOS/EOT).
+        `processing` (see `start`): presence_penalty, frequency_penalty, repetition_penalty,
+        json_schema, grammar, logprobs.
         Returns the text, or with stream=True a `TextStream` of text deltas.
         """
         s = self.start(prompt, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       stop=stop, stop_tokens=stop_tokens)
+                       stop=stop, stop_tokens=stop_tokens, **processing)
         return s if stream else s.text()
 
     def complete(self, prompt: Prompt, max_tokens: int | None = None, **options: Any) -> Completion:
@@ -327,8 +355,23 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_tokens: Sequence[int] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        json_schema: Any = None,
+        grammar: Grammar | None = None,
+        logprobs: int | None = None,
     ) -> TextStream:
-        """The `TextStream` of `generate(..., stream=True)`; checks every argument before any work."""
+        """The `TextStream` of `generate(..., stream=True)`; checks every argument before any work.
+
+        presence_penalty, frequency_penalty (OpenAI's, in [-2, 2]) and repetition_penalty
+        (CTRL's, > 1 discourages) act on the tokens generated so far, on the device.
+        json_schema: a JSON schema (dict) the text must be valid under (llguidance; strings,
+        numbers, lists and objects it leaves open are bounded: `grammar.bounded`); grammar: a
+        `Grammar` from `llm.grammars` (JSON schema, JSON object, tool calls) instead.
+        logprobs: report each token's log-probability and this many alternatives
+        (`Completion.logprobs`, `TextStream.logprobs`).
+        """
         check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         check_max_tokens(max_tokens)
         stops = _stop_strings(stop)
@@ -337,8 +380,19 @@ class LLM:
         max_tokens = self.check_length(len(ids), max_tokens)
         if seed is None:
             seed = secrets.randbits(31)
+        from sparkinfer.runtime.processing import LogitsProcessing
+
+        if json_schema is not None:
+            if grammar is not None:
+                raise SparkInferError("give json_schema or grammar, not both")
+            grammar = self.grammars.json_schema(json_schema)
+        if grammar is not None and stop_tokens is not None:
+            stop_tokens = list(stop_tokens) + self.engine.default_stop_tokens()  # how a grammar ends
+        processing = LogitsProcessing(float(presence_penalty), float(frequency_penalty), float(repetition_penalty),
+                                      grammar.constraint() if grammar is not None else None,
+                                      None if logprobs is None else int(logprobs))
         return TextStream(self, ids, max_tokens, (float(temperature), float(top_p), int(top_k), int(seed)), stops,
-                          stop_tokens)
+                          stop_tokens, processing)
 
     def check_length(self, n_prompt: int, max_tokens: int | None) -> int:
         """max_tokens for a prompt of `n_prompt` tokens (None: what is left of the context);

@@ -10,7 +10,8 @@ file of the same shapes and types.
 `decode` parameters, in this order (docs/ARCHITECTURE.md, "The decode step"):
 
   state   token int32[1], pos int32[1], page_table int32[MP], sample_params float32[3],
-          rng uint32[2]
+          rng uint32[2], logits_params float32[3], token_mask int32[ceil(V / 32)],
+          token_counts int32[V] (the last three read only by `decode_processed`)
   kv      k_cache_0, v_cache_0, k_cache_1, v_cache_1, ...: float16[n_pages, P, NKV, D],
           n_pages a symbolic dim shared by all caches
   weight  every tensor of the file in `gguf_file.tensor_specs` order (token_embd, then per
@@ -28,6 +29,10 @@ Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residua
 Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
+
+`decode_processed` (ENTRY_PROCESSED) is the same step with, after the lm head,
+process_logits (grammar mask, penalties; kernels/logits.py) feeding sample_token, and
+count_token (token_counts[next] += 1) before advance. It returns the raw logits too.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.model.spec import (
     ENTRY,
+    ENTRY_PROCESSED,
     KV_DTYPE,
     N_PAGES,
     PAGE_SIZE,
@@ -56,6 +62,7 @@ from sparkinfer.model.spec import (
     ROLE_STATE,
     ROLE_WEIGHT,
     StepInput,
+    mask_words,
 )
 
 
@@ -121,6 +128,9 @@ def decode_inputs(
         StepInput("page_table", ROLE_STATE, "int32", (mp,)),
         StepInput("sample_params", ROLE_STATE, "float32", (3,)),
         StepInput("rng", ROLE_STATE, "uint32", (2,)),
+        StepInput("logits_params", ROLE_STATE, "float32", (3,)),
+        StepInput("token_mask", ROLE_STATE, "int32", (mask_words(config.vocab_size),)),
+        StepInput("token_counts", ROLE_STATE, "int32", (config.vocab_size,)),
     ]
     kv_shape = (N_PAGES, page_size, config.n_kv_heads, config.head_dim)
     for i in range(config.n_layers):
@@ -295,12 +305,13 @@ class _StepBuilder:
 
     def build(self, chunks: tuple[int, ...]) -> IRModule:
         self._specs = {s.name: s for s in tensor_specs(self.c)}
-        with self.bb.function(ENTRY, self._fresh_params([])):
-            with self.bb.dataflow():
-                logits, nxt = self._body()
-                logits = self.bb.emit_output(logits)
-                nxt = self.bb.emit_output(nxt)
-            self.bb.emit_func_output(relax.Tuple([logits, nxt]))
+        for entry, processed in ((ENTRY, False), (ENTRY_PROCESSED, True)):
+            with self.bb.function(entry, self._fresh_params([])):
+                with self.bb.dataflow():
+                    logits, nxt = self._body(processed)
+                    logits = self.bb.emit_output(logits)
+                    nxt = self.bb.emit_output(nxt)
+                self.bb.emit_func_output(relax.Tuple([logits, nxt]))
         for n_tokens in chunks:
             for all_logits in (False, True):
                 name = _spec.chunk_entry(n_tokens, all_logits)
@@ -310,7 +321,7 @@ class _StepBuilder:
                     self.bb.emit_func_output(relax.Tuple(outs))
         return self.bb.finalize()
 
-    def _body(self) -> tuple[relax.Var, relax.Var]:
+    def _body(self, processed: bool) -> tuple[relax.Var, relax.Var]:
         c, p = self.c, self.params
         H, V = c.hidden, c.vocab_size
         embd = "token_embd.weight"
@@ -323,9 +334,18 @@ class _StepBuilder:
         # x is rms_norm(h, output_norm) after the last layer
         head = "output.weight" if "output.weight" in self.types else embd
         logits = self.gemv(head, x, "logits")
+        sampled = logits
+        if processed:
+            gv = self.k("logits", "process_logits", V)
+            sampled = self.call(gv, [logits, p["logits_params"], p["token_mask"], p["token_counts"]],
+                                [self.f32(V)], "processed")
         gv = self.k("sampling", "sample_token", V)
-        nxt, _rng = self.call_inplace(gv, [logits, p["sample_params"], p["rng"]], [-1, 2],
+        nxt, _rng = self.call_inplace(gv, [sampled, p["sample_params"], p["rng"]], [-1, 2],
                                       [_tensor((1,), "int32"), _tensor((2,), "uint32")], "sample")
+        if processed:
+            gv = self.k("logits", "count_token", V)
+            nxt, _counts = self.call_inplace(gv, [nxt, p["token_counts"]], [0, 1],
+                                             [_tensor((1,), "int32"), _tensor((V,), "int32")], "count")
         # advance writes token := next and pos := pos + 1. `next` is listed as an in-place
         # output too, so the returned `next` depends on this call and no pass can drop it.
         gv = self.k("sampling", "advance")

@@ -15,9 +15,15 @@ PAGE_SIZE = 64  # tokens per KV page (docs/ARCHITECTURE.md)
 N_PAGES = "n_pages"  # the symbolic dim of every KV cache, as the manifest writes it
 KV_DTYPE = "float16"
 ENTRY = "decode"  # the Relax function of the step
+# The same step with the logits processed (kernels/logits.py: a grammar's token mask, presence /
+# frequency / repetition penalties) before sampling; same parameters, same outputs. A request
+# that asks for none of it runs ENTRY, which does none of it.
+ENTRY_PROCESSED = "decode_processed"
 
 ROLE_STATE, ROLE_KV, ROLE_WEIGHT = "state", "kv", "weight"
 STATE_INPUTS = ("token", "pos", "page_table", "sample_params", "rng")
+# State that only ENTRY_PROCESSED reads; a module without it cannot process logits.
+PROCESSING_INPUTS = ("logits_params", "token_mask", "token_counts")
 OUTPUTS = ("logits", "next")
 
 
@@ -31,6 +37,11 @@ def chunk_inputs(n_tokens: int) -> list[StepInput]:
     """The parameters a T-token step takes before the decode step's: the chunk's token ids
     (padded past n_valid) and n_valid, the rows that are prompt tokens."""
     return [StepInput("tokens", ROLE_STATE, "int32", (n_tokens,)), StepInput("n_valid", ROLE_STATE, "int32", (1,))]
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of a token mask over `vocab` tokens (kernels/logits.py: one bit a token)."""
+    return -(-vocab // 32)
 
 
 def ggml_type(value: Any) -> GGMLQuantizationType:

@@ -14,6 +14,9 @@ One compiled Relax function `decode` is the whole model step (docs/ARCHITECTURE.
 On a GPU the step is captured once as a CUDA graph (`cuda_graph.CapturedStep`) and each token
 is one `cudaGraphLaunch`; the next step is launched before the previous token is read
 (`lookahead`), so the host's read never starves the GPU. On the CPU the VM is called directly.
+A request with penalties or a grammar (runtime/processing.py) runs the module's second step
+function, `decode_processed`, from its first sampled token on (a second graph, captured on
+first use); a grammar's mask, and logprobs, are handled per token with no lookahead.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from sparkinfer.compiler.manifest import MANIFEST_NAME, Manifest, compiled_dir, find_compiled, stale_reason
+from sparkinfer.model.spec import ENTRY_PROCESSED, PROCESSING_INPUTS, mask_words
 from sparkinfer.errors import CompiledModuleError, ContextLengthError, SparkInferError
 from sparkinfer.runtime import device as device_mod
 from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
 from sparkinfer.runtime.kv_cache import KVCache
 from sparkinfer.runtime.cudart import HOST_TO_DEVICE
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, upload_weights
+from sparkinfer.runtime.processing import LogitsProcessing, TokenLogprob, token_logprob
 from sparkinfer.sampling_params import check_max_tokens, check_prompt_tokens, check_sampling
 
 Log = Callable[[str], None]
@@ -170,6 +175,8 @@ class GenerationStats:
     decode_steps: int = 0
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""  # "stop" (a stop token, not yielded), "length", or "" while running
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per yielded token, when asked
+    mask_s: float = 0.0  # host time computing and writing grammar masks
     timed_on_device: bool = False  # bench mode on a GPU: CUDA event times, not host clocks
 
     @property
@@ -224,8 +231,10 @@ class Generation:
 class _VMBackend:
     """Plain VM calls (the CPU; a GPU with cuda_graph=False). Synchronous reads."""
 
-    def __init__(self, fn: Any, args: list[Any], kv: KVCache) -> None:
+    def __init__(self, fn: Any, args: list[Any], kv: KVCache, fn_processed: Any = None) -> None:
         self.fn, self.args, self.kv = fn, args, kv
+        self.fn_processed = fn_processed
+        self.processed = False  # step() runs fn_processed (ENTRY_PROCESSED) instead of fn
         self.outs: list[Any] = []
         self.out_host: list[int] = []
         self._prompt: list[int] = []
@@ -237,8 +246,15 @@ class _VMBackend:
     def feed(self, i: int) -> None:
         self.kv.writer.write(self.kv.arrays["token"], np.array([self._prompt[i]], np.int32))
 
+    def prepare_processed(self) -> None:
+        """Get ENTRY_PROCESSED ready to run (before a request's state is written)."""
+
+    def use(self, processed: bool) -> None:
+        """Run the step with (ENTRY_PROCESSED) or without (ENTRY) logits processing from now on."""
+        self.processed = processed
+
     def step(self) -> None:
-        outs = self.fn(*self.args)
+        outs = (self.fn_processed if self.processed else self.fn)(*self.args)
         self.outs = [outs[0], outs[1]]
 
     def run(self, fn: Any, args: list[Any]) -> Any:
@@ -286,14 +302,18 @@ class _CudaBackend(_VMBackend):
     """Graph replay (or VM calls) on the runtime's stream; prompt tokens copied on the device,
     `next` copied to pinned host memory with an event per token."""
 
-    def __init__(self, fn: Any, args: list[Any], kv: KVCache, stream: Any, capture: bool, lookahead: int) -> None:
-        super().__init__(fn, args, kv)
+    def __init__(self, fn: Any, args: list[Any], kv: KVCache, stream: Any, capture: bool, lookahead: int,
+                 fn_processed: Any = None) -> None:
+        super().__init__(fn, args, kv, fn_processed)
         import tvm
 
         from sparkinfer.runtime.cuda_graph import CapturedStep
 
         self.stream = stream
+        self.capture = capture
         self.graph = CapturedStep(stream, fn, args) if capture else None
+        self.plain_graph = self.graph
+        self.processed_graph: Any = None  # captured on first use: most servers never need it
         if self.graph is not None:
             self.outs = self.graph.outputs
         capacity = kv.capacity
@@ -313,6 +333,25 @@ class _CudaBackend(_VMBackend):
 
     def feed(self, i: int) -> None:
         self.stream.copy_device(self.kv.arrays["token"].data_ptr(), self.prompt_dev.data_ptr() + 4 * i, 4)
+
+    def prepare_processed(self) -> None:
+        if not self.capture or self.processed_graph is not None:
+            return
+        from sparkinfer.runtime.cuda_graph import CapturedStep
+
+        # Capturing runs the step once (its warm-up): put pos back. The request's state
+        # (token, rng, counts) is written after this.
+        self.stream.synchronize()
+        pos = self.kv.arrays["pos"].numpy()
+        self.processed_graph = CapturedStep(self.stream, self.fn_processed, self.args)
+        self.stream.synchronize()
+        self.kv.writer.write(self.kv.arrays["pos"], pos)
+
+    def use(self, processed: bool) -> None:
+        super().use(processed)
+        if self.capture:
+            self.graph = self.processed_graph if processed else self.plain_graph
+            self.outs = self.graph.outputs
 
     def step(self) -> None:
         if self.graph is not None:
@@ -359,8 +398,9 @@ class _CudaBackend(_VMBackend):
 
     def close(self) -> None:
         self.stream.synchronize()
-        if self.graph is not None:
-            self.graph.close()
+        for graph in (self.plain_graph, self.processed_graph):
+            if graph is not None:
+                graph.close()
         for ev in self.events + list(self.timing.values()):
             self.stream.rt.event_destroy(ev)
         self.events = []
@@ -486,11 +526,14 @@ class Engine:
             self.log(f"KV cache: {self.kv.capacity} tokens ({format_bytes(self.kv.kv_bytes)}), "
                      f"not {self.kv.shrunk_from}: that is what fits in free memory")
         self.args = self._arguments()
+        # Modules compiled before logits processing existed lack its inputs and function.
+        self.can_process = all(name in self.kv.arrays for name in PROCESSING_INPUTS)
+        fn_processed = self.vm[ENTRY_PROCESSED] if self.can_process else None
         if self.device.is_cuda:
             self._backend: _VMBackend = _CudaBackend(self._fn, self.args, self.kv, self.stream, cuda_graph,
-                                                     self.lookahead)
+                                                     self.lookahead, fn_processed)
         else:
-            self._backend = _VMBackend(self._fn, self.args, self.kv)
+            self._backend = _VMBackend(self._fn, self.args, self.kv, fn_processed)
         self.cuda_graph = bool(cuda_graph and self.device.is_cuda)
         self._chunks = _ChunkSteps(self.vm, self.manifest, self.kv, self.args, tvm, self.device.tvm_device)
         if not self._chunks.sizes:
@@ -554,6 +597,7 @@ class Engine:
         stop_tokens: Sequence[int] | None = None,
         stream: bool = True,
         reuse_prefix: bool = False,
+        processing: LogitsProcessing | None = None,
     ) -> Generation:
         """Generate up to `max_tokens` ids after `prompt_tokens` (iterate the result).
 
@@ -563,6 +607,8 @@ class Engine:
         tokens are ignored, and on a GPU the times come from CUDA events.
         reuse_prefix: keep the cached K/V of the longest common prefix with the last
         sequence and run only the rest of the prompt.
+        processing: penalties, a token constraint, log-probabilities (runtime/processing.py);
+        None or nothing asked: the plain step, at no cost.
         """
         prompt = [int(t) for t in prompt_tokens]
         check_prompt_tokens(prompt, self.config.vocab_size)
@@ -573,16 +619,33 @@ class Engine:
         if not stream:
             stops = set()
         params = (float(temperature), float(top_p), int(top_k), int(seed))
+        processing = processing or LogitsProcessing()
+        if processing.on_device and not self.can_process:
+            raise CompiledModuleError(
+                f"the compiled module at {self.manifest.directory} has no logits processing ({ENTRY_PROCESSED}: "
+                f"penalties, grammars): recompile it with `sparkinfer compile`")
+        if not stream and (processing.constraint is not None or processing.logprobs is not None):
+            raise SparkInferError("a token constraint or logprobs need stream=True: each token is read as it comes")
 
         def run(stats: GenerationStats) -> Iterator[int]:
-            return self._run(prompt, max_tokens, params, stops, stream, reuse_prefix, stats)
+            return self._run(prompt, max_tokens, params, stops, stream, reuse_prefix, stats, processing)
 
         return Generation(run)
 
     def _run(self, prompt: list[int], max_tokens: int, params: tuple[float, float, int, int], stops: set[int],
-             stream: bool, reuse_prefix: bool, stats: GenerationStats) -> Iterator[int]:
+             stream: bool, reuse_prefix: bool, stats: GenerationStats,
+             processing: LogitsProcessing) -> Iterator[int]:
         b, kv = self._backend, self.kv
         t0 = time.perf_counter()
+        if processing.on_device:
+            b.prepare_processed()
+        b.use(False)  # prefill steps sample nothing that is kept: never processed
+        constraint = processing.constraint
+        mask = np.full(mask_words(self.config.vocab_size), -1, np.int32)
+        if processing.on_device:
+            kv.writer.write(kv.arrays["logits_params"], processing.params)
+            kv.writer.zero(kv.arrays["token_counts"])
+            kv.writer.write(kv.arrays["token_mask"], mask)
         reused = kv.common_prefix(prompt) if reuse_prefix else 0
         kv.set_position(reused)
         kv.set_sampling(*params)
@@ -600,17 +663,27 @@ class Engine:
         b.load_prompt(new)
         b.start(max_tokens)
         lookahead = self.lookahead if stream else total_steps
+        if constraint is not None or processing.logprobs is not None:
+            lookahead = 0  # the next step's mask, or the logits read, wait for this token
         launched = 0
         n_read = 0
         fed: list[int] = []
+        logged: list[TokenLogprob] = []  # per output, when logprobs are asked
         if self._chunks.sizes:
             # The prompt in T-token steps; the last one samples output 0 with the draw counter
-            # the token loop would have reached there (one draw per position).
+            # the token loop would have reached there (one draw per position). A request that
+            # processes its logits (penalties, a constraint) or reads them (logprobs) takes
+            # output 0 from the decode step instead: the chunks run all but the last prompt
+            # token, which leaves token, pos and the draw counter where that step expects them.
+            per_token = processing.on_device or processing.logprobs is not None
+            chunked = new[:-1] if per_token else new
             b.mark("start")
-            self._chunks.run(b, new, all_logits=False, seed=params[3], first_pos=reused)
-            b.emit(0, notify=stream)
-            b.mark("prefill")
-            launched = len(new)
+            if chunked:
+                self._chunks.run(b, chunked, all_logits=False, seed=params[3], first_pos=reused)
+            if not per_token:
+                b.emit(0, notify=stream)
+                b.mark("prefill")
+            launched = len(chunked)
 
         def launch() -> None:
             nonlocal launched
@@ -619,9 +692,19 @@ class Engine:
                 b.feed(j)
             if j == 0:
                 b.mark("start")
+            if j == first_out and processing.on_device:
+                b.use(True)
+            if j >= first_out and constraint is not None:
+                t = time.perf_counter()
+                constraint.fill_mask(mask)
+                kv.writer.write(kv.arrays["token_mask"], mask)
+                stats.mask_s += time.perf_counter() - t
             b.step()
             if j >= first_out:
                 b.emit(j - first_out, notify=stream)
+                if processing.logprobs is not None:
+                    o = j - first_out
+                    logged.append(token_logprob(b.logits(), b.wait(o), processing.logprobs))
             if j == first_out:
                 b.mark("prefill")
             launched += 1
@@ -643,15 +726,20 @@ class Engine:
                     stats.decode_times.append(now - last)
                 last = now
                 n_read += 1
+                if constraint is not None:
+                    constraint.accept(token)
                 if token in stops:
                     stats.stop_reason = "stop"
                     break
                 stats.tokens.append(token)
+                if logged:
+                    stats.logprobs.append(logged[n_read - 1])
                 yield token
             else:
                 stats.stop_reason = "length"
         finally:
             b.synchronize()
+            b.use(False)
             # What the device cached: every token fed to a launched step.
             n_new_out = max(0, launched - len(new))
             fed = new[: min(launched, len(new))] + [b.result(o) for o in range(n_new_out)]

@@ -2,7 +2,8 @@
 
 Device arrays (docs/ARCHITECTURE.md, "The decode step"):
   token int32[1], pos int32[1], page_table int32[MP], sample_params float32[3], rng uint32[2],
-  and per layer k_cache_l / v_cache_l float16[n_pages, P, NKV, D].
+  logits_params float32[3], token_mask int32[ceil(V / 32)], token_counts int32[V] (the logits
+  processing's, runtime/processing.py; absent in older modules), and per layer k_cache_l / v_cache_l float16[n_pages, P, NKV, D].
 Pages are handed out in order (logical page i is physical page i); the page table exists so
 that prefix sharing and eviction can come later without recompiling. `pos` lives on the
 device and is advanced by the step itself; the host keeps a mirror (`n_tokens`) and the token
@@ -90,6 +91,10 @@ class KVCache:
         self.writer.write(self.arrays["token"], np.zeros(1, np.int32))
         self.writer.write(self.arrays["sample_params"], np.zeros(3, np.float32))
         self.writer.write(self.arrays["rng"], np.zeros(2, np.uint32))
+        if "token_counts" in self.arrays:  # logits processing (modules compiled since it exists)
+            self.writer.write(self.arrays["logits_params"], np.array([0.0, 0.0, 1.0], np.float32))
+            self.writer.write(self.arrays["token_mask"], np.full(self.arrays["token_mask"].shape, -1, np.int32))
+            self.writer.zero(self.arrays["token_counts"])
         self.tokens: list[int] = []
         self.reset()
 

@@ -24,7 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparkinfer.api import LLM, Completion
 from sparkinfer.errors import ContextLengthError, SparkInferError
+from sparkinfer.grammar import Grammar, GrammarError, ToolCallFormat
+from sparkinfer.runtime.processing import TokenLogprob
 from sparkinfer.server import protocol as p
+from sparkinfer.server.tools import ToolCallStream, parse_tool_calls, spell_tools, template_renders_tools
 from sparkinfer.server.worker import Job, QueueFull, Worker
 
 log = logging.getLogger("sparkinfer.server")
@@ -127,6 +130,10 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
             "top_k": req.top_k or 0,
             "seed": req.seed,
             "stop": req.stop,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            "logprobs": req.top_logprobs_wanted(),
         }
 
     def check_fits(n_prompt: int, max_tokens: int | None, param: str) -> int:
@@ -151,33 +158,86 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         except SparkInferError as e:  # a chat template's raise_exception, a token id outside the vocabulary
             raise p.APIError(400, str(e), param=param) from None
 
+    def grammar_of(fn: Callable[[], Grammar], param: str) -> Grammar:
+        try:
+            return fn()
+        except GrammarError as e:
+            raise p.APIError(400, f"{param}: {e}", param=param) from None
+
+    def chat_grammar(req: p.ChatCompletionRequest) -> Grammar | None:
+        """The grammar a chat request's output must follow: tool calls where the request forces
+        one (tool_choice required or a named function), a JSON answer where response_format asks
+        for one (or either, with tools on auto), none otherwise."""
+        tools = req.tool_dicts() if req.tools_active() else []
+        for i, tool in enumerate(tools):  # each schema on its own, so that an error names it
+            grammar_of(lambda: llm.grammars.json_schema(tool["function"].get("parameters") or {"type": "object"}),
+                       f"tools[{i}].function.parameters")
+        fmt = req.response_format
+        answer: Any = None
+        if fmt is not None and fmt.type == "json_object":
+            answer = "json_object"
+        elif fmt is not None and fmt.type == "json_schema":
+            answer = fmt.json_schema.schema_
+        choice = req.tool_choice
+        if tools and (choice == "required" or isinstance(choice, p.NamedToolChoice)):
+            name = choice.function.name if isinstance(choice, p.NamedToolChoice) else None
+            return grammar_of(lambda: llm.grammars.tool_calls(tools, TOOL_FORMAT, name=name,
+                                                              parallel=req.parallel_tool_calls is not False), "tools")
+        if answer is None:
+            return None
+        param = "response_format" if answer == "json_object" else "response_format.json_schema.schema"
+        if tools:
+            return grammar_of(lambda: llm.grammars.tool_calls(tools, TOOL_FORMAT, answer=answer,
+                                                              parallel=req.parallel_tool_calls is not False), param)
+        if answer == "json_object":
+            return grammar_of(llm.grammars.json_object, param)
+        return grammar_of(lambda: llm.grammars.json_schema(answer), param)
+
+    def chat_prompt(req: p.ChatCompletionRequest) -> list[int]:
+        extra = {k: v for k, v in (req.chat_template_kwargs or {}).items()
+                 if k not in ("messages", "add_generation_prompt")}
+        messages = req.template_messages()
+        if template_renders_tools(llm.tokenizer.spec.chat_template):
+            if req.tools_active():
+                extra["tools"] = req.tool_dicts()
+        else:
+            messages = spell_tools(messages, req.tool_dicts() if req.tools_active() else None, TOOL_FORMAT)
+        return tokens_of(lambda: llm.tokenize(llm.apply_chat_template(messages, True, **extra)), "messages")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = p.parse_request(await request.body(), p.ChatCompletionRequest)
-        extra = {k: v for k, v in (req.chat_template_kwargs or {}).items()
-                 if k not in ("messages", "add_generation_prompt")}
-        if req.tools:
-            extra["tools"] = req.tools
-        prompt = tokens_of(lambda: llm.tokenize(llm.apply_chat_template(req.template_messages(), True, **extra)),
-                           "messages")
+        prompt = chat_prompt(req)
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = check_fits(len(prompt), req.limit(), "messages" if req.limit() is None else limit_param)
+        options = sampling(req)
+        # Off the event loop: the first grammar builds llguidance's tokenizer (a second for a
+        # large vocabulary), and a large schema takes milliseconds to compile.
+        grammar = await asyncio.to_thread(chat_grammar, req)
+        if grammar is not None:
+            options["grammar"] = grammar
         rid = p.new_id("chatcmpl")
-        job = submit(rid, prompt, max_tokens, sampling(req))
+        job = submit(rid, prompt, max_tokens, options)
         created = p.now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        wants_logprobs = req.logprobs is True
+        tools = req.tools_active()
 
         if req.stream:
-            return event_stream(job, head, prompt, include_usage,
-                                lambda text: {"delta": {} if text is None else {"content": text}},
-                                opening={"delta": {"role": "assistant", "content": ""}})
+            return event_stream(job, head, prompt, include_usage, ChatChunks(llm, tools, wants_logprobs))
 
         completion = await collect(request, job)
+        content, calls = parse_tool_calls(completion.text, TOOL_FORMAT) if tools else (completion.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.to_json() for c in calls]
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "logprobs": None, "finish_reason": finish_reason(completion)}],
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": {"content": chat_logprobs(llm, completion.logprobs), "refusal": None}
+                         if wants_logprobs else None,
+                         "finish_reason": "tool_calls" if calls else finish_reason(completion)}],
             "usage": usage_of(completion, prompt),
             "timings": timings(completion),
         }
@@ -194,15 +254,16 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
         created = p.now()
         head = {"id": rid, "object": "text_completion", "created": created, "model": name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        wants_logprobs = req.logprobs is not None
 
         if req.stream:
-            return event_stream(job, head, prompt, include_usage,
-                                lambda text: {"text": "" if text is None else text})
+            return event_stream(job, head, prompt, include_usage, TextChunks(llm, wants_logprobs))
 
         completion = await collect(request, job)
         return {
             **head,
-            "choices": [{"index": 0, "text": completion.text, "logprobs": None,
+            "choices": [{"index": 0, "text": completion.text,
+                         "logprobs": text_logprobs(llm, completion.logprobs) if wants_logprobs else None,
                          "finish_reason": finish_reason(completion)}],
             "usage": usage_of(completion, prompt),
             "timings": timings(completion),
@@ -211,26 +272,118 @@ def create_app(llm: LLM, *, model_name: str | None = None, queue_size: int = 16)
     return app
 
 
+TOOL_FORMAT = ToolCallFormat()
+
+
+def token_text(llm: LLM, token: int) -> tuple[str, list[int]]:
+    """A token's text (U+FFFD for part of a character) and its bytes, as OpenAI reports them."""
+    return llm.detokenize([token]), list(llm.tokenizer.token_bytes(token))
+
+
+def chat_logprobs(llm: LLM, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """OpenAI's chat `logprobs.content` entries."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_text(llm, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+
+
+def text_logprobs(llm: LLM, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [token_text(llm, e.token)[0] for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(llm, t)[0]: lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+class TextChunks:
+    """The choice fields of /v1/completions' stream chunks."""
+
+    def __init__(self, llm: LLM, logprobs: bool) -> None:
+        self.llm, self.logprobs, self.offset = llm, logprobs, 0
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, text: str, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        fields: dict[str, Any] = {"text": text}
+        if self.logprobs:
+            fields["logprobs"] = text_logprobs(self.llm, entries, self.offset)
+            self.offset += sum(len(t) for t in fields["logprobs"]["tokens"])
+        return [fields]
+
+    def finish(self, completion: Completion | None, entries: list[TokenLogprob]) -> tuple[list[dict[str, Any]], str]:
+        last = self.delta("", entries)[0]
+        return [last], finish_reason(completion)
+
+
+class ChatChunks:
+    """The choice fields of /v1/chat/completions' stream chunks: content deltas, and, with tools,
+    `delta.tool_calls` once the generation has ended (a call is held until it is complete)."""
+
+    def __init__(self, llm: LLM, tools: bool, logprobs: bool) -> None:
+        self.llm, self.logprobs = llm, logprobs
+        self.calls = ToolCallStream(TOOL_FORMAT) if tools else None
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [{"delta": {"role": "assistant", "content": ""}}]
+
+    def _content(self, text: str, entries: list[TokenLogprob]) -> dict[str, Any]:
+        fields: dict[str, Any] = {"delta": {"content": text} if text else {}}
+        if self.logprobs:
+            fields["logprobs"] = {"content": chat_logprobs(self.llm, entries), "refusal": None}
+        return fields
+
+    def delta(self, text: str, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        if self.calls is not None:
+            text = self.calls.push(text)
+        if not text and not (self.logprobs and entries):
+            return []
+        return [self._content(text, entries)]
+
+    def finish(self, completion: Completion | None, entries: list[TokenLogprob]) -> tuple[list[dict[str, Any]], str]:
+        rest, calls = self.calls.finish() if self.calls is not None else ("", [])
+        out = [self._content(rest, entries)] if rest or (self.logprobs and entries) else []
+        for i, call in enumerate(calls):
+            # As OpenAI streams them: the id, type and name first, then the arguments.
+            out.append({"delta": {"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                                  "function": {"name": call.name, "arguments": ""}}]}})
+            out.append({"delta": {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}})
+        out.append({"delta": {}})
+        return out, "tool_calls" if calls else finish_reason(completion)
+
+
 def event_stream(job: Job, head: dict[str, Any], prompt: list[int], include_usage: bool,
-                 content: Callable[[str | None], dict[str, Any]],
-                 opening: dict[str, Any] | None = None) -> _EventStream:
-    """A streamed job's server-sent events: the choice fields `opening` (if any), then a chunk
-    of `content(text)` per text delta, the finishing chunk of `content(None)`, the usage chunk
-    when asked (or an error chunk if the job fails), then [DONE]."""
+                 chunks: TextChunks | ChatChunks) -> _EventStream:
+    """A streamed job's server-sent events: the opening choice fields, a chunk per text delta
+    (with its tokens' logprobs when asked), the finishing chunks, the usage chunk when asked
+    (or an error chunk if the job fails), then [DONE]."""
     def chunk(fields: dict[str, Any], finish: str | None) -> str:
-        body = {**head, "choices": [{"index": 0, **fields, "logprobs": None, "finish_reason": finish}]}
+        body = {**head, "choices": [{"index": 0, "logprobs": None, **fields, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
         return p.sse(body)
 
     async def events() -> AsyncIterator[str]:
-        if opening is not None:
-            yield chunk(opening, None)
+        for fields in chunks.opening():
+            yield chunk(fields, None)
+        sent = 0  # logprobs entries sent
         async for kind, value in relay(job):
             if kind == "delta":
-                yield chunk(content(value), None)
+                text, entries = value
+                sent += len(entries)
+                for fields in chunks.delta(text, entries):
+                    yield chunk(fields, None)
             elif kind == "done":
-                yield chunk(content(None), finish_reason(value))
+                rest = value.logprobs[sent:] if value is not None else []
+                finishing, reason = chunks.finish(value, rest)
+                for i, fields in enumerate(finishing):
+                    yield chunk(fields, reason if i == len(finishing) - 1 else None)
                 if include_usage:
                     yield p.sse({**head, "choices": [], "usage": usage_of(value, prompt)})
             else:

@@ -3,8 +3,8 @@
 Requests are validated here with messages that name the parameter, turned into an
 `APIError` (status + OpenAI-style `{"error": {"message", "type", "param", "code"}}`) by
 `parse_request`. Fields OpenAI defines that change nothing for one sequence on one device
-(user, presence_penalty, ...) are accepted and ignored; ones whose meaning we cannot honour
-(n > 1, logprobs, echo, non-text content) are refused with 400 rather than silently dropped.
+(user, ...) are accepted and ignored; ones whose meaning we cannot honour (n > 1, echo,
+non-text content) are refused with 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ class _Request(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1)
-    logprobs: Any = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # accepted, not applied
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)  # accepted, not applied
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # extension (vLLM)
     user: str | None = None
 
     @field_validator("stop")
@@ -82,9 +82,6 @@ class _Request(BaseModel):
             raise APIError(400, str(e), param=e.param) from None
         if self.n not in (None, 1):
             raise APIError(400, f"only n=1 is supported (one sequence at a time), got n={self.n}", param="n")
-        if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-
 
     def check_sampling_and_length(self) -> None:
         """null is the default, which is always valid."""
@@ -130,15 +127,87 @@ class ChatMessage(BaseModel):
         raise ValueError("must be a string, null, or a list of text parts")
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    class Function(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Function
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None  # given to the chat template; tool calls are not parsed
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): variables for the template
 
     def check_sampling_and_length(self) -> None:
         super().check_sampling_and_length()
         check_max_tokens(self.max_completion_tokens, "max_completion_tokens")
+
+    def common_checks(self) -> None:
+        super().common_checks()
+        names = [t.function.name for t in self.tools or []]
+        for name in names:
+            if names.count(name) > 1:
+                raise APIError(400, f"two tools are named '{name}': tool names must be unique", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function '{choice.function.name}', which is not among "
+                           f"the tools ({', '.join(names) or 'none given'})", param="tool_choice")
+        if choice == "required" and not names:
+            raise APIError(400, "tool_choice is 'required' but no tools are given", param="tool_choice")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise APIError(400, "response_format of type 'json_schema' needs a 'json_schema' object "
+                           "({\"name\": ..., \"schema\": {...}})", param="response_format.json_schema")
+
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as the chat template (and the model) sees them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def tools_active(self) -> bool:
+        """Whether the model may call tools (and its output is read for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def template_messages(self) -> list[dict[str, Any]]:
         out = []
@@ -153,6 +222,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: Any = Field(...)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
@@ -171,6 +241,9 @@ class CompletionRequest(_Request):
         if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
             raise ValueError(f"only one prompt per request is supported, got {len(value)}")
         raise ValueError("must be a string or a list of token ids")
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def common_checks(self) -> None:
         super().common_checks()

@@ -73,7 +73,8 @@ class Job:
                 stream.cancel()
 
     def emit(self, kind: str, value: Any) -> None:
-        """Hand an event to the request's coroutine ("delta" str, "done" Completion, "error" exc)."""
+        """Hand an event to the request's coroutine ("delta" (text, [TokenLogprob]), "done"
+        Completion, "error" exc)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is closed: the server is shutting down
@@ -171,8 +172,11 @@ class Worker:
             return
         stream = self.llm.start(job.prompt, job.max_tokens, **job.options)
         job.attach(stream)
+        sent = 0  # logprobs entries handed over: each delta carries those of its tokens
         for delta in stream:
-            job.emit("delta", delta)
+            entries = stream.logprobs[sent:]
+            sent += len(entries)
+            job.emit("delta", (delta, entries))
         completion = stream.completion
         assert completion is not None
         self._finish(job, completion.finish_reason, completion, started)

@@ -45,8 +45,8 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
     assert raw["target"]["kind"] == "llvm"
     assert [o["name"] for o in raw["outputs"]] == ["logits", "next"]
     inputs = raw["inputs"]
-    assert [i["role"] for i in inputs[:9]] == ["state"] * 5 + ["kv"] * 4
-    assert inputs[5] == {"name": "k_cache_0", "role": "kv", "dtype": "float16", "shape": ["n_pages", 64, 2, 64]}
+    assert [i["role"] for i in inputs[:12]] == ["state"] * 8 + ["kv"] * 4
+    assert inputs[8] == {"name": "k_cache_0", "role": "kv", "dtype": "float16", "shape": ["n_pages", 64, 2, 64]}
     weights = [i for i in inputs if i["role"] == "weight"]
     assert [w["tensor"] for w in weights] == [s.name for s in tensor_specs(TINY)]
     assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)

@@ -20,20 +20,24 @@ def test_inputs_are_state_then_caches_then_weights_in_layout_order() -> None:
     types = type_map(TINY, "q4_k_m")
     inputs = decode_inputs(TINY, types)
     names = [i.name for i in inputs]
-    assert names[:5] == ["token", "pos", "page_table", "sample_params", "rng"]
-    assert names[5:9] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert names[:8] == ["token", "pos", "page_table", "sample_params", "rng", "logits_params", "token_mask",
+                         "token_counts"]
+    assert names[8:12] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
     weights = [i for i in inputs if i.role == "weight"]
     assert [w.tensor for w in weights] == [s.name for s in tensor_specs(TINY)]
-    assert [i.role for i in inputs] == ["state"] * 5 + ["kv"] * 4 + ["weight"] * len(weights)
-    state = {i.name: (i.dtype, i.shape) for i in inputs[:5]}
+    assert [i.role for i in inputs] == ["state"] * 8 + ["kv"] * 4 + ["weight"] * len(weights)
+    state = {i.name: (i.dtype, i.shape) for i in inputs[:8]}
     assert state == {
         "token": ("int32", (1,)),
         "pos": ("int32", (1,)),
         "page_table": ("int32", (32,)),  # ceil(2048 / 64)
         "sample_params": ("float32", (3,)),
         "rng": ("uint32", (2,)),
+        "logits_params": ("float32", (3,)),
+        "token_mask": ("int32", (TINY.vocab_size // 32,)),
+        "token_counts": ("int32", (TINY.vocab_size,)),
     }
-    assert inputs[5].dtype == "float16" and inputs[5].shape == ("n_pages", 64, 2, 64)
+    assert inputs[8].dtype == "float16" and inputs[8].shape == ("n_pages", 64, 2, 64)
 
 
 def test_weight_inputs_are_the_gemv_word_views() -> None:
@@ -50,9 +54,10 @@ def test_weight_inputs_are_the_gemv_word_views() -> None:
     assert by_tensor["blk.0.ffn_gate_inp.weight"].shape == (8, 256)  # F32 router
 
 
-def test_relax_function_takes_the_inputs_in_order() -> None:
+@pytest.mark.parametrize("entry", [spec.ENTRY, spec.ENTRY_PROCESSED])
+def test_relax_function_takes_the_inputs_in_order(entry: str) -> None:
     step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
-    func = step.mod[spec.ENTRY]
+    func = step.mod[entry]
     assert len(func.params) == len(step.inputs)
     for param, inp in zip(func.params, step.inputs):
         assert param.name == inp.name
@@ -74,7 +79,18 @@ def test_each_distinct_kernel_is_in_the_module_once() -> None:
     assert {("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
             ("gemv", "gemv_qkv"), ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
             ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
-            ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance")} == factories
+            ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance"),
+            ("logits", "process_logits"), ("logits", "count_token")} == factories
+
+
+def test_only_the_processed_step_processes_the_logits() -> None:
+    """The plain step is untouched (a request that asks for no processing pays nothing); the
+    processed one samples from process_logits' output and counts the token before advance."""
+    step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
+    plain, processed = step.mod[spec.ENTRY].script(), step.mod[spec.ENTRY_PROCESSED].script()
+    assert "process_logits" not in plain and "count_token" not in plain
+    order = [processed.index(name) for name in ("process_logits", "sample_token", "count_token", "advance")]
+    assert order == sorted(order)
     # Q6_K and Q4_K down projections (llama.cpp's layer mix) are two kernels.
     downs = [k for k in step.kernels if k.factory == "moe_down_residual"]
     assert sorted(k.args[0] for k in downs) == ["Q4_K", "Q6_K"]

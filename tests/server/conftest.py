@@ -65,13 +65,13 @@ class Server:
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def serving(llm: Any) -> Iterator[Server]:
+    """`llm` behind uvicorn in a thread on a free loopback port; closes `llm` at the end."""
     import uvicorn
 
     from sparkinfer.server import create_app
 
-    llm = load_tiny()
     delay = [0.0]
     gate = threading.Event()
     gate.set()
@@ -105,6 +105,12 @@ def server() -> Iterator[Server]:
         thread.join(15)
         sock.close()
         llm.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serving(load_tiny()) as s:
+        yield s
 
 
 @pytest.fixture()
