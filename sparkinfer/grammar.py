@@ -24,6 +24,15 @@ import numpy as np
 
 from sparkinfer.errors import SparkInferError
 
+# A token mask is one bit a token, 32 to an int32 word (llguidance's bitmask layout), as
+# kernels/logits.py reads it on the device and the step's `token_mask` input holds it.
+MASK_BITS = 32
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of a token mask over `vocab` tokens."""
+    return -(-vocab // MASK_BITS)
+
 
 class GrammarError(SparkInferError):
     """A JSON schema, tool definition or grammar that cannot constrain decoding."""

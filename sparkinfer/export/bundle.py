@@ -51,7 +51,7 @@ _PACKAGES: dict[str, frozenset[str]] = {
 
 # The SparkInfer runtime: what `sparkinfer.runtime.cli_run` and `sparkinfer.load` import.
 _SPARKINFER_FILES = (
-    "__init__.py", "errors.py", "sampling_params.py", "api.py",
+    "__init__.py", "errors.py", "sampling_params.py", "grammar.py", "api.py",
     "compiler/__init__.py", "compiler/manifest.py",
     "data/__init__.py",
     "gguf_file", "model/__init__.py", "model/spec.py", "quant", "runtime", "tokenizer",

@@ -25,9 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from tvm import tirx
 
-from sparkinfer.model.spec import mask_words
-
-MASK_BITS = 32
+from sparkinfer.grammar import MASK_BITS, mask_words
 
 
 def process_logits_symbol(vocab: int) -> str:

@@ -48,6 +48,7 @@ from tvm import IRModule, relax, tirx
 
 from sparkinfer.errors import MissingTensorError, TensorShapeError
 from sparkinfer.gguf_file.config import ModelConfig
+from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import gemv_format
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
@@ -62,7 +63,6 @@ from sparkinfer.model.spec import (
     ROLE_STATE,
     ROLE_WEIGHT,
     StepInput,
-    mask_words,
 )
 
 

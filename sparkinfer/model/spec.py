@@ -39,11 +39,6 @@ def chunk_inputs(n_tokens: int) -> list[StepInput]:
     return [StepInput("tokens", ROLE_STATE, "int32", (n_tokens,)), StepInput("n_valid", ROLE_STATE, "int32", (1,))]
 
 
-def mask_words(vocab: int) -> int:
-    """int32 words of a token mask over `vocab` tokens (kernels/logits.py: one bit a token)."""
-    return -(-vocab // 32)
-
-
 def ggml_type(value: Any) -> GGMLQuantizationType:
     """A ggml type from its enum member, its int value or its name."""
     if isinstance(value, str):

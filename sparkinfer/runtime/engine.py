@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from sparkinfer.compiler.manifest import MANIFEST_NAME, Manifest, compiled_dir, find_compiled, stale_reason
-from sparkinfer.model.spec import ENTRY_PROCESSED, PROCESSING_INPUTS, mask_words
+from sparkinfer.grammar import mask_words
+from sparkinfer.model.spec import ENTRY_PROCESSED, PROCESSING_INPUTS
 from sparkinfer.errors import CompiledModuleError, ContextLengthError, SparkInferError
 from sparkinfer.runtime import device as device_mod
 from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
