@@ -11,7 +11,7 @@ import tvm.runtime.vm  # not imported by `import tvm` with runtime-only TVM
 
 from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.gguf_file import GGUFModel, ModelConfig, write_model
-from sparkinfer.model.spec import bind_weight
+from sparkinfer.model.spec import bind_weight, mask_words
 from sparkinfer.tokenizer import synthetic_vocab
 from reference._tiny import random_weights  # tests/ is on sys.path (pytest, rootdir-relative packages)
 
@@ -41,6 +41,10 @@ class StepRunner:
             "page_table": page_table,
             "sample_params": np.array([0.0, 1.0, 0.0], np.float32),  # greedy
             "rng": np.array([seed, 0], np.uint32),
+            # decode_processed's (decode does not read them): no penalty, every token allowed.
+            "logits_params": np.array([0.0, 0.0, 1.0], np.float32),
+            "token_mask": np.full(mask_words(manifest.config.vocab_size), -1, np.int32),
+            "token_counts": np.zeros(manifest.config.vocab_size, np.int32),
         }
         self.args: list[tvm.runtime.Tensor] = []
         self.named: dict[str, tvm.runtime.Tensor] = {}
