@@ -18,7 +18,6 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,6 @@ from sparkinfer.tune.search import SearchConfig, propose, records, replay
 from sparkinfer.tune.task import TuneTask, default_trace, trace_knobs
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class Candidate:
-    id: str
-    task: TuneTask
-    sch: s_tir.Schedule
-    default: bool
 
 
 def plain(value: Any) -> Any:

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from sparkinfer.cli import main
 
 
