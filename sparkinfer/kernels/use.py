@@ -4,7 +4,6 @@ the tuner rebuilds its kernel from."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,17 +20,16 @@ KernelFactory = Callable[..., tirx.PrimFunc]
 
 
 def kernel_factory(family: str, name: str) -> KernelFactory:
-    """The factory `sparkinfer.kernels.<family>.<name>`; SparkInferError names a missing one."""
-    try:
-        module = importlib.import_module(f"sparkinfer.kernels.{family}")
-    except ModuleNotFoundError as e:
-        if e.name != f"sparkinfer.kernels.{family}":
-            raise
-        module = None
-    found = getattr(module, name, None)
+    """The registered factory `sparkinfer.kernels.<family>.<name>` (kernels/registry.py);
+    SparkInferError names one that is not registered."""
+    # Imported here: the registry imports every kernel module, and they import this one.
+    from sparkinfer.kernels.registry import FACTORIES
+
+    found = FACTORIES.get((family, name))
     if found is None:
         raise SparkInferError(
-            f"kernel factory sparkinfer.kernels.{family}.{name} does not exist: the decode step needs it"
+            f"kernel factory sparkinfer.kernels.{family}.{name} is not registered "
+            f"(sparkinfer/kernels/registry.py): the decode step needs it"
         )
     return found
 

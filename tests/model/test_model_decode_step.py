@@ -169,7 +169,7 @@ def test_a_tensor_missing_from_the_type_map_is_named() -> None:
 
 
 def test_a_missing_kernel_factory_is_named() -> None:
-    with pytest.raises(SparkInferError, match="sparkinfer.kernels.nosuchfamily.thing"):
+    with pytest.raises(SparkInferError, match=r"sparkinfer.kernels.nosuchfamily.thing is not registered \(sparkinfer/kernels/registry.py\)"):
         kernel_factory("nosuchfamily", "thing")
 
 

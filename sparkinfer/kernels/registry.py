@@ -1,0 +1,58 @@
+"""Every kernel factory a model may call, registered explicitly: `use.kernel_factory` finds a
+KernelUse's factory here (a (family, factory) pair is the factory's module and function name).
+A new factory is added to FACTORIES; a step that calls an unlisted one fails to build, naming it.
+"""
+
+from sparkinfer.kernels import (
+    attention,
+    chunk,
+    embedding,
+    gemm,
+    gemv,
+    logits,
+    moe,
+    moe_chunk,
+    norm,
+    prefill_attention,
+    rope,
+    router,
+    sampling,
+)
+from sparkinfer.kernels.use import KernelFactory
+
+FACTORIES: dict[tuple[str, str], KernelFactory] = {
+    (f.__module__.rsplit(".", 1)[1], f.__name__): f
+    for f in (
+        # the decode step
+        embedding.embedding,
+        norm.rms_norm,
+        norm.add_rms_norm,
+        gemv.gemv,
+        gemv.gemv_qkv,
+        rope.qk_norm_rope_kv_append,
+        attention.paged_decode_attention,
+        attention.attention_combine,
+        router.router_topk,
+        moe.moe_gate_up_silu,
+        moe.moe_down_residual,
+        logits.process_logits,
+        logits.count_token,
+        sampling.sample_token,
+        sampling.advance,
+        # the T-token step
+        embedding.embedding_rows,
+        norm.rms_norm_rows,
+        norm.add_rms_norm_rows,
+        gemm.gemm,
+        prefill_attention.qk_norm_rope_kv_append_rows,
+        prefill_attention.causal_prefill_attention,
+        router.router_topk_rows,
+        moe_chunk.moe_sort,
+        moe_chunk.grouped_gemm,
+        moe_chunk.silu_mul,
+        moe_chunk.moe_combine_residual,
+        chunk.take_row,
+        chunk.advance_chunk,
+        chunk.advance_pos,
+    )
+}
