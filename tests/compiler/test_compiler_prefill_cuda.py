@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.pipeline import HAND, compile_model, default_prefill_chunks
+from sparkinfer.compiler.pipeline import compile_model, default_prefill_chunks
 from sparkinfer.gguf_file import preset_config, type_map
 
 pytestmark = [
@@ -30,4 +30,4 @@ def test_step_with_a_chunk_step_builds_for_the_arch(arch: str, tmp_path: Path) -
     chunk_kernels = [k for k in manifest.kernels if k["family"] in CHUNK_FAMILIES]
     assert {k["factory"] for k in chunk_kernels} >= {"gemm", "grouped_gemm", "moe_sort", "causal_prefill_attention"}
     for kernel in chunk_kernels:
-        assert kernel["schedule"].startswith(f"{HAND}:sparkinfer.schedule.prefill_cuda."), kernel
+        assert kernel["schedule"]["rule"].startswith("sparkinfer.schedule.prefill_cuda."), kernel

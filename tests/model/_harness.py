@@ -11,7 +11,8 @@ import tvm.runtime.vm  # not imported by `import tvm` with runtime-only TVM
 
 from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.gguf_file import GGUFModel, ModelConfig, write_model
-from sparkinfer.model.spec import bind_weight, mask_words
+from sparkinfer.grammar import mask_words
+from sparkinfer.model.spec import bind_weight
 from sparkinfer.tokenizer import synthetic_vocab
 from reference._tiny import random_weights  # tests/ is on sys.path (pytest, rootdir-relative packages)
 
