@@ -179,16 +179,21 @@ def quantize_q8_1_symbol(k: int, rows: int) -> str:
 
 def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
     """x f32[(rows,) k] -> xq int32[(rows,) k/4], xd f32[(rows,) k/32], xs f32[(rows,) k/32]
-    (module docstring); rows = 0 takes a 1-D x. round() rounds halves away from zero."""
+    (module docstring); rows = 0 takes a 1-D x. Rounds halves away from zero (llama.cpp's
+    roundf). Two stages find each block's max|x|: `amax_q` for the words and `amax` for the
+    scale and sum block (xd and xs as one two-output block), so that a GPU thread can keep
+    either in registers beside its consumer instead of sharing one through global memory."""
     _check_k(k, "quantize_q8_1")
     lead: tuple[int, ...] = (rows,) if rows else ()
     nb = k // Q8_BLOCK
     x = te.placeholder(lead + (k,), "float32", name="x")
-    l_max = te.reduce_axis((0, Q8_BLOCK), name="l")
-    amax = te.compute(lead + (nb,), lambda *ax: te.max(
-        tirx.abs(x[ax[:-1] + (ax[-1] * Q8_BLOCK + l_max,)]), axis=l_max), name="amax")
 
-    def q(ax: tuple[Expr, ...], i: Expr) -> Expr:
+    def block_max(name: str) -> te.Tensor:
+        l = te.reduce_axis((0, Q8_BLOCK), name="l")
+        return te.compute(lead + (nb,), lambda *ax: te.max(
+            tirx.abs(x[ax[:-1] + (ax[-1] * Q8_BLOCK + l,)]), axis=l), name=name)
+
+    def q(amax: te.Tensor, ax: tuple[Expr, ...], i: Expr) -> Expr:
         m = amax[ax + (i // Q8_BLOCK,)]
         inv = tirx.Select(m > 0.0, tirx.const(_Q8_MAX, "float32") / m, tirx.const(0.0, "float32"))
         v = x[ax + (i,)] * inv
@@ -196,21 +201,27 @@ def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
         magnitude = tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")).astype("int32")
         return tirx.Select(v < 0.0, -magnitude, magnitude)
 
+    amax_q = block_max("amax_q")
+
     def word(*ax: Expr) -> Expr:
         lead_ax, w = ax[:-1], ax[-1]
         packed = _u32(0)
         for b in range(WORD):
-            byte = q(lead_ax, w * WORD + b).astype("uint32") & _u32(0xFF)
+            byte = q(amax_q, lead_ax, w * WORD + b).astype("uint32") & _u32(0xFF)
             packed = packed | (byte << _u32(8 * b))
         return tirx.reinterpret("int32", packed)
 
     xq = te.compute(lead + (k // WORD,), word, name="xq")
+    amax = block_max("amax")
     l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")
     qsum = te.compute(lead + (nb,), lambda *ax: te.sum(
-        q(ax[:-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
-    xd = te.compute(lead + (nb,), lambda *ax: amax[ax] / _Q8_MAX, name="xd")
-    xs = te.compute(lead + (nb,), lambda *ax: amax[ax] / _Q8_MAX * qsum[ax].astype("float32"),
-                    name="xs")
+        q(amax, ax[:-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
+
+    def scale_and_sum(*ax: Expr) -> list[Expr]:
+        d = amax[ax] / _Q8_MAX
+        return [d, d * qsum[ax].astype("float32")]
+
+    xd, xs = te.compute(lead + (nb,), scale_and_sum, name="scales")
     func = te.create_prim_func([x, xq, xd, xs])
     return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
 

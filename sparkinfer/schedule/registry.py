@@ -5,11 +5,21 @@ one fails to compile with an error naming it.
 """
 
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.gemv_q8 import (
+    GemvQ8CudaRule,
+    MoeDownResidualQ8CudaRule,
+    MoeGateUpSiluQ8CudaRule,
+    QuantizeQ8CudaRule,
+)
 from sparkinfer.schedule.space import register
 
 for _rule in (
     GemvCudaRule(),
     GemvExpertsCudaRule(),
     GemvQkvCudaRule(),
+    GemvQ8CudaRule(),
+    MoeGateUpSiluQ8CudaRule(),
+    MoeDownResidualQ8CudaRule(),
+    QuantizeQ8CudaRule(),
 ):
     register(_rule)
