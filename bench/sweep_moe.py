@@ -3,10 +3,11 @@
     python3 bench/sweep_moe.py prepare sm_90 [VARIANT ...]   # here: one full-model step per variant
     python3 bench/sweep_moe.py run             # on the GPU: `sparkinfer bench` tg128 @ 128 of each
 
-A variant replaces `sparkinfer.schedule.moe.default_schedule` (lanes per row, rows per block)
-while the step compiles, for gate/up/SiLU and down+residual alike; every other kernel keeps
-its schedule. Steps go to compiled/sweep/<variant>/<arch>/<key>/ and compiled/sweep/variants.json
-lists them. What wins becomes the default rule in sparkinfer/schedule/moe.py, and is then
+A variant maps the arch default MoeKnobs (lanes per row, rows per block) of gate/up/SiLU and
+down+residual alike to its own, written as a schedules file (compiled/sweep/<variant>/<arch>.json,
+every other kernel left to its default) that the step compiles with. Steps go to
+compiled/sweep/<variant>/<arch>/<key>/ and compiled/sweep/variants.json lists them. What wins
+becomes the default in sparkinfer/schedule/moe.py (or the arch's schedules file), and is then
 checked by the GPU round's accuracy gate: this sweep measures speed only.
 """
 
@@ -23,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "compiled" / "sweep"
 sys.path.insert(0, str(REPO))
 
-from sparkinfer.schedule.moe import MoeSchedule  # noqa: E402
+from sparkinfer.schedule.moe import MoeKnobs  # noqa: E402
 
 # the default schedule -> the variant's (bench/NOTES.md has the H100 numbers). The unroll budget
 # is no knob here: 16 to 256 give byte-identical libraries (the chunk loops are unrolled anyway).
-VARIANTS: dict[str, Callable[[MoeSchedule], MoeSchedule]] = {
+VARIANTS: dict[str, Callable[[MoeKnobs], MoeKnobs]] = {
     "default": lambda d: d,
     "rows1": lambda d: replace(d, rows=1),
     "rows2": lambda d: replace(d, rows=2),
@@ -42,22 +43,23 @@ VARIANTS: dict[str, Callable[[MoeSchedule], MoeSchedule]] = {
 def prepare(arch: str, names: list[str]) -> None:
     from sparkinfer.compiler.pipeline import compile_model
     from sparkinfer.gguf_file import preset_config, type_map
-    from sparkinfer.schedule import moe
+    from sparkinfer.model.qwen3moe import build_decode_step
+    from sparkinfer.schedule.arch import arch_facts
+    from sparkinfer.schedule.schedules import TUNED, ScheduleEntry, SchedulesFile
+    from sparkinfer.schedule.space import kernel_key, rule_for
 
     config = preset_config("qwen3-30b-a3b")
     types = type_map(config, "q4_k_m")
-    default = moe.default_schedule
+    facts = arch_facts(arch)
+    moe_uses = [u for u in build_decode_step(config, types).kernels if u.family == "moe"]
     listing = {}
     for name in names or list(VARIANTS):
         shape = VARIANTS[name]
-        def variant(chunk_counts: tuple[int, ...], shape=shape) -> MoeSchedule:  # noqa: ANN001
-            return shape(default(chunk_counts))
-
-        moe.default_schedule = variant
-        try:
-            result = compile_model(config, types, arch, SWEEP / name)
-        finally:
-            moe.default_schedule = default
+        # A hand sweep: each variant's knobs are measured by `run`.
+        kernels = {kernel_key(u): ScheduleEntry(shape(rule_for(u, facts).default(u, facts)).to_json(), TUNED)
+                   for u in moe_uses}
+        schedules = SchedulesFile(arch, {"script": "bench/sweep_moe.py"}, kernels).write(SWEEP / name / f"{arch}.json")
+        result = compile_model(config, types, arch, SWEEP / name, schedules=schedules)
         listing[name] = str(result.directory.relative_to(REPO))
         print(f"{name}: {listing[name]}", flush=True)
     (SWEEP / "variants.json").write_text(json.dumps({"arch": arch, "modules": listing}, indent=1) + "\n")

@@ -117,18 +117,21 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, choices=["sm_90", "sm_120", "sm_121", "cpu"])
     p.add_argument("--out", type=Path, default=Path("compiled"), help="root of compiled modules (default: compiled/)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date module is there")
+    p.add_argument("--schedules", type=Path, default=None,
+                   help="schedules file (JSON) with the knobs per kernel (default: the package's for the arch)")
 
     def run(args: argparse.Namespace) -> int:
-        from sparkinfer.compiler.pipeline import compile_model
+        from sparkinfer.compiler.pipeline import compile_model, schedules_summary
 
         model = GGUFModel.open(args.model)
         types = {name: info.ggml_type for name, info in model.tensors.items()}
-        result = compile_model(model.config, types, args.arch, args.out, force=args.force)
+        result = compile_model(model.config, types, args.arch, args.out, force=args.force,
+                               schedules=args.schedules)
         m = result.manifest
         how = "up to date" if result.cached else f"compiled in {result.seconds:.1f} s"
-        fallbacks = sum(k["schedule"] == "dlight-fallback" for k in m.kernels)
-        print(f"{result.directory}: {how}; {len(m.kernels)} kernels ({fallbacks} on dlight's default schedule), "
+        print(f"{result.directory}: {how}; {len(m.kernels)} kernels, "
               f"{len(m.inputs)} inputs, page size {m.page_size}, {m.max_pages} pages max, {m.n_splits} splits")
+        print(schedules_summary(m))
         return 0
 
     p.set_defaults(handler=run)

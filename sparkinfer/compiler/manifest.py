@@ -25,8 +25,10 @@ library, and a manifest without "format" is read as format 1):
   inputs: [{name, role: state|kv|weight, dtype, shape ("n_pages" for the KV pages),
             tensor and ggml_type for weights}] in call order,
   outputs: [{name, dtype, shape}] (logits, next),
-  kernels: [{name, family, factory, args, schedule}] where schedule is "hand:<module.function>",
-           "tuned:<log directory>", "dlight-fallback" or "unscheduled" (cpu),
+  schedules: the schedules file the kernels' knobs came from (null: none, arch defaults),
+  kernels: [{name, family, factory, args, schedule}] where schedule is {rule (module.class),
+           source: "tuned" | "transferred" | "default" (the rule's arch default) |
+           "unscheduled" (cpu), knobs},
   fatbins: [{kind, arch}] of the library's embedded CUDA binary (CUDA archs).
 """
 
@@ -96,16 +98,19 @@ def tvm_version() -> str:
         return str(tvm.__version__)
 
 
-def sources_hash(arch: str) -> str:
-    """Digest of the code and per-arch data a module for `arch` is built from."""
+def sources_hash(arch: str, schedules: Path | None = None) -> str:
+    """Digest of the code a module for `arch` is built from and of the schedules file it used
+    (`schedules`; None: the package's for `arch`, if there is one), so that a new schedules
+    file makes the module stale."""
+    from sparkinfer.schedule.schedules import packaged_schedules_path
+
     digest = hashlib.sha256()
-    files = [p for d in _SOURCE_DIRS for p in sorted((_PACKAGE / d).rglob("*.py"))]
-    for extra in (_REPO / "schedules", _REPO / "tuning_logs" / arch):
-        if extra.is_dir():
-            files += sorted(p for p in extra.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    for path in files:
+    for path in (p for d in _SOURCE_DIRS for p in sorted((_PACKAGE / d).rglob("*.py"))):
         digest.update(path.relative_to(_REPO).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
+    schedules = packaged_schedules_path(arch) if schedules is None else schedules
+    if schedules.is_file():
+        digest.update(b"schedules\0" + hashlib.sha256(schedules.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
@@ -137,6 +142,7 @@ class Manifest:
     kv_dtype: str = KV_DTYPE
     sources_hash: str | None = None
     outputs: list[Output] = field(default_factory=list)
+    schedules: str | None = None
     kernels: list[dict[str, Any]] = field(default_factory=list)
     fatbins: list[dict[str, str]] = field(default_factory=list)
 
@@ -194,6 +200,7 @@ class Manifest:
             "sources_hash": self.sources_hash,
             "inputs": [i.to_json() for i in self.inputs],
             "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape)} for o in self.outputs],
+            "schedules": self.schedules,
             "kernels": self.kernels,
             "fatbins": self.fatbins,
         })
@@ -220,6 +227,7 @@ class Manifest:
             kv_dtype=str(obj.get("kv_dtype", KV_DTYPE)),
             sources_hash=obj.get("sources_hash"),
             outputs=[Output(o["name"], o["dtype"], tuple(o["shape"])) for o in obj.get("outputs", [])],
+            schedules=obj.get("schedules"),
             kernels=list(obj.get("kernels", [])),
             fatbins=list(obj.get("fatbins", [])),
         )
@@ -292,7 +300,7 @@ def compiled_dir(config: ModelConfig, type_map: Mapping[str, Any], arch: str,
 
 
 def stale_reason(manifest: Manifest, config: ModelConfig, type_map: Mapping[str, Any], arch: str,
-                 *, check_sources: bool = True) -> str | None:
+                 *, check_sources: bool = True, schedules: Path | None = None) -> str | None:
     """Why this compiled module cannot serve this model (None: it can)."""
     if manifest.arch != arch:
         return f"built for {manifest.arch}, not {arch}"
@@ -302,7 +310,7 @@ def stale_reason(manifest: Manifest, config: ModelConfig, type_map: Mapping[str,
         return "built for other tensor types"
     if manifest.tvm_version != tvm_version():
         return f"built with TVM {manifest.tvm_version}, this is {tvm_version()}"
-    if check_sources and manifest.sources_hash != sources_hash(arch):
+    if check_sources and manifest.sources_hash != sources_hash(arch, schedules):
         return "built from other sources (kernels, schedules or compiler changed)"
     if not manifest.library.is_file():
         return f"{manifest.library.name} is missing"
@@ -318,6 +326,7 @@ def find_compiled(
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
     check_sources: bool = True,
+    schedules: Path | None = None,
 ) -> Manifest | None:
     """The compiled module for this model and arch under `root`, or None if there is none
     or it is stale (other TVM, other sources, or asked for other n_splits)."""
@@ -328,7 +337,8 @@ def find_compiled(
         manifest = Manifest.read(directory)
     except CompiledModuleError:
         return None
-    if stale_reason(manifest, config, type_map, arch, check_sources=check_sources) is not None:
+    if stale_reason(manifest, config, type_map, arch, check_sources=check_sources,
+                    schedules=schedules) is not None:
         return None
     if n_splits is not None and manifest.n_splits != n_splits:
         return None

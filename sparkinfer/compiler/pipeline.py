@@ -2,12 +2,10 @@
 
 `compile_model(config, type_map, arch, out_dir)`:
   1. `model.qwen3moe.build_decode_step` makes the Relax step and its unscheduled kernels;
-  2. for a CUDA arch each kernel gets its GPU schedule, in this order of preference:
-       - a MetaSchedule record for it in `tuning_logs/<arch>/` (JSONDatabase layout),
-       - the family's hand schedule `sparkinfer.schedule.<family>.schedule_<factory>`, called
-         with the PrimFunc and, by parameter name, any of the factory's arguments (`ggml_type`,
-         `n`, ...) and `arch`; a `None` return means "no hand schedule for this instance",
-       - dlight's default GPU rules, with a printed warning that names the kernel;
+  2. each kernel gets its schedule: the rule registered for its factory and the arch's kind
+     (sparkinfer/schedule/registry.py; a kernel without one is an error naming it), applied
+     with the knobs of the schedules file (sparkinfer/schedule/schedules.py: the package's
+     schedules/<arch>.json, or `--schedules PATH`), else the rule's arch-table default;
      for `cpu` the kernels stay unscheduled (LLVM builds them as they are);
   3. the Relax side is lowered by `RELAX_PASSES` (no operator fusion, no dlight pass and
      no RewriteCUDAGraph: the kernels are already final and the runtime captures the whole
@@ -17,18 +15,15 @@
   4. the executable is exported as `model.so` (`model.tar` for sm_121: aarch64 host code,
      linked by TVM on the Spark when loaded) next to `manifest.json` (see manifest.py).
 
-Compilation is deterministic: the same hyper-parameters and types give the same kernels in
-the same order under the same names, and the same library bytes.
+Compilation is deterministic: the same hyper-parameters, types and schedules give the same
+kernels in the same order under the same names, and the same library bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -50,15 +45,12 @@ from sparkinfer.compiler.manifest import (
     sources_hash,
     tvm_version,
 )
-from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
-from sparkinfer.model.qwen3moe import DecodeStep, KernelUse, build_decode_step, factory_args, kernel_factory
+from sparkinfer.model.qwen3moe import DecodeStep, KernelUse, build_decode_step
 from sparkinfer.model.spec import PAGE_SIZE
-from sparkinfer.schedule.arch import arch_facts
-from sparkinfer.schedule.space import ScheduleError, rule_for, schedule_kernel
-
-_REPO = Path(__file__).resolve().parents[2]
-TUNING_LOGS = _REPO / "tuning_logs"
+from sparkinfer.schedule.arch import ArchFacts, arch_facts
+from sparkinfer.schedule.schedules import DEFAULT, TRANSFERRED, TUNED, SchedulesFile, schedules_for
+from sparkinfer.schedule.space import Knobs, ScheduleError, check_knobs, kernel_key, rule_for, schedule_kernel
 
 # Relax lowering after the kernels are final (TVM's CUDA default minus LegalizeOps/FuseOps/
 # FuseTIR/dlight, which would fuse or reschedule hand-scheduled kernels, and minus
@@ -77,7 +69,7 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
     relax.transform.AttachGlobalSymbol,
 )
 
-HAND, TUNED, DLIGHT, UNSCHEDULED = "hand", "tuned", "dlight-fallback", "unscheduled"
+UNSCHEDULED = "unscheduled"
 
 
 def relax_pipeline() -> tvm.transform.Pass:
@@ -93,125 +85,33 @@ def library_name(arch: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _schedule_function(use: KernelUse) -> Callable[..., Any] | None:
+def kernel_knobs(use: KernelUse, facts: ArchFacts, schedules: SchedulesFile | None) -> tuple[Knobs, str]:
+    """The knobs `use` gets on `facts`' arch and their source: the schedules file's entry
+    (tuned / transferred / default), else the rule's default."""
+    rule = rule_for(use, facts)
+    entry = None if schedules is None else schedules.kernels.get(kernel_key(use))
+    if entry is None:
+        return rule.default(use, facts), DEFAULT
     try:
-        module = importlib.import_module(f"sparkinfer.schedule.{use.family}")
-    except ModuleNotFoundError as e:
-        if e.name != f"sparkinfer.schedule.{use.family}":
-            raise
-        return None
-    return getattr(module, f"schedule_{use.factory}", None)
+        knobs = rule.knobs_type.from_json(entry.knobs)
+        check_knobs(rule, use, knobs, facts)
+    except ScheduleError as e:
+        raise ScheduleError(f"schedules file for {facts.name}, kernel {kernel_key(use)}: {e}") from None
+    return knobs, entry.source
 
 
-def _factory_params(use: KernelUse) -> dict[str, Any]:
-    """The factory's arguments by parameter name (`ggml_type`, `n`, `k`, ...)."""
-    try:
-        factory = kernel_factory(use.family, use.factory)
-        names = list(inspect.signature(factory).parameters)
-    except (SparkInferError, TypeError, ValueError):
-        return {}
-    return dict(zip(names, factory_args(use)))
-
-
-def hand_schedule(use: KernelUse, func: tirx.PrimFunc, arch: str) -> tuple[tirx.PrimFunc, str] | None:
-    """The family's hand schedule of this kernel, or None where there is none."""
+def schedule_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = None) -> dict[str, dict[str, Any]]:
+    """Replace every kernel of `step.mod` by its scheduled form; returns name -> the schedule
+    record the manifest keeps ({rule, source, knobs})."""
     facts = arch_facts(arch)
-    try:
-        rule = rule_for(use, facts)
-    except ScheduleError:
-        rule = None
-    if rule is not None:
-        return schedule_kernel(func, use, facts), f"{HAND}:{rule.name}"
-    schedule = _schedule_function(use)
-    if schedule is None:
-        return None
-    params = inspect.signature(schedule).parameters
-    available = {**_factory_params(use), "arch": arch}
-    kwargs = {name: available[name] for name in list(params)[1:] if name in available}
-    scheduled = schedule(func, **kwargs)
-    if scheduled is None:
-        return None
-    if not isinstance(scheduled, tirx.PrimFunc):
-        raise TypeError(f"{schedule.__module__}.{schedule.__name__} returned {type(scheduled).__name__}, not a PrimFunc")
-    return scheduled.with_attr("tirx.is_scheduled", True), f"{HAND}:{schedule.__module__}.{schedule.__name__}"
-
-
-def tuned_schedule(original: tirx.PrimFunc, target: tvm.target.Target, arch: str,
-                   logs: Path = TUNING_LOGS) -> tuple[tirx.PrimFunc, str] | None:
-    """A MetaSchedule record for this kernel in `logs/<arch>/`, applied; None without one."""
-    work_dir = logs / arch
-    if not (work_dir / "database_workload.json").is_file():
-        return None
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    database = _tuning_database(str(work_dir))
-    mod = _normalize_mod(original)
-    if not database.has_workload(mod):
-        return None
-    sch = database.query_schedule(mod, target, workload_name="main")
-    if sch is None:
-        return None
-    del ms
-    rel = os.path.relpath(work_dir, _REPO)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), f"{TUNED}:{rel}"
-
-
-_DATABASES: dict[str, Any] = {}
-
-
-def _tuning_database(work_dir: str) -> Any:
-    if work_dir not in _DATABASES:
-        from tvm.s_tir import meta_schedule as ms
-
-        _DATABASES[work_dir] = ms.database.JSONDatabase(work_dir=work_dir, allow_missing=False)
-    return _DATABASES[work_dir]
-
-
-def dlight_schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    from tvm.s_tir import dlight as dl
-
-    try:
-        with target:
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )(tvm.IRModule({name: func}))
-    except Exception as e:  # dlight raises ScheduleError, AssertionError, ...
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise SparkInferError(
-            f"kernel {name}: no hand schedule, and dlight's default rules fail on it ({last})"
-        ) from e
-    scheduled = mod[name]
-    if not (scheduled.attrs is not None and scheduled.attrs.get("tirx.is_scheduled", False)):
-        raise SparkInferError(f"kernel {name}: no hand schedule, and dlight's default rules cannot schedule it")
-    return scheduled
-
-
-def schedule_step(step: DecodeStep, arch: str, *, logs: Path = TUNING_LOGS,
-                  warn: Callable[[str], None] | None = None) -> dict[str, str]:
-    """Replace every kernel of `step.mod` by its GPU schedule; returns name -> provenance."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    target = targets.target_for(arch)
-    provenance: dict[str, str] = {}
+    records: dict[str, dict[str, Any]] = {}
     mod = step.mod
     for use in step.kernels:
         gvar = mod.get_global_var(use.name)
-        func = mod[gvar]
-        found = tuned_schedule(step.originals[use.name], target, arch, logs)
-        if found is None:
-            found = hand_schedule(use, func, arch)
-        if found is None:
-            warn(
-                f"warning: kernel {use.name} ({use.family}.{use.factory}) has no GPU schedule "
-                f"(sparkinfer.schedule.{use.family}.schedule_{use.factory}): using dlight's default rules"
-            )
-            found = dlight_schedule(use.name, func, target), DLIGHT
-        scheduled, provenance[use.name] = found
-        # A tuned record may carry the symbol it was tuned under; the module's name rules.
-        if scheduled.attrs is not None and "global_symbol" in scheduled.attrs:
-            scheduled = scheduled.without_attr("global_symbol")
-        mod.update_func(gvar, scheduled)
-    return provenance
+        knobs, source = kernel_knobs(use, facts, schedules)
+        mod.update_func(gvar, schedule_kernel(mod[gvar], use, facts, knobs))
+        records[use.name] = {"rule": rule_for(use, facts).name, "source": source, "knobs": knobs.to_json()}
+    return records
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,14 +127,14 @@ class CompileResult:
     cached: bool
 
 
-def build_step(step: DecodeStep, arch: str, *,
-               logs: Path = TUNING_LOGS) -> tuple[tvm.runtime.Executable, dict[str, str]]:
-    """Schedule (CUDA) and build a decode step; returns the executable and the provenance."""
+def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = None
+               ) -> tuple[tvm.runtime.Executable, dict[str, dict[str, Any]]]:
+    """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     if arch == "cpu":
-        provenance = {use.name: UNSCHEDULED for use in step.kernels}
-        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), provenance
-    provenance = schedule_step(step, arch, logs=logs)
+        records = {use.name: {"rule": None, "source": UNSCHEDULED, "knobs": {}} for use in step.kernels}
+        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), records
+    provenance = schedule_step(step, arch, schedules)
     with targets.aot_fatbin(arch):
         ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline())
     return ex, provenance
@@ -274,22 +174,25 @@ def compile_model(
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
     force: bool = False,
-    logs: Path = TUNING_LOGS,
+    schedules: str | Path | None = None,
 ) -> CompileResult:
-    """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`.
+    """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`,
+    with the knobs of `schedules` (a schedules file; None: the package's for `arch`, if any).
 
-    A module already there for the same model, TVM and sources is reused unless `force`.
+    A module already there for the same model, TVM, sources and schedules is reused unless `force`.
     """
     from sparkinfer.compiler.manifest import find_compiled
 
     targets.target_for(arch)  # rejects an unknown arch before any work
+    chosen, schedules_path = schedules_for(arch, schedules)
     if not force:
-        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits)
+        found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits,
+                              schedules=schedules_path)
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
     step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits)
-    ex, provenance = build_step(step, arch, logs=logs)
+    ex, provenance = build_step(step, arch, chosen)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)
     directory.mkdir(parents=True, exist_ok=True)
@@ -318,7 +221,8 @@ def compile_model(
         page_size=step.page_size,
         max_pages=step.max_pages,
         n_splits=step.n_splits,
-        sources_hash=sources_hash(arch),
+        sources_hash=sources_hash(arch, schedules_path),
+        schedules=None if schedules_path is None else str(schedules_path),
         inputs=step.inputs,
         outputs=[Output("logits", "float32", (config.vocab_size,)), Output("next", "int32", (1,))],
         kernels=[{**use.to_json(), "schedule": provenance[use.name]} for use in step.kernels],
@@ -327,6 +231,16 @@ def compile_model(
     manifest.write()
     seconds = time.perf_counter() - start
     return CompileResult(manifest, directory, seconds, False)
+
+
+def schedules_summary(manifest: Manifest) -> str:
+    """One line: how many kernels got which kind of schedule, and from which file."""
+    counts: dict[str, int] = {}
+    for kernel in manifest.kernels:
+        source = kernel["schedule"]["source"]
+        counts[source] = counts.get(source, 0) + 1
+    parts = ", ".join(f"{counts[s]} {s}" for s in (TUNED, TRANSFERRED, DEFAULT, UNSCHEDULED) if s in counts)
+    return f"schedules: {parts} ({manifest.schedules or 'no schedules file: arch defaults'})"
 
 
 def remove_compiled(directory: str | Path) -> None:

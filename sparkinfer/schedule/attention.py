@@ -23,12 +23,25 @@ fp16 p . V with half2 math; splits chosen from the context length.
 attention_combine: one thread block per query head, a thread per head dim, splits serial.
 """
 
-from tvm import s_tir, tirx
+from dataclasses import dataclass
+from typing import Any
+
+from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-_WARP = 32
-_K_VECTOR = 8  # halves per 16-byte load of a K row
-_Q_VECTOR = 4  # floats per 16-byte load of q
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.gemv import WARP, powers_of_two
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+
+
+@dataclass(frozen=True)
+class AttentionKnobs(Knobs):
+    """k_vector: halves per load of a K row (8: 16-byte loads); q_vector: floats per load of
+    q from shared memory (4: 16-byte broadcasts)."""
+
+    k_vector: Any
+    q_vector: Any
 
 
 def _read_index(sch: s_tir.Schedule, block: SBlockRV, buffer: str) -> int:
@@ -44,19 +57,38 @@ def _set_scope(sch: s_tir.Schedule, block: str, buffer: str, scope: str) -> None
     sch.set_scope(b, _write_index(sch, b, buffer), scope)
 
 
-def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule a `paged_decode_attention` PrimFunc (tile = 32, head_dim a multiple of 32)."""
+class PagedDecodeAttentionCudaRule(ScheduleRule):
+    """tile = 32, head_dim a multiple of 32 (the module docstring)."""
+
+    target_kind = "cuda"
+    family = "attention"
+    factory = "paged_decode_attention"
+    knobs_type = AttentionKnobs
     # The per-stream state is read and written by every tile step (an opaque recurrence), which
     # the schedule's dataflow checks reject although every transformation here keeps it.
-    sch = s_tir.Schedule(func, enable_check=False)
+    enable_check = False
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {"k_vector": powers_of_two(facts.vector_bytes // 2),
+                "q_vector": powers_of_two(facts.vector_bytes // 4)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> AttentionKnobs:
+        return AttentionKnobs(k_vector=facts.vector_bytes // 2, q_vector=facts.vector_bytes // 4)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, AttentionKnobs)
+        _schedule_paged_decode_attention(sch, knobs)
+
+
+def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs) -> None:
     blk = sch.get_sblock
     kv, s, w, _ = sch.get_loops(blk("state_init"))
     n_streams = int(sch.get(w).extent)
     tile = int(sch.get(sch.get_loops(blk("score"))[-3]).extent)
     head_dim = int(sch.get(sch.get_loops(blk("score"))[-1]).extent)
-    if tile != _WARP or head_dim % _WARP:
+    if tile != WARP or head_dim % WARP:
         raise ValueError(
-            f"needs tile = {_WARP} and head_dim a multiple of it, got {tile}, {head_dim}"
+            f"needs tile = {WARP} and head_dim a multiple of it, got {tile}, {head_dim}"
         )
 
     for block, buffer, scope in (
@@ -86,13 +118,13 @@ def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
     def lanes_over_dims(loop: LoopRV) -> LoopRV:
         """Lane i takes dims [i*D/32, (i+1)*D/32); returns the per-lane loop."""
-        lane, inner = sch.split(loop, [_WARP, None])
+        lane, inner = sch.split(loop, [WARP, None])
         sch.bind(lane, "threadIdx.x")
         return inner
 
     def spread(loop: LoopRV) -> None:
         """Over all threads of the block, consecutive iterations on consecutive lanes."""
-        _, ty, tx = sch.split(loop, [None, n_streams, _WARP])
+        _, ty, tx = sch.split(loop, [None, n_streams, WARP])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
 
@@ -108,11 +140,11 @@ def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.set_scope(blk("gather_v"), 0, "local")
     t, d = sch.get_loops(blk("gather_k"))[-2:]
     sch.bind(t, "threadIdx.x")
-    loads, vec = sch.split(d, [None, _K_VECTOR])
+    loads, vec = sch.split(d, [None, knobs.k_vector])
     sch.unroll(loads)
     sch.vectorize(vec)
     t, d = sch.get_loops(blk("gather_v"))[-2:]
-    lane, d_in = sch.split(d, [_WARP, None])
+    lane, d_in = sch.split(d, [WARP, None])
     sch.reorder(lane, t, d_in)
     sch.bind(lane, "threadIdx.x")
     sch.unroll(t)
@@ -122,7 +154,7 @@ def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
     score = blk("score")
     t, g, d = sch.get_loops(score)[-3:]
     sch.bind(t, "threadIdx.x")
-    d_out, d_in = sch.split(d, [None, _Q_VECTOR])
+    d_out, d_in = sch.split(d, [None, knobs.q_vector])
     sch.reorder(d_out, g, d_in)
     q_local = sch.cache_read(score, _read_index(sch, score, "q_rot_shared"), "local")
     sch.compute_at(q_local, d_out)
@@ -145,7 +177,7 @@ def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
     # p . V: head dims over lanes, as gathered.
     g, d, t = sch.get_loops(blk("pv"))[-3:]
-    lane, d_in = sch.split(d, [_WARP, None])
+    lane, d_in = sch.split(d, [WARP, None])
     sch.reorder(lane, t, g, d_in)
     sch.bind(lane, "threadIdx.x")
     for loop in (t, g, d_in):
@@ -171,12 +203,20 @@ def schedule_paged_decode_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
     o_part = blk("o_part")
     spread(sch.fuse(*sch.get_loops(o_part)[-2:]))
     sch.compute_at(blk("merge_out"), sch.get_loops(o_part)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_attention_combine(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule an `attention_combine` PrimFunc: a block per head, a thread per head dim."""
-    sch = s_tir.Schedule(func)
+class AttentionCombineCudaRule(FixedRule):
+    """A block per head, a thread per head dim, the splits serial."""
+
+    target_kind = "cuda"
+    family = "attention"
+    factory = "attention_combine"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        _schedule_attention_combine(sch)
+
+
+def _schedule_attention_combine(sch: s_tir.Schedule) -> None:
     blk = sch.get_sblock
     out = blk("combine")
     (i,) = sch.get_loops(out)
@@ -191,4 +231,3 @@ def schedule_attention_combine(func: tirx.PrimFunc) -> tirx.PrimFunc:
         # shared-memory round trip and a barrier.
         sch.compute_at(blk(block), dim)
         sch.set_scope(blk(block), 0, "local")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -5,16 +5,32 @@ whole schedule. Each thread decodes its weight's scale from the block header its
 header bytes are shared by the 32..256 threads of a block and served from L1.
 """
 
-from tvm import s_tir, tirx
+from typing import Any
 
-_THREADS = 256
+from tvm import s_tir
+
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.norm import DEFAULT_THREADS, BlockThreadsKnobs, block_threads_space
+from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
-def schedule_embedding(func: tirx.PrimFunc, threads: int = _THREADS) -> tirx.PrimFunc:
-    """Schedule an `embedding` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
-    (h,) = sch.get_loops(sch.get_sblock("embedding"))
-    block, lane = sch.split(h, [None, threads])
-    sch.bind(block, "blockIdx.x")
-    sch.bind(lane, "threadIdx.x")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+class EmbeddingCudaRule(ScheduleRule):
+    target_kind = "cuda"
+    family = "embedding"
+    factory = "embedding"
+    knobs_type = BlockThreadsKnobs
+
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return block_threads_space(facts)
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> BlockThreadsKnobs:
+        return BlockThreadsKnobs(threads=DEFAULT_THREADS)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, BlockThreadsKnobs)
+        (h,) = sch.get_loops(sch.get_sblock("embedding"))
+        block, lane = sch.split(h, [None, knobs.threads])
+        sch.bind(block, "blockIdx.x")
+        sch.bind(lane, "threadIdx.x")

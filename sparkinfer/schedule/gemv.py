@@ -212,11 +212,10 @@ def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -
 class _GemvCudaRule(ScheduleRule):
     """The GEMV layout of the module docstring, for the factories whose kernels it fits."""
 
+    target_kind = "cuda"
     family = "gemv"
     knobs_type = GemvKnobs
 
-    def is_target_available(self, facts: ArchFacts) -> bool:
-        return facts.kind == "cuda"
 
     @abstractmethod
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:

@@ -11,7 +11,6 @@ its 8 words, then (a second loop nest under the same thread binding) its scale a
 """
 
 import dataclasses
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,16 +22,19 @@ from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD, q8_format
 from sparkinfer.model.qwen3moe import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
-    UNROLL_STEPS,
     GemvKnobs,
     _GemvCudaRule,
     _schedule_rows,
     cache_chunk_in_registers,
-    lanes_rows_space,
     loops_below,
     powers_of_two,
 )
-from sparkinfer.schedule.moe import MoeSchedule, _lane_reduction, default_schedule
+from sparkinfer.schedule.moe import (
+    MoeKnobs,
+    _MoeCudaRule,
+    schedule_down_residual,
+    schedule_gate_up_silu,
+)
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
@@ -62,77 +64,26 @@ class GemvQ8CudaRule(_GemvCudaRule):
         _schedule_rows(sch, fmt, knobs, cache)
 
 
-@dataclass(frozen=True)
-class MoeQ8Knobs(Knobs):
-    """lanes: threads per row (threadIdx.x); rows: rows per block (threadIdx.y); unroll: the
-    explicit-unroll budget of a lane's chunk loop (`schedule.moe.MoeSchedule`)."""
+class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
+    """`schedule.moe`'s gate/up/SiLU layout (same knobs) on the int8 blocks."""
 
-    lanes: Any
-    rows: Any
-    unroll: Any
-
-
-def _moe_space(chunk_counts: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    return {**lanes_rows_space(*chunk_counts), "unroll": UNROLL_STEPS}
-
-
-def _moe_default(chunk_counts: tuple[int, ...]) -> MoeQ8Knobs:
-    d = default_schedule(chunk_counts)
-    return MoeQ8Knobs(lanes=d.lanes, rows=d.rows, unroll=d.unroll)
-
-
-class _MoeQ8CudaRule(ScheduleRule):
     family = "moe_q8"
-    knobs_type = MoeQ8Knobs
-
-    def is_target_available(self, facts: ArchFacts) -> bool:
-        return facts.kind == "cuda"
-
-    @abstractmethod
-    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
-        """Chunks of each lane-parallel reduction: the lanes must split them all evenly."""
-
-    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return _moe_space(self.chunk_counts(use))
-
-    def structural(self) -> tuple[str, ...]:
-        return ()
-
-    def default(self, use: KernelUse, facts: ArchFacts) -> MoeQ8Knobs:
-        return _moe_default(self.chunk_counts(use))
-
-
-class MoeGateUpSiluQ8CudaRule(_MoeQ8CudaRule):
-    """`schedule.moe.schedule_moe_gate_up_silu`'s layout: the slot is blockIdx.y, gate and up
-    two lane reductions in the same threads, SiLU(gate) * up written once."""
-
     factory = "moe_gate_up_silu_q8"
 
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         type_gate, type_up, _, _, _, hidden = factory_args(use)
-        return tuple(hidden // q8_format(t).chunk for t in (type_gate, type_up))
+        return hidden // q8_format(type_gate).chunk, hidden // q8_format(type_up).chunk
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        assert isinstance(knobs, MoeQ8Knobs)
-        type_gate, type_up = factory_args(use)[:2]
-        config = MoeSchedule(lanes=knobs.lanes, rows=knobs.rows, unroll=knobs.unroll)
-        slot, n = sch.get_loops(sch.get_sblock("act"))
-        bx, ty = sch.split(n, [None, knobs.rows])
-        sch.bind(slot, "blockIdx.y")
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(ty, "threadIdx.y")
-        for name, weight, ggml_type in (("gate", "Wg", type_gate), ("up", "Wu", type_up)):
-            block = sch.get_sblock(name)
-            sch.compute_at(block, ty)
-            sch.set_scope(block, 0, "local")
-            chunk_loop = loops_below(sch, block, ty)[0]
-            _lane_reduction(sch, int8_view(ggml_type), name, chunk_loop, config, weight, "xq")
+        assert isinstance(knobs, MoeKnobs)
+        type_gate, type_up, *_ = factory_args(use)
+        schedule_gate_up_silu(sch, int8_view(type_gate), int8_view(type_up), knobs, "xq")
 
 
-class MoeDownResidualQ8CudaRule(_MoeQ8CudaRule):
-    """`schedule.moe.schedule_moe_down_residual`'s layout: a row of h_out reduces over
-    (slot, chunk) across the lanes; weights and residual in the epilogue."""
+class MoeDownResidualQ8CudaRule(_MoeCudaRule):
+    """`schedule.moe`'s down/weights/residual layout (same knobs) on the int8 blocks."""
 
+    family = "moe_q8"
     factory = "moe_down_residual_q8"
 
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
@@ -140,19 +91,9 @@ class MoeDownResidualQ8CudaRule(_MoeQ8CudaRule):
         return (n_used * (n_ffn // q8_format(ggml_type).chunk),)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        assert isinstance(knobs, MoeQ8Knobs)
+        assert isinstance(knobs, MoeKnobs)
         ggml_type, _, n_used, _, _ = factory_args(use)
-        config = MoeSchedule(lanes=knobs.lanes, rows=knobs.rows, unroll=knobs.unroll)
-        (n,) = sch.get_loops(sch.get_sblock("h_out"))
-        down = sch.get_sblock("down")
-        bx, ty = sch.split(n, [None, knobs.rows])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(ty, "threadIdx.y")
-        sch.compute_at(down, ty)
-        sch.set_scope(down, 0, "local")
-        below = loops_below(sch, down, ty)
-        chunk_loop = sch.fuse(*below[:2]) if n_used > 1 else below[0]
-        _lane_reduction(sch, int8_view(ggml_type), "down", chunk_loop, config, "Wd", "aq")
+        schedule_down_residual(sch, int8_view(ggml_type), n_used, knobs, "aq")
 
 
 @dataclass(frozen=True)
@@ -163,12 +104,10 @@ class QuantizeKnobs(Knobs):
 
 
 class QuantizeQ8CudaRule(ScheduleRule):
+    target_kind = "cuda"
     family = "gemv_q8"
     factory = "quantize_q8_1"
     knobs_type = QuantizeKnobs
-
-    def is_target_available(self, facts: ArchFacts) -> bool:
-        return facts.kind == "cuda"
 
     def _blocks(self, use: KernelUse) -> int:
         k, rows = factory_args(use)
@@ -176,9 +115,6 @@ class QuantizeQ8CudaRule(ScheduleRule):
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= 32)}
-
-    def structural(self) -> tuple[str, ...]:
-        return ()
 
     def default(self, use: KernelUse, facts: ArchFacts) -> QuantizeKnobs:
         # 2048 activations are 64 blocks of 32: one warp-multiple block of threads covers them.

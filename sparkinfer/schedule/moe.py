@@ -10,48 +10,46 @@ registers, sub-block scales decoded once, lanes meeting in a warp-shuffle allred
     happen in the epilogue, with no [KU, H] intermediate and no atomics.
 """
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
+from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
-    WARP,
+    BLOCK_THREADS,
+    DEFAULT_UNROLL,
+    UNROLL_STEPS,
     cache_chunk_in_registers,
     even_lanes,
+    lanes_rows_space,
     loops_below,
     unroll_chunk_loop,
 )
-
-
-def check_block(lanes: int, rows: int) -> None:
-    if lanes < 1 or lanes > WARP or lanes & (lanes - 1):
-        raise ValueError(f"lanes must be a power of two in 1..{WARP}, got {lanes}")
-    if rows < 1 or lanes * rows > 1024:
-        raise ValueError(f"{lanes} lanes x {rows} rows is not a valid block")
+from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
 @dataclass(frozen=True)
-class MoeSchedule:
-    """lanes: threads per row (a power of two <= 32, dividing every reduction's chunk
-    count); rows: rows per thread block (threadIdx.y); unroll: explicit-unroll budget
-    (statements) for a lane's loop over its chunks."""
+class MoeKnobs(Knobs):
+    """lanes: threads per row (threadIdx.x, splitting every reduction's chunk count evenly);
+    rows: rows per thread block (threadIdx.y); unroll: explicit-unroll budget (statements)
+    for a lane's loop over its chunks."""
 
-    lanes: int
-    rows: int
-    unroll: int = 256
-
-    def __post_init__(self) -> None:
-        check_block(self.lanes, self.rows)
+    lanes: Any
+    rows: Any
+    unroll: Any
 
 
-def default_schedule(chunk_counts: tuple[int, ...]) -> MoeSchedule:
+def default_knobs(chunk_counts: tuple[int, ...]) -> MoeKnobs:
     """Lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
     idles on a tail (threadIdx.x has one extent per kernel, so gate and up share it);
-    rows: enough for 128 threads a block."""
+    rows: enough for BLOCK_THREADS threads a block."""
     lanes = even_lanes(*chunk_counts)
-    return MoeSchedule(lanes=lanes, rows=max(1, 128 // lanes))
+    return MoeKnobs(lanes=lanes, rows=max(1, BLOCK_THREADS // lanes), unroll=DEFAULT_UNROLL)
 
 
 def _lane_reduction(
@@ -59,7 +57,7 @@ def _lane_reduction(
     fmt: GemvFormat,
     name: str,
     chunk_loop: LoopRV,
-    config: MoeSchedule,
+    config: MoeKnobs,
     weight: str,
     x: str,
 ) -> None:
@@ -85,21 +83,13 @@ def _lane_reduction(
     unroll_chunk_loop(sch, it, [*producers, block], config.unroll)
 
 
-def _extent(sch: s_tir.Schedule, block: str, loop: int) -> int:
-    return int(sch.get(sch.get_loops(sch.get_sblock(block))[loop]).extent)
-
-
-def schedule_moe_gate_up_silu(
-    func: tirx.PrimFunc, type_gate: int, type_up: int, config: MoeSchedule | None = None
-) -> tirx.PrimFunc:
-    """Schedule a `moe_gate_up_silu` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
+def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: GemvFormat,
+                          config: MoeKnobs, x: str = "x") -> None:
+    """The gate/up/SiLU layout on blocks act, gate/up and their _dot (_xsum) producers, which
+    read `x` (also the int8 form, `schedule.gemv_q8`)."""
     act = sch.get_sblock("act")
     slot, n = sch.get_loops(act)
-    projections = (("gate", "Wg", gemv_format(type_gate)), ("up", "Wu", gemv_format(type_up)))
-    if config is None:
-        chunk_counts = (_extent(sch, "gate", 2), _extent(sch, "up", 2))
-        config = default_schedule(chunk_counts)
+    projections = (("gate", "Wg", fmt_gate), ("up", "Wu", fmt_up))
     bx, ty = sch.split(n, [None, config.rows])
     sch.bind(slot, "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
@@ -109,23 +99,16 @@ def schedule_moe_gate_up_silu(
         sch.compute_at(block, ty)
         sch.set_scope(block, 0, "local")
         chunk_loop = loops_below(sch, block, ty)[0]
-        _lane_reduction(sch, fmt, name, chunk_loop, config, weight, "x")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        _lane_reduction(sch, fmt, name, chunk_loop, config, weight, x)
 
 
-def schedule_moe_down_residual(
-    func: tirx.PrimFunc, ggml_type: int, config: MoeSchedule | None = None
-) -> tirx.PrimFunc:
-    """Schedule a `moe_down_residual` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
-    fmt = gemv_format(ggml_type)
+def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, n_used: int, config: MoeKnobs,
+                           x: str = "act") -> None:
+    """The down/weights/residual layout on blocks h_out, down and its producers, which read
+    `x` (also the int8 form, `schedule.gemv_q8`)."""
     h_out = sch.get_sblock("h_out")
     (n,) = sch.get_loops(h_out)
     down = sch.get_sblock("down")
-    n_used = _extent(sch, "down", 1)
-    if config is None:
-        # The lanes sweep slot x chunk: size them by all the slots' chunks together.
-        config = default_schedule((n_used * _extent(sch, "down", 2),))
     bx, ty = sch.split(n, [None, config.rows])
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
@@ -134,5 +117,48 @@ def schedule_moe_down_residual(
     below = loops_below(sch, down, ty)
     # compute_at drops a unit slot loop: with one expert (a dense FFN) the chunks alone.
     chunk_loop = sch.fuse(*below[:2]) if n_used > 1 else below[0]
-    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", "act")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", x)
+
+
+class _MoeCudaRule(ScheduleRule):
+    target_kind = "cuda"
+    family = "moe"
+    knobs_type = MoeKnobs
+
+
+    @abstractmethod
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        """The chunk count of every lane-parallel reduction of the kernel."""
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {**lanes_rows_space(*self.chunk_counts(use)), "unroll": UNROLL_STEPS}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
+        return default_knobs(self.chunk_counts(use))
+
+
+class MoeGateUpSiluCudaRule(_MoeCudaRule):
+    factory = "moe_gate_up_silu"
+
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        type_gate, type_up, _, _, _, hidden = factory_args(use)
+        return hidden // gemv_format(type_gate).chunk, hidden // gemv_format(type_up).chunk
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        type_gate, type_up, *_ = factory_args(use)
+        schedule_gate_up_silu(sch, gemv_format(type_gate), gemv_format(type_up), knobs)
+
+
+class MoeDownResidualCudaRule(_MoeCudaRule):
+    factory = "moe_down_residual"
+
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        # The lanes sweep slot x chunk: size them by all the slots' chunks together.
+        ggml_type, _, n_used, _, inter = factory_args(use)
+        return (n_used * (inter // gemv_format(ggml_type).chunk),)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        ggml_type, _, n_used, _, _ = factory_args(use)
+        schedule_down_residual(sch, gemv_format(ggml_type), n_used, knobs)

@@ -8,14 +8,33 @@ output), so the residual a thread writes to global memory is only ever read back
 kernel moves 24 KiB: its time is launch latency, which is why it is not split over blocks.
 """
 
-from tvm import s_tir, tirx
+from dataclasses import dataclass
+from typing import Any
 
-_THREADS = 256
+from tvm import s_tir
+
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.gemv import WARP, powers_of_two
+from sparkinfer.schedule.space import Knobs, ScheduleRule
+
+DEFAULT_THREADS = 256
 
 
-def schedule_rms_norm(func: tirx.PrimFunc, threads: int = _THREADS) -> tirx.PrimFunc:
-    """Schedule an `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
+@dataclass(frozen=True)
+class BlockThreadsKnobs(Knobs):
+    """threads: threads of the kernel's single thread block (or of each block)."""
+
+    threads: Any
+
+
+def block_threads_space(facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+    """Whole warps, up to the block limit."""
+    return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP)}
+
+
+def _schedule_rms_norm(sch: s_tir.Schedule, threads: Any) -> None:
+    """An `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target."""
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
     sch.set_scope(sumsq, 0, "local")
@@ -39,8 +58,28 @@ def schedule_rms_norm(func: tirx.PrimFunc, threads: int = _THREADS) -> tirx.Prim
     for consumer in consumers:
         sch.reverse_compute_at(consumer, block)
         over_threads(sch.get_loops(consumer)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-# The pipeline looks schedules up by factory name; one schedule serves both norms.
-schedule_add_rms_norm = schedule_rms_norm
+class _NormCudaRule(ScheduleRule):
+    target_kind = "cuda"
+    family = "norm"
+    knobs_type = BlockThreadsKnobs
+
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return block_threads_space(facts)
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> BlockThreadsKnobs:
+        return BlockThreadsKnobs(threads=DEFAULT_THREADS)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, BlockThreadsKnobs)
+        _schedule_rms_norm(sch, knobs.threads)
+
+
+class RmsNormCudaRule(_NormCudaRule):
+    factory = "rms_norm"
+
+
+class AddRmsNormCudaRule(_NormCudaRule):
+    factory = "add_rms_norm"

@@ -6,18 +6,24 @@ element (to q_rot, or to the cache slot with the matching value element). One la
 whole step; the cache slot is written by the NKV key-head blocks only.
 """
 
-from tvm import s_tir, tirx
+from tvm import s_tir
+
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.space import FixedRule, Knobs
 
 
-def schedule_qk_norm_rope_kv_append(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule a `qk_norm_rope_kv_append` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
-    rope = sch.get_sblock("rope")
-    head, dim = sch.get_loops(rope)
-    sch.bind(head, "blockIdx.x")
-    sch.bind(dim, "threadIdx.x")
-    sumsq = sch.get_sblock("sumsq")
-    sch.compute_at(sumsq, head)
-    sch.set_scope(sumsq, 0, "local")
-    sch.bind(sch.get_loops(sumsq)[-1], "threadIdx.x")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+class QkNormRopeKvAppendCudaRule(FixedRule):
+    target_kind = "cuda"
+    family = "rope"
+    factory = "qk_norm_rope_kv_append"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        rope = sch.get_sblock("rope")
+        head, dim = sch.get_loops(rope)
+        sch.bind(head, "blockIdx.x")
+        sch.bind(dim, "threadIdx.x")
+        sumsq = sch.get_sblock("sumsq")
+        sch.compute_at(sumsq, head)
+        sch.set_scope(sumsq, 0, "local")
+        sch.bind(sch.get_loops(sumsq)[-1], "threadIdx.x")

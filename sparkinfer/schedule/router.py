@@ -8,8 +8,12 @@
 At E = 128 this is a few microseconds of one SM, all of it latency.
 """
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.space import FixedRule, Knobs
 
 
 def _bind_threads(sch: s_tir.Schedule, block: SBlockRV, threads: int) -> LoopRV:
@@ -31,9 +35,18 @@ def _accumulate_in_registers(sch: s_tir.Schedule, block: SBlockRV, thread_loop: 
     sch.reverse_compute_at(store, thread_loop)
 
 
-def schedule_router_topk(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule a `router_topk` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
+class RouterTopkCudaRule(FixedRule):
+    """One thread block of E threads (the module docstring)."""
+
+    target_kind = "cuda"
+    family = "router"
+    factory = "router_topk"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        _schedule_router_topk(sch)
+
+
+def _schedule_router_topk(sch: s_tir.Schedule) -> None:
     rank = sch.get_sblock("rank")
     e, _ = sch.get_loops(rank)
     n_experts = int(sch.get(e).extent)
@@ -60,4 +73,3 @@ def schedule_router_topk(func: tirx.PrimFunc) -> tirx.PrimFunc:
     # the kernel's ~8 (ncu on the H100, bench/NOTES.md).
     for block in (rank, blocks["ids"]):
         sch.unroll(sch.get_loops(block)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -16,37 +16,69 @@ buffer between them), which is the next step.
 `advance` is a single thread.
 """
 
-from tvm import s_tir, tirx
+from dataclasses import dataclass
+from typing import Any
 
-# The most threads a block can have: the passes are bound by one SM's memory parallelism.
-SAMPLE_THREADS = 1024
+from tvm import s_tir
+
+from sparkinfer.model.qwen3moe import KernelUse
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.gemv import WARP, powers_of_two
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+
 _REDUCTIONS = ("top", "topk_count", "topp_total", "topp_mass", "sample")
-_VECTOR = 4  # float4 loads of the logits
 # Float4 loads a thread has in flight: one at a time would leave a lone SM latency-bound,
 # far below its share of bandwidth.
-_UNROLL = 4
+DEFAULT_UNROLL = 4
 
 
-def schedule_sample_token(func: tirx.PrimFunc, threads: int = SAMPLE_THREADS) -> tirx.PrimFunc:
-    """Schedule a `sample_token` PrimFunc for a CUDA target."""
-    sch = s_tir.Schedule(func)
-    for name in _REDUCTIONS:
-        block = sch.get_sblock(name)
-        loop = sch.get_loops(block)[-1]
-        serial, unrolled, lane, vec = sch.split(loop, [None, _UNROLL, threads, _VECTOR])
-        sch.reorder(lane, serial, unrolled, vec)
-        sch.bind(lane, "threadIdx.x")
-        logits = sch.cache_read(block, 0, "local", consumer_blocks=[block])
-        sch.compute_at(logits, unrolled)
-        sch.vectorize(sch.get_loops(logits)[-1])
-        sch.unroll(unrolled)
-        sch.unroll(vec)
-    sch.bind(sch.get_loops(sch.get_sblock("top"))[0], "blockIdx.x")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+@dataclass(frozen=True)
+class SampleKnobs(Knobs):
+    """threads: the block's threads (default: the most a block can have, as the passes are
+    bound by one SM's memory parallelism); vector: floats per load of the logits; unroll:
+    loads of a thread in flight per step."""
+
+    threads: Any
+    vector: Any
+    unroll: Any
 
 
-def schedule_advance(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Schedule `advance` for a CUDA target: one thread of one block."""
-    sch = s_tir.Schedule(func)
-    sch.bind(sch.get_loops(sch.get_sblock("advance"))[0], "blockIdx.x")
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+class SampleTokenCudaRule(ScheduleRule):
+    target_kind = "cuda"
+    family = "sampling"
+    factory = "sample_token"
+    knobs_type = SampleKnobs
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP),
+                "vector": powers_of_two(facts.vector_bytes // 4), "unroll": (1, 2, 4, 8)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> SampleKnobs:
+        return SampleKnobs(threads=facts.max_threads_per_block, vector=facts.vector_bytes // 4,
+                           unroll=DEFAULT_UNROLL)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, SampleKnobs)
+        for name in _REDUCTIONS:
+            block = sch.get_sblock(name)
+            loop = sch.get_loops(block)[-1]
+            serial, unrolled, lane, vec = sch.split(loop, [None, knobs.unroll, knobs.threads, knobs.vector])
+            sch.reorder(lane, serial, unrolled, vec)
+            sch.bind(lane, "threadIdx.x")
+            logits = sch.cache_read(block, 0, "local", consumer_blocks=[block])
+            sch.compute_at(logits, unrolled)
+            sch.vectorize(sch.get_loops(logits)[-1])
+            sch.unroll(unrolled)
+            sch.unroll(vec)
+        sch.bind(sch.get_loops(sch.get_sblock("top"))[0], "blockIdx.x")
+
+
+class AdvanceCudaRule(FixedRule):
+    """One thread of one block."""
+
+    target_kind = "cuda"
+    family = "sampling"
+    factory = "advance"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        sch.bind(sch.get_loops(sch.get_sblock("advance"))[0], "blockIdx.x")

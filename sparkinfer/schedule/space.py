@@ -62,18 +62,24 @@ class Knobs:
         return cls(**{n: d[n] for n in names})
 
 
+@dataclasses.dataclass(frozen=True)
+class NoKnobs(Knobs):
+    """The knobs of a rule whose kernel has nothing to choose (its layout follows its shape)."""
+
+
 class ScheduleRule(ABC):
     """Schedules the kernels of one factory (`family`.`factory`) for the targets where
-    `is_target_available`."""
+    `is_target_available` (by default: those of kind `target_kind`)."""
 
+    target_kind: ClassVar[str]  # "cuda" | "cpu"
     family: ClassVar[str]
     factory: ClassVar[str]
     knobs_type: ClassVar[type[Knobs]]
     # False where the kernel's recurrences defeat the schedule's dataflow checks.
     enable_check: ClassVar[bool] = True
 
-    @abstractmethod
-    def is_target_available(self, facts: ArchFacts) -> bool: ...
+    def is_target_available(self, facts: ArchFacts) -> bool:
+        return facts.kind == self.target_kind
 
     @abstractmethod
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
@@ -95,6 +101,18 @@ class ScheduleRule(ABC):
     @property
     def name(self) -> str:
         return f"{type(self).__module__}.{type(self).__name__}"
+
+
+class FixedRule(ScheduleRule):
+    """A rule with nothing to choose: the kernel's layout follows from its shape."""
+
+    knobs_type = NoKnobs
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> Knobs:
+        return NoKnobs()
 
 
 _RULES: list[ScheduleRule] = []

@@ -51,7 +51,7 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
     assert [w["tensor"] for w in weights] == [s.name for s in tensor_specs(TINY)]
     assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)
     # CPU kernels are built as they are; every kernel says where it came from.
-    assert {k["schedule"] for k in raw["kernels"]} == {"unscheduled"}
+    assert {k["schedule"]["source"] for k in raw["kernels"]} == {"unscheduled"}
     assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
 
 
@@ -83,7 +83,7 @@ def test_find_compiled_finds_only_a_matching_module(compiled, monkeypatch: pytes
     assert M.find_compiled(TINY, TYPES, "sm_90", root) is None
     assert M.find_compiled(TINY, type_map(TINY, "f16"), "cpu", root) is None
     assert M.find_compiled(TINY.replace(rope_theta=1e4), TYPES, "cpu", root) is None
-    monkeypatch.setattr(M, "sources_hash", lambda arch: "0" * 16)
+    monkeypatch.setattr(M, "sources_hash", lambda arch, schedules=None: "0" * 16)
     assert M.find_compiled(TINY, TYPES, "cpu", root) is None
     assert M.find_compiled(TINY, TYPES, "cpu", root, check_sources=False) is not None
 

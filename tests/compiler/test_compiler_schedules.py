@@ -1,19 +1,24 @@
-"""Which GPU schedule each kernel gets: a tuning record, else the family's hand schedule,
-else dlight's default rules with a warning that names the kernel. No build here."""
+"""Which schedule each kernel gets: its registered rule with the schedules file's knobs, else the
+rule's arch default; a kernel without a rule, or knobs outside the space, is an error naming
+it. No build here."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import tvm
-from tvm import s_tir
+from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import pipeline
-from sparkinfer.compiler.targets import target_for
-from sparkinfer.kernels import norm
-from sparkinfer.model.qwen3moe import DecodeStep, KernelUse
 from sparkinfer.gguf_file import preset_config
+from sparkinfer.kernels import gemv, norm
+from sparkinfer.model.qwen3moe import DecodeStep, KernelUse
+from sparkinfer.schedule.schedules import SchedulesFile, SchedulesFileError, schedules_for
+from sparkinfer.schedule.space import ScheduleError
 
 TINY = preset_config("tiny")
+GEMV_KEY = "gemv.gemv('Q4_K', 512, 2048)"
 
 
 def one_kernel_step(family: str, factory: str, func: tvm.tirx.PrimFunc, args: tuple) -> DecodeStep:
@@ -30,47 +35,59 @@ def one_kernel_step(family: str, factory: str, func: tvm.tirx.PrimFunc, args: tu
     )
 
 
-def test_a_kernel_without_schedule_falls_back_to_dlight_with_a_warning(tmp_path: Path) -> None:
+def gemv_step() -> DecodeStep:
+    return one_kernel_step("gemv", "gemv", gemv.gemv(T.Q4_K, 512, 2048), ("Q4_K", 512, 2048))
+
+
+def write_schedules(path: Path, knobs: dict, source: str = "tuned", arch: str = "sm_90") -> Path:
+    entry = {"knobs": knobs, "source": source, "time_us": 1.0, "default_time_us": 2.0, "trials": 3, "seed": 0}
+    path.write_text(json.dumps({"arch": arch, "made_by": {}, "kernels": {GEMV_KEY: entry}}))
+    return path
+
+
+def test_a_kernel_without_a_rule_is_an_error_naming_it() -> None:
     step = one_kernel_step("nofamily", "rms_norm", norm.rms_norm(256, 1e-6), (256, 1e-6))
-    warnings: list[str] = []
-    provenance = pipeline.schedule_step(step, "sm_90", logs=tmp_path, warn=warnings.append)
-    assert provenance == {"k0": pipeline.DLIGHT}
-    assert len(warnings) == 1 and "k0" in warnings[0] and "dlight" in warnings[0]
-    assert step.mod["k0"].attrs["tirx.is_scheduled"]
+    with pytest.raises(ScheduleError, match=r"kernel k0 \(nofamily.rms_norm\) has no schedule rule for sm_90"):
+        pipeline.schedule_step(step, "sm_90")
 
 
-def test_a_registered_rule_schedules_its_kernel(tmp_path: Path) -> None:
-    from gguf import GGMLQuantizationType as T
-
-    from sparkinfer.kernels import gemv
-
-    step = one_kernel_step("gemv", "gemv", gemv.gemv(T.Q4_K, 512, 2048), ("Q4_K", 512, 2048))
-    provenance = pipeline.schedule_step(step, "sm_90", logs=tmp_path, warn=pytest.fail)
-    assert provenance == {"k0": "hand:sparkinfer.schedule.gemv.GemvCudaRule"}
+def test_a_registered_rule_schedules_its_kernel_with_the_arch_default() -> None:
+    step = gemv_step()
+    records = pipeline.schedule_step(step, "sm_90")
+    assert records == {"k0": {"rule": "sparkinfer.schedule.gemv.GemvCudaRule", "source": "default",
+                              "knobs": {"lanes": 32, "rows": 4, "rows_per_thread": 1, "unroll": 256}}}
     assert "threadIdx.x" in step.mod["k0"].script()
 
 
-def test_a_tuning_record_wins_over_dlight(tmp_path: Path) -> None:
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+def test_the_schedules_file_knobs_win_over_the_default(tmp_path: Path) -> None:
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    schedules, _ = schedules_for("sm_90", path)
+    step = gemv_step()
+    records = pipeline.schedule_step(step, "sm_90", schedules)
+    assert records["k0"]["source"] == "tuned" and records["k0"]["knobs"]["lanes"] == 8
+    assert 'T.thread_binding(8, thread="threadIdx.x")' in step.mod["k0"].script()
 
-    func = norm.rms_norm(256, 1e-6)
-    target = target_for("sm_90")
-    workload_mod = _normalize_mod(func)
-    sch = s_tir.Schedule(workload_mod)
-    block = sch.get_sblock("norm", func_name="main")
-    (loop,) = sch.get_loops(block)
-    bx, tx = sch.split(loop, [None, 64])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    logs = tmp_path / "logs"
-    (logs / "sm_90").mkdir(parents=True)
-    db = ms.database.JSONDatabase(work_dir=str(logs / "sm_90"), allow_missing=True)
-    workload = db.commit_workload(workload_mod)
-    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-6], target))
 
-    step = one_kernel_step("nofamily", "rms_norm", func, (256, 1e-6))
-    provenance = pipeline.schedule_step(step, "sm_90", logs=logs, warn=pytest.fail)
-    assert provenance["k0"].startswith(pipeline.TUNED + ":") and provenance["k0"].endswith("sm_90")
-    assert "T.thread_binding(64, thread=\"threadIdx.x\")" in step.mod["k0"].script()
+def test_knobs_outside_the_space_name_the_kernel_and_the_knob(tmp_path: Path) -> None:
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 12, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    schedules, _ = schedules_for("sm_90", path)
+    with pytest.raises(ScheduleError, match=re.escape(GEMV_KEY) + r".*knob lanes=12 is outside the space"):
+        pipeline.schedule_step(gemv_step(), "sm_90", schedules)
 
+
+def test_a_schedules_file_for_another_arch_or_damaged_is_refused(tmp_path: Path) -> None:
+    path = write_schedules(tmp_path / "x.json", {}, arch="cpu")
+    with pytest.raises(SchedulesFileError, match="is for cpu, not sm_90"):
+        schedules_for("sm_90", path)
+    with pytest.raises(SchedulesFileError, match="does not exist"):
+        schedules_for("sm_90", tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"arch": "sm_90", "kernels": {"k": {"knobs": {}, "source": "guessed"}}}')
+    with pytest.raises(SchedulesFileError, match="source 'guessed', not one of tuned, default, transferred"):
+        schedules_for("sm_90", tmp_path / "bad.json")
+
+
+def test_a_schedules_file_round_trips(tmp_path: Path) -> None:
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    found = SchedulesFile.read(path)
+    again = SchedulesFile.read(found.write(tmp_path / "again.json"))
+    assert again == found and again.kernels[GEMV_KEY].trials == 3

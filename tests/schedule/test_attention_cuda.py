@@ -9,12 +9,9 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import attention as A
-from sparkinfer.schedule.attention import (
-    schedule_attention_combine,
-    schedule_paged_decode_attention,
-)
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -42,9 +39,8 @@ def combine_symbol(splits: int) -> str:
 def kernels_module(splits: tuple[int, ...] = SPLITS) -> tvm.IRModule:
     funcs = []
     for s in splits:
-        attention = A.paged_decode_attention(NH, NKV, D, P, MP, s)
-        funcs.append(schedule_paged_decode_attention(attention))
-        funcs.append(schedule_attention_combine(A.attention_combine(NH, s, D)))
+        funcs.append(scheduled(A.paged_decode_attention, "attention", NH, NKV, D, P, MP, s))
+        funcs.append(scheduled(A.attention_combine, "attention", NH, s, D))
     return module(*funcs)
 
 

@@ -9,9 +9,9 @@ from gguf import GGMLQuantizationType as T
 from sparkinfer.kernels import embedding as E
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import random_weights
-from sparkinfer.schedule.embedding import schedule_embedding
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -32,7 +32,7 @@ def vocab_of(t: T) -> int:
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(*(schedule_embedding(E.embedding(t, vocab_of(t), H)) for t in ALL_TYPES))
+    return module(*(scheduled(E.embedding, "embedding", t, vocab_of(t), H) for t in ALL_TYPES))
 
 
 @needs_nvcc

@@ -15,14 +15,10 @@ from sparkinfer.kernels import moe as M
 from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
-from sparkinfer.schedule.moe import (
-    MoeSchedule,
-    default_schedule,
-    schedule_moe_down_residual,
-    schedule_moe_gate_up_silu,
-)
+from sparkinfer.schedule.moe import MoeKnobs, default_knobs
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -47,8 +43,7 @@ class GateUp:
         return M.moe_gate_up_silu_symbol(self.type_gate, self.type_up, E, KU, I, H)
 
     def func(self) -> tvm.tirx.PrimFunc:
-        func = M.moe_gate_up_silu(self.type_gate, self.type_up, E, KU, I, H)
-        return schedule_moe_gate_up_silu(func, self.type_gate, self.type_up)
+        return scheduled(M.moe_gate_up_silu, "moe", self.type_gate, self.type_up, E, KU, I, H)
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,7 @@ class Down:
         return M.moe_down_residual_symbol(self.ggml_type, E, KU, H, I)
 
     def func(self) -> tvm.tirx.PrimFunc:
-        func = M.moe_down_residual(self.ggml_type, E, KU, H, I)
-        return schedule_moe_down_residual(func, self.ggml_type)
+        return scheduled(M.moe_down_residual, "moe", self.ggml_type, E, KU, H, I)
 
 
 # Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes.
@@ -102,17 +96,17 @@ def test_q4_k_weights_load_16_bytes_at_a_time(source: str) -> None:
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32], ids=lambda t: t.name)
 def test_down_residual_schedules_one_expert(ggml_type: T) -> None:
     symbol = M.moe_down_residual_symbol(ggml_type, 1, 1, H, I)
-    func = schedule_moe_down_residual(M.moe_down_residual(ggml_type, 1, 1, H, I), ggml_type)
+    func = scheduled(M.moe_down_residual, "moe", ggml_type, 1, 1, H, I)
     body = kernel_body(cuda_source(module(func)), symbol)
     assert "__shfl_down_sync" in body
     assert body.count("h_out_ptr[") == 1
 
 
 def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
-    assert default_schedule((32, 32)) == MoeSchedule(lanes=32, rows=4)  # Q4_K gate and up
-    assert default_schedule((32, 64)) == MoeSchedule(lanes=32, rows=4)  # Q5_K gate, Q8_0 up
-    assert default_schedule((8 * 6,)) == MoeSchedule(lanes=16, rows=8)  # Q6_K down, 8 slots
-    assert default_schedule((12,)) == MoeSchedule(lanes=4, rows=32)
+    assert default_knobs((32, 32)) == MoeKnobs(lanes=32, rows=4, unroll=256)  # Q4_K gate and up
+    assert default_knobs((32, 64)) == MoeKnobs(lanes=32, rows=4, unroll=256)  # Q5_K gate, Q8_0 up
+    assert default_knobs((8 * 6,)) == MoeKnobs(lanes=16, rows=8, unroll=256)  # Q6_K down, 8 slots
+    assert default_knobs((12,)) == MoeKnobs(lanes=4, rows=32, unroll=256)
 
 
 @needs_nvcc

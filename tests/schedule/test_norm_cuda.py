@@ -6,9 +6,9 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import norm as N
-from sparkinfer.schedule.norm import schedule_rms_norm
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -23,7 +23,7 @@ H, EPS = 2048, 1e-6
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(schedule_rms_norm(N.rms_norm(H, EPS)), schedule_rms_norm(N.add_rms_norm(H, EPS)))
+    return module(scheduled(N.rms_norm, "norm", H, EPS), scheduled(N.add_rms_norm, "norm", H, EPS))
 
 
 def test_one_launch_per_norm() -> None:

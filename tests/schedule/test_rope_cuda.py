@@ -8,9 +8,9 @@ import tvm
 
 from sparkinfer.kernels import rope as R
 from sparkinfer.kernels.testing import assert_qk_norm_rope_kv_append_close
-from sparkinfer.schedule.rope import schedule_qk_norm_rope_kv_append
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -28,8 +28,7 @@ SYMBOL = f"qk_norm_rope_kv_append_{NH}x{NKV}x{D}_p{P}"
 
 
 def kernels_module() -> tvm.IRModule:
-    func = R.qk_norm_rope_kv_append(NH, NKV, D, P, MP, EPS, THETA)
-    return module(schedule_qk_norm_rope_kv_append(func))
+    return module(scheduled(R.qk_norm_rope_kv_append, "rope", NH, NKV, D, P, MP, EPS, THETA))
 
 
 def test_one_block_per_head() -> None:

@@ -7,9 +7,9 @@ import pytest
 import tvm
 
 from sparkinfer.kernels.router import router_topk, router_topk_reference, router_topk_symbol
-from sparkinfer.schedule.router import schedule_router_topk
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -26,7 +26,7 @@ QWEN3_EXPERTS, QWEN3_USED = 128, 8
 
 def kernels_module() -> tvm.IRModule:
     shapes = ((QWEN3_EXPERTS, QWEN3_USED), (16, 4))
-    return module(*(schedule_router_topk(router_topk(e, k)) for e, k in shapes))
+    return module(*(scheduled(router_topk, "router", e, k) for e, k in shapes))
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import sampling as S
-from sparkinfer.schedule.sampling import SAMPLE_THREADS, schedule_advance, schedule_sample_token
 
 from cuda_testutil import (
+    scheduled,
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
@@ -27,7 +27,7 @@ PARAMS = [(0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.6, 0.95, 20.0), (0.7, 0.8, 20.0),
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(schedule_sample_token(S.sample_token(VOCAB)), schedule_advance(S.advance()))
+    return module(scheduled(S.sample_token, "sampling", VOCAB), scheduled(S.advance, "sampling"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def source() -> str:
 
 def test_sampling_is_one_block_with_block_wide_reductions(source: str) -> None:
     symbol = S.sample_token_symbol(VOCAB)
-    assert f"__launch_bounds__({SAMPLE_THREADS}) {symbol}_kernel" in source
+    assert f"__launch_bounds__(1024) {symbol}_kernel" in source
     body = kernel_body(source, symbol)
     assert "blockIdx" not in body
     # Five reductions over the vocabulary (top, top-k count, top-p total and mass, draw),

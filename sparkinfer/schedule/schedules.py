@@ -1,0 +1,107 @@
+"""schedules/<arch>.json: the knobs each kernel gets on an arch, and where they came from.
+
+    {"arch": "cpu", "made_by": {"tvm": ..., "sparkinfer": ..., "device": ..., "date": ...},
+     "kernels": {"<space.kernel_key(use)>": {"knobs": {...}, "source": "tuned" | "default" |
+                 "transferred", "time_us": float | null, "default_time_us": float | null,
+                 "trials": int, "seed": int | null}}}
+
+The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
+through importlib.resources, so an installed package uses them; `sparkinfer compile
+--schedules PATH` names another. `sparkinfer tune` writes "tuned" entries; "transferred" ones
+are knobs carried over to an arch nobody tuned on (the arch table's defaults, or another arch's
+tuned knobs); a kernel missing from the file gets its rule's default ("default").
+
+Imports no TVM: the manifest's staleness check hashes the file a compile would use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sparkinfer.errors import SparkInferError
+
+TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
+SOURCES = (TUNED, DEFAULT, TRANSFERRED)
+
+
+class SchedulesFileError(SparkInferError):
+    """A schedules file that cannot be read or does not fit the format."""
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    knobs: dict[str, Any]
+    source: str
+    time_us: float | None = None
+    default_time_us: float | None = None
+    trials: int = 0
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"knobs": self.knobs, "source": self.source, "time_us": self.time_us,
+                "default_time_us": self.default_time_us, "trials": self.trials, "seed": self.seed}
+
+
+@dataclass
+class SchedulesFile:
+    arch: str
+    made_by: dict[str, Any]
+    kernels: dict[str, ScheduleEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, "made_by": self.made_by,
+                "kernels": {k: self.kernels[k].to_json() for k in sorted(self.kernels)}}
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> SchedulesFile:
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SchedulesFileError(f"schedules file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SchedulesFileError(f"schedules file {path} is not readable JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("arch"), str) \
+                or not isinstance(obj.get("kernels"), dict):
+            raise SchedulesFileError(f"schedules file {path}: needs an \"arch\" string and a \"kernels\" object")
+        kernels = {}
+        for key, entry in obj["kernels"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("knobs"), dict):
+                raise SchedulesFileError(f"schedules file {path}: kernel {key} has no \"knobs\" object")
+            if entry.get("source") not in SOURCES:
+                raise SchedulesFileError(f"schedules file {path}: kernel {key} has source "
+                                         f"{entry.get('source')!r}, not one of {', '.join(SOURCES)}")
+            kernels[key] = ScheduleEntry(
+                knobs=entry["knobs"], source=entry["source"], time_us=entry.get("time_us"),
+                default_time_us=entry.get("default_time_us"), trials=int(entry.get("trials", 0)),
+                seed=entry.get("seed"))
+        return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels)
+
+
+def packaged_schedules_path(arch: str) -> Path:
+    """Where the package keeps `arch`'s schedules file (which may not exist)."""
+    return Path(str(resources.files("sparkinfer.data").joinpath("schedules", f"{arch}.json")))
+
+
+def schedules_for(arch: str, path: str | Path | None = None) -> tuple[SchedulesFile | None, Path | None]:
+    """The schedules file a compile for `arch` uses: `path` if given (it must exist and be for
+    `arch`), else the packaged one if there is one; (None, None) when there is none."""
+    if path is None:
+        path = packaged_schedules_path(arch)
+        if not path.is_file():
+            return None, None
+    path = Path(path)
+    found = SchedulesFile.read(path)
+    if found.arch != arch:
+        raise SchedulesFileError(f"schedules file {path} is for {found.arch}, not {arch}")
+    return found, path
