@@ -27,8 +27,7 @@ library, and a manifest without "format" is read as format 1):
   outputs: [{name, dtype, shape}] (logits, next),
   schedules: the schedules file the kernels' knobs came from (null: none, arch defaults),
   kernels: [{name, family, factory, args, schedule}] where schedule is {rule (module.class),
-           source: "tuned" | "transferred" | "default" (the rule's arch default) |
-           "unscheduled" (cpu), knobs},
+           source: "tuned" | "transferred" | "default" (the rule's arch default), knobs},
   fatbins: [{kind, arch}] of the library's embedded CUDA binary (CUDA archs).
 """
 

@@ -69,7 +69,12 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
     relax.transform.AttachGlobalSymbol,
 )
 
-UNSCHEDULED = "unscheduled"
+
+# The CPU's flash-decode splits. The attention kernel runs every split's streams x tile token
+# slots whatever the depth (16 splits x 8 streams x 32: 4096 slots for a 129-token context),
+# which a GPU spreads over its SMs and a CPU computes one by one: at depth 128 of the default
+# model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md).
+CPU_SPLITS = 1
 
 
 def relax_pipeline() -> tvm.transform.Pass:
@@ -131,10 +136,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
                ) -> tuple[tvm.runtime.Executable, dict[str, dict[str, Any]]]:
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
-    if arch == "cpu":
-        records = {use.name: {"rule": None, "source": UNSCHEDULED, "knobs": {}} for use in step.kernels}
-        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), records
     provenance = schedule_step(step, arch, schedules)
+    if arch == "cpu":
+        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), provenance
     with targets.aot_fatbin(arch):
         ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline())
     return ex, provenance
@@ -184,6 +188,8 @@ def compile_model(
     from sparkinfer.compiler.manifest import find_compiled
 
     targets.target_for(arch)  # rejects an unknown arch before any work
+    if n_splits is None and arch == "cpu":
+        n_splits = CPU_SPLITS
     chosen, schedules_path = schedules_for(arch, schedules)
     if not force:
         found = find_compiled(config, type_map, arch, out_dir, page_size=page_size, n_splits=n_splits,
@@ -240,7 +246,7 @@ def schedules_summary(manifest: Manifest) -> str:
     for kernel in manifest.kernels:
         source = kernel["schedule"]["source"]
         counts[source] = counts.get(source, 0) + 1
-    parts = ", ".join(f"{counts[s]} {s}" for s in (TUNED, TRANSFERRED, DEFAULT, UNSCHEDULED) if s in counts)
+    parts = ", ".join(f"{counts[s]} {s}" for s in (TUNED, TRANSFERRED, DEFAULT) if s in counts)
     return f"schedules: {parts} ({manifest.schedules or 'no schedules file: arch defaults'})"
 
 

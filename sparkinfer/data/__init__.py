@@ -11,6 +11,8 @@ original (the accuracy reference), and a held-out text to score them on.
 - `LICENSE-PSF.txt`: the licence of that text and of the training corpus.
 - `default_training_report.json`, `default_export_check.json`: the training run's report and
   the export check of the two GGUF files, as the training scripts wrote them.
+- `schedules/<arch>.json`: the schedule knobs each kernel gets on an arch, tuned or transferred
+  (sparkinfer/schedule/schedules.py reads them; `sparkinfer compile` applies them).
 
 Provenance (training and export commands, corpus, measured losses and gate numbers):
 `README.md` beside this file.

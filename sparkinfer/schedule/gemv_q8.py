@@ -8,6 +8,9 @@ x-sum block (the quantizer wrote the block sums).
 
 The quantizer (`quantize_q8_1`) is a thread per block of 32: it finds the block's max, writes
 its 8 words, then (a second loop nest under the same thread binding) its scale and sum.
+
+On the CPU the int8 kernels take `schedule.cpu`'s dot layout (row tasks across the cores, each
+sub-block's word reduction split into vector lanes); the quantizer runs as written (~1 µs).
 """
 
 import dataclasses
@@ -35,13 +38,21 @@ from sparkinfer.schedule.moe import (
     schedule_down_residual,
     schedule_gate_up_silu,
 )
+from sparkinfer.schedule.cpu import (
+    GemvCpuRule,
+    MoeDownResidualCpuRule,
+    MoeGateUpSiluCpuRule,
+    _AsWrittenCpuRule,
+)
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
 def int8_view(ggml_type: int) -> GemvFormat:
-    """The float GEMV's format of `ggml_type` as the int8 kernels' blocks look to a schedule:
-    no x-sum block (min=None)."""
-    return dataclasses.replace(q8_format(ggml_type), min=None)
+    """The float GEMV's format of `ggml_type` as the int8 kernels' blocks look to a schedule: a
+    sub-block's dot reduces over its sub/4 words (`sub`, and so `chunk`, count words), and there
+    is no x-sum block (min=None)."""
+    fmt = q8_format(ggml_type)
+    return dataclasses.replace(fmt, sub=fmt.sub // WORD, min=None)
 
 
 class GemvQ8CudaRule(_GemvCudaRule):
@@ -150,3 +161,33 @@ class QuantizeQ8CudaRule(ScheduleRule):
             block = sch.get_sblock(name)
             sch.compute_at(block, tx)
             sch.set_scope(block, 0, "local")
+
+
+class GemvQ8CpuRule(GemvCpuRule):
+    family = "gemv_q8"
+    factory = "gemv_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
+    family = "moe_q8"
+    factory = "moe_gate_up_silu_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        type_gate, type_up, *_ = factory_args(use)
+        return int8_view(type_gate), int8_view(type_up)
+
+
+class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
+    family = "moe_q8"
+    factory = "moe_down_residual_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class QuantizeQ8CpuRule(_AsWrittenCpuRule):
+    family = "gemv_q8"
+    factory = "quantize_q8_1"

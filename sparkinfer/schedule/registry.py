@@ -5,12 +5,32 @@ fails to compile with an error naming it.
 """
 
 from sparkinfer.schedule.attention import AttentionCombineCudaRule, PagedDecodeAttentionCudaRule
+from sparkinfer.schedule.cpu import (
+    AddRmsNormCpuRule,
+    AdvanceCpuRule,
+    AttentionCombineCpuRule,
+    EmbeddingCpuRule,
+    GemvCpuRule,
+    GemvExpertsCpuRule,
+    GemvQkvCpuRule,
+    MoeDownResidualCpuRule,
+    MoeGateUpSiluCpuRule,
+    PagedDecodeAttentionCpuRule,
+    QkNormRopeKvAppendCpuRule,
+    RmsNormCpuRule,
+    RouterTopkCpuRule,
+    SampleTokenCpuRule,
+)
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvExpertsCudaRule, GemvQkvCudaRule
 from sparkinfer.schedule.gemv_q8 import (
+    GemvQ8CpuRule,
     GemvQ8CudaRule,
+    MoeDownResidualQ8CpuRule,
     MoeDownResidualQ8CudaRule,
+    MoeGateUpSiluQ8CpuRule,
     MoeGateUpSiluQ8CudaRule,
+    QuantizeQ8CpuRule,
     QuantizeQ8CudaRule,
 )
 from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
@@ -39,5 +59,23 @@ for _rule in (
     MoeGateUpSiluQ8CudaRule(),
     MoeDownResidualQ8CudaRule(),
     QuantizeQ8CudaRule(),
+    GemvCpuRule(),
+    GemvExpertsCpuRule(),
+    GemvQkvCpuRule(),
+    MoeGateUpSiluCpuRule(),
+    MoeDownResidualCpuRule(),
+    PagedDecodeAttentionCpuRule(),
+    AttentionCombineCpuRule(),
+    QkNormRopeKvAppendCpuRule(),
+    RmsNormCpuRule(),
+    AddRmsNormCpuRule(),
+    RouterTopkCpuRule(),
+    SampleTokenCpuRule(),
+    AdvanceCpuRule(),
+    EmbeddingCpuRule(),
+    GemvQ8CpuRule(),
+    MoeGateUpSiluQ8CpuRule(),
+    MoeDownResidualQ8CpuRule(),
+    QuantizeQ8CpuRule(),
 ):
     register(_rule)

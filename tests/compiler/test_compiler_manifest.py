@@ -50,8 +50,8 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
     weights = [i for i in inputs if i["role"] == "weight"]
     assert [w["tensor"] for w in weights] == [s.name for s in tensor_specs(TINY)]
     assert all(w["ggml_type"] == TYPES[w["tensor"]].name for w in weights)
-    # CPU kernels are built as they are; every kernel says where it came from.
-    assert {k["schedule"]["source"] for k in raw["kernels"]} == {"unscheduled"}
+    # Every kernel says which rule scheduled it, with which knobs from where.
+    assert {k["schedule"]["source"] for k in raw["kernels"]} == {"default"}
     assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
 
 
@@ -131,3 +131,20 @@ def test_unknown_arch_is_rejected_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sm_89"):
         compile_model(TINY, TYPES, "sm_89", tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_schedules_file_is_applied_recorded_and_part_of_the_cache_key(compiled, tmp_path: Path) -> None:  # noqa: ANN001
+    from sparkinfer.compiler.pipeline import schedules_summary
+    from sparkinfer.schedule.schedules import ScheduleEntry, SchedulesFile
+
+    norm = next(k for k in compiled.manifest.kernels if k["factory"] == "rms_norm")
+    key = f"norm.rms_norm({', '.join(repr(a) for a in norm['args'])})"
+    path = SchedulesFile("cpu", {}, {key: ScheduleEntry({"vector": 1}, "tuned", 1.0, 2.0, 4, 0)}).write(tmp_path / "cpu.json")
+    root = compiled.directory.parents[1]
+    tuned = compile_model(TINY, TYPES, "cpu", root, schedules=path)
+    assert not tuned.cached  # another schedule choice: recompiled, not the module built without it
+    record = next(k["schedule"] for k in tuned.manifest.kernels if k["name"] == norm["name"])
+    assert record == {"rule": "sparkinfer.schedule.cpu.RmsNormCpuRule", "source": "tuned", "knobs": {"vector": 1}}
+    n = len(tuned.manifest.kernels)
+    assert schedules_summary(tuned.manifest) == f"schedules: 1 tuned, {n - 1} default ({path})"
+    assert compile_model(TINY, TYPES, "cpu", root, schedules=path).cached

@@ -29,18 +29,20 @@ class F16Reference(F16CacheReference, ReferenceModel):
     pass
 
 
-def _compiled(tmp_path_factory: pytest.TempPathFactory, preset: str, file_type: str) -> tuple[GGUFModel, object]:
+def _compiled(tmp_path_factory: pytest.TempPathFactory, preset: str, file_type: str,
+              n_splits: int | None = None) -> tuple[GGUFModel, object]:
     root = tmp_path_factory.mktemp(f"{preset}-{file_type}")
     config = preset_config(preset)
     model = write_decisive_model(root / "model.gguf", config, file_type, seed=3)
     types = {name: info.ggml_type for name, info in model.tensors.items()}
-    result = compile_model(config, types, "cpu", root / "compiled")
+    result = compile_model(config, types, "cpu", root / "compiled", n_splits=n_splits)
     return model, result
 
 
 @pytest.fixture(scope="module")
 def tiny_q4_k_m(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    return _compiled(tmp_path_factory, "tiny", "q4_k_m")
+    # The GPU's 16 flash-decode splits (the CPU's own default is 1), so that the CPU checks them.
+    return _compiled(tmp_path_factory, "tiny", "q4_k_m", n_splits=16)
 
 
 def _rel_err(got: np.ndarray, want: np.ndarray) -> float:

@@ -124,3 +124,23 @@ def test_the_arch_table_rejects_an_unknown_arch() -> None:
     cpu = arch_facts("cpu")
     assert isinstance(cpu, ArchFacts) and cpu.kind == "cpu" and cpu.cores >= 1 and cpu.sms == 0
     assert issubclass(GemvKnobs, Knobs)
+
+
+@pytest.mark.parametrize("family,factory,args", [
+    ("gemv", "gemv", (T.Q4_K, 96, 512)),
+    ("gemv", "gemv_qkv", (T.Q6_K, 64, 32, 32, 256)),
+])
+def test_cpu_design_spaces_replay_with_other_decisions(family: str, factory: str, args: tuple) -> None:
+    cpu = arch_facts("cpu")
+    func = getattr(G, factory)(*args)
+    use = kernel_use(family, factory, *args)
+    rule = rule_for(use, cpu)
+    space = rule.space(use, cpu)
+    rng = np.random.default_rng(1)
+    for sch in design_spaces(func, use, cpu):  # serial and parallel
+        decisions = [0, *(int(rng.integers(len(space[n]))) for n in ("rows_per_task", "vector", "unroll"))]
+        replayed = replay(sch, func, decisions)
+        knobs = knobs_from_trace(replayed.trace, use, cpu)
+        assert knobs.vector == space["vector"][decisions[2]]
+        tvm.ir.assert_structural_equal(replayed.mod["main"].with_attr("tirx.is_scheduled", True),
+                                       schedule_kernel(func, use, cpu, knobs))

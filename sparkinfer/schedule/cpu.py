@@ -1,0 +1,329 @@
+"""CPU schedules (LLVM) for every kernel family: the CPU is a target of its own, not the
+unscheduled build.
+
+Dequantizing dot products (gemv, gemv_experts, gemv_qkv and the fused MoE kernels) share one
+layout:
+  - rows are cut into tasks of `rows_per_task` rows, run in parallel across the cores (TVM's
+    thread pool; the MoE/expert slot is fused into the task loop), unless the kernel is too
+    small to pay for a fork and join (`parallel` = 0);
+  - a row's sub-block dot products are computed per chunk, right where the row's sum uses
+    them (no [n, chunks, parts] intermediate in memory);
+  - each sub-block's reduction over its weights is split into `vector` lanes (rfactor), the
+    lane loop vectorized: with 4 lanes the 4 quant bytes of one 32-bit word are decoded by one
+    vector shift-and-mask (a broadcast load), where wider vectors gather words lane by lane;
+  - the chunk loop is unrolled up to `unroll` statements.
+The x sums of the K-quants (a few hundred adds) stay outside, computed once.
+
+Attention parallelizes its (KV head, split) streams; the norms and the embedding vectorize
+their element loops; the router, RoPE, the split combine and sampling are a few microseconds
+each and keep the loop nests their factories wrote.
+
+Tunable knobs only feed split factors and annotations (space.py); `parallel` is structural.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from tvm import s_tir
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+from sparkinfer.kernels.gemv import GemvFormat, gemv_format
+from sparkinfer.model.qwen3moe import KernelUse, factory_args
+from sparkinfer.schedule.arch import ArchFacts, floor_pow2
+from sparkinfer.schedule.gemv import DEFAULT_UNROLL, UNROLL_STEPS, loops_below, powers_of_two
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+
+# Multiply-adds below which a kernel runs on one core: a parallel region's fork and join
+# costs a few microseconds, about what 64 K dequantizing multiply-adds take on one core.
+PARALLEL_MIN_MACS = 1 << 16
+# Row tasks per core the default aims at: enough to even out cores that run at different
+# speeds, few enough that a task's rows amortize its dispatch.
+TASKS_PER_CORE = 4
+ROWS_PER_TASK = powers_of_two(64)
+# Lanes of a sub-block reduction: 4 decodes one 32-bit word of quant bytes per vector op.
+DEFAULT_DOT_LANES = 4
+
+
+@dataclass(frozen=True)
+class CpuDotKnobs(Knobs):
+    """parallel: 1 runs the row tasks across the cores, 0 on one (structural); rows_per_task:
+    rows a parallel task computes; vector: lanes of a sub-block's reduction (vectorized);
+    unroll: explicit-unroll budget (statements) of a row's chunk loop."""
+
+    parallel: int
+    rows_per_task: Any
+    vector: Any
+    unroll: Any
+
+
+def dot_space(formats: tuple[GemvFormat, ...], facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+    """Lanes: powers of two dividing every sub-block, up to the SIMD register's floats."""
+    lanes = min([facts.vector_bytes // 4, *(f.sub for f in formats)])
+    return {"parallel": (0, 1), "rows_per_task": ROWS_PER_TASK, "vector": powers_of_two(lanes),
+            "unroll": UNROLL_STEPS}
+
+
+def default_dot_knobs(formats: tuple[GemvFormat, ...], rows: int, macs: int, facts: ArchFacts) -> CpuDotKnobs:
+    """Parallel when the kernel has PARALLEL_MIN_MACS to share; tasks: TASKS_PER_CORE per core."""
+    parallel = int(facts.cores > 1 and macs >= PARALLEL_MIN_MACS)
+    per_task = floor_pow2(max(1, rows // (facts.cores * TASKS_PER_CORE)))
+    lanes = min([DEFAULT_DOT_LANES, facts.vector_bytes // 4, *(f.sub for f in formats)])
+    return CpuDotKnobs(parallel=parallel, rows_per_task=min(per_task, ROWS_PER_TASK[-1]),
+                       vector=lanes, unroll=DEFAULT_UNROLL)
+
+
+def vectorized_dots(sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, vector: Any) -> None:
+    """Compute `dot` (a sub-block dot product block) under `chunk_loop`, its reduction over the
+    sub-block's weights split into `vector` lanes (rfactor), the lane loop vectorized."""
+    *_, weights = sch.get_loops(dot)
+    _, lanes = sch.split(weights, [None, vector])
+    lanes_block = sch.rfactor(lanes, factor_axis=0)
+    # Unit loops stay, so the loop structure is the same for every lane count.
+    sch.compute_at(dot, chunk_loop, preserve_unit_loops=True)
+    sch.compute_at(lanes_block, chunk_loop, preserve_unit_loops=True)
+    lane, *rest = loops_below(sch, lanes_block, chunk_loop)
+    sch.reorder(*rest, lane)
+    sch.vectorize(lane)
+
+
+def unroll_loop(sch: s_tir.Schedule, loop: LoopRV, unroll: Any) -> None:
+    sch.annotate(loop, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def row_tasks(sch: s_tir.Schedule, slot: LoopRV | None, rows: LoopRV, knobs: CpuDotKnobs) -> LoopRV:
+    """Cut `rows` into tasks (fused with the expert `slot` loop where there is one), run in
+    parallel if knobs.parallel; returns the loop over a task's rows."""
+    task, row = sch.split(rows, [None, knobs.rows_per_task])
+    outer = task if slot is None else sch.fuse(slot, task)
+    if knobs.parallel:
+        sch.parallel(outer)
+    return row
+
+
+def reduction_chunk_loop(sch: s_tir.Schedule, block: SBlockRV) -> LoopRV:
+    """The chunk loop of a dequantizing reduction block (its loops end in chunk, part)."""
+    return sch.get_loops(block)[-2]
+
+
+class _CpuDotRule(ScheduleRule):
+    target_kind = "cpu"
+    knobs_type = CpuDotKnobs
+
+    @abstractmethod
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]: ...
+
+    @abstractmethod
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        """(rows the tasks split, multiply-adds of the kernel)."""
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return dot_space(self.formats(use), facts)
+
+    def structural(self) -> tuple[str, ...]:
+        return ("parallel",)
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> CpuDotKnobs:
+        return default_dot_knobs(self.formats(use), *self.size(use), facts)
+
+
+class _GemvCpuRule(_CpuDotRule):
+    family = "gemv"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuDotKnobs)
+        gemv = sch.get_sblock("gemv")
+        *lead, rows, chunk, _ = sch.get_loops(gemv)
+        row_tasks(sch, lead[0] if lead else None, rows, knobs)
+        vectorized_dots(sch, sch.get_sblock("dot"), chunk, knobs.vector)
+        unroll_loop(sch, chunk, knobs.unroll)
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (gemv_format(factory_args(use)[0]),)
+
+
+class GemvCpuRule(_GemvCpuRule):
+    factory = "gemv"
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, n, k = factory_args(use)
+        return n, n * k
+
+
+class GemvExpertsCpuRule(_GemvCpuRule):
+    factory = "gemv_experts"
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, _, n_used, n, k, _ = factory_args(use)
+        return n, n_used * n * k
+
+
+class GemvQkvCpuRule(_GemvCpuRule):
+    factory = "gemv_qkv"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        sch.compute_inline(sch.get_sblock("W"))  # a row's select among Wq, Wk and Wv
+        super().apply(sch, use, knobs, facts)
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, n_q, n_k, n_v, k = factory_args(use)
+        return n_q + n_k + n_v, (n_q + n_k + n_v) * k
+
+
+class MoeGateUpSiluCpuRule(_CpuDotRule):
+    """Tasks over (slot, rows of act); a row's gate and up sums computed where act uses them."""
+
+    family = "moe"
+    factory = "moe_gate_up_silu"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        type_gate, type_up, *_ = factory_args(use)
+        return gemv_format(type_gate), gemv_format(type_up)
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, _, _, n_used, inter, hidden = factory_args(use)
+        return inter, 2 * n_used * inter * hidden
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuDotKnobs)
+        slot, rows = sch.get_loops(sch.get_sblock("act"))
+        row = row_tasks(sch, slot, rows, knobs)
+        for name in ("gate", "up"):
+            block = sch.get_sblock(name)
+            sch.compute_at(block, row, preserve_unit_loops=True)
+            chunk = reduction_chunk_loop(sch, block)
+            vectorized_dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs.vector)
+            unroll_loop(sch, chunk, knobs.unroll)
+
+
+class MoeDownResidualCpuRule(_CpuDotRule):
+    """Tasks over rows of h_out; a row's sum over (slot, chunk) computed where h_out uses it."""
+
+    family = "moe"
+    factory = "moe_down_residual"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (gemv_format(factory_args(use)[0]),)
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, _, n_used, hidden, inter = factory_args(use)
+        return hidden, n_used * hidden * inter
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuDotKnobs)
+        (rows,) = sch.get_loops(sch.get_sblock("h_out"))
+        row = row_tasks(sch, None, rows, knobs)
+        down = sch.get_sblock("down")
+        sch.compute_at(down, row, preserve_unit_loops=True)
+        chunk = reduction_chunk_loop(sch, down)
+        vectorized_dots(sch, sch.get_sblock("down_dot"), chunk, knobs.vector)
+        unroll_loop(sch, chunk, knobs.unroll)
+
+
+@dataclass(frozen=True)
+class CpuVectorKnobs(Knobs):
+    """vector: lanes of the vectorized element loop."""
+
+    vector: Any
+
+
+class _ElementwiseCpuRule(ScheduleRule):
+    """Vectorizes the innermost loop of the given blocks (each over the hidden size)."""
+
+    target_kind = "cpu"
+    knobs_type = CpuVectorKnobs
+    blocks: tuple[str, ...] = ()
+
+    @abstractmethod
+    def length(self, use: KernelUse) -> int:
+        """The extent of the loops vectorized."""
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {"vector": tuple(v for v in powers_of_two(2 * facts.vector_bytes // 4) if self.length(use) % v == 0)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> CpuVectorKnobs:
+        return CpuVectorKnobs(vector=max(v for v in self.space(use, facts)["vector"] if v <= facts.vector_bytes // 4))
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuVectorKnobs)
+        for name in self.blocks:
+            loop = sch.get_loops(sch.get_sblock(name))[-1]
+            _, lanes = sch.split(loop, [None, knobs.vector])
+            sch.vectorize(lanes)
+
+
+class RmsNormCpuRule(_ElementwiseCpuRule):
+    family = "norm"
+    factory = "rms_norm"
+    blocks = ("norm",)
+
+    def length(self, use: KernelUse) -> int:
+        return int(factory_args(use)[0])
+
+
+class AddRmsNormCpuRule(_ElementwiseCpuRule):
+    family = "norm"
+    factory = "add_rms_norm"
+    blocks = ("residual", "norm")
+
+    def length(self, use: KernelUse) -> int:
+        return int(factory_args(use)[0])
+
+
+class EmbeddingCpuRule(_ElementwiseCpuRule):
+    family = "embedding"
+    factory = "embedding"
+    blocks = ("embedding",)
+
+    def length(self, use: KernelUse) -> int:
+        return int(factory_args(use)[2])
+
+
+class PagedDecodeAttentionCpuRule(FixedRule):
+    """The (KV head, split) streams in parallel: each owns its state, p and accumulator slices."""
+
+    target_kind = "cpu"
+    family = "attention"
+    factory = "paged_decode_attention"
+    enable_check = False  # the per-stream recurrences, as in the CUDA rule
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        kv, split, *_ = sch.get_loops(sch.get_sblock("state_init"))
+        sch.parallel(sch.fuse(kv, split))
+
+
+class _AsWrittenCpuRule(FixedRule):
+    """A kernel of a few microseconds: LLVM builds the loop nest its factory wrote."""
+
+    target_kind = "cpu"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        del sch, use, knobs, facts
+
+
+class AttentionCombineCpuRule(_AsWrittenCpuRule):
+    family = "attention"
+    factory = "attention_combine"
+
+
+class QkNormRopeKvAppendCpuRule(_AsWrittenCpuRule):
+    family = "rope"
+    factory = "qk_norm_rope_kv_append"
+
+
+class RouterTopkCpuRule(_AsWrittenCpuRule):
+    family = "router"
+    factory = "router_topk"
+
+
+class SampleTokenCpuRule(_AsWrittenCpuRule):
+    family = "sampling"
+    factory = "sample_token"
+
+
+class AdvanceCpuRule(_AsWrittenCpuRule):
+    family = "sampling"
+    factory = "advance"

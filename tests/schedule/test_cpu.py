@@ -1,0 +1,132 @@
+"""The CPU rules (sparkinfer/schedule/cpu.py): each scheduled kernel against its numpy reference
+on fresh random inputs, at the default knobs and at other points of its space (serial and
+parallel, scalar and vector lanes, row tasks that do not divide the rows)."""
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.compiler.targets import target_for
+from sparkinfer.kernels import attention as A
+from sparkinfer.kernels import embedding as E
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import moe as M
+from sparkinfer.kernels import norm as N
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.cpu import CpuDotKnobs, CpuVectorKnobs
+from sparkinfer.schedule.space import Knobs, kernel_use, rule_for, schedule_kernel
+
+CPU = arch_facts("cpu")
+# (parallel, rows_per_task, vector, unroll) besides the default: serial scalar lanes, parallel
+# two-lane tasks of 8 rows (96 rows: a last task of 0 rows is never run; 100: a partial one).
+DOT_KNOBS = [None, CpuDotKnobs(0, 64, 1, 16), CpuDotKnobs(1, 8, 2, 1024)]
+
+
+def run(family: str, factory, args: tuple, knobs: Knobs | None, inputs: list, outputs: list) -> list:  # noqa: ANN001
+    """`factory(*args)` scheduled by its CPU rule with `knobs`, run on `inputs`; the outputs
+    are poisoned with NaN first, so an element never written fails."""
+    use = kernel_use(family, factory.__name__, *args)
+    func = schedule_kernel(factory(*args), use, CPU, knobs)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    tensors = [tvm.runtime.tensor(a) for a in inputs]
+    outs = [tvm.runtime.tensor(np.full_like(o, np.nan)) for o in outputs]
+    lib["main"](*tensors, *outs)
+    return [o.numpy() for o in outs]
+
+
+def magnitude(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|W| . |x|: the scale of an fp32 dot product's rounding error."""
+    w = quant.dequantize(t, data, (data.shape[0], x.shape[-1]))
+    return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+@pytest.mark.parametrize("t, n", [(T.Q4_K, 96), (T.Q6_K, 100), (T.Q8_0, 96), (T.F32, 100)], ids=lambda v: str(v))
+def test_gemv(t: T, n: int, knobs: CpuDotKnobs | None) -> None:
+    rng = np.random.default_rng(1)
+    k = 512
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal(k, dtype=np.float32)
+    if knobs is not None:
+        space = rule_for(kernel_use("gemv", "gemv", t, n, k), CPU).space(kernel_use("gemv", "gemv", t, n, k), CPU)
+        knobs = CpuDotKnobs(knobs.parallel, knobs.rows_per_task, min(knobs.vector, space["vector"][-1]), knobs.unroll)
+    (y,) = run("gemv", G.gemv, (t, n, k), knobs, [G.weight_view(t, data), x], [np.empty(n, np.float32)])
+    assert_gemv_close(y, G.gemv_reference(t, data, x), magnitude(t, data, x))
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_gemv_experts_and_qkv(knobs: CpuDotKnobs | None) -> None:
+    rng = np.random.default_rng(2)
+    t, k = T.Q4_K, 256
+    data = random_weights(t, (8, 64, k), rng)
+    ids = np.array([5, 0, 7], np.int32)
+    x = rng.standard_normal((3, k), dtype=np.float32)
+    (y,) = run("gemv", G.gemv_experts, (t, 8, 3, 64, k, True), knobs,
+               [G.weight_view(t, data), ids, x], [np.empty((3, 64), np.float32)])
+    ref = G.gemv_experts_reference(t, data, ids, x)
+    assert_gemv_close(y, ref, np.stack([magnitude(t, data[e], xi) for e, xi in zip(ids, x)]))
+
+    datas = [random_weights(t, (n, k), rng) for n in (64, 32, 32)]
+    x = rng.standard_normal(k, dtype=np.float32)
+    outs = run("gemv", G.gemv_qkv, (t, 64, 32, 32, k), knobs, [*(G.weight_view(t, d) for d in datas), x],
+               [np.empty(n, np.float32) for n in (64, 32, 32)])
+    for y, y_ref, d in zip(outs, G.gemv_qkv_reference(t, *datas, x), datas, strict=True):
+        assert_gemv_close(y, y_ref, magnitude(t, d, x))
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_moe_gate_up_silu_and_down_residual(knobs: CpuDotKnobs | None) -> None:
+    rng = np.random.default_rng(3)
+    n_experts, hidden, inter = 6, 256, 256
+    ids = np.array([4, 1], np.int32)
+    gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
+    x = (rng.standard_normal(hidden) * 10).astype(np.float32)
+    (act,) = run("moe", M.moe_gate_up_silu, (T.Q4_K, T.Q6_K, n_experts, 2, inter, hidden), knobs,
+                 [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), ids, x], [np.empty((2, inter), np.float32)])
+    ref = M.moe_gate_up_silu_reference(T.Q4_K, gate, T.Q6_K, up, ids, x)
+    np.testing.assert_allclose(act, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+    down = random_weights(T.Q6_K, (n_experts, hidden, inter), rng)
+    act = rng.standard_normal((2, inter)).astype(np.float32)
+    weights = np.array([0.7, 0.3], np.float32)
+    h = rng.standard_normal(hidden).astype(np.float32)
+    (h_out,) = run("moe", M.moe_down_residual, (T.Q6_K, n_experts, 2, hidden, inter), knobs,
+                   [G.weight_view(T.Q6_K, down), ids, weights, act, h], [np.empty(hidden, np.float32)])
+    ref = M.moe_down_residual_reference(T.Q6_K, down, ids, weights, act, h)
+    bound = np.abs(h) + sum(w * magnitude(T.Q6_K, down[e], a) for w, e, a in zip(weights, ids, act))
+    assert_gemv_close(h_out, ref, bound)
+
+
+@pytest.mark.parametrize("vector", [None, 1, 32])
+def test_norms_and_embedding(vector: int | None) -> None:
+    rng = np.random.default_rng(4)
+    h, eps = 256, 1e-6
+    knobs = None if vector is None else CpuVectorKnobs(vector)
+    x, r, w = (rng.standard_normal(h, dtype=np.float32) for _ in range(3))
+    (y,) = run("norm", N.rms_norm, (h, eps), knobs, [x, w], [np.empty(h, np.float32)])
+    np.testing.assert_allclose(y, N.rms_norm_reference(x, w, eps), rtol=1e-5, atol=1e-6)
+    residual, y = run("norm", N.add_rms_norm, (h, eps), knobs, [x, r, w], [np.empty(h, np.float32)] * 2)
+    ref_residual, ref_y = N.add_rms_norm_reference(x, r, w, eps)
+    np.testing.assert_allclose(residual, ref_residual, rtol=1e-6)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+    data = random_weights(T.Q4_K, (64, h), rng)
+    (row,) = run("embedding", E.embedding, (T.Q4_K, 64, h), knobs,
+                 [G.weight_view(T.Q4_K, data), np.array([37], np.int32)], [np.empty(h, np.float32)])
+    np.testing.assert_array_equal(row, E.embedding_reference(T.Q4_K, data, 37))
+
+
+def test_attention_streams_in_parallel() -> None:
+    rng = np.random.default_rng(5)
+    nh, nkv, d, page, pages, splits, pos = 8, 2, 64, 16, 8, 2, 50
+    table = rng.permutation(pages).astype(np.int32)
+    q = rng.standard_normal((nh, d), dtype=np.float32)
+    k, v = (rng.standard_normal((pages, page, nkv, d)).astype(np.float16) for _ in range(2))
+    o_part, lse = run("attention", A.paged_decode_attention, (nh, nkv, d, page, pages, splits), None,
+                      [q, k, v, table, np.array([pos], np.int32)],
+                      [np.empty((nh, splits, d), np.float32), np.empty((nh, splits), np.float32)])
+    o_ref, lse_ref = A.paged_decode_attention_reference(q, k, v, table, pos, splits)
+    np.testing.assert_allclose(o_part, o_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
