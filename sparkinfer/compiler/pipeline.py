@@ -211,7 +211,9 @@ def compile_model(
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
-    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks)
+    variants = {} if chosen is None else chosen.step  # model-level variants the file picks
+    step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks,
+                             **variants)
     ex, provenance = build_step(step, arch, chosen)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)

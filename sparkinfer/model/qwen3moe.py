@@ -46,14 +46,16 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tvm import IRModule, relax, tirx
 
-from sparkinfer.errors import MissingTensorError, TensorShapeError
+from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.gemv_q8 import Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.model.spec import (
+    ACTIVATIONS,
     ENTRY,
     ENTRY_PROCESSED,
     KV_DTYPE,
@@ -225,8 +227,9 @@ def _tensor(shape: Iterable[Any], dtype: str) -> relax.TensorType:
 
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
-                 n_splits: int) -> None:
+                 n_splits: int, activations: str = "f32") -> None:
         self.c = config
+        self.activations = activations
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
@@ -268,6 +271,13 @@ class _StepBuilder:
 
     def f32(self, *shape: int) -> relax.TensorType:
         return _tensor(shape, "float32")
+
+    def quantize_q8(self, x: relax.Expr, k: int, rows: int, label: str) -> list[relax.Var]:
+        """x f32[(rows,) k] as int8 blocks of 32: [xq int32 words, xd scales, xs sums]."""
+        lead = (rows,) if rows else ()
+        gv = self.k("gemv_q8", "quantize_q8_1", k, rows)
+        return self.call(gv, [x], [_tensor((*lead, k // 4), "int32"), self.f32(*lead, k // 32),
+                                   self.f32(*lead, k // 32)], label)
 
     def gemv(self, name: str, x: relax.Expr, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
@@ -400,6 +410,13 @@ class _StepBuilder:
                  weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
         p = self.params
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
+        if self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in (g, u, d)):
+            xq = self.quantize_q8(f, H, 0, f"ffn_q{i}")
+            gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
+            act = self.call(gv, [p[g], p[u], ids, *xq], [self.f32(KU, I)], f"act{i}")
+            aq = self.quantize_q8(act, I, KU, f"act_q{i}")
+            gv = self.k("moe_q8", "moe_down_residual_q8", self.t(d), E, KU, H, I)
+            return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
         gv = self.k("moe", "moe_down_residual", self.t(d), E, KU, H, I)
@@ -504,9 +521,17 @@ def build_decode_step(
     page_size: int = PAGE_SIZE,
     n_splits: int | None = None,
     prefill_chunks: Iterable[int] = (),
+    activations: str = "f32",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
-    T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`."""
+    T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
+
+    `activations` is a model-level variant (ACTIVATIONS): "f32" feeds the expert GEMVs float
+    activations; "q8" quantizes each expert FFN's input and its SiLU activations to int8 blocks
+    of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
+    for experts whose three types all have an int8 form (Q8_TYPES; others stay float)."""
+    if activations not in ACTIVATIONS:
+        raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     chunks = tuple(sorted(set(int(t) for t in prefill_chunks)))
     if any(t < 1 for t in chunks):
         raise ValueError(f"prefill chunk sizes must be >= 1, got {chunks}")
@@ -517,7 +542,7 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    builder = _StepBuilder(config, types, page_size, n_splits)
+    builder = _StepBuilder(config, types, page_size, n_splits, activations)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

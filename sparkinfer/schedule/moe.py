@@ -83,10 +83,13 @@ def _lane_reduction(
     unroll_chunk_loop(sch, it, [*producers, block], config.unroll)
 
 
-def _schedule_gate_up_silu(sch: s_tir.Schedule, type_gate: int, type_up: int, config: MoeKnobs) -> None:
+def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: GemvFormat,
+                          config: MoeKnobs, x: str = "x") -> None:
+    """The gate/up/SiLU layout on blocks act, gate/up and their _dot (_xsum) producers, which
+    read `x` (also the int8 form, `schedule.gemv_q8`)."""
     act = sch.get_sblock("act")
     slot, n = sch.get_loops(act)
-    projections = (("gate", "Wg", gemv_format(type_gate)), ("up", "Wu", gemv_format(type_up)))
+    projections = (("gate", "Wg", fmt_gate), ("up", "Wu", fmt_up))
     bx, ty = sch.split(n, [None, config.rows])
     sch.bind(slot, "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
@@ -96,11 +99,13 @@ def _schedule_gate_up_silu(sch: s_tir.Schedule, type_gate: int, type_up: int, co
         sch.compute_at(block, ty)
         sch.set_scope(block, 0, "local")
         chunk_loop = loops_below(sch, block, ty)[0]
-        _lane_reduction(sch, fmt, name, chunk_loop, config, weight, "x")
+        _lane_reduction(sch, fmt, name, chunk_loop, config, weight, x)
 
 
-def _schedule_down_residual(sch: s_tir.Schedule, ggml_type: int, n_used: int, config: MoeKnobs) -> None:
-    fmt = gemv_format(ggml_type)
+def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, n_used: int, config: MoeKnobs,
+                           x: str = "act") -> None:
+    """The down/weights/residual layout on blocks h_out, down and its producers, which read
+    `x` (also the int8 form, `schedule.gemv_q8`)."""
     h_out = sch.get_sblock("h_out")
     (n,) = sch.get_loops(h_out)
     down = sch.get_sblock("down")
@@ -112,7 +117,7 @@ def _schedule_down_residual(sch: s_tir.Schedule, ggml_type: int, n_used: int, co
     below = loops_below(sch, down, ty)
     # compute_at drops a unit slot loop: with one expert (a dense FFN) the chunks alone.
     chunk_loop = sch.fuse(*below[:2]) if n_used > 1 else below[0]
-    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", "act")
+    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", x)
 
 
 class _MoeCudaRule(ScheduleRule):
@@ -142,7 +147,7 @@ class MoeGateUpSiluCudaRule(_MoeCudaRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
         type_gate, type_up, *_ = factory_args(use)
-        _schedule_gate_up_silu(sch, type_gate, type_up, knobs)
+        schedule_gate_up_silu(sch, gemv_format(type_gate), gemv_format(type_up), knobs)
 
 
 class MoeDownResidualCudaRule(_MoeCudaRule):
@@ -156,4 +161,4 @@ class MoeDownResidualCudaRule(_MoeCudaRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
         ggml_type, _, n_used, _, _ = factory_args(use)
-        _schedule_down_residual(sch, ggml_type, n_used, knobs)
+        schedule_down_residual(sch, gemv_format(ggml_type), n_used, knobs)

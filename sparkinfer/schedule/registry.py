@@ -22,6 +22,16 @@ from sparkinfer.schedule.cpu import (
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.gemv_q8 import (
+    GemvQ8CpuRule,
+    GemvQ8CudaRule,
+    MoeDownResidualQ8CpuRule,
+    MoeDownResidualQ8CudaRule,
+    MoeGateUpSiluQ8CpuRule,
+    MoeGateUpSiluQ8CudaRule,
+    QuantizeQ8CpuRule,
+    QuantizeQ8CudaRule,
+)
 from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
 from sparkinfer.schedule.norm import AddRmsNormCudaRule, RmsNormCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
@@ -45,6 +55,10 @@ for _rule in (
     SampleTokenCudaRule(),
     AdvanceCudaRule(),
     EmbeddingCudaRule(),
+    GemvQ8CudaRule(),
+    MoeGateUpSiluQ8CudaRule(),
+    MoeDownResidualQ8CudaRule(),
+    QuantizeQ8CudaRule(),
     GemvCpuRule(),
     GemvQkvCpuRule(),
     MoeGateUpSiluCpuRule(),
@@ -58,6 +72,10 @@ for _rule in (
     SampleTokenCpuRule(),
     AdvanceCpuRule(),
     EmbeddingCpuRule(),
+    GemvQ8CpuRule(),
+    MoeGateUpSiluQ8CpuRule(),
+    MoeDownResidualQ8CpuRule(),
+    QuantizeQ8CpuRule(),
     *PREFILL_CPU_RULES,
     *PREFILL_CUDA_RULES,
 ):

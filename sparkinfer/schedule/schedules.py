@@ -3,7 +3,8 @@
     {"arch": "cpu", "made_by": {"tvm": ..., "sparkinfer": ..., "device": ..., "date": ...},
      "kernels": {"<space.kernel_key(use)>": {"knobs": {...}, "source": "tuned" | "default" |
                  "transferred", "time_us": float | null, "default_time_us": float | null,
-                 "trials": int, "seed": int | null}}}
+                 "trials": int, "seed": int | null}},
+     "step": {"activations": "f32" | "q8"}}     (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
 through importlib.resources, so an installed package uses them; `sparkinfer compile
@@ -23,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from sparkinfer.errors import SparkInferError
+from sparkinfer.model.spec import ACTIVATIONS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
+# Model-level variants a schedules file may pick: keyword arguments of
+# model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
+STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 
 
@@ -51,10 +56,14 @@ class SchedulesFile:
     arch: str
     made_by: dict[str, Any]
     kernels: dict[str, ScheduleEntry] = field(default_factory=dict)
+    step: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"arch": self.arch, "made_by": self.made_by,
-                "kernels": {k: self.kernels[k].to_json() for k in sorted(self.kernels)}}
+        out = {"arch": self.arch, "made_by": self.made_by,
+               "kernels": {k: self.kernels[k].to_json() for k in sorted(self.kernels)}}
+        if self.step:
+            out["step"] = dict(self.step)
+        return out
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
@@ -85,7 +94,14 @@ class SchedulesFile:
                 knobs=entry["knobs"], source=entry["source"], time_us=entry.get("time_us"),
                 default_time_us=entry.get("default_time_us"), trials=int(entry.get("trials", 0)),
                 seed=entry.get("seed"))
-        return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels)
+        step = obj.get("step") or {}
+        for name, value in (step.items() if isinstance(step, dict) else [(None, step)]):
+            if name not in STEP_VARIANTS or value not in STEP_VARIANTS[name]:
+                legal = "; ".join(f"{k}: {', '.join(v)}" for k, v in STEP_VARIANTS.items())
+                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} "
+                                         f"is not one of ({legal})")
+        return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels,
+                   step=dict(step))
 
 
 def packaged_schedules_path(arch: str) -> Path:

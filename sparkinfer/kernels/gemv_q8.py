@@ -1,0 +1,344 @@
+"""Int8-activation GEMVs: x quantized once to blocks of 32 int8 (llama.cpp's q8_1), then integer
+dot products of the weights' quant codes with those int8 values, four at a time (`dp4a`).
+
+`quantize_q8_1(k, rows)` turns x f32[(rows,) k] into
+  xq int32[(rows,) k/4]  the int8 values q = round(x / d), four to a little-endian word
+  xd f32[(rows,) k/32]   d = max|x| / 127 of each block of 32
+  xs f32[(rows,) k/32]   d * sum(q) of each block: the block's sum of x as the GEMV sees it
+so that x is approximated by x̂ = d * q. Every K-quant and Q8_0 sub-block lies inside one block
+of 32 (Q6_K's sub-blocks of 16 are half of one), so a sub-block's contribution is
+
+  xd[block] * (scale(W) * idot) + min(W) * xs[block]     (the min term only for Q4_K/Q5_K)
+
+with idot the int32 sum over the sub-block of code * q, formed from packed words: a word of 4
+weight codes (`_code_words`, built from the GGUF bytes as they lie: Q4_K's 4 consecutive QS bytes
+give 4 codes with one mask and shift) against a word of 4 activations. The scale and min
+decoders are the float GEMV's (`kernels.gemv.FORMATS`), applied once per sub-block.
+
+`tirx.dp4a(a, b, acc)` (TVM's intrinsic: acc + the dot product of a's and b's 4 signed bytes)
+carries the 4-wide product. TVM 0.27 lowers it for no target; this module registers the
+lowerings (`register_dp4a_lowering`): CUDA's `__dp4a` (one IDP4A instruction), and plain
+integer arithmetic on sign-extended bytes for LLVM (the CPU).
+
+The numpy oracle is exact in meaning: the float GEMV's reference on x̂
+(`gemv_q8_reference`), since d * sum(q) is sum(x̂).
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType
+from tvm import te, tirx
+
+from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.kernels.gemv import GemvFormat, gemv_format, gemv_reference
+from sparkinfer.quant import layouts as L
+
+_T = GGMLQuantizationType
+Expr = tirx.Expr
+Row = Callable[[Expr], Expr]
+# Activation block (llama.cpp's QK8_1) and the int8 values a word holds.
+Q8_BLOCK = 32
+WORD = 4
+_Q8_MAX = 127.0
+
+
+def _u32(v: int) -> Expr:
+    return tirx.const(v, "uint32")
+
+
+# ---------------------------------------------------------------------------------------
+# dp4a: TVM's intrinsic, lowered per target
+# ---------------------------------------------------------------------------------------
+
+
+def _signed_byte(word: Expr, i: int) -> Expr:
+    """Byte i of an int32 word, sign-extended (arithmetic shift right)."""
+    return (word << tirx.const(24 - 8 * i, "int32")) >> tirx.const(24, "int32")
+
+
+def _dp4a_llvm(call: Expr) -> Expr:
+    a, b, acc = call.args
+    total = acc
+    for i in range(WORD):
+        total = total + _signed_byte(a, i) * _signed_byte(b, i)
+    return total
+
+
+def _dp4a_cuda(call: Expr) -> Expr:
+    return tirx.call_pure_extern("int32", "__dp4a", *call.args)
+
+
+def register_dp4a_lowering() -> None:
+    """Lowerings of `tirx.dp4a` for LLVM and CUDA, registered once per process."""
+    from tvm.ir import Op
+
+    op = Op.get("tirx.dp4a")
+    for target, lower in (("llvm", _dp4a_llvm), ("cuda", _dp4a_cuda)):
+        if op.get_attr(f"{target}.FLowerIntrinsic") is None:
+            tirx.op.register_intrin_lowering("tirx.dp4a", target, f=lower)
+
+
+register_dp4a_lowering()
+
+
+def dp4a(a: Expr, b: Expr) -> Expr:
+    """The int32 dot product of the 4 signed bytes of words a and b."""
+    return tirx.dp4a(a.astype("int32"), b.astype("int32"), tirx.const(0, "int32"))
+
+
+# ---------------------------------------------------------------------------------------
+# Weight codes, four to a word, straight from the GGUF bytes (layouts in quant/layouts.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _word_at(row: Row, word_bytes: int, byte: Expr) -> Expr:
+    """The little-endian uint32 at byte offset `byte` of the row (a multiple of word_bytes)."""
+    if word_bytes == 4:
+        return row(byte // 4).astype("uint32")
+    low = row(byte // 2).astype("uint32")
+    return low | (row(byte // 2 + 1).astype("uint32") << _u32(16))
+
+
+def _nibbles(word: Expr, high: Expr) -> Expr:
+    """The low (high = 0) or high (high = 1) nibbles of a word's 4 bytes, one per byte."""
+    return (word >> (high.astype("uint32") * _u32(4))) & _u32(0x0F0F0F0F)
+
+
+def _k_nibble_word(type_size: int, qs: L.Span, row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    """Q4_K/Q5_K: chunk c (64 weights) of block c//4 holds sub-block 2(c%4)+p in the low (p=0)
+    or high (p=1) nibbles of QS bytes 32(c%4)..; word g covers weights 4g..4g+3."""
+    byte = c // 4 * type_size + qs.start + c % 4 * 32 + g * WORD
+    return _nibbles(_word_at(row, 4, byte), p)
+
+
+def _q4_k_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    return _k_nibble_word(L.Q4_K_TYPE_SIZE, L.Q4_K_QS, row, c, p, g)
+
+
+def _q5_k_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    low = _k_nibble_word(L.Q5_K_TYPE_SIZE, L.Q5_K_QS, row, c, p, g)
+    qh = _word_at(row, 4, c // 4 * L.Q5_K_TYPE_SIZE + L.Q5_K_QH.start + g * WORD)
+    sub_block = (c % 4 * 2 + p).astype("uint32")
+    return low | (((qh >> sub_block) & _u32(0x01010101)) << _u32(4))
+
+
+def _q6_k_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    """Chunk c is half c%2 of block c//2; part p (16 weights) is in quarter p//2, at position
+    16(p%2).. of it. Codes q in 0..63 become q - 32 per byte without borrows between bytes:
+    set each byte's top bit, subtract 32 from every byte, flip the top bit back."""
+    block, half = c // 2 * L.Q6_K_TYPE_SIZE, c % 2
+    quarter, pos = p // 2, p % 2 * 16 + g * WORD
+    ql = _word_at(row, 2, block + L.Q6_K_QL.start + 64 * half + 32 * (quarter % 2) + pos)
+    qh = _word_at(row, 2, block + L.Q6_K_QH.start + 32 * half + pos)
+    low = (ql >> (quarter // 2 * 4).astype("uint32")) & _u32(0x0F0F0F0F)
+    high = (qh >> (quarter * 2).astype("uint32")) & _u32(0x03030303)
+    q = low | (high << _u32(4))
+    return ((q | _u32(0x80808080)) - _u32(0x20202020)) ^ _u32(0x80808080)
+
+
+def _q8_0_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    return _word_at(row, 2, c * L.Q8_0_TYPE_SIZE + L.Q8_0_QS.start + g * WORD)
+
+
+# (format, words of 4 signed codes: (row, chunk, part, word) -> uint32)
+_CODE_WORDS: dict[GGMLQuantizationType, Callable[[Row, Expr, Expr, Expr], Expr]] = {
+    _T.Q4_K: _q4_k_words,
+    _T.Q5_K: _q5_k_words,
+    _T.Q6_K: _q6_k_words,
+    _T.Q8_0: _q8_0_words,
+}
+Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_CODE_WORDS)
+
+
+def q8_format(ggml_type: int) -> GemvFormat:
+    """The float GEMV's format of a type the int8 path takes (its chunking, scale and min)."""
+    if ggml_type not in _CODE_WORDS:
+        supported = ", ".join(t.name for t in Q8_TYPES)
+        raise UnsupportedQuantTypeError(
+            f"no int8-activation GEMV for quant type {GGMLQuantizationType(ggml_type).name} "
+            f"(supported: {supported})"
+        )
+    return gemv_format(ggml_type)
+
+
+def _check_k(k: int, what: str) -> None:
+    if k <= 0 or k % Q8_BLOCK != 0:
+        raise TensorShapeError(f"{what} needs a length that is a multiple of {Q8_BLOCK}, got {k}")
+
+
+# ---------------------------------------------------------------------------------------
+# The activation quantizer
+# ---------------------------------------------------------------------------------------
+
+
+def quantize_q8_1_symbol(k: int, rows: int) -> str:
+    return f"quantize_q8_1_{rows}x{k}" if rows else f"quantize_q8_1_{k}"
+
+
+def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
+    """x f32[(rows,) k] -> xq int32[(rows,) k/4], xd f32[(rows,) k/32], xs f32[(rows,) k/32]
+    (module docstring); rows = 0 takes a 1-D x. Rounds halves away from zero (llama.cpp's
+    roundf). Two stages find each block's max|x|: `amax_q` for the words and `amax` for the
+    scale and sum block (xd and xs as one two-output block), so that a GPU thread can keep
+    either in registers beside its consumer instead of sharing one through global memory."""
+    _check_k(k, "quantize_q8_1")
+    lead: tuple[int, ...] = (rows,) if rows else ()
+    nb = k // Q8_BLOCK
+    x = te.placeholder(lead + (k,), "float32", name="x")
+
+    def block_max(name: str) -> te.Tensor:
+        l = te.reduce_axis((0, Q8_BLOCK), name="l")
+        return te.compute(lead + (nb,), lambda *ax: te.max(
+            tirx.abs(x[ax[:-1] + (ax[-1] * Q8_BLOCK + l,)]), axis=l), name=name)
+
+    def q(amax: te.Tensor, ax: tuple[Expr, ...], i: Expr) -> Expr:
+        m = amax[ax + (i // Q8_BLOCK,)]
+        inv = tirx.Select(m > 0.0, tirx.const(_Q8_MAX, "float32") / m, tirx.const(0.0, "float32"))
+        v = x[ax + (i,)] * inv
+        # Halves away from zero, like llama.cpp's roundf (tirx.round rounds halves to even).
+        magnitude = tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")).astype("int32")
+        return tirx.Select(v < 0.0, -magnitude, magnitude)
+
+    amax_q = block_max("amax_q")
+
+    def word(*ax: Expr) -> Expr:
+        lead_ax, w = ax[:-1], ax[-1]
+        packed = _u32(0)
+        for b in range(WORD):
+            byte = q(amax_q, lead_ax, w * WORD + b).astype("uint32") & _u32(0xFF)
+            packed = packed | (byte << _u32(8 * b))
+        return tirx.reinterpret("int32", packed)
+
+    xq = te.compute(lead + (k // WORD,), word, name="xq")
+    amax = block_max("amax")
+    l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")
+    qsum = te.compute(lead + (nb,), lambda *ax: te.sum(
+        q(amax, ax[:-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
+
+    def scale_and_sum(*ax: Expr) -> list[Expr]:
+        d = amax[ax] / _Q8_MAX
+        return [d, d * qsum[ax].astype("float32")]
+
+    xd, xs = te.compute(lead + (nb,), scale_and_sum, name="scales")
+    func = te.create_prim_func([x, xq, xd, xs])
+    return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
+
+
+# ---------------------------------------------------------------------------------------
+# The int8 dot and its scaled sub-block terms (shared by the GEMV and the MoE forms)
+# ---------------------------------------------------------------------------------------
+
+# (lead axes, word index) -> int32 word of 4 activations; (lead axes, block) -> float32
+XqAt = Callable[[tuple[Expr, ...], Expr], Expr]
+XfAt = Callable[[tuple[Expr, ...], Expr], Expr]
+# (lead axes, row, chunk, part) -> float32 contribution of that sub-block
+Term = Callable[[tuple[Expr, ...], Expr, Expr, Expr], Expr]
+
+
+def q8_terms(
+    fmt: GemvFormat,
+    lead: tuple[int, ...],
+    n: int,
+    k: int,
+    row_of: Callable[[tuple[Expr, ...], Expr], Row],
+    xq_at: XqAt,
+    xd_at: XfAt,
+    xs_at: XfAt,
+    dot_name: str,
+) -> Term:
+    """The block `dot_name`[*lead, n, chunk, part] (int32 per sub-block, by dp4a over its words)
+    and the term that scales it: xd * (scale * dot) + min * xs. `row_of(lead, r)` reads row r's
+    words; xq/xd/xs readers take the lead axes so a per-slot activation (MoE down) can use them."""
+    words = fmt.sub // WORD
+    code_words = _CODE_WORDS[fmt.ggml_type]
+
+    def first_word(c: Expr, p: Expr) -> Expr:
+        return (c * fmt.chunk + p * fmt.sub) // WORD
+
+    g = te.reduce_axis((0, words), name="g")
+
+    def dot_value(*ax: Expr) -> Expr:
+        e, r, c, p = ax[:-3], ax[-3], ax[-2], ax[-1]
+        return te.sum(dp4a(code_words(row_of(e, r), c, p, g), xq_at(e, first_word(c, p) + g)),
+                      axis=g)
+
+    dot = te.compute(lead + (n, k // fmt.chunk, fmt.parts), dot_value, name=dot_name)
+
+    def term(e: tuple[Expr, ...], r: Expr, c: Expr, p: Expr) -> Expr:
+        block = (c * fmt.chunk + p * fmt.sub) // Q8_BLOCK
+        row = row_of(e, r)
+        assert fmt.scale is not None
+        value = xd_at(e, block) * (fmt.scale(row, c, p) * dot[e + (r, c, p)].astype("float32"))
+        if fmt.min is not None:
+            value = value + fmt.min(row, c, p) * xs_at(e, block)
+        return value
+
+    return term
+
+
+def q8_inputs(k: int, lead: tuple[int, ...] = (), prefix: str = "x") -> tuple[te.Tensor, ...]:
+    """Placeholders xq int32[*lead, k/4], xd and xs f32[*lead, k/32] (quantize_q8_1's outputs)."""
+    return (te.placeholder(lead + (k // WORD,), "int32", name=f"{prefix}q"),
+            te.placeholder(lead + (k // Q8_BLOCK,), "float32", name=f"{prefix}d"),
+            te.placeholder(lead + (k // Q8_BLOCK,), "float32", name=f"{prefix}s"))
+
+
+def gemv_q8_symbol(ggml_type: int, n: int, k: int) -> str:
+    return f"gemv_q8_{q8_format(ggml_type).name.lower()}_{n}x{k}"
+
+
+def gemv_q8(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
+    """y[n] = W[n, k] . x̂: params (W words [n, row_words], xq, xd, xs as quantize_q8_1(k) makes
+    them, y f32[n]). Blocks dot (int32 per sub-block) and gemv, as the float GEMV's."""
+    fmt = q8_format(ggml_type)
+    _check_k(k, "gemv_q8")
+    w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
+    xq, xd, xs = q8_inputs(k)
+    term = q8_terms(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
+                    lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot")
+    c = te.reduce_axis((0, k // fmt.chunk), name="c")
+    p = te.reduce_axis((0, fmt.parts), name="p")
+    y = te.compute((n,), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
+    func = te.create_prim_func([w, xq, xd, xs, y])
+    return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
+
+
+# ---------------------------------------------------------------------------------------
+# numpy oracles
+# ---------------------------------------------------------------------------------------
+
+
+def quantize_q8_1_reference(
+    x: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(xq, xd, xs) of x f32[..., k], in the kernel's float32 operation order."""
+    x = np.asarray(x, dtype=np.float32)
+    _check_k(x.shape[-1], "quantize_q8_1")
+    blocks = x.reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(_Q8_MAX) / amax, np.float32(0)).astype(np.float32)
+    v = blocks * inv[..., None]
+    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)  # halves away from 0
+    xq = q.reshape(*x.shape[:-1], -1).view(np.int32)
+    xd = (amax / np.float32(_Q8_MAX)).astype(np.float32)
+    xs = (xd * q.astype(np.int32).sum(axis=-1).astype(np.float32)).astype(np.float32)
+    return xq, xd, xs
+
+
+def dequantize_q8_1(xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:
+    """x̂ = d * q, f32[..., k]."""
+    q = np.ascontiguousarray(xq).view(np.int8).astype(np.float32)
+    q = q.reshape(*xd.shape, Q8_BLOCK)
+    return (q * xd[..., None]).reshape(*xd.shape[:-1], -1)
+
+
+def gemv_q8_reference(
+    ggml_type: int, data: npt.NDArray[np.uint8], xq: npt.NDArray[np.int32],
+    xd: npt.NDArray[np.float32],
+) -> np.ndarray:
+    """The float GEMV's oracle on x̂ (float64 products)."""
+    q8_format(ggml_type)
+    return gemv_reference(ggml_type, data, dequantize_q8_1(xq, xd))

@@ -1,0 +1,118 @@
+"""The fused MoE expert FFN of `kernels.moe` on int8 activations (`kernels.gemv_q8`).
+
+  moe_gate_up_silu_q8:  act[s, i] = silu(Wg[ids[s], i] . x̂) * (Wu[ids[s], i] . x̂)
+  moe_down_residual_q8: h_out[n]  = h[n] + sum_s weights[s] * (Wd[ids[s], n] . â[s])
+
+x̂ is the FFN input quantized once by `gemv_q8.quantize_q8_1(H)` (gate and up share it), â the
+activations quantized per slot by `quantize_q8_1(I, KU)`. Block names and loop order follow
+`kernels.moe` (gate_dot/gate, up_dot/up, act; down_dot/down, h_out), the dot blocks holding int32
+sums of dp4a products and no x-sum blocks (the quantizer made the block sums), so the MoE
+schedule's layout carries over. The oracles are `kernels.moe`'s on x̂ and â.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from tvm import te, tirx
+
+from sparkinfer.kernels.gemv import GemvFormat
+from sparkinfer.kernels.gemv_q8 import Row, dequantize_q8_1, q8_format, q8_inputs, q8_terms
+from sparkinfer.kernels.moe import (
+    _silu,
+    _weights,
+    moe_down_residual_reference,
+    moe_gate_up_silu_reference,
+)
+
+Expr = tirx.Expr
+
+
+def _expert_row(w: te.Tensor, ids: te.Tensor) -> Callable[[tuple[Expr, ...], Expr], Row]:
+    """Row r of expert ids[slot] of all experts' words w [E, rows, row_words]."""
+    n_experts = int(w.shape[0])
+
+    def row_of(e: tuple[Expr, ...], r: Expr) -> Row:
+        # Clamped so that TVM can bound the access (see gemv._gemv_te).
+        expert = tirx.max(tirx.min(ids[e[0]], n_experts - 1), 0)
+        return lambda i: w[expert, r, i]
+
+    return row_of
+
+
+def moe_gate_up_silu_q8_symbol(type_gate: int, type_up: int, n_experts: int, n_used: int,
+                               n_ffn: int, hidden: int) -> str:
+    g, u = q8_format(type_gate).name.lower(), q8_format(type_up).name.lower()
+    return f"moe_gate_up_silu_q8_{g}_{u}_{n_experts}x{n_ffn}x{hidden}_top{n_used}"
+
+
+def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                        hidden: int) -> tirx.PrimFunc:
+    """Params (Wg words [E, I, row_words], Wu words [E, I, row_words'], ids int32[KU],
+    xq int32[H/4], xd f32[H/32], xs f32[H/32], act f32[KU, I])."""
+    fmt_g, fmt_u = q8_format(type_gate), q8_format(type_up)
+    w_gate = _weights(fmt_g, n_experts, n_ffn, hidden, "Wg")
+    w_up = _weights(fmt_u, n_experts, n_ffn, hidden, "Wu")
+    ids = te.placeholder((n_used,), "int32", name="ids")
+    xq, xd, xs = q8_inputs(hidden)
+
+    def projection(fmt: GemvFormat, w: te.Tensor, name: str) -> te.Tensor:
+        term = q8_terms(fmt, (n_used,), n_ffn, hidden, _expert_row(w, ids),
+                        lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], f"{name}_dot")
+        c = te.reduce_axis((0, hidden // fmt.chunk), name="c")
+        p = te.reduce_axis((0, fmt.parts), name="p")
+        return te.compute((n_used, n_ffn), lambda s, r: te.sum(term((s,), r, c, p), axis=[c, p]),
+                          name=name)
+
+    gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
+    act = te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
+    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    func = te.create_prim_func([w_gate, w_up, ids, xq, xd, xs, act])
+    return func.with_attr("global_symbol", symbol)
+
+
+def moe_down_residual_q8_symbol(ggml_type: int, n_experts: int, n_used: int, hidden: int,
+                                n_ffn: int) -> str:
+    name = q8_format(ggml_type).name.lower()
+    return f"moe_down_residual_q8_{name}_{n_experts}x{hidden}x{n_ffn}_top{n_used}"
+
+
+def moe_down_residual_q8(ggml_type: int, n_experts: int, n_used: int, hidden: int,
+                         n_ffn: int) -> tirx.PrimFunc:
+    """Params (Wd words [E, H, row_words], ids int32[KU], weights f32[KU], aq int32[KU, I/4],
+    ad f32[KU, I/32], as f32[KU, I/32], h f32[H], h_out f32[H])."""
+    fmt = q8_format(ggml_type)
+    w_down = _weights(fmt, n_experts, hidden, n_ffn, "Wd")
+    ids = te.placeholder((n_used,), "int32", name="ids")
+    weights = te.placeholder((n_used,), "float32", name="weights")
+    aq, ad, as_ = q8_inputs(n_ffn, (n_used,), "a")
+    h = te.placeholder((hidden,), "float32", name="h")
+    term = q8_terms(fmt, (n_used,), hidden, n_ffn, _expert_row(w_down, ids),
+                    lambda e, i: aq[e[0], i], lambda e, b: ad[e[0], b],
+                    lambda e, b: as_[e[0], b], "down_dot")
+    s = te.reduce_axis((0, n_used), name="s")
+    c = te.reduce_axis((0, n_ffn // fmt.chunk), name="c")
+    p = te.reduce_axis((0, fmt.parts), name="p")
+    down = te.compute((hidden,), lambda r: te.sum(weights[s] * term((s,), r, c, p),
+                                                  axis=[s, c, p]), name="down")
+    h_out = te.compute((hidden,), lambda r: h[r] + down[r], name="h_out")
+    symbol = moe_down_residual_q8_symbol(ggml_type, n_experts, n_used, hidden, n_ffn)
+    func = te.create_prim_func([w_down, ids, weights, aq, ad, as_, h, h_out])
+    return func.with_attr("global_symbol", symbol)
+
+
+def moe_gate_up_silu_q8_reference(type_gate: int, gate_data: npt.NDArray[np.uint8], type_up: int,
+                                  up_data: npt.NDArray[np.uint8], ids: npt.NDArray[np.int32],
+                                  xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:
+    """`kernels.moe`'s oracle on x̂."""
+    x_hat = dequantize_q8_1(xq, xd)
+    return moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, x_hat)
+
+
+def moe_down_residual_q8_reference(ggml_type: int, down_data: npt.NDArray[np.uint8],
+                                   ids: npt.NDArray[np.int32], weights: npt.NDArray[np.float32],
+                                   aq: npt.NDArray[np.int32], ad: npt.NDArray[np.float32],
+                                   h: npt.NDArray[np.float32]) -> np.ndarray:
+    """`kernels.moe`'s oracle on â."""
+    return moe_down_residual_reference(ggml_type, down_data, ids, weights,
+                                       dequantize_q8_1(aq, ad), h)

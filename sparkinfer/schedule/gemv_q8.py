@@ -1,0 +1,193 @@
+"""CUDA schedules of the int8-activation kernels (`kernels.gemv_q8`, `kernels.moe_q8`).
+
+The GEMVs take the float GEMV's layout unchanged (`schedule.gemv`, `schedule.moe`): lanes along
+K, rows per block, per-chunk quant words and activations in registers, warp allreduce. What
+differs is read off `int8_view`: the dot block reads int32 words of 4 activations (xq: a Q4_K
+chunk's 32 QS bytes and its 16 activation words are two 16-byte loads each), and there is no
+x-sum block (the quantizer wrote the block sums).
+
+The quantizer (`quantize_q8_1`) is a thread per block of 32: it finds the block's max, writes
+its 8 words, then (a second loop nest under the same thread binding) its scale and sum.
+
+On the CPU the int8 kernels take `schedule.cpu`'s dot layout (row tasks across the cores, each
+sub-block's word reduction split into vector lanes); the quantizer runs as written (~1 µs).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tvm import s_tir
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+from sparkinfer.kernels.gemv import GemvFormat
+from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD, q8_format
+from sparkinfer.kernels.use import KernelUse, factory_args
+from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.gemv import (
+    GemvKnobs,
+    _GemvCudaRule,
+    _schedule_rows,
+    cache_chunk_in_registers,
+    loops_below,
+    powers_of_two,
+)
+from sparkinfer.schedule.moe import (
+    MoeKnobs,
+    _MoeCudaRule,
+    schedule_down_residual,
+    schedule_gate_up_silu,
+)
+from sparkinfer.schedule.cpu import (
+    GemvCpuRule,
+    MoeDownResidualCpuRule,
+    MoeGateUpSiluCpuRule,
+    _AsWrittenCpuRule,
+)
+from sparkinfer.schedule.space import Knobs, ScheduleRule
+
+
+def int8_view(ggml_type: int) -> GemvFormat:
+    """The float GEMV's format of `ggml_type` as the int8 kernels' blocks look to a schedule: a
+    sub-block's dot reduces over its sub/4 words (`sub`, and so `chunk`, count words), and there
+    is no x-sum block (min=None)."""
+    fmt = q8_format(ggml_type)
+    return dataclasses.replace(fmt, sub=fmt.sub // WORD, min=None)
+
+
+class GemvQ8CudaRule(_GemvCudaRule):
+    """`gemv_q8`: the float GEMV's rule (same knobs, space and defaults) on the int8 blocks."""
+
+    family = "gemv_q8"
+    factory = "gemv_q8"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n, k = factory_args(use)
+        return ggml_type, n, k, 1
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        fmt = int8_view(self.shape(use)[0])
+
+        def cache(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
+            cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "xq", part)
+
+        _schedule_rows(sch, fmt, knobs, cache)
+
+
+class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
+    """`schedule.moe`'s gate/up/SiLU layout (same knobs) on the int8 blocks."""
+
+    family = "moe_q8"
+    factory = "moe_gate_up_silu_q8"
+
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        type_gate, type_up, _, _, _, hidden = factory_args(use)
+        return hidden // q8_format(type_gate).chunk, hidden // q8_format(type_up).chunk
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        type_gate, type_up, *_ = factory_args(use)
+        schedule_gate_up_silu(sch, int8_view(type_gate), int8_view(type_up), knobs, "xq")
+
+
+class MoeDownResidualQ8CudaRule(_MoeCudaRule):
+    """`schedule.moe`'s down/weights/residual layout (same knobs) on the int8 blocks."""
+
+    family = "moe_q8"
+    factory = "moe_down_residual_q8"
+
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        ggml_type, _, n_used, _, n_ffn = factory_args(use)
+        return (n_used * (n_ffn // q8_format(ggml_type).chunk),)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        ggml_type, _, n_used, _, _ = factory_args(use)
+        schedule_down_residual(sch, int8_view(ggml_type), n_used, knobs, "aq")
+
+
+@dataclass(frozen=True)
+class QuantizeKnobs(Knobs):
+    """threads: threads per block, one per block of 32 activations."""
+
+    threads: Any
+
+
+class QuantizeQ8CudaRule(ScheduleRule):
+    target_kind = "cuda"
+    family = "gemv_q8"
+    factory = "quantize_q8_1"
+    knobs_type = QuantizeKnobs
+
+    def _blocks(self, use: KernelUse) -> int:
+        k, rows = factory_args(use)
+        return max(1, rows) * (k // Q8_BLOCK)
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= 32)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> QuantizeKnobs:
+        # 2048 activations are 64 blocks of 32: one warp-multiple block of threads covers them.
+        blocks = self._blocks(use)
+        threads = 32
+        while threads < blocks and threads < 256:
+            threads *= 2
+        return QuantizeKnobs(threads=threads)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, QuantizeKnobs)
+        words = Q8_BLOCK // WORD
+
+        def thread_per_block(block: SBlockRV, split_words: bool) -> LoopRV:
+            loops = sch.get_loops(block)
+            if split_words:
+                *lead, w = loops
+                blk, inner = sch.split(w, [None, words])
+                sch.unroll(inner)
+                loops = [*lead, blk]
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            bx, tx = sch.split(fused, [None, knobs.threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            return tx
+
+        tx = thread_per_block(sch.get_sblock("xq"), True)
+        amax_q = sch.get_sblock("amax_q")
+        sch.compute_at(amax_q, tx)
+        sch.set_scope(amax_q, 0, "local")
+        tx = thread_per_block(sch.get_sblock("scales_v0"), False)
+        for name in ("qsum", "amax"):
+            block = sch.get_sblock(name)
+            sch.compute_at(block, tx)
+            sch.set_scope(block, 0, "local")
+
+
+class GemvQ8CpuRule(GemvCpuRule):
+    family = "gemv_q8"
+    factory = "gemv_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
+    family = "moe_q8"
+    factory = "moe_gate_up_silu_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        type_gate, type_up, *_ = factory_args(use)
+        return int8_view(type_gate), int8_view(type_up)
+
+
+class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
+    family = "moe_q8"
+    factory = "moe_down_residual_q8"
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class QuantizeQ8CpuRule(_AsWrittenCpuRule):
+    family = "gemv_q8"
+    factory = "quantize_q8_1"

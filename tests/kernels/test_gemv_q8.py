@@ -1,0 +1,62 @@
+"""The int8-activation path on the CPU (LLVM, dp4a lowered to integer arithmetic) against numpy."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import gemv_q8 as Q
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from tests.kernels.test_kernels_gemv import magnitude, run_cpu, run_cpu_outputs
+
+Q8_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261204)
+
+
+def quantize_cpu(x: np.ndarray) -> list[np.ndarray]:
+    k = x.shape[-1]
+    rows = x.shape[0] if x.ndim == 2 else 0
+    lead = x.shape[:-1]
+    outs = [np.empty((*lead, k // 4), np.int32), np.empty((*lead, k // 32), np.float32),
+            np.empty((*lead, k // 32), np.float32)]
+    return run_cpu_outputs(Q.quantize_q8_1(k, rows), [x], outs)
+
+
+@pytest.mark.parametrize("shape", [(256,), (3, 128)], ids=["vector", "rows"])
+def test_quantize_q8_1_matches_numpy(rng: np.random.Generator, shape: tuple[int, ...]) -> None:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x[..., :32] = 0.0  # an all-zero block: d = 0, q = 0, no division by zero
+    x[..., 32] = 127.0  # the next block's max: d = 1, so 2.5 and -0.5 are exact halves
+    x[..., 33], x[..., 34] = 2.5, -0.5
+    xq, xd, xs = quantize_cpu(x)
+    ref_q, ref_d, ref_s = Q.quantize_q8_1_reference(x)
+    np.testing.assert_array_equal(xq, ref_q)
+    np.testing.assert_allclose(xd, ref_d, rtol=1e-7)
+    np.testing.assert_allclose(xs, ref_s, rtol=1e-6, atol=1e-6)
+    q = xq.view(np.int8).reshape(*shape)
+    assert np.all(q[..., 33] == 3) and np.all(q[..., 34] == -1)
+    # x̂ is within half a step of x everywhere
+    step = np.repeat(xd, 32, axis=-1)
+    assert np.all(np.abs(Q.dequantize_q8_1(xq, xd) - x) <= 0.5 * step + 1e-6)
+
+
+@pytest.mark.parametrize("t", Q8_TYPES, ids=lambda t: t.name)
+def test_gemv_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    n, k = 37, 512
+    data = random_weights(t, (n, k), rng)
+    xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
+    y = run_cpu(Q.gemv_q8(t, n, k), G.weight_view(t, data), xq, xd, xs, np.empty(n, np.float32))
+    x_hat = Q.dequantize_q8_1(xq, xd)
+    assert_gemv_close(y, Q.gemv_q8_reference(t, data, xq, xd), magnitude(t, data, x_hat))
+
+
+def test_gemv_q8_rejects_other_types_and_lengths() -> None:
+    with pytest.raises(UnsupportedQuantTypeError, match="no int8-activation GEMV for quant type F16"):
+        Q.gemv_q8(T.F16, 8, 256)
+    with pytest.raises(TensorShapeError, match="multiple of 32, got 48"):
+        Q.quantize_q8_1(48)

@@ -1,0 +1,58 @@
+"""The fused MoE compute on int8 activations, built for LLVM, against the numpy oracle."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.errors import UnsupportedQuantTypeError
+from sparkinfer.kernels import moe_q8 as M
+from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv_q8 import dequantize_q8_1, quantize_q8_1_reference
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.reference.qwen3moe import silu
+from tests.kernels.test_moe import HIDDEN, IDS, IDS_CLAMPED, N_EXPERTS, N_FFN, abs_gemv, run_cpu
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261204)
+
+
+@pytest.mark.parametrize("type_gate, type_up", [(T.Q4_K, T.Q4_K), (T.Q5_K, T.Q8_0), (T.Q6_K, T.Q4_K)],
+                         ids=lambda t: t.name)
+def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, type_up: T) -> None:
+    gate_data = random_weights(type_gate, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    up_data = random_weights(type_up, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    xq, xd, xs = quantize_q8_1_reference((rng.standard_normal(HIDDEN) * 10).astype(np.float32))
+    func = M.moe_gate_up_silu_q8(type_gate, type_up, N_EXPERTS, len(IDS), N_FFN, HIDDEN)
+    act = run_cpu(func, weight_view(type_gate, gate_data), weight_view(type_up, up_data), IDS,
+                  xq, xd, xs, np.empty((len(IDS), N_FFN), np.float32))
+    ref = M.moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, xq, xd)
+    x = dequantize_q8_1(xq, xd)
+    gate = gemv_experts_reference(type_gate, gate_data, IDS_CLAMPED, x)
+    up = gemv_experts_reference(type_up, up_data, IDS_CLAMPED, x)
+    assert np.abs(gate).max() > 2, "the test should reach SiLU's nonlinear range"
+    with np.errstate(over="ignore"):
+        magnitude = (1.1 * np.abs(up) * abs_gemv(type_gate, gate_data, IDS_CLAMPED, x)
+                     + np.abs(silu(gate)) * abs_gemv(type_up, up_data, IDS_CLAMPED, x) + np.abs(ref))
+    assert_gemv_close(act, ref, magnitude)
+
+
+@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
+def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    data = random_weights(t, (N_EXPERTS, HIDDEN, N_FFN), rng)
+    aq, ad, as_ = quantize_q8_1_reference((rng.standard_normal((len(IDS), N_FFN)) * 3).astype(np.float32))
+    weights = rng.dirichlet(np.ones(len(IDS))).astype(np.float32)
+    h = rng.standard_normal(HIDDEN).astype(np.float32)
+    func = M.moe_down_residual_q8(t, N_EXPERTS, len(IDS), HIDDEN, N_FFN)
+    h_out = run_cpu(func, weight_view(t, data), IDS, weights, aq, ad, as_, h,
+                    np.empty(HIDDEN, np.float32))
+    ref = M.moe_down_residual_q8_reference(t, data, IDS_CLAMPED, weights, aq, ad, h)
+    act = dequantize_q8_1(aq, ad)
+    magnitude = np.abs(h) + weights.astype(np.float64) @ abs_gemv(t, data, IDS_CLAMPED, act)
+    assert_gemv_close(h_out, ref, magnitude)
+
+
+def test_moe_q8_rejects_float_types() -> None:
+    with pytest.raises(UnsupportedQuantTypeError, match="no int8-activation GEMV for quant type BF16"):
+        M.moe_gate_up_silu_q8(T.Q4_K, T.BF16, N_EXPERTS, 2, N_FFN, HIDDEN)

@@ -1,0 +1,66 @@
+"""The int8 kernels' CPU rules (schedule/gemv_q8.py on schedule/cpu.py's layout): each scheduled
+kernel against its numpy oracle at the default knobs and at other points of its space."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import gemv_q8 as Q
+from sparkinfer.kernels import moe_q8 as M
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.schedule.cpu import CpuDotKnobs
+from sparkinfer.schedule.space import check_knobs, kernel_use, rule_for
+from tests.schedule.test_cpu import CPU, run
+
+# (parallel, rows_per_task, vector, unroll) besides the default; vector 2 divides every
+# format's words per sub-block (Q6_K: 4, the others 8).
+DOT_KNOBS = [None, CpuDotKnobs(0, 64, 1, 16), CpuDotKnobs(1, 8, 2, 1024)]
+IDS = ["default", "serial", "parallel"]
+
+
+def _abs_gemv(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.abs(quant.dequantize(t, data, (data.shape[0], x.shape[-1]))).astype(np.float64) @ np.abs(x)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_gemv_q8(t: T, knobs: CpuDotKnobs | None) -> None:
+    rng = np.random.default_rng(1)
+    n, k = 100, 512
+    data = random_weights(t, (n, k), rng)
+    xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
+    if knobs is not None:
+        use = kernel_use("gemv_q8", "gemv_q8", t, n, k)
+        check_knobs(rule_for(use, CPU), use, knobs, CPU)
+    (y,) = run("gemv_q8", Q.gemv_q8, (t, n, k), knobs, [G.weight_view(t, data), xq, xd, xs],
+               [np.empty(n, np.float32)])
+    assert_gemv_close(y, Q.gemv_q8_reference(t, data, xq, xd), _abs_gemv(t, data, Q.dequantize_q8_1(xq, xd)))
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)
+def test_moe_q8_and_quantize(knobs: CpuDotKnobs | None) -> None:
+    rng = np.random.default_rng(2)
+    n_experts, n_used, hidden, inter = 6, 2, 256, 256
+    x = rng.standard_normal(hidden, dtype=np.float32)
+    xq, xd, xs = run("gemv_q8", Q.quantize_q8_1, (hidden, 0), None, [x],
+                     [np.empty(hidden // 4, np.int32), np.empty(hidden // 32, np.float32),
+                      np.empty(hidden // 32, np.float32)])
+    np.testing.assert_array_equal(xq, Q.quantize_q8_1_reference(x)[0])
+    gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
+    ids = np.array([4, 1], np.int32)
+    (act,) = run("moe_q8", M.moe_gate_up_silu_q8, (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden), knobs,
+                 [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), ids, xq, xd, xs],
+                 [np.empty((n_used, inter), np.float32)])
+    ref = M.moe_gate_up_silu_q8_reference(T.Q4_K, gate, T.Q6_K, up, ids, xq, xd)
+    np.testing.assert_allclose(act, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    down = random_weights(T.Q6_K, (n_experts, hidden, inter), rng)
+    aq, ad, as_ = Q.quantize_q8_1_reference(act)
+    weights = np.array([0.7, 0.3], np.float32)
+    h = rng.standard_normal(hidden, dtype=np.float32)
+    (h_out,) = run("moe_q8", M.moe_down_residual_q8, (T.Q6_K, n_experts, n_used, hidden, inter), knobs,
+                   [G.weight_view(T.Q6_K, down), ids, weights, aq, ad, as_, h], [np.empty(hidden, np.float32)])
+    a_hat = Q.dequantize_q8_1(aq, ad)
+    mag = np.abs(h) + weights.astype(np.float64) @ np.stack([_abs_gemv(T.Q6_K, down[e], a) for e, a in zip(ids, a_hat)])
+    assert_gemv_close(h_out, M.moe_down_residual_q8_reference(T.Q6_K, down, ids, weights, aq, ad, h), mag)

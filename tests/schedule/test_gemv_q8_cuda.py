@@ -1,0 +1,167 @@
+"""The int8-activation kernels scheduled for CUDA: codegen uses __dp4a and 16-byte loads of the
+Q4_K words and activation words, nvcc compiles them for every arch, the rules' spaces and
+defaults hold together, and on a GPU the Qwen3-30B-A3B shapes match the numpy oracles (the
+library prebuilt by `python -m tests.gpu_prebuild`; the CPU checks the compute:
+tests/kernels/test_gemv_q8.py, test_moe_q8.py)."""
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.kernels import gemv_q8, moe_q8
+from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.reference.qwen3moe import silu
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.space import check_knobs, kernel_use, rule_for
+
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    gpu_fixture,
+    kernel_body,
+    main,
+    module,
+    needs_nvcc,
+    scheduled,
+)
+
+# The full-size Qwen3-30B-A3B shapes (bench/NOTES.md): attention out 2048x4096, experts 768x2048.
+CASES = [
+    (gemv_q8.gemv_q8, "gemv_q8", (T.Q4_K, 2048, 4096)),
+    (gemv_q8.gemv_q8, "gemv_q8", (T.Q6_K, 512, 2048)),
+    (gemv_q8.gemv_q8, "gemv_q8", (T.Q5_K, 512, 2048)),
+    (gemv_q8.gemv_q8, "gemv_q8", (T.Q8_0, 512, 2048)),
+    (gemv_q8.quantize_q8_1, "gemv_q8", (2048, 0)),
+    (gemv_q8.quantize_q8_1, "gemv_q8", (768, 8)),
+    (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
+    (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
+    (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
+]
+IDS = [f"{f.__name__}{args}" for f, _, args in CASES]
+
+
+@pytest.mark.parametrize("factory, family, args", CASES, ids=IDS)
+def test_default_knobs_lie_in_the_space(factory, family, args) -> None:
+    for arch in CUDA_ARCHS:
+        facts = arch_facts(arch)
+        use = kernel_use(family, factory.__name__, *args)
+        rule = rule_for(use, facts)
+        check_knobs(rule, use, rule.default(use, facts), facts)
+
+
+@pytest.mark.parametrize("factory, family, args", CASES[:4] + CASES[6:], ids=IDS[:4] + IDS[6:])
+def test_int8_gemvs_use_dp4a(factory, family, args) -> None:
+    func = scheduled(factory, family, *args)
+    body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
+    assert "__dp4a(" in body
+    if T.Q4_K in args:
+        # the chunk's QS words and its activation words in 16-byte loads
+        assert body.count("*(int4*)(xq") + body.count("*(int4*)(aq") >= 1
+        assert "*(uint4*)(W" in body
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_int8_kernels_compile_with_nvcc(arch: str) -> None:
+    assert_nvcc_compiles(arch, kernels_module(arch))
+
+
+def kernels_module(arch: str = "sm_90") -> tvm.IRModule:
+    """Every case, scheduled for `arch`: the GPU tests' library."""
+    return module(*(scheduled(f, family, *args, arch=arch) for f, family, args in CASES))
+
+
+gpu = gpu_fixture("gemv_q8", kernels_module)
+
+
+def _symbol(factory, args) -> str:  # noqa: ANN001
+    return str(factory(*args).attrs["global_symbol"])
+
+
+def _run(gpu: Gpu, symbol: str, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run into outputs poisoned with NaN (float) or a pattern (int), and read them back."""
+    outs = [gpu.tensor(np.full_like(o, np.nan) if o.dtype.kind == "f" else np.full_like(o, -0x55555556))
+            for o in outputs]
+    gpu(symbol, *(gpu.tensor(a) for a in inputs), *outs)
+    return [o.numpy() for o in outs]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("args", [a for f, _, a in CASES if f is gemv_q8.quantize_q8_1], ids=str)
+def test_quantize_on_gpu_matches_numpy(gpu: Gpu, args: tuple[int, int]) -> None:
+    k, rows = args
+    x = np.random.default_rng(1).standard_normal((rows, k) if rows else (k,), dtype=np.float32)
+    lead = x.shape[:-1]
+    xq, xd, xs = _run(gpu, _symbol(gemv_q8.quantize_q8_1, args), [x],
+                      [np.empty((*lead, k // 4), np.int32), np.empty((*lead, k // 32), np.float32),
+                       np.empty((*lead, k // 32), np.float32)])
+    ref_q, ref_d, _ = gemv_q8.quantize_q8_1_reference(x)
+    # nvcc may contract x * (127 / amax) + 0.5 differently: a value may round the other way.
+    dq = np.abs(xq.view(np.int8).astype(np.int32) - ref_q.view(np.int8).astype(np.int32))
+    assert dq.max() <= 1 and np.count_nonzero(dq) <= max(1, dq.size // 1000)
+    np.testing.assert_allclose(xd, ref_d, rtol=1e-6)
+    q = xq.view(np.int8).astype(np.float32).reshape(*lead, -1, 32)
+    np.testing.assert_allclose(xs, xd * q.sum(axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def _activations(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    return gemv_q8.quantize_q8_1_reference(rng.standard_normal(shape, dtype=np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("args", [a for f, _, a in CASES if f is gemv_q8.gemv_q8], ids=str)
+def test_gemv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noqa: ANN001
+    t, n, k = args
+    rng = np.random.default_rng(2)
+    data = random_weights(t, (n, k), rng)
+    xq, xd, xs = _activations(rng, (k,))
+    (y,) = _run(gpu, _symbol(gemv_q8.gemv_q8, args), [weight_view(t, data), xq, xd, xs],
+                [np.empty(n, np.float32)])
+    x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+    magnitude = np.abs(quant.dequantize(t, data, (n, k))).astype(np.float64) @ np.abs(x_hat)
+    assert_gemv_close(y, gemv_q8.gemv_q8_reference(t, data, xq, xd), magnitude)
+
+
+@pytest.mark.gpu
+def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
+    rng = np.random.default_rng(3)
+    for factory, _, args in CASES:
+        if factory is moe_q8.moe_gate_up_silu_q8:
+            tg, tu, e, ku, i, h = args
+            gate, up = random_weights(tg, (e, i, h), rng), random_weights(tu, (e, i, h), rng)
+            ids = rng.choice(e, ku, replace=False).astype(np.int32)
+            xq, xd, xs = _activations(rng, (h,))
+            (act,) = _run(gpu, _symbol(factory, args), [weight_view(tg, gate), weight_view(tu, up), ids,
+                                                        xq, xd, xs], [np.empty((ku, i), np.float32)])
+            ref = moe_q8.moe_gate_up_silu_q8_reference(tg, gate, tu, up, ids, xq, xd)
+            # d(silu(g) u) = silu'(g) u dg + silu(g) du, |silu'| < 1.1 (tests/kernels/test_moe.py)
+            x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+            g = gemv_experts_reference(tg, gate, ids, x_hat)
+            u = gemv_experts_reference(tu, up, ids, x_hat)
+            mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ids])
+            mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ids])
+            with np.errstate(over="ignore"):
+                magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
+            assert_gemv_close(act, ref, magnitude)
+        elif factory is moe_q8.moe_down_residual_q8:
+            t, e, ku, h, i = args
+            down = random_weights(t, (e, h, i), rng)
+            ids = rng.choice(e, ku, replace=False).astype(np.int32)
+            weights = rng.dirichlet(np.ones(ku)).astype(np.float32)
+            aq, ad, as_ = _activations(rng, (ku, i))
+            hv = rng.standard_normal(h, dtype=np.float32)
+            (h_out,) = _run(gpu, _symbol(factory, args), [weight_view(t, down), ids, weights, aq, ad, as_, hv],
+                            [np.empty(h, np.float32)])
+            ref = moe_q8.moe_down_residual_q8_reference(t, down, ids, weights, aq, ad, hv)
+            a_hat = gemv_q8.dequantize_q8_1(aq, ad)
+            mag = np.stack([np.abs(quant.dequantize(t, down[j], (h, i))) @ np.abs(a) for j, a in zip(ids, a_hat)])
+            assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
+
+
+if __name__ == "__main__":
+    main(__doc__, "gemv_q8", kernels_module)

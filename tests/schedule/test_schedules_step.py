@@ -1,0 +1,29 @@
+"""A schedules file's model-level variants ("step"): round trip, defaults, bad values."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparkinfer.schedule.schedules import STEP_VARIANTS, SchedulesFile, SchedulesFileError
+
+
+def test_step_variants_round_trip_and_default_to_none(tmp_path: Path) -> None:
+    path = SchedulesFile("sm_90", {}, step={"activations": "q8"}).write(tmp_path / "a.json")
+    assert SchedulesFile.read(path).step == {"activations": "q8"}
+    plain = SchedulesFile("sm_90", {}).write(tmp_path / "b.json")
+    assert "step" not in json.loads(plain.read_text())
+    assert SchedulesFile.read(plain).step == {}
+    assert STEP_VARIANTS["activations"][0] == "f32"  # the default comes first
+
+
+@pytest.mark.parametrize("step, message", [
+    ({"activations": "int4"}, "step variant activations='int4' is not one of"),
+    ({"weights": "q8"}, "step variant weights='q8' is not one of"),
+    ("q8", "step variant None='q8' is not one of"),
+])
+def test_an_unknown_step_variant_is_refused(tmp_path: Path, step: object, message: str) -> None:
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"arch": "cpu", "kernels": {}, "step": step}))
+    with pytest.raises(SchedulesFileError, match=message):
+        SchedulesFile.read(path)
