@@ -36,7 +36,7 @@ from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
 from sparkinfer.kernels.use import KernelUse, factory_args
-from sparkinfer.model.spec import ACTIVATIONS
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 from sparkinfer.quant import quant_format
 
 H200_BYTES_PER_S = 4.3e12

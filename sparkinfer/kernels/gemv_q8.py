@@ -150,6 +150,9 @@ _CODE_WORDS: dict[GGMLQuantizationType, Callable[[Row, Expr, Expr, Expr], Expr]]
     _T.Q8_0: _q8_0_words,
 }
 Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_CODE_WORDS)
+# Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step):
+# float32, or int8 blocks of 32 (this module) for the expert GEMVs. The first is the default.
+ACTIVATIONS = ("f32", "q8")
 
 
 def q8_format(ggml_type: int) -> GemvFormat:

@@ -51,11 +51,10 @@ from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import gemv_format
-from sparkinfer.kernels.gemv_q8 import Q8_TYPES
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.model.spec import (
-    ACTIVATIONS,
     ENTRY,
     ENTRY_PROCESSED,
     KV_DTYPE,

@@ -14,9 +14,6 @@ from sparkinfer.errors import CompiledModuleError
 PAGE_SIZE = 64  # tokens per KV page (docs/ARCHITECTURE.md)
 N_PAGES = "n_pages"  # the symbolic dim of every KV cache, as the manifest writes it
 KV_DTYPE = "float16"
-# Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step):
-# float32, or int8 blocks of 32 for the expert GEMVs. The first is the default.
-ACTIVATIONS = ("f32", "q8")
 ENTRY = "decode"  # the Relax function of the step
 # The same step with the logits processed (kernels/logits.py: a grammar's token mask, presence /
 # frequency / repetition penalties) before sampling; same parameters, same outputs. A request

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.model.spec import ACTIVATIONS
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # Model-level variants a schedules file may pick: keyword arguments of
