@@ -37,6 +37,7 @@ from sparkinfer.schedule.norm import AddRmsNormCudaRule, RmsNormCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
 from sparkinfer.schedule.router import RouterTopkCudaRule
 from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleTokenCudaRule
+from sparkinfer.schedule.logits import RULES as LOGITS_RULES
 from sparkinfer.schedule.prefill_cpu import CPU_RULES as PREFILL_CPU_RULES
 from sparkinfer.schedule.prefill_cuda import CUDA_RULES as PREFILL_CUDA_RULES
 from sparkinfer.schedule.space import register
@@ -76,6 +77,7 @@ for _rule in (
     MoeGateUpSiluQ8CpuRule(),
     MoeDownResidualQ8CpuRule(),
     QuantizeQ8CpuRule(),
+    *LOGITS_RULES,
     *PREFILL_CPU_RULES,
     *PREFILL_CUDA_RULES,
 ):

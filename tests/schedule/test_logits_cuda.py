@@ -7,7 +7,7 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import logits as L
-from sparkinfer.schedule.logits import PROCESS_THREADS, schedule_count_token, schedule_process_logits
+from sparkinfer.schedule.logits import PROCESS_THREADS
 
 from cuda_testutil import (
     CUDA_ARCHS,
@@ -19,13 +19,14 @@ from cuda_testutil import (
     main,
     module,
     needs_nvcc,
+    scheduled,
 )
 
 VOCAB = 151936
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(schedule_process_logits(L.process_logits(VOCAB)), schedule_count_token(L.count_token(VOCAB)))
+    return module(scheduled(L.process_logits, "logits", VOCAB), scheduled(L.count_token, "logits", VOCAB))
 
 
 @pytest.fixture(scope="module")
