@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from sparkinfer.compiler import targets
 from sparkinfer.compiler.manifest import (
@@ -73,7 +73,7 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
 # The CPU's flash-decode splits. The attention kernel runs every split's streams x tile token
 # slots whatever the depth (16 splits x 8 streams x 32: 4096 slots for a 129-token context),
 # which a GPU spreads over its SMs and a CPU computes one by one: at depth 128 of the default
-# model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md).
+# model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md, bench/cpu_kernels.py).
 CPU_SPLITS = 1
 
 

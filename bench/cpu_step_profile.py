@@ -1,0 +1,58 @@
+"""One CPU decode step of the default model at depth 128, per VM instruction: each kernel's and
+each VM builtin's time per step (a `vm.set_instrument` hook around every call, which adds a
+Python callback's few microseconds to each), next to the plain step time.
+
+    PYTHONPATH=. SPARKINFER_CACHE=/tmp/cache python3 bench/cpu_step_profile.py
+
+bench/NOTES.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import numpy as np
+import tvm
+
+from sparkinfer.data import default_model_path
+from sparkinfer.runtime.engine import Engine
+
+REPS = 10
+
+
+def main() -> None:
+    engine = Engine(default_model_path(), arch="cpu")
+    engine.forward(list(range(1, 129)))
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(engine.manifest.library)), tvm.cpu())
+    step = vm[engine.manifest.entry]
+    for _ in range(3):
+        step(*engine.args)
+    plain = []
+    for _ in range(30):
+        start = time.perf_counter()
+        step(*engine.args)
+        plain.append(time.perf_counter() - start)
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+    started = [0.0]
+
+    def instrument(func: Any, name: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            started[0] = time.perf_counter()
+        else:
+            spent[name].append(time.perf_counter() - started[0])
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(REPS):
+        step(*engine.args)
+    print(f"plain step: median {np.median(plain) * 1e3:.3f} ms ({1 / np.median(plain):.0f} tok/s)")
+    rows = sorted(((sum(v) / REPS, len(v) // REPS, k) for k, v in spent.items()), reverse=True)
+    for seconds, calls, name in rows:
+        print(f"{seconds * 1e6:9.1f} us  {calls:3d} calls  {name}")
+    print(f"sum: {sum(r[0] for r in rows) * 1e3:.3f} ms; instructions per step: {sum(r[1] for r in rows)}")
+
+
+if __name__ == "__main__":
+    main()
