@@ -186,7 +186,9 @@ def test_chat_logprobs_equal_score(shipped: Server, client: openai.OpenAI) -> No
     prompt = llm.prompt_tokens(ASK)
     tokens = llm.engine.generate(prompt, 12, temperature=0.0, stop_tokens=()).all()[: len(entries)]
     expected = llm.score(prompt + tokens)[len(prompt) - 1:]
-    np.testing.assert_allclose([e.logprob for e in entries], expected, atol=2e-5)
+    # score() takes each position's logits from the T-token step (score_T), the stream from the
+    # decode step: the same math with float32 sums in another order, ~1e-5 apart in a logprob.
+    np.testing.assert_allclose([e.logprob for e in entries], expected, atol=1e-4)
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace").startswith(r.choices[0].message.content)
     for e in entries:  # greedy: the chosen token is the most likely one
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
