@@ -287,35 +287,14 @@ class PagedDecodeAttentionCpuRule(FixedRule):
         sch.parallel(sch.fuse(kv, split))
 
 
-class _AsWrittenCpuRule(FixedRule):
-    """A kernel of a few microseconds: LLVM builds the loop nest its factory wrote."""
+class AsWrittenCpuRule(FixedRule):
+    """A kernel LLVM builds as its factory wrote it: a few microseconds, or a small part of its
+    step's time. One instance per factory it serves (the registry lists them)."""
 
     target_kind = "cpu"
 
+    def __init__(self, family: str, factory: str) -> None:
+        self.family, self.factory = family, factory
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         del sch, use, knobs, facts
-
-
-class AttentionCombineCpuRule(_AsWrittenCpuRule):
-    family = "attention"
-    factory = "attention_combine"
-
-
-class QkNormRopeKvAppendCpuRule(_AsWrittenCpuRule):
-    family = "rope"
-    factory = "qk_norm_rope_kv_append"
-
-
-class RouterTopkCpuRule(_AsWrittenCpuRule):
-    family = "router"
-    factory = "router_topk"
-
-
-class SampleTokenCpuRule(_AsWrittenCpuRule):
-    family = "sampling"
-    factory = "sample_token"
-
-
-class AdvanceCpuRule(_AsWrittenCpuRule):
-    family = "sampling"
-    factory = "advance"

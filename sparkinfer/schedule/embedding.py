@@ -5,28 +5,17 @@ whole schedule. Each thread decodes its weight's scale from the block header its
 header bytes are shared by the 32..256 threads of a block and served from L1.
 """
 
-from typing import Any
-
 from tvm import s_tir
 
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
-from sparkinfer.schedule.norm import DEFAULT_THREADS, BlockThreadsKnobs, block_threads_space
-from sparkinfer.schedule.space import Knobs, ScheduleRule
+from sparkinfer.schedule.norm import BlockThreadsCudaRule, BlockThreadsKnobs
+from sparkinfer.schedule.space import Knobs
 
 
-class EmbeddingCudaRule(ScheduleRule):
-    target_kind = "cuda"
+class EmbeddingCudaRule(BlockThreadsCudaRule):
     family = "embedding"
     factory = "embedding"
-    knobs_type = BlockThreadsKnobs
-
-
-    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return block_threads_space(facts)
-
-    def default(self, use: KernelUse, facts: ArchFacts) -> BlockThreadsKnobs:
-        return BlockThreadsKnobs(threads=DEFAULT_THREADS)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, BlockThreadsKnobs)

@@ -29,7 +29,6 @@ from sparkinfer.schedule.gemv import (
     _GemvCudaRule,
     _schedule_rows,
     cache_chunk_in_registers,
-    loops_below,
     powers_of_two,
 )
 from sparkinfer.schedule.moe import (
@@ -42,7 +41,6 @@ from sparkinfer.schedule.cpu import (
     GemvCpuRule,
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
-    _AsWrittenCpuRule,
 )
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
@@ -186,8 +184,3 @@ class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         return (int8_view(factory_args(use)[0]),)
-
-
-class QuantizeQ8CpuRule(_AsWrittenCpuRule):
-    family = "gemv_q8"
-    factory = "quantize_q8_1"

@@ -60,17 +60,21 @@ def _schedule_rms_norm(sch: s_tir.Schedule, threads: Any) -> None:
         over_threads(sch.get_loops(consumer)[-1])
 
 
-class _NormCudaRule(ScheduleRule):
-    target_kind = "cuda"
-    family = "norm"
-    knobs_type = BlockThreadsKnobs
+class BlockThreadsCudaRule(ScheduleRule):
+    """A CUDA rule whose one knob is the threads of a block (whole warps, default 256)."""
 
+    target_kind = "cuda"
+    knobs_type = BlockThreadsKnobs
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         return block_threads_space(facts)
 
     def default(self, use: KernelUse, facts: ArchFacts) -> BlockThreadsKnobs:
         return BlockThreadsKnobs(threads=DEFAULT_THREADS)
+
+
+class _NormCudaRule(BlockThreadsCudaRule):
+    family = "norm"
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, BlockThreadsKnobs)

@@ -21,6 +21,7 @@ from tvm import s_tir
 from sparkinfer.kernels.gemv import gemv_format
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.cpu import AsWrittenCpuRule
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 
@@ -97,22 +98,11 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
         sch.parallel(sch.fuse(t, kv))
 
 
-class _AsWrittenCpuRule(_FixedCpuRule):
-    """Row-wise bookkeeping of the chunk (norms, RoPE, routing, sorting, copies): a small part
-    of a chunk's time next to its GEMMs and attention, so LLVM builds the factory's loop nest."""
-
-    def __init__(self, family: str, factory: str) -> None:
-        self.family, self.factory = family, factory
-
-    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        del sch, use, knobs, facts
-
-
 CPU_RULES: tuple[ScheduleRule, ...] = (
     GemmCpuRule(),
     GroupedGemmCpuRule(),
     CausalPrefillAttentionCpuRule(),
-    *(_AsWrittenCpuRule(family, factory) for family, factory in (
+    *(AsWrittenCpuRule(family, factory) for family, factory in (
         ("embedding", "embedding_rows"),
         ("norm", "rms_norm_rows"),
         ("norm", "add_rms_norm_rows"),

@@ -7,18 +7,14 @@ fails to compile with an error naming it.
 from sparkinfer.schedule.attention import AttentionCombineCudaRule, PagedDecodeAttentionCudaRule
 from sparkinfer.schedule.cpu import (
     AddRmsNormCpuRule,
-    AdvanceCpuRule,
-    AttentionCombineCpuRule,
+    AsWrittenCpuRule,
     EmbeddingCpuRule,
     GemvCpuRule,
     GemvQkvCpuRule,
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
     PagedDecodeAttentionCpuRule,
-    QkNormRopeKvAppendCpuRule,
     RmsNormCpuRule,
-    RouterTopkCpuRule,
-    SampleTokenCpuRule,
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import GemvCudaRule, GemvQkvCudaRule
@@ -29,7 +25,6 @@ from sparkinfer.schedule.gemv_q8 import (
     MoeDownResidualQ8CudaRule,
     MoeGateUpSiluQ8CpuRule,
     MoeGateUpSiluQ8CudaRule,
-    QuantizeQ8CpuRule,
     QuantizeQ8CudaRule,
 )
 from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
@@ -65,18 +60,18 @@ for _rule in (
     MoeGateUpSiluCpuRule(),
     MoeDownResidualCpuRule(),
     PagedDecodeAttentionCpuRule(),
-    AttentionCombineCpuRule(),
-    QkNormRopeKvAppendCpuRule(),
+    AsWrittenCpuRule("attention", "attention_combine"),
+    AsWrittenCpuRule("rope", "qk_norm_rope_kv_append"),
     RmsNormCpuRule(),
     AddRmsNormCpuRule(),
-    RouterTopkCpuRule(),
-    SampleTokenCpuRule(),
-    AdvanceCpuRule(),
+    AsWrittenCpuRule("router", "router_topk"),
+    AsWrittenCpuRule("sampling", "sample_token"),
+    AsWrittenCpuRule("sampling", "advance"),
     EmbeddingCpuRule(),
     GemvQ8CpuRule(),
     MoeGateUpSiluQ8CpuRule(),
     MoeDownResidualQ8CpuRule(),
-    QuantizeQ8CpuRule(),
+    AsWrittenCpuRule("gemv_q8", "quantize_q8_1"),
     *LOGITS_RULES,
     *PREFILL_CPU_RULES,
     *PREFILL_CUDA_RULES,

@@ -7,7 +7,7 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import logits as L
-from sparkinfer.schedule.logits import PROCESS_THREADS
+from sparkinfer.schedule.norm import DEFAULT_THREADS
 
 from cuda_testutil import (
     CUDA_ARCHS,
@@ -36,7 +36,7 @@ def source() -> str:
 
 def test_process_logits_is_one_token_a_thread(source: str) -> None:
     body = kernel_body(source, L.process_logits_symbol(VOCAB))
-    assert f"__launch_bounds__({PROCESS_THREADS})" in source
+    assert f"__launch_bounds__({DEFAULT_THREADS})" in source
     assert "blockIdx.x" in body and "threadIdx.x" in body
     assert "for (" not in body and "__syncthreads" not in body
     assert "-CUDART_INF_F" in body  # masked-out tokens
