@@ -120,7 +120,7 @@ def _decode_rows(device: dict | None, sync: dict | None) -> list[str]:
     ref = LLAMA_CPP_TG[_card_key(first["card"])]
     by_mode = [{d["depth"]: d for d in b["decode"]} if b else {} for b in (device, sync)]
     lines = [f"decode ({first['card']}, module {first['module_key']}, median of {first['reps']}; llama.cpp: "
-             f"its best configuration on an {_card_key(first['card'])}, bench/NOTES.md, "Reference measurements"):",
+             f"its best configuration on an {_card_key(first['card'])}, bench/NOTES.md, Reference measurements):",
              f"  {'test':<14}{'device loop':>12}{'ratio':>7}{'host sync':>11}{'ratio':>7}{'llama.cpp':>11}{'fill ms':>10}"]
     for depth in sorted(set(by_mode[0]) | set(by_mode[1])):
         base = ref.get(depth)
