@@ -34,10 +34,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from sparkinfer.schedule.arch import ARCHS
-
-# The arch-specific ("a") variant each CUDA arch compiles for.
-_CUDA_ARCHS = {"sm_90": "sm_90a", "sm_120": "sm_120a", "sm_121": "sm_121a"}
+from sparkinfer.schedule.arch import ARCHS, arch_facts, cuda_target_attrs
 
 # DGX Spark (GB10, sm_121) has Arm cores: its host code must be aarch64. Export such a
 # module as .tar (objects; no cross linker needed here) and link it on the Spark.
@@ -54,12 +51,11 @@ def _check_arch(arch: str) -> None:
 
 
 def cuda_arch(arch: str) -> str:
-    """The arch-specific variant, "sm_90" -> "sm_90a": what wgmma, setmaxnreg and TMA
-    multicast (sm_90a) and Blackwell's block-scaled MMA (sm_120a, sm_121a) need."""
+    """The arch-specific variant, "sm_90" -> "sm_90a" (schedule/arch.py's table)."""
     _check_arch(arch)
     if arch == "cpu":
         raise ValueError("arch 'cpu' has no CUDA arch")
-    return _CUDA_ARCHS[arch]
+    return arch_facts(arch).cuda_arch
 
 
 def target_for(arch: str) -> tvm.target.Target:
@@ -69,17 +65,7 @@ def target_for(arch: str) -> tvm.target.Target:
         return tvm.target.Target(
             {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
         )
-    return tvm.target.Target(
-        {
-            "kind": "cuda",
-            "arch": _CUDA_ARCHS[arch],
-            "max_threads_per_block": 1024,
-            # The static per-block limit on every card here; more needs an opt-in attribute.
-            "max_shared_memory_per_block": 49152,
-            "thread_warp_size": 32,
-        },
-        host=_HOSTS[arch],
-    )
+    return tvm.target.Target(cuda_target_attrs(arch_facts(arch)), host=_HOSTS[arch])
 
 
 def find_nvcc() -> str | None:

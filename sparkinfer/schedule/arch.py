@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 # Every arch SparkInfer compiles for: the CUDA ones by compute capability, and this machine's CPU.
 ARCHS: tuple[str, ...] = ("sm_90", "sm_120", "sm_121", "cpu")
@@ -24,6 +25,9 @@ class ArchFacts:
     l2_bytes: int
     cores: int  # cpu cores the schedule may use; 0 on cuda
     vector_bytes: int  # widest load/SIMD register: 16 (CUDA's 128-bit loads), cpu SIMD width
+    # The arch-specific variant a CUDA arch compiles for ("sm_90a": what wgmma, setmaxnreg and
+    # TMA multicast, or Blackwell's block-scaled MMA, need); "" on cpu.
+    cuda_arch: str = ""
 
 
 def _cpu_vector_bytes() -> int:
@@ -48,10 +52,10 @@ def _cpu_l2_bytes() -> int:
 
 def _cuda(name: str, sms: int, l2_mib: int) -> ArchFacts:
     # Every card here: 1024 threads and 64 K registers per block/SM, and the static 48 KiB of
-    # shared memory per block that compiler.targets.target_for declares.
+    # shared memory per block (more needs an opt-in attribute) that the CUDA target declares.
     return ArchFacts(name=name, kind="cuda", sms=sms, max_threads_per_block=1024,
                      shared_memory_per_block=49152, registers_per_sm=65536,
-                     l2_bytes=l2_mib << 20, cores=0, vector_bytes=16)
+                     l2_bytes=l2_mib << 20, cores=0, vector_bytes=16, cuda_arch=f"{name}a")
 
 
 _CUDA_FACTS = {
@@ -70,6 +74,13 @@ def arch_facts(arch: str) -> ArchFacts:
                          shared_memory_per_block=0, registers_per_sm=0, l2_bytes=_cpu_l2_bytes(),
                          cores=os.cpu_count() or 1, vector_bytes=_cpu_vector_bytes())
     return _CUDA_FACTS[arch]
+
+
+def cuda_target_attrs(facts: ArchFacts) -> dict[str, Any]:
+    """The TVM CUDA target of a CUDA arch, as a dict (compiler/targets.py adds the host; dlight's
+    rules size their blocks by it)."""
+    return {"kind": "cuda", "arch": facts.cuda_arch, "max_threads_per_block": facts.max_threads_per_block,
+            "max_shared_memory_per_block": facts.shared_memory_per_block, "thread_warp_size": 32}
 
 
 def floor_pow2(value: int) -> int:

@@ -22,20 +22,12 @@ from tvm import s_tir
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.use import KernelUse
-from sparkinfer.schedule.arch import ArchFacts
+from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 
 class _CudaRule(FixedRule):
     target_kind = "cuda"
-
-
-def _dlight_target(facts: ArchFacts) -> tvm.target.Target:
-    """What dlight's rules size their blocks by, from the arch table; the arch-specific variant
-    ("sm_90a") the compiler builds for (sparkinfer/compiler/targets.py)."""
-    return tvm.target.Target({"kind": "cuda", "arch": f"{facts.name}a", "max_threads_per_block": facts.max_threads_per_block,
-                              "max_shared_memory_per_block": facts.shared_memory_per_block,
-                              "thread_warp_size": 32})
 
 
 class DlightCudaRule(_CudaRule):
@@ -48,7 +40,7 @@ class DlightCudaRule(_CudaRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir import dlight as dl
 
-        target = _dlight_target(facts)
+        target = tvm.target.Target(cuda_target_attrs(facts))
         func = sch.mod["main"]
         for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                      dl.gpu.Fallback()):
