@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
+CHUNK = 128
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -62,12 +63,17 @@ def prepare(arch: str) -> dict:
     result = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled")
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
+    # The same model with the T-token step (prefill chunks of CHUNK): the CUDA archs do not
+    # build it by default yet (compiler/pipeline.py), the round checks and times it.
+    chunked = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "chunked",
+                            prefill_chunks=(CHUNK,))
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
         "full_library_bytes": library.stat().st_size,
         "full_compile_s": round(seconds, 1),
         "full_cached": result.cached,
+        "chunked_module": str(chunked.directory.relative_to(REPO)),
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -184,6 +190,11 @@ def report(round_dir: Path) -> str:
         lines.append(f"decode: no JSON for the {missing} mode" + ("; what bench.log has:" if partial else ""))
         lines += [f"  {ln}" for ln in partial]
     lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
+    chunked_gate = _read(round_dir / "chunked-gate.txt").strip().splitlines()
+    if chunked_gate:
+        lines.append(f"with the T-token step (prefill chunks of {CHUNK}): full-size gate, teacher-forced through it:")
+        lines += [f"  {ln}" for ln in chunked_gate[:6]]
+        lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
 
     run = _json(round_dir / "run.json")
     if run:

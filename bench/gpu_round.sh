@@ -5,25 +5,31 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, pytest, decode
-#   bash bench/gpu_round.sh 2      # setup, synth (if gone), prefill, run, apps, profile
+#   bash bench/gpu_round.sh 1      # setup, tune, synth, pytest, decode
+#   bash bench/gpu_round.sh 2      # setup, synth (if gone), chunked, prefill, run, apps, profile
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
 #   setup    runtime-only TVM (.device/setup.sh), .device/extras' wheels the image lacks, compiled/
+#   tune     time the tuning round that prepare_gpu_round.sh emitted (.device/tune.tar.xz: the
+#            full-size model's kernels, `sparkinfer tune --preset qwen3-30b-a3b --arch sm_90 --emit`)
+#            with `python -m sparkinfer.tune.runner`; returns tune-results.json for `--ingest` here
 #   synth    the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), if absent
 #   pytest   every GPU test (files with pytest.mark.gpu), the full-size accuracy gate among them
 #            (SPARKINFER_FULL_MODEL), on the libraries prebuilt in compiled/gpu-tests/<arch>/
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, in both
 #            modes: device loop, then --sync-every-token (llama-bench's way)
-#   prefill  `sparkinfer bench --prompts 512,4096,16384`: prefill tok/s and time to first token
-#            (2 reps; its longest prompts are the first thing cut when the time runs out)
+#   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token of the
+#            decode step's token loop (the module without the T-token step), 1 rep
+#   chunked  the full model built with the T-token step (prefill chunks of 128): the full-size
+#            accuracy gate through it (its 128 teacher-forced tokens are one chunk), then the
+#            prefill bench of stage prefill with it
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
-# No tuning stage: `sparkinfer tune --run` does not exist yet (the auto-tuning issue adds it).
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
-# what its stages wrote, and summary.txt, to $OUT (at most 8 files: what the tool returns), then
+# what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
+# into $OUT/round.tar.gz beside summary.txt), then
 # prints apps and profile, and the short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +86,22 @@ PY
   returns setup.log
 }
 
+stage_tune() {
+  if [ ! -f .device/tune.tar.xz ]; then
+    note "== tune: no .device/tune.tar.xz (bench/prepare_gpu_round.sh emits it)"
+    return 1
+  fi
+  local bundle=/tmp/tune-bundle
+  rm -rf "$bundle" && mkdir -p "$bundle" && tar xJf .device/tune.tar.xz -C "$bundle"
+  note "== tune: $(python3 -c 'import json, sys; i = json.load(open(sys.argv[1])); print(len(i["candidates"]), "candidates of", len(i["kernels"]), "kernels")' "$bundle/index.json")"
+  timeout -k 10 "$(limit 150 300)" python3 -m sparkinfer.tune.runner "$bundle" > "$round/tune.log" 2>&1
+  local rc=$?
+  tail -n 1 "$round/tune.log" | tee -a "$log"
+  cp "$bundle/results.json" "$round/tune-results.json" 2>/dev/null
+  returns tune-results.json tune.log
+  return $rc
+}
+
 stage_synth() {
   if [ -f "$model" ]; then
     note "== $model is there"
@@ -116,7 +138,7 @@ bench_json() {  # OUT_NAME LIMIT RESERVE ARGS...: one `sparkinfer bench --json` 
   note "== bench $* -> $name"
   echo "== bench $*" >> "$round/bench.log"
   timeout -k 10 "$(limit "$max" "$reserve")" python3 -m sparkinfer.cli bench "$model" --arch "$arch" \
-    --module "$full" --json "$@" > "$round/$name" 2>> "$round/bench.log"
+    --module "${module:-$full}" --json "$@" > "$round/$name" 2>> "$round/bench.log"
 }
 
 stage_decode() {
@@ -131,11 +153,29 @@ stage_decode() {
 }
 
 stage_prefill() {
-  bench_json prefill.json 300 150 --prompts 512,4096,16384 --depths 128 --reps 2
+  # The token loop of the decode step (the module without the T-token step): 512 and 4096
+  # show its rate; stage chunked times the long prompts with the T-token step.
+  bench_json prefill.json 150 150 --prompts 512,4096 --depths 128 --reps 1
   local rc=$?
   tail -n 4 "$round/bench.log"
   returns prefill.json bench.log
   return $rc
+}
+
+stage_chunked() {
+  local chunked
+  chunked=$(python3 bench/gpu_round.py get chunked_module)
+  note "== chunked: $chunked"
+  # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
+  timeout -k 10 "$(limit 120 200)" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$chunked" \
+    --ref bench/refs/qwen3-30b-a3b-synth.npz --tokens 128 --prompt-tokens 32 --greedy 32 --max-kl 1e-3 \
+    --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/chunked-gate.txt" 2>&1
+  local rc=$?
+  tail -n 4 "$round/chunked-gate.txt"
+  module=$chunked bench_json prefill-chunked.json 200 100 --prompts 512,4096,16384 --depths 128 --reps 2
+  local rc2=$?
+  returns chunked-gate.txt prefill-chunked.json
+  return $((rc || rc2))
 }
 
 stage_run() {
@@ -174,8 +214,8 @@ stage_profile() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth pytest decode) ;;
-  2) stages=(setup synth prefill run apps profile) ;;
+  1) stages=(setup tune synth pytest decode) ;;
+  2) stages=(setup synth chunked prefill run apps profile) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
@@ -191,9 +231,16 @@ for name in "${stages[@]}"; do
 done
 
 python3 bench/gpu_round.py report "$round" > "$round/summary.txt"
+files=()
 for f in $(printf '%s\n' "${returned[@]}" | awk '!seen[$0]++'); do
-  [ -f "$round/$f" ] && cp "$round/$f" "$out/"
+  [ -f "$round/$f" ] && files+=("$f")
 done
+if [ "${#files[@]}" -le 8 ]; then
+  for f in "${files[@]}"; do cp "$round/$f" "$out/"; done
+else  # the tool returns at most 8 files: the summary, and the rest in one archive
+  cp "$round/summary.txt" "$out/"
+  tar czf "$out/round.tar.gz" -C "$round" "${files[@]}"
+fi
 echo
 for f in apps.txt profile.txt; do
   [ -f "$round/$f" ] && { echo "== $f"; cat "$round/$f"; echo; }

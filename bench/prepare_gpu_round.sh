@@ -10,6 +10,10 @@
 #   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, and
 #      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
+#   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer
+#      tune --preset qwen3-30b-a3b --emit`, continuing from tuning_logs/<arch>/), carried as
+#      .device/tune.tar.xz; after the round: cp the returned tune-results.json to
+#      .device/tune-<arch>/results.json and `sparkinfer tune --preset qwen3-30b-a3b --ingest .device/tune-<arch>`
 #
 #   bench/prepare_gpu_round.sh [ARCH]       # default sm_90
 set -euo pipefail
@@ -30,6 +34,12 @@ t2=$SECONDS
 python3 bench/gpu_round.py prepare "$arch" | grep -v '"run_prompt"'
 echo "full model step in $((SECONDS - t2)) s"
 
+t3=$SECONDS
+python3 -m sparkinfer.cli tune --preset qwen3-30b-a3b --type q4_k_m --arch "$arch" --emit ".device/tune-$arch" \
+  | grep -v '^skipped'
+tar cf - -C ".device/tune-$arch" . | xz -T2 -6 > .device/tune.tar.xz
+echo "tuning round emitted in $((SECONDS - t3)) s"
+
 full=$(python3 bench/gpu_round.py get full_module)
 lib_bytes=$(python3 bench/gpu_round.py get full_library_bytes)
 # Of compiled/, what the round uses (not compiled/runtime-tests, the runtime tests' older
@@ -40,7 +50,8 @@ tar cf - compiled/gpu-tests "compiled/$arch" | xz -T2 -6 > .device/compiled.tar.
 # What the device call carries: the tree (tracked + untracked, not ignored), the runtime kit of
 # .device/ that setup.sh and the round use (not the other experiments kept in .device/), and
 # that archive.
-carry=(.device/setup.sh .device/tvm_runtime.tar.xz $(ls .device/*.whl) .device/extras .device/compiled.tar.xz)
+carry=(.device/setup.sh .device/tvm_runtime.tar.xz $(ls .device/*.whl) .device/extras .device/compiled.tar.xz
+       .device/tune.tar.xz)
 tracked=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null \
            | awk '{s += $1} END {print s + 0}')
 carried=$(du -scb "${carry[@]}" | tail -1 | cut -f1)

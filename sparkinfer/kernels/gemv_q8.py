@@ -71,7 +71,9 @@ def _dp4a_cuda(call: Expr) -> Expr:
 
 
 def register_dp4a_lowering() -> None:
-    """Lowerings of `tirx.dp4a` for LLVM and CUDA, registered once per process."""
+    """Lowerings of `tirx.dp4a` for LLVM and CUDA, registered once per process, by the first
+    kernel that uses the op (not on import: runtime-only TVM, on the GPU machine, has no op
+    registry, and the runtime imports this module for ACTIVATIONS)."""
     from tvm.ir import Op
 
     op = Op.get("tirx.dp4a")
@@ -80,11 +82,9 @@ def register_dp4a_lowering() -> None:
             tirx.op.register_intrin_lowering("tirx.dp4a", target, f=lower)
 
 
-register_dp4a_lowering()
-
-
 def dp4a(a: Expr, b: Expr) -> Expr:
     """The int32 dot product of the 4 signed bytes of words a and b."""
+    register_dp4a_lowering()
     return tirx.dp4a(a.astype("int32"), b.astype("int32"), tirx.const(0, "int32"))
 
 

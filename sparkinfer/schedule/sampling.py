@@ -53,6 +53,12 @@ class SampleTokenCudaRule(ScheduleRule):
         return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP),
                 "vector": powers_of_two(facts.vector_bytes // 4), "unroll": (1, 2, 4, 8)}
 
+    def structural(self) -> tuple[str, ...]:
+        # With sampled split factors the cached logits' loop has a symbolic extent, which
+        # `vectorize` refuses: every combination is its own design space (72 at most), and a
+        # combination that does not schedule for the vocabulary is left out of the space.
+        return ("threads", "vector", "unroll")
+
     def default(self, use: KernelUse, facts: ArchFacts) -> SampleKnobs:
         return SampleKnobs(threads=facts.max_threads_per_block, vector=facts.vector_bytes // 4,
                            unroll=DEFAULT_UNROLL)

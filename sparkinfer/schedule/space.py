@@ -183,12 +183,14 @@ def schedule_kernel(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts,
 
 
 def design_spaces(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts) -> list[s_tir.Schedule]:
-    """One schedule per combination of structural knob values; the tunable knobs sampled."""
+    """One schedule per combination of structural knob values; the tunable knobs sampled. When
+    every knob is structural, a combination that does not schedule (TVM's ScheduleError) is
+    left out of the space."""
     rule = rule_for(use, facts)
     space = rule.space(use, facts)
     names = [f.name for f in dataclasses.fields(rule.knobs_type)]  # type: ignore[arg-type]
     structural = [n for n in names if n in rule.structural()]
-    schedules = []
+    schedules, failed = [], []
     for combo in itertools.product(*(range(len(space[n])) for n in structural)):
         chosen = dict(zip(structural, combo))
         sch = s_tir.Schedule(func, enable_check=rule.enable_check)
@@ -200,8 +202,16 @@ def design_spaces(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts) -> list
             else:
                 candidates = [int(v) for v in space[n]]
                 values[n] = sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
-        rule.apply(sch, use, rule.knobs_type(**values), facts)
+        try:
+            rule.apply(sch, use, rule.knobs_type(**values), facts)
+        except s_tir.ScheduleError as e:
+            if len(structural) < len(names):
+                raise  # a space with sampled knobs must schedule whatever is drawn
+            failed.append(f"{values}: {str(e).strip().splitlines()[-1]}")
+            continue
         schedules.append(sch)
+    if not schedules:
+        raise ScheduleError(f"kernel {use.name}: no combination of {rule.name}'s knobs schedules ({failed[0]})")
     return schedules
 
 

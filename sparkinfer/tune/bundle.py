@@ -4,7 +4,9 @@
                              `rotate_bytes`, the kernels (key, name, inputs .npz) and the
                              candidates (id, kernel, library, knobs, trace as JSON, default?,
                              build error)
-    DIR/inputs/k<i>.npz      one valid input set per kernel (arg0, arg1, ... in parameter order)
+    DIR/inputs/k<i>.npz      one valid input set per kernel (arg0, arg1, ... in parameter order;
+                             the big arrays as their leading rows, the kernel's `tiled` names
+                             their full shapes: sparkinfer/tune/runner.py's `sample_inputs`)
     DIR/lib/k<i>-c<j>.so     one library per candidate, exporting "main" (.tar for sm_121: its
                              host code is aarch64, linked where it is loaded)
 
@@ -28,7 +30,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
-from sparkinfer.tune.runner import FORMAT, INDEX, versions
+from sparkinfer.tune.runner import FORMAT, INDEX, sample_inputs, versions
 from sparkinfer.tune.search import SearchConfig, propose, records, replay
 from sparkinfer.tune.task import TuneTask, default_trace, trace_knobs
 
@@ -129,8 +131,9 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
         picks = round_candidates(task, target, database, seed=seed, n=per_round, trials=trials, config=config,
                                  log=log)
         inputs = f"inputs/k{i}.npz"
-        np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(task.inputs)})
-        kernels.append({"key": task.key, "name": task.name, "inputs": inputs})
+        stored, tiled = sample_inputs(task.inputs)
+        np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(stored)})
+        kernels.append({"key": task.key, "name": task.name, "inputs": inputs, "tiled": tiled})
         for j, (sch, is_default) in enumerate(picks):
             cid = f"k{i}-c{j}"
             library = f"lib/{cid}{library_suffix(arch)}"

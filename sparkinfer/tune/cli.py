@@ -1,6 +1,6 @@
 """`sparkinfer tune`: one-phase tuning on this machine, or one step of two-phase tuning.
 
-    sparkinfer tune [MODEL.gguf] --arch A [--trials N] [--seed S] [--kernels PATTERN]
+    sparkinfer tune [MODEL.gguf | --preset P [--type T]] --arch A [--trials N] [--seed S] [--kernels PATTERN]
         tune here: per kernel, rounds of propose -> build -> time -> record until it has N
         records; writes tuning_logs/<arch>/ and the schedules file (sparkinfer/data/schedules/<arch>.json)
     sparkinfer tune [MODEL.gguf] --arch A --emit DIR     build the next round of every kernel into DIR
@@ -24,6 +24,9 @@ DEFAULT_TRIALS = 32
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, nargs="?", help="a .gguf file (default: the small model shipped in the package)")
+    p.add_argument("--preset", help="tune a `sparkinfer synth` preset's kernels without its file (instead of MODEL)")
+    p.add_argument("--type", dest="file_type", default="q4_k_m",
+                   help="the preset's file type, as `sparkinfer synth --type` (default q4_k_m)")
     p.add_argument("--arch", choices=["sm_90", "sm_120", "sm_121", "cpu"],
                    help="the arch to tune for (needed except with --run and --ingest)")
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
@@ -40,12 +43,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     phase.add_argument("--ingest", type=Path, metavar="DIR", help="record a timed bundle in the tuning log")
 
 
-def _model(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
-    from sparkinfer.data import default_model_path
+def _tasks(args: argparse.Namespace, arch: str, pattern: str | None = None, log=None) -> list:  # noqa: ANN001
+    """The tuning tasks of MODEL, of --preset, or of the shipped model."""
+    from sparkinfer.gguf_file import FILE_TYPES, PRESETS
+    from sparkinfer.tune.tasks import model_tasks, preset_tasks
 
-    return default_model_path()
+    if args.preset is None:
+        if args.model is not None:
+            return model_tasks(args.model, arch, pattern, log)
+        from sparkinfer.data import default_model_path
+
+        return model_tasks(default_model_path(), arch, pattern, log)
+    if args.model is not None:
+        raise SparkInferError(f"give a model file or --preset, not both ({args.model} and --preset {args.preset})")
+    if args.preset not in PRESETS:
+        raise SparkInferError(f"unknown --preset {args.preset!r} (known: {', '.join(PRESETS)})")
+    if args.file_type not in FILE_TYPES:
+        raise SparkInferError(f"unknown --type {args.file_type!r} (known: {', '.join(FILE_TYPES)})")
+    return preset_tasks(args.preset, args.file_type, arch, pattern, log)
 
 
 def _need_arch(args: argparse.Namespace, what: str) -> str:
@@ -64,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     arch = _need_arch(args, "tuning" if args.emit is None else "--emit")
     _need_xgboost()
     from sparkinfer.schedule.arch import arch_facts
-    from sparkinfer.tune.tasks import model_tasks
 
-    tasks = model_tasks(_model(args), arch, args.kernels, log=print)
+    tasks = _tasks(args, arch, args.kernels, log=print)
     if not tasks:
         raise SparkInferError(f"no kernel of the model has a schedule rule for {arch}: nothing to tune")
     work_dir = args.logs / arch
@@ -142,14 +156,13 @@ def _ingest(args: argparse.Namespace) -> int:
     from sparkinfer.tune.database import ingest, open_database
     from sparkinfer.tune.runner import read_index
     from sparkinfer.tune.schedules import write_schedules
-    from sparkinfer.tune.tasks import model_tasks
 
     index = read_index(args.ingest)
     arch = index["arch"]
     if args.arch is not None and args.arch != arch:
         raise SparkInferError(f"{args.ingest} was emitted for {arch}, not --arch {args.arch}")
     keys = {k["key"] for k in index["kernels"]}
-    tasks = [t for t in model_tasks(_model(args), arch) if t.key in keys]
+    tasks = [t for t in _tasks(args, arch) if t.key in keys]
     work_dir = args.logs / arch
     database = open_database(work_dir)
     lines = ingest(args.ingest, {t.key: t for t in tasks}, database, work_dir)

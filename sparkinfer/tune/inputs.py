@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 
 from sparkinfer.errors import SparkInferError
+from sparkinfer.grammar import mask_words
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import random_weights
 
@@ -119,6 +120,14 @@ def _sample_token(rng: np.random.Generator, vocab: int) -> Arrays:
             rng.integers(0, vocab, 1, dtype=np.int32)]
 
 
+def _process_logits(rng: np.random.Generator, vocab: int) -> Arrays:
+    # Penalties on and a mask that allows most tokens: every branch of the kernel is taken.
+    params = np.array([0.5, 0.25, 1.1], np.float32)
+    mask = rng.integers(-(2**31), 2**31, mask_words(vocab), dtype=np.int64).astype(np.int32) | np.int32(0x0FFFFFFF)
+    counts = rng.integers(0, 3, vocab, dtype=np.int32)
+    return [_f32(rng, vocab), params, mask, counts, _f32(rng, vocab)]
+
+
 def _advance(rng: np.random.Generator) -> Arrays:
     return [rng.integers(1, 1000, 1, dtype=np.int32) for _ in range(3)]
 
@@ -137,6 +146,7 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("moe", "moe_down_residual"): _moe_down_residual,
     ("sampling", "sample_token"): _sample_token,
     ("sampling", "advance"): _advance,
+    ("logits", "process_logits"): _process_logits,
 }
 
 

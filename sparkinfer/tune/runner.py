@@ -41,6 +41,10 @@ SAMPLES = 7
 SAMPLE_SECONDS = 2e-3
 MAX_CALLS = 1000
 MAX_COPIES = 64
+# An input array bigger than this (a full-size model's expert weights, its LM head, a long KV
+# cache) travels as its leading rows and is tiled back to its shape where it is timed: the
+# bundle stays small enough to carry, and every value is still one the input maker made.
+SAMPLE_BYTES = 1 << 16
 
 Log = Callable[[str], None]
 
@@ -110,6 +114,33 @@ def _copies(arrays: list[np.ndarray], rotate_bytes: int, tvm_device: Any) -> lis
     return [[tvm.runtime.tensor(a, tvm_device) for a in arrays] for _ in range(n)]
 
 
+def sample_inputs(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, list[int]]]:
+    """What a bundle stores of an input set: each array over `SAMPLE_BYTES` cut to its leading
+    innermost rows (whole rows: quantized blocks stay whole; a vector of floats, such as
+    logits, to its leading elements; integer vectors, ids and counts, stay whole), and the full
+    shapes of the cut ones by argument name (`expand_inputs` undoes it)."""
+    stored, tiled = [], {}
+    for j, a in enumerate(arrays):
+        if (a.ndim >= 2 or a.dtype.kind == "f") and a.nbytes > SAMPLE_BYTES:
+            rows = a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a  # innermost rows: one expert is ~1 MB
+            stored.append(np.ascontiguousarray(rows[: max(1, SAMPLE_BYTES // (rows[0].nbytes or 1))]))
+            tiled[f"arg{j}"] = list(a.shape)
+        else:
+            stored.append(a)
+    return stored, tiled
+
+
+def expand_inputs(stored: list[np.ndarray], tiled: dict[str, list[int]]) -> list[np.ndarray]:
+    """The input set of a bundle's kernel: each cut array repeated, row after row, to its full shape."""
+    return [np.resize(a, tiled[f"arg{j}"]) if f"arg{j}" in tiled else a for j, a in enumerate(stored)]
+
+
+def load_inputs(directory: Path, kernel: dict[str, Any]) -> list[np.ndarray]:
+    with np.load(directory / kernel["inputs"]) as npz:
+        stored = [npz[f"arg{i}"] for i in range(len(npz.files))]
+    return expand_inputs(stored, kernel.get("tiled", {}))
+
+
 def time_candidate(library: Path, arrays: list[np.ndarray], timer: _Timer, rotate_bytes: int,
                    samples: int = SAMPLES) -> list[float]:
     """Per-call seconds of `library`'s "main", one per sample (see the module docstring)."""
@@ -147,8 +178,7 @@ def run_bundle(directory: str | Path, *, samples: int = SAMPLES, log: Log | None
             continue
         if key not in inputs:
             kernel = next(k for k in index["kernels"] if k["key"] == key)
-            with np.load(directory / kernel["inputs"]) as npz:
-                inputs[key] = [npz[f"arg{i}"] for i in range(len(npz.files))]
+            inputs[key] = load_inputs(directory, kernel)
         try:
             secs = time_candidate(directory / candidate["library"], inputs[key], timer, int(index["rotate_bytes"]),
                                   samples)

@@ -4,11 +4,11 @@ rule for the arch (sparkinfer/schedule/space.py)."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.gguf_file import GGUFModel
+from sparkinfer.gguf_file import GGUFModel, ModelConfig, preset_config, type_map
 from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
@@ -32,13 +32,27 @@ def use_task(use: KernelUse, func, facts: ArchFacts, seed: int = 0) -> TuneTask:
 
 
 def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: Log | None = None) -> list[TuneTask]:
-    """The model's kernels matching `pattern` (fnmatch on the kernel name or key), one task
-    each. A kernel without a rule for the arch is skipped with a note, unless `pattern` named
-    it; so is one whose rule has nothing to choose (every knob has one value: it keeps the
-    default). A pattern that matches nothing is an error."""
-    log = log or (lambda message: None)
+    """The tasks of a GGUF file's decode step (see `step_tasks`)."""
     gguf = GGUFModel.open(model)
-    step = build_decode_step(gguf.config, {name: t.ggml_type for name, t in gguf.tensors.items()})
+    return step_tasks(gguf.config, {name: t.ggml_type for name, t in gguf.tensors.items()}, arch, pattern, log)
+
+
+def preset_tasks(preset: str, file_type: str, arch: str, pattern: str | None = None,
+                 log: Log | None = None) -> list[TuneTask]:
+    """The tasks of a `sparkinfer synth` preset's decode step, without its file (the full-size
+    Qwen3-30B-A3B's kernels are tuned on a machine that need not hold its 17 GB)."""
+    config = preset_config(preset)
+    return step_tasks(config, type_map(config, file_type), arch, pattern, log)
+
+
+def step_tasks(config: ModelConfig, types: Mapping[str, int], arch: str, pattern: str | None = None,
+               log: Log | None = None) -> list[TuneTask]:
+    """The decode step's kernels matching `pattern` (fnmatch on the kernel name or key), one
+    task each. A kernel without a rule for the arch is skipped with a note, unless `pattern`
+    named it; so is one whose rule has nothing to choose (every knob has one value: it keeps
+    the default). A pattern that matches nothing is an error."""
+    log = log or (lambda message: None)
+    step = build_decode_step(config, dict(types))
     facts = arch_facts(arch)
     tasks, matched = [], 0
     for use in step.kernels:
@@ -52,6 +66,12 @@ def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: L
             if pattern:
                 raise
             log(f"skipped {use.name}: {e}")
+            continue
+        if not rule.enable_check:
+            # MetaSchedule's JSON database replays every record on load with TVM's schedule
+            # checks on, which such a kernel fails (its blocks are not plain block iters), so
+            # the log would not load again: it keeps its arch default.
+            log(f"skipped {use.name}: {rule.name} schedules with TVM's checks off, which the tuning log cannot hold")
             continue
         if not any(len(values) > 1 for values in rule.space(use, facts).values()):
             log(f"skipped {use.name}: {rule.name} has nothing to choose")

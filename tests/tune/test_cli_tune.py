@@ -20,6 +20,17 @@ def test_argument_errors(capsys, tmp_path):
     assert "matches none of the model's kernels" in message and "gemv_q4_k_256x512" in message
     assert "needs that GPU" in _error(capsys, ["tune", "--arch", "sm_90", "--kernels", "gemv_q4_k_256x512",
                                                "--logs", str(tmp_path)])
+    assert "unknown --preset 'qwen9'" in _error(capsys, ["tune", "--arch", "cpu", "--preset", "qwen9"])
+    assert "unknown --type 'q3_k'" in _error(capsys, ["tune", "--arch", "cpu", "--preset", "tiny", "--type", "q3_k"])
+    assert "not both" in _error(capsys, ["tune", str(tmp_path / "m.gguf"), "--arch", "cpu", "--preset", "tiny"])
+
+
+def test_preset_tasks_without_the_file():
+    """The full-size model's kernels come from its preset alone: its expert GEMVs among them."""
+    from sparkinfer.tune.tasks import preset_tasks
+
+    tasks = preset_tasks("qwen3-30b-a3b", "q4_k_m", "sm_90", "moe_gate_up_silu*")
+    assert [t.name for t in tasks] == ["moe_gate_up_silu_q4_k_q4_k_128x768x2048_top8"]
 
 
 def test_small_tune_then_two_phase_round(capsys, tmp_path):

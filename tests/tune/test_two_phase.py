@@ -80,3 +80,26 @@ def test_bad_bundles(tmp_path):
     with pytest.raises(SparkInferError, match="not a tuning bundle"):
         emit([toy_task()], "cpu", open_database(tmp_path / "logs"), tmp_path / "x", seed=0, per_round=2, trials=2,
              rotate_bytes=1024)
+
+
+def test_big_inputs_travel_as_their_leading_rows():
+    """An array over SAMPLE_BYTES is stored as whole leading rows and tiled back to its shape:
+    every row of the expanded array is one of the stored rows, small arrays pass unchanged."""
+    import numpy as np
+
+    from sparkinfer.tune.runner import SAMPLE_BYTES, expand_inputs, sample_inputs
+
+    rng = np.random.default_rng(7)
+    big = rng.integers(0, 2**32, (9, SAMPLE_BYTES // 4 // 3 + 5), dtype=np.uint32)  # 3 rows > SAMPLE_BYTES
+    ids, small = np.arange(SAMPLE_BYTES, dtype=np.int32), rng.standard_normal((4, 4), dtype=np.float32)
+    logits = rng.standard_normal(SAMPLE_BYTES // 2, dtype=np.float32)
+    stored, tiled = sample_inputs([big, ids, small, logits])
+    assert tiled == {"arg0": [9, big.shape[1]], "arg3": [SAMPLE_BYTES // 2]}
+    assert stored[0].nbytes <= SAMPLE_BYTES and stored[0].shape[0] == 2
+    assert stored[1] is ids and stored[2] is small and stored[3].nbytes == SAMPLE_BYTES
+    out = expand_inputs(stored, tiled)
+    assert out[0].shape == big.shape
+    for r in range(9):
+        np.testing.assert_array_equal(out[0][r], big[r % 2])
+    assert out[1] is ids and out[2] is small
+    np.testing.assert_array_equal(out[3], np.resize(logits[: SAMPLE_BYTES // 4], SAMPLE_BYTES // 2))
