@@ -5,8 +5,8 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, tune, synth, pytest, decode
-#   bash bench/gpu_round.sh 2      # setup, synth (if gone), chunked, prefill, run, apps, profile
+#   bash bench/gpu_round.sh 1      # setup, tune, synth, pytest, decode, chunked, apps
+#   bash bench/gpu_round.sh 2      # setup, synth (if gone), sync, prefill, run, profile
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
@@ -17,13 +17,13 @@
 #   synth    the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), if absent
 #   pytest   every GPU test (files with pytest.mark.gpu), the full-size accuracy gate among them
 #            (SPARKINFER_FULL_MODEL), on the libraries prebuilt in compiled/gpu-tests/<arch>/
-#   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, in both
-#            modes: device loop, then --sync-every-token (llama-bench's way)
+#   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
+#   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token of the
 #            decode step's token loop (the module without the T-token step), 1 rep
 #   chunked  the full model built with the T-token step (prefill chunks of 128): the full-size
 #            accuracy gate through it (its 128 teacher-forced tokens are one chunk), then the
-#            prefill bench of stage prefill with it
+#            prefill at 512, 4096 and 16384 tokens (and decode at depth 128) with it
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -142,14 +142,20 @@ bench_json() {  # OUT_NAME LIMIT RESERVE ARGS...: one `sparkinfer bench --json` 
 }
 
 stage_decode() {
-  # Each mode fills depths 128..16384 (21,120 tokens of prefill) before its timed reps.
-  bench_json bench-device.json 240 200 --depths 128,512,4096,16384 --prompts 512 --reps 3
+  # Fills depths 128..16384 (21,120 tokens of prefill) before its timed reps.
+  bench_json bench-device.json 220 220 --depths 128,512,4096,16384 --prompts 512 --reps 3
   local rc=$?
-  bench_json bench-sync.json 240 0 --depths 128,512,4096,16384 --prompts 512 --reps 3 --sync-every-token
-  local rc2=$?
   tail -n 4 "$round/bench.log"
-  returns bench-device.json bench-sync.json bench.log
-  return $((rc || rc2))
+  returns bench-device.json bench.log
+  return $rc
+}
+
+stage_sync() {
+  bench_json bench-sync.json 240 150 --depths 128,512,4096,16384 --prompts 512 --reps 3 --sync-every-token
+  local rc=$?
+  tail -n 4 "$round/bench.log"
+  returns bench-sync.json bench.log
+  return $rc
 }
 
 stage_prefill() {
@@ -167,12 +173,12 @@ stage_chunked() {
   chunked=$(python3 bench/gpu_round.py get chunked_module)
   note "== chunked: $chunked"
   # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
-  timeout -k 10 "$(limit 120 200)" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$chunked" \
+  timeout -k 10 "$(limit 100 160)" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$chunked" \
     --ref bench/refs/qwen3-30b-a3b-synth.npz --tokens 128 --prompt-tokens 32 --greedy 32 --max-kl 1e-3 \
     --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/chunked-gate.txt" 2>&1
   local rc=$?
   tail -n 4 "$round/chunked-gate.txt"
-  module=$chunked bench_json prefill-chunked.json 200 100 --prompts 512,4096,16384 --depths 128 --reps 2
+  module=$chunked bench_json prefill-chunked.json 120 90 --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
   returns chunked-gate.txt prefill-chunked.json
   return $((rc || rc2))
@@ -214,8 +220,8 @@ stage_profile() {
 }
 
 case "${1:-}" in
-  1) stages=(setup tune synth pytest decode) ;;
-  2) stages=(setup synth chunked prefill run apps profile) ;;
+  1) stages=(setup tune synth pytest decode chunked apps) ;;
+  2) stages=(setup synth sync prefill run profile) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
