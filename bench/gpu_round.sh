@@ -5,8 +5,8 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, tune, synth, pytest, decode, chunked, apps
-#   bash bench/gpu_round.sh 2      # setup, synth (if gone), sync, prefill, run, profile
+#   bash bench/gpu_round.sh 1      # setup, synth, pytest, decode, chunked, apps
+#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), sync, prefill, run, profile
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
@@ -220,8 +220,8 @@ stage_profile() {
 }
 
 case "${1:-}" in
-  1) stages=(setup tune synth pytest decode chunked apps) ;;
-  2) stages=(setup synth sync prefill run profile) ;;
+  1) stages=(setup synth pytest decode chunked apps) ;;
+  2) stages=(setup tune synth sync prefill run profile) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
