@@ -14,7 +14,7 @@ layout:
   - the chunk loop is unrolled up to `unroll` statements.
 The x sums of the K-quants (a few hundred adds) stay outside, computed once.
 
-Attention parallelizes its (KV head, split) streams; the norms and the embedding vectorize
+Attention parallelizes its (KV head, split) streams and vectorizes over the head dim; the norms and the embedding vectorize
 their element loops; the router, RoPE, the split combine and sampling are a few microseconds
 each and keep the loop nests their factories wrote.
 
@@ -274,17 +274,49 @@ class EmbeddingCpuRule(_ElementwiseCpuRule):
         return int(factory_args(use)[2])
 
 
-class PagedDecodeAttentionCpuRule(FixedRule):
-    """The (KV head, split) streams in parallel: each owns its state, p and accumulator slices."""
+# Lanes of attention's q . K reduction over the head dim: 8 measured best on the AVX-512 dev
+# machine (16 lanes: 27 us a call at depth 128, 8: 19 us; bench/NOTES.md, "CPU attention").
+ATTENTION_DOT_LANES = 8
+
+
+class PagedDecodeAttentionCpuRule(ScheduleRule):
+    """The (KV head, split) streams in parallel, each owning its state, p and accumulator
+    slices; inside a tile step every loop over the head dim is a vector loop: the K and V rows'
+    gathers (one f16 -> f32 vector convert), the p . V sum (over tokens, outside the vector of
+    head dims it accumulates) and the accumulator's rescale; q . K splits its reduction over
+    the head dim into `vector` lanes (rfactor), summed across lanes once a score."""
 
     target_kind = "cpu"
     family = "attention"
     factory = "paged_decode_attention"
+    knobs_type = CpuVectorKnobs
     enable_check = False  # the per-stream recurrences, as in the CUDA rule
 
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        head_dim = int(factory_args(use)[2])
+        return {"vector": tuple(v for v in powers_of_two(facts.vector_bytes // 4) if head_dim % v == 0)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> CpuVectorKnobs:
+        return CpuVectorKnobs(vector=max(v for v in self.space(use, facts)["vector"] if v <= ATTENTION_DOT_LANES))
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        kv, split, *_ = sch.get_loops(sch.get_sblock("state_init"))
+        assert isinstance(knobs, CpuVectorKnobs)
+        blk = sch.get_sblock
+        kv, split, *_ = sch.get_loops(blk("state_init"))
         sch.parallel(sch.fuse(kv, split))
+        for name in ("gather_k", "gather_v", "update_acc"):
+            sch.vectorize(sch.get_loops(blk(name))[-1])
+        *_, head_dim = sch.get_loops(blk("score"))
+        _, lanes = sch.split(head_dim, [None, knobs.vector])
+        lanes_block = sch.rfactor(lanes, factor_axis=0)
+        *_, dims, lane = sch.get_loops(lanes_block)
+        sch.reorder(dims, lane)
+        sch.vectorize(lane)
+        pv = blk("pv")
+        head, dim, token = sch.get_loops(pv)[-3:]
+        sch.decompose_reduction(pv, head)
+        sch.reorder(token, dim)
+        sch.vectorize(dim)
 
 
 class AsWrittenCpuRule(FixedRule):
