@@ -248,6 +248,18 @@ class _StepBuilder:
             self.params[inp.tensor or inp.name] = relax.Var(inp.name, _tensor(shape, inp.dtype))
         return list(self.params.values())
 
+    def _checked_inputs(self, extra: list[StepInput]) -> dict[str, Any]:
+        """Relax's `num_input`: the parameters before the weights. The VM checks their dtype,
+        rank and shape on every call; of the weights it checks only symbolic dims, of which
+        they have none. Weights are bound once, as the manifest's dtype and shape after their
+        byte count is checked (runtime/weights.py); skipping their checks drops two VM
+        instructions per weight from every step (bench/NOTES.md, "CPU decode")."""
+        inputs = extra + self.inputs
+        checked = sum(inp.role != ROLE_WEIGHT for inp in inputs)
+        if any(inp.role != ROLE_WEIGHT for inp in inputs[checked:]):
+            raise AssertionError("the step's weights must be its last parameters")
+        return {"num_input": checked}
+
     # helpers ---------------------------------------------------------------------------
 
     def t(self, name: str) -> GGMLQuantizationType:
@@ -315,7 +327,7 @@ class _StepBuilder:
     def build(self, chunks: tuple[int, ...]) -> IRModule:
         self._specs = {s.name: s for s in tensor_specs(self.c)}
         for entry, processed in ((ENTRY, False), (ENTRY_PROCESSED, True)):
-            with self.bb.function(entry, self._fresh_params([])):
+            with self.bb.function(entry, self._fresh_params([]), attrs=self._checked_inputs([])):
                 with self.bb.dataflow():
                     logits, nxt = self._body(processed)
                     logits = self.bb.emit_output(logits)
@@ -324,7 +336,8 @@ class _StepBuilder:
         for n_tokens in chunks:
             for all_logits in (False, True):
                 name = _spec.chunk_entry(n_tokens, all_logits)
-                with self.bb.function(name, self._fresh_params(_spec.chunk_inputs(n_tokens))):
+                extra = _spec.chunk_inputs(n_tokens)
+                with self.bb.function(name, self._fresh_params(extra), attrs=self._checked_inputs(extra)):
                     with self.bb.dataflow():
                         outs = [self.bb.emit_output(o) for o in self._chunk_body(n_tokens, all_logits)]
                     self.bb.emit_func_output(relax.Tuple(outs))

@@ -9,13 +9,14 @@ layout:
   - a row's sub-block dot products are computed per chunk, right where the row's sum uses
     them (no [n, chunks, parts] intermediate in memory);
   - each sub-block's reduction over its weights is split into `vector` lanes (rfactor), the
-    lane loop vectorized: with 4 lanes the 4 quant bytes of one 32-bit word are decoded by one
-    vector shift-and-mask (a broadcast load), where wider vectors gather words lane by lane;
+    lane loop vectorized, a lane per word of the weight view: `vector` consecutive words are
+    one vector load and each byte position in them one vector shift and mask, against x
+    copied once a call into the matching order (`vectorized_dots`);
   - the chunk loop is unrolled up to `unroll` statements.
 The x sums of the K-quants (a few hundred adds) stay outside, computed once.
 
-Attention parallelizes its (KV head, split) streams; the norms and the embedding vectorize
-their element loops; the router, RoPE, the split combine and sampling are a few microseconds
+Attention parallelizes its (KV head, split) streams and vectorizes over the head dim; the
+norms and the embedding vectorize their element loops; the router, RoPE, the split combine and sampling are a few microseconds
 each and keep the loop nests their factories wrote.
 
 Tunable knobs only feed split factors and annotations (space.py); `parallel` is structural.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
@@ -43,8 +44,9 @@ PARALLEL_MIN_MACS = 1 << 16
 # speeds, few enough that a task's rows amortize its dispatch.
 TASKS_PER_CORE = 4
 ROWS_PER_TASK = powers_of_two(64)
-# Lanes of a sub-block reduction: 4 decodes one 32-bit word of quant bytes per vector op.
-DEFAULT_DOT_LANES = 4
+# Lanes (words) of a sub-block reduction: 8 measured best for Q4_K and Q6_K on the AVX-512 dev
+# machine (bench/NOTES.md, "Word lanes"); 8 is also every K-quant's words per sub-block.
+DEFAULT_DOT_LANES = 8
 
 
 @dataclass(frozen=True)
@@ -59,27 +61,47 @@ class CpuDotKnobs(Knobs):
     unroll: Any
 
 
-def dot_space(formats: tuple[GemvFormat, ...], facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-    """Lanes: powers of two dividing every sub-block, up to the SIMD register's floats."""
-    lanes = min([facts.vector_bytes // 4, *(f.sub for f in formats)])
+def max_dot_lanes(formats: tuple[GemvFormat, ...], facts: ArchFacts, per_word: bool) -> int:
+    """Lanes dividing every sub-block's words (its weights where not `per_word`), up to the
+    SIMD register's floats."""
+    return min([facts.vector_bytes // 4, *(f.sub // (word_weights(f) if per_word else 1) for f in formats)])
+
+
+def dot_space(formats: tuple[GemvFormat, ...], facts: ArchFacts, per_word: bool) -> dict[str, tuple[Any, ...]]:
+    """Lanes: powers of two up to max_dot_lanes."""
+    lanes = max_dot_lanes(formats, facts, per_word)
     return {"parallel": (0, 1), "rows_per_task": ROWS_PER_TASK, "vector": powers_of_two(lanes),
             "unroll": UNROLL_STEPS}
 
 
-def default_dot_knobs(formats: tuple[GemvFormat, ...], rows: int, macs: int, facts: ArchFacts) -> CpuDotKnobs:
+def default_dot_knobs(formats: tuple[GemvFormat, ...], rows: int, macs: int, facts: ArchFacts,
+                      per_word: bool) -> CpuDotKnobs:
     """Parallel when the kernel has PARALLEL_MIN_MACS to share; tasks: TASKS_PER_CORE per core."""
     parallel = int(facts.cores > 1 and macs >= PARALLEL_MIN_MACS)
     per_task = floor_pow2(max(1, rows // (facts.cores * TASKS_PER_CORE)))
-    lanes = min([DEFAULT_DOT_LANES, facts.vector_bytes // 4, *(f.sub for f in formats)])
+    lanes = min(DEFAULT_DOT_LANES, max_dot_lanes(formats, facts, per_word))
     return CpuDotKnobs(parallel=parallel, rows_per_task=min(per_task, ROWS_PER_TASK[-1]),
                        vector=lanes, unroll=DEFAULT_UNROLL)
 
 
-def vectorized_dots(sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, vector: Any) -> None:
+def word_weights(fmt: GemvFormat) -> int:
+    """Weights one word of the format's weight view holds: a quant byte each (Q4_K/Q5_K's two
+    nibble sub-blocks are separate dots), one weight a word for the float types."""
+    return fmt.word_bytes if fmt.block_size > 1 else 1
+
+
+def vectorized_dots(sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, vector: Any,
+                    per_word: int = 1, x_name: str | None = None) -> None:
     """Compute `dot` (a sub-block dot product block) under `chunk_loop`, its reduction over the
-    sub-block's weights split into `vector` lanes (rfactor), the lane loop vectorized."""
+    sub-block's weights split into `vector` lanes (rfactor), the lane loop vectorized.
+
+    Lane i takes the `per_word` weights of word i of each `vector`-word stretch: the lanes'
+    words are one contiguous vector load and each byte of them one vector shift and mask
+    (lanes over consecutive bytes would load their words lane by lane). Where `per_word` > 1,
+    x (the buffer `x_name`) is read through a copy made once a call with the bytes' positions
+    outermost, x[.., w * per_word + b] at x_lanes[.., b, w], so the lanes' x are contiguous too."""
     *_, weights = sch.get_loops(dot)
-    _, lanes = sch.split(weights, [None, vector])
+    _, lanes, _ = sch.split(weights, [None, vector, per_word])
     lanes_block = sch.rfactor(lanes, factor_axis=0)
     # Unit loops stay, so the loop structure is the same for every lane count.
     sch.compute_at(dot, chunk_loop, preserve_unit_loops=True)
@@ -87,6 +109,10 @@ def vectorized_dots(sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, vect
     lane, *rest = loops_below(sch, lanes_block, chunk_loop)
     sch.reorder(*rest, lane)
     sch.vectorize(lane)
+    if per_word > 1 and x_name is not None:
+        read = next(i for i, r in enumerate(sch.get(lanes_block).reads) if r.source.name == x_name)
+        x_lanes = sch.cache_read(lanes_block, read, "global", consumer_blocks=[lanes_block])
+        sch.transform_layout(x_lanes, ("write", 0), lambda *i: (*i[:-1], i[-1] % per_word, i[-1] // per_word))
 
 
 def unroll_loop(sch: s_tir.Schedule, loop: LoopRV, unroll: Any) -> None:
@@ -112,6 +138,9 @@ def reduction_chunk_loop(sch: s_tir.Schedule, block: SBlockRV) -> LoopRV:
 class _CpuDotRule(ScheduleRule):
     target_kind = "cpu"
     knobs_type = CpuDotKnobs
+    # Lanes over the weight view's words (vectorized_dots' per_word); the int8 kernels, whose
+    # dots read words of four codes against words of four int8 x, keep a lane per word of both.
+    word_lanes: ClassVar[bool] = True
 
     @abstractmethod
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]: ...
@@ -121,13 +150,19 @@ class _CpuDotRule(ScheduleRule):
         """(rows the tasks split, multiply-adds of the kernel)."""
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return dot_space(self.formats(use), facts)
+        return dot_space(self.formats(use), facts, self.word_lanes)
 
     def structural(self) -> tuple[str, ...]:
         return ("parallel",)
 
     def default(self, use: KernelUse, facts: ArchFacts) -> CpuDotKnobs:
-        return default_dot_knobs(self.formats(use), *self.size(use), facts)
+        return default_dot_knobs(self.formats(use), *self.size(use), facts, self.word_lanes)
+
+    def dots(self, sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, knobs: CpuDotKnobs,
+             fmt: GemvFormat, x_name: str) -> None:
+        """vectorized_dots of `dot`, lanes over words where the rule has word_lanes."""
+        per_word = word_weights(fmt) if self.word_lanes else 1
+        vectorized_dots(sch, dot, chunk_loop, knobs.vector, per_word, x_name)
 
 
 class _GemvCpuRule(_CpuDotRule):
@@ -138,7 +173,7 @@ class _GemvCpuRule(_CpuDotRule):
         gemv = sch.get_sblock("gemv")
         *lead, rows, chunk, _ = sch.get_loops(gemv)
         row_tasks(sch, lead[0] if lead else None, rows, knobs)
-        vectorized_dots(sch, sch.get_sblock("dot"), chunk, knobs.vector)
+        self.dots(sch, sch.get_sblock("dot"), chunk, knobs, self.formats(use)[0], "x")
         unroll_loop(sch, chunk, knobs.unroll)
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
@@ -183,11 +218,11 @@ class MoeGateUpSiluCpuRule(_CpuDotRule):
         assert isinstance(knobs, CpuDotKnobs)
         slot, rows = sch.get_loops(sch.get_sblock("act"))
         row = row_tasks(sch, slot, rows, knobs)
-        for name in ("gate", "up"):
+        for name, fmt in zip(("gate", "up"), self.formats(use)):
             block = sch.get_sblock(name)
             sch.compute_at(block, row, preserve_unit_loops=True)
             chunk = reduction_chunk_loop(sch, block)
-            vectorized_dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs.vector)
+            self.dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs, fmt, "x")
             unroll_loop(sch, chunk, knobs.unroll)
 
 
@@ -211,7 +246,7 @@ class MoeDownResidualCpuRule(_CpuDotRule):
         down = sch.get_sblock("down")
         sch.compute_at(down, row, preserve_unit_loops=True)
         chunk = reduction_chunk_loop(sch, down)
-        vectorized_dots(sch, sch.get_sblock("down_dot"), chunk, knobs.vector)
+        self.dots(sch, sch.get_sblock("down_dot"), chunk, knobs, self.formats(use)[0], "act")
         unroll_loop(sch, chunk, knobs.unroll)
 
 
@@ -274,17 +309,49 @@ class EmbeddingCpuRule(_ElementwiseCpuRule):
         return int(factory_args(use)[2])
 
 
-class PagedDecodeAttentionCpuRule(FixedRule):
-    """The (KV head, split) streams in parallel: each owns its state, p and accumulator slices."""
+# Lanes of attention's q . K reduction over the head dim: 8 measured best on the AVX-512 dev
+# machine (16 lanes: 27 us a call at depth 128, 8: 19 us; bench/NOTES.md, "CPU attention").
+ATTENTION_DOT_LANES = 8
+
+
+class PagedDecodeAttentionCpuRule(ScheduleRule):
+    """The (KV head, split) streams in parallel, each owning its state, p and accumulator
+    slices; inside a tile step every loop over the head dim is a vector loop: the K and V rows'
+    gathers (one f16 -> f32 vector convert), the p . V sum (over tokens, outside the vector of
+    head dims it accumulates) and the accumulator's rescale; q . K splits its reduction over
+    the head dim into `vector` lanes (rfactor), summed across lanes once a score."""
 
     target_kind = "cpu"
     family = "attention"
     factory = "paged_decode_attention"
+    knobs_type = CpuVectorKnobs
     enable_check = False  # the per-stream recurrences, as in the CUDA rule
 
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        head_dim = int(factory_args(use)[2])
+        return {"vector": tuple(v for v in powers_of_two(facts.vector_bytes // 4) if head_dim % v == 0)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> CpuVectorKnobs:
+        return CpuVectorKnobs(vector=max(v for v in self.space(use, facts)["vector"] if v <= ATTENTION_DOT_LANES))
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        kv, split, *_ = sch.get_loops(sch.get_sblock("state_init"))
+        assert isinstance(knobs, CpuVectorKnobs)
+        blk = sch.get_sblock
+        kv, split, *_ = sch.get_loops(blk("state_init"))
         sch.parallel(sch.fuse(kv, split))
+        for name in ("gather_k", "gather_v", "update_acc"):
+            sch.vectorize(sch.get_loops(blk(name))[-1])
+        *_, head_dim = sch.get_loops(blk("score"))
+        _, lanes = sch.split(head_dim, [None, knobs.vector])
+        lanes_block = sch.rfactor(lanes, factor_axis=0)
+        *_, dims, lane = sch.get_loops(lanes_block)
+        sch.reorder(dims, lane)
+        sch.vectorize(lane)
+        pv = blk("pv")
+        head, dim, token = sch.get_loops(pv)[-3:]
+        sch.decompose_reduction(pv, head)
+        sch.reorder(token, dim)
+        sch.vectorize(dim)
 
 
 class AsWrittenCpuRule(FixedRule):

@@ -164,6 +164,7 @@ class QuantizeQ8CudaRule(ScheduleRule):
 class GemvQ8CpuRule(GemvCpuRule):
     family = "gemv_q8"
     factory = "gemv_q8"
+    word_lanes = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         return (int8_view(factory_args(use)[0]),)
@@ -172,6 +173,7 @@ class GemvQ8CpuRule(GemvCpuRule):
 class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
+    word_lanes = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         type_gate, type_up, *_ = factory_args(use)
@@ -181,6 +183,7 @@ class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
 class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
     family = "moe_q8"
     factory = "moe_down_residual_q8"
+    word_lanes = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         return (int8_view(factory_args(use)[0]),)

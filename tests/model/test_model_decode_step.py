@@ -69,6 +69,18 @@ def test_relax_function_takes_the_inputs_in_order(entry: str) -> None:
     assert [int(d) for d in ret.fields[0].shape] == [TINY.vocab_size]
 
 
+def test_the_vm_checks_every_input_but_the_weights() -> None:
+    """Relax's num_input: the state, caches and chunk inputs are checked on every call, the
+    weights (bound once, shape-checked by runtime/weights.py) are not."""
+    step = build_decode_step(TINY, type_map(TINY, "q4_k_m"), prefill_chunks=(16,))
+    n_weights = sum(inp.role == "weight" for inp in step.inputs)
+    for name in (spec.ENTRY, spec.ENTRY_PROCESSED, spec.chunk_entry(16, False), spec.chunk_entry(16, True)):
+        func = step.mod[name]
+        assert int(func.attrs["num_input"]) == len(func.params) - n_weights
+        assert all(p.name not in {i.name for i in step.inputs if i.role == "weight"}
+                   for p in func.params[: int(func.attrs["num_input"])])
+
+
 def test_each_distinct_kernel_is_in_the_module_once() -> None:
     step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
     names = [k.name for k in step.kernels]

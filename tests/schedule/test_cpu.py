@@ -110,13 +110,22 @@ def test_norms_and_embedding(vector: int | None) -> None:
     np.testing.assert_array_equal(row, E.embedding_reference(T.Q4_K, data, 37))
 
 
-def test_attention_streams_in_parallel() -> None:
+# (streams, tile): the GPU's shape (one tile a stream here) and one stream of small tiles (several
+# tiles, the last partial); knobs: the default and the space's extremes of q . K lanes.
+@pytest.mark.parametrize("streams, tile", [(8, 32), (1, 8)])
+@pytest.mark.parametrize("vector", [None, 1, 16], ids=["default", "scalar", "lanes16"])
+def test_attention_streams_in_parallel(streams: int, tile: int, vector: int | None) -> None:
     rng = np.random.default_rng(5)
     nh, nkv, d, page, pages, splits, pos = 8, 2, 64, 16, 8, 2, 50
+    args = (nh, nkv, d, page, pages, splits, streams, tile)
+    knobs = None
+    if vector is not None:
+        use = kernel_use("attention", "paged_decode_attention", *args)
+        knobs = CpuVectorKnobs(min(vector, rule_for(use, CPU).space(use, CPU)["vector"][-1]))
     table = rng.permutation(pages).astype(np.int32)
     q = rng.standard_normal((nh, d), dtype=np.float32)
     k, v = (rng.standard_normal((pages, page, nkv, d)).astype(np.float16) for _ in range(2))
-    o_part, lse = run("attention", A.paged_decode_attention, (nh, nkv, d, page, pages, splits), None,
+    o_part, lse = run("attention", A.paged_decode_attention, args, knobs,
                       [q, k, v, table, np.array([pos], np.int32)],
                       [np.empty((nh, splits, d), np.float32), np.empty((nh, splits), np.float32)])
     o_ref, lse_ref = A.paged_decode_attention_reference(q, k, v, table, pos, splits)
