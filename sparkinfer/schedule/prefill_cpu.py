@@ -8,8 +8,9 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
                         parallel over the cores.
   moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the multiply-add over the
                         tile's TILE_N lanes vectorised.
-  prefill_attention.causal_prefill_attention: (token, KV head) pairs in parallel; the q . k
-                        lanes, their folds and the p . V update over the head dims vectorised.
+  prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
+                        stage's last loop vectorised: the tile's rows (the softmax state, the
+                        scores S^T) or the head dims (the output).
 """
 
 from __future__ import annotations
@@ -92,10 +93,11 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
     enable_check = False  # the key loop's trip count is read from pos and n_valid
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        t, kv = sch.get_loops(sch.get_sblock("query"))
-        for name in ("acc_init", "dot_init", "dot", "fold8", "fold4", "rescale", "pv", "store"):
+        kv, it = sch.get_loops(sch.get_sblock("tile"))
+        for name in ("q_load", "acc_init", "state_init", "k_load", "v_load", "qk_init", "qk", "max_init", "max",
+                     "weight", "rescale_state", "sum", "rescale", "pv", "store"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
-        sch.parallel(sch.fuse(t, kv))
+        sch.parallel(sch.fuse(kv, it))
 
 
 CPU_RULES: tuple[ScheduleRule, ...] = (
