@@ -24,6 +24,7 @@ import numpy.typing as npt
 from tvm import tirx
 
 from sparkinfer.kernels.rope import qk_norm_rope_kv_append_reference
+from sparkinfer.kernels.vecmath import exp_f32
 from sparkinfer.reference import qwen3moe as ref
 
 Expr = tirx.Expr
@@ -49,12 +50,14 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
         inv_rms = tirx.const(1.0, f32) / tirx.sqrt(sumsq[t, h] * tirx.const(1.0 / D, f32) + tirx.const(eps, f32))
         return head_x(q, k, t, h, d) * inv_rms * tirx.Select(h < NH, qw[d], kw[d])
 
-    def rotated(q, k, qw, kw, sumsq, pos, t, h, d):  # noqa: ANN001, ANN202
-        inv_freq = tirx.pow(tirx.const(theta, f32), (d % half).astype(f32) * tirx.const(-2.0 / D, f32))
-        angle = (pos[0] + t).astype(f32) * inv_freq
+    def angle(pos: tirx.Buffer, t: Expr, i: Expr) -> Expr:
+        inv_freq = tirx.pow(tirx.const(theta, f32), i.astype(f32) * tirx.const(-2.0 / D, f32))
+        return (pos[0] + t).astype(f32) * inv_freq
+
+    def rotated(q, k, qw, kw, sumsq, cos, sin, t, h, d):  # noqa: ANN001, ANN202
         partner = normed(q, k, qw, kw, sumsq, t, h, (d + half) % D)
-        return normed(q, k, qw, kw, sumsq, t, h, d) * tirx.cos(angle) + tirx.Select(
-            d < half, -partner, partner) * tirx.sin(angle)
+        return normed(q, k, qw, kw, sumsq, t, h, d) * cos[t, d % half] + tirx.Select(
+            d < half, -partner, partner) * sin[t, d % half]
 
     def page(page_table: tirx.Buffer, pos: tirx.Buffer, t: Expr) -> Expr:
         return page_table[tirx.min((pos[0] + t) // P, MP - 1)]
@@ -70,6 +73,14 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
         sumsq = T.sblock_alloc_buffer((NT, heads), "float32")
+        # a position's rotation, once for all its heads (pow, cos and sin are libm calls)
+        cos = T.sblock_alloc_buffer((NT, half), "float32")
+        sin = T.sblock_alloc_buffer((NT, half), "float32")
+        for t, i in T.grid(NT, half):
+            with T.sblock("angle"):
+                vt, vi = T.axis.remap("SS", [t, i])
+                cos[vt, vi] = T.cos(angle(pos, vt, vi))
+                sin[vt, vi] = T.sin(angle(pos, vt, vi))
         for t, head, d in T.grid(NT, heads, D):
             with T.sblock("sumsq"):
                 vt, vh, vd = T.axis.remap("SSR", [t, head, d])
@@ -80,10 +91,10 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
             with T.sblock("rope"):
                 vt, vh, vd = T.axis.remap("SSS", [t, head, d])
                 if vh < NH:
-                    q_rot[vt, vh, vd] = rotated(q, k, q_norm_w, k_norm_w, sumsq, pos, vt, vh, vd)
+                    q_rot[vt, vh, vd] = rotated(q, k, q_norm_w, k_norm_w, sumsq, cos, sin, vt, vh, vd)
                 elif vt < n_valid[0]:
                     k_cache[page(page_table, pos, vt), (pos[0] + vt) % P, vh - NH, vd] = T.Cast(
-                        "float16", rotated(q, k, q_norm_w, k_norm_w, sumsq, pos, vt, vh, vd))
+                        "float16", rotated(q, k, q_norm_w, k_norm_w, sumsq, cos, sin, vt, vh, vd))
                     v_cache[page(page_table, pos, vt), (pos[0] + vt) % P, vh - NH, vd] = T.Cast(
                         "float16", v[vt, T.max(vh - NH, 0) * D + vd])
 
@@ -92,24 +103,6 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
 
 QUERY_TILE = 4  # queries a tile: their G heads share each K/V tile load (4 * G rows of scores)
 KEY_TILE = 16  # keys a tile (at most the page size): one max and one rescale a tile; one AVX-512 vector
-EXP_FLOOR = -87.0  # exp(x) below this is 0 here (float32's smallest normal is exp(-87.3))
-LOG2E, LN2_HI, LN2_LO = 1.4426950408889634, 0.693145751953125, 1.4286067653302226e-06
-
-
-def exp_f32(x: Expr) -> Expr:
-    """exp(x) for float32 x <= 0 (all attention needs) in plain arithmetic (2^n * e^r, |r| <= ln2 / 2, e^r by its
-    degree-6 Taylor polynomial: relative error ~2e-7), so a vectorized loop stays vectorized:
-    LLVM scalarizes a vector `llvm.exp` into one libm call a lane. 0 below EXP_FLOOR."""
-    f32 = "float32"
-    n = tirx.floor(x * tirx.const(LOG2E, f32) + tirx.const(0.5, f32))
-    r = x - n * tirx.const(LN2_HI, f32) - n * tirx.const(LN2_LO, f32)
-    poly = tirx.const(1.0 / 720, f32)
-    for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-        poly = poly * r + tirx.const(c, f32)
-    two_n = tirx.reinterpret(f32, tirx.shift_left(n.astype("int32") + 127, 23))
-    return tirx.Select(x < tirx.const(EXP_FLOOR, f32), tirx.const(0.0, f32), two_n * poly)
-
-
 def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
                              max_pages: int) -> tirx.PrimFunc:
     """Params (q_rot f32[T, NH, D], k_cache f16[NP, P, NKV, D], v_cache, page_table int32[MP],

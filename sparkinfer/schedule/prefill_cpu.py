@@ -8,6 +8,8 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
                         parallel over the cores.
   moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the multiply-add over the
                         tile's TILE_N lanes vectorised.
+  moe_chunk.silu_mul:   rows in parallel, the elements of a row vectorised (the sigmoid is
+                        plain arithmetic: `vecmath.sigmoid_f32`).
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
                         stage's last loop vectorised: the tile's rows (the softmax state, the
                         scores S^T) or the head dims (the output).
@@ -88,6 +90,18 @@ class GroupedGemmCpuRule(_FixedCpuRule):
         sch.parallel(sch.fuse(e, tile))
 
 
+class SiluMulCpuRule(_FixedCpuRule):
+    family, factory = "moe_chunk", "silu_mul"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        r, i = sch.get_loops(sch.get_sblock("act"))
+        lanes = max(1, facts.vector_bytes // 4)
+        _, n = factory_args(use)
+        if n % lanes == 0:
+            sch.vectorize(sch.split(i, [None, lanes])[1])
+        sch.parallel(r)
+
+
 class CausalPrefillAttentionCpuRule(_FixedCpuRule):
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
@@ -103,6 +117,7 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
 CPU_RULES: tuple[ScheduleRule, ...] = (
     GemmCpuRule(),
     GroupedGemmCpuRule(),
+    SiluMulCpuRule(),
     CausalPrefillAttentionCpuRule(),
     *(AsWrittenCpuRule(family, factory) for family, factory in (
         ("embedding", "embedding_rows"),
@@ -110,7 +125,6 @@ CPU_RULES: tuple[ScheduleRule, ...] = (
         ("norm", "add_rms_norm_rows"),
         ("router", "router_topk_rows"),
         ("prefill_attention", "qk_norm_rope_kv_append_rows"),
-        ("moe_chunk", "silu_mul"),
         ("moe_chunk", "moe_combine_residual"),
         ("moe_chunk", "moe_sort"),
         ("chunk", "take_row"),

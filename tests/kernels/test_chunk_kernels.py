@@ -126,17 +126,6 @@ def test_grouped_gemm_rejects_a_row_count_off_the_tile() -> None:
         moe_chunk.grouped_gemm(T.F32, 2, 4, 24, 64, 4, True)
 
 
-def test_exp_f32_matches_numpy() -> None:
-    x = np.concatenate([np.linspace(-100.0, 0.0, 4001, dtype=np.float32),
-                        np.array([-87.0, -86.99, -1e-7, 0.0], np.float32)])
-    n = x.size
-    xs = tvm.te.placeholder((n,), "float32", "x")
-    func = tvm.te.create_prim_func([xs, tvm.te.compute((n,), lambda i: prefill_attention.exp_f32(xs[i]))])
-    (got,) = run_cpu(func, x, nan(n))
-    want = np.where(x < prefill_attention.EXP_FLOOR, 0.0, np.exp(x.astype(np.float64)))
-    np.testing.assert_allclose(got, want, rtol=5e-7, atol=0)
-
-
 @pytest.mark.parametrize("pos, n_valid", [(0, 5), (6, 3), (61, 5)])
 def test_rope_append_and_causal_attention_match_numpy(rng: np.random.Generator, pos: int, n_valid: int) -> None:
     rows, nh, nkv, d, p, mp, n_pages = 5, 4, 2, 64, 4, 17, 20
