@@ -36,8 +36,9 @@ Expr = tirx.Expr
 TILE_N = 16
 # Sorted rows multiplied by a tile at once: ROW_BLOCK independent accumulator rows, each x
 # value broadcast against one tile row (register blocking; a lone accumulator would chain
-# every multiply-add on the previous one).
-ROW_BLOCK = 4
+# every multiply-add on the previous one). 8 covers the CPU's FMA latency (4 measured ~20 %
+# slower on the chunk's expert GEMMs).
+ROW_BLOCK = 8
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:

@@ -3,11 +3,13 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
 
   gemm.gemm:            n cut into tiles of `tile_n` outputs (one SIMD vector of float32 at
                         the default); per tile, the weights' scales, mins and float32 values
-                        are computed once (compute_at the tile) and multiplied by every row of
-                        the chunk, the tile's n lanes vectorised (x[t, k] broadcast); tiles in
-                        parallel over the cores.
-  moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the multiply-add over the
-                        tile's TILE_N lanes vectorised.
+                        are computed once (compute_at the tile, the dequantization vectorised
+                        over the tile's weight rows) and multiplied by every row of the chunk,
+                        `rows` rows at a time (that many independent accumulators, unrolled),
+                        the tile's n lanes vectorised (x[t, k] broadcast); tiles in parallel
+                        over the cores.
+  moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the tile's dequantization and
+                        the multiply-add over its TILE_N lanes vectorised.
   moe_chunk.silu_mul:   rows in parallel, the elements of a row vectorised (the sigmoid is
                         plain arithmetic: `vecmath.sigmoid_f32`).
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
@@ -36,6 +38,13 @@ class _CpuRule(ScheduleRule):
 @dataclass(frozen=True)
 class GemmCpuKnobs(Knobs):
     tile_n: int  # outputs per tile: the vector lanes
+    rows: int  # chunk rows a register block: independent accumulators sharing each tile row load
+
+
+ROW_BLOCKS = (1, 2, 4, 8, 16)
+# 8 accumulator vectors: enough independent multiply-adds to cover the FMA latency, with
+# registers to spare for the tile row and the broadcasts (4x the one-row schedule measured).
+DEFAULT_ROWS = 8
 
 
 def _tiles(n: int, facts: ArchFacts) -> tuple[int, ...]:
@@ -48,29 +57,46 @@ class GemmCpuRule(_CpuRule):
     family, factory, knobs_type = "gemm", "gemm", GemmCpuKnobs
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[int, ...]]:
-        _, _, n, _ = factory_args(use)
-        return {"tile_n": _tiles(n, facts)}
+        _, t, n, _ = factory_args(use)
+        return {"tile_n": _tiles(n, facts), "rows": tuple(r for r in ROW_BLOCKS if t % r == 0)}
 
     def structural(self) -> tuple[str, ...]:
-        return ("tile_n",)  # a width that must divide n: not a free split factor
+        return ("tile_n", "rows")  # widths that must divide n and t: not free split factors
 
     def default(self, use: KernelUse, facts: ArchFacts) -> GemmCpuKnobs:
-        tiles = self.space(use, facts)["tile_n"]
+        space = self.space(use, facts)
         lanes = max(1, facts.vector_bytes // 4)
-        return GemmCpuKnobs(max(t for t in tiles if t <= lanes))
+        return GemmCpuKnobs(max(t for t in space["tile_n"] if t <= lanes),
+                            max(r for r in space["rows"] if r <= DEFAULT_ROWS))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemmCpuKnobs)
         block = sch.get_sblock("gemm")
         i, j, k = sch.get_loops(block)
         jo, ji = sch.split(j, [None, knobs.tile_n])
-        sch.reorder(jo, i, k, ji)
-        fmt = gemv_format(factory_args(use)[0])
+        io, ii = sch.split(i, [None, knobs.rows])
+        sch.reorder(jo, io, k, ii, ji)
+        ggml_type, _, _, depth = factory_args(use)
+        fmt = gemv_format(ggml_type)
         stages = ["wdq"] + (["minv"] if fmt.min is not None else []) + (["scale"] if fmt.scale is not None else [])
         for stage in stages:  # consumers first: each goes under the tile its consumer is in
             sch.compute_at(sch.get_sblock(stage), jo)
+        if knobs.tile_n > 1:  # (a tile of one output has no lanes loop)
+            vectorize_dequant(sch, sch.get_sblock("wdq"), fmt.sub, depth)
+        sch.unroll(ii)
         sch.vectorize(ji)
         sch.parallel(jo)
+        # last: the schedule's checks refuse to vectorize or parallelize over a split-off init
+        sch.decompose_reduction(block, k)
+
+
+def vectorize_dequant(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sub: int, depth: int) -> None:
+    """A dequantized tile [k, lanes]: the lanes (weight rows, gathered) vectorised, the k loop
+    cut at sub-blocks so that each lane's scale and min are loaded once a sub-block."""
+    kk, lanes = sch.get_loops(block)[-2:]
+    if depth % sub == 0:
+        sch.split(kk, [None, sub])
+    sch.vectorize(lanes)
 
 
 class _FixedCpuRule(FixedRule):
@@ -83,6 +109,8 @@ class GroupedGemmCpuRule(_FixedCpuRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         e, tile = sch.get_loops(sch.get_sblock("tile"))
+        ggml_type, _, _, _, depth, _, _ = factory_args(use)
+        vectorize_dequant(sch, sch.get_sblock("dequant"), gemv_format(ggml_type).sub, depth)
         for name in ("init", "fma", "store"):
             loops = sch.get_loops(sch.get_sblock(name))
             sch.vectorize(loops[-1])

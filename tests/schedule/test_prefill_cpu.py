@@ -33,25 +33,30 @@ def run_scheduled(family: str, factory: str, args: tuple, *arrays: np.ndarray, n
     return [t.numpy() for t in tensors[len(arrays) - n_out:]]
 
 
-@pytest.mark.parametrize("t, n, tile", [(T.Q4_K, 48, None), (T.Q6_K, 32, 32), (T.Q8_0, 37, None), (T.F32, 16, 4)],
+@pytest.mark.parametrize("t, n, rows, knobs", [(T.Q4_K, 48, 5, None), (T.Q4_K, 48, 16, None),
+                                               (T.Q6_K, 32, 6, GemmCpuKnobs(32, 2)), (T.Q8_0, 37, 8, None),
+                                               (T.F32, 16, 12, GemmCpuKnobs(4, 4))],
                          ids=lambda v: getattr(v, "name", str(v)))
-def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, tile: int | None) -> None:
-    rows, k = 5, 256
+def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, rows: int,
+                                      knobs: GemmCpuKnobs | None) -> None:
+    k = 256
     data = random_weights(t, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
-    knobs = None if tile is None else GemmCpuKnobs(tile)
     (y,) = run_scheduled("gemm", "gemm", (t, rows, n, k), gemv.weight_view(t, data), x,
                          np.full((rows, n), np.nan, np.float32), knobs=knobs)
     magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
     assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
 
 
-def test_gemm_tiles_divide_the_outputs() -> None:
-    use = kernel_use("gemm", "gemm", T.Q4_K, 8, 37, 256)
-    assert GemmCpuRule().space(use, CPU)["tile_n"] == (1,)
-    assert GemmCpuRule().default(use, CPU) == GemmCpuKnobs(1)
+def test_gemm_tiles_divide_the_outputs_and_rows() -> None:
+    use = kernel_use("gemm", "gemm", T.Q4_K, 12, 37, 256)
+    assert GemmCpuRule().space(use, CPU) == {"tile_n": (1,), "rows": (1, 2, 4)}
+    assert GemmCpuRule().default(use, CPU) == GemmCpuKnobs(1, 4)
     with pytest.raises(ScheduleError, match="tile_n=16 is outside the space"):
-        schedule_kernel(gemm.gemm(T.Q4_K, 8, 37, 256), use, CPU, GemmCpuKnobs(16))
+        schedule_kernel(gemm.gemm(T.Q4_K, 12, 37, 256), use, CPU, GemmCpuKnobs(16, 4))
+    with pytest.raises(ScheduleError, match="rows=8 is outside the space"):
+        schedule_kernel(gemm.gemm(T.Q4_K, 12, 37, 256), use, CPU, GemmCpuKnobs(1, 8))
+    assert GemmCpuRule().default(kernel_use("gemm", "gemm", T.Q4_K, 128, 512, 256), CPU) == GemmCpuKnobs(16, 8)
 
 
 def test_scheduled_grouped_gemm_matches_numpy(rng: np.random.Generator) -> None:
