@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
-from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.cpu import AsWrittenCpuRule
@@ -76,13 +76,12 @@ class GemmCpuRule(_CpuRule):
         jo, ji = sch.split(j, [None, knobs.tile_n])
         io, ii = sch.split(i, [None, knobs.rows])
         sch.reorder(jo, io, k, ii, ji)
-        ggml_type, _, _, depth = factory_args(use)
-        fmt = gemv_format(ggml_type)
+        fmt = gemv_format(factory_args(use)[0])
         stages = ["wdq"] + (["minv"] if fmt.min is not None else []) + (["scale"] if fmt.scale is not None else [])
         for stage in stages:  # consumers first: each goes under the tile its consumer is in
             sch.compute_at(sch.get_sblock(stage), jo)
         if knobs.tile_n > 1:  # (a tile of one output has no lanes loop)
-            vectorize_dequant(sch, sch.get_sblock("wdq"), fmt.sub, depth)
+            vectorize_dequant(sch, fmt, "wdq", tuple((stage, 0) for stage in stages[1:]))
         sch.unroll(ii)
         sch.vectorize(ji)
         sch.parallel(jo)
@@ -90,12 +89,26 @@ class GemmCpuRule(_CpuRule):
         sch.decompose_reduction(block, k)
 
 
-def vectorize_dequant(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sub: int, depth: int) -> None:
-    """A dequantized tile [k, lanes]: the lanes (weight rows, gathered) vectorised, the k loop
-    cut at sub-blocks so that each lane's scale and min are loaded once a sub-block."""
-    kk, lanes = sch.get_loops(block)[-2:]
-    if depth % sub == 0:
-        sch.split(kk, [None, sub])
+WORD_RUN = 4  # consecutive weights of a sub-block decoded together: one 32-bit word of bytes
+
+
+def vectorize_dequant(sch: s_tir.Schedule, fmt: GemvFormat, dequant: str,
+                      decoded: tuple[tuple[str, int], ...]) -> None:
+    """A dequantized tile [k, lanes] (block `dequant`), its lanes (weight rows, gathered)
+    vectorised. Its k loop is ordered (chunk, run of WORD_RUN, part, weight in the run), the
+    parts and the run unrolled: the parts of a chunk and the weights of a run share their
+    quant words, which LLVM then gathers once for all of them (K-quants: 8 uses of a Q4_K
+    word). The sub-blocks' decoded scales and mins (`decoded`: (block, its write index), each
+    [lane, chunk, part]) are laid out [chunk, part, lane] instead, so a lane vector of them is
+    one contiguous load."""
+    for block, index in decoded:
+        sch.transform_layout(sch.get_sblock(block), ("write", index), lambda r, c, p: (c, p, r))
+    kk, lanes = sch.get_loops(sch.get_sblock(dequant))[-2:]
+    if fmt.sub % WORD_RUN == 0:
+        c, p, run, l = sch.split(kk, [None, fmt.parts, fmt.sub // WORD_RUN, WORD_RUN])
+        sch.reorder(c, run, p, l, lanes)
+        sch.unroll(p)
+        sch.unroll(l)
     sch.vectorize(lanes)
 
 
@@ -109,8 +122,7 @@ class GroupedGemmCpuRule(_FixedCpuRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         e, tile = sch.get_loops(sch.get_sblock("tile"))
-        ggml_type, _, _, _, depth, _, _ = factory_args(use)
-        vectorize_dequant(sch, sch.get_sblock("dequant"), gemv_format(ggml_type).sub, depth)
+        vectorize_dequant(sch, gemv_format(factory_args(use)[0]), "dequant", (("scale", 0), ("scale", 1)))
         for name in ("init", "fma", "store"):
             loops = sch.get_loops(sch.get_sblock(name))
             sch.vectorize(loops[-1])
