@@ -186,17 +186,14 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                                                             cached(v_cache, page_table, vkb * BK + vj, vkv, vd), T.float32(0))
                     for jj, r in T.grid(BK, R):
                         with T.sblock("qk_init"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vr = T.axis.remap("SS", [jj, r])
                             s[vj, vr] = T.float32(0)
                     for d, jj, r in T.grid(D, BK, R):
                         with T.sblock("qk"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vd, vj, vr = T.axis.remap("RSS", [d, jj, r])
                             s[vj, vr] = s[vj, vr] + k_tile[vj, vd] * q_tile[vd, vr]
                     for r in range(R):
                         with T.sblock("max_init"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vr = T.axis.spatial(R, r)
                             st[2, vr] = st[0, vr]
                     for jj, r in T.grid(BK, R):
@@ -213,24 +210,20 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                                                  exp_f32(s[vj, vr] - st[2, vr]), T.float32(0))
                     for r in range(R):
                         with T.sblock("rescale_state"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vr = T.axis.spatial(R, r)
                             st[3, vr] = exp_f32(st[0, vr] - st[2, vr])
                             st[1, vr] = st[1, vr] * st[3, vr]
                             st[0, vr] = st[2, vr]
                     for jj, r in T.grid(BK, R):
                         with T.sblock("sum"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vr = T.axis.remap("RS", [jj, r])
                             st[1, vr] = st[1, vr] + s[vj, vr]
                     for r, d in T.grid(R, D):
                         with T.sblock("rescale"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vr, vd = T.axis.remap("SS", [r, d])
                             acc[vr, vd] = acc[vr, vd] * st[3, vr]
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("pv"):
-                            vkb = T.axis.opaque(MP * P // BK, kb)
                             vr, vj, vd = T.axis.remap("SRS", [r, jj, d])
                             acc[vr, vd] = acc[vr, vd] + s[vj, vr] * v_tile[vj, vd]
                 for r, d in T.grid(R, D):

@@ -142,6 +142,9 @@ class SiluMulCpuRule(_FixedCpuRule):
         sch.parallel(r)
 
 
+PV_ROWS = 2  # rows a P V register block: 2 x D/16 accumulators (8 at D = 64); 4 spilled, slower
+
+
 class CausalPrefillAttentionCpuRule(_FixedCpuRule):
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
@@ -149,8 +152,21 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         kv, it = sch.get_loops(sch.get_sblock("tile"))
         for name in ("q_load", "acc_init", "state_init", "k_load", "v_load", "qk_init", "qk", "max_init", "max",
-                     "weight", "rescale_state", "sum", "rescale", "pv", "store"):
+                     "weight", "rescale_state", "sum", "rescale", "store"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
+        # P V: PV_ROWS rows x the head dims in vectors as register accumulators across the
+        # tile's keys (each V vector load serves PV_ROWS rows; measured -16 % CPU time)
+        r, jj, d = sch.get_loops(sch.get_sblock("pv"))[-3:]
+        lanes = max(1, facts.vector_bytes // 4)
+        head_dim = factory_args(use)[3]
+        if head_dim % lanes == 0:
+            ro, ri = sch.split(r, [None, PV_ROWS])
+            do, di = sch.split(d, [None, lanes])
+            sch.reorder(ro, jj, ri, do, di)
+            sch.unroll(ri)
+            sch.unroll(do)
+            d = di
+        sch.vectorize(d)
         sch.parallel(sch.fuse(kv, it))
 
 
