@@ -142,7 +142,7 @@ class SiluMulCpuRule(_FixedCpuRule):
         sch.parallel(r)
 
 
-PV_ROWS = 2  # rows a P V register block: 2 x D/16 accumulators (8 at D = 64); 4 spilled, slower
+PV_ROWS = 2  # rows a P V register block: 2 x D/16 accumulators (8 at D = 64); 4 measured slower
 
 
 class CausalPrefillAttentionCpuRule(_FixedCpuRule):

@@ -75,6 +75,15 @@ def test_scheduled_grouped_gemm_matches_numpy(rng: np.random.Generator) -> None:
     assert moe_chunk.ROW_BLOCK > 1 and (offsets[4] - offsets[3]) % moe_chunk.ROW_BLOCK
 
 
+def test_scheduled_silu_mul_matches_numpy(rng: np.random.Generator) -> None:
+    rows, n = 6, 48
+    gate = 8 * rng.standard_normal((rows, n), dtype=np.float32)  # far into both tails of the sigmoid
+    up = rng.standard_normal((rows, n), dtype=np.float32)
+    (act,) = run_scheduled("moe_chunk", "silu_mul", (rows, n), gate, up, np.full((rows, n), np.nan, np.float32))
+    g = gate.astype(np.float64)
+    np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * up, rtol=2e-6, atol=1e-30)
+
+
 # sharpness scales the queries: at 8 the scores spread over ~+-60, so a later key tile's max
 # rescales the running state by factors far from 1 (and some weights fall under exp's floor)
 @pytest.mark.parametrize("pos, n_valid, sharpness", [(0, 6, 1.0), (70, 4, 1.0), (101, 6, 8.0)])
