@@ -10,7 +10,7 @@ After `router.router_topk_rows` has chosen ids[T, KU] and weights[T, KU] for eve
                      an expert, so the result is deterministic.
   grouped_gemm:      y[r, n] = W[e(r), n] . x[row_token[r]] (gathered: gate and up) or
                      W[e(r), n] . x[r] (not gathered: down), for the rows r of each expert e.
-  silu_mul:          act = silu(gate) * up.
+  silu_mul:          act = silu(gate) * up (`vecmath.sigmoid_f32`: a loop that vectorizes).
   moe_combine_residual: h_out[t] = h[t] + sum_j weights[t, j] * y[row_of[t, j]] (a gather,
                      so no atomics); padding tokens keep h.
 
@@ -28,6 +28,7 @@ from tvm import tirx
 from sparkinfer import quant
 from sparkinfer.kernels.gemm import dequant_tile_value
 from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.vecmath import sigmoid_f32
 from sparkinfer.reference.qwen3moe import silu
 
 Expr = tirx.Expr
@@ -35,8 +36,9 @@ Expr = tirx.Expr
 TILE_N = 16
 # Sorted rows multiplied by a tile at once: ROW_BLOCK independent accumulator rows, each x
 # value broadcast against one tile row (register blocking; a lone accumulator would chain
-# every multiply-add on the previous one).
-ROW_BLOCK = 4
+# every multiply-add on the previous one). 8 covers the CPU's FMA latency (4 measured ~20 %
+# slower on the chunk's expert GEMMs).
+ROW_BLOCK = 8
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
@@ -174,8 +176,7 @@ def silu_mul(rows: int, n: int) -> tirx.PrimFunc:
 
     gate = te.placeholder((rows, n), "float32", name="gate")
     up = te.placeholder((rows, n), "float32", name="up")
-    one = tirx.const(1.0, "float32")
-    act = te.compute((rows, n), lambda r, i: gate[r, i] / (one + te.exp(-gate[r, i])) * up[r, i], name="act")
+    act = te.compute((rows, n), lambda r, i: gate[r, i] * sigmoid_f32(gate[r, i]) * up[r, i], name="act")
     return te.create_prim_func([gate, up, act]).with_attr("global_symbol", f"silu_mul_{rows}x{n}")
 
 

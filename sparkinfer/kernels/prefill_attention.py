@@ -9,10 +9,10 @@ are padding: nothing of theirs enters the cache, and their attention output is 0
 norm, NEOX RoPE with float32 angles, fp16 K/V) for each row t at position pos + t.
 `causal_prefill_attention` runs after the append, so the chunk's own K/V are already in the
 cache: query t (position p = pos + t) attends to the cached positions 0 .. p, read through the
-page table, with an online softmax (running max, sum and output; one pass over K and V): a key
-that raises the max rescales the state by exp(old max - score) and weighs 1, any other weighs
-exp(score - max), so a key costs one exp. The G query heads of a KV head go together, so each
-K and V row is read (and widened from fp16) once for the group.
+page table, flash-attention style (one pass over K and V, online softmax a tile of keys at a
+time; the factory's docstring has the order). The G query heads of a KV head and QUERY_TILE
+consecutive queries go together, so each K and V row is read (and widened from fp16) once for
+all of them, and the scores are small matrix products.
 Query head h reads KV head h // (NH / NKV), scale 1 / sqrt(D), float32 math on the fp16 cache,
 as `attention.paged_decode_attention` does for one token.
 """
@@ -24,6 +24,7 @@ import numpy.typing as npt
 from tvm import tirx
 
 from sparkinfer.kernels.rope import qk_norm_rope_kv_append_reference
+from sparkinfer.kernels.vecmath import exp_f32
 from sparkinfer.reference import qwen3moe as ref
 
 Expr = tirx.Expr
@@ -49,12 +50,14 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
         inv_rms = tirx.const(1.0, f32) / tirx.sqrt(sumsq[t, h] * tirx.const(1.0 / D, f32) + tirx.const(eps, f32))
         return head_x(q, k, t, h, d) * inv_rms * tirx.Select(h < NH, qw[d], kw[d])
 
-    def rotated(q, k, qw, kw, sumsq, pos, t, h, d):  # noqa: ANN001, ANN202
-        inv_freq = tirx.pow(tirx.const(theta, f32), (d % half).astype(f32) * tirx.const(-2.0 / D, f32))
-        angle = (pos[0] + t).astype(f32) * inv_freq
+    def angle(pos: tirx.Buffer, t: Expr, i: Expr) -> Expr:
+        inv_freq = tirx.pow(tirx.const(theta, f32), i.astype(f32) * tirx.const(-2.0 / D, f32))
+        return (pos[0] + t).astype(f32) * inv_freq
+
+    def rotated(q, k, qw, kw, sumsq, cos, sin, t, h, d):  # noqa: ANN001, ANN202
         partner = normed(q, k, qw, kw, sumsq, t, h, (d + half) % D)
-        return normed(q, k, qw, kw, sumsq, t, h, d) * tirx.cos(angle) + tirx.Select(
-            d < half, -partner, partner) * tirx.sin(angle)
+        return normed(q, k, qw, kw, sumsq, t, h, d) * cos[t, d % half] + tirx.Select(
+            d < half, -partner, partner) * sin[t, d % half]
 
     def page(page_table: tirx.Buffer, pos: tirx.Buffer, t: Expr) -> Expr:
         return page_table[tirx.min((pos[0] + t) // P, MP - 1)]
@@ -70,6 +73,14 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
         sumsq = T.sblock_alloc_buffer((NT, heads), "float32")
+        # a position's rotation, once for all its heads (pow, cos and sin are libm calls)
+        cos = T.sblock_alloc_buffer((NT, half), "float32")
+        sin = T.sblock_alloc_buffer((NT, half), "float32")
+        for t, i in T.grid(NT, half):
+            with T.sblock("angle"):
+                vt, vi = T.axis.remap("SS", [t, i])
+                cos[vt, vi] = T.cos(angle(pos, vt, vi))
+                sin[vt, vi] = T.sin(angle(pos, vt, vi))
         for t, head, d in T.grid(NT, heads, D):
             with T.sblock("sumsq"):
                 vt, vh, vd = T.axis.remap("SSR", [t, head, d])
@@ -80,30 +91,47 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
             with T.sblock("rope"):
                 vt, vh, vd = T.axis.remap("SSS", [t, head, d])
                 if vh < NH:
-                    q_rot[vt, vh, vd] = rotated(q, k, q_norm_w, k_norm_w, sumsq, pos, vt, vh, vd)
+                    q_rot[vt, vh, vd] = rotated(q, k, q_norm_w, k_norm_w, sumsq, cos, sin, vt, vh, vd)
                 elif vt < n_valid[0]:
                     k_cache[page(page_table, pos, vt), (pos[0] + vt) % P, vh - NH, vd] = T.Cast(
-                        "float16", rotated(q, k, q_norm_w, k_norm_w, sumsq, pos, vt, vh, vd))
+                        "float16", rotated(q, k, q_norm_w, k_norm_w, sumsq, cos, sin, vt, vh, vd))
                     v_cache[page(page_table, pos, vt), (pos[0] + vt) % P, vh - NH, vd] = T.Cast(
                         "float16", v[vt, T.max(vh - NH, 0) * D + vd])
 
     return func.with_attr("global_symbol", f"qk_norm_rope_kv_append_rows_{NT}x{NH}x{NKV}x{D}_p{P}")
 
 
+QUERY_TILE = 4  # queries a tile: their G heads share each K/V tile load (4 * G rows of scores)
+KEY_TILE = 16  # keys a tile (at most the page size): one max and one rescale a tile; one AVX-512 vector
 def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
                              max_pages: int) -> tirx.PrimFunc:
     """Params (q_rot f32[T, NH, D], k_cache f16[NP, P, NKV, D], v_cache, page_table int32[MP],
-    pos int32[1], n_valid int32[1], out f32[T, NH*D])."""
+    pos int32[1], n_valid int32[1], out f32[T, NH*D]).
+
+    Flash-attention order: a tile is (KV head, QUERY_TILE queries); its rows r are the
+    (query t0 + r // G, head kv * G + r % G) pairs. It walks the keys its last valid query
+    sees in tiles of KEY_TILE (one page's slots, widened from fp16 once for all rows): scores
+    S = Q K^T, a causal mask (key j <= pos + t), the tile's row max, P = exp(S - max), the
+    running sum and output rescaled by exp(old max - new max), output += P V."""
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
-    G = NH // NKV
-    LANES = 16  # q . k in 16 partial sums (one AVX-512 float32 vector), then folded
-    if D % LANES:
-        raise ValueError(f"causal_prefill_attention needs head_dim a multiple of {LANES}, got {D}")
+    G, BQ, BK = NH // NKV, QUERY_TILE, min(KEY_TILE, P)
+    R, NQT = BQ * G, -(-NT // BQ)
     scale = T.float32(1.0 / math.sqrt(D))
+    lowest = T.min_value("float32")
+
+    def first_query(it: Expr) -> Expr:
+        """Tiles in the order 0, NQT-1, 1, NQT-2, ...: a run of consecutive iterations (one
+        core's share of the parallel loop) mixes short and long causal rows."""
+        return tirx.Select(it % 2 == 0, it // 2, NQT - 1 - it // 2) * BQ
+
+    def n_keys(it: Expr, pos: tirx.Buffer, n_valid: tirx.Buffer) -> Expr:
+        """Keys 0 .. n - 1: the prefix and the chunk up to the tile's last valid query."""
+        t0 = first_query(it)
+        return tirx.Select(t0 < n_valid[0], pos[0] + tirx.min(t0 + BQ, n_valid[0]), 0)
 
     def cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: Expr) -> Expr:
         page = page_table[tirx.min(j // P, MP - 1)]
@@ -118,70 +146,92 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         n_pages = T.int64()
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
-        for t, kv in T.grid(NT, NKV):
-            with T.sblock("query"):
-                vt, vkv = T.axis.remap("SS", [t, kv])
-                acc = T.sblock_alloc_buffer((G, D), "float32", scope="local")
-                part = T.sblock_alloc_buffer((G, LANES), "float32", scope="local")
-                # per head: running max, running sum, this key's score, its weight exp(score - max)
-                st = T.sblock_alloc_buffer((G, 4), "float32", scope="local")
-                for g, d in T.grid(G, D):
+        for kv, it in T.grid(NKV, NQT):
+            with T.sblock("tile"):
+                vkv, vit = T.axis.remap("SS", [kv, it])
+                # Rows in the last axis (vector lanes): softmax's per-row max, sum and rescale
+                # are then lane-wise, with no reduction across lanes.
+                q_tile = T.sblock_alloc_buffer((D, R), "float32", scope="local")  # Q^T * scale
+                k_tile = T.sblock_alloc_buffer((BK, D), "float32", scope="local")
+                v_tile = T.sblock_alloc_buffer((BK, D), "float32", scope="local")
+                s = T.sblock_alloc_buffer((BK, R), "float32", scope="local")  # S^T, then P^T
+                acc = T.sblock_alloc_buffer((R, D), "float32", scope="local")
+                # per row: running max, running sum, this tile's max, the rescale exp(old - new max)
+                st = T.sblock_alloc_buffer((4, R), "float32", scope="local")
+                for d, r in T.grid(D, R):
+                    with T.sblock("q_load"):
+                        vd, vr = T.axis.remap("SS", [d, r])
+                        q_tile[vd, vr] = q_rot[T.min(first_query(vit) + vr // G, NT - 1), vkv * G + vr % G, vd] * scale
+                for r, d in T.grid(R, D):
                     with T.sblock("acc_init"):
-                        vg, vd = T.axis.remap("SS", [g, d])
-                        acc[vg, vd] = T.float32(0)
-                for g in range(G):
-                    st[g, 0] = T.min_value("float32")
-                    st[g, 1] = T.float32(0)
-                for j in range(T.if_then_else(vt < n_valid[0], pos[0] + vt + 1, 0)):
-                    for g, lane in T.grid(G, LANES):
-                        with T.sblock("dot_init"):
-                            vj = T.axis.opaque(MP * P, j)
-                            vg, vl = T.axis.remap("SS", [g, lane])
-                            part[vg, vl] = T.float32(0)
-                    for dd, g, lane in T.grid(D // LANES, G, LANES):
-                        with T.sblock("dot"):
-                            vj = T.axis.opaque(MP * P, j)
-                            vdd, vg, vl = T.axis.remap("RSS", [dd, g, lane])
-                            part[vg, vl] = part[vg, vl] + q_rot[vt, vkv * G + vg, vdd * LANES + vl] * cached(
-                                k_cache, page_table, vj, vkv, vdd * LANES + vl)
-                    # the LANES partial sums folded in halves (a short dependency chain)
-                    for g, lane in T.grid(G, 8):
-                        with T.sblock("fold8"):
-                            vj = T.axis.opaque(MP * P, j)
-                            vg, vl = T.axis.remap("SS", [g, lane])
-                            part[vg, vl] = part[vg, vl] + part[vg, vl + 8]
-                    for g, lane in T.grid(G, 4):
-                        with T.sblock("fold4"):
-                            vj = T.axis.opaque(MP * P, j)
-                            vg, vl = T.axis.remap("SS", [g, lane])
-                            part[vg, vl] = part[vg, vl] + part[vg, vl + 4]
-                    for g in range(G):
-                        st[g, 2] = (part[g, 0] + part[g, 2] + (part[g, 1] + part[g, 3])) * scale
-                        if st[g, 2] > st[g, 0]:
-                            # a new max: rescale the running state by exp(old - new); the key weighs 1
-                            st[g, 3] = T.exp(st[g, 0] - st[g, 2])
-                            for d in range(D):
-                                with T.sblock("rescale"):
-                                    vj = T.axis.opaque(MP * P, j)
-                                    vg = T.axis.opaque(G, g)
-                                    vd = T.axis.spatial(D, d)
-                                    acc[vg, vd] = acc[vg, vd] * st[vg, 3]
-                            st[g, 1] = st[g, 1] * st[g, 3]
-                            st[g, 0] = st[g, 2]
-                            st[g, 3] = T.float32(1)
-                        else:
-                            st[g, 3] = T.exp(st[g, 2] - st[g, 0])
-                        st[g, 1] = st[g, 1] + st[g, 3]
-                    for g, d in T.grid(G, D):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        acc[vr, vd] = T.float32(0)
+                for r in range(R):
+                    with T.sblock("state_init"):
+                        vr = T.axis.spatial(R, r)
+                        st[0, vr] = lowest
+                        st[1, vr] = T.float32(0)
+                for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("k_load"):
+                            vkb = T.axis.opaque(MP * P // BK, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            k_tile[vj, vd] = T.if_then_else(vkb * BK + vj < n_keys(vit, pos, n_valid),
+                                                            cached(k_cache, page_table, vkb * BK + vj, vkv, vd), T.float32(0))
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("v_load"):
+                            vkb = T.axis.opaque(MP * P // BK, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_tile[vj, vd] = T.if_then_else(vkb * BK + vj < n_keys(vit, pos, n_valid),
+                                                            cached(v_cache, page_table, vkb * BK + vj, vkv, vd), T.float32(0))
+                    for jj, r in T.grid(BK, R):
+                        with T.sblock("qk_init"):
+                            vj, vr = T.axis.remap("SS", [jj, r])
+                            s[vj, vr] = T.float32(0)
+                    for d, jj, r in T.grid(D, BK, R):
+                        with T.sblock("qk"):
+                            vd, vj, vr = T.axis.remap("RSS", [d, jj, r])
+                            s[vj, vr] = s[vj, vr] + k_tile[vj, vd] * q_tile[vd, vr]
+                    for r in range(R):
+                        with T.sblock("max_init"):
+                            vr = T.axis.spatial(R, r)
+                            st[2, vr] = st[0, vr]
+                    for jj, r in T.grid(BK, R):
+                        with T.sblock("max"):
+                            vkb = T.axis.opaque(MP * P // BK, kb)
+                            vj, vr = T.axis.remap("RS", [jj, r])
+                            st[2, vr] = T.max(st[2, vr], T.Select(
+                                vkb * BK + vj <= pos[0] + first_query(vit) + vr // G, s[vj, vr], lowest))
+                    for jj, r in T.grid(BK, R):
+                        with T.sblock("weight"):
+                            vkb = T.axis.opaque(MP * P // BK, kb)
+                            vj, vr = T.axis.remap("SS", [jj, r])
+                            s[vj, vr] = T.Select(vkb * BK + vj <= pos[0] + first_query(vit) + vr // G,
+                                                 exp_f32(s[vj, vr] - st[2, vr]), T.float32(0))
+                    for r in range(R):
+                        with T.sblock("rescale_state"):
+                            vr = T.axis.spatial(R, r)
+                            st[3, vr] = exp_f32(st[0, vr] - st[2, vr])
+                            st[1, vr] = st[1, vr] * st[3, vr]
+                            st[0, vr] = st[2, vr]
+                    for jj, r in T.grid(BK, R):
+                        with T.sblock("sum"):
+                            vj, vr = T.axis.remap("RS", [jj, r])
+                            st[1, vr] = st[1, vr] + s[vj, vr]
+                    for r, d in T.grid(R, D):
+                        with T.sblock("rescale"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            acc[vr, vd] = acc[vr, vd] * st[3, vr]
+                    for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("pv"):
-                            vj = T.axis.opaque(MP * P, j)
-                            vg, vd = T.axis.remap("SS", [g, d])
-                            acc[vg, vd] = acc[vg, vd] + st[vg, 3] * cached(v_cache, page_table, vj, vkv, vd)
-                for g, d in T.grid(G, D):
+                            vr, vj, vd = T.axis.remap("SRS", [r, jj, d])
+                            acc[vr, vd] = acc[vr, vd] + s[vj, vr] * v_tile[vj, vd]
+                for r, d in T.grid(R, D):
                     with T.sblock("store"):
-                        vg, vd = T.axis.remap("SS", [g, d])
-                        out[vt, (vkv * G + vg) * D + vd] = T.if_then_else(
-                            vt < n_valid[0], acc[vg, vd] / st[vg, 1], T.float32(0))
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        if first_query(vit) + vr // G < NT:
+                            out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
+                                first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / st[1, vr], T.float32(0))
 
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 

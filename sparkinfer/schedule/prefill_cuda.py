@@ -9,7 +9,8 @@ says what a fast one needs: dequantized tiles on tensor cores or int8 MMA).
   - grouped_gemm: a block per (expert, 16-output tile); its 16 x ROW_BLOCK threads decode the
     tile's scales into shared memory, then each thread owns one (row, output) accumulator and
     decodes the weights it multiplies (again for each ROW_BLOCK rows: the plain version);
-  - causal_prefill_attention: a thread per (token, KV head), each its G heads' online softmax;
+  - causal_prefill_attention: a thread per (KV head, query tile), its tile's flash-attention
+    loop in registers and local memory (the CPU's order, not yet shared-memory tiles);
   - moe_sort, advance_chunk, advance_pos: one thread (serial bookkeeping).
 """
 
@@ -119,8 +120,8 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
     THREADS: ClassVar[int] = 64
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        t, kv = sch.get_loops(sch.get_sblock("query"))
-        bx, tx = sch.split(sch.fuse(t, kv), [None, self.THREADS])
+        kv, it = sch.get_loops(sch.get_sblock("tile"))
+        bx, tx = sch.split(sch.fuse(kv, it), [None, self.THREADS])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
 

@@ -33,25 +33,30 @@ def run_scheduled(family: str, factory: str, args: tuple, *arrays: np.ndarray, n
     return [t.numpy() for t in tensors[len(arrays) - n_out:]]
 
 
-@pytest.mark.parametrize("t, n, tile", [(T.Q4_K, 48, None), (T.Q6_K, 32, 32), (T.Q8_0, 37, None), (T.F32, 16, 4)],
+@pytest.mark.parametrize("t, n, rows, knobs", [(T.Q4_K, 48, 5, None), (T.Q4_K, 48, 16, None),
+                                               (T.Q6_K, 32, 6, GemmCpuKnobs(32, 2)), (T.Q8_0, 37, 8, None),
+                                               (T.F32, 16, 12, GemmCpuKnobs(4, 4))],
                          ids=lambda v: getattr(v, "name", str(v)))
-def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, tile: int | None) -> None:
-    rows, k = 5, 256
+def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, rows: int,
+                                      knobs: GemmCpuKnobs | None) -> None:
+    k = 256
     data = random_weights(t, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
-    knobs = None if tile is None else GemmCpuKnobs(tile)
     (y,) = run_scheduled("gemm", "gemm", (t, rows, n, k), gemv.weight_view(t, data), x,
                          np.full((rows, n), np.nan, np.float32), knobs=knobs)
     magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
     assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
 
 
-def test_gemm_tiles_divide_the_outputs() -> None:
-    use = kernel_use("gemm", "gemm", T.Q4_K, 8, 37, 256)
-    assert GemmCpuRule().space(use, CPU)["tile_n"] == (1,)
-    assert GemmCpuRule().default(use, CPU) == GemmCpuKnobs(1)
+def test_gemm_tiles_divide_the_outputs_and_rows() -> None:
+    use = kernel_use("gemm", "gemm", T.Q4_K, 12, 37, 256)
+    assert GemmCpuRule().space(use, CPU) == {"tile_n": (1,), "rows": (1, 2, 4)}
+    assert GemmCpuRule().default(use, CPU) == GemmCpuKnobs(1, 4)
     with pytest.raises(ScheduleError, match="tile_n=16 is outside the space"):
-        schedule_kernel(gemm.gemm(T.Q4_K, 8, 37, 256), use, CPU, GemmCpuKnobs(16))
+        schedule_kernel(gemm.gemm(T.Q4_K, 12, 37, 256), use, CPU, GemmCpuKnobs(16, 4))
+    with pytest.raises(ScheduleError, match="rows=8 is outside the space"):
+        schedule_kernel(gemm.gemm(T.Q4_K, 12, 37, 256), use, CPU, GemmCpuKnobs(1, 8))
+    assert GemmCpuRule().default(kernel_use("gemm", "gemm", T.Q4_K, 128, 512, 256), CPU) == GemmCpuKnobs(16, 8)
 
 
 def test_scheduled_grouped_gemm_matches_numpy(rng: np.random.Generator) -> None:
@@ -70,10 +75,22 @@ def test_scheduled_grouped_gemm_matches_numpy(rng: np.random.Generator) -> None:
     assert moe_chunk.ROW_BLOCK > 1 and (offsets[4] - offsets[3]) % moe_chunk.ROW_BLOCK
 
 
-@pytest.mark.parametrize("pos, n_valid", [(0, 6), (70, 4)])
-def test_scheduled_causal_attention_matches_numpy(rng: np.random.Generator, pos: int, n_valid: int) -> None:
+def test_scheduled_silu_mul_matches_numpy(rng: np.random.Generator) -> None:
+    rows, n = 6, 48
+    gate = 8 * rng.standard_normal((rows, n), dtype=np.float32)  # far into both tails of the sigmoid
+    up = rng.standard_normal((rows, n), dtype=np.float32)
+    (act,) = run_scheduled("moe_chunk", "silu_mul", (rows, n), gate, up, np.full((rows, n), np.nan, np.float32))
+    g = gate.astype(np.float64)
+    np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * up, rtol=2e-6, atol=1e-30)
+
+
+# sharpness scales the queries: at 8 the scores spread over ~+-60, so a later key tile's max
+# rescales the running state by factors far from 1 (and some weights fall under exp's floor)
+@pytest.mark.parametrize("pos, n_valid, sharpness", [(0, 6, 1.0), (70, 4, 1.0), (101, 6, 8.0)])
+def test_scheduled_causal_attention_matches_numpy(rng: np.random.Generator, pos: int, n_valid: int,
+                                                  sharpness: float) -> None:
     rows, nh, nkv, d, p, mp, n_pages = 6, 4, 2, 64, 16, 8, 9
-    q = rng.standard_normal((rows, nh, d), dtype=np.float32)
+    q = sharpness * rng.standard_normal((rows, nh, d), dtype=np.float32)
     table = rng.permutation(n_pages)[:mp].astype(np.int32)
     kc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
     vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
