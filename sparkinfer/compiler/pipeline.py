@@ -79,7 +79,9 @@ CPU_SPLITS = 1
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
 # its build small (128 amortises each weight's dequantization over 128 tokens). None on the
-# CUDA archs yet: the chunk kernels have CPU schedules only, so a GPU prefills token by token.
+# CUDA archs yet: their chunk rules (schedule/prefill_cuda.py) are correct on an H200 but
+# prefill at 45 tok/s, slower than the decode step's token loop (244; bench/NOTES.md, "The H200
+# round"), so a GPU prefills token by token until tensor-core rules replace them.
 DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
 
 

@@ -2,7 +2,8 @@
 the tiny model with prefill_chunks=(16,) for sm_90, one nvcc fatbin, every chunk kernel
 scheduled by its rule in schedule/prefill_cuda.py (tests/schedule/test_prefill_cuda.py builds
 the chunk kernels with nvcc for every arch). The CUDA archs do not build the T-token
-step by default yet (pipeline.DEFAULT_PREFILL_CHUNKS): it has not run on a GPU."""
+step by default yet (pipeline.DEFAULT_PREFILL_CHUNKS): on an H200 it is correct but slower than
+the token loop (bench/NOTES.md, "The H200 round")."""
 
 from pathlib import Path
 
