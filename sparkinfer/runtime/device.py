@@ -117,6 +117,29 @@ class Device:
         return self.name
 
 
+def physical_cores() -> int:
+    """Cores (not hardware threads) among the CPUs this process may run on, from Linux's CPU
+    topology; elsewhere, the CPUs it may run on."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def use_every_core() -> None:
+    """TVM's CPU thread pool takes half the logical CPUs when TVM_NUM_THREADS is unset (it
+    assumes two hardware threads a core) and pins the main thread to one: on a 2-core machine
+    without SMT every parallel kernel ran on one core. Unless the user set TVM_NUM_THREADS, it
+    gets one thread per physical core. Read when the pool starts (its first parallel launch),
+    so this runs before any CPU kernel."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+
+
 def open_device(arch: str | None = None, index: int = 0) -> Device:
     """The device for `arch` (None: the detected GPU's arch, else "cpu").
 
@@ -127,6 +150,7 @@ def open_device(arch: str | None = None, index: int = 0) -> Device:
     arch = arch or detected
     check_arch(arch)
     if arch == "cpu":
+        use_every_core()
         return Device("cpu", tvm.cpu(0), _cpu_name(), 0)
     if detected == "cpu":
         raise UnsupportedDeviceError(f"--arch {arch} needs an NVIDIA GPU, and none was found (try --arch cpu)")
