@@ -2,15 +2,20 @@
 each VM builtin's time per step (a `vm.set_instrument` hook around every call, which adds a
 Python callback's few microseconds to each), next to the plain step time.
 
-    PYTHONPATH=. SPARKINFER_CACHE=/tmp/cache python3 bench/cpu_step_profile.py
+    PYTHONPATH=. SPARKINFER_CACHE=/tmp/cache python3 bench/cpu_step_profile.py [MODULE_DIR]
+
+MODULE_DIR: a compiled module (e.g. `sparkinfer compile ... --schedules FILE --out DIR`'s) to
+profile instead of the one the engine finds for the default model.
 
 bench/NOTES.md has the numbers.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +28,9 @@ REPS = 10
 
 
 def main() -> None:
-    engine = Engine(default_model_path(), arch="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("module", type=Path, nargs="?", help="a compiled module directory (default: the engine's)")
+    engine = Engine(default_model_path(), arch="cpu", module_dir=parser.parse_args().module)
     engine.forward(list(range(1, 129)))
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(engine.manifest.library)), tvm.cpu())
     step = vm[engine.manifest.entry]

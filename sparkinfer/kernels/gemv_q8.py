@@ -24,6 +24,7 @@ The numpy oracle is exact in meaning: the float GEMV's reference on x̂
 (`gemv_q8_reference`), since d * sum(q) is sum(x̂).
 """
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -70,6 +71,7 @@ def _dp4a_cuda(call: Expr) -> Expr:
     return tirx.call_pure_extern("int32", "__dp4a", *call.args)
 
 
+@functools.cache
 def register_dp4a_lowering() -> None:
     """Lowerings of `tirx.dp4a` for LLVM and CUDA, registered once per process, by the first
     kernel that uses the op (not on import: runtime-only TVM, on the GPU machine, has no op

@@ -138,6 +138,12 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         page = tirx.max(tirx.min(page, (cache.shape[0] - 1).astype("int32")), 0)
         return cache[page, j % P, kv, d].astype("float32")
 
+    def tile_row(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, n_valid: tirx.Buffer, it: Expr,
+                 j: Expr, kv: Expr, d: Expr) -> Expr:
+        """Key j's K or V value of a tile, 0 past the keys the tile sees."""
+        return tirx.if_then_else(j < n_keys(it, pos, n_valid), cached(cache, page_table, j, kv, d),
+                                 tirx.const(0, "float32"))
+
     @T.prim_func(private=True, s_tir=True)
     def func(q_rot: T.Buffer((NT, NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
              page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"), n_valid: T.Buffer((1,), "int32"),
@@ -176,14 +182,12 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                         with T.sblock("k_load"):
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            k_tile[vj, vd] = T.if_then_else(vkb * BK + vj < n_keys(vit, pos, n_valid),
-                                                            cached(k_cache, page_table, vkb * BK + vj, vkv, vd), T.float32(0))
+                            k_tile[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
                     for jj, d in T.grid(BK, D):
                         with T.sblock("v_load"):
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            v_tile[vj, vd] = T.if_then_else(vkb * BK + vj < n_keys(vit, pos, n_valid),
-                                                            cached(v_cache, page_table, vkb * BK + vj, vkv, vd), T.float32(0))
+                            v_tile[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
                     for jj, r in T.grid(BK, R):
                         with T.sblock("qk_init"):
                             vj, vr = T.axis.remap("SS", [jj, r])

@@ -137,7 +137,8 @@ def use_every_core() -> None:
     without SMT every parallel kernel ran on one core. Unless the user set TVM_NUM_THREADS, it
     gets one thread per physical core. Read when the pool starts (its first parallel launch),
     so this runs before any CPU kernel."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+    if "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
 
 
 def open_device(arch: str | None = None, index: int = 0) -> Device:

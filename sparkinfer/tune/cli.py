@@ -12,10 +12,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.schedule.schedules import SchedulesFile
+
+if TYPE_CHECKING:
+    from sparkinfer.tune.task import TuneTask
 
 # The shipped model's tunable kernels x 32 trials finish inside 30 minutes on this 2-core
 # machine (bench/NOTES.md, "Tuning the CPU schedules").
@@ -43,17 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     phase.add_argument("--ingest", type=Path, metavar="DIR", help="record a timed bundle in the tuning log")
 
 
-def _tasks(args: argparse.Namespace, arch: str, pattern: str | None = None, log=None) -> list:  # noqa: ANN001
+def _tasks(args: argparse.Namespace, arch: str, pattern: str | None = None,
+           log: Callable[[str], None] | None = None) -> list[TuneTask]:
     """The tuning tasks of MODEL, of --preset, or of the shipped model."""
     from sparkinfer.gguf_file import FILE_TYPES, PRESETS
     from sparkinfer.tune.tasks import model_tasks, preset_tasks
 
     if args.preset is None:
-        if args.model is not None:
-            return model_tasks(args.model, arch, pattern, log)
         from sparkinfer.data import default_model_path
 
-        return model_tasks(default_model_path(), arch, pattern, log)
+        return model_tasks(args.model or default_model_path(), arch, pattern, log)
     if args.model is not None:
         raise SparkInferError(f"give a model file or --preset, not both ({args.model} and --preset {args.preset})")
     if args.preset not in PRESETS:
