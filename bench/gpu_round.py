@@ -79,6 +79,7 @@ def prepare(arch: str) -> dict:
         "sources_hash": sources_hash(arch),
         "run_prompt": prompt_text(RUN_PROMPT_TOKENS, config.vocab_size),
         "run_prompt_tokens": RUN_PROMPT_TOKENS,
+        "chunk_prompt": prompt_text(2 * CHUNK, config.vocab_size),  # bench/profile_kernels.sh's chunked profile
         "prepared_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")

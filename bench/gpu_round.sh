@@ -27,6 +27,7 @@
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
+#   profile_chunked  the same for the T-token step, per chunk of a two-chunk prompt
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
 # what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
 # into $OUT/round.tar.gz beside summary.txt), then
@@ -219,6 +220,17 @@ stage_profile() {
   return $rc
 }
 
+stage_profile_chunked() {
+  mkdir -p "$round/chunked"
+  OUT=$round/chunked PROFILE_CHUNKED=1 timeout -k 10 "$(limit 150 5)" bash bench/profile_kernels.sh 3000 \
+    > "$round/profile-chunked.log" 2>&1
+  local rc=$?
+  if [ -f "$round/chunked/profile.txt" ]; then cp "$round/chunked/profile.txt" "$round/profile-chunked.txt"
+  else tail -n 5 "$round/profile-chunked.log" > "$round/profile-chunked.txt"; fi
+  returns profile-chunked.txt
+  return $rc
+}
+
 case "${1:-}" in
   1) stages=(setup synth pytest decode chunked apps) ;;
   2) stages=(setup tune synth sync prefill run profile) ;;
@@ -248,7 +260,7 @@ else  # the tool returns at most 8 files: the summary, and the rest in one archi
   tar czf "$out/round.tar.gz" -C "$round" "${files[@]}"
 fi
 echo
-for f in apps.txt profile.txt; do
+for f in apps.txt profile.txt profile-chunked.txt; do
   [ -f "$round/$f" ] && { echo "== $f"; cat "$round/$f"; echo; }
 done
 cat "$round/summary.txt"

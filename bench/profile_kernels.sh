@@ -3,6 +3,11 @@
 # on the GPU machine after bench/prepare_gpu_round.sh here (same carry list):
 #
 #   bash bench/profile_kernels.sh [N_LAUNCHES]
+#   PROFILE_CHUNKED=1 bash bench/profile_kernels.sh [N_LAUNCHES]   # the T-token step instead
+#
+# With PROFILE_CHUNKED=1 it profiles the module built with the T-token step (gpu-round.json's
+# chunked_module) prefilling a prompt of two chunks (chunk_prompt), so the table is per chunk,
+# the second chunk's attention over the first's keys included.
 #
 # Profiles the first N_LAUNCHES (default 1300: two steps of ~600 kernels) kernel launches of
 # `sparkinfer run -n 2` on the synthetic Qwen3-30B-A3B (/tmp/q30.gguf, written if absent), each
@@ -20,12 +25,17 @@ source .device/setup.sh
 model=/tmp/q30.gguf
 [ -f "$model" ] || python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 | tr '\r' '\n' | tail -n 1
 full=$(python3 bench/gpu_round.py get full_module)
+prompt="Hello" steps=2 step_end=advance
+if [ -n "${PROFILE_CHUNKED:-}" ]; then
+  full=$(python3 bench/gpu_round.py get chunked_module)
+  prompt=$(python3 bench/gpu_round.py get chunk_prompt) steps=1 step_end=advance_chunk  # the first token comes from the chunks
+fi
 arch=$(python3 bench/gpu_round.py get arch)
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $ncu"
 "$ncu" --clock-control none --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -c "${1:-1300}" \
-  python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n 2 -p "Hello" \
+  python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n "$steps" -p "$prompt" \
   > "$out/ncu.csv" 2> "$out/ncu.log"
 echo "ncu rc $?"
 tail -n 3 "$out/ncu.log"
-python3 bench/profile_summary.py "$out/ncu.csv" | tee "$out/profile.txt"
+python3 bench/profile_summary.py "$out/ncu.csv" --step-end "$step_end" | tee "$out/profile.txt"

@@ -1,6 +1,10 @@
 """Summarise an ncu CSV (bench/profile_kernels.sh) per kernel family of the decode step.
 
-    python3 bench/profile_summary.py ncu.csv
+    python3 bench/profile_summary.py ncu.csv [--step-end advance_chunk]
+
+A step is every kernel up to one whose name starts with --step-end (default `advance`, the
+decode step's last kernel); with `advance_chunk` (the T-token step's last kernel) the kernels of
+any step before the first chunk (the decode step's warm-up run on load) are left out.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ def family(kernel: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
+    ap.add_argument("--step-end", default="advance", help="name prefix of a step's last kernel")
     args = ap.parse_args()
     with open(args.csv, newline="") as f:
         rows = list(csv.DictReader(line for line in f if line.startswith('"')))  # the app prints too
@@ -36,11 +41,15 @@ def main() -> None:
         elif r["Metric Name"] == "dram__bytes_read.sum":
             scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[unit]
             by_id[key]["bytes"] = value * scale
-    # Whole steps only: every kernel up to the last `advance` (the step's last kernel).
-    ends = [int(k) for k, rec in by_id.items() if str(rec["name"]).startswith("advance")]
+    # Whole steps only: every kernel up to the last step end, after any other step's end before the first.
+    ends = [int(k) for k, rec in by_id.items() if str(rec["name"]).startswith(args.step_end)]
     if not ends:
-        raise SystemExit("no `advance` kernel among those profiled: profile at least one whole step")
-    for key in [k for k in by_id if int(k) > max(ends)]:
+        raise SystemExit(f"no `{args.step_end}` kernel among those profiled: profile at least one whole step")
+    other_ends = [int(k) for k, rec in by_id.items()
+                  if str(rec["name"]).startswith("advance") and not str(rec["name"]).startswith(args.step_end)
+                  and int(k) < min(ends)]
+    start = max(other_ends, default=-1)
+    for key in [k for k in by_id if int(k) > max(ends) or int(k) <= start]:
         del by_id[key]
     steps = len(ends)
     for rec in by_id.values():
