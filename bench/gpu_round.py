@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-CHUNK = 128
+CHUNKS = (128, 512)  # the T-token step's sizes in the chunked module: prompts run in 512s, the rest in a 128 or a 512
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -63,10 +63,10 @@ def prepare(arch: str) -> dict:
     result = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled")
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
-    # The same model with the T-token step (prefill chunks of CHUNK): the CUDA archs do not
+    # The same model with the T-token step (prefill chunks of CHUNKS): the CUDA archs do not
     # build it by default yet (compiler/pipeline.py), the round checks and times it.
     chunked = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "chunked",
-                            prefill_chunks=(CHUNK,))
+                            prefill_chunks=CHUNKS)
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
@@ -79,7 +79,8 @@ def prepare(arch: str) -> dict:
         "sources_hash": sources_hash(arch),
         "run_prompt": prompt_text(RUN_PROMPT_TOKENS, config.vocab_size),
         "run_prompt_tokens": RUN_PROMPT_TOKENS,
-        "chunk_prompt": prompt_text(2 * CHUNK, config.vocab_size),  # bench/profile_kernels.sh's chunked profile
+        # bench/profile_kernels.sh's chunked profile: two of the largest chunks
+        "chunk_prompt": prompt_text(2 * max(CHUNKS), config.vocab_size),
         "prepared_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
@@ -193,7 +194,7 @@ def report(round_dir: Path) -> str:
     lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
     chunked_gate = _read(round_dir / "chunked-gate.txt").strip().splitlines()
     if chunked_gate:
-        lines.append(f"with the T-token step (prefill chunks of {CHUNK}): full-size gate, teacher-forced through it:")
+        lines.append(f"with the T-token step (prefill chunks of {" and ".join(map(str, CHUNKS))}): full-size gate, teacher-forced through it:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
 

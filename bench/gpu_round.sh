@@ -21,13 +21,13 @@
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token of the
 #            decode step's token loop (the module without the T-token step), 1 rep
-#   chunked  the full model built with the T-token step (prefill chunks of 128): the full-size
+#   chunked  the full model built with the T-token step (prefill chunks of 128 and 512): the full-size
 #            accuracy gate through it (its 128 teacher-forced tokens are one chunk), then the
 #            prefill at 512, 4096 and 16384 tokens (and decode at depth 128) with it
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
-#   profile_chunked  the same for the T-token step, per chunk of a two-chunk prompt
+#   profile_chunked  the same for the T-token step, per chunk of a prompt of two 512-token chunks
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
 # what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
 # into $OUT/round.tar.gz beside summary.txt), then

@@ -6,7 +6,7 @@
 #   PROFILE_CHUNKED=1 bash bench/profile_kernels.sh [N_LAUNCHES]   # the T-token step instead
 #
 # With PROFILE_CHUNKED=1 it profiles the module built with the T-token step (gpu-round.json's
-# chunked_module) prefilling a prompt of two chunks (chunk_prompt), so the table is per chunk,
+# chunked_module) prefilling a prompt of two of its largest chunks (chunk_prompt), so the table is per chunk,
 # the second chunk's attention over the first's keys included.
 #
 # Profiles the first N_LAUNCHES (default 1300: two steps of ~600 kernels) kernel launches of

@@ -6,6 +6,10 @@ block; thread i owns elements i, i + threads, ... in every stage (residual sum, 
 output), so the residual a thread writes to global memory is only ever read back by itself
 (no barrier needed), and the sum of squares is one block-wide allreduce. At H = 2048 the
 kernel moves 24 KiB: its time is launch latency, which is why it is not split over blocks.
+
+The T-token step's row forms (`rms_norm_rows`, `add_rms_norm_rows`) take the same schedule with
+a thread block per row (dlight's rules gave `add_rms_norm_rows` three kernels there too, the sum
+of squares a thread per row serially over H: 49 us a launch on an H200 at 128 x 2048).
 """
 
 from dataclasses import dataclass
@@ -44,12 +48,14 @@ def _schedule_rms_norm(sch: s_tir.Schedule, threads: Any) -> None:
         sch.bind(lane, "threadIdx.x")
 
     # The block-level loop hangs off the first output: the residual where there is one (an
-    # output, which compute_at may not move), else the norm.
+    # output, which compute_at may not move), else the norm. Its loops are (h) for one row,
+    # (row, h) for the row forms: a block per row.
     if "residual" in names:
         anchor, producers, consumers = sch.get_sblock("residual"), [], [sumsq, norm]
     else:
         anchor, producers, consumers = norm, [sumsq], []
-    block, loop = sch.split(sch.get_loops(anchor)[0], [1, None])
+    loops = sch.get_loops(anchor)
+    block, loop = sch.split(loops[0], [1, None]) if len(loops) == 1 else loops
     sch.bind(block, "blockIdx.x")
     over_threads(loop)
     for producer in producers:
@@ -87,3 +93,11 @@ class RmsNormCudaRule(_NormCudaRule):
 
 class AddRmsNormCudaRule(_NormCudaRule):
     factory = "add_rms_norm"
+
+
+class RmsNormRowsCudaRule(_NormCudaRule):
+    factory = "rms_norm_rows"
+
+
+class AddRmsNormRowsCudaRule(_NormCudaRule):
+    factory = "add_rms_norm_rows"

@@ -59,15 +59,58 @@ DLIGHT_RULES: tuple[DlightCudaRule, ...] = tuple(
     DlightCudaRule(family, factory) for family, factory in (
         ("gemm", "gemm"),
         ("embedding", "embedding_rows"),
-        ("norm", "rms_norm_rows"),
-        ("norm", "add_rms_norm_rows"),
-        ("router", "router_topk_rows"),
-        ("prefill_attention", "qk_norm_rope_kv_append_rows"),
         ("moe_chunk", "silu_mul"),
-        ("moe_chunk", "moe_combine_residual"),
         ("chunk", "take_row"),
     )
 )
+
+
+class QkNormRopeKvAppendRowsCudaRule(_CudaRule):
+    """`rope.QkNormRopeKvAppendCudaRule` a row at a time: a thread block per (row, head), a
+    thread per head dim, the head's sum of squares a block-wide allreduce; the row's cos / sin
+    table (half a head's dims) is computed by the block into shared memory (each head's block
+    computes it again: 64 cos/sin pairs, less than a global round trip). dlight's fallback made
+    three kernels of it, the sum of squares a serial loop per (row, head)."""
+
+    family, factory = "prefill_attention", "qk_norm_rope_kv_append_rows"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        rope = sch.get_sblock("rope")
+        row, head, dim = sch.get_loops(rope)
+        block = sch.fuse(row, head)
+        sch.bind(block, "blockIdx.x")
+        sch.bind(dim, "threadIdx.x")
+        sumsq = sch.get_sblock("sumsq")
+        sch.compute_at(sumsq, block)
+        sch.set_scope(sumsq, 0, "local")
+        sch.bind(sch.get_loops(sumsq)[-1], "threadIdx.x")
+        angle = sch.get_sblock("angle")
+        sch.compute_at(angle, block)
+        sch.set_scope(angle, 0, "shared")  # cos
+        sch.set_scope(angle, 1, "shared")  # sin
+        # Half a head's dims over the head's threads: the split's predicate idles the other half
+        # (a loop bound to threadIdx.x without it would run past the table).
+        _, lane = sch.split(sch.get_loops(angle)[-1], [None, sch.get(dim).extent])
+        sch.bind(lane, "threadIdx.x")
+
+
+class MoeCombineResidualCudaRule(_CudaRule):
+    """A thread block per token, its threads over the hidden dims; each output's sum over the
+    token's KU expert rows in registers (dlight gave it 321 us a launch at 128 tokens, 2048 wide,
+    top 8 on an H200)."""
+
+    family, factory = "moe_chunk", "moe_combine_residual"
+    THREADS: ClassVar[int] = 256
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        out = sch.get_sblock("h_out")
+        token, dim = sch.get_loops(out)
+        sch.bind(token, "blockIdx.x")
+        _, lane = sch.split(dim, [None, self.THREADS])
+        sch.bind(lane, "threadIdx.x")
+        ffn = sch.get_sblock("ffn")
+        sch.compute_at(ffn, lane)
+        sch.set_scope(ffn, 0, "local")
 
 
 class _OneThreadRule(_CudaRule):
@@ -128,6 +171,8 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
 
 CUDA_RULES: tuple[ScheduleRule, ...] = (
     *DLIGHT_RULES,
+    QkNormRopeKvAppendRowsCudaRule(),
+    MoeCombineResidualCudaRule(),
     MoeSortCudaRule(),
     AdvanceChunkCudaRule(),
     AdvancePosCudaRule(),

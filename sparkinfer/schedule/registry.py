@@ -28,9 +28,9 @@ from sparkinfer.schedule.gemv_q8 import (
     QuantizeQ8CudaRule,
 )
 from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
-from sparkinfer.schedule.norm import AddRmsNormCudaRule, RmsNormCudaRule
+from sparkinfer.schedule.norm import AddRmsNormCudaRule, AddRmsNormRowsCudaRule, RmsNormCudaRule, RmsNormRowsCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
-from sparkinfer.schedule.router import RouterTopkCudaRule
+from sparkinfer.schedule.router import RouterTopkCudaRule, RouterTopkRowsCudaRule
 from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleTokenCudaRule
 from sparkinfer.schedule.logits import RULES as LOGITS_RULES
 from sparkinfer.schedule.prefill_cpu import CPU_RULES as PREFILL_CPU_RULES
@@ -47,7 +47,10 @@ for _rule in (
     QkNormRopeKvAppendCudaRule(),
     RmsNormCudaRule(),
     AddRmsNormCudaRule(),
+    RmsNormRowsCudaRule(),
+    AddRmsNormRowsCudaRule(),
     RouterTopkCudaRule(),
+    RouterTopkRowsCudaRule(),
     SampleTokenCudaRule(),
     AdvanceCudaRule(),
     EmbeddingCudaRule(),

@@ -6,6 +6,9 @@
   - the max logit is a block-wide allreduce; thread s < KU computes exp(l[ids[s]] - max),
     the KU of them meet in a second allreduce, and thread s writes weights[s].
 At E = 128 this is a few microseconds of one SM, all of it latency.
+
+`router_topk_rows` (the T-token step's) takes the same schedule with a thread block per token
+(dlight's rules made five kernels of it).
 """
 
 from tvm import s_tir
@@ -46,18 +49,32 @@ class RouterTopkCudaRule(FixedRule):
         _schedule_router_topk(sch)
 
 
+class RouterTopkRowsCudaRule(RouterTopkCudaRule):
+    """A thread block of E threads per token."""
+
+    factory = "router_topk_rows"
+
+
 def _schedule_router_topk(sch: s_tir.Schedule) -> None:
     rank = sch.get_sblock("rank")
-    e, _ = sch.get_loops(rank)
-    n_experts = int(sch.get(e).extent)
-    bx, tx = sch.split(e, [1, None])
+    blocks = {name: sch.get_sblock(name) for name in ("ids", "lmax", "ex", "total", "weights")}
+    loops = sch.get_loops(rank)  # (e, j) for one token, (t, e, j) for a chunk's rows
+    if len(loops) == 2:
+        bx, tx = sch.split(loops[0], [1, None])
+        # Everything else consumes rank or reads only the logits: hang it under the same
+        # blockIdx loop, in dataflow order, so that it is one kernel of one thread block.
+        for block in blocks.values():
+            sch.reverse_compute_at(block, bx)
+    else:
+        # The same, a block per token: every block's token loop merged into one (with
+        # reverse_compute_at each token's block would compute every token's rows).
+        bx = sch.merge(*(sch.get_loops(b)[0] for b in (rank, *blocks.values())))
+        tx = sch.get_loops(rank)[1]
+        for name in ("lmax", "total"):  # their (1, n) loops as one, as for one token
+            sch.fuse(*sch.get_loops(blocks[name])[1:])
+    n_experts = int(sch.get(tx).extent)
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
-    # Everything else consumes rank or reads only the logits: hang it under the same
-    # blockIdx loop, in dataflow order, so that it is one kernel of one thread block.
-    blocks = {name: sch.get_sblock(name) for name in ("ids", "lmax", "ex", "total", "weights")}
-    for block in blocks.values():
-        sch.reverse_compute_at(block, bx)
     for block in (rank, blocks["lmax"], blocks["ex"], blocks["total"]):
         sch.set_scope(block, 0, "shared")
     logits_shared = sch.cache_read(rank, 0, "shared", consumer_blocks=[rank, blocks["lmax"]])

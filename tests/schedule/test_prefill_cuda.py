@@ -1,17 +1,20 @@
 """CUDA builds of the T-token step's kernels (schedule/prefill_cuda.py), no GPU needed: every
-chunk kernel at the full-size Qwen3-30B-A3B shapes takes its registered rule, and one module of
-them all compiles with nvcc for each arch. (Numbers on a GPU: not measured yet.)"""
+chunk kernel at the full-size Qwen3-30B-A3B shapes takes its registered CUDA rule, and one module
+of them all compiles with nvcc for each arch; the row kernels given the decode kernels' schedules
+make one kernel each. (Numbers on a GPU: bench/NOTES.md.)"""
 
+import numpy as np
 import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
+from sparkinfer.kernels import norm, prefill_attention, router
 from sparkinfer.kernels.use import factory_args, kernel_factory
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.space import kernel_use, rule_for, schedule_kernel
 
-from cuda_testutil import CUDA_ARCHS, assert_nvcc_compiles, needs_nvcc
+from cuda_testutil import CUDA_ARCHS, Gpu, assert_nvcc_compiles, gpu_fixture, main, needs_nvcc
 
 NT = 128  # a chunk
 # Qwen3-30B-A3B: hidden 2048, 32/4 heads of 128, 128 experts top-8 of 768, vocab 151936
@@ -41,7 +44,7 @@ def chunk_module(arch: str) -> tvm.IRModule:
     funcs = {}
     for i, (family, factory, args) in enumerate(CASES):
         use = kernel_use(family, factory, *args)
-        assert rule_for(use, arch_facts(arch)).name.startswith("sparkinfer.schedule.prefill_cuda.")
+        assert rule_for(use, arch_facts(arch)).target_kind == "cuda"
         func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts(arch))
         funcs[f"k{i}_{factory}"] = func.with_attr("global_symbol", f"k{i}_{factory}")
     return tvm.IRModule(funcs)
@@ -54,8 +57,123 @@ def test_every_chunk_kernel_has_a_cuda_rule_and_compiles(arch: str) -> None:
         assert f"k{i}_{factory}_kernel(" in source
 
 
+@pytest.mark.parametrize("factory", ["rms_norm_rows", "add_rms_norm_rows", "router_topk_rows",
+                                     "qk_norm_rope_kv_append_rows", "moe_combine_residual"])
+def test_row_kernels_are_one_kernel_a_block_per_row(factory: str) -> None:
+    family, _, args = next(case for case in CASES if case[1] == factory)
+    use = kernel_use(family, factory, *args)
+    func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts("sm_90"))
+    source = targets.cuda_source(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), "sm_90")
+    assert source.count("__global__") == 2  # declaration + definition of k_kernel alone
+    assert "blockIdx.x" in source and "k_kernel_1" not in source
+
+
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_chunk_kernels_compile_with_nvcc(arch: str) -> None:
     assert_nvcc_compiles(arch, targets.cuda_source(chunk_module(arch), arch))
+
+
+# ---- on a GPU: the row kernels that take the decode kernels' schedules, at the full-size shapes,
+# against their numpy references (the grouped GEMM and the causal attention have their own files)
+
+EPS, THETA = 1e-6, 1e6
+ROW_KERNELS = {
+    "rms_norm_rows": ("norm", (NT, H, EPS)),
+    "add_rms_norm_rows": ("norm", (NT, H, EPS)),
+    "router_topk_rows": ("router", (NT, E, KU)),
+    "qk_norm_rope_kv_append_rows": ("prefill_attention", (NT, NH, NKV, D, P, MP, EPS, THETA)),
+    "moe_combine_residual": ("moe_chunk", (NT, KU, NT * KU, H)),
+}
+
+
+def row_kernel(factory: str) -> tvm.tirx.PrimFunc:
+    family, args = ROW_KERNELS[factory]
+    use = kernel_use(family, factory, *args)
+    return schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts("sm_90")).with_attr(
+        "global_symbol", factory)
+
+
+def kernels_module() -> tvm.IRModule:
+    return tvm.IRModule({name: row_kernel(name) for name in ROW_KERNELS})
+
+
+gpu = gpu_fixture("prefill", kernels_module)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261205)
+
+
+@pytest.mark.gpu
+def test_norm_rows_on_gpu_match_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
+    x = rng.standard_normal((NT, H), dtype=np.float32)
+    r = rng.standard_normal((NT, H), dtype=np.float32)
+    w = rng.standard_normal(H, dtype=np.float32)
+    y = gpu.poisoned((NT, H))
+    gpu("rms_norm_rows", gpu.tensor(x), gpu.tensor(w), y)
+    np.testing.assert_allclose(y.numpy(), norm.rms_norm_reference(x, w, EPS), rtol=1e-5, atol=1e-5)
+    total, y = gpu.poisoned((NT, H)), gpu.poisoned((NT, H))
+    gpu("add_rms_norm_rows", gpu.tensor(x), gpu.tensor(r), gpu.tensor(w), total, y)
+    want_total, want_y = norm.add_rms_norm_reference(x, r, w, EPS)
+    np.testing.assert_array_equal(total.numpy(), want_total)
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_router_topk_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
+    logits = rng.standard_normal((NT, E), dtype=np.float32)
+    logits[7, 5] = logits[7, 90]  # a tie: the lower id wins
+    ids, weights = gpu.tensor(np.full((NT, KU), -1, np.int32)), gpu.poisoned((NT, KU))
+    gpu("router_topk_rows", gpu.tensor(logits), ids, weights)
+    for t in range(NT):
+        want_ids, want_w = router.router_topk_reference(logits[t], KU)
+        np.testing.assert_array_equal(ids.numpy()[t], want_ids)
+        np.testing.assert_allclose(weights.numpy()[t], want_w, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos, n_valid", [(0, NT), (700, NT - 3)])
+def test_qk_norm_rope_kv_append_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, pos: int,
+                                                          n_valid: int) -> None:
+    q = rng.standard_normal((NT, NH * D), dtype=np.float32)
+    k = rng.standard_normal((NT, NKV * D), dtype=np.float32)
+    v = rng.standard_normal((NT, NKV * D), dtype=np.float32)
+    qw, kw = rng.standard_normal(D, dtype=np.float32), rng.standard_normal(D, dtype=np.float32)
+    n_pages = 24
+    page_table = np.zeros(MP, np.int32)
+    page_table[:n_pages] = rng.permutation(n_pages)
+    k_cache = rng.standard_normal((n_pages, P, NKV, D)).astype(np.float16)
+    v_cache = rng.standard_normal((n_pages, P, NKV, D)).astype(np.float16)
+    kc, vc, q_rot = gpu.tensor(k_cache), gpu.tensor(v_cache), gpu.poisoned((NT, NH, D))
+    gpu("qk_norm_rope_kv_append_rows", gpu.tensor(q), gpu.tensor(k), gpu.tensor(v), gpu.tensor(qw), gpu.tensor(kw),
+        gpu.tensor(np.array([pos], np.int32)), gpu.tensor(np.array([n_valid], np.int32)), gpu.tensor(page_table),
+        kc, vc, q_rot)
+    want_q, want_k, want_v = prefill_attention.qk_norm_rope_kv_append_rows_reference(
+        q, k, v, qw, kw, pos, n_valid, page_table, k_cache, v_cache, EPS, THETA)
+    # float32 angles and libm-vs-CUDA cos/sin: a few ulps of the rotated values
+    np.testing.assert_allclose(q_rot.numpy(), want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kc.numpy().astype(np.float32), want_k.astype(np.float32), rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(vc.numpy(), want_v)
+
+
+@pytest.mark.gpu
+def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
+    rows, n_valid = NT * KU, NT - 5
+    y = rng.standard_normal((rows, H), dtype=np.float32)
+    row_of = rng.permutation(rows).astype(np.int32).reshape(NT, KU)
+    weights = rng.random((NT, KU)).astype(np.float32)
+    h = rng.standard_normal((NT, H), dtype=np.float32)
+    out = gpu.poisoned((NT, H))
+    gpu("moe_combine_residual", gpu.tensor(y), gpu.tensor(row_of), gpu.tensor(weights), gpu.tensor(h),
+        gpu.tensor(np.array([n_valid], np.int32)), out)
+    want = h.astype(np.float64).copy()
+    want[:n_valid] += np.einsum("tj,tjh->th", weights[:n_valid].astype(np.float64), y[row_of[:n_valid]].astype(np.float64))
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
+
+
+if __name__ == "__main__":
+    main(__doc__, "prefill", kernels_module)
