@@ -89,6 +89,18 @@ def default_prefill_chunks(arch: str) -> tuple[int, ...]:
     return DEFAULT_PREFILL_CHUNKS.get(arch, ())
 
 
+# Model-level variants (schedule.schedules.STEP_VARIANTS) an arch gets unless its schedules
+# file picks them: the GPUs multiply the T-token step's dense GEMMs on tensor cores, whose
+# operands are float16 (kernels/gemm.py).
+DEFAULT_STEP_VARIANTS: dict[str, dict[str, str]] = {
+    arch: {"chunk_operands": "f16"} for arch in targets.ARCHS if arch != "cpu"}
+
+
+def step_variants(arch: str, chosen: SchedulesFile | None) -> dict[str, str]:
+    """The arch's default variants, overridden by those its schedules file picks."""
+    return {**DEFAULT_STEP_VARIANTS.get(arch, {}), **({} if chosen is None else chosen.step)}
+
+
 def relax_pipeline() -> tvm.transform.Pass:
     return tvm.transform.Sequential([p() for p in RELAX_PASSES], name="sparkinfer_relax_lowering")
 
@@ -213,9 +225,8 @@ def compile_model(
         if found is not None:
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
-    variants = {} if chosen is None else chosen.step  # model-level variants the file picks
     step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks,
-                             **variants)
+                             **step_variants(arch, chosen))
     ex, provenance = build_step(step, arch, chosen)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)

@@ -11,6 +11,10 @@ is used T times, so the compute dequantizes it once into a float32 stage and mul
 wdq is laid out [K, N] so that a schedule which tiles n and computes the stage per tile reads
 the tile row by row with the n lanes contiguous (vector loads, x[t, k] broadcast).
 
+With `half_operands` x and the dequantized weights are rounded to float16 and their products
+summed in float32: the form tensor cores multiply (`schedule.prefill_cuda.GemmCudaRule`). The
+model picks it per arch (the step variant `chunk_operands`, GEMM_OPERANDS, compiler/pipeline.py).
+
 `dequant_tile_value` is that per-weight value, shared with the grouped expert GEMM
 (`moe_chunk`).
 """
@@ -25,6 +29,7 @@ from sparkinfer import quant
 from sparkinfer.kernels.gemv import GemvFormat, Row, gemv_format
 
 Expr = tirx.Expr
+GEMM_OPERANDS = ("f32", "f16")  # the step variant's values: half_operands False / True
 
 
 def split_k(fmt: GemvFormat, k: Expr) -> tuple[Expr, Expr, Expr]:
@@ -46,13 +51,14 @@ def dequant_tile_value(fmt: GemvFormat, row: Row, k: Expr,
     return value
 
 
-def gemm_symbol(ggml_type: int, t: int, n: int, k: int) -> str:
-    return f"gemm_{gemv_format(ggml_type).name.lower()}_{t}x{n}x{k}"
+def gemm_symbol(ggml_type: int, t: int, n: int, k: int, half_operands: bool = False) -> str:
+    return f"gemm_{gemv_format(ggml_type).name.lower()}_{t}x{n}x{k}{'_f16' if half_operands else ''}"
 
 
-def gemm(ggml_type: int, t: int, n: int, k: int) -> tirx.PrimFunc:
+def gemm(ggml_type: int, t: int, n: int, k: int, half_operands: bool = False) -> tirx.PrimFunc:
     """y[t, n] = sum_k x[t, k] W[n, k] for W in `ggml_type`; params (W words [n, row_words],
-    x f32[t, k], y f32[t, n]). Every row of the chunk is computed (padding rows included)."""
+    x f32[t, k], y f32[t, n]), the products of float16-rounded operands if `half_operands`,
+    summed in float32. Every row of the chunk is computed (padding rows included)."""
     fmt = gemv_format(ggml_type)
     n_chunks = k // fmt.chunk
     w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
@@ -74,13 +80,23 @@ def gemm(ggml_type: int, t: int, n: int, k: int) -> tirx.PrimFunc:
             None if minv is None else (lambda c, p: minv[r, c, p]),
         )
 
-    wdq = te.compute((k, n), weight, name="wdq")
     kk = te.reduce_axis((0, k), name="k")
-    y = te.compute((t, n), lambda i, j: te.sum(x[i, kk] * wdq[kk, j], axis=kk), name="gemm")
-    return te.create_prim_func([w, x, y]).with_attr("global_symbol", gemm_symbol(ggml_type, t, n, k))
+    if half_operands:
+        wdq = te.compute((k, n), lambda kk_, r: weight(kk_, r).astype("float16"), name="wdq")
+        xh = te.compute((t, k), lambda i, kk_: x[i, kk_].astype("float16"), name="x_half")
+        y = te.compute((t, n), lambda i, j: te.sum(
+            xh[i, kk].astype("float32") * wdq[kk, j].astype("float32"), axis=kk), name="gemm")
+    else:
+        wdq = te.compute((k, n), weight, name="wdq")
+        y = te.compute((t, n), lambda i, j: te.sum(x[i, kk] * wdq[kk, j], axis=kk), name="gemm")
+    return te.create_prim_func([w, x, y]).with_attr("global_symbol", gemm_symbol(ggml_type, t, n, k, half_operands))
 
 
-def gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32]) -> np.ndarray:
-    """numpy oracle: dequantize the GGUF rows uint8[n, row_bytes], x f32[t, k] @ W^T in float64."""
+def gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32],
+                   half_operands: bool = False) -> np.ndarray:
+    """numpy oracle: dequantize the GGUF rows uint8[n, row_bytes], x f32[t, k] @ W^T in float64
+    (x and W rounded to float16 first if `half_operands`)."""
     w = quant.dequantize(ggml_type, data, (data.shape[0], x.shape[-1]))
+    if half_operands:
+        x, w = x.astype(np.float16), w.astype(np.float16)
     return (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)

@@ -51,6 +51,7 @@ from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
@@ -226,9 +227,10 @@ def _tensor(shape: Iterable[Any], dtype: str) -> relax.TensorType:
 
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
-                 n_splits: int, activations: str = "f32") -> None:
+                 n_splits: int, activations: str = "f32", chunk_operands: str = "f32") -> None:
         self.c = config
         self.activations = activations
+        self.chunk_operands = chunk_operands
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
@@ -439,7 +441,9 @@ class _StepBuilder:
 
     def gemm(self, name: str, x: relax.Expr, n_tokens: int, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
-        gv = self.k("gemm", "gemm", self.t(name), n_tokens, n, k)
+        # float32 weights (the router) keep float32 products: routing has near-ties.
+        half = self.chunk_operands == "f16" and self.t(name) != GGMLQuantizationType.F32
+        gv = self.k("gemm", "gemm", self.t(name), n_tokens, n, k, *((True,) if half else ()))
         return self.call(gv, [self.params[name], x], [self.f32(n_tokens, n)], label)
 
     def _chunk_body(self, n_tokens: int, all_logits: bool) -> list[relax.Var]:
@@ -534,6 +538,7 @@ def build_decode_step(
     n_splits: int | None = None,
     prefill_chunks: Iterable[int] = (),
     activations: str = "f32",
+    chunk_operands: str = "f32",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -541,9 +546,13 @@ def build_decode_step(
     `activations` is a model-level variant (ACTIVATIONS): "f32" feeds the expert GEMVs float
     activations; "q8" quantizes each expert FFN's input and its SiLU activations to int8 blocks
     of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
-    for experts whose three types all have an int8 form (Q8_TYPES; others stay float)."""
+    for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
+    `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense GEMM products
+    for quantized and half weights ("f16": tensor-core operands, `kernels.gemm`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if chunk_operands not in GEMM_OPERANDS:
+        raise SparkInferError(f"chunk_operands must be one of {', '.join(GEMM_OPERANDS)}, got {chunk_operands!r}")
     chunks = tuple(sorted(set(int(t) for t in prefill_chunks)))
     if any(t < 1 for t in chunks):
         raise ValueError(f"prefill chunk sizes must be >= 1, got {chunks}")
@@ -554,7 +563,7 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    builder = _StepBuilder(config, types, page_size, n_splits, activations)
+    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

@@ -16,7 +16,7 @@ says what a fast one needs: dequantized tiles on tensor cores or int8 MMA).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import tvm
 from tvm import s_tir
@@ -31,9 +31,23 @@ class _CudaRule(FixedRule):
     target_kind = "cuda"
 
 
+def apply_dlight(sch: s_tir.Schedule, use: KernelUse, facts: ArchFacts, rules: tuple[Any, ...]) -> None:
+    """The first of dlight's GPU `rules` that takes the kernel, its trace replayed onto `sch`."""
+    target = tvm.target.Target(cuda_target_attrs(facts))
+    func = sch.mod["main"]
+    for rule in rules:
+        with target:
+            found = rule.apply(func, target, False)
+        if found is None:
+            continue
+        found = found[0] if isinstance(found, list) else found
+        found.trace.apply_to_schedule(sch, remove_postproc=False)
+        return
+    raise SparkInferError(f"kernel {use.name}: no dlight GPU rule takes it")
+
+
 class DlightCudaRule(_CudaRule):
-    """dlight's first GPU rule that takes the kernel, its trace replayed onto `sch`; one
-    instance per factory it serves."""
+    """dlight's first GPU rule that takes the kernel; one instance per factory it serves."""
 
     def __init__(self, family: str, factory: str) -> None:
         self.family, self.factory = family, factory
@@ -41,23 +55,30 @@ class DlightCudaRule(_CudaRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir import dlight as dl
 
-        target = tvm.target.Target(cuda_target_attrs(facts))
-        func = sch.mod["main"]
-        for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                     dl.gpu.Fallback()):
-            with target:
-                found = rule.apply(func, target, False)
-            if found is None:
-                continue
-            found = found[0] if isinstance(found, list) else found
-            found.trace.apply_to_schedule(sch, remove_postproc=False)
-            return
-        raise SparkInferError(f"kernel {use.name}: no dlight GPU rule takes it")
+        apply_dlight(sch, use, facts, (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+
+
+class GemmCudaRule(_CudaRule):
+    """The dense dequantizing GEMM: with float16 operands (`kernels.gemm`'s half_operands)
+    dlight's tensor-core matmul (WMMA 16x16x16 fragments, float32 accumulators, the
+    dequantization fused into the shared-memory tile loads, double-buffered); else its SIMT
+    Matmul (~6.8 TFLOP/s on an H200 at 128 x 2048 x 4096, bench/NOTES.md). dlight's Matmul
+    would pick the tensor cores itself, but it reads the arch number from the target and
+    "sm_90a" is not a number to it."""
+
+    family, factory = "gemm", "gemm"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        from tvm.s_tir import dlight as dl
+
+        half_operands = len(use.args) > 4 and bool(use.args[4])
+        rules = (dl.gpu.matmul.MatmulTensorization(),) if half_operands else ()
+        apply_dlight(sch, use, facts, (*rules, dl.gpu.Matmul()))
 
 
 DLIGHT_RULES: tuple[DlightCudaRule, ...] = tuple(
     DlightCudaRule(family, factory) for family, factory in (
-        ("gemm", "gemm"),
         ("embedding", "embedding_rows"),
         ("moe_chunk", "silu_mul"),
         ("chunk", "take_row"),
@@ -171,6 +192,7 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
 
 CUDA_RULES: tuple[ScheduleRule, ...] = (
     *DLIGHT_RULES,
+    GemmCudaRule(),
     QkNormRopeKvAppendRowsCudaRule(),
     MoeCombineResidualCudaRule(),
     MoeSortCudaRule(),

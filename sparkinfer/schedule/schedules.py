@@ -4,7 +4,8 @@
      "kernels": {"<space.kernel_key(use)>": {"knobs": {...}, "source": "tuned" | "default" |
                  "transferred", "time_us": float | null, "default_time_us": float | null,
                  "trials": int, "seed": int | null}},
-     "step": {"activations": "f32" | "q8"}}     (optional: model-level variants, STEP_VARIANTS)
+     "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16"}}
+                                                (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
 through importlib.resources, so an installed package uses them; `sparkinfer compile
@@ -24,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from sparkinfer.errors import SparkInferError
+from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
-STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS}
+STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 
 

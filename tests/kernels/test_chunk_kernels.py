@@ -44,6 +44,18 @@ def test_gemm_matches_numpy(rng: np.random.Generator, t: T) -> None:
     assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_gemm_with_half_operands_matches_numpy_on_half_operands(rng: np.random.Generator, t: T) -> None:
+    n, k, rows = 48, 512, 5
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    (y,) = run_cpu(gemm.gemm(t, rows, n, k, True), gemv.weight_view(t, data), x, nan(rows, n))
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    assert_gemv_close(y, gemm.gemm_reference(t, data, x, half_operands=True), magnitude)
+    # and the rounding shows: float32 operands give another answer
+    assert not np.allclose(y, gemm.gemm_reference(t, data, x), rtol=1e-6, atol=0)
+
+
 def test_row_kernels_match_their_one_token_forms(rng: np.random.Generator) -> None:
     rows, h, vocab, eps = 5, 256, 40, 1e-6
     data = random_weights(T.Q4_K, (vocab, h), rng)

@@ -188,3 +188,14 @@ def test_a_missing_kernel_factory_is_named() -> None:
 def test_splits_must_fit_the_page_table() -> None:
     with pytest.raises(ValueError, match="n_splits"):
         build_decode_step(TINY, type_map(TINY, "q4_k_m"), n_splits=33)
+
+
+def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router() -> None:
+    types = type_map(TINY, "q4_k_m")
+    gemms = [u for u in build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
+             if u.factory == "gemm"]
+    assert gemms and all((len(u.args) == 5) == (u.args[0] != "F32") for u in gemms)
+    plain = [u for u in build_decode_step(TINY, types, prefill_chunks=(16,)).kernels if u.factory == "gemm"]
+    assert all(len(u.args) == 4 for u in plain)
+    with pytest.raises(SparkInferError, match="chunk_operands must be one of f32, f16"):
+        build_decode_step(TINY, types, chunk_operands="bf16")

@@ -9,7 +9,10 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
-from sparkinfer.kernels import norm, prefill_attention, router
+from sparkinfer import quant
+from sparkinfer.kernels import gemm, norm, prefill_attention, router
+from sparkinfer.kernels.gemv import weight_view
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.kernels.use import factory_args, kernel_factory
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.space import kernel_use, rule_for, schedule_kernel
@@ -23,6 +26,8 @@ CASES = [
     ("gemm", "gemm", (T.Q4_K, NT, NH * D, H)),
     ("gemm", "gemm", (T.Q6_K, NT, NKV * D, H)),
     ("gemm", "gemm", (T.F32, NT, E, H)),
+    ("gemm", "gemm", (T.Q4_K, NT, NH * D, H, True)),
+    ("gemm", "gemm", (T.Q6_K, NT, NKV * D, H, True)),
     ("embedding", "embedding_rows", (T.Q4_K, 151936, H, NT)),
     ("norm", "rms_norm_rows", (NT, H, 1e-6)),
     ("norm", "add_rms_norm_rows", (NT, H, 1e-6)),
@@ -68,6 +73,14 @@ def test_row_kernels_are_one_kernel_a_block_per_row(factory: str) -> None:
     assert "blockIdx.x" in source and "k_kernel_1" not in source
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_gemm_with_half_operands_runs_on_tensor_cores(ggml_type: T) -> None:
+    use = kernel_use("gemm", "gemm", ggml_type, NT, NH * D, H, True)
+    func = schedule_kernel(kernel_factory("gemm", "gemm")(*factory_args(use)), use, arch_facts("sm_90"))
+    source = targets.cuda_source(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), "sm_90")
+    assert "wmma::mma_sync" in source and "W_ptr" in source  # the dequantization fused into the loads
+
+
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
@@ -95,8 +108,19 @@ def row_kernel(factory: str) -> tvm.tirx.PrimFunc:
         "global_symbol", factory)
 
 
+HALF_GEMMS = {f"gemm_{t.name.lower()}_f16": (t, NT, n, k, True)
+              for t, n, k in ((T.Q4_K, NH * D, H), (T.Q6_K, NKV * D, H), (T.Q4_K, H, NH * D))}
+
+
+def half_gemm(name: str) -> tvm.tirx.PrimFunc:
+    use = kernel_use("gemm", "gemm", *HALF_GEMMS[name])
+    return schedule_kernel(kernel_factory("gemm", "gemm")(*factory_args(use)), use, arch_facts("sm_90")).with_attr(
+        "global_symbol", name)
+
+
 def kernels_module() -> tvm.IRModule:
-    return tvm.IRModule({name: row_kernel(name) for name in ROW_KERNELS})
+    return tvm.IRModule({**{name: row_kernel(name) for name in ROW_KERNELS},
+                         **{name: half_gemm(name) for name in HALF_GEMMS}})
 
 
 gpu = gpu_fixture("prefill", kernels_module)
@@ -173,6 +197,18 @@ def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Gene
     want[:n_valid] += np.einsum("tj,tjh->th", weights[:n_valid].astype(np.float64), y[row_of[:n_valid]].astype(np.float64))
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(HALF_GEMMS))
+def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
+    ggml_type, rows, n, k, _ = HALF_GEMMS[name]
+    data = random_weights(ggml_type, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    y = gpu.poisoned((rows, n))
+    gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(ggml_type, data, (n, k))).T
+    assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
 
 
 if __name__ == "__main__":

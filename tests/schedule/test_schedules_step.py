@@ -27,3 +27,14 @@ def test_an_unknown_step_variant_is_refused(tmp_path: Path, step: object, messag
     path.write_text(json.dumps({"arch": "cpu", "kernels": {}, "step": step}))
     with pytest.raises(SchedulesFileError, match=message):
         SchedulesFile.read(path)
+
+
+def test_the_gpus_default_to_half_chunk_operands_unless_their_file_says_otherwise() -> None:
+    from sparkinfer.compiler.pipeline import step_variants
+
+    assert STEP_VARIANTS["chunk_operands"] == ("f32", "f16")
+    assert step_variants("cpu", None) == {}
+    for arch in ("sm_90", "sm_120", "sm_121"):
+        assert step_variants(arch, None) == {"chunk_operands": "f16"}
+        chosen = SchedulesFile(arch, {}, step={"chunk_operands": "f32", "activations": "q8"})
+        assert step_variants(arch, chosen) == {"chunk_operands": "f32", "activations": "q8"}
