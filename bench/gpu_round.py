@@ -194,7 +194,7 @@ def report(round_dir: Path) -> str:
     lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
     chunked_gate = _read(round_dir / "chunked-gate.txt").strip().splitlines()
     if chunked_gate:
-        lines.append(f"with the T-token step (prefill chunks of {" and ".join(map(str, CHUNKS))}): full-size gate, teacher-forced through it:")
+        lines.append(f"with the T-token step (prefill chunks of {' and '.join(map(str, CHUNKS))}): full-size gate, teacher-forced through it:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
 

@@ -17,6 +17,7 @@
 #   synth    the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), if absent
 #   pytest   every GPU test (files with pytest.mark.gpu), the full-size accuracy gate among them
 #            (SPARKINFER_FULL_MODEL), on the libraries prebuilt in compiled/gpu-tests/<arch>/
+#            (ROUND_PYTEST_FILES: only these test files)
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token of the
@@ -24,6 +25,7 @@
 #   chunked  the full model built with the T-token step (prefill chunks of 128 and 512): the full-size
 #            accuracy gate through it (its 128 teacher-forced tokens are one chunk), then the
 #            prefill at 512, 4096 and 16384 tokens (and decode at depth 128) with it
+#   chunked_gate  only the chunked stage's accuracy gate
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -116,7 +118,7 @@ stage_synth() {
 
 stage_pytest() {
   local files
-  files=$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')
+  files=${ROUND_PYTEST_FILES:-$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')}
   note "== pytest -m gpu on:" $files
   # (reports a warm machine's last round left)
   rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
@@ -169,7 +171,7 @@ stage_prefill() {
   return $rc
 }
 
-stage_chunked() {
+stage_chunked_gate() {
   local chunked
   chunked=$(python3 bench/gpu_round.py get chunked_module)
   note "== chunked: $chunked"
@@ -179,9 +181,17 @@ stage_chunked() {
     --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/chunked-gate.txt" 2>&1
   local rc=$?
   tail -n 4 "$round/chunked-gate.txt"
-  module=$chunked bench_json prefill-chunked.json 120 90 --prompts 512,4096,16384 --depths 128 --reps 2
+  returns chunked-gate.txt
+  return $rc
+}
+
+stage_chunked() {
+  stage_chunked_gate
+  local rc=$?
+  module=$(python3 bench/gpu_round.py get chunked_module) bench_json prefill-chunked.json 120 90 \
+    --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
-  returns chunked-gate.txt prefill-chunked.json
+  returns prefill-chunked.json
   return $((rc || rc2))
 }
 
