@@ -144,8 +144,25 @@ class _OneThreadRule(_CudaRule):
         sch.bind(sch.get_loops(sch.get_sblock(self.block))[0], "blockIdx.x")
 
 
-class MoeSortCudaRule(_OneThreadRule):
-    family, factory, block = "moe_chunk", "moe_sort", "sort"
+class MoeSortCudaRule(_CudaRule):
+    """One thread block, a thread per expert (`moe_chunk.moe_sort`'s stages): the counts and
+    starts in shared memory, so TVM puts a barrier between the stages; the clearing stages
+    spread over the same threads."""
+
+    family, factory = "moe_chunk", "moe_sort"
+    enable_check = False  # the stages' plain loops and data-dependent stores
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        count, start = sch.get_sblock("count"), sch.get_sblock("start")
+        block = sch.get_loops(count)[0]
+        sch.bind(block, "blockIdx.x")
+        threads = int(sch.get(sch.get_loops(count)[1]).extent)  # E
+        sch.set_scope(count, 0, "shared")
+        sch.set_scope(start, 0, "shared")
+        for name in ("count", "start", "place", "clear_rows", "clear_pairs"):
+            loops = sch.get_loops(sch.get_sblock(name))[1:]
+            _, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, threads])
+            sch.bind(lane, "threadIdx.x")
 
 
 class AdvanceChunkCudaRule(_OneThreadRule):

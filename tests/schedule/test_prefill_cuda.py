@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
 from sparkinfer import quant
-from sparkinfer.kernels import gemm, norm, prefill_attention, router
+from sparkinfer.kernels import gemm, moe_chunk, norm, prefill_attention, router
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights, rope_angle_error_bound
 from sparkinfer.reference.qwen3moe import rms_norm
@@ -64,14 +64,14 @@ def test_every_chunk_kernel_has_a_cuda_rule_and_compiles(arch: str) -> None:
 
 
 @pytest.mark.parametrize("factory", ["rms_norm_rows", "add_rms_norm_rows", "router_topk_rows",
-                                     "qk_norm_rope_kv_append_rows", "moe_combine_residual"])
-def test_row_kernels_are_one_kernel_a_block_per_row(factory: str) -> None:
+                                     "qk_norm_rope_kv_append_rows", "moe_combine_residual", "moe_sort"])
+def test_row_kernels_and_the_sort_are_one_kernel_each(factory: str) -> None:
     family, _, args = next(case for case in CASES if case[1] == factory)
     use = kernel_use(family, factory, *args)
     func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts("sm_90"))
     source = targets.cuda_source(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), "sm_90")
     assert source.count("__global__") == 2  # declaration + definition of k_kernel alone
-    assert "blockIdx.x" in source and "k_kernel_1" not in source
+    assert "k_kernel_1" not in source
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
@@ -99,6 +99,7 @@ ROW_KERNELS = {
     "router_topk_rows": ("router", (NT, E, KU)),
     "qk_norm_rope_kv_append_rows": ("prefill_attention", (NT, NH, NKV, D, P, MP, EPS, THETA)),
     "moe_combine_residual": ("moe_chunk", (NT, KU, NT * KU, H)),
+    "moe_sort": ("moe_chunk", (4 * NT, E, KU)),  # a 512-token chunk
 }
 
 
@@ -207,6 +208,19 @@ def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Gene
     want[:n_valid] += np.einsum("tj,tjh->th", weights[:n_valid].astype(np.float64), y[row_of[:n_valid]].astype(np.float64))
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_valid", [4 * NT, 300])
+def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_valid: int) -> None:
+    tokens = 4 * NT
+    ids = np.stack([rng.choice(E, KU, replace=False) for _ in range(tokens)]).astype(np.int32)
+    ids[:40, 0] = 3  # one expert with many rows, and (by chance) some with none
+    offsets = gpu.tensor(np.full(E + 1, -1, np.int32))
+    row_token, row_of = gpu.tensor(np.full(tokens * KU, -1, np.int32)), gpu.tensor(np.full((tokens, KU), -1, np.int32))
+    gpu("moe_sort", gpu.tensor(ids), gpu.tensor(np.array([n_valid], np.int32)), offsets, row_token, row_of)
+    for got, want in zip((offsets, row_token, row_of), moe_chunk.moe_sort_reference(ids, n_valid, E)):
+        np.testing.assert_array_equal(got.numpy(), want)
 
 
 @pytest.mark.gpu
