@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS_ENV = "SPARKINFER_GPU_TESTS"
 SCHEDULE_TESTS = REPO / "tests" / "schedule"
 # tests/schedule/test_<stem>_cuda.py, each with kernels_module() -> IRModule.
-KERNEL_TESTS = ("attention", "embedding", "gemv_q8", "logits", "moe", "norm", "rope", "router", "sampling")
+KERNEL_TESTS = ("attention", "embedding", "gemv_q8", "logits", "moe", "moe_chunk", "norm", "rope", "router", "sampling")
 # Other GPU test files with a `prebuild(arch, out_dir) -> list[str]` hook: part name -> module;
 # out_dir is compiled/gpu-tests/<arch>/<part>/.
 PREBUILD_HOOKS = {"accuracy": "tests.accuracy.test_accuracy_gpu"}
