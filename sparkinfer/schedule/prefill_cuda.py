@@ -128,6 +128,8 @@ class GroupedGemmCudaRule(_CudaRule):
         scale = sch.get_sblock("scale")
         sch.set_scope(scale, 0, "shared")  # the tile's scales,
         sch.set_scope(scale, 1, "shared")  # its mins
+        for index in (0, 1):  # [chunk, part, output]: a warp's 16 outputs read 16 banks, not one
+            sch.transform_layout(scale, ("write", index), lambda i, c, p: (c, p, i))
         # Bound at the block's top level, threadIdx.y is one thread variable for every stage
         # below, so the accumulators compact to the thread's own (registers, not local memory).
         i, c, p = sch.get_loops(scale)[-3:]
