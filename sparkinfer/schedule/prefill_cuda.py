@@ -97,23 +97,25 @@ class GroupedGemmCudaRule(_CudaRule):
     """A block per (expert, TILE_N-output tile) of TILE_N x ROW_BLOCK / THREAD_ROWS threads
     (64): threadIdx.x an output, threadIdx.y THREAD_ROWS rows of the row block.
 
-    Per K tile the block decodes the tile's weights once, cooperatively, into a shared
-    [K_TILE, TILE_N] float32 tile (16 KiB; the scales and mins, decoded once per block, are
+    Per K tile the block decodes the tile's weights once, cooperatively, into a shared float32
+    tile [TILE_N, K_TILE] (16 KiB; consecutive threads decode consecutive k of one weight row,
+    so a warp's quant-word reads coalesce; the scales and mins, decoded once per block, are
     shared too); then for each ROW_BLOCK rows of the expert it stages their x K-tile in shared
-    memory (8 KiB; consecutive threads read consecutive k of a row: coalesced) and each thread
-    accumulates its THREAD_ROWS x 1 outputs in registers from shared memory only. The partial
-    sums cross K tiles through y (the kernel's structure, shared with the CPU rule). Under 33
-    KiB of static shared memory a block: no dynamic shared memory, 7 blocks an SM.
+    memory (8 KiB, coalesced likewise) and each thread accumulates its THREAD_ROWS x 1 outputs
+    in registers from shared memory only. The partial sums cross K tiles through y (the
+    kernel's structure, shared with the CPU rule). Under 33 KiB of static shared memory a
+    block: no dynamic shared memory, 6 blocks an SM on an H200.
 
     Why: the first version decoded every weight in every thread that multiplied it, once per
     ROW_BLOCK rows, straight from global memory (11.8 ms a gate/up launch at T = 128 on an
     H200). Now a weight is decoded once per block, and the multiply-add loop is bound by
-    shared-memory wavefronts: per X_RUN k steps a thread loads its rows' x runs as one 16-byte
-    load each (nvcc merges the unrolled reads; the x rows are K_TILE + X_RUN floats apart, so
-    runs stay 16-byte aligned and a warp's two rows sit on other banks) and X_RUN weights (16
-    consecutive floats over a warp), each weight serving THREAD_ROWS rows: 0.75 wavefronts per
-    warp multiply-add instead of 2 with one row per thread. TILE_N and ROW_BLOCK are the
-    kernel's (the CPU's vector width and register block), which caps the register tile."""
+    shared-memory wavefronts: per X_RUN k steps a thread loads a 16-byte run of each of its
+    rows' x (a warp's lanes share them: 1 wavefront each) and of its output's weights (16
+    lanes, 2 wavefronts; nvcc merges the unrolled reads, the tiles' rows being K_TILE + X_RUN
+    floats apart: runs 16-byte aligned, a warp's rows on other banks), each weight serving
+    THREAD_ROWS rows: 0.5 wavefronts per warp multiply-add (2 with one row per thread and
+    scalar reads). TILE_N and ROW_BLOCK are the kernel's (the CPU's vector width and register
+    block), which caps the register tile."""
 
     family, factory = "moe_chunk", "grouped_gemm"
     enable_check = False  # the K-tile and rows loops' trip counts are read from `offsets`
@@ -128,19 +130,25 @@ class GroupedGemmCudaRule(_CudaRule):
         scale = sch.get_sblock("scale")
         sch.set_scope(scale, 0, "shared")  # the tile's scales,
         sch.set_scope(scale, 1, "shared")  # its mins
-        for index in (0, 1):  # [chunk, part, output]: a warp's 16 outputs read 16 banks, not one
+        for index in (0, 1):  # [chunk, part, output]: the 16 outputs' threads write 16 banks
             sch.transform_layout(scale, ("write", index), lambda i, c, p: (c, p, i))
         # Bound at the block's top level, threadIdx.y is one thread variable for every stage
         # below, so the accumulators compact to the thread's own (registers, not local memory).
         i, c, p = sch.get_loops(scale)[-3:]
         sch.bind(i, "threadIdx.x")
         sch.bind(sch.split(sch.fuse(c, p), [None, threads_y])[1], "threadIdx.y")
-        sch.set_scope(sch.get_sblock("dequant"), 0, "shared")
-        xload = sch.get_sblock("xload")
+        dequant, xload = sch.get_sblock("dequant"), sch.get_sblock("xload")
+        sch.set_scope(dequant, 0, "shared")
         sch.set_scope(xload, 0, "shared")
-        # Rows K_TILE + X_RUN floats apart: 16-byte aligned runs, and a warp's rows on other banks.
-        sch.storage_align(xload, 0, axis=0, factor=32, offset=self.X_RUN)
-        for name in ("dequant", "xload"):  # every thread a share of the tile, threadIdx.x fastest
+        # The weight tile [output, k], decoded along k: a warp reads consecutive quant words of
+        # one weight row (coalesced) and writes consecutive floats.
+        sch.transform_layout(dequant, ("write", 0), lambda k, i: (i, k))
+        sch.reorder(*reversed(sch.get_loops(dequant)[-2:]))
+        # Rows K_TILE + X_RUN floats apart: X_RUN-float runs 16-byte aligned, and the rows of
+        # one 16-byte load on the other banks.
+        for block in (dequant, xload):
+            sch.storage_align(block, 0, axis=0, factor=32, offset=self.X_RUN)
+        for name in ("dequant", "xload"):  # every thread a share of the tile, k fastest
             _, lane = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock(name))[-2:]), [None, threads_y * TILE_N])
             ty, tx = sch.split(lane, [threads_y, TILE_N])
             sch.bind(ty, "threadIdx.y")

@@ -97,9 +97,10 @@ def test_weights_decode_once_into_shared_memory(source: str, case: Case) -> None
     for fma in fmas:
         assert "wt_shared_ptr[" in fma and fma.count("_shared_ptr[") == 2
         assert "w_ptr" not in fma and "x_ptr" not in fma
-    # The decoded scales are laid out [chunk, part, output]: a warp's outputs on consecutive banks.
-    reads = re.findall(r"sc_shared_ptr\[([^\]]+)\]", body)[1:]  # (the first: its declaration)
-    assert reads and all(index.endswith("+ ((int)threadIdx.x))") for index in reads)
+    # The weight tile [output, k] and the x tile [row, k], rows padded by a 16-byte run.
+    padded = moe_chunk.K_TILE + GroupedGemmCudaRule.X_RUN
+    assert int(shared["wt"]) == moe_chunk.TILE_N * padded
+    assert int(shared.get("xs", moe_chunk.ROW_BLOCK * padded)) == moe_chunk.ROW_BLOCK * padded
     # A thread's accumulators are its own registers: indexed by constants, not by a thread.
     assert f"float acc_ptr[{GroupedGemmCudaRule.THREAD_ROWS}];" in body
     assert not re.search(r"acc_ptr\[[^\]]*threadIdx", body)
