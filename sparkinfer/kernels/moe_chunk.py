@@ -96,6 +96,12 @@ def grouped_gemm_symbol(ggml_type: int, n_experts: int, rows: int, n: int, k: in
     return f"grouped_gemm_{name}_{n_experts}x{n}x{k}_r{rows}{'_gather' if gather else ''}"
 
 
+def k_tile(k: int) -> int:
+    """Weights of grouped_gemm's K tile at row length k: K_TILE, or the most of it k allows
+    (a whole number of every format's chunks, which divide both)."""
+    return math.gcd(k, K_TILE)
+
+
 def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_rows: int,
                  gather: bool) -> tirx.PrimFunc:
     """y[r, :] = W[e] . x[row_token[r] if gather else r] for offsets[e] <= r < offsets[e+1].
@@ -108,7 +114,7 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
     fmt = gemv_format(ggml_type)
     if n % TILE_N:
         raise ValueError(f"grouped_gemm needs n a multiple of {TILE_N}, got {n}")
-    E, R, N, K, XR, TN, RB, KT = n_experts, rows, n, k, x_rows, TILE_N, ROW_BLOCK, math.gcd(k, K_TILE)
+    E, R, N, K, XR, TN, RB, KT = n_experts, rows, n, k, x_rows, TILE_N, ROW_BLOCK, k_tile(k)
     RW = fmt.row_words(k)
     C, P = k // fmt.chunk, fmt.parts
     has_scale, has_min = fmt.scale is not None, fmt.min is not None

@@ -22,8 +22,8 @@ import tvm
 from tvm import s_tir
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.kernels.moe_chunk import ROW_BLOCK, TILE_N
-from sparkinfer.kernels.use import KernelUse
+from sparkinfer.kernels.moe_chunk import ROW_BLOCK, TILE_N, k_tile
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
@@ -148,11 +148,15 @@ class GroupedGemmCudaRule(_CudaRule):
         # one 16-byte load on the other banks.
         for block in (dequant, xload):
             sch.storage_align(block, 0, axis=0, factor=32, offset=self.X_RUN)
-        for name in ("dequant", "xload"):  # every thread a share of the tile, k fastest
-            _, lane = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock(name))[-2:]), [None, threads_y * TILE_N])
-            ty, tx = sch.split(lane, [threads_y, TILE_N])
+        # Every thread a share of each tile, k fastest; the x rows' copy X_RUN floats (16
+        # bytes) a thread at once where the threads' runs tile a row.
+        x_run = self.X_RUN if ROW_BLOCK * k_tile(factory_args(use)[4]) % (threads_y * TILE_N * self.X_RUN) == 0 else 1
+        for block, run in ((dequant, 1), (xload, x_run)):
+            _, ty, tx, vec = sch.split(sch.fuse(*sch.get_loops(block)[-2:]), [None, threads_y, TILE_N, run])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
+            if run > 1:
+                sch.vectorize(vec)
         for name in ("init", "store"):
             ri, i = sch.get_loops(sch.get_sblock(name))[-2:]
             ty, j = sch.split(ri, [threads_y, self.THREAD_ROWS])  # (no reorder: opaque iters)

@@ -107,12 +107,24 @@ def test_weights_decode_once_into_shared_memory(source: str, case: Case) -> None
     # y per accumulator: one read (the earlier K tiles' partial sums), one guarded write.
     assert body.count("y_ptr[") == 2 * GroupedGemmCudaRule.THREAD_ROWS
     assert "__syncthreads()" in body
+    assert "= *(float4*)(x_ptr + " in body  # the x rows staged 16 bytes a thread at once
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(source: str, arch: str) -> None:
     assert_nvcc_compiles(arch, source)
+
+
+# K tiles under K_TILE (k = 96: 32-weight tiles, whose x rows the threads copy 16 bytes at a
+# time; k = 16: one float per thread) and row counts off every block size.
+@needs_nvcc
+@pytest.mark.parametrize("args", [(T.Q8_0, 3, 20, 48, 96, 20, False), (T.F32, 2, 12, 32, 16, 4, True)],
+                         ids=["q8_0_k96", "f32_k16"])
+def test_short_k_tiles_compile(args: tuple) -> None:
+    source = cuda_source(module(scheduled(moe_chunk.grouped_gemm, "moe_chunk", *args)))
+    assert ("float4" in source) == (args[4] == 96)
+    assert_nvcc_compiles("sm_90", source)
 
 
 gpu = gpu_fixture("moe_chunk", kernels_module)
