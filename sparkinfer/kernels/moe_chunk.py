@@ -14,12 +14,17 @@ After `router.router_topk_rows` has chosen ids[T, KU] and weights[T, KU] for eve
   moe_combine_residual: h_out[t] = h[t] + sum_j weights[t, j] * y[row_of[t, j]] (a gather,
                      so no atomics); padding tokens keep h.
 
-`grouped_gemm` dequantizes each expert's rows once per chunk, `TILE_N` rows at a time into a
-float32 tile [K, TILE_N] (`gemm.dequant_tile_value`, the GEMV's decoders), and multiplies the
-tile by every row that chose the expert (ROW_BLOCK rows at a time): weights are read once per
-chunk, not once per token. The loop over an expert's rows has a trip count read from
-`offsets` on the device; an expert no row chose skips its dequantization too.
+`grouped_gemm` dequantizes each expert's rows once per chunk, `TILE_N` rows and `K_TILE`
+weights at a time into a float32 tile [K_TILE, TILE_N] (`gemm.dequant_tile_value`, the GEMV's
+decoders), and multiplies the tile by every row that chose the expert, ROW_BLOCK rows at a
+time (their x K-tile staged beside it): weights are read and decoded once per chunk, not once
+per token. The partial sums of the K tiles pass through y (each tile adds to what the earlier
+ones stored), so the tiles stay small (L1 on the CPU, shared memory on the GPU) whatever the
+number of rows. The loop over an expert's rows has a trip count read from `offsets` on the
+device; an expert no row chose skips its dequantization too.
 """
+
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +44,10 @@ TILE_N = 16
 # every multiply-add on the previous one). 8 covers the CPU's FMA latency (4 measured ~20 %
 # slower on the chunk's expert GEMMs).
 ROW_BLOCK = 8
+# Weights of a K tile: one K-quant super-block (a whole number of every format's chunks). A
+# tile's dequantized weights [K_TILE, TILE_N] and staged x rows [ROW_BLOCK, K_TILE] are 16 and
+# 8 KiB: L1 on the CPU, shared memory well under 48 KiB on the GPU.
+K_TILE = 256
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
@@ -124,6 +133,12 @@ def grouped_gemm_symbol(ggml_type: int, n_experts: int, rows: int, n: int, k: in
     return f"grouped_gemm_{name}_{n_experts}x{n}x{k}_r{rows}{'_gather' if gather else ''}"
 
 
+def k_tile(k: int) -> int:
+    """Weights of grouped_gemm's K tile at row length k: K_TILE, or the most of it k allows
+    (a whole number of every format's chunks, which divide both)."""
+    return math.gcd(k, K_TILE)
+
+
 def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_rows: int,
                  gather: bool) -> tirx.PrimFunc:
     """y[r, :] = W[e] . x[row_token[r] if gather else r] for offsets[e] <= r < offsets[e+1].
@@ -136,7 +151,7 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
     fmt = gemv_format(ggml_type)
     if n % TILE_N:
         raise ValueError(f"grouped_gemm needs n a multiple of {TILE_N}, got {n}")
-    E, R, N, K, XR, TN, RB = n_experts, rows, n, k, x_rows, TILE_N, ROW_BLOCK
+    E, R, N, K, XR, TN, RB, KT = n_experts, rows, n, k, x_rows, TILE_N, ROW_BLOCK, k_tile(k)
     RW = fmt.row_words(k)
     C, P = k // fmt.chunk, fmt.parts
     has_scale, has_min = fmt.scale is not None, fmt.min is not None
@@ -173,7 +188,8 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
                 ve, vt = T.axis.remap("SS", [e, tile])
                 sc = T.sblock_alloc_buffer((TN, C, P), "float32")
                 mn = T.sblock_alloc_buffer((TN, C, P), "float32")
-                wt = T.sblock_alloc_buffer((K, TN), "float32")
+                wt = T.sblock_alloc_buffer((KT, TN), "float32")
+                xs = T.sblock_alloc_buffer((RB, KT), "float32")
                 acc = T.sblock_alloc_buffer((RB, TN), "float32", scope="local")
                 # An expert no token chose costs nothing, not even its dequantization.
                 for i, c, p in T.grid(TN, T.if_then_else(offsets[ve] < offsets[ve + 1], C, 0), P):
@@ -181,28 +197,38 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
                         vi, vc, vp = T.axis.remap("SSS", [i, c, p])
                         sc[vi, vc, vp] = scale_of(w, ve, vt * TN + vi, vc, vp)
                         mn[vi, vc, vp] = min_of(w, ve, vt * TN + vi, vc, vp)
-                for kk, i in T.grid(T.if_then_else(offsets[ve] < offsets[ve + 1], K, 0), TN):
-                    with T.sblock("dequant"):
-                        vk, vi = T.axis.remap("SS", [kk, i])
-                        wt[vk, vi] = weight(w, sc, mn, ve, vt * TN + vi, vi, vk)
-                for rb in range((offsets[ve + 1] - offsets[ve] + RB - 1) // RB):
-                    for ri, i in T.grid(RB, TN):
-                        with T.sblock("init"):
-                            vb = T.axis.opaque(R, rb)
-                            vri, vi = T.axis.remap("SS", [ri, i])
-                            acc[vri, vi] = T.float32(0)
-                    for kk, ri, i in T.grid(K, RB, TN):
-                        with T.sblock("fma"):
-                            vb = T.axis.opaque(R, rb)
-                            vk, vri, vi = T.axis.remap("RSS", [kk, ri, i])
-                            acc[vri, vi] = acc[vri, vi] + x[x_row(row_token, sorted_row(offsets, ve, vb, vri)), vk] * wt[
-                                vk, vi]
-                    for ri, i in T.grid(RB, TN):
-                        with T.sblock("store"):
-                            vb = T.axis.opaque(R, rb)
-                            vri, vi = T.axis.remap("SS", [ri, i])
-                            if vb * RB + vri < offsets[ve + 1] - offsets[ve]:
-                                y[sorted_row(offsets, ve, vb, vri), vt * TN + vi] = acc[vri, vi]
+                for ko in range(T.if_then_else(offsets[ve] < offsets[ve + 1], K // KT, 0)):
+                    for kk, i in T.grid(KT, TN):
+                        with T.sblock("dequant"):
+                            # spatial, not opaque: the CPU rule reorders this block's loops
+                            vo = T.axis.spatial(K // KT, ko)
+                            vk, vi = T.axis.remap("SS", [kk, i])
+                            wt[vk, vi] = weight(w, sc, mn, ve, vt * TN + vi, vi, vo * KT + vk)
+                    for rb in range((offsets[ve + 1] - offsets[ve] + RB - 1) // RB):
+                        for ri, i in T.grid(RB, TN):
+                            with T.sblock("init"):
+                                vo = T.axis.opaque(K // KT, ko)
+                                vb = T.axis.opaque(R, rb)
+                                vri, vi = T.axis.remap("SS", [ri, i])
+                                # the earlier K tiles' partial sums, stored in y
+                                acc[vri, vi] = T.if_then_else(
+                                    vo == 0, T.float32(0), y[sorted_row(offsets, ve, vb, vri), vt * TN + vi])
+                        for ri, kk in T.grid(RB, KT):
+                            with T.sblock("xload"):
+                                vo = T.axis.opaque(K // KT, ko)
+                                vb = T.axis.opaque(R, rb)
+                                vri, vk = T.axis.remap("SS", [ri, kk])
+                                xs[vri, vk] = x[x_row(row_token, sorted_row(offsets, ve, vb, vri)), vo * KT + vk]
+                        for kk, ri, i in T.grid(KT, RB, TN):
+                            with T.sblock("fma"):
+                                vk, vri, vi = T.axis.remap("RSS", [kk, ri, i])
+                                acc[vri, vi] = acc[vri, vi] + xs[vri, vk] * wt[vk, vi]
+                        for ri, i in T.grid(RB, TN):
+                            with T.sblock("store"):
+                                vb = T.axis.opaque(R, rb)
+                                vri, vi = T.axis.remap("SS", [ri, i])
+                                if vb * RB + vri < offsets[ve + 1] - offsets[ve]:
+                                    y[sorted_row(offsets, ve, vb, vri), vt * TN + vi] = acc[vri, vi]
 
     return func.with_attr("global_symbol", grouped_gemm_symbol(ggml_type, E, R, N, K, gather))
 
@@ -258,6 +284,25 @@ def moe_sort_reference(ids: npt.NDArray[np.int32], n_valid: int, n_experts: int
         _, t, j = pairs[i]
         row_token[r], row_of[t, j] = t, r
     return offsets, row_token, row_of
+
+
+def grouped_gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int32],
+                           row_token: npt.NDArray[np.int32], x: npt.NDArray[np.float32], gather: bool
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(y, magnitude), float64 [offsets[E], n]: y as grouped_gemm writes its rows (GGUF bytes
+    `data` [E, n, row_bytes]), and |W| . |x| per element (the scale of its float32 rounding,
+    for `testing.assert_gemv_close`)."""
+    n, k = data.shape[1], x.shape[1]
+    xs = x[row_token[:offsets[-1]]] if gather else x[:offsets[-1]]
+    y = np.zeros((offsets[-1], n))
+    magnitude = np.zeros((offsets[-1], n))
+    for e in range(data.shape[0]):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            w = quant.dequantize(ggml_type, data[e], (n, k)).astype(np.float64)
+            y[lo:hi] = xs[lo:hi] @ w.T
+            magnitude[lo:hi] = np.abs(xs[lo:hi]) @ np.abs(w).T
+    return y, magnitude
 
 
 def moe_chunk_reference(

@@ -8,8 +8,9 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
                         `rows` rows at a time (that many independent accumulators, unrolled),
                         the tile's n lanes vectorised (x[t, k] broadcast); tiles in parallel
                         over the cores.
-  moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the tile's dequantization and
-                        the multiply-add over its TILE_N lanes vectorised.
+  moe_chunk.grouped_gemm: the (expert, tile) pairs in parallel; the K tile's dequantization,
+                        the x rows' staging and the multiply-add over its TILE_N lanes
+                        vectorised.
   moe_chunk.silu_mul:   rows in parallel, the elements of a row vectorised (the sigmoid is
                         plain arithmetic: `vecmath.sigmoid_f32`).
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
@@ -127,6 +128,7 @@ class GroupedGemmCpuRule(_FixedCpuRule):
             loops = sch.get_loops(sch.get_sblock(name))
             sch.vectorize(loops[-1])
             sch.unroll(loops[-2])  # the ROW_BLOCK accumulator rows
+        sch.vectorize(sch.get_loops(sch.get_sblock("xload"))[-1])  # a K tile of an x row
         sch.parallel(sch.fuse(e, tile))
 
 

@@ -6,9 +6,9 @@ says what a fast one needs: dequantized tiles on tensor cores or int8 MMA).
     KV append, silu_mul, the combine, take_row) take dlight's GPU rules, replayed as a trace
     onto the rule's schedule: dlight's Matmul rule for the GEMM (a shared-memory tiled matmul
     with the dequantization as its prologue), its reduction / fallback rules for the others;
-  - grouped_gemm: a block per (expert, 16-output tile); its 16 x ROW_BLOCK threads decode the
-    tile's scales into shared memory, then each thread owns one (row, output) accumulator and
-    decodes the weights it multiplies (again for each ROW_BLOCK rows: the plain version);
+  - grouped_gemm: a block per (expert, 16-output tile) that decodes each K tile of its weights
+    once into shared memory and multiplies it by the expert's rows staged there, a thread
+    accumulating 2 rows x 1 output in registers (GroupedGemmCudaRule says why);
   - causal_prefill_attention: a thread per (KV head, query tile), its tile's flash-attention
     loop in registers and local memory (the CPU's order, not yet shared-memory tiles);
   - moe_sort, advance_chunk, advance_pos: one thread (serial bookkeeping).
@@ -22,7 +22,8 @@ import tvm
 from tvm import s_tir
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.kernels.use import KernelUse
+from sparkinfer.kernels.moe_chunk import ROW_BLOCK, TILE_N, k_tile
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
@@ -174,25 +175,83 @@ class AdvancePosCudaRule(_OneThreadRule):
 
 
 class GroupedGemmCudaRule(_CudaRule):
+    """A block per (expert, TILE_N-output tile) of TILE_N x ROW_BLOCK / THREAD_ROWS threads
+    (64): threadIdx.x an output, threadIdx.y THREAD_ROWS rows of the row block.
+
+    Per K tile the block decodes the tile's weights once, cooperatively, into a shared float32
+    tile [TILE_N, K_TILE] (16 KiB; consecutive threads decode consecutive k of one weight row,
+    so a warp's quant-word reads coalesce; the scales and mins, decoded once per block, are
+    shared too); then for each ROW_BLOCK rows of the expert it stages their x K-tile in shared
+    memory (8 KiB, coalesced likewise) and each thread accumulates its THREAD_ROWS x 1 outputs
+    in registers from shared memory only. The partial sums cross K tiles through y (the
+    kernel's structure, shared with the CPU rule). Under 33 KiB of static shared memory a
+    block: no dynamic shared memory, 6 blocks an SM on an H200.
+
+    Why: the first version decoded every weight in every thread that multiplied it, once per
+    ROW_BLOCK rows, straight from global memory (11.8 ms a gate/up launch at T = 128 on an
+    H200). Now a weight is decoded once per block, and the multiply-add loop is bound by
+    shared-memory wavefronts: per X_RUN k steps a thread loads a 16-byte run of each of its
+    rows' x (a warp's lanes share them: 1 wavefront each) and of its output's weights (16
+    lanes, 2 wavefronts; nvcc merges the unrolled reads, the tiles' rows being K_TILE + X_RUN
+    floats apart: runs 16-byte aligned, a warp's rows on other banks), each weight serving
+    THREAD_ROWS rows: 0.5 wavefronts per warp multiply-add (2 with one row per thread and
+    scalar reads). TILE_N and ROW_BLOCK are the kernel's (the CPU's vector width and register
+    block), which caps the register tile."""
+
     family, factory = "moe_chunk", "grouped_gemm"
-    enable_check = False  # the rows loop's trip count is read from `offsets`
+    enable_check = False  # the K-tile and rows loops' trip counts are read from `offsets`
+
+    THREAD_ROWS: ClassVar[int] = 2  # rows of the row block a thread accumulates
+    X_RUN: ClassVar[int] = 4  # k steps unrolled: nvcc loads an x row's 4 floats at once
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        tile = sch.get_sblock("tile")
-        e, t = sch.get_loops(tile)
+        threads_y = ROW_BLOCK // self.THREAD_ROWS
+        e, t = sch.get_loops(sch.get_sblock("tile"))
         sch.bind(sch.fuse(e, t), "blockIdx.x")
         scale = sch.get_sblock("scale")
         sch.set_scope(scale, 0, "shared")  # the tile's scales,
         sch.set_scope(scale, 1, "shared")  # its mins
-        # The threadIdx.y rows decode the same scales (identical writes): cheap, 1/16 of a tile.
-        sch.bind(sch.get_loops(scale)[-3], "threadIdx.x")
-        # A [K, 16] float32 tile does not fit in shared memory at K = 2048 (128 KiB): each
-        # thread decodes its weights where it multiplies them instead, once per ROW_BLOCK rows.
-        sch.compute_inline(sch.get_sblock("dequant"))
-        for name in ("init", "fma", "store"):
+        for index in (0, 1):  # [chunk, part, output]: the 16 outputs' threads write 16 banks
+            sch.transform_layout(scale, ("write", index), lambda i, c, p: (c, p, i))
+        # Bound at the block's top level, threadIdx.y is one thread variable for every stage
+        # below, so the accumulators compact to the thread's own (registers, not local memory).
+        i, c, p = sch.get_loops(scale)[-3:]
+        sch.bind(i, "threadIdx.x")
+        sch.bind(sch.split(sch.fuse(c, p), [None, threads_y])[1], "threadIdx.y")
+        dequant, xload = sch.get_sblock("dequant"), sch.get_sblock("xload")
+        sch.set_scope(dequant, 0, "shared")
+        sch.set_scope(xload, 0, "shared")
+        # The weight tile [output, k], decoded along k: a warp reads consecutive quant words of
+        # one weight row (coalesced) and writes consecutive floats.
+        sch.transform_layout(dequant, ("write", 0), lambda k, i: (i, k))
+        sch.reorder(*reversed(sch.get_loops(dequant)[-2:]))
+        # Rows K_TILE + X_RUN floats apart: X_RUN-float runs 16-byte aligned, and the rows of
+        # one 16-byte load on the other banks.
+        for block in (dequant, xload):
+            sch.storage_align(block, 0, axis=0, factor=32, offset=self.X_RUN)
+        # Every thread a share of each tile, k fastest; the x rows' copy X_RUN floats (16
+        # bytes) a thread at once where the threads' runs tile a row.
+        x_run = self.X_RUN if ROW_BLOCK * k_tile(factory_args(use)[4]) % (threads_y * TILE_N * self.X_RUN) == 0 else 1
+        for block, run in ((dequant, 1), (xload, x_run)):
+            _, ty, tx, vec = sch.split(sch.fuse(*sch.get_loops(block)[-2:]), [None, threads_y, TILE_N, run])
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tx, "threadIdx.x")
+            if run > 1:
+                sch.vectorize(vec)
+        for name in ("init", "store"):
             ri, i = sch.get_loops(sch.get_sblock(name))[-2:]
-            sch.bind(ri, "threadIdx.y")
+            ty, j = sch.split(ri, [threads_y, self.THREAD_ROWS])  # (no reorder: opaque iters)
+            sch.bind(ty, "threadIdx.y")
             sch.bind(i, "threadIdx.x")  # TILE_N outputs
+            sch.unroll(j)
+        kk, ri, i = sch.get_loops(sch.get_sblock("fma"))[-3:]
+        ty, j = sch.split(ri, [threads_y, self.THREAD_ROWS])
+        ko, ki = sch.split(kk, [None, self.X_RUN])
+        sch.reorder(ty, i, ko, ki, j)  # threads outermost, each thread's K tile loop inside
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(i, "threadIdx.x")
+        sch.unroll(ki)
+        sch.unroll(j)  # each weight read serves the thread's rows
 
 
 class CausalPrefillAttentionCudaRule(_CudaRule):

@@ -1,0 +1,170 @@
+"""The T-token step's grouped expert GEMM on CUDA (schedule/prefill_cuda.py GroupedGemmCudaRule):
+codegen (the weights decoded into a shared-memory tile, the multiply-add reading shared memory
+only), nvcc for every arch, and on a GPU the Qwen3-30B-A3B shapes (128 experts, top 8, H 2048,
+I 768) for chunks of 128 and 512 tokens against the numpy reference (on GPU machines the
+library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+
+import functools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer.kernels import gemv, moe_chunk
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.schedule.prefill_cuda import GroupedGemmCudaRule
+
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    gpu_fixture,
+    kernel_body,
+    main,
+    module,
+    needs_nvcc,
+    scheduled,
+)
+
+E, KU, H, I = 128, 8, 2048, 768
+CHUNKS = (128, 512)  # tokens a chunk: 1024 and 4096 sorted rows
+SHARED_BYTES = 48 * 1024  # static shared memory a block may declare
+
+
+@dataclass(frozen=True)
+class Case:
+    ggml_type: T
+    gather: bool  # gate / up (x rows gathered by token) or down (x in sorted-row order)
+    n_tokens: int
+
+    @property
+    def rows(self) -> int:
+        return self.n_tokens * KU
+
+    @property
+    def n(self) -> int:
+        return I if self.gather else H
+
+    @property
+    def k(self) -> int:
+        return H if self.gather else I
+
+    @property
+    def x_rows(self) -> int:
+        return self.n_tokens if self.gather else self.rows
+
+    @property
+    def args(self) -> tuple:
+        return (self.ggml_type, E, self.rows, self.n, self.k, self.x_rows, self.gather)
+
+    @property
+    def symbol(self) -> str:
+        return moe_chunk.grouped_gemm_symbol(self.ggml_type, E, self.rows, self.n, self.k, self.gather)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        return scheduled(moe_chunk.grouped_gemm, "moe_chunk", *self.args)
+
+
+# Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and Q8_0 (K tiles of 32-weight blocks).
+CASES = [Case(t, gather, nt) for nt in CHUNKS
+         for t, gather in ((T.Q4_K, True), (T.Q8_0, True), (T.Q6_K, False), (T.Q4_K, False), (T.Q8_0, False))]
+
+
+def kernels_module() -> tvm.IRModule:
+    return module(*(case.func() for case in CASES))
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return cuda_source(kernels_module())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.symbol)
+def test_weights_decode_once_into_shared_memory(source: str, case: Case) -> None:
+    body = kernel_body(source, case.symbol)
+    shared = dict(re.findall(r"__shared__ alignas\(\d+\) float (\w+)_shared_ptr\[(\d+)\]", body))
+    # (TVM's storage rewrite may place the x tile in the mins' buffer of a format without mins)
+    assert {"sc", "wt"} <= set(shared) <= {"sc", "mn", "wt", "xs"}
+    assert 4 * sum(map(int, shared.values())) <= SHARED_BYTES
+    # The multiply-add reads the x tile and the weight tile from shared memory and nothing
+    # else: no weight decoded (no w_ptr) and no x row gathered in the FMA loop.
+    fmas = re.findall(r"acc_ptr\[\d+\] = \(acc_ptr\[\d+\] \+[^;]*;", body)
+    assert len(fmas) == GroupedGemmCudaRule.THREAD_ROWS * GroupedGemmCudaRule.X_RUN
+    for fma in fmas:
+        assert "wt_shared_ptr[" in fma and fma.count("_shared_ptr[") == 2
+        assert "w_ptr" not in fma and "x_ptr" not in fma
+    # The weight tile [output, k] and the x tile [row, k], rows padded by a 16-byte run.
+    padded = moe_chunk.K_TILE + GroupedGemmCudaRule.X_RUN
+    assert int(shared["wt"]) == moe_chunk.TILE_N * padded
+    assert int(shared.get("xs", moe_chunk.ROW_BLOCK * padded)) == moe_chunk.ROW_BLOCK * padded
+    # A thread's accumulators are its own registers: indexed by constants, not by a thread.
+    assert f"float acc_ptr[{GroupedGemmCudaRule.THREAD_ROWS}];" in body
+    assert not re.search(r"acc_ptr\[[^\]]*threadIdx", body)
+    # y per accumulator: one read (the earlier K tiles' partial sums), one guarded write.
+    assert body.count("y_ptr[") == 2 * GroupedGemmCudaRule.THREAD_ROWS
+    assert "__syncthreads()" in body
+    assert "= *(float4*)(x_ptr + " in body  # the x rows staged 16 bytes a thread at once
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(source: str, arch: str) -> None:
+    assert_nvcc_compiles(arch, source)
+
+
+# K tiles under K_TILE (k = 96: 32-weight tiles, whose x rows the threads copy 16 bytes at a
+# time; k = 16: one float per thread) and row counts off every block size.
+@needs_nvcc
+@pytest.mark.parametrize("args", [(T.Q8_0, 3, 20, 48, 96, 20, False), (T.F32, 2, 12, 32, 16, 4, True)],
+                         ids=["q8_0_k96", "f32_k16"])
+def test_short_k_tiles_compile(args: tuple) -> None:
+    source = cuda_source(module(scheduled(moe_chunk.grouped_gemm, "moe_chunk", *args)))
+    assert ("float4" in source) == (args[4] == 96)
+    assert_nvcc_compiles("sm_90", source)
+
+
+gpu = gpu_fixture("moe_chunk", kernels_module)
+
+
+@functools.cache
+def expert_weights(ggml_type: T, n: int, k: int) -> np.ndarray:
+    return random_weights(ggml_type, (E, n, k), np.random.default_rng(20261205 + n))
+
+
+def chunk_assignment(n_tokens: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, row_token) of a chunk whose last 3 tokens are padding (so 24 rows past
+    offsets[E]), in which experts 0-3 have no row, expert 4 has 72 (> 64: several row blocks
+    of a tile) and the rest draw uniformly."""
+    n_many = 72
+    ids = np.empty((n_tokens, KU), np.int32)
+    for t in range(n_tokens):
+        forced = [4] if t < n_many else []
+        ids[t] = forced + list(rng.choice(np.arange(5, E), KU - len(forced), replace=False))
+    offsets, row_token, _ = moe_chunk.moe_sort_reference(ids, n_tokens - 3, E)
+    counts = np.diff(offsets)
+    assert (counts[:4] == 0).all() and counts[4] == n_many
+    return offsets, row_token
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.symbol)
+def test_grouped_gemm_on_gpu_matches_numpy(gpu: Gpu, case: Case) -> None:
+    rng = np.random.default_rng(20261206 + case.rows)
+    data = expert_weights(case.ggml_type, case.n, case.k)
+    offsets, row_token = chunk_assignment(case.n_tokens, rng)
+    x = rng.standard_normal((case.x_rows, case.k), dtype=np.float32)
+    y = gpu.poisoned((case.rows, case.n))
+    gpu(case.symbol, gpu.tensor(gemv.weight_view(case.ggml_type, data)), gpu.tensor(offsets),
+        gpu.tensor(row_token), gpu.tensor(x), y)
+    got = y.numpy()
+    want, magnitude = moe_chunk.grouped_gemm_reference(case.ggml_type, data, offsets, row_token, x, case.gather)
+    assert_gemv_close(got[:offsets[-1]], want, magnitude)
+    assert np.isnan(got[offsets[-1]:]).all(), "a row past offsets[E] was written"
+
+
+if __name__ == "__main__":
+    main(__doc__, "moe_chunk", kernels_module)
