@@ -126,7 +126,7 @@ stage_pytest() {
   # Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
   # fail to collect, and the run stops there. --maxfail=10 rather than -x: one round, most answers.
   # shellcheck disable=SC2086
-  timeout -k 10 "$(limit 240 250)" python3 -m pytest -m gpu --maxfail=10 -q -p no:cacheprovider --durations=8 $files \
+  timeout -k 10 "$(limit 300 250)" python3 -m pytest -m gpu --maxfail=10 -q -p no:cacheprovider --durations=8 $files \
     > "$round/pytest.log" 2>&1
   local rc=$?
   tail -n 3 "$round/pytest.log"
