@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import tvm
 from tvm import s_tir
+from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.use import KernelUse
@@ -115,15 +116,79 @@ class GroupedGemmCudaRule(_CudaRule):
 
 
 class CausalPrefillAttentionCudaRule(_CudaRule):
+    """A thread block per (KV head, query tile) (the kernel's tile, R = QUERY_TILE * G rows),
+    THREADS threads; the tile's flash-attention steps each spread over the block:
+      - Q^T (scaled), the K and V tiles (widened from fp16), S and the softmax state live in
+        shared memory: Q once per block, K and V once per key tile (thread = head dim, so a
+        warp reads 64 contiguous bytes of a row);
+      - S = Q K^T: a thread per (key, row) entry, its D-long dot product in a register;
+      - per-row bookkeeping (max, rescale factor, sum): a thread per row; P = exp(S - max): a
+        thread per (key, row) entry;
+      - the output accumulator is registers: thread d owns column d of all R rows, so the
+        rescale and O += P V need no exchange (each key's V[j, d] is reused for R rows, the
+        P row is read as warp-wide broadcasts);
+    TVM places the barriers between the steps' shared-memory writes and reads. The key loop's
+    trip count depends on the tile (blockIdx) only, so every thread of a block reaches every
+    barrier. At T = 128 this is NKV * T / QUERY_TILE = 128 blocks; the previous rule (a thread
+    per tile, [R, D] in local memory) ran 128 threads in all."""
+
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
-    THREADS: ClassVar[int] = 64
+    THREADS: ClassVar[int] = 128  # = D at full size: one accumulator column a thread
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        kv, it = sch.get_loops(sch.get_sblock("tile"))
-        bx, tx = sch.split(sch.fuse(kv, it), [None, self.THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
+        blk = sch.get_sblock
+        kv, it = sch.get_loops(blk("tile"))
+        sch.bind(sch.fuse(kv, it), "blockIdx.x")
+        for block, buffer in (("q_load", "q_tile"), ("k_load", "k_tile"), ("v_load", "v_tile"), ("qk", "s"),
+                              ("state_init", "row_max"), ("state_init", "row_sum"), ("max_init", "new_max"),
+                              ("rescale_state", "alpha")):
+            b = blk(block)
+            sch.set_scope(b, next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer), "shared")
+
+        def spread(loops: list[LoopRV]) -> LoopRV:
+            """The loops' iterations over the block's threads (consecutive ones on consecutive
+            threads, a predicate where they do not divide); returns the per-thread loop."""
+            outer, tx = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, self.THREADS])
+            sch.bind(tx, "threadIdx.x")
+            return outer
+
+        for name in ("q_load", "k_load", "v_load", "weight"):
+            spread(sch.get_loops(blk(name))[-2:])
+        for name in ("state_init", "max_init", "rescale_state"):
+            spread(sch.get_loops(blk(name))[-1:])
+        for name in ("max", "sum"):  # loops (key, row): a thread per row, its keys serial
+            jj, r = sch.get_loops(blk(name))[-2:]
+            # (not moved inside: "max" has the opaque key-tile iter)
+            spread([r])
+        # S: thread t takes one row and BK * R / THREADS consecutive keys (the same keys across
+        # a warp), their sums in registers; per 4 head dims: 4 Q loads (a warp's rows:
+        # consecutive) and one 16-byte K load (a broadcast) per key
+        qk = blk("qk")
+        d, jj, r = sch.get_loops(qk)[-3:]
+        rows = int(sch.get(r).extent)
+        jj, keys = sch.split(jj, [max(1, self.THREADS // rows), None])  # (a warp's keys, its key)
+        sch.reorder(jj, r, keys, d)
+        spread([jj, r])
+        tx = sch.get_loops(qk)[-3]
+        d_outer, d_inner = sch.split(d, [None, 4])
+        sch.reorder(tx, d_outer, d_inner, keys)
+        s_local = sch.cache_write(qk, 0, "local")
+        sch.reverse_compute_at(s_local, tx)
+        sch.decompose_reduction(qk, d_outer)
+        for loop in (d_inner, keys, *sch.get_loops(blk("qk_init"))[-1:], *sch.get_loops(s_local)[-1:]):
+            sch.unroll(loop)
+        # The accumulator's blocks: thread = head dim, the rows unrolled (registers)
+        for name in ("acc_init", "rescale", "store"):
+            r, d = sch.get_loops(blk(name))[-2:]
+            sch.reorder(d, r)
+            spread([d])
+            sch.unroll(r)
+        r, jj, d = sch.get_loops(blk("pv"))[-3:]
+        sch.reorder(d, jj, r)
+        spread([d])
+        sch.unroll(jj)
+        sch.unroll(r)
 
 
 CUDA_RULES: tuple[ScheduleRule, ...] = (
