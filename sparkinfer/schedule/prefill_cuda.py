@@ -9,8 +9,8 @@ says what a fast one needs: dequantized tiles on tensor cores or int8 MMA).
   - grouped_gemm: a block per (expert, 16-output tile); its 16 x ROW_BLOCK threads decode the
     tile's scales into shared memory, then each thread owns one (row, output) accumulator and
     decodes the weights it multiplies (again for each ROW_BLOCK rows: the plain version);
-  - causal_prefill_attention: a thread per (KV head, query tile), its tile's flash-attention
-    loop in registers and local memory (the CPU's order, not yet shared-memory tiles);
+  - causal_prefill_attention: a block per (KV head, query tile), the tile's Q, K, V, S and
+    softmax state in shared memory, S's sums and the output in registers (the rule's docstring);
   - moe_sort, advance_chunk, advance_pos: one thread (serial bookkeeping).
 """
 
@@ -121,16 +121,21 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
       - Q^T (scaled), the K and V tiles (widened from fp16), S and the softmax state live in
         shared memory: Q once per block, K and V once per key tile (thread = head dim, so a
         warp reads 64 contiguous bytes of a row);
-      - S = Q K^T: a thread per (key, row) entry, its D-long dot product in a register;
+      - S = Q K^T: a thread per row and BK * R / THREADS consecutive keys (4 at full size),
+        the dot products summed in registers, then stored to S once;
       - per-row bookkeeping (max, rescale factor, sum): a thread per row; P = exp(S - max): a
-        thread per (key, row) entry;
+        thread per (key, row) entry, into the K tile's first R columns (the kernel's layout);
       - the output accumulator is registers: thread d owns column d of all R rows, so the
-        rescale and O += P V need no exchange (each key's V[j, d] is reused for R rows, the
-        P row is read as warp-wide broadcasts);
-    TVM places the barriers between the steps' shared-memory writes and reads. The key loop's
-    trip count depends on the tile (blockIdx) only, so every thread of a block reaches every
-    barrier. At T = 128 this is NKV * T / QUERY_TILE = 128 blocks; the previous rule (a thread
-    per tile, [R, D] in local memory) ran 128 threads in all."""
+        rescale and O += P V need no exchange (each key's V[j, d] serves R rows, the P row is
+        read as warp-wide 16-byte broadcasts).
+    TVM places the barriers between the steps' shared-memory writes and reads (6 a key tile).
+    The key loop's trip count depends on the tile (blockIdx) only, so every thread of a block
+    reaches every barrier. At T = 128: NKV * T / QUERY_TILE = 128 blocks of 128 threads (the
+    previous rule: a thread per tile, 128 threads in all, [R, D] in local memory). Per key
+    tile a thread issues ~1024 FMAs and ~400 shared loads (nvcc makes the broadcasts 16-byte
+    loads): shared-load bound near 60 % of the FP32 peak at best. Not done: key tiles larger
+    than the CPU's 16 (fewer barriers a key), splitting a tile's keys over blocks (T = 128
+    gives one block an SM), tensor cores."""
 
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
@@ -158,15 +163,15 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
         for name in ("state_init", "max_init", "rescale_state"):
             spread(sch.get_loops(blk(name))[-1:])
         for name in ("max", "sum"):  # loops (key, row): a thread per row, its keys serial
-            jj, r = sch.get_loops(blk(name))[-2:]
-            # (not moved inside: "max" has the opaque key-tile iter)
-            spread([r])
+            spread(sch.get_loops(blk(name))[-1:])  # (the key loop stays outside: "max" has an opaque iter)
         # S: thread t takes one row and BK * R / THREADS consecutive keys (the same keys across
         # a warp), their sums in registers; per 4 head dims: 4 Q loads (a warp's rows:
         # consecutive) and one 16-byte K load (a broadcast) per key
         qk = blk("qk")
         d, jj, r = sch.get_loops(qk)[-3:]
         rows = int(sch.get(r).extent)
+        if rows > self.THREADS:  # a thread's entries must be one row's consecutive keys
+            raise SparkInferError(f"kernel {use.name}: {rows} rows a query tile, more than {self.THREADS} threads")
         jj, keys = sch.split(jj, [max(1, self.THREADS // rows), None])  # (a warp's keys, its key)
         sch.reorder(jj, r, keys, d)
         spread([jj, r])
