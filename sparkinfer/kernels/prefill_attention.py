@@ -120,8 +120,6 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G, BQ, BK = NH // NKV, QUERY_TILE, min(KEY_TILE, P)
     R, NQT = BQ * G, -(-NT // BQ)
-    if R > D:
-        raise ValueError(f"{R} rows a query tile do not fit the K tile's {D} columns (P^T goes there)")
     scale = T.float32(1.0 / math.sqrt(D))
     lowest = T.min_value("float32")
 
@@ -160,12 +158,9 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                 # Rows in the last axis (vector lanes): softmax's per-row max, sum and rescale
                 # are then lane-wise, with no reduction across lanes.
                 q_tile = T.sblock_alloc_buffer((D, R), "float32", scope="local")  # Q^T * scale
-                # K, then in its first R columns (K is dead once S is formed) P^T: S keeps one
-                # writer (a GPU schedule accumulates it in registers), and a third [BK, R] buffer
-                # measured ~7 % slower on the CPU
                 k_tile = T.sblock_alloc_buffer((BK, D), "float32", scope="local")
                 v_tile = T.sblock_alloc_buffer((BK, D), "float32", scope="local")
-                s = T.sblock_alloc_buffer((BK, R), "float32", scope="local")  # S^T
+                s = T.sblock_alloc_buffer((BK, R), "float32", scope="local")  # S^T, then P^T
                 acc = T.sblock_alloc_buffer((R, D), "float32", scope="local")
                 # per row: running max, running sum, the max after this tile, the rescale
                 # exp(old - new max); four buffers, so a GPU schedule's thread per row indexes
@@ -218,7 +213,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                         with T.sblock("weight"):
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vr = T.axis.remap("SS", [jj, r])
-                            k_tile[vj, vr] = T.Select(vkb * BK + vj <= pos[0] + first_query(vit) + vr // G,
+                            s[vj, vr] = T.Select(vkb * BK + vj <= pos[0] + first_query(vit) + vr // G,
                                                  exp_f32(s[vj, vr] - new_max[vr]), T.float32(0))
                     for r in range(R):
                         with T.sblock("rescale_state"):
@@ -229,7 +224,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                     for jj, r in T.grid(BK, R):
                         with T.sblock("sum"):
                             vj, vr = T.axis.remap("RS", [jj, r])
-                            row_sum[vr] = row_sum[vr] + k_tile[vj, vr]
+                            row_sum[vr] = row_sum[vr] + s[vj, vr]
                     for r, d in T.grid(R, D):
                         with T.sblock("rescale"):
                             vr, vd = T.axis.remap("SS", [r, d])
@@ -237,7 +232,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("pv"):
                             vr, vj, vd = T.axis.remap("SRS", [r, jj, d])
-                            acc[vr, vd] = acc[vr, vd] + k_tile[vj, vr] * v_tile[vj, vd]
+                            acc[vr, vd] = acc[vr, vd] + s[vj, vr] * v_tile[vj, vd]
                 for r, d in T.grid(R, D):
                     with T.sblock("store"):
                         vr, vd = T.axis.remap("SS", [r, d])

@@ -116,30 +116,31 @@ class GroupedGemmCudaRule(_CudaRule):
 
 
 class CausalPrefillAttentionCudaRule(_CudaRule):
-    """A thread block per (KV head, query tile) (the kernel's tile, R = QUERY_TILE * G rows),
-    THREADS threads; the tile's flash-attention steps each spread over the block:
-      - Q^T (scaled), the K and V tiles (widened from fp16), S and the softmax state live in
-        shared memory: Q once per block, K and V once per key tile (thread = head dim, so a
-        warp reads 64 contiguous bytes of a row);
-      - S = Q K^T: a thread per row and BK * R / THREADS consecutive keys (4 at full size),
-        the dot products summed in registers, then stored to S once;
-      - per-row bookkeeping (max, rescale factor, sum): a thread per row; P = exp(S - max): a
-        thread per (key, row) entry, into the K tile's first R columns (the kernel's layout);
-      - the output accumulator is registers: thread d owns column d of all R rows, so the
-        rescale and O += P V need no exchange (each key's V[j, d] serves R rows, the P row is
-        read as warp-wide 16-byte broadcasts).
-    TVM places the barriers between the steps' shared-memory writes and reads (6 a key tile).
-    The key loop's trip count depends on the tile (blockIdx) only, so every thread of a block
-    reaches every barrier. At T = 128: NKV * T / QUERY_TILE = 128 blocks of 128 threads (the
-    previous rule: a thread per tile, 128 threads in all, [R, D] in local memory). Per key
-    tile a thread issues ~1024 FMAs and ~400 shared loads (nvcc makes the broadcasts 16-byte
-    loads): shared-load bound near 60 % of the FP32 peak at best. Not done: key tiles larger
-    than the CPU's 16 (fewer barriers a key), splitting a tile's keys over blocks (T = 128
-    gives one block an SM), tensor cores."""
+    """A thread block per (KV head, query tile) (the kernel's tile: R = QUERY_TILE * G rows),
+    a thread per entry of the [BK, R] score tile (512 at full size); the tile's
+    flash-attention steps each spread over the block:
+      - Q^T (scaled), the K and V tiles (widened from fp16), S (then P, in place) and the
+        softmax state live in shared memory: Q once per block, K and V once per key tile
+        (consecutive threads on consecutive head dims: coalesced);
+      - S = Q K^T: thread t sums entry t over D. Its shared-memory slot is indexed by t alone,
+        so TVM's barrier planner puts no barrier in the sum and nvcc keeps the partial sum in
+        a register (the kernel writes P over S, so a cache_write cannot take S: two writers);
+      - per-row bookkeeping (max, rescale factor, sum): a thread per row; P = exp(S - max):
+        thread t, entry t;
+      - the output accumulator is registers: thread (row group, d) owns column d of R * D /
+        THREADS consecutive rows (8 at full size), so the rescale and O += P V need no
+        exchange (each V[j, d] serves 8 rows, P rows are read as 16-byte broadcasts).
+    TVM places the barriers between the steps (6 a key tile). The key loop's trip count
+    depends on the tile (blockIdx) only, so every thread of a block reaches every barrier. At
+    T = 128: NKV * T / QUERY_TILE = 128 blocks of 16 warps (the previous rule: a thread per
+    tile, 128 threads in all, [R, D] in local memory). Per key tile a warp issues 256 FMAs
+    and ~210 shared loads: shared-load bound, ~20 TFLOP/s at best on an H200. Not done: key
+    tiles larger than the CPU's 16 (fewer barriers a key), register tiles of several S
+    entries a thread (needs S apart from P in the kernel: the CPU measured slower so),
+    splitting a tile's keys over blocks (T = 128 gives one block an SM), tensor cores."""
 
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
-    THREADS: ClassVar[int] = 128  # = D at full size: one accumulator column a thread
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         blk = sch.get_sblock
@@ -150,11 +151,16 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
                               ("rescale_state", "alpha")):
             b = blk(block)
             sch.set_scope(b, next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer), "shared")
+        d, jj, r = sch.get_loops(blk("qk"))[-3:]
+        keys, rows, head_dim = (int(sch.get(loop).extent) for loop in (jj, r, d))
+        threads = keys * rows
+        if threads > facts.max_threads_per_block:
+            raise SparkInferError(f"kernel {use.name}: a {keys} x {rows} score tile is more than a block's threads")
 
         def spread(loops: list[LoopRV]) -> LoopRV:
             """The loops' iterations over the block's threads (consecutive ones on consecutive
             threads, a predicate where they do not divide); returns the per-thread loop."""
-            outer, tx = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, self.THREADS])
+            outer, tx = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, threads])
             sch.bind(tx, "threadIdx.x")
             return outer
 
@@ -164,36 +170,33 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
             spread(sch.get_loops(blk(name))[-1:])
         for name in ("max", "sum"):  # loops (key, row): a thread per row, its keys serial
             spread(sch.get_loops(blk(name))[-1:])  # (the key loop stays outside: "max" has an opaque iter)
-        # S: thread t takes one row and BK * R / THREADS consecutive keys (the same keys across
-        # a warp), their sums in registers; per 4 head dims: 4 Q loads (a warp's rows:
-        # consecutive) and one 16-byte K load (a broadcast) per key
+        # S: entry t's sum on thread t, the head dims serial (by 4: K's four are one 16-byte load)
         qk = blk("qk")
-        d, jj, r = sch.get_loops(qk)[-3:]
-        rows = int(sch.get(r).extent)
-        if rows > self.THREADS:  # a thread's entries must be one row's consecutive keys
-            raise SparkInferError(f"kernel {use.name}: {rows} rows a query tile, more than {self.THREADS} threads")
-        jj, keys = sch.split(jj, [max(1, self.THREADS // rows), None])  # (a warp's keys, its key)
-        sch.reorder(jj, r, keys, d)
+        sch.reorder(jj, r, d)
         spread([jj, r])
-        tx = sch.get_loops(qk)[-3]
-        d_outer, d_inner = sch.split(d, [None, 4])
-        sch.reorder(tx, d_outer, d_inner, keys)
-        s_local = sch.cache_write(qk, 0, "local")
-        sch.reverse_compute_at(s_local, tx)
-        sch.decompose_reduction(qk, d_outer)
-        for loop in (d_inner, keys, *sch.get_loops(blk("qk_init"))[-1:], *sch.get_loops(s_local)[-1:]):
-            sch.unroll(loop)
-        # The accumulator's blocks: thread = head dim, the rows unrolled (registers)
-        for name in ("acc_init", "rescale", "store"):
-            r, d = sch.get_loops(blk(name))[-2:]
-            sch.reorder(d, r)
-            spread([d])
-            sch.unroll(r)
-        r, jj, d = sch.get_loops(blk("pv"))[-3:]
-        sch.reorder(d, jj, r)
-        spread([d])
-        sch.unroll(jj)
-        sch.unroll(r)
+        sch.decompose_reduction(qk, d)
+        sch.unroll(sch.split(d, [None, 4])[1])
+        # The accumulator's blocks: thread = (row group, head dim), the group's rows unrolled
+        # (registers)
+        groups = max(1, threads // head_dim)
+
+        def rows_by_thread(block: str) -> LoopRV:
+            """Splits the block's row loop into (thread's group, row in the group) and binds
+            (group, head dim); returns the row-in-group loop."""
+            loops = sch.get_loops(blk(block))
+            r, d = loops[-3] if block == "pv" else loops[-2], loops[-1]
+            group, row = sch.split(r, [groups, None])
+            if block == "pv":
+                sch.reorder(group, d, loops[-2], row)
+            else:
+                sch.reorder(group, d, row)
+            spread([group, d])
+            sch.unroll(row)
+            return row
+
+        for name in ("acc_init", "rescale", "store", "pv"):
+            rows_by_thread(name)
+        sch.unroll(sch.get_loops(blk("pv"))[-2])  # the tile's keys
 
 
 CUDA_RULES: tuple[ScheduleRule, ...] = (
