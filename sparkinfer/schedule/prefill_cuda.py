@@ -128,9 +128,10 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
       - per-row bookkeeping (max, rescale factor, sum): a thread per row; P = exp(S - max):
         thread t, entry t;
       - the output accumulator is registers: thread (row group, d) owns column d of R * D /
-        THREADS consecutive rows (8 at full size), so the rescale and O += P V need no
-        exchange (each V[j, d] serves 8 rows, P rows are read as 16-byte broadcasts).
-    TVM places the barriers between the steps (6 a key tile). The key loop's trip count
+        threads consecutive rows (8 at full size; 50 registers on sm_90a, no spills), so the
+        rescale and O += P V need no exchange (each V[j, d] serves 8 rows, P rows are read
+        as 16-byte broadcasts).
+    TVM places the barriers between the steps (5 a key tile). The key loop's trip count
     depends on the tile (blockIdx) only, so every thread of a block reaches every barrier. At
     T = 128: NKV * T / QUERY_TILE = 128 blocks of 16 warps (the previous rule: a thread per
     tile, 128 threads in all, [R, D] in local memory). Per key tile a warp issues 256 FMAs
