@@ -162,8 +162,13 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                 v_tile = T.sblock_alloc_buffer((BK, D), "float32", scope="local")
                 s = T.sblock_alloc_buffer((BK, R), "float32", scope="local")  # S^T, then P^T
                 acc = T.sblock_alloc_buffer((R, D), "float32", scope="local")
-                # per row: running max, running sum, this tile's max, the rescale exp(old - new max)
-                st = T.sblock_alloc_buffer((4, R), "float32", scope="local")
+                # per row: running max, running sum, the max after this tile, the rescale
+                # exp(old - new max); four buffers, so a GPU schedule's thread per row indexes
+                # each by its row alone (TVM's barrier planner then sees no cross-thread access)
+                row_max = T.sblock_alloc_buffer((R,), "float32", scope="local")
+                row_sum = T.sblock_alloc_buffer((R,), "float32", scope="local")
+                new_max = T.sblock_alloc_buffer((R,), "float32", scope="local")
+                alpha = T.sblock_alloc_buffer((R,), "float32", scope="local")
                 for d, r in T.grid(D, R):
                     with T.sblock("q_load"):
                         vd, vr = T.axis.remap("SS", [d, r])
@@ -175,8 +180,8 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                 for r in range(R):
                     with T.sblock("state_init"):
                         vr = T.axis.spatial(R, r)
-                        st[0, vr] = lowest
-                        st[1, vr] = T.float32(0)
+                        row_max[vr] = lowest
+                        row_sum[vr] = T.float32(0)
                 for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
                     for jj, d in T.grid(BK, D):
                         with T.sblock("k_load"):
@@ -188,44 +193,42 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
                             v_tile[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
-                    for jj, r in T.grid(BK, R):
-                        with T.sblock("qk_init"):
-                            vj, vr = T.axis.remap("SS", [jj, r])
-                            s[vj, vr] = T.float32(0)
                     for d, jj, r in T.grid(D, BK, R):
-                        with T.sblock("qk"):
+                        with T.sblock("qk"):  # a reduction with its init: schedules place the init
                             vd, vj, vr = T.axis.remap("RSS", [d, jj, r])
+                            with T.init():
+                                s[vj, vr] = T.float32(0)
                             s[vj, vr] = s[vj, vr] + k_tile[vj, vd] * q_tile[vd, vr]
                     for r in range(R):
                         with T.sblock("max_init"):
                             vr = T.axis.spatial(R, r)
-                            st[2, vr] = st[0, vr]
+                            new_max[vr] = row_max[vr]
                     for jj, r in T.grid(BK, R):
                         with T.sblock("max"):
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vr = T.axis.remap("RS", [jj, r])
-                            st[2, vr] = T.max(st[2, vr], T.Select(
+                            new_max[vr] = T.max(new_max[vr], T.Select(
                                 vkb * BK + vj <= pos[0] + first_query(vit) + vr // G, s[vj, vr], lowest))
                     for jj, r in T.grid(BK, R):
                         with T.sblock("weight"):
                             vkb = T.axis.opaque(MP * P // BK, kb)
                             vj, vr = T.axis.remap("SS", [jj, r])
                             s[vj, vr] = T.Select(vkb * BK + vj <= pos[0] + first_query(vit) + vr // G,
-                                                 exp_f32(s[vj, vr] - st[2, vr]), T.float32(0))
+                                                 exp_f32(s[vj, vr] - new_max[vr]), T.float32(0))
                     for r in range(R):
                         with T.sblock("rescale_state"):
                             vr = T.axis.spatial(R, r)
-                            st[3, vr] = exp_f32(st[0, vr] - st[2, vr])
-                            st[1, vr] = st[1, vr] * st[3, vr]
-                            st[0, vr] = st[2, vr]
+                            alpha[vr] = exp_f32(row_max[vr] - new_max[vr])
+                            row_sum[vr] = row_sum[vr] * alpha[vr]
+                            row_max[vr] = new_max[vr]
                     for jj, r in T.grid(BK, R):
                         with T.sblock("sum"):
                             vj, vr = T.axis.remap("RS", [jj, r])
-                            st[1, vr] = st[1, vr] + s[vj, vr]
+                            row_sum[vr] = row_sum[vr] + s[vj, vr]
                     for r, d in T.grid(R, D):
                         with T.sblock("rescale"):
                             vr, vd = T.axis.remap("SS", [r, d])
-                            acc[vr, vd] = acc[vr, vd] * st[3, vr]
+                            acc[vr, vd] = acc[vr, vd] * alpha[vr]
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("pv"):
                             vr, vj, vd = T.axis.remap("SRS", [r, jj, d])
@@ -235,7 +238,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
                         vr, vd = T.axis.remap("SS", [r, d])
                         if first_query(vit) + vr // G < NT:
                             out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
-                                first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / st[1, vr], T.float32(0))
+                                first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / row_sum[vr], T.float32(0))
 
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 

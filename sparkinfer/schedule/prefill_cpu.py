@@ -153,7 +153,9 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         kv, it = sch.get_loops(sch.get_sblock("tile"))
-        for name in ("q_load", "acc_init", "state_init", "k_load", "v_load", "qk_init", "qk", "max_init", "max",
+        qk = sch.get_sblock("qk")
+        sch.decompose_reduction(qk, sch.get_loops(qk)[-3])  # S = 0 ("qk_init"), then the D-long sums
+        for name in ("q_load", "acc_init", "state_init", "k_load", "v_load", "qk_init", "qk_update", "max_init", "max",
                      "weight", "rescale_state", "sum", "rescale", "store"):
             sch.vectorize(sch.get_loops(sch.get_sblock(name))[-1])
         # P V: PV_ROWS rows x the head dims in vectors as register accumulators across the

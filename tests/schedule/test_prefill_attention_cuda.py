@@ -1,0 +1,107 @@
+"""The T-token step's causal attention on CUDA (schedule/prefill_cuda.py,
+CausalPrefillAttentionCudaRule): codegen, nvcc for every arch, and on a GPU the Qwen3-30B-A3B
+head shapes at chunks of 128 and 512 against numpy (on GPU machines the library comes
+prebuilt: `python -m tests.gpu_prebuild`)."""
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from sparkinfer.kernels import prefill_attention as PA
+
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    gpu_fixture,
+    kernel_body,
+    main,
+    module,
+    needs_nvcc,
+    scheduled,
+)
+
+# Qwen3-30B-A3B: 32 query heads over 4 KV heads of 128; 64-token pages; 40960-token context.
+NH, NKV, D, P, MP = 32, 4, 128, 64, 640
+N_PAGES = 40  # room for 700 cached tokens and a 512-token chunk, plus pages never mapped
+CHUNKS = (128, 512)
+
+
+def symbol(n_tokens: int) -> str:
+    return f"causal_prefill_attention_{n_tokens}x{NH}x{NKV}x{D}_p{P}"
+
+
+def kernels_module(chunks: tuple[int, ...] = CHUNKS) -> tvm.IRModule:
+    return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP)
+                    for t in chunks))
+
+
+def test_block_per_tile_with_state_in_registers() -> None:
+    source = cuda_source(kernels_module((128,)))
+    # a thread per entry of the 16-key x 32-row score tile
+    assert f"__launch_bounds__(512) {symbol(128)}_kernel(" in source
+    body = kernel_body(source, symbol(128))
+    for tile in ("q_tile", "k_tile", "v_tile", "s", "row_max", "row_sum", "new_max", "alpha"):
+        assert re.search(rf"__shared__ [^;]* {tile}_shared_ptr\[", body), tile
+    # The output accumulator is registers: indexed by constants only.
+    indices = re.findall(r"\bacc_ptr\[([^\]]*)\]", body)
+    assert indices and all(re.fullmatch(r"\d+", i) for i in indices), indices
+    # Thread t's score sum reads and writes slot t alone: no barrier between its steps (nvcc
+    # then keeps the sum in a register).
+    sums = re.findall(r"s_shared_ptr\[\(\(int\)threadIdx\.x\)\] = \(s_shared_ptr\[\(\(int\)threadIdx\.x\)\] \+", body)
+    assert len(sums) == 4  # head dims by 4 a loop step
+    qk = body[body.index(sums[0]) : body.rindex(sums[-1])]
+    assert "__syncthreads" not in qk
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(arch: str) -> None:
+    assert_nvcc_compiles(arch, kernels_module((128,)))
+
+
+gpu = gpu_fixture("prefill_attention", kernels_module)
+
+
+def paged_cache(rng: np.random.Generator, page_table: np.ndarray, n_cached: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 K and V with random rows at positions 0 .. n_cached - 1 and NaN everywhere else
+    (a key the kernel must not see poisons its output)."""
+    k = np.full((N_PAGES, P, NKV, D), np.nan, np.float16)
+    v = np.full((N_PAGES, P, NKV, D), np.nan, np.float16)
+    t = np.arange(n_cached)
+    k[page_table[t // P], t % P] = rng.standard_normal((n_cached, NKV, D)) * 2
+    v[page_table[t // P], t % P] = rng.standard_normal((n_cached, NKV, D))
+    return k, v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tokens", CHUNKS)
+@pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
+                         ids=["first-full", "first-partial", "prefix-full", "prefix-partial"])
+def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int) -> None:
+    """A first chunk (pos 0) and one after a 700-token prefix (a page boundary inside a tile),
+    full (n_valid = T) and partial (T - 3: padding rows must come out 0)."""
+    rng = np.random.default_rng(n_tokens * 1000 + pos + short)
+    n_valid = n_tokens - short
+    # Physical pages in random order; the table's unused tail points at real pages too.
+    page_table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
+    k_cache, v_cache = paged_cache(rng, page_table, pos + n_valid)
+    q = rng.standard_normal((n_tokens, NH, D), dtype=np.float32)
+
+    out = gpu.poisoned((n_tokens, NH * D))
+    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
+    gpu(symbol(n_tokens), *map(gpu.tensor, inputs), out)
+
+    want = PA.causal_prefill_attention_reference(q, k_cache, v_cache, page_table, pos, n_valid)
+    got = out.numpy()
+    np.testing.assert_array_equal(got[n_valid:], 0)
+    # float32 sums of up to 1212 terms (exp by vecmath's polynomial) in another order than
+    # the oracle's: the CPU build's tolerance (tests/kernels/test_chunk_kernels.py).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+if __name__ == "__main__":
+    main(__doc__, "prefill_attention", kernels_module)
