@@ -63,10 +63,10 @@ def prepare(arch: str) -> dict:
     result = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled")
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
-    # The same model with the T-token step (prefill chunks of CHUNKS): the CUDA archs do not
-    # build it by default yet (compiler/pipeline.py), the round checks and times it.
-    chunked = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "chunked",
-                            prefill_chunks=CHUNKS)
+    # The module with the T-token step (prefill chunks of CHUNKS): the one above where those
+    # are the arch's default chunks (compiler/pipeline.py), else built beside it.
+    chunked = result if result.manifest.prefill_chunks == CHUNKS else compile_model(
+        config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "chunked", prefill_chunks=CHUNKS)
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),

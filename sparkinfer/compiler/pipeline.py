@@ -78,11 +78,11 @@ CPU_SPLITS = 1
 
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
-# its build small (128 amortises each weight's dequantization over 128 tokens). None on the
-# CUDA archs yet: their chunk rules (schedule/prefill_cuda.py) are correct on an H200 but
-# prefill at 45 tok/s, slower than the decode step's token loop (244; bench/NOTES.md, "The H200
-# round"), so a GPU prefills token by token until tensor-core rules replace them.
-DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
+# its build small (128 amortises each weight's dequantization over 128 tokens). The GPUs also
+# get 512: a chunk reads every expert's weights once, so long prompts want the larger one, and
+# short ones (or a long one's rest) the smaller (bench/NOTES.md, "Session 5", per-kernel times).
+DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {
+    "cpu": (128,), **{arch: (128, 512) for arch in targets.ARCHS if arch != "cpu"}}
 
 
 def default_prefill_chunks(arch: str) -> tuple[int, ...]:

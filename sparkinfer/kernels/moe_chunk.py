@@ -82,9 +82,13 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
                     T.writes(count[ve])
                     # stages sum in a register and store once (a GPU stage's buffers are shared)
                     n = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    # (each pair's expert into a register before the test: a GPU's ids are in
+                    # shared memory, which TVM cannot read inside a condition)
+                    pair_expert = T.sblock_alloc_buffer((1,), "int32", scope="local")
                     n[0] = 0
                     for t, j in T.grid(NT, KU):
-                        if t < n_valid[0] and expert(ids, t, j) == ve:
+                        pair_expert[0] = expert(ids, t, j)
+                        if t < n_valid[0] and pair_expert[0] == ve:
                             n[0] = n[0] + 1
                     count[ve] = n[0]
             for e in range(E + 1):
@@ -104,9 +108,11 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
                     T.reads(ids[0:NT, 0:KU], n_valid[0], start[ve])
                     T.writes(row_token[0:NT * KU], row_of[0:NT, 0:KU])
                     fill = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    pair_expert = T.sblock_alloc_buffer((1,), "int32", scope="local")
                     fill[0] = start[ve]
                     for t, j in T.grid(NT, KU):
-                        if t < n_valid[0] and expert(ids, t, j) == ve:
+                        pair_expert[0] = expert(ids, t, j)
+                        if t < n_valid[0] and pair_expert[0] == ve:
                             row_token[fill[0]] = t
                             row_of[t, j] = fill[0]
                             fill[0] = fill[0] + 1

@@ -115,3 +115,16 @@ def test_the_chunk_plan_fills_the_largest_step_then_the_smallest_that_holds_the_
     assert plan_chunks((8, 32), 20) == [(32, 20)]
     assert plan_chunks((8,), 1) == [(8, 1)]
     assert plan_chunks((8,), 0) == []
+
+
+def test_a_prompt_of_a_few_new_tokens_takes_the_token_loop(engine: Engine, prompt: list[int]) -> None:
+    from sparkinfer.runtime.engine import MIN_CHUNKED_TOKENS
+
+    short = engine.generate(prompt[: MIN_CHUNKED_TOKENS - 1], 3, stop_tokens=())
+    assert len(short.all()) == 3 and not short.stats.prefill_chunked  # (stats fill in as it runs)
+    long = engine.generate(prompt[: MIN_CHUNKED_TOKENS], 3, stop_tokens=())
+    assert len(long.all()) == 3 and long.stats.prefill_chunked
+    # a turn adding a few tokens to a cached prefix: the loop again
+    turn = engine.generate(prompt[: MIN_CHUNKED_TOKENS + 2], 3, stop_tokens=(), reuse_prefix=True)
+    turn.all()
+    assert turn.stats.reused_tokens == MIN_CHUNKED_TOKENS and not turn.stats.prefill_chunked
