@@ -5,8 +5,8 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, pytest, decode, chunked, apps
-#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), sync, prefill, run, profile
+#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, pytest, apps
+#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), decode, run, profile, profile_chunked
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
@@ -20,11 +20,11 @@
 #            (ROUND_PYTEST_FILES: only these test files)
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
-#   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token of the
-#            decode step's token loop (the module without the T-token step), 1 rep
-#   chunked  the full model built with the T-token step (prefill chunks of 128 and 512): the full-size
-#            accuracy gate through it (its 128 teacher-forced tokens are one chunk), then the
-#            prefill at 512, 4096 and 16384 tokens (and decode at depth 128) with it
+#   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token, 1 rep
+#   chunked  the module with the T-token step (prefill chunks of 128 and 512: the CUDA archs'
+#            default, so the full module): the full-size accuracy gate through it (its 128
+#            teacher-forced tokens are one chunk), then the prefill at 512, 4096 and 16384 tokens
+#            (and decode at depth 128) with it
 #   chunked_gate  only the chunked stage's accuracy gate
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
@@ -242,8 +242,8 @@ stage_profile_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth pytest decode chunked apps) ;;
-  2) stages=(setup tune synth sync prefill run profile) ;;
+  1) stages=(setup synth chunked sync pytest apps) ;;
+  2) stages=(setup tune synth decode run profile profile_chunked) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
