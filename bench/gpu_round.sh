@@ -188,7 +188,7 @@ stage_chunked_gate() {
 stage_chunked() {
   stage_chunked_gate
   local rc=$?
-  module=$(python3 bench/gpu_round.py get chunked_module) bench_json prefill-chunked.json 120 90 \
+  module=$(python3 bench/gpu_round.py get chunked_module) bench_json prefill-chunked.json 200 90 \
     --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
   returns prefill-chunked.json
