@@ -21,10 +21,10 @@
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token, 1 rep
-#   chunked  the module with the T-token step (prefill chunks of 128 and 512: the CUDA archs'
-#            default, so the full module): the full-size accuracy gate through it (its 128
-#            teacher-forced tokens are one chunk), then the prefill at 512, 4096 and 16384 tokens
-#            (and decode at depth 128) with it
+#   chunked  the module with the T-token step (prefill chunks of 128 and 512; the full module
+#            where those are the arch's default chunks): the full-size accuracy gate through it
+#            (its 128 teacher-forced tokens are one chunk), then the prefill at 512, 4096 and
+#            16384 tokens (and decode at depth 128) with it
 #   chunked_gate  only the chunked stage's accuracy gate
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server

@@ -113,6 +113,19 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chunk_sizes(text: str) -> tuple[int, ...]:
+    """`--prefill-chunks`: comma-separated chunk sizes >= 1, or `none`."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(t < 1 for t in sizes):
+        raise argparse.ArgumentTypeError(f"expected chunk sizes like 128,512 (each >= 1) or none, got {text!r}")
+    return sizes
+
+
 def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model's decode step for a GPU arch (or cpu) into compiled/<arch>/<key>/")
     p.add_argument("model", type=Path, help="path to a .gguf file (only its hyper-parameters and tensor types are used)")
@@ -121,6 +134,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date module is there")
     p.add_argument("--schedules", type=Path, default=None,
                    help="schedules file (JSON) with the knobs per kernel (default: the package's for the arch)")
+    p.add_argument("--prefill-chunks", type=_chunk_sizes, default=None, metavar="T[,T...]|none",
+                   help="the T-token steps to build beside the decode step (default: the arch's, "
+                        "cpu 128, the GPUs none yet; run the result with --module DIR)")
 
     def run(args: argparse.Namespace) -> int:
         from sparkinfer.compiler.pipeline import compile_model, schedules_summary
@@ -128,11 +144,12 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
         model = GGUFModel.open(args.model)
         types = {name: info.ggml_type for name, info in model.tensors.items()}
         result = compile_model(model.config, types, args.arch, args.out, force=args.force,
-                               schedules=args.schedules)
+                               schedules=args.schedules, prefill_chunks=args.prefill_chunks)
         m = result.manifest
         how = "up to date" if result.cached else f"compiled in {result.seconds:.1f} s"
         print(f"{result.directory}: {how}; {len(m.kernels)} kernels, "
-              f"{len(m.inputs)} inputs, page size {m.page_size}, {m.max_pages} pages max, {m.n_splits} splits")
+              f"{len(m.inputs)} inputs, page size {m.page_size}, {m.max_pages} pages max, {m.n_splits} splits, "
+              f"prefill chunks {', '.join(map(str, m.prefill_chunks)) or 'none (token by token)'}")
         print(schedules_summary(m))
         return 0
 

@@ -78,11 +78,13 @@ CPU_SPLITS = 1
 
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
-# its build small (128 amortises each weight's dequantization over 128 tokens). The GPUs also
-# get 512: a chunk reads every expert's weights once, so long prompts want the larger one, and
-# short ones (or a long one's rest) the smaller (bench/NOTES.md, "Session 5", per-kernel times).
-DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {
-    "cpu": (128,), **{arch: (128, 512) for arch in targets.ARCHS if arch != "cpu"}}
+# its build small (128 amortises each weight's dequantization over 128 tokens). None on the
+# CUDA archs yet: on an H200 every chunk kernel but the causal attention's new rule has passed
+# its GPU test and the full-size gate, and a 512-chunk's other kernels sum to ~0.29 s (7x the
+# token loop's rate), but that attention rule has only run in a CPU emulation of its CUDA
+# source; the GPU round (bench/gpu_round.sh 1: its GPU tests, the gate and the prefill through
+# the module with chunks of 128 and 512) decides before a GPU prefills in chunks by default.
+DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
 
 
 def default_prefill_chunks(arch: str) -> tuple[int, ...]:

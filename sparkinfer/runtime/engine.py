@@ -411,10 +411,12 @@ class _CudaBackend(_VMBackend):
 
 
 # New prompt tokens below which `generate` prefills token by token even where the module has
-# T-token steps: a chunk step costs about as much as this many decode steps (its smallest T,
-# 128, on the CPU: 9 ms against 0.7 ms a token for the shipped model; on an H200 ~70 ms against
-# 4.1 ms for Qwen3-30B-A3B, bench/NOTES.md), so a chat turn of a few new tokens stays fast.
-MIN_CHUNKED_TOKENS = 16
+# T-token steps: a chunk step costs about as much as a few decode steps. Measured on the 2-core
+# CPU with the shipped model (median of 7, `engine.generate(prompt, 1)`'s prefill): a 128-chunk
+# 4.7 ms for 4 new tokens against the loop's 2.9, 4.8 against 5.6 for 8, 5.0 against 8.5 for 12.
+# (An H200 with Qwen3-30B-A3B: ~70 ms a 128-chunk against 4.1 ms a token by its per-kernel
+# times, a crossover near 17; not measured end to end yet, bench/NOTES.md.)
+MIN_CHUNKED_TOKENS = 8
 
 
 def plan_chunks(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
