@@ -27,6 +27,7 @@ from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.moe_chunk import ROW_BLOCK, TILE_N, k_tile
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
+from sparkinfer.schedule.rope import schedule_head_blocks
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 
@@ -99,15 +100,9 @@ class QkNormRopeKvAppendRowsCudaRule(_CudaRule):
     family, factory = "prefill_attention", "qk_norm_rope_kv_append_rows"
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        rope = sch.get_sblock("rope")
-        row, head, dim = sch.get_loops(rope)
+        row, head, dim = sch.get_loops(sch.get_sblock("rope"))
         block = sch.fuse(row, head)
-        sch.bind(block, "blockIdx.x")
-        sch.bind(dim, "threadIdx.x")
-        sumsq = sch.get_sblock("sumsq")
-        sch.compute_at(sumsq, block)
-        sch.set_scope(sumsq, 0, "local")
-        sch.bind(sch.get_loops(sumsq)[-1], "threadIdx.x")
+        schedule_head_blocks(sch, block, dim)
         angle = sch.get_sblock("angle")
         sch.compute_at(angle, block)
         sch.set_scope(angle, 0, "shared")  # cos
