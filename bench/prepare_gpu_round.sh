@@ -67,6 +67,11 @@ echo "travels: tree $(mib "$tracked") + carried $(mib "$carried") = $(mib "$tota
   | sort -n | tail -3 | awk '$1 > 1048576 {printf "  tree: %.1f MiB %s\n", $1 / 1048576, $2}'
 if [ "$total" -gt $((64 * 1048576)) ]; then
   echo "ERROR: over the 64 MiB a call may carry" >&2
+  # The tuning logs are the tree's one part no GPU stage reads (the schedules they produced are
+  # in sparkinfer/data/schedules/): out of the tree for the call, back after it. A commit made
+  # while they are out (git commit -a) records them deleted.
+  echo "  for the call: mv tuning_logs/$arch /tmp/tuning_logs_$arch ($(du -sh "tuning_logs/$arch" | cut -f1));" \
+       "after it: mv /tmp/tuning_logs_$arch tuning_logs/$arch, committing nothing in between" >&2
 elif [ "$total" -gt $((50 * 1048576)) ]; then
   echo "WARNING: over ~50 MiB" >&2
 fi
