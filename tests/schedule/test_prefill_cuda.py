@@ -14,11 +14,21 @@ from sparkinfer.kernels import gemm, moe_chunk, norm, prefill_attention, router
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights, rope_angle_error_bound
 from sparkinfer.reference.qwen3moe import rms_norm
-from sparkinfer.kernels.use import factory_args, kernel_factory
+from sparkinfer.kernels.use import kernel_factory
 from sparkinfer.schedule.arch import arch_facts
-from sparkinfer.schedule.space import kernel_use, rule_for, schedule_kernel
+from sparkinfer.schedule.space import kernel_use, rule_for
 
-from cuda_testutil import CUDA_ARCHS, Gpu, assert_nvcc_compiles, gpu_fixture, main, needs_nvcc
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    gpu_fixture,
+    main,
+    module,
+    needs_nvcc,
+    scheduled,
+)
 
 NT = 128  # a chunk
 # Qwen3-30B-A3B: hidden 2048, 32/4 heads of 128, 128 experts top-8 of 768, vocab 151936
@@ -49,9 +59,8 @@ CASES = [
 def chunk_module(arch: str) -> tvm.IRModule:
     funcs = {}
     for i, (family, factory, args) in enumerate(CASES):
-        use = kernel_use(family, factory, *args)
-        assert rule_for(use, arch_facts(arch)).target_kind == "cuda"
-        func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts(arch))
+        assert rule_for(kernel_use(family, factory, *args), arch_facts(arch)).target_kind == "cuda"
+        func = scheduled(kernel_factory(family, factory), family, *args, arch=arch)
         funcs[f"k{i}_{factory}"] = func.with_attr("global_symbol", f"k{i}_{factory}")
     return tvm.IRModule(funcs)
 
@@ -66,19 +75,14 @@ def test_every_chunk_kernel_has_a_cuda_rule_and_compiles(arch: str) -> None:
 @pytest.mark.parametrize("factory", ["rms_norm_rows", "add_rms_norm_rows", "router_topk_rows",
                                      "qk_norm_rope_kv_append_rows", "moe_combine_residual", "moe_sort"])
 def test_row_kernels_and_the_sort_are_one_kernel_each(factory: str) -> None:
-    family, _, args = next(case for case in CASES if case[1] == factory)
-    use = kernel_use(family, factory, *args)
-    func = schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts("sm_90"))
-    source = targets.cuda_source(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), "sm_90")
-    assert source.count("__global__") == 2  # declaration + definition of k_kernel alone
-    assert "k_kernel_1" not in source
+    source = cuda_source(module(row_kernel(factory)))
+    assert source.count("__global__") == 2  # declaration + definition of the one kernel
+    assert f"{factory}_kernel_1" not in source
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_gemm_with_half_operands_runs_on_tensor_cores(ggml_type: T) -> None:
-    use = kernel_use("gemm", "gemm", ggml_type, NT, NH * D, H, True)
-    func = schedule_kernel(kernel_factory("gemm", "gemm")(*factory_args(use)), use, arch_facts("sm_90"))
-    source = targets.cuda_source(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), "sm_90")
+    source = cuda_source(module(scheduled(gemm.gemm, "gemm", ggml_type, NT, NH * D, H, True)))
     assert "wmma::mma_sync" in source and "W_ptr" in source  # the dequantization fused into the loads
 
 
@@ -105,19 +109,16 @@ ROW_KERNELS = {
 
 def row_kernel(factory: str) -> tvm.tirx.PrimFunc:
     family, args = ROW_KERNELS[factory]
-    use = kernel_use(family, factory, *args)
-    return schedule_kernel(kernel_factory(family, factory)(*factory_args(use)), use, arch_facts("sm_90")).with_attr(
-        "global_symbol", factory)
+    return scheduled(kernel_factory(family, factory), family, *args).with_attr("global_symbol", factory)
 
 
-HALF_GEMMS = {f"gemm_{t.name.lower()}_f16": (t, NT, n, k, True)
+# Q, K (Q6_K) and O's shapes, by their symbols
+HALF_GEMMS = {gemm.gemm_symbol(t, NT, n, k, True): (t, NT, n, k, True)
               for t, n, k in ((T.Q4_K, NH * D, H), (T.Q6_K, NKV * D, H), (T.Q4_K, H, NH * D))}
 
 
 def half_gemm(name: str) -> tvm.tirx.PrimFunc:
-    use = kernel_use("gemm", "gemm", *HALF_GEMMS[name])
-    return schedule_kernel(kernel_factory("gemm", "gemm")(*factory_args(use)), use, arch_facts("sm_90")).with_attr(
-        "global_symbol", name)
+    return scheduled(gemm.gemm, "gemm", *HALF_GEMMS[name]).with_attr("global_symbol", name)
 
 
 def kernels_module() -> tvm.IRModule:
