@@ -50,6 +50,14 @@ def apply_dlight(sch: s_tir.Schedule, use: KernelUse, facts: ArchFacts, rules: t
     raise SparkInferError(f"kernel {use.name}: no dlight GPU rule takes it")
 
 
+def spread_over_threads(sch: s_tir.Schedule, loops: list[LoopRV], threads: int) -> LoopRV:
+    """The loops' iterations over a block's `threads` (consecutive ones on consecutive threads,
+    a predicate where they do not divide); returns the per-thread loop."""
+    outer, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, threads])
+    sch.bind(lane, "threadIdx.x")
+    return outer
+
+
 class DlightCudaRule(_CudaRule):
     """dlight's first GPU rule that takes the kernel; one instance per factory it serves."""
 
@@ -164,9 +172,7 @@ class MoeSortCudaRule(_CudaRule):
         ids_shared = sch.cache_read(count, 0, "shared", consumer_blocks=[count, place])
         sch.compute_at(ids_shared, block)
         for name in ("ids_shared", "count", "start", "place", "clear_rows", "clear_pairs"):
-            loops = sch.get_loops(sch.get_sblock(name))[1:]
-            _, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, threads])
-            sch.bind(lane, "threadIdx.x")
+            spread_over_threads(sch, sch.get_loops(sch.get_sblock(name))[1:], threads)
 
 
 class AdvanceChunkCudaRule(_OneThreadRule):
@@ -301,11 +307,7 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
             raise SparkInferError(f"kernel {use.name}: a {keys} x {rows} score tile is more than a block's threads")
 
         def spread(loops: list[LoopRV]) -> LoopRV:
-            """The loops' iterations over the block's threads (consecutive ones on consecutive
-            threads, a predicate where they do not divide); returns the per-thread loop."""
-            outer, tx = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, threads])
-            sch.bind(tx, "threadIdx.x")
-            return outer
+            return spread_over_threads(sch, loops, threads)
 
         for name in ("q_load", "k_load", "v_load", "weight"):
             spread(sch.get_loops(blk(name))[-2:])
