@@ -412,8 +412,8 @@ class _CudaBackend(_VMBackend):
 
 # New prompt tokens below which `generate` prefills token by token even where the module has
 # T-token steps: a chunk step costs about as much as a few decode steps. Measured on the 2-core
-# CPU with the shipped model (median of 7, `engine.generate(prompt, 1)`'s prefill): a 128-chunk
-# 4.7 ms for 4 new tokens against the loop's 2.9, 4.8 against 5.6 for 8, 5.0 against 8.5 for 12.
+# CPU with the shipped model (bench/short_prompt_prefill.py): a 128-chunk 4.4 ms for 4 new
+# tokens against the loop's 2.9, 4.7 against 5.8 for 8, 4.7 against 8.1 for 12.
 # (An H200 with Qwen3-30B-A3B: ~70 ms a 128-chunk against 4.1 ms a token by its per-kernel
 # times, a crossover near 17; not measured end to end yet, bench/NOTES.md.)
 MIN_CHUNKED_TOKENS = 8
