@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tvm
 
+from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels import prefill_attention as PA
 
 from cuda_testutil import (
@@ -55,6 +56,12 @@ def test_block_per_tile_with_state_in_registers() -> None:
     assert len(sums) == 4  # head dims by 4 a loop step
     qk = body[body.index(sums[0]) : body.rindex(sums[-1])]
     assert "__syncthreads" not in qk
+
+
+def test_a_score_tile_larger_than_a_block_is_refused_by_name() -> None:
+    # 64 query heads over 2 KV heads: 4 queries x 32 heads x 16 keys = 2048 scores > 1024 threads
+    with pytest.raises(SparkInferError, match="a 16 x 128 score tile is more than a block's threads"):
+        scheduled(PA.causal_prefill_attention, "prefill_attention", 16, 64, 2, D, P, 4)
 
 
 @needs_nvcc
