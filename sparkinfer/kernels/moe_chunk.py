@@ -31,7 +31,7 @@ import numpy.typing as npt
 from tvm import tirx
 
 from sparkinfer import quant
-from sparkinfer.kernels.gemm import dequant_tile_value
+from sparkinfer.kernels.gemm import dequant_tile_value, split_k
 from sparkinfer.kernels.gemv import gemv_format
 from sparkinfer.kernels.vecmath import sigmoid_f32
 from sparkinfer.reference.qwen3moe import silu
@@ -239,6 +239,167 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
     return func.with_attr("global_symbol", grouped_gemm_symbol(ggml_type, E, R, N, K, gather))
 
 
+# The float16-operand (tensor-core) form's tiles: a block per (expert, F16_TILE_N outputs), the
+# expert's sorted rows F16_ROW_TILE at a time. 32 rows: at 512 tokens an expert of Qwen3-30B-A3B
+# (128 experts, top 8) averages 32 rows, so most experts take one or two row tiles (each tile
+# dequantizes the weights again; 64-row tiles would multiply twice the rows that are padding).
+F16_TILE_N = 64
+F16_ROW_TILE = 32
+
+
+def grouped_gemm_f16_symbol(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int, k: int) -> str:
+    names = "_".join(gemv_format(t).name.lower() for t in ggml_types)
+    kind = "grouped_gate_up_silu" if len(ggml_types) == 2 else "grouped_gemm"
+    return f"{kind}_{names}_{n_experts}x{n}x{k}_r{rows}_f16"
+
+
+def grouped_gemm_f16(ggml_type: int, n_experts: int, rows: int, n: int, k: int) -> tirx.PrimFunc:
+    """The down projection's grouped GEMM on float16 operands: y[r, :] = W[e] . x[r] for
+    offsets[e] <= r < offsets[e+1], x already in sorted-row order, the dequantized weights and
+    x rounded to float16 and their products summed in float32 (the form tensor cores multiply,
+    as `gemm.gemm`'s half_operands). Params (W words [E, n, row_words], offsets int32[E + 1],
+    x f32[rows, k], y f32[rows, n]); rows past offsets[E] are not written."""
+    return _grouped_f16((ggml_type,), n_experts, rows, n, k, rows, gather=False)
+
+
+def grouped_gate_up_silu_f16(type_gate: int, type_up: int, n_experts: int, rows: int, n: int, k: int,
+                             x_rows: int) -> tirx.PrimFunc:
+    """act[r, :] = silu(Wg[e] . x[t]) * (Wu[e] . x[t]), t = row_token[r], for the rows r of each
+    expert e, on float16 operands with float32 sums (as `grouped_gemm_f16`); the gate and up
+    tiles share the gathered x rows, SiLU and the product are taken on the float32 sums.
+    Params (Wg words [E, n, ...], Wu words [E, n, ...], offsets int32[E + 1],
+    row_token int32[rows], x f32[x_rows, k], act f32[rows, n]); rows past offsets[E] are not
+    written."""
+    return _grouped_f16((type_gate, type_up), n_experts, rows, n, k, x_rows, gather=True)
+
+
+def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int, k: int, x_rows: int,
+                 gather: bool) -> tirx.PrimFunc:
+    """Per (expert e, output tile), per F16_ROW_TILE of e's rows (the last tile's tail clamped to
+    e's last row, computed and not stored):
+      sc[g, i, u], mn[g, i, u] = weight g's scale and min of the sub-block holding k = u * U
+      wh[g, i, k]  = float16(dequantized weight)      xh[ri, k] = float16(x row)
+      acc[g, ri, i] = sum_k float32(xh[ri, k]) * float32(wh[g, i, k])
+      out[row, i]  = acc[0] (one weight) or silu(acc[0]) * acc[1] (gate, up)
+    The stages span the whole of K here; a schedule computes them per K tile where it needs them
+    (`schedule.prefill_cuda.GroupedGemmF16CudaRule`)."""
+    from tvm.script import tirx as T
+
+    fmts = tuple(gemv_format(t) for t in ggml_types)
+    if n % F16_TILE_N or k % 16:
+        raise ValueError(f"the float16 grouped GEMM needs n a multiple of {F16_TILE_N} and k of 16, got {n} x {k}")
+    G, E, R, N, K, XR, TN, M = len(fmts), n_experts, rows, n, k, x_rows, F16_TILE_N, F16_ROW_TILE
+    # The scale stage's unit: the finest sub-block of the weights (subs are powers of two, so
+    # it divides the others; a coarser weight's scale is decoded once per unit it spans).
+    U = min(f.sub for f in fmts)
+
+    def by_weight(g: Expr, values: list[Expr]) -> Expr:
+        """values[g] (a lazy if-then-else over the weights: only weight g's words are read)."""
+        out = values[-1]
+        for index in range(len(values) - 2, -1, -1):
+            out = tirx.if_then_else(g == index, values[index], out)
+        return out
+
+    def rows_of(ws: tuple, e: Expr, r: Expr) -> list:
+        return [(lambda i, w=w: w[e, r, i]) for w in ws]
+
+    def decoded(ws: tuple, part: str, g: Expr, e: Expr, r: Expr, u: Expr) -> Expr:
+        """Weight g's scale (part "scale") or min ("min") of the sub-block holding unit u."""
+        one = {"scale": 1.0, "min": 0.0}[part]
+        values = []
+        for f, row in zip(fmts, rows_of(ws, e, r)):
+            decode = getattr(f, part)
+            c, p, _ = split_k(f, u * U)
+            values.append(decode(row, c, p) if decode is not None else tirx.const(one, "float32"))
+        return by_weight(g, values)
+
+    def weight(ws: tuple, sc: tirx.Buffer, mn: tirx.Buffer, g: Expr, e: Expr, r: Expr, i: Expr,
+               kk: Expr) -> Expr:
+        return by_weight(g, [
+            dequant_tile_value(f, row, kk,
+                               (lambda c, p: sc[g, i, kk // U]) if f.scale is not None else None,
+                               (lambda c, p: mn[g, i, kk // U]) if f.min is not None else None)
+            for f, row in zip(fmts, rows_of(ws, e, r))]).astype("float16")
+
+    def count(offsets: tirx.Buffer, e: Expr) -> Expr:
+        return offsets[e + 1] - offsets[e]
+
+    def sorted_row(offsets: tirx.Buffer, e: Expr, tile: Expr, i: Expr) -> Expr:
+        return offsets[e] + tirx.min(tile * M + i, count(offsets, e) - 1)
+
+    def x_value(x: tirx.Buffer, row_token: tirx.Buffer | None, r: Expr, kk: Expr) -> Expr:
+        xr = tirx.max(tirx.min(row_token[r], XR - 1), 0) if gather else r
+        return x[xr, kk].astype("float16")
+
+    def result(acc: tirx.Buffer, ri: Expr, i: Expr) -> Expr:
+        if G == 1:
+            return acc[0, ri, i]
+        return acc[0, ri, i] * sigmoid_f32(acc[0, ri, i]) * acc[1, ri, i]
+
+    @T.macro
+    def body(ws, offsets, row_token, x, y):
+        for e, tile in T.grid(E, N // TN):
+            with T.sblock("tile"):
+                ve, vt = T.axis.remap("SS", [e, tile])
+                sc = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                mn = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                wh = T.sblock_alloc_buffer((G, TN, K), "float16")
+                xh = T.sblock_alloc_buffer((M, K), "float16")
+                acc = T.sblock_alloc_buffer((G, M, TN), "float32")
+                for rt in range((count(offsets, ve) + M - 1) // M):
+                    for g, i, u in T.grid(G, TN, K // U):
+                        with T.sblock("scale"):
+                            vg, vi, vu = T.axis.remap("SSS", [g, i, u])
+                            sc[vg, vi, vu] = decoded(ws, "scale", vg, ve, vt * TN + vi, vu)
+                            mn[vg, vi, vu] = decoded(ws, "min", vg, ve, vt * TN + vi, vu)
+                    for g, i, kk in T.grid(G, TN, K):
+                        with T.sblock("dequant"):
+                            vg, vi, vk = T.axis.remap("SSS", [g, i, kk])
+                            wh[vg, vi, vk] = weight(ws, sc, mn, vg, ve, vt * TN + vi, vi, vk)
+                    for ri, kk in T.grid(M, K):
+                        with T.sblock("xload"):
+                            # spatial, not opaque: the CUDA rule computes this stage per K tile
+                            vr = T.axis.spatial((R + M - 1) // M, rt)
+                            vri, vk = T.axis.remap("SS", [ri, kk])
+                            xh[vri, vk] = x_value(x, row_token, sorted_row(offsets, ve, vr, vri), vk)
+                    for g, ri, i, kk in T.grid(G, M, TN, K):
+                        with T.sblock("gemm"):
+                            vg, vri, vi, vk = T.axis.remap("SSSR", [g, ri, i, kk])
+                            with T.init():
+                                acc[vg, vri, vi] = T.float32(0)
+                            acc[vg, vri, vi] = acc[vg, vri, vi] + T.Cast("float32", xh[vri, vk]) * T.Cast(
+                                "float32", wh[vg, vi, vk])
+                    for ri, i in T.grid(M, TN):
+                        with T.sblock("store"):
+                            vr = T.axis.opaque((R + M - 1) // M, rt)
+                            vri, vi = T.axis.remap("SS", [ri, i])
+                            if vr * M + vri < count(offsets, ve):
+                                y[sorted_row(offsets, ve, vr, vri), vt * TN + vi] = result(acc, vri, vi)
+
+    symbol = grouped_gemm_f16_symbol(ggml_types, E, R, N, K)
+    if G == 1:
+        (fmt,) = fmts
+
+        @T.prim_func(private=True, s_tir=True)
+        def down(w: T.Buffer((E, N, fmt.row_words(K)), fmt.word_dtype), offsets: T.Buffer((E + 1,), "int32"),
+                 x: T.Buffer((R, K), "float32"), y: T.Buffer((R, N), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body((w,), offsets, None, x, y)
+
+        return down.with_attr("global_symbol", symbol)
+    fg, fu = fmts
+
+    @T.prim_func(private=True, s_tir=True)
+    def gate_up(wg: T.Buffer((E, N, fg.row_words(K)), fg.word_dtype),
+                wu: T.Buffer((E, N, fu.row_words(K)), fu.word_dtype), offsets: T.Buffer((E + 1,), "int32"),
+                row_token: T.Buffer((R,), "int32"), x: T.Buffer((XR, K), "float32"),
+                act: T.Buffer((R, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body((wg, wu), offsets, row_token, x, act)
+
+    return gate_up.with_attr("global_symbol", symbol)
+
+
 def silu_mul(rows: int, n: int) -> tirx.PrimFunc:
     """act = silu(gate) * up; params (gate f32[rows, n], up f32[rows, n], act f32[rows, n])."""
     from tvm import te
@@ -293,22 +454,41 @@ def moe_sort_reference(ids: npt.NDArray[np.int32], n_valid: int, n_experts: int
 
 
 def grouped_gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int32],
-                           row_token: npt.NDArray[np.int32], x: npt.NDArray[np.float32], gather: bool
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           row_token: npt.NDArray[np.int32], x: npt.NDArray[np.float32], gather: bool,
+                           half_operands: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(y, magnitude), float64 [offsets[E], n]: y as grouped_gemm writes its rows (GGUF bytes
     `data` [E, n, row_bytes]), and |W| . |x| per element (the scale of its float32 rounding,
-    for `testing.assert_gemv_close`)."""
+    for `testing.assert_gemv_close`). With `half_operands` x and the dequantized weights are
+    rounded to float16 first (`grouped_gemm_f16`, `grouped_gate_up_silu_f16`)."""
     n, k = data.shape[1], x.shape[1]
     xs = x[row_token[:offsets[-1]]] if gather else x[:offsets[-1]]
+    if half_operands:
+        xs = xs.astype(np.float16)
+    xs = xs.astype(np.float64)
     y = np.zeros((offsets[-1], n))
     magnitude = np.zeros((offsets[-1], n))
     for e in range(data.shape[0]):
         lo, hi = offsets[e], offsets[e + 1]
         if hi > lo:
-            w = quant.dequantize(ggml_type, data[e], (n, k)).astype(np.float64)
+            w = quant.dequantize(ggml_type, data[e], (n, k))
+            w = (w.astype(np.float16) if half_operands else w).astype(np.float64)
             y[lo:hi] = xs[lo:hi] @ w.T
             magnitude[lo:hi] = np.abs(xs[lo:hi]) @ np.abs(w).T
     return y, magnitude
+
+
+def grouped_gate_up_silu_reference(gate: tuple[int, npt.NDArray[np.uint8]], up: tuple[int, npt.NDArray[np.uint8]],
+                                   offsets: npt.NDArray[np.int32], row_token: npt.NDArray[np.int32],
+                                   x: npt.NDArray[np.float32]) -> tuple[np.ndarray, np.ndarray]:
+    """(act, magnitude) [offsets[E], n] of `grouped_gate_up_silu_f16` ((ggml type, GGUF bytes
+    [E, n, row_bytes]) per weight): float16 operands, sums and SiLU in float64. The magnitude
+    bounds the float32 error: d(silu(g) u) = silu'(g) u dg + silu(g) du with |silu'| < 1.1, dg
+    and du within their sums' |W| . |x|, plus the SiLU's own rounding (|act|)."""
+    g, g_mag = grouped_gemm_reference(*gate, offsets, row_token, x, True, half_operands=True)
+    u, u_mag = grouped_gemm_reference(*up, offsets, row_token, x, True, half_operands=True)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g << 0 gives silu = -0: right
+        act = silu(g) * u
+        return act, 1.1 * np.abs(u) * g_mag + np.abs(silu(g)) * u_mag + np.abs(act)
 
 
 def moe_chunk_reference(

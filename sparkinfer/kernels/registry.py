@@ -56,6 +56,8 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         router.router_topk_rows,
         moe_chunk.moe_sort,
         moe_chunk.grouped_gemm,
+        moe_chunk.grouped_gemm_f16,
+        moe_chunk.grouped_gate_up_silu_f16,
         moe_chunk.silu_mul,
         moe_chunk.moe_combine_residual,
         chunk.take_row,
