@@ -292,6 +292,7 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
     # The scale stage's unit: the finest sub-block of the weights (subs are powers of two, so
     # it divides the others; a coarser weight's scale is decoded once per unit it spans).
     U = min(f.sub for f in fmts)
+    has_min = any(f.min is not None for f in fmts)
 
     def by_weight(g: Expr, values: list[Expr]) -> Expr:
         """values[g] (a lazy if-then-else over the weights: only weight g's words are read)."""
@@ -341,40 +342,45 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
         for e, tile in T.grid(E, N // TN):
             with T.sblock("tile"):
                 ve, vt = T.axis.remap("SS", [e, tile])
-                sc = T.sblock_alloc_buffer((G, TN, K // U), "float32")
-                mn = T.sblock_alloc_buffer((G, TN, K // U), "float32")
-                wh = T.sblock_alloc_buffer((G, TN, K), "float16")
-                xh = T.sblock_alloc_buffer((M, K), "float16")
+                # The sums outside the row tiles' blocks: a GPU's shared float32 tile of them then
+                # outlives the stages. (Inside, TVM's storage rewrite gave it the float16 weight
+                # tile's memory, and its WMMA store's pointer failed TVM's type check.)
                 acc = T.sblock_alloc_buffer((G, M, TN), "float32")
                 for rt in range((count(offsets, ve) + M - 1) // M):
-                    for g, i, u in T.grid(G, TN, K // U):
-                        with T.sblock("scale"):
-                            vg, vi, vu = T.axis.remap("SSS", [g, i, u])
-                            sc[vg, vi, vu] = decoded(ws, "scale", vg, ve, vt * TN + vi, vu)
-                            mn[vg, vi, vu] = decoded(ws, "min", vg, ve, vt * TN + vi, vu)
-                    for g, i, kk in T.grid(G, TN, K):
-                        with T.sblock("dequant"):
-                            vg, vi, vk = T.axis.remap("SSS", [g, i, kk])
-                            wh[vg, vi, vk] = weight(ws, sc, mn, vg, ve, vt * TN + vi, vi, vk)
-                    for ri, kk in T.grid(M, K):
-                        with T.sblock("xload"):
-                            # spatial, not opaque: the CUDA rule computes this stage per K tile
-                            vr = T.axis.spatial((R + M - 1) // M, rt)
-                            vri, vk = T.axis.remap("SS", [ri, kk])
-                            xh[vri, vk] = x_value(x, row_token, sorted_row(offsets, ve, vr, vri), vk)
-                    for g, ri, i, kk in T.grid(G, M, TN, K):
-                        with T.sblock("gemm"):
-                            vg, vri, vi, vk = T.axis.remap("SSSR", [g, ri, i, kk])
-                            with T.init():
-                                acc[vg, vri, vi] = T.float32(0)
-                            acc[vg, vri, vi] = acc[vg, vri, vi] + T.Cast("float32", xh[vri, vk]) * T.Cast(
-                                "float32", wh[vg, vi, vk])
-                    for ri, i in T.grid(M, TN):
-                        with T.sblock("store"):
-                            vr = T.axis.opaque((R + M - 1) // M, rt)
-                            vri, vi = T.axis.remap("SS", [ri, i])
-                            if vr * M + vri < count(offsets, ve):
-                                y[sorted_row(offsets, ve, vr, vri), vt * TN + vi] = result(acc, vri, vi)
+                    # A block per row tile, its stages its own: a schedule's stages computed per
+                    # K tile then hold one row tile's data.
+                    with T.sblock("rows"):
+                        vr = T.axis.opaque((R + M - 1) // M, rt)
+                        sc = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                        mn = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                        wh = T.sblock_alloc_buffer((G, TN, K), "float16")
+                        xh = T.sblock_alloc_buffer((M, K), "float16")
+                        for g, i, u in T.grid(G, TN, K // U):
+                            with T.sblock("scale"):
+                                vg, vi, vu = T.axis.remap("SSS", [g, i, u])
+                                sc[vg, vi, vu] = decoded(ws, "scale", vg, ve, vt * TN + vi, vu)
+                                if has_min:
+                                    mn[vg, vi, vu] = decoded(ws, "min", vg, ve, vt * TN + vi, vu)
+                        for g, i, kk in T.grid(G, TN, K):
+                            with T.sblock("dequant"):
+                                vg, vi, vk = T.axis.remap("SSS", [g, i, kk])
+                                wh[vg, vi, vk] = weight(ws, sc, mn, vg, ve, vt * TN + vi, vi, vk)
+                        for ri, kk in T.grid(M, K):
+                            with T.sblock("xload"):
+                                vri, vk = T.axis.remap("SS", [ri, kk])
+                                xh[vri, vk] = x_value(x, row_token, sorted_row(offsets, ve, vr, vri), vk)
+                        for g, ri, i, kk in T.grid(G, M, TN, K):
+                            with T.sblock("gemm"):
+                                vg, vri, vi, vk = T.axis.remap("SSSR", [g, ri, i, kk])
+                                with T.init():
+                                    acc[vg, vri, vi] = T.float32(0)
+                                acc[vg, vri, vi] = acc[vg, vri, vi] + T.Cast("float32", xh[vri, vk]) * T.Cast(
+                                    "float32", wh[vg, vi, vk])
+                        for ri, i in T.grid(M, TN):
+                            with T.sblock("store"):
+                                vri, vi = T.axis.remap("SS", [ri, i])
+                                if vr * M + vri < count(offsets, ve):
+                                    y[sorted_row(offsets, ve, vr, vri), vt * TN + vi] = result(acc, vri, vi)
 
     symbol = grouped_gemm_f16_symbol(ggml_types, E, R, N, K)
     if G == 1:

@@ -520,12 +520,19 @@ class _StepBuilder:
         offsets, row_token, row_of = self.call(
             gv, [ids, p["n_valid"]],
             [_tensor((E + 1,), "int32"), _tensor((R,), "int32"), _tensor((NT, KU), "int32")], f"sort{i}")
-        gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
-                              [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
-                    for name, kind in ((g, "gate"), (u, "up")))
-        act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
-        down = self.call(self.k("moe_chunk", "grouped_gemm", self.t(d), E, R, H, I, R, False),
-                         [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
+        # float16 operands (tensor cores) as the dense GEMMs have them (`gemm`), float32 weights aside
+        if self.chunk_operands == "f16" and GGMLQuantizationType.F32 not in (self.t(g), self.t(u), self.t(d)):
+            gv = self.k("moe_chunk", "grouped_gate_up_silu_f16", self.t(g), self.t(u), E, R, I, H, NT)
+            act = self.call(gv, [p[g], p[u], offsets, row_token, f], [self.f32(R, I)], f"act{i}")
+            gv = self.k("moe_chunk", "grouped_gemm_f16", self.t(d), E, R, H, I)
+            down = self.call(gv, [p[d], offsets, act], [self.f32(R, H)], f"down{i}")
+        else:
+            gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
+                                  [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
+                        for name, kind in ((g, "gate"), (u, "up")))
+            act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
+            down = self.call(self.k("moe_chunk", "grouped_gemm", self.t(d), E, R, H, I, R, False),
+                             [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
         gv = self.k("moe_chunk", "moe_combine_residual", NT, KU, R, H)
         return self.call(gv, [down, row_of, weights, h, p["n_valid"]], [self.f32(NT, H)], f"h{i}")
 
@@ -547,8 +554,9 @@ def build_decode_step(
     activations; "q8" quantizes each expert FFN's input and its SiLU activations to int8 blocks
     of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
     for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
-    `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense GEMM products
-    for quantized and half weights ("f16": tensor-core operands, `kernels.gemm`)."""
+    `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
+    expert GEMM products for quantized and half weights ("f16": tensor-core operands,
+    `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` / `grouped_gemm_f16`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:

@@ -17,6 +17,7 @@ time on an H200 and what the next step is):
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import tvm
@@ -263,6 +264,119 @@ class GroupedGemmCudaRule(_CudaRule):
         sch.unroll(j)  # each weight read serves the thread's rows
 
 
+class _GroupedGemmF16CudaRule(_CudaRule):
+    """The float16-operand grouped expert GEMMs (`moe_chunk.grouped_gemm_f16`,
+    `grouped_gate_up_silu_f16`) on tensor cores: a block of WARPS warps per (expert, 64-output
+    tile), and per 32-row tile of the expert's sorted rows (a loop with the expert's trip count):
+      - per K tile of K_TILE weights the block decodes the tile's scales and mins, then its
+        weights as float16, into shared memory ([weight, output, k]: gate and up side by side),
+        and gathers the row tile's x values into shared memory as float16 ([row, k]): each
+        weight decoded once a row tile, each x value converted once;
+      - each warp owns a 16-row x 32-output quarter of the tile (for gate and up both: 4
+        float32 WMMA accumulator fragments, registers across the K tiles) and per 16 of k loads
+        its A fragment and B fragments from shared memory and issues the 16x16x16 MMAs (TVM's
+        WMMA intrinsics: `tensorize`, as dlight's MatmulTensorization);
+      - the accumulators go to a shared float32 tile, and the block writes the rows the expert
+        has (never a row past its count: those belong to the next expert), applying SiLU(gate)
+        * up on the float32 sums for the fused form.
+    Shared memory (K_TILE 64): 4.5 KiB of x, 9 KiB of weights a weight, 8.5 KiB of sums a weight,
+    1 KiB of scales: 42 KiB for gate/up, 23 KiB for the down; static, under 48 KiB."""
+
+    family = "moe_chunk"
+    enable_check = False  # the row tiles' trip count is read from `offsets`
+
+    WARPS_M: ClassVar[int] = 2  # warps along the row tile (16 rows each)
+    WARPS_N: ClassVar[int] = 2  # warps along the output tile (32 outputs each: 2 fragments)
+    K_TILE: ClassVar[int] = 64  # weights of a K tile decoded into shared memory at once
+    LANES: ClassVar[int] = 32
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+        k = factory_args(use)[4 if self.factory == "grouped_gemm_f16" else 5]
+        k_tile = math.gcd(k, self.K_TILE)  # a multiple of 16: the factory requires k % 16 == 0
+        warps = self.WARPS_M * self.WARPS_N
+        e, tile = sch.get_loops(sch.get_sblock("tile"))
+        sch.bind(sch.fuse(e, tile), "blockIdx.x")
+
+        gemm = sch.get_sblock("gemm")
+        g, i, j, kk = sch.get_loops(gemm)[-4:]
+        i_warp, i_frag, i16 = sch.split(i, [self.WARPS_M, None, 16])
+        j_warp, j_frag, j16 = sch.split(j, [self.WARPS_N, None, 16])
+        k_outer, k_frag, k16 = sch.split(kk, [None, k_tile // 16, 16])
+        sch.reorder(i_warp, j_warp, k_outer, k_frag, g, i_frag, j_frag, i16, j16, k16)
+        mma = sch.blockize(i16)  # one 16x16x16 product
+        warp = sch.fuse(i_warp, j_warp)
+        sch.bind(warp, "threadIdx.y")
+
+        # The accumulators: WMMA fragments (the warp's own), stored to the shared float32 tile
+        # that the block's epilogue reads.
+        frag_store = sch.cache_write(mma, 0, "wmma.accumulator")
+        sch.set_scope(frag_store, 0, "shared")
+        sch.reverse_compute_at(frag_store, warp)
+
+        def read_index(block: Any, name: str) -> int:
+            return next(n for n, r in enumerate(sch.get(block).reads) if r.source.name == name)
+
+        a_frag = sch.cache_read(mma, read_index(mma, "xh"), "wmma.matrix_a")
+        b_frag = sch.cache_read(mma, read_index(mma, "wh"), "wmma.matrix_b")
+        sch.compute_at(a_frag, k_frag)
+        sch.compute_at(b_frag, k_frag)
+        init = sch.decompose_reduction(mma, k_outer)
+
+        # The K tile's stages in shared memory, computed by the whole block (compute_at relaxes a
+        # shared buffer's region over the warps: the block's tile), every thread a share.
+        for name in ("dequant", "xload"):
+            block = sch.get_sblock(name)
+            sch.set_scope(block, 0, "shared")
+            sch.compute_at(block, k_outer)
+            # rows 8 halves (16 bytes) off a multiple of 16 apart: a fragment load's 16 rows on other banks
+            sch.storage_align(block, 0, axis=-2, factor=16, offset=8)
+        scale = sch.get_sblock("scale")
+        for index in range(len(sch.get(scale).writes)):  # the scales, and the mins where a weight has them
+            sch.set_scope(scale, index, "shared")
+        sch.compute_at(scale, k_outer)
+        for name in ("scale", "dequant", "xload"):
+            block = sch.get_sblock(name)
+            loops = sch.get_loops(block)
+            tile_loop = next(n for n, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_outer)))
+            own = loops[tile_loop + 1:]  # (compute_at made no loop for a unit extent: gate/up's one weight)
+            _, ty, tx = sch.split(sch.fuse(*own), [None, warps, self.LANES])
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tx, "threadIdx.x")
+        ri, i = sch.get_loops(sch.get_sblock("store"))[-2:]
+        _, ty, tx = sch.split(sch.fuse(ri, i), [None, warps, self.LANES])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+
+        intrins = get_wmma_intrin_group(load_scope="shared", store_scope="shared", in_dtype="float16",
+                                        out_dtype="float32", trans_b=True)
+
+        def tensorize_tiles(block: Any, name: str) -> None:
+            """The block's last two loops cut into 16 x 16 tiles, each one intrinsic call."""
+            rows, cols = sch.get_loops(block)[-2:]
+            r0, r1 = sch.split(rows, [None, 16])
+            c0, c1 = sch.split(cols, [None, 16])
+            sch.reorder(r0, c0, r1, c1)
+            sch.unroll(r0)
+            sch.unroll(c0)
+            sch.tensorize(r1, intrins[name])
+
+        tensorize_tiles(a_frag, "load_a")
+        tensorize_tiles(b_frag, "load_b")
+        tensorize_tiles(frag_store, "store")
+        sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrins["init"])
+        sch.tensorize(sch.get_loops(gemm)[-3], intrins["compute"])
+
+
+class GroupedGemmF16CudaRule(_GroupedGemmF16CudaRule):
+    factory = "grouped_gemm_f16"
+
+
+class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
+    factory = "grouped_gate_up_silu_f16"
+
+
 class CausalPrefillAttentionCudaRule(_CudaRule):
     """A thread block per (KV head, query tile) (the kernel's tile: R = QUERY_TILE * G rows),
     a thread per entry of the [BK, R] score tile (512 at full size); the tile's
@@ -353,5 +467,7 @@ CUDA_RULES: tuple[ScheduleRule, ...] = (
     AdvanceChunkCudaRule(),
     AdvancePosCudaRule(),
     GroupedGemmCudaRule(),
+    GroupedGemmF16CudaRule(),
+    GroupedGateUpSiluF16CudaRule(),
     CausalPrefillAttentionCudaRule(),
 )

@@ -1,8 +1,10 @@
-"""The T-token step's grouped expert GEMM on CUDA (schedule/prefill_cuda.py GroupedGemmCudaRule):
-codegen (the weights decoded into a shared-memory tile, the multiply-add reading shared memory
-only), nvcc for every arch, and on a GPU the Qwen3-30B-A3B shapes (128 experts, top 8, H 2048,
-I 768) for chunks of 128 and 512 tokens against the numpy reference (on GPU machines the
-library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+"""The T-token step's grouped expert GEMM on CUDA, float32 operands (schedule/prefill_cuda.py
+GroupedGemmCudaRule) and float16 operands on tensor cores (GroupedGemmF16CudaRule,
+GroupedGateUpSiluF16CudaRule): codegen (the weights decoded into shared-memory tiles, the
+multiply-adds reading shared memory only, or WMMA fragments loaded from it), nvcc for every
+arch, and on a GPU the Qwen3-30B-A3B shapes (128 experts, top 8, H 2048, I 768) for chunks of
+128 and 512 tokens against the numpy references (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 import functools
 import re
@@ -15,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.kernels import gemv, moe_chunk
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
-from sparkinfer.schedule.prefill_cuda import GroupedGemmCudaRule
+from sparkinfer.schedule.prefill_cuda import GroupedGemmCudaRule, GroupedGemmF16CudaRule
 
 from cuda_testutil import (
     CUDA_ARCHS,
@@ -74,8 +76,46 @@ CASES = [Case(t, gather, nt) for nt in CHUNKS
          for t, gather in ((T.Q4_K, True), (T.Q8_0, True), (T.Q6_K, False), (T.Q4_K, False), (T.Q8_0, False))]
 
 
+@dataclass(frozen=True)
+class F16Case:
+    """The float16-operand forms: gate, up and SiLU in one kernel (two types), or the down."""
+
+    ggml_types: tuple[T, ...]
+    n_tokens: int
+
+    @property
+    def gate_up(self) -> bool:
+        return len(self.ggml_types) == 2
+
+    @property
+    def rows(self) -> int:
+        return self.n_tokens * KU
+
+    @property
+    def n(self) -> int:
+        return I if self.gate_up else H
+
+    @property
+    def k(self) -> int:
+        return H if self.gate_up else I
+
+    @property
+    def symbol(self) -> str:
+        return moe_chunk.grouped_gemm_f16_symbol(self.ggml_types, E, self.rows, self.n, self.k)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        if self.gate_up:
+            return scheduled(moe_chunk.grouped_gate_up_silu_f16, "moe_chunk", *self.ggml_types, E, self.rows,
+                             self.n, self.k, self.n_tokens)
+        return scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *self.ggml_types, E, self.rows, self.n, self.k)
+
+
+# Q4_K_M's: Q4_K gate and up, Q6_K or Q4_K down.
+F16_CASES = [F16Case(types, nt) for nt in CHUNKS for types in ((T.Q4_K, T.Q4_K), (T.Q6_K,), (T.Q4_K,))]
+
+
 def kernels_module() -> tvm.IRModule:
-    return module(*(case.func() for case in CASES))
+    return module(*(case.func() for case in CASES), *(case.func() for case in F16_CASES))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +167,35 @@ def test_short_k_tiles_compile(args: tuple) -> None:
     assert_nvcc_compiles("sm_90", source)
 
 
+@pytest.mark.parametrize("case", F16_CASES, ids=lambda c: c.symbol)
+def test_f16_forms_multiply_on_tensor_cores_from_shared_tiles(source: str, case: F16Case) -> None:
+    body = kernel_body(source, case.symbol)
+    rule = GroupedGemmF16CudaRule
+    weights = len(case.ggml_types)
+    # the accumulators: WMMA fragments, a warp's share of the gate and up tiles
+    frags = rule.WARPS_M * rule.WARPS_N
+    per_warp = weights * moe_chunk.F16_ROW_TILE * moe_chunk.F16_TILE_N // (16 * 16 * frags)
+    assert f"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_wmma_accumulator_ptr[{per_warp}]" in body
+    assert body.count("nvcuda::wmma::fill_fragment(") == 1
+    assert body.count("nvcuda::wmma::mma_sync(") == 1  # in loops over the warp's fragments
+    assert body.count("nvcuda::wmma::store_matrix_sync(") == 2  # the warp's two 16-output fragments a weight
+    # fragments loaded from the shared tiles only: the x rows as float16 and the decoded weights
+    loads = re.findall(r"nvcuda::wmma::load_matrix_sync\([^;]*;", body)
+    assert loads and all("xh_shared_ptr[" in load or "wh_shared_ptr[" in load for load in loads)
+    shared = dict(re.findall(r"__shared__ alignas\(\d+\) (?:float|half) (\w+)_shared_ptr\[(\d+)\]", body))
+    assert {"acc", "sc", "wh", "xh"} <= set(shared) <= {"acc", "sc", "mn", "wh", "xh"}
+    sizes = {"acc": 4, "sc": 4, "mn": 4, "wh": 2, "xh": 2}
+    assert sum(sizes[name] * int(count) for name, count in shared.items()) <= SHARED_BYTES
+    # the K tile's rows padded by 8 halves: a fragment's 16 rows on other banks
+    padded = rule.K_TILE + 8
+    assert int(shared["xh"]) == moe_chunk.F16_ROW_TILE * padded
+    assert int(shared["wh"]) == weights * moe_chunk.F16_TILE_N * padded
+    # after the sums reach shared memory, one output store, behind a test of the expert's row count
+    out = "act_ptr[" if case.gate_up else "y_ptr["
+    epilogue = body[body.rindex("store_matrix_sync("):]
+    assert body.count(out) == 1 and "< (offsets_ptr[" in epilogue.split(out)[0]
+
+
 gpu = gpu_fixture("moe_chunk", kernels_module)
 
 
@@ -162,6 +231,29 @@ def test_grouped_gemm_on_gpu_matches_numpy(gpu: Gpu, case: Case) -> None:
         gpu.tensor(row_token), gpu.tensor(x), y)
     got = y.numpy()
     want, magnitude = moe_chunk.grouped_gemm_reference(case.ggml_type, data, offsets, row_token, x, case.gather)
+    assert_gemv_close(got[:offsets[-1]], want, magnitude)
+    assert np.isnan(got[offsets[-1]:]).all(), "a row past offsets[E] was written"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", F16_CASES, ids=lambda c: c.symbol)
+def test_f16_forms_on_gpu_match_numpy_on_half_operands(gpu: Gpu, case: F16Case) -> None:
+    rng = np.random.default_rng(20261207 + case.rows)
+    datas = [expert_weights(t, case.n, case.k) for t in case.ggml_types]
+    offsets, row_token = chunk_assignment(case.n_tokens, rng)
+    x_rows = case.n_tokens if case.gate_up else case.rows
+    x = rng.standard_normal((x_rows, case.k), dtype=np.float32)
+    out = gpu.poisoned((case.rows, case.n))
+    weights = [gpu.tensor(gemv.weight_view(t, data)) for t, data in zip(case.ggml_types, datas)]
+    if case.gate_up:
+        gpu(case.symbol, *weights, gpu.tensor(offsets), gpu.tensor(row_token), gpu.tensor(x), out)
+        want, magnitude = moe_chunk.grouped_gate_up_silu_reference(
+            *zip(case.ggml_types, datas), offsets, row_token, x)
+    else:
+        gpu(case.symbol, *weights, gpu.tensor(offsets), gpu.tensor(x), out)
+        want, magnitude = moe_chunk.grouped_gemm_reference(case.ggml_types[0], datas[0], offsets, row_token, x,
+                                                           False, half_operands=True)
+    got = out.numpy()
     assert_gemv_close(got[:offsets[-1]], want, magnitude)
     assert np.isnan(got[offsets[-1]:]).all(), "a row past offsets[E] was written"
 

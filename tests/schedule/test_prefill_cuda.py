@@ -49,6 +49,8 @@ CASES = [
     ("moe_chunk", "grouped_gemm", (T.Q4_K, E, NT * KU, I, H, NT, True)),
     ("moe_chunk", "grouped_gemm", (T.Q6_K, E, NT * KU, H, I, NT * KU, False)),
     ("moe_chunk", "silu_mul", (NT * KU, I)),
+    ("moe_chunk", "grouped_gate_up_silu_f16", (T.Q4_K, T.Q4_K, E, NT * KU, I, H, NT)),
+    ("moe_chunk", "grouped_gemm_f16", (T.Q6_K, E, NT * KU, H, I)),
     ("moe_chunk", "moe_combine_residual", (NT, KU, NT * KU, H)),
     ("chunk", "take_row", (NT, H)),
     ("chunk", "advance_chunk", ()),
