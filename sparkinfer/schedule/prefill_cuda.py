@@ -289,6 +289,9 @@ class _GroupedGemmF16CudaRule(_CudaRule):
     WARPS_N: ClassVar[int] = 2  # warps along the output tile (32 outputs each: 2 fragments)
     K_TILE: ClassVar[int] = 64  # weights of a K tile decoded into shared memory at once
     LANES: ClassVar[int] = 32
+    # Consecutive weights a thread decodes: nvcc loads their shared quant words and their
+    # sub-block's scale and min once (a Q4_K word holds 4 of them; a sub-block 16 or 32).
+    DEQUANT_RUN: ClassVar[int] = 8
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
@@ -336,14 +339,20 @@ class _GroupedGemmF16CudaRule(_CudaRule):
         for index in range(len(sch.get(scale).writes)):  # the scales, and the mins where a weight has them
             sch.set_scope(scale, index, "shared")
         sch.compute_at(scale, k_outer)
-        for name in ("scale", "dequant", "xload"):
+        for name, run in (("scale", 1), ("dequant", self.DEQUANT_RUN), ("xload", 1)):
             block = sch.get_sblock(name)
             loops = sch.get_loops(block)
             tile_loop = next(n for n, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_outer)))
             own = loops[tile_loop + 1:]  # (compute_at made no loop for a unit extent: gate/up's one weight)
-            _, ty, tx = sch.split(sch.fuse(*own), [None, warps, self.LANES])
+            if name == "dequant" and len(own) == 3:
+                # gate and up one after the other, that loop unrolled: each copy reads one
+                # weight's words (a constant test), so nvcc shares a run's loads
+                sch.unroll(own[0])
+                own = own[1:]
+            _, ty, tx, inner = sch.split(sch.fuse(*own), [None, warps, self.LANES, run])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
+            sch.unroll(inner)
         ri, i = sch.get_loops(sch.get_sblock("store"))[-2:]
         _, ty, tx = sch.split(sch.fuse(ri, i), [None, warps, self.LANES])
         sch.bind(ty, "threadIdx.y")
