@@ -218,7 +218,7 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     code = "\n".join([preamble, *bodies, *entries])
     cpp, lib = build_dir / f"{symbol}.cpp", build_dir / f"{symbol}.so"
     cpp.write_text(code)
-    command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-w",
+    command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-w",
                f"-I{build_dir}", "-o", str(lib), str(cpp)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     if result.returncode != 0:
