@@ -79,40 +79,51 @@ CASES = [Case(t, gather, nt) for nt in CHUNKS
 
 @dataclass(frozen=True)
 class F16Case:
-    """The float16-operand forms: gate, up and SiLU in one kernel (two types), or the down."""
+    """The float16-operand forms: gate, up and SiLU in one kernel (two types), or the down, at
+    the full size or at a small one (experts, hidden, FFN width, top-k) the emulator runs."""
 
     ggml_types: tuple[T, ...]
     n_tokens: int
+    shape: tuple[int, int, int, int] = (E, H, I, KU)
 
     @property
     def gate_up(self) -> bool:
         return len(self.ggml_types) == 2
 
     @property
+    def experts(self) -> int:
+        return self.shape[0]
+
+    @property
     def rows(self) -> int:
-        return self.n_tokens * KU
+        return self.n_tokens * self.shape[3]
 
     @property
     def n(self) -> int:
-        return I if self.gate_up else H
+        return self.shape[2] if self.gate_up else self.shape[1]
 
     @property
     def k(self) -> int:
-        return H if self.gate_up else I
+        return self.shape[1] if self.gate_up else self.shape[2]
 
     @property
     def symbol(self) -> str:
-        return moe_chunk.grouped_gemm_f16_symbol(self.ggml_types, E, self.rows, self.n, self.k)
+        return moe_chunk.grouped_gemm_f16_symbol(self.ggml_types, self.experts, self.rows, self.n, self.k)
 
     def func(self) -> tvm.tirx.PrimFunc:
         if self.gate_up:
-            return scheduled(moe_chunk.grouped_gate_up_silu_f16, "moe_chunk", *self.ggml_types, E, self.rows,
-                             self.n, self.k, self.n_tokens)
-        return scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *self.ggml_types, E, self.rows, self.n, self.k)
+            return scheduled(moe_chunk.grouped_gate_up_silu_f16, "moe_chunk", *self.ggml_types, self.experts,
+                             self.rows, self.n, self.k, self.n_tokens)
+        return scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *self.ggml_types, self.experts, self.rows,
+                         self.n, self.k)
 
 
-# Q4_K_M's: Q4_K gate and up, Q6_K or Q4_K down.
-F16_CASES = [F16Case(types, nt) for nt in CHUNKS for types in ((T.Q4_K, T.Q4_K), (T.Q6_K,), (T.Q4_K,))]
+# Q4_K_M's: Q4_K gate and up, Q6_K or Q4_K down; and the same kernels at a size the emulator
+# runs in seconds (12 experts, top 2, 256 wide: 4 output tiles, a crowded expert's 2 row tiles).
+HALF_KINDS = ((T.Q4_K, T.Q4_K), (T.Q6_K,), (T.Q4_K,))
+SMALL = (12, 256, 256, 2)
+F16_CASES = [F16Case(types, nt) for nt in CHUNKS for types in HALF_KINDS] + [
+    F16Case(types, 48, SMALL) for types in ((T.Q4_K, T.Q6_K), (T.Q6_K,), (T.Q4_K,))]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -201,20 +212,20 @@ gpu = gpu_fixture("moe_chunk", kernels_module)
 
 
 @functools.cache
-def expert_weights(ggml_type: T, n: int, k: int) -> np.ndarray:
-    return random_weights(ggml_type, (E, n, k), np.random.default_rng(20261205 + n))
+def expert_weights(ggml_type: T, n: int, k: int, experts: int = E) -> np.ndarray:
+    return random_weights(ggml_type, (experts, n, k), np.random.default_rng(20261205 + n))
 
 
-def chunk_assignment(n_tokens: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, row_token) of a chunk whose last 3 tokens are padding (so 24 rows past
-    offsets[E]), in which experts 0-3 have no row, expert 4 has 72 (> 64: several row blocks
-    of a tile) and the rest draw uniformly."""
-    n_many = 72
-    ids = np.empty((n_tokens, KU), np.int32)
+def chunk_assignment(n_tokens: int, rng: np.random.Generator, experts: int = E, used: int = KU,
+                     n_many: int = 72) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, row_token) of a chunk whose last 3 tokens are padding (so 3 * used rows past
+    offsets[E]), in which experts 0-3 have no row, expert 4 has n_many (72 > 64: several row
+    blocks of a tile) and the rest draw uniformly."""
+    ids = np.empty((n_tokens, used), np.int32)
     for t in range(n_tokens):
         forced = [4] if t < n_many else []
-        ids[t] = forced + list(rng.choice(np.arange(5, E), KU - len(forced), replace=False))
-    offsets, row_token, _ = moe_chunk.moe_sort_reference(ids, n_tokens - 3, E)
+        ids[t] = forced + list(rng.choice(np.arange(5, experts), used - len(forced), replace=False))
+    offsets, row_token, _ = moe_chunk.moe_sort_reference(ids, n_tokens - 3, experts)
     counts = np.diff(offsets)
     assert (counts[:4] == 0).all() and counts[4] == n_many
     return offsets, row_token
@@ -237,12 +248,15 @@ def test_grouped_gemm_on_gpu_matches_numpy(gpu: Gpu, case: Case) -> None:
     assert np.isnan(got[offsets[-1]:]).all(), "a row past offsets[E] was written"
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", F16_CASES, ids=lambda c: c.symbol)
 def test_f16_forms_on_gpu_match_numpy_on_half_operands(gpu: Gpu, case: F16Case) -> None:
+    if case.shape != SMALL:
+        gpu_only(gpu, "the full-size experts take minutes on the CPU; the small cases run the same schedule")
     rng = np.random.default_rng(20261207 + case.rows)
-    datas = [expert_weights(t, case.n, case.k) for t in case.ggml_types]
-    offsets, row_token = chunk_assignment(case.n_tokens, rng)
+    datas = [expert_weights(t, case.n, case.k, case.experts) for t in case.ggml_types]
+    # the crowded expert: 72 rows (3 row tiles, the last partial), or 40 of a small chunk (2)
+    offsets, row_token = chunk_assignment(case.n_tokens, rng, case.experts, case.shape[3],
+                                          72 if case.shape != SMALL else 40)
     x_rows = case.n_tokens if case.gate_up else case.rows
     x = rng.standard_normal((x_rows, case.k), dtype=np.float32)
     out = gpu.poisoned((case.rows, case.n))
