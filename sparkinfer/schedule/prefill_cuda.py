@@ -9,6 +9,9 @@ time on an H200 and what the next step is):
   - grouped_gemm: a block per (expert, 16-output tile) that decodes each K tile of its weights
     once into shared memory and multiplies it by the expert's rows staged there, a thread
     accumulating 2 rows x 1 output in registers (GroupedGemmCudaRule says why);
+  - grouped_gate_up_silu_f16 / grouped_gemm_f16 (the experts with float16 operands): the same
+    shared-memory tiles as float16, multiplied on tensor cores (WMMA fragments, 32-row tiles of
+    an expert's rows; `_GroupedGemmF16CudaRule`);
   - causal_prefill_attention: a block per (KV head, query tile), the tile's Q, K, V, S and
     softmax state in shared memory, S's sums and the output in registers (the rule's docstring);
   - the rest (embedding rows, silu_mul, take_row) take dlight's GPU rules, replayed as a trace;
@@ -266,21 +269,26 @@ class GroupedGemmCudaRule(_CudaRule):
 
 class _GroupedGemmF16CudaRule(_CudaRule):
     """The float16-operand grouped expert GEMMs (`moe_chunk.grouped_gemm_f16`,
-    `grouped_gate_up_silu_f16`) on tensor cores: a block of WARPS warps per (expert, 64-output
+    `grouped_gate_up_silu_f16`) on tensor cores: a block of 4 warps per (expert, 64-output
     tile), and per 32-row tile of the expert's sorted rows (a loop with the expert's trip count):
       - per K tile of K_TILE weights the block decodes the tile's scales and mins, then its
-        weights as float16, into shared memory ([weight, output, k]: gate and up side by side),
-        and gathers the row tile's x values into shared memory as float16 ([row, k]): each
-        weight decoded once a row tile, each x value converted once;
-      - each warp owns a 16-row x 32-output quarter of the tile (for gate and up both: 4
-        float32 WMMA accumulator fragments, registers across the K tiles) and per 16 of k loads
-        its A fragment and B fragments from shared memory and issues the 16x16x16 MMAs (TVM's
-        WMMA intrinsics: `tensorize`, as dlight's MatmulTensorization);
+        weights as float16, into shared memory ([weight, output, k]: gate and up side by side;
+        a thread a run of DEQUANT_RUN consecutive weights), and gathers the row tile's x values
+        into shared memory as float16 ([row, k]): each weight decoded once a row tile, each x
+        value converted once;
+      - each warp owns a 16-row x 32-output quarter of the tile (2 float32 WMMA accumulator
+        fragments a weight, registers across the K tiles) and per 16 of k loads its A fragment
+        and B fragments from shared memory and issues the 16x16x16 MMAs (TVM's WMMA
+        intrinsics through `tensorize`, as dlight's MatmulTensorization);
       - the accumulators go to a shared float32 tile, and the block writes the rows the expert
         has (never a row past its count: those belong to the next expert), applying SiLU(gate)
-        * up on the float32 sums for the fused form.
-    Shared memory (K_TILE 64): 4.5 KiB of x, 9 KiB of weights a weight, 8.5 KiB of sums a weight,
-    1 KiB of scales: 42 KiB for gate/up, 23 KiB for the down; static, under 48 KiB."""
+        * up on the float32 sums in the fused form.
+    Static shared memory (K_TILE 64; rows of the K tiles padded by 8 halves against bank
+    conflicts): 4.5 KiB of x, 9 KiB of weights and 8 KiB of sums a weight, 1 KiB of scales and
+    mins a weight: 40.5 KiB for gate/up, 22.5 KiB for the down. `ptxas -v` (sm_90a, full-size
+    shapes): 128 registers gate/up (4 blocks an SM), 56-62 the downs, no spills. Not done: double
+    buffering the K tiles, 64-row tiles for crowded experts, the routing weight in the down's
+    epilogue (moe_combine_residual applies it)."""
 
     family = "moe_chunk"
     enable_check = False  # the row tiles' trip count is read from `offsets`
