@@ -274,8 +274,8 @@ class _GroupedGemmF16CudaRule(_CudaRule):
       - per K tile of K_TILE weights the block decodes the tile's scales and mins, then its
         weights as float16, into shared memory ([weight, output, k]: gate and up side by side;
         a thread a run of DEQUANT_RUN consecutive weights), and gathers the row tile's x values
-        into shared memory as float16 ([row, k]): each weight decoded once a row tile, each x
-        value converted once;
+        into shared memory as float16 ([row, k], 4 a thread): each weight decoded once a row
+        tile, each x value converted once;
       - each warp owns a 16-row x 32-output quarter of the tile (2 float32 WMMA accumulator
         fragments a weight, registers across the K tiles) and per 16 of k loads its A fragment
         and B fragments from shared memory and issues the 16x16x16 MMAs (TVM's WMMA
@@ -347,7 +347,9 @@ class _GroupedGemmF16CudaRule(_CudaRule):
         for index in range(len(sch.get(scale).writes)):  # the scales, and the mins where a weight has them
             sch.set_scope(scale, index, "shared")
         sch.compute_at(scale, k_outer)
-        for name, run in (("scale", 1), ("dequant", self.DEQUANT_RUN), ("xload", 1)):
+        # x: 4 floats a thread (a 16-byte load, 8 bytes of float16 stored): the factory's k is a
+        # multiple of 16, so the runs stay in a row and aligned
+        for name, run in (("scale", 1), ("dequant", self.DEQUANT_RUN), ("xload", 4)):
             block = sch.get_sblock(name)
             loops = sch.get_loops(block)
             tile_loop = next(n for n, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_outer)))
@@ -360,7 +362,10 @@ class _GroupedGemmF16CudaRule(_CudaRule):
             _, ty, tx, inner = sch.split(sch.fuse(*own), [None, warps, self.LANES, run])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
-            sch.unroll(inner)
+            if name == "xload":
+                sch.vectorize(inner)
+            else:
+                sch.unroll(inner)
         ri, i = sch.get_loops(sch.get_sblock("store"))[-2:]
         _, ty, tx = sch.split(sch.fuse(ri, i), [None, warps, self.LANES])
         sch.bind(ty, "threadIdx.y")

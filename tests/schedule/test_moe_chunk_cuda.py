@@ -194,6 +194,7 @@ def test_f16_forms_multiply_on_tensor_cores_from_shared_tiles(source: str, case:
     # fragments loaded from the shared tiles only: the x rows as float16 and the decoded weights
     loads = re.findall(r"nvcuda::wmma::load_matrix_sync\([^;]*;", body)
     assert loads and all("xh_shared_ptr[" in load or "wh_shared_ptr[" in load for load in loads)
+    assert "= *(float4*)(x_ptr + " in body  # the x rows staged 16 bytes a thread at once
     shared = dict(re.findall(r"__shared__ alignas\(\d+\) (?:float|half) (\w+)_shared_ptr\[(\d+)\]", body))
     assert {"acc", "sc", "wh", "xh"} <= set(shared) <= {"acc", "sc", "mn", "wh", "xh"}
     sizes = {"acc": 4, "sc": 4, "mn": 4, "wh": 2, "xh": 2}
