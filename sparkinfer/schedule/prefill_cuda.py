@@ -286,7 +286,7 @@ class _GroupedGemmF16CudaRule(_CudaRule):
     Static shared memory (K_TILE 64; rows of the K tiles padded by 8 halves against bank
     conflicts): 4.5 KiB of x, 9 KiB of weights and 8 KiB of sums a weight, 1 KiB of scales and
     mins a weight: 40.5 KiB for gate/up, 22.5 KiB for the down. `ptxas -v` (sm_90a, full-size
-    shapes): 128 registers gate/up (4 blocks an SM), 56-62 the downs, no spills. Not done: double
+    shapes): 96 registers gate/up (5 blocks an SM), 55-56 the downs, no spills. Not done: double
     buffering the K tiles, 64-row tiles for crowded experts, the routing weight in the down's
     epilogue (moe_combine_residual applies it)."""
 
