@@ -22,6 +22,12 @@ per token. The partial sums of the K tiles pass through y (each tile adds to wha
 ones stored), so the tiles stay small (L1 on the CPU, shared memory on the GPU) whatever the
 number of rows. The loop over an expert's rows has a trip count read from `offsets` on the
 device; an expert no row chose skips its dequantization too.
+
+With float16 operands (the step variant `chunk_operands` "f16", tensor cores on the GPU) the
+experts take `grouped_gate_up_silu_f16` (gate, up and SiLU in one kernel) and `grouped_gemm_f16`
+(the down) instead: per (expert, F16_TILE_N outputs) and per F16_ROW_TILE of the expert's rows,
+the float16-rounded weights and x rows multiplied with float32 sums (`gemm.gemm`'s
+half_operands), written as one sum over K; the CUDA rule computes their stages per K tile.
 """
 
 import math
@@ -282,7 +288,7 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
       acc[g, ri, i] = sum_k float32(xh[ri, k]) * float32(wh[g, i, k])
       out[row, i]  = acc[0] (one weight) or silu(acc[0]) * acc[1] (gate, up)
     The stages span the whole of K here; a schedule computes them per K tile where it needs them
-    (`schedule.prefill_cuda.GroupedGemmF16CudaRule`)."""
+    (`schedule.prefill_cuda._GroupedGemmF16CudaRule`)."""
     from tvm.script import tirx as T
 
     fmts = tuple(gemv_format(t) for t in ggml_types)
