@@ -10,14 +10,23 @@ from sparkinfer.schedule.cpu import (
     AsWrittenCpuRule,
     EmbeddingCpuRule,
     GemvCpuRule,
+    GemvNormedCpuRule,
     GemvQkvCpuRule,
+    GemvQkvNormedCpuRule,
+    GemvResidualCpuRule,
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
     PagedDecodeAttentionCpuRule,
     RmsNormCpuRule,
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
-from sparkinfer.schedule.gemv import GemvCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.gemv import (
+    GemvCudaRule,
+    GemvNormedCudaRule,
+    GemvQkvCudaRule,
+    GemvQkvNormedCudaRule,
+    GemvResidualCudaRule,
+)
 from sparkinfer.schedule.gemv_q8 import (
     GemvQ8CpuRule,
     GemvQ8CudaRule,
@@ -40,6 +49,9 @@ from sparkinfer.schedule.space import register
 for _rule in (
     GemvCudaRule(),
     GemvQkvCudaRule(),
+    GemvNormedCudaRule(),
+    GemvQkvNormedCudaRule(),
+    GemvResidualCudaRule(),
     MoeGateUpSiluCudaRule(),
     MoeDownResidualCudaRule(),
     PagedDecodeAttentionCudaRule(),
@@ -60,6 +72,9 @@ for _rule in (
     QuantizeQ8CudaRule(),
     GemvCpuRule(),
     GemvQkvCpuRule(),
+    GemvNormedCpuRule(),
+    GemvQkvNormedCpuRule(),
+    GemvResidualCpuRule(),
     MoeGateUpSiluCpuRule(),
     MoeDownResidualCpuRule(),
     PagedDecodeAttentionCpuRule(),

@@ -70,6 +70,27 @@ def test_gemv_qkv(knobs: CpuDotKnobs | None) -> None:
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_gemv_normed_and_residual(knobs: CpuDotKnobs | None) -> None:
+    """The fused launches' GEMVs: the norm as a prologue (Q/K/V and one GEMV), the residual
+    add as an epilogue."""
+    rng = np.random.default_rng(5)
+    t, k, eps = T.Q4_K, 256, 1e-6
+    datas = [random_weights(t, (n, k), rng) for n in (64, 32, 32)]
+    h = (rng.standard_normal(k) * 3).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(k)).astype(np.float32)
+    x = N.rms_norm_reference(h, norm_w, eps)
+    views = [G.weight_view(t, d) for d in datas]
+    outs = run("gemv", G.gemv_qkv_normed, (t, 64, 32, 32, k, eps), knobs, [*views, h, norm_w],
+               [np.empty(n, np.float32) for n in (64, 32, 32)])
+    (y,) = run("gemv", G.gemv_normed, (t, 64, k, eps), knobs, [views[0], h, norm_w], [np.empty(64, np.float32)])
+    for got, d in zip([*outs, y], [*datas, datas[0]], strict=True):
+        assert_gemv_close(got, G.gemv_normed_reference(t, d, h, norm_w, eps), magnitude(t, d, x))
+    r = rng.standard_normal(64, dtype=np.float32)
+    (y,) = run("gemv", G.gemv_residual, (t, 64, k), knobs, [views[0], x, r], [np.empty(64, np.float32)])
+    assert_gemv_close(y, G.gemv_residual_reference(t, datas[0], x, r), magnitude(t, datas[0], x) + np.abs(r))
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
 def test_moe_gate_up_silu_and_down_residual(knobs: CpuDotKnobs | None) -> None:
     rng = np.random.default_rng(3)
     n_experts, hidden, inter = 6, 256, 256

@@ -1,0 +1,149 @@
+"""The fused-launch kernels of the decode step (`decode_launches="fused"`): CUDA codegen, nvcc
+for every arch, and on a GPU the Qwen3-30B-A3B shapes against the numpy reference (on GPU
+machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tvm
+from gguf import GGMLQuantizationType as T
+
+from sparkinfer import quant
+from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import norm as N
+from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+
+from cuda_testutil import (
+    CUDA_ARCHS,
+    Gpu,
+    assert_nvcc_compiles,
+    cuda_source,
+    gpu_fixture,
+    kernel_body,
+    main,
+    module,
+    needs_nvcc,
+    scheduled,
+)
+
+H, EPS = 2048, 1e-6
+
+
+@dataclass(frozen=True)
+class Normed:
+    """gemv_normed (rows only) or gemv_qkv_normed (Q, K and V rows) at the model's H."""
+
+    ggml_type: T
+    rows: tuple[int, ...]
+
+    @property
+    def symbol(self) -> str:
+        if len(self.rows) == 1:
+            return G.gemv_normed_symbol(self.ggml_type, self.rows[0], H)
+        return G.gemv_qkv_normed_symbol(self.ggml_type, *self.qkv_args)
+
+    @property
+    def qkv_args(self) -> tuple[int, int, int, int]:
+        n_q, n_k, *n_v = self.rows
+        return n_q, n_k, n_v[0] if n_v else 0, H
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        if len(self.rows) == 1:
+            return scheduled(G.gemv_normed, "gemv", self.ggml_type, self.rows[0], H, EPS)
+        return scheduled(G.gemv_qkv_normed, "gemv", self.ggml_type, *self.qkv_args, EPS)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """gemv_residual: the attention output projection, 32 heads x 128 -> H."""
+
+    ggml_type: T
+    k: int = 4096
+
+    @property
+    def symbol(self) -> str:
+        return G.gemv_residual_symbol(self.ggml_type, H, self.k)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        return scheduled(G.gemv_residual, "gemv", self.ggml_type, H, self.k)
+
+
+# Q4_K_M's Q+K (beside a Q6_K V) and Q+K+V, its Q6_K V, the F32 router; the Q4_K output.
+NORMED = [Normed(T.Q4_K, (4096, 512)), Normed(T.Q4_K, (4096, 512, 512)), Normed(T.Q6_K, (512,)),
+          Normed(T.F32, (128,))]
+RESIDUAL = [Residual(T.Q4_K), Residual(T.Q6_K)]
+
+
+def kernels_module() -> tvm.IRModule:
+    return module(*(case.func() for case in (*NORMED, *RESIDUAL)))
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return cuda_source(kernels_module())
+
+
+@pytest.mark.parametrize("case", NORMED, ids=lambda c: c.symbol)
+def test_normed_forms_normalize_once_per_block_into_shared_memory(source: str, case: Normed) -> None:
+    body = kernel_body(source, case.symbol)
+    assert "__shared__ alignas(64) float norm_shared_ptr[2048]" in body
+    assert body.count("sqrtf(") == 1  # the norm's one pass over h
+    assert "__syncthreads()" in body
+    assert "x_ptr" not in body  # no x parameter: h and norm_w instead
+    assert "h_ptr[" in body and "norm_w_ptr[" in body
+
+
+@pytest.mark.parametrize("case", RESIDUAL, ids=lambda c: c.symbol)
+def test_residual_form_adds_in_the_epilogue(source: str, case: Residual) -> None:
+    body = kernel_body(source, case.symbol)
+    assert "__shfl_down_sync" in body
+    assert body.count("residual_ptr[") == 1  # one write per row, after the warp reduction
+    assert "r_ptr[" in body
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_for(source: str, arch: str) -> None:
+    assert_nvcc_compiles(arch, source)
+
+
+gpu = gpu_fixture("fused_decode", kernels_module)
+
+
+def magnitude(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    w = quant.dequantize(t, data, (data.shape[0], x.shape[-1]))
+    return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NORMED, ids=lambda c: c.symbol)
+def test_normed_on_gpu_matches_numpy(gpu: Gpu, case: Normed) -> None:
+    rng = np.random.default_rng(20261205)
+    datas = [random_weights(case.ggml_type, (n, H), rng) for n in case.rows]
+    h = (rng.standard_normal(H) * 3).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(H)).astype(np.float32)
+    outs = [gpu.poisoned((n,)) for n in case.rows]
+    args = [gpu.tensor(G.weight_view(case.ggml_type, d)) for d in datas] + [gpu.tensor(h), gpu.tensor(norm_w)]
+    gpu(case.symbol, *args, *outs)
+    x = N.rms_norm_reference(h, norm_w, EPS)
+    for out, data in zip(outs, datas, strict=True):
+        ref = G.gemv_normed_reference(case.ggml_type, data, h, norm_w, EPS)
+        assert_gemv_close(out.numpy(), ref, magnitude(case.ggml_type, data, x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", RESIDUAL, ids=lambda c: c.symbol)
+def test_residual_on_gpu_matches_numpy(gpu: Gpu, case: Residual) -> None:
+    rng = np.random.default_rng(20261206)
+    data = random_weights(case.ggml_type, (H, case.k), rng)
+    x = rng.standard_normal(case.k, dtype=np.float32)
+    r = rng.standard_normal(H, dtype=np.float32)
+    out = gpu.poisoned((H,))
+    gpu(case.symbol, gpu.tensor(G.weight_view(case.ggml_type, data)), gpu.tensor(x), gpu.tensor(r), out)
+    ref = G.gemv_residual_reference(case.ggml_type, data, x, r)
+    assert_gemv_close(out.numpy(), ref, magnitude(case.ggml_type, data, x) + np.abs(r))
+
+
+if __name__ == "__main__":
+    main(__doc__, "fused_decode", kernels_module)
