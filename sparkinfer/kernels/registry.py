@@ -46,6 +46,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv.gemv_normed,
         gemv.gemv_qkv_normed,
         gemv.gemv_residual,
+        moe.moe_gate_up_silu_routed,
         logits.process_logits,
         logits.count_token,
         sampling.sample_token,

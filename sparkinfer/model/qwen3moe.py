@@ -29,6 +29,10 @@ Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residua
 Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
+With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
+the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
+-> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
+output_norm's.
 
 `decode_processed` (ENTRY_PROCESSED) is the same step with, after the lm head,
 process_logits (grammar mask, penalties; kernels/logits.py) feeding sample_token, and
@@ -440,8 +444,8 @@ class _StepBuilder:
         return h, self.rms_norm(h, nxt, f"norm{i + 1}")
 
     def _ffn_input(self, f: relax.Var | Normed, i: int) -> relax.Var:
-        """The expert kernels' x: f itself, or in the fused launches rms_norm(h, ffn_norm)
-        (until the gate/up kernel normalizes h itself)."""
+        """The expert kernels' x: f itself, or in the fused launches where gate/up does not
+        normalize h itself (a dense FFN, int8 experts) rms_norm(h, ffn_norm)."""
         if isinstance(f, Normed):
             return self.call(self.k("norm", "rms_norm", self.c.hidden, self.c.rms_eps), [f.h, f.w],
                              [self.f32(self.c.hidden)], f"ffn_in{i}")
@@ -452,6 +456,13 @@ class _StepBuilder:
         w = f"blk.{i}."
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
+        g, u, d = (f"{w}ffn_{kind}_exps.weight" for kind in ("gate", "up", "down"))
+        if isinstance(f, Normed) and not self._int8_experts(g, u, d):
+            # router_topk and the FFN norm run inside gate/up, which writes ids and weights
+            gv = self.k("moe", "moe_gate_up_silu_routed", self.t(g), self.t(u), E, KU, I, H, c.rms_eps)
+            act, ids, weights = self.call(gv, [self.params[g], self.params[u], router, f.h, f.w],
+                                          [self.f32(KU, I), _tensor((KU,), "int32"), self.f32(KU)], f"act{i}")
+            return self._down(d, E, KU, H, I, ids, weights, act, h, i)
         gv = self.k("router", "router_topk", E, KU)
         ids, weights = self.call(gv, [router], [_tensor((KU,), "int32"), self.f32(KU)], f"topk{i}")
         return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i)
@@ -467,7 +478,7 @@ class _StepBuilder:
                  weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
         p = self.params
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
-        if self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in (g, u, d)):
+        if self._int8_experts(g, u, d):
             xq = self.quantize_q8(f, H, 0, f"ffn_q{i}")
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             act = self.call(gv, [p[g], p[u], ids, *xq], [self.f32(KU, I)], f"act{i}")
@@ -476,8 +487,16 @@ class _StepBuilder:
             return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
+        return self._down(d, E, KU, H, I, ids, weights, act, h, i)
+
+    def _int8_experts(self, *names: str) -> bool:
+        """Whether the experts of these weights run on int8 activations (activations="q8")."""
+        return self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in names)
+
+    def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
+              act: relax.Var, h: relax.Var, i: int) -> relax.Var:
         gv = self.k("moe", "moe_down_residual", self.t(d), E, KU, H, I)
-        return self.call(gv, [p[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
+        return self.call(gv, [self.params[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
 
 
     # the T-token step ----------------------------------------------------------------------
@@ -594,8 +613,11 @@ def build_decode_step(
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense GEMM products
     for quantized and half weights ("f16": tensor-core operands, `kernels.gemm`).
     `decode_launches` (DECODE_LAUNCHES) is how the decode step's norms and residual adds run:
-    "split" as launches of their own, "fused" folded into the GEMVs around them
-    (`kernels.gemv.gemv_normed`, `gemv_qkv_normed`, `gemv_residual`): fewer launches a layer.
+    "split" as launches of their own, "fused" folded into the kernels around them
+    (`kernels.gemv.gemv_normed`, `gemv_qkv_normed`, `gemv_residual`, and
+    `kernels.moe.moe_gate_up_silu_routed`, which also runs router_topk): fewer launches a layer.
+    Int8 experts and a dense FFN keep an rms_norm launch for their input (and int8 experts
+    their router_topk).
     The T-token step is the same either way."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")

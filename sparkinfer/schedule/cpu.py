@@ -227,17 +227,19 @@ class GemvQkvNormedCpuRule(GemvQkvCpuRule):
 
 
 class MoeGateUpSiluCpuRule(_CpuDotRule):
-    """Tasks over (slot, rows of act); a row's gate and up sums computed where act uses them."""
+    """Tasks over (slot, rows of act); a row's gate and up sums computed where act uses them.
+    The routed form's prologue (top-k, norm) stays ahead of the tasks, as its factory wrote it."""
 
     family = "moe"
     factory = "moe_gate_up_silu"
+    normed: ClassVar[bool] = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         type_gate, type_up, *_ = factory_args(use)
         return gemv_format(type_gate), gemv_format(type_up)
 
     def size(self, use: KernelUse) -> tuple[int, int]:
-        _, _, _, n_used, inter, hidden = factory_args(use)
+        _, _, _, n_used, inter, hidden, *_ = factory_args(use)
         return inter, 2 * n_used * inter * hidden
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
@@ -248,8 +250,13 @@ class MoeGateUpSiluCpuRule(_CpuDotRule):
             block = sch.get_sblock(name)
             sch.compute_at(block, row, preserve_unit_loops=True)
             chunk = reduction_chunk_loop(sch, block)
-            self.dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs, fmt, "x")
+            self.dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs, fmt, x_buffer(self.normed))
             unroll_loop(sch, chunk, knobs.unroll)
+
+
+class MoeGateUpSiluRoutedCpuRule(MoeGateUpSiluCpuRule):
+    factory = "moe_gate_up_silu_routed"
+    normed = True
 
 
 class MoeDownResidualCpuRule(_CpuDotRule):

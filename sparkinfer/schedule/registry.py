@@ -16,6 +16,7 @@ from sparkinfer.schedule.cpu import (
     GemvResidualCpuRule,
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
+    MoeGateUpSiluRoutedCpuRule,
     PagedDecodeAttentionCpuRule,
     RmsNormCpuRule,
 )
@@ -36,7 +37,11 @@ from sparkinfer.schedule.gemv_q8 import (
     MoeGateUpSiluQ8CudaRule,
     QuantizeQ8CudaRule,
 )
-from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
+from sparkinfer.schedule.moe import (
+    MoeDownResidualCudaRule,
+    MoeGateUpSiluCudaRule,
+    MoeGateUpSiluRoutedCudaRule,
+)
 from sparkinfer.schedule.norm import AddRmsNormCudaRule, AddRmsNormRowsCudaRule, RmsNormCudaRule, RmsNormRowsCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
 from sparkinfer.schedule.router import RouterTopkCudaRule, RouterTopkRowsCudaRule
@@ -54,6 +59,7 @@ for _rule in (
     GemvResidualCudaRule(),
     MoeGateUpSiluCudaRule(),
     MoeDownResidualCudaRule(),
+    MoeGateUpSiluRoutedCudaRule(),
     PagedDecodeAttentionCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
@@ -76,6 +82,7 @@ for _rule in (
     GemvQkvNormedCpuRule(),
     GemvResidualCpuRule(),
     MoeGateUpSiluCpuRule(),
+    MoeGateUpSiluRoutedCpuRule(),
     MoeDownResidualCpuRule(),
     PagedDecodeAttentionCpuRule(),
     AsWrittenCpuRule("attention", "attention_combine"),

@@ -27,12 +27,13 @@ DOT_KNOBS = [None, CpuDotKnobs(0, 64, 1, 16), CpuDotKnobs(1, 8, 2, 1024)]
 
 def run(family: str, factory, args: tuple, knobs: Knobs | None, inputs: list, outputs: list) -> list:  # noqa: ANN001
     """`factory(*args)` scheduled by its CPU rule with `knobs`, run on `inputs`; the outputs
-    are poisoned with NaN first, so an element never written fails."""
+    are poisoned with NaN first (integer ones keep the caller's poison), so an element never
+    written fails."""
     use = kernel_use(family, factory.__name__, *args)
     func = schedule_kernel(factory(*args), use, CPU, knobs)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
     tensors = [tvm.runtime.tensor(a) for a in inputs]
-    outs = [tvm.runtime.tensor(np.full_like(o, np.nan)) for o in outputs]
+    outs = [tvm.runtime.tensor(np.full_like(o, np.nan) if o.dtype.kind == "f" else o) for o in outputs]
     lib["main"](*tensors, *outs)
     return [o.numpy() for o in outs]
 
@@ -152,3 +153,25 @@ def test_attention_streams_in_parallel(streams: int, tile: int, vector: int | No
     o_ref, lse_ref = A.paged_decode_attention_reference(q, k, v, table, pos, splits)
     np.testing.assert_allclose(o_part, o_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_moe_gate_up_silu_routed(knobs: CpuDotKnobs | None) -> None:
+    """The fused launches' gate/up: router_topk and the FFN norm in its prologue; ids and
+    weights exactly router_topk's (experts 2 and 5 tie for the first slot: 2 gets it)."""
+    rng = np.random.default_rng(6)
+    n_experts, n_used, hidden, inter, eps = 8, 3, 256, 256, 1e-6
+    gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
+    logits = rng.standard_normal(n_experts).astype(np.float32)
+    logits[2] = logits[5] = logits.max() + 1
+    h = (rng.standard_normal(hidden) * 10).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float32)
+    act, ids, weights = run(
+        "moe", M.moe_gate_up_silu_routed, (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden, eps), knobs,
+        [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), logits, h, norm_w],
+        [np.empty((n_used, inter), np.float32), np.full(n_used, -1, np.int32), np.empty(n_used, np.float32)])
+    act_ref, ids_ref, weights_ref = M.moe_gate_up_silu_routed_reference(
+        T.Q4_K, gate, T.Q6_K, up, logits, h, norm_w, n_used, eps)
+    assert ids.tolist() == ids_ref.tolist() and ids[:2].tolist() == [2, 5]
+    np.testing.assert_allclose(weights, weights_ref, rtol=1e-6)
+    np.testing.assert_allclose(act, act_ref, rtol=1e-4, atol=1e-4 * np.abs(act_ref).max())

@@ -2,6 +2,7 @@
 for every arch, and on a GPU the Qwen3-30B-A3B shapes against the numpy reference (on GPU
 machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer import quant
 from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import moe as M
 from sparkinfer.kernels import norm as N
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 
@@ -28,6 +30,7 @@ from cuda_testutil import (
 )
 
 H, EPS = 2048, 1e-6
+E, KU, I = 128, 8, 768
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,30 @@ class Residual:
         return scheduled(G.gemv_residual, "gemv", self.ggml_type, H, self.k)
 
 
+@dataclass(frozen=True)
+class Routed:
+    """moe_gate_up_silu_routed at the model's 128 experts, top 8, I 768."""
+
+    type_gate: T
+    type_up: T
+
+    @property
+    def symbol(self) -> str:
+        return M.moe_gate_up_silu_routed_symbol(self.type_gate, self.type_up, E, KU, I, H)
+
+    def func(self) -> tvm.tirx.PrimFunc:
+        return scheduled(M.moe_gate_up_silu_routed, "moe", self.type_gate, self.type_up, E, KU, I, H, EPS)
+
+
 # Q4_K_M's Q+K (beside a Q6_K V) and Q+K+V, its Q6_K V, the F32 router; the Q4_K output.
 NORMED = [Normed(T.Q4_K, (4096, 512)), Normed(T.Q4_K, (4096, 512, 512)), Normed(T.Q6_K, (512,)),
           Normed(T.F32, (128,))]
 RESIDUAL = [Residual(T.Q4_K), Residual(T.Q6_K)]
+ROUTED = [Routed(T.Q4_K, T.Q4_K), Routed(T.Q5_K, T.Q8_0)]
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(*(case.func() for case in (*NORMED, *RESIDUAL)))
+    return module(*(case.func() for case in (*NORMED, *RESIDUAL, *ROUTED)))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +119,20 @@ def test_residual_form_adds_in_the_epilogue(source: str, case: Residual) -> None
     assert "__shfl_down_sync" in body
     assert body.count("residual_ptr[") == 1  # one write per row, after the warp reduction
     assert "r_ptr[" in body
+
+
+@pytest.mark.parametrize("case", ROUTED, ids=lambda c: c.symbol)
+def test_routed_gate_up_ranks_in_shared_memory_and_keeps_16_byte_weight_loads(source: str, case: Routed) -> None:
+    body = kernel_body(source, case.symbol)
+    assert "__shared__ alignas(64) int rank_shared_ptr[128]" in body
+    assert body.count("sqrtf(") == 1
+    # ids and weights written once per thread (a slot each), read back for the expert rows
+    assert body.count("ids_ptr[((((int)threadIdx.y)") >= 1 and "weights_ptr[" in body
+    assert "ids_ptr[((int)blockIdx.y)]" in body
+    # the weights' register copy indexed by the block's expert only: no spill to local memory
+    assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx|ids_ptr)", body)
+    if case.type_gate == T.Q4_K:
+        assert "*(uint4*)(Wg_ptr" in body and "*(uint4*)(Wu_ptr" in body
 
 
 @needs_nvcc
@@ -143,6 +176,26 @@ def test_residual_on_gpu_matches_numpy(gpu: Gpu, case: Residual) -> None:
     gpu(case.symbol, gpu.tensor(G.weight_view(case.ggml_type, data)), gpu.tensor(x), gpu.tensor(r), out)
     ref = G.gemv_residual_reference(case.ggml_type, data, x, r)
     assert_gemv_close(out.numpy(), ref, magnitude(case.ggml_type, data, x) + np.abs(r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROUTED, ids=lambda c: c.symbol)
+def test_routed_on_gpu_matches_numpy(gpu: Gpu, case: Routed) -> None:
+    rng = np.random.default_rng(20261207)
+    gate = random_weights(case.type_gate, (E, I, H), rng)
+    up = random_weights(case.type_up, (E, I, H), rng)
+    logits = rng.standard_normal(E).astype(np.float32)
+    logits[3] = logits[70] = logits.max() + 0.5  # a tie for the first slot: expert 3 takes it
+    h = (rng.standard_normal(H) * 3).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(H)).astype(np.float32)
+    act, ids, weights = gpu.poisoned((KU, I)), gpu.tensor(np.full(KU, -1, np.int32)), gpu.poisoned((KU,))
+    gpu(case.symbol, gpu.tensor(G.weight_view(case.type_gate, gate)), gpu.tensor(G.weight_view(case.type_up, up)),
+        gpu.tensor(logits), gpu.tensor(h), gpu.tensor(norm_w), act, ids, weights)
+    act_ref, ids_ref, weights_ref = M.moe_gate_up_silu_routed_reference(
+        case.type_gate, gate, case.type_up, up, logits, h, norm_w, KU, EPS)
+    assert ids.numpy().tolist() == ids_ref.tolist() and ids_ref[:2].tolist() == [3, 70]
+    np.testing.assert_allclose(weights.numpy(), weights_ref, rtol=1e-6)
+    np.testing.assert_allclose(act.numpy(), act_ref, rtol=1e-4, atol=1e-4 * np.abs(act_ref).max())
 
 
 if __name__ == "__main__":
