@@ -15,6 +15,8 @@ from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels import moe as M
 from sparkinfer.kernels import norm as N
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.schedule.gemv import GemvKnobs
+from sparkinfer.schedule.moe import MoeKnobs
 
 from cuda_testutil import (
     CUDA_ARCHS,
@@ -139,6 +141,20 @@ def test_routed_gate_up_ranks_in_shared_memory_and_keeps_16_byte_weight_loads(so
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(source: str, arch: str) -> None:
     assert_nvcc_compiles(arch, source)
+
+
+@needs_nvcc
+def test_other_knobs_lower_and_compile() -> None:
+    """Points of the tuner's space away from the defaults: fewer threads than experts (the
+    top-k stages loop), a block of 1024 threads, several rows a thread."""
+    funcs = [scheduled(M.moe_gate_up_silu_routed, "moe", T.Q4_K, T.Q4_K, E, KU, I, H, EPS,
+                       knobs=MoeKnobs(lanes=lanes, rows=rows, unroll=64)).with_attr("global_symbol", f"routed_{lanes}x{rows}")
+             for lanes, rows in ((8, 4), (32, 32), (16, 2))]
+    funcs.append(scheduled(G.gemv_normed, "gemv", T.Q6_K, 512, H, EPS,
+                           knobs=GemvKnobs(lanes=4, rows=2, rows_per_thread=2, unroll=16)).with_attr("global_symbol", "normed"))
+    funcs.append(scheduled(G.gemv_residual, "gemv", T.Q4_K, H, 4096,
+                           knobs=GemvKnobs(lanes=8, rows=8, rows_per_thread=4, unroll=16)).with_attr("global_symbol", "residual"))
+    assert_nvcc_compiles("sm_90", module(*funcs))
 
 
 gpu = gpu_fixture("fused_decode", kernels_module)
