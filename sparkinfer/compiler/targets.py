@@ -202,22 +202,27 @@ def build(mod: tvm.IRModule, arch: str) -> tvm.runtime.Executable:
         return tvm.compile(mod, target=target)
 
 
-def cuda_source(mod: tvm.IRModule, arch: str) -> str:
-    """The CUDA C++ TVM generates for `mod`, compiling nothing.
-
-    On a GPU machine (where TVM's autoload registered the CUDA module factory) a plain
-    tvm.compile JIT-compiles through TVM's default callback (NVRTC, which needs
-    cuda-bindings); TVM_COMPILE_FORCE_FALLBACK keeps the source-only module anywhere.
-    """
+@contextlib.contextmanager
+def source_only() -> Iterator[None]:
+    """Within this block CUDA builds keep their CUDA source and compile nothing, on any
+    machine: TVM_COMPILE_FORCE_FALLBACK (on a GPU machine, where TVM's autoload registered the
+    CUDA module factory, a plain build would JIT-compile through TVM's default callback, NVRTC,
+    which needs cuda-bindings). Not thread-safe: the variable is process-wide."""
     key, previous = "TVM_COMPILE_FORCE_FALLBACK", os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
     os.environ[key] = "1"
     try:
-        lib = tvm.compile(mod, target=target_for(arch))
+        yield
     finally:
         if previous is None:
             del os.environ[key]
         else:
             os.environ[key] = previous
+
+
+def cuda_source(mod: tvm.IRModule, arch: str) -> str:
+    """The CUDA C++ TVM generates for `mod`, compiling nothing (`source_only`)."""
+    with source_only():
+        lib = tvm.compile(mod, target=target_for(arch))
     return str(lib.mod.imports[0].inspect_source("cuda"))
 
 

@@ -8,6 +8,8 @@ into compiled/gpu-tests/<arch>/<stem>_<arch>.so (tests/gpu_prebuild.py: $SPARKIN
 overrides compiled/gpu-tests), which the tests load from there. One test file's library alone:
     python tests/schedule/test_attention_cuda.py --arch sm_90 [--out DIR]
 (sm_121 gives a .tar of aarch64 objects, which tvm.runtime.load_module links on the Spark.)
+The same tests run on the CPU too, through the CUDA emulator (cuda_emulator.py): `gpu_fixture`
+gives each test a "cuda" and an "emulated" run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a 
     sys.path.append(str(_REPO))
 
 from tests.gpu_prebuild import can_compile, gpu_tests_dir, missing_reason, stale_note  # noqa: E402
+
+from cuda_emulator import EmulatedGpu  # noqa: E402
 
 # At import, i.e. before conftest asks tvm.cuda() whether there is a GPU: with runtime-only TVM
 # this loads the CUDA runtime that its backend autoload skips.
@@ -106,15 +110,28 @@ def load_library(stem: str, mod: Callable[[], tvm.IRModule]) -> Iterator[tvm.run
         yield tvm.runtime.load_module(str(export(mod(), stem, arch, Path(tmp))))
 
 
-def gpu_fixture(stem: str, mod: Callable[[], tvm.IRModule]) -> Callable[[], Iterator[Gpu]]:
-    """A test file's module-scoped `gpu` fixture: `Gpu` on `stem`'s library (`load_library`)."""
+def gpu_fixture(stem: str, mod: Callable[[], tvm.IRModule]) -> Callable[..., Iterator[Gpu | EmulatedGpu]]:
+    """A test file's module-scoped `gpu` fixture, two ways: "cuda" (marked gpu), `Gpu` on
+    `stem`'s library (`load_library`); "emulated", the same kernels on the CPU
+    (cuda_emulator.py), wherever TVM can compile. A test taking `gpu` runs on both."""
 
-    @pytest.fixture(scope="module", name="gpu")
-    def gpu() -> Iterator[Gpu]:
+    @pytest.fixture(scope="module", name="gpu", params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+    def gpu(request: pytest.FixtureRequest) -> Iterator[Gpu | EmulatedGpu]:
+        if request.param == "emulated":
+            if not can_compile():
+                pytest.skip("the CUDA emulator builds with TVM's compiler; this TVM is runtime-only")
+            yield EmulatedGpu(mod())
+            return
         for library in load_library(stem, mod):
             yield Gpu(library)
 
     return gpu
+
+
+def gpu_only(gpu: Gpu | EmulatedGpu, why: str) -> None:
+    """Skips the emulated run of a test case the CPU would take too long over (`why`)."""
+    if isinstance(gpu, EmulatedGpu):
+        pytest.skip(f"not emulated: {why}")
 
 
 def main(doc: str, stem: str, mod: Callable[[], tvm.IRModule]) -> None:

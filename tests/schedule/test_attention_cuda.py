@@ -77,7 +77,6 @@ def paged_cache(
     return k, v
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize(
     ("splits", "pos"),
     # A 4096-token context, page boundaries, a single token, and short contexts whose

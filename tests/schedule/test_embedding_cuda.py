@@ -44,7 +44,6 @@ def test_nvcc_compiles_every_type_for(arch: str) -> None:
 gpu = gpu_fixture("embedding", kernels_module)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
 def test_matches_numpy_on_gpu(gpu: Gpu, t: T) -> None:
     vocab = vocab_of(t)

@@ -103,7 +103,6 @@ def _run(gpu: Gpu, symbol: str, inputs: list[np.ndarray], outputs: list[np.ndarr
     return [o.numpy() for o in outs]
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("args", [a for f, _, a in CASES if f is gemv_q8.quantize_q8_1], ids=str)
 def test_quantize_on_gpu_matches_numpy(gpu: Gpu, args: tuple[int, int]) -> None:
     k, rows = args
@@ -125,7 +124,6 @@ def _activations(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.n
     return gemv_q8.quantize_q8_1_reference(rng.standard_normal(shape, dtype=np.float32))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("args", [a for f, _, a in CASES if f is gemv_q8.gemv_q8], ids=str)
 def test_gemv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noqa: ANN001
     t, n, k = args
@@ -139,7 +137,6 @@ def test_gemv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noqa: A
     assert_gemv_close(y, gemv_q8.gemv_q8_reference(t, data, xq, xd), magnitude)
 
 
-@pytest.mark.gpu
 def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
     rng = np.random.default_rng(3)
     for factory, _, args in CASES:

@@ -56,7 +56,6 @@ def test_nvcc_compiles_for(source: str, arch: str) -> None:
 gpu = gpu_fixture("logits", kernels_module)
 
 
-@pytest.mark.gpu
 def test_logits_kernels_on_gpu_match_numpy(gpu: Gpu) -> None:
     rng = np.random.default_rng(20261204)
     logits = (rng.standard_normal(VOCAB) * 3).astype(np.float32)

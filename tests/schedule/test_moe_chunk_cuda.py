@@ -23,6 +23,7 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     cuda_source,
     gpu_fixture,
+    gpu_only,
     kernel_body,
     main,
     module,
@@ -150,9 +151,10 @@ def chunk_assignment(n_tokens: int, rng: np.random.Generator) -> tuple[np.ndarra
     return offsets, row_token
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.symbol)
 def test_grouped_gemm_on_gpu_matches_numpy(gpu: Gpu, case: Case) -> None:
+    if case.n_tokens > CHUNKS[0]:
+        gpu_only(gpu, "4096 rows take ~20 s each on the CPU; the 1024-row cases run the same kernels")
     rng = np.random.default_rng(20261206 + case.rows)
     data = expert_weights(case.ggml_type, case.n, case.k)
     offsets, row_token = chunk_assignment(case.n_tokens, rng)

@@ -133,7 +133,6 @@ def run_gpu(gpu: Gpu, symbol: str, out_shape: tuple[int, ...], *arrays: np.ndarr
     return out.numpy()
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", GATE_UP, ids=lambda c: c.symbol)
 def test_gate_up_silu_on_gpu_matches_numpy(gpu: Gpu, case: GateUp) -> None:
     rng = np.random.default_rng(20261127)
@@ -155,7 +154,6 @@ def test_gate_up_silu_on_gpu_matches_numpy(gpu: Gpu, case: GateUp) -> None:
     assert_gemv_close(act, ref, magnitude)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", DOWN, ids=lambda c: c.symbol)
 def test_down_residual_on_gpu_matches_numpy(gpu: Gpu, case: Down) -> None:
     rng = np.random.default_rng(20261128)

@@ -40,7 +40,6 @@ def test_nvcc_compiles_for(arch: str) -> None:
 gpu = gpu_fixture("norm", kernels_module)
 
 
-@pytest.mark.gpu
 def test_matches_numpy_on_gpu(gpu: Gpu) -> None:
     rng = np.random.default_rng(11)
     x, r, w = (rng.standard_normal(H, dtype=np.float32) for _ in range(3))

@@ -18,6 +18,7 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     cuda_source,
     gpu_fixture,
+    gpu_only,
     kernel_body,
     main,
     module,
@@ -84,13 +85,14 @@ def paged_cache(rng: np.random.Generator, page_table: np.ndarray, n_cached: int)
     return k, v
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("n_tokens", CHUNKS)
 @pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
                          ids=["first-full", "first-partial", "prefix-full", "prefix-partial"])
 def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int) -> None:
     """A first chunk (pos 0) and one after a 700-token prefix (a page boundary inside a tile),
     full (n_valid = T) and partial (T - 3: padding rows must come out 0)."""
+    if n_tokens > CHUNKS[0] and pos > 0:
+        gpu_only(gpu, "a 512-token chunk over a prefix takes ~40 s on the CPU; the 128-token ones cover it")
     rng = np.random.default_rng(n_tokens * 1000 + pos + short)
     n_valid = n_tokens - short
     # Physical pages in random order; the table's unused tail points at real pages too.

@@ -134,7 +134,6 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261205)
 
 
-@pytest.mark.gpu
 def test_norm_rows_on_gpu_match_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
     x = rng.standard_normal((NT, H), dtype=np.float32)
     r = rng.standard_normal((NT, H), dtype=np.float32)
@@ -149,7 +148,6 @@ def test_norm_rows_on_gpu_match_numpy(gpu: Gpu, rng: np.random.Generator) -> Non
     np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.gpu
 def test_router_topk_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
     logits = rng.standard_normal((NT, E), dtype=np.float32)
     logits[7, 5] = logits[7, 90]  # a tie: the lower id wins
@@ -161,7 +159,6 @@ def test_router_topk_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generato
         np.testing.assert_allclose(weights.numpy()[t], want_w, rtol=1e-5)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("pos, n_valid", [(0, NT), (700, NT - 3)])
 def test_qk_norm_rope_kv_append_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, pos: int,
                                                           n_valid: int) -> None:
@@ -195,7 +192,6 @@ def test_qk_norm_rope_kv_append_rows_on_gpu_matches_numpy(gpu: Gpu, rng: np.rand
     np.testing.assert_array_equal(vc.numpy(), want_v)
 
 
-@pytest.mark.gpu
 def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator) -> None:
     rows, n_valid = NT * KU, NT - 5
     y = rng.standard_normal((rows, H), dtype=np.float32)
@@ -211,7 +207,6 @@ def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Gene
     np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("n_valid", [4 * NT, 300])
 def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_valid: int) -> None:
     tokens = 4 * NT
@@ -224,7 +219,6 @@ def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_val
         np.testing.assert_array_equal(got.numpy(), want)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(HALF_GEMMS))
 def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
     ggml_type, rows, n, k, _ = HALF_GEMMS[name]

@@ -46,7 +46,6 @@ def test_nvcc_compiles_for(arch: str) -> None:
 gpu = gpu_fixture("rope", kernels_module)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("pos", [0, 63, 64, 4095, 40959])
 def test_matches_numpy_on_gpu(gpu: Gpu, pos: int) -> None:
     rng = np.random.default_rng(pos)

@@ -53,7 +53,6 @@ def test_nvcc_compiles_for(source: str, arch: str) -> None:
 gpu = gpu_fixture("router", kernels_module)
 
 
-@pytest.mark.gpu
 def test_router_on_gpu_matches_numpy(gpu: Gpu) -> None:
     rng = np.random.default_rng(20261127)
     for trial in range(50):

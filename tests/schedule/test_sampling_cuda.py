@@ -73,7 +73,6 @@ def assert_same_draw(
     assert scores[expected] - scores[token] <= 1e-5 * max(1.0, abs(float(scores[expected])))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
 def test_sample_token_on_gpu_matches_numpy(gpu: Gpu, params: tuple) -> None:
     # An LLM-like spread: a few strong candidates over a long tail.
@@ -90,7 +89,6 @@ def test_sample_token_on_gpu_matches_numpy(gpu: Gpu, params: tuple) -> None:
         np.testing.assert_array_equal(rng_state.numpy(), [seed, counter + 1])
 
 
-@pytest.mark.gpu
 def test_advance_on_gpu(gpu: Gpu) -> None:
     token, pos = gpu.tensor(np.array([3], np.int32)), gpu.tensor(np.array([99], np.int32))
     gpu("advance", gpu.tensor(np.array([151643], np.int32)), token, pos)

@@ -1,23 +1,18 @@
-"""The scheduled GEMV kernels on a GPU, at Qwen3-30B-A3B shapes, against the numpy oracle
-(on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
-
-from collections.abc import Iterator
+"""The scheduled GEMV kernels on a GPU (and emulated on the CPU: cuda_testutil's `gpu`
+fixture), at Qwen3-30B-A3B shapes, against the numpy oracle (on GPU machines the library comes
+prebuilt: `python -m tests.gpu_prebuild`)."""
 
 import numpy as np
 import pytest
-import tvm
 
 from sparkinfer import quant
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import assert_gemv_close
 
-from cuda_testutil import load_library
+from cuda_testutil import Gpu, gpu_fixture
 from schedule_gemv_cases import CASES, QKV_CASES, STEM, GemvCase, GemvQkvCase, cases_module
 
-
-@pytest.fixture(scope="module")
-def library() -> Iterator[tvm.runtime.Module]:
-    yield from load_library(STEM, cases_module)
+gpu = gpu_fixture(STEM, cases_module)
 
 
 def magnitude(case: GemvCase, data: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -25,31 +20,24 @@ def magnitude(case: GemvCase, data: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_gemv_on_gpu_matches_numpy(library: tvm.runtime.Module, case: GemvCase) -> None:
+def test_gemv_on_gpu_matches_numpy(gpu: Gpu, case: GemvCase) -> None:
     rng = np.random.default_rng(20261127)
     inputs = case.inputs(rng)
     data, x = inputs["data"], inputs["x"]
-    dev = tvm.cuda(0)
-    y = tvm.runtime.tensor(np.full(case.n, np.nan, np.float32), dev)
-    args = [G.weight_view(case.ggml_type, data), x]
-    library[case.symbol](*[tvm.runtime.tensor(a, dev) for a in args], y)
-    dev.sync()
+    y = gpu.poisoned((case.n,))
+    gpu(case.symbol, gpu.tensor(G.weight_view(case.ggml_type, data)), gpu.tensor(x), y)
     assert_gemv_close(y.numpy(), G.gemv_reference(case.ggml_type, data, x), magnitude(case, data, x))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", QKV_CASES, ids=lambda c: c.name)
-def test_gemv_qkv_on_gpu_matches_numpy(library: tvm.runtime.Module, case: GemvQkvCase) -> None:
+def test_gemv_qkv_on_gpu_matches_numpy(gpu: Gpu, case: GemvQkvCase) -> None:
     rng = np.random.default_rng(20261127)
     inputs = case.inputs(rng)
     datas, x = inputs["datas"], inputs["x"]
-    dev = tvm.cuda(0)
-    ys = [tvm.runtime.tensor(np.full(n, np.nan, np.float32), dev) for n in case.rows]
+    ys = [gpu.poisoned((n,)) for n in case.rows]
     args = [G.weight_view(case.ggml_type, d) for d in datas] + [x]
-    library[case.symbol](*[tvm.runtime.tensor(a, dev) for a in args], *ys)
-    dev.sync()
+    gpu(case.symbol, *(gpu.tensor(a) for a in args), *ys)
     refs = G.gemv_qkv_reference(case.ggml_type, datas[0], datas[1], datas[2] if case.n_v else None, x)
     for y, ref, data in zip(ys, refs, datas):
         w = quant.dequantize(case.ggml_type, data, (data.shape[0], case.k))

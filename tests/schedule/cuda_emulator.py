@@ -1,0 +1,252 @@
+"""The CUDA TVM generates for a module, run on the CPU: the GPU tests' `gpu` fixture runs each
+test twice, on the GPU ("cuda", marked gpu) and here ("emulated", everywhere TVM can compile),
+so CI checks every CUDA schedule's indices, guards, shared-memory tiles, shuffles and WMMA
+fragments against numpy without a GPU.
+
+`EmulatedGpu(mod)` has `Gpu`'s interface (cuda_testutil: `tensor`, `poisoned`, calls by symbol).
+It lowers `mod` for sm_90 as `targets.build` does, reads from the device functions each kernel's
+launch extents and parameters and from the host function the order of its launches, and
+compiles a symbol's kernels with g++ against cuda_emulator.h on its first call (one CUDA thread
+a fiber: see the header for what this does and does not check). Tens of thousands of times
+slower than a GPU: tests give it the shapes a GPU test uses only where those are small.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from sparkinfer.compiler import targets
+
+_HEADER = Path(__file__).with_name("cuda_emulator.h")
+_ARCH = "sm_90"
+# Stand-ins for the CUDA headers the generated source includes, on the include path.
+_SHIMS = ("cuda.h", "cuda_fp16.h", "mma.h", "math_constants.h")
+_DIMS = ("x", "y", "z")
+
+
+class EmulationError(RuntimeError):
+    """A kernel the emulator could not build or run (a deadlock, a construct it lacks)."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a PrimFunc: the kernel's name, its parameters as the CUDA
+    signature has them (C type, name), and its grid and block extents (PrimExprs over the
+    kernel's scalar parameters)."""
+
+    kernel: str
+    params: tuple[tuple[str, str], ...]
+    extents: dict[str, Any]
+
+
+class EmulatedTensor:
+    """A host array standing in for a device tensor (`.numpy()` copies it out, as TVM's)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = np.array(array, order="C", copy=True)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def numpy(self) -> np.ndarray:
+        return self.array.copy()
+
+
+class EmulatedGpu:
+    """`Gpu` on the CPU: the kernels of `mod`, compiled here as C++ and run one fiber a thread."""
+
+    emulated = True
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        host, device, source = _lower(mod)
+        self._funcs = {str(gv.name_hint): f for gv, f in mod.functions.items()}
+        kernels = {str(gv.name_hint): f for gv, f in device.functions.items()}
+        self._source = source
+        self._launches = {str(gv.name_hint): _launches(f, kernels, source) for gv, f in host.functions.items()}
+        self._libraries: dict[str, ctypes.CDLL] = {}
+        self._build_dir = tempfile.TemporaryDirectory(prefix="cuda-emulator-")
+
+    def tensor(self, array: np.ndarray) -> EmulatedTensor:
+        return EmulatedTensor(array)
+
+    def poisoned(self, shape: tuple[int, ...]) -> EmulatedTensor:
+        """A float32 output filled with NaN, so an element the kernel never writes fails."""
+        return EmulatedTensor(np.full(shape, np.nan, np.float32))
+
+    def __call__(self, symbol: str, *args: EmulatedTensor | int) -> None:
+        func = self._funcs[symbol]
+        values = _bind_arguments(func, args)
+        library = self._library(symbol)
+        for launch in self._launches[symbol]:
+            extents = [_evaluate(launch.extents.get(f"{kind}.{d}", 1), values)
+                       for kind in ("blockIdx", "threadIdx") for d in _DIMS]
+            words = (ctypes.c_uint64 * max(1, len(launch.params)))(
+                *(_word(values, name, ctype) for ctype, name in launch.params))
+            dims = (ctypes.c_uint32 * 6)(*extents)
+            entry = getattr(library, f"emulate_{launch.kernel}")
+            entry.restype = ctypes.c_char_p
+            error = entry(words, dims)
+            if error:
+                raise EmulationError(f"{launch.kernel}: {error.decode()}")
+
+    def _library(self, symbol: str) -> ctypes.CDLL:
+        if symbol not in self._libraries:
+            self._libraries[symbol] = _compile(self._source, self._launches[symbol],
+                                               Path(self._build_dir.name), symbol)
+        return self._libraries[symbol]
+
+
+def _lower(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, str]:
+    """The host module, the device module and its CUDA source, as `targets.build` makes them."""
+    build = importlib.import_module("tvm.tirx.build")  # tvm.tirx.build is also a function
+    target = targets.target_for(_ARCH)
+    pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    host, devices = build.split_host_device_mods(pipeline(tvm.tirx.transform.BindTarget(target)(mod)))
+    (device,) = devices.values()
+    with targets.source_only():
+        source = build.codegen_build(finalize_device()(device), target).inspect_source("cuda")
+    return host, device, str(source)
+
+
+def _statements(stmt: Any) -> Any:
+    """Every statement under `stmt`, in program order."""
+    yield stmt
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        for child in stmt.seq:
+            yield from _statements(child)
+    for field in ("body", "then_case", "else_case"):
+        child = getattr(stmt, field, None)
+        if isinstance(child, tvm.tirx.Stmt):
+            yield from _statements(child)
+
+
+def _launches(host_func: tvm.tirx.PrimFunc, kernels: dict[str, tvm.tirx.PrimFunc], source: str) -> list[Launch]:
+    """The kernels `host_func` launches, in order."""
+    launches = []
+    for stmt in _statements(host_func.body):
+        call = stmt.value if isinstance(stmt, tvm.tirx.Evaluate) else None
+        if not isinstance(call, tvm.ir.Call) or not call.args:
+            continue
+        name = call.args[0]
+        if isinstance(name, tvm.ir.StringImm) and name.value in kernels:
+            kernel = kernels[name.value]
+            extents = {s.node.thread_tag: s.value for s in _statements(kernel.body)
+                       if isinstance(s, tvm.tirx.AttrStmt) and s.attr_key == "thread_extent"}
+            launches.append(Launch(name.value, _signature(source, name.value), extents))
+    return launches
+
+
+def _signature(source: str, kernel: str) -> tuple[tuple[str, str], ...]:
+    """(C type, name) of each parameter of `kernel`'s definition in `source`."""
+    match = re.search(rf"\b{kernel}\(([^)]*)\)\s*\{{", source)
+    if match is None:
+        raise EmulationError(f"no definition of {kernel} in the generated source")
+    params = []
+    for param in filter(None, (p.strip() for p in match.group(1).split(","))):
+        ctype, name = param.replace("__restrict__", "").rsplit(maxsplit=1)
+        params.append((" ".join(ctype.split()), name))
+    return tuple(params)
+
+
+def _bind_arguments(func: tvm.tirx.PrimFunc, args: tuple[EmulatedTensor | int, ...]) -> dict[str, Any]:
+    """Kernel parameter name -> array (a buffer's data) or int (a shape variable or scalar)."""
+    if len(args) != len(func.params):
+        raise EmulationError(f"{len(args)} arguments for {len(func.params)} parameters")
+    values: dict[str, Any] = {}
+    for param, arg in zip(func.params, args):
+        if not isinstance(param.ty, tvm.tirx.BufferType):  # a scalar
+            values[param.name] = int(arg)  # type: ignore[arg-type]
+            continue
+        if not isinstance(arg, EmulatedTensor):
+            raise EmulationError(f"parameter {param.name} takes a tensor, got {type(arg).__name__}")
+        values[_c_name(param.name) + "_ptr"] = arg.array  # the kernels' name for a buffer's data
+        for dim, size in zip(param.shape, arg.shape):
+            if isinstance(dim, tvm.tirx.Var):
+                values[dim.name] = size
+    return values
+
+
+def _c_name(name: str) -> str:
+    """A TIR name as the CUDA source spells it."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _evaluate(extent: Any, values: dict[str, Any]) -> int:
+    if isinstance(extent, int):
+        return extent
+    import tvm.sym  # here, not at import: the GPU machines' runtime-only TVM collects this file
+
+    analyzer = tvm.sym.Analyzer()
+    for var in tvm.tirx.analysis.undefined_vars(extent):
+        analyzer.bind(var, tvm.tirx.const(values[var.name], var.ty.dtype))
+    value = analyzer.simplify(extent)
+    if not isinstance(value, tvm.tirx.IntImm):
+        raise EmulationError(f"launch extent {extent} does not evaluate to an integer")
+    return int(value.value)
+
+
+def _word(values: dict[str, Any], name: str, ctype: str) -> int:
+    if name not in values:
+        raise EmulationError(f"kernel parameter {name} matches no argument ({', '.join(values)})")
+    value = values[name]
+    if ctype.endswith("*"):
+        return value.ctypes.data
+    return int(value) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) -> ctypes.CDLL:
+    """A shared library of the preamble, `launches`' kernels and an entry per kernel,
+    `emulate_<kernel>(uint64 args[], uint32 dims[6]) -> error or NULL`."""
+    for shim in _SHIMS:
+        (build_dir / shim).write_text(f'#include "{_HEADER}"\n')
+    preamble = source[: source.index('extern "C"')]
+    names = dict.fromkeys(launch.kernel for launch in launches)
+    bodies = [_device_code(_definition(source, name)) for name in names]
+    entries = [_entry(launch) for launch in {launch.kernel: launch for launch in launches}.values()]
+    code = "\n".join([preamble, *bodies, *entries])
+    cpp, lib = build_dir / f"{symbol}.cpp", build_dir / f"{symbol}.so"
+    cpp.write_text(code)
+    command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-w",
+               f"-I{build_dir}", "-o", str(lib), str(cpp)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    if result.returncode != 0:
+        raise EmulationError(f"g++ could not build {symbol}'s kernels ({cpp}):\n{result.stderr[-4000:]}")
+    return ctypes.CDLL(str(lib))
+
+
+def _definition(source: str, kernel: str) -> str:
+    start = source.rindex(f" {kernel}(")
+    start = source.rindex('extern "C"', 0, start)
+    end = source.find('extern "C"', start + 1)
+    return source[start : end if end >= 0 else None]
+
+
+def _device_code(body: str) -> str:
+    """Shared memory as function statics (one block runs at a time), the dynamic kind
+    (`extern __shared__ T name[];`) as the emulator's one buffer."""
+    body = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];",
+                  r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared);", body)
+    # C++ wants the alignment before `static`
+    return re.sub(r"__shared__ ((?:alignas|__align__)\(\d+\)) ", r"\1 static ", body)
+
+
+def _entry(launch: Launch) -> str:
+    args = ", ".join(f"({ctype})(args[{i}])" if ctype.endswith("*") else f"({ctype})(int64_t)(args[{i}])"
+                     for i, (ctype, _) in enumerate(launch.params))
+    return (f'extern "C" const char* emulate_{launch.kernel}(const uint64_t* args, const unsigned* dims) {{\n'
+            f"  static const uint64_t* a; a = args;\n"
+            f"  return emu::run_grid(dim3{{dims[0], dims[1], dims[2]}}, dim3{{dims[3], dims[4], dims[5]}},\n"
+            f"                       [] {{ const uint64_t* args = a; {launch.kernel}({args}); }});\n"
+            f"}}\n")

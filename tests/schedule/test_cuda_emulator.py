@@ -1,0 +1,108 @@
+"""The CUDA emulator's builtins against what CUDA specifies for them (shuffles, barriers, WMMA),
+on hand-written kernels, and its failure modes: a barrier no thread can complete is reported,
+not waited on; a kernel parameter with no argument is named."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuda_emulator import EmulationError, Launch, _compile, _signature
+
+_PREAMBLE = '#include <cuda.h>\n#include <cuda_fp16.h>\n#include <mma.h>\n'
+
+
+def _run(tmp_path: Path, source: str, kernel: str, grid: int, threads: int, *arrays: np.ndarray) -> None:
+    """Compiles `source` (one kernel taking `arrays` as pointers) and runs it on them in place."""
+    import ctypes
+
+    code = _PREAMBLE + source
+    launch = Launch(kernel, _signature(code, kernel), {})
+    library = _compile(code, [launch], tmp_path, kernel)
+    entry = getattr(library, f"emulate_{kernel}")
+    entry.restype = ctypes.c_char_p
+    words = (ctypes.c_uint64 * len(arrays))(*(a.ctypes.data for a in arrays))
+    error = entry(words, (ctypes.c_uint32 * 6)(grid, 1, 1, threads, 1, 1))
+    if error:
+        raise EmulationError(error.decode())
+
+
+SHUFFLES = r'''
+extern "C" __global__ void __launch_bounds__(64) shuffles_kernel(float* __restrict__ x_ptr, float* __restrict__ out_ptr) {
+  float v = x_ptr[blockIdx.x * 64 + threadIdx.x];
+  float down = __shfl_down_sync(__activemask(), v, 3, 32);
+  float up = __shfl_up_sync(__activemask(), v, 2, 8);
+  float xor_ = __shfl_xor_sync(__activemask(), v, 5, 32);
+  float bcast = __shfl_sync(__activemask(), v, 7, 16);
+  __shared__ float total[1];
+  if (threadIdx.x == 0) total[0] = 0.0f;
+  __syncthreads();
+  for (int t = 0; t < 64; ++t) { if (threadIdx.x == t) total[0] += v; __syncthreads(); }
+  float* o = out_ptr + (blockIdx.x * 64 + threadIdx.x) * 5;
+  o[0] = down; o[1] = up; o[2] = xor_; o[3] = bcast; o[4] = total[0];
+}
+'''
+
+
+def test_shuffles_and_barriers_follow_cuda(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(3 * 64).astype(np.float32)
+    out = np.full((3 * 64, 5), np.nan, np.float32)
+    _run(tmp_path, SHUFFLES, "shuffles_kernel", 3, 64, x, out)
+    t = np.arange(3 * 64)
+    lane = t % 32
+    warp_base = t - lane
+    # down: lane + 3 within the warp, else the lane's own value; up: lane - 2 within groups
+    # of 8, else its own; xor: lane ^ 5; shfl: lane 7 of each group of 16
+    want_down = np.where(lane + 3 < 32, x[np.minimum(t + 3, len(x) - 1)], x)
+    want_up = np.where(lane % 8 >= 2, x[t - 2], x)
+    want_xor = x[warp_base + (lane ^ 5)]
+    want_bcast = x[warp_base + (lane // 16) * 16 + 7]
+    want_total = np.repeat(x.reshape(3, 64).sum(axis=1, dtype=np.float32), 64)
+    np.testing.assert_array_equal(out[:, 0], want_down)
+    np.testing.assert_array_equal(out[:, 1], want_up)
+    np.testing.assert_array_equal(out[:, 2], want_xor)
+    np.testing.assert_array_equal(out[:, 3], want_bcast)
+    np.testing.assert_allclose(out[:, 4], want_total, rtol=1e-6)
+
+
+WMMA = r'''
+extern "C" __global__ void __launch_bounds__(64) wmma_kernel(half* __restrict__ a_ptr, half* __restrict__ b_ptr, float* __restrict__ c_ptr) {
+  // warp w: C[w] = A (16x32, row-major) times B (32x16, stored column-major), two K steps
+  int w = threadIdx.x / 32;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::col_major> b;
+  nvcuda::wmma::fill_fragment(acc, 0.5f);
+  for (int k = 0; k < 2; ++k) {
+    nvcuda::wmma::load_matrix_sync(a, a_ptr + w * 512 + k * 16, 32);
+    nvcuda::wmma::load_matrix_sync(b, b_ptr + w * 512 + k * 16, 32);
+    nvcuda::wmma::mma_sync(acc, a, b, acc);
+  }
+  nvcuda::wmma::store_matrix_sync(c_ptr + w * 256, acc, 16, nvcuda::wmma::mem_row_major);
+}
+'''
+
+
+def test_wmma_is_a_matrix_product(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((2, 16, 32)).astype(np.float16)
+    b_t = rng.standard_normal((2, 16, 32)).astype(np.float16)  # B column-major: B^T row-major
+    c = np.full((2, 16, 16), np.nan, np.float32)
+    _run(tmp_path, WMMA, "wmma_kernel", 1, 64, a, b_t, c)
+    want = a.astype(np.float32) @ b_t.astype(np.float32).transpose(0, 2, 1) + 0.5
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+STUCK = r'''
+extern "C" __global__ void __launch_bounds__(32) stuck_kernel(float* __restrict__ out_ptr) {
+  // lanes 16..31 never come to a shuffle whose mask names them
+  if (threadIdx.x < 16) out_ptr[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1, 32);
+}
+'''
+
+
+def test_a_barrier_no_thread_can_complete_is_reported(tmp_path: Path) -> None:
+    out = np.zeros(32, np.float32)
+    with pytest.raises(EmulationError, match="deadlock: every live thread waits at a barrier"):
+        _run(tmp_path, STUCK, "stuck_kernel", 1, 32, out)
