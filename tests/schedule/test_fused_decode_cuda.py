@@ -1,6 +1,7 @@
 """The fused-launch kernels of the decode step (`decode_launches="fused"`): CUDA codegen, nvcc
-for every arch, and on a GPU the Qwen3-30B-A3B shapes against the numpy reference (on GPU
-machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+for every arch, and on a GPU and in the CUDA emulator (the `gpu` fixture) the Qwen3-30B-A3B
+shapes against the numpy reference (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 import re
 from dataclasses import dataclass
@@ -165,7 +166,6 @@ def magnitude(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", NORMED, ids=lambda c: c.symbol)
 def test_normed_on_gpu_matches_numpy(gpu: Gpu, case: Normed) -> None:
     rng = np.random.default_rng(20261205)
@@ -181,7 +181,6 @@ def test_normed_on_gpu_matches_numpy(gpu: Gpu, case: Normed) -> None:
         assert_gemv_close(out.numpy(), ref, magnitude(case.ggml_type, data, x))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", RESIDUAL, ids=lambda c: c.symbol)
 def test_residual_on_gpu_matches_numpy(gpu: Gpu, case: Residual) -> None:
     rng = np.random.default_rng(20261206)
@@ -194,7 +193,6 @@ def test_residual_on_gpu_matches_numpy(gpu: Gpu, case: Residual) -> None:
     assert_gemv_close(out.numpy(), ref, magnitude(case.ggml_type, data, x) + np.abs(r))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", ROUTED, ids=lambda c: c.symbol)
 def test_routed_on_gpu_matches_numpy(gpu: Gpu, case: Routed) -> None:
     rng = np.random.default_rng(20261207)
