@@ -30,6 +30,11 @@ space of n_q + n_k + n_v rows (one GPU launch). Row r reads the weight it falls 
 a lazy if_then_else on r, with clamped indices so every access is provably in bounds; the
 quant codes go through a stage `W` (that row space, as the dot reads it) which the schedule
 keeps in registers, and the three outputs are copied out of the combined `gemv` stage.
+
+The fused-launch forms (the decode step's `decode_launches="fused"`) add a prologue or an
+epilogue to these, not a second copy: `gemv_normed` / `gemv_qkv_normed` take h and a norm
+weight and compute x = rmsnorm(h) * w first (`norm.normalize`: stages sumsq and norm, the dots
+reading norm), `gemv_residual` adds r to each row's sum (stage residual).
 """
 
 from collections.abc import Callable

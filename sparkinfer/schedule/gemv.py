@@ -8,7 +8,9 @@ Layout of the work (same for the plain and the MoE form, whose expert slot is bl
   - per chunk, a lane loads the chunk's quant bytes into registers (16-byte loads where the
     format keeps chunks 16-byte aligned), loads the matching x as float4, forms the
     sub-block dot products and x sums, and decodes each sub-block's scale and min once;
-  - the lanes' partial sums (rfactor) meet in a warp-shuffle allreduce.
+  - the lanes' partial sums (rfactor) meet in a warp-shuffle allreduce;
+  - the normed forms first normalize h into shared memory, once per thread block
+    (`normalize_in_shared`); the residual form adds r to each row's sum in registers.
 
 Measured on an H200 with ncu, L2 flushed, default schedules: 4096x2048 Q4_K 6.9 us,
 2048x4096 Q4_K 9.2 us, 8 of 128 experts 768x2048 Q4_K 8.7 us, 8 experts 2048x768 Q6_K
