@@ -131,7 +131,10 @@ def test_routed_gate_up_ranks_in_shared_memory_and_keeps_16_byte_weight_loads(so
     assert body.count("sqrtf(") == 1
     # ids and weights written once per thread (a slot each), read back for the expert rows
     assert body.count("ids_ptr[((((int)threadIdx.y)") >= 1 and "weights_ptr[" in body
-    assert "ids_ptr[((int)blockIdx.y)]" in body
+    # every block's expert rows are read after a barrier that follows its own ids stores
+    store = re.search(r"ids_ptr\[[^\]]*threadIdx[^\]]*\] = ", body)
+    first_read = body.find("ids_ptr[((int)blockIdx.y)]")
+    assert store and 0 < store.end() < first_read and "__syncthreads()" in body[store.end():first_read]
     # the weights' register copy indexed by the block's expert only: no spill to local memory
     assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx|ids_ptr)", body)
     if case.type_gate == T.Q4_K:
