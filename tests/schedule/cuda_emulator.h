@@ -2,11 +2,12 @@
 // generated kernels against with g++ (in place of cuda.h, cuda_fp16.h and mma.h, which it
 // puts on the include path as files that include this one).
 //
-// Every CUDA thread of a block is a fiber (ucontext); the blocks of a grid run one after the
+// Every CUDA thread of a block is a fiber (entered once through ucontext, then switched with
+// _setjmp/_longjmp, which unlike swapcontext make no system call); the blocks of a grid run one after the
 // other. A fiber runs until it reaches a barrier (__syncthreads, a warp shuffle), then the next
 // one runs, so shared memory needs no locks and a block's threads interleave only where the
-// kernel synchronises: a kernel that needs a barrier it lacks can still pass here (that race is
-// for the GPU tests to find), but every index, guard and tile size is exercised. A barrier no
+// kernel synchronises. Blocks alternate the order their threads run in (see run_grid), so a
+// read of another thread's write with no barrier between them comes out wrong in some block. A barrier no
 // thread can complete (a shuffle whose mask names lanes that never come) is reported as
 // a deadlock instead of hanging.
 //
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <csetjmp>
 #include <ucontext.h>
 #include <vector>
 
@@ -48,7 +50,9 @@ struct Barrier {
 };
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t context;  // the first entry
+  jmp_buf resume;      // every later one
+  bool started = false;
   char* stack = nullptr;
   uint3 thread;
   bool done = false;
@@ -59,6 +63,7 @@ struct Fiber {
 struct Block {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
+  jmp_buf back;  // where a fiber that yields or returns goes
   Fiber* current = nullptr;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
@@ -103,7 +108,7 @@ inline void arrive(Barrier& b, unsigned expected) {
   Fiber* self = block->current;
   self->waiting_on = &b;
   self->waiting_generation = b.generation;
-  swapcontext(&self->context, &block->scheduler);
+  if (_setjmp(self->resume) == 0) _longjmp(block->back, 1);
   self->waiting_on = nullptr;
 }
 
@@ -117,7 +122,7 @@ inline void fiber_entry() {
     b.arrived = 0;
     ++b.generation;
   }
-  swapcontext(&block->current->context, &block->scheduler);
+  _longjmp(block->back, 1);
 }
 
 // Runs `body` for every thread of every block; returns nullptr or what went wrong.
@@ -148,13 +153,22 @@ inline const char* run_grid(dim3 grid, dim3 threads, void (*body)()) {
           f.context.uc_link = &b.scheduler;
           makecontext(&f.context, fiber_entry, 0);
         }
+        // Even blocks run their threads in ascending order, odd ones descending: a thread that
+        // reads what another wrote with no barrier between them sees the write in one order and
+        // not in the other, so a missing __syncthreads fails a grid of two or more blocks.
+        const bool descending = (bx + grid.x * (by + grid.y * bz)) % 2 == 1;
         while (b.live > 0) {
           bool ran = false;
-          for (Fiber& f : b.fibers) {
+          for (unsigned i = 0; i < n; ++i) {
+            Fiber& f = b.fibers[descending ? n - 1 - i : i];
             if (f.done || (f.waiting_on && f.waiting_on->generation == f.waiting_generation)) continue;
             b.current = &f;
             threadIdx = f.thread;
-            swapcontext(&b.scheduler, &f.context);
+            if (_setjmp(b.back) == 0) {
+              if (f.started) _longjmp(f.resume, 1);
+              f.started = true;
+              swapcontext(&b.scheduler, &f.context);
+            }
             ran = true;
           }
           if (!ran) {
