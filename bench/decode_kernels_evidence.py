@@ -1,6 +1,7 @@
 """Evidence for the decode kernels before a GPU is at hand (bench/NOTES.md, "Int8 activations"):
 
-  1. launches per token of the full-size Qwen3-30B-A3B Q4_K_M step, per variant (f32 / q8);
+  1. launches per token of the full-size Qwen3-30B-A3B Q4_K_M step, per variant (activations
+     f32 / q8, decode_launches split / fused: the step variants of schedule/schedules.py);
   2. per kernel, for sm_90a: registers and spills (`ptxas -v`) and global loads by width in the
      SASS (`cuobjdump -sass`: LDG.E.128 / .64 / 32-bit / 16-bit / 8-bit);
   3. per kernel, the bytes it must read per token and the time those take at the H200's
@@ -11,11 +12,13 @@ Needs full TVM, nvcc (CUDA 13) and cuobjdump + nvdisasm (the CUDA toolkit's, or 
 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`). No weights are read:
 
     PYTHONPATH=. python3 bench/decode_kernels_evidence.py [--arch sm_90] [--json OUT]
+        [--activations f32,q8] [--decode-launches split,fused]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -25,6 +28,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import tvm
@@ -36,6 +40,7 @@ from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
 from sparkinfer.kernels.use import KernelUse, factory_args
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 from sparkinfer.quant import quant_format
 
@@ -65,12 +70,20 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
     f = use.factory
     if f == "gemv":
         return _rows_bytes(a[0], a[1], a[2]) + 4 * a[2]
+    if f == "gemv_normed":  # h and the norm weight (every block reads them again, from L2)
+        return _rows_bytes(a[0], a[1], a[2]) + 8 * a[2]
+    if f == "gemv_residual":
+        return _rows_bytes(a[0], a[1], a[2]) + 4 * a[2] + 4 * a[1]
     if f == "gemv_qkv":
         return sum(_rows_bytes(a[0], n, a[4]) for n in a[1:4] if n) + 4 * a[4]
+    if f == "gemv_qkv_normed":
+        return sum(_rows_bytes(a[0], n, a[4]) for n in a[1:4] if n) + 8 * a[4]
     if f == "gemv_q8":
         return _rows_bytes(a[0], a[1], a[2]) + a[2] + 8 * a[2] // Q8_BLOCK
     if f == "moe_gate_up_silu":
         return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + 4 * a[5]
+    if f == "moe_gate_up_silu_routed":  # + the norm weight and the E logits
+        return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + 8 * a[5] + 4 * a[2]
     if f == "moe_gate_up_silu_q8":
         return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + a[5] + 8 * a[5] // Q8_BLOCK
     if f == "moe_down_residual":
@@ -164,13 +177,13 @@ def sass_loads(cubin: Path) -> dict[str, Counter[str]]:
     return out
 
 
-def evidence(arch: str) -> dict[str, Any]:
+def evidence(arch: str, activations_values: list[str], launches_values: list[str]) -> dict[str, Any]:
     config = preset_config("qwen3-30b-a3b")
     types = type_map(config, "q4_k_m")
     result: dict[str, Any] = {"arch": arch, "model": "qwen3-30b-a3b q4_k_m", "depth": DEPTH,
                               "bandwidth_bytes_per_s": H200_BYTES_PER_S, "variants": {}}
-    for activations in ACTIVATIONS:
-        step = build_decode_step(config, types, activations=activations)
+    for activations, decode_launches in itertools.product(activations_values, launches_values):
+        step = build_decode_step(config, types, activations=activations, decode_launches=decode_launches)
         counts = launches(step)
         schedule_step(step, arch)
         mod = tvm.IRModule({use.name: step.mod[use.name].with_attr("global_symbol", use.name)
@@ -190,7 +203,7 @@ def evidence(arch: str) -> dict[str, Any]:
                 "bytes_per_launch": b, "floor_us_per_launch": b / H200_BYTES_PER_S * 1e6,
             })
         total_bytes = sum(k["bytes_per_launch"] * k["launches"] for k in kernels)
-        result["variants"][activations] = {
+        result["variants"][f"activations={activations} decode_launches={decode_launches}"] = {
             "launches_per_token": sum(counts.values()),
             "launches_per_layer": (sum(counts.values()) - _outside_layers(step, counts)) / config.n_layers,
             "bytes_per_token": total_bytes, "floor_ms": total_bytes / H200_BYTES_PER_S * 1e3,
@@ -209,7 +222,7 @@ def _outside_layers(step: DecodeStep, counts: Counter[str]) -> int:
 
 def print_table(result: dict[str, Any]) -> None:
     for name, v in result["variants"].items():
-        print(f"\n## activations={name}: {v['launches_per_token']} launches/token "
+        print(f"\n## {name}: {v['launches_per_token']} launches/token "
               f"({v['launches_per_layer']:.1f} per layer), {v['bytes_per_token'] / 1e9:.3f} GB/token, "
               f"floor {v['floor_ms']:.3f} ms at {H200_BYTES_PER_S / 1e12:.1f} TB/s")
         print("| kernel | launches | regs | spill st/ld B | LDG 128/64/32/16/8 | MB/launch | floor us |")
@@ -224,12 +237,27 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{k['bytes_per_launch'] / 1e6:.3f} | {k['floor_us_per_launch']:.2f} |")
 
 
+def _choices(legal: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        bad = [v for v in values if v not in legal]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: each of {', '.join(legal)}")
+        return values
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90", choices=[a for a in targets.ARCHS if a != "cpu"])
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--activations", type=_choices(ACTIVATIONS), default=list(ACTIVATIONS),
+                        help=f"comma-separated, of {', '.join(ACTIVATIONS)} (default: all)")
+    parser.add_argument("--decode-launches", type=_choices(DECODE_LAUNCHES), default=list(DECODE_LAUNCHES),
+                        help=f"comma-separated, of {', '.join(DECODE_LAUNCHES)} (default: all)")
     args = parser.parse_args()
-    result = evidence(args.arch)
+    result = evidence(args.arch, args.activations, args.decode_launches)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

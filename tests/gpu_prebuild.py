@@ -10,7 +10,7 @@ compiler at module level fail to collect, and a bare `pytest -m gpu` stops there
 Everything lands in compiled/gpu-tests/<arch>/ ($SPARKINFER_GPU_TESTS replaces
 compiled/gpu-tests, the one override), and every GPU test looks there first:
   <stem>_<arch>.so   the kernel tests' libraries: gemv_cases (tests/schedule/schedule_gemv_cases.py)
-                     and attention, embedding, gemv_q8, logits, moe, moe_chunk, norm, prefill,
+                     and attention, embedding, fused_decode, gemv_q8, logits, moe, moe_chunk, norm, prefill,
                      prefill_attention, rope, router, sampling
                      (tests/schedule/test_<stem>_cuda.py, each `kernels_module()`)
   runtime/           the runtime tests' models and steps (tests/runtime/prebuild.py; where
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_TESTS_ENV = "SPARKINFER_GPU_TESTS"
 SCHEDULE_TESTS = REPO / "tests" / "schedule"
 # tests/schedule/test_<stem>_cuda.py, each with kernels_module() -> IRModule.
-KERNEL_TESTS = ("attention", "embedding", "gemv_q8", "logits", "moe", "moe_chunk", "norm", "prefill",
+KERNEL_TESTS = ("attention", "embedding", "fused_decode", "gemv_q8", "logits", "moe", "moe_chunk", "norm", "prefill",
                 "prefill_attention", "rope", "router", "sampling")
 # Other GPU test files with a `prebuild(arch, out_dir) -> list[str]` hook: part name -> module;
 # out_dir is compiled/gpu-tests/<arch>/<part>/.

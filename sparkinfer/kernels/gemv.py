@@ -30,6 +30,11 @@ space of n_q + n_k + n_v rows (one GPU launch). Row r reads the weight it falls 
 a lazy if_then_else on r, with clamped indices so every access is provably in bounds; the
 quant codes go through a stage `W` (that row space, as the dot reads it) which the schedule
 keeps in registers, and the three outputs are copied out of the combined `gemv` stage.
+
+The fused-launch forms (the decode step's `decode_launches="fused"`) add a prologue or an
+epilogue to these, not a second copy: `gemv_normed` / `gemv_qkv_normed` take h and a norm
+weight and compute x = rmsnorm(h) * w first (`norm.normalize`: stages sumsq and norm, the dots
+reading norm), `gemv_residual` adds r to each row's sum (stage residual).
 """
 
 from collections.abc import Callable
@@ -42,10 +47,15 @@ from tvm import te, tirx
 
 from sparkinfer import quant
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.kernels.norm import normalize, rms_norm_reference
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
 Expr = tirx.Expr
+# Model-level variants of the decode step's launches (model.qwen3moe.build_decode_step):
+# "split" runs each norm and residual add as a launch of its own, "fused" folds them into
+# the GEMVs around them (gemv_normed, gemv_qkv_normed, gemv_residual).
+DECODE_LAUNCHES = ("split", "fused")
 # A row accessor: word index within the row -> that word (uint16/uint32/float).
 Row = Callable[[Expr], Expr]
 
@@ -241,10 +251,23 @@ def gemv_format(ggml_type: int) -> GemvFormat:
     return fmt
 
 
-def _gemv_te(fmt: GemvFormat, n: int, k: int) -> tirx.PrimFunc:
+def _gemv_input(k: int, norm_eps: float | None) -> tuple[list[te.Tensor], te.Tensor]:
+    """The GEMV's input x f32[k] and the parameters it comes from: x itself, or with
+    `norm_eps` (the normed forms) h and norm_w, x = rmsnorm(h) * norm_w computed inside the
+    kernel by `norm.normalize` (stages sumsq and norm: the same arithmetic as `norm.rms_norm`)."""
+    if norm_eps is None:
+        x = te.placeholder((k,), "float32", name="x")
+        return [x], x
+    h = te.placeholder((k,), "float32", name="h")
+    norm_w = te.placeholder((k,), "float32", name="norm_w")
+    return [h, norm_w], normalize(k, norm_eps, h, norm_w)
+
+
+def _gemv_te(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None,
+             residual: bool = False) -> tirx.PrimFunc:
     n_chunks = k // fmt.chunk
     w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
-    x = te.placeholder((k,), "float32", name="x")
+    x_params, x = _gemv_input(k, norm_eps)
 
     def row(r: Expr) -> Row:
         return lambda i: w[r, i]
@@ -275,7 +298,12 @@ def _gemv_te(fmt: GemvFormat, n: int, k: int) -> tirx.PrimFunc:
         return value
 
     y = te.compute((n,), lambda r: te.sum(term(r), axis=[c, p]), name="gemv")
-    return te.create_prim_func([w, x, y])
+    if not residual:
+        return te.create_prim_func([w, *x_params, y])
+    # The residual add of `norm.add_rms_norm` (its x + r, here W.x + r) in the epilogue.
+    r_in = te.placeholder((n,), "float32", name="r")
+    total = te.compute((n,), lambda i: y[i] + r_in[i], name="residual")
+    return te.create_prim_func([w, *x_params, r_in, total])
 
 
 def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
@@ -294,7 +322,7 @@ def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
     return word
 
 
-def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tirx.PrimFunc:
+def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float | None = None) -> tirx.PrimFunc:
     names = ("q", "k", "v")[: len(ns)]
     row_words = fmt.row_words(k)
     n_chunks = k // fmt.chunk
@@ -303,7 +331,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tirx.PrimFunc:
     ws = [te.placeholder((n, row_words), fmt.word_dtype, name=f"W{name}")
           for name, n in zip(names, ns)]
     weights = list(zip(ws, firsts, ns))
-    x = te.placeholder((k,), "float32", name="x")
+    x_params, x = _gemv_input(k, norm_eps)
     # The row space as the dot reads it; the schedule caches a lane's chunk of it in registers.
     w = te.compute((n_total, row_words), lambda r, i: _qkv_row(weights, r)(i), name="W")
 
@@ -339,7 +367,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tirx.PrimFunc:
         return lambda i: y[i + first]
 
     outs = [te.compute((n,), copy_out(first), name=name) for name, first, n in zip(names, firsts, ns)]
-    return te.create_prim_func([*ws, x, *outs])
+    return te.create_prim_func([*ws, *x_params, *outs])
 
 
 def gemv_symbol(ggml_type: int, n: int, k: int) -> str:
@@ -358,6 +386,12 @@ def gemv_qkv_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str
     return f"gemv_qkv_{name}_{n_q}x{n_k}x{n_v}x{k}" if n_v else f"gemv_qk_{name}_{n_q}x{n_k}x{k}"
 
 
+def _qkv_rows(n_q: int, n_k: int, n_v: int) -> tuple[int, ...]:
+    if n_q <= 0 or n_k <= 0 or n_v < 0:
+        raise TensorShapeError(f"gemv_qkv needs n_q, n_k > 0 and n_v >= 0, got {n_q}, {n_k}, {n_v}")
+    return (n_q, n_k, n_v) if n_v else (n_q, n_k)
+
+
 def gemv_qkv(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimFunc:
     """q, k, v = Wq . x, Wk . x, Wv . x in one kernel, all three weights in `ggml_type`.
 
@@ -365,11 +399,42 @@ def gemv_qkv(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimF
     k f32[n_k], v f32[n_v]). n_v = 0 gives the Q+K form (Wq, Wk, x, q, k): for a V of
     another type, which then takes its own `gemv`.
     """
-    if n_q <= 0 or n_k <= 0 or n_v < 0:
-        raise TensorShapeError(f"gemv_qkv needs n_q, n_k > 0 and n_v >= 0, got {n_q}, {n_k}, {n_v}")
-    ns = (n_q, n_k, n_v) if n_v else (n_q, n_k)
-    func = _gemv_qkv_te(gemv_format(ggml_type), ns, k)
+    func = _gemv_qkv_te(gemv_format(ggml_type), _qkv_rows(n_q, n_k, n_v), k)
     return func.with_attr("global_symbol", gemv_qkv_symbol(ggml_type, n_q, n_k, n_v, k))
+
+
+def gemv_normed_symbol(ggml_type: int, n: int, k: int) -> str:
+    return f"gemv_normed_{gemv_format(ggml_type).name.lower()}_{n}x{k}"
+
+
+def gemv_normed(ggml_type: int, n: int, k: int, eps: float) -> tirx.PrimFunc:
+    """y = W . (rmsnorm(h) * norm_w): `gemv` with `norm.rms_norm` as its prologue (the
+    decode step's fused launches). Params (W words, h f32[k], norm_w f32[k], y f32[n])."""
+    func = _gemv_te(gemv_format(ggml_type), n, k, norm_eps=eps)
+    return func.with_attr("global_symbol", gemv_normed_symbol(ggml_type, n, k))
+
+
+def gemv_residual_symbol(ggml_type: int, n: int, k: int) -> str:
+    return f"gemv_residual_{gemv_format(ggml_type).name.lower()}_{n}x{k}"
+
+
+def gemv_residual(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
+    """y = W . x + r: `gemv` with the residual add as its epilogue (the attention output
+    projection of the decode step's fused launches). Params (W words, x f32[k], r f32[n],
+    y f32[n])."""
+    func = _gemv_te(gemv_format(ggml_type), n, k, residual=True)
+    return func.with_attr("global_symbol", gemv_residual_symbol(ggml_type, n, k))
+
+
+def gemv_qkv_normed_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
+    return gemv_qkv_symbol(ggml_type, n_q, n_k, n_v, k).replace("gemv_", "gemv_normed_", 1)
+
+
+def gemv_qkv_normed(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int, eps: float) -> tirx.PrimFunc:
+    """`gemv_qkv` of x = rmsnorm(h) * norm_w computed in the kernel (`gemv_normed`).
+    Params (Wq, Wk[, Wv], h f32[k], norm_w f32[k], q, k[, v])."""
+    func = _gemv_qkv_te(gemv_format(ggml_type), _qkv_rows(n_q, n_k, n_v), k, norm_eps=eps)
+    return func.with_attr("global_symbol", gemv_qkv_normed_symbol(ggml_type, n_q, n_k, n_v, k))
 
 
 def weight_view(ggml_type: int, data: npt.NDArray[np.uint8]) -> np.ndarray:
@@ -416,3 +481,18 @@ def gemv_qkv_reference(
     """numpy oracle of gemv_qkv: (q, k, v), or (q, k) where v_data is None (the n_v = 0 form)."""
     datas = [q_data, k_data] + ([] if v_data is None else [v_data])
     return tuple(gemv_reference(ggml_type, d, x) for d in datas)
+
+
+def gemv_normed_reference(
+    ggml_type: int, data: npt.NDArray[np.uint8], h: npt.NDArray[np.float32],
+    norm_w: npt.NDArray[np.float32], eps: float,
+) -> np.ndarray:
+    """numpy oracle of gemv_normed (and, per weight, of gemv_qkv_normed)."""
+    return gemv_reference(ggml_type, data, rms_norm_reference(h, norm_w, eps))
+
+
+def gemv_residual_reference(
+    ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32], r: npt.NDArray[np.float32]
+) -> np.ndarray:
+    """numpy oracle of gemv_residual: the GEMV in float64, the add in float32 (add_rms_norm's)."""
+    return (gemv_reference(ggml_type, data, x) + r).astype(np.float32)

@@ -13,6 +13,12 @@ Gate and up may have different types (the fusion is in the epilogue, not the dec
 folds the weighted sum over the KU slots into its reduction, so h_out is one pass with no
 [KU, H] intermediate and no atomics: each output row reduces over (slot, chunk, part).
 An id outside [0, E) is clamped into it, never read past the weights.
+
+`moe_gate_up_silu_routed` (the decode step's fused launches) takes the router logits and h
+instead of ids and x: it runs `router.topk` (the same rank rule, ties to the lower id) and the
+FFN norm (`norm.normalize`) itself, and writes ids and weights out for `moe_down_residual`, so
+the step launches no router_topk and no norm before the experts. On a GPU every thread block
+ranks the E logits (E^2 compares from shared memory) and writes the same ids and weights.
 """
 
 from collections.abc import Callable
@@ -22,6 +28,8 @@ import numpy.typing as npt
 from tvm import te, tirx
 
 from sparkinfer.kernels.gemv import GemvFormat, Row, gemv_experts_reference, gemv_format
+from sparkinfer.kernels.norm import normalize, rms_norm_reference
+from sparkinfer.kernels.router import router_topk_reference, topk
 from sparkinfer.reference.qwen3moe import silu
 
 Expr = tirx.Expr
@@ -133,6 +141,47 @@ def moe_gate_up_silu(
     w_up = _weights(fmt_u, n_experts, n_ffn, hidden, "Wu")
     ids = te.placeholder((n_used,), "int32", name="ids")
     x = te.placeholder((hidden,), "float32", name="x")
+    act = _gate_up_silu(fmt_g, fmt_u, w_gate, w_up, ids, x, n_used, n_ffn, hidden)
+    symbol = moe_gate_up_silu_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return te.create_prim_func([w_gate, w_up, ids, x, act]).with_attr("global_symbol", symbol)
+
+
+def moe_gate_up_silu_routed_symbol(
+    type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int, hidden: int
+) -> str:
+    return moe_gate_up_silu_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
+        "moe_gate_up_silu_", "moe_gate_up_silu_routed_", 1)
+
+
+def moe_gate_up_silu_routed(
+    type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int, hidden: int, eps: float
+) -> tirx.PrimFunc:
+    """`moe_gate_up_silu` with `router_topk` and the FFN norm as its prologue (module
+    docstring): ids, weights = router_topk(logits), act[s] = silu(Wg[ids[s]] . x) *
+    (Wu[ids[s]] . x) for x = rmsnorm(h) * norm_w.
+
+    Params (Wg, Wu words as in `moe_gate_up_silu`, logits f32[E], h f32[H], norm_w f32[H],
+    act f32[KU, I], ids int32[KU], weights f32[KU]).
+    """
+    if not 0 < n_used <= n_experts:
+        raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
+    fmt_g, fmt_u = gemv_format(type_gate), gemv_format(type_up)
+    w_gate = _weights(fmt_g, n_experts, n_ffn, hidden, "Wg")
+    w_up = _weights(fmt_u, n_experts, n_ffn, hidden, "Wu")
+    logits = te.placeholder((n_experts,), "float32", name="logits")
+    h = te.placeholder((hidden,), "float32", name="h")
+    norm_w = te.placeholder((hidden,), "float32", name="norm_w")
+    ids, weights = topk(logits, (), n_experts, n_used)
+    x = normalize(hidden, eps, h, norm_w)
+    act = _gate_up_silu(fmt_g, fmt_u, w_gate, w_up, ids, x, n_used, n_ffn, hidden)
+    symbol = moe_gate_up_silu_routed_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    func = te.create_prim_func([w_gate, w_up, logits, h, norm_w, act, ids, weights])
+    return func.with_attr("global_symbol", symbol)
+
+
+def _gate_up_silu(fmt_g: GemvFormat, fmt_u: GemvFormat, w_gate: te.Tensor, w_up: te.Tensor, ids: te.Tensor,
+                  x: te.Tensor, n_used: int, n_ffn: int, hidden: int) -> te.Tensor:
+    """The stages gate, up (with their _dot / _xsum producers) and act = silu(gate) * up."""
 
     def projection(fmt: GemvFormat, w: te.Tensor, name: str) -> te.Tensor:
         term = _expert_gemv_terms(
@@ -145,9 +194,7 @@ def moe_gate_up_silu(
         )
 
     gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
-    act = te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
-    symbol = moe_gate_up_silu_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    return te.create_prim_func([w_gate, w_up, ids, x, act]).with_attr("global_symbol", symbol)
+    return te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
 
 
 def moe_down_residual(
@@ -207,3 +254,20 @@ def moe_down_residual_reference(
     down = gemv_experts_reference(ggml_type, down_data, ids, act).astype(np.float64)
     mixed = (weights.astype(np.float64)[:, None] * down).sum(axis=0)
     return (h.astype(np.float64) + mixed).astype(np.float32)
+
+
+def moe_gate_up_silu_routed_reference(
+    type_gate: int,
+    gate_data: npt.NDArray[np.uint8],
+    type_up: int,
+    up_data: npt.NDArray[np.uint8],
+    logits: npt.NDArray[np.float32],
+    h: npt.NDArray[np.float32],
+    norm_w: npt.NDArray[np.float32],
+    n_used: int,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy oracle of moe_gate_up_silu_routed: (act, ids, weights)."""
+    ids, weights = router_topk_reference(logits, n_used)
+    x = rms_norm_reference(h, norm_w, eps)
+    return moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, x), ids, weights

@@ -17,7 +17,9 @@ from sparkinfer.reference import qwen3moe as ref
 _F32 = "float32"
 
 
-def _normalize(h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
+def normalize(h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """rmsnorm(src) * w as the stages sumsq and norm (also the normed GEMVs' prologue,
+    `gemv.gemv_normed`)."""
     k = te.reduce_axis((0, h), name="k")
     sumsq = te.compute((), lambda: te.sum(src[k] * src[k], axis=k), name="sumsq")
 
@@ -34,7 +36,7 @@ def rms_norm(h: int, eps: float) -> tirx.PrimFunc:
     """y = rmsnorm(x) * w; params (x f32[h], w f32[h], y f32[h])."""
     x = te.placeholder((h,), _F32, name="x")
     w = te.placeholder((h,), _F32, name="w")
-    y = _normalize(h, eps, x, w)
+    y = normalize(h, eps, x, w)
     return te.create_prim_func([x, w, y]).with_attr("global_symbol", f"rms_norm_{h}")
 
 
@@ -44,12 +46,12 @@ def add_rms_norm(h: int, eps: float) -> tirx.PrimFunc:
     r = te.placeholder((h,), _F32, name="r")
     w = te.placeholder((h,), _F32, name="w")
     total = te.compute((h,), lambda i: x[i] + r[i], name="residual")
-    y = _normalize(h, eps, total, w)
+    y = normalize(h, eps, total, w)
     return te.create_prim_func([x, r, w, total, y]).with_attr("global_symbol", f"add_rms_norm_{h}")
 
 
 def _normalize_rows(t: int, h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
-    """`_normalize` for each row of src f32[t, h]."""
+    """`normalize` for each row of src f32[t, h]."""
     k = te.reduce_axis((0, h), name="k")
     sumsq = te.compute((t,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="sumsq")
 

@@ -42,6 +42,11 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.gemv_q8,
         moe_q8.moe_gate_up_silu_q8,
         moe_q8.moe_down_residual_q8,
+        # the decode step's fewer-launches variant (decode_launches="fused")
+        gemv.gemv_normed,
+        gemv.gemv_qkv_normed,
+        gemv.gemv_residual,
+        moe.moe_gate_up_silu_routed,
         logits.process_logits,
         logits.count_token,
         sampling.sample_token,

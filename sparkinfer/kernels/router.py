@@ -32,7 +32,7 @@ def router_topk(n_experts: int, n_used: int) -> tirx.PrimFunc:
     if not 0 < n_used <= n_experts:
         raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
     logits = te.placeholder((n_experts,), "float32", name="logits")
-    ids, weights = _topk(logits, (), n_experts, n_used)
+    ids, weights = topk(logits, (), n_experts, n_used)
     return te.create_prim_func([logits, ids, weights]).with_attr(
         "global_symbol", router_topk_symbol(n_experts, n_used)
     )
@@ -44,13 +44,13 @@ def router_topk_rows(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFun
     if not 0 < n_used <= n_experts:
         raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
     logits = te.placeholder((n_tokens, n_experts), "float32", name="logits")
-    ids, weights = _topk(logits, (n_tokens,), n_experts, n_used)
+    ids, weights = topk(logits, (n_tokens,), n_experts, n_used)
     return te.create_prim_func([logits, ids, weights]).with_attr(
         "global_symbol", f"router_topk_rows_{n_tokens}x{n_experts}_top{n_used}"
     )
 
 
-def _topk(logits: te.Tensor, lead: tuple[int, ...], n_experts: int, n_used: int) -> tuple[te.Tensor, te.Tensor]:
+def topk(logits: te.Tensor, lead: tuple[int, ...], n_experts: int, n_used: int) -> tuple[te.Tensor, te.Tensor]:
     """The rank selection and weights of the module docstring, per leading index (`lead`:
     () for one token, (T,) for a chunk)."""
     j = te.reduce_axis((0, n_experts), name="j")

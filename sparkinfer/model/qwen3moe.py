@@ -29,6 +29,10 @@ Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residua
 Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
+With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
+the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
+-> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
+output_norm's.
 
 `decode_processed` (ENTRY_PROCESSED) is the same step with, after the lm head,
 process_logits (grammar mask, penalties; kernels/logits.py) feeding sample_token, and
@@ -50,7 +54,7 @@ from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeEr
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
-from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES, gemv_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
@@ -225,11 +229,21 @@ def _tensor(shape: Iterable[Any], dtype: str) -> relax.TensorType:
     return relax.TensorType(list(shape), dtype)
 
 
+@dataclass(frozen=True)
+class Normed:
+    """A GEMV input left to its kernel to normalize: rmsnorm(h) * w (the fused launches)."""
+
+    h: relax.Var
+    w: relax.Var
+
+
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
-                 n_splits: int, activations: str = "f32", chunk_operands: str = "f32") -> None:
+                 n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
+                 decode_launches: str = "split") -> None:
         self.c = config
         self.activations = activations
+        self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
         self.types = types
         self.P = page_size
@@ -292,12 +306,18 @@ class _StepBuilder:
         return self.call(gv, [x], [_tensor((*lead, k // 4), "int32"), self.f32(*lead, k // 32),
                                    self.f32(*lead, k // 32)], label)
 
-    def gemv(self, name: str, x: relax.Expr, label: str) -> relax.Var:
+    def gemv(self, name: str, x: relax.Expr | Normed, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
+        if isinstance(x, Normed):
+            gv = self.k("gemv", "gemv_normed", self.t(name), n, k, self.c.rms_eps)
+            return self.call(gv, [self.params[name], x.h, x.w], [self.f32(n)], label)
         gv = self.k("gemv", "gemv", self.t(name), n, k)
         return self.call(gv, [self.params[name], x], [self.f32(n)], label)
 
-    def qkv(self, w: str, x: relax.Expr, i: int) -> list[relax.Var]:
+    def normed(self, h: relax.Var, weight: str) -> Normed:
+        return Normed(h, self.params[weight])
+
+    def qkv(self, w: str, x: relax.Expr | Normed, i: int) -> list[relax.Var]:
         """Q, K and V of layer i, in as few launches as their types allow: one `gemv_qkv`
         where all three share a type; where two do (Q4_K_M's Q4_K Q+K beside a Q6_K V, or
         a Q8_0 K+V beside a Q4_K Q), that pair in one `gemv_qkv` of n_v = 0 (the kernel is
@@ -314,8 +334,12 @@ class _StepBuilder:
                 continue
             rows = [self.spec_shape(names[j])[0] for j in group]
             h = self.spec_shape(names[group[0]])[1]
-            gv = self.k("gemv", "gemv_qkv", t, rows[0], rows[1], rows[2] if len(group) == 3 else 0, h)
-            results = self.call(gv, [self.params[names[j]] for j in group] + [x],
+            n_rows = (t, rows[0], rows[1], rows[2] if len(group) == 3 else 0, h)
+            if isinstance(x, Normed):
+                gv, x_args = self.k("gemv", "gemv_qkv_normed", *n_rows, self.c.rms_eps), [x.h, x.w]
+            else:
+                gv, x_args = self.k("gemv", "gemv_qkv", *n_rows), [x]
+            results = self.call(gv, [self.params[names[j]] for j in group] + x_args,
                                 [self.f32(r) for r in rows], "".join(kinds[j] for j in group) + str(i))
             for j, var in zip(group, results):
                 out[j] = var
@@ -351,10 +375,11 @@ class _StepBuilder:
         embd = "token_embd.weight"
         gv = self.k("embedding", "embedding", self.t(embd), V, H)
         h = self.call(gv, [p[embd], p["token"]], [self.f32(H)], "embd")
-        x = self.call(self.k("norm", "rms_norm", H, c.rms_eps), [h, p["blk.0.attn_norm.weight"]],
-                      [self.f32(H)], "attn_in")
+        x = None if self.fused else self.rms_norm(h, "blk.0.attn_norm.weight", "attn_in")
         for i in range(c.n_layers):
             h, x = self._layer(i, h, x)
+        if x is None:
+            x = self.rms_norm(h, "output_norm.weight", "out_norm")
         # x is rms_norm(h, output_norm) after the last layer
         head = "output.weight" if "output.weight" in self.types else embd
         logits = self.gemv(head, x, "logits")
@@ -377,14 +402,19 @@ class _StepBuilder:
                                             [_tensor((1,), "int32")] * 3, "advance")
         return logits, nxt
 
-    def _layer(self, i: int, h: relax.Var, x: relax.Var) -> tuple[relax.Var, relax.Var]:
-        """h: residual stream entering layer i; x: rms_norm(h, attn_norm). Returns the
-        residual after the layer and its norm for the next consumer (next attn_norm or
-        output_norm)."""
+    def rms_norm(self, h: relax.Var, weight: str, label: str) -> relax.Var:
+        gv = self.k("norm", "rms_norm", self.c.hidden, self.c.rms_eps)
+        return self.call(gv, [h, self.params[weight]], [self.f32(self.c.hidden)], label)
+
+    def _layer(self, i: int, h: relax.Var, x: relax.Var | None) -> tuple[relax.Var, relax.Var | None]:
+        """h: residual stream entering layer i; x: rms_norm(h, attn_norm), or None in the
+        fused launches (the Q/K/V GEMVs normalize h themselves). Returns the residual after the
+        layer and its norm for the next consumer (next attn_norm or output_norm; None in the
+        fused launches)."""
         c, p = self.c, self.params
         w = f"blk.{i}."
         H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
-        q, k, v = self.qkv(w, x, i)
+        q, k, v = self.qkv(w, self.normed(h, w + "attn_norm.weight") if x is None else x, i)
         kc, vc = p[f"k_cache_{i}"], p[f"v_cache_{i}"]
         cache_t = kc.ty
         gv = self.k("rope", "qk_norm_rope_kv_append", NH, NKV, D, self.P, self.MP, c.rms_eps, c.rope_theta)
@@ -396,35 +426,59 @@ class _StepBuilder:
                            [self.f32(NH, self.S, D), self.f32(NH, self.S)], f"attn{i}")
         gv = self.k("attention", "attention_combine", NH, self.S, D)
         att = self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
-        ao = self.gemv(w + "attn_output.weight", att, f"ao{i}")
-        gv = self.k("norm", "add_rms_norm", H, c.rms_eps)
-        h, f = self.call(gv, [ao, h, p[w + "ffn_norm.weight"]], [self.f32(H), self.f32(H)], f"ffn_in{i}")
+        if self.fused:
+            # the residual add in the output projection's epilogue; the norm in its consumers
+            name = w + "attn_output.weight"
+            n, k = self.spec_shape(name)
+            gv = self.k("gemv", "gemv_residual", self.t(name), n, k)
+            h = self.call(gv, [p[name], att, h], [self.f32(H)], f"ao{i}")
+            f: relax.Var | Normed = self.normed(h, w + "ffn_norm.weight")
+        else:
+            ao = self.gemv(w + "attn_output.weight", att, f"ao{i}")
+            gv = self.k("norm", "add_rms_norm", H, c.rms_eps)
+            h, f = self.call(gv, [ao, h, p[w + "ffn_norm.weight"]], [self.f32(H), self.f32(H)], f"ffn_in{i}")
         h = self._moe(i, h, f) if c.is_moe else self._dense_ffn(i, h, f)
+        if self.fused:
+            return h, None
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
-        x = self.call(self.k("norm", "rms_norm", H, c.rms_eps), [h, p[nxt]], [self.f32(H)], f"norm{i + 1}")
-        return h, x
+        return h, self.rms_norm(h, nxt, f"norm{i + 1}")
 
-    def _moe(self, i: int, h: relax.Var, f: relax.Var) -> relax.Var:
+    def _ffn_input(self, f: relax.Var | Normed, i: int) -> relax.Var:
+        """The expert kernels' x: f itself, or in the fused launches where gate/up does not
+        normalize h itself (a dense FFN, int8 experts) rms_norm(h, ffn_norm)."""
+        if isinstance(f, Normed):
+            return self.call(self.k("norm", "rms_norm", self.c.hidden, self.c.rms_eps), [f.h, f.w],
+                             [self.f32(self.c.hidden)], f"ffn_in{i}")
+        return f
+
+    def _moe(self, i: int, h: relax.Var, f: relax.Var | Normed) -> relax.Var:
         c = self.c
         w = f"blk.{i}."
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
+        g, u, d = (f"{w}ffn_{kind}_exps.weight" for kind in ("gate", "up", "down"))
+        if isinstance(f, Normed) and not self._int8_experts(g, u, d):
+            # router_topk and the FFN norm run inside gate/up, which writes ids and weights
+            gv = self.k("moe", "moe_gate_up_silu_routed", self.t(g), self.t(u), E, KU, I, H, c.rms_eps)
+            act, ids, weights = self.call(gv, [self.params[g], self.params[u], router, f.h, f.w],
+                                          [self.f32(KU, I), _tensor((KU,), "int32"), self.f32(KU)], f"act{i}")
+            return self._down(d, E, KU, H, I, ids, weights, act, h, i)
         gv = self.k("router", "router_topk", E, KU)
         ids, weights = self.call(gv, [router], [_tensor((KU,), "int32"), self.f32(KU)], f"topk{i}")
-        return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i)
+        return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i)
 
-    def _dense_ffn(self, i: int, h: relax.Var, f: relax.Var) -> relax.Var:
+    def _dense_ffn(self, i: int, h: relax.Var, f: relax.Var | Normed) -> relax.Var:
         # One expert, always chosen with weight 1: the MoE kernels compute SwiGLU + residual.
         c = self.c
         ids = relax.const(np.zeros(1, np.int32))
         weights = relax.const(np.ones(1, np.float32))
-        return self._experts(f"blk.{i}.", "", 1, 1, c.ffn, c.hidden, ids, weights, h, f, i)
+        return self._experts(f"blk.{i}.", "", 1, 1, c.ffn, c.hidden, ids, weights, h, self._ffn_input(f, i), i)
 
     def _experts(self, w: str, suffix: str, E: int, KU: int, I: int, H: int, ids: relax.Expr,
                  weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
         p = self.params
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
-        if self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in (g, u, d)):
+        if self._int8_experts(g, u, d):
             xq = self.quantize_q8(f, H, 0, f"ffn_q{i}")
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             act = self.call(gv, [p[g], p[u], ids, *xq], [self.f32(KU, I)], f"act{i}")
@@ -433,8 +487,16 @@ class _StepBuilder:
             return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
+        return self._down(d, E, KU, H, I, ids, weights, act, h, i)
+
+    def _int8_experts(self, *names: str) -> bool:
+        """Whether the experts of these weights run on int8 activations (activations="q8")."""
+        return self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in names)
+
+    def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
+              act: relax.Var, h: relax.Var, i: int) -> relax.Var:
         gv = self.k("moe", "moe_down_residual", self.t(d), E, KU, H, I)
-        return self.call(gv, [p[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
+        return self.call(gv, [self.params[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
 
 
     # the T-token step ----------------------------------------------------------------------
@@ -546,6 +608,7 @@ def build_decode_step(
     prefill_chunks: Iterable[int] = (),
     activations: str = "f32",
     chunk_operands: str = "f32",
+    decode_launches: str = "split",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -556,11 +619,20 @@ def build_decode_step(
     for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
     expert GEMM products for quantized and half weights ("f16": tensor-core operands,
-    `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` / `grouped_gemm_f16`)."""
+    `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` / `grouped_gemm_f16`).
+    `decode_launches` (DECODE_LAUNCHES) is how the decode step's norms and residual adds run:
+    "split" as launches of their own, "fused" folded into the kernels around them
+    (`kernels.gemv.gemv_normed`, `gemv_qkv_normed`, `gemv_residual`, and
+    `kernels.moe.moe_gate_up_silu_routed`, which also runs router_topk): fewer launches a layer.
+    Int8 experts and a dense FFN keep an rms_norm launch for their input (and int8 experts
+    their router_topk).
+    The T-token step is the same either way."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
         raise SparkInferError(f"chunk_operands must be one of {', '.join(GEMM_OPERANDS)}, got {chunk_operands!r}")
+    if decode_launches not in DECODE_LAUNCHES:
+        raise SparkInferError(f"decode_launches must be one of {', '.join(DECODE_LAUNCHES)}, got {decode_launches!r}")
     chunks = tuple(sorted(set(int(t) for t in prefill_chunks)))
     if any(t < 1 for t in chunks):
         raise ValueError(f"prefill chunk sizes must be >= 1, got {chunks}")
@@ -571,7 +643,7 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands)
+    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

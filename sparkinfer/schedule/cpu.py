@@ -34,7 +34,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, floor_pow2
-from sparkinfer.schedule.gemv import DEFAULT_UNROLL, UNROLL_STEPS, loops_below, powers_of_two
+from sparkinfer.schedule.gemv import DEFAULT_UNROLL, UNROLL_STEPS, loops_below, powers_of_two, x_buffer
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 # Multiply-adds below which a kernel runs on one core: a parallel region's fork and join
@@ -166,14 +166,18 @@ class _CpuDotRule(ScheduleRule):
 
 
 class _GemvCpuRule(_CpuDotRule):
+    """The normed forms' prologue (sum of squares and x) stays ahead of the row tasks, once a
+    call; the residual form's add is a loop after them."""
+
     family = "gemv"
+    normed: ClassVar[bool] = False
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, CpuDotKnobs)
         gemv = sch.get_sblock("gemv")
         *lead, rows, chunk, _ = sch.get_loops(gemv)
         row_tasks(sch, lead[0] if lead else None, rows, knobs)
-        self.dots(sch, sch.get_sblock("dot"), chunk, knobs, self.formats(use)[0], "x")
+        self.dots(sch, sch.get_sblock("dot"), chunk, knobs, self.formats(use)[0], x_buffer(self.normed))
         unroll_loop(sch, chunk, knobs.unroll)
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
@@ -200,18 +204,42 @@ class GemvQkvCpuRule(_GemvCpuRule):
         return n_q + n_k + n_v, (n_q + n_k + n_v) * k
 
 
+class GemvNormedCpuRule(GemvCpuRule):
+    factory = "gemv_normed"
+    normed = True
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, n, k, _ = factory_args(use)
+        return n, n * k
+
+
+class GemvResidualCpuRule(GemvCpuRule):
+    factory = "gemv_residual"
+
+
+class GemvQkvNormedCpuRule(GemvQkvCpuRule):
+    factory = "gemv_qkv_normed"
+    normed = True
+
+    def size(self, use: KernelUse) -> tuple[int, int]:
+        _, n_q, n_k, n_v, k, _ = factory_args(use)
+        return n_q + n_k + n_v, (n_q + n_k + n_v) * k
+
+
 class MoeGateUpSiluCpuRule(_CpuDotRule):
-    """Tasks over (slot, rows of act); a row's gate and up sums computed where act uses them."""
+    """Tasks over (slot, rows of act); a row's gate and up sums computed where act uses them.
+    The routed form's prologue (top-k, norm) stays ahead of the tasks, as its factory wrote it."""
 
     family = "moe"
     factory = "moe_gate_up_silu"
+    normed: ClassVar[bool] = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         type_gate, type_up, *_ = factory_args(use)
         return gemv_format(type_gate), gemv_format(type_up)
 
     def size(self, use: KernelUse) -> tuple[int, int]:
-        _, _, _, n_used, inter, hidden = factory_args(use)
+        _, _, _, n_used, inter, hidden, *_ = factory_args(use)
         return inter, 2 * n_used * inter * hidden
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
@@ -222,8 +250,13 @@ class MoeGateUpSiluCpuRule(_CpuDotRule):
             block = sch.get_sblock(name)
             sch.compute_at(block, row, preserve_unit_loops=True)
             chunk = reduction_chunk_loop(sch, block)
-            self.dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs, fmt, "x")
+            self.dots(sch, sch.get_sblock(f"{name}_dot"), chunk, knobs, fmt, x_buffer(self.normed))
             unroll_loop(sch, chunk, knobs.unroll)
+
+
+class MoeGateUpSiluRoutedCpuRule(MoeGateUpSiluCpuRule):
+    factory = "moe_gate_up_silu_routed"
+    normed = True
 
 
 class MoeDownResidualCpuRule(_CpuDotRule):

@@ -8,7 +8,9 @@ Layout of the work (same for the plain and the MoE form, whose expert slot is bl
   - per chunk, a lane loads the chunk's quant bytes into registers (16-byte loads where the
     format keeps chunks 16-byte aligned), loads the matching x as float4, forms the
     sub-block dot products and x sums, and decodes each sub-block's scale and min once;
-  - the lanes' partial sums (rfactor) meet in a warp-shuffle allreduce.
+  - the lanes' partial sums (rfactor) meet in a warp-shuffle allreduce;
+  - the normed forms first normalize h into shared memory, once per thread block
+    (`normalize_in_shared`); the residual form adds r to each row's sum in registers.
 
 Measured on an H200 with ncu, L2 flushed, default schedules: 4096x2048 Q4_K 6.9 us,
 2048x4096 Q4_K 9.2 us, 8 of 128 experts 768x2048 Q4_K 8.7 us, 8 experts 2048x768 Q6_K
@@ -167,16 +169,45 @@ def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], u
     sch.annotate(it, "pragma_unroll_explicit", 1)
 
 
-def _schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -> None:
-    """A `gemv` PrimFunc for a CUDA target."""
+def x_buffer(normed: bool) -> str:
+    """The buffer a GEMV's dot products read x from: the parameter x, or in the normed forms
+    (`kernels.gemv.gemv_normed`) the prologue's stage norm."""
+    return "norm" if normed else "x"
+
+
+def normalize_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any]) -> None:
+    """The normed forms' prologue (stages sumsq and norm, `kernels.norm.normalize`) once per
+    thread block, under its blockIdx loop `at`: x = rmsnorm(h) * w into shared memory, the
+    block's threads (threadIdx.y, threadIdx.x extents `threads`) each taking every
+    (rows * lanes)-th element, the sum of squares a block-wide allreduce. Every block reads h
+    and w (2 * 4 * H bytes, from L2 after the first) for a launch less per norm."""
+    sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
+    sch.compute_at(norm, at)
+    sch.compute_at(sumsq, at)
+    for block in (sumsq, norm):
+        (loop,) = loops_below(sch, block, at)
+        _, ty, tx = sch.split(loop, [None, *threads])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+    sch.set_scope(sumsq, 0, "local")  # the allreduce leaves the sum in every thread
+    sch.set_scope(norm, 0, "shared")
+
+
+def _schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False,
+                   residual: bool = False) -> None:
+    """A `gemv` PrimFunc (or its normed / residual form) for a CUDA target; the residual add
+    runs right after each row's warp reduction, on the sum in registers."""
 
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
-        cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "x", part)
+        cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", x_buffer(normed), part)
 
-    _schedule_rows(sch, fmt, knobs, cache_weight)
+    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normed)
+    if residual:
+        sch.set_scope(gemv, 0, "local")
+        sch.reverse_compute_at(sch.get_sblock("residual"), row)
 
 
-def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -> None:
+def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False) -> None:
     """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
     `_schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
     or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
@@ -196,15 +227,16 @@ def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs) -
         else:
             sch.compute_inline(w)
         if xsum is None:
-            cache_in_registers(sch, [dot], "x", part, 4)
+            cache_in_registers(sch, [dot], x_buffer(normed), part, 4)
         else:
-            cache_in_registers(sch, [dot, xsum], "x", it, 4)
+            cache_in_registers(sch, [dot, xsum], x_buffer(normed), it, 4)
 
-    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight)
+    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normed)
     # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
     sch.set_scope(gemv, 0, "local")
-    # (Wq, Wk, Wv, x, q, k, v), or (Wq, Wk, x, q, k) for the n_v = 0 form.
-    n_outputs = (len(sch.mod["main"].params) - 1) // 2
+    # (Wq, Wk, Wv, x, q, k, v), or (Wq, Wk, x, q, k) for the n_v = 0 form (h, norm_w for x
+    # in the normed forms).
+    n_outputs = (len(sch.mod["main"].params) - (2 if normed else 1)) // 2
     for name in ("q", "k", "v")[:n_outputs]:
         sch.reverse_compute_at(sch.get_sblock(name), row)
 
@@ -257,13 +289,53 @@ class GemvQkvCudaRule(_GemvCudaRule):
         _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs)
 
 
+class GemvNormedCudaRule(GemvCudaRule):
+    """`gemv_normed`: the GEMV layout, the norm computed first by each thread block."""
+
+    factory = "gemv_normed"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n, k, _ = factory_args(use)
+        return ggml_type, n, k, 1
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
+
+
+class GemvResidualCudaRule(GemvCudaRule):
+    """`gemv_residual`: the GEMV layout, the residual added to each row's sum in registers."""
+
+    factory = "gemv_residual"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, residual=True)
+
+
+class GemvQkvNormedCudaRule(GemvQkvCudaRule):
+    """`gemv_qkv_normed`: the `gemv_qkv` layout, the norm computed first by each thread block."""
+
+    factory = "gemv_qkv_normed"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n_q, n_k, n_v, k, _ = factory_args(use)
+        return ggml_type, n_q + n_k + n_v, k, 1
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
+
+
 def _schedule_rows(
     sch: s_tir.Schedule,
     fmt: GemvFormat,
     config: GemvKnobs,
     cache_weight: Callable[[SBlockRV, SBlockRV | None, LoopRV, LoopRV], None],
+    normed: bool = False,
 ) -> tuple[SBlockRV, LoopRV]:
-    """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv;
+    """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv, with the
+    normed forms' prologue per thread block (`normalize_in_shared`);
     `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers. Returns the
     gemv block and its per-thread row loop."""
     dot, gemv = sch.get_sblock("dot"), sch.get_sblock("gemv")
@@ -307,4 +379,6 @@ def _schedule_rows(
 
     cache_weight(dot, xsum, it, it if dot_part is None else dot_part)
     unroll_chunk_loop(sch, it, [*producers, partial], config.unroll)
+    if normed:
+        normalize_in_shared(sch, final_bx, (config.rows, config.lanes))
     return gemv, final_r

@@ -10,14 +10,24 @@ from sparkinfer.schedule.cpu import (
     AsWrittenCpuRule,
     EmbeddingCpuRule,
     GemvCpuRule,
+    GemvNormedCpuRule,
     GemvQkvCpuRule,
+    GemvQkvNormedCpuRule,
+    GemvResidualCpuRule,
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
+    MoeGateUpSiluRoutedCpuRule,
     PagedDecodeAttentionCpuRule,
     RmsNormCpuRule,
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
-from sparkinfer.schedule.gemv import GemvCudaRule, GemvQkvCudaRule
+from sparkinfer.schedule.gemv import (
+    GemvCudaRule,
+    GemvNormedCudaRule,
+    GemvQkvCudaRule,
+    GemvQkvNormedCudaRule,
+    GemvResidualCudaRule,
+)
 from sparkinfer.schedule.gemv_q8 import (
     GemvQ8CpuRule,
     GemvQ8CudaRule,
@@ -27,7 +37,11 @@ from sparkinfer.schedule.gemv_q8 import (
     MoeGateUpSiluQ8CudaRule,
     QuantizeQ8CudaRule,
 )
-from sparkinfer.schedule.moe import MoeDownResidualCudaRule, MoeGateUpSiluCudaRule
+from sparkinfer.schedule.moe import (
+    MoeDownResidualCudaRule,
+    MoeGateUpSiluCudaRule,
+    MoeGateUpSiluRoutedCudaRule,
+)
 from sparkinfer.schedule.norm import AddRmsNormCudaRule, AddRmsNormRowsCudaRule, RmsNormCudaRule, RmsNormRowsCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
 from sparkinfer.schedule.router import RouterTopkCudaRule, RouterTopkRowsCudaRule
@@ -40,8 +54,12 @@ from sparkinfer.schedule.space import register
 for _rule in (
     GemvCudaRule(),
     GemvQkvCudaRule(),
+    GemvNormedCudaRule(),
+    GemvQkvNormedCudaRule(),
+    GemvResidualCudaRule(),
     MoeGateUpSiluCudaRule(),
     MoeDownResidualCudaRule(),
+    MoeGateUpSiluRoutedCudaRule(),
     PagedDecodeAttentionCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
@@ -60,7 +78,11 @@ for _rule in (
     QuantizeQ8CudaRule(),
     GemvCpuRule(),
     GemvQkvCpuRule(),
+    GemvNormedCpuRule(),
+    GemvQkvNormedCpuRule(),
+    GemvResidualCpuRule(),
     MoeGateUpSiluCpuRule(),
+    MoeGateUpSiluRoutedCpuRule(),
     MoeDownResidualCpuRule(),
     PagedDecodeAttentionCpuRule(),
     AsWrittenCpuRule("attention", "attention_combine"),

@@ -29,7 +29,7 @@ def _bind_threads(sch: s_tir.Schedule, block: SBlockRV, threads: int) -> LoopRV:
     return tx
 
 
-def _accumulate_in_registers(sch: s_tir.Schedule, block: SBlockRV, thread_loop: LoopRV) -> None:
+def accumulate_in_registers(sch: s_tir.Schedule, block: SBlockRV, thread_loop: LoopRV) -> None:
     """Accumulate a per-thread serial reduction in a register, stored once at the end: a
     read-modify-write of shared or global memory per step would put a memory round trip
     on every iteration."""
@@ -80,9 +80,9 @@ def _schedule_router_topk(sch: s_tir.Schedule) -> None:
     logits_shared = sch.cache_read(rank, 0, "shared", consumer_blocks=[rank, blocks["lmax"]])
     sch.compute_at(logits_shared, bx)
     _bind_threads(sch, logits_shared, n_experts)
-    _accumulate_in_registers(sch, rank, tx)
+    accumulate_in_registers(sch, rank, tx)
     # Slot s is thread s, here and in ex: that thread reads back only its own ids[s].
-    _accumulate_in_registers(sch, blocks["ids"], _bind_threads(sch, blocks["ids"], n_experts))
+    accumulate_in_registers(sch, blocks["ids"], _bind_threads(sch, blocks["ids"], n_experts))
     for name in ("lmax", "ex", "total", "weights"):
         _bind_threads(sch, blocks[name], n_experts)
     # Unrolled, the E shared-memory reads of the rank and id scans are independent loads in

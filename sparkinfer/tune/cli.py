@@ -50,21 +50,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _tasks(args: argparse.Namespace, arch: str, pattern: str | None = None,
            log: Callable[[str], None] | None = None) -> list[TuneTask]:
-    """The tuning tasks of MODEL, of --preset, or of the shipped model."""
+    """The tuning tasks of MODEL, of --preset, or of the shipped model: the kernels of the
+    step the arch compiles, with the model-level variants of the schedules file tuned into
+    (compiler.pipeline.step_variants)."""
+    from sparkinfer.compiler.pipeline import step_variants
     from sparkinfer.gguf_file import FILE_TYPES, PRESETS
     from sparkinfer.tune.tasks import model_tasks, preset_tasks
 
+    schedules = _schedules_path(args, arch)
+    variants = step_variants(arch, SchedulesFile.read(schedules) if schedules.is_file() else None)
     if args.preset is None:
         from sparkinfer.data import default_model_path
 
-        return model_tasks(args.model or default_model_path(), arch, pattern, log)
+        return model_tasks(args.model or default_model_path(), arch, pattern, log, variants)
     if args.model is not None:
         raise SparkInferError(f"give a model file or --preset, not both ({args.model} and --preset {args.preset})")
     if args.preset not in PRESETS:
         raise SparkInferError(f"unknown --preset {args.preset!r} (known: {', '.join(PRESETS)})")
     if args.file_type not in FILE_TYPES:
         raise SparkInferError(f"unknown --type {args.file_type!r} (known: {', '.join(FILE_TYPES)})")
-    return preset_tasks(args.preset, args.file_type, arch, pattern, log)
+    return preset_tasks(args.preset, args.file_type, arch, pattern, log, variants)
 
 
 def _need_arch(args: argparse.Namespace, what: str) -> str:

@@ -78,6 +78,20 @@ def _gemv_qkv(rng: np.random.Generator, ggml_type: str, n_q: int, n_k: int, n_v:
     return [*(_words(ggml_type, (n, k), rng) for n in rows), _f32(rng, k), *(_f32(rng, n) for n in rows)]
 
 
+def _gemv_normed(rng: np.random.Generator, ggml_type: str, n: int, k: int, eps: float) -> Arrays:
+    return [_words(ggml_type, (n, k), rng), _f32(rng, k), _f32(rng, k), _f32(rng, n)]
+
+
+def _gemv_residual(rng: np.random.Generator, ggml_type: str, n: int, k: int) -> Arrays:
+    return [_words(ggml_type, (n, k), rng), _f32(rng, k), _f32(rng, n), _f32(rng, n)]
+
+
+def _gemv_qkv_normed(rng: np.random.Generator, ggml_type: str, n_q: int, n_k: int, n_v: int, k: int,
+                     eps: float) -> Arrays:
+    rows = [n for n in (n_q, n_k, n_v) if n]
+    return [*(_words(ggml_type, (n, k), rng) for n in rows), _f32(rng, k), _f32(rng, k), *(_f32(rng, n) for n in rows)]
+
+
 def _rope(rng: np.random.Generator, n_heads: int, n_kv: int, head_dim: int, page_size: int, max_pages: int,
           eps: float, theta: float) -> Arrays:
     q, k, v = _f32(rng, n_heads * head_dim), _f32(rng, n_kv * head_dim), _f32(rng, n_kv * head_dim)
@@ -104,6 +118,13 @@ def _moe_gate_up_silu(rng: np.random.Generator, type_gate: str, type_up: str, n_
                       n_ffn: int, hidden: int) -> Arrays:
     return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
             _ids(rng, n_experts, n_used), _f32(rng, hidden), _f32(rng, n_used, n_ffn)]
+
+
+def _moe_gate_up_silu_routed(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int, n_used: int,
+                             n_ffn: int, hidden: int, eps: float) -> Arrays:
+    return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
+            _f32(rng, n_experts), _f32(rng, hidden), _f32(rng, hidden), _f32(rng, n_used, n_ffn),
+            _ids(rng, n_experts, n_used), _f32(rng, n_used)]
 
 
 def _moe_down_residual(rng: np.random.Generator, ggml_type: str, n_experts: int, n_used: int, hidden: int,
@@ -138,11 +159,15 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("norm", "add_rms_norm"): _add_rms_norm,
     ("gemv", "gemv"): _gemv,
     ("gemv", "gemv_qkv"): _gemv_qkv,
+    ("gemv", "gemv_normed"): _gemv_normed,
+    ("gemv", "gemv_residual"): _gemv_residual,
+    ("gemv", "gemv_qkv_normed"): _gemv_qkv_normed,
     ("rope", "qk_norm_rope_kv_append"): _rope,
     ("attention", "paged_decode_attention"): _attention,
     ("attention", "attention_combine"): _attention_combine,
     ("router", "router_topk"): _router_topk,
     ("moe", "moe_gate_up_silu"): _moe_gate_up_silu,
+    ("moe", "moe_gate_up_silu_routed"): _moe_gate_up_silu_routed,
     ("moe", "moe_down_residual"): _moe_down_residual,
     ("sampling", "sample_token"): _sample_token,
     ("sampling", "advance"): _advance,

@@ -31,28 +31,32 @@ def use_task(use: KernelUse, func, facts: ArchFacts, seed: int = 0) -> TuneTask:
     )
 
 
-def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: Log | None = None) -> list[TuneTask]:
+def model_tasks(model: str | Path, arch: str, pattern: str | None = None, log: Log | None = None,
+                variants: Mapping[str, str] | None = None) -> list[TuneTask]:
     """The tasks of a GGUF file's decode step (see `step_tasks`)."""
     gguf = GGUFModel.open(model)
-    return step_tasks(gguf.config, {name: t.ggml_type for name, t in gguf.tensors.items()}, arch, pattern, log)
+    types = {name: t.ggml_type for name, t in gguf.tensors.items()}
+    return step_tasks(gguf.config, types, arch, pattern, log, variants)
 
 
 def preset_tasks(preset: str, file_type: str, arch: str, pattern: str | None = None,
-                 log: Log | None = None) -> list[TuneTask]:
+                 log: Log | None = None, variants: Mapping[str, str] | None = None) -> list[TuneTask]:
     """The tasks of a `sparkinfer synth` preset's decode step, without its file (the full-size
     Qwen3-30B-A3B's kernels are tuned on a machine that need not hold its 17 GB)."""
     config = preset_config(preset)
-    return step_tasks(config, type_map(config, file_type), arch, pattern, log)
+    return step_tasks(config, type_map(config, file_type), arch, pattern, log, variants)
 
 
 def step_tasks(config: ModelConfig, types: Mapping[str, int], arch: str, pattern: str | None = None,
-               log: Log | None = None) -> list[TuneTask]:
+               log: Log | None = None, variants: Mapping[str, str] | None = None) -> list[TuneTask]:
     """The decode step's kernels matching `pattern` (fnmatch on the kernel name or key), one
-    task each. A kernel without a rule for the arch is skipped with a note, unless `pattern`
-    named it; so is one whose rule has nothing to choose (every knob has one value: it keeps
-    the default). A pattern that matches nothing is an error."""
+    task each, the step built with the model-level `variants` (schedule.schedules.STEP_VARIANTS:
+    those the arch compiles with, so that a schedules file picking "decode_launches": "fused"
+    gets the fused kernels tuned). A kernel without a rule for the arch is skipped with a note,
+    unless `pattern` named it; so is one whose rule has nothing to choose (every knob has one
+    value: it keeps the default). A pattern that matches nothing is an error."""
     log = log or (lambda message: None)
-    step = build_decode_step(config, dict(types))
+    step = build_decode_step(config, dict(types), **dict(variants or {}))
     facts = arch_facts(arch)
     tasks, matched = [], 0
     for use in step.kernels:

@@ -68,3 +68,21 @@ def test_compiling_twice_with_the_same_schedules_gives_the_same_library(tmp_path
     assert not second.cached
     assert library_bytes(first.directory / first.manifest.library) == \
         library_bytes(second.directory / second.manifest.library)
+
+
+def test_fused_launches_step_builds(tmp_path: Path) -> None:
+    """The decode_launches="fused" variant, picked by a schedules file, on the full-width cut
+    (for sm_90: tests/schedule/test_fused_decode_cuda.py has nvcc build its kernels for every
+    arch)."""
+    from sparkinfer.schedule.schedules import SchedulesFile
+
+    arch = "sm_90"
+    config = MODELS["30b-a3b-1layer"]
+    schedules = SchedulesFile(arch, {}, step={"decode_launches": "fused"}).write(tmp_path / f"{arch}.json")
+    result = compile_model(config, type_map(config, "q4_k_m"), arch, tmp_path / "out", prefill_chunks=(),
+                           schedules=schedules)
+    factories = {k["factory"] for k in result.manifest.kernels}
+    assert {"gemv_qkv_normed", "gemv_residual", "gemv_normed", "moe_gate_up_silu_routed"} <= factories
+    assert not factories & {"add_rms_norm", "router_topk"}
+    fatbins = targets.embedded_fatbins(result.directory / result.manifest.library)
+    assert targets.fatbin_entries(fatbins[0]) == [targets.FatbinEntry("cubin", arch + "a")]

@@ -9,9 +9,11 @@ from sparkinfer import quant
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
 from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import norm as N
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 
 ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
+EPS = 1e-6
 
 
 @pytest.fixture
@@ -79,6 +81,49 @@ def test_gemv_qkv_params_are_the_weights_then_x_then_the_outputs() -> None:
         'q: T.Buffer((64,), "float32"), k: T.Buffer((32,), "float32"), v: T.Buffer((32,), "float32"))'
     ) in func.script()
     assert len(G.gemv_qkv(T.Q4_K, 64, 32, 0, 256).params) == 5
+
+
+def normed_input(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """h (a residual stream of some size), norm_w (near 1) and x = rmsnorm(h) * norm_w."""
+    h = (rng.standard_normal(k) * 3).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(k)).astype(np.float32)
+    return h, norm_w, N.rms_norm_reference(h, norm_w, EPS)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.F32], ids=lambda t: t.name)
+def test_gemv_normed_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    n, k = 37, 512
+    data = random_weights(t, (n, k), rng)
+    h, norm_w, x = normed_input(rng, k)
+    y = run_cpu(G.gemv_normed(t, n, k, EPS), G.weight_view(t, data), h, norm_w, np.empty(n, np.float32))
+    assert_gemv_close(y, G.gemv_normed_reference(t, data, h, norm_w, EPS), magnitude(t, data, x))
+
+
+@pytest.mark.parametrize("n_v", [24, 0], ids=["qkv", "qk"])
+def test_gemv_qkv_normed_matches_numpy(rng: np.random.Generator, n_v: int) -> None:
+    t, k, ns = T.Q4_K, 512, [37, 19, n_v]
+    datas = [random_weights(t, (n, k), rng) for n in ns if n]
+    h, norm_w, x = normed_input(rng, k)
+    got = run_cpu_outputs(G.gemv_qkv_normed(t, *ns, k, EPS), [G.weight_view(t, d) for d in datas] + [h, norm_w],
+                          [np.empty(d.shape[0], np.float32) for d in datas])
+    for y, data in zip(got, datas, strict=True):
+        assert_gemv_close(y, G.gemv_normed_reference(t, data, h, norm_w, EPS), magnitude(t, data, x))
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_gemv_residual_matches_numpy(rng: np.random.Generator, t: T) -> None:
+    n, k = 37, 512
+    data = random_weights(t, (n, k), rng)
+    x = rng.standard_normal(k, dtype=np.float32)
+    r = rng.standard_normal(n, dtype=np.float32)
+    y = run_cpu(G.gemv_residual(t, n, k), G.weight_view(t, data), x, r, np.empty(n, np.float32))
+    assert_gemv_close(y, G.gemv_residual_reference(t, data, x, r), magnitude(t, data, x) + np.abs(r))
+
+
+def test_fused_forms_take_their_extra_inputs_in_order() -> None:
+    assert [p.name for p in G.gemv_normed(T.Q4_K, 64, 256, EPS).params] == ["W", "h", "norm_w", "gemv"]
+    assert [p.name for p in G.gemv_residual(T.Q4_K, 64, 256).params] == ["W", "x", "r", "residual"]
+    assert [p.name for p in G.gemv_qkv_normed(T.Q4_K, 64, 32, 0, 256, EPS).params] == ["Wq", "Wk", "h", "norm_w", "q", "k"]
 
 
 @pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)

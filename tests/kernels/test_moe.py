@@ -84,6 +84,30 @@ def test_down_residual_matches_numpy(rng: np.random.Generator, t: T) -> None:
     assert_gemv_close(h_out, ref, magnitude)
 
 
+def test_gate_up_silu_routed_matches_numpy(rng: np.random.Generator) -> None:
+    """router_topk and the FFN norm inside the kernel: the experts, in order, and weights of
+    router_topk (experts 2 and 5 tie for the first slot: 2 gets it), act of the normed h."""
+    n_used, eps = 3, 1e-6
+    gate_data = random_weights(T.Q4_K, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    up_data = random_weights(T.Q8_0, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    logits = rng.standard_normal(N_EXPERTS).astype(np.float32)
+    logits[2] = logits[5] = logits.max() + 1
+    h = (rng.standard_normal(HIDDEN) * 10).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(HIDDEN)).astype(np.float32)
+    func = M.moe_gate_up_silu_routed(T.Q4_K, T.Q8_0, N_EXPERTS, n_used, N_FFN, HIDDEN, eps)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    outs = [tvm.runtime.tensor(a) for a in (np.full((n_used, N_FFN), np.nan, np.float32),
+                                             np.full(n_used, -1, np.int32), np.full(n_used, np.nan, np.float32))]
+    inputs = [weight_view(T.Q4_K, gate_data), weight_view(T.Q8_0, up_data), logits, h, norm_w]
+    lib["main"](*(tvm.runtime.tensor(a) for a in inputs), *outs)
+    act, ids, weights = (o.numpy() for o in outs)
+    act_ref, ids_ref, weights_ref = M.moe_gate_up_silu_routed_reference(
+        T.Q4_K, gate_data, T.Q8_0, up_data, logits, h, norm_w, n_used, eps)
+    assert ids.tolist() == ids_ref.tolist() and ids[:2].tolist() == [2, 5]
+    np.testing.assert_allclose(weights, weights_ref, rtol=1e-6)
+    np.testing.assert_allclose(act, act_ref, rtol=1e-4, atol=1e-4 * np.abs(act_ref).max())
+
+
 def test_down_reference_is_the_oracle_mix() -> None:
     """h + sum_j w_j down_j, the oracle's MoE block, from dequantized experts."""
     rng = np.random.default_rng(3)

@@ -6,8 +6,8 @@
 // _setjmp/_longjmp, which unlike swapcontext make no system call); the blocks of a grid run one after the
 // other. A fiber runs until it reaches a barrier (__syncthreads, a warp shuffle), then the next
 // one runs, so shared memory needs no locks and a block's threads interleave only where the
-// kernel synchronises: a kernel that needs a barrier it lacks can still pass here (that race is
-// for the GPU tests to find), but every index, guard and tile size is exercised. A barrier no
+// kernel synchronises. Blocks alternate the order their threads run in (see run_grid), so a
+// read of another thread's write with no barrier between them comes out wrong in some block. A barrier no
 // thread can complete (a shuffle whose mask names lanes that never come) is reported as
 // a deadlock instead of hanging.
 //
@@ -153,9 +153,14 @@ inline const char* run_grid(dim3 grid, dim3 threads, void (*body)()) {
           f.context.uc_link = &b.scheduler;
           makecontext(&f.context, fiber_entry, 0);
         }
+        // Even blocks run their threads in ascending order, odd ones descending: a thread that
+        // reads what another wrote with no barrier between them sees the write in one order and
+        // not in the other, so a missing __syncthreads fails a grid of two or more blocks.
+        const bool descending = (bx + grid.x * (by + grid.y * bz)) % 2 == 1;
         while (b.live > 0) {
           bool ran = false;
-          for (Fiber& f : b.fibers) {
+          for (unsigned i = 0; i < n; ++i) {
+            Fiber& f = b.fibers[descending ? n - 1 - i : i];
             if (f.done || (f.waiting_on && f.waiting_on->generation == f.waiting_generation)) continue;
             b.current = &f;
             threadIdx = f.thread;

@@ -209,6 +209,7 @@ def _word(values: dict[str, Any], name: str, ctype: str) -> int:
 def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) -> ctypes.CDLL:
     """A shared library of the preamble, `launches`' kernels and an entry per kernel,
     `emulate_<kernel>(uint64 args[], uint32 dims[6]) -> error or NULL`."""
+    build_dir.mkdir(parents=True, exist_ok=True)
     for shim in _SHIMS:
         (build_dir / shim).write_text(f'#include "{_HEADER}"\n')
     preamble = source[: source.index('extern "C"')]

@@ -27,12 +27,13 @@ DOT_KNOBS = [None, CpuDotKnobs(0, 64, 1, 16), CpuDotKnobs(1, 8, 2, 1024)]
 
 def run(family: str, factory, args: tuple, knobs: Knobs | None, inputs: list, outputs: list) -> list:  # noqa: ANN001
     """`factory(*args)` scheduled by its CPU rule with `knobs`, run on `inputs`; the outputs
-    are poisoned with NaN first, so an element never written fails."""
+    are poisoned with NaN first (integer ones keep the caller's poison), so an element never
+    written fails."""
     use = kernel_use(family, factory.__name__, *args)
     func = schedule_kernel(factory(*args), use, CPU, knobs)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
     tensors = [tvm.runtime.tensor(a) for a in inputs]
-    outs = [tvm.runtime.tensor(np.full_like(o, np.nan)) for o in outputs]
+    outs = [tvm.runtime.tensor(np.full_like(o, np.nan) if o.dtype.kind == "f" else o) for o in outputs]
     lib["main"](*tensors, *outs)
     return [o.numpy() for o in outs]
 
@@ -67,6 +68,27 @@ def test_gemv_qkv(knobs: CpuDotKnobs | None) -> None:
                [np.empty(n, np.float32) for n in (64, 32, 32)])
     for y, y_ref, d in zip(outs, G.gemv_qkv_reference(t, *datas, x), datas, strict=True):
         assert_gemv_close(y, y_ref, magnitude(t, d, x))
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_gemv_normed_and_residual(knobs: CpuDotKnobs | None) -> None:
+    """The fused launches' GEMVs: the norm as a prologue (Q/K/V and one GEMV), the residual
+    add as an epilogue."""
+    rng = np.random.default_rng(5)
+    t, k, eps = T.Q4_K, 256, 1e-6
+    datas = [random_weights(t, (n, k), rng) for n in (64, 32, 32)]
+    h = (rng.standard_normal(k) * 3).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(k)).astype(np.float32)
+    x = N.rms_norm_reference(h, norm_w, eps)
+    views = [G.weight_view(t, d) for d in datas]
+    outs = run("gemv", G.gemv_qkv_normed, (t, 64, 32, 32, k, eps), knobs, [*views, h, norm_w],
+               [np.empty(n, np.float32) for n in (64, 32, 32)])
+    (y,) = run("gemv", G.gemv_normed, (t, 64, k, eps), knobs, [views[0], h, norm_w], [np.empty(64, np.float32)])
+    for got, d in zip([*outs, y], [*datas, datas[0]], strict=True):
+        assert_gemv_close(got, G.gemv_normed_reference(t, d, h, norm_w, eps), magnitude(t, d, x))
+    r = rng.standard_normal(64, dtype=np.float32)
+    (y,) = run("gemv", G.gemv_residual, (t, 64, k), knobs, [views[0], x, r], [np.empty(64, np.float32)])
+    assert_gemv_close(y, G.gemv_residual_reference(t, datas[0], x, r), magnitude(t, datas[0], x) + np.abs(r))
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
@@ -131,3 +153,25 @@ def test_attention_streams_in_parallel(streams: int, tile: int, vector: int | No
     o_ref, lse_ref = A.paged_decode_attention_reference(q, k, v, table, pos, splits)
     np.testing.assert_allclose(o_part, o_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
+def test_moe_gate_up_silu_routed(knobs: CpuDotKnobs | None) -> None:
+    """The fused launches' gate/up: router_topk and the FFN norm in its prologue; ids and
+    weights exactly router_topk's (experts 2 and 5 tie for the first slot: 2 gets it)."""
+    rng = np.random.default_rng(6)
+    n_experts, n_used, hidden, inter, eps = 8, 3, 256, 256, 1e-6
+    gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
+    logits = rng.standard_normal(n_experts).astype(np.float32)
+    logits[2] = logits[5] = logits.max() + 1
+    h = (rng.standard_normal(hidden) * 10).astype(np.float32)
+    norm_w = (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float32)
+    act, ids, weights = run(
+        "moe", M.moe_gate_up_silu_routed, (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden, eps), knobs,
+        [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), logits, h, norm_w],
+        [np.empty((n_used, inter), np.float32), np.full(n_used, -1, np.int32), np.empty(n_used, np.float32)])
+    act_ref, ids_ref, weights_ref = M.moe_gate_up_silu_routed_reference(
+        T.Q4_K, gate, T.Q6_K, up, logits, h, norm_w, n_used, eps)
+    assert ids.tolist() == ids_ref.tolist() and ids[:2].tolist() == [2, 5]
+    np.testing.assert_allclose(weights, weights_ref, rtol=1e-6)
+    np.testing.assert_allclose(act, act_ref, rtol=1e-4, atol=1e-4 * np.abs(act_ref).max())

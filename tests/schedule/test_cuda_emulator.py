@@ -94,6 +94,28 @@ def test_wmma_is_a_matrix_product(tmp_path: Path) -> None:
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
 
 
+NEIGHBOUR = r'''
+extern "C" __global__ void __launch_bounds__(64) neighbour_kernel(float* __restrict__ x_ptr, float* __restrict__ out_ptr) {
+  __shared__ float tile[64];
+  tile[threadIdx.x] = x_ptr[blockIdx.x * 64 + threadIdx.x];
+  BARRIER
+  out_ptr[blockIdx.x * 64 + threadIdx.x] = tile[(threadIdx.x + 1) % 64] + tile[(threadIdx.x + 63) % 64];
+}
+'''
+
+
+def test_a_missing_barrier_gives_wrong_results(tmp_path: Path) -> None:
+    """Each thread reads its neighbours' shared-memory writes: right with the barrier; without
+    it, wrong in the blocks whose threads run in the order that reads before the write."""
+    x = np.random.default_rng(2).standard_normal(2 * 64).astype(np.float32)
+    tiles = x.reshape(2, 64)
+    want = (np.roll(tiles, -1, axis=1) + np.roll(tiles, 1, axis=1)).reshape(-1)
+    for barrier, correct in (("__syncthreads();", True), ("", False)):
+        out = np.full(2 * 64, np.nan, np.float32)
+        _run(tmp_path / f"b{int(correct)}", NEIGHBOUR.replace("BARRIER", barrier), "neighbour_kernel", 2, 64, x, out)
+        assert np.array_equal(out, want) == correct
+
+
 STUCK = r'''
 extern "C" __global__ void __launch_bounds__(32) stuck_kernel(float* __restrict__ out_ptr) {
   // lanes 16..31 never come to a shuffle whose mask names them

@@ -33,6 +33,18 @@ def test_preset_tasks_without_the_file():
     assert [t.name for t in tasks] == ["moe_gate_up_silu_q4_k_q4_k_128x768x2048_top8"]
 
 
+def test_tasks_follow_the_step_variants_the_arch_compiles():
+    """A schedules file picking the fused launches gets the fused kernels tuned: each task's
+    inputs fit its kernel (concrete_kernel checks every parameter against its array)."""
+    from sparkinfer.tune.tasks import preset_tasks
+
+    fused = {"decode_launches": "fused"}
+    names = [t.name for t in preset_tasks("tiny", "q4_k_m", "sm_90", "*", variants=fused)]
+    for prefix in ("gemv_normed_", "gemv_residual_", "gemv_normed_qk_", "moe_gate_up_silu_routed_"):
+        assert any(name.startswith(prefix) for name in names), (prefix, names)
+    assert not any(name.startswith(("add_rms_norm", "router_topk")) for name in names)
+
+
 def test_small_tune_then_two_phase_round(capsys, tmp_path):
     """Two kernels, three trials each, then one more round by --emit / --run / --ingest."""
     logs, schedules, bundle = tmp_path / "logs", tmp_path / "cpu.json", tmp_path / "round"
