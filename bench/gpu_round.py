@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-CHUNKS = (128, 512)  # the T-token step's sizes in the chunked module: prompts run in 512s, the rest in a 128 or a 512
+CHUNKS = (128, 512)  # the T-token step's sizes in the candidate module: prompts run in 512s, the rest in a 128 or a 512
+# The candidate module: beside the arch's defaults (the full module), what the round tries as the
+# next defaults: the T-token step of CHUNKS and these step variants (the arch's schedules file
+# with its "step" overridden). One module for both keeps the call's carry under 64 MiB.
+CANDIDATE_STEP = {"decode_launches": "fused"}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -63,17 +67,16 @@ def prepare(arch: str) -> dict:
     result = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled")
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
-    # The module with the T-token step (prefill chunks of CHUNKS): the one above where those
-    # are the arch's default chunks (compiler/pipeline.py), else built beside it.
-    chunked = result if result.manifest.prefill_chunks == CHUNKS else compile_model(
-        config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "chunked", prefill_chunks=CHUNKS)
+    candidate = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "candidate",
+                              prefill_chunks=CHUNKS, schedules=candidate_schedules(arch))
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
         "full_library_bytes": library.stat().st_size,
         "full_compile_s": round(seconds, 1),
         "full_cached": result.cached,
-        "chunked_module": str(chunked.directory.relative_to(REPO)),
+        "candidate_module": str(candidate.directory.relative_to(REPO)),
+        "candidate_step": CANDIDATE_STEP,
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -85,6 +88,17 @@ def prepare(arch: str) -> dict:
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def candidate_schedules(arch: str) -> Path:
+    """The arch's schedules file (knobs and step variants) with CANDIDATE_STEP over its "step",
+    written to compiled/gpu-tests/candidate-<arch>.json."""
+    from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
+
+    chosen, _ = schedules_for(arch)
+    base = chosen or SchedulesFile(arch=arch, made_by={"by": "bench/gpu_round.py"})
+    candidate = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **CANDIDATE_STEP})
+    return candidate.write(ROUND.parent / f"candidate-{arch}.json")
 
 
 def check() -> str:
@@ -194,9 +208,14 @@ def report(round_dir: Path) -> str:
     lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
     chunked_gate = _read(round_dir / "chunked-gate.txt").strip().splitlines()
     if chunked_gate:
-        lines.append(f"with the T-token step (prefill chunks of {' and '.join(map(str, CHUNKS))}): full-size gate, teacher-forced through it:")
+        lines.append(f"the candidate module (the T-token step of {' and '.join(map(str, CHUNKS))} tokens, {CANDIDATE_STEP}): "
+                     "full-size gate, teacher-forced through the T-token step:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
+    candidate_sync = _json(round_dir / "decode-candidate.json")
+    if candidate_sync:
+        lines.append(f"the candidate module's decode ({CANDIDATE_STEP}), host sees every token:")
+        lines += [f"  {ln}" for ln in _decode_rows(None, candidate_sync)[1:]]
 
     run = _json(round_dir / "run.json")
     if run:

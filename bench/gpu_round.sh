@@ -5,7 +5,7 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, pytest, apps
+#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, fused, pytest, apps
 #   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), decode, run, profile, profile_chunked
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
@@ -21,11 +21,13 @@
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token, 1 rep
-#   chunked  the module with the T-token step (prefill chunks of 128 and 512; the full module
-#            where those are the arch's default chunks): the full-size accuracy gate through it
+#   chunked  the candidate module (bench/gpu_round.py CANDIDATE_STEP: the T-token step of 128 and
+#            512 tokens, the decode step's fused launches): the full-size accuracy gate through it
 #            (its 128 teacher-forced tokens are one chunk), then the prefill at 512, 4096 and
 #            16384 tokens (and decode at depth 128) with it
 #   chunked_gate  only the chunked stage's accuracy gate
+#   fused    the candidate module's decode, host sync, depths 128 and 4096 (stage sync's rows are
+#            the full module's: split launches)
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -173,7 +175,7 @@ stage_prefill() {
 
 stage_chunked_gate() {
   local chunked
-  chunked=$(python3 bench/gpu_round.py get chunked_module)
+  chunked=$(python3 bench/gpu_round.py get candidate_module)
   note "== chunked: $chunked"
   # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
   timeout -k 10 "$(limit 100 160)" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$chunked" \
@@ -188,11 +190,20 @@ stage_chunked_gate() {
 stage_chunked() {
   stage_chunked_gate
   local rc=$?
-  module=$(python3 bench/gpu_round.py get chunked_module) bench_json prefill-chunked.json 200 90 \
+  module=$(python3 bench/gpu_round.py get candidate_module) bench_json prefill-chunked.json 200 90 \
     --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
   returns prefill-chunked.json
   return $((rc || rc2))
+}
+
+stage_fused() {
+  module=$(python3 bench/gpu_round.py get candidate_module) bench_json decode-candidate.json 120 100 \
+    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
+  local rc=$?
+  tail -n 3 "$round/bench.log"
+  returns decode-candidate.json bench.log
+  return $rc
 }
 
 stage_run() {
@@ -242,7 +253,7 @@ stage_profile_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth chunked sync pytest apps) ;;
+  1) stages=(setup synth chunked sync fused pytest apps) ;;
   2) stages=(setup tune synth decode run profile profile_chunked) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;

@@ -6,7 +6,7 @@
 #   PROFILE_CHUNKED=1 bash bench/profile_kernels.sh [N_LAUNCHES]   # the T-token step instead
 #
 # With PROFILE_CHUNKED=1 it profiles the module built with the T-token step (gpu-round.json's
-# chunked_module) prefilling a prompt of two of its largest chunks (chunk_prompt), so the table is per chunk,
+# candidate_module) prefilling a prompt of two of its largest chunks (chunk_prompt), so the table is per chunk,
 # the second chunk's attention over the first's keys included.
 #
 # Profiles the first N_LAUNCHES (default 1300: two steps of ~600 kernels) kernel launches of
@@ -27,7 +27,7 @@ model=/tmp/q30.gguf
 full=$(python3 bench/gpu_round.py get full_module)
 prompt="Hello" steps=2 step_end=advance
 if [ -n "${PROFILE_CHUNKED:-}" ]; then
-  full=$(python3 bench/gpu_round.py get chunked_module)
+  full=$(python3 bench/gpu_round.py get candidate_module)
   prompt=$(python3 bench/gpu_round.py get chunk_prompt) steps=1 step_end=advance_chunk  # the first token comes from the chunks
 fi
 arch=$(python3 bench/gpu_round.py get arch)

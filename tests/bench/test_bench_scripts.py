@@ -22,3 +22,35 @@ def test_python_script_parses(script: Path) -> None:
 def test_shell_script_parses(script: Path) -> None:
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _gpu_round():  # noqa: ANN202
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_round", BENCH / "gpu_round.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_round_candidate_module_keeps_the_arch_knobs_and_adds_its_step(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
+
+    gpu_round = _gpu_round()
+    monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
+    written = SchedulesFile.read(gpu_round.candidate_schedules("sm_90"))
+    packaged, _ = schedules_for("sm_90")
+    assert written.step == {**packaged.step, **gpu_round.CANDIDATE_STEP}
+    assert written.kernels == packaged.kernels
+
+
+def test_the_round_report_shows_the_candidate_decode(tmp_path: Path) -> None:
+    import json
+
+    gpu_round = _gpu_round()
+    result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
+              "decode": [{"depth": 128, "tok_s_median": 266.0, "fill_ms": 1.0}]}
+    (tmp_path / "decode-candidate.json").write_text(json.dumps(result) + "\n")
+    report = gpu_round.report(tmp_path)
+    assert f"the candidate module's decode ({gpu_round.CANDIDATE_STEP}), host sees every token:" in report
+    assert "tg128 @ 128" in report and "266.0" in report and "0.80" in report  # 266 / 333.6
