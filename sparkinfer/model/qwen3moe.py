@@ -490,7 +490,9 @@ class _StepBuilder:
             gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["n_valid"],
                  p["page_table"], kc, vc],
             [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
-        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP)
+        # "f16": the attention's Q and P as tensor-core operands too (its half_operands form)
+        half = (True,) if self.chunk_operands == "f16" else ()
+        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
         ao = self.gemm(w + "attn_output.weight", att, NT, f"ao{i}")
@@ -548,7 +550,8 @@ def build_decode_step(
     of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
     for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense GEMM products
-    for quantized and half weights ("f16": tensor-core operands, `kernels.gemm`)."""
+    for quantized and half weights and of its attention's Q K^T and P V ("f16": tensor-core
+    operands, `kernels.gemm` and `prefill_attention.causal_prefill_attention_half`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:

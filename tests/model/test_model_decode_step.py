@@ -190,12 +190,15 @@ def test_splits_must_fit_the_page_table() -> None:
         build_decode_step(TINY, type_map(TINY, "q4_k_m"), n_splits=33)
 
 
-def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router() -> None:
+def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router_and_the_attention() -> None:
     types = type_map(TINY, "q4_k_m")
-    gemms = [u for u in build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
-             if u.factory == "gemm"]
+    half = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
+    gemms = [u for u in half if u.factory == "gemm"]
     assert gemms and all((len(u.args) == 5) == (u.args[0] != "F32") for u in gemms)
-    plain = [u for u in build_decode_step(TINY, types, prefill_chunks=(16,)).kernels if u.factory == "gemm"]
-    assert all(len(u.args) == 4 for u in plain)
+    attention = [u for u in half if u.factory == "causal_prefill_attention"]
+    assert attention and all(len(u.args) == 7 and u.args[6] for u in attention)
+    plain = build_decode_step(TINY, types, prefill_chunks=(16,)).kernels
+    assert all(len(u.args) == 4 for u in plain if u.factory == "gemm")
+    assert all(len(u.args) == 6 for u in plain if u.factory == "causal_prefill_attention")
     with pytest.raises(SparkInferError, match="chunk_operands must be one of f32, f16"):
         build_decode_step(TINY, types, chunk_operands="bf16")

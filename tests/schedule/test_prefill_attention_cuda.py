@@ -37,10 +37,21 @@ def symbol(n_tokens: int, half: bool = False) -> str:
     return f"causal_prefill_attention_{n_tokens}x{NH}x{NKV}x{D}_p{P}{'_f16' if half else ''}"
 
 
+# The tiny test models (gguf_file/synth.py "tiny"): 4 query heads over 2 KV heads of 64, a
+# 16-token chunk; its tensor-core form is a 64-row tile of 32 queries, half of it padding.
+TINY_NH, TINY_NKV, TINY_D, TINY_T = 4, 2, 64, 16
+
+
+def tiny_symbol() -> str:
+    return f"causal_prefill_attention_{TINY_T}x{TINY_NH}x{TINY_NKV}x{TINY_D}_p{P}_f16"
+
+
 def kernels_module(chunks: tuple[int, ...] = CHUNKS, forms: tuple[bool, ...] = (False, True)) -> tvm.IRModule:
+    tiny = (scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P, MP,
+                      True),) if True in forms else ()
     return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP,
                               *((True,) if half else ()))
-                    for t in chunks for half in forms))
+                    for t in chunks for half in forms), *tiny)
 
 
 def test_block_per_tile_with_state_in_registers() -> None:
@@ -139,6 +150,27 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, hal
         # float32 sums of up to 1212 terms (exp by vecmath's polynomial) in another order than
         # the oracle's: the CPU build's tolerance (tests/kernels/test_chunk_kernels.py).
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(("pos", "n_valid"), [(0, 11), (100, 16)], ids=["first-partial", "prefix-full"])
+def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: int, n_valid: int) -> None:
+    rng = np.random.default_rng(pos + n_valid)
+    n_pages = 4
+    page_table = np.concatenate([rng.permutation(n_pages), np.zeros(MP - n_pages, np.int32)]).astype(np.int32)
+    k_cache = np.full((n_pages, P, TINY_NKV, TINY_D), np.nan, np.float16)
+    v_cache = np.full((n_pages, P, TINY_NKV, TINY_D), np.nan, np.float16)
+    t = np.arange(pos + n_valid)
+    k_cache[page_table[t // P], t % P] = rng.standard_normal((t.size, TINY_NKV, TINY_D)) * 2
+    v_cache[page_table[t // P], t % P] = rng.standard_normal((t.size, TINY_NKV, TINY_D))
+    q = rng.standard_normal((TINY_T, TINY_NH, TINY_D), dtype=np.float32)
+
+    out = gpu.poisoned((TINY_T, TINY_NH * TINY_D))
+    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
+    gpu(tiny_symbol(), *map(gpu.tensor, inputs), out)
+
+    want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
+    np.testing.assert_array_equal(out.numpy()[n_valid:], 0)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-3, atol=2e-3)  # as the f16 case above
 
 
 if __name__ == "__main__":
