@@ -264,6 +264,7 @@ class GroupedGemmCudaRule(_CudaRule):
 
 
 WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
+PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
 
 
 def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
@@ -289,11 +290,14 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
     accumulated in a register by cache_write to local, then one shared store), every (row,
     key) for P, every (row, dim) for the Q, K and V loads. O is registers: thread = head dim,
     its 64 rows unrolled (indexed by constants), so the update O = O alpha + P V reads shared
-    memory only. Shared memory: Q, K, V, S and the P V tile dynamic (80 KiB at D = 128: TVM
-    merges them, P V reusing S's room), P and the row state static (9.3 KiB), so that the P
+    memory only. Shared memory: Q, K, V, S and the P V tile dynamic (84 KiB at D = 128: TVM
+    merges them, P V reusing S's room), P and the row state static (10.3 KiB), so that the P
     step reads one kind and writes the other: TVM's barrier planner takes every dynamic buffer
     for one and would put a barrier in each iteration of a step that reads one and writes
-    another. ~90 KiB a block: two blocks an SM on an H100 / H200. The row state is one buffer
+    another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
+    rows of a fragment load or store, and the rows that a row-per-thread step reads side by
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (168
+    registers a thread on sm_90a, no spills). The row state is one buffer
     a block (alpha, sum, max) because the planner cannot see through the let-bound
     (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
     """
@@ -309,7 +313,14 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
             ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
             ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared")):
         b = blk(block)
-        sch.set_scope(b, next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer), scope)
+        index = next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer)
+        sch.set_scope(b, index, scope)
+        tile = sch.get(b).writes[index].source
+        if buffer in PADDED_TILES:
+            # rows 16 bytes longer: a fragment's 16 rows (and a row-per-thread step's rows) fall
+            # on different banks, not all on one; fragment starts stay 32-byte aligned
+            row = int(tile.shape[-1])
+            sch.storage_align(b, index, axis=0, factor=row, offset=16 // tile.dtype.bits * 8)
     rows = int(sch.get(sch.get_loops(blk("state_init"))[-1]).extent)
     warps = rows // WARP_ROWS
 
@@ -363,7 +374,10 @@ def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -
     sch.tensorize(sch.get_loops(a)[-2], intrin["load_a"])
     sch.tensorize(sch.get_loops(b)[-2], intrin["load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
-    sch.tensorize(si_i, intrin["store"])
+    row = int(sch.get(store).writes[0].source.shape[-1])
+    store = sch.blockize(si_i)
+    sch.tensorize(store, intrin["store"])
+    sch.storage_align(store, 0, axis=0, factor=row, offset=4)  # 16 bytes, as the PADDED_TILES
     sch.tensorize(sch.get_loops(sch.get_sblock(name))[-3], intrin["compute"])
 
 
