@@ -288,7 +288,8 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
 
     Softmax by the block's threads: a thread per row for the tile's max and sum (each
     accumulated in a register by cache_write to local, then one shared store), every (row,
-    key) for P, every (row, dim) for the Q, K and V loads. O is registers: thread = head dim,
+    key) for P, every (row, dim) for the Q load, K and V 8 halves (16 bytes) a thread a load
+    (each key's row through the page table, 0 past the tile's keys). O is registers: thread = head dim,
     its 64 rows unrolled (indexed by constants), so the update O = O alpha + P V reads shared
     memory only. Shared memory: Q, K, V, S and the P V tile dynamic (84 KiB at D = 128: TVM
     merges them, P V reusing S's room), P and the row state static (10.3 KiB), so that the P
@@ -296,7 +297,7 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
     for one and would put a barrier in each iteration of a step that reads one and writes
     another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
     rows of a fragment load or store, and the rows that a row-per-thread step reads side by
-    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (168
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (190
     registers a thread on sm_90a, no spills). The row state is one buffer
     a block (alpha, sum, max) because the planner cannot see through the let-bound
     (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
@@ -329,8 +330,13 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
         sch.bind(warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
 
-    for name in ("q_load", "k_load", "v_load", "weight"):
+    for name in ("q_load", "weight"):
         spread(sch.get_loops(blk(name))[-2:])
+    for name in ("k_load", "v_load"):  # 8 halves (16 bytes) a thread a load
+        _, warp, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [None, warps, 32, 8])
+        sch.bind(warp, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+        sch.vectorize(vector)
     for name in ("acc_init", "accumulate", "store"):  # O: thread = head dim, its rows unrolled (registers)
         r, d = sch.get_loops(blk(name))[-2:]
         sch.reorder(d, r)
