@@ -14,7 +14,9 @@ time; the factory's docstring has the order). The G query heads of a KV head and
 consecutive queries go together, so each K and V row is read (and widened from fp16) once for
 all of them, and the scores are small matrix products.
 Query head h reads KV head h // (NH / NKV), scale 1 / sqrt(D), float32 math on the fp16 cache,
-as `attention.paged_decode_attention` does for one token.
+as `attention.paged_decode_attention` does for one token. Its `half_operands` form
+(`causal_prefill_attention_half`, the GPUs' tensor-core numerics) rounds Q and the softmax
+weights P to fp16 before the two products, with its own numpy reference.
 """
 
 import math
@@ -160,8 +162,8 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     def tile_row(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, n_valid: tirx.Buffer, it: Expr,
                  j: Expr, kv: Expr, d: Expr) -> Expr:
         """Key j's K or V value of a tile, 0 past the keys the tile sees."""
-        return tirx.if_then_else(j < n_keys(it, pos, n_valid), _cached(cache, page_table, j, kv, d).astype("float32"),
-                                 tirx.const(0, "float32"))
+        return tirx.if_then_else(j < n_keys(it, pos, n_valid),
+                                 _cached(cache, page_table, j, kv, d).astype("float32"), tirx.const(0, "float32"))
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_rot: T.Buffer((NT, NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
@@ -265,7 +267,7 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
 def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
                                   max_pages: int) -> tirx.PrimFunc:
     """`causal_prefill_attention` with float16 operands, the form tensor cores multiply
-    (`schedule.prefill_cuda.CausalPrefillAttentionTensorCoreRule`): same params, same rows.
+    (`schedule.prefill_cuda.schedule_tensor_core_attention`): same params and result.
 
     A tile is (KV head, HALF_ROWS // G queries): HALF_ROWS rows r = (query t0 + r // G, head
     kv * G + r % G). Q is rounded to f16 once, after the 1 / sqrt(D) scale; the keys go in tiles
