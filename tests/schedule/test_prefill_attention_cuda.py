@@ -73,8 +73,9 @@ def test_block_per_tile_with_state_in_registers() -> None:
 
 
 def test_half_operands_multiply_on_tensor_cores() -> None:
-    body = kernel_body(cuda_source(kernels_module((128,), (True,))), symbol(128, True))
-    assert "__launch_bounds__(128)" in cuda_source(kernels_module((128,), (True,)))  # 4 warps: 64 rows
+    source = cuda_source(kernels_module((128,), (True,)))
+    assert f"__launch_bounds__(128) {symbol(128, True)}_kernel(" in source  # 4 warps: 64 rows
+    body = kernel_body(source, symbol(128, True))
     # S = Q K^T (K a column-major B) and P V, f16 fragments into f32 accumulators
     assert "wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::col_major>" in body
     assert "wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::row_major>" in body
