@@ -92,8 +92,9 @@ def default_prefill_chunks(arch: str) -> tuple[int, ...]:
 
 
 # Model-level variants (schedule.schedules.STEP_VARIANTS) an arch gets unless its schedules
-# file picks them: the GPUs multiply the T-token step's dense GEMMs on tensor cores, whose
-# operands are float16 (kernels/gemm.py).
+# file picks them: the GPUs multiply the T-token step's dense GEMMs and its attention's two
+# products on tensor cores, whose operands are float16 (kernels/gemm.py, and
+# causal_prefill_attention_half in kernels/prefill_attention.py).
 DEFAULT_STEP_VARIANTS: dict[str, dict[str, str]] = {
     arch: {"chunk_operands": "f16"} for arch in targets.ARCHS if arch != "cpu"}
 

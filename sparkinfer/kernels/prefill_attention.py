@@ -14,7 +14,9 @@ time; the factory's docstring has the order). The G query heads of a KV head and
 consecutive queries go together, so each K and V row is read (and widened from fp16) once for
 all of them, and the scores are small matrix products.
 Query head h reads KV head h // (NH / NKV), scale 1 / sqrt(D), float32 math on the fp16 cache,
-as `attention.paged_decode_attention` does for one token.
+as `attention.paged_decode_attention` does for one token. Its `half_operands` form
+(`causal_prefill_attention_half`, the GPUs' tensor-core numerics) rounds Q and the softmax
+weights P to fp16 before the two products, with its own numpy reference.
 """
 
 import math
@@ -103,8 +105,32 @@ def qk_norm_rope_kv_append_rows(n_tokens: int, n_heads: int, n_kv_heads: int, he
 
 QUERY_TILE = 4  # queries a tile: their G heads share each K/V tile load (4 * G rows of scores)
 KEY_TILE = 16  # keys a tile (at most the page size): one max and one rescale a tile; one AVX-512 vector
+HALF_ROWS = 64  # rows (query, head) a tile of the half-operand form: 64 // G queries, the WMMA M
+HALF_KEY_TILE = 64  # keys a tile of the half-operand form: one page of 64, S a 64 x 64 tile
+
+
+def _first_query(it: Expr, n_tiles: int, tile: int) -> Expr:
+    """Tiles in the order 0, n_tiles-1, 1, n_tiles-2, ...: a run of consecutive iterations (one
+    core's share of the parallel loop) mixes short and long causal rows."""
+    return tirx.Select(it % 2 == 0, it // 2, n_tiles - 1 - it // 2) * tile
+
+
+def _n_keys(it: Expr, pos: tirx.Buffer, n_valid: tirx.Buffer, n_tiles: int, tile: int) -> Expr:
+    """Keys 0 .. n - 1: the prefix and the chunk up to the tile's last valid query."""
+    t0 = _first_query(it, n_tiles, tile)
+    return tirx.Select(t0 < n_valid[0], pos[0] + tirx.min(t0 + tile, n_valid[0]), 0)
+
+
+def _cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: Expr) -> Expr:
+    """Key j's fp16 K or V value, through the page table (clamped to the table and the cache)."""
+    page_size, max_pages = cache.shape[1], page_table.shape[0]
+    page = page_table[tirx.min(j // page_size, max_pages - 1)]
+    page = tirx.max(tirx.min(page, (cache.shape[0] - 1).astype("int32")), 0)
+    return cache[page, j % page_size, kv, d]
+
+
 def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-                             max_pages: int) -> tirx.PrimFunc:
+                             max_pages: int, half_operands: bool = False) -> tirx.PrimFunc:
     """Params (q_rot f32[T, NH, D], k_cache f16[NP, P, NKV, D], v_cache, page_table int32[MP],
     pos int32[1], n_valid int32[1], out f32[T, NH*D]).
 
@@ -112,9 +138,13 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     (query t0 + r // G, head kv * G + r % G) pairs. It walks the keys its last valid query
     sees in tiles of KEY_TILE (one page's slots, widened from fp16 once for all rows): scores
     S = Q K^T, a causal mask (key j <= pos + t), the tile's row max, P = exp(S - max), the
-    running sum and output rescaled by exp(old max - new max), output += P V."""
+    running sum and output rescaled by exp(old max - new max), output += P V.
+
+    `half_operands`: the tensor-core form (`causal_prefill_attention_half`)."""
     from tvm.script import tirx as T
 
+    if half_operands:
+        return causal_prefill_attention_half(n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages)
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
@@ -124,25 +154,16 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     lowest = T.min_value("float32")
 
     def first_query(it: Expr) -> Expr:
-        """Tiles in the order 0, NQT-1, 1, NQT-2, ...: a run of consecutive iterations (one
-        core's share of the parallel loop) mixes short and long causal rows."""
-        return tirx.Select(it % 2 == 0, it // 2, NQT - 1 - it // 2) * BQ
+        return _first_query(it, NQT, BQ)
 
     def n_keys(it: Expr, pos: tirx.Buffer, n_valid: tirx.Buffer) -> Expr:
-        """Keys 0 .. n - 1: the prefix and the chunk up to the tile's last valid query."""
-        t0 = first_query(it)
-        return tirx.Select(t0 < n_valid[0], pos[0] + tirx.min(t0 + BQ, n_valid[0]), 0)
-
-    def cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: Expr) -> Expr:
-        page = page_table[tirx.min(j // P, MP - 1)]
-        page = tirx.max(tirx.min(page, (cache.shape[0] - 1).astype("int32")), 0)
-        return cache[page, j % P, kv, d].astype("float32")
+        return _n_keys(it, pos, n_valid, NQT, BQ)
 
     def tile_row(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, n_valid: tirx.Buffer, it: Expr,
                  j: Expr, kv: Expr, d: Expr) -> Expr:
         """Key j's K or V value of a tile, 0 past the keys the tile sees."""
-        return tirx.if_then_else(j < n_keys(it, pos, n_valid), cached(cache, page_table, j, kv, d),
-                                 tirx.const(0, "float32"))
+        return tirx.if_then_else(j < n_keys(it, pos, n_valid),
+                                 _cached(cache, page_table, j, kv, d).astype("float32"), tirx.const(0, "float32"))
 
     @T.prim_func(private=True, s_tir=True)
     def func(q_rot: T.Buffer((NT, NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
@@ -243,6 +264,155 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 
 
+def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
+                                  max_pages: int) -> tirx.PrimFunc:
+    """`causal_prefill_attention` with float16 operands, the form tensor cores multiply
+    (`schedule.prefill_cuda.schedule_tensor_core_attention`): same params and result.
+
+    A tile is (KV head, HALF_ROWS // G queries): HALF_ROWS rows r = (query t0 + r // G, head
+    kv * G + r % G). Q is rounded to f16 once, after the 1 / sqrt(D) scale; the keys go in tiles
+    of HALF_KEY_TILE (the cache's fp16 as it is, 0 past the tile's last key):
+      S = Q K^T (f16 products summed in f32), the causal mask, m' = max(m, the tile's row max),
+      P = f16(exp(S - m')) (0 where masked), alpha = exp(m - m'), l = l alpha + the sum of P,
+      O = O alpha + P V (P V's f16 products summed in f32, from 0 each tile); at the end O / l.
+    A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change."""
+    from tvm.script import tirx as T
+
+    NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
+    if NH % NKV:
+        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    G, R, BK = NH // NKV, HALF_ROWS, HALF_KEY_TILE
+    if R % G or D % 16:
+        raise ValueError(f"the half-operand attention needs the {G} query heads per KV head to divide {R} and the "
+                         f"head dim ({D}) to be a multiple of 16")
+    BQ, NQT, N_KB = R // G, -(-NT // (R // G)), -(-MP * P // BK)
+    scale = T.float32(1.0 / math.sqrt(D))
+    lowest = T.min_value("float32")
+    f16, f32 = "float16", "float32"
+
+    def first_query(it: Expr) -> Expr:
+        return _first_query(it, NQT, BQ)
+
+    def n_keys(it: Expr, pos: tirx.Buffer, n_valid: tirx.Buffer) -> Expr:
+        return _n_keys(it, pos, n_valid, NQT, BQ)
+
+    def tile_row(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, n_valid: tirx.Buffer, it: Expr,
+                 j: Expr, kv: Expr, d: Expr) -> Expr:
+        return tirx.if_then_else(j < n_keys(it, pos, n_valid), _cached(cache, page_table, j, kv, d),
+                                 tirx.const(0, f16))
+
+    def visible(pos: tirx.Buffer, it: Expr, kb: Expr, j: Expr, r: Expr) -> Expr:
+        return kb * BK + j <= pos[0] + first_query(it) + r // G
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(q_rot: T.Buffer((NT, NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+             page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"), n_valid: T.Buffer((1,), "int32"),
+             out: T.Buffer((NT, NH * D), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        for kv, it in T.grid(NKV, NQT):
+            with T.sblock("tile"):
+                vkv, vit = T.axis.remap("SS", [kv, it])
+                q_half = T.sblock_alloc_buffer((R, D), f16)  # Q * scale
+                k_half = T.sblock_alloc_buffer((BK, D), f16)
+                v_half = T.sblock_alloc_buffer((BK, D), f16)
+                s = T.sblock_alloc_buffer((R, BK), f32)
+                p_half = T.sblock_alloc_buffer((R, BK), f16)
+                acc = T.sblock_alloc_buffer((R, D), f32)
+                pv = T.sblock_alloc_buffer((R, D), f32)
+                row_max = T.sblock_alloc_buffer((R,), f32)
+                row_sum = T.sblock_alloc_buffer((R,), f32)
+                tile_max = T.sblock_alloc_buffer((R,), f32)
+                tile_sum = T.sblock_alloc_buffer((R,), f32)
+                alpha = T.sblock_alloc_buffer((R,), f32)
+                for r, d in T.grid(R, D):
+                    with T.sblock("q_load"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        q_half[vr, vd] = T.Cast(f16, q_rot[T.min(first_query(vit) + vr // G, NT - 1),
+                                                           vkv * G + vr % G, vd] * scale)
+                for r, d in T.grid(R, D):
+                    with T.sblock("acc_init"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        acc[vr, vd] = T.float32(0)
+                for r in range(R):
+                    with T.sblock("state_init"):
+                        vr = T.axis.spatial(R, r)
+                        row_max[vr] = lowest
+                        row_sum[vr] = T.float32(0)
+                for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("k_load"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            k_half[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("v_load"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_half[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                    for r, jj, d in T.grid(R, BK, D):
+                        with T.sblock("qk"):
+                            vr, vj, vd = T.axis.remap("SSR", [r, jj, d])
+                            with T.init():
+                                s[vr, vj] = T.float32(0)
+                            s[vr, vj] = s[vr, vj] + T.Cast(f32, q_half[vr, vd]) * T.Cast(f32, k_half[vj, vd])
+                    for r, jj in T.grid(R, BK):
+                        with T.sblock("tile_max"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vr, vj = T.axis.remap("SR", [r, jj])
+                            with T.init():
+                                tile_max[vr] = lowest
+                            tile_max[vr] = T.max(tile_max[vr], T.Select(visible(pos, vit, vkb, vj, vr), s[vr, vj],
+                                                                        lowest))
+                    for r, jj in T.grid(R, BK):
+                        with T.sblock("weight"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vr, vj = T.axis.remap("SS", [r, jj])
+                            p_half[vr, vj] = T.Cast(f16, T.Select(
+                                visible(pos, vit, vkb, vj, vr),
+                                exp_f32(s[vr, vj] - T.max(row_max[vr], tile_max[vr])), T.float32(0)))
+                    for r, jj in T.grid(R, BK):
+                        with T.sblock("tile_sum"):
+                            vr, vj = T.axis.remap("SR", [r, jj])
+                            with T.init():
+                                tile_sum[vr] = T.float32(0)
+                            tile_sum[vr] = tile_sum[vr] + T.Cast(f32, p_half[vr, vj])
+                    # one buffer a block: a GPU schedule's thread per row then writes nothing that
+                    # a later statement of the same guarded row step reads (TVM cannot put a barrier there)
+                    for r in range(R):
+                        with T.sblock("alpha"):
+                            vr = T.axis.spatial(R, r)
+                            alpha[vr] = exp_f32(row_max[vr] - T.max(row_max[vr], tile_max[vr]))
+                    for r in range(R):
+                        with T.sblock("sum_update"):
+                            vr = T.axis.spatial(R, r)
+                            row_sum[vr] = row_sum[vr] * alpha[vr] + tile_sum[vr]
+                    for r in range(R):
+                        with T.sblock("max_update"):
+                            vr = T.axis.spatial(R, r)
+                            row_max[vr] = T.max(row_max[vr], tile_max[vr])
+                    for r, d, jj in T.grid(R, D, BK):
+                        with T.sblock("pv"):  # this tile's P V apart (a GPU's accumulators start at 0)
+                            vr, vd, vj = T.axis.remap("SSR", [r, d, jj])
+                            with T.init():
+                                pv[vr, vd] = T.float32(0)
+                            pv[vr, vd] = pv[vr, vd] + T.Cast(f32, p_half[vr, vj]) * T.Cast(f32, v_half[vj, vd])
+                    for r, d in T.grid(R, D):
+                        with T.sblock("accumulate"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            acc[vr, vd] = acc[vr, vd] * alpha[vr] + pv[vr, vd]
+                for r, d in T.grid(R, D):
+                    with T.sblock("store"):
+                        vr, vd = T.axis.remap("SS", [r, d])
+                        if first_query(vit) + vr // G < NT:
+                            out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
+                                first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / row_sum[vr], T.float32(0))
+
+    return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16")
+
+
 # ---- numpy references ------------------------------------------------------------------
 
 
@@ -274,4 +444,40 @@ def causal_prefill_attention_reference(q_rot: npt.NDArray[np.float32], k_cache: 
     out = np.zeros((n_tokens, n_heads * d), np.float32)
     if n_valid:
         out[:n_valid] = ref.causal_gqa_attention(q_rot[:n_valid], k, v, pos)
+    return out
+
+
+def causal_prefill_attention_half_reference(q_rot: npt.NDArray[np.float32], k_cache: npt.NDArray[np.float16],
+                                            v_cache: npt.NDArray[np.float16], page_table: npt.NDArray[np.int32],
+                                            pos: int, n_valid: int) -> np.ndarray:
+    """out f32[T, NH*D] as `causal_prefill_attention_half` computes it: Q * scale and each key
+    tile's P rounded to float16 where the kernel rounds them (P against the running max, so the
+    walk over HALF_KEY_TILE-key tiles is the kernel's), products and sums in float64."""
+    n_tokens, n_heads, d = q_rot.shape
+    page_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    n_keys = pos + n_valid
+    positions = np.arange(n_keys)
+    pages = page_table[positions // page_size]
+    k = k_cache[pages, positions % page_size].astype(np.float64)  # [keys, NKV, D]
+    v = v_cache[pages, positions % page_size].astype(np.float64)
+    q = (q_rot[:n_valid] * np.float32(1.0 / math.sqrt(d))).astype(np.float16).astype(np.float64)
+    heads = np.arange(n_heads)
+    k, v = k[:, heads // group], v[:, heads // group]  # [keys, NH, D]
+    query_pos = pos + np.arange(n_valid)
+    row_max = np.full((n_valid, n_heads), -np.inf)
+    row_sum = np.zeros((n_valid, n_heads))
+    acc = np.zeros((n_valid, n_heads, d))
+    for start in range(0, n_keys, HALF_KEY_TILE):
+        keys = np.arange(start, min(start + HALF_KEY_TILE, n_keys))
+        s = np.einsum("thd,jhd->thj", q, k[keys]).astype(np.float32).astype(np.float64)
+        visible = (keys[None, :] <= query_pos[:, None])[:, None, :]
+        new_max = np.maximum(row_max, np.where(visible, s, -np.inf).max(axis=-1))
+        p = np.where(visible, np.exp(s - new_max[..., None]), 0).astype(np.float16).astype(np.float64)
+        alpha = np.exp(row_max - new_max)
+        row_sum = row_sum * alpha + p.sum(axis=-1)
+        acc = acc * alpha[..., None] + np.einsum("thj,jhd->thd", p, v[keys])
+        row_max = new_max
+    out = np.zeros((n_tokens, n_heads * d), np.float32)
+    out[:n_valid] = (acc / row_sum[..., None]).reshape(n_valid, n_heads * d)
     return out

@@ -552,7 +552,9 @@ class _StepBuilder:
             gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["n_valid"],
                  p["page_table"], kc, vc],
             [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
-        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP)
+        # "f16": the attention's Q and P as tensor-core operands too (its half_operands form)
+        half = (True,) if self.chunk_operands == "f16" else ()
+        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
         ao = self.gemm(w + "attn_output.weight", att, NT, f"ao{i}")
@@ -618,8 +620,9 @@ def build_decode_step(
     of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
     for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
-    expert GEMM products for quantized and half weights ("f16": tensor-core operands,
-    `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` / `grouped_gemm_f16`).
+    expert GEMM products for quantized and half weights and of its attention's Q K^T and P V
+    ("f16": tensor-core operands, `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` /
+    `grouped_gemm_f16`, `prefill_attention.causal_prefill_attention_half`).
     `decode_launches` (DECODE_LAUNCHES) is how the decode step's norms and residual adds run:
     "split" as launches of their own, "fused" folded into the kernels around them
     (`kernels.gemv.gemv_normed`, `gemv_qkv_normed`, `gemv_residual`, and

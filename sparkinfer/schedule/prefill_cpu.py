@@ -15,7 +15,9 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
                         plain arithmetic: `vecmath.sigmoid_f32`).
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
                         stage's last loop vectorised: the tile's rows (the softmax state, the
-                        scores S^T) or the head dims (the output).
+                        scores S^T) or the head dims (the output). Its half_operands form
+                        (the GPUs' tensor-core numerics, chosen on the CPU only by a schedules
+                        file's chunk_operands "f16"): the tiles in parallel, as written.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ class CausalPrefillAttentionCpuRule(_FixedCpuRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         kv, it = sch.get_loops(sch.get_sblock("tile"))
+        if len(use.args) > 6 and bool(use.args[6]):  # half_operands: the GPUs' form, tiles in parallel only
+            sch.parallel(sch.fuse(kv, it))
+            return
         qk = sch.get_sblock("qk")
         sch.decompose_reduction(qk, sch.get_loops(qk)[-3])  # S = 0 ("qk_init"), then the D-long sums
         for name in ("q_load", "acc_init", "state_init", "k_load", "v_load", "qk_init", "qk_update", "max_init", "max",

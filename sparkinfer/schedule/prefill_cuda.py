@@ -399,6 +399,130 @@ class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
     factory = "grouped_gate_up_silu_f16"
 
 
+WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
+PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
+
+
+def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
+    """`prefill_attention.causal_prefill_attention_half` on tensor cores: a thread block per
+    (KV head, query tile), HALF_ROWS / WARP_ROWS warps (128 threads at 64 rows), warp w owning
+    rows 16w .. 16w + 15 of both products.
+
+    The two products are tensorized with TVM's WMMA intrinsics (s_tir/tensor_intrin/cuda.py:
+    16x16x16, f16 in, f32 accumulators), the way dlight's MatmulTensorization does a GEMM
+    (blockize the 16x16x16 inner loops, cache the operands into wmma.matrix_a / matrix_b
+    fragments, cache_write the result into wmma.accumulator, decompose the init into a fill):
+      - S = Q K^T: per key tile, warp w's 16 x 64 strip of S in 4 accumulators over D / 16
+        k-steps (K read as a column-major B), stored to shared memory;
+      - P V: 16 x D in D / 16 accumulators from 0 over the tile's 64 keys, stored to shared
+        memory; the threads then do O = O alpha + P V element-wise. (A WMMA accumulator's
+        elements have no documented row, so O alpha cannot be done on the fragment; and
+        TVM 0.27 prints no layout for a load_matrix_sync into an accumulator, so O cannot be
+        loaded into one from shared memory either.)
+    Why tensorize rather than hand-written TIR: the factory stays the one definition (the CPU
+    builds and checks the same blocks), and TVM places the barriers.
+
+    Softmax by the block's threads: a thread per row for the tile's max and sum (each
+    accumulated in a register by cache_write to local, then one shared store), every (row,
+    key) for P, every (row, dim) for the Q load, K and V 8 halves (16 bytes) a thread a load
+    (each key's row through the page table, 0 past the tile's keys). O is registers: thread = head dim,
+    its 64 rows unrolled (indexed by constants), so the update O = O alpha + P V reads shared
+    memory only. Shared memory: Q, K, V, S and the P V tile dynamic (84 KiB at D = 128: TVM
+    merges them, P V reusing S's room), P and the row state static (10.3 KiB), so that the P
+    step reads one kind and writes the other: TVM's barrier planner takes every dynamic buffer
+    for one and would put a barrier in each iteration of a step that reads one and writes
+    another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
+    rows of a fragment load or store, and the rows that a row-per-thread step reads side by
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (190
+    registers a thread on sm_90a, no spills). The row state is one buffer
+    a block (alpha, sum, max) because the planner cannot see through the let-bound
+    (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
+    """
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    blk = sch.get_sblock
+    kv, it = sch.get_loops(blk("tile"))
+    sch.bind(sch.fuse(kv, it), "blockIdx.x")
+    for block, buffer, scope in (
+            ("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared.dyn"),
+            ("v_load", "v_half", "shared.dyn"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
+            ("weight", "p_half", "shared"), ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
+            ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
+            ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared")):
+        b = blk(block)
+        index = next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer)
+        sch.set_scope(b, index, scope)
+        tile = sch.get(b).writes[index].source
+        if buffer in PADDED_TILES:
+            # rows 16 bytes longer: a fragment's 16 rows (and a row-per-thread step's rows) fall
+            # on different banks, not all on one; fragment starts stay 32-byte aligned
+            row = int(tile.shape[-1])
+            sch.storage_align(b, index, axis=0, factor=row, offset=16 // tile.dtype.bits * 8)
+    rows = int(sch.get(sch.get_loops(blk("state_init"))[-1]).extent)
+    warps = rows // WARP_ROWS
+
+    def spread(loops: list[LoopRV]) -> None:
+        _, warp, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, warps, 32])
+        sch.bind(warp, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+
+    for name in ("q_load", "weight"):
+        spread(sch.get_loops(blk(name))[-2:])
+    for name in ("k_load", "v_load"):  # 8 halves (16 bytes) a thread a load
+        _, warp, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [None, warps, 32, 8])
+        sch.bind(warp, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+        sch.vectorize(vector)
+    for name in ("acc_init", "accumulate", "store"):  # O: thread = head dim, its rows unrolled (registers)
+        r, d = sch.get_loops(blk(name))[-2:]
+        sch.reorder(d, r)
+        spread([d])
+        sch.unroll(r)
+    for name in ("state_init", "alpha", "sum_update", "max_update"):
+        spread(sch.get_loops(blk(name))[-1:])
+    for name in ("tile_max", "tile_sum"):  # a thread per row, the row's keys in a register
+        block = blk(name)
+        in_register = sch.cache_write(block, 0, "local")
+        spread(sch.get_loops(block)[-2:-1])
+        sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
+    for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", "shared", False)):
+        def intrin(load_scope: str) -> dict[str, str]:
+            return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
+                                         out_dtype="float32", trans_b=b_transposed)  # noqa: B023
+
+        _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"]})
+
+
+def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -> None:
+    """Block `name`, C[i, j] (+)= A[i, k] B[k, j] (or B[j, k]: `intrin`'s choice) over shared
+    memory, on WMMA fragments: i's 16-row fragments on threadIdx.y (a warp each), j and k
+    serial; C's accumulators stored back to C's shared buffer."""
+    block = sch.get_sblock(name)
+    i, j, k = sch.get_loops(block)[-3:]
+    (i_o, i_i), (j_o, j_i), (k_o, k_i) = (sch.split(loop, [None, 16]) for loop in (i, j, k))
+    sch.reorder(i_o, j_o, k_o, i_i, j_i, k_i)
+    outer = sch.blockize(i_i)
+    sch.bind(i_o, "threadIdx.y")
+    a = sch.cache_read(outer, 0, "wmma.matrix_a", consumer_blocks=[outer])
+    b = sch.cache_read(outer, 1, "wmma.matrix_b", consumer_blocks=[outer])
+    sch.compute_at(a, k_o)
+    sch.compute_at(b, k_o)
+    store = sch.cache_write(outer, 0, "wmma.accumulator")
+    sch.reverse_compute_at(store, i_o)
+    si, sj = sch.get_loops(store)[-2:]
+    (si_o, si_i), (sj_o, sj_i) = sch.split(si, [None, 16]), sch.split(sj, [None, 16])
+    sch.reorder(si_o, sj_o, si_i, sj_i)
+    init = sch.decompose_reduction(outer, k_o)
+    sch.tensorize(sch.get_loops(a)[-2], intrin["load_a"])
+    sch.tensorize(sch.get_loops(b)[-2], intrin["load_b"])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
+    row = int(sch.get(store).writes[0].source.shape[-1])
+    store = sch.blockize(si_i)
+    sch.tensorize(store, intrin["store"])
+    sch.storage_align(store, 0, axis=0, factor=row, offset=4)  # 16 bytes, as the PADDED_TILES
+    sch.tensorize(sch.get_loops(sch.get_sblock(name))[-3], intrin["compute"])
+
+
 class CausalPrefillAttentionCudaRule(_CudaRule):
     """A thread block per (KV head, query tile) (the kernel's tile: R = QUERY_TILE * G rows),
     a thread per entry of the [BK, R] score tile (512 at full size); the tile's
@@ -422,12 +546,17 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
     and ~210 shared loads: shared-load bound, ~20 TFLOP/s at best on an H200. Not done: key
     tiles larger than the CPU's 16 (fewer barriers a key), register tiles of several S
     entries a thread (needs S apart from P in the kernel: the CPU measured slower so),
-    splitting a tile's keys over blocks (T = 128 gives one block an SM), tensor cores."""
+    splitting a tile's keys over blocks (T = 128 gives one block an SM). With float16 operands
+    (the factory's half_operands) the tile goes to the tensor cores instead:
+    `schedule_tensor_core_attention`."""
 
     family, factory = "prefill_attention", "causal_prefill_attention"
     enable_check = False  # the key loop's trip count is read from pos and n_valid
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        if len(use.args) > 6 and bool(use.args[6]):  # half_operands
+            schedule_tensor_core_attention(sch)
+            return
         blk = sch.get_sblock
         kv, it = sch.get_loops(blk("tile"))
         sch.bind(sch.fuse(kv, it), "blockIdx.x")

@@ -216,3 +216,25 @@ def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generato
 def test_the_f16_grouped_gemm_rejects_a_shape_off_its_tiles() -> None:
     with pytest.raises(ValueError, match="n a multiple of 64 and k of 16"):
         moe_chunk.grouped_gemm_f16(T.Q8_0, 2, 4, 96, 64)
+
+
+@pytest.mark.parametrize("rows, pos, n_valid", [(5, 0, 5), (5, 61, 3), (40, 70, 37)])
+def test_causal_attention_with_half_operands_matches_numpy_on_half_operands(
+        rng: np.random.Generator, rows: int, pos: int, n_valid: int) -> None:
+    """The tensor-core form: 2 query heads a KV head, so a 64-row tile is 32 queries (the
+    40-row chunk has two tiles); 16-slot pages, so each 64-key tile spans four pages; pos 70
+    gives the last rows two key tiles (the second's max rescales the first's sums)."""
+    nh, nkv, d, p, mp, n_pages = 4, 2, 64, 16, 9, 12
+    table = rng.permutation(n_pages)[:mp].astype(np.int32)
+    kc = (rng.standard_normal((n_pages, p, nkv, d)) * 2).astype(np.float16)
+    vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    q = rng.standard_normal((rows, nh, d), dtype=np.float32)
+    state = (table, np.array([pos], np.int32), np.array([n_valid], np.int32))
+    (out,) = run_cpu(prefill_attention.causal_prefill_attention(rows, nh, nkv, d, p, mp, True),
+                     q, kc, vc, *state, nan(rows, nh * d))
+    want = prefill_attention.causal_prefill_attention_half_reference(q, kc, vc, table, pos, n_valid)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out[n_valid:], 0)
+    # and it is attention: the float32 oracle within float16's rounding of Q and P
+    exact = prefill_attention.causal_prefill_attention_reference(q, kc, vc, table, pos, n_valid)
+    np.testing.assert_allclose(out, exact, rtol=1e-2, atol=5e-3)

@@ -190,13 +190,16 @@ def test_splits_must_fit_the_page_table() -> None:
         build_decode_step(TINY, type_map(TINY, "q4_k_m"), n_splits=33)
 
 
-def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router() -> None:
+def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router_and_the_attention() -> None:
     types = type_map(TINY, "q4_k_m")
     half = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
     gemms = [u for u in half if u.factory == "gemm"]
     assert gemms and all((len(u.args) == 5) == (u.args[0] != "F32") for u in gemms)
+    attention = [u for u in half if u.factory == "causal_prefill_attention"]
+    assert attention and all(len(u.args) == 7 and u.args[6] for u in attention)
     plain = build_decode_step(TINY, types, prefill_chunks=(16,)).kernels
     assert all(len(u.args) == 4 for u in plain if u.factory == "gemm")
+    assert all(len(u.args) == 6 for u in plain if u.factory == "causal_prefill_attention")
     # the experts too: gate, up and SiLU in one float16-operand kernel, then the down one
     experts = {"grouped_gemm", "silu_mul", "grouped_gate_up_silu_f16", "grouped_gemm_f16"}
     assert {u.factory for u in half} & experts == {"grouped_gate_up_silu_f16", "grouped_gemm_f16"}

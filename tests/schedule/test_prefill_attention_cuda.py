@@ -1,7 +1,8 @@
 """The T-token step's causal attention on CUDA (schedule/prefill_cuda.py,
-CausalPrefillAttentionCudaRule): codegen, nvcc for every arch, and on a GPU the Qwen3-30B-A3B
-head shapes at chunks of 128 and 512 against numpy (on GPU machines the library comes
-prebuilt: `python -m tests.gpu_prebuild`)."""
+CausalPrefillAttentionCudaRule), the float32 SIMT form and the float16-operand tensor-core form:
+codegen, nvcc for every arch, and on a GPU (and the CUDA emulator) the Qwen3-30B-A3B head
+shapes at chunks of 128 and 512 against numpy (on GPU machines the library comes prebuilt:
+`python -m tests.gpu_prebuild`)."""
 
 import re
 
@@ -32,17 +33,29 @@ N_PAGES = 40  # room for 700 cached tokens and a 512-token chunk, plus pages nev
 CHUNKS = (128, 512)
 
 
-def symbol(n_tokens: int) -> str:
-    return f"causal_prefill_attention_{n_tokens}x{NH}x{NKV}x{D}_p{P}"
+def symbol(n_tokens: int, half: bool = False) -> str:
+    return f"causal_prefill_attention_{n_tokens}x{NH}x{NKV}x{D}_p{P}{'_f16' if half else ''}"
 
 
-def kernels_module(chunks: tuple[int, ...] = CHUNKS) -> tvm.IRModule:
-    return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP)
-                    for t in chunks))
+# The tiny test models (gguf_file/synth.py "tiny"): 4 query heads over 2 KV heads of 64, a
+# 16-token chunk; its tensor-core form is a 64-row tile of 32 queries, half of it padding.
+TINY_NH, TINY_NKV, TINY_D, TINY_T = 4, 2, 64, 16
+
+
+def tiny_symbol() -> str:
+    return f"causal_prefill_attention_{TINY_T}x{TINY_NH}x{TINY_NKV}x{TINY_D}_p{P}_f16"
+
+
+def kernels_module(chunks: tuple[int, ...] = CHUNKS, forms: tuple[bool, ...] = (False, True)) -> tvm.IRModule:
+    tiny = (scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P, MP,
+                      True),) if True in forms else ()
+    return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP,
+                              *((True,) if half else ()))
+                    for t in chunks for half in forms), *tiny)
 
 
 def test_block_per_tile_with_state_in_registers() -> None:
-    source = cuda_source(kernels_module((128,)))
+    source = cuda_source(kernels_module((128,), (False,)))
     # a thread per entry of the 16-key x 32-row score tile
     assert f"__launch_bounds__(512) {symbol(128)}_kernel(" in source
     body = kernel_body(source, symbol(128))
@@ -59,6 +72,24 @@ def test_block_per_tile_with_state_in_registers() -> None:
     assert "__syncthreads" not in qk
 
 
+def test_half_operands_multiply_on_tensor_cores() -> None:
+    source = cuda_source(kernels_module((128,), (True,)))
+    assert f"__launch_bounds__(128) {symbol(128, True)}_kernel(" in source  # 4 warps: 64 rows
+    body = kernel_body(source, symbol(128, True))
+    # S = Q K^T (K a column-major B) and P V, f16 fragments into f32 accumulators
+    assert "wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::col_major>" in body
+    assert "wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::row_major>" in body
+    assert "wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>" in body
+    assert body.count("nvcuda::wmma::mma_sync(") == 2
+    assert body.count("nvcuda::wmma::store_matrix_sync(") == 2
+    assert "extern __shared__" in body  # Q, K, V, S and P V: more than static shared memory holds
+
+
+def test_half_operands_refuse_a_head_group_off_the_tile_by_name() -> None:
+    with pytest.raises(ValueError, match="the 3 query heads per KV head to divide 64"):
+        PA.causal_prefill_attention(16, 6, 2, D, P, 4, True)
+
+
 def test_a_score_tile_larger_than_a_block_is_refused_by_name() -> None:
     # 64 query heads over 2 KV heads: 4 queries x 32 heads x 16 keys = 2048 scores > 1024 threads
     with pytest.raises(SparkInferError, match="a 16 x 128 score tile is more than a block's threads"):
@@ -68,7 +99,7 @@ def test_a_score_tile_larger_than_a_block_is_refused_by_name() -> None:
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(arch: str) -> None:
-    assert_nvcc_compiles(arch, kernels_module((128,)))
+    assert_nvcc_compiles(arch, kernels_module((128,)))  # both forms
 
 
 gpu = gpu_fixture("prefill_attention", kernels_module)
@@ -85,12 +116,14 @@ def paged_cache(rng: np.random.Generator, page_table: np.ndarray, n_cached: int)
     return k, v
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["f32", "f16"])
 @pytest.mark.parametrize("n_tokens", CHUNKS)
 @pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
                          ids=["first-full", "first-partial", "prefix-full", "prefix-partial"])
-def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int) -> None:
+def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, half: bool) -> None:
     """A first chunk (pos 0) and one after a 700-token prefix (a page boundary inside a tile),
-    full (n_valid = T) and partial (T - 3: padding rows must come out 0)."""
+    full (n_valid = T) and partial (T - 3: padding rows must come out 0); the f16 form against
+    its own reference (Q and P rounded where the kernel rounds them)."""
     if n_tokens > CHUNKS[0] and pos > 0:
         gpu_only(gpu, "a 512-token chunk over a prefix takes ~40 s on the CPU; the 128-token ones cover it")
     rng = np.random.default_rng(n_tokens * 1000 + pos + short)
@@ -102,14 +135,43 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int) -> 
 
     out = gpu.poisoned((n_tokens, NH * D))
     inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
-    gpu(symbol(n_tokens), *map(gpu.tensor, inputs), out)
+    gpu(symbol(n_tokens, half), *map(gpu.tensor, inputs), out)
 
-    want = PA.causal_prefill_attention_reference(q, k_cache, v_cache, page_table, pos, n_valid)
+    reference = PA.causal_prefill_attention_half_reference if half else PA.causal_prefill_attention_reference
+    want = reference(q, k_cache, v_cache, page_table, pos, n_valid)
     got = out.numpy()
     np.testing.assert_array_equal(got[n_valid:], 0)
-    # float32 sums of up to 1212 terms (exp by vecmath's polynomial) in another order than
-    # the oracle's: the CPU build's tolerance (tests/kernels/test_chunk_kernels.py).
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    if half:
+        # S in float32 in another order than the oracle's: a P near a float16 rounding boundary
+        # may round the other way (one f16 ulp, 2^-11 relative, of one weight of a row: up to
+        # ~2e-3 where that weight is ~1 and its V ~4). Emulated at T = 128 the largest error was
+        # 4.2e-4 (pos 0) and 1.9e-4 (pos 700); the float32 oracle is 2.1e-3 and 9.9e-4 away.
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+    else:
+        # float32 sums of up to 1212 terms (exp by vecmath's polynomial) in another order than
+        # the oracle's: the CPU build's tolerance (tests/kernels/test_chunk_kernels.py).
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(("pos", "n_valid"), [(0, 11), (100, 16)], ids=["first-partial", "prefix-full"])
+def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: int, n_valid: int) -> None:
+    rng = np.random.default_rng(pos + n_valid)
+    n_pages = 4
+    page_table = np.concatenate([rng.permutation(n_pages), np.zeros(MP - n_pages, np.int32)]).astype(np.int32)
+    k_cache = np.full((n_pages, P, TINY_NKV, TINY_D), np.nan, np.float16)
+    v_cache = np.full((n_pages, P, TINY_NKV, TINY_D), np.nan, np.float16)
+    t = np.arange(pos + n_valid)
+    k_cache[page_table[t // P], t % P] = rng.standard_normal((t.size, TINY_NKV, TINY_D)) * 2
+    v_cache[page_table[t // P], t % P] = rng.standard_normal((t.size, TINY_NKV, TINY_D))
+    q = rng.standard_normal((TINY_T, TINY_NH, TINY_D), dtype=np.float32)
+
+    out = gpu.poisoned((TINY_T, TINY_NH * TINY_D))
+    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
+    gpu(tiny_symbol(), *map(gpu.tensor, inputs), out)
+
+    want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
+    np.testing.assert_array_equal(out.numpy()[n_valid:], 0)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-3, atol=2e-3)  # as the f16 case above
 
 
 if __name__ == "__main__":

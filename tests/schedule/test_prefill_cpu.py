@@ -99,3 +99,18 @@ def test_scheduled_causal_attention_matches_numpy(rng: np.random.Generator, pos:
                            np.full((rows, nh * d), np.nan, np.float32))
     want = prefill_attention.causal_prefill_attention_reference(q, kc, vc, table, pos, n_valid)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_scheduled_causal_attention_with_half_operands_matches_numpy(rng: np.random.Generator) -> None:
+    """The GPUs' form scheduled for the CPU; sharp scores over two 64-key tiles (the second
+    tile's max rescales the first's sums)."""
+    rows, nh, nkv, d, p, mp, n_pages, pos, n_valid = 6, 4, 2, 64, 16, 8, 9, 101, 6
+    q = 8 * rng.standard_normal((rows, nh, d), dtype=np.float32)
+    table = rng.permutation(n_pages)[:mp].astype(np.int32)
+    kc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
+    (out,) = run_scheduled("prefill_attention", "causal_prefill_attention", (rows, nh, nkv, d, p, mp, True),
+                           q, kc, vc, table, np.array([pos], np.int32), np.array([n_valid], np.int32),
+                           np.full((rows, nh * d), np.nan, np.float32))
+    want = prefill_attention.causal_prefill_attention_half_reference(q, kc, vc, table, pos, n_valid)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
