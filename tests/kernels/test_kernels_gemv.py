@@ -49,10 +49,11 @@ def test_gemv_matches_numpy(rng: np.random.Generator, t: T) -> None:
 
 
 def run_cpu_outputs(func: tvm.tirx.PrimFunc, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
-    """run_cpu for several outputs, each poisoned with NaN."""
+    """run_cpu for several outputs, each poisoned: NaN, or for integers their most negative value."""
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
     dev = tvm.cpu()
-    outs = [tvm.runtime.tensor(np.full_like(o, np.nan), dev) for o in outputs]
+    outs = [tvm.runtime.tensor(np.full_like(o, np.nan if np.issubdtype(o.dtype, np.floating) else np.iinfo(o.dtype).min),
+                               dev) for o in outputs]
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in inputs], *outs)
     return [o.numpy() for o in outs]
 
