@@ -36,6 +36,9 @@ TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
                                               "decode_launches": DECODE_LAUNCHES}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
+# Variant values only the CUDA archs have kernels for: float16 tensor-core operands (the CPU has
+# no rules for the float16 grouped expert GEMMs).
+CUDA_ONLY_VARIANTS = {("chunk_operands", "f16")}
 
 
 class SchedulesFileError(SparkInferError):
@@ -125,4 +128,9 @@ def schedules_for(arch: str, path: str | Path | None = None) -> tuple[SchedulesF
     found = SchedulesFile.read(path)
     if found.arch != arch:
         raise SchedulesFileError(f"schedules file {path} is for {found.arch}, not {arch}")
+    if arch == "cpu":
+        for name, value in found.step.items():
+            if (name, value) in CUDA_ONLY_VARIANTS:
+                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
+                                         f"archs only (tensor-core operands); the cpu build has no kernels for it")
     return found, path
