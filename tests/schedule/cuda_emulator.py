@@ -67,8 +67,6 @@ class EmulatedTensor:
 class EmulatedGpu:
     """`Gpu` on the CPU: the kernels of `mod`, compiled here as C++ and run one fiber a thread."""
 
-    emulated = True
-
     def __init__(self, mod: tvm.IRModule) -> None:
         host, device, source = _lower(mod)
         self._funcs = {str(gv.name_hint): f for gv, f in mod.functions.items()}
@@ -213,10 +211,9 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     for shim in _SHIMS:
         (build_dir / shim).write_text(f'#include "{_HEADER}"\n')
     preamble = source[: source.index('extern "C"')]
-    names = dict.fromkeys(launch.kernel for launch in launches)
-    bodies = [_device_code(_definition(source, name)) for name in names]
-    entries = [_entry(launch) for launch in {launch.kernel: launch for launch in launches}.values()]
-    code = "\n".join([preamble, *bodies, *entries])
+    kernels = {launch.kernel: launch for launch in launches}  # a kernel launched twice is built once
+    bodies = [_device_code(kernel_definition(source, name)) for name in kernels]
+    code = "\n".join([preamble, *bodies, *map(_entry, kernels.values())])
     cpp, lib = build_dir / f"{symbol}.cpp", build_dir / f"{symbol}.so"
     cpp.write_text(code)
     command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-w",
@@ -227,7 +224,9 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     return ctypes.CDLL(str(lib))
 
 
-def _definition(source: str, kernel: str) -> str:
+def kernel_definition(source: str, kernel: str) -> str:
+    """The definition of the CUDA function `kernel` in `source`, from its `extern "C"` (the
+    last mention: the first is a declaration)."""
     start = source.rindex(f" {kernel}(")
     start = source.rindex('extern "C"', 0, start)
     end = source.find('extern "C"', start + 1)

@@ -36,7 +36,7 @@ if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a 
 
 from tests.gpu_prebuild import can_compile, gpu_tests_dir, missing_reason, stale_note  # noqa: E402
 
-from cuda_emulator import EmulatedGpu  # noqa: E402
+from cuda_emulator import EmulatedGpu, kernel_definition  # noqa: E402
 
 # At import, i.e. before conftest asks tvm.cuda() whether there is a GPU: with runtime-only TVM
 # this loads the CUDA runtime that its backend autoload skips.
@@ -66,9 +66,7 @@ def cuda_source(mod: tvm.IRModule, arch: str = "sm_90") -> str:
 
 def kernel_body(source: str, name: str) -> str:
     """The definition of `name`'s kernel (the last mention; the first is a declaration)."""
-    start = source.rindex(f" {name}_kernel(")
-    end = source.find('extern "C"', start)
-    return source[start : end if end >= 0 else None]
+    return kernel_definition(source, f"{name}_kernel")
 
 
 def assert_nvcc_compiles(arch: str, code: tvm.IRModule | str) -> None:
