@@ -79,11 +79,11 @@ CPU_SPLITS = 1
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
 # its build small (128 amortises each weight's dequantization over 128 tokens). None on the
-# CUDA archs yet: on an H200 every chunk kernel but the causal attention's new rule has passed
-# its GPU test and the full-size gate, and a 512-chunk's other kernels sum to ~0.29 s (7x the
-# token loop's rate), but that attention rule has only run in a CPU emulation of its CUDA
-# source; the GPU round (bench/gpu_round.sh 1: its GPU tests, the gate and the prefill through
-# the module with chunks of 128 and 512) decides before a GPU prefills in chunks by default.
+# CUDA archs yet: the T-token step's tensor-core grouped expert GEMMs and attention (the f16
+# forms DEFAULT_STEP_VARIANTS picks) have run only in the CUDA emulator of the tests
+# (tests/schedule/cuda_emulator.py), not on a GPU; the GPU round (bench/gpu_round.sh 1: their
+# GPU tests, the gate and the prefill through the candidate module, chunks of 128 and 512)
+# decides before a GPU prefills in chunks by default.
 DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
 
 
@@ -92,9 +92,10 @@ def default_prefill_chunks(arch: str) -> tuple[int, ...]:
 
 
 # Model-level variants (schedule.schedules.STEP_VARIANTS) an arch gets unless its schedules
-# file picks them: the GPUs multiply the T-token step's dense GEMMs and its attention's two
-# products on tensor cores, whose operands are float16 (kernels/gemm.py, and
-# causal_prefill_attention_half in kernels/prefill_attention.py).
+# file picks them: the GPUs multiply the T-token step's dense GEMMs, grouped expert GEMMs and
+# its attention's two products on tensor cores, whose operands are float16 (kernels/gemm.py,
+# the f16 factories of kernels/moe_chunk.py, causal_prefill_attention_half in
+# kernels/prefill_attention.py).
 DEFAULT_STEP_VARIANTS: dict[str, dict[str, str]] = {
     arch: {"chunk_operands": "f16"} for arch in targets.ARCHS if arch != "cpu"}
 

@@ -16,8 +16,9 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
                         stage's last loop vectorised: the tile's rows (the softmax state, the
                         scores S^T) or the head dims (the output). Its half_operands form
-                        (the GPUs' tensor-core numerics, chosen on the CPU only by a schedules
-                        file's chunk_operands "f16"): the tiles in parallel, as written.
+                        (the GPUs' tensor-core numerics; a cpu schedules file may not pick
+                        chunk_operands "f16", so only tests build it here, to check it against
+                        its reference): the tiles in parallel, as written.
 """
 
 from __future__ import annotations

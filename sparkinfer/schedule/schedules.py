@@ -108,6 +108,9 @@ class SchedulesFile:
                 legal = "; ".join(f"{k}: {', '.join(v)}" for k, v in STEP_VARIANTS.items())
                 raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} "
                                          f"is not one of ({legal})")
+            if obj["arch"] == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
+                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
+                                         f"archs only (tensor-core operands); the cpu build has no kernels for it")
         return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels,
                    step=dict(step))
 
@@ -128,9 +131,4 @@ def schedules_for(arch: str, path: str | Path | None = None) -> tuple[SchedulesF
     found = SchedulesFile.read(path)
     if found.arch != arch:
         raise SchedulesFileError(f"schedules file {path} is for {found.arch}, not {arch}")
-    if arch == "cpu":
-        for name, value in found.step.items():
-            if (name, value) in CUDA_ONLY_VARIANTS:
-                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
-                                         f"archs only (tensor-core operands); the cpu build has no kernels for it")
     return found, path
