@@ -23,6 +23,10 @@ CHUNKS = (128, 512)  # the T-token step's sizes in the candidate module: prompts
 # next defaults: the T-token step of CHUNKS and these step variants (the arch's schedules file
 # with its "step" overridden). One module for both keeps the call's carry under 64 MiB.
 CANDIDATE_STEP = {"decode_launches": "fused"}
+# The int8-activation module: the candidate's decode step with the expert FFNs on int8 activations
+# (kernels/gemv_q8.py, kernels/moe_q8.py), decode only (no T-token step: the carry's room), so
+# stage q8 compares its decode with stage fused's and gates it on the full-size reference.
+Q8_STEP = {**CANDIDATE_STEP, "activations": "q8"}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -68,7 +72,9 @@ def prepare(arch: str) -> dict:
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
     candidate = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "candidate",
-                              prefill_chunks=CHUNKS, schedules=candidate_schedules(arch))
+                              prefill_chunks=CHUNKS, schedules=candidate_schedules(arch, CANDIDATE_STEP))
+    q8 = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "q8",
+                       schedules=candidate_schedules(arch, Q8_STEP))
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
@@ -77,6 +83,8 @@ def prepare(arch: str) -> dict:
         "full_cached": result.cached,
         "candidate_module": str(candidate.directory.relative_to(REPO)),
         "candidate_step": CANDIDATE_STEP,
+        "q8_module": str(q8.directory.relative_to(REPO)),
+        "q8_step": Q8_STEP,
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -90,15 +98,15 @@ def prepare(arch: str) -> dict:
     return record
 
 
-def candidate_schedules(arch: str) -> Path:
-    """The arch's schedules file (knobs and step variants) with CANDIDATE_STEP over its "step",
-    written to compiled/gpu-tests/candidate-<arch>.json."""
+def candidate_schedules(arch: str, step: dict[str, str]) -> Path:
+    """The arch's schedules file (knobs and step variants) with `step` over its "step", written to
+    compiled/gpu-tests/candidate-<arch>-<step's values>.json."""
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     chosen, _ = schedules_for(arch)
     base = chosen or SchedulesFile(arch=arch, made_by={"by": "bench/gpu_round.py"})
-    candidate = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **CANDIDATE_STEP})
-    return candidate.write(ROUND.parent / f"candidate-{arch}.json")
+    candidate = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **step})
+    return candidate.write(ROUND.parent / f"candidate-{arch}-{'-'.join(step.values())}.json")
 
 
 def check() -> str:
@@ -216,6 +224,14 @@ def report(round_dir: Path) -> str:
     if candidate_sync:
         lines.append(f"the candidate module's decode ({CANDIDATE_STEP}), host sees every token:")
         lines += [f"  {ln}" for ln in _decode_rows(None, candidate_sync)[1:]]
+    q8_gate = _read(round_dir / "q8-gate.txt").strip().splitlines()
+    if q8_gate:
+        lines.append(f"the int8-activation module ({Q8_STEP}): full-size gate:")
+        lines += [f"  {ln}" for ln in q8_gate[:6]]
+    q8_sync = _json(round_dir / "decode-q8.json")
+    if q8_sync:
+        lines.append(f"the int8-activation module's decode ({Q8_STEP}), host sees every token:")
+        lines += [f"  {ln}" for ln in _decode_rows(None, q8_sync)[1:]]
 
     run = _json(round_dir / "run.json")
     if run:

@@ -5,7 +5,7 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, fused, pytest, apps
+#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, fused, q8, pytest, apps
 #   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), decode, run, profile, profile_chunked
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
@@ -28,6 +28,8 @@
 #   chunked_gate  only the chunked stage's accuracy gate
 #   fused    the candidate module's decode, host sync, depths 128 and 4096 (stage sync's rows are
 #            the full module's: split launches)
+#   q8       the int8-activation module (bench/gpu_round.py Q8_STEP: the candidate's decode step with
+#            the expert FFNs on int8 activations): the full-size accuracy gate, then stage fused's decode
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -173,18 +175,20 @@ stage_prefill() {
   return $rc
 }
 
-stage_chunked_gate() {
-  local chunked
-  chunked=$(python3 bench/gpu_round.py get candidate_module)
-  note "== chunked: $chunked"
+full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MODULE
+  note "== gate: $1"
   # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
-  timeout -k 10 "$(limit 100 160)" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$chunked" \
+  timeout -k 10 "$(limit 100 "$3")" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$1" \
     --ref bench/refs/qwen3-30b-a3b-synth.npz --tokens 128 --prompt-tokens 32 --greedy 32 --max-kl 1e-3 \
-    --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/chunked-gate.txt" 2>&1
+    --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/$2" 2>&1
   local rc=$?
-  tail -n 4 "$round/chunked-gate.txt"
-  returns chunked-gate.txt
+  tail -n 4 "$round/$2"
+  returns "$2"
   return $rc
+}
+
+stage_chunked_gate() {
+  full_gate "$(python3 bench/gpu_round.py get candidate_module)" chunked-gate.txt 160
 }
 
 stage_chunked() {
@@ -204,6 +208,17 @@ stage_fused() {
   tail -n 3 "$round/bench.log"
   returns decode-candidate.json bench.log
   return $rc
+}
+
+stage_q8() {
+  full_gate "$(python3 bench/gpu_round.py get q8_module)" q8-gate.txt 120
+  local rc=$?
+  module=$(python3 bench/gpu_round.py get q8_module) bench_json decode-q8.json 100 90 \
+    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
+  local rc2=$?
+  tail -n 3 "$round/bench.log"
+  returns decode-q8.json bench.log
+  return $((rc || rc2))
 }
 
 stage_run() {
@@ -253,7 +268,7 @@ stage_profile_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth chunked sync fused pytest apps) ;;
+  1) stages=(setup synth chunked sync fused q8 pytest apps) ;;
   2) stages=(setup tune synth decode run profile profile_chunked) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;

@@ -8,7 +8,8 @@
 #   2. compiled/gpu-tests/<arch>/: every GPU test's library, the runtime tests' steps, the 4-layer
 #      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
 #   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, the candidate module
-#      (compiled/<arch>/candidate/: bench/gpu_round.py CANDIDATE_STEP and the T-token step), and
+#      (compiled/<arch>/candidate/: bench/gpu_round.py CANDIDATE_STEP and the T-token step), the int8-activation
+#      module (compiled/<arch>/q8/: Q8_STEP, decode only), and
 #      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer
@@ -32,7 +33,7 @@ python3 -m tests.gpu_prebuild --arch "$arch"
 echo "gpu tests prebuilt in $((SECONDS - t1)) s"
 
 t2=$SECONDS
-python3 bench/gpu_round.py prepare "$arch" | grep -v '"run_prompt"'
+python3 bench/gpu_round.py prepare "$arch" | grep -v '"run_prompt"\|"chunk_prompt"'
 echo "full model step in $((SECONDS - t2)) s"
 
 t3=$SECONDS

@@ -33,14 +33,17 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-def test_the_round_candidate_module_keeps_the_arch_knobs_and_adds_its_step(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP"])
+def test_the_round_candidate_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
+                                                                              step_name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     gpu_round = _gpu_round()
     monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
-    written = SchedulesFile.read(gpu_round.candidate_schedules("sm_90"))
+    step = getattr(gpu_round, step_name)
+    written = SchedulesFile.read(gpu_round.candidate_schedules("sm_90", step))
     packaged, _ = schedules_for("sm_90")
-    assert written.step == {**packaged.step, **gpu_round.CANDIDATE_STEP}
+    assert written.step == {**packaged.step, **step}
     assert written.kernels == packaged.kernels
 
 
@@ -54,3 +57,16 @@ def test_the_round_report_shows_the_candidate_decode(tmp_path: Path) -> None:
     report = gpu_round.report(tmp_path)
     assert f"the candidate module's decode ({gpu_round.CANDIDATE_STEP}), host sees every token:" in report
     assert "tg128 @ 128" in report and "266.0" in report and "0.80" in report  # 266 / 333.6
+
+
+def test_the_round_report_shows_the_q8_gate_and_decode(tmp_path: Path) -> None:
+    import json
+
+    gpu_round = _gpu_round()
+    result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
+              "decode": [{"depth": 4096, "tok_s_median": 300.0, "fill_ms": 1.0}]}
+    (tmp_path / "decode-q8.json").write_text(json.dumps(result) + "\n")
+    (tmp_path / "q8-gate.txt").write_text("PASS mean KL 2.0e-05\n")
+    report = gpu_round.report(tmp_path)
+    assert f"the int8-activation module ({gpu_round.Q8_STEP}): full-size gate:\n  PASS mean KL 2.0e-05" in report
+    assert "tg128 @ 4096" in report and "300.0" in report and "1.05" in report  # 300 / 286.3
