@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import tvm
 from tvm import tirx
-from tvm.script import tirx as T
 
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 # TVM's CUDA runtime requires this tag, when present, to be the last of a kernel's launch params.
@@ -50,6 +49,8 @@ def _is_cuda_kernel(func: tvm.ir.BaseFunc) -> bool:
 def mark_kernel(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     """One lowered CUDA kernel launched programmatically: LAUNCH_TAG among its launch params,
     `griddepcontrol.wait` then `griddepcontrol.launch_dependents` at its entry."""
+    from tvm.script import tirx as T  # the compiler's: runtime-only TVM has no TVMScript
+
     params = [str(p) for p in kernel.attrs[_LAUNCH_PARAMS]]
     if LAUNCH_TAG in params:
         return kernel
@@ -59,17 +60,23 @@ def mark_kernel(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     return kernel.with_body(tirx.SeqStmt([*entry, kernel.body])).with_attr(_LAUNCH_PARAMS, params)
 
 
-@tvm.transform.module_pass(opt_level=0, name="MarkProgrammaticLaunch")
-def MarkProgrammaticLaunch(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: N802 - TVM's pass naming
-    """`mark_kernel` on every CUDA kernel of a module lowered past SplitHostDevice."""
+def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
     functions = {gvar: mark_kernel(func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
+def mark_programmatic_launch() -> tvm.transform.Pass:
+    """The pass MarkProgrammaticLaunch: `mark_kernel` on every CUDA kernel of a module lowered
+    past SplitHostDevice."""
+    return tvm.transform.module_pass(_mark_module, opt_level=0, name="MarkProgrammaticLaunch")
+
+
 def _pipeline() -> tuple[tvm.transform.Pass, object, object]:
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-    return tvm.transform.Sequential([lower, MarkProgrammaticLaunch], name=TIR_PIPELINE), finalize_host, finalize_device
+    return tvm.transform.Sequential([lower, mark_programmatic_launch()], name=TIR_PIPELINE), finalize_host, finalize_device
 
 
-# tvm.tirx.build takes a pipeline by name only.
-tvm.tirx.register_tir_pipeline(TIR_PIPELINE, _pipeline)
+# tvm.tirx.build takes a pipeline by name only. Runtime-only TVM (the GPU machines) lowers
+# nothing and has no pipelines; there this module gives only the names above.
+if hasattr(tvm.tirx, "register_tir_pipeline"):
+    tvm.tirx.register_tir_pipeline(TIR_PIPELINE, _pipeline)
