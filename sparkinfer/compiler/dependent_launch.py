@@ -27,6 +27,8 @@ launch becomes a programmatic edge of the graph (CUDA >= 12.3 driver and toolkit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import tirx
 
@@ -71,7 +73,9 @@ def mark_programmatic_launch() -> tvm.transform.Pass:
     return tvm.transform.module_pass(_mark_module, opt_level=0, name="MarkProgrammaticLaunch")
 
 
-def _pipeline() -> tuple[tvm.transform.Pass, object, object]:
+def _pipeline() -> tuple[tvm.transform.Pass, Callable[[], tvm.transform.Pass], Callable[[], tvm.transform.Pass]]:
+    """TVM's default TIR pipeline (lowering, host and device finalizers), MarkProgrammaticLaunch
+    after its lowering."""
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
     return tvm.transform.Sequential([lower, mark_programmatic_launch()], name=TIR_PIPELINE), finalize_host, finalize_device
 
