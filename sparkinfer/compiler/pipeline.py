@@ -9,9 +9,11 @@
      for `cpu` as for CUDA (sparkinfer/schedule/cpu.py, prefill_cpu.py);
   3. the Relax side is lowered by `RELAX_PASSES` (no operator fusion, no dlight pass and
      no RewriteCUDAGraph: the kernels are already final and the runtime captures the whole
-     step itself), and `tvm.compile` builds it, for CUDA inside `targets.aot_fatbin`, so the
-     library embeds an nvcc fatbin for the arch and no CUDA source (it loads with
-     runtime-only TVM: no NVRTC, no nvcc);
+     step itself), the kernels by TVM's default TIR pipeline (with the step variant
+     programmatic_launch "on": `dependent_launch.TIR_PIPELINE`, every CUDA kernel marked for
+     programmatic dependent launch), and `tvm.compile` builds it, for CUDA inside
+     `targets.aot_fatbin`, so the library embeds an nvcc fatbin for the arch and no CUDA
+     source (it loads with runtime-only TVM: no NVRTC, no nvcc);
   4. the executable is exported as `model.so` (`model.tar` for sm_121: aarch64 host code,
      linked by TVM on the Spark when loaded) next to `manifest.json` (see manifest.py).
 
@@ -33,7 +35,7 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from sparkinfer.compiler import targets
+from sparkinfer.compiler import dependent_launch, targets
 from sparkinfer.compiler.manifest import (
     DEFAULT_ROOT,
     Manifest,
@@ -44,12 +46,20 @@ from sparkinfer.compiler.manifest import (
     sources_hash,
     tvm_version,
 )
+from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
-from sparkinfer.schedule.schedules import DEFAULT, TRANSFERRED, TUNED, SchedulesFile, schedules_for
+from sparkinfer.schedule.schedules import (
+    CUDA_ONLY_VARIANTS,
+    DEFAULT,
+    TRANSFERRED,
+    TUNED,
+    SchedulesFile,
+    schedules_for,
+)
 from sparkinfer.schedule.space import Knobs, ScheduleError, check_knobs, kernel_key, rule_for, schedule_kernel
 
 # Relax lowering after the kernels are final (TVM's CUDA default minus LegalizeOps/FuseOps/
@@ -160,15 +170,28 @@ class CompileResult:
     cached: bool
 
 
+def tir_pipeline(step: DecodeStep, arch: str) -> str:
+    """The TIR pipeline `step`'s kernels are lowered by: with programmatic_launch "on",
+    dependent_launch.TIR_PIPELINE (TVM's default, then each CUDA kernel marked for programmatic
+    dependent launch); a cpu step cannot have it."""
+    if step.programmatic_launch == "off":
+        return "default"
+    if arch == "cpu":
+        raise SparkInferError(f"programmatic_launch={step.programmatic_launch!r} is for the CUDA archs only "
+                              f"({CUDA_ONLY_VARIANTS['programmatic_launch', step.programmatic_launch]})")
+    return dependent_launch.TIR_PIPELINE
+
+
 def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = None
                ) -> tuple[tvm.runtime.Executable, dict[str, dict[str, Any]]]:
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
+    lowering = tir_pipeline(step, arch)
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
-        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline()), provenance
+        return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance
     with targets.aot_fatbin(arch):
-        ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline())
+        ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering)
     return ex, provenance
 
 

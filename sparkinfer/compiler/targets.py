@@ -193,13 +193,14 @@ def aot_fatbin(arch: str, nvcc: str | None = None) -> Iterator[None]:
         yield
 
 
-def build(mod: tvm.IRModule, arch: str) -> tvm.runtime.Executable:
-    """tvm.compile for one of ARCHS; CUDA kernels come out as an embedded sm_XXa fatbin."""
+def build(mod: tvm.IRModule, arch: str, tir_pipeline: str = "default") -> tvm.runtime.Executable:
+    """tvm.compile for one of ARCHS; CUDA kernels come out as an embedded sm_XXa fatbin.
+    `tir_pipeline`: a registered TIR pipeline's name (dependent_launch.TIR_PIPELINE)."""
     target = target_for(arch)
     if arch == "cpu":
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline)
     with aot_fatbin(arch):
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline)
 
 
 @contextlib.contextmanager
@@ -219,10 +220,10 @@ def source_only() -> Iterator[None]:
             os.environ[key] = previous
 
 
-def cuda_source(mod: tvm.IRModule, arch: str) -> str:
+def cuda_source(mod: tvm.IRModule, arch: str, tir_pipeline: str = "default") -> str:
     """The CUDA C++ TVM generates for `mod`, compiling nothing (`source_only`)."""
     with source_only():
-        lib = tvm.compile(mod, target=target_for(arch))
+        lib = tvm.compile(mod, target=target_for(arch), tir_pipeline=tir_pipeline)
     return str(lib.mod.imports[0].inspect_source("cuda"))
 
 

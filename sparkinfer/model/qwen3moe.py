@@ -70,6 +70,7 @@ from sparkinfer.model.spec import (
     ROLE_WEIGHT,
     StepInput,
 )
+from sparkinfer.schedule.schedules import PROGRAMMATIC_LAUNCH
 
 
 _T = GGMLQuantizationType
@@ -172,6 +173,8 @@ class DecodeStep:
     originals: dict[str, tirx.PrimFunc] = field(default_factory=dict)
     # T of each T-token step in the module (`prefill_T` and `score_T`), ascending
     prefill_chunks: tuple[int, ...] = ()
+    # how its CUDA kernels are launched (PROGRAMMATIC_LAUNCH; compiler.pipeline.build_step)
+    programmatic_launch: str = "off"
 
 
 class _Kernels:
@@ -611,6 +614,7 @@ def build_decode_step(
     activations: str = "f32",
     chunk_operands: str = "f32",
     decode_launches: str = "split",
+    programmatic_launch: str = "off",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -629,13 +633,18 @@ def build_decode_step(
     `kernels.moe.moe_gate_up_silu_routed`, which also runs router_topk): fewer launches a layer.
     Int8 experts and a dense FFN keep an rms_norm launch for their input (and int8 experts
     their router_topk).
-    The T-token step is the same either way."""
+    The T-token step is the same either way.
+    `programmatic_launch` (PROGRAMMATIC_LAUNCH) leaves the module as it is: the step records it,
+    and the compiler marks every CUDA kernel of it for programmatic dependent launch when "on"."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
         raise SparkInferError(f"chunk_operands must be one of {', '.join(GEMM_OPERANDS)}, got {chunk_operands!r}")
     if decode_launches not in DECODE_LAUNCHES:
         raise SparkInferError(f"decode_launches must be one of {', '.join(DECODE_LAUNCHES)}, got {decode_launches!r}")
+    if programmatic_launch not in PROGRAMMATIC_LAUNCH:
+        raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
+                              f"got {programmatic_launch!r}")
     chunks = tuple(sorted(set(int(t) for t in prefill_chunks)))
     if any(t < 1 for t in chunks):
         raise ValueError(f"prefill chunk sizes must be >= 1, got {chunks}")
@@ -658,4 +667,5 @@ def build_decode_step(
         n_splits=n_splits,
         originals=builder.k.originals,
         prefill_chunks=chunks,
+        programmatic_launch=programmatic_launch,
     )

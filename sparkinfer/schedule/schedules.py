@@ -5,7 +5,7 @@
                  "transferred", "time_us": float | null, "default_time_us": float | null,
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
-              "decode_launches": "split" | "fused"}}
+              "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -31,14 +31,22 @@ from sparkinfer.kernels.gemv import DECODE_LAUNCHES
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
+# How the compiled step's CUDA kernels are launched (model.qwen3moe.build_decode_step records it,
+# compiler.pipeline.build_step applies it): "on" marks every kernel for programmatic dependent
+# launch (compiler/dependent_launch.py), so a kernel may start while the one before it drains.
+PROGRAMMATIC_LAUNCH = ("off", "on")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
-                                              "decode_launches": DECODE_LAUNCHES}
+                                              "decode_launches": DECODE_LAUNCHES,
+                                              "programmatic_launch": PROGRAMMATIC_LAUNCH}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
-# Variant values only the CUDA archs have kernels for: float16 tensor-core operands (the CPU has
-# no rules for the float16 grouped expert GEMMs).
-CUDA_ONLY_VARIANTS = {("chunk_operands", "f16")}
+# Variant values only the CUDA archs have: each with why the cpu build has no such thing.
+CUDA_ONLY_VARIANTS = {
+    ("chunk_operands", "f16"): "tensor-core operands; the cpu build has no kernels for it",
+    ("programmatic_launch", "on"): "a CUDA launch attribute and the griddepcontrol instruction of sm_90 and later; "
+                                   "the cpu build launches no kernels",
+}
 
 
 class SchedulesFileError(SparkInferError):
@@ -110,7 +118,7 @@ class SchedulesFile:
                                          f"is not one of ({legal})")
             if obj["arch"] == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
                 raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
-                                         f"archs only (tensor-core operands); the cpu build has no kernels for it")
+                                         f"archs only ({CUDA_ONLY_VARIANTS[name, value]})")
         return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels,
                    step=dict(step))
 

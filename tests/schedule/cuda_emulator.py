@@ -67,8 +67,8 @@ class EmulatedTensor:
 class EmulatedGpu:
     """`Gpu` on the CPU: the kernels of `mod`, compiled here as C++ and run one fiber a thread."""
 
-    def __init__(self, mod: tvm.IRModule) -> None:
-        host, device, source = _lower(mod)
+    def __init__(self, mod: tvm.IRModule, tir_pipeline: str = "default") -> None:
+        host, device, source = _lower(mod, tir_pipeline)
         self._funcs = {str(gv.name_hint): f for gv, f in mod.functions.items()}
         kernels = {str(gv.name_hint): f for gv, f in device.functions.items()}
         self._source = source
@@ -106,11 +106,12 @@ class EmulatedGpu:
         return self._libraries[symbol]
 
 
-def _lower(mod: tvm.IRModule) -> tuple[tvm.IRModule, tvm.IRModule, str]:
-    """The host module, the device module and its CUDA source, as `targets.build` makes them."""
+def _lower(mod: tvm.IRModule, tir_pipeline: str) -> tuple[tvm.IRModule, tvm.IRModule, str]:
+    """The host module, the device module and its CUDA source, as `targets.build` makes them
+    with the TIR pipeline named `tir_pipeline`."""
     build = importlib.import_module("tvm.tirx.build")  # tvm.tirx.build is also a function
     target = targets.target_for(_ARCH)
-    pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    pipeline, _, finalize_device = tvm.tirx.get_tir_pipeline(tir_pipeline)
     host, devices = build.split_host_device_mods(pipeline(tvm.tirx.transform.BindTarget(target)(mod)))
     (device,) = devices.values()
     with targets.source_only():
@@ -210,7 +211,7 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     build_dir.mkdir(parents=True, exist_ok=True)
     for shim in _SHIMS:
         (build_dir / shim).write_text(f'#include "{_HEADER}"\n')
-    preamble = source[: source.index('extern "C"')]
+    preamble = _without_grid_dependency_control(source[: source.index('extern "C"')])
     kernels = {launch.kernel: launch for launch in launches}  # a kernel launched twice is built once
     bodies = [_device_code(kernel_definition(source, name)) for name in kernels]
     code = "\n".join([preamble, *bodies, *map(_entry, kernels.values())])
@@ -222,6 +223,14 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     if result.returncode != 0:
         raise EmulationError(f"g++ could not build {symbol}'s kernels ({cpp}):\n{result.stderr[-4000:]}")
     return ctypes.CDLL(str(lib))
+
+
+def _without_grid_dependency_control(preamble: str) -> str:
+    """The preamble with TVM's `griddepcontrol` helpers emptied (programmatic dependent launch,
+    compiler/dependent_launch.py): the emulator runs launches one after another, so every
+    kernel before this one has completed (what `wait` waits for) and none overlaps another
+    (what `launch_dependents` would allow)."""
+    return re.sub(r'asm volatile\("griddepcontrol\.\w+;"[^;]*;', "", preamble)
 
 
 def kernel_definition(source: str, kernel: str) -> str:

@@ -59,9 +59,9 @@ def module(*funcs: tvm.tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
 
 
-def cuda_source(mod: tvm.IRModule, arch: str = "sm_90") -> str:
+def cuda_source(mod: tvm.IRModule, arch: str = "sm_90", tir_pipeline: str = "default") -> str:
     """Codegen only: `targets.cuda_source` compiles nothing, even on a GPU machine."""
-    return targets.cuda_source(mod, arch)
+    return targets.cuda_source(mod, arch, tir_pipeline)
 
 
 def kernel_body(source: str, name: str) -> str:
@@ -82,15 +82,17 @@ def library_path(stem: str, arch: str, out_dir: Path | None = None) -> Path:
     return out_dir / f"{stem}_{arch}.{'tar' if arch == 'sm_121' else 'so'}"
 
 
-def export(mod: tvm.IRModule, stem: str, arch: str, out_dir: Path) -> Path:
-    """Build `mod` for `arch` (an embedded nvcc fatbin, no CUDA source) into `library_path`."""
+def export(mod: tvm.IRModule, stem: str, arch: str, out_dir: Path, tir_pipeline: str = "default") -> Path:
+    """Build `mod` for `arch` (an embedded nvcc fatbin, no CUDA source) into `library_path`,
+    lowered by the TIR pipeline named `tir_pipeline`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = library_path(stem, arch, out_dir)
-    targets.build(mod, arch).export_library(str(path))
+    targets.build(mod, arch, tir_pipeline).export_library(str(path))
     return path
 
 
-def load_library(stem: str, mod: Callable[[], tvm.IRModule]) -> Iterator[tvm.runtime.Module]:
+def load_library(stem: str, mod: Callable[[], tvm.IRModule], tir_pipeline: str = "default"
+                 ) -> Iterator[tvm.runtime.Module]:
     """For a module-scoped fixture: `stem`'s library for this machine's GPU from
     compiled/gpu-tests/<arch>/, else (or if it was built from other sources) one built here
     where TVM can compile, else a skip that names the prebuild command."""
@@ -105,22 +107,24 @@ def load_library(stem: str, mod: Callable[[], tvm.IRModule]) -> Iterator[tvm.run
     if not can_compile():
         pytest.skip(missing_reason(f"{stem} library", path, arch))
     with tempfile.TemporaryDirectory() as tmp:
-        yield tvm.runtime.load_module(str(export(mod(), stem, arch, Path(tmp))))
+        yield tvm.runtime.load_module(str(export(mod(), stem, arch, Path(tmp), tir_pipeline)))
 
 
-def gpu_fixture(stem: str, mod: Callable[[], tvm.IRModule]) -> Callable[..., Iterator[Gpu | EmulatedGpu]]:
+def gpu_fixture(stem: str, mod: Callable[[], tvm.IRModule], tir_pipeline: str = "default"
+                ) -> Callable[..., Iterator[Gpu | EmulatedGpu]]:
     """A test file's module-scoped `gpu` fixture, two ways: "cuda" (marked gpu), `Gpu` on
     `stem`'s library (`load_library`); "emulated", the same kernels on the CPU
-    (cuda_emulator.py), wherever TVM can compile. A test taking `gpu` runs on both."""
+    (cuda_emulator.py), wherever TVM can compile. A test taking `gpu` runs on both. Both lower
+    `mod` with the TIR pipeline named `tir_pipeline`."""
 
     @pytest.fixture(scope="module", name="gpu", params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
     def gpu(request: pytest.FixtureRequest) -> Iterator[Gpu | EmulatedGpu]:
         if request.param == "emulated":
             if not can_compile():
                 pytest.skip("the CUDA emulator builds with TVM's compiler; this TVM is runtime-only")
-            yield EmulatedGpu(mod())
+            yield EmulatedGpu(mod(), tir_pipeline)
             return
-        for library in load_library(stem, mod):
+        for library in load_library(stem, mod, tir_pipeline):
             yield Gpu(library)
 
     return gpu
@@ -132,13 +136,13 @@ def gpu_only(gpu: Gpu | EmulatedGpu, why: str) -> None:
         pytest.skip(f"not emulated: {why}")
 
 
-def main(doc: str, stem: str, mod: Callable[[], tvm.IRModule]) -> None:
+def main(doc: str, stem: str, mod: Callable[[], tvm.IRModule], tir_pipeline: str = "default") -> None:
     """A test file's prebuild hook: `python tests/schedule/<file>.py --arch sm_90 [--out DIR]`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=CUDA_ARCHS)
     parser.add_argument("--out", type=Path, help="default: compiled/gpu-tests/<arch>/, where the tests look")
     args = parser.parse_args()
-    print(export(mod(), stem, args.arch, args.out or gpu_tests_dir(args.arch)))
+    print(export(mod(), stem, args.arch, args.out or gpu_tests_dir(args.arch), tir_pipeline))
 
 
 class Gpu:

@@ -40,9 +40,20 @@ def test_the_gpus_default_to_half_chunk_operands_unless_their_file_says_otherwis
         assert step_variants(arch, chosen) == {"chunk_operands": "f32", "activations": "q8"}
 
 
-def test_the_cpu_refuses_the_cuda_only_half_operands(tmp_path: Path) -> None:
-    path = SchedulesFile("cpu", {}, step={"chunk_operands": "f16"}).write(tmp_path / "cpu.json")
-    with pytest.raises(SchedulesFileError, match=r"step variant chunk_operands='f16' is for the CUDA archs only"):
+@pytest.mark.parametrize("name, value, why", [
+    ("chunk_operands", "f16", "tensor-core operands"),
+    ("programmatic_launch", "on", "the cpu build launches no kernels"),
+])
+def test_the_cpu_refuses_the_cuda_only_variants(tmp_path: Path, name: str, value: str, why: str) -> None:
+    path = SchedulesFile("cpu", {}, step={name: value}).write(tmp_path / "cpu.json")
+    with pytest.raises(SchedulesFileError, match=rf"step variant {name}='{value}' is for the CUDA archs only \(.*{why}"):
         SchedulesFile.read(path)
-    gpu = SchedulesFile("sm_90", {}, step={"chunk_operands": "f16"}).write(tmp_path / "sm_90.json")
-    assert SchedulesFile.read(gpu).step == {"chunk_operands": "f16"}
+    gpu = SchedulesFile("sm_90", {}, step={name: value}).write(tmp_path / "sm_90.json")
+    assert SchedulesFile.read(gpu).step == {name: value}
+
+
+def test_programmatic_launch_is_off_unless_a_file_says_on() -> None:
+    from sparkinfer.compiler.pipeline import step_variants
+
+    assert STEP_VARIANTS["programmatic_launch"] == ("off", "on")
+    assert all("programmatic_launch" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))

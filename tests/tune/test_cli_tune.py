@@ -45,6 +45,15 @@ def test_tasks_follow_the_step_variants_the_arch_compiles():
     assert not any(name.startswith(("add_rms_norm", "router_topk")) for name in names)
 
 
+def test_programmatic_launch_leaves_the_tasks_as_they_are():
+    """A launch attribute, not a kernel: a schedules file turning it on tunes the same kernels."""
+    from sparkinfer.tune.tasks import preset_tasks
+
+    on = {"programmatic_launch": "on"}
+    names = [t.name for t in preset_tasks("tiny", "q4_k_m", "sm_90", "*", variants=on)]
+    assert names == [t.name for t in preset_tasks("tiny", "q4_k_m", "sm_90", "*")]
+
+
 def test_small_tune_then_two_phase_round(capsys, tmp_path):
     """Two kernels, three trials each, then one more round by --emit / --run / --ingest."""
     logs, schedules, bundle = tmp_path / "logs", tmp_path / "cpu.json", tmp_path / "round"

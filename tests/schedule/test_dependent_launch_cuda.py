@@ -1,0 +1,167 @@
+"""Programmatic dependent launch (sparkinfer/compiler/dependent_launch.py) on a small chain of
+kernels: the launch tag in every kernel's launch params and in the built library, griddepcontrol
+at every kernel's entry in the CUDA source, nvcc for every arch, and on a GPU and in the CUDA
+emulator (the `gpu` fixture) the chain against numpy; on a GPU also replayed from a CUDA graph
+(on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, te, tirx
+
+from sparkinfer.compiler import targets
+from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, TIR_PIPELINE, mark_kernel
+
+from cuda_emulator import kernel_definition
+from cuda_testutil import CUDA_ARCHS, Gpu, assert_nvcc_compiles, cuda_source, gpu_fixture, gpu_only, main, module, needs_nvcc
+
+N, THREADS = 4096, 128
+LAUNCH_PARAMS = "tirx.kernel_launch_params"
+# The kernels `kernels_module` lowers to: mirror's, and mirror_twice's two.
+KERNELS = ("mirror_kernel", "mirror_twice_kernel", "mirror_twice_kernel_1")
+
+
+def mirror_reference(x: np.ndarray) -> np.ndarray:
+    return (x[::-1] * np.float32(0.5) + np.float32(1.0)).astype(np.float32)
+
+
+def _mirrored(src: te.Tensor, name: str) -> te.Tensor:
+    return te.compute((N,), lambda i: src[N - 1 - i] * tirx.const(0.5, "float32") + tirx.const(1.0, "float32"),
+                      name=name)
+
+
+def _bound(func: tirx.PrimFunc, blocks: tuple[str, ...], symbol: str) -> tirx.PrimFunc:
+    """Each block a kernel of N / THREADS blocks of THREADS threads."""
+    sch = s_tir.Schedule(func)
+    for block in blocks:
+        (i,) = sch.get_loops(sch.get_sblock(block))
+        bx, tx = sch.split(i, [None, THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"].with_attr("global_symbol", symbol)
+
+
+def mirror() -> tirx.PrimFunc:
+    """y[i] = x[N-1-i] / 2 + 1: block b reads what the last block but b of the launch before wrote."""
+    x = te.placeholder((N,), "float32", name="x")
+    return _bound(te.create_prim_func([x, _mirrored(x, "y")]), ("y",), "mirror")
+
+
+def mirror_twice() -> tirx.PrimFunc:
+    """y = mirror(x), z = mirror(y): one call, two launches, the second reading the first's output."""
+    x = te.placeholder((N,), "float32", name="x")
+    y = _mirrored(x, "y")
+    return _bound(te.create_prim_func([x, y, _mirrored(y, "z")]), ("y", "z"), "mirror_twice")
+
+
+def kernels_module() -> tvm.IRModule:
+    return module(mirror(), mirror_twice())
+
+
+def lowered_kernels(tir_pipeline: str) -> dict[str, tirx.PrimFunc]:
+    """kernels_module's device kernels as `tir_pipeline` lowers them for sm_90."""
+    lower, _, _ = tvm.tirx.get_tir_pipeline(tir_pipeline)
+    mod = lower(tvm.tirx.transform.BindTarget(targets.target_for("sm_90"))(kernels_module()))
+    return {gv.name_hint: f for gv, f in mod.functions.items() if f.attrs is not None and LAUNCH_PARAMS in f.attrs}
+
+
+def test_every_kernel_gets_the_launch_tag_only_through_the_pipeline() -> None:
+    marked = lowered_kernels(TIR_PIPELINE)
+    assert sorted(marked) == sorted(KERNELS)
+    for kernel in marked.values():
+        assert list(kernel.attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x", LAUNCH_TAG]
+    plain = lowered_kernels("default")
+    assert all(list(k.attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x"] for k in plain.values())
+
+
+def test_the_tag_goes_before_dynamic_shared_memory_and_marking_twice_changes_nothing() -> None:
+    """TVM's CUDA runtime wants the dynamic-shared-memory tag last of a kernel's launch params."""
+    kernel = tirx.PrimFunc([], tirx.Evaluate(0)).with_attr(
+        LAUNCH_PARAMS, ["blockIdx.x", "threadIdx.x", "tirx.use_dyn_shared_memory"])
+    marked = mark_kernel(kernel)
+    assert list(marked.attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x", LAUNCH_TAG, "tirx.use_dyn_shared_memory"]
+    assert mark_kernel(marked).same_as(marked)
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    return cuda_source(kernels_module(), "sm_90", TIR_PIPELINE)
+
+
+def test_each_kernel_waits_then_lets_its_dependents_launch_before_anything_else(source: str) -> None:
+    assert 'asm volatile("griddepcontrol.wait;"' in source
+    assert 'asm volatile("griddepcontrol.launch_dependents;"' in source
+    for name in KERNELS:
+        body = kernel_definition(source, name)
+        statements = body[body.index("{") + 1 :].split(";")
+        assert [s.strip() for s in statements[:2]] == [
+            "tvm_builtin_ptx_griddepcontrol_wait()", "tvm_builtin_ptx_griddepcontrol_launch_dependents()"], name
+    assert "griddepcontrol" not in cuda_source(kernels_module(), "sm_90")
+
+
+def test_the_built_library_carries_the_tag_for_every_kernel() -> None:
+    """What TVM's CUDA runtime reads at load time: each kernel's launch params, in the library."""
+    with tempfile.TemporaryDirectory() as tmp, targets.source_only():
+        library = Path(tmp) / "mirror.so"
+        tvm.compile(kernels_module(), target=targets.target_for("sm_90"), tir_pipeline=TIR_PIPELINE
+                    ).export_library(str(library))
+        data = library.read_bytes()
+    assert data.count(LAUNCH_TAG.encode()) == len(KERNELS)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_the_marked_kernels(arch: str) -> None:
+    assert_nvcc_compiles(arch, cuda_source(kernels_module(), arch, TIR_PIPELINE))
+
+
+gpu = gpu_fixture("dependent_launch", kernels_module, TIR_PIPELINE)
+
+
+def test_the_chain_matches_numpy(gpu: Gpu) -> None:
+    x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+    y, z, once = gpu.poisoned((N,)), gpu.poisoned((N,)), gpu.poisoned((N,))
+    gpu("mirror", gpu.tensor(x), once)
+    gpu("mirror_twice", gpu.tensor(x), y, z)
+    np.testing.assert_array_equal(once.numpy(), mirror_reference(x))
+    np.testing.assert_array_equal(y.numpy(), mirror_reference(x))
+    np.testing.assert_array_equal(z.numpy(), mirror_reference(mirror_reference(x)))
+
+
+def test_the_chain_replays_from_a_cuda_graph(gpu: Gpu) -> None:
+    """32 dependent launches run once (the warm-up), captured in one CUDA graph (programmatic
+    edges, CUDA >= 12.3) and replayed three times: each launch reads what the one before wrote."""
+    gpu_only(gpu, "a CUDA graph needs a GPU")
+    from sparkinfer.runtime.cuda_graph import CapturedStep, CudaStream
+
+    x = np.random.default_rng(1).standard_normal(N).astype(np.float32)
+    a, b = gpu.tensor(x), gpu.poisoned((N,))
+    launches, replays = 32, 3
+
+    def chain(a: tvm.runtime.Tensor, b: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
+        for _ in range(launches // 2):
+            gpu.library["mirror"](a, b)
+            gpu.library["mirror"](b, a)
+        return a
+
+    stream = CudaStream(gpu.dev)
+    try:
+        captured = CapturedStep(stream, chain, [a, b], warmup=1)
+        for _ in range(replays):
+            captured.replay()
+        stream.synchronize()
+        captured.close()
+    finally:
+        stream.close()
+    want = x
+    for _ in range(launches * (1 + replays)):
+        want = mirror_reference(want)
+    np.testing.assert_allclose(a.numpy(), want, rtol=1e-6)
+
+
+if __name__ == "__main__":
+    main(__doc__, "dependent_launch", kernels_module, TIR_PIPELINE)
