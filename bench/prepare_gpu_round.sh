@@ -9,7 +9,8 @@
 #      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
 #   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, the candidate module
 #      (compiled/<arch>/candidate/: bench/gpu_round.py CANDIDATE_STEP and the T-token step), the int8-activation
-#      module (compiled/<arch>/q8/: Q8_STEP, decode only), and
+#      module (compiled/<arch>/q8/: Q8_STEP, decode only), the programmatic-launch module (compiled/<arch>/pdl/:
+#      PDL_STEP, decode only), and
 #      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer
@@ -24,6 +25,9 @@ cd "$root"
 arch=${1:-sm_90}
 t0=$SECONDS
 [ -f .device/setup.sh ] || { echo "no .device/setup.sh: run bench/device/pack.sh first" >&2; exit 1; }
+# The tuning round below continues from tuning_logs/<arch>/: without it (moved out for a call,
+# as the size check at the end suggests) it would start over and write a fresh log there.
+[ -d "tuning_logs/$arch" ] || { echo "no tuning_logs/$arch (moved out for a device call?): put it back first" >&2; exit 1; }
 
 bench/pack_device_extras.sh > /dev/null
 echo "extras: $(du -sh .device/extras | cut -f1) in .device/extras ($((SECONDS - t0)) s)"
@@ -55,7 +59,8 @@ tar cf - compiled/gpu-tests "compiled/$arch" | xz -T2 -6 > .device/compiled.tar.
 # that archive.
 carry=(.device/setup.sh .device/tvm_runtime.tar.xz $(ls .device/*.whl) .device/extras .device/compiled.tar.xz
        .device/tune.tar.xz)
-tracked=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c %s -- 2>/dev/null \
+# (files moved out of the tree for the call, tuning_logs/<arch> below, are not there to stat)
+tracked=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | { xargs -0 -r stat -c %s -- 2>/dev/null || :; } \
            | awk '{s += $1} END {print s + 0}')
 carried=$(du -scb "${carry[@]}" | tail -1 | cut -f1)
 total=$((tracked + carried))
@@ -66,7 +71,7 @@ archive_bytes=$(stat -c %s .device/compiled.tar.xz)
 echo "carried sizes: compiled/gpu-tests + compiled/$arch $(mib "$compiled_bytes") as" \
      ".device/compiled.tar.xz $(mib "$archive_bytes"), .device kit $(mib $((carried - archive_bytes)))"
 echo "travels: tree $(mib "$tracked") + carried $(mib "$carried") = $(mib "$total") (the tool's limit: 64 MiB)"
-{ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r stat -c '%s %n' -- 2>/dev/null \
+{ git ls-files -z; git ls-files -z --others --exclude-standard; } | { xargs -0 -r stat -c '%s %n' -- 2>/dev/null || :; } \
   | sort -n | tail -3 | awk '$1 > 1048576 {printf "  tree: %.1f MiB %s\n", $1 / 1048576, $2}'
 if [ "$total" -gt $((64 * 1048576)) ]; then
   echo "ERROR: over the 64 MiB a call may carry" >&2

@@ -33,7 +33,7 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP"])
+@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP", "PDL_STEP"])
 def test_the_round_candidate_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
                                                                               step_name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
@@ -70,3 +70,17 @@ def test_the_round_report_shows_the_q8_gate_and_decode(tmp_path: Path) -> None:
     report = gpu_round.report(tmp_path)
     assert f"the int8-activation module ({gpu_round.Q8_STEP}): full-size gate:\n  PASS mean KL 2.0e-05" in report
     assert "tg128 @ 4096" in report and "300.0" in report and "1.05" in report  # 300 / 286.3
+
+
+def test_the_round_report_shows_stage_pdl_both_modules(tmp_path: Path) -> None:
+    import json
+
+    gpu_round = _gpu_round()
+    for name, rate in (("decode-pdl-base.json", 250.0), ("decode-pdl.json", 270.0)):
+        result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
+                  "decode": [{"depth": 128, "tok_s_median": rate, "fill_ms": 1.0}]}
+        (tmp_path / name).write_text(json.dumps(result) + "\n")
+    report = gpu_round.report(tmp_path)
+    base = report.index(f"stage pdl, {gpu_round.CANDIDATE_STEP}, host sees every token:")
+    pdl = report.index(f"stage pdl, {gpu_round.PDL_STEP}, host sees every token:")
+    assert base < report.index("250.0") < pdl < report.index("270.0")
