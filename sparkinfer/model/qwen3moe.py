@@ -54,11 +54,12 @@ from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeEr
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
-from sparkinfer.kernels.gemv import DECODE_LAUNCHES, gemv_format
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
+from sparkinfer.quant.layouts import RelaidType
 from sparkinfer.model.spec import (
     ENTRY,
     ENTRY_PROCESSED,
@@ -68,6 +69,7 @@ from sparkinfer.model.spec import (
     ROLE_KV,
     ROLE_STATE,
     ROLE_WEIGHT,
+    LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
 
@@ -98,9 +100,11 @@ def normalize_type_map(type_map: Mapping[str, Any]) -> dict[str, GGMLQuantizatio
     return {name: _spec.ggml_type(t) for name, t in type_map.items()}
 
 
-def _weight_type(spec: TensorSpec, ggml_type: GGMLQuantizationType) -> tuple[str, tuple[int, ...]]:
-    """dtype and shape of the word array `weight_view` makes of this tensor's data."""
-    fmt = gemv_format(ggml_type)
+def _weight_type(spec: TensorSpec, weight_fmt: GGMLQuantizationType | RelaidType) -> tuple[str, tuple[int, ...]]:
+    """dtype and shape of the word array `weight_view` makes of this tensor's data, in the
+    weight format the kernels read it in (its ggml type, or Q6_K_PLANAR)."""
+    fmt = gemv_format(weight_fmt)
+    ggml_type = fmt.ggml_type
     if spec.is_norm:
         if ggml_type != _T.F32:
             raise TensorShapeError(f"tensor '{spec.name}' is {ggml_type.name}: SparkInfer needs norm weights in F32")
@@ -122,11 +126,26 @@ def _weight_specs(config: ModelConfig, types: Mapping[str, GGMLQuantizationType]
     return specs
 
 
+def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str) -> frozenset[str]:
+    """The weights the step reads as planar Q6_K (the step variant q6_k_layout="planar"): the
+    Q6_K tensors that only dequantizing GEMVs and GEMMs read (the LM head, the attention
+    projections). Not token_embd (the embedding kernels read it, and a tied LM head with them),
+    nor the FFN weights (the MoE kernels' planar forms are not wired yet)."""
+    if q6_k_layout not in Q6_K_LAYOUTS:
+        raise SparkInferError(f"q6_k_layout must be one of {', '.join(Q6_K_LAYOUTS)}, got {q6_k_layout!r}")
+    if q6_k_layout != "planar":
+        return frozenset()
+    return frozenset(spec.name for spec in _weight_specs(config, types)
+                     if types[spec.name] == _T.Q6_K and (spec.name == "output.weight" or spec.kind.startswith("attn_")))
+
+
 def decode_inputs(
-    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE
+    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf"
 ) -> list[StepInput]:
-    """The ordered parameters of `decode` (see the module docstring)."""
+    """The ordered parameters of `decode` (see the module docstring); the weights of
+    `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding)."""
     types = normalize_type_map(type_map)
+    planar = planar_tensors(config, types, q6_k_layout)
     mp = max_pages(config, page_size)
     inputs = [
         StepInput("token", ROLE_STATE, "int32", (1,)),
@@ -143,8 +162,10 @@ def decode_inputs(
         inputs.append(StepInput(f"k_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
         inputs.append(StepInput(f"v_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
     for spec in _weight_specs(config, types):
-        dtype, shape = _weight_type(spec, types[spec.name])
-        inputs.append(StepInput(_param_name(spec.name), ROLE_WEIGHT, dtype, shape, spec.name, types[spec.name].name))
+        relaid = spec.name in planar
+        dtype, shape = _weight_type(spec, weight_format(types[spec.name], q6_k_layout) if relaid else types[spec.name])
+        inputs.append(StepInput(_param_name(spec.name), ROLE_WEIGHT, dtype, shape, spec.name, types[spec.name].name,
+                                LAYOUT_Q6_K_PLANAR if relaid else None))
     return inputs
 
 
@@ -240,7 +261,7 @@ class Normed:
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
-                 decode_launches: str = "split") -> None:
+                 decode_launches: str = "split", q6_k_layout: str = "gguf") -> None:
         self.c = config
         self.activations = activations
         self.fused = decode_launches == "fused"
@@ -251,7 +272,9 @@ class _StepBuilder:
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout)
+        self.planar = planar_tensors(config, types, q6_k_layout)
+        self.q6_k_layout = q6_k_layout
         self.params: dict[str, relax.Var] = {}
 
     def _fresh_params(self, extra: list[StepInput]) -> list[relax.Var]:
@@ -281,6 +304,10 @@ class _StepBuilder:
     def t(self, name: str) -> GGMLQuantizationType:
         return self.types[name]
 
+    def w_fmt(self, name: str) -> GGMLQuantizationType | RelaidType:
+        """The weight format the kernels read tensor `name` in: its ggml type, or Q6_K_PLANAR."""
+        return weight_format(self.t(name), self.q6_k_layout) if name in self.planar else self.t(name)
+
     def call(self, gvar: relax.GlobalVar, args: list[relax.Expr], outs: list[relax.TensorType], name: str) -> Any:
         expr = relax.call_tir(gvar, args, outs if len(outs) > 1 else outs[0])
         return self._emit(expr, len(outs), name)
@@ -309,9 +336,9 @@ class _StepBuilder:
     def gemv(self, name: str, x: relax.Expr | Normed, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
         if isinstance(x, Normed):
-            gv = self.k("gemv", "gemv_normed", self.t(name), n, k, self.c.rms_eps)
+            gv = self.k("gemv", "gemv_normed", self.w_fmt(name), n, k, self.c.rms_eps)
             return self.call(gv, [self.params[name], x.h, x.w], [self.f32(n)], label)
-        gv = self.k("gemv", "gemv", self.t(name), n, k)
+        gv = self.k("gemv", "gemv", self.w_fmt(name), n, k)
         return self.call(gv, [self.params[name], x], [self.f32(n)], label)
 
     def normed(self, h: relax.Var, weight: str) -> Normed:
@@ -326,8 +353,8 @@ class _StepBuilder:
         kinds = ("q", "k", "v")
         names = [w + f"attn_{kind}.weight" for kind in kinds]
         out: list[relax.Var | None] = [None, None, None]
-        for t in dict.fromkeys(self.t(n) for n in names):  # distinct types, in q/k/v order
-            group = [j for j, n in enumerate(names) if self.t(n) == t]
+        for t in dict.fromkeys(self.w_fmt(n) for n in names):  # distinct formats, in q/k/v order
+            group = [j for j, n in enumerate(names) if self.w_fmt(n) == t]
             if len(group) == 1:
                 j = group[0]
                 out[j] = self.gemv(names[j], x, f"{kinds[j]}{i}")
@@ -430,7 +457,7 @@ class _StepBuilder:
             # the residual add in the output projection's epilogue; the norm in its consumers
             name = w + "attn_output.weight"
             n, k = self.spec_shape(name)
-            gv = self.k("gemv", "gemv_residual", self.t(name), n, k)
+            gv = self.k("gemv", "gemv_residual", self.w_fmt(name), n, k)
             h = self.call(gv, [p[name], att, h], [self.f32(H)], f"ao{i}")
             f: relax.Var | Normed = self.normed(h, w + "ffn_norm.weight")
         else:
@@ -505,7 +532,7 @@ class _StepBuilder:
         n, k = self.spec_shape(name)
         # float32 weights (the router) keep float32 products: routing has near-ties.
         half = self.chunk_operands == "f16" and self.t(name) != GGMLQuantizationType.F32
-        gv = self.k("gemm", "gemm", self.t(name), n_tokens, n, k, *((True,) if half else ()))
+        gv = self.k("gemm", "gemm", self.w_fmt(name), n_tokens, n, k, *((True,) if half else ()))
         return self.call(gv, [self.params[name], x], [self.f32(n_tokens, n)], label)
 
     def _chunk_body(self, n_tokens: int, all_logits: bool) -> list[relax.Var]:
@@ -611,6 +638,7 @@ def build_decode_step(
     activations: str = "f32",
     chunk_operands: str = "f32",
     decode_launches: str = "split",
+    q6_k_layout: str = "gguf",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -629,7 +657,11 @@ def build_decode_step(
     `kernels.moe.moe_gate_up_silu_routed`, which also runs router_topk): fewer launches a layer.
     Int8 experts and a dense FFN keep an rms_norm launch for their input (and int8 experts
     their router_topk).
-    The T-token step is the same either way."""
+    The T-token step is the same either way.
+    `q6_k_layout` (Q6_K_LAYOUTS) is how the Q6_K weights of `planar_tensors` sit in device
+    memory: "gguf" as in the file, "planar" re-laid out at binding (quant/layouts.py) so that
+    their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR
+    (any decode_launches, and the T-token step's GEMMs)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -646,7 +678,8 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches)
+    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
+                           q6_k_layout)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

@@ -14,7 +14,7 @@ from ._arrays import F16, F32, U8
 from .layouts import (
     Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SUB_BLOCK, Q4_K_TYPE_SIZE,
     Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES, Q5_K_TYPE_SIZE,
-    Q6_K_D, Q6_K_PLANAR_HALF_QH, Q6_K_PLANAR_HALF_QL, Q6_K_PLANAR_RUN, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SUB_BLOCK, Q6_K_TYPE_SIZE,
+    Q6_K_D, PLANAR_Q6_K_HALF_QH, PLANAR_Q6_K_HALF_QL, PLANAR_Q6_K_RUN, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SUB_BLOCK, Q6_K_TYPE_SIZE,
     QK_K, Span, q6_k_planar_row_bytes,
 )
 from .scale_search import search_scale_min, search_symmetric_scale
@@ -203,9 +203,9 @@ def _q6_k_half_runs(h: int) -> list[tuple[slice, slice]]:
     """(bytes of a GGUF block, bytes of a planar half-block run) of half h's QL and QH."""
     ql, qh = Q6_K_QL.size // 2, Q6_K_QH.size // 2
     return [(slice(Q6_K_QL.start + ql * h, Q6_K_QL.start + ql * (h + 1)),
-             slice(Q6_K_PLANAR_HALF_QL.start, Q6_K_PLANAR_HALF_QL.stop)),
+             slice(PLANAR_Q6_K_HALF_QL.start, PLANAR_Q6_K_HALF_QL.stop)),
             (slice(Q6_K_QH.start + qh * h, Q6_K_QH.start + qh * (h + 1)),
-             slice(Q6_K_PLANAR_HALF_QH.start, Q6_K_PLANAR_HALF_QH.stop))]
+             slice(PLANAR_Q6_K_HALF_QH.start, PLANAR_Q6_K_HALF_QH.stop))]
 
 
 def q6_k_to_planar(rows: U8) -> U8:
@@ -215,7 +215,7 @@ def q6_k_to_planar(rows: U8) -> U8:
     lead, n_blocks = rows.shape[:-1], _q6_k_blocks_per_row(rows.shape[-1])
     blocks = rows.reshape(*lead, n_blocks, Q6_K_TYPE_SIZE)
     out = np.zeros((*lead, q6_k_planar_row_bytes(n_blocks)), dtype=np.uint8)
-    quants = out[..., : 2 * n_blocks * Q6_K_PLANAR_RUN].reshape(*lead, n_blocks, 2, Q6_K_PLANAR_RUN)
+    quants = out[..., : 2 * n_blocks * PLANAR_Q6_K_RUN].reshape(*lead, n_blocks, 2, PLANAR_Q6_K_RUN)
     for h in range(2):
         for block_bytes, run_bytes in _q6_k_half_runs(h):
             quants[..., h, run_bytes] = blocks[..., block_bytes]
@@ -232,7 +232,7 @@ def q6_k_from_planar(planar: U8, n_blocks: int) -> U8:
                                f"bytes, got {planar.shape[-1]}")
     lead = planar.shape[:-1]
     blocks = np.empty((*lead, n_blocks, Q6_K_TYPE_SIZE), dtype=np.uint8)
-    quants = planar[..., : 2 * n_blocks * Q6_K_PLANAR_RUN].reshape(*lead, n_blocks, 2, Q6_K_PLANAR_RUN)
+    quants = planar[..., : 2 * n_blocks * PLANAR_Q6_K_RUN].reshape(*lead, n_blocks, 2, PLANAR_Q6_K_RUN)
     for h in range(2):
         for block_bytes, run_bytes in _q6_k_half_runs(h):
             blocks[..., block_bytes] = quants[..., h, run_bytes]

@@ -7,6 +7,7 @@ gguf's dequantizer rather than only as wrong numbers on the GPU.
 All multi-byte fields are little-endian; f16 is IEEE binary16.
 """
 
+from enum import IntEnum
 from typing import NamedTuple
 
 
@@ -72,12 +73,21 @@ Q6_K_D = Span(208, 210)  # f16
 #   d       [208 nb, 210 nb)  the f16 d of block b at 208 nb + 2 b
 # (each plane starts at nb * the field's offset in a block), then zeros up to a multiple of 16
 # bytes: none where nb is a multiple of 8 (k = 2048), 10 bytes of 630 at k = 768.
-Q6_K_PLANAR_HALF_QL = Span(0, 64)  # within a half-block's run
-Q6_K_PLANAR_HALF_QH = Span(64, 96)
-Q6_K_PLANAR_RUN = 96
-Q6_K_PLANAR_ALIGN = 16
+class RelaidType(IntEnum):
+    """Weight formats SparkInfer re-lays out at upload, standing where kernels take a ggml type
+    (factory arguments, which record them by name like ggml types; schedule rules; tuning
+    keys): numbers outside ggml's type numbers (one byte), over the ggml type they come from."""
+
+    Q6_K_PLANAR = 0x100 | 14  # GGMLQuantizationType.Q6_K
+
+
+Q6_K_PLANAR = RelaidType.Q6_K_PLANAR
+PLANAR_Q6_K_HALF_QL = Span(0, 64)  # within a half-block's run
+PLANAR_Q6_K_HALF_QH = Span(64, 96)
+PLANAR_Q6_K_RUN = 96
+PLANAR_Q6_K_ALIGN = 16
 
 
 def q6_k_planar_row_bytes(n_blocks: int) -> int:
     """Bytes of a planar Q6_K row of `n_blocks` blocks (padded to 16 bytes)."""
-    return -(-n_blocks * Q6_K_TYPE_SIZE // Q6_K_PLANAR_ALIGN) * Q6_K_PLANAR_ALIGN
+    return -(-n_blocks * Q6_K_TYPE_SIZE // PLANAR_Q6_K_ALIGN) * PLANAR_Q6_K_ALIGN
