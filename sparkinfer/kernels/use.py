@@ -66,8 +66,13 @@ def kernel_args(args: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(_arg_json(a) for a in args)
 
 
+def weight_format_named(name: str) -> GGMLQuantizationType | RelaidType:
+    """A weight format from its name as a KernelUse records it: a ggml type, or one of
+    SparkInfer's re-laid-out formats (`quant.layouts.RelaidType`, e.g. Q6_K_PLANAR)."""
+    return RelaidType[name] if name in RelaidType.__members__ else _T[name]
+
+
 def factory_args(use: KernelUse) -> tuple[Any, ...]:
-    """A KernelUse's arguments as the factory takes them (ggml type names back to the enum, and
-    the names of SparkInfer's re-laid-out formats to `quant.layouts.RelaidType`)."""
-    return tuple((RelaidType[a] if a in RelaidType.__members__ else _T[a]) if isinstance(a, str) else a
-                 for a in use.args)
+    """A KernelUse's arguments as the factory takes them (weight format names back to
+    `weight_format_named`'s enums)."""
+    return tuple(weight_format_named(a) if isinstance(a, str) else a for a in use.args)

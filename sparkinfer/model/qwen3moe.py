@@ -126,26 +126,41 @@ def _weight_specs(config: ModelConfig, types: Mapping[str, GGMLQuantizationType]
     return specs
 
 
-def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str) -> frozenset[str]:
+# The tensors whose readers all take planar Q6_K: the float-activation GEMVs and GEMMs
+# (kernels.gemv, kernels.gemm) and the down projections of the MoE kernels (kernels.moe,
+# kernels.moe_chunk; the dense FFN runs through them too).
+_PLANAR_READERS = ("output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_down_exps", "ffn_down")
+
+
+def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str,
+                   activations: str = "f32") -> frozenset[str]:
     """The weights the step reads as planar Q6_K (the step variant q6_k_layout="planar"): the
-    Q6_K tensors that only dequantizing GEMVs and GEMMs read (the LM head, the attention
-    projections). Not token_embd (the embedding kernels read it, and a tied LM head with them),
-    nor the FFN weights (the MoE kernels' planar forms are not wired yet)."""
+    Q6_K tensors of _PLANAR_READERS: the LM head, the attention projections, the FFN down
+    projections. Not token_embd (the embedding kernels read it, and a tied LM head with them),
+    nor the gate/up weights (no planar gate/up kernel yet: Q4_K_M has none in Q6_K), nor a down
+    projection of int8 experts (activations="q8": kernels.moe_q8 reads GGUF blocks)."""
     if q6_k_layout not in Q6_K_LAYOUTS:
         raise SparkInferError(f"q6_k_layout must be one of {', '.join(Q6_K_LAYOUTS)}, got {q6_k_layout!r}")
     if q6_k_layout != "planar":
         return frozenset()
+
+    def int8_down(spec: TensorSpec) -> bool:
+        ffn = [spec.name.replace("_down", f"_{kind}") for kind in ("gate", "up", "down")]
+        return activations == "q8" and all(types[name] in Q8_TYPES for name in ffn)
+
     return frozenset(spec.name for spec in _weight_specs(config, types)
-                     if types[spec.name] == _T.Q6_K and (spec.name == "output.weight" or spec.kind.startswith("attn_")))
+                     if types[spec.name] == _T.Q6_K and spec.kind in _PLANAR_READERS
+                     and not (spec.kind.startswith("ffn_down") and int8_down(spec)))
 
 
 def decode_inputs(
-    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf"
+    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
+    activations: str = "f32",
 ) -> list[StepInput]:
     """The ordered parameters of `decode` (see the module docstring); the weights of
     `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding)."""
     types = normalize_type_map(type_map)
-    planar = planar_tensors(config, types, q6_k_layout)
+    planar = planar_tensors(config, types, q6_k_layout, activations)
     mp = max_pages(config, page_size)
     inputs = [
         StepInput("token", ROLE_STATE, "int32", (1,)),
@@ -272,8 +287,8 @@ class _StepBuilder:
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size, q6_k_layout)
-        self.planar = planar_tensors(config, types, q6_k_layout)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations)
+        self.planar = planar_tensors(config, types, q6_k_layout, activations)
         self.q6_k_layout = q6_k_layout
         self.params: dict[str, relax.Var] = {}
 
@@ -522,7 +537,7 @@ class _StepBuilder:
 
     def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
               act: relax.Var, h: relax.Var, i: int) -> relax.Var:
-        gv = self.k("moe", "moe_down_residual", self.t(d), E, KU, H, I)
+        gv = self.k("moe", "moe_down_residual", self.w_fmt(d), E, KU, H, I)
         return self.call(gv, [self.params[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
 
 
@@ -615,14 +630,14 @@ class _StepBuilder:
         if self.chunk_operands == "f16" and GGMLQuantizationType.F32 not in (self.t(g), self.t(u), self.t(d)):
             gv = self.k("moe_chunk", "grouped_gate_up_silu_f16", self.t(g), self.t(u), E, R, I, H, NT)
             act = self.call(gv, [p[g], p[u], offsets, row_token, f], [self.f32(R, I)], f"act{i}")
-            gv = self.k("moe_chunk", "grouped_gemm_f16", self.t(d), E, R, H, I)
+            gv = self.k("moe_chunk", "grouped_gemm_f16", self.w_fmt(d), E, R, H, I)
             down = self.call(gv, [p[d], offsets, act], [self.f32(R, H)], f"down{i}")
         else:
             gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
                                   [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
                         for name, kind in ((g, "gate"), (u, "up")))
             act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
-            down = self.call(self.k("moe_chunk", "grouped_gemm", self.t(d), E, R, H, I, R, False),
+            down = self.call(self.k("moe_chunk", "grouped_gemm", self.w_fmt(d), E, R, H, I, R, False),
                              [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
         gv = self.k("moe_chunk", "moe_combine_residual", NT, KU, R, H)
         return self.call(gv, [down, row_of, weights, h, p["n_valid"]], [self.f32(NT, H)], f"h{i}")

@@ -103,7 +103,8 @@ def test_moe_sort_groups_valid_tokens_by_expert(rng: np.random.Generator) -> Non
             assert offsets[e] <= r < offsets[e + 1] and row_token[r] == t
 
 
-@pytest.mark.parametrize("types", [(T.Q4_K, T.Q5_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)],
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q5_K, T.Q6_K), (T.Q8_0, T.F16, T.F32),
+                                   (T.Q4_K, T.Q4_K, gemv.Q6_K_PLANAR)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_moe_chunk_pipeline_matches_numpy(rng: np.random.Generator, types: tuple[T, T, T]) -> None:
     rows, experts, used, h, ffn, n_valid = 7, 5, 2, 256, 256, 6
@@ -194,7 +195,7 @@ def test_grouped_gate_up_silu_f16_matches_numpy_on_half_operands(rng: np.random.
     assert np.isnan(act[offsets[-1]:]).all(), "a row past offsets[E] was written"
 
 
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, gemv.Q6_K_PLANAR], ids=lambda t: t.name)
 def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generator, t: T) -> None:
     n_tokens, experts, used, h, ffn, n_valid = 40, 5, 2, 128, 256, 37
     offsets, _ = expert_rows(rng, n_tokens, experts, used, n_valid, 35)

@@ -28,22 +28,33 @@ def planar_uses(step) -> dict[str, set[str]]:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("decode_launches", ["split", "fused"])
-def test_planar_step_reads_the_lm_head_and_q6_k_projections_planar(decode_launches: str) -> None:
+def test_planar_step_reads_every_q6_k_projection_planar(decode_launches: str) -> None:
     types = type_map(TINY_DENSE, "q4_k_m")  # Q6_K: output, blk.1.attn_v, blk.1.ffn_down
     step = build_decode_step(TINY_DENSE, types, prefill_chunks=(8,), decode_launches=decode_launches,
                              q6_k_layout="planar")
     relaid = {i.tensor: i for i in step.inputs if i.layout is not None}
-    assert set(relaid) == {"output.weight", "blk.1.attn_v.weight"}  # not the FFN's (MoE kernels)
+    assert set(relaid) == {"output.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
     head = relaid["output.weight"]
     assert (head.layout, head.dtype, head.ggml_type) == (LAYOUT_Q6_K_PLANAR, "uint32", "Q6_K")
     assert head.shape == (TINY_DENSE.vocab_size, 224 // 4)  # one 210-byte block a row, padded to 16 bytes
     uses = planar_uses(step)
     v_factory = "gemv_normed" if decode_launches == "fused" else "gemv"  # V alone: Q and K are Q4_K
-    assert uses.keys() == {"gemv", v_factory, "gemm"}
+    assert uses.keys() == {"gemv", v_factory, "gemm", "moe_down_residual", "grouped_gemm"}
     assert any("gemv_q6_k_planar" in name for name in uses["gemv"])  # the LM head
     gguf = build_decode_step(TINY_DENSE, types, prefill_chunks=(8,), decode_launches=decode_launches)
     assert not planar_uses(gguf) and all(i.layout is None for i in gguf.inputs)
     assert len(step.kernels) == len(gguf.kernels)
+
+
+def test_int8_experts_keep_their_down_projection_in_gguf_blocks() -> None:
+    tiny = preset_config("tiny")  # Q6_K: output, blk.1.ffn_down_exps
+    types = type_map(tiny, "q4_k_m")
+    float_experts = build_decode_step(tiny, types, q6_k_layout="planar")
+    assert {i.tensor for i in float_experts.inputs if i.layout} == {"output.weight", "blk.1.ffn_down_exps.weight"}
+    assert planar_uses(float_experts).keys() == {"gemv", "moe_down_residual"}
+    int8 = build_decode_step(tiny, types, q6_k_layout="planar", activations="q8")
+    assert {i.tensor for i in int8.inputs if i.layout} == {"output.weight"}
+    assert planar_uses(int8).keys() == {"gemv"}
 
 
 def test_an_unknown_q6_k_layout_is_named() -> None:
