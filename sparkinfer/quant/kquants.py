@@ -14,8 +14,8 @@ from ._arrays import F16, F32, U8
 from .layouts import (
     Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SUB_BLOCK, Q4_K_TYPE_SIZE,
     Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES, Q5_K_TYPE_SIZE,
-    Q6_K_D, PLANAR_Q6_K_HALF_QH, PLANAR_Q6_K_HALF_QL, PLANAR_Q6_K_RUN, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SUB_BLOCK, Q6_K_TYPE_SIZE,
-    QK_K, Span, q6_k_planar_row_bytes,
+    Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SUB_BLOCK, Q6_K_TYPE_SIZE,
+    PLANAR_Q6_K_HALF_QH, PLANAR_Q6_K_HALF_QL, PLANAR_Q6_K_RUN, QK_K, Span, q6_k_planar_row_bytes,
 )
 from .scale_search import search_scale_min, search_symmetric_scale
 

@@ -30,6 +30,7 @@ def test_a_planar_weight_is_uploaded_re_laid_out() -> None:
 def test_a_planar_weight_of_another_size_names_both_counts() -> None:
     rows = np.zeros((6, 2 * 210), dtype=np.uint8)
     inp = StepInput("output", "weight", "uint32", (6, 160), "output.weight", "Q6_K", LAYOUT_Q6_K_PLANAR)
-    with pytest.raises(CompiledModuleError, match=r"holds 2520 bytes, but the compiled module takes it as "
-                                                  r"uint32\[6, 160\] re-laid out as q6_k_planar \(3780 bytes in the file\)"):
+    message = r"holds 2520 bytes, but the compiled module takes it as uint32\[6, 160\] re-laid out as q6_k_planar " \
+              r"\(3780 bytes in the file\)"
+    with pytest.raises(CompiledModuleError, match=message):
         upload_weights(model_of("output.weight", rows, [512, 6]), [inp], tvm.cpu(), progress=False)
