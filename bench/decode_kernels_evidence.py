@@ -1,7 +1,8 @@
 """Evidence for the decode kernels before a GPU is at hand (bench/NOTES.md, "Int8 activations"):
 
   1. launches per token of the full-size Qwen3-30B-A3B Q4_K_M step, per variant (activations
-     f32 / q8, decode_launches split / fused: the step variants of schedule/schedules.py);
+     f32 / q8, decode_launches split / fused, q6_k_layout gguf / planar: the step variants of
+     schedule/schedules.py);
   2. per kernel, for sm_90a: registers and spills (`ptxas -v`) and global loads by width in the
      SASS (`cuobjdump -sass`: LDG.E.128 / .64 / 32-bit / 16-bit / 8-bit);
   3. per kernel, the bytes it must read per token and the time those take at the H200's
@@ -12,7 +13,7 @@ Needs full TVM, nvcc (CUDA 13) and cuobjdump + nvdisasm (the CUDA toolkit's, or 
 nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`). No weights are read:
 
     PYTHONPATH=. python3 bench/decode_kernels_evidence.py [--arch sm_90] [--json OUT]
-        [--activations f32,q8] [--decode-launches split,fused]
+        [--activations f32,q8] [--decode-launches split,fused] [--q6-k-layout gguf,planar]
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
 from sparkinfer.kernels.use import KernelUse, factory_args
-from sparkinfer.kernels.gemv import DECODE_LAUNCHES
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
-from sparkinfer.quant import quant_format
 
 H200_BYTES_PER_S = 4.3e12
 DEPTH = 128  # context for the attention bytes
@@ -59,8 +59,10 @@ def launches(step: DecodeStep) -> Counter[str]:
     return counts
 
 
-def _rows_bytes(ggml_type: Any, rows: int, k: int) -> int:
-    return rows * quant_format(ggml_type).row_bytes(k)
+def _rows_bytes(weight_format: Any, rows: int, k: int) -> int:
+    """Bytes of `rows` rows of k weights as the kernels read them (a ggml type, or planar Q6_K)."""
+    fmt = gemv_format(weight_format)
+    return rows * fmt.row_words(k) * fmt.word_bytes
 
 
 def bytes_read(use: KernelUse, step: DecodeStep) -> int:
@@ -93,7 +95,7 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
     if f == "quantize_q8_1":
         return 4 * a[0] * max(1, a[1])
     if f == "embedding":
-        return quant_format(a[0]).row_bytes(a[2])
+        return _rows_bytes(a[0], 1, a[2])
     if f in ("rms_norm", "add_rms_norm"):
         return 4 * a[0] * (2 if f == "rms_norm" else 3)
     if f == "paged_decode_attention":
@@ -177,13 +179,15 @@ def sass_loads(cubin: Path) -> dict[str, Counter[str]]:
     return out
 
 
-def evidence(arch: str, activations_values: list[str], launches_values: list[str]) -> dict[str, Any]:
+def evidence(arch: str, activations_values: list[str], launches_values: list[str],
+             layouts: tuple[str, ...] | list[str] = ("gguf",)) -> dict[str, Any]:
     config = preset_config("qwen3-30b-a3b")
     types = type_map(config, "q4_k_m")
     result: dict[str, Any] = {"arch": arch, "model": "qwen3-30b-a3b q4_k_m", "depth": DEPTH,
                               "bandwidth_bytes_per_s": H200_BYTES_PER_S, "variants": {}}
-    for activations, decode_launches in itertools.product(activations_values, launches_values):
-        step = build_decode_step(config, types, activations=activations, decode_launches=decode_launches)
+    for activations, decode_launches, layout in itertools.product(activations_values, launches_values, layouts):
+        step = build_decode_step(config, types, activations=activations, decode_launches=decode_launches,
+                                 q6_k_layout=layout)
         counts = launches(step)
         schedule_step(step, arch)
         mod = tvm.IRModule({use.name: step.mod[use.name].with_attr("global_symbol", use.name)
@@ -203,7 +207,7 @@ def evidence(arch: str, activations_values: list[str], launches_values: list[str
                 "bytes_per_launch": b, "floor_us_per_launch": b / H200_BYTES_PER_S * 1e6,
             })
         total_bytes = sum(k["bytes_per_launch"] * k["launches"] for k in kernels)
-        result["variants"][f"activations={activations} decode_launches={decode_launches}"] = {
+        result["variants"][f"activations={activations} decode_launches={decode_launches} q6_k_layout={layout}"] = {
             "launches_per_token": sum(counts.values()),
             "launches_per_layer": (sum(counts.values()) - _outside_layers(step, counts)) / config.n_layers,
             "bytes_per_token": total_bytes, "floor_ms": total_bytes / H200_BYTES_PER_S * 1e3,
@@ -256,8 +260,10 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(ACTIVATIONS)} (default: all)")
     parser.add_argument("--decode-launches", type=_choices(DECODE_LAUNCHES), default=list(DECODE_LAUNCHES),
                         help=f"comma-separated, of {', '.join(DECODE_LAUNCHES)} (default: all)")
+    parser.add_argument("--q6-k-layout", type=_choices(Q6_K_LAYOUTS), default=["gguf"],
+                        help=f"comma-separated, of {', '.join(Q6_K_LAYOUTS)} (default: gguf)")
     args = parser.parse_args()
-    result = evidence(args.arch, args.activations, args.decode_launches)
+    result = evidence(args.arch, args.activations, args.decode_launches, args.q6_k_layout)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -28,7 +28,8 @@ step, is rebuilt):
            n_valid int32[1]) and then `inputs`, returning (logits f32[V], next int32[1]) and
            (logits f32[T, V], pos int32[1]),
   inputs: [{name, role: state|kv|weight, dtype, shape ("n_pages" for the KV pages),
-            tensor and ggml_type for weights}] in call order,
+            tensor and ggml_type for weights, layout for a weight bound re-laid out
+            ("q6_k_planar": model.spec.from_file; absent: the file's bytes)}] in call order,
   outputs: [{name, dtype, shape}] (logits, next),
   schedules: the schedules file the kernels' knobs came from (null: none, arch defaults),
   kernels: [{name, family, factory, args, schedule}] where schedule is {rule (module.class),

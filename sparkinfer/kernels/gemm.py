@@ -25,8 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from tvm import te, tirx
 
-from sparkinfer import quant
-from sparkinfer.kernels.gemv import GemvFormat, Row, gemv_format
+from sparkinfer.kernels.gemv import GemvFormat, Row, dequantize_rows, gemv_format
 
 Expr = tirx.Expr
 GEMM_OPERANDS = ("f32", "f16")  # the step variant's values: half_operands False / True
@@ -65,7 +64,7 @@ def gemm(ggml_type: int, t: int, n: int, k: int, half_operands: bool = False) ->
     x = te.placeholder((t, k), "float32", name="x")
 
     def row(r: Expr) -> Row:
-        return lambda i: w[r, i]
+        return fmt.row_view(lambda i: w[r, i], k)
 
     sub_blocks = (n, n_chunks, fmt.parts)
     scale = None if fmt.scale is None else te.compute(
@@ -94,9 +93,9 @@ def gemm(ggml_type: int, t: int, n: int, k: int, half_operands: bool = False) ->
 
 def gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32],
                    half_operands: bool = False) -> np.ndarray:
-    """numpy oracle: dequantize the GGUF rows uint8[n, row_bytes], x f32[t, k] @ W^T in float64
+    """numpy oracle: dequantize the rows uint8[n, row_bytes] (`gemv.dequantize_rows`), x f32[t, k] @ W^T in float64
     (x and W rounded to float16 first if `half_operands`)."""
-    w = quant.dequantize(ggml_type, data, (data.shape[0], x.shape[-1]))
+    w = dequantize_rows(ggml_type, data, x.shape[-1])
     if half_operands:
         x, w = x.astype(np.float16), w.astype(np.float16)
     return (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)

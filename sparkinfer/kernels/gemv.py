@@ -8,6 +8,7 @@ row bytes as little-endian words (`weight_view`), a zero-copy reinterpretation:
 | Q4_K | uint32, 36/block  | 144 B blocks: every block and its QS are 16-byte aligned |
 | Q5_K | uint32, 44/block  | 176 B blocks: likewise                                   |
 | Q6_K | uint16, 105/block | 210 B blocks start at even offsets only                  |
+| Q6_K planar | uint32       | the upload's re-layout (layouts.py): 16-byte aligned runs |
 | Q8_0 | uint16, 17/block  | 34 B blocks start at even offsets only                   |
 | F16  | float16           |                                                         |
 | BF16 | uint16            | widening to f32 is a 16-bit shift; no bf16 math needed   |
@@ -35,6 +36,14 @@ The fused-launch forms (the decode step's `decode_launches="fused"`) add a prolo
 epilogue to these, not a second copy: `gemv_normed` / `gemv_qkv_normed` take h and a norm
 weight and compute x = rmsnorm(h) * w first (`norm.normalize`: stages sumsq and norm, the dots
 reading norm), `gemv_residual` adds r to each row's sum (stage residual).
+
+Q6_K_PLANAR is a weight format beside the ggml types: Q6_K rows re-laid out at upload
+(`quant.kquants.q6_k_to_planar`, the step variant q6_k_layout="planar") so that a lane's
+chunk is one 16-byte-aligned 96-byte run. Its id stands where a ggml type does (factory
+arguments, schedule rules, tuning keys); its decoders share Q6_K's arithmetic
+(`_q6_k_value`, `_q6_k_sub_scale`) and address the planes of layouts.py. The scale and d
+planes start at offsets that depend on the row's block count, so every kernel reads a row
+through `GemvFormat.row_view(words, k)`, which for the planar format carries that count.
 """
 
 from collections.abc import Callable
@@ -48,6 +57,7 @@ from tvm import te, tirx
 from sparkinfer import quant
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
 from sparkinfer.kernels.norm import normalize, rms_norm_reference
+from sparkinfer.quant import kquants
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
@@ -56,6 +66,10 @@ Expr = tirx.Expr
 # "split" runs each norm and residual add as a launch of its own, "fused" folds them into
 # the GEMVs around them (gemv_normed, gemv_qkv_normed, gemv_residual).
 DECODE_LAUNCHES = ("split", "fused")
+# The step variant q6_k_layout: how Q6_K weights the decode GEMVs read sit in device memory,
+# "gguf" as the file has them, "planar" re-laid out at upload (Q6_K_PLANAR).
+Q6_K_LAYOUTS = ("gguf", "planar")
+Q6_K_PLANAR = L.Q6_K_PLANAR  # the weight-format id of planar Q6_K
 # A row accessor: word index within the row -> that word (uint16/uint32/float).
 Row = Callable[[Expr], Expr]
 
@@ -74,17 +88,23 @@ class GemvFormat:
 
     ggml_type: GGMLQuantizationType
     word_dtype: str
-    words_per_block: int
+    block_bytes: int
     block_size: int
     sub: int
     parts: int
     code: Callable[[Row, Expr, Expr, Expr], Expr]
     scale: Callable[[Row, Expr, Expr], Expr] | None = None
     min: Callable[[Row, Expr, Expr], Expr] | None = None
+    planar: bool = False  # the Q6_K planar re-layout of the upload, not the file's blocks
+
+    @property
+    def id(self) -> GGMLQuantizationType | L.RelaidType:
+        """What kernel factories take for this format: the ggml type, or Q6_K_PLANAR."""
+        return Q6_K_PLANAR if self.planar else self.ggml_type
 
     @property
     def name(self) -> str:
-        return self.ggml_type.name
+        return self.ggml_type.name + ("_PLANAR" if self.planar else "")
 
     @property
     def chunk(self) -> int:
@@ -100,7 +120,26 @@ class GemvFormat:
                 f"a {self.name} row must hold a multiple of {max(self.block_size, self.chunk)} "
                 f"weights, got {k}"
             )
-        return k // self.block_size * self.words_per_block
+        n_blocks = k // self.block_size
+        row_bytes = L.q6_k_planar_row_bytes(n_blocks) if self.planar else n_blocks * self.block_bytes
+        return row_bytes // self.word_bytes
+
+    def row_view(self, words: Row, k: int) -> Row:
+        """Row accessor the decoders take for a row of k weights whose words are `words`:
+        `words` itself, or for the planar format a PlanarRow that knows its block count."""
+        return PlanarRow(words, k // self.block_size) if self.planar else words
+
+
+@dataclass(frozen=True)
+class PlanarRow:
+    """A planar Q6_K row: its words (uint32) and its block count, which places the scale and
+    d planes (layouts.py, "Q6_K planar")."""
+
+    words: Row
+    n_blocks: int
+
+    def __call__(self, i: Expr) -> Expr:
+        return self.words(i)
 
 
 def _u32(v: Expr | int) -> Expr:
@@ -186,20 +225,46 @@ def _q5_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
 _Q6_K_HALF = 128
 
 
-def _q6_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
-    block_byte, h = c // 2 * L.Q6_K_TYPE_SIZE, c % 2
-    quarter, pos = p // 2, p % 2 * 16 + l
-    low = _byte(row, 2, block_byte + L.Q6_K_QL.start + 64 * h + 32 * (quarter % 2) + pos)
-    high = _byte(row, 2, block_byte + L.Q6_K_QH.start + 32 * h + pos)
+def _q6_k_value(low: Expr, high: Expr, quarter: Expr) -> Expr:
+    """A Q6_K weight's code q - 32 from its QL byte `low` and QH byte `high` (quarter 0..3)."""
     low_bits = (low >> _u32(quarter // 2 * 4)) & _u32(0xF)
     high_bits = (high >> _u32(quarter * 2)) & _u32(3)
     return _to_f32(low_bits | (high_bits << _u32(4)), 32)
 
 
+def _q6_k_sub_scale(d: Expr, scale_byte: Expr) -> Expr:
+    """d * the int8 scale in `scale_byte`: a Q6_K sub-block's scale."""
+    return d * _int8_to_f32(scale_byte)
+
+
+def _q6_k_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    block_byte, h = c // 2 * L.Q6_K_TYPE_SIZE, c % 2
+    quarter, pos = p // 2, p % 2 * 16 + l
+    low = _byte(row, 2, block_byte + L.Q6_K_QL.start + 64 * h + 32 * (quarter % 2) + pos)
+    high = _byte(row, 2, block_byte + L.Q6_K_QH.start + 32 * h + pos)
+    return _q6_k_value(low, high, quarter)
+
+
 def _q6_k_scale(row: Row, c: Expr, p: Expr) -> Expr:
     block_byte = c // 2 * L.Q6_K_TYPE_SIZE
-    sc = _int8_to_f32(_byte(row, 2, block_byte + L.Q6_K_SCALES.start + c % 2 * 8 + p))
-    return _f16(row, 2, block_byte + L.Q6_K_D.start) * sc
+    return _q6_k_sub_scale(_f16(row, 2, block_byte + L.Q6_K_D.start),
+                           _byte(row, 2, block_byte + L.Q6_K_SCALES.start + c % 2 * 8 + p))
+
+
+# Planar Q6_K: chunk c (a half-block) is the 96-byte run at 96 c, its QL then its QH.
+def _q6_k_planar_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
+    run, quarter, pos = c * L.PLANAR_Q6_K_RUN, p // 2, p % 2 * 16 + l
+    low = _byte(row, 4, run + L.PLANAR_Q6_K_HALF_QL.start + 32 * (quarter % 2) + pos)
+    high = _byte(row, 4, run + L.PLANAR_Q6_K_HALF_QH.start + pos)
+    return _q6_k_value(low, high, quarter)
+
+
+def _q6_k_planar_scale(row: Row, c: Expr, p: Expr) -> Expr:
+    if not isinstance(row, PlanarRow):
+        raise TypeError("planar Q6_K rows are read through GemvFormat.row_view (a PlanarRow)")
+    n_blocks = row.n_blocks  # half c's 8 scales are bytes 8c.. of the scale plane
+    return _q6_k_sub_scale(_f16(row, 4, n_blocks * L.Q6_K_D.start + c // 2 * 2),
+                           _byte(row, 4, n_blocks * L.Q6_K_SCALES.start + c * 8 + p))
 
 
 def _q8_0_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
@@ -222,33 +287,42 @@ def _bf16_code(row: Row, c: Expr, p: Expr, l: Expr) -> Expr:
 _q4_k_scale, _q4_k_min = _k_scale_decoders(L.Q4_K_TYPE_SIZE)
 _q5_k_scale, _q5_k_min = _k_scale_decoders(L.Q5_K_TYPE_SIZE)
 
-FORMATS: dict[GGMLQuantizationType, GemvFormat] = {
-    f.ggml_type: f
+FORMATS: dict[int, GemvFormat] = {
+    f.id: f
     for f in (
-        GemvFormat(_T.Q4_K, "uint32", L.Q4_K_TYPE_SIZE // 4, L.QK_K, L.Q4_K_SUB_BLOCK, 2,
+        GemvFormat(_T.Q4_K, "uint32", L.Q4_K_TYPE_SIZE, L.QK_K, L.Q4_K_SUB_BLOCK, 2,
                    _q4_k_code, _q4_k_scale, _q4_k_min),
-        GemvFormat(_T.Q5_K, "uint32", L.Q5_K_TYPE_SIZE // 4, L.QK_K, L.Q5_K_SUB_BLOCK, 2,
+        GemvFormat(_T.Q5_K, "uint32", L.Q5_K_TYPE_SIZE, L.QK_K, L.Q5_K_SUB_BLOCK, 2,
                    _q5_k_code, _q5_k_scale, _q5_k_min),
-        GemvFormat(_T.Q6_K, "uint16", L.Q6_K_TYPE_SIZE // 2, L.QK_K, L.Q6_K_SUB_BLOCK,
+        GemvFormat(_T.Q6_K, "uint16", L.Q6_K_TYPE_SIZE, L.QK_K, L.Q6_K_SUB_BLOCK,
                    _Q6_K_HALF // L.Q6_K_SUB_BLOCK, _q6_k_code, _q6_k_scale),
-        GemvFormat(_T.Q8_0, "uint16", L.Q8_0_TYPE_SIZE // 2, L.QK8_0, L.QK8_0, 1,
+        GemvFormat(_T.Q6_K, "uint32", L.Q6_K_TYPE_SIZE, L.QK_K, L.Q6_K_SUB_BLOCK,
+                   _Q6_K_HALF // L.Q6_K_SUB_BLOCK, _q6_k_planar_code, _q6_k_planar_scale, planar=True),
+        GemvFormat(_T.Q8_0, "uint16", L.Q8_0_TYPE_SIZE, L.QK8_0, L.QK8_0, 1,
                    _q8_0_code, _q8_0_scale),
-        GemvFormat(_T.F16, "float16", 1, 1, 8, 1, _float_code(8)),
-        GemvFormat(_T.BF16, "uint16", 1, 1, 8, 1, _bf16_code),
-        GemvFormat(_T.F32, "float32", 1, 1, 4, 1, _float_code(4)),
+        GemvFormat(_T.F16, "float16", 2, 1, 8, 1, _float_code(8)),
+        GemvFormat(_T.BF16, "uint16", 2, 1, 8, 1, _bf16_code),
+        GemvFormat(_T.F32, "float32", 4, 1, 4, 1, _float_code(4)),
     )
 }
 
 
 def gemv_format(ggml_type: int) -> GemvFormat:
-    fmt = FORMATS.get(ggml_type)  # type: ignore[call-overload]
+    """The format of a ggml type, or of Q6_K_PLANAR."""
+    fmt = FORMATS.get(int(ggml_type))
     if fmt is None:
-        supported = ", ".join(t.name for t in FORMATS)
+        supported = ", ".join(f.name for f in FORMATS.values())
         raise UnsupportedQuantTypeError(
             f"no GEMV kernel for quant type {GGMLQuantizationType(ggml_type).name} "
             f"(supported: {supported})"
         )
     return fmt
+
+
+def weight_format(ggml_type: GGMLQuantizationType, q6_k_layout: str) -> GGMLQuantizationType | L.RelaidType:
+    """What kernels take for a weight of `ggml_type` under the step variant `q6_k_layout`
+    (Q6_K_LAYOUTS): Q6_K_PLANAR for Q6_K re-laid out, else the type itself."""
+    return Q6_K_PLANAR if q6_k_layout == "planar" and ggml_type == _T.Q6_K else ggml_type
 
 
 def _gemv_input(k: int, norm_eps: float | None) -> tuple[list[te.Tensor], te.Tensor]:
@@ -270,7 +344,7 @@ def _gemv_te(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None,
     x_params, x = _gemv_input(k, norm_eps)
 
     def row(r: Expr) -> Row:
-        return lambda i: w[r, i]
+        return fmt.row_view(lambda i: w[r, i], k)
 
     def x_at(c: Expr, p: Expr, l: Expr) -> Expr:
         return x[c * fmt.chunk + p * fmt.sub + l]
@@ -341,7 +415,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float |
     l_dot = te.reduce_axis((0, fmt.sub), name="l")
     dot = te.compute(
         (n_total, n_chunks, fmt.parts),
-        lambda r, c, p: te.sum(fmt.code(lambda i: w[r, i], c, p, l_dot) * x_at(c, p, l_dot),
+        lambda r, c, p: te.sum(fmt.code(fmt.row_view(lambda i: w[r, i], k), c, p, l_dot) * x_at(c, p, l_dot),
                                axis=l_dot),
         name="dot",
     )
@@ -354,7 +428,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float |
     p = te.reduce_axis((0, fmt.parts), name="p")
 
     def term(r: Expr) -> Expr:
-        row = _qkv_row(weights, r)  # scales and mins: read once a sub-block, straight from W*
+        row = fmt.row_view(_qkv_row(weights, r), k)  # scales and mins: read once a sub-block, from W*
         value = dot[r, c, p]
         if fmt.scale is not None:
             value = fmt.scale(row, c, p) * value
@@ -450,12 +524,20 @@ def weight_view(ggml_type: int, data: npt.NDArray[np.uint8]) -> np.ndarray:
     return data.view(np.dtype(fmt.word_dtype))
 
 
+def dequantize_rows(ggml_type: int, data: npt.NDArray[np.uint8], k: int) -> np.ndarray:
+    """Rows uint8[..., row_bytes] of k weights in format `ggml_type` (a ggml type or
+    Q6_K_PLANAR) -> float32[..., k]."""
+    if int(ggml_type) == Q6_K_PLANAR:
+        return kquants.dequantize_q6_k_planar(data, k)
+    return quant.dequantize(ggml_type, data, (*data.shape[:-1], k))
+
+
 def gemv_reference(
     ggml_type: int, data: npt.NDArray[np.uint8], x: npt.NDArray[np.float32]
 ) -> np.ndarray:
-    """numpy oracle: dequantize the GGUF rows uint8[n, row_bytes], multiply in float64."""
-    n = data.shape[0]
-    w = quant.dequantize(ggml_type, data, (n, x.shape[-1]))
+    """numpy oracle: dequantize the rows uint8[n, row_bytes] (GGUF blocks, or planar Q6_K for
+    Q6_K_PLANAR), multiply in float64."""
+    w = dequantize_rows(ggml_type, data, x.shape[-1])
     return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
 
 

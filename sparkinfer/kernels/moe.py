@@ -59,7 +59,7 @@ def _expert_gemv_terms(
     def row(slot: Expr, r: Expr) -> Row:
         # Clamped so that TVM can bound the access (see gemv._gemv_te).
         expert = tirx.max(tirx.min(ids[slot], n_experts - 1), 0)
-        return lambda i: w[expert, r, i]
+        return fmt.row_view(lambda i: w[expert, r, i], k)
 
     def x_sub(slot: Expr, c: Expr, p: Expr, l: Expr) -> Expr:
         return x_at(slot, c * fmt.chunk + p * fmt.sub + l)

@@ -36,9 +36,8 @@ import numpy as np
 import numpy.typing as npt
 from tvm import tirx
 
-from sparkinfer import quant
 from sparkinfer.kernels.gemm import dequant_tile_value, split_k
-from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.gemv import dequantize_rows, gemv_format
 from sparkinfer.kernels.vecmath import sigmoid_f32
 from sparkinfer.reference.qwen3moe import silu
 
@@ -169,7 +168,7 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
     has_scale, has_min = fmt.scale is not None, fmt.min is not None
 
     def row(w: tirx.Buffer, e: Expr, r: Expr):  # noqa: ANN202
-        return lambda i: w[e, r, i]
+        return fmt.row_view(lambda i: w[e, r, i], k)
 
     def scale_of(w: tirx.Buffer, e: Expr, r: Expr, c: Expr, p: Expr) -> Expr:
         return fmt.scale(row(w, e, r), c, p) if has_scale else tirx.const(1.0, "float32")
@@ -308,7 +307,7 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
         return out
 
     def rows_of(ws: tuple, e: Expr, r: Expr) -> list:
-        return [(lambda i, w=w: w[e, r, i]) for w in ws]
+        return [f.row_view(lambda i, w=w: w[e, r, i], k) for f, w in zip(fmts, ws)]
 
     def decoded(ws: tuple, part: str, g: Expr, e: Expr, r: Expr, u: Expr) -> Expr:
         """Weight g's scale (part "scale") or min ("min") of the sub-block holding unit u."""
@@ -482,7 +481,7 @@ def grouped_gemm_reference(ggml_type: int, data: npt.NDArray[np.uint8], offsets:
     for e in range(data.shape[0]):
         lo, hi = offsets[e], offsets[e + 1]
         if hi > lo:
-            w = quant.dequantize(ggml_type, data[e], (n, k))
+            w = dequantize_rows(ggml_type, data[e], k)
             w = (w.astype(np.float16) if half_operands else w).astype(np.float64)
             y[lo:hi] = xs[lo:hi] @ w.T
             magnitude[lo:hi] = np.abs(xs[lo:hi]) @ np.abs(w).T
@@ -516,7 +515,7 @@ def moe_chunk_reference(
     """h_out f32[T, H] of the whole chunk pipeline: (ggml type, GGUF bytes [E, rows, row_bytes])
     per weight; token by token in float64, as `reference.qwen3moe` does it."""
     def dense(t: int, data: np.ndarray, e: int, cols: int) -> np.ndarray:
-        return quant.dequantize(t, data[e], (data.shape[1], cols)).astype(np.float64)
+        return dequantize_rows(t, data[e], cols).astype(np.float64)
 
     hidden, ffn = x.shape[1], gate[1].shape[1]
     out = h.astype(np.float64).copy()

@@ -11,6 +11,7 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType
 
 from sparkinfer import quant
+from sparkinfer.quant import kquants
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
@@ -26,9 +27,12 @@ _FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)
 
 
 def random_weights(
-    ggml_type: GGMLQuantizationType, shape: tuple[int, ...], rng: np.random.Generator
+    ggml_type: int, shape: tuple[int, ...], rng: np.random.Generator
 ) -> npt.NDArray[np.uint8]:
-    """Random valid GGUF data for a weight of `shape` (numpy order): uint8[..., row_bytes]."""
+    """Random valid GGUF data for a weight of `shape` (numpy order): uint8[..., row_bytes];
+    for the weight format Q6_K_PLANAR (`kernels.gemv`), random Q6_K data re-laid out."""
+    if int(ggml_type) == L.Q6_K_PLANAR:
+        return kquants.q6_k_to_planar(random_weights(_T.Q6_K, shape, rng))
     fmt = quant.quant_format(ggml_type)
     if ggml_type in _FLOAT_TYPES:
         return fmt.quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02)

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 from tvm import tirx
 
 from sparkinfer.errors import SparkInferError
+from sparkinfer.quant.layouts import RelaidType
 
 _T = GGMLQuantizationType
 
@@ -37,7 +38,7 @@ def kernel_factory(family: str, name: str) -> KernelFactory:
 @dataclass(frozen=True)
 class KernelUse:
     """One distinct kernel of the module: the GlobalVar name and the factory call behind it.
-    `args` holds ints, floats and ggml type names (strings)."""
+    `args` holds ints, floats and ggml type names (strings; or a `RelaidType`'s name)."""
 
     name: str
     family: str
@@ -49,7 +50,7 @@ class KernelUse:
 
 
 def _arg_json(value: Any) -> Any:
-    if isinstance(value, GGMLQuantizationType):
+    if isinstance(value, (GGMLQuantizationType, RelaidType)):
         return value.name
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -65,6 +66,13 @@ def kernel_args(args: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(_arg_json(a) for a in args)
 
 
+def weight_format_named(name: str) -> GGMLQuantizationType | RelaidType:
+    """A weight format from its name as a KernelUse records it: a ggml type, or one of
+    SparkInfer's re-laid-out formats (`quant.layouts.RelaidType`, e.g. Q6_K_PLANAR)."""
+    return RelaidType[name] if name in RelaidType.__members__ else _T[name]
+
+
 def factory_args(use: KernelUse) -> tuple[Any, ...]:
-    """A KernelUse's arguments as the factory takes them (ggml type names back to the enum)."""
-    return tuple(_T[a] if isinstance(a, str) else a for a in use.args)
+    """A KernelUse's arguments as the factory takes them (weight format names back to
+    `weight_format_named`'s enums)."""
+    return tuple(weight_format_named(a) if isinstance(a, str) else a for a in use.args)

@@ -54,11 +54,12 @@ from sparkinfer.errors import MissingTensorError, SparkInferError, TensorShapeEr
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
-from sparkinfer.kernels.gemv import DECODE_LAUNCHES, gemv_format
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
+from sparkinfer.quant.layouts import RelaidType
 from sparkinfer.model.spec import (
     ENTRY,
     ENTRY_PROCESSED,
@@ -68,6 +69,7 @@ from sparkinfer.model.spec import (
     ROLE_KV,
     ROLE_STATE,
     ROLE_WEIGHT,
+    LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
 from sparkinfer.schedule.schedules import PROGRAMMATIC_LAUNCH
@@ -99,9 +101,11 @@ def normalize_type_map(type_map: Mapping[str, Any]) -> dict[str, GGMLQuantizatio
     return {name: _spec.ggml_type(t) for name, t in type_map.items()}
 
 
-def _weight_type(spec: TensorSpec, ggml_type: GGMLQuantizationType) -> tuple[str, tuple[int, ...]]:
-    """dtype and shape of the word array `weight_view` makes of this tensor's data."""
-    fmt = gemv_format(ggml_type)
+def _weight_type(spec: TensorSpec, weight_fmt: GGMLQuantizationType | RelaidType) -> tuple[str, tuple[int, ...]]:
+    """dtype and shape of the word array `weight_view` makes of this tensor's data, in the
+    weight format the kernels read it in (its ggml type, or Q6_K_PLANAR)."""
+    fmt = gemv_format(weight_fmt)
+    ggml_type = fmt.ggml_type
     if spec.is_norm:
         if ggml_type != _T.F32:
             raise TensorShapeError(f"tensor '{spec.name}' is {ggml_type.name}: SparkInfer needs norm weights in F32")
@@ -123,11 +127,41 @@ def _weight_specs(config: ModelConfig, types: Mapping[str, GGMLQuantizationType]
     return specs
 
 
+# The tensors whose readers all take planar Q6_K: the float-activation GEMVs and GEMMs
+# (kernels.gemv, kernels.gemm) and the down projections of the MoE kernels (kernels.moe,
+# kernels.moe_chunk; the dense FFN runs through them too).
+_PLANAR_READERS = ("output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_down_exps", "ffn_down")
+
+
+def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str,
+                   activations: str = "f32") -> frozenset[str]:
+    """The weights the step reads as planar Q6_K (the step variant q6_k_layout="planar"): the
+    Q6_K tensors of _PLANAR_READERS: the LM head, the attention projections, the FFN down
+    projections. Not token_embd (the embedding kernels read it, and a tied LM head with them),
+    nor the gate/up weights (no planar gate/up kernel yet: Q4_K_M has none in Q6_K), nor a down
+    projection of int8 experts (activations="q8": kernels.moe_q8 reads GGUF blocks)."""
+    if q6_k_layout not in Q6_K_LAYOUTS:
+        raise SparkInferError(f"q6_k_layout must be one of {', '.join(Q6_K_LAYOUTS)}, got {q6_k_layout!r}")
+    if q6_k_layout != "planar":
+        return frozenset()
+
+    def int8_down(spec: TensorSpec) -> bool:
+        ffn = [spec.name.replace("_down", f"_{kind}") for kind in ("gate", "up", "down")]
+        return activations == "q8" and all(types[name] in Q8_TYPES for name in ffn)
+
+    return frozenset(spec.name for spec in _weight_specs(config, types)
+                     if types[spec.name] == _T.Q6_K and spec.kind in _PLANAR_READERS
+                     and not (spec.kind.startswith("ffn_down") and int8_down(spec)))
+
+
 def decode_inputs(
-    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE
+    config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
+    activations: str = "f32",
 ) -> list[StepInput]:
-    """The ordered parameters of `decode` (see the module docstring)."""
+    """The ordered parameters of `decode` (see the module docstring); the weights of
+    `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding)."""
     types = normalize_type_map(type_map)
+    planar = planar_tensors(config, types, q6_k_layout, activations)
     mp = max_pages(config, page_size)
     inputs = [
         StepInput("token", ROLE_STATE, "int32", (1,)),
@@ -144,8 +178,10 @@ def decode_inputs(
         inputs.append(StepInput(f"k_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
         inputs.append(StepInput(f"v_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
     for spec in _weight_specs(config, types):
-        dtype, shape = _weight_type(spec, types[spec.name])
-        inputs.append(StepInput(_param_name(spec.name), ROLE_WEIGHT, dtype, shape, spec.name, types[spec.name].name))
+        relaid = spec.name in planar
+        dtype, shape = _weight_type(spec, weight_format(types[spec.name], q6_k_layout) if relaid else types[spec.name])
+        inputs.append(StepInput(_param_name(spec.name), ROLE_WEIGHT, dtype, shape, spec.name, types[spec.name].name,
+                                LAYOUT_Q6_K_PLANAR if relaid else None))
     return inputs
 
 
@@ -243,7 +279,7 @@ class Normed:
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
-                 decode_launches: str = "split") -> None:
+                 decode_launches: str = "split", q6_k_layout: str = "gguf") -> None:
         self.c = config
         self.activations = activations
         self.fused = decode_launches == "fused"
@@ -254,7 +290,9 @@ class _StepBuilder:
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations)
+        self.planar = planar_tensors(config, types, q6_k_layout, activations)
+        self.q6_k_layout = q6_k_layout
         self.params: dict[str, relax.Var] = {}
 
     def _fresh_params(self, extra: list[StepInput]) -> list[relax.Var]:
@@ -284,6 +322,10 @@ class _StepBuilder:
     def t(self, name: str) -> GGMLQuantizationType:
         return self.types[name]
 
+    def w_fmt(self, name: str) -> GGMLQuantizationType | RelaidType:
+        """The weight format the kernels read tensor `name` in: its ggml type, or Q6_K_PLANAR."""
+        return weight_format(self.t(name), self.q6_k_layout) if name in self.planar else self.t(name)
+
     def call(self, gvar: relax.GlobalVar, args: list[relax.Expr], outs: list[relax.TensorType], name: str) -> Any:
         expr = relax.call_tir(gvar, args, outs if len(outs) > 1 else outs[0])
         return self._emit(expr, len(outs), name)
@@ -312,9 +354,9 @@ class _StepBuilder:
     def gemv(self, name: str, x: relax.Expr | Normed, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
         if isinstance(x, Normed):
-            gv = self.k("gemv", "gemv_normed", self.t(name), n, k, self.c.rms_eps)
+            gv = self.k("gemv", "gemv_normed", self.w_fmt(name), n, k, self.c.rms_eps)
             return self.call(gv, [self.params[name], x.h, x.w], [self.f32(n)], label)
-        gv = self.k("gemv", "gemv", self.t(name), n, k)
+        gv = self.k("gemv", "gemv", self.w_fmt(name), n, k)
         return self.call(gv, [self.params[name], x], [self.f32(n)], label)
 
     def normed(self, h: relax.Var, weight: str) -> Normed:
@@ -329,8 +371,8 @@ class _StepBuilder:
         kinds = ("q", "k", "v")
         names = [w + f"attn_{kind}.weight" for kind in kinds]
         out: list[relax.Var | None] = [None, None, None]
-        for t in dict.fromkeys(self.t(n) for n in names):  # distinct types, in q/k/v order
-            group = [j for j, n in enumerate(names) if self.t(n) == t]
+        for t in dict.fromkeys(self.w_fmt(n) for n in names):  # distinct formats, in q/k/v order
+            group = [j for j, n in enumerate(names) if self.w_fmt(n) == t]
             if len(group) == 1:
                 j = group[0]
                 out[j] = self.gemv(names[j], x, f"{kinds[j]}{i}")
@@ -433,7 +475,7 @@ class _StepBuilder:
             # the residual add in the output projection's epilogue; the norm in its consumers
             name = w + "attn_output.weight"
             n, k = self.spec_shape(name)
-            gv = self.k("gemv", "gemv_residual", self.t(name), n, k)
+            gv = self.k("gemv", "gemv_residual", self.w_fmt(name), n, k)
             h = self.call(gv, [p[name], att, h], [self.f32(H)], f"ao{i}")
             f: relax.Var | Normed = self.normed(h, w + "ffn_norm.weight")
         else:
@@ -498,7 +540,7 @@ class _StepBuilder:
 
     def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
               act: relax.Var, h: relax.Var, i: int) -> relax.Var:
-        gv = self.k("moe", "moe_down_residual", self.t(d), E, KU, H, I)
+        gv = self.k("moe", "moe_down_residual", self.w_fmt(d), E, KU, H, I)
         return self.call(gv, [self.params[d], ids, weights, act, h], [self.f32(H)], f"h{i}")
 
 
@@ -508,7 +550,7 @@ class _StepBuilder:
         n, k = self.spec_shape(name)
         # float32 weights (the router) keep float32 products: routing has near-ties.
         half = self.chunk_operands == "f16" and self.t(name) != GGMLQuantizationType.F32
-        gv = self.k("gemm", "gemm", self.t(name), n_tokens, n, k, *((True,) if half else ()))
+        gv = self.k("gemm", "gemm", self.w_fmt(name), n_tokens, n, k, *((True,) if half else ()))
         return self.call(gv, [self.params[name], x], [self.f32(n_tokens, n)], label)
 
     def _chunk_body(self, n_tokens: int, all_logits: bool) -> list[relax.Var]:
@@ -591,14 +633,14 @@ class _StepBuilder:
         if self.chunk_operands == "f16" and GGMLQuantizationType.F32 not in (self.t(g), self.t(u), self.t(d)):
             gv = self.k("moe_chunk", "grouped_gate_up_silu_f16", self.t(g), self.t(u), E, R, I, H, NT)
             act = self.call(gv, [p[g], p[u], offsets, row_token, f], [self.f32(R, I)], f"act{i}")
-            gv = self.k("moe_chunk", "grouped_gemm_f16", self.t(d), E, R, H, I)
+            gv = self.k("moe_chunk", "grouped_gemm_f16", self.w_fmt(d), E, R, H, I)
             down = self.call(gv, [p[d], offsets, act], [self.f32(R, H)], f"down{i}")
         else:
             gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
                                   [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
                         for name, kind in ((g, "gate"), (u, "up")))
             act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
-            down = self.call(self.k("moe_chunk", "grouped_gemm", self.t(d), E, R, H, I, R, False),
+            down = self.call(self.k("moe_chunk", "grouped_gemm", self.w_fmt(d), E, R, H, I, R, False),
                              [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
         gv = self.k("moe_chunk", "moe_combine_residual", NT, KU, R, H)
         return self.call(gv, [down, row_of, weights, h, p["n_valid"]], [self.f32(NT, H)], f"h{i}")
@@ -615,6 +657,7 @@ def build_decode_step(
     chunk_operands: str = "f32",
     decode_launches: str = "split",
     programmatic_launch: str = "off",
+    q6_k_layout: str = "gguf",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -635,7 +678,11 @@ def build_decode_step(
     their router_topk).
     The T-token step is the same either way.
     `programmatic_launch` (PROGRAMMATIC_LAUNCH) leaves the module as it is: the step records it,
-    and the compiler marks every CUDA kernel of it for programmatic dependent launch when "on"."""
+    and the compiler marks every CUDA kernel of it for programmatic dependent launch when "on".
+    `q6_k_layout` (Q6_K_LAYOUTS) is how the Q6_K weights of `planar_tensors` sit in device
+    memory: "gguf" as in the file, "planar" re-laid out at binding (quant/layouts.py) so that
+    their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR
+    (any decode_launches, and the T-token step's GEMMs)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -655,7 +702,8 @@ def build_decode_step(
     mp = max_pages(config, page_size)
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
-    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches)
+    builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
+                           q6_k_layout)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

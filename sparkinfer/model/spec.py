@@ -10,6 +10,7 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from sparkinfer.errors import CompiledModuleError
+from sparkinfer.quant.layouts import Q6_K_TYPE_SIZE
 
 PAGE_SIZE = 64  # tokens per KV page (docs/ARCHITECTURE.md)
 N_PAGES = "n_pages"  # the symbolic dim of every KV cache, as the manifest writes it
@@ -25,6 +26,10 @@ STATE_INPUTS = ("token", "pos", "page_table", "sample_params", "rng")
 # State that only ENTRY_PROCESSED reads; a module without it cannot process logits.
 PROCESSING_INPUTS = ("logits_params", "token_mask", "token_counts")
 OUTPUTS = ("logits", "next")
+# A weight input's `layout` when the step reads it re-laid out: Q6_K rows as planar Q6_K
+# (quant/layouts.py, the step variant q6_k_layout="planar"), made from the file's bytes when
+# the weight is bound or uploaded.
+LAYOUT_Q6_K_PLANAR = "q6_k_planar"
 
 
 def chunk_entry(n_tokens: int, all_logits: bool) -> str:
@@ -63,17 +68,21 @@ class StepInput:
     shape: tuple[int | str, ...]
     tensor: str | None = None
     ggml_type: str | None = None
+    layout: str | None = None  # None: the file's bytes; LAYOUT_Q6_K_PLANAR: re-laid out at binding
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "role": self.role, "dtype": self.dtype, "shape": list(self.shape)}
         if self.tensor is not None:
             out["tensor"] = self.tensor
             out["ggml_type"] = self.ggml_type
+        if self.layout is not None:
+            out["layout"] = self.layout
         return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> StepInput:
-        return cls(obj["name"], obj["role"], obj["dtype"], tuple(obj["shape"]), obj.get("tensor"), obj.get("ggml_type"))
+        return cls(obj["name"], obj["role"], obj["dtype"], tuple(obj["shape"]), obj.get("tensor"), obj.get("ggml_type"),
+                   obj.get("layout"))
 
     def concrete_shape(self, n_pages: int | None = None) -> tuple[int, ...]:
         """The shape with "n_pages" bound; CompiledModuleError for a dim left symbolic."""
@@ -88,15 +97,43 @@ class StepInput:
         return tuple(out)
 
 
+def file_bytes(inp: StepInput) -> int:
+    """Bytes of a weight input's tensor in the file: the input's own, or for a Q6_K input
+    re-laid out (LAYOUT_Q6_K_PLANAR) its rows' whole 210-byte blocks before the padding."""
+    import numpy as np
+
+    shape = tuple(int(d) for d in inp.shape)
+    row_bytes = shape[-1] * np.dtype(inp.dtype).itemsize
+    if inp.layout == LAYOUT_Q6_K_PLANAR:
+        row_bytes = row_bytes // Q6_K_TYPE_SIZE * Q6_K_TYPE_SIZE  # the padding is < 16 bytes
+    return int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+
+
+def from_file(raw: Any, inp: StepInput) -> Any:
+    """The array a weight input takes, from its tensor's bytes in the file (uint8, as many as
+    `file_bytes(inp)`): those bytes viewed as `inp.dtype` in `inp.shape` (zero-copy where they
+    are contiguous), or re-laid out first as `inp.layout` says (a copy)."""
+    import numpy as np
+
+    if inp.layout not in (None, LAYOUT_Q6_K_PLANAR):
+        raise CompiledModuleError(f"input '{inp.name}' has layout {inp.layout!r}, which this runtime does not know: "
+                                  f"recompile the model")
+    shape = tuple(int(d) for d in inp.shape)
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if inp.layout == LAYOUT_Q6_K_PLANAR:
+        from sparkinfer.quant.kquants import q6_k_to_planar
+
+        raw = q6_k_to_planar(raw.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1)).reshape(-1)
+    return raw.view(np.dtype(inp.dtype)).reshape(shape)
+
+
 def bind_weight(data: Any, inp: StepInput) -> Any:
     """The array a weight input takes, from the GGUF tensor's data (`TensorInfo.data`: typed
-    for F32/F16, raw row bytes otherwise): the same bytes viewed as `inp.dtype` in
-    `inp.shape`. Zero-copy for a contiguous memory map."""
+    for F32/F16, raw row bytes otherwise): `from_file` of its bytes."""
     import numpy as np
 
     raw = np.ascontiguousarray(data).view(np.uint8)
-    words = raw.reshape(-1).view(np.dtype(inp.dtype))
-    shape = tuple(int(d) for d in inp.shape)
-    if words.size != int(np.prod(shape)):
-        raise ValueError(f"tensor '{inp.tensor}' has {raw.nbytes} bytes, {inp.name} takes {inp.dtype}{list(shape)}")
-    return words.reshape(shape)
+    if raw.nbytes != file_bytes(inp):
+        raise ValueError(f"tensor '{inp.tensor}' has {raw.nbytes} bytes, {inp.name} takes {inp.dtype}{list(inp.shape)}"
+                         f"{' re-laid out from ' + str(file_bytes(inp)) if inp.layout else ''}")
+    return from_file(raw, inp)

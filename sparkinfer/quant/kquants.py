@@ -9,12 +9,13 @@ every weight against the scale that was actually stored.
 import numpy as np
 import numpy.typing as npt
 
+from sparkinfer.errors import TensorShapeError
 from ._arrays import F16, F32, U8
 from .layouts import (
     Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SUB_BLOCK, Q4_K_TYPE_SIZE,
     Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES, Q5_K_TYPE_SIZE,
     Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SUB_BLOCK, Q6_K_TYPE_SIZE,
-    QK_K, Span,
+    PLANAR_Q6_K_HALF_QH, PLANAR_Q6_K_HALF_QL, PLANAR_Q6_K_RUN, QK_K, Span, q6_k_planar_row_bytes,
 )
 from .scale_search import search_scale_min, search_symmetric_scale
 
@@ -190,3 +191,58 @@ def quantize_q6_k(x: F32) -> U8:
     _put(out, Q6_K_SCALES, sc)
     _put(out, Q6_K_D, d)
     return out
+
+
+def _q6_k_blocks_per_row(row_bytes: int) -> int:
+    if row_bytes % Q6_K_TYPE_SIZE:
+        raise TensorShapeError(f"a Q6_K row is a whole number of {Q6_K_TYPE_SIZE}-byte blocks, got {row_bytes} bytes")
+    return row_bytes // Q6_K_TYPE_SIZE
+
+
+def _q6_k_half_runs(h: int) -> list[tuple[slice, slice]]:
+    """(bytes of a GGUF block, bytes of a planar half-block run) of half h's QL and QH."""
+    ql, qh = Q6_K_QL.size // 2, Q6_K_QH.size // 2
+    return [(slice(Q6_K_QL.start + ql * h, Q6_K_QL.start + ql * (h + 1)),
+             slice(PLANAR_Q6_K_HALF_QL.start, PLANAR_Q6_K_HALF_QL.stop)),
+            (slice(Q6_K_QH.start + qh * h, Q6_K_QH.start + qh * (h + 1)),
+             slice(PLANAR_Q6_K_HALF_QH.start, PLANAR_Q6_K_HALF_QH.stop))]
+
+
+def q6_k_to_planar(rows: U8) -> U8:
+    """GGUF Q6_K rows uint8[..., nb * 210] -> planar rows uint8[..., q6_k_planar_row_bytes(nb)]
+    (layouts.py, "Q6_K planar")."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    lead, n_blocks = rows.shape[:-1], _q6_k_blocks_per_row(rows.shape[-1])
+    blocks = rows.reshape(*lead, n_blocks, Q6_K_TYPE_SIZE)
+    out = np.zeros((*lead, q6_k_planar_row_bytes(n_blocks)), dtype=np.uint8)
+    quants = out[..., : 2 * n_blocks * PLANAR_Q6_K_RUN].reshape(*lead, n_blocks, 2, PLANAR_Q6_K_RUN)
+    for h in range(2):
+        for block_bytes, run_bytes in _q6_k_half_runs(h):
+            quants[..., h, run_bytes] = blocks[..., block_bytes]
+    for span in (Q6_K_SCALES, Q6_K_D):
+        out[..., n_blocks * span.start : n_blocks * span.stop] = blocks[..., span.start : span.stop].reshape(*lead, -1)
+    return out
+
+
+def q6_k_from_planar(planar: U8, n_blocks: int) -> U8:
+    """Inverse of q6_k_to_planar: planar rows of `n_blocks` blocks -> GGUF Q6_K rows."""
+    planar = np.asarray(planar, dtype=np.uint8)
+    if planar.shape[-1] != q6_k_planar_row_bytes(n_blocks):
+        raise TensorShapeError(f"a planar Q6_K row of {n_blocks} blocks holds {q6_k_planar_row_bytes(n_blocks)} "
+                               f"bytes, got {planar.shape[-1]}")
+    lead = planar.shape[:-1]
+    blocks = np.empty((*lead, n_blocks, Q6_K_TYPE_SIZE), dtype=np.uint8)
+    quants = planar[..., : 2 * n_blocks * PLANAR_Q6_K_RUN].reshape(*lead, n_blocks, 2, PLANAR_Q6_K_RUN)
+    for h in range(2):
+        for block_bytes, run_bytes in _q6_k_half_runs(h):
+            blocks[..., block_bytes] = quants[..., h, run_bytes]
+    for span in (Q6_K_SCALES, Q6_K_D):
+        plane = planar[..., n_blocks * span.start : n_blocks * span.stop]
+        blocks[..., span.start : span.stop] = plane.reshape(*lead, n_blocks, span.size)
+    return blocks.reshape(*lead, n_blocks * Q6_K_TYPE_SIZE)
+
+
+def dequantize_q6_k_planar(planar: U8, k: int) -> F32:
+    """Planar Q6_K rows uint8[..., planar row bytes] of k weights each -> float32[..., k]."""
+    rows = q6_k_from_planar(planar, k // QK_K)
+    return dequantize_q6_k(rows.reshape(-1, Q6_K_TYPE_SIZE)).reshape(*planar.shape[:-1], k)

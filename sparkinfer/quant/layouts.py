@@ -7,6 +7,7 @@ gguf's dequantizer rather than only as wrong numbers on the GPU.
 All multi-byte fields are little-endian; f16 is IEEE binary16.
 """
 
+from enum import IntEnum
 from typing import NamedTuple
 
 
@@ -61,3 +62,32 @@ Q6_K_QL = Span(0, 128)  # u8[128], low 4 bits
 Q6_K_QH = Span(128, 192)  # u8[64], high 2 bits
 Q6_K_SCALES = Span(192, 208)  # int8[16]
 Q6_K_D = Span(208, 210)  # f16
+
+# Q6_K planar: a lossless re-layout SparkInfer makes of Q6_K rows at upload (kquants.q6_k_to_planar;
+# the file's bytes stay the source of truth). A GGUF Q6_K row is 210-byte blocks that start at
+# even offsets only, so kernels read it 16 bits at a time. A planar row of nb blocks is three planes:
+#   quants  [0, 192 nb)       per half-block c = 2b + h (128 weights): its 64 QL bytes
+#                             (QL 64h.. of block b) then its 32 QH bytes (QH 32h..): one
+#                             96-byte run at 96 c, 16-byte aligned (what a GEMV lane loads at once)
+#   scales  [192 nb, 208 nb)  the 16 int8 scales of block b at 192 nb + 16 b
+#   d       [208 nb, 210 nb)  the f16 d of block b at 208 nb + 2 b
+# (each plane starts at nb * the field's offset in a block), then zeros up to a multiple of 16
+# bytes: none where nb is a multiple of 8 (k = 2048), 10 bytes of 630 at k = 768.
+class RelaidType(IntEnum):
+    """Weight formats SparkInfer re-lays out at upload, standing where kernels take a ggml type
+    (factory arguments, which record them by name like ggml types; schedule rules; tuning
+    keys): numbers outside ggml's type numbers (one byte), over the ggml type they come from."""
+
+    Q6_K_PLANAR = 0x100 | 14  # GGMLQuantizationType.Q6_K
+
+
+Q6_K_PLANAR = RelaidType.Q6_K_PLANAR
+PLANAR_Q6_K_HALF_QL = Span(0, 64)  # within a half-block's run
+PLANAR_Q6_K_HALF_QH = Span(64, 96)
+PLANAR_Q6_K_RUN = 96
+PLANAR_Q6_K_ALIGN = 16
+
+
+def q6_k_planar_row_bytes(n_blocks: int) -> int:
+    """Bytes of a planar Q6_K row of `n_blocks` blocks (padded to 16 bytes)."""
+    return -(-n_blocks * Q6_K_TYPE_SIZE // PLANAR_Q6_K_ALIGN) * PLANAR_Q6_K_ALIGN

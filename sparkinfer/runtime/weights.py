@@ -3,7 +3,9 @@
 Each weight goes straight from the file's memory map to its device array (one copy per
 tensor, no host copy of the file): the GGUF row bytes are reinterpreted as the words the
 manifest names (what `kernels.gemv.weight_view` makes of them, e.g. Q4_K rows as uint32), so
-the only check needed is that the byte counts agree.
+the only check needed is that the byte counts agree. A weight the step reads re-laid out
+(`StepInput.layout`: planar Q6_K, the step variant q6_k_layout="planar") is re-laid out on the
+host first (`model.spec.from_file`), one tensor at a time; the file stays the source of truth.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparkinfer.errors import CompiledModuleError, MissingTensorError, OutOfMemoryError
-from sparkinfer.model.spec import StepInput
+from sparkinfer.model.spec import StepInput, file_bytes, from_file
 from sparkinfer.runtime.device import MemoryInfo, format_bytes
 
 # Kept free for the step's own buffers (activations, logits, split-K partials), the CUDA graph
@@ -49,20 +51,22 @@ def check_fits(needed: int, what: str, memory_info: MemoryInfo, reserve: int = D
 
 
 def host_view(info: Any, inp: StepInput) -> np.ndarray:
-    """The tensor's file bytes as `inp.dtype[inp.shape]` (a view of the memory map)."""
+    """The tensor's file bytes as `inp.dtype[inp.shape]`: a view of the memory map, or where the
+    step reads the weight re-laid out (`inp.layout`, e.g. planar Q6_K) that re-layout of them."""
     data = np.asarray(info.data).view(np.ndarray)
     if not data.flags["C_CONTIGUOUS"]:
         raise CompiledModuleError(f"tensor '{info.name}' is not contiguous in the file")
     raw = data.reshape(-1).view(np.uint8)
     shape = inp.concrete_shape()
-    expected = math.prod(shape) * dtype_size(inp.dtype)
+    expected = file_bytes(inp)
     if raw.nbytes != expected:
+        relayout = f" re-laid out as {inp.layout}" if inp.layout else ""
         raise CompiledModuleError(
             f"tensor '{info.name}' ({info.ggml_type.name} {list(info.shape)}) holds {raw.nbytes} bytes, but the "
-            f"compiled module takes it as {inp.dtype}{list(shape)} ({expected} bytes): the module was built for "
-            f"another model or quantization; recompile it"
+            f"compiled module takes it as {inp.dtype}{list(shape)}{relayout} ({expected} bytes in the file): the "
+            f"module was built for another model or quantization; recompile it"
         )
-    return raw.view(np.dtype(inp.dtype)).reshape(shape)
+    return from_file(raw, inp)
 
 
 def check_types(model: Any, inputs: Sequence[StepInput]) -> None:

@@ -36,8 +36,14 @@ _T = GGMLQuantizationType
 
 # Formats whose per-chunk quant bytes are one contiguous, 16-byte aligned run of words that
 # the dot block alone reads (Q4_K: 32 QS bytes at 16 + 32*c of a 144-byte block; floats: 16
-# bytes). Q5_K's chunk also needs QH (two runs), Q6_K and Q8_0 blocks are 2-byte aligned only.
+# bytes; planar Q6_K: its 96-byte run at 96*c). Q5_K's chunk also needs QH (two runs), GGUF
+# Q6_K and Q8_0 blocks are 2-byte aligned only.
 VECTOR_CHUNKS = frozenset({_T.Q4_K, _T.F16, _T.BF16, _T.F32})
+
+
+def vector_chunks(fmt: GemvFormat) -> bool:
+    """Whether a lane loads its chunk's quant bytes in 16-byte loads (VECTOR_CHUNKS)."""
+    return fmt.planar or fmt.ggml_type in VECTOR_CHUNKS
 VECTOR_BYTES = 16
 WARP = 32
 # Threads a block aims at by default: 4 warps.
@@ -151,7 +157,7 @@ def cache_chunk_in_registers(
     weight) a whole chunk at a time where `xsum` shares it, else one sub-block at a time
     under `part` (the dot's part loop, or `it` for a one-part format), to stay inside the
     register file."""
-    if fmt.ggml_type in VECTOR_CHUNKS:
+    if vector_chunks(fmt):
         cache_in_registers(sch, [dot], weight, it, VECTOR_BYTES // fmt.word_bytes)
     if xsum is None:
         cache_in_registers(sch, [dot], x, part, 4)
@@ -216,7 +222,7 @@ def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, n
     w = sch.get_sblock("W")
 
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
-        if fmt.ggml_type in VECTOR_CHUNKS:
+        if vector_chunks(fmt):
             sch.compute_at(w, it)
             sch.set_scope(w, 0, "local")
             *outer, inner = loops_below(sch, w, it)

@@ -5,7 +5,8 @@
                  "transferred", "time_us": float | null, "default_time_us": float | null,
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
-              "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on"}}
+              "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
+              "q6_k_layout": "gguf" | "planar"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -27,7 +28,7 @@ from typing import Any
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
-from sparkinfer.kernels.gemv import DECODE_LAUNCHES
+from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
@@ -39,7 +40,7 @@ PROGRAMMATIC_LAUNCH = ("off", "on")
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
                                               "decode_launches": DECODE_LAUNCHES,
-                                              "programmatic_launch": PROGRAMMATIC_LAUNCH}
+                                              "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {

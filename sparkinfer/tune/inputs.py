@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 from tvm import tirx
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.grammar import mask_words
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import random_weights
+from sparkinfer.kernels.use import weight_format_named
 
 # The context position attention and RoPE are timed at: `sparkinfer bench`'s default depth.
 TIMING_DEPTH = 128
@@ -40,7 +40,7 @@ def _f32(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 def _words(ggml_type: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Random valid blocks of a weight with `shape` = (*rows, cols), as the kernel's words."""
-    t = GGMLQuantizationType[ggml_type]
+    t = weight_format_named(ggml_type)
     return weight_view(t, random_weights(t, shape, rng))
 
 

@@ -7,7 +7,6 @@ import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer import quant
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import chunk, embedding, gemm, gemv, moe_chunk, norm, prefill_attention, router
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
@@ -34,23 +33,23 @@ def nan(*shape: int) -> np.ndarray:
     return np.full(shape, np.nan, np.float32)
 
 
-@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [*ALL_TYPES, gemv.Q6_K_PLANAR], ids=lambda t: gemv.gemv_format(t).name)
 def test_gemm_matches_numpy(rng: np.random.Generator, t: T) -> None:
     n, k, rows = 37, 512, 5
     data = random_weights(t, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     (y,) = run_cpu(gemm.gemm(t, rows, n, k), gemv.weight_view(t, data), x, nan(rows, n))
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(gemv.dequantize_rows(t, data, k)).T
     assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, gemv.Q6_K_PLANAR, T.F16], ids=lambda t: gemv.gemv_format(t).name)
 def test_gemm_with_half_operands_matches_numpy_on_half_operands(rng: np.random.Generator, t: T) -> None:
     n, k, rows = 48, 512, 5
     data = random_weights(t, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     (y,) = run_cpu(gemm.gemm(t, rows, n, k, True), gemv.weight_view(t, data), x, nan(rows, n))
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(gemv.dequantize_rows(t, data, k)).T
     assert_gemv_close(y, gemm.gemm_reference(t, data, x, half_operands=True), magnitude)
     # and the rounding shows: float32 operands give another answer
     assert not np.allclose(y, gemm.gemm_reference(t, data, x), rtol=1e-6, atol=0)
@@ -104,7 +103,8 @@ def test_moe_sort_groups_valid_tokens_by_expert(rng: np.random.Generator) -> Non
             assert offsets[e] <= r < offsets[e + 1] and row_token[r] == t
 
 
-@pytest.mark.parametrize("types", [(T.Q4_K, T.Q5_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)],
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q5_K, T.Q6_K), (T.Q8_0, T.F16, T.F32),
+                                   (T.Q4_K, T.Q4_K, gemv.Q6_K_PLANAR)],
                          ids=lambda ts: "-".join(t.name for t in ts))
 def test_moe_chunk_pipeline_matches_numpy(rng: np.random.Generator, types: tuple[T, T, T]) -> None:
     rows, experts, used, h, ffn, n_valid = 7, 5, 2, 256, 256, 6
@@ -195,7 +195,7 @@ def test_grouped_gate_up_silu_f16_matches_numpy_on_half_operands(rng: np.random.
     assert np.isnan(act[offsets[-1]:]).all(), "a row past offsets[E] was written"
 
 
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, gemv.Q6_K_PLANAR], ids=lambda t: t.name)
 def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generator, t: T) -> None:
     n_tokens, experts, used, h, ffn, n_valid = 40, 5, 2, 128, 256, 37
     offsets, _ = expert_rows(rng, n_tokens, experts, used, n_valid, 35)

@@ -5,7 +5,6 @@ import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer import quant
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
 from sparkinfer.kernels import gemv as G
@@ -13,6 +12,12 @@ from sparkinfer.kernels import norm as N
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 
 ALL_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16, T.BF16, T.F32]
+# Every weight format the GEMV takes: the ggml types and the upload's planar Q6_K.
+ALL_FORMATS = [*ALL_TYPES, G.Q6_K_PLANAR]
+
+
+def format_id(t: int) -> str:
+    return G.gemv_format(t).name
 EPS = 1e-6
 
 
@@ -32,13 +37,12 @@ def run_cpu(func: tvm.tirx.PrimFunc, *arrays: np.ndarray) -> np.ndarray:
     return tensors[-1].numpy()
 
 
-def magnitude(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
+def magnitude(t: int, data: np.ndarray, x: np.ndarray) -> np.ndarray:
     """|W| . |x| per output, the scale of the rounding error of an fp32 dot product."""
-    rows = data.shape[0]
-    return np.abs(quant.dequantize(t, data, (rows, x.shape[-1]))).astype(np.float64) @ np.abs(x)
+    return np.abs(G.dequantize_rows(t, data, x.shape[-1])).astype(np.float64) @ np.abs(x)
 
 
-@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", ALL_FORMATS, ids=format_id)
 def test_gemv_matches_numpy(rng: np.random.Generator, t: T) -> None:
     # Two K-quant super-blocks per row, and a row count no schedule tile divides.
     n, k = 37, 512
@@ -59,7 +63,7 @@ def run_cpu_outputs(func: tvm.tirx.PrimFunc, inputs: list[np.ndarray], outputs: 
 
 
 @pytest.mark.parametrize("n_v", [24, 0], ids=["qkv", "qk"])
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, G.Q6_K_PLANAR, T.Q8_0, T.F16], ids=format_id)
 def test_gemv_qkv_matches_numpy(rng: np.random.Generator, t: T, n_v: int) -> None:
     # Row counts no schedule tile divides, so tiles straddle the Q/K and K/V boundaries.
     k, ns = 512, [37, 19, n_v]
@@ -91,7 +95,7 @@ def normed_input(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarr
     return h, norm_w, N.rms_norm_reference(h, norm_w, EPS)
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, G.Q6_K_PLANAR, T.F32], ids=format_id)
 def test_gemv_normed_matches_numpy(rng: np.random.Generator, t: T) -> None:
     n, k = 37, 512
     data = random_weights(t, (n, k), rng)
@@ -111,7 +115,7 @@ def test_gemv_qkv_normed_matches_numpy(rng: np.random.Generator, n_v: int) -> No
         assert_gemv_close(y, G.gemv_normed_reference(t, data, h, norm_w, EPS), magnitude(t, data, x))
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0, G.Q6_K_PLANAR], ids=format_id)
 def test_gemv_residual_matches_numpy(rng: np.random.Generator, t: T) -> None:
     n, k = 37, 512
     data = random_weights(t, (n, k), rng)
@@ -127,7 +131,7 @@ def test_fused_forms_take_their_extra_inputs_in_order() -> None:
     assert [p.name for p in G.gemv_qkv_normed(T.Q4_K, 64, 32, 0, 256, EPS).params] == ["Wq", "Wk", "h", "norm_w", "q", "k"]
 
 
-@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", ALL_FORMATS, ids=format_id)
 def test_weight_view_is_zero_copy(rng: np.random.Generator, t: T) -> None:
     data = random_weights(t, (4, 256), rng)
     view = G.weight_view(t, data)

@@ -9,7 +9,7 @@ from sparkinfer import quant
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.errors import TensorShapeError
 from sparkinfer.kernels import moe as M
-from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
 
@@ -38,7 +38,7 @@ def abs_gemv(t: T, data: np.ndarray, ids: np.ndarray, x: np.ndarray) -> np.ndarr
     """|W[ids[s]]| . |x(s)|: the scale of an fp32 dot product's rounding error."""
     rows, k = data.shape[1], x.shape[-1]
     xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), k))
-    w = [np.abs(quant.dequantize(t, data[e], (rows, k))).astype(np.float64) for e in ids]
+    w = [np.abs(dequantize_rows(t, data[e], k)).astype(np.float64) for e in ids]
     return np.stack([we @ np.abs(xi) for we, xi in zip(w, xs)])
 
 
@@ -71,7 +71,7 @@ def test_gate_up_silu_matches_numpy(rng: np.random.Generator, type_gate: T, type
     assert_gemv_close(act, ref, magnitude)
 
 
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q6_K, Q6_K_PLANAR, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
 def test_down_residual_matches_numpy(rng: np.random.Generator, t: T) -> None:
     data = random_weights(t, (N_EXPERTS, HIDDEN, N_FFN), rng)
     act = (rng.standard_normal((len(IDS), N_FFN)) * 3).astype(np.float32)

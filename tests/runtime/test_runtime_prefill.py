@@ -128,3 +128,25 @@ def test_a_prompt_of_a_few_new_tokens_takes_the_token_loop(engine: Engine, promp
     turn = engine.generate(prompt[: MIN_CHUNKED_TOKENS + 2], 3, stop_tokens=(), reuse_prefix=True)
     turn.all()
     assert turn.stats.reused_tokens == MIN_CHUNKED_TOKENS and not turn.stats.prefill_chunked
+
+
+@pytest.mark.slow
+def test_the_planar_q6_k_step_prefills_as_the_gguf_one(engine: Engine, real_model: Path, prompt: list[int],
+                                                       tmp_path: Path) -> None:
+    """q6_k_layout="planar" (a schedules file picks it): the weights go up re-laid out
+    (runtime/weights.py) and the chunks' GEMMs and the decode GEMVs read planar Q6_K; its logits,
+    chunked and token by token, agree with the GGUF-layout engine's to float32 reassociation."""
+    from sparkinfer.compiler.pipeline import compile_model
+    from sparkinfer.gguf_file import GGUFModel
+    from sparkinfer.schedule.schedules import SchedulesFile
+
+    model = GGUFModel.open(real_model)
+    types = {n: i.ggml_type for n, i in model.tensors.items()}
+    schedules = SchedulesFile("cpu", {}, step={"q6_k_layout": "planar"}).write(tmp_path / "cpu.json")
+    result = compile_model(model.config, types, "cpu", tmp_path, prefill_chunks=(T,), schedules=schedules)
+    assert any(i.layout for i in result.manifest.inputs)
+    planar = Engine(real_model, arch="cpu", module_dir=result.directory)
+    for token_loop in (False, True):
+        got = planar.forward(prompt, token_loop=token_loop)
+        want = engine.forward(prompt, token_loop=token_loop)
+        assert rel_err(got, want) < 1e-5 and (got.argmax(-1) == want.argmax(-1)).all()

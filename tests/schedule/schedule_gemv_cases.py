@@ -28,7 +28,7 @@ STEM = "gemv_cases"
 @dataclass(frozen=True)
 class GemvCase:
     name: str
-    ggml_type: T
+    ggml_type: int  # a ggml type, or the weight format G.Q6_K_PLANAR
     n: int
     k: int
     knobs: GemvKnobs | None = None  # None: the rule's default
@@ -41,7 +41,7 @@ class GemvCase:
         return G.gemv_symbol(self.ggml_type, self.n, self.k)
 
     def inputs(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Host arrays: data (GGUF bytes), x."""
+        """Host arrays: data (GGUF bytes, or planar Q6_K), x."""
         return {
             "data": random_weights(self.ggml_type, (self.n, self.k), rng),
             "x": rng.standard_normal(self.k, dtype=np.float32),
@@ -60,6 +60,9 @@ CASES: tuple[GemvCase, ...] = (
     # Non-default tilings: rows shared per thread, and a row count no block divides.
     GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, knobs=GemvKnobs(32, 4, 2, 256)),
     GemvCase("q6_k_rows_per_thread_4", T.Q6_K, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256)),
+    # The upload's planar Q6_K (q6_k_layout="planar"): a Q4_K_M V, and rows shared per thread.
+    GemvCase("attn_v_q6_k_planar", G.Q6_K_PLANAR, 512, 2048),
+    GemvCase("q6_k_planar_rows_per_thread_4", G.Q6_K_PLANAR, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256)),
 )
 
 

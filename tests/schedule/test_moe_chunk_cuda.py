@@ -75,6 +75,8 @@ class Case:
 # Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and Q8_0 (K tiles of 32-weight blocks).
 CASES = [Case(t, gather, nt) for nt in CHUNKS
          for t, gather in ((T.Q4_K, True), (T.Q8_0, True), (T.Q6_K, False), (T.Q4_K, False), (T.Q8_0, False))]
+# The planar Q6_K down (q6_k_layout="planar") at the size the emulator runs.
+CASES.append(Case(gemv.Q6_K_PLANAR, False, CHUNKS[0]))
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class F16Case:
 HALF_KINDS = ((T.Q4_K, T.Q4_K), (T.Q6_K,), (T.Q4_K,))
 SMALL = (12, 256, 256, 2)
 F16_CASES = [F16Case(types, nt) for nt in CHUNKS for types in HALF_KINDS] + [
-    F16Case(types, 48, SMALL) for types in ((T.Q4_K, T.Q6_K), (T.Q6_K,), (T.Q4_K,))]
+    F16Case(types, 48, SMALL) for types in ((T.Q4_K, T.Q6_K), (T.Q6_K,), (T.Q4_K,), (gemv.Q6_K_PLANAR,))]
 
 
 def kernels_module() -> tvm.IRModule:

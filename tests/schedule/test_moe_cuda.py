@@ -10,9 +10,8 @@ import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer import quant
 from sparkinfer.kernels import moe as M
-from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
 from sparkinfer.schedule.moe import MoeKnobs, default_knobs
@@ -60,7 +59,7 @@ class Down:
 
 # Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes.
 GATE_UP = [GateUp(T.Q4_K, T.Q4_K), GateUp(T.Q5_K, T.Q8_0)]
-DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0)]
+DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0), Down(Q6_K_PLANAR)]  # planar: q6_k_layout="planar"
 
 
 def kernels_module() -> tvm.IRModule:
@@ -90,6 +89,12 @@ def test_q4_k_weights_load_16_bytes_at_a_time(source: str) -> None:
     body = kernel_body(source, GATE_UP[0].symbol)
     assert "*(uint4*)(Wg_ptr" in body and "*(uint4*)(Wu_ptr" in body
     assert "*(float4*)(x_ptr" in body
+
+
+def test_planar_q6_k_down_loads_16_bytes_at_a_time(source: str) -> None:
+    planar = kernel_body(source, Down(Q6_K_PLANAR).symbol)
+    assert re.search(r"\*\(uint4\*\)\(Wd_local_ptr \+ \d+\) = \*\(uint4\*\)\(Wd_ptr", planar)
+    assert "*(uint4*)(Wd_ptr" not in kernel_body(source, Down(T.Q6_K).symbol)  # GGUF Q6_K: 16-bit loads
 
 
 # The dense Qwen3 FFN runs through the MoE kernels with one expert (E = KU = 1).
@@ -122,7 +127,7 @@ def abs_gemv(t: T, data: np.ndarray, ids: np.ndarray, x: np.ndarray) -> np.ndarr
     """|W[ids[s]]| . |x(s)|: the scale of an fp32 dot product's rounding error."""
     xs = x if x.ndim == 2 else np.broadcast_to(x, (len(ids), x.shape[-1]))
     rows, k = data.shape[1], x.shape[-1]
-    w = [np.abs(quant.dequantize(t, data[e], (rows, k))).astype(np.float64) for e in ids]
+    w = [np.abs(dequantize_rows(t, data[e], k)).astype(np.float64) for e in ids]
     return np.stack([we @ np.abs(xi) for we, xi in zip(w, xs)])
 
 

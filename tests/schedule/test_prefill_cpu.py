@@ -6,7 +6,6 @@ import pytest
 import tvm
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer import quant
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import gemm, gemv, moe_chunk, prefill_attention
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
@@ -35,6 +34,7 @@ def run_scheduled(family: str, factory: str, args: tuple, *arrays: np.ndarray, n
 
 @pytest.mark.parametrize("t, n, rows, knobs", [(T.Q4_K, 48, 5, None), (T.Q4_K, 48, 16, None),
                                                (T.Q6_K, 32, 6, GemmCpuKnobs(32, 2)), (T.Q8_0, 37, 8, None),
+                                               (gemv.Q6_K_PLANAR, 32, 6, GemmCpuKnobs(32, 2)),
                                                (T.F32, 16, 12, GemmCpuKnobs(4, 4))],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, rows: int,
@@ -44,7 +44,7 @@ def test_scheduled_gemm_matches_numpy(rng: np.random.Generator, t: T, n: int, ro
     x = rng.standard_normal((rows, k), dtype=np.float32)
     (y,) = run_scheduled("gemm", "gemm", (t, rows, n, k), gemv.weight_view(t, data), x,
                          np.full((rows, n), np.nan, np.float32), knobs=knobs)
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(t, data, (n, k))).T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(gemv.dequantize_rows(t, data, k)).T
     assert_gemv_close(y, gemm.gemm_reference(t, data, x), magnitude)
 
 

@@ -9,9 +9,8 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler import targets
-from sparkinfer import quant
 from sparkinfer.kernels import gemm, moe_chunk, norm, prefill_attention, router
-from sparkinfer.kernels.gemv import weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights, rope_angle_error_bound
 from sparkinfer.reference.qwen3moe import rms_norm
 from sparkinfer.kernels.use import kernel_factory
@@ -82,7 +81,7 @@ def test_row_kernels_and_the_sort_are_one_kernel_each(factory: str) -> None:
     assert f"{factory}_kernel_1" not in source
 
 
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, Q6_K_PLANAR], ids=lambda t: t.name)
 def test_gemm_with_half_operands_runs_on_tensor_cores(ggml_type: T) -> None:
     source = cuda_source(module(scheduled(gemm.gemm, "gemm", ggml_type, NT, NH * D, H, True)))
     assert "wmma::mma_sync" in source and "W_ptr" in source  # the dequantization fused into the loads
@@ -116,7 +115,8 @@ def row_kernel(factory: str) -> tvm.tirx.PrimFunc:
 
 # Q, K (Q6_K) and O's shapes, by their symbols
 HALF_GEMMS = {gemm.gemm_symbol(t, NT, n, k, True): (t, NT, n, k, True)
-              for t, n, k in ((T.Q4_K, NH * D, H), (T.Q6_K, NKV * D, H), (T.Q4_K, H, NH * D))}
+              for t, n, k in ((T.Q4_K, NH * D, H), (T.Q6_K, NKV * D, H), (Q6_K_PLANAR, NKV * D, H),
+                              (T.Q4_K, H, NH * D))}
 
 
 def half_gemm(name: str) -> tvm.tirx.PrimFunc:
@@ -228,7 +228,7 @@ def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.G
     x = rng.standard_normal((rows, k), dtype=np.float32)
     y = gpu.poisoned((rows, n))
     gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(quant.dequantize(ggml_type, data, (n, k))).T
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
     assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
 
 

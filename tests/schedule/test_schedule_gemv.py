@@ -36,39 +36,29 @@ def test_every_type_lowers_to_a_warp_reduction(t: T) -> None:
     assert not re.search(r"_local_ptr\[[^\]]*(threadIdx|blockIdx|ids_ptr)", body)
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
-def test_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
+@pytest.mark.parametrize("t", [T.Q4_K, T.F16, T.F32, G.Q6_K_PLANAR], ids=lambda t: G.gemv_format(t).name)
+def test_aligned_formats_load_16_bytes_at_a_time(t: int) -> None:
     body = kernel_body(cuda_source(scheduled(G.gemv, "gemv", t, 256, 2048)))
     vector_copy = r"\*\((uint4|float4)\*\)\(W_local_ptr \+ \d+\) = \*\((uint4|float4)\*\)\(W_ptr"
     assert re.search(vector_copy, body)
     assert "= *(float4*)(x_ptr" in body
 
 
-def test_default_schedule_splits_rows_without_idle_lanes() -> None:
-    assert default_knobs(SM_90, T.Q4_K, 512, 2048).lanes == 32  # 32 chunks of 64
-    assert default_knobs(SM_90, T.Q4_K, 512, 768).lanes == 4  # 12 chunks
-    assert default_knobs(SM_90, T.Q6_K, 512, 2048).lanes == 16  # 16 halves of 128
-
-
-def test_default_schedule_shares_x_across_rows_while_blocks_remain() -> None:
-    assert default_knobs(SM_90, T.Q4_K, 4096, 2048) == GemvKnobs(32, 4, 4, 256)
-    assert default_knobs(SM_90, T.Q4_K, 2048, 4096) == GemvKnobs(32, 4, 2, 256)
-    assert default_knobs(SM_90, T.Q4_K, 512, 2048).rows_per_thread == 1
-    # The MoE slots are blocks too.
-    assert default_knobs(SM_90, T.Q4_K, 768, 2048, 8).rows_per_thread == 4
-
-
-def test_short_gemvs_get_thinner_blocks_not_fewer() -> None:
-    # the F32 router (128 x 2048): one warp a block, one block a row, not 32 blocks of 4 rows
-    assert default_knobs(SM_90, T.F32, 128, 2048) == GemvKnobs(32, 1, 1, 256)
-    assert default_knobs(SM_90, T.Q6_K, 512, 2048) == GemvKnobs(16, 4, 1, 256)  # a Q4_K_M V: 128 blocks, not 64
-    assert default_knobs(SM_90, T.Q4_K, 2048, 768) == GemvKnobs(4, 16, 1, 256)  # 4 lanes: 128 blocks, not 64
-    assert default_knobs(SM_90, T.Q4_K, 4096, 2048).rows == 4  # long enough: unchanged
+@pytest.mark.parametrize("factory, args", [(G.gemv, (151936, 2048)), (G.gemv_normed, (512, 2048, 1e-6)),
+                                           (G.gemv_residual, (2048, 2048))], ids=["lm_head", "normed", "residual"])
+def test_planar_q6_k_loads_its_quants_16_bytes_at_a_time(factory, args) -> None:  # noqa: ANN001
+    """A lane's 96-byte run is 6 uint4 loads per row it holds (GGUF Q6_K: none at all)."""
+    n, k = args[:2]
+    wide = r"\*\(uint4\*\)\(W_local_ptr \+ \d+\) = \*\(uint4\*\)\(W_ptr"
+    body = kernel_body(cuda_source(scheduled(factory, "gemv", G.Q6_K_PLANAR, *args)))
+    assert len(re.findall(wide, body)) == 6 * default_knobs(SM_90, G.Q6_K_PLANAR, n, k).rows_per_thread
+    gguf = kernel_body(cuda_source(scheduled(factory, "gemv", T.Q6_K, *args)))
+    assert not re.search(r"\(uint4\*\)\(W_ptr", gguf)
 
 
 @needs_nvcc
 def test_nvcc_compiles_every_type_for_sm_90a() -> None:
-    funcs = [scheduled(G.gemv, "gemv", t, 256, 2048) for t in ALL_TYPES]
+    funcs = [scheduled(G.gemv, "gemv", t, 256, 2048) for t in [*ALL_TYPES, G.Q6_K_PLANAR]]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, "sm_90"), "sm_90")
     assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", "sm_90a")]
@@ -104,6 +94,16 @@ def test_qkv_aligned_formats_load_16_bytes_at_a_time(t: T) -> None:
 def test_nvcc_compiles_qkv_for_every_arch(arch: str) -> None:
     funcs = [scheduled(G.gemv_qkv, "gemv", t, 4096, 512, 512, 2048) for t in QKV_TYPES]
     funcs.append(scheduled(G.gemv_qkv, "gemv", T.Q4_K, 4096, 512, 0, 2048))
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, arch), arch)
+    assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", arch + "a")]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_nvcc_compiles_planar_q6_k_for_every_arch(arch: str) -> None:
+    funcs = [scheduled(G.gemv, "gemv", G.Q6_K_PLANAR, 151936, 2048),
+             scheduled(G.gemv_residual, "gemv", G.Q6_K_PLANAR, 2048, 4096)]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     fatbin = targets.nvcc_fatbin(targets.cuda_source(mod, arch), arch)
     assert targets.fatbin_entries(fatbin) == [targets.FatbinEntry("cubin", arch + "a")]

@@ -5,7 +5,6 @@ prebuilt: `python -m tests.gpu_prebuild`)."""
 import numpy as np
 import pytest
 
-from sparkinfer import quant
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels.testing import assert_gemv_close
 
@@ -16,7 +15,7 @@ gpu = gpu_fixture(STEM, cases_module)
 
 
 def magnitude(case: GemvCase, data: np.ndarray, x: np.ndarray) -> np.ndarray:
-    w = quant.dequantize(case.ggml_type, data, (data.shape[0], case.k))
+    w = G.dequantize_rows(case.ggml_type, data, case.k)
     return np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
 
 
@@ -40,6 +39,6 @@ def test_gemv_qkv_on_gpu_matches_numpy(gpu: Gpu, case: GemvQkvCase) -> None:
     gpu(case.symbol, *(gpu.tensor(a) for a in args), *ys)
     refs = G.gemv_qkv_reference(case.ggml_type, datas[0], datas[1], datas[2] if case.n_v else None, x)
     for y, ref, data in zip(ys, refs, datas):
-        w = quant.dequantize(case.ggml_type, data, (data.shape[0], case.k))
+        w = G.dequantize_rows(case.ggml_type, data, case.k)
         mag = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
         assert_gemv_close(y.numpy(), ref, mag)
