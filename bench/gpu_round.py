@@ -27,10 +27,11 @@ CANDIDATE_STEP = {"decode_launches": "fused"}
 # (kernels/gemv_q8.py, kernels/moe_q8.py), decode only (no T-token step: the carry's room), so
 # stage q8 compares its decode with stage fused's and gates it on the full-size reference.
 Q8_STEP = {**CANDIDATE_STEP, "activations": "q8"}
-# The programmatic-launch module: the candidate's decode step with every kernel launched
-# programmatically (compiler/dependent_launch.py), decode only; stage pdl times it beside the
-# candidate's in one call.
-PDL_STEP = {**CANDIDATE_STEP, "programmatic_launch": "on"}
+# Decode-only variants of the candidate's decode step that stage variants gates and times beside
+# the candidate's in one call: every kernel launched programmatically (compiler/dependent_launch.py),
+# and the Q6_K weights re-laid out for 16-byte loads (quant/layouts.py, Q6_K_PLANAR).
+VARIANT_STEPS = {"pdl": {**CANDIDATE_STEP, "programmatic_launch": "on"},
+                 "planar": {**CANDIDATE_STEP, "q6_k_layout": "planar"}}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -79,8 +80,9 @@ def prepare(arch: str) -> dict:
                               prefill_chunks=CHUNKS, schedules=candidate_schedules(arch, CANDIDATE_STEP))
     q8 = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "q8",
                        schedules=candidate_schedules(arch, Q8_STEP))
-    pdl = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "pdl",
-                        schedules=candidate_schedules(arch, PDL_STEP))
+    variants = {name: compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / name,
+                                    schedules=candidate_schedules(arch, step))
+                for name, step in VARIANT_STEPS.items()}
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
@@ -91,8 +93,7 @@ def prepare(arch: str) -> dict:
         "candidate_step": CANDIDATE_STEP,
         "q8_module": str(q8.directory.relative_to(REPO)),
         "q8_step": Q8_STEP,
-        "pdl_module": str(pdl.directory.relative_to(REPO)),
-        "pdl_step": PDL_STEP,
+        **{f"{name}_module": str(result.directory.relative_to(REPO)) for name, result in variants.items()},
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -241,15 +242,16 @@ def report(round_dir: Path) -> str:
         lines.append(f"the int8-activation module's decode ({Q8_STEP}), host sees every token:")
         lines += [f"  {ln}" for ln in _decode_rows(None, q8_sync)[1:]]
 
-    pdl_gate = _read(round_dir / "pdl-gate.txt").strip().splitlines()
-    if pdl_gate:
-        lines.append(f"the programmatic-launch module ({PDL_STEP}): full-size gate:")
-        lines += [f"  {ln}" for ln in pdl_gate[:6]]
-    for name, step in (("decode-pdl-base.json", CANDIDATE_STEP), ("decode-pdl.json", PDL_STEP)):
-        pdl_sync = _json(round_dir / name)
-        if pdl_sync:
-            lines.append(f"stage pdl, {step}, host sees every token:")
-            lines += [f"  {ln}" for ln in _decode_rows(None, pdl_sync)[1:]]
+    for name, step in VARIANT_STEPS.items():
+        gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
+        if gate:
+            lines.append(f"the {name} module ({step}): full-size gate:")
+            lines += [f"  {ln}" for ln in gate[:6]]
+    for name, step in {"base": CANDIDATE_STEP, **VARIANT_STEPS}.items():
+        decode = _json(round_dir / f"decode-variant-{name}.json")
+        if decode:
+            lines.append(f"stage variants, {name} {step}, host sees every token:")
+            lines += [f"  {ln}" for ln in _decode_rows(None, decode)[1:]]
 
     run = _json(round_dir / "run.json")
     if run:

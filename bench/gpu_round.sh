@@ -6,7 +6,7 @@
 # the second call writes the model again and its table lacks the first call's rows):
 #
 #   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, fused, q8, pytest, apps
-#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), pdl, decode, run, profile, profile_chunked
+#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), variants, decode, run, profile, profile_chunked
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
@@ -30,9 +30,10 @@
 #            the full module's: split launches)
 #   q8       the int8-activation module (bench/gpu_round.py Q8_STEP: the candidate's decode step with
 #            the expert FFNs on int8 activations): the full-size accuracy gate, then stage fused's decode
-#   pdl      the programmatic-launch module (bench/gpu_round.py PDL_STEP: the candidate's decode step,
-#            every kernel launched programmatically): its full-size gate, then decode at depths 128 and
-#            4096, host sync, beside the candidate's in the same call
+#   variants the decode-only variants of the candidate's decode step (bench/gpu_round.py VARIANT_STEPS:
+#            pdl, every kernel launched programmatically; planar, Q6_K re-laid out for 16-byte loads):
+#            each one's full-size gate, then decode at depths 128 and 4096, host sync, beside the
+#            candidate's (base) in the same call
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -224,17 +225,21 @@ stage_q8() {
   return $((rc || rc2))
 }
 
-stage_pdl() {
-  full_gate "$(python3 bench/gpu_round.py get pdl_module)" pdl-gate.txt 250
-  local rc=$?
-  module=$(python3 bench/gpu_round.py get candidate_module) bench_json decode-pdl-base.json 60 250 \
-    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
-  module=$(python3 bench/gpu_round.py get pdl_module) bench_json decode-pdl.json 80 220 \
-    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
-  local rc2=$?
+stage_variants() {
+  local rc=0 name
+  for name in pdl planar; do
+    full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 300 || rc=1
+  done
+  for name in base pdl planar; do
+    local key=${name}_module
+    [ $name = base ] && key=candidate_module
+    module=$(python3 bench/gpu_round.py get $key) bench_json decode-variant-$name.json 60 220 \
+      --depths 128,4096 --prompts 512 --reps 3 --sync-every-token || rc=1
+    returns decode-variant-$name.json
+  done
   tail -n 3 "$round/bench.log"
-  returns decode-pdl-base.json decode-pdl.json bench.log
-  return $((rc || rc2))
+  returns bench.log
+  return $rc
 }
 
 stage_run() {
@@ -285,7 +290,7 @@ stage_profile_chunked() {
 
 case "${1:-}" in
   1) stages=(setup synth chunked sync fused q8 pytest apps) ;;
-  2) stages=(setup tune synth pdl decode run profile profile_chunked) ;;
+  2) stages=(setup tune synth variants decode run profile profile_chunked) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac

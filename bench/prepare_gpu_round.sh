@@ -9,8 +9,8 @@
 #      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
 #   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, the candidate module
 #      (compiled/<arch>/candidate/: bench/gpu_round.py CANDIDATE_STEP and the T-token step), the int8-activation
-#      module (compiled/<arch>/q8/: Q8_STEP, decode only), the programmatic-launch module (compiled/<arch>/pdl/:
-#      PDL_STEP, decode only), and
+#      module (compiled/<arch>/q8/: Q8_STEP, decode only), the decode-only
+#      variants of VARIANT_STEPS (compiled/<arch>/pdl/, compiled/<arch>/planar/), and
 #      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer

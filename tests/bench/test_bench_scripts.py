@@ -33,14 +33,14 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP", "PDL_STEP"])
+@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP", "pdl", "planar"])
 def test_the_round_candidate_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
                                                                               step_name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     gpu_round = _gpu_round()
     monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
-    step = getattr(gpu_round, step_name)
+    step = gpu_round.VARIANT_STEPS.get(step_name) or getattr(gpu_round, step_name)
     written = SchedulesFile.read(gpu_round.candidate_schedules("sm_90", step))
     packaged, _ = schedules_for("sm_90")
     assert written.step == {**packaged.step, **step}
@@ -72,15 +72,18 @@ def test_the_round_report_shows_the_q8_gate_and_decode(tmp_path: Path) -> None:
     assert "tg128 @ 4096" in report and "300.0" in report and "1.05" in report  # 300 / 286.3
 
 
-def test_the_round_report_shows_stage_pdl_both_modules(tmp_path: Path) -> None:
+def test_the_round_report_shows_stage_variants_beside_the_base(tmp_path: Path) -> None:
     import json
 
     gpu_round = _gpu_round()
-    for name, rate in (("decode-pdl-base.json", 250.0), ("decode-pdl.json", 270.0)):
+    for name, rate in (("base", 250.0), ("pdl", 270.0), ("planar", 260.0)):
         result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
                   "decode": [{"depth": 128, "tok_s_median": rate, "fill_ms": 1.0}]}
-        (tmp_path / name).write_text(json.dumps(result) + "\n")
+        (tmp_path / f"decode-variant-{name}.json").write_text(json.dumps(result) + "\n")
+    (tmp_path / "planar-gate.txt").write_text("PASS mean KL 4.0e-06\n")
     report = gpu_round.report(tmp_path)
-    base = report.index(f"stage pdl, {gpu_round.CANDIDATE_STEP}, host sees every token:")
-    pdl = report.index(f"stage pdl, {gpu_round.PDL_STEP}, host sees every token:")
-    assert base < report.index("250.0") < pdl < report.index("270.0")
+    base = report.index(f"stage variants, base {gpu_round.CANDIDATE_STEP}, host sees every token:")
+    pdl = report.index(f"stage variants, pdl {gpu_round.VARIANT_STEPS['pdl']}, host sees every token:")
+    planar = report.index(f"stage variants, planar {gpu_round.VARIANT_STEPS['planar']}, host sees every token:")
+    assert base < report.index("250.0") < pdl < report.index("270.0") < planar < report.index("260.0")
+    assert f"the planar module ({gpu_round.VARIANT_STEPS['planar']}): full-size gate:\n  PASS mean KL 4.0e-06" in report
