@@ -291,8 +291,8 @@ class _StepBuilder:
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
         self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations)
-        self.planar = planar_tensors(config, types, q6_k_layout, activations)
-        self.q6_k_layout = q6_k_layout
+        # the weights decode_inputs lays out as planar Q6_K (planar_tensors), read from its inputs
+        self.planar = frozenset(inp.tensor for inp in self.inputs if inp.layout == LAYOUT_Q6_K_PLANAR)
         self.params: dict[str, relax.Var] = {}
 
     def _fresh_params(self, extra: list[StepInput]) -> list[relax.Var]:
@@ -324,7 +324,7 @@ class _StepBuilder:
 
     def w_fmt(self, name: str) -> GGMLQuantizationType | RelaidType:
         """The weight format the kernels read tensor `name` in: its ggml type, or Q6_K_PLANAR."""
-        return weight_format(self.t(name), self.q6_k_layout) if name in self.planar else self.t(name)
+        return weight_format(self.t(name), "planar") if name in self.planar else self.t(name)
 
     def call(self, gvar: relax.GlobalVar, args: list[relax.Expr], outs: list[relax.TensorType], name: str) -> Any:
         expr = relax.call_tir(gvar, args, outs if len(outs) > 1 else outs[0])
