@@ -18,20 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-CHUNKS = (128, 512)  # the T-token step's sizes in the candidate module: prompts run in 512s, the rest in a 128 or a 512
-# The candidate module: beside the arch's defaults (the full module), what the round tries as the
-# next defaults: the T-token step of CHUNKS and these step variants (the arch's schedules file
-# with its "step" overridden). One module for both keeps the call's carry under 64 MiB.
-CANDIDATE_STEP = {"decode_launches": "fused"}
-# The int8-activation module: the candidate's decode step with the expert FFNs on int8 activations
-# (kernels/gemv_q8.py, kernels/moe_q8.py), decode only (no T-token step: the carry's room), so
-# stage q8 compares its decode with stage fused's and gates it on the full-size reference.
-Q8_STEP = {**CANDIDATE_STEP, "activations": "q8"}
-# Decode-only variants of the candidate's decode step that stage variants gates and times beside
-# the candidate's in one call: every kernel launched programmatically (compiler/dependent_launch.py),
-# and the Q6_K weights re-laid out for 16-byte loads (quant/layouts.py, Q6_K_PLANAR).
-VARIANT_STEPS = {"pdl": {**CANDIDATE_STEP, "programmatic_launch": "on"},
-                 "planar": {**CANDIDATE_STEP, "q6_k_layout": "planar"}}
+# Decode-only variants of the arch's default step that stage variants gates and times beside the
+# full module's decode in one call (each module's schedules file: the arch's, with its "step"
+# overridden): every kernel launched programmatically (compiler/dependent_launch.py), the Q6_K
+# weights re-laid out for 16-byte loads (quant/layouts.py, Q6_K_PLANAR), and the expert FFNs on
+# int8 activations (kernels/gemv_q8.py, kernels/moe_q8.py). Decode only (no T-token step) keeps
+# the call's carry under 64 MiB.
+VARIANT_STEPS = {"pdl": {"programmatic_launch": "on"},
+                 "planar": {"q6_k_layout": "planar"},
+                 "q8": {"activations": "q8"}}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -63,8 +58,9 @@ def prompt_text(n_tokens: int, vocab_size: int) -> str:
 
 
 def prepare(arch: str) -> dict:
-    """Compile the full 48-layer model's step (unless up to date) into compiled/<arch>/<key>/ and
-    write compiled/gpu-tests/gpu-round.json."""
+    """Compile the full 48-layer model's step (the arch's defaults, T-token steps included; unless
+    up to date) into compiled/<arch>/<key>/, each of VARIANT_STEPS' decode-only steps into
+    compiled/<arch>/<name>/, and write compiled/gpu-tests/gpu-round.json."""
     from sparkinfer.compiler.manifest import sources_hash
     from sparkinfer.compiler.pipeline import compile_model
     from sparkinfer.gguf_file import preset_config, type_map
@@ -76,12 +72,8 @@ def prepare(arch: str) -> dict:
     result = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled")
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
-    candidate = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "candidate",
-                              prefill_chunks=CHUNKS, schedules=candidate_schedules(arch, CANDIDATE_STEP))
-    q8 = compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / "q8",
-                       schedules=candidate_schedules(arch, Q8_STEP))
     variants = {name: compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / name,
-                                    schedules=candidate_schedules(arch, step))
+                                    prefill_chunks=(), schedules=variant_schedules(arch, step))
                 for name, step in VARIANT_STEPS.items()}
     record = {
         "arch": arch,
@@ -89,10 +81,8 @@ def prepare(arch: str) -> dict:
         "full_library_bytes": library.stat().st_size,
         "full_compile_s": round(seconds, 1),
         "full_cached": result.cached,
-        "candidate_module": str(candidate.directory.relative_to(REPO)),
-        "candidate_step": CANDIDATE_STEP,
-        "q8_module": str(q8.directory.relative_to(REPO)),
-        "q8_step": Q8_STEP,
+        "prefill_chunks": list(result.manifest.prefill_chunks),
+        "variants": " ".join(variants),
         **{f"{name}_module": str(result.directory.relative_to(REPO)) for name, result in variants.items()},
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
@@ -100,22 +90,22 @@ def prepare(arch: str) -> dict:
         "run_prompt": prompt_text(RUN_PROMPT_TOKENS, config.vocab_size),
         "run_prompt_tokens": RUN_PROMPT_TOKENS,
         # bench/profile_kernels.sh's chunked profile: two of the largest chunks
-        "chunk_prompt": prompt_text(2 * max(CHUNKS), config.vocab_size),
+        "chunk_prompt": prompt_text(2 * max(result.manifest.prefill_chunks), config.vocab_size),
         "prepared_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def candidate_schedules(arch: str, step: dict[str, str]) -> Path:
+def variant_schedules(arch: str, step: dict[str, str]) -> Path:
     """The arch's schedules file (knobs and step variants) with `step` over its "step", written to
-    compiled/gpu-tests/candidate-<arch>-<step's values>.json."""
+    compiled/gpu-tests/variant-<arch>-<step's values>.json."""
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     chosen, _ = schedules_for(arch)
     base = chosen or SchedulesFile(arch=arch, made_by={"by": "bench/gpu_round.py"})
-    candidate = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **step})
-    return candidate.write(ROUND.parent / f"candidate-{arch}-{'-'.join(step.values())}.json")
+    variant = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **step})
+    return variant.write(ROUND.parent / f"variant-{arch}-{'-'.join(step.values())}.json")
 
 
 def check() -> str:
@@ -222,35 +212,20 @@ def report(round_dir: Path) -> str:
         missing = " and ".join(m for m, b in (("device loop", device), ("host sync", sync)) if b is None)
         lines.append(f"decode: no JSON for the {missing} mode" + ("; what bench.log has:" if partial else ""))
         lines += [f"  {ln}" for ln in partial]
-    lines += _prefill_rows(_json(round_dir / "prefill.json"), log)
     chunked_gate = _read(round_dir / "chunked-gate.txt").strip().splitlines()
     if chunked_gate:
-        lines.append(f"the candidate module (the T-token step of {' and '.join(map(str, CHUNKS))} tokens, {CANDIDATE_STEP}): "
-                     "full-size gate, teacher-forced through the T-token step:")
+        lines.append("the full module's full-size gate, teacher-forced through its T-token step:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
-    candidate_sync = _json(round_dir / "decode-candidate.json")
-    if candidate_sync:
-        lines.append(f"the candidate module's decode ({CANDIDATE_STEP}), host sees every token:")
-        lines += [f"  {ln}" for ln in _decode_rows(None, candidate_sync)[1:]]
-    q8_gate = _read(round_dir / "q8-gate.txt").strip().splitlines()
-    if q8_gate:
-        lines.append(f"the int8-activation module ({Q8_STEP}): full-size gate:")
-        lines += [f"  {ln}" for ln in q8_gate[:6]]
-    q8_sync = _json(round_dir / "decode-q8.json")
-    if q8_sync:
-        lines.append(f"the int8-activation module's decode ({Q8_STEP}), host sees every token:")
-        lines += [f"  {ln}" for ln in _decode_rows(None, q8_sync)[1:]]
-
     for name, step in VARIANT_STEPS.items():
         gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
         if gate:
             lines.append(f"the {name} module ({step}): full-size gate:")
             lines += [f"  {ln}" for ln in gate[:6]]
-    for name, step in {"base": CANDIDATE_STEP, **VARIANT_STEPS}.items():
-        decode = _json(round_dir / f"decode-variant-{name}.json")
-        if decode:
-            lines.append(f"stage variants, {name} {step}, host sees every token:")
+    for name, step in {"base": {}, **VARIANT_STEPS}.items():
+        decodes = [d for d in (_json(round_dir / f"decode-variant-{name}{turn}.json") for turn in ("", "-again")) if d]
+        for decode in decodes:
+            lines.append(f"stage variants, {name} {step or '(the full module)'}, host sees every token:")
             lines += [f"  {ln}" for ln in _decode_rows(None, decode)[1:]]
 
     run = _json(round_dir / "run.json")

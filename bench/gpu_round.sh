@@ -5,9 +5,9 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, chunked, sync, fused, q8, pytest, apps
-#   bash bench/gpu_round.sh 2      # setup, tune, synth (if gone), variants, decode, run, profile, profile_chunked
-#   bash bench/gpu_round.sh STAGE...   # any stages, in the order given
+#   bash bench/gpu_round.sh 1      # setup, synth, chunked, variants, profile_chunked
+#   bash bench/gpu_round.sh 2      # setup, synth (if gone), decode, sync, profile, run, pytest, apps
+#   bash bench/gpu_round.sh STAGE...   # any stages, in the order given (tune: in neither round)
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
 #   setup    runtime-only TVM (.device/setup.sh), .device/extras' wheels the image lacks, compiled/
@@ -20,20 +20,13 @@
 #            (ROUND_PYTEST_FILES: only these test files)
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
-#   prefill  `sparkinfer bench --prompts 512,4096`: prefill tok/s and time to first token, 1 rep
-#   chunked  the candidate module (bench/gpu_round.py CANDIDATE_STEP: the T-token step of 128 and
-#            512 tokens, the decode step's fused launches): the full-size accuracy gate through it
-#            (its 128 teacher-forced tokens are one chunk), then the prefill at 512, 4096 and
-#            16384 tokens (and decode at depth 128) with it
+#   chunked  the full module's T-token step (compiler/pipeline.py DEFAULT_PREFILL_CHUNKS): the
+#            full-size accuracy gate through it (its 128 teacher-forced tokens are one chunk), then
+#            the prefill at 512, 4096 and 16384 tokens (and decode at depth 128)
 #   chunked_gate  only the chunked stage's accuracy gate
-#   fused    the candidate module's decode, host sync, depths 128 and 4096 (stage sync's rows are
-#            the full module's: split launches)
-#   q8       the int8-activation module (bench/gpu_round.py Q8_STEP: the candidate's decode step with
-#            the expert FFNs on int8 activations): the full-size accuracy gate, then stage fused's decode
-#   variants the decode-only variants of the candidate's decode step (bench/gpu_round.py VARIANT_STEPS:
-#            pdl, every kernel launched programmatically; planar, Q6_K re-laid out for 16-byte loads):
-#            each one's full-size gate, then decode at depths 128 and 4096, host sync, beside the
-#            candidate's (base) in the same call
+#   variants the decode-only variants of the default step (bench/gpu_round.py VARIANT_STEPS):
+#            each one's full-size gate, then decode at depth 128, host sync, beside the full
+#            module's (base, before and after them) in the same call
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -169,16 +162,6 @@ stage_sync() {
   return $rc
 }
 
-stage_prefill() {
-  # The token loop of the decode step (the module without the T-token step): 512 and 4096
-  # show its rate; stage chunked times the long prompts with the T-token step.
-  bench_json prefill.json 150 150 --prompts 512,4096 --depths 128 --reps 1
-  local rc=$?
-  tail -n 4 "$round/bench.log"
-  returns prefill.json bench.log
-  return $rc
-}
-
 full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MODULE
   note "== gate: $1"
   # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
@@ -192,50 +175,32 @@ full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MO
 }
 
 stage_chunked_gate() {
-  full_gate "$(python3 bench/gpu_round.py get candidate_module)" chunked-gate.txt 160
+  full_gate "$full" chunked-gate.txt 160
 }
 
 stage_chunked() {
   stage_chunked_gate
   local rc=$?
-  module=$(python3 bench/gpu_round.py get candidate_module) bench_json prefill-chunked.json 200 90 \
-    --prompts 512,4096,16384 --depths 128 --reps 2
+  bench_json prefill-chunked.json 200 90 --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
   returns prefill-chunked.json
   return $((rc || rc2))
 }
 
-stage_fused() {
-  module=$(python3 bench/gpu_round.py get candidate_module) bench_json decode-candidate.json 120 100 \
-    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
-  local rc=$?
-  tail -n 3 "$round/bench.log"
-  returns decode-candidate.json bench.log
-  return $rc
-}
-
-stage_q8() {
-  full_gate "$(python3 bench/gpu_round.py get q8_module)" q8-gate.txt 120
-  local rc=$?
-  module=$(python3 bench/gpu_round.py get q8_module) bench_json decode-q8.json 100 90 \
-    --depths 128,4096 --prompts 512 --reps 3 --sync-every-token
-  local rc2=$?
-  tail -n 3 "$round/bench.log"
-  returns decode-q8.json bench.log
-  return $((rc || rc2))
-}
-
 stage_variants() {
-  local rc=0 name
-  for name in pdl planar; do
-    full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 300 || rc=1
+  local rc=0 name names
+  read -r -a names <<< "$(python3 bench/gpu_round.py get variants)"
+  for name in "${names[@]}"; do
+    full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 200 || rc=1
   done
-  for name in base pdl planar; do
-    local key=${name}_module
-    [ $name = base ] && key=candidate_module
-    module=$(python3 bench/gpu_round.py get $key) bench_json decode-variant-$name.json 60 220 \
-      --depths 128,4096 --prompts 512 --reps 3 --sync-every-token || rc=1
-    returns decode-variant-$name.json
+  # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
+  # modules fill their depth token by token. The base twice, first and last: the spread of one call.
+  for name in base "${names[@]}" base-again; do
+    local key=${name}_module json=decode-variant-$name.json
+    case $name in base*) key=full_module ;; esac
+    module=$(python3 bench/gpu_round.py get $key) bench_json $json 45 30 \
+      --depths 128 --prompts 128 --reps 5 --sync-every-token || rc=1
+    returns $json
   done
   tail -n 3 "$round/bench.log"
   returns bench.log
@@ -289,8 +254,8 @@ stage_profile_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth chunked sync fused q8 pytest apps) ;;
-  2) stages=(setup tune synth variants decode run profile profile_chunked) ;;
+  1) stages=(setup synth chunked variants profile_chunked) ;;
+  2) stages=(setup synth decode sync profile run pytest apps) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac

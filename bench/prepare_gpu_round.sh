@@ -7,11 +7,10 @@
 #   1. .device/extras/: wheels the GPU machine may lack (bench/pack_device_extras.sh)
 #   2. compiled/gpu-tests/<arch>/: every GPU test's library, the runtime tests' steps, the 4-layer
 #      full-width cut's step, and the shipped model's step in compiled/<arch>/ (tests.gpu_prebuild)
-#   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step, the candidate module
-#      (compiled/<arch>/candidate/: bench/gpu_round.py CANDIDATE_STEP and the T-token step), the int8-activation
-#      module (compiled/<arch>/q8/: Q8_STEP, decode only), the decode-only
-#      variants of VARIANT_STEPS (compiled/<arch>/pdl/, compiled/<arch>/planar/), and
-#      compiled/gpu-tests/gpu-round.json (module paths, a 128-token prompt, the sources hash)
+#   3. compiled/<arch>/<key>/: the full 48-layer Qwen3-30B-A3B Q4_K_M step (the arch's defaults,
+#      its T-token steps included), the decode-only variants of bench/gpu_round.py VARIANT_STEPS
+#      (compiled/<arch>/<name>/), and compiled/gpu-tests/gpu-round.json (module paths, a
+#      128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer
 #      tune --preset qwen3-30b-a3b --emit`, continuing from tuning_logs/<arch>/), carried as
@@ -51,7 +50,8 @@ lib_bytes=$(python3 bench/gpu_round.py get full_library_bytes)
 # Of compiled/, what the round uses (not compiled/runtime-tests, the runtime tests' older
 # location), as one xz archive: the libraries halve (10 -> 5 MiB), and the tree already takes
 # 42 of the 64 MiB a call may carry. gpu_round.sh and profile_kernels.sh unpack it.
-rm -rf "compiled/$arch/chunked"  # the candidate module's name before session 6: a stale copy would travel too
+# (modules of earlier rounds' module sets: a stale copy would travel too)
+rm -rf "compiled/$arch/chunked" "compiled/$arch/candidate" compiled/gpu-tests/candidate-*.json
 compiled_bytes=$(du -scb compiled/gpu-tests "compiled/$arch" | tail -1 | cut -f1)
 tar cf - compiled/gpu-tests "compiled/$arch" | xz -T2 -6 > .device/compiled.tar.xz
 # What the device call carries: the tree (tracked + untracked, not ignored), the runtime kit of

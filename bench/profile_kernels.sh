@@ -5,12 +5,13 @@
 #   bash bench/profile_kernels.sh [N_LAUNCHES]
 #   PROFILE_CHUNKED=1 bash bench/profile_kernels.sh [N_LAUNCHES]   # the T-token step instead
 #
-# With PROFILE_CHUNKED=1 it profiles the module built with the T-token step (gpu-round.json's
-# candidate_module) prefilling a prompt of two of its largest chunks (chunk_prompt), so the table is per chunk,
-# the second chunk's attention over the first's keys included.
+# With PROFILE_CHUNKED=1 it profiles the T-token step prefilling a prompt of two of its largest
+# chunks (gpu-round.json's chunk_prompt), so the table is per chunk, the second chunk's attention
+# over the first's keys included.
 #
-# Profiles the first N_LAUNCHES (default 1300: two steps of ~600 kernels) kernel launches of
-# `sparkinfer run -n 2` on the synthetic Qwen3-30B-A3B (/tmp/q30.gguf, written if absent), each
+# Profiles the first N_LAUNCHES (default 3000: the decode step's warm-up, the T-token step of the
+# one-token prompt and two decode steps, ~600 kernels a decode step) kernel launches of
+# `sparkinfer run -n 3` on the synthetic Qwen3-30B-A3B (/tmp/q30.gguf, written if absent), each
 # kernel serialised and timed alone at the card's own clocks (--clock-control none), and prints
 # bench/profile_summary.py's table: per kernel family (whole steps only), launches per token, µs per launch,
 # µs per token, achieved DRAM bandwidth. Raw CSV in $OUT/ncu.csv. Kernels timed alone lose the
@@ -25,15 +26,14 @@ source .device/setup.sh
 model=/tmp/q30.gguf
 [ -f "$model" ] || python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 | tr '\r' '\n' | tail -n 1
 full=$(python3 bench/gpu_round.py get full_module)
-prompt="Hello" steps=2 step_end=advance
+prompt="Hello" steps=3 step_end=advance
 if [ -n "${PROFILE_CHUNKED:-}" ]; then
-  full=$(python3 bench/gpu_round.py get candidate_module)
   prompt=$(python3 bench/gpu_round.py get chunk_prompt) steps=1 step_end=advance_chunk  # the first token comes from the chunks
 fi
 arch=$(python3 bench/gpu_round.py get arch)
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $ncu"
-"$ncu" --clock-control none --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -c "${1:-1300}" \
+"$ncu" --clock-control none --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -c "${1:-3000}" \
   python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n "$steps" -p "$prompt" \
   > "$out/ncu.csv" 2> "$out/ncu.log"
 echo "ncu rc $?"

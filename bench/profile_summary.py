@@ -2,9 +2,9 @@
 
     python3 bench/profile_summary.py ncu.csv [--step-end advance_chunk]
 
-A step is every kernel up to one whose name starts with --step-end (default `advance`, the
-decode step's last kernel); with `advance_chunk` (the T-token step's last kernel) the kernels of
-any step before the first chunk (the decode step's warm-up run on load) are left out.
+A step is every kernel after the last step's end up to one named --step-end (default `advance`,
+the decode step's last kernel; `advance_chunk` is the T-token step's): the kernels of the other
+step (a module with both runs each) and of a step that ncu's launch count cut off are left out.
 """
 
 from __future__ import annotations
@@ -41,16 +41,21 @@ def main() -> None:
         elif r["Metric Name"] == "dram__bytes_read.sum":
             scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}[unit]
             by_id[key]["bytes"] = value * scale
-    # Whole steps only: every kernel up to the last step end, after any other step's end before the first.
-    ends = [int(k) for k, rec in by_id.items() if str(rec["name"]).startswith(args.step_end)]
+    # Whole steps only: the kernels of each run of the step that ends in --step-end, not those of
+    # another step (every step's last kernel is an `advance` one) nor a step cut off by ncu's count.
+    kept: dict[str, dict[str, float]] = {}
+    ends, segment = [], []
+    for key in sorted(by_id, key=int):
+        segment.append(key)
+        end = family(str(by_id[key]["name"]))
+        if end.startswith("advance"):
+            if end == args.step_end:
+                kept.update((k, by_id[k]) for k in segment)
+                ends.append(key)
+            segment = []
     if not ends:
         raise SystemExit(f"no `{args.step_end}` kernel among those profiled: profile at least one whole step")
-    other_ends = [int(k) for k, rec in by_id.items()
-                  if str(rec["name"]).startswith("advance") and not str(rec["name"]).startswith(args.step_end)
-                  and int(k) < min(ends)]
-    start = max(other_ends, default=-1)
-    for key in [k for k in by_id if int(k) > max(ends) or int(k) <= start]:
-        del by_id[key]
+    by_id = kept
     steps = len(ends)
     for rec in by_id.values():
         fam = family(str(rec["name"]))

@@ -88,13 +88,12 @@ CPU_SPLITS = 1
 
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
-# its build small (128 amortises each weight's dequantization over 128 tokens). None on the
-# CUDA archs yet: the T-token step's tensor-core grouped expert GEMMs and attention (the f16
-# forms DEFAULT_STEP_VARIANTS picks) have run only in the CUDA emulator of the tests
-# (tests/schedule/cuda_emulator.py), not on a GPU; the GPU round (bench/gpu_round.sh 1: their
-# GPU tests, the gate and the prefill through the candidate module, chunks of 128 and 512)
-# decides before a GPU prefills in chunks by default.
-DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {"cpu": (128,)}
+# its build small (128 amortises each weight's dequantization over 128 tokens). The GPUs cut
+# prompts into 512s and finish in a 128 or a 512: on the H200 this step passed the full-size
+# accuracy gate and prefilled 2283-2305 tok/s at 128 tokens where the token loop did 248, and
+# 3267 tok/s at 4096 (bench/NOTES.md, "The short H200 run").
+DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {
+    "cpu": (128,), **{arch: (128, 512) for arch in targets.ARCHS if arch != "cpu"}}
 
 
 def default_prefill_chunks(arch: str) -> tuple[int, ...]:

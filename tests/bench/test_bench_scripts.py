@@ -33,57 +33,81 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("step_name", ["CANDIDATE_STEP", "Q8_STEP", "pdl", "planar"])
-def test_the_round_candidate_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
-                                                                              step_name: str) -> None:
+@pytest.mark.parametrize("name", ["pdl", "planar", "q8"])
+def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
+                                                                          name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     gpu_round = _gpu_round()
     monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
-    step = gpu_round.VARIANT_STEPS.get(step_name) or getattr(gpu_round, step_name)
-    written = SchedulesFile.read(gpu_round.candidate_schedules("sm_90", step))
+    step = gpu_round.VARIANT_STEPS[name]
+    written = SchedulesFile.read(gpu_round.variant_schedules("sm_90", step))
     packaged, _ = schedules_for("sm_90")
     assert written.step == {**packaged.step, **step}
     assert written.kernels == packaged.kernels
 
 
-def test_the_round_report_shows_the_candidate_decode(tmp_path: Path) -> None:
+def _decode_result(depth: int, rate: float) -> str:
     import json
 
+    return json.dumps({"card": "NVIDIA H200", "module_key": "k", "reps": 5,
+                       "decode": [{"depth": depth, "tok_s_median": rate, "fill_ms": 1.0}]}) + "\n"
+
+
+def test_the_round_report_shows_stage_variants_between_the_two_base_runs(tmp_path: Path) -> None:
     gpu_round = _gpu_round()
-    result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
-              "decode": [{"depth": 128, "tok_s_median": 266.0, "fill_ms": 1.0}]}
-    (tmp_path / "decode-candidate.json").write_text(json.dumps(result) + "\n")
-    report = gpu_round.report(tmp_path)
-    assert f"the candidate module's decode ({gpu_round.CANDIDATE_STEP}), host sees every token:" in report
-    assert "tg128 @ 128" in report and "266.0" in report and "0.80" in report  # 266 / 333.6
-
-
-def test_the_round_report_shows_the_q8_gate_and_decode(tmp_path: Path) -> None:
-    import json
-
-    gpu_round = _gpu_round()
-    result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
-              "decode": [{"depth": 4096, "tok_s_median": 300.0, "fill_ms": 1.0}]}
-    (tmp_path / "decode-q8.json").write_text(json.dumps(result) + "\n")
-    (tmp_path / "q8-gate.txt").write_text("PASS mean KL 2.0e-05\n")
-    report = gpu_round.report(tmp_path)
-    assert f"the int8-activation module ({gpu_round.Q8_STEP}): full-size gate:\n  PASS mean KL 2.0e-05" in report
-    assert "tg128 @ 4096" in report and "300.0" in report and "1.05" in report  # 300 / 286.3
-
-
-def test_the_round_report_shows_stage_variants_beside_the_base(tmp_path: Path) -> None:
-    import json
-
-    gpu_round = _gpu_round()
-    for name, rate in (("base", 250.0), ("pdl", 270.0), ("planar", 260.0)):
-        result = {"card": "NVIDIA H200", "module_key": "k", "reps": 3,
-                  "decode": [{"depth": 128, "tok_s_median": rate, "fill_ms": 1.0}]}
-        (tmp_path / f"decode-variant-{name}.json").write_text(json.dumps(result) + "\n")
+    for name, rate in (("base", 250.0), ("pdl", 270.0), ("planar", 260.0), ("q8", 280.0), ("base-again", 251.0)):
+        (tmp_path / f"decode-variant-{name}.json").write_text(_decode_result(128, rate))
     (tmp_path / "planar-gate.txt").write_text("PASS mean KL 4.0e-06\n")
     report = gpu_round.report(tmp_path)
-    base = report.index(f"stage variants, base {gpu_round.CANDIDATE_STEP}, host sees every token:")
-    pdl = report.index(f"stage variants, pdl {gpu_round.VARIANT_STEPS['pdl']}, host sees every token:")
-    planar = report.index(f"stage variants, planar {gpu_round.VARIANT_STEPS['planar']}, host sees every token:")
-    assert base < report.index("250.0") < pdl < report.index("270.0") < planar < report.index("260.0")
+    heads = [report.index(f"stage variants, {name} {step}, host sees every token:") for name, step in
+             (("base", "(the full module)"), ("pdl", gpu_round.VARIANT_STEPS["pdl"]),
+              ("planar", gpu_round.VARIANT_STEPS["planar"]), ("q8", gpu_round.VARIANT_STEPS["q8"]))]
+    again = report.index("stage variants, base (the full module)", heads[0] + 1)
+    rates = [report.index(r) for r in ("250.0", "251.0", "270.0", "260.0", "280.0")]
+    assert heads[0] < rates[0] < again < rates[1] < heads[1] < rates[2] < heads[2] < rates[3] < heads[3] < rates[4]
+    assert "0.75" in report  # 250 / 333.6
     assert f"the planar module ({gpu_round.VARIANT_STEPS['planar']}): full-size gate:\n  PASS mean KL 4.0e-06" in report
+
+
+def test_the_round_report_shows_the_gate_and_prefill_through_the_t_token_step(tmp_path: Path) -> None:
+    import json
+
+    gpu_round = _gpu_round()
+    (tmp_path / "chunked-gate.txt").write_text("PASS mean KL 3.0e-05\n")
+    prefill = {"card": "NVIDIA H200", "mode": "device-loop", "reps": 2,
+               "prefill": [{"tokens": 4096, "tok_s_median": 5000.0, "ttft_ms_median": 819.2}]}
+    (tmp_path / "prefill-chunked.json").write_text(json.dumps(prefill) + "\n")
+    report = gpu_round.report(tmp_path)
+    assert "full-size gate, teacher-forced through its T-token step:\n  PASS mean KL 3.0e-05" in report
+    assert "pp4096" in report and "5000.0" in report and "0.47" in report  # 5000 / 10577
+
+
+def test_profile_summary_keeps_whole_steps_of_the_named_step_only(tmp_path: Path) -> None:
+    """A module with a T-token step runs both steps: the decode table leaves the chunk's kernels
+    out, and the step that ncu's launch count cut off."""
+    import sys
+
+    launches = ["gemv_kernel", "advance_kernel",  # the decode step's warm-up
+                "gemm_kernel", "gemm_kernel", "advance_chunk_kernel",  # the prompt's chunk
+                "gemv_kernel", "advance_kernel",  # a decode step
+                "gemv_kernel"]  # cut off
+    rows = ['"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
+    for i, name in enumerate(launches):
+        rows.append(f'"{i}","{name}(float*)","gpu__time_duration.sum","us","{10 + i}"')
+        rows.append(f'"{i}","{name}(float*)","dram__bytes_read.sum","byte","1000"')
+    csv = tmp_path / "ncu.csv"
+    csv.write_text("==PROF== app output\n" + "\n".join(rows) + "\n")
+
+    def summary(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(BENCH / "profile_summary.py"), str(csv), *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    decode = summary()
+    assert "4 kernels in 2 whole steps" in decode and "gemm" not in decode
+    assert "gemv" in decode and "12.50" in decode  # launches 0 and 5: (10 + 15) / 2 us
+    assert decode.splitlines()[-1].split()[-1] == "26.0"  # gemv 12.5 + advance (11 + 16) / 2
+    chunk = summary("--step-end", "advance_chunk")
+    assert "3 kernels in 1 whole steps" in chunk and "gemv" not in chunk
