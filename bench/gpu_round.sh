@@ -5,7 +5,7 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, chunked, variants, profile_chunked
+#   bash bench/gpu_round.sh 1      # setup, synth, chunked, variants, profile_chunked, profile_detail
 #   bash bench/gpu_round.sh 2      # setup, synth (if gone), decode, sync, profile, run, pytest, apps
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given (tune: in neither round)
 #
@@ -31,6 +31,8 @@
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
 #   profile_chunked  the same for the T-token step, per chunk of a prompt of two 512-token chunks
+#   profile_detail   ncu's detailed sections for the decode step's MoE, attention and GEMV kernels
+#            (bench/profile_detail.sh): what each is bound by
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
 # what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
 # into $OUT/round.tar.gz beside summary.txt), then
@@ -253,8 +255,16 @@ stage_profile_chunked() {
   return $rc
 }
 
+stage_profile_detail() {
+  OUT=$round timeout -k 10 "$(limit 120 5)" bash bench/profile_detail.sh > "$round/profile-detail.log" 2>&1
+  local rc=$?
+  tail -n 1 "$round/profile-detail.log"
+  returns profile-detail.txt
+  return $rc
+}
+
 case "${1:-}" in
-  1) stages=(setup synth chunked variants profile_chunked) ;;
+  1) stages=(setup synth chunked variants profile_chunked profile_detail) ;;
   2) stages=(setup synth decode sync profile run pytest apps) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
