@@ -136,7 +136,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="schedules file (JSON) with the knobs per kernel (default: the package's for the arch)")
     p.add_argument("--prefill-chunks", type=_chunk_sizes, default=None, metavar="T[,T...]|none",
                    help="the T-token steps to build beside the decode step (default: the arch's, "
-                        "cpu 128, the GPUs none yet; run the result with --module DIR)")
+                        "cpu 128, the GPUs 128,512; run the result with --module DIR)")
 
     def run(args: argparse.Namespace) -> int:
         from sparkinfer.compiler.pipeline import compile_model, schedules_summary
