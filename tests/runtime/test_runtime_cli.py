@@ -18,7 +18,8 @@ FACTORIES = [
     ("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
     ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
     ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
-    ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance"),
+    ("moe", "moe_down_residual"), ("sampling", "sample_candidates"), ("sampling", "sample_token"),
+    ("sampling", "advance"),
 ]
 
 
