@@ -41,7 +41,7 @@ How the kernels compute it (three paths, `path`):
     their slice to one winner (the highest key, or the highest packed Gumbel score), and
     sample_token takes the best of the B winners.
   PATH_CANDIDATES (sampling with 0 < k <= K_MAX, k < V, with or without top-p): each block
-    sorts its slice (bitonic, in place) and keeps its K_MAX highest keys; sample_token merges
+    finds its slice's K_MAX highest keys, sorted (a bitonic top-k in place); sample_token merges
     the B sorted lists highest first (a k-way merge, one block-wide max a round) until past
     the k-th key and every key tied with it (K_MAX + 1 rounds at most), runs step 3 down the
     merged list (a scan of at most K_MAX entries) and step 4 over the kept ones. Exact when
@@ -224,47 +224,81 @@ def _pair_low(pair: Expr, log_half: Expr) -> Expr:
     return ((pair >> log_half) << (log_half + one)) | (pair & ((one << log_half) - one))
 
 
-def _bitonic_sort(size: int) -> Callable[..., None]:
-    """A T.macro sorting keys[0:size] (uint64, size a power of two) in place, descending.
-    Bitonic merges in the form whose first step of each phase compares element i with its
-    mirror in the merged pair of runs, so every step and run sorts the same way. A step is one
-    compare-exchange per pair, dealt to SORT_LANES lanes: a lane reads all its pairs before
-    writing any, so that a parallel schedule needs one barrier between the reads and the
-    writes of a step and one after, and no lane skips a step (a barrier under a condition
-    that some threads do not take would hang)."""
+def _bitonic_top(size: int, top: int) -> Callable[..., None]:
+    """A T.macro leaving in keys[0:top] the `top` highest of keys[0:size] (uint64, both powers
+    of two), sorted descending; the rest of keys is scratch. Bitonic top-k:
+      1. runs of `top` sorted: the first log2(top) phases of a bitonic sort in the form whose
+         first step of each phase compares element i with its mirror in the pair of runs
+         being merged (so every run sorts the same way);
+      2. log2(size / top) halvings: runs 2j and 2j + 1 -> run j, element i the max of run 2j's
+         i-th and run 2j + 1's mirror: a bitonic run holding the top of both, sorted by
+         log2(top) half-cleaner steps.
+    A step's work is dealt to lanes (SORT_LANES at most, up to size / 2 items each a step):
+    a lane reads all its items before writing any, so that a parallel schedule needs one
+    barrier between the reads and the writes of a step and one after; lanes with no item in
+    a step skip it inside the step, never around it (a barrier under a condition that some
+    threads do not take would hang)."""
     from tvm.script import tirx as T
 
     pairs = size // 2
-    lanes = SORT_LANES
-    per_lane = sort_pairs_per_lane(size)
-    last = size.bit_length() - 1
+    lanes = sort_lanes(size)
+    per_lane = pairs // lanes
+    log_top = top.bit_length() - 1
+    rounds = (size // top).bit_length() - 1
 
     @T.macro
-    def sort(keys, pair, log_half, mirror):
-        for p in range(last):
+    def compare_exchange(keys, pair, log_half, mirror, active, vl):
+        # pair t: element t with a 0 bit inserted at log_half, and that one xor mirror
+        for u in range(per_lane):
+            if u * lanes + vl < active[0]:
+                pair[2 * u] = keys[_pair_low(u * lanes + vl, log_half[0])]
+                pair[2 * u + 1] = keys[_pair_low(u * lanes + vl, log_half[0]) ^ mirror[0]]
+        for u in range(per_lane):
+            if u * lanes + vl < active[0]:
+                keys[_pair_low(u * lanes + vl, log_half[0])] = T.max(pair[2 * u], pair[2 * u + 1])
+                keys[_pair_low(u * lanes + vl, log_half[0]) ^ mirror[0]] = T.min(pair[2 * u], pair[2 * u + 1])
+
+    @T.macro
+    def sort_top(keys, pair, log_half, mirror, active):
+        active[0] = pairs
+        for p in range(log_top):
             for q in range(p + 1):
                 log_half[0] = p - q
                 # the phase's first step pairs i with its mirror, the others with i + 2^(p-q)
                 mirror[0] = T.Select(q == 0, T.shift_left(2, p) - 1, T.shift_left(1, p - q))
                 for lane in range(lanes):
-                    with T.sblock("sort"):
+                    with T.sblock("sort_runs"):
                         vl = T.axis.spatial(lanes, lane)
-                        for u in range(per_lane):
-                            if u * lanes + vl < pairs:
-                                pair[2 * u] = keys[_pair_low(u * lanes + vl, log_half[0])]
-                                pair[2 * u + 1] = keys[_pair_low(u * lanes + vl, log_half[0]) ^ mirror[0]]
-                        for u in range(per_lane):
-                            if u * lanes + vl < pairs:
-                                keys[_pair_low(u * lanes + vl, log_half[0])] = T.max(pair[2 * u], pair[2 * u + 1])
-                                keys[_pair_low(u * lanes + vl, log_half[0]) ^ mirror[0]] = T.min(
-                                    pair[2 * u], pair[2 * u + 1])
+                        compare_exchange(keys, pair, log_half, mirror, active, vl)
+        for r in range(rounds):
+            # item t of the size >> (r + 1) kept: element t % top of run t // top
+            active[0] = T.shift_right(size, r + 1)
+            for lane in range(lanes):
+                with T.sblock("halve"):
+                    vl = T.axis.spatial(lanes, lane)
+                    for u in range(per_lane):
+                        if u * lanes + vl < active[0]:
+                            pair[2 * u] = keys[((u * lanes + vl) // top) * 2 * top + (u * lanes + vl) % top]
+                            pair[2 * u + 1] = keys[((u * lanes + vl) // top) * 2 * top + 2 * top - 1
+                                                   - (u * lanes + vl) % top]
+                    for u in range(per_lane):
+                        if u * lanes + vl < active[0]:
+                            keys[u * lanes + vl] = T.max(pair[2 * u], pair[2 * u + 1])
+            active[0] = T.shift_right(size, r + 2)
+            for q in range(log_top):
+                log_half[0] = log_top - 1 - q
+                mirror[0] = T.shift_left(1, log_top - 1 - q)
+                for lane in range(lanes):
+                    with T.sblock("merge_runs"):
+                        vl = T.axis.spatial(lanes, lane)
+                        compare_exchange(keys, pair, log_half, mirror, active, vl)
 
-    return sort
+    return sort_top
 
 
-def sort_pairs_per_lane(size: int) -> int:
-    """Compare-exchange pairs a lane of `_bitonic_sort(size, ...)` takes (its local array)."""
-    return -(-(size // 2) // SORT_LANES)
+def sort_lanes(size: int) -> int:
+    """The lanes of `_bitonic_top(size, ...)`'s steps (a schedule binds them to threads)."""
+    return min(size // 2, SORT_LANES)
 
 
 def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> tirx.PrimFunc:
@@ -281,8 +315,8 @@ def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> ti
     n, s, kk = vocab, slice_, k_max
     nb = slices(vocab, slice_)
     assert s & (s - 1) == 0 and kk & (kk - 1) == 0 and kk <= s, (s, kk)
-    sort = _bitonic_sort(s)
-    per_lane = sort_pairs_per_lane(s)
+    sort_top = _bitonic_top(s, kk)
+    per_lane = s // 2 // sort_lanes(s)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -293,21 +327,35 @@ def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> ti
         pair = T.sblock_alloc_buffer((2 * per_lane,), "uint64", scope="local")
         log_half = T.sblock_alloc_buffer((1,), "int32", scope="local")
         mirror = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        active = T.sblock_alloc_buffer((1,), "int32", scope="local")
+        top = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+        drawn = T.sblock_alloc_buffer((1,), "uint64", scope="local")
         for blk in range(nb):
             with T.sblock("slice"):
                 vb = T.axis.spatial(nb, blk)
                 keys = T.sblock_alloc_buffer((s,), "uint64")
-                key[0] = _draw_key(rng[0], rng[1])
-                for i in range(s):
-                    with T.sblock("best"):
-                        vi = T.axis.reduce(s, i)
-                        with T.init():
-                            best[vb] = T.uint64(0)
-                        best[vb] = T.max(best[vb], T.if_then_else(
-                            vb * s + vi < n, _pack(_order_key(T.if_then_else(
-                                sample_params[0] > T.float32(0.0),
-                                _score(logits[vb * s + vi], sample_params[0], key[0], vb * s + vi),
-                                logits[vb * s + vi])), vb * s + vi), T.uint64(0)))
+                # the winner: greedy's plain max apart, so that it stays a few loads a token
+                # (each reduction into its own register: one writer each, an allreduce each)
+                if sample_params[0] > T.float32(0.0):
+                    key[0] = _draw_key(rng[0], rng[1])
+                    for i in range(s):
+                        with T.sblock("best"):
+                            vi = T.axis.reduce(s, i)
+                            with T.init():
+                                drawn[0] = T.uint64(0)
+                            drawn[0] = T.max(drawn[0], T.if_then_else(vb * s + vi < n, _pack(_order_key(
+                                _score(logits[vb * s + vi], sample_params[0], key[0], vb * s + vi)), vb * s + vi),
+                                T.uint64(0)))
+                    best[vb] = drawn[0]
+                else:
+                    for i in range(s):
+                        with T.sblock("top"):
+                            vi = T.axis.reduce(s, i)
+                            with T.init():
+                                top[0] = T.uint64(0)
+                            top[0] = T.max(top[0], T.if_then_else(
+                                vb * s + vi < n, _pack(_order_key(logits[vb * s + vi]), vb * s + vi), T.uint64(0)))
+                    best[vb] = top[0]
                 # the same in every thread: steps with barriers may run under it
                 if T.tvm_thread_invariant(uses_candidates(sample_params, n, kk)):
                     for i in range(s):
@@ -315,7 +363,7 @@ def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> ti
                             vi = T.axis.spatial(s, i)
                             keys[vi] = T.if_then_else(vb * s + vi < n, _pack(
                                 _order_key(logits[vb * s + vi]), vb * s + vi), T.uint64(0))
-                    sort(keys, pair, log_half, mirror)
+                    sort_top(keys, pair, log_half, mirror, active)
                     for j in range(kk):
                         with T.sblock("emit"):
                             vj = T.axis.spatial(kk, j)

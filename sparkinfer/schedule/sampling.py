@@ -3,9 +3,11 @@ block draws the token (two launches a token).
 
 `sample_candidates`: a thread block per slice of SLICE logits (75 for V = 151936). Its
 winner is a block-wide reduction (a shuffle-and-shared-memory allreduce); when the draw uses
-the candidates, its packed keys go to shared memory (16 KB) and a bitonic sort runs there, a
-compare-exchange pair a thread per step, two barriers a step (66 steps for 2048 keys), and
-the K_MAX highest go out to global memory.
+the candidates, its packed keys go to shared memory (16 KB) and a bitonic top-k runs there, a
+compare-exchange pair a thread per step, two barriers a step (for 2048 keys and K_MAX 64: 21
+steps sorting runs of 64, then 5 halvings of 7 steps, each on half the keys of the one
+before), and the K_MAX highest go out to global memory. The block's threads are at most the
+sort's lanes (SLICE / 2), so that every thread takes every step.
 
 `sample_token` is one block: block-wide reductions over the B winners (greedy, unfiltered
 draws), the k-way merge of the candidate lists (a max over the B list heads a round, the
@@ -28,7 +30,7 @@ from typing import Any
 
 from tvm import s_tir
 
-from sparkinfer.kernels.sampling import SORT_LANES
+from sparkinfer.kernels.sampling import SLICE, sort_lanes
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import WARP, powers_of_two
@@ -95,6 +97,13 @@ class SampleTokenCudaRule(ScheduleRule):
         sch.bind(sch.get_loops(sch.get_sblock("top"))[0], "blockIdx.x")
 
 
+def _max_threads(use: KernelUse, facts: ArchFacts) -> int:
+    """At most the sort's lanes: more threads would leave some out of a step by a condition
+    around it, and TVM places no barrier under a condition."""
+    slice_ = use.args[1] if len(use.args) > 1 else SLICE  # sample_candidates(vocab, slice_, k_max)
+    return min(facts.max_threads_per_block, sort_lanes(slice_))
+
+
 def _bind_lanes(sch: s_tir.Schedule, block: str, threads: int) -> None:
     """The block's innermost loop over `threads` threads, element t, t + threads, ..."""
     loop = sch.get_loops(sch.get_sblock(block))[-1]
@@ -121,17 +130,17 @@ class SampleCandidatesCudaRule(ScheduleRule):
     enable_check = False  # the sort's steps read and write the same shared keys in place
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP)}
+        return {"threads": tuple(t for t in powers_of_two(_max_threads(use, facts)) if t >= WARP)}
 
     def structural(self) -> tuple[str, ...]:
         return ("threads",)
 
     def default(self, use: KernelUse, facts: ArchFacts) -> CandidatesKnobs:
-        return CandidatesKnobs(threads=min(facts.max_threads_per_block, SORT_LANES))
+        return CandidatesKnobs(threads=_max_threads(use, facts))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, CandidatesKnobs)
-        for name in ("best", "load", "sort", "emit"):
+        for name in ("top", "best", "load", "sort_runs", "halve", "merge_runs", "emit"):
             _bind_lanes(sch, name, knobs.threads)
         sch.set_scope(sch.get_sblock("load"), 0, "shared")
         sch.bind(sch.get_loops(sch.get_sblock("slice"))[0], "blockIdx.x")
