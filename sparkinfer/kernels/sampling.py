@@ -323,17 +323,18 @@ def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> ti
     def candidates(logits: T.Buffer((n,), "float32"), sample_params: T.Buffer((3,), "float32"),
                    rng: T.Buffer((2,), "uint32"), best: T.Buffer((nb,), "uint64"),
                    cand: T.Buffer((nb, kk), "uint64")):
-        key = T.sblock_alloc_buffer((1,), "uint32", scope="local")
-        pair = T.sblock_alloc_buffer((2 * per_lane,), "uint64", scope="local")
-        log_half = T.sblock_alloc_buffer((1,), "int32", scope="local")
-        mirror = T.sblock_alloc_buffer((1,), "int32", scope="local")
-        active = T.sblock_alloc_buffer((1,), "int32", scope="local")
-        top = T.sblock_alloc_buffer((1,), "uint64", scope="local")
-        drawn = T.sblock_alloc_buffer((1,), "uint64", scope="local")
         for blk in range(nb):
             with T.sblock("slice"):
                 vb = T.axis.spatial(nb, blk)
+                # all the block's own (a CPU schedule runs the blocks in parallel)
                 keys = T.sblock_alloc_buffer((s,), "uint64")
+                key = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                pair = T.sblock_alloc_buffer((2 * per_lane,), "uint64", scope="local")
+                log_half = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                mirror = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                active = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                top = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+                drawn = T.sblock_alloc_buffer((1,), "uint64", scope="local")
                 # the winner: greedy's plain max apart, so that it stays a few loads a token
                 # (each reduction into its own register: one writer each, an allreduce each)
                 if sample_params[0] > T.float32(0.0):

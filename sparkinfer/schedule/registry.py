@@ -19,6 +19,7 @@ from sparkinfer.schedule.cpu import (
     MoeGateUpSiluRoutedCpuRule,
     PagedDecodeAttentionCpuRule,
     RmsNormCpuRule,
+    SampleCandidatesCpuRule,
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import (
@@ -91,7 +92,7 @@ for _rule in (
     RmsNormCpuRule(),
     AddRmsNormCpuRule(),
     AsWrittenCpuRule("router", "router_topk"),
-    AsWrittenCpuRule("sampling", "sample_candidates"),
+    SampleCandidatesCpuRule(),
     AsWrittenCpuRule("sampling", "sample_token"),
     AsWrittenCpuRule("sampling", "advance"),
     EmbeddingCpuRule(),

@@ -8,6 +8,8 @@ import tvm
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import sampling as S
 from sparkinfer.reference.qwen3moe import softmax
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.space import kernel_use, schedule_kernel
 
 VOCAB = 1000
 # (slice, k_max) of the candidate blocks: 4 blocks of 16 candidates (the fast path's limits
@@ -38,10 +40,14 @@ def build(*funcs: tvm.tirx.PrimFunc) -> tvm.runtime.Module:
 class Sampler:
     """sample_candidates then sample_token, built for LLVM, as the decode step calls them."""
 
-    def __init__(self, vocab: int, slice_: int, k_max: int) -> None:
+    def __init__(self, vocab: int, slice_: int, k_max: int, cpu_schedule: bool = False) -> None:
         self.vocab, self.slice, self.k_max = vocab, slice_, k_max
         self.blocks = S.slices(vocab, slice_)
-        self.lib = build(S.sample_candidates(vocab, slice_, k_max), S.sample_token(vocab, slice_, k_max))
+        funcs = [S.sample_candidates(vocab, slice_, k_max), S.sample_token(vocab, slice_, k_max)]
+        if cpu_schedule:  # the CPU rules' schedules (the candidate blocks in parallel)
+            uses = [kernel_use("sampling", f, vocab, slice_, k_max) for f in ("sample_candidates", "sample_token")]
+            funcs = [schedule_kernel(f, use, arch_facts("cpu"), None) for f, use in zip(funcs, uses)]
+        self.lib = build(*funcs)
 
     def __call__(self, logits: np.ndarray, params: tuple, rng: tvm.runtime.Tensor) -> tuple[int, int]:
         """(token, path) of one draw; outputs poisoned first, `rng` updated in place."""
@@ -152,6 +158,13 @@ def test_candidates_equal_the_reference(params: tuple) -> None:
         np.testing.assert_array_equal(cand.numpy(), cand_ref)
     else:
         assert not cand.numpy().any(), "cand is written only when the draw uses it"
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
+def test_the_cpu_schedule_draws_the_same_tokens(params: tuple) -> None:
+    sampler = Sampler(VOCAB, 256, 16, cpu_schedule=True)
+    logits = (np.random.default_rng(12).standard_normal(VOCAB) * 2.5).astype(np.float32)
+    check_draws(sampler, logits, params, range(5))
 
 
 def test_greedy_takes_the_lowest_index_among_ties(sampler: Sampler) -> None:
