@@ -57,6 +57,8 @@ How the kernels compute it (three paths, `path`):
       - top-k with k > K_MAX;
       - a block's K_MAX candidates are all >= the cut (it may hold more kept tokens: ties at
         the k-th key), or more than K_MAX tokens are >= the cut over all blocks (ties).
+    The first two follow from the settings alone: `sampler_path` tells them, and `sparkinfer
+    run` reports it.
 Determinism: given the same float32 exp/log/log1p results, the kernels and the reference
 agree bit for bit. Across implementations (numpy, LLVM's libm, CUDA) those functions may
 differ in the last bit, which changes the token only when two Gumbel keys, or a mass and
@@ -184,6 +186,22 @@ def _increment(counter: Expr) -> Expr:
     """counter + 1 mod 2^32, widened: the uint32 increment's wrap is undefined on LLVM."""
     one, mask = tirx.const(1, "uint64"), tirx.const(_U32, "uint64")
     return ((counter.astype("uint64") + one) & mask).astype("uint32")
+
+
+PATH_NAMES = ("winners", "candidates", "one-block")  # by PATH_* value
+
+
+def sampler_path(temperature: float, top_p: float, top_k: float, vocab: int, k_max: int = K_MAX) -> int:
+    """The PATH_* that sample_token takes for these settings on logits without ties at the
+    top-k edge; ties there can only turn PATH_CANDIDATES into PATH_ONE_BLOCK (the kernel's
+    `path` output says). Plain Python: the runtime reports it (`sparkinfer run`)."""
+    t, p = np.float32(temperature), np.float32(top_p)
+    k = int(np.float32(max(min(np.float32(top_k), np.float32(vocab)), np.float32(0.0))))
+    if not t > 0:
+        return PATH_WINNERS
+    if 0 < k < vocab:
+        return PATH_CANDIDATES if k <= k_max else PATH_ONE_BLOCK
+    return PATH_ONE_BLOCK if p < 1 else PATH_WINNERS
 
 
 def sample_token_symbol(vocab: int) -> str:

@@ -111,6 +111,14 @@ def test_tokens_equal_the_reference_for_every_seed(sampler: Sampler, params: tup
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
+@pytest.mark.parametrize("blocking", BLOCKINGS, ids=lambda b: "slice{}_k{}".format(*b))
+def test_the_path_the_runtime_reports_is_the_kernels(params: tuple, blocking: tuple) -> None:
+    """sampler_path (what `sparkinfer run` reports) on logits without ties at the edge."""
+    logits = (np.random.default_rng(11).standard_normal(VOCAB) * 2.5).astype(np.float32)
+    assert S.sampler_path(*params, VOCAB, blocking[1]) == expected_path(logits, params, *blocking)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
 def test_tokens_equal_the_reference_with_near_ties(sampler: Sampler, params: tuple) -> None:
     """Logits on a coarse grid (many exact ties, some at the top-k edge) and a few that
     differ in the last bit: the kept sets' edges and the proof of the candidates."""
