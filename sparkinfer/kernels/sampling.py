@@ -57,8 +57,8 @@ How the kernels compute it (three paths, `path`):
       - top-k with k > K_MAX;
       - a block's K_MAX candidates are all >= the cut (it may hold more kept tokens: ties at
         the k-th key), or more than K_MAX tokens are >= the cut over all blocks (ties).
-    The first two follow from the settings alone: `sampler_path` tells them, and `sparkinfer
-    run` reports it.
+    The first two follow from the settings alone: `sampler_path` (sampling_params.py) tells
+    them, and `sparkinfer run` reports it.
 Determinism: given the same float32 exp/log/log1p results, the kernels and the reference
 agree bit for bit. Across implementations (numpy, LLVM's libm, CUDA) those functions may
 differ in the last bit, which changes the token only when two Gumbel keys, or a mass and
@@ -70,6 +70,17 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 from tvm import tirx
+
+# How `sample_token` drew the token (its `path` output), and which a setting takes: defined
+# beside the sampling arguments, where the runtime reads them without importing kernels.
+from sparkinfer.sampling_params import (  # noqa: F401 - re-exported
+    PATH_CANDIDATES,
+    PATH_NAMES,
+    PATH_ONE_BLOCK,
+    PATH_WINNERS,
+    SAMPLER_K_MAX,
+    sampler_path,
+)
 
 Expr = tirx.Expr
 
@@ -85,13 +96,9 @@ _U32 = 0xFFFFFFFF
 # Candidates: blocks of SLICE logits each keep their K_MAX highest; a top-k of k <= K_MAX over
 # them is exact (the module docstring says when it is not proven and what runs instead).
 SLICE = 2048
-K_MAX = 64
+K_MAX = SAMPLER_K_MAX
 # Lanes of a bitonic sort step (a CUDA block's threads at most); more pairs go several a lane.
 SORT_LANES = 1024
-# How `sample_token` drew the token (its `path` output).
-PATH_WINNERS = 0  # greedy, or no filter: the best of the blocks' winners
-PATH_CANDIDATES = 1  # top-k (and top-p) over the merged candidates
-PATH_ONE_BLOCK = 2  # the candidates could not prove the kept set: the one-block algorithm
 
 
 # ---- TIR expressions --------------------------------------------------------------------
@@ -186,22 +193,6 @@ def _increment(counter: Expr) -> Expr:
     """counter + 1 mod 2^32, widened: the uint32 increment's wrap is undefined on LLVM."""
     one, mask = tirx.const(1, "uint64"), tirx.const(_U32, "uint64")
     return ((counter.astype("uint64") + one) & mask).astype("uint32")
-
-
-PATH_NAMES = ("winners", "candidates", "one-block")  # by PATH_* value
-
-
-def sampler_path(temperature: float, top_p: float, top_k: float, vocab: int, k_max: int = K_MAX) -> int:
-    """The PATH_* that sample_token takes for these settings on logits without ties at the
-    top-k edge; ties there can only turn PATH_CANDIDATES into PATH_ONE_BLOCK (the kernel's
-    `path` output says). Plain Python: the runtime reports it (`sparkinfer run`)."""
-    t, p = np.float32(temperature), np.float32(top_p)
-    k = int(np.float32(max(min(np.float32(top_k), np.float32(vocab)), np.float32(0.0))))
-    if not t > 0:
-        return PATH_WINNERS
-    if 0 < k < vocab:
-        return PATH_CANDIDATES if k <= k_max else PATH_ONE_BLOCK
-    return PATH_ONE_BLOCK if p < 1 else PATH_WINNERS
 
 
 def sample_token_symbol(vocab: int) -> str:

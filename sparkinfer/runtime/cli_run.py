@@ -36,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparkinfer.data import default_model_path
-    from sparkinfer.kernels.sampling import K_MAX, PATH_NAMES, PATH_ONE_BLOCK, sampler_path
     from sparkinfer.runtime.engine import Engine
-    from sparkinfer.sampling_params import check_max_tokens, check_sampling
+    from sparkinfer.sampling_params import (PATH_NAMES, PATH_ONE_BLOCK, SAMPLER_K_MAX, check_max_tokens,
+                                            check_sampling, sampler_path)
     from sparkinfer.tokenizer import StreamDecoder
 
     check_sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode(text_in)
         path = sampler_path(args.temp, args.top_p, args.top_k, engine.config.vocab_size)
         if path == PATH_ONE_BLOCK:
-            log(f"sampling: top-p without top-k, or top-k above {K_MAX}, draws with the one-block sampler (the "
-                f"slow path: bisections over the whole vocabulary; top-k <= {K_MAX} takes the fast one)")
+            log(f"sampling: top-p without top-k, or top-k above {SAMPLER_K_MAX}, draws with the one-block sampler "
+                f"(the slow path: bisections over the whole vocabulary; top-k <= {SAMPLER_K_MAX} takes the fast one)")
         gen = engine.generate(prompt_ids, args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                               seed=args.seed, stream=args.stream)
         decoder = StreamDecoder(tok)
