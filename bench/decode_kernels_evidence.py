@@ -100,7 +100,7 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
         return 4 * a[0] * (2 if f == "rms_norm" else 3)
     if f == "paged_decode_attention":
         return 2 * DEPTH * c.n_kv_heads * c.head_dim * 2 + 4 * c.n_heads * c.head_dim
-    if f == "sample_token":
+    if f == "sample_candidates":
         return 4 * a[0]
     return 4 * c.hidden  # small kernels: a vector's worth
 
@@ -218,7 +218,7 @@ def evidence(arch: str, activations_values: list[str], launches_values: list[str
 
 def _outside_layers(step: DecodeStep, counts: Counter[str]) -> int:
     """Launches once per token (embedding, first norm, LM head, sampling, advance)."""
-    once = {"embedding", "sample_token", "advance"}
+    once = {"embedding", "sample_candidates", "sample_token", "advance"}
     n = sum(counts[u.name] for u in step.kernels if u.factory in once)
     head = [u for u in step.kernels if u.factory == "gemv" and factory_args(u)[1] == step.config.vocab_size]
     return n + sum(counts[u.name] for u in head) + 1  # + the first rms_norm

@@ -4,7 +4,9 @@ The `run` and `chat` commands, the Python API (`LLM.start`) and the HTTP server
 (`sparkinfer.server.protocol`) all call these functions, so a value is accepted or refused
 with the same message everywhere, before any model loads. One function per group of
 parameters; each raises `InvalidParameterError`, whose `param` is the API name (the server
-reports it as the OpenAI error's `param`).
+reports it as the OpenAI error's `param`). `sampler_path` says which of the device sampler's
+paths a setting takes (kernels/sampling.py), for the runtime to report; plain Python, so that
+the runtime imports no kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +19,29 @@ from sparkinfer.errors import InvalidParameterError
 # OpenAI's ranges (the server speaks its API); 0 is greedy, top_k 0 keeps every token.
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
+
+# The device sampler's paths (kernels/sampling.py: `sample_token`'s `path` output).
+PATH_WINNERS = 0  # greedy, or no filter: the best of the blocks' winners
+PATH_CANDIDATES = 1  # top-k (and top-p) over the merged candidates
+PATH_ONE_BLOCK = 2  # the candidates could not prove the kept set: the one-block algorithm
+PATH_NAMES = ("winners", "candidates", "one-block")  # by PATH_* value
+# The highest top-k the candidates' path proves (kernels/sampling.py's blocks keep this many).
+SAMPLER_K_MAX = 64
+
+
+def sampler_path(temperature: float, top_p: float, top_k: float, vocab: int, k_max: int = SAMPLER_K_MAX) -> int:
+    """The PATH_* that the device sampler takes for these settings on logits without ties at
+    the top-k edge; ties there can only turn PATH_CANDIDATES into PATH_ONE_BLOCK (the kernel's
+    `path` output says). float32 arithmetic, as the kernel reads the settings."""
+    import numpy as np  # here: `import sparkinfer` stays light (tests/test_api.py)
+
+    t, p = np.float32(temperature), np.float32(top_p)
+    k = int(np.float32(max(min(np.float32(top_k), np.float32(vocab)), np.float32(0.0))))
+    if not t > 0:
+        return PATH_WINNERS
+    if 0 < k < vocab:
+        return PATH_CANDIDATES if k <= k_max else PATH_ONE_BLOCK
+    return PATH_ONE_BLOCK if p < 1 else PATH_WINNERS
 
 
 def check_sampling(*, temperature: object, top_p: object, top_k: object, seed: object = None) -> None:
@@ -67,4 +92,5 @@ def _shown(value: object) -> str:
     return f"{value!r:.40} ({type(value).__name__})"
 
 
-__all__ = ["TEMPERATURE_RANGE", "TOP_P_RANGE", "check_max_tokens", "check_prompt_tokens", "check_sampling"]
+__all__ = ["PATH_CANDIDATES", "PATH_NAMES", "PATH_ONE_BLOCK", "PATH_WINNERS", "SAMPLER_K_MAX", "TEMPERATURE_RANGE",
+           "TOP_P_RANGE", "check_max_tokens", "check_prompt_tokens", "check_sampling", "sampler_path"]

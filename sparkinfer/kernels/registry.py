@@ -49,6 +49,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         moe.moe_gate_up_silu_routed,
         logits.process_logits,
         logits.count_token,
+        sampling.sample_candidates,
         sampling.sample_token,
         sampling.advance,
         # the T-token step

@@ -28,7 +28,7 @@ prefill is that step in a loop.
 Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residual ->
 Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
-moe_down_residual) -> rms_norm -> lm head gemv -> sample_token -> advance.
+moe_down_residual) -> rms_norm -> lm head gemv -> sample_candidates -> sample_token -> advance.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -57,6 +57,7 @@ from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
+from sparkinfer.kernels.sampling import K_MAX as SAMPLING_K_MAX, SLICE as SAMPLING_SLICE, slices as sampling_slices
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.quant.layouts import RelaidType
@@ -433,9 +434,7 @@ class _StepBuilder:
             gv = self.k("logits", "process_logits", V)
             sampled = self.call(gv, [logits, p["logits_params"], p["token_mask"], p["token_counts"]],
                                 [self.f32(V)], "processed")
-        gv = self.k("sampling", "sample_token", V)
-        nxt, _rng = self.call_inplace(gv, [sampled, p["sample_params"], p["rng"]], [-1, 2],
-                                      [_tensor((1,), "int32"), _tensor((2,), "uint32")], "sample")
+        nxt = self.sample(sampled)
         if processed:
             gv = self.k("logits", "count_token", V)
             nxt, _counts = self.call_inplace(gv, [nxt, p["token_counts"]], [0, 1],
@@ -446,6 +445,20 @@ class _StepBuilder:
         nxt, _tok, _pos = self.call_inplace(gv, [nxt, p["token"], p["pos"]], [0, 1, 2],
                                             [_tensor((1,), "int32")] * 3, "advance")
         return logits, nxt
+
+    def sample(self, logits: relax.Var) -> relax.Var:
+        """next int32[1] drawn from logits f32[V] (rng[1] bumped in place): the blocks'
+        candidates, then the draw over them (kernels/sampling.py)."""
+        p, V = self.params, self.c.vocab_size
+        nb = sampling_slices(V, SAMPLING_SLICE)
+        gv = self.k("sampling", "sample_candidates", V)
+        best, cand = self.call(gv, [logits, p["sample_params"], p["rng"]],
+                               [_tensor((nb,), "uint64"), _tensor((nb, SAMPLING_K_MAX), "uint64")], "candidates")
+        gv = self.k("sampling", "sample_token", V)
+        nxt, _rng, _path = self.call_inplace(gv, [logits, p["sample_params"], p["rng"], best, cand], [-1, 2, -1],
+                                             [_tensor((1,), "int32"), _tensor((2,), "uint32"),
+                                              _tensor((1,), "int32")], "sample")
+        return nxt
 
     def rms_norm(self, h: relax.Var, weight: str, label: str) -> relax.Var:
         gv = self.k("norm", "rms_norm", self.c.hidden, self.c.rms_eps)
@@ -575,9 +588,7 @@ class _StepBuilder:
         gv = self.k("chunk", "take_row", NT, H)
         last = self.call(gv, [x, p["n_valid"]], [self.f32(H)], "last")
         logits = self.gemv(head, last, "logits")
-        gv = self.k("sampling", "sample_token", V)
-        nxt, _rng = self.call_inplace(gv, [logits, p["sample_params"], p["rng"]], [-1, 2],
-                                      [_tensor((1,), "int32"), _tensor((2,), "uint32")], "sample")
+        nxt = self.sample(logits)
         gv = self.k("chunk", "advance_chunk")
         nxt, _n, _tok, _pos = self.call_inplace(gv, [nxt, p["n_valid"], p["token"], p["pos"]], [0, 1, 2, 3],
                                                 [_tensor((1,), "int32")] * 4, "advance")

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparkinfer.data import default_model_path
     from sparkinfer.runtime.engine import Engine
-    from sparkinfer.sampling_params import check_max_tokens, check_sampling
+    from sparkinfer.sampling_params import (PATH_NAMES, PATH_ONE_BLOCK, SAMPLER_K_MAX, check_max_tokens,
+                                            check_sampling, sampler_path)
     from sparkinfer.tokenizer import StreamDecoder
 
     check_sampling(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         if args.chat:
             text_in = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text_in)
+        path = sampler_path(args.temp, args.top_p, args.top_k, engine.config.vocab_size)
+        if path == PATH_ONE_BLOCK:
+            log(f"sampling: top-p without top-k, or top-k above {SAMPLER_K_MAX}, draws with the one-block sampler "
+                f"(the slow path: bisections over the whole vocabulary; top-k <= {SAMPLER_K_MAX} takes the fast one)")
         gen = engine.generate(prompt_ids, args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                               seed=args.seed, stream=args.stream)
         decoder = StreamDecoder(tok)
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         pieces.append(tail)
         stats = gen.stats
         if args.json:
-            print(json.dumps(_report(engine, model_path, args, prompt_ids, stats, "".join(pieces))))
+            print(json.dumps(_report(engine, model_path, args, prompt_ids, stats, "".join(pieces), PATH_NAMES[path])))
         else:
             print(tail, flush=True)
             log(_summary(engine, stats))
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(engine: Any, model_path: Path, args: argparse.Namespace, prompt_ids: list[int], stats: Any,
-            text: str) -> dict[str, Any]:
+            text: str, sampler: str) -> dict[str, Any]:
+    """`sampler`: the sampling kernels' path for these settings (kernels/sampling.py, PATH_NAMES)."""
     info = engine.describe()
     return {
         "model": str(model_path),
@@ -91,7 +97,8 @@ def _report(engine: Any, model_path: Path, args: argparse.Namespace, prompt_ids:
         "device": info["device"],
         "cuda_graph": info["cuda_graph"],
         "context": info["context"],
-        "sampling": {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed},
+        "sampling": {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                     "sampler": sampler},
         "timings": {"load_s": engine.load_s, **stats.to_json()},
     }
 

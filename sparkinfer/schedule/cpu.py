@@ -387,6 +387,19 @@ class PagedDecodeAttentionCpuRule(ScheduleRule):
         sch.vectorize(dim)
 
 
+class SampleCandidatesCpuRule(FixedRule):
+    """sampling.sample_candidates: its slices' blocks in parallel across the cores (each a
+    block-wide top-k of ~30 K compare-exchanges when the draw uses the candidates)."""
+
+    target_kind = "cpu"
+    family = "sampling"
+    factory = "sample_candidates"
+    enable_check = False  # the top-k's steps read and write the same keys in place
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        sch.parallel(sch.get_loops(sch.get_sblock("slice"))[0])
+
+
 class AsWrittenCpuRule(FixedRule):
     """A kernel LLVM builds as its factory wrote it: a few microseconds, or a small part of its
     step's time. One instance per factory it serves (the registry lists them)."""

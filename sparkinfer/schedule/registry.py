@@ -19,6 +19,7 @@ from sparkinfer.schedule.cpu import (
     MoeGateUpSiluRoutedCpuRule,
     PagedDecodeAttentionCpuRule,
     RmsNormCpuRule,
+    SampleCandidatesCpuRule,
 )
 from sparkinfer.schedule.embedding import EmbeddingCudaRule
 from sparkinfer.schedule.gemv import (
@@ -45,7 +46,7 @@ from sparkinfer.schedule.moe import (
 from sparkinfer.schedule.norm import AddRmsNormCudaRule, AddRmsNormRowsCudaRule, RmsNormCudaRule, RmsNormRowsCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
 from sparkinfer.schedule.router import RouterTopkCudaRule, RouterTopkRowsCudaRule
-from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleTokenCudaRule
+from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleCandidatesCudaRule, SampleTokenCudaRule
 from sparkinfer.schedule.logits import RULES as LOGITS_RULES
 from sparkinfer.schedule.prefill_cpu import CPU_RULES as PREFILL_CPU_RULES
 from sparkinfer.schedule.prefill_cuda import CUDA_RULES as PREFILL_CUDA_RULES
@@ -69,6 +70,7 @@ for _rule in (
     AddRmsNormRowsCudaRule(),
     RouterTopkCudaRule(),
     RouterTopkRowsCudaRule(),
+    SampleCandidatesCudaRule(),
     SampleTokenCudaRule(),
     AdvanceCudaRule(),
     EmbeddingCudaRule(),
@@ -90,6 +92,7 @@ for _rule in (
     RmsNormCpuRule(),
     AddRmsNormCpuRule(),
     AsWrittenCpuRule("router", "router_topk"),
+    SampleCandidatesCpuRule(),
     AsWrittenCpuRule("sampling", "sample_token"),
     AsWrittenCpuRule("sampling", "advance"),
     EmbeddingCpuRule(),

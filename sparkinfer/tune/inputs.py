@@ -23,6 +23,7 @@ from tvm import tirx
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.grammar import mask_words
+from sparkinfer.kernels import sampling
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import random_weights
 from sparkinfer.kernels.use import weight_format_named
@@ -134,11 +135,22 @@ def _moe_down_residual(rng: np.random.Generator, ggml_type: str, n_experts: int,
             _f32(rng, n_used, n_ffn), _f32(rng, hidden), _f32(rng, hidden)]
 
 
+# Sampling with temperature, top-p and top-k (Qwen3's chat defaults): the candidates' path.
+_SAMPLE_PARAMS = np.array([0.6, 0.95, 20.0], np.float32)
+
+
+def _sample_candidates(rng: np.random.Generator, vocab: int) -> Arrays:
+    blocks = sampling.slices(vocab, sampling.SLICE)
+    return [_f32(rng, vocab), _SAMPLE_PARAMS, rng.integers(1, 2**32, 2, dtype=np.uint32),
+            np.zeros(blocks, np.uint64), np.zeros((blocks, sampling.K_MAX), np.uint64)]
+
+
 def _sample_token(rng: np.random.Generator, vocab: int) -> Arrays:
-    # Sampling with temperature, top-p and top-k: the path that does the most work.
-    params = np.array([0.8, 0.95, 40.0], np.float32)
-    return [_f32(rng, vocab), params, rng.integers(1, 2**32, 2, dtype=np.uint32),
-            rng.integers(0, vocab, 1, dtype=np.int32)]
+    # best and cand as sample_candidates leaves them for the same logits.
+    logits, seed = _f32(rng, vocab), rng.integers(1, 2**32, 2, dtype=np.uint32)
+    best, cand = sampling.sample_candidates_reference(logits, _SAMPLE_PARAMS, int(seed[0]), int(seed[1]))
+    return [logits, _SAMPLE_PARAMS, seed, best, cand, rng.integers(0, vocab, 1, dtype=np.int32),
+            np.zeros(1, np.int32)]
 
 
 def _process_logits(rng: np.random.Generator, vocab: int) -> Arrays:
@@ -169,6 +181,7 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("moe", "moe_gate_up_silu"): _moe_gate_up_silu,
     ("moe", "moe_gate_up_silu_routed"): _moe_gate_up_silu_routed,
     ("moe", "moe_down_residual"): _moe_down_residual,
+    ("sampling", "sample_candidates"): _sample_candidates,
     ("sampling", "sample_token"): _sample_token,
     ("sampling", "advance"): _advance,
     ("logits", "process_logits"): _process_logits,

@@ -91,7 +91,8 @@ def test_each_distinct_kernel_is_in_the_module_once() -> None:
     assert {("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
             ("gemv", "gemv_qkv"), ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
             ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
-            ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance"),
+            ("moe", "moe_down_residual"), ("sampling", "sample_candidates"), ("sampling", "sample_token"),
+            ("sampling", "advance"),
             ("logits", "process_logits"), ("logits", "count_token")} == factories
 
 
@@ -101,7 +102,8 @@ def test_only_the_processed_step_processes_the_logits() -> None:
     step = build_decode_step(TINY, type_map(TINY, "q4_k_m"))
     plain, processed = step.mod[spec.ENTRY].script(), step.mod[spec.ENTRY_PROCESSED].script()
     assert "process_logits" not in plain and "count_token" not in plain
-    order = [processed.index(name) for name in ("process_logits", "sample_token", "count_token", "advance")]
+    order = [processed.index(name)
+             for name in ("process_logits", "sample_candidates", "sample_token", "count_token", "advance")]
     assert order == sorted(order)
     # Q6_K and Q4_K down projections (llama.cpp's layer mix) are two kernels.
     downs = [k for k in step.kernels if k.factory == "moe_down_residual"]

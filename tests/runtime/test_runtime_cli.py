@@ -18,7 +18,8 @@ FACTORIES = [
     ("embedding", "embedding"), ("norm", "rms_norm"), ("norm", "add_rms_norm"), ("gemv", "gemv"),
     ("rope", "qk_norm_rope_kv_append"), ("attention", "paged_decode_attention"),
     ("attention", "attention_combine"), ("router", "router_topk"), ("moe", "moe_gate_up_silu"),
-    ("moe", "moe_down_residual"), ("sampling", "sample_token"), ("sampling", "advance"),
+    ("moe", "moe_down_residual"), ("sampling", "sample_candidates"), ("sampling", "sample_token"),
+    ("sampling", "advance"),
 ]
 
 
@@ -57,12 +58,26 @@ def test_run_json_reports_tokens_text_and_timings(real_model: Path, real_cpu_mod
     assert report["generated_ids"] == expected
     assert report["text"] == tok.decode(expected)
     assert report["arch"] == "cpu" and report["device"].startswith("CPU")
+    assert report["sampling"]["sampler"] == "winners"
     timings = report["timings"]
     assert timings["load_s"] > 0 and timings["prefill_ms"] > 0
     assert timings["prompt_tokens"] == len(report["prompt_ids"])
     assert timings["generated_tokens"] == len(expected)
     if len(expected) > 1:
         assert timings["decode_tok_s"] > 0
+
+
+def test_run_says_when_sampling_takes_the_slow_path(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:
+    common = ("run", str(real_model), "-p", "hello", "-n", "2", "--arch", "cpu", "--module", str(real_cpu_module),
+              "--json", "--temp", "0.7", "--seed", "1")
+    slow = sparkinfer(*common, "--top-p", "0.9", cache=tmp_path)
+    assert slow.returncode == 0, slow.stderr
+    assert "draws with the one-block sampler (the slow path" in slow.stderr
+    assert json.loads(slow.stdout)["sampling"]["sampler"] == "one-block"
+    fast = sparkinfer(*common, "--top-p", "0.9", "--top-k", "20", cache=tmp_path)
+    assert fast.returncode == 0, fast.stderr
+    assert "one-block" not in fast.stderr
+    assert json.loads(fast.stdout)["sampling"]["sampler"] == "candidates"
 
 
 def test_run_streams_text(real_model: Path, real_cpu_module: Path, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 (151936) against the numpy reference, draw for draw (on GPU machines the library comes prebuilt:
 `python -m tests.gpu_prebuild`)."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -15,6 +17,7 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     cuda_source,
     gpu_fixture,
+    gpu_only,
     kernel_body,
     main,
     module,
@@ -22,12 +25,18 @@ from cuda_testutil import (
 )
 
 VOCAB = 151936
-# (temperature, top_p, top_k): greedy; plain; Qwen3's two recommended settings; top-k only.
-PARAMS = [(0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.6, 0.95, 20.0), (0.7, 0.8, 20.0), (1.0, 1.0, 40.0)]
+# A small vocabulary the emulator runs: 3 blocks of 1024, 32 candidates each.
+SMALL = (3000, 1024, 32)
+# (temperature, top_p, top_k): greedy; plain; Qwen3's two recommended settings; top-k only;
+# top-p only (the one-block fallback).
+PARAMS = [(0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.6, 0.95, 20.0), (0.7, 0.8, 20.0), (1.0, 1.0, 40.0),
+          (1.0, 0.9, 0.0)]
 
 
 def kernels_module() -> tvm.IRModule:
-    return module(scheduled(S.sample_token, "sampling", VOCAB), scheduled(S.advance, "sampling"))
+    return module(scheduled(S.sample_candidates, "sampling", VOCAB), scheduled(S.sample_token, "sampling", VOCAB),
+                  scheduled(S.sample_candidates, "sampling", *SMALL), scheduled(S.sample_token, "sampling", *SMALL),
+                  scheduled(S.advance, "sampling"))
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +44,33 @@ def source() -> str:
     return cuda_source(kernels_module())
 
 
-def test_sampling_is_one_block_with_block_wide_reductions(source: str) -> None:
+def allreduces(body: str) -> int:
+    """Block-wide reductions lowered to warp shuffles (each stages warp results in shared
+    memory): a reduction that is not would leave every thread racing on its output."""
+    return len(re.findall(r"__shared__ alignas\(64\) \w+ red_buf_staging", body))
+
+
+def test_candidates_are_a_block_a_slice_sorted_in_shared_memory(source: str) -> None:
+    body = kernel_body(source, S.sample_candidates_symbol(VOCAB))
+    assert f"__launch_bounds__(1024) {S.sample_candidates_symbol(VOCAB)}_kernel" in source
+    assert "blockIdx.x" in body
+    assert f"__shared__ alignas(64) uint64_t keys_shared_ptr[{S.SLICE}];" in body
+    # the winner's allreduce (greedy's or the Gumbel one), then a sort step's two barriers
+    # (reads, then writes)
+    assert allreduces(body) == 2
+    assert body.count("__syncthreads()") >= 4
+
+
+def test_the_draw_is_one_block_merging_the_candidates(source: str) -> None:
     symbol = S.sample_token_symbol(VOCAB)
     assert f"__launch_bounds__(1024) {symbol}_kernel" in source
     body = kernel_body(source, symbol)
     assert "blockIdx" not in body
-    # Five reductions over the vocabulary (top, top-k count, top-p total and mass, draw),
-    # each a warp-shuffle allreduce.
-    assert body.count("__syncthreads()") >= 10
-    assert "__shfl_down_sync" in body
+    assert f"__shared__ alignas(64) uint64_t merged_shared_ptr[{S.K_MAX + 1}];" in body
+    # The one-block fallback's five reductions over the vocabulary and the candidate path's
+    # four (winner, merge front, unproven lists, draw), each a warp-shuffle allreduce.
+    assert allreduces(body) == 9
+    assert body.count("__syncthreads()") >= 18
     # The counter is read once, before the first barrier, and written back incremented.
     assert body.index("= rng_ptr[1];") < body.index("__syncthreads()")
 
@@ -73,20 +100,43 @@ def assert_same_draw(
     assert scores[expected] - scores[token] <= 1e-5 * max(1.0, abs(float(scores[expected])))
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
-def test_sample_token_on_gpu_matches_numpy(gpu: Gpu, params: tuple) -> None:
+def expected_path(params: tuple, k_max: int) -> int:
+    """The path on these spread logits (no ties): candidates for top-k within k_max, the
+    one-block fallback for top-p alone or a larger k, the blocks' winners otherwise."""
+    temperature, top_p, top_k = params
+    if temperature <= 0 or (top_k == 0 and top_p >= 1):
+        return S.PATH_WINNERS
+    return S.PATH_CANDIDATES if 0 < top_k <= k_max else S.PATH_ONE_BLOCK
+
+
+def run_draws(gpu: Gpu, vocab: int, slice_: int, k_max: int, params: tuple, seeds: range) -> None:
     # An LLM-like spread: a few strong candidates over a long tail.
     rng = np.random.default_rng(20261127)
-    logits = (rng.standard_normal(VOCAB) * 2.0).astype(np.float32)
-    logits[rng.choice(VOCAB, 50, replace=False)] += rng.uniform(5, 12, 50).astype(np.float32)
+    logits = (rng.standard_normal(vocab) * 2.0).astype(np.float32)
+    logits[rng.choice(vocab, 50, replace=False)] += rng.uniform(5, 12, 50).astype(np.float32)
     logits_dev, params_dev = gpu.tensor(logits), gpu.tensor(np.array(params, np.float32))
-    for seed in range(12):
+    blocks = S.slices(vocab, slice_)
+    for seed in seeds:
         counter = 1000 + seed
         rng_state = gpu.tensor(np.array([seed, counter], np.uint32))
-        out = gpu.tensor(np.full(1, -1, np.int32))
-        gpu(S.sample_token_symbol(VOCAB), logits_dev, params_dev, rng_state, out)
+        best, cand = gpu.tensor(np.zeros(blocks, np.uint64)), gpu.tensor(np.zeros((blocks, k_max), np.uint64))
+        out, path = gpu.tensor(np.full(1, -1, np.int32)), gpu.tensor(np.full(1, -1, np.int32))
+        gpu(S.sample_candidates_symbol(vocab), logits_dev, params_dev, rng_state, best, cand)
+        gpu(S.sample_token_symbol(vocab), logits_dev, params_dev, rng_state, best, cand, out, path)
         assert_same_draw(int(out.numpy()[0]), logits, params, seed, counter)
+        assert int(path.numpy()[0]) == expected_path(params, k_max)
         np.testing.assert_array_equal(rng_state.numpy(), [seed, counter + 1])
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
+def test_sample_token_on_gpu_matches_numpy(gpu: Gpu, params: tuple) -> None:
+    gpu_only(gpu, "the full vocabulary; the small one below is emulated")
+    run_draws(gpu, VOCAB, S.SLICE, S.K_MAX, params, range(12))
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "T{}_p{}_k{}".format(*p))
+def test_small_vocabulary_matches_numpy(gpu: Gpu, params: tuple) -> None:
+    run_draws(gpu, *SMALL, params, range(3))
 
 
 def test_advance_on_gpu(gpu: Gpu) -> None:
