@@ -14,6 +14,10 @@ nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`). No weights are read:
 
     PYTHONPATH=. python3 bench/decode_kernels_evidence.py [--arch sm_90] [--json OUT]
         [--activations f32,q8] [--decode-launches split,fused] [--q6-k-layout gguf,planar]
+        [--schedules FILE]
+
+--schedules takes a schedules file in place of the arch's packaged one (a variant's knobs, such
+as the MoE kernels' rows_per_thread: bench/NOTES.md, "MoE kernels: x shared across rows").
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sparkinfer.compiler.pipeline import schedule_step
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
+from sparkinfer.schedule.schedules import SchedulesFile
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
@@ -180,7 +185,8 @@ def sass_loads(cubin: Path) -> dict[str, Counter[str]]:
 
 
 def evidence(arch: str, activations_values: list[str], launches_values: list[str],
-             layouts: tuple[str, ...] | list[str] = ("gguf",)) -> dict[str, Any]:
+             layouts: tuple[str, ...] | list[str] = ("gguf",),
+             schedules: SchedulesFile | None = None) -> dict[str, Any]:
     config = preset_config("qwen3-30b-a3b")
     types = type_map(config, "q4_k_m")
     result: dict[str, Any] = {"arch": arch, "model": "qwen3-30b-a3b q4_k_m", "depth": DEPTH,
@@ -189,7 +195,7 @@ def evidence(arch: str, activations_values: list[str], launches_values: list[str
         step = build_decode_step(config, types, activations=activations, decode_launches=decode_launches,
                                  q6_k_layout=layout)
         counts = launches(step)
-        schedule_step(step, arch)
+        schedule_step(step, arch, schedules)
         mod = tvm.IRModule({use.name: step.mod[use.name].with_attr("global_symbol", use.name)
                             for use in step.kernels})
         source = targets.cuda_source(mod, arch)
@@ -262,8 +268,10 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(DECODE_LAUNCHES)} (default: all)")
     parser.add_argument("--q6-k-layout", type=_choices(Q6_K_LAYOUTS), default=["gguf"],
                         help=f"comma-separated, of {', '.join(Q6_K_LAYOUTS)} (default: gguf)")
+    parser.add_argument("--schedules", type=Path, help="a schedules file (default: the arch's packaged one)")
     args = parser.parse_args()
-    result = evidence(args.arch, args.activations, args.decode_launches, args.q6_k_layout)
+    schedules = SchedulesFile.read(args.schedules) if args.schedules else None
+    result = evidence(args.arch, args.activations, args.decode_launches, args.q6_k_layout, schedules)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

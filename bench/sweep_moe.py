@@ -3,9 +3,10 @@
     python3 bench/sweep_moe.py prepare sm_90 [VARIANT ...]   # here: one full-model step per variant
     python3 bench/sweep_moe.py run             # on the GPU: `sparkinfer bench` tg128 @ 128 of each
 
-A variant maps the arch default MoeKnobs (lanes per row, rows per block) of gate/up/SiLU and
-down+residual alike to its own, written as a schedules file (compiled/sweep/<variant>/<arch>.json,
-every other kernel left to its default) that the step compiles with. Steps go to
+A variant maps the arch default MoeKnobs (lanes per row, rows per block, rows per thread) of
+gate/up/SiLU and down+residual alike to its own, written as a schedules file
+(compiled/sweep/<variant>/<arch>.json, every other kernel left to its default) that the step
+compiles with. Steps go to
 compiled/sweep/<variant>/<arch>/<key>/ and compiled/sweep/variants.json lists them. What wins
 becomes the default in sparkinfer/schedule/moe.py (or the arch's schedules file), and is then
 checked by the GPU round's accuracy gate: this sweep measures speed only.
@@ -37,6 +38,9 @@ VARIANTS: dict[str, Callable[[MoeKnobs], MoeKnobs]] = {
     "half_lanes": lambda d: replace(d, lanes=max(1, d.lanes // 2), rows=d.rows * 2),
     "quarter_lanes": lambda d: replace(d, lanes=max(1, d.lanes // 4), rows=d.rows * 4),
     "half_lanes_same_rows": lambda d: replace(d, lanes=max(1, d.lanes // 2)),
+    # x shared across a thread's rows (the default takes up to 4 where blocks and registers allow)
+    "rows_per_thread1": lambda d: replace(d, rows_per_thread=1),
+    "rows_per_thread2": lambda d: replace(d, rows_per_thread=2),
 }
 
 

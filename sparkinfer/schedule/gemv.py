@@ -333,6 +333,46 @@ class GemvQkvNormedCudaRule(GemvQkvCudaRule):
         _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
 
 
+def thread_rows_in_registers(
+    sch: s_tir.Schedule,
+    fmt: GemvFormat,
+    partial: SBlockRV,
+    at: LoopRV,
+    rows_per_thread: int,
+    unroll: Any,
+    producers: tuple[SBlockRV, SBlockRV | None],
+    cache_weight: Callable[[SBlockRV, SBlockRV | None, LoopRV, LoopRV], None],
+) -> None:
+    """A thread's work under its threadIdx.y loop `at`: the lanes' partial sums (block
+    `partial`, from rfactor of the lane loop) over its `rows_per_thread` rows, with the
+    (dot, xsum) producers per chunk in registers and `cache_weight(dot, xsum, it, part)`
+    putting a lane's chunk into registers."""
+    dot, xsum = producers
+    sch.compute_at(partial, at, preserve_unit_loops=True)
+    # rfactor put the lane axis first, then the expert slot (MoE forms), row, chunk, part.
+    lane, *_, row, it, part = loops_below(sch, partial, at)
+    # Chunk loop outside the row loop: a chunk's x is loaded once for all the thread's rows.
+    sch.reorder(it, row)
+    sch.bind(lane, "threadIdx.x")
+    sch.set_scope(partial, 0, "local")
+
+    blocks = [dot] if xsum is None else [dot, xsum]
+    for block in blocks:
+        # Unit loops must go: a kept expert-slot loop under `it` would be relaxed when the
+        # W cache's region is inferred, and ids[slot] then spans every expert (128x the
+        # registers and the DRAM traffic).
+        sch.compute_at(block, it, preserve_unit_loops=False)
+        sch.set_scope(block, 0, "local")
+    *dot_outer, _ = loops_below(sch, dot, it)  # [row if several][part if several], l
+    dot_part = dot_outer[-1] if fmt.parts > 1 else None
+    if dot_part is not None and rows_per_thread > 1:
+        # x one sub-block at a time above the row loop, so the thread's rows share it.
+        sch.reorder(dot_part, dot_outer[0])
+
+    cache_weight(dot, xsum, it, it if dot_part is None else dot_part)
+    unroll_chunk_loop(sch, it, [*blocks, partial], unroll)
+
+
 def _schedule_rows(
     sch: s_tir.Schedule,
     fmt: GemvFormat,
@@ -362,29 +402,8 @@ def _schedule_rows(
     sch.bind(final_ty, "threadIdx.y")
     sch.bind(final_tx, "threadIdx.x")
 
-    sch.compute_at(partial, final_ty, preserve_unit_loops=True)
-    # rfactor put the lane axis first, then the expert slot (MoE form), row, chunk, part.
-    lane, *_, row, it, part = loops_below(sch, partial, final_ty)
-    # Chunk loop outside the row loop: a chunk's x is loaded once for all the thread's rows.
-    sch.reorder(it, row)
-    sch.bind(lane, "threadIdx.x")
-    sch.set_scope(partial, 0, "local")
-
-    producers = [dot] if xsum is None else [dot, xsum]
-    for block in producers:
-        # Unit loops must go: a kept expert-slot loop under `it` would be relaxed when the
-        # W cache's region is inferred, and ids[slot] then spans every expert (128x the
-        # registers and the DRAM traffic).
-        sch.compute_at(block, it, preserve_unit_loops=False)
-        sch.set_scope(block, 0, "local")
-    *dot_outer, _ = loops_below(sch, dot, it)  # [row if several][part if several], l
-    dot_part = dot_outer[-1] if fmt.parts > 1 else None
-    if dot_part is not None and config.rows_per_thread > 1:
-        # x one sub-block at a time above the row loop, so the thread's rows share it.
-        sch.reorder(dot_part, dot_outer[0])
-
-    cache_weight(dot, xsum, it, it if dot_part is None else dot_part)
-    unroll_chunk_loop(sch, it, [*producers, partial], config.unroll)
+    thread_rows_in_registers(sch, fmt, partial, final_ty, config.rows_per_thread, config.unroll,
+                             (dot, xsum), cache_weight)
     if normed:
         normalize_in_shared(sch, final_bx, (config.rows, config.lanes))
     return gemv, final_r

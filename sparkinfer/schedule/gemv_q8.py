@@ -34,6 +34,9 @@ from sparkinfer.schedule.gemv import (
 from sparkinfer.schedule.moe import (
     MoeKnobs,
     _MoeCudaRule,
+    down_rows,
+    gate_up_rows,
+    gate_up_types,
     schedule_down_residual,
     schedule_gate_up_silu,
 )
@@ -83,6 +86,12 @@ class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
         type_gate, type_up, _, _, _, hidden = factory_args(use)
         return hidden // q8_format(type_gate).chunk, hidden // q8_format(type_up).chunk
 
+    def n_rows(self, use: KernelUse) -> int:
+        return gate_up_rows(use)
+
+    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
+        return gate_up_types(use)
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
         type_gate, type_up, *_ = factory_args(use)
@@ -99,10 +108,15 @@ class MoeDownResidualQ8CudaRule(_MoeCudaRule):
         ggml_type, _, n_used, _, n_ffn = factory_args(use)
         return (n_used * (n_ffn // q8_format(ggml_type).chunk),)
 
+    def n_rows(self, use: KernelUse) -> int:
+        return down_rows(use)
+
+    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
+        return (factory_args(use)[0],)
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
-        ggml_type, _, n_used, _, _ = factory_args(use)
-        schedule_down_residual(sch, int8_view(ggml_type), n_used, knobs, "aq")
+        schedule_down_residual(sch, int8_view(factory_args(use)[0]), knobs, "aq")
 
 
 @dataclass(frozen=True)

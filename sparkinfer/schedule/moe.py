@@ -33,8 +33,9 @@ from sparkinfer.schedule.gemv import (
     even_lanes,
     lanes_rows_space,
     loops_below,
+    min_blocks,
     normalize_in_shared,
-    unroll_chunk_loop,
+    thread_rows_in_registers,
     x_buffer,
 )
 from sparkinfer.schedule.router import accumulate_in_registers
@@ -44,88 +45,126 @@ from sparkinfer.schedule.space import Knobs, ScheduleRule
 @dataclass(frozen=True)
 class MoeKnobs(Knobs):
     """lanes: threads per row (threadIdx.x, splitting every reduction's chunk count evenly);
-    rows: rows per thread block (threadIdx.y); unroll: explicit-unroll budget (statements)
+    rows: thread rows per block (threadIdx.y); rows_per_thread: rows each thread works on at
+    once, sharing the x it loaded (a block covers rows * rows_per_thread rows of each
+    reduction; structural, as `schedule.gemv`'s); unroll: explicit-unroll budget (statements)
     for a lane's loop over its chunks."""
 
     lanes: Any
     rows: Any
+    rows_per_thread: int
     unroll: Any
 
 
-def default_knobs(chunk_counts: tuple[int, ...]) -> MoeKnobs:
-    """Lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
+# A thread's weight bytes a chunk, over all its rows, that keep these kernels within 128
+# registers (a block of 128 threads at 4 an SM): ptxas for sm_90 (bench/NOTES.md, "MoE kernels:
+# x shared across rows") gives 120 for Q4_K's 36-byte chunks x 4 rows, 127-166 for Q6_K's
+# 105-byte chunks x 2, 253 and spills x 4.
+THREAD_CHUNK_BYTES = 160
+
+
+def chunk_bytes(fmt: GemvFormat) -> int:
+    """The weight bytes of one chunk of a row (what a lane loads per row and chunk)."""
+    return fmt.block_bytes * fmt.chunk // fmt.block_size
+
+
+def default_knobs(facts: ArchFacts, chunk_counts: tuple[int, ...], n_rows: int, row_chunk_bytes: int) -> MoeKnobs:
+    """For reductions of `chunk_counts` chunks each over `n_rows` rows in all (every slot's),
+    of at most `row_chunk_bytes` weight bytes a chunk.
+
+    lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
     idles on a tail (threadIdx.x has one extent per kernel, so gate and up share it);
-    rows: enough for BLOCK_THREADS threads a block."""
+    rows: enough for BLOCK_THREADS threads a block; rows_per_thread: the most (up to 4) that
+    still leaves min_blocks, as `schedule.gemv.default_knobs` chooses it, and keeps a thread's
+    weight bytes a chunk within THREAD_CHUNK_BYTES. Every row re-reading its chunk of x (4
+    bytes a weight against Q4_K's 0.56) left these kernels waiting on L1/LSU with DRAM at
+    14-20 % (bench/NOTES.md)."""
     lanes = even_lanes(*chunk_counts)
-    return MoeKnobs(lanes=lanes, rows=max(1, BLOCK_THREADS // lanes), unroll=DEFAULT_UNROLL)
+    rows = max(1, BLOCK_THREADS // lanes)
+    per_thread = 1
+    while (per_thread < 4 and n_rows // (rows * per_thread * 2) >= min_blocks(facts)
+           and row_chunk_bytes * per_thread * 2 <= THREAD_CHUNK_BYTES):
+        per_thread *= 2
+    return MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
+
+
+def _lanes_partial(sch: s_tir.Schedule, reduction_loop: LoopRV, lanes: Any) -> SBlockRV:
+    """Split `reduction_loop` (chunks, or slot x chunk) of a reduction block still at the root
+    across `lanes` lanes and rfactor the lane loop: TIR's cross-thread reduction needs the
+    thread-bound loop innermost, which a thread's own row loop would break (schedule.gemv).
+    Returns the block of the lanes' partial sums."""
+    it, tx = sch.split(reduction_loop, [None, lanes])
+    sch.reorder(tx, it)
+    return sch.rfactor(tx, factor_axis=0)
 
 
 def _lane_reduction(
     sch: s_tir.Schedule,
     fmt: GemvFormat,
     name: str,
-    chunk_loop: LoopRV,
+    partial: SBlockRV,
+    ty: LoopRV,
     config: MoeKnobs,
     weight: str,
     x: str,
 ) -> None:
-    """Lanes along K for reduction block `name`, whose loop `chunk_loop` runs over chunks
-    (or slot x chunk) with its part loop below: split it across threadIdx.x lanes, and
-    compute the `name`_dot / `name`_xsum producers per chunk in registers, from the
-    `weight` and `x` buffers."""
-    block = sch.get_sblock(name)
-    it, tx = sch.split(chunk_loop, [None, config.lanes])
-    parts = loops_below(sch, block, tx)  # none where compute_at dropped a unit part loop
-    sch.reorder(tx, it, *parts)
-    sch.bind(tx, "threadIdx.x")
+    """Reduction block `name` (its lanes' partial sums in `partial`) under its consumer's
+    threadIdx.y loop `ty`: each thread's rows_per_thread rows in registers, their lanes meeting
+    in a warp allreduce, the `name`_dot / `name`_xsum producers per chunk in registers from the
+    `weight` and `x` buffers, a chunk's x loaded once for all the thread's rows."""
+    final = sch.get_sblock(name)
+    sch.compute_at(final, ty, preserve_unit_loops=True)
+    sch.set_scope(final, 0, "local")
+    # rfactor put the lane axis first, then the slot (gate/up), row: the lanes go innermost.
+    lane, *_, row = loops_below(sch, final, ty)
+    sch.reorder(row, lane)
+    sch.bind(lane, "threadIdx.x")
 
     dot = sch.get_sblock(f"{name}_dot")
     xsum = sch.get_sblock(f"{name}_xsum") if fmt.min is not None else None
-    producers = [dot] if xsum is None else [dot, xsum]
-    for producer in producers:
-        sch.compute_at(producer, it)
-        sch.set_scope(producer, 0, "local")
 
-    part = it if fmt.parts == 1 else loops_below(sch, dot, it)[0]
-    cache_chunk_in_registers(sch, fmt, dot, xsum, it, weight, x, part)
-    unroll_chunk_loop(sch, it, [*producers, block], config.unroll)
+    def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
+        cache_chunk_in_registers(sch, fmt, dot, xsum, it, weight, x, part)
+
+    thread_rows_in_registers(sch, fmt, partial, ty, config.rows_per_thread, config.unroll,
+                             (dot, xsum), cache_weight)
+
+
+def _thread_rows(sch: s_tir.Schedule, consumer: SBlockRV, config: MoeKnobs) -> tuple[LoopRV, LoopRV]:
+    """Split the row loop of `consumer` (its last) into blockIdx.x, threadIdx.y and the
+    thread's rows_per_thread rows; returns the (blockIdx.x, threadIdx.y) loops."""
+    *_, n = sch.get_loops(consumer)
+    bx, ty, _ = sch.split(n, [None, config.rows, config.rows_per_thread])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    return bx, ty
 
 
 def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: GemvFormat,
                           config: MoeKnobs, x: str = "x") -> None:
     """The gate/up/SiLU layout on blocks act, gate/up and their _dot (_xsum) producers, which
     read `x` (also the int8 form, `schedule.gemv_q8`)."""
-    act = sch.get_sblock("act")
-    slot, n = sch.get_loops(act)
     projections = (("gate", "Wg", fmt_gate), ("up", "Wu", fmt_up))
-    bx, ty = sch.split(n, [None, config.rows])
-    sch.bind(slot, "blockIdx.y")
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(ty, "threadIdx.y")
-    for name, weight, fmt in projections:
-        block = sch.get_sblock(name)
-        sch.compute_at(block, ty)
-        sch.set_scope(block, 0, "local")
-        chunk_loop = loops_below(sch, block, ty)[0]
-        _lane_reduction(sch, fmt, name, chunk_loop, config, weight, x)
+    partials = []
+    for name, _, _ in projections:
+        _, _, chunk_loop, _ = sch.get_loops(sch.get_sblock(name))
+        partials.append(_lanes_partial(sch, chunk_loop, config.lanes))
+    act = sch.get_sblock("act")
+    sch.bind(sch.get_loops(act)[0], "blockIdx.y")
+    _, ty = _thread_rows(sch, act, config)
+    for (name, weight, fmt), partial in zip(projections, partials, strict=True):
+        _lane_reduction(sch, fmt, name, partial, ty, config, weight, x)
 
 
-def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, n_used: int, config: MoeKnobs,
+def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, config: MoeKnobs,
                            x: str = "act") -> None:
     """The down/weights/residual layout on blocks h_out, down and its producers, which read
     `x` (also the int8 form, `schedule.gemv_q8`)."""
-    h_out = sch.get_sblock("h_out")
-    (n,) = sch.get_loops(h_out)
-    down = sch.get_sblock("down")
-    bx, ty = sch.split(n, [None, config.rows])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(ty, "threadIdx.y")
-    sch.compute_at(down, ty)
-    sch.set_scope(down, 0, "local")
-    below = loops_below(sch, down, ty)
-    # compute_at drops a unit slot loop: with one expert (a dense FFN) the chunks alone.
-    chunk_loop = sch.fuse(*below[:2]) if n_used > 1 else below[0]
-    _lane_reduction(sch, fmt, "down", chunk_loop, config, "Wd", x)
+    _, slot, chunk, _ = sch.get_loops(sch.get_sblock("down"))
+    # The lanes sweep the slots' chunks back to back: one reduction over slot x chunk.
+    partial = _lanes_partial(sch, sch.fuse(slot, chunk), config.lanes)
+    _, ty = _thread_rows(sch, sch.get_sblock("h_out"), config)
+    _lane_reduction(sch, fmt, "down", partial, ty, config, "Wd", x)
 
 
 def _over_block_threads(sch: s_tir.Schedule, block: SBlockRV, at: LoopRV, threads: tuple[Any, Any]) -> LoopRV:
@@ -179,21 +218,51 @@ def topk_in_block(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any], ids
         _over_block_threads(sch, block, at, threads)
 
 
+def gate_up_rows(use: KernelUse) -> int:
+    """The rows of a gate/up kernel's gate (or up) reduction: I for each of the KU slots (the
+    factories of gate/up take n_experts, n_used, n_ffn as their 3rd to 5th arguments)."""
+    _, _, _, n_used, n_ffn, *_ = factory_args(use)
+    return n_used * n_ffn
+
+
+def gate_up_types(use: KernelUse) -> tuple[int, int]:
+    """The quant types of a gate/up kernel's gate and up (its factories' first arguments)."""
+    type_gate, type_up, *_ = factory_args(use)
+    return type_gate, type_up
+
+
+def down_rows(use: KernelUse) -> int:
+    """The rows of a down kernel's reduction: H (its factories' 4th argument)."""
+    return factory_args(use)[3]
+
+
 class _MoeCudaRule(ScheduleRule):
     target_kind = "cuda"
     family = "moe"
     knobs_type = MoeKnobs
 
-
     @abstractmethod
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         """The chunk count of every lane-parallel reduction of the kernel."""
 
+    @abstractmethod
+    def n_rows(self, use: KernelUse) -> int:
+        """The rows of one of the kernel's reductions, over all the slots it covers."""
+
+    @abstractmethod
+    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
+        """The quant type of every weight the kernel reads."""
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {**lanes_rows_space(*self.chunk_counts(use)), "unroll": UNROLL_STEPS}
+        return {**lanes_rows_space(*self.chunk_counts(use)), "rows_per_thread": (1, 2, 4),
+                "unroll": UNROLL_STEPS}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("rows_per_thread",)
 
     def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
-        return default_knobs(self.chunk_counts(use))
+        row_chunk_bytes = max(chunk_bytes(gemv_format(t)) for t in self.weight_types(use))
+        return default_knobs(facts, self.chunk_counts(use), self.n_rows(use), row_chunk_bytes)
 
 
 class MoeGateUpSiluCudaRule(_MoeCudaRule):
@@ -202,6 +271,12 @@ class MoeGateUpSiluCudaRule(_MoeCudaRule):
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         type_gate, type_up, _, _, _, hidden = factory_args(use)
         return hidden // gemv_format(type_gate).chunk, hidden // gemv_format(type_up).chunk
+
+    def n_rows(self, use: KernelUse) -> int:
+        return gate_up_rows(use)
+
+    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
+        return gate_up_types(use)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
@@ -217,10 +292,15 @@ class MoeDownResidualCudaRule(_MoeCudaRule):
         ggml_type, _, n_used, _, inter = factory_args(use)
         return (n_used * (inter // gemv_format(ggml_type).chunk),)
 
+    def n_rows(self, use: KernelUse) -> int:
+        return down_rows(use)
+
+    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
+        return (factory_args(use)[0],)
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
-        ggml_type, _, n_used, _, _ = factory_args(use)
-        schedule_down_residual(sch, gemv_format(ggml_type), n_used, knobs)
+        schedule_down_residual(sch, gemv_format(factory_args(use)[0]), knobs)
 
 
 class MoeGateUpSiluRoutedCudaRule(MoeGateUpSiluCudaRule):
@@ -238,7 +318,7 @@ class MoeGateUpSiluRoutedCudaRule(MoeGateUpSiluCudaRule):
         type_gate, type_up, *_ = factory_args(use)
         ids_store = ids_in_registers(sch)
         schedule_gate_up_silu(sch, gemv_format(type_gate), gemv_format(type_up), knobs, x=x_buffer(True))
-        _, bx, _ = sch.get_loops(sch.get_sblock("act"))
+        _, bx, *_ = sch.get_loops(sch.get_sblock("act"))
         topk_in_block(sch, bx, (knobs.rows, knobs.lanes), ids_store)
         normalize_in_shared(sch, bx, (knobs.rows, knobs.lanes))
 

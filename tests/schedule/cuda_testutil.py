@@ -15,6 +15,7 @@ gives each test a "cuda" and an "emulated" run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import warnings
@@ -28,7 +29,7 @@ import tvm
 from sparkinfer.compiler import targets
 from sparkinfer.runtime.device import detect_arch, import_tvm
 from sparkinfer.schedule.arch import arch_facts
-from sparkinfer.schedule.space import Knobs, kernel_use, schedule_kernel
+from sparkinfer.schedule.space import Knobs, kernel_use, rule_for, schedule_kernel
 
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a bare `pytest`
@@ -53,6 +54,14 @@ def scheduled(factory: Callable[..., tvm.tirx.PrimFunc], family: str, *args: obj
     """`factory(*args)` scheduled by its registered rule for `arch` (knobs None: the default)."""
     use = kernel_use(family, factory.__name__, *args)
     return schedule_kernel(factory(*args), use, arch_facts(arch), knobs)
+
+
+def default_knobs_with(factory: Callable[..., tvm.tirx.PrimFunc], family: str, *args: object,
+                       arch: str = "sm_90", **changes: object) -> Knobs:
+    """The default knobs of `factory(*args)`'s rule for `arch`, with the knobs `changes`."""
+    use = kernel_use(family, factory.__name__, *args)
+    facts = arch_facts(arch)
+    return dataclasses.replace(rule_for(use, facts).default(use, facts), **changes)  # type: ignore[type-var]
 
 
 def module(*funcs: tvm.tirx.PrimFunc) -> tvm.IRModule:

@@ -24,6 +24,7 @@ from cuda_testutil import (
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
+    default_knobs_with,
     gpu_fixture,
     kernel_body,
     main,
@@ -81,20 +82,26 @@ class Routed:
 
     type_gate: T
     type_up: T
+    rows_per_thread: int | None = None  # None: the default knobs
 
     @property
     def symbol(self) -> str:
-        return M.moe_gate_up_silu_routed_symbol(self.type_gate, self.type_up, E, KU, I, H)
+        symbol = M.moe_gate_up_silu_routed_symbol(self.type_gate, self.type_up, E, KU, I, H)
+        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
 
     def func(self) -> tvm.tirx.PrimFunc:
-        return scheduled(M.moe_gate_up_silu_routed, "moe", self.type_gate, self.type_up, E, KU, I, H, EPS)
+        args = (self.type_gate, self.type_up, E, KU, I, H, EPS)
+        knobs = (None if self.rows_per_thread is None else
+                 default_knobs_with(M.moe_gate_up_silu_routed, "moe", *args, rows_per_thread=self.rows_per_thread))
+        return scheduled(M.moe_gate_up_silu_routed, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
 # Q4_K_M's Q+K (beside a Q6_K V) and Q+K+V, its Q6_K V, the F32 router; the Q4_K output.
 NORMED = [Normed(T.Q4_K, (4096, 512)), Normed(T.Q4_K, (4096, 512, 512)), Normed(T.Q6_K, (512,)),
           Normed(T.F32, (128,))]
 RESIDUAL = [Residual(T.Q4_K), Residual(T.Q6_K)]
-ROUTED = [Routed(T.Q4_K, T.Q4_K), Routed(T.Q5_K, T.Q8_0)]
+# The routed gate/up also at every rows_per_thread (the default takes 4).
+ROUTED = [Routed(T.Q4_K, T.Q4_K), Routed(T.Q5_K, T.Q8_0), *(Routed(T.Q4_K, T.Q4_K, r) for r in (1, 2, 4))]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -152,8 +159,9 @@ def test_other_knobs_lower_and_compile() -> None:
     """Points of the tuner's space away from the defaults: fewer threads than experts (the
     top-k stages loop), a block of 1024 threads, several rows a thread."""
     funcs = [scheduled(M.moe_gate_up_silu_routed, "moe", T.Q4_K, T.Q4_K, E, KU, I, H, EPS,
-                       knobs=MoeKnobs(lanes=lanes, rows=rows, unroll=64)).with_attr("global_symbol", f"routed_{lanes}x{rows}")
-             for lanes, rows in ((8, 4), (32, 32), (16, 2))]
+                       knobs=MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=64)
+                       ).with_attr("global_symbol", f"routed_{lanes}x{rows}x{per_thread}")
+             for lanes, rows, per_thread in ((8, 4, 1), (32, 32, 1), (16, 2, 4), (32, 4, 2))]
     funcs.append(scheduled(G.gemv_normed, "gemv", T.Q6_K, 512, H, EPS,
                            knobs=GemvKnobs(lanes=4, rows=2, rows_per_thread=2, unroll=16)).with_attr("global_symbol", "normed"))
     funcs.append(scheduled(G.gemv_residual, "gemv", T.Q4_K, H, 4096,

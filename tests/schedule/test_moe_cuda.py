@@ -11,10 +11,11 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.kernels import moe as M
-from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, gemv_format, weight_view
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
-from sparkinfer.schedule.moe import MoeKnobs, default_knobs
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.moe import MoeKnobs, chunk_bytes, default_knobs
 
 from cuda_testutil import (
     scheduled,
@@ -22,6 +23,7 @@ from cuda_testutil import (
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
+    default_knobs_with,
     gpu_fixture,
     kernel_body,
     main,
@@ -32,34 +34,51 @@ from cuda_testutil import (
 E, KU, H, I = 128, 8, 2048, 768
 
 
+SM_90 = arch_facts("sm_90")
+
+
 @dataclass(frozen=True)
 class GateUp:
     type_gate: T
     type_up: T
+    rows_per_thread: int | None = None  # None: the default knobs
 
     @property
     def symbol(self) -> str:
-        return M.moe_gate_up_silu_symbol(self.type_gate, self.type_up, E, KU, I, H)
+        symbol = M.moe_gate_up_silu_symbol(self.type_gate, self.type_up, E, KU, I, H)
+        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
 
     def func(self) -> tvm.tirx.PrimFunc:
-        return scheduled(M.moe_gate_up_silu, "moe", self.type_gate, self.type_up, E, KU, I, H)
+        args = (self.type_gate, self.type_up, E, KU, I, H)
+        knobs = (None if self.rows_per_thread is None else
+                 default_knobs_with(M.moe_gate_up_silu, "moe", *args, rows_per_thread=self.rows_per_thread))
+        return scheduled(M.moe_gate_up_silu, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
 @dataclass(frozen=True)
 class Down:
     ggml_type: T
+    rows_per_thread: int | None = None  # None: the default knobs
 
     @property
     def symbol(self) -> str:
-        return M.moe_down_residual_symbol(self.ggml_type, E, KU, H, I)
+        symbol = M.moe_down_residual_symbol(self.ggml_type, E, KU, H, I)
+        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
 
     def func(self) -> tvm.tirx.PrimFunc:
-        return scheduled(M.moe_down_residual, "moe", self.ggml_type, E, KU, H, I)
+        args = (self.ggml_type, E, KU, H, I)
+        knobs = (None if self.rows_per_thread is None else
+                 default_knobs_with(M.moe_down_residual, "moe", *args, rows_per_thread=self.rows_per_thread))
+        return scheduled(M.moe_down_residual, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
-# Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes.
-GATE_UP = [GateUp(T.Q4_K, T.Q4_K), GateUp(T.Q5_K, T.Q8_0)]
-DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0), Down(Q6_K_PLANAR)]  # planar: q6_k_layout="planar"
+ROWS_PER_THREAD = (1, 2, 4)
+# Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes, at the default
+# knobs and at every rows_per_thread (each thread's rows sharing the x it loaded).
+GATE_UP = [GateUp(T.Q4_K, T.Q4_K), GateUp(T.Q5_K, T.Q8_0),
+           *(GateUp(T.Q4_K, T.Q4_K, r) for r in ROWS_PER_THREAD), GateUp(T.Q5_K, T.Q8_0, 2)]
+DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0), Down(Q6_K_PLANAR),  # planar: q6_k_layout="planar"
+        *(Down(t, r) for t in (T.Q6_K, T.Q4_K) for r in ROWS_PER_THREAD), Down(Q6_K_PLANAR, 4)]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -108,10 +127,33 @@ def test_down_residual_schedules_one_expert(ggml_type: T) -> None:
 
 
 def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
-    assert default_knobs((32, 32)) == MoeKnobs(lanes=32, rows=4, unroll=256)  # Q4_K gate and up
-    assert default_knobs((32, 64)) == MoeKnobs(lanes=32, rows=4, unroll=256)  # Q5_K gate, Q8_0 up
-    assert default_knobs((8 * 6,)) == MoeKnobs(lanes=16, rows=8, unroll=256)  # Q6_K down, 8 slots
-    assert default_knobs((12,)) == MoeKnobs(lanes=4, rows=32, unroll=256)
+    assert default_knobs(SM_90, (32, 32), KU * I, 36).lanes == 32  # Q4_K gate and up
+    assert default_knobs(SM_90, (32, 64), KU * I, 44).lanes == 32  # Q5_K gate, Q8_0 up
+    assert default_knobs(SM_90, (8 * 6,), H, 105) == MoeKnobs(lanes=16, rows=8, rows_per_thread=1, unroll=256)  # Q6_K down
+    assert default_knobs(SM_90, (12,), H, 36).rows == 32
+
+
+def test_default_rows_per_thread_leave_two_blocks_an_sm_and_few_registers() -> None:
+    """As many rows a thread (up to 4) as leave 256 blocks on the H200's 132 SMs and keep a
+    thread's weight bytes a chunk within THREAD_CHUNK_BYTES."""
+    assert [chunk_bytes(gemv_format(t)) for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)] == [36, 44, 105, 34]
+    # gate/up: 8 x 768 rows, 4 a block at rows_per_thread 1: 1536 blocks, 384 at 4.
+    assert default_knobs(SM_90, (32, 32), KU * I, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=4, unroll=256)
+    assert default_knobs(SM_90, (32, 64), KU * I, 44).rows_per_thread == 2  # 4 x 44 bytes: too many
+    # Q4_K down: 2048 rows, 4 a block: 512 blocks, 256 at 2.
+    assert default_knobs(SM_90, (8 * 12,), H, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=2, unroll=256)
+    # Q6_K down: 256 blocks already, and 2 x 105 bytes a chunk would take ~130-170 registers.
+    assert default_knobs(SM_90, (8 * 6,), H, 105).rows_per_thread == 1
+    assert default_knobs(arch_facts("sm_121"), (8 * 6,), H, 105).rows_per_thread == 1
+
+
+def test_rows_per_thread_share_each_chunk_of_x(source: str) -> None:
+    """A thread's rows read the chunk of x it loaded once: the x loads do not grow with the
+    rows, the weight loads do."""
+    bodies = {r: kernel_body(source, GateUp(T.Q4_K, T.Q4_K, r).symbol) for r in ROWS_PER_THREAD}
+    for r, body in bodies.items():
+        assert body.count("*(float4*)(x_ptr") == bodies[1].count("*(float4*)(x_ptr") > 0
+        assert body.count("*(uint4*)(Wg_ptr") == r * bodies[1].count("*(uint4*)(Wg_ptr") > 0
 
 
 @needs_nvcc

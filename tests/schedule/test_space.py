@@ -10,8 +10,10 @@ from gguf import GGMLQuantizationType as T
 from tvm import s_tir
 
 from sparkinfer.kernels import gemv as G
+from sparkinfer.kernels import moe as M
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.gemv import GemvKnobs
+from sparkinfer.schedule.moe import MoeKnobs
 from sparkinfer.schedule.space import (
     Knobs,
     ScheduleError,
@@ -84,6 +86,32 @@ def test_design_space_traces_replay_with_other_decisions(factory: str, args: tup
                 replayed.mod["main"].with_attr("tirx.is_scheduled", True),
                 schedule_kernel(func, use, SM_90, knobs),
             )
+
+
+@pytest.mark.parametrize("factory,args", [
+    ("moe_gate_up_silu", (T.Q4_K, T.Q4_K, 16, 4, 256, 256)),
+    ("moe_down_residual", (T.Q6_K, 16, 4, 256, 256)),
+])
+def test_moe_design_spaces_cover_rows_per_thread(factory: str, args: tuple) -> None:
+    """One design space per rows_per_thread (structural), the others drawn and read back."""
+    func = getattr(M, factory)(*args)
+    use = kernel_use("moe", factory, *args)
+    rule = rule_for(use, SM_90)
+    space = rule.space(use, SM_90)
+    assert space["rows_per_thread"] == (1, 2, 4)
+    assert rule.default(use, SM_90).to_json()["rows_per_thread"] in space["rows_per_thread"]
+    schedules = design_spaces(func, use, SM_90)
+    assert len(schedules) == len(space["rows_per_thread"])
+    lanes, rows, unroll = len(space["lanes"]) - 1, 1, 0
+    for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
+        replayed = replay(sch, func, [lanes, rows, 0, unroll])
+        knobs = knobs_from_trace(replayed.trace, use, SM_90)
+        assert knobs == MoeKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
+                                 space["unroll"][unroll])
+        tvm.ir.assert_structural_equal(
+            replayed.mod["main"].with_attr("tirx.is_scheduled", True),
+            schedule_kernel(func, use, SM_90, knobs),
+        )
 
 
 def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
