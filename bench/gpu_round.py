@@ -20,13 +20,20 @@ FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
 # Decode-only variants of the arch's default step that stage variants gates and times beside the
 # full module's decode in one call (each module's schedules file: the arch's, with its "step"
-# overridden): every kernel launched programmatically (compiler/dependent_launch.py), the Q6_K
-# weights re-laid out for 16-byte loads (quant/layouts.py, Q6_K_PLANAR), and the expert FFNs on
-# int8 activations (kernels/gemv_q8.py, kernels/moe_q8.py). Decode only (no T-token step) keeps
-# the call's carry under 64 MiB.
+# and some kernels' knobs overridden): every kernel launched programmatically
+# (compiler/dependent_launch.py), the Q6_K weights re-laid out for 16-byte loads
+# (quant/layouts.py, Q6_K_PLANAR), the expert FFNs on int8 activations (kernels/gemv_q8.py,
+# kernels/moe_q8.py), and the MoE kernels with x shared across a thread's rows (schedule/moe.py
+# rows_per_thread; bench/NOTES.md, "MoE kernels: x shared across rows"). Decode only (no T-token
+# step) keeps the call's carry under 64 MiB.
 VARIANT_STEPS = {"pdl": {"programmatic_launch": "on"},
                  "planar": {"q6_k_layout": "planar"},
-                 "q8": {"activations": "q8"}}
+                 "q8": {"activations": "q8"},
+                 "moe_rows": {}}
+VARIANT_KNOBS = {"moe_rows": {
+    "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)": {"lanes": 32, "rows": 4, "rows_per_thread": 4,
+                                                                "unroll": 256},
+    "moe.moe_down_residual('Q4_K', 128, 8, 2048, 768)": {"lanes": 32, "rows": 4, "rows_per_thread": 2, "unroll": 256}}}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -73,7 +80,8 @@ def prepare(arch: str) -> dict:
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
     variants = {name: compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / name,
-                                    prefill_chunks=(), schedules=variant_schedules(arch, step))
+                                    prefill_chunks=(),
+                                    schedules=variant_schedules(arch, step, VARIANT_KNOBS.get(name, {})))
                 for name, step in VARIANT_STEPS.items()}
     record = {
         "arch": arch,
@@ -97,15 +105,19 @@ def prepare(arch: str) -> dict:
     return record
 
 
-def variant_schedules(arch: str, step: dict[str, str]) -> Path:
-    """The arch's schedules file (knobs and step variants) with `step` over its "step", written to
-    compiled/gpu-tests/variant-<arch>-<step's values>.json."""
-    from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
+def variant_schedules(arch: str, step: dict[str, str], knobs: dict[str, dict] | None = None) -> Path:
+    """The arch's schedules file (knobs and step variants) with `step` over its "step" and
+    `knobs` (kernel key -> knobs) over its kernels' entries, written to
+    compiled/gpu-tests/variant-<arch>-<step's values and kernels' count>.json."""
+    from sparkinfer.schedule.schedules import ScheduleEntry, SchedulesFile, schedules_for
 
     chosen, _ = schedules_for(arch)
     base = chosen or SchedulesFile(arch=arch, made_by={"by": "bench/gpu_round.py"})
-    variant = SchedulesFile(arch=arch, made_by=base.made_by, kernels=base.kernels, step={**base.step, **step})
-    return variant.write(ROUND.parent / f"variant-{arch}-{'-'.join(step.values())}.json")
+    kernels = {**base.kernels, **{key: ScheduleEntry(knobs=value, source="transferred")
+                                  for key, value in (knobs or {}).items()}}
+    variant = SchedulesFile(arch=arch, made_by=base.made_by, kernels=kernels, step={**base.step, **step})
+    name = "-".join([*step.values(), *([f"{len(knobs)}knobs"] if knobs else [])])
+    return variant.write(ROUND.parent / f"variant-{arch}-{name}.json")
 
 
 def check() -> str:
@@ -185,6 +197,12 @@ def _prefill_rows(prefill: dict | None, log: str) -> list[str]:
     return lines
 
 
+def variant_label(name: str) -> str:
+    """What variant `name` changes: its step variants and its kernels' knobs."""
+    knobs = [f"{key.split('(')[0]} {value}" for key, value in VARIANT_KNOBS.get(name, {}).items()]
+    return ", ".join([*([str(VARIANT_STEPS[name])] if VARIANT_STEPS[name] else []), *knobs])
+
+
 def report(round_dir: Path) -> str:
     lines = []
     stages = _read(round_dir / "setup.log")
@@ -217,15 +235,16 @@ def report(round_dir: Path) -> str:
         lines.append("the full module's full-size gate, teacher-forced through its T-token step:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
-    for name, step in VARIANT_STEPS.items():
+    for name in VARIANT_STEPS:
         gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
         if gate:
-            lines.append(f"the {name} module ({step}): full-size gate:")
+            lines.append(f"the {name} module ({variant_label(name)}): full-size gate:")
             lines += [f"  {ln}" for ln in gate[:6]]
-    for name, step in {"base": {}, **VARIANT_STEPS}.items():
+    for name in ("base", *VARIANT_STEPS):
         decodes = [d for d in (_json(round_dir / f"decode-variant-{name}{turn}.json") for turn in ("", "-again")) if d]
         for decode in decodes:
-            lines.append(f"stage variants, {name} {step or '(the full module)'}, host sees every token:")
+            label = variant_label(name) if name != "base" else "(the full module)"
+            lines.append(f"stage variants, {name} {label}, host sees every token:")
             lines += [f"  {ln}" for ln in _decode_rows(None, decode)[1:]]
 
     run = _json(round_dir / "run.json")

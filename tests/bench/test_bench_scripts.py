@@ -33,18 +33,20 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("name", ["pdl", "planar", "q8"])
+@pytest.mark.parametrize("name", ["pdl", "planar", "q8", "moe_rows"])
 def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
                                                                           name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     gpu_round = _gpu_round()
     monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
-    step = gpu_round.VARIANT_STEPS[name]
-    written = SchedulesFile.read(gpu_round.variant_schedules("sm_90", step))
+    step, knobs = gpu_round.VARIANT_STEPS[name], gpu_round.VARIANT_KNOBS.get(name, {})
+    written = SchedulesFile.read(gpu_round.variant_schedules("sm_90", step, knobs))
     packaged, _ = schedules_for("sm_90")
     assert written.step == {**packaged.step, **step}
-    assert written.kernels == packaged.kernels
+    assert {key: entry.knobs for key, entry in written.kernels.items()} == \
+        {**{key: entry.knobs for key, entry in packaged.kernels.items()}, **knobs}
+    assert all(key in packaged.kernels for key in knobs)  # the keys name the step's kernels
 
 
 def _decode_result(depth: int, rate: float) -> str:
@@ -60,14 +62,14 @@ def test_the_round_report_shows_stage_variants_between_the_two_base_runs(tmp_pat
         (tmp_path / f"decode-variant-{name}.json").write_text(_decode_result(128, rate))
     (tmp_path / "planar-gate.txt").write_text("PASS mean KL 4.0e-06\n")
     report = gpu_round.report(tmp_path)
-    heads = [report.index(f"stage variants, {name} {step}, host sees every token:") for name, step in
-             (("base", "(the full module)"), ("pdl", gpu_round.VARIANT_STEPS["pdl"]),
-              ("planar", gpu_round.VARIANT_STEPS["planar"]), ("q8", gpu_round.VARIANT_STEPS["q8"]))]
+    heads = [report.index(f"stage variants, {name} {label}, host sees every token:") for name, label in
+             (("base", "(the full module)"), ("pdl", "{'programmatic_launch': 'on'}"),
+              ("planar", "{'q6_k_layout': 'planar'}"), ("q8", "{'activations': 'q8'}"))]
     again = report.index("stage variants, base (the full module)", heads[0] + 1)
     rates = [report.index(r) for r in ("250.0", "251.0", "270.0", "260.0", "280.0")]
     assert heads[0] < rates[0] < again < rates[1] < heads[1] < rates[2] < heads[2] < rates[3] < heads[3] < rates[4]
     assert "0.75" in report  # 250 / 333.6
-    assert f"the planar module ({gpu_round.VARIANT_STEPS['planar']}): full-size gate:\n  PASS mean KL 4.0e-06" in report
+    assert "the planar module ({'q6_k_layout': 'planar'}): full-size gate:\n  PASS mean KL 4.0e-06" in report
 
 
 def test_the_round_report_shows_the_gate_and_prefill_through_the_t_token_step(tmp_path: Path) -> None:
