@@ -32,7 +32,7 @@ from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.tune.runner import FORMAT, INDEX, sample_inputs, versions
 from sparkinfer.tune.search import SearchConfig, propose, records, replay
-from sparkinfer.tune.task import TuneTask, default_trace, trace_knobs
+from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, trace_knobs
 
 Log = Callable[[str], None]
 
@@ -83,12 +83,21 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         log(f"warning: {task.name}: its design space does not schedule ({_last_line(e)}): no candidates proposed")
         proposals = []
     seen = {_hash(s) for s, _ in picks}
+    stale = 0
     for sch in proposals:
         if len(picks) >= n:
             break
-        if _hash(sch) not in seen:
-            seen.add(_hash(sch))
-            picks.append((sch, False))
+        if _hash(sch) in seen:
+            continue
+        seen.add(_hash(sch))
+        try:
+            trace_knobs(task, sch.trace)
+        except StaleTraceError:
+            stale += 1  # the search grew it from a record of the rule's older form
+            continue
+        picks.append((sch, False))
+    if stale:
+        log(f"warning: {task.name}: {stale} proposals from records of an older form of its schedule rule skipped")
     return picks
 
 

@@ -19,24 +19,32 @@ from sparkinfer.schedule.schedules import TUNED, ScheduleEntry, SchedulesFile
 from sparkinfer.tune.database import measurements
 from sparkinfer.tune.runner import versions
 from sparkinfer.tune.search import records
-from sparkinfer.tune.task import TuneTask, trace_knobs
+from sparkinfer.tune.task import StaleTraceError, TuneTask, trace_knobs
 
 
 def _median_us(run_secs: Any) -> float:
     return statistics.median(float(s) for s in run_secs) * 1e6
 
 
+def _knobs(task: TuneTask, trace: Any) -> dict[str, Any] | None:
+    try:
+        return trace_knobs(task, trace)
+    except StaleTraceError:
+        return None
+
+
 def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dict[str, Any]],
                  seed: int) -> ScheduleEntry | None:
-    """The kernel's entry, or None where nothing of it was measured successfully."""
+    """The kernel's entry, or None where nothing of it was measured successfully. Records of
+    an older form of the kernel's schedule rule (their knobs unreadable now) do not count."""
     recorded = records(task, database)
-    timed = [r for r in recorded if r.run_secs]
+    timed = [(r, knobs) for r in recorded if r.run_secs and (knobs := _knobs(task, r.trace)) is not None]
     if not timed:
         return None
-    best = min(timed, key=lambda r: _median_us(r.run_secs))
+    best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))
     defaults = [line["median_us"] for line in lines
                 if line["kernel"] == task.key and line["default"] and line["median_us"] is not None]
-    return ScheduleEntry(knobs=trace_knobs(task, best.trace), source=TUNED, time_us=round(_median_us(best.run_secs), 4),
+    return ScheduleEntry(knobs=knobs, source=TUNED, time_us=round(_median_us(best.run_secs), 4),
                          default_time_us=round(defaults[-1], 4) if defaults else None, trials=len(recorded),
                          seed=seed)
 

@@ -97,6 +97,11 @@ def _signature(inst: Any) -> tuple[str, str]:
     return inst.kind.name, str(inst.attrs)
 
 
+class StaleTraceError(SparkInferError):
+    """A trace of none of the task's design spaces: a tuning log's record (or a search
+    proposal grown from one) made under an older form of the kernel's schedule rule."""
+
+
 def trace_knobs(task: TuneTask, trace: s_tir.Trace) -> dict[str, Any]:
     """The knobs of any trace of the task's design space, simplified or not.
 
@@ -131,4 +136,4 @@ def trace_knobs(task: TuneTask, trace: s_tir.Trace) -> dict[str, Any]:
                 if inst not in result.decisions:
                     result = result.with_decision(inst, 0, True)
             return task.knobs_of(result)
-    raise SparkInferError(f"kernel {task.name}: a trace matches none of its design spaces")
+    raise StaleTraceError(f"kernel {task.name}: a trace matches none of its design spaces")

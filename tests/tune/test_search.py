@@ -93,3 +93,24 @@ def test_same_seed_same_times_same_candidates(tmp_path):
     best = min(first, key=lambda k: 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0))
     assert entry["knobs"] == best and entry["trials"] == 9 and entry["seed"] == 7
     assert entry["default_time_us"] == pytest.approx(100.0 / 4 + 50.0 / 8 + 7.0)
+
+
+def test_tuning_goes_on_after_the_rule_changed(tmp_path, capsys):
+    """Logs of a rule's older form (traces that match none of its spaces now) neither stop the
+    next round nor give the schedules file knobs: the search's proposals grown from them are
+    skipped, with a line saying so, and the entry comes from the new form's records."""
+    logs, out = tmp_path / "logs", tmp_path / "cpu.json"
+    tune([toy_task()], "cpu", logs, out, trials=6, seed=3, rotate_bytes=1 << 16, per_round=3,
+         runner=fake_runner, progress=False)
+    first = len(measurements(logs))
+    capsys.readouterr()
+    tune([toy_task(revised=True)], "cpu", logs, out, trials=12, seed=3, rotate_bytes=1 << 16, per_round=3,
+         runner=fake_runner, progress=True)
+    printed = capsys.readouterr()
+    assert "proposals from records of an older form of its schedule rule skipped" in printed.out + printed.err
+    revised = measurements(logs)[first:]
+    assert revised, "the revised rule got no candidates"
+    entry = json.loads(out.read_text())["kernels"]["toy.gemv(256, 512)"]
+    times = {json.dumps(line["knobs"], sort_keys=True): line["median_us"] for line in revised}
+    assert json.dumps(entry["knobs"], sort_keys=True) in times
+    assert entry["time_us"] == pytest.approx(min(times.values()))

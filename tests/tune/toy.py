@@ -36,13 +36,17 @@ def apply(sch: s_tir.Schedule, rows: Any, lanes: Any, unroll: bool) -> None:
         sch.unroll(ri)
 
 
-def design_spaces(func: tirx.PrimFunc) -> list[s_tir.Schedule]:
+def design_spaces(func: tirx.PrimFunc, revised: bool = False) -> list[s_tir.Schedule]:
+    """`revised`: the rule's later form, one instruction more (an annotation), so that the
+    traces of the first form match none of its spaces."""
     spaces = []
     for unroll in UNROLL:
         sch = s_tir.Schedule(func)
         rows = sch.sample_categorical(list(ROWS), [1 / len(ROWS)] * len(ROWS))
         lanes = sch.sample_categorical(list(LANES), [1 / len(LANES)] * len(LANES))
         apply(sch, rows, lanes, unroll)
+        if revised:
+            sch.annotate(sch.get_sblock("y"), "toy_revised", 1)
         spaces.append(sch)
     return spaces
 
@@ -54,9 +58,10 @@ def knobs_of(trace: s_tir.Trace) -> dict[str, Any]:
     return {"rows": ROWS[int(decisions[rows_inst])], "lanes": LANES[int(decisions[lanes_inst])], "unroll": unroll}
 
 
-def toy_task(n: int = 256, k: int = 512, seed: int = 0) -> TuneTask:
+def toy_task(n: int = 256, k: int = 512, seed: int = 0, revised: bool = False) -> TuneTask:
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((n, k), dtype=np.float32), rng.standard_normal(k, dtype=np.float32),
               rng.standard_normal(n, dtype=np.float32)]
     return TuneTask(key=f"toy.gemv({n}, {k})", name=f"toy_gemv_{n}x{k}", func=toy_gemv(n, k), inputs=inputs,
-                    design_spaces=design_spaces, knobs_of=knobs_of, default_knobs=dict(DEFAULT))
+                    design_spaces=lambda func: design_spaces(func, revised), knobs_of=knobs_of,
+                    default_knobs=dict(DEFAULT))
