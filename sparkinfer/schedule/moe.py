@@ -1,8 +1,10 @@
 """Hand-made GPU schedules for the fused MoE kernels of `sparkinfer.kernels.moe`.
 
 Both follow `schedule.gemv`: a row of W is shared by `lanes` threads (threadIdx.x) sweeping
-its chunks, `rows` rows per thread block (threadIdx.y), per-chunk quant bytes and x in
-registers, sub-block scales decoded once, lanes meeting in a warp-shuffle allreduce.
+its chunks, `rows` thread rows per block (threadIdx.y), each thread working on
+`rows_per_thread` rows at once so that the chunk of x it loaded serves them all, per-chunk
+quant bytes and x in registers, sub-block scales decoded once, the lanes' partial sums
+(rfactor) meeting in a warp-shuffle allreduce.
   - gate/up/SiLU: the expert slot is blockIdx.y; each row's gate and up dot products are
     two lane-parallel reductions in the same threads, then SiLU(gate) * up is written once.
   - down + residual: a row of h_out reduces over (slot, chunk) together, so the lanes
@@ -130,14 +132,14 @@ def _lane_reduction(
                              (dot, xsum), cache_weight)
 
 
-def _thread_rows(sch: s_tir.Schedule, consumer: SBlockRV, config: MoeKnobs) -> tuple[LoopRV, LoopRV]:
+def _thread_rows(sch: s_tir.Schedule, consumer: SBlockRV, config: MoeKnobs) -> LoopRV:
     """Split the row loop of `consumer` (its last) into blockIdx.x, threadIdx.y and the
-    thread's rows_per_thread rows; returns the (blockIdx.x, threadIdx.y) loops."""
+    thread's rows_per_thread rows; returns the threadIdx.y loop."""
     *_, n = sch.get_loops(consumer)
     bx, ty, _ = sch.split(n, [None, config.rows, config.rows_per_thread])
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
-    return bx, ty
+    return ty
 
 
 def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: GemvFormat,
@@ -151,7 +153,7 @@ def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: Gem
         partials.append(_lanes_partial(sch, chunk_loop, config.lanes))
     act = sch.get_sblock("act")
     sch.bind(sch.get_loops(act)[0], "blockIdx.y")
-    _, ty = _thread_rows(sch, act, config)
+    ty = _thread_rows(sch, act, config)
     for (name, weight, fmt), partial in zip(projections, partials, strict=True):
         _lane_reduction(sch, fmt, name, partial, ty, config, weight, x)
 
@@ -163,7 +165,7 @@ def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, config: MoeKnob
     _, slot, chunk, _ = sch.get_loops(sch.get_sblock("down"))
     # The lanes sweep the slots' chunks back to back: one reduction over slot x chunk.
     partial = _lanes_partial(sch, sch.fuse(slot, chunk), config.lanes)
-    _, ty = _thread_rows(sch, sch.get_sblock("h_out"), config)
+    ty = _thread_rows(sch, sch.get_sblock("h_out"), config)
     _lane_reduction(sch, fmt, "down", partial, ty, config, "Wd", x)
 
 
