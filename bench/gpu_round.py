@@ -23,17 +23,16 @@ RUN_PROMPT_TOKENS = 128
 # and some kernels' knobs overridden): every kernel launched programmatically
 # (compiler/dependent_launch.py), the Q6_K weights re-laid out for 16-byte loads
 # (quant/layouts.py, Q6_K_PLANAR), the expert FFNs on int8 activations (kernels/gemv_q8.py,
-# kernels/moe_q8.py), and the MoE kernels with x shared across a thread's rows (schedule/moe.py
-# rows_per_thread; bench/NOTES.md, "MoE kernels: x shared across rows"). Decode only (no T-token
-# step) keeps the call's carry under 64 MiB.
+# kernels/moe_q8.py), and the planar Q6_K MoE down with x shared across 2 rows a thread
+# (schedule/moe.py rows_per_thread; 127 registers, bench/NOTES.md, "MoE kernels: x shared across
+# rows"). Decode only (no T-token step) keeps the call's carry under 64 MiB.
 VARIANT_STEPS = {"pdl": {"programmatic_launch": "on"},
                  "planar": {"q6_k_layout": "planar"},
                  "q8": {"activations": "q8"},
-                 "moe_rows": {}}
-VARIANT_KNOBS = {"moe_rows": {
-    "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)": {"lanes": 32, "rows": 4, "rows_per_thread": 4,
-                                                                "unroll": 256},
-    "moe.moe_down_residual('Q4_K', 128, 8, 2048, 768)": {"lanes": 32, "rows": 4, "rows_per_thread": 2, "unroll": 256}}}
+                 "planar_rows": {"q6_k_layout": "planar"}}
+VARIANT_KNOBS = {"planar_rows": {
+    "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
+                                                                "unroll": 256}}}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
