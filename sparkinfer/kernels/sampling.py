@@ -183,6 +183,12 @@ def _score(logit: Expr, temperature: Expr, key: Expr, index: Expr) -> Expr:
     return logit / temperature + _gumbel(key, index)
 
 
+def _packed_score(logit: Expr, temperature: Expr, key: Expr, index: Expr) -> Expr:
+    """A token's Gumbel-max score packed with its index (`_pack`): the max of these is the
+    draw, ties to the lowest index. Every path's draw goes through it, so all draw alike."""
+    return _pack(_order_key(_score(logit, temperature, key, index)), index)
+
+
 def _mass(logit: Expr, lmax: Expr, temperature: Expr) -> Expr:
     """q = uint64(exp((logit - lmax) / T) * 2^32), the token's integer mass."""
     p = tirx.exp((logit - lmax) / temperature)
@@ -353,8 +359,8 @@ def sample_candidates(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> ti
                             vi = T.axis.reduce(s, i)
                             with T.init():
                                 drawn[0] = T.uint64(0)
-                            drawn[0] = T.max(drawn[0], T.if_then_else(vb * s + vi < n, _pack(_order_key(
-                                _score(logits[vb * s + vi], sample_params[0], key[0], vb * s + vi)), vb * s + vi),
+                            drawn[0] = T.max(drawn[0], T.if_then_else(vb * s + vi < n, _packed_score(
+                                logits[vb * s + vi], sample_params[0], key[0], vb * s + vi),
                                 T.uint64(0)))
                     best[vb] = drawn[0]
                 else:
@@ -529,9 +535,8 @@ def sample_token(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> tirx.Pr
                             drawn[0] = T.uint64(0)
                         drawn[0] = T.max(drawn[0], T.if_then_else(
                             _high_key(merged[vj]) >= cut[0],
-                            _pack(_order_key(_score(_from_order_key(_high_key(merged[vj])), sample_params[0],
-                                                    key[0], _unpack_index(merged[vj]))),
-                                  _unpack_index(merged[vj])),
+                            _packed_score(_from_order_key(_high_key(merged[vj])), sample_params[0], key[0],
+                                          _unpack_index(merged[vj])),
                             T.uint64(0)))
                 choice[0] = _unpack_index(drawn[0])
             # 3. otherwise the whole vocabulary in this block (steps 1-4 below).
@@ -601,7 +606,7 @@ def sample_token(vocab: int, slice_: int = SLICE, k_max: int = K_MAX) -> tirx.Pr
                                 win[0] = T.uint64(0)
                             win[0] = T.max(win[0], T.if_then_else(
                                 _order_key(logits[vi]) >= cut[0],
-                                _pack(_order_key(_score(logits[vi], sample_params[0], key[0], vi)), vi),
+                                _packed_score(logits[vi], sample_params[0], key[0], vi),
                                 T.uint64(0)))
                     choice[0] = _unpack_index(win[0])
             with T.sblock("write"):
