@@ -61,28 +61,32 @@ def trace_from_json(task: TuneTask, data: Any) -> s_tir.Trace:
 
 
 def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.database.Database, *, seed: int,
-                     n: int, trials: int, config: SearchConfig, log: Log) -> list[tuple[s_tir.Schedule, bool]]:
-    """The next round of a kernel: the arch default first while the database holds nothing of
-    the kernel (so every tune measures it, with the same runner), then the search's proposals.
+                     n: int, trials: int, config: SearchConfig,
+                     log: Log) -> list[tuple[s_tir.Schedule, bool, dict[str, Any]]]:
+    """The next round of a kernel, each pick with whether it is the default and its knobs: the
+    arch default first while the database holds nothing of the kernel (so every tune measures
+    it, with the same runner), then the search's proposals.
     The round index is the number of records: a pure function of the database. A round never
     takes the kernel past `trials` records."""
     recorded = len(records(task, database))
     n = min(n, trials - recorded)
     if n <= 0:
         return []
-    picks: list[tuple[s_tir.Schedule, bool]] = []
+    picks: list[tuple[s_tir.Schedule, bool, dict[str, Any]]] = []
     if recorded == 0:
         try:
-            picks.append((replay(task, default_trace(task)), True))
+            default = replay(task, default_trace(task))
         except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
             log(f"warning: {task.name}: the default knobs {task.default_knobs} do not replay in the design space "
                 f"({_last_line(e)}): the default is not measured")
+        else:
+            picks.append((default, True, trace_knobs(task, default.trace)))
     try:
         proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
     except Exception as e:  # the rule's design space fails to build (TVM's ScheduleError): report, go on
         log(f"warning: {task.name}: its design space does not schedule ({_last_line(e)}): no candidates proposed")
         proposals = []
-    seen = {_hash(s) for s, _ in picks}
+    seen = {_hash(s) for s, _, _ in picks}
     stale = 0
     for sch in proposals:
         if len(picks) >= n:
@@ -91,11 +95,11 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
             continue
         seen.add(_hash(sch))
         try:
-            trace_knobs(task, sch.trace)
+            knobs = trace_knobs(task, sch.trace)
         except StaleTraceError:
             stale += 1  # the search grew it from a record of the rule's older form
             continue
-        picks.append((sch, False))
+        picks.append((sch, False, knobs))
     if stale:
         log(f"warning: {task.name}: {stale} proposals from records of an older form of its schedule rule skipped")
     return picks
@@ -143,7 +147,7 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
         stored, tiled = sample_inputs(task.inputs)
         np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(stored)})
         kernels.append({"key": task.key, "name": task.name, "inputs": inputs, "tiled": tiled})
-        for j, (sch, is_default) in enumerate(picks):
+        for j, (sch, is_default, knobs) in enumerate(picks):
             cid = f"k{i}-c{j}"
             library = f"lib/{cid}{library_suffix(arch)}"
             error = None
@@ -151,7 +155,7 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
                 build(sch, arch, directory / library)
             except Exception as e:  # a candidate that does not build is recorded as failed
                 error = f"{type(e).__name__}: {_last_line(e)}"
-            candidates.append({"id": cid, "kernel": task.key, "library": library, "knobs": trace_knobs(task, sch.trace),
+            candidates.append({"id": cid, "kernel": task.key, "library": library, "knobs": knobs,
                                "default": is_default, "trace": trace_json(sch), "build_error": error})
         log(f"{task.name}: {len(picks)} candidates")
     return kernels, candidates
