@@ -61,6 +61,18 @@ def test_gemv_defaults_follow_the_sm_count() -> None:
     assert rule_for(short, gb10).default(short, gb10).rows == 4
 
 
+def _assert_replays_as(sch, func, use, decisions: list[int], expected) -> None:  # noqa: ANN001
+    """The design space `sch` replayed with `decisions` reads back as the knobs `expected`, and
+    is the program those concrete knobs give."""
+    replayed = replay(sch, func, decisions)
+    knobs = knobs_from_trace(replayed.trace, use, SM_90)
+    assert knobs == expected
+    tvm.ir.assert_structural_equal(
+        replayed.mod["main"].with_attr("tirx.is_scheduled", True),
+        schedule_kernel(func, use, SM_90, knobs),
+    )
+
+
 @pytest.mark.parametrize("factory,args", [
     ("gemv", (T.Q4_K, 512, 2048)),
     ("gemv", (T.Q6_K, 256, 768)),
@@ -77,15 +89,9 @@ def test_design_space_traces_replay_with_other_decisions(factory: str, args: tup
     for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
         for _ in range(2):
             lanes, rows, unroll = (int(rng.integers(len(space[n]))) for n in ("lanes", "rows", "unroll"))
-            replayed = replay(sch, func, [lanes, rows, 0, unroll])
-            knobs = knobs_from_trace(replayed.trace, use, SM_90)
-            assert knobs == GemvKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
-                                      space["unroll"][unroll])
-            # The replayed program is the one the concrete knobs give.
-            tvm.ir.assert_structural_equal(
-                replayed.mod["main"].with_attr("tirx.is_scheduled", True),
-                schedule_kernel(func, use, SM_90, knobs),
-            )
+            _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll],
+                               GemvKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
+                                         space["unroll"][unroll]))
 
 
 @pytest.mark.parametrize("factory,args", [
@@ -104,14 +110,9 @@ def test_moe_design_spaces_cover_rows_per_thread(factory: str, args: tuple) -> N
     assert len(schedules) == len(space["rows_per_thread"])
     lanes, rows, unroll = len(space["lanes"]) - 1, 1, 0
     for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
-        replayed = replay(sch, func, [lanes, rows, 0, unroll])
-        knobs = knobs_from_trace(replayed.trace, use, SM_90)
-        assert knobs == MoeKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
-                                 space["unroll"][unroll])
-        tvm.ir.assert_structural_equal(
-            replayed.mod["main"].with_attr("tirx.is_scheduled", True),
-            schedule_kernel(func, use, SM_90, knobs),
-        )
+        _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll],
+                           MoeKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
+                                    space["unroll"][unroll]))
 
 
 def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
