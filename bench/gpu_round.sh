@@ -15,7 +15,7 @@
 #            full-size model's kernels, `sparkinfer tune --preset qwen3-30b-a3b --arch sm_90 --emit`)
 #            with `python -m sparkinfer.tune.runner`; returns tune-results.json for `--ingest` here
 #   synth    the full 48-layer Qwen3-30B-A3B Q4_K_M stand-in, /tmp/q30.gguf (~17.3 GiB), if absent
-#   pytest   every GPU test (files with pytest.mark.gpu), the full-size accuracy gate among them
+#   pytest   every GPU test (files with pytest.mark.gpu or the `gpu` fixture), the full-size accuracy gate among them
 #            (SPARKINFER_FULL_MODEL), on the libraries prebuilt in compiled/gpu-tests/<arch>/
 #            (ROUND_PYTEST_FILES: only these test files)
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
@@ -121,7 +121,9 @@ stage_synth() {
 
 stage_pytest() {
   local files
-  files=${ROUND_PYTEST_FILES:-$( (ls tests/gpu/test_*.py; grep -rl "pytest.mark.gpu" tests --include='test_*.py' | sort) | awk '!seen[$0]++')}
+  # GPU tests: marked with pytest.mark.gpu, or taking the `gpu` fixture of tests/schedule/cuda_testutil.py
+  # (whose "cuda" parameter carries the mark)
+  files=${ROUND_PYTEST_FILES:-$(grep -rlE "pytest.mark.gpu|gpu_fixture\(" tests --include='test_*.py' | sort)}
   note "== pytest -m gpu on:" $files
   # (reports a warm machine's last round left)
   rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
