@@ -20,16 +20,12 @@ FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
 # Decode-only variants of the arch's default step that stage variants gates and times beside the
 # full module's decode in one call (each module's schedules file: the arch's, with its "step"
-# and some kernels' knobs overridden): every kernel launched programmatically
-# (compiler/dependent_launch.py), the Q6_K weights re-laid out for 16-byte loads
-# (quant/layouts.py, Q6_K_PLANAR), the expert FFNs on int8 activations (kernels/gemv_q8.py,
-# kernels/moe_q8.py), and the planar Q6_K MoE down with x shared across 2 rows a thread
-# (schedule/moe.py rows_per_thread; 127 registers, bench/NOTES.md, "MoE kernels: x shared across
-# rows"). Decode only (no T-token step) keeps the call's carry under 64 MiB.
-VARIANT_STEPS = {"pdl": {"programmatic_launch": "on"},
-                 "planar": {"q6_k_layout": "planar"},
-                 "q8": {"activations": "q8"},
-                 "planar_rows": {"q6_k_layout": "planar"}}
+# and some kernels' knobs overridden). Session 8's H100 round measured PDL, planar Q6_K and int8
+# experts on their own (bench/NOTES.md, "The round on an H100"); left to measure: the planar Q6_K
+# MoE down with x shared across 2 rows a thread (schedule/moe.py rows_per_thread; 127 registers,
+# bench/NOTES.md, "MoE kernels: x shared across rows"). Decode only (no T-token step) keeps the
+# call's carry under 64 MiB.
+VARIANT_STEPS = {"planar_rows": {"q6_k_layout": "planar"}}
 VARIANT_KNOBS = {"planar_rows": {
     "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
                                                                 "unroll": 256}}}

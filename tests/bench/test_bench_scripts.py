@@ -33,7 +33,7 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("name", ["pdl", "planar", "q8", "planar_rows"])
+@pytest.mark.parametrize("name", sorted(_gpu_round().VARIANT_STEPS))
 def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
                                                                           name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
@@ -63,8 +63,11 @@ def _decode_result(depth: int, rate: float) -> str:
                        "decode": [{"depth": depth, "tok_s_median": rate, "fill_ms": 1.0}]}) + "\n"
 
 
-def test_the_round_report_shows_stage_variants_between_the_two_base_runs(tmp_path: Path) -> None:
+def test_the_round_report_shows_stage_variants_between_the_two_base_runs(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     gpu_round = _gpu_round()
+    monkeypatch.setattr(gpu_round, "VARIANT_STEPS", {"pdl": {"programmatic_launch": "on"},
+                                                     "planar": {"q6_k_layout": "planar"}, "q8": {"activations": "q8"}})
+    monkeypatch.setattr(gpu_round, "VARIANT_KNOBS", {})
     for name, rate in (("base", 250.0), ("pdl", 270.0), ("planar", 260.0), ("q8", 280.0), ("base-again", 251.0)):
         (tmp_path / f"decode-variant-{name}.json").write_text(_decode_result(128, rate))
     (tmp_path / "planar-gate.txt").write_text("PASS mean KL 4.0e-06\n")
