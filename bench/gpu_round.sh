@@ -33,6 +33,7 @@
 #   profile_chunked  the same for the T-token step, per chunk of a prompt of two 512-token chunks
 #   profile_detail   ncu's detailed sections for the decode step's MoE, attention and GEMV kernels
 #            (bench/profile_detail.sh): what each is bound by
+#   profile_detail_chunked  the same for the T-token step's expert GEMMs, attention, dense and router GEMMs
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
 # what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
 # into $OUT/round.tar.gz beside summary.txt), then
@@ -262,6 +263,19 @@ stage_profile_detail() {
   local rc=$?
   tail -n 1 "$round/profile-detail.log"
   returns profile-detail.txt
+  return $rc
+}
+
+stage_profile_detail_chunked() {
+  # the T-token step's expert GEMMs, attention and dense GEMMs (3 launches each kind), past layer 0
+  mkdir -p "$round/chunked-detail"
+  OUT=$round/chunked-detail PROFILE_PROMPT=chunk PROFILE_SKIP=8 timeout -k 10 "$(limit 150 5)" \
+    bash bench/profile_detail.sh 'grouped_|causal_prefill|gemm_q4_k_512x2048x4096|gemm_f32_512' 10 \
+    > "$round/profile-detail-chunked.log" 2>&1
+  local rc=$?
+  tail -n 1 "$round/profile-detail-chunked.log"
+  cp "$round/chunked-detail/profile-detail.txt" "$round/profile-detail-chunked.txt" 2>/dev/null
+  returns profile-detail-chunked.txt
   return $rc
 }
 

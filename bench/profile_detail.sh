@@ -4,6 +4,9 @@
 # step, on the GPU machine after bench/prepare_gpu_round.sh here (same carry list):
 #
 #   bash bench/profile_detail.sh [REGEX [N]]   # default: the MoE, attention and dense GEMV kernels, 12 launches
+#   PROFILE_PROMPT=chunk PROFILE_SKIP=S bash bench/profile_detail.sh REGEX N
+#       # the T-token step's kernels: the prompt is gpu-round.json's chunk_prompt (two of the
+#       # largest chunks), S launches of the matching kernels skipped first (default 60)
 #
 # Where bench/profile_kernels.sh says how long each kernel takes, this says why: which unit is
 # busy, how many warps are resident and what they wait on. N launches of the kernels whose names
@@ -20,11 +23,13 @@ model=/tmp/q30.gguf
 module=$(python3 bench/gpu_round.py get "${PROFILE_MODULE:-full_module}")
 arch=$(python3 bench/gpu_round.py get arch)
 regex=${1:-moe_gate_up|moe_down_residual|paged_decode_attention|gemv_qkv|gemv_q4_k_2048x4096}
+prompt=Hello
+[ "${PROFILE_PROMPT:-}" = chunk ] && prompt=$(python3 bench/gpu_round.py get chunk_prompt)
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 # ncu's report lines are indented; the app's own output is not.
-"$ncu" --clock-control none -k "regex:$regex" --launch-skip 60 -c "${2:-12}" \
+"$ncu" --clock-control none -k "regex:$regex" --launch-skip "${PROFILE_SKIP:-60}" -c "${2:-12}" \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-  --section WarpStateStats --section SchedulerStats \
-  python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$module" -n 2 -p Hello \
+  --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
+  python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$module" -n 2 -p "$prompt" \
   2> "$out/ncu-detail.log" | grep '^  ' > "$out/profile-detail.txt"
 echo "ncu rc ${PIPESTATUS[0]}: $(grep -c 'Section: GPU Speed Of Light' "$out/profile-detail.txt") kernels in $out/profile-detail.txt"
