@@ -401,6 +401,11 @@ class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
 
 WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
 PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
+# A block's static shared memory plus the dynamic part may exceed 48 KiB only when the launch
+# raises the block's limit, which TVM's CUDA runtime does only for a dynamic part of 48 KiB or
+# more: below that, the static tiles go dynamic too (at head dim 64, 44 KiB of dynamic tiles
+# and 10.3 KiB of static ones failed to launch on an H200: CUDA_ERROR_INVALID_VALUE).
+STATIC_SHARED_LIMIT = 48 * 1024
 
 
 def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
@@ -443,21 +448,22 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
     blk = sch.get_sblock
     kv, it = sch.get_loops(blk("tile"))
     sch.bind(sch.fuse(kv, it), "blockIdx.x")
-    for block, buffer, scope in (
-            ("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared.dyn"),
-            ("v_load", "v_half", "shared.dyn"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
-            ("weight", "p_half", "shared"), ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
-            ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
-            ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared")):
+    tiles = (("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared.dyn"),
+             ("v_load", "v_half", "shared.dyn"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
+             ("weight", "p_half", "shared"), ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
+             ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
+             ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared"))
+    static_scope = "shared" if _dynamic_tile_bytes(sch, tiles) >= STATIC_SHARED_LIMIT else "shared.dyn"
+    for block, buffer, scope in tiles:
         b = blk(block)
         index = next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer)
-        sch.set_scope(b, index, scope)
+        sch.set_scope(b, index, static_scope if scope == "shared" else scope)
         tile = sch.get(b).writes[index].source
         if buffer in PADDED_TILES:
             # rows 16 bytes longer: a fragment's 16 rows (and a row-per-thread step's rows) fall
             # on different banks, not all on one; fragment starts stay 32-byte aligned
             row = int(tile.shape[-1])
-            sch.storage_align(b, index, axis=0, factor=row, offset=16 // tile.dtype.bits * 8)
+            sch.storage_align(b, index, axis=0, factor=row, offset=_row_padding(tile))
     rows = int(sch.get(sch.get_loops(blk("state_init"))[-1]).extent)
     warps = rows // WARP_ROWS
 
@@ -485,12 +491,31 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
         in_register = sch.cache_write(block, 0, "local")
         spread(sch.get_loops(block)[-2:-1])
         sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
-    for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", "shared", False)):
+    for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
         def intrin(load_scope: str) -> dict[str, str]:
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
                                          out_dtype="float32", trans_b=b_transposed)  # noqa: B023
 
         _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"]})
+
+
+def _row_padding(tile: tvm.tirx.Buffer) -> int:
+    """Elements that make a tile's row 16 bytes longer (storage_align's offset)."""
+    return 16 // (tile.dtype.bits // 8)
+
+
+def _dynamic_tile_bytes(sch: s_tir.Schedule, tiles: tuple[tuple[str, str, str], ...]) -> int:
+    """Bytes of dynamic shared memory that the "shared.dyn" `tiles` take once TVM merges them
+    (Q, K and V side by side, P V reusing S's room), their rows padded as PADDED_TILES'."""
+    sizes = {}
+    for block, buffer, scope in tiles:
+        if scope != "shared.dyn":
+            continue
+        tile = next(w.source for w in sch.get(sch.get_sblock(block)).writes if w.source.name == buffer)
+        shape = [int(n) for n in tile.shape]
+        shape[-1] += _row_padding(tile) if buffer in PADDED_TILES else 16 // (tile.dtype.bits // 8)
+        sizes[buffer] = math.prod(shape) * tile.dtype.bits // 8
+    return sizes["q_half"] + sizes["k_half"] + sizes["v_half"] + max(sizes["s"], sizes["pv"])
 
 
 def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -> None:

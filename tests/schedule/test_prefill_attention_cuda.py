@@ -85,6 +85,17 @@ def test_half_operands_multiply_on_tensor_cores() -> None:
     assert "extern __shared__" in body  # Q, K, V, S and P V: more than static shared memory holds
 
 
+def test_small_heads_keep_every_tile_in_dynamic_shared_memory() -> None:
+    """At head dim 64 the dynamic tiles take 44 KiB: with 10.3 KiB of static tiles beside them a
+    block would need more than 48 KiB, which a launch allows only when the dynamic part alone
+    asks for that much (it failed on an H200: CUDA_ERROR_INVALID_VALUE). So there every tile
+    is dynamic; at head dim 128 (84 KiB dynamic) P and the row state stay static."""
+    source = cuda_source(kernels_module((128,), (True,)))
+    static = r"__shared__ alignas\(64\) \w+ (\w+)_shared_ptr\["
+    assert re.findall(static, kernel_body(source, tiny_symbol())) == []
+    assert "p_half" in re.findall(static, kernel_body(source, symbol(128, True)))
+
+
 def test_half_operands_refuse_a_head_group_off_the_tile_by_name() -> None:
     with pytest.raises(ValueError, match="the 3 query heads per KV head to divide 64"):
         PA.causal_prefill_attention(16, 6, 2, D, P, 4, True)
