@@ -15,7 +15,11 @@ of the logits. Measured on the CPU build of a 2-layer cut (LLVM, same TIR): rel 
 rounding) that flips one expert of one token moves that position by ~3-5% (KL ~5e-4, and its
 top-1 may change): rare, but possible on random weights, so one position may be off that much:
   - median rel over the positions <= MAX_REL_ERR_MEDIAN, and at most MAX_OUTLIERS positions
-    above it (fp16 accumulation or a wrong rounding would move every position by ~1e-3);
+    above it. The teacher-forced pass runs through the T-token step, which on CUDA multiplies
+    float16 operands into float32 sums (compiler/pipeline.py: the CUDA archs' chunk_operands
+    "f16", as llama.cpp's tensor-core path): an H200 measured 4.9e-3 median, 3.8e-2 max, mean
+    KL 3.4e-5 (session 9), where the float32 token loop was ~4e-5. So the limit is 1e-2: float16
+    sums, or weights rounded twice, would move every position by several 1e-2;
   - max rel <= MAX_REL_ERR (a wrong kernel moves logits by O(1));
   - mean over positions of KL(ref || ours) <= MAX_MEAN_KL;
   - every teacher-forced position whose top-1 differs, and the first token where the engine's own
@@ -61,7 +65,7 @@ pytestmark = pytest.mark.gpu
 
 SEED = 0
 PROMPT_TOKENS, GEN_TOKENS = 64, 32
-MAX_REL_ERR_MEDIAN = 1e-3
+MAX_REL_ERR_MEDIAN = 1e-2
 MAX_OUTLIERS = 4
 MAX_REL_ERR = 0.1
 MAX_MEAN_KL = 1e-4
@@ -185,6 +189,7 @@ def compare(ref_logits: np.ndarray, ours: np.ndarray, ref_tokens: list[int], our
         "rel_err_median": float(np.median(rel)),
         "rel_err_worst_position": int(rel.argmax()),
         "rel_err_outliers": int((rel > MAX_REL_ERR_MEDIAN).sum()),
+        "rel_err_largest": [float(x) for x in np.sort(rel)[::-1][:MAX_OUTLIERS + 4]],
         "mean_kl": float(kl.mean()),
         "max_kl": float(kl.max()),
         "teacher_forced_top1": int(len(rel) - len(tf_diff)),
