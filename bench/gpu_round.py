@@ -18,17 +18,30 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
 FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
-# Decode-only variants of the arch's default step that stage variants gates and times beside the
-# full module's decode in one call (each module's schedules file: the arch's, with its "step"
-# and some kernels' knobs overridden). Session 8's H100 round measured PDL, planar Q6_K and int8
-# experts on their own (bench/NOTES.md, "The round on an H100"); left to measure: the planar Q6_K
-# MoE down with x shared across 2 rows a thread (schedule/moe.py rows_per_thread; 127 registers,
-# bench/NOTES.md, "MoE kernels: x shared across rows"). Decode only (no T-token step) keeps the
-# call's carry under 64 MiB.
-VARIANT_STEPS = {"planar_rows": {"q6_k_layout": "planar"}}
-VARIANT_KNOBS = {"planar_rows": {
-    "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
-                                                                "unroll": 256}}}
+# Variants of the arch's default step that stage variants gates and times beside the full
+# module's decode in one call (each module's schedules file: the arch's, with its "step" and some
+# kernels' knobs overridden):
+# - s8_knobs: the MoE and Q6_K V knobs sm_90 had before session 9's tuning round (gate/up and
+#   Q4_K down their rule defaults, bench/NOTES.md "The round on an H100"), beside the tuned file;
+# - planar_rows: the Q6_K weights re-laid out for 16-byte loads (quant/layouts.py) and the planar
+#   Q6_K MoE down with x shared across 2 rows a thread (+6 % at depth 128 on an H200 in session 9's
+#   first round), compiled with the arch's T-token steps too (VARIANT_CHUNKED) so that its gate
+#   runs through the planar chunk kernels.
+# The others are decode only (no T-token step): that keeps the call's carry under 64 MiB.
+VARIANT_STEPS = {"s8_knobs": {}, "planar_rows": {"q6_k_layout": "planar"}}
+VARIANT_KNOBS = {
+    "s8_knobs": {
+        "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)": {"lanes": 32, "rows": 4, "rows_per_thread": 4,
+                                                                     "unroll": 256},
+        "moe.moe_down_residual('Q4_K', 128, 8, 2048, 768)": {"lanes": 32, "rows": 4, "rows_per_thread": 2,
+                                                             "unroll": 256},
+        "moe.moe_down_residual('Q6_K', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 1,
+                                                             "unroll": 1024},
+        "gemv.gemv('Q6_K', 512, 2048)": {"lanes": 16, "rows": 4, "rows_per_thread": 1, "unroll": 256}},
+    "planar_rows": {
+        "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
+                                                                    "unroll": 256}}}
+VARIANT_CHUNKED = {"planar_rows"}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -61,7 +74,8 @@ def prompt_text(n_tokens: int, vocab_size: int) -> str:
 
 def prepare(arch: str) -> dict:
     """Compile the full 48-layer model's step (the arch's defaults, T-token steps included; unless
-    up to date) into compiled/<arch>/<key>/, each of VARIANT_STEPS' decode-only steps into
+    up to date) into compiled/<arch>/<key>/, each of VARIANT_STEPS' steps (decode only unless in
+    VARIANT_CHUNKED) into
     compiled/<arch>/<name>/, and write compiled/gpu-tests/gpu-round.json."""
     from sparkinfer.compiler.manifest import sources_hash
     from sparkinfer.compiler.pipeline import compile_model
@@ -75,7 +89,7 @@ def prepare(arch: str) -> dict:
     seconds = time.perf_counter() - t0
     library = result.directory / result.manifest.library
     variants = {name: compile_model(config, type_map(config, FULL_TYPES), arch, REPO / "compiled" / arch / name,
-                                    prefill_chunks=(),
+                                    prefill_chunks=None if name in VARIANT_CHUNKED else (),
                                     schedules=variant_schedules(arch, step, VARIANT_KNOBS.get(name, {})))
                 for name, step in VARIANT_STEPS.items()}
     record = {
