@@ -146,7 +146,8 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
         inputs = f"inputs/k{i}.npz"
         stored, tiled = sample_inputs(task.inputs)
         np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(stored)})
-        kernels.append({"key": task.key, "name": task.name, "inputs": inputs, "tiled": tiled})
+        kernels.append({"key": task.key, "name": task.name, "inputs": inputs, "tiled": tiled,
+                        "read_bytes": task.read_bytes})
         for j, (sch, is_default, knobs) in enumerate(picks):
             cid = f"k{i}-c{j}"
             library = f"lib/{cid}{library_suffix(arch)}"

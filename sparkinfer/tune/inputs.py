@@ -188,6 +188,25 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
 }
 
 
+# The MoE kernels' stacked expert weights: (their parameter indices, the expert ids' index). A
+# call reads only the experts its ids name (8 of 128: ~3.5 MB of the full-size gate and up's
+# 57 MB), and the runner must rotate copies by those bytes, or the same experts stay in the L2
+# call after call (session 9: the tuner then picked MoE knobs 1.6x faster alone and 4.5 % slower
+# in the step, bench/NOTES.md).
+EXPERT_STACKS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
+    ("moe", "moe_gate_up_silu"): ((0, 1), 2),
+    ("moe", "moe_gate_up_silu_routed"): ((0, 1), 6),
+    ("moe", "moe_down_residual"): ((0,), 1),
+}
+
+
+def read_bytes(family: str, factory: str, inputs: Arrays) -> int:
+    """The bytes one call of `family.factory` reads of `inputs` (its input set): all of them,
+    but only the named experts of a stack of expert weights (EXPERT_STACKS)."""
+    stacks, ids = EXPERT_STACKS.get((family, factory), ((), 0))
+    return sum(a.nbytes * inputs[ids].size // a.shape[0] if j in stacks else a.nbytes for j, a in enumerate(inputs))
+
+
 def kernel_inputs(family: str, factory: str, args: tuple[Any, ...], seed: int) -> Arrays:
     """One input set for `family.factory(*args)` (ggml types by name), in parameter order."""
     maker = INPUT_MAKERS.get((family, factory))

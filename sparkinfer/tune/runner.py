@@ -10,9 +10,10 @@ valid input set each, in parameter order) and the candidates (a library each, ex
 "main"); this adds `results.json`: per candidate the per-call times in microseconds (one per
 sample) or the error that stopped it, plus the device and versions that measured.
 
-How a candidate is timed: the input set is copied until the copies hold at least the bundle's
-`rotate_bytes` (the device's last-level cache, so a call does not find its operands left in
-cache by the previous one; at most `MAX_COPIES`); after `WARMUP` calls, each of `samples`
+How a candidate is timed: the input set is copied until what the calls on the copies read (a
+kernel's `read_bytes`, or its whole input set) adds up to at least the bundle's `rotate_bytes`
+(the device's last-level cache, so a call does not find its operands left in cache by the
+previous one; at most `MAX_COPIES`, and at most `MAX_COPY_BYTES` in all); after `WARMUP` calls, each of `samples`
 samples times `calls` consecutive calls, each on the next copy, and divides. CUDA: events on
 one stream around the calls (sparkinfer/runtime/cudart.py); cpu: the host clock. The number
 of calls per sample is chosen so a sample lasts about `SAMPLE_SECONDS`. The median sample is
@@ -41,6 +42,7 @@ SAMPLES = 7
 SAMPLE_SECONDS = 2e-3
 MAX_CALLS = 1000
 MAX_COPIES = 64
+MAX_COPY_BYTES = 4 << 30
 # An input array bigger than this (a full-size model's expert weights, its LM head, a long KV
 # cache) travels as its leading rows and is tiled back to its shape where it is timed: the
 # bundle stays small enough to carry, and every value is still one the input maker made.
@@ -106,12 +108,18 @@ class _Timer:
             self.rt.stream_synchronize(self.stream)
 
 
-def _copies(arrays: list[np.ndarray], rotate_bytes: int, tvm_device: Any) -> list[list[Any]]:
+def copy_count(arrays: list[np.ndarray], rotate_bytes: int, read_bytes: int | None = None) -> int:
+    """How many copies of the input set `arrays` a candidate is timed on: enough that the
+    calls on them read `rotate_bytes` (`read_bytes` a call; None: all of `arrays`)."""
+    size = max(1, sum(a.nbytes for a in arrays))
+    read = max(1, read_bytes or size)
+    return max(1, min(MAX_COPIES, -(-rotate_bytes // read), MAX_COPY_BYTES // size))
+
+
+def _copies(arrays: list[np.ndarray], count: int, tvm_device: Any) -> list[list[Any]]:
     import tvm
 
-    size = max(1, sum(a.nbytes for a in arrays))
-    n = max(1, min(MAX_COPIES, -(-rotate_bytes // size)))
-    return [[tvm.runtime.tensor(a, tvm_device) for a in arrays] for _ in range(n)]
+    return [[tvm.runtime.tensor(a, tvm_device) for a in arrays] for _ in range(count)]
 
 
 def sample_inputs(arrays: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, list[int]]]:
@@ -142,12 +150,12 @@ def load_inputs(directory: Path, kernel: dict[str, Any]) -> list[np.ndarray]:
 
 
 def time_candidate(library: Path, arrays: list[np.ndarray], timer: _Timer, rotate_bytes: int,
-                   samples: int = SAMPLES) -> list[float]:
+                   samples: int = SAMPLES, read_bytes: int | None = None) -> list[float]:
     """Per-call seconds of `library`'s "main", one per sample (see the module docstring)."""
     import tvm
 
     func = tvm.runtime.load_module(str(library))["main"]
-    sets = _copies(arrays, rotate_bytes, timer.device.tvm_device)
+    sets = _copies(arrays, copy_count(arrays, rotate_bytes, read_bytes), timer.device.tvm_device)
 
     def step(i: int) -> None:
         func(*sets[i % len(sets)])
@@ -171,17 +179,17 @@ def run_bundle(directory: str | Path, *, samples: int = SAMPLES, log: Log | None
     timer = _Timer(device)
     inputs: dict[str, list[np.ndarray]] = {}
     results: dict[str, dict[str, Any]] = {}
+    kernels = {k["key"]: k for k in index["kernels"]}
     for candidate in index["candidates"]:
         key = candidate["kernel"]
         if candidate.get("build_error"):
             results[candidate["id"]] = {"times_us": None, "error": f"build: {candidate['build_error']}"}
             continue
         if key not in inputs:
-            kernel = next(k for k in index["kernels"] if k["key"] == key)
-            inputs[key] = load_inputs(directory, kernel)
+            inputs[key] = load_inputs(directory, kernels[key])
         try:
             secs = time_candidate(directory / candidate["library"], inputs[key], timer, int(index["rotate_bytes"]),
-                                  samples)
+                                  samples, kernels[key].get("read_bytes"))
             results[candidate["id"]] = {"times_us": [s * 1e6 for s in secs], "error": None}
             log(f"{candidate['id']}: {statistics.median(secs) * 1e6:.2f} us")
         except Exception as e:  # a candidate that fails to load or run is a result, not a crash

@@ -34,6 +34,7 @@ class TuneTask:
     knobs_of: Callable[[s_tir.Trace], dict[str, Any]]  # a (design-space) trace's knobs, as JSON
     default_knobs: dict[str, Any]  # the arch default's knobs, as JSON
     enable_check: bool = True  # s_tir.Schedule's dataflow checks (the rule's `enable_check`)
+    read_bytes: int | None = None  # what one call reads of `inputs` (inputs.read_bytes; None: all of them)
     _json: str | None = field(default=None, repr=False, compare=False)  # `mod`, serialized once
 
     @property

@@ -13,7 +13,7 @@ from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.space import ScheduleError, design_spaces, kernel_key, knobs_from_trace, rule_for
-from sparkinfer.tune.inputs import concrete_kernel, kernel_inputs
+from sparkinfer.tune.inputs import concrete_kernel, kernel_inputs, read_bytes
 from sparkinfer.tune.task import TuneTask
 
 Log = Callable[[str], None]
@@ -28,6 +28,7 @@ def use_task(use: KernelUse, func, facts: ArchFacts, seed: int = 0) -> TuneTask:
         knobs_of=lambda trace: knobs_from_trace(trace, use, facts).to_json(),
         default_knobs=rule.default(use, facts).to_json(),
         enable_check=rule.enable_check,
+        read_bytes=read_bytes(use.family, use.factory, inputs),
     )
 
 

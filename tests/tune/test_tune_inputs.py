@@ -18,3 +18,34 @@ def test_planar_kernels_get_inputs_of_their_parameters(family: str, factory: str
     arrays = kernel_inputs(family, factory, use.args, seed=0)
     assert [(a.shape, str(a.dtype)) for a in arrays] == [(tuple(int(d) for d in p.shape), str(p.dtype))
                                                          for p in func.params]
+
+
+@pytest.mark.parametrize("factory, args, stacks", [
+    ("moe_gate_up_silu", ("Q4_K", "Q4_K", 16, 2, 64, 256), (0, 1)),
+    ("moe_gate_up_silu_routed", ("Q4_K", "Q4_K", 16, 2, 64, 256, 1e-6), (0, 1)),
+    ("moe_down_residual", ("Q6_K", 16, 2, 64, 256), (0,)),
+])
+def test_a_moe_call_reads_only_the_experts_its_ids_name(factory: str, args: tuple, stacks: tuple) -> None:
+    from sparkinfer.tune.inputs import read_bytes
+
+    arrays = kernel_inputs("moe", factory, args, seed=0)
+    rest = sum(a.nbytes for j, a in enumerate(arrays) if j not in stacks)
+    assert all(arrays[j].shape[0] == 16 for j in stacks)
+    assert read_bytes("moe", factory, arrays) == rest + sum(arrays[j].nbytes for j in stacks) * 2 // 16
+
+
+def test_copies_rotate_what_the_calls_read_not_what_the_inputs_hold() -> None:
+    """The full-size gate/up: 57 MiB of expert weights, of which a call reads 8 experts' 3.6 MiB.
+    Copies sized by the arrays would be 2 (the 60 MiB L2 of an H200): the same 3.6 MiB twice,
+    left in the L2. Sized by the reads: 17, 60.6 MiB read between two calls on one copy."""
+    import numpy as np
+
+    from sparkinfer.tune.runner import MAX_COPIES, copy_count
+
+    arrays = [np.zeros(57 << 20, np.uint8), np.zeros(8, np.int32)]
+    l2 = 60 << 20
+    assert copy_count(arrays, l2) == 2
+    assert copy_count(arrays, l2, read_bytes=(57 << 20) // 16) == 17
+    assert copy_count(arrays, l2, read_bytes=1) == MAX_COPIES
+    # and never more than MAX_COPY_BYTES (4 GiB) of copies in all
+    assert copy_count([np.zeros(1 << 30, np.uint8)], l2, read_bytes=1) == 4
