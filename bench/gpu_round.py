@@ -100,6 +100,7 @@ def prepare(arch: str) -> dict:
         "full_cached": result.cached,
         "prefill_chunks": list(result.manifest.prefill_chunks),
         "variants": " ".join(variants),
+        "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED),
         **{f"{name}_module": str(result.directory.relative_to(REPO)) for name, result in variants.items()},
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
@@ -255,6 +256,8 @@ def report(round_dir: Path) -> str:
             label = variant_label(name) if name != "base" else "(the full module)"
             lines.append(f"stage variants, {name} {label}, host sees every token:")
             lines += [f"  {ln}" for ln in _decode_rows(None, decode)[1:]]
+            if any(pp["tokens"] > RUN_PROMPT_TOKENS for pp in decode.get("prefill", [])):  # a T-token step's
+                lines += [f"  {ln}" for ln in _prefill_rows(decode, "")]
 
     run = _json(round_dir / "run.json")
     if run:

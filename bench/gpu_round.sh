@@ -200,11 +200,16 @@ stage_variants() {
   done
   # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
   # modules fill their depth token by token. The base twice, first and last: the spread of one call.
+  # Modules with T-token steps (the base, VARIANT_CHUNKED) time a 4096-token prompt's prefill too.
+  local chunked
+  chunked=" $(python3 bench/gpu_round.py get variants_chunked) "
   for name in base "${names[@]}" base-again; do
-    local key=${name}_module json=decode-variant-$name.json
+    local key=${name}_module json=decode-variant-$name.json prompt=128
     case $name in base*) key=full_module ;; esac
-    module=$(python3 bench/gpu_round.py get $key) bench_json $json 45 30 \
-      --depths 128 --prompts 128 --reps 5 --sync-every-token || rc=1
+    case $name in base*) prompt=4096 ;; esac
+    [[ $chunked == *" $name "* ]] && prompt=4096
+    module=$(python3 bench/gpu_round.py get $key) bench_json $json 60 30 \
+      --depths 128 --prompts $prompt --reps 5 --sync-every-token || rc=1
     returns $json
   done
   tail -n 3 "$round/bench.log"

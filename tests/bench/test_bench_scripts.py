@@ -123,3 +123,20 @@ def test_profile_summary_keeps_whole_steps_of_the_named_step_only(tmp_path: Path
     assert decode.splitlines()[-1].split()[-1] == "26.0"  # gemv 12.5 + advance (11 + 16) / 2
     chunk = summary("--step-end", "advance_chunk")
     assert "3 kernels in 1 whole steps" in chunk and "gemv" not in chunk
+
+
+def test_the_round_report_shows_a_chunked_variants_prefill_beside_its_decode(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    gpu_round = _gpu_round()
+    monkeypatch.setattr(gpu_round, "VARIANT_STEPS", {"tiles": {}})
+    monkeypatch.setattr(gpu_round, "VARIANT_KNOBS", {"tiles": {"moe_chunk.grouped_gemm_f16(...)": {"rows": 64}}})
+    for name, rate, pp in (("base", 250.0, 3300.0), ("tiles", 251.0, 6600.0)):
+        result = json.loads(_decode_result(128, rate))
+        result["prefill"] = [{"tokens": 4096, "tok_s_median": pp, "ttft_ms_median": 4096 / pp * 1e3}]
+        result["mode"] = "host-sync"
+        (tmp_path / f"decode-variant-{name}.json").write_text(json.dumps(result) + "\n")
+    report = gpu_round.report(tmp_path)
+    tiles = report.index("stage variants, tiles")
+    assert report.index("3300.0") < tiles < report.index("6600.0")
+    assert "0.62" in report[tiles:]  # 6600 / 10577 (llama.cpp's pp4096 on an H200)
