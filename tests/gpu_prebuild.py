@@ -3,7 +3,7 @@ runtime-only TVM and cannot compile:
 
     python -m tests.gpu_prebuild --arch sm_90      # here: full TVM and nvcc; ~2 min on 2 cores
     # on the GPU machine, with compiled/ carried along (bench/gpu_round.sh does this):
-    python3 -m pytest -m gpu $(grep -rlE 'pytest.mark.gpu|gpu_fixture\(' tests --include='test_*.py')
+    python3 -m pytest -m gpu $(grep -rlE 'pytest.mark.gpu|gpu_fixture[(]' tests --include='test_*.py')
 (The GPU test files by name: with runtime-only TVM, the CPU-only test modules that import the
 compiler at module level fail to collect, and a bare `pytest -m gpu` stops there.)
 

@@ -24,6 +24,7 @@ import math
 from typing import Any, ClassVar
 
 import tvm
+from gguf import GGMLQuantizationType
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV
 
@@ -89,8 +90,50 @@ class GemmCudaRule(_CudaRule):
         from tvm.s_tir import dlight as dl
 
         half_operands = len(use.args) > 4 and bool(use.args[4])
+        ggml_type, t, n = factory_args(use)[:3]
+        rows, cols, _ = FLOAT_GEMM_TILE
+        if not half_operands and ggml_type == GGMLQuantizationType.F32 and t % rows == 0 and n % cols == 0:
+            schedule_float_gemm(sch)
+            return
         rules = (dl.gpu.matmul.MatmulTensorization(),) if half_operands else ()
         apply_dlight(sch, use, facts, (*rules, dl.gpu.Matmul()))
+
+
+FLOAT_GEMM_TILE = (8, 32, 32)  # rows (tokens), columns (outputs), K a step: 256 threads, a thread an output
+
+
+def schedule_float_gemm(sch: s_tir.Schedule) -> None:
+    """`gemm` of float32 weights (the router: T x 128 x 2048): a block per 8-token x 32-output
+    tile, a thread per output summing in a register over K, 32 of K at a time through shared
+    memory (the x rows and W rows of the step, one row of W padded by a word so that the 32
+    threads reading 32 rows at one k hit 32 banks). dlight's SIMT Matmul gave such a GEMM 32
+    blocks (64 x 64 tiles): 131 us for 512 x 128 x 2048 on an H200, 3.8 % of the issue slots
+    busy (bench/NOTES.md, session 9); this gives it 256 blocks. Whole tiles only (T a multiple
+    of 8, N of 32; a partial tile's shared-memory rows came out wrong through the emulator):
+    other shapes (the tiny models' routers) keep dlight's Matmul."""
+    rows, cols, k_step = FLOAT_GEMM_TILE
+    sch.compute_inline(sch.get_sblock("wdq"))
+    block = sch.get_sblock("gemm")
+    i, j, k = sch.get_loops(block)
+    i_out, i_in = sch.split(i, [None, rows])
+    j_out, j_in = sch.split(j, [None, cols])
+    k_out, k_in = sch.split(k, [None, k_step])
+    sch.reorder(i_out, j_out, k_out, i_in, j_in, k_in)
+    sch.bind(sch.fuse(i_out, j_out), "blockIdx.x")
+    thread = sch.fuse(i_in, j_in)
+    sch.bind(thread, "threadIdx.x")
+    total = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(total, sch.get_loops(block)[0])
+    sch.bind(sch.fuse(*sch.get_loops(total)[1:]), "threadIdx.x")
+    for index in (0, 1):  # the step's x rows, then its W rows
+        tile = sch.cache_read(block, index, "shared")
+        sch.compute_at(tile, k_out)
+        fetch = sch.fuse(*sch.get_loops(tile)[-2:])
+        _, lanes = sch.split(fetch, [None, rows * cols])
+        sch.bind(lanes, "threadIdx.x")
+        if index == 1:
+            sch.storage_align(tile, 0, axis=0, factor=k_step, offset=1)
+    sch.decompose_reduction(block, k_out)
 
 
 DLIGHT_RULES: tuple[DlightCudaRule, ...] = tuple(

@@ -119,13 +119,23 @@ HALF_GEMMS = {gemm.gemm_symbol(t, NT, n, k, True): (t, NT, n, k, True)
                               (T.Q4_K, H, NH * D))}
 
 
+# float32 weights (the router's): its shape (whole 8 x 32 tiles), and one with a partial tile
+# (12 outputs: dlight's Matmul)
+FLOAT_GEMMS = {gemm.gemm_symbol(T.F32, t, n, k): (T.F32, t, n, k) for t, n, k in ((NT, E, H), (16, 12, 256))}
+
+
 def half_gemm(name: str) -> tvm.tirx.PrimFunc:
     return scheduled(gemm.gemm, "gemm", *HALF_GEMMS[name]).with_attr("global_symbol", name)
 
 
+def float_gemm(name: str) -> tvm.tirx.PrimFunc:
+    return scheduled(gemm.gemm, "gemm", *FLOAT_GEMMS[name]).with_attr("global_symbol", name)
+
+
 def kernels_module() -> tvm.IRModule:
     return tvm.IRModule({**{name: row_kernel(name) for name in ROW_KERNELS},
-                         **{name: half_gemm(name) for name in HALF_GEMMS}})
+                         **{name: half_gemm(name) for name in HALF_GEMMS},
+                         **{name: float_gemm(name) for name in FLOAT_GEMMS}})
 
 
 gpu = gpu_fixture("prefill", kernels_module)
@@ -230,6 +240,25 @@ def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.G
     gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
     magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
     assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
+
+
+
+@pytest.mark.parametrize("name", list(FLOAT_GEMMS))
+def test_float_gemm_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
+    ggml_type, rows, n, k = FLOAT_GEMMS[name]
+    data = random_weights(ggml_type, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    y = gpu.poisoned((rows, n))
+    gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
+    assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x), magnitude)
+
+
+def test_float_gemm_tiles_outputs_over_many_blocks() -> None:
+    """The router's 128 x 128 x 2048 at a 128-token chunk: 16 x 4 blocks of 8 x 32 outputs."""
+    source = cuda_source(tvm.IRModule({"g": float_gemm(gemm.gemm_symbol(T.F32, NT, E, H))}))
+    assert "__launch_bounds__(256)" in source
+    assert "__shared__" in source and "blockIdx.x" in source
 
 
 if __name__ == "__main__":
