@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "compiled" / "gpu-tests" / "gpu-round.json"
@@ -42,6 +43,10 @@ VARIANT_KNOBS = {
         "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
                                                                     "unroll": 256}}}
 VARIANT_CHUNKED = {"planar_rows"}
+# The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
+# present, stage variants gates and times it as one more variant, so that the changes since
+# that tree are measured against it in one call on one card.
+BEFORE = "before"
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},
@@ -92,6 +97,9 @@ def prepare(arch: str) -> dict:
                                     prefill_chunks=None if name in VARIANT_CHUNKED else (),
                                     schedules=variant_schedules(arch, step, VARIANT_KNOBS.get(name, {})))
                 for name, step in VARIANT_STEPS.items()}
+    before = next((m.parent for m in sorted((REPO / "compiled" / arch / BEFORE).rglob("manifest.json"))), None)
+    if before is not None:
+        variants[BEFORE] = before
     record = {
         "arch": arch,
         "full_module": str(result.directory.relative_to(REPO)),
@@ -100,8 +108,8 @@ def prepare(arch: str) -> dict:
         "full_cached": result.cached,
         "prefill_chunks": list(result.manifest.prefill_chunks),
         "variants": " ".join(variants),
-        "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED),
-        **{f"{name}_module": str(result.directory.relative_to(REPO)) for name, result in variants.items()},
+        "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED or name == BEFORE),
+        **{f"{name}_module": str(_directory(result).relative_to(REPO)) for name, result in variants.items()},
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -113,6 +121,11 @@ def prepare(arch: str) -> dict:
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _directory(result: Any) -> Path:
+    """A compiled variant's module folder (the `before` variant is given as its folder)."""
+    return result if isinstance(result, Path) else result.directory
 
 
 def variant_schedules(arch: str, step: dict[str, str], knobs: dict[str, dict] | None = None) -> Path:
@@ -209,6 +222,8 @@ def _prefill_rows(prefill: dict | None, log: str) -> list[str]:
 
 def variant_label(name: str) -> str:
     """What variant `name` changes: its step variants and its kernels' knobs."""
+    if name == BEFORE:
+        return "(an earlier tree's full module, compiled/<arch>/before/)"
     knobs = [f"{key.split('(')[0]} {value}" for key, value in VARIANT_KNOBS.get(name, {}).items()]
     return ", ".join([*([str(VARIANT_STEPS[name])] if VARIANT_STEPS[name] else []), *knobs])
 
@@ -245,12 +260,12 @@ def report(round_dir: Path) -> str:
         lines.append("the full module's full-size gate, teacher-forced through its T-token step:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
-    for name in VARIANT_STEPS:
+    for name in (*VARIANT_STEPS, BEFORE):
         gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
         if gate:
             lines.append(f"the {name} module ({variant_label(name)}): full-size gate:")
             lines += [f"  {ln}" for ln in gate[:6]]
-    for name in ("base", *VARIANT_STEPS):
+    for name in ("base", *VARIANT_STEPS, BEFORE):
         decodes = [d for d in (_json(round_dir / f"decode-variant-{name}{turn}.json") for turn in ("", "-again")) if d]
         for decode in decodes:
             label = variant_label(name) if name != "base" else "(the full module)"

@@ -24,9 +24,11 @@
 #            full-size accuracy gate through it (its 128 teacher-forced tokens are one chunk), then
 #            the prefill at 512, 4096 and 16384 tokens (and decode at depth 128)
 #   chunked_gate  only the chunked stage's accuracy gate
-#   variants the decode-only variants of the default step (bench/gpu_round.py VARIANT_STEPS):
-#            each one's full-size gate, then decode at depth 128, host sync, beside the full
-#            module's (base, before and after them) in the same call
+#   variants the variants of the default step (bench/gpu_round.py VARIANT_STEPS; and "before",
+#            an earlier tree's full module, when compiled/<arch>/before/ has one): each one's
+#            full-size gate, then decode at depth 128, host sync (and a 4096-token prefill where
+#            it has T-token steps), beside the full module's (base, before and after them) in
+#            the same call
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)

@@ -140,3 +140,14 @@ def test_the_round_report_shows_a_chunked_variants_prefill_beside_its_decode(tmp
     tiles = report.index("stage variants, tiles")
     assert report.index("3300.0") < tiles < report.index("6600.0")
     assert "0.62" in report[tiles:]  # 6600 / 10577 (llama.cpp's pp4096 on an H200)
+
+
+def test_the_round_report_shows_an_earlier_trees_module_as_variant_before(tmp_path: Path) -> None:
+    gpu_round = _gpu_round()
+    for name, rate in (("base", 290.0), ("before", 270.0)):
+        (tmp_path / f"decode-variant-{name}.json").write_text(_decode_result(128, rate))
+    (tmp_path / "before-gate.txt").write_text("PASS mean KL 5.0e-06\n")
+    report = gpu_round.report(tmp_path)
+    head = report.index("stage variants, before (an earlier tree's full module")
+    assert report.index("290.0") < head < report.index("270.0")
+    assert "the before module ((an earlier tree's full module, compiled/<arch>/before/)): full-size gate:" in report
