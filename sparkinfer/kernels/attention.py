@@ -18,9 +18,9 @@ Per tile, the scores of all its tokens, then the tile's max, then one rescale of
 state (max m, sum l, output acc) by exp(m_old - m_new), then the tile's p = exp(score - m_new)
 and p . V. The streams' states are merged at the end of the split. Per (KV head, split, stream)
 the G query heads of the group are handled together, so every K and V row is read once for the
-whole GQA group. The shape is the GPU's (a stream per warp, a tile token per lane for q . K,
-a lane per head dim for p . V, all of a warp's tile loads in flight at once), but nothing
-here is bound to threads: built as is for LLVM it runs serially.
+whole GQA group. The default shape is the GPU's (sparkinfer/schedule/attention.py: a stream per
+warp, a tile of a few tokens a step, the lanes over heads and head dims), but nothing here is
+bound to threads: built as is for LLVM it runs serially.
 
 The trip count of a stream's tile loop, ceil(C / (streams * tile)), is computed from pos on
 the device, so the work follows the actual context, not the cache capacity.
@@ -46,7 +46,7 @@ def paged_decode_attention(
     max_pages: int,
     splits: int,
     streams: int = 8,
-    tile: int = 32,
+    tile: int = 4,
 ) -> tirx.PrimFunc:
     """Params (q_rot f32[NH, D], k_cache f16[NP, P, NKV, D], v_cache (same), page_table
     int32[MP], pos int32[1], o_part f32[NH, S, D], lse f32[NH, S]); NP is symbolic.
