@@ -149,8 +149,8 @@ def check_against_numpy(gpu: Gpu, symbol: str, splits: int, pos: int, nh: int = 
 @pytest.mark.parametrize(
     ("splits", "pos"),
     # A 4096-token context, page boundaries, a single token, and short contexts whose
-    # trailing splits are empty.
-    [(16, 4095), (16, 2047), (16, 127), (16, 63), (16, 64), (16, 0), (32, 5), (32, 300), (32, 4095)],
+    # trailing splits are empty; at the model's 32 splits the bench depths 128 and 512.
+    [(16, 4095), (16, 2047), (16, 63), (16, 64), (16, 0), (32, 0), (32, 5), (32, 127), (32, 511), (32, 4095)],
 )
 def test_matches_numpy_on_gpu(gpu: Gpu, splits: int, pos: int) -> None:
     check_against_numpy(gpu, attention_symbol(splits), splits, pos, combine=combine_symbol(splits))
