@@ -120,11 +120,12 @@ def paged_decode_attention(
         m_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         l_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         acc_out = T.sblock_alloc_buffer((NKV, S, W, G, D), "float32")
-        # A tile's probabilities, per stream: the q . K and p . V halves of a step split the
-        # tile differently (by token, by head dim), so p is exchanged between them.
+        # A tile's probabilities, per stream.
         p = T.sblock_alloc_buffer((NKV, S, W, TT, G), "float32")
-        # Per split: max over streams, merged sum, merged unnormalised output.
+        # Per split: max over streams, each stream's weight exp(m_stream - max), merged sum,
+        # merged unnormalised output.
         m_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
+        stream_weight = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         l_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
         o_all = T.sblock_alloc_buffer((NKV, S, G, D), "float32")
         for kv, s, w in T.grid(NKV, S, W):
@@ -236,22 +237,27 @@ def paged_decode_attention(
                 with T.init():
                     m_all[vkv, vs, vg] = lowest
                 m_all[vkv, vs, vg] = T.max(m_all[vkv, vs, vg], m_out[vkv, vs, vw, vg])
+        for kv, s, w, g in T.grid(NKV, S, W, G):
+            with T.sblock("stream_weight"):
+                vkv, vs, vw, vg = T.axis.remap("SSSS", [kv, s, w, g])
+                stream_weight[vkv, vs, vw, vg] = T.exp(m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg])
         for kv, s, g, w in T.grid(NKV, S, G, W):
             with T.sblock("merge_sum"):
                 vkv, vs, vg, vw = T.axis.remap("SSSR", [kv, s, g, w])
                 with T.init():
                     l_all[vkv, vs, vg] = T.float32(0)
-                l_all[vkv, vs, vg] = l_all[vkv, vs, vg] + l_out[vkv, vs, vw, vg] * T.exp(
-                    m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg]
+                l_all[vkv, vs, vg] = (
+                    l_all[vkv, vs, vg] + l_out[vkv, vs, vw, vg] * stream_weight[vkv, vs, vw, vg]
                 )
         for kv, s, g, d, w in T.grid(NKV, S, G, D, W):
             with T.sblock("merge_out"):
                 vkv, vs, vg, vd, vw = T.axis.remap("SSSSR", [kv, s, g, d, w])
                 with T.init():
                     o_all[vkv, vs, vg, vd] = T.float32(0)
-                o_all[vkv, vs, vg, vd] = o_all[vkv, vs, vg, vd] + acc_out[
-                    vkv, vs, vw, vg, vd
-                ] * T.exp(m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg])
+                o_all[vkv, vs, vg, vd] = (
+                    o_all[vkv, vs, vg, vd]
+                    + acc_out[vkv, vs, vw, vg, vd] * stream_weight[vkv, vs, vw, vg]
+                )
         for kv, s, g, d in T.grid(NKV, S, G, D):
             with T.sblock("o_part"):
                 vkv, vs, vg, vd = T.axis.remap("SSSS", [kv, s, g, d])

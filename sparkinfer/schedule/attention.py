@@ -17,7 +17,8 @@ dim, and the tile's tokens are serial:
   - nothing inside the tile loop is shared between warps: no barrier, so a warp whose tokens
     are past the context does its (clamped, masked) step and waits at the merge;
   - at the end each warp publishes its state to shared memory and the block merges the
-    streams: a thread per head for the max and sum, all threads over (head, dim) for the output.
+    streams: a thread per head for the max and sum, a thread per (stream, head) for the streams' weights,
+    all threads over (head, dim) for the output.
 Why this shape (bench/NOTES.md, "Decode attention v2"): the step is a few tokens a warp, so
 the work follows the context at short depth (the former token-per-lane step had 256 token
 slots a block, 32 a warp, whatever the depth), and q lives in registers instead of being read
@@ -134,12 +135,13 @@ def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs)
         ("publish_state", "l_out", "shared"),
         ("publish_acc", "acc_out", "shared"),
         ("merge_max", "m_all", "shared"),
+        ("stream_weight", "stream_weight", "shared"),
         ("merge_sum", "l_all", "shared"),
         ("merge_out", "o_all", "local"),
     ):
         _set_scope(sch, block, buffer, scope)
 
-    for block in ("merge_max", "merge_sum", "merge_out", "o_part", "lse"):
+    for block in ("merge_max", "stream_weight", "merge_sum", "merge_out", "o_part", "lse"):
         sch.reverse_compute_at(blk(block), s)
     sch.bind(kv, "blockIdx.y")
     sch.bind(s, "blockIdx.x")
@@ -226,6 +228,13 @@ def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs)
         cache = sch.cache_write(blk(block), 0, "local")
         sch.reverse_compute_at(cache, sch.get_loops(blk(block))[-2])
     unroll(heads(sch.get_loops(blk("lse"))[2]))
+    # Each stream's weight once a head, not once an output element; a thread each (TVM may
+    # compute it in place of m_out, which redundant copies in other lanes would then reread).
+    _, stream, group_loop, lane = sch.split(sch.fuse(*sch.get_loops(blk("stream_weight"))[-2:]),
+                                            [None, n_streams, n_groups, lanes])
+    sch.bind(stream, "threadIdx.z")
+    sch.bind(group_loop, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
     o_part = blk("o_part")
     g, d = sch.get_loops(o_part)[-2:]
     group_loop, head = sch.split(g, [n_groups, hpl])
