@@ -36,7 +36,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import WARP, powers_of_two
-from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleError, ScheduleRule
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,12 @@ class PagedDecodeAttentionCudaRule(ScheduleRule):
 
     def default(self, use: KernelUse, facts: ArchFacts) -> AttentionKnobs:
         space = self.space(use, facts)
-        heads = max(h for h in space["heads_per_lane"] if h <= DEFAULT_HEADS_PER_LANE)
         n_heads, n_kv_heads, head_dim = (int(a) for a in factory_args(use)[:3])
+        if not space["heads_per_lane"]:
+            raise ScheduleError(f"kernel {use.name}: no warp layout for a GQA group of {n_heads // n_kv_heads} "
+                                f"heads with head_dim {head_dim} (the group must divide 32 lanes, and the "
+                                f"lanes a head group gets must divide head_dim)")
+        heads = max(h for h in space["heads_per_lane"] if h <= DEFAULT_HEADS_PER_LANE)
         lanes = _lanes_per_group(n_heads // n_kv_heads, heads)
         return AttentionKnobs(heads_per_lane=heads,
                               k_vector=max(v for v in space["k_vector"] if head_dim % (lanes * v) == 0))

@@ -10,6 +10,7 @@ import tvm
 
 from sparkinfer.kernels import attention as A
 from sparkinfer.schedule.attention import AttentionKnobs
+from sparkinfer.schedule.space import ScheduleError
 
 from cuda_testutil import (
     scheduled,
@@ -92,6 +93,11 @@ def test_state_stays_in_registers_and_loads_are_vectorized() -> None:
                                for i in indices), (array, indices)
     # Warps exchange nothing inside the tile loop: no block barrier there.
     assert "__syncthreads" not in tile_loop(body)
+
+
+def test_a_group_that_does_not_divide_a_warp_is_refused() -> None:
+    with pytest.raises(ScheduleError, match="no warp layout for a GQA group of 3 heads"):
+        scheduled(A.paged_decode_attention, "attention", 12, 4, 128, P, MP, 16)
 
 
 @needs_nvcc
