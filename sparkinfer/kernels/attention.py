@@ -139,10 +139,12 @@ def paged_decode_attention(
                     vkv, vs, vw, vg, vd = T.axis.remap("SSSSS", [kv, s, w, g, d])
                     acc[vkv, vs, vw, vg, vd] = T.float32(0)
             for it in range(steps(pos)):
-                # One tile of the stream; the step's buffers are per tile.
+                # One tile of the stream; the step's buffers are per tile. A tile past the
+                # split's end is skipped: its p would be all 0 and its rescale exp(0) = 1.
                 with T.sblock("step"):
                     vkv, vs, vw = T.axis.remap("SSS", [kv, s, w])
                     vit = T.axis.opaque(steps(pos), it)
+                    T.where(valid(pos, s, w, it, 0))
                     score = T.sblock_alloc_buffer((TT, G), "float32")
                     tile_max = T.sblock_alloc_buffer((G,), "float32")
                     alpha = T.sblock_alloc_buffer((G,), "float32")
