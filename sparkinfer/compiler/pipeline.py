@@ -80,10 +80,11 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
 )
 
 
-# The CPU's flash-decode splits. The attention kernel runs every split's streams x tile token
-# slots whatever the depth (16 splits x 8 streams x 32: 4096 slots for a 129-token context),
-# which a GPU spreads over its SMs and a CPU computes one by one: at depth 128 of the default
-# model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md, bench/cpu_kernels.py).
+# The CPU's flash-decode splits. The attention kernel runs at least one step of every split's
+# streams x tile token slots whatever the depth (32 splits x 8 streams x 4: 1024 slots for a
+# 129-token context), which a GPU spreads over its SMs and a CPU computes one by one: at depth
+# 128 of the default model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md,
+# bench/cpu_kernels.py; measured with 32-token tiles).
 CPU_SPLITS = 1
 
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes

@@ -18,9 +18,9 @@ Per tile, the scores of all its tokens, then the tile's max, then one rescale of
 state (max m, sum l, output acc) by exp(m_old - m_new), then the tile's p = exp(score - m_new)
 and p . V. The streams' states are merged at the end of the split. Per (KV head, split, stream)
 the G query heads of the group are handled together, so every K and V row is read once for the
-whole GQA group. The shape is the GPU's (a stream per warp, a tile token per lane for q . K,
-a lane per head dim for p . V, all of a warp's tile loads in flight at once), but nothing
-here is bound to threads: built as is for LLVM it runs serially.
+whole GQA group. The default shape is the GPU's (sparkinfer/schedule/attention.py: a stream per
+warp, a tile of a few tokens a step, the lanes over heads and head dims), but nothing here is
+bound to threads: built as is for LLVM it runs serially.
 
 The trip count of a stream's tile loop, ceil(C / (streams * tile)), is computed from pos on
 the device, so the work follows the actual context, not the cache capacity.
@@ -46,7 +46,7 @@ def paged_decode_attention(
     max_pages: int,
     splits: int,
     streams: int = 8,
-    tile: int = 32,
+    tile: int = 4,
 ) -> tirx.PrimFunc:
     """Params (q_rot f32[NH, D], k_cache f16[NP, P, NKV, D], v_cache (same), page_table
     int32[MP], pos int32[1], o_part f32[NH, S, D], lse f32[NH, S]); NP is symbolic.
@@ -120,11 +120,12 @@ def paged_decode_attention(
         m_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         l_out = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         acc_out = T.sblock_alloc_buffer((NKV, S, W, G, D), "float32")
-        # A tile's probabilities, per stream: the q . K and p . V halves of a step split the
-        # tile differently (by token, by head dim), so p is exchanged between them.
+        # A tile's probabilities, per stream.
         p = T.sblock_alloc_buffer((NKV, S, W, TT, G), "float32")
-        # Per split: max over streams, merged sum, merged unnormalised output.
+        # Per split: max over streams, each stream's weight exp(m_stream - max), merged sum,
+        # merged unnormalised output.
         m_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
+        stream_weight = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         l_all = T.sblock_alloc_buffer((NKV, S, G), "float32")
         o_all = T.sblock_alloc_buffer((NKV, S, G, D), "float32")
         for kv, s, w in T.grid(NKV, S, W):
@@ -138,10 +139,12 @@ def paged_decode_attention(
                     vkv, vs, vw, vg, vd = T.axis.remap("SSSSS", [kv, s, w, g, d])
                     acc[vkv, vs, vw, vg, vd] = T.float32(0)
             for it in range(steps(pos)):
-                # One tile of the stream; the step's buffers are per tile.
+                # One tile of the stream; the step's buffers are per tile. A tile past the
+                # split's end is skipped: its p would be all 0 and its rescale exp(0) = 1.
                 with T.sblock("step"):
                     vkv, vs, vw = T.axis.remap("SSS", [kv, s, w])
                     vit = T.axis.opaque(steps(pos), it)
+                    T.where(valid(pos, s, w, it, 0))
                     score = T.sblock_alloc_buffer((TT, G), "float32")
                     tile_max = T.sblock_alloc_buffer((G,), "float32")
                     alpha = T.sblock_alloc_buffer((G,), "float32")
@@ -236,22 +239,27 @@ def paged_decode_attention(
                 with T.init():
                     m_all[vkv, vs, vg] = lowest
                 m_all[vkv, vs, vg] = T.max(m_all[vkv, vs, vg], m_out[vkv, vs, vw, vg])
+        for kv, s, w, g in T.grid(NKV, S, W, G):
+            with T.sblock("stream_weight"):
+                vkv, vs, vw, vg = T.axis.remap("SSSS", [kv, s, w, g])
+                stream_weight[vkv, vs, vw, vg] = T.exp(m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg])
         for kv, s, g, w in T.grid(NKV, S, G, W):
             with T.sblock("merge_sum"):
                 vkv, vs, vg, vw = T.axis.remap("SSSR", [kv, s, g, w])
                 with T.init():
                     l_all[vkv, vs, vg] = T.float32(0)
-                l_all[vkv, vs, vg] = l_all[vkv, vs, vg] + l_out[vkv, vs, vw, vg] * T.exp(
-                    m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg]
+                l_all[vkv, vs, vg] = (
+                    l_all[vkv, vs, vg] + l_out[vkv, vs, vw, vg] * stream_weight[vkv, vs, vw, vg]
                 )
         for kv, s, g, d, w in T.grid(NKV, S, G, D, W):
             with T.sblock("merge_out"):
                 vkv, vs, vg, vd, vw = T.axis.remap("SSSSR", [kv, s, g, d, w])
                 with T.init():
                     o_all[vkv, vs, vg, vd] = T.float32(0)
-                o_all[vkv, vs, vg, vd] = o_all[vkv, vs, vg, vd] + acc_out[
-                    vkv, vs, vw, vg, vd
-                ] * T.exp(m_out[vkv, vs, vw, vg] - m_all[vkv, vs, vg])
+                o_all[vkv, vs, vg, vd] = (
+                    o_all[vkv, vs, vg, vd]
+                    + acc_out[vkv, vs, vw, vg, vd] * stream_weight[vkv, vs, vw, vg]
+                )
         for kv, s, g, d in T.grid(NKV, S, G, D):
             with T.sblock("o_part"):
                 vkv, vs, vg, vd = T.axis.remap("SSSS", [kv, s, g, d])

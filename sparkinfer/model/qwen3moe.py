@@ -86,10 +86,11 @@ def max_pages(config: ModelConfig, page_size: int = PAGE_SIZE) -> int:
 
 
 def default_n_splits(config: ModelConfig, page_size: int = PAGE_SIZE) -> int:
-    """S, the flash-decode splits: 16 (NKV x 16 work groups fill a GPU at long context), never
-    more splits than pages. The attention kernel cuts the live context (pos + 1) into S
-    chunks, so short contexts do not pay for empty splits."""
-    return max(1, min(16, max_pages(config, page_size)))
+    """S, the flash-decode splits: 32 (NKV x 32 (KV head, split) blocks: 128 for 4 KV heads, one
+    wave on an H100's 132 SMs, where 16 left half of them idle at long context; bench/NOTES.md,
+    "Decode attention v2"), never more splits than pages. The attention kernel cuts the live
+    context (pos + 1) into S chunks, so short contexts do not pay for empty splits."""
+    return max(1, min(32, max_pages(config, page_size)))
 
 
 # ---------------------------------------------------------------------------------------

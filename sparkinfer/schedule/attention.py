@@ -1,24 +1,28 @@
 """Hand-made GPU schedules for `sparkinfer.kernels.attention`.
 
-paged_decode_attention, one thread block per (KV head, split) = (blockIdx.y, blockIdx.x):
-  - stream w is warp w (threadIdx.y); its state (m, l and a D/32-wide slice of acc per lane
-    for each of the G heads) lives in registers for the whole split;
-  - a tile step first issues all its loads: lane t loads token t's K row (D halves, by 16
-    bytes), lane i its slice of every V row of the tile (8 bytes at D = 128), into registers;
-  - q . K: lane t forms its token's G dot products in-thread; q is staged in shared memory
-    once per block and read as warp-wide 16-byte broadcasts;
-  - tile max and tile sum: warp-shuffle allreduces over the tile's lanes;
-  - p goes through shared memory (a slice per warp) to p . V, where lane i owns head dims
-    [i*D/32, (i+1)*D/32), so a warp reads each V row once, coalesced;
+paged_decode_attention, one thread block per (KV head, split) = (blockIdx.y, blockIdx.x), a warp
+per stream (threadIdx.z); inside a warp the lanes go over the GQA group's heads and the head
+dim, and the tile's tokens are serial:
+  - lane (threadIdx.y, threadIdx.x) = (head group, dim lane): a head group is
+    `heads_per_lane` heads of the G, served by NC = 32 * heads_per_lane / G lanes; dim lane c
+    holds the 16-byte pieces c, c + NC, c + 2 NC, ... of a row (`k_vector` halves each), so a
+    warp's load of one piece of a row is one contiguous NC * 16 bytes;
+  - q (the lane's heads x its dims) and the accumulator (the same) stay in registers for the
+    whole split; K and V rows of the tile's tokens are loaded into registers, all of a step's
+    loads in flight before its math;
+  - q . K: each lane sums its dims for its heads, then the NC lanes of a head group add their
+    partial sums (a sub-warp shuffle reduction, log2 NC steps) and all of them hold the score;
+  - the online softmax (tile max, rescale, p, tile sum) runs in every lane of the group on its
+    heads, in registers: p never leaves the lane, and p . V is each lane's own dims;
+  - nothing inside the tile loop is shared between warps: no barrier, so a warp whose tokens
+    are past the context does its (clamped, masked) step and waits at the merge;
   - at the end each warp publishes its state to shared memory and the block merges the
-    streams: one thread per head for the max and sum, all threads over (head, dim) for the
-    output.
-The tile loop runs the same number of times in every warp (its count depends on the split
-only), so the barriers TVM places around the shared p are reached by all threads.
-
-Ideas not done yet: q . K by lanes over D with a transpose-reduce instead of q broadcasts
-(fewer shared loads); prefetching the next tile's rows (long contexts run several steps);
-fp16 p . V with half2 math; splits chosen from the context length.
+    streams: a thread per head for the max and sum, a thread per (stream, head) for the streams' weights,
+    all threads over (head, dim) for the output.
+Why this shape (bench/NOTES.md, "Decode attention v2"): the step is a few tokens a warp, so
+the work follows the context at short depth (the former token-per-lane step had 256 token
+slots a block, 32 a warp, whatever the depth), and q lives in registers instead of being read
+again from shared memory for every token.
 
 attention_combine: one thread block per query head, a thread per head dim, splits serial.
 """
@@ -29,19 +33,25 @@ from typing import Any
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from sparkinfer.kernels.use import KernelUse
+from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import WARP, powers_of_two
-from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleError, ScheduleRule
 
 
 @dataclass(frozen=True)
 class AttentionKnobs(Knobs):
-    """k_vector: halves per load of a K row (8: 16-byte loads); q_vector: floats per load of
-    q from shared memory (4: 16-byte broadcasts)."""
+    """heads_per_lane: query heads of the GQA group each lane serves (more: fewer half -> float
+    converts per FMA, more shuffles per score); k_vector: halves per load of a K or V row
+    piece (8: 16-byte loads)."""
 
+    heads_per_lane: Any
     k_vector: Any
-    q_vector: Any
+
+
+# Two heads a lane: measured on the SASS of the Qwen3-30B-A3B shape (G = 8; bench/NOTES.md,
+# "Decode attention v2"): fewest instructions a token of 1, 2 and 4.
+DEFAULT_HEADS_PER_LANE = 2
 
 
 def _read_index(sch: s_tir.Schedule, block: SBlockRV, buffer: str) -> int:
@@ -57,8 +67,12 @@ def _set_scope(sch: s_tir.Schedule, block: str, buffer: str, scope: str) -> None
     sch.set_scope(b, _write_index(sch, b, buffer), scope)
 
 
+def _lanes_per_group(group: int, heads_per_lane: int) -> int:
+    return WARP * heads_per_lane // group
+
+
 class PagedDecodeAttentionCudaRule(ScheduleRule):
-    """tile = 32, head_dim a multiple of 32 (the module docstring)."""
+    """The module docstring. Needs the GQA group size G to divide 32."""
 
     target_kind = "cuda"
     family = "attention"
@@ -69,11 +83,29 @@ class PagedDecodeAttentionCudaRule(ScheduleRule):
     enable_check = False
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {"k_vector": powers_of_two(facts.vector_bytes // 2),
-                "q_vector": powers_of_two(facts.vector_bytes // 4)}
+        n_heads, n_kv_heads, head_dim = (int(a) for a in factory_args(use)[:3])
+        group = n_heads // n_kv_heads
+        heads = tuple(h for h in powers_of_two(group)
+                      if group % h == 0 and WARP % (group // h) == 0
+                      and head_dim % _lanes_per_group(group, h) == 0)
+        lanes = min(_lanes_per_group(group, h) for h in heads) if heads else WARP
+        return {"heads_per_lane": heads,
+                "k_vector": tuple(v for v in powers_of_two(facts.vector_bytes // 2) if head_dim % (lanes * v) == 0)}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("heads_per_lane", "k_vector")
 
     def default(self, use: KernelUse, facts: ArchFacts) -> AttentionKnobs:
-        return AttentionKnobs(k_vector=facts.vector_bytes // 2, q_vector=facts.vector_bytes // 4)
+        space = self.space(use, facts)
+        n_heads, n_kv_heads, head_dim = (int(a) for a in factory_args(use)[:3])
+        if not space["heads_per_lane"]:
+            raise ScheduleError(f"kernel {use.name}: no warp layout for a GQA group of {n_heads // n_kv_heads} "
+                                f"heads with head_dim {head_dim} (the group must divide 32 lanes, and the "
+                                f"lanes a head group gets must divide head_dim)")
+        heads = max(h for h in space["heads_per_lane"] if h <= DEFAULT_HEADS_PER_LANE)
+        lanes = _lanes_per_group(n_heads // n_kv_heads, heads)
+        return AttentionKnobs(heads_per_lane=heads,
+                              k_vector=max(v for v in space["k_vector"] if head_dim % (lanes * v) == 0))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, AttentionKnobs)
@@ -82,14 +114,16 @@ class PagedDecodeAttentionCudaRule(ScheduleRule):
 
 def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs) -> None:
     blk = sch.get_sblock
-    kv, s, w, _ = sch.get_loops(blk("state_init"))
+    kv, s, w, g_loop = sch.get_loops(blk("state_init"))
     n_streams = int(sch.get(w).extent)
-    tile = int(sch.get(sch.get_loops(blk("score"))[-3]).extent)
+    group = int(sch.get(g_loop).extent)
     head_dim = int(sch.get(sch.get_loops(blk("score"))[-1]).extent)
-    if tile != WARP or head_dim % WARP:
-        raise ValueError(
-            f"needs tile = {WARP} and head_dim a multiple of it, got {tile}, {head_dim}"
-        )
+    hpl, vector = int(knobs.heads_per_lane), int(knobs.k_vector)
+    if group % hpl or WARP % (group // hpl):
+        raise s_tir.ScheduleError(f"{hpl} heads a lane do not tile a group of {group} heads over a warp")
+    n_groups, lanes = group // hpl, _lanes_per_group(group, hpl)
+    if head_dim % (lanes * vector):
+        raise s_tir.ScheduleError(f"head_dim {head_dim} does not split into {lanes} lanes of {vector}-half pieces")
 
     for block, buffer, scope in (
         ("state_init", "m", "local"),
@@ -98,110 +132,120 @@ def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs)
         ("score", "score", "local"),
         ("tile_max", "tile_max", "local"),
         ("rescale", "alpha", "local"),
-        ("p", "p", "shared"),
+        ("p", "p", "local"),
         ("tile_sum", "tile_sum", "local"),
         ("pv", "pv", "local"),
         ("publish_state", "m_out", "shared"),
         ("publish_state", "l_out", "shared"),
         ("publish_acc", "acc_out", "shared"),
         ("merge_max", "m_all", "shared"),
+        ("stream_weight", "stream_weight", "shared"),
         ("merge_sum", "l_all", "shared"),
         ("merge_out", "o_all", "local"),
     ):
         _set_scope(sch, block, buffer, scope)
 
-    for block in ("merge_max", "merge_sum", "merge_out", "o_part", "lse"):
+    for block in ("merge_max", "stream_weight", "merge_sum", "merge_out", "o_part", "lse"):
         sch.reverse_compute_at(blk(block), s)
     sch.bind(kv, "blockIdx.y")
     sch.bind(s, "blockIdx.x")
-    sch.bind(w, "threadIdx.y")
+    sch.bind(w, "threadIdx.z")
 
-    def lanes_over_dims(loop: LoopRV) -> LoopRV:
-        """Lane i takes dims [i*D/32, (i+1)*D/32); returns the per-lane loop."""
-        lane, inner = sch.split(loop, [WARP, None])
+    def unroll(*loops: LoopRV) -> None:
+        for loop in loops:
+            sch.unroll(loop)
+
+    def heads(loop: LoopRV) -> LoopRV:
+        """g = (head group on threadIdx.y, head of the group); returns the latter. Per-head
+        loops index register arrays: the caller unrolls it."""
+        group_loop, head = sch.split(loop, [n_groups, hpl])
+        sch.bind(group_loop, "threadIdx.y")
+        return head
+
+    def dims(loop: LoopRV) -> tuple[LoopRV, LoopRV]:
+        """d = (piece, dim lane, element): dim lane c on threadIdx.x; returns (piece, element)."""
+        piece, lane, element = sch.split(loop, [None, lanes, vector])
+        sch.reorder(lane, piece, element)
         sch.bind(lane, "threadIdx.x")
-        return inner
+        return piece, element
 
-    def spread(loop: LoopRV) -> None:
-        """Over all threads of the block, consecutive iterations on consecutive lanes."""
-        _, ty, tx = sch.split(loop, [None, n_streams, WARP])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-
-    # q, once per block, in shared memory.
+    # q, once a warp, into registers: the lane's heads x its dims, by 16-byte loads.
     step = blk("step")
-    q_shared = sch.cache_read(step, _read_index(sch, step, "q_rot"), "shared")
-    sch.compute_at(q_shared, s)
-    spread(sch.fuse(*sch.get_loops(q_shared)[-2:]))
+    q_local = sch.cache_read(step, _read_index(sch, step, "q_rot"), "local")
+    sch.compute_at(q_local, w)
+    g, d = sch.get_loops(q_local)[-2:]
+    head = heads(g)
+    piece, element = dims(d)
+    element, floats = sch.split(element, [None, 4])
+    unroll(head, piece, element)
+    sch.vectorize(floats)
 
-    # The tile's rows, all loads issued before any math: K by token (lane t, its whole row,
-    # 16-byte loads), V by head dim (lane i, its slice of every row).
-    sch.set_scope(blk("gather_k"), 0, "local")
-    sch.set_scope(blk("gather_v"), 0, "local")
-    t, d = sch.get_loops(blk("gather_k"))[-2:]
-    sch.bind(t, "threadIdx.x")
-    loads, vec = sch.split(d, [None, knobs.k_vector])
-    sch.unroll(loads)
-    sch.vectorize(vec)
-    t, d = sch.get_loops(blk("gather_v"))[-2:]
-    lane, d_in = sch.split(d, [WARP, None])
-    sch.reorder(lane, t, d_in)
-    sch.bind(lane, "threadIdx.x")
-    sch.unroll(t)
-    sch.vectorize(d_in)
+    # The tile's rows: every token's pieces, all loads issued before any math.
+    for name in ("gather_k", "gather_v"):
+        sch.set_scope(blk(name), 0, "local")
+        t, d = sch.get_loops(blk(name))[-2:]
+        piece, element = dims(d)
+        unroll(t, piece)
+        sch.vectorize(element)
 
-    # q . K: a token per lane, q from shared memory by 16-byte broadcasts.
+    # q . K: in-lane over the lane's dims, then across the group's dim lanes. Around a
+    # cross-thread reduction TIR must not expand the loops itself (LowerThreadAllreduce then
+    # sees the reduction buffer allocated twice): leave nvcc a `#pragma unroll`.
     score = blk("score")
     t, g, d = sch.get_loops(score)[-3:]
-    sch.bind(t, "threadIdx.x")
-    d_out, d_in = sch.split(d, [None, knobs.q_vector])
-    sch.reorder(d_out, g, d_in)
-    q_local = sch.cache_read(score, _read_index(sch, score, "q_rot_shared"), "local")
-    sch.compute_at(q_local, d_out)
-    sch.vectorize(sch.get_loops(q_local)[-1])
-    for loop in (d_out, g, d_in):
-        sch.unroll(loop)
-
-    for block in ("tile_max", "tile_sum"):
-        sch.bind(sch.get_loops(blk(block))[-1], "threadIdx.x")
-    sch.bind(sch.get_loops(blk("p"))[-2], "threadIdx.x")
-    # Per-head loops index register arrays: unrolled, or the arrays go to local memory.
-    for block in ("state_init", "rescale", "p", "update_sum"):
-        sch.unroll(sch.get_loops(blk(block))[-1])
-    # Around a cross-thread reduction TIR must not expand the loop itself (LowerThreadAllreduce
-    # then sees the reduction buffer allocated twice): leave nvcc a `#pragma unroll`.
-    for block in ("tile_max", "tile_sum"):
-        g = sch.get_loops(blk(block))[-2]
-        sch.unroll(g)
-        sch.annotate(g, "pragma_unroll_explicit", 0)
-
-    # p . V: head dims over lanes, as gathered.
-    g, d, t = sch.get_loops(blk("pv"))[-3:]
-    lane, d_in = sch.split(d, [WARP, None])
-    sch.reorder(lane, t, g, d_in)
+    group_loop, head = sch.split(g, [n_groups, hpl])
+    sch.bind(group_loop, "threadIdx.y")
+    piece, lane, element = sch.split(d, [None, lanes, vector])
+    sch.reorder(group_loop, t, head, lane, piece, element)
     sch.bind(lane, "threadIdx.x")
-    for loop in (t, g, d_in):
-        sch.unroll(loop)
+    unroll(t, head, piece, element)
+    for loop in (t, head):
+        sch.annotate(loop, "pragma_unroll_explicit", 0)
 
+    # The softmax, per head, in every lane of its group.
+    for block in ("state_init", "rescale", "update_sum", "publish_state"):
+        unroll(heads(sch.get_loops(blk(block))[-1]))
+    for block in ("tile_max", "tile_sum"):
+        g, t = sch.get_loops(blk(block))[-2:]
+        unroll(heads(g), t)
+    t, g = sch.get_loops(blk("p"))[-2:]
+    sch.reorder(g, t)
+    unroll(heads(g), t)
+
+    # p . V: the lane's dims, tokens in-lane.
+    g, d, t = sch.get_loops(blk("pv"))[-3:]
+    head = heads(g)
+    piece, element = dims(d)
+    sch.reorder(t, head, piece, element)
+    unroll(t, head, piece, element)
     for block in ("acc_init", "update_acc", "publish_acc"):
-        g = sch.get_loops(blk(block))[-2]
-        inner = lanes_over_dims(sch.get_loops(blk(block))[-1])
-        sch.unroll(g)
-        sch.unroll(inner)
-    # Every lane holds the same m and l and stores them (same values, same addresses): a lane
-    # per head would index the register arrays by threadIdx, moving them to local memory.
-    sch.unroll(sch.get_loops(blk("publish_state"))[-1])
+        g, d = sch.get_loops(blk(block))[-2:]
+        head = heads(g)
+        piece, element = dims(d)
+        unroll(head, piece, element)
 
     # The merge of the streams.
-    for block in ("merge_max", "merge_sum", "lse"):
-        spread(sch.get_loops(blk(block))[2])
     for block in ("merge_max", "merge_sum"):
+        heads(sch.get_loops(blk(block))[2])
         # Accumulate in a register, store once: an accumulator in shared memory under the
         # thread predicate would need a barrier inside the condition.
         cache = sch.cache_write(blk(block), 0, "local")
         sch.reverse_compute_at(cache, sch.get_loops(blk(block))[-2])
+    unroll(heads(sch.get_loops(blk("lse"))[2]))
+    # Each stream's weight once a head, not once an output element; a thread each (TVM may
+    # compute it in place of m_out, which redundant copies in other lanes would then reread).
+    _, stream, group_loop, lane = sch.split(sch.fuse(*sch.get_loops(blk("stream_weight"))[-2:]),
+                                            [None, n_streams, n_groups, lanes])
+    sch.bind(stream, "threadIdx.z")
+    sch.bind(group_loop, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
     o_part = blk("o_part")
-    spread(sch.fuse(*sch.get_loops(o_part)[-2:]))
+    g, d = sch.get_loops(o_part)[-2:]
+    group_loop, head = sch.split(g, [n_groups, hpl])
+    sch.bind(group_loop, "threadIdx.y")
+    _, stream, lane = sch.split(sch.fuse(head, d), [None, n_streams, lanes])
+    sch.bind(stream, "threadIdx.z")
+    sch.bind(lane, "threadIdx.x")
     sch.compute_at(blk("merge_out"), sch.get_loops(o_part)[-1])
 
 

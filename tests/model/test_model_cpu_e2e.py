@@ -41,7 +41,7 @@ def _compiled(tmp_path_factory: pytest.TempPathFactory, preset: str, file_type: 
 
 @pytest.fixture(scope="module")
 def tiny_q4_k_m(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    # The GPU's 16 flash-decode splits (the CPU's own default is 1), so that the CPU checks them.
+    # 16 flash-decode splits (the CPU's own default is 1), so that the CPU checks several.
     return _compiled(tmp_path_factory, "tiny", "q4_k_m", n_splits=16)
 
 

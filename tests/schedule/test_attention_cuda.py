@@ -9,6 +9,8 @@ import pytest
 import tvm
 
 from sparkinfer.kernels import attention as A
+from sparkinfer.schedule.attention import AttentionKnobs
+from sparkinfer.schedule.space import ScheduleError
 
 from cuda_testutil import (
     scheduled,
@@ -28,75 +30,112 @@ N_PAGES = 80  # room for a 4096-token context plus unmapped pages
 SPLITS = (16, 32)
 
 
-def attention_symbol(splits: int) -> str:
-    return f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{splits}"
+# The rule's other layouts, (heads_per_lane, k_vector), beside the default (2, 8): a head a lane
+# (4 lanes a head), four (16 lanes), the whole group (lanes over dims only, 8-byte pieces).
+KNOBS = [(1, 8), (4, 8), (8, 4)]
+# The demo model's GQA: 8 query heads over 2 KV heads of 64 (a group of 4).
+SMALL = (8, 2, 64)
 
 
-def combine_symbol(splits: int) -> str:
-    return f"attention_combine_{NH}x{splits}x{D}"
+def attention_symbol(splits: int, nh: int = NH, nkv: int = NKV, d: int = D) -> str:
+    return f"paged_decode_attention_{nh}x{nkv}x{d}_p{P}_s{splits}"
 
 
-def kernels_module(splits: tuple[int, ...] = SPLITS) -> tvm.IRModule:
+def knobs_symbol(heads_per_lane: int, k_vector: int) -> str:
+    return f"{attention_symbol(16)}_h{heads_per_lane}_v{k_vector}"
+
+
+def combine_symbol(splits: int, nh: int = NH, d: int = D) -> str:
+    return f"attention_combine_{nh}x{splits}x{d}"
+
+
+def kernels_module(splits: tuple[int, ...] = SPLITS, variants: bool = True) -> tvm.IRModule:
     funcs = []
     for s in splits:
         funcs.append(scheduled(A.paged_decode_attention, "attention", NH, NKV, D, P, MP, s))
         funcs.append(scheduled(A.attention_combine, "attention", NH, s, D))
+    if variants:
+        for h, v in KNOBS:
+            f = scheduled(A.paged_decode_attention, "attention", NH, NKV, D, P, MP, 16,
+                          knobs=AttentionKnobs(heads_per_lane=h, k_vector=v))
+            funcs.append(f.with_attr("global_symbol", knobs_symbol(h, v)))
+        nh, nkv, d = SMALL
+        funcs.append(scheduled(A.paged_decode_attention, "attention", nh, nkv, d, P, MP, 16))
+        funcs.append(scheduled(A.attention_combine, "attention", nh, 16, d))
     return module(*funcs)
 
 
+def tile_loop(body: str) -> str:
+    """The text of the kernel's tile loop (`for (int it ...) { ... }`)."""
+    start = body.index("for (int it = 0;")
+    depth, i = 0, body.index("{", start)
+    while True:
+        depth += {"{": 1, "}": -1}.get(body[i], 0)
+        if depth == 0:
+            return body[start : i + 1]
+        i += 1
+
+
 def test_state_stays_in_registers_and_loads_are_vectorized() -> None:
-    source = cuda_source(kernels_module((16,)))
+    source = cuda_source(kernels_module((16,), variants=False))
     body = source[source.rindex(f" {attention_symbol(16)}_kernel(") :]
-    assert "*(uint4*)(k_tile_local_ptr" in body  # K rows by 16 bytes
-    assert "*(half4*)(v_tile_local_ptr" in body  # V slices by 8 bytes
-    assert "*(float4*)(q_rot_shared_ptr" in body  # q broadcasts by 16 bytes
-    # The running state and the tile's rows are registers: indexed by constants only.
-    for array in ("acc_local_ptr", "m_local_ptr", "l_local_ptr", "k_tile_local_ptr", "v_tile_local_ptr"):
+    assert "*(uint4*)(k_tile_local_ptr" in body  # K pieces by 16 bytes
+    assert "*(uint4*)(v_tile_local_ptr" in body  # V pieces by 16 bytes
+    assert "*(float4*)(q_rot_local_ptr" in body  # q into registers by 16 bytes, once
+    assert "q_rot_shared" not in body
+    # The running state, q, p and the tile's rows are registers: indexed by constants and
+    # unrolled loop counters, never by a thread index or the tile loop's counter.
+    arrays = ("acc_local_ptr", "m_local_ptr", "l_local_ptr", "p_local_ptr", "q_rot_local_ptr",
+              "k_tile_local_ptr", "v_tile_local_ptr")
+    for array in arrays:
         indices = re.findall(rf"\b{array}\[([^\]]*)\]", body)
-        assert indices and all(re.fullmatch(r"[\d\s()*+]+", i) for i in indices), (array, indices)
+        assert indices and all(re.fullmatch(r"[\w\s()*+]+", i) and not re.search(r"Idx|\bit\b|_ptr", i)
+                               for i in indices), (array, indices)
+    # Warps exchange nothing inside the tile loop: no block barrier there.
+    assert "__syncthreads" not in tile_loop(body)
+
+
+def test_a_group_that_does_not_divide_a_warp_is_refused() -> None:
+    with pytest.raises(ScheduleError, match="no warp layout for a GQA group of 3 heads"):
+        scheduled(A.paged_decode_attention, "attention", 12, 4, 128, P, MP, 16)
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(arch: str) -> None:
-    assert_nvcc_compiles(arch, kernels_module((16,)))
+    assert_nvcc_compiles(arch, kernels_module((16,), variants=False))
 
 
 gpu = gpu_fixture("attention", kernels_module)
 
 
 def paged_cache(
-    rng: np.random.Generator, page_table: np.ndarray, pos: int
+    rng: np.random.Generator, page_table: np.ndarray, pos: int, nkv: int = NKV, d: int = D
 ) -> tuple[np.ndarray, np.ndarray]:
     """fp16 K and V with random rows at positions 0..pos and NaN everywhere else."""
-    k = np.full((N_PAGES, P, NKV, D), np.nan, np.float16)
-    v = np.full((N_PAGES, P, NKV, D), np.nan, np.float16)
+    k = np.full((N_PAGES, P, nkv, d), np.nan, np.float16)
+    v = np.full((N_PAGES, P, nkv, d), np.nan, np.float16)
     t = np.arange(pos + 1)
-    k[page_table[t // P], t % P] = rng.standard_normal((pos + 1, NKV, D)) * 2
-    v[page_table[t // P], t % P] = rng.standard_normal((pos + 1, NKV, D))
+    k[page_table[t // P], t % P] = rng.standard_normal((pos + 1, nkv, d)) * 2
+    v[page_table[t // P], t % P] = rng.standard_normal((pos + 1, nkv, d))
     return k, v
 
 
-@pytest.mark.parametrize(
-    ("splits", "pos"),
-    # A 4096-token context, page boundaries, a single token, and short contexts whose
-    # trailing splits are empty.
-    [(16, 4095), (16, 2047), (16, 63), (16, 64), (16, 0), (32, 5), (32, 300), (32, 4095)],
-)
-def test_matches_numpy_on_gpu(gpu: Gpu, splits: int, pos: int) -> None:
+def check_against_numpy(gpu: Gpu, symbol: str, splits: int, pos: int, nh: int = NH, nkv: int = NKV,
+                        d: int = D, combine: str | None = None) -> None:
+    """`symbol` on fresh random inputs at `pos` against the numpy reference, then (`combine`)
+    the combine of its splits against the model's oracle."""
     rng = np.random.default_rng(pos * 100 + splits)
     # Physical pages in random order; the table's unused tail points at real pages too.
     page_table = rng.permutation(N_PAGES)[: N_PAGES - 8]
     page_table = np.concatenate([page_table, rng.integers(0, N_PAGES, MP - len(page_table))])
     page_table = page_table.astype(np.int32)
-    q = rng.standard_normal((NH, D), dtype=np.float32)
-    k_cache, v_cache = paged_cache(rng, page_table, pos)
+    q = rng.standard_normal((nh, d), dtype=np.float32)
+    k_cache, v_cache = paged_cache(rng, page_table, pos, nkv, d)
 
-    o_part, lse = gpu.poisoned((NH, splits, D)), gpu.poisoned((NH, splits))
-    out = gpu.poisoned((NH * D,))
+    o_part, lse = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits))
     inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32)]
-    gpu(attention_symbol(splits), *map(gpu.tensor, inputs), o_part, lse)
-    gpu(combine_symbol(splits), o_part, lse, out)
+    gpu(symbol, *map(gpu.tensor, inputs), o_part, lse)
 
     o_ref, lse_ref = A.paged_decode_attention_reference(
         q, k_cache, v_cache, page_table, pos, splits
@@ -106,8 +145,34 @@ def test_matches_numpy_on_gpu(gpu: Gpu, splits: int, pos: int) -> None:
     # float32 sums of up to 4096 terms in another order than numpy's float64.
     np.testing.assert_allclose(lse.numpy()[~empty], lse_ref[~empty], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(o_part.numpy(), o_ref, rtol=1e-4, atol=2e-5)
-    oracle = A.decode_attention_reference(q, k_cache, v_cache, page_table, pos)
-    np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-4, atol=2e-5)
+    if combine is not None:
+        out = gpu.poisoned((nh * d,))
+        gpu(combine, o_part, lse, out)
+        oracle = A.decode_attention_reference(q, k_cache, v_cache, page_table, pos)
+        np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("splits", "pos"),
+    # A 4096-token context, page boundaries, a single token, and short contexts whose
+    # trailing splits are empty; at the model's 32 splits the bench depths 128 and 512.
+    [(16, 4095), (16, 2047), (16, 63), (16, 64), (16, 0), (32, 0), (32, 5), (32, 127), (32, 511), (32, 4095)],
+)
+def test_matches_numpy_on_gpu(gpu: Gpu, splits: int, pos: int) -> None:
+    check_against_numpy(gpu, attention_symbol(splits), splits, pos, combine=combine_symbol(splits))
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: f"heads{k[0]}_vector{k[1]}")
+@pytest.mark.parametrize("pos", [0, 64, 700])
+def test_other_layouts_match_numpy(gpu: Gpu, knobs: tuple[int, int], pos: int) -> None:
+    check_against_numpy(gpu, knobs_symbol(*knobs), 16, pos)
+
+
+@pytest.mark.parametrize("pos", [0, 200])
+def test_group_of_four_matches_numpy(gpu: Gpu, pos: int) -> None:
+    nh, nkv, d = SMALL
+    check_against_numpy(gpu, attention_symbol(16, nh, nkv, d), 16, pos, nh, nkv, d,
+                        combine=combine_symbol(16, nh, d))
 
 
 if __name__ == "__main__":
