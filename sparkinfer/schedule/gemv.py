@@ -99,24 +99,87 @@ def lanes_rows_space(*chunk_counts: int) -> dict[str, tuple[int, ...]]:
     return {"lanes": powers_of_two(most), "rows": powers_of_two(1024 // most)}
 
 
-def default_knobs(facts: ArchFacts, ggml_type: int, n: int, k: int, batch: int = 1) -> GemvKnobs:
+# A thread's weight words a chunk, over all its rows, that every dense form holds without
+# spilling (ptxas gives each word a register, Q6_K's and Q8_0's 2-byte words too). sm_90 ptxas
+# (bench/NOTES.md, "Dense GEMVs: x shared across rows"): Q4_K 4 x 9 words 96 registers, Q5_K
+# 4 x 11 167, planar Q6_K 4 x 27 168, Q6_K 2 x 53 166, but Q6_K 4 x 53 255 and 72 bytes of spills
+# (the 151936-row LM head's old default).
+THREAD_CHUNK_WORDS = 128
+# How far above the mean (over the SMs) a GEMV's busiest SM may work before it takes thinner
+# blocks (`default_knobs`).
+MAX_BUSIEST_SM_SHARE = 1.125
+
+
+def chunk_bytes(fmt: GemvFormat) -> int:
+    """The weight bytes of one chunk of a row (what a lane loads per row and chunk)."""
+    return fmt.block_bytes * fmt.chunk // fmt.block_size
+
+
+def chunk_words(fmt: GemvFormat) -> int:
+    """The weight words of one chunk of a row (what a lane holds in registers per row and chunk)."""
+    return -(-chunk_bytes(fmt) // fmt.word_bytes)
+
+
+def busiest_sm_rows(facts: ArchFacts, n_rows: int, block_rows: int) -> int:
+    """The rows of the busiest SM when `n_rows` rows go out in blocks of `block_rows`, spread
+    evenly over the SMs."""
+    blocks = -(-n_rows // block_rows)
+    return -(-blocks // facts.sms) * block_rows
+
+
+def most_rows_per_thread(facts: ArchFacts, n_rows: int, rows: int, fits: Callable[[int], bool]) -> int:
+    """The most rows a thread works on (up to 4) that still leaves min_blocks blocks of `rows`
+    thread rows over `n_rows` rows, and that `fits(rows_per_thread)` a thread's registers.
+    Sharing x across rows cut a 4096x2048 Q4_K GEMV from 11.5 to 7.1 us and the 151936x2048
+    Q6_K lm_head from 380 to 207 us on an H200, but fewer blocks than that starve the memory
+    system (2048x4096 Q4_K: 8.8 us at 256 blocks, 10.6 at 128)."""
+    per_thread = 1
+    while per_thread < 4 and n_rows // (rows * per_thread * 2) >= min_blocks(facts) and fits(per_thread * 2):
+        per_thread *= 2
+    return per_thread
+
+
+def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: int = 1) -> GemvKnobs:
     """For `batch` GEMVs of n rows (the MoE slots) of k weights.
 
     lanes: the most (up to a warp) that split a row's chunks evenly, so no lane idles on a
     tail; rows: enough for BLOCK_THREADS threads a block, halved while that leaves fewer than
     min_short_blocks (the F32 router, 128 x 2048, ran as 32 blocks on 32 of the H100's 132
-    SMs: 5.7 us for 1 MB); rows_per_thread: the most (up to 4) that still leaves min_blocks.
-    Sharing x across rows cut a 4096x2048 Q4_K GEMV from 11.5 to 7.1 us and the 151936x2048
-    Q6_K lm_head from 380 to 207 us on an H200, but fewer blocks than that starve the memory
-    system (2048x4096 Q4_K: 8.8 us at 256 blocks, 10.6 at 128).
+    SMs: 5.7 us for 1 MB); rows_per_thread: `most_rows_per_thread` within THREAD_CHUNK_WORDS.
+
+    Then, where the grid has min_blocks, x is shared by as many rows as the registers allow: a
+    block keeps its rows (so its count of blocks) while a thread takes twice the rows and the
+    block half the thread rows, down to a warp (a short GEMV keeps its warps). Each row
+    re-reading its chunk of x (4 bytes a weight against Q4_K's 0.56, 32 L1 wavefronts a float4
+    load) kept these kernels waiting on L1 with DRAM at 12-21 % (bench/NOTES.md).
+
+    Last, the most thread rows a block (down to a warp) that keep the busiest SM's rows within
+    MAX_BUSIEST_SM_SHARE of the mean, or where none does the fewest: waiting on L1, the SM with
+    the most blocks sets the time (Q/K/V's 320 blocks of 16 rows on 132 SMs put 3 on some
+    where the mean is 2.4; 640 of 8, 5 of 4.8).
     """
-    lanes = even_lanes(k // gemv_format(ggml_type).chunk)
+    fmt = gemv_format(weight_format)
+    n_rows = batch * n
+    lanes = even_lanes(k // fmt.chunk)
     rows = max(1, BLOCK_THREADS // lanes)
-    while rows > 1 and batch * n // rows < min_short_blocks(facts):
+    while rows > 1 and n_rows // rows < min_short_blocks(facts):
         rows //= 2
-    per_thread = 1
-    while per_thread < 4 and batch * n // (rows * per_thread * 2) >= min_blocks(facts):
-        per_thread *= 2
+
+    def fits(per_thread: int) -> bool:
+        return per_thread * chunk_words(fmt) <= THREAD_CHUNK_WORDS
+
+    per_thread = most_rows_per_thread(facts, n_rows, rows, fits)
+    warp_rows = max(1, WARP // lanes)
+    while (per_thread < 4 and rows > warp_rows and fits(per_thread * 2)
+           and n_rows // (rows * per_thread) >= min_blocks(facts)):
+        rows, per_thread = rows // 2, per_thread * 2
+    thinner = [rows >> i for i in range(rows.bit_length()) if rows >> i >= warp_rows] or [rows]
+
+    def busiest(r: int) -> int:
+        return busiest_sm_rows(facts, n_rows, r * per_thread)
+
+    balanced = [r for r in thinner if busiest(r) <= MAX_BUSIEST_SM_SHARE * n_rows / facts.sms]
+    rows = balanced[0] if balanced else min(thinner, key=lambda r: (busiest(r), -r))
     return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
 
 

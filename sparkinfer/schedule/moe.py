@@ -32,10 +32,11 @@ from sparkinfer.schedule.gemv import (
     DEFAULT_UNROLL,
     UNROLL_STEPS,
     cache_chunk_in_registers,
+    chunk_bytes,
     even_lanes,
     lanes_rows_space,
     loops_below,
-    min_blocks,
+    most_rows_per_thread,
     normalize_in_shared,
     thread_rows_in_registers,
     x_buffer,
@@ -65,28 +66,20 @@ class MoeKnobs(Knobs):
 THREAD_CHUNK_BYTES = 160
 
 
-def chunk_bytes(fmt: GemvFormat) -> int:
-    """The weight bytes of one chunk of a row (what a lane loads per row and chunk)."""
-    return fmt.block_bytes * fmt.chunk // fmt.block_size
-
-
 def default_knobs(facts: ArchFacts, chunk_counts: tuple[int, ...], n_rows: int, row_chunk_bytes: int) -> MoeKnobs:
     """For reductions of `chunk_counts` chunks each over `n_rows` rows in all (every slot's),
     of at most `row_chunk_bytes` weight bytes a chunk.
 
     lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
     idles on a tail (threadIdx.x has one extent per kernel, so gate and up share it);
-    rows: enough for BLOCK_THREADS threads a block; rows_per_thread: the most (up to 4) that
-    still leaves min_blocks, as `schedule.gemv.default_knobs` chooses it, and keeps a thread's
-    weight bytes a chunk within THREAD_CHUNK_BYTES. Every row re-reading its chunk of x (4
-    bytes a weight against Q4_K's 0.56) left these kernels waiting on L1/LSU with DRAM at
-    14-20 % (bench/NOTES.md)."""
+    rows: enough for BLOCK_THREADS threads a block; rows_per_thread: `schedule.gemv`'s
+    `most_rows_per_thread`, a thread's weight bytes a chunk within THREAD_CHUNK_BYTES. Every
+    row re-reading its chunk of x (4 bytes a weight against Q4_K's 0.56) left these kernels
+    waiting on L1/LSU with DRAM at 14-20 % (bench/NOTES.md)."""
     lanes = even_lanes(*chunk_counts)
     rows = max(1, BLOCK_THREADS // lanes)
-    per_thread = 1
-    while (per_thread < 4 and n_rows // (rows * per_thread * 2) >= min_blocks(facts)
-           and row_chunk_bytes * per_thread * 2 <= THREAD_CHUNK_BYTES):
-        per_thread *= 2
+    per_thread = most_rows_per_thread(facts, n_rows, rows,
+                                      lambda per_thread: row_chunk_bytes * per_thread <= THREAD_CHUNK_BYTES)
     return MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
 
 

@@ -56,9 +56,30 @@ def test_gemv_defaults_follow_the_sm_count() -> None:
     assert rule_for(use, SM_90).default(use, SM_90) == GemvKnobs(32, 4, 4, 256)
     gb10 = arch_facts("sm_121")
     assert rule_for(use, gb10).default(use, gb10) == GemvKnobs(32, 4, 4, 256)
+    # The router's 128 rows: 128 one-warp blocks on both (4-warp blocks on a GB10 would be 32
+    # blocks on 48 SMs, a third of them idle).
     short = kernel_use("gemv", "gemv", T.F32, 128, 2048)
-    assert rule_for(short, SM_90).default(short, SM_90).rows == 1
-    assert rule_for(short, gb10).default(short, gb10).rows == 4
+    assert rule_for(short, SM_90).default(short, SM_90) == GemvKnobs(32, 1, 1, 256)
+    assert rule_for(short, gb10).default(short, gb10) == GemvKnobs(32, 1, 1, 256)
+
+
+@pytest.mark.parametrize("factory,args,expected", [
+    # 256 blocks either way; a thread takes 4 rows (x shared by 4) in blocks of 2 warps.
+    ("gemv", (T.Q4_K, 2048, 4096), GemvKnobs(32, 2, 4, 256)),
+    # 4-warp blocks would be 320 (3 on some SMs where the mean is 2.4): 640 of 2 warps.
+    ("gemv_qkv", (T.Q4_K, 4096, 512, 512, 2048), GemvKnobs(32, 2, 4, 256)),
+    ("gemv_qkv", (T.Q4_K, 4096, 512, 0, 2048), GemvKnobs(32, 1, 4, 256)),
+    # Short: 128 blocks, each warp a row (two of 16 lanes) as before.
+    ("gemv", (T.Q6_K, 512, 2048), GemvKnobs(16, 4, 1, 256)),
+    # The LM head: Q6_K's 53 words a chunk x 4 rows spill (THREAD_CHUNK_WORDS), x 2 do not;
+    # planar Q6_K's 27 words x 4 do not.
+    ("gemv", (T.Q6_K, 151936, 2048), GemvKnobs(16, 8, 2, 256)),
+    ("gemv", (G.Q6_K_PLANAR, 151936, 2048), GemvKnobs(16, 8, 4, 256)),
+])
+def test_gemv_defaults_of_the_decode_step(factory: str, args: tuple, expected: GemvKnobs) -> None:
+    """Qwen3-30B-A3B's dense decode GEMVs on sm_90 (132 SMs, 256 blocks wanted)."""
+    use = kernel_use("gemv", factory, *args)
+    assert rule_for(use, SM_90).default(use, SM_90) == expected
 
 
 def _assert_replays_as(sch, func, use, decisions: list[int], expected) -> None:  # noqa: ANN001
