@@ -26,6 +26,8 @@ from typing import Any
 from gguf import GGMLQuantizationType
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.s_tir.schedule import _ffi_api as _schedule_ffi
+from tvm.tirx import IndexMap
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 from sparkinfer.kernels.use import KernelUse, factory_args
@@ -75,12 +77,16 @@ class GemvKnobs(Knobs):
     """lanes: threads per row (threadIdx.x); rows: thread rows per block (threadIdx.y);
     rows_per_thread: rows each thread works on at once, sharing the x it loaded (a block
     covers rows * rows_per_thread rows; structural: whether the row loop exists); unroll:
-    explicit-unroll budget (statements) for a lane's loop over its chunks."""
+    explicit-unroll budget (statements) for a lane's loop over its chunks; vector_header: 1 to
+    load each row-chunk's K-quant block header (d, dmin, scales) in one 16-byte load into
+    registers (`header_in_registers`), 0 to let the scale decoders read its words where they
+    use them (structural)."""
 
     lanes: Any
     rows: Any
     rows_per_thread: int
     unroll: Any
+    vector_header: int
 
 
 def even_lanes(*chunk_counts: int) -> int:
@@ -139,8 +145,10 @@ def most_rows_per_thread(facts: ArchFacts, n_rows: int, rows: int, fits: Callabl
     return per_thread
 
 
-def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: int = 1) -> GemvKnobs:
-    """For `batch` GEMVs of n rows (the MoE slots) of k weights.
+def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: int = 1,
+                  vector_header: bool = False) -> GemvKnobs:
+    """For `batch` GEMVs of n rows (the MoE slots) of k weights; `vector_header` where the
+    rule's layout can take it.
 
     lanes: the most (up to a warp) that split a row's chunks evenly, so no lane idles on a
     tail; rows: enough for BLOCK_THREADS threads a block, halved while that leaves fewer than
@@ -180,7 +188,8 @@ def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: i
 
     balanced = [r for r in thinner if busiest(r) <= MAX_BUSIEST_SM_SHARE * n_rows / facts.sms]
     rows = balanced[0] if balanced else min(thinner, key=lambda r: (busiest(r), -r))
-    return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
+    return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL,
+                     vector_header=int(vector_header))
 
 
 def loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
@@ -226,6 +235,44 @@ def cache_chunk_in_registers(
         cache_in_registers(sch, [dot], x, part, 4)
     else:
         cache_in_registers(sch, [dot, xsum], x, it, 4)
+
+
+def has_vector_header(fmt: GemvFormat) -> bool:
+    """Whether the scale decoders read only a 16-byte aligned 16-byte header of each block:
+    Q4_K and Q5_K (d, dmin and 12 scale bytes at the start of 144 and 176-byte blocks)."""
+    return not fmt.planar and fmt.ggml_type in (_T.Q4_K, _T.Q5_K)
+
+
+HEADER_WORDS = 4  # a K-quant block header's 16 bytes in uint32 words
+
+
+def declare_header_reads(sch: s_tir.Schedule, fmt: GemvFormat, reduction: SBlockRV, weight: str) -> None:
+    """Declare that `reduction` (a GEMV's scaling reduction, iter vars (row, chunk, part),
+    before its chunk loop is split) reads of `weight` only the header of each chunk's block,
+    which is what its scale decoders read (`has_vector_header` formats). TVM's own region of
+    those reads, a Select on the sub-block index, gets a lane-dependent extent once the chunks
+    are split over lanes, which no register cache can take (bench/NOTES.md, "Dense GEMVs: x
+    shared across rows"). Declared on the unsplit block, the region holds for any lanes a
+    design space draws. TVM 0.27's Python `annotate_buffer_access` wants one range per iter
+    var (3), not per buffer dimension (2), so this calls the schedule primitive itself."""
+    r, c, _ = (iv.var for iv in sch.get(reduction).iter_vars)
+    base = c // (fmt.block_size // fmt.chunk) * (fmt.block_bytes // fmt.word_bytes)
+    region = IndexMap(initial_indices=[iv.var for iv in sch.get(reduction).iter_vars],
+                      final_indices=[r, r + 1, base, base + HEADER_WORDS], inverse_index_map=None)
+    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, reduction, _read_index(sch, reduction, weight), 0, region)
+
+
+def header_in_registers(sch: s_tir.Schedule, partial: SBlockRV, row: LoopRV, weight: str) -> None:
+    """The header `declare_header_reads` declared, in registers under the lanes' partial sums'
+    row loop `row`: one 16-byte load a row and chunk, where the decoders' own reads are 7
+    32-bit loads (SASS, bench/NOTES.md)."""
+    cache = sch.cache_read(partial, _read_index(sch, partial, weight), "local", consumer_blocks=[partial])
+    sch.compute_at(cache, row)
+    *outer, inner = loops_below(sch, cache, row)
+    rest, vec = sch.split(inner, [None, HEADER_WORDS])
+    sch.vectorize(vec)
+    for loop in (*outer, rest):
+        sch.unroll(loop)
 
 
 def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], unroll: int) -> None:
@@ -322,16 +369,22 @@ class _GemvCudaRule(ScheduleRule):
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         """(ggml_type, rows n, row length k, batch of GEMVs) of the kernel."""
 
+    def vector_header(self, use: KernelUse) -> bool:
+        """Whether the kernel's layout can load its blocks' headers in 16 bytes (the plain,
+        normed and residual forms of `has_vector_header` formats)."""
+        return has_vector_header(gemv_format(self.shape(use)[0]))
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         ggml_type, _, k, _ = self.shape(use)
         return {**lanes_rows_space(k // gemv_format(ggml_type).chunk),
-                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS}
+                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS,
+                "vector_header": (0, 1) if self.vector_header(use) else (0,)}
 
     def structural(self) -> tuple[str, ...]:
-        return ("rows_per_thread",)
+        return ("rows_per_thread", "vector_header")
 
     def default(self, use: KernelUse, facts: ArchFacts) -> GemvKnobs:
-        return default_knobs(facts, *self.shape(use))
+        return default_knobs(facts, *self.shape(use), vector_header=self.vector_header(use))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
@@ -348,6 +401,9 @@ class GemvCudaRule(_GemvCudaRule):
 
 class GemvQkvCudaRule(_GemvCudaRule):
     factory = "gemv_qkv"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False  # its scale decoders read the W stage, a select over Wq, Wk and Wv
 
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         ggml_type, n_q, n_k, n_v, k = factory_args(use)
@@ -445,10 +501,13 @@ def _schedule_rows(
 ) -> tuple[SBlockRV, LoopRV]:
     """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv, with the
     normed forms' prologue per thread block (`normalize_in_shared`);
-    `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers. Returns the
-    gemv block and its per-thread row loop."""
+    `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers, and
+    `header_in_registers` each chunk's block header where the knobs say so. Returns the gemv
+    block and its per-thread row loop."""
     dot, gemv = sch.get_sblock("dot"), sch.get_sblock("gemv")
     xsum = sch.get_sblock("xsum") if fmt.min is not None else None
+    if config.vector_header:
+        declare_header_reads(sch, fmt, gemv, "W")
     *_, n, c, p = sch.get_loops(gemv)
 
     # Lanes' partial sums go through rfactor: TIR's cross-thread reduction needs the
@@ -467,6 +526,9 @@ def _schedule_rows(
 
     thread_rows_in_registers(sch, fmt, partial, final_ty, config.rows_per_thread, config.unroll,
                              (dot, xsum), cache_weight)
+    if config.vector_header:
+        # The partial sums' loops: lane, chunk, row, part.
+        header_in_registers(sch, partial, sch.get_loops(partial)[-2], "W")
     if normed:
         normalize_in_shared(sch, final_bx, (config.rows, config.lanes))
     return gemv, final_r

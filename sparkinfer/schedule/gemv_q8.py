@@ -57,10 +57,14 @@ def int8_view(ggml_type: int) -> GemvFormat:
 
 
 class GemvQ8CudaRule(_GemvCudaRule):
-    """`gemv_q8`: the float GEMV's rule (same knobs, space and defaults) on the int8 blocks."""
+    """`gemv_q8`: the float GEMV's rule (same knobs, space and defaults) on the int8 blocks,
+    the block headers read by the decoders (vector_header 0: not tried on the int8 blocks)."""
 
     family = "gemv_q8"
     factory = "gemv_q8"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False
 
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         ggml_type, n, k = factory_args(use)
