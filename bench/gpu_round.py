@@ -28,7 +28,7 @@ RUN_PROMPT_TOKENS = 128
 VARIANT_STEPS = {"planar_rows": {"q6_k_layout": "planar"}}
 VARIANT_KNOBS = {"planar_rows": {
     "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
-                                                                "unroll": 256}}}
+                                                                "unroll": 256, "vector_header": 0}}}
 # bench/NOTES.md, "Reference measurements": llama.cpp's best configuration (FA on, GGML_CUDA_GRAPH_OPT=1), tg128 by depth
 # and pp by prompt size, on each card.
 LLAMA_CPP_TG = {"H100": {128: 325.8, 512: 301.0, 4096: 275.5, 16384: 236.3},

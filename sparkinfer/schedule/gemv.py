@@ -247,19 +247,23 @@ HEADER_WORDS = 4  # a K-quant block header's 16 bytes in uint32 words
 
 
 def declare_header_reads(sch: s_tir.Schedule, fmt: GemvFormat, reduction: SBlockRV, weight: str) -> None:
-    """Declare that `reduction` (a GEMV's scaling reduction, iter vars (row, chunk, part),
-    before its chunk loop is split) reads of `weight` only the header of each chunk's block,
-    which is what its scale decoders read (`has_vector_header` formats). TVM's own region of
-    those reads, a Select on the sub-block index, gets a lane-dependent extent once the chunks
-    are split over lanes, which no register cache can take (bench/NOTES.md, "Dense GEMVs: x
-    shared across rows"). Declared on the unsplit block, the region holds for any lanes a
-    design space draws. TVM 0.27's Python `annotate_buffer_access` wants one range per iter
-    var (3), not per buffer dimension (2), so this calls the schedule primitive itself."""
-    r, c, _ = (iv.var for iv in sch.get(reduction).iter_vars)
-    base = c // (fmt.block_size // fmt.chunk) * (fmt.block_bytes // fmt.word_bytes)
-    region = IndexMap(initial_indices=[iv.var for iv in sch.get(reduction).iter_vars],
-                      final_indices=[r, r + 1, base, base + HEADER_WORDS], inverse_index_map=None)
-    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, reduction, _read_index(sch, reduction, weight), 0, region)
+    """Declare that `reduction` (a GEMV's scaling reduction, its chunk the next-to-last iter
+    var, before its chunk loop is split) reads of `weight` only the header of each chunk's
+    block, which is what its scale decoders read (`has_vector_header` formats): in the last
+    dimension, where the other dimensions (row, expert) keep their regions. TVM's own region
+    of those reads, a Select on the sub-block index, gets a lane-dependent extent once the
+    chunks are split over lanes, which no register cache can take (bench/NOTES.md, "Dense
+    GEMVs: x shared across rows"). Declared on the unsplit block, the region holds for any
+    lanes a design space draws. TVM 0.27's Python `annotate_buffer_access` wants one range per
+    iter var, not per buffer dimension, so this calls the schedule primitive itself."""
+    block = sch.get(reduction)
+    iter_vars = [iv.var for iv in block.iter_vars]
+    index = _read_index(sch, reduction, weight)
+    base = iter_vars[-2] // (fmt.block_size // fmt.chunk) * (fmt.block_bytes // fmt.word_bytes)
+    kept = [bound for r in block.reads[index].region[:-1] for bound in (r.min, r.min + r.extent)]
+    region = IndexMap(initial_indices=iter_vars, final_indices=[*kept, base, base + HEADER_WORDS],
+                      inverse_index_map=None)
+    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, reduction, index, 0, region)
 
 
 def header_in_registers(sch: s_tir.Schedule, partial: SBlockRV, row: LoopRV, weight: str) -> None:

@@ -123,20 +123,23 @@ def test_design_space_traces_replay_with_other_decisions(factory: str, args: tup
     ("moe_down_residual", (T.Q6_K, 16, 4, 256, 256)),
 ])
 def test_moe_design_spaces_cover_rows_per_thread(factory: str, args: tuple) -> None:
-    """One design space per rows_per_thread (structural), the others drawn and read back."""
+    """One design space per rows_per_thread and vector_header (structural), the others drawn
+    and read back."""
     func = getattr(M, factory)(*args)
     use = kernel_use("moe", factory, *args)
     rule = rule_for(use, SM_90)
     space = rule.space(use, SM_90)
     assert space["rows_per_thread"] == (1, 2, 4)
+    assert space["vector_header"] == ((0, 1) if args[0] == T.Q4_K else (0,))  # Q6_K has no 16-byte header
     assert rule.default(use, SM_90).to_json()["rows_per_thread"] in space["rows_per_thread"]
     schedules = design_spaces(func, use, SM_90)
-    assert len(schedules) == len(space["rows_per_thread"])
+    structural = list(itertools.product(space["rows_per_thread"], space["vector_header"]))
+    assert len(schedules) == len(structural)
     lanes, rows, unroll = len(space["lanes"]) - 1, 1, 0
-    for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
-        _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll],
+    for sch, (rows_per_thread, vector_header) in zip(schedules, structural, strict=True):
+        _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll, 0],
                            MoeKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
-                                    space["unroll"][unroll]))
+                                    space["unroll"][unroll], vector_header))
 
 
 def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
