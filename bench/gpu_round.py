@@ -21,28 +21,28 @@ FULL_PRESET, FULL_TYPES = "qwen3-30b-a3b", "q4_k_m"
 RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
-# kernels' knobs overridden):
-# - s8_knobs: the MoE and Q6_K V knobs sm_90 had before session 9's tuning round (gate/up and
-#   Q4_K down their rule defaults, bench/NOTES.md "The round on an H100"), beside the tuned file;
-# - planar_rows: the Q6_K weights re-laid out for 16-byte loads (quant/layouts.py) and the planar
-#   Q6_K MoE down with x shared across 2 rows a thread (+6 % at depth 128 on an H200 in session 9's
-#   first round), compiled with the arch's T-token steps too (VARIANT_CHUNKED) so that its gate
-#   runs through the planar chunk kernels.
-# The others are decode only (no T-token step): that keeps the call's carry under 64 MiB.
-VARIANT_STEPS = {"s8_knobs": {}, "planar_rows": {"q6_k_layout": "planar"}}
+# kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
+# under 64 MiB). Session 9's last round (bench/NOTES.md, "Dense GEMVs: x shared across rows"):
+# - gemv_rows: the O, Q/K/V and Q/K projections at 4 rows a thread, the O projection's K-quant
+#   block header in one 16-byte load (schedule/gemv.py vector_header), in place of sm_90.json's
+#   tuned entries;
+# - headers: the Q4_K MoE gate/up and down at moerows' knobs, reading their block headers in one
+#   16-byte load (schedule/moe.py vector_header).
+VARIANT_STEPS: dict[str, dict[str, str]] = {"gemv_rows": {}, "headers": {}}
 VARIANT_KNOBS = {
-    "s8_knobs": {
+    "gemv_rows": {
+        "gemv.gemv('Q4_K', 2048, 4096)": {"lanes": 32, "rows": 2, "rows_per_thread": 4, "unroll": 256,
+                                          "vector_header": 1},
+        "gemv.gemv_qkv('Q4_K', 4096, 512, 512, 2048)": {"lanes": 32, "rows": 2, "rows_per_thread": 4,
+                                                        "unroll": 256, "vector_header": 0},
+        "gemv.gemv_qkv('Q4_K', 4096, 512, 0, 2048)": {"lanes": 32, "rows": 1, "rows_per_thread": 4,
+                                                      "unroll": 256, "vector_header": 0}},
+    "headers": {
         "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)": {"lanes": 32, "rows": 4, "rows_per_thread": 4,
-                                                                     "unroll": 256},
+                                                                     "unroll": 256, "vector_header": 1},
         "moe.moe_down_residual('Q4_K', 128, 8, 2048, 768)": {"lanes": 32, "rows": 4, "rows_per_thread": 2,
-                                                             "unroll": 256},
-        "moe.moe_down_residual('Q6_K', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 1,
-                                                             "unroll": 1024},
-        "gemv.gemv('Q6_K', 512, 2048)": {"lanes": 16, "rows": 4, "rows_per_thread": 1, "unroll": 256}},
-    "planar_rows": {
-        "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 4, "rows_per_thread": 2,
-                                                                    "unroll": 256}}}
-VARIANT_CHUNKED = {"planar_rows"}
+                                                             "unroll": 256, "vector_header": 1}}}
+VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.

@@ -26,6 +26,8 @@ from typing import Any
 from gguf import GGMLQuantizationType
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.s_tir.schedule import _ffi_api as _schedule_ffi
+from tvm.tirx import IndexMap
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
 from sparkinfer.kernels.use import KernelUse, factory_args
@@ -75,12 +77,16 @@ class GemvKnobs(Knobs):
     """lanes: threads per row (threadIdx.x); rows: thread rows per block (threadIdx.y);
     rows_per_thread: rows each thread works on at once, sharing the x it loaded (a block
     covers rows * rows_per_thread rows; structural: whether the row loop exists); unroll:
-    explicit-unroll budget (statements) for a lane's loop over its chunks."""
+    explicit-unroll budget (statements) for a lane's loop over its chunks; vector_header: 1 to
+    load each row-chunk's K-quant block header (d, dmin, scales) in one 16-byte load into
+    registers (`header_in_registers`), 0 to let the scale decoders read its words where they
+    use them (structural)."""
 
     lanes: Any
     rows: Any
     rows_per_thread: int
     unroll: Any
+    vector_header: int
 
 
 def even_lanes(*chunk_counts: int) -> int:
@@ -99,25 +105,91 @@ def lanes_rows_space(*chunk_counts: int) -> dict[str, tuple[int, ...]]:
     return {"lanes": powers_of_two(most), "rows": powers_of_two(1024 // most)}
 
 
-def default_knobs(facts: ArchFacts, ggml_type: int, n: int, k: int, batch: int = 1) -> GemvKnobs:
-    """For `batch` GEMVs of n rows (the MoE slots) of k weights.
+# A thread's weight words a chunk, over all its rows, that every dense form holds without
+# spilling (ptxas gives each word a register, Q6_K's and Q8_0's 2-byte words too). sm_90 ptxas
+# (bench/NOTES.md, "Dense GEMVs: x shared across rows"): Q4_K 4 x 9 words 96 registers, Q5_K
+# 4 x 11 167, planar Q6_K 4 x 27 168, Q6_K 2 x 53 166, but Q6_K 4 x 53 255 and 72 bytes of spills
+# (the 151936-row LM head's old default).
+THREAD_CHUNK_WORDS = 128
+# How far above the mean (over the SMs) a GEMV's busiest SM may work before it takes thinner
+# blocks (`default_knobs`).
+MAX_BUSIEST_SM_SHARE = 1.125
+
+
+def chunk_bytes(fmt: GemvFormat) -> int:
+    """The weight bytes of one chunk of a row (what a lane loads per row and chunk)."""
+    return fmt.block_bytes * fmt.chunk // fmt.block_size
+
+
+def chunk_words(fmt: GemvFormat) -> int:
+    """The weight words of one chunk of a row (what a lane holds in registers per row and chunk)."""
+    return -(-chunk_bytes(fmt) // fmt.word_bytes)
+
+
+def busiest_sm_rows(facts: ArchFacts, n_rows: int, block_rows: int) -> int:
+    """The rows of the busiest SM when `n_rows` rows go out in blocks of `block_rows`, spread
+    evenly over the SMs."""
+    blocks = -(-n_rows // block_rows)
+    return -(-blocks // facts.sms) * block_rows
+
+
+def most_rows_per_thread(facts: ArchFacts, n_rows: int, rows: int, fits: Callable[[int], bool]) -> int:
+    """The most rows a thread works on (up to 4) that still leaves min_blocks blocks of `rows`
+    thread rows over `n_rows` rows, and that `fits(rows_per_thread)` a thread's registers.
+    Sharing x across rows cut a 4096x2048 Q4_K GEMV from 11.5 to 7.1 us and the 151936x2048
+    Q6_K lm_head from 380 to 207 us on an H200, but fewer blocks than that starve the memory
+    system (2048x4096 Q4_K: 8.8 us at 256 blocks, 10.6 at 128)."""
+    per_thread = 1
+    while per_thread < 4 and n_rows // (rows * per_thread * 2) >= min_blocks(facts) and fits(per_thread * 2):
+        per_thread *= 2
+    return per_thread
+
+
+def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: int = 1,
+                  vector_header: bool = False) -> GemvKnobs:
+    """For `batch` GEMVs of n rows (the MoE slots) of k weights; `vector_header` where the
+    rule's layout can take it.
 
     lanes: the most (up to a warp) that split a row's chunks evenly, so no lane idles on a
     tail; rows: enough for BLOCK_THREADS threads a block, halved while that leaves fewer than
     min_short_blocks (the F32 router, 128 x 2048, ran as 32 blocks on 32 of the H100's 132
-    SMs: 5.7 us for 1 MB); rows_per_thread: the most (up to 4) that still leaves min_blocks.
-    Sharing x across rows cut a 4096x2048 Q4_K GEMV from 11.5 to 7.1 us and the 151936x2048
-    Q6_K lm_head from 380 to 207 us on an H200, but fewer blocks than that starve the memory
-    system (2048x4096 Q4_K: 8.8 us at 256 blocks, 10.6 at 128).
+    SMs: 5.7 us for 1 MB); rows_per_thread: `most_rows_per_thread` within THREAD_CHUNK_WORDS.
+
+    Then, where the grid has min_blocks, x is shared by as many rows as the registers allow: a
+    block keeps its rows (so its count of blocks) while a thread takes twice the rows and the
+    block half the thread rows, down to a warp (a short GEMV keeps its warps). Each row
+    re-reading its chunk of x (4 bytes a weight against Q4_K's 0.56, 32 L1 wavefronts a float4
+    load) kept these kernels waiting on L1 with DRAM at 12-21 % (bench/NOTES.md).
+
+    Last, the most thread rows a block (down to a warp) that keep the busiest SM's rows within
+    MAX_BUSIEST_SM_SHARE of the mean, or where none does the fewest: waiting on L1, the SM with
+    the most blocks sets the time (Q/K/V's 320 blocks of 16 rows on 132 SMs put 3 on some
+    where the mean is 2.4; 640 of 8, 5 of 4.8).
     """
-    lanes = even_lanes(k // gemv_format(ggml_type).chunk)
+    fmt = gemv_format(weight_format)
+    n_rows = batch * n
+    lanes = even_lanes(k // fmt.chunk)
     rows = max(1, BLOCK_THREADS // lanes)
-    while rows > 1 and batch * n // rows < min_short_blocks(facts):
+    while rows > 1 and n_rows // rows < min_short_blocks(facts):
         rows //= 2
-    per_thread = 1
-    while per_thread < 4 and batch * n // (rows * per_thread * 2) >= min_blocks(facts):
-        per_thread *= 2
-    return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
+
+    def fits(per_thread: int) -> bool:
+        return per_thread * chunk_words(fmt) <= THREAD_CHUNK_WORDS
+
+    per_thread = most_rows_per_thread(facts, n_rows, rows, fits)
+    warp_rows = max(1, WARP // lanes)
+    while (per_thread < 4 and rows > warp_rows and fits(per_thread * 2)
+           and n_rows // (rows * per_thread) >= min_blocks(facts)):
+        rows, per_thread = rows // 2, per_thread * 2
+    thinner = [rows >> i for i in range(rows.bit_length()) if rows >> i >= warp_rows] or [rows]
+
+    def busiest(r: int) -> int:
+        return busiest_sm_rows(facts, n_rows, r * per_thread)
+
+    balanced = [r for r in thinner if busiest(r) <= MAX_BUSIEST_SM_SHARE * n_rows / facts.sms]
+    rows = balanced[0] if balanced else min(thinner, key=lambda r: (busiest(r), -r))
+    return GemvKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL,
+                     vector_header=int(vector_header))
 
 
 def loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
@@ -163,6 +235,48 @@ def cache_chunk_in_registers(
         cache_in_registers(sch, [dot], x, part, 4)
     else:
         cache_in_registers(sch, [dot, xsum], x, it, 4)
+
+
+def has_vector_header(fmt: GemvFormat) -> bool:
+    """Whether the scale decoders read only a 16-byte aligned 16-byte header of each block:
+    Q4_K and Q5_K (d, dmin and 12 scale bytes at the start of 144 and 176-byte blocks)."""
+    return not fmt.planar and fmt.ggml_type in (_T.Q4_K, _T.Q5_K)
+
+
+HEADER_WORDS = 4  # a K-quant block header's 16 bytes in uint32 words
+
+
+def declare_header_reads(sch: s_tir.Schedule, fmt: GemvFormat, reduction: SBlockRV, weight: str) -> None:
+    """Declare that `reduction` (a GEMV's scaling reduction, its chunk the next-to-last iter
+    var, before its chunk loop is split) reads of `weight` only the header of each chunk's
+    block, which is what its scale decoders read (`has_vector_header` formats): in the last
+    dimension, where the other dimensions (row, expert) keep their regions. TVM's own region
+    of those reads, a Select on the sub-block index, gets a lane-dependent extent once the
+    chunks are split over lanes, which no register cache can take (bench/NOTES.md, "Dense
+    GEMVs: x shared across rows"). Declared on the unsplit block, the region holds for any
+    lanes a design space draws. TVM 0.27's Python `annotate_buffer_access` wants one range per
+    iter var, not per buffer dimension, so this calls the schedule primitive itself."""
+    block = sch.get(reduction)
+    iter_vars = [iv.var for iv in block.iter_vars]
+    index = _read_index(sch, reduction, weight)
+    base = iter_vars[-2] // (fmt.block_size // fmt.chunk) * (fmt.block_bytes // fmt.word_bytes)
+    kept = [bound for r in block.reads[index].region[:-1] for bound in (r.min, r.min + r.extent)]
+    region = IndexMap(initial_indices=iter_vars, final_indices=[*kept, base, base + HEADER_WORDS],
+                      inverse_index_map=None)
+    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, reduction, index, 0, region)
+
+
+def header_in_registers(sch: s_tir.Schedule, partial: SBlockRV, row: LoopRV, weight: str) -> None:
+    """The header `declare_header_reads` declared, in registers under the lanes' partial sums'
+    row loop `row`: one 16-byte load a row and chunk, where the decoders' own reads are 7
+    32-bit loads (SASS, bench/NOTES.md)."""
+    cache = sch.cache_read(partial, _read_index(sch, partial, weight), "local", consumer_blocks=[partial])
+    sch.compute_at(cache, row)
+    *outer, inner = loops_below(sch, cache, row)
+    rest, vec = sch.split(inner, [None, HEADER_WORDS])
+    sch.vectorize(vec)
+    for loop in (*outer, rest):
+        sch.unroll(loop)
 
 
 def unroll_chunk_loop(sch: s_tir.Schedule, it: LoopRV, blocks: list[SBlockRV], unroll: int) -> None:
@@ -259,16 +373,22 @@ class _GemvCudaRule(ScheduleRule):
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         """(ggml_type, rows n, row length k, batch of GEMVs) of the kernel."""
 
+    def vector_header(self, use: KernelUse) -> bool:
+        """Whether the kernel's layout can load its blocks' headers in 16 bytes (the plain,
+        normed and residual forms of `has_vector_header` formats)."""
+        return has_vector_header(gemv_format(self.shape(use)[0]))
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         ggml_type, _, k, _ = self.shape(use)
         return {**lanes_rows_space(k // gemv_format(ggml_type).chunk),
-                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS}
+                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS,
+                "vector_header": (0, 1) if self.vector_header(use) else (0,)}
 
     def structural(self) -> tuple[str, ...]:
-        return ("rows_per_thread",)
+        return ("rows_per_thread", "vector_header")
 
     def default(self, use: KernelUse, facts: ArchFacts) -> GemvKnobs:
-        return default_knobs(facts, *self.shape(use))
+        return default_knobs(facts, *self.shape(use), vector_header=self.vector_header(use))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
@@ -285,6 +405,9 @@ class GemvCudaRule(_GemvCudaRule):
 
 class GemvQkvCudaRule(_GemvCudaRule):
     factory = "gemv_qkv"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False  # its scale decoders read the W stage, a select over Wq, Wk and Wv
 
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         ggml_type, n_q, n_k, n_v, k = factory_args(use)
@@ -382,10 +505,13 @@ def _schedule_rows(
 ) -> tuple[SBlockRV, LoopRV]:
     """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv, with the
     normed forms' prologue per thread block (`normalize_in_shared`);
-    `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers. Returns the
-    gemv block and its per-thread row loop."""
+    `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers, and
+    `header_in_registers` each chunk's block header where the knobs say so. Returns the gemv
+    block and its per-thread row loop."""
     dot, gemv = sch.get_sblock("dot"), sch.get_sblock("gemv")
     xsum = sch.get_sblock("xsum") if fmt.min is not None else None
+    if config.vector_header:
+        declare_header_reads(sch, fmt, gemv, "W")
     *_, n, c, p = sch.get_loops(gemv)
 
     # Lanes' partial sums go through rfactor: TIR's cross-thread reduction needs the
@@ -404,6 +530,9 @@ def _schedule_rows(
 
     thread_rows_in_registers(sch, fmt, partial, final_ty, config.rows_per_thread, config.unroll,
                              (dot, xsum), cache_weight)
+    if config.vector_header:
+        # The partial sums' loops: lane, chunk, row, part.
+        header_in_registers(sch, partial, sch.get_loops(partial)[-2], "W")
     if normed:
         normalize_in_shared(sch, final_bx, (config.rows, config.lanes))
     return gemv, final_r

@@ -57,10 +57,14 @@ def int8_view(ggml_type: int) -> GemvFormat:
 
 
 class GemvQ8CudaRule(_GemvCudaRule):
-    """`gemv_q8`: the float GEMV's rule (same knobs, space and defaults) on the int8 blocks."""
+    """`gemv_q8`: the float GEMV's rule (same knobs, space and defaults) on the int8 blocks, the
+    block headers read where the decoders use them (vector_header 0)."""
 
     family = "gemv_q8"
     factory = "gemv_q8"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False  # not tried on the int8 blocks' layout
 
     def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
         ggml_type, n, k = factory_args(use)
@@ -81,6 +85,9 @@ class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
 
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False  # as GemvQ8CudaRule
 
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         type_gate, type_up, _, _, _, hidden = factory_args(use)
@@ -103,6 +110,9 @@ class MoeDownResidualQ8CudaRule(_MoeCudaRule):
 
     family = "moe_q8"
     factory = "moe_down_residual_q8"
+
+    def vector_header(self, use: KernelUse) -> bool:
+        return False  # as GemvQ8CudaRule
 
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         ggml_type, _, n_used, _, n_ffn = factory_args(use)

@@ -32,10 +32,14 @@ from sparkinfer.schedule.gemv import (
     DEFAULT_UNROLL,
     UNROLL_STEPS,
     cache_chunk_in_registers,
+    chunk_bytes,
+    declare_header_reads,
+    has_vector_header,
+    header_in_registers,
     even_lanes,
     lanes_rows_space,
     loops_below,
-    min_blocks,
+    most_rows_per_thread,
     normalize_in_shared,
     thread_rows_in_registers,
     x_buffer,
@@ -50,12 +54,15 @@ class MoeKnobs(Knobs):
     rows: thread rows per block (threadIdx.y); rows_per_thread: rows each thread works on at
     once, sharing the x it loaded (a block covers rows * rows_per_thread rows of each
     reduction; structural, as `schedule.gemv`'s); unroll: explicit-unroll budget (statements)
-    for a lane's loop over its chunks."""
+    for a lane's loop over its chunks; vector_header: 1 to load each row-chunk's K-quant block
+    header in one 16-byte load into registers, where the weight's format has one
+    (`schedule.gemv.header_in_registers`; structural)."""
 
     lanes: Any
     rows: Any
     rows_per_thread: int
     unroll: Any
+    vector_header: int
 
 
 # A thread's weight bytes a chunk, over all its rows, that keep these kernels within 128
@@ -65,29 +72,40 @@ class MoeKnobs(Knobs):
 THREAD_CHUNK_BYTES = 160
 
 
-def chunk_bytes(fmt: GemvFormat) -> int:
-    """The weight bytes of one chunk of a row (what a lane loads per row and chunk)."""
-    return fmt.block_bytes * fmt.chunk // fmt.block_size
-
-
 def default_knobs(facts: ArchFacts, chunk_counts: tuple[int, ...], n_rows: int, row_chunk_bytes: int) -> MoeKnobs:
     """For reductions of `chunk_counts` chunks each over `n_rows` rows in all (every slot's),
     of at most `row_chunk_bytes` weight bytes a chunk.
 
     lanes: the most (up to a warp) that split every reduction's chunks evenly, so no lane
     idles on a tail (threadIdx.x has one extent per kernel, so gate and up share it);
-    rows: enough for BLOCK_THREADS threads a block; rows_per_thread: the most (up to 4) that
-    still leaves min_blocks, as `schedule.gemv.default_knobs` chooses it, and keeps a thread's
-    weight bytes a chunk within THREAD_CHUNK_BYTES. Every row re-reading its chunk of x (4
-    bytes a weight against Q4_K's 0.56) left these kernels waiting on L1/LSU with DRAM at
-    14-20 % (bench/NOTES.md)."""
+    rows: enough for BLOCK_THREADS threads a block; rows_per_thread: `schedule.gemv`'s
+    `most_rows_per_thread`, a thread's weight bytes a chunk within THREAD_CHUNK_BYTES. Every
+    row re-reading its chunk of x (4 bytes a weight against Q4_K's 0.56) left these kernels
+    waiting on L1/LSU with DRAM at 14-20 % (bench/NOTES.md)."""
     lanes = even_lanes(*chunk_counts)
     rows = max(1, BLOCK_THREADS // lanes)
-    per_thread = 1
-    while (per_thread < 4 and n_rows // (rows * per_thread * 2) >= min_blocks(facts)
-           and row_chunk_bytes * per_thread * 2 <= THREAD_CHUNK_BYTES):
-        per_thread *= 2
-    return MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL)
+    per_thread = most_rows_per_thread(facts, n_rows, rows,
+                                      lambda per_thread: row_chunk_bytes * per_thread <= THREAD_CHUNK_BYTES)
+    # vector_header 0 until a GPU times it: sm_90's shipped gate/up and Q4_K down take these
+    # defaults (bench/NOTES.md, "Dense GEMVs: x shared across rows").
+    return MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=DEFAULT_UNROLL, vector_header=0)
+
+
+def _declare_headers(sch: s_tir.Schedule, config: MoeKnobs, reductions: tuple[tuple[str, str, GemvFormat], ...]) -> None:
+    """Where the knobs say so, each (block, weight, format) reduction's read of its weight
+    declared as its blocks' headers (`schedule.gemv.declare_header_reads`), before any split."""
+    for name, weight, fmt in reductions:
+        if config.vector_header and has_vector_header(fmt):
+            declare_header_reads(sch, fmt, sch.get_sblock(name), weight)
+
+
+def _headers_in_registers(sch: s_tir.Schedule, config: MoeKnobs,
+                          partials: tuple[tuple[SBlockRV, str, GemvFormat], ...]) -> None:
+    """The headers `_declare_headers` declared, in registers under each partial sums' row
+    loop (their loops end in chunk, row, part)."""
+    for partial, weight, fmt in partials:
+        if config.vector_header and has_vector_header(fmt):
+            header_in_registers(sch, partial, sch.get_loops(partial)[-2], weight)
 
 
 def _lanes_partial(sch: s_tir.Schedule, reduction_loop: LoopRV, lanes: Any) -> SBlockRV:
@@ -147,6 +165,7 @@ def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: Gem
     """The gate/up/SiLU layout on blocks act, gate/up and their _dot (_xsum) producers, which
     read `x` (also the int8 form, `schedule.gemv_q8`)."""
     projections = (("gate", "Wg", fmt_gate), ("up", "Wu", fmt_up))
+    _declare_headers(sch, config, projections)
     partials = []
     for name, _, _ in projections:
         _, _, chunk_loop, _ = sch.get_loops(sch.get_sblock(name))
@@ -156,17 +175,21 @@ def schedule_gate_up_silu(sch: s_tir.Schedule, fmt_gate: GemvFormat, fmt_up: Gem
     ty = _thread_rows(sch, act, config)
     for (name, weight, fmt), partial in zip(projections, partials, strict=True):
         _lane_reduction(sch, fmt, name, partial, ty, config, weight, x)
+    _headers_in_registers(sch, config, tuple((partial, weight, fmt) for (_, weight, fmt), partial
+                                             in zip(projections, partials, strict=True)))
 
 
 def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, config: MoeKnobs,
                            x: str = "act") -> None:
     """The down/weights/residual layout on blocks h_out, down and its producers, which read
     `x` (also the int8 form, `schedule.gemv_q8`)."""
+    _declare_headers(sch, config, (("down", "Wd", fmt),))
     _, slot, chunk, _ = sch.get_loops(sch.get_sblock("down"))
     # The lanes sweep the slots' chunks back to back: one reduction over slot x chunk.
     partial = _lanes_partial(sch, sch.fuse(slot, chunk), config.lanes)
     ty = _thread_rows(sch, sch.get_sblock("h_out"), config)
     _lane_reduction(sch, fmt, "down", partial, ty, config, "Wd", x)
+    _headers_in_registers(sch, config, ((partial, "Wd", fmt),))
 
 
 def _over_block_threads(sch: s_tir.Schedule, block: SBlockRV, at: LoopRV, threads: tuple[Any, Any]) -> LoopRV:
@@ -255,12 +278,17 @@ class _MoeCudaRule(ScheduleRule):
     def weight_types(self, use: KernelUse) -> tuple[int, ...]:
         """The quant type of every weight the kernel reads."""
 
+    def vector_header(self, use: KernelUse) -> bool:
+        """Whether the kernel's layout can load a weight's block headers in 16 bytes (some
+        weight of a `has_vector_header` format)."""
+        return any(has_vector_header(gemv_format(t)) for t in self.weight_types(use))
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         return {**lanes_rows_space(*self.chunk_counts(use)), "rows_per_thread": (1, 2, 4),
-                "unroll": UNROLL_STEPS}
+                "unroll": UNROLL_STEPS, "vector_header": (0, 1) if self.vector_header(use) else (0,)}
 
     def structural(self) -> tuple[str, ...]:
-        return ("rows_per_thread",)
+        return ("rows_per_thread", "vector_header")
 
     def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
         row_chunk_bytes = max(chunk_bytes(gemv_format(t)) for t in self.weight_types(use))

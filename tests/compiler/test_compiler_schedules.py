@@ -56,12 +56,14 @@ def test_a_registered_rule_schedules_its_kernel_with_the_arch_default() -> None:
     step = gemv_step()
     records = pipeline.schedule_step(step, "sm_90")
     assert records == {"k0": {"rule": "sparkinfer.schedule.gemv.GemvCudaRule", "source": "default",
-                              "knobs": {"lanes": 32, "rows": 4, "rows_per_thread": 1, "unroll": 256}}}
+                              "knobs": {"lanes": 32, "rows": 4, "rows_per_thread": 1, "unroll": 256,
+                                        "vector_header": 1}}}
     assert "threadIdx.x" in step.mod["k0"].script()
 
 
 def test_the_schedules_file_knobs_win_over_the_default(tmp_path: Path) -> None:
-    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64,
+                                                                 "vector_header": 0})
     schedules, _ = schedules_for("sm_90", path)
     step = gemv_step()
     records = pipeline.schedule_step(step, "sm_90", schedules)
@@ -70,7 +72,8 @@ def test_the_schedules_file_knobs_win_over_the_default(tmp_path: Path) -> None:
 
 
 def test_knobs_outside_the_space_name_the_kernel_and_the_knob(tmp_path: Path) -> None:
-    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 12, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 12, "rows": 2, "rows_per_thread": 2, "unroll": 64,
+                                                                 "vector_header": 0})
     schedules, _ = schedules_for("sm_90", path)
     with pytest.raises(ScheduleError, match=re.escape(GEMV_KEY) + r".*knob lanes=12 is outside the space"):
         pipeline.schedule_step(gemv_step(), "sm_90", schedules)
@@ -88,7 +91,8 @@ def test_a_schedules_file_for_another_arch_or_damaged_is_refused(tmp_path: Path)
 
 
 def test_a_schedules_file_round_trips(tmp_path: Path) -> None:
-    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64})
+    path = write_schedules(tmp_path / "sm_90.json", {"lanes": 8, "rows": 2, "rows_per_thread": 2, "unroll": 64,
+                                                                 "vector_header": 0})
     found = SchedulesFile.read(path)
     again = SchedulesFile.read(found.write(tmp_path / "again.json"))
     assert again == found and again.kernels[GEMV_KEY].trials == 3

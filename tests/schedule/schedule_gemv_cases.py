@@ -58,11 +58,18 @@ CASES: tuple[GemvCase, ...] = (
     GemvCase("attn_k_bf16", T.BF16, 512, 2048),
     GemvCase("ffn_gate_inp", T.F32, 128, 2048),
     # Non-default tilings: rows shared per thread, and a row count no block divides.
-    GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, knobs=GemvKnobs(32, 4, 2, 256)),
-    GemvCase("q6_k_rows_per_thread_4", T.Q6_K, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256)),
+    GemvCase("rows_per_thread_2", T.Q4_K, 1000, 2048, knobs=GemvKnobs(32, 4, 2, 256, 0)),
+    GemvCase("q6_k_rows_per_thread_4", T.Q6_K, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256, 0)),
+    GemvCase("q6_k_rows_per_thread_2", T.Q6_K, 1024, 2048, knobs=GemvKnobs(16, 8, 2, 256, 0)),  # the LM head's
+    GemvCase("attn_output_rows_per_thread_1", T.Q4_K, 2048, 4096, knobs=GemvKnobs(32, 4, 1, 256, 0)),
+    # Block headers in 16-byte loads (the defaults of attn_q and attn_output) at 1 and 2 rows a
+    # thread, and Q5_K's (same header).
+    GemvCase("attn_output_vector_header_1", T.Q4_K, 2048, 4096, knobs=GemvKnobs(32, 1, 1, 1024, 1)),
+    GemvCase("vector_header_rows_per_thread_2", T.Q4_K, 1000, 2048, knobs=GemvKnobs(32, 4, 2, 256, 1)),
+    GemvCase("attn_k_q5_k_vector_header", T.Q5_K, 512, 2048, knobs=GemvKnobs(32, 4, 2, 64, 1)),
     # The upload's planar Q6_K (q6_k_layout="planar"): a Q4_K_M V, and rows shared per thread.
     GemvCase("attn_v_q6_k_planar", G.Q6_K_PLANAR, 512, 2048),
-    GemvCase("q6_k_planar_rows_per_thread_4", G.Q6_K_PLANAR, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256)),
+    GemvCase("q6_k_planar_rows_per_thread_4", G.Q6_K_PLANAR, 1024, 2048, knobs=GemvKnobs(16, 2, 4, 256, 0)),
 )
 
 
@@ -104,6 +111,9 @@ QKV_CASES: tuple[GemvQkvCase, ...] = (
     GemvQkvCase("attn_qk_q4_k", T.Q4_K, 4096, 512, 0, 2048),  # Q4_K_M layers with a Q6_K V
     GemvQkvCase("attn_qkv_q6_k", T.Q6_K, 4096, 512, 512, 2048),
     GemvQkvCase("attn_qkv_q8_0", T.Q8_0, 4096, 512, 512, 2048),
+    # The defaults take 4 rows a thread: 1 and 2 too (2: sm_90.json's tuned knobs).
+    GemvQkvCase("attn_qkv_q4_k_rows_per_thread_1", T.Q4_K, 4096, 512, 512, 2048, knobs=GemvKnobs(32, 4, 1, 256, 0)),
+    GemvQkvCase("attn_qk_q4_k_rows_per_thread_2", T.Q4_K, 4096, 512, 0, 2048, knobs=GemvKnobs(32, 2, 2, 64, 0)),
 )
 
 

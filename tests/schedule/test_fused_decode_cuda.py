@@ -83,25 +83,31 @@ class Routed:
     type_gate: T
     type_up: T
     rows_per_thread: int | None = None  # None: the default knobs
+    vector_header: int = 0
 
     @property
     def symbol(self) -> str:
         symbol = M.moe_gate_up_silu_routed_symbol(self.type_gate, self.type_up, E, KU, I, H)
-        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
+        if self.rows_per_thread is None:
+            return symbol
+        return f"{symbol}_rows{self.rows_per_thread}" + ("_header" if self.vector_header else "")
 
     def func(self) -> tvm.tirx.PrimFunc:
         args = (self.type_gate, self.type_up, E, KU, I, H, EPS)
         knobs = (None if self.rows_per_thread is None else
-                 default_knobs_with(M.moe_gate_up_silu_routed, "moe", *args, rows_per_thread=self.rows_per_thread))
+                 default_knobs_with(M.moe_gate_up_silu_routed, "moe", *args, rows_per_thread=self.rows_per_thread,
+                                    vector_header=self.vector_header))
         return scheduled(M.moe_gate_up_silu_routed, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
-# Q4_K_M's Q+K (beside a Q6_K V) and Q+K+V, its Q6_K V, the F32 router; the Q4_K output.
+# Q4_K_M's Q+K (beside a Q6_K V) and Q+K+V, its Q6_K V, the F32 router; the Q4_K output; a Q4_K V
+# (its block headers in 16-byte loads, vector_header).
 NORMED = [Normed(T.Q4_K, (4096, 512)), Normed(T.Q4_K, (4096, 512, 512)), Normed(T.Q6_K, (512,)),
-          Normed(T.F32, (128,))]
+          Normed(T.F32, (128,)), Normed(T.Q4_K, (512,))]
 RESIDUAL = [Residual(T.Q4_K), Residual(T.Q6_K)]
 # The routed gate/up also at every rows_per_thread (the default takes 4).
-ROUTED = [Routed(T.Q4_K, T.Q4_K), Routed(T.Q5_K, T.Q8_0), *(Routed(T.Q4_K, T.Q4_K, r) for r in (1, 2, 4))]
+ROUTED = [Routed(T.Q4_K, T.Q4_K), Routed(T.Q5_K, T.Q8_0), *(Routed(T.Q4_K, T.Q4_K, r) for r in (1, 2, 4)),
+          Routed(T.Q4_K, T.Q4_K, 4, 1)]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -159,13 +165,16 @@ def test_other_knobs_lower_and_compile() -> None:
     """Points of the tuner's space away from the defaults: fewer threads than experts (the
     top-k stages loop), a block of 1024 threads, several rows a thread."""
     funcs = [scheduled(M.moe_gate_up_silu_routed, "moe", T.Q4_K, T.Q4_K, E, KU, I, H, EPS,
-                       knobs=MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=64)
-                       ).with_attr("global_symbol", f"routed_{lanes}x{rows}x{per_thread}")
-             for lanes, rows, per_thread in ((8, 4, 1), (32, 32, 1), (16, 2, 4), (32, 4, 2))]
+                       knobs=MoeKnobs(lanes=lanes, rows=rows, rows_per_thread=per_thread, unroll=64,
+                                      vector_header=header)
+                       ).with_attr("global_symbol", f"routed_{lanes}x{rows}x{per_thread}x{header}")
+             for lanes, rows, per_thread, header in ((8, 4, 1, 0), (32, 32, 1, 1), (16, 2, 4, 1), (32, 4, 2, 0))]
     funcs.append(scheduled(G.gemv_normed, "gemv", T.Q6_K, 512, H, EPS,
-                           knobs=GemvKnobs(lanes=4, rows=2, rows_per_thread=2, unroll=16)).with_attr("global_symbol", "normed"))
+                           knobs=GemvKnobs(lanes=4, rows=2, rows_per_thread=2, unroll=16, vector_header=0)
+                           ).with_attr("global_symbol", "normed"))
     funcs.append(scheduled(G.gemv_residual, "gemv", T.Q4_K, H, 4096,
-                           knobs=GemvKnobs(lanes=8, rows=8, rows_per_thread=4, unroll=16)).with_attr("global_symbol", "residual"))
+                           knobs=GemvKnobs(lanes=8, rows=8, rows_per_thread=4, unroll=16, vector_header=1)
+                           ).with_attr("global_symbol", "residual"))
     assert_nvcc_compiles("sm_90", module(*funcs))
 
 

@@ -2,6 +2,7 @@
 shapes (128 experts, top 8, H 2048, I 768) against the numpy reference (on GPU machines the
 library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -37,21 +38,30 @@ E, KU, H, I = 128, 8, 2048, 768
 SM_90 = arch_facts("sm_90")
 
 
+def knobs_suffix(rows_per_thread: int | None, vector_header: int) -> str:
+    """A case's symbol suffix: none at the default knobs."""
+    if rows_per_thread is None:
+        return ""
+    return f"_rows{rows_per_thread}" + ("_header" if vector_header else "")
+
+
 @dataclass(frozen=True)
 class GateUp:
     type_gate: T
     type_up: T
     rows_per_thread: int | None = None  # None: the default knobs
+    vector_header: int = 0
 
     @property
     def symbol(self) -> str:
         symbol = M.moe_gate_up_silu_symbol(self.type_gate, self.type_up, E, KU, I, H)
-        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
+        return symbol + knobs_suffix(self.rows_per_thread, self.vector_header)
 
     def func(self) -> tvm.tirx.PrimFunc:
         args = (self.type_gate, self.type_up, E, KU, I, H)
         knobs = (None if self.rows_per_thread is None else
-                 default_knobs_with(M.moe_gate_up_silu, "moe", *args, rows_per_thread=self.rows_per_thread))
+                 default_knobs_with(M.moe_gate_up_silu, "moe", *args, rows_per_thread=self.rows_per_thread,
+                                    vector_header=self.vector_header))
         return scheduled(M.moe_gate_up_silu, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
@@ -59,26 +69,32 @@ class GateUp:
 class Down:
     ggml_type: T
     rows_per_thread: int | None = None  # None: the default knobs
+    vector_header: int = 0
 
     @property
     def symbol(self) -> str:
         symbol = M.moe_down_residual_symbol(self.ggml_type, E, KU, H, I)
-        return symbol if self.rows_per_thread is None else f"{symbol}_rows{self.rows_per_thread}"
+        return symbol + knobs_suffix(self.rows_per_thread, self.vector_header)
 
     def func(self) -> tvm.tirx.PrimFunc:
         args = (self.ggml_type, E, KU, H, I)
         knobs = (None if self.rows_per_thread is None else
-                 default_knobs_with(M.moe_down_residual, "moe", *args, rows_per_thread=self.rows_per_thread))
+                 default_knobs_with(M.moe_down_residual, "moe", *args, rows_per_thread=self.rows_per_thread,
+                                    vector_header=self.vector_header))
         return scheduled(M.moe_down_residual, "moe", *args, knobs=knobs).with_attr("global_symbol", self.symbol)
 
 
 ROWS_PER_THREAD = (1, 2, 4)
 # Q4_K_M's own (Q4_K gate/up, Q6_K or Q4_K down) and other quantizers' mixes, at the default
 # knobs and at every rows_per_thread (each thread's rows sharing the x it loaded).
+# Block headers in 16-byte loads (vector_header) for Q4_K at every rows_per_thread and for a Q5_K
+# gate beside a Q8_0 up (which has none).
 GATE_UP = [GateUp(T.Q4_K, T.Q4_K), GateUp(T.Q5_K, T.Q8_0),
-           *(GateUp(T.Q4_K, T.Q4_K, r) for r in ROWS_PER_THREAD), GateUp(T.Q5_K, T.Q8_0, 2)]
+           *(GateUp(T.Q4_K, T.Q4_K, r) for r in ROWS_PER_THREAD), GateUp(T.Q5_K, T.Q8_0, 2),
+           *(GateUp(T.Q4_K, T.Q4_K, r, 1) for r in ROWS_PER_THREAD), GateUp(T.Q5_K, T.Q8_0, 2, 1)]
 DOWN = [Down(T.Q6_K), Down(T.Q4_K), Down(T.Q8_0), Down(Q6_K_PLANAR),  # planar: q6_k_layout="planar"
-        *(Down(t, r) for t in (T.Q6_K, T.Q4_K) for r in ROWS_PER_THREAD), Down(Q6_K_PLANAR, 4)]
+        *(Down(t, r) for t in (T.Q6_K, T.Q4_K) for r in ROWS_PER_THREAD), Down(Q6_K_PLANAR, 4),
+        *(Down(T.Q4_K, r, 1) for r in ROWS_PER_THREAD)]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -129,7 +145,8 @@ def test_down_residual_schedules_one_expert(ggml_type: T) -> None:
 def test_default_lanes_split_every_reduction_without_idle_lanes() -> None:
     assert default_knobs(SM_90, (32, 32), KU * I, 36).lanes == 32  # Q4_K gate and up
     assert default_knobs(SM_90, (32, 64), KU * I, 44).lanes == 32  # Q5_K gate, Q8_0 up
-    assert default_knobs(SM_90, (8 * 6,), H, 105) == MoeKnobs(lanes=16, rows=8, rows_per_thread=1, unroll=256)  # Q6_K down
+    assert default_knobs(SM_90, (8 * 6,), H, 105) == MoeKnobs(lanes=16, rows=8, rows_per_thread=1, unroll=256,
+                                                                 vector_header=0)  # Q6_K down
     assert default_knobs(SM_90, (12,), H, 36).rows == 32
 
 
@@ -138,13 +155,26 @@ def test_default_rows_per_thread_leave_two_blocks_an_sm_and_few_registers() -> N
     thread's weight bytes a chunk within THREAD_CHUNK_BYTES."""
     assert [chunk_bytes(gemv_format(t)) for t in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)] == [36, 44, 105, 34]
     # gate/up: 8 x 768 rows, 4 a block at rows_per_thread 1: 1536 blocks, 384 at 4.
-    assert default_knobs(SM_90, (32, 32), KU * I, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=4, unroll=256)
+    assert default_knobs(SM_90, (32, 32), KU * I, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=4, unroll=256,
+                                                                     vector_header=0)
     assert default_knobs(SM_90, (32, 64), KU * I, 44).rows_per_thread == 2  # 4 x 44 bytes: too many
     # Q4_K down: 2048 rows, 4 a block: 512 blocks, 256 at 2.
-    assert default_knobs(SM_90, (8 * 12,), H, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=2, unroll=256)
+    assert default_knobs(SM_90, (8 * 12,), H, 36) == MoeKnobs(lanes=32, rows=4, rows_per_thread=2, unroll=256,
+                                                                   vector_header=0)
     # Q6_K down: 256 blocks already, and 2 x 105 bytes a chunk would take ~130-170 registers.
     assert default_knobs(SM_90, (8 * 6,), H, 105).rows_per_thread == 1
     assert default_knobs(arch_facts("sm_121"), (8 * 6,), H, 105).rows_per_thread == 1
+
+
+def test_vector_header_loads_each_block_header_in_16_bytes(source: str) -> None:
+    """With vector_header, a Q4_K row-chunk's scale decoders read registers filled by one
+    16-byte load (Wg_local / Wd_local copies of 4 words), not the weights' words one by one."""
+    for case in (GateUp(T.Q4_K, T.Q4_K, 2, 1), Down(T.Q4_K, 2, 1)):
+        body = kernel_body(source, case.symbol)
+        weight = "Wg" if isinstance(case, GateUp) else "Wd"
+        plain = kernel_body(source, dataclasses.replace(case, vector_header=0).symbol)
+        assert not re.search(rf"\b{weight}_ptr\[", body) and re.search(rf"\b{weight}_ptr\[", plain)
+        assert body.count(f"*(uint4*)({weight}_ptr") > plain.count(f"*(uint4*)({weight}_ptr")
 
 
 def test_rows_per_thread_share_each_chunk_of_x(source: str) -> None:

@@ -53,12 +53,34 @@ def test_gemv_defaults_follow_the_sm_count() -> None:
     use = kernel_use("gemv", "gemv", T.Q4_K, 4096, 2048)
     # 256 blocks wanted on 132 SMs (rows_per_thread 4: 4096 / 16 rows = 256 blocks); a GB10's
     # 48 SMs want 64, so the threads take more rows each.
-    assert rule_for(use, SM_90).default(use, SM_90) == GemvKnobs(32, 4, 4, 256)
+    assert rule_for(use, SM_90).default(use, SM_90) == GemvKnobs(32, 4, 4, 256, 1)
     gb10 = arch_facts("sm_121")
-    assert rule_for(use, gb10).default(use, gb10) == GemvKnobs(32, 4, 4, 256)
+    assert rule_for(use, gb10).default(use, gb10) == GemvKnobs(32, 4, 4, 256, 1)
+    # The router's 128 rows: 128 one-warp blocks on both (4-warp blocks on a GB10 would be 32
+    # blocks on 48 SMs, a third of them idle).
     short = kernel_use("gemv", "gemv", T.F32, 128, 2048)
-    assert rule_for(short, SM_90).default(short, SM_90).rows == 1
-    assert rule_for(short, gb10).default(short, gb10).rows == 4
+    assert rule_for(short, SM_90).default(short, SM_90) == GemvKnobs(32, 1, 1, 256, 0)
+    assert rule_for(short, gb10).default(short, gb10) == GemvKnobs(32, 1, 1, 256, 0)
+
+
+@pytest.mark.parametrize("factory,args,expected", [
+    # 256 blocks either way; a thread takes 4 rows (x shared by 4) in blocks of 2 warps; Q4_K's
+    # block headers in one 16-byte load (not in the Q/K/V form, which reads W through a stage).
+    ("gemv", (T.Q4_K, 2048, 4096), GemvKnobs(32, 2, 4, 256, 1)),
+    # 4-warp blocks would be 320 (3 on some SMs where the mean is 2.4): 640 of 2 warps.
+    ("gemv_qkv", (T.Q4_K, 4096, 512, 512, 2048), GemvKnobs(32, 2, 4, 256, 0)),
+    ("gemv_qkv", (T.Q4_K, 4096, 512, 0, 2048), GemvKnobs(32, 1, 4, 256, 0)),
+    # Short: 128 blocks, each warp a row (two of 16 lanes) as before.
+    ("gemv", (T.Q6_K, 512, 2048), GemvKnobs(16, 4, 1, 256, 0)),
+    # The LM head: Q6_K's 53 words a chunk x 4 rows spill (THREAD_CHUNK_WORDS), x 2 do not;
+    # planar Q6_K's 27 words x 4 do not.
+    ("gemv", (T.Q6_K, 151936, 2048), GemvKnobs(16, 8, 2, 256, 0)),
+    ("gemv", (G.Q6_K_PLANAR, 151936, 2048), GemvKnobs(16, 8, 4, 256, 0)),
+])
+def test_gemv_defaults_of_the_decode_step(factory: str, args: tuple, expected: GemvKnobs) -> None:
+    """Qwen3-30B-A3B's dense decode GEMVs on sm_90 (132 SMs, 256 blocks wanted)."""
+    use = kernel_use("gemv", factory, *args)
+    assert rule_for(use, SM_90).default(use, SM_90) == expected
 
 
 def _assert_replays_as(sch, func, use, decisions: list[int], expected) -> None:  # noqa: ANN001
@@ -84,14 +106,16 @@ def test_design_space_traces_replay_with_other_decisions(factory: str, args: tup
     rule = rule_for(use, SM_90)
     space = rule.space(use, SM_90)
     schedules = design_spaces(func, use, SM_90)
-    assert len(schedules) == len(space["rows_per_thread"])  # the one structural knob
+    structural = list(itertools.product(space["rows_per_thread"], space["vector_header"]))
+    assert len(schedules) == len(structural)  # one design space per combination
+    assert space["vector_header"] == ((0, 1) if (factory, args[0]) == ("gemv", T.Q4_K) else (0,))
     rng = np.random.default_rng(0)
-    for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
+    for sch, (rows_per_thread, vector_header) in zip(schedules, structural, strict=True):
         for _ in range(2):
             lanes, rows, unroll = (int(rng.integers(len(space[n]))) for n in ("lanes", "rows", "unroll"))
-            _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll],
+            _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll, 0],
                                GemvKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
-                                         space["unroll"][unroll]))
+                                         space["unroll"][unroll], vector_header))
 
 
 @pytest.mark.parametrize("factory,args", [
@@ -99,20 +123,23 @@ def test_design_space_traces_replay_with_other_decisions(factory: str, args: tup
     ("moe_down_residual", (T.Q6_K, 16, 4, 256, 256)),
 ])
 def test_moe_design_spaces_cover_rows_per_thread(factory: str, args: tuple) -> None:
-    """One design space per rows_per_thread (structural), the others drawn and read back."""
+    """One design space per rows_per_thread and vector_header (structural), the others drawn
+    and read back."""
     func = getattr(M, factory)(*args)
     use = kernel_use("moe", factory, *args)
     rule = rule_for(use, SM_90)
     space = rule.space(use, SM_90)
     assert space["rows_per_thread"] == (1, 2, 4)
+    assert space["vector_header"] == ((0, 1) if args[0] == T.Q4_K else (0,))  # Q6_K has no 16-byte header
     assert rule.default(use, SM_90).to_json()["rows_per_thread"] in space["rows_per_thread"]
     schedules = design_spaces(func, use, SM_90)
-    assert len(schedules) == len(space["rows_per_thread"])
+    structural = list(itertools.product(space["rows_per_thread"], space["vector_header"]))
+    assert len(schedules) == len(structural)
     lanes, rows, unroll = len(space["lanes"]) - 1, 1, 0
-    for sch, rows_per_thread in zip(schedules, space["rows_per_thread"], strict=True):
-        _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll],
+    for sch, (rows_per_thread, vector_header) in zip(schedules, structural, strict=True):
+        _assert_replays_as(sch, func, use, [lanes, rows, 0, unroll, 0],
                            MoeKnobs(space["lanes"][lanes], space["rows"][rows], rows_per_thread,
-                                    space["unroll"][unroll]))
+                                    space["unroll"][unroll], vector_header))
 
 
 def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
@@ -122,7 +149,7 @@ def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
     func = G.gemv(T.Q4_K, 64, 256)
     space = rule_for(use, SM_90).space(use, SM_90)
     for lanes, rows, per_thread in itertools.product(space["lanes"], (1, 8), space["rows_per_thread"]):
-        knobs = GemvKnobs(lanes, rows, per_thread, 16)
+        knobs = GemvKnobs(lanes, rows, per_thread, 16, per_thread % 2)
         source = targets.cuda_source(tvm.IRModule({"main": schedule_kernel(func, use, SM_90, knobs)}), "sm_90")
         assert "__global__" in source
 
@@ -130,7 +157,7 @@ def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
 def test_knobs_outside_the_space_are_an_error_naming_the_knob() -> None:
     use = kernel_use("gemv", "gemv", T.Q4_K, 512, 768)  # 12 chunks: at most 4 lanes
     with pytest.raises(ScheduleError, match=r"knob lanes=8 is outside the space .*\(1, 2, 4\)"):
-        schedule_kernel(G.gemv(T.Q4_K, 512, 768), use, SM_90, GemvKnobs(8, 4, 1, 256))
+        schedule_kernel(G.gemv(T.Q4_K, 512, 768), use, SM_90, GemvKnobs(8, 4, 1, 256, 0))
 
 
 def test_a_kernel_without_a_rule_is_an_error_naming_it() -> None:
@@ -140,10 +167,10 @@ def test_a_kernel_without_a_rule_is_an_error_naming_it() -> None:
 
 
 def test_knobs_round_trip_through_json() -> None:
-    knobs = GemvKnobs(16, 8, 2, 64)
+    knobs = GemvKnobs(16, 8, 2, 64, 1)
     assert GemvKnobs.from_json(knobs.to_json()) == knobs
     with pytest.raises(ScheduleError, match=r"unknown \['lane'\]; missing \['lanes'\]"):
-        GemvKnobs.from_json({"lane": 16, "rows": 8, "rows_per_thread": 2, "unroll": 64})
+        GemvKnobs.from_json({"lane": 16, "rows": 8, "rows_per_thread": 2, "unroll": 64, "vector_header": 0})
 
 
 def test_the_arch_table_rejects_an_unknown_arch() -> None:
