@@ -250,7 +250,7 @@ def test_f16_forms_multiply_on_tensor_cores_from_shared_tiles(source: str, case:
 
 def test_f16_defaults_split_crowded_experts_and_fit_the_arch() -> None:
     """The defaults: 64-row tiles dealt over 4 blocks at 512 tokens, 32-row tiles over 2 at 128;
-    K tiles of 128; every K tile within an H100's shared memory a block, and the Blackwells'
+    a warp per 16 rows; K tiles of 128; every K tile within an H100's shared memory a block, and the Blackwells'
     99 KiB leaving gate/up's K tiles of 256 out."""
     facts = arch_facts("sm_90")
     for case in (c for c in F16_CASES if c.shape != SMALL):
@@ -260,7 +260,7 @@ def test_f16_defaults_split_crowded_experts_and_fit_the_arch() -> None:
         assert isinstance(rule, _GroupedGemmF16CudaRule)
         knobs = rule.default(use, facts)
         assert (case.tile, knobs.row_splits) == ((64, 4) if case.n_tokens == 512 else (32, 2))
-        assert knobs.k_tile == 128 and knobs.word_runs == 1
+        assert (knobs.warps_m, knobs.k_tile, knobs.word_runs) == (case.tile // 16, 128, 1)
         space = rule.space(use, facts)
         assert space["k_tile"] == (64, 128, 256) and max(space["warps_m"]) == case.tile // 16
         for k_tile in space["k_tile"]:
