@@ -10,8 +10,9 @@ time on an H200 and what the next step is):
     once into shared memory and multiplies it by the expert's rows staged there, a thread
     accumulating 2 rows x 1 output in registers (GroupedGemmCudaRule says why);
   - grouped_gate_up_silu_f16 / grouped_gemm_f16 (the experts with float16 operands): the same
-    shared-memory tiles as float16, multiplied on tensor cores (WMMA fragments, 32-row tiles of
-    an expert's rows; `_GroupedGemmF16CudaRule`);
+    shared-memory tiles as float16, multiplied on tensor cores (WMMA fragments, 32- or 64-row
+    tiles of an expert's rows, a crowded expert's tiles over several blocks;
+    `_GroupedGemmF16CudaRule`, knobs `GroupedF16Knobs`);
   - causal_prefill_attention: a block per (KV head, query tile), the tile's Q, K, V, S and
     softmax state in shared memory, S's sums and the output in registers (the rule's docstring);
   - the rest (embedding rows, silu_mul, take_row) take dlight's GPU rules, replayed as a trace;
@@ -29,8 +30,16 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.kernels.moe_chunk import F16_ROW_SHARES, F16_TILE_N, ROW_BLOCK, TILE_N, f16_row_tile, k_tile
 from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.moe_chunk import (
+    F16_ROW_SHARES,
+    F16_ROW_TILES,
+    F16_TILE_N,
+    ROW_BLOCK,
+    TILE_N,
+    f16_row_tile,
+    k_tile,
+)
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
 from sparkinfer.schedule.rope import schedule_head_blocks
@@ -337,45 +346,48 @@ class _GroupedGemmF16CudaRule(_CudaRule):
     K_TILES: ClassVar[tuple[int, ...]] = (64, 128, 256)
 
     def _shape(self, use: KernelUse) -> tuple[int, int, int, int]:
-        """(weights, rows, row tile, k) of the kernel."""
+        """(weights, row tile, n, k) of the kernel."""
         args = factory_args(use)
         weights, first = (1, 1) if self.factory == "grouped_gemm_f16" else (2, 2)
-        experts, rows, k = args[first], args[first + 1], args[first + 3]
+        experts, rows, n, k = args[first:first + 4]
         explicit = args[first + 5 if weights == 2 else first + 4:]
-        return weights, rows, explicit[0] if explicit else f16_row_tile(rows, experts), k
+        return weights, explicit[0] if explicit else f16_row_tile(rows, experts), n, k
 
     def shared_bytes(self, use: KernelUse, knobs: GroupedF16Knobs) -> int:
         """At most a block's shared memory: the K tiles of x and weights (float16, rows padded
         by 8 halves; dynamic), the float32 sums and a scale and a min per 16 weights (static:
         TVM may lay the sums over the mins, which this does not count on)."""
-        weights, _, row_tile, _ = self._shape(use)
+        weights, row_tile, _, _ = self._shape(use)
         tiles = 2 * (knobs.k_tile + 8) * (row_tile + weights * F16_TILE_N)
         sums = 4 * weights * row_tile * F16_TILE_N
         scales = 2 * 4 * weights * F16_TILE_N * max(1, knobs.k_tile // 16)
         return tiles + sums + scales
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        """K tiles that divide k and whose shared memory the arch gives a block."""
-        _, _, row_tile, k = self._shape(use)
+        """K tiles of K_TILES that divide k and whose shared memory the arch gives a block (a k
+        that none divides: the largest multiple of 16 that divides it under K_TILES[0])."""
+        _, row_tile, _, k = self._shape(use)
+        k_tiles = tuple(t for t in self.K_TILES if k % t == 0 and self.shared_bytes(
+            use, GroupedF16Knobs(1, 1, t, 1)) <= facts.shared_memory_optin_per_block)
         return {"row_splits": self.ROW_SPLITS,
                 "warps_m": tuple(w for w in self.WARPS_M if row_tile % (16 * w) == 0),
-                "k_tile": tuple(t for t in self.K_TILES if k % t == 0 and self.shared_bytes(
-                    use, GroupedF16Knobs(1, 1, t, 1)) <= facts.shared_memory_optin_per_block),
+                "k_tile": k_tiles or (math.gcd(k, self.K_TILES[0]),),
                 "word_runs": (0, 1)}
 
     def structural(self) -> tuple[str, ...]:
         return ("row_splits", "warps_m", "k_tile", "word_runs")
 
     def default(self, use: KernelUse, facts: ArchFacts) -> GroupedF16Knobs:
-        """row_splits 4 with 64-row tiles (a chunk of 512 tokens: an expert that all of them
-        chose, 8 row tiles, takes 2 a block), 2 with 32-row ones (128 tokens: 4 row tiles at
-        most); a warp per 16 rows (8 warps at 64 rows: 16 warps an SM for gate/up, whose 87 KB
+        """row_splits 4 with 64-row tiles and at most 16 output tiles (gate/up at 512 tokens: an
+        expert that all of them chose, 8 row tiles, takes 2 a block), else 2 (the downs' 32
+        output tiles already give an expert 32 blocks: 4 row tiles a block at most, and half
+        the blocks that find no row tile; 128 tokens: 4 row tiles at most); a warp per 16 rows (8 warps at 64 rows: 16 warps an SM for gate/up, whose 87 KB
         of shared memory allow 2 blocks; 4 warps, 8 an SM, made 168 registers a thread);
-        K tiles of 128 where k allows (the most under 128 else); word runs (sm_90 SASS a warp a
+        K tiles of 128 where k allows (the largest under 128 else); word runs (sm_90 SASS a warp a
         K tile of gate/up: 659 instructions, 817 with runs of 8)."""
-        _, _, row_tile, _ = self._shape(use)
+        _, row_tile, n, _ = self._shape(use)
         space = self.space(use, facts)
-        splits = 4 if row_tile >= 64 else 2
+        splits = 4 if row_tile == F16_ROW_TILES[-1] and n // F16_TILE_N <= 16 else 2
         k_tile = max(t for t in space["k_tile"] if t <= 128)
         return GroupedF16Knobs(row_splits=splits, warps_m=row_tile // 16, k_tile=k_tile, word_runs=1)
 
@@ -452,8 +464,8 @@ class _GroupedGemmF16CudaRule(_CudaRule):
             sch.unroll(own[0])
             own = own[1:]
         fmt = gemv_format(factory_args(use)[0])
-        parts = min(fmt.parts, k_tile // fmt.sub)  # the sub-blocks of a chunk a K tile holds
-        if knobs.word_runs and fmt.sub % WORD_BYTES == 0:
+        parts = min(fmt.parts, k_tile // fmt.sub)  # the sub-blocks of a chunk a K tile holds (0: under one)
+        if knobs.word_runs and fmt.sub % WORD_BYTES == 0 and parts > 0:
             # k = (chunk, part, word, byte): a thread the WORD_BYTES weights of a word's run in
             # every part of its chunk, which K-quants pack in the same bytes (Q4_K: the low and
             # the high nibbles of a word's bytes), so the shifts are constants and a word is

@@ -249,7 +249,8 @@ def test_f16_forms_multiply_on_tensor_cores_from_shared_tiles(source: str, case:
 
 
 def test_f16_defaults_split_crowded_experts_and_fit_the_arch() -> None:
-    """The defaults: 64-row tiles dealt over 4 blocks at 512 tokens, 32-row tiles over 2 at 128;
+    """The defaults: 64-row tiles at 512 tokens, dealt over 4 blocks for gate/up (12 output
+    tiles) and 2 for the downs (32), 32-row tiles over 2 at 128;
     a warp per 16 rows; K tiles of 128; every K tile within an H100's shared memory a block, and the Blackwells'
     99 KiB leaving gate/up's K tiles of 256 out."""
     facts = arch_facts("sm_90")
@@ -259,7 +260,8 @@ def test_f16_defaults_split_crowded_experts_and_fit_the_arch() -> None:
         rule = rule_for(use, facts)
         assert isinstance(rule, _GroupedGemmF16CudaRule)
         knobs = rule.default(use, facts)
-        assert (case.tile, knobs.row_splits) == ((64, 4) if case.n_tokens == 512 else (32, 2))
+        splits = 4 if case.n_tokens == 512 and case.gate_up else 2
+        assert (case.tile, knobs.row_splits) == ((64 if case.n_tokens == 512 else 32), splits)
         assert (knobs.warps_m, knobs.k_tile, knobs.word_runs) == (case.tile // 16, 128, 1)
         space = rule.space(use, facts)
         assert space["k_tile"] == (64, 128, 256) and max(space["warps_m"]) == case.tile // 16
@@ -267,6 +269,16 @@ def test_f16_defaults_split_crowded_experts_and_fit_the_arch() -> None:
             assert rule.shared_bytes(use, GroupedF16Knobs(1, 1, k_tile, 1)) <= MAX_SHARED_BYTES
         blackwell = rule.space(use, arch_facts("sm_120"))["k_tile"]
         assert blackwell == ((64, 128) if case.gate_up else (64, 128, 256))
+
+
+@needs_nvcc
+def test_f16_k_under_the_k_tiles_compiles() -> None:
+    """k = 96: no K tile of the space divides it, so the K tiles are 32 weights (one Q8_0
+    block a row)."""
+    args = (T.Q8_0, 2, 12, 64, 96)
+    use = kernel_use("moe_chunk", "grouped_gemm_f16", *args)
+    assert rule_for(use, arch_facts("sm_90")).space(use, arch_facts("sm_90"))["k_tile"] == (32,)
+    assert_nvcc_compiles("sm_90", cuda_source(module(scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *args))))
 
 
 gpu = gpu_fixture("moe_chunk", kernels_module)
