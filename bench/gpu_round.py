@@ -22,13 +22,12 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 9's last round (bench/NOTES.md, "Dense GEMVs: x shared across rows"):
+# under 64 MiB). Left from session 9's last round (bench/NOTES.md, "Session 9's last round"):
 # - gemv_rows: the O, Q/K/V and Q/K projections at 4 rows a thread, the O projection's K-quant
 #   block header in one 16-byte load (schedule/gemv.py vector_header), in place of sm_90.json's
-#   tuned entries;
-# - headers: the Q4_K MoE gate/up and down at moerows' knobs, reading their block headers in one
-#   16-byte load (schedule/moe.py vector_header).
-VARIANT_STEPS: dict[str, dict[str, str]] = {"gemv_rows": {}, "headers": {}}
+#   tuned entries (296.5 tok/s there, against 300.5 for the MoE headers sm_90 now has: not yet
+#   timed on top of them).
+VARIANT_STEPS: dict[str, dict[str, str]] = {"gemv_rows": {}}
 VARIANT_KNOBS = {
     "gemv_rows": {
         "gemv.gemv('Q4_K', 2048, 4096)": {"lanes": 32, "rows": 2, "rows_per_thread": 4, "unroll": 256,
@@ -36,12 +35,7 @@ VARIANT_KNOBS = {
         "gemv.gemv_qkv('Q4_K', 4096, 512, 512, 2048)": {"lanes": 32, "rows": 2, "rows_per_thread": 4,
                                                         "unroll": 256, "vector_header": 0},
         "gemv.gemv_qkv('Q4_K', 4096, 512, 0, 2048)": {"lanes": 32, "rows": 1, "rows_per_thread": 4,
-                                                      "unroll": 256, "vector_header": 0}},
-    "headers": {
-        "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)": {"lanes": 32, "rows": 4, "rows_per_thread": 4,
-                                                                     "unroll": 256, "vector_header": 1},
-        "moe.moe_down_residual('Q4_K', 128, 8, 2048, 768)": {"lanes": 32, "rows": 4, "rows_per_thread": 2,
-                                                             "unroll": 256, "vector_header": 1}}}
+                                                      "unroll": 256, "vector_header": 0}}}
 VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since

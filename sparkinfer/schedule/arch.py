@@ -28,9 +28,6 @@ class ArchFacts:
     # The arch-specific variant a CUDA arch compiles for ("sm_90a": what wgmma, setmaxnreg and
     # TMA multicast, or Blackwell's block-scaled MMA, need); "" on cpu.
     cuda_arch: str = ""
-    # Shared memory a block may use with the opt-in attribute (TVM's runtime sets it for a
-    # kernel's dynamic shared memory); 0 on cpu.
-    shared_memory_optin_per_block: int = 0
 
 
 def _cpu_vector_bytes() -> int:
@@ -53,21 +50,18 @@ def _cpu_l2_bytes() -> int:
     return size if size > 0 else 512 * 1024
 
 
-def _cuda(name: str, sms: int, l2_mib: int, optin_kib: int) -> ArchFacts:
+def _cuda(name: str, sms: int, l2_mib: int) -> ArchFacts:
     # Every card here: 1024 threads and 64 K registers per block/SM, and the static 48 KiB of
     # shared memory per block (more needs an opt-in attribute) that the CUDA target declares.
     return ArchFacts(name=name, kind="cuda", sms=sms, max_threads_per_block=1024,
                      shared_memory_per_block=49152, registers_per_sm=65536,
-                     l2_bytes=l2_mib << 20, cores=0, vector_bytes=16, cuda_arch=f"{name}a",
-                     shared_memory_optin_per_block=optin_kib << 10)
+                     l2_bytes=l2_mib << 20, cores=0, vector_bytes=16, cuda_arch=f"{name}a")
 
 
 _CUDA_FACTS = {
-    # opt-in shared memory a block: 227 KiB on Hopper, 99 KiB on the consumer Blackwells
-    # (CUDA C++ Programming Guide, compute capabilities table)
-    "sm_90": _cuda("sm_90", sms=132, l2_mib=50, optin_kib=227),  # H100 / H200 SXM
-    "sm_120": _cuda("sm_120", sms=188, l2_mib=128, optin_kib=99),  # RTX PRO 6000 Blackwell (an RTX 5090: 170, 96 MiB)
-    "sm_121": _cuda("sm_121", sms=48, l2_mib=24, optin_kib=99),  # DGX Spark GB10
+    "sm_90": _cuda("sm_90", sms=132, l2_mib=50),  # H100 / H200 SXM
+    "sm_120": _cuda("sm_120", sms=188, l2_mib=128),  # RTX PRO 6000 Blackwell (an RTX 5090: 170, 96 MiB)
+    "sm_121": _cuda("sm_121", sms=48, l2_mib=24),  # DGX Spark GB10
 }
 
 
