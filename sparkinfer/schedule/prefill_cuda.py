@@ -549,14 +549,15 @@ def _row_padding(tile: tvm.tirx.Buffer) -> int:
 
 def _dynamic_tile_bytes(sch: s_tir.Schedule, tiles: tuple[tuple[str, str, str], ...]) -> int:
     """Bytes of dynamic shared memory that the "shared.dyn" `tiles` take once TVM merges them
-    (Q, K and V side by side, P V reusing S's room), their rows padded as PADDED_TILES'."""
+    (Q, K and V side by side, P V reusing S's room), every row 16 bytes longer (PADDED_TILES
+    here, S and P V in _tensorize_product)."""
     sizes = {}
     for block, buffer, scope in tiles:
         if scope != "shared.dyn":
             continue
         tile = next(w.source for w in sch.get(sch.get_sblock(block)).writes if w.source.name == buffer)
         shape = [int(n) for n in tile.shape]
-        shape[-1] += _row_padding(tile) if buffer in PADDED_TILES else 16 // (tile.dtype.bits // 8)
+        shape[-1] += _row_padding(tile)
         sizes[buffer] = math.prod(shape) * tile.dtype.bits // 8
     return sizes["q_half"] + sizes["k_half"] + sizes["v_half"] + max(sizes["s"], sizes["pv"])
 
