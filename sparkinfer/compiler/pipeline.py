@@ -190,6 +190,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance
+    # a kernel whose shared memory its launch would refuse fails here, not on the GPU
+    targets.check_shared_memory(tvm.IRModule({gv: f for gv, f in step.mod.functions.items()
+                                              if isinstance(f, tvm.tirx.PrimFunc)}), arch)
     with targets.aot_fatbin(arch):
         ex = tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering)
     return ex, provenance

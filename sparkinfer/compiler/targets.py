@@ -227,6 +227,41 @@ def cuda_source(mod: tvm.IRModule, arch: str, tir_pipeline: str = "default") -> 
     return str(lib.mod.imports[0].inspect_source("cuda"))
 
 
+def shared_memory_bytes(mod: tvm.IRModule, arch: str) -> dict[str, tuple[int, int]]:
+    """Per CUDA kernel of `mod` (scheduled TIR): its static and dynamic shared-memory bytes as
+    TVM's lowering lays them out (the dynamic tiles merged into one buffer), compiling nothing."""
+    from tvm.s_tir.analysis import calculate_allocated_bytes
+
+    target = target_for(arch)
+    pipeline = tvm.tirx.get_default_tir_pipeline(target)[0]
+    with target:
+        lowered = pipeline(tvm.IRModule({gv: f.with_attr("target", target) for gv, f in mod.functions.items()}))
+    sizes = {}
+    for gv, func in lowered.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs["target"].kind.name == "cuda":
+            scopes = calculate_allocated_bytes(func)["main"]
+            sizes[gv.name_hint] = (int(scopes.get("shared", 0)), int(scopes.get("shared.dyn", 0)))
+    return sizes
+
+
+def check_shared_memory(mod: tvm.IRModule, arch: str) -> None:
+    """Raise a SparkInferError naming every kernel of `mod` that could not launch on `arch`:
+    more than 48 KiB of shared memory in all while its dynamic part stays under 48 KiB (TVM's
+    CUDA runtime opts a launch in only for a dynamic part of 48 KiB or more: the launch fails
+    with CUDA_ERROR_INVALID_VALUE), or more than the arch's opt-in limit. The CUDA emulator does
+    not model these limits; session 9 met both on a GPU (bench/NOTES.md)."""
+    from sparkinfer.errors import SparkInferError
+
+    facts = arch_facts(arch)
+    plain, most = facts.shared_memory_per_block, facts.shared_memory_optin_per_block
+    bad = [f"{name}: {static} B static + {dynamic} B dynamic"
+           for name, (static, dynamic) in sorted(shared_memory_bytes(mod, arch).items())
+           if (static + dynamic > plain and dynamic < plain) or static + dynamic > most]
+    if bad:
+        raise SparkInferError(f"kernels that cannot launch on {arch} (more than {plain} B of shared memory needs "
+                              f"{plain} B or more of it dynamic, and at most {most} B in all): " + "; ".join(bad))
+
+
 @dataclass(frozen=True)
 class FatbinEntry:
     """One image in a fatbin: "cubin" (SASS) or "ptx", for `arch` such as "sm_90a"."""

@@ -21,6 +21,9 @@ class ArchFacts:
     sms: int  # streaming multiprocessors; 0 on cpu
     max_threads_per_block: int  # 0 on cpu
     shared_memory_per_block: int  # bytes a block may use without the opt-in attribute; 0 on cpu
+    # bytes a block may use in all (static + dynamic) once its launch opts in, which TVM's CUDA
+    # runtime does for a dynamic part of shared_memory_per_block or more; 0 on cpu
+    shared_memory_optin_per_block: int
     registers_per_sm: int  # 32-bit registers; 0 on cpu
     l2_bytes: int
     cores: int  # cpu cores the schedule may use; 0 on cuda
@@ -50,18 +53,20 @@ def _cpu_l2_bytes() -> int:
     return size if size > 0 else 512 * 1024
 
 
-def _cuda(name: str, sms: int, l2_mib: int) -> ArchFacts:
+def _cuda(name: str, sms: int, l2_mib: int, optin_kib: int) -> ArchFacts:
     # Every card here: 1024 threads and 64 K registers per block/SM, and the static 48 KiB of
     # shared memory per block (more needs an opt-in attribute) that the CUDA target declares.
     return ArchFacts(name=name, kind="cuda", sms=sms, max_threads_per_block=1024,
-                     shared_memory_per_block=49152, registers_per_sm=65536,
-                     l2_bytes=l2_mib << 20, cores=0, vector_bytes=16, cuda_arch=f"{name}a")
+                     shared_memory_per_block=49152, shared_memory_optin_per_block=optin_kib << 10,
+                     registers_per_sm=65536, l2_bytes=l2_mib << 20, cores=0, vector_bytes=16,
+                     cuda_arch=f"{name}a")
 
 
 _CUDA_FACTS = {
-    "sm_90": _cuda("sm_90", sms=132, l2_mib=50),  # H100 / H200 SXM
-    "sm_120": _cuda("sm_120", sms=188, l2_mib=128),  # RTX PRO 6000 Blackwell (an RTX 5090: 170, 96 MiB)
-    "sm_121": _cuda("sm_121", sms=48, l2_mib=24),  # DGX Spark GB10
+    # opt-in shared memory a block: CUDA's tuning guides (227 KiB Hopper, 99 KiB consumer Blackwell)
+    "sm_90": _cuda("sm_90", sms=132, l2_mib=50, optin_kib=227),  # H100 / H200 SXM
+    "sm_120": _cuda("sm_120", sms=188, l2_mib=128, optin_kib=99),  # RTX PRO 6000 Blackwell (an RTX 5090: 170, 96 MiB)
+    "sm_121": _cuda("sm_121", sms=48, l2_mib=24, optin_kib=99),  # DGX Spark GB10
 }
 
 
@@ -71,7 +76,8 @@ def arch_facts(arch: str) -> ArchFacts:
         raise ValueError(f"unknown arch {arch!r}; SparkInfer targets {', '.join(ARCHS)}")
     if arch == "cpu":
         return ArchFacts(name="cpu", kind="cpu", sms=0, max_threads_per_block=0,
-                         shared_memory_per_block=0, registers_per_sm=0, l2_bytes=_cpu_l2_bytes(),
+                         shared_memory_per_block=0, shared_memory_optin_per_block=0, registers_per_sm=0,
+                         l2_bytes=_cpu_l2_bytes(),
                          cores=os.cpu_count() or 1, vector_bytes=_cpu_vector_bytes())
     return _CUDA_FACTS[arch]
 

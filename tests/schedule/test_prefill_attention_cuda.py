@@ -96,6 +96,26 @@ def test_small_heads_keep_every_tile_in_dynamic_shared_memory() -> None:
     assert "p_half" in re.findall(static, kernel_body(source, symbol(128, True)))
 
 
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_both_head_dims_launch_within_their_shared_memory(arch: str) -> None:
+    from sparkinfer.compiler.targets import check_shared_memory, shared_memory_bytes
+
+    mod = kernels_module((128,), (True,))
+    check_shared_memory(mod, arch)
+    assert shared_memory_bytes(mod, arch)[f"{tiny_symbol()}_kernel"][0] == 0  # every tile dynamic
+
+
+def test_the_launch_check_names_a_kernel_its_launch_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Head dim 64 with P and the row state static again (as before session 9): 44 KiB dynamic
+    + 10.3 KiB static, which failed on an H200 with CUDA_ERROR_INVALID_VALUE."""
+    from sparkinfer.compiler.targets import check_shared_memory
+    from sparkinfer.schedule import prefill_cuda
+
+    monkeypatch.setattr(prefill_cuda, "STATIC_SHARED_LIMIT", 0)
+    with pytest.raises(SparkInferError, match=rf"cannot launch on sm_90 .*{tiny_symbol()}_kernel: 10496 B static \+ 45056 B dynamic"):
+        check_shared_memory(kernels_module((128,), (True,)), "sm_90")
+
+
 def test_half_operands_refuse_a_head_group_off_the_tile_by_name() -> None:
     with pytest.raises(ValueError, match="the 3 query heads per KV head to divide 64"):
         PA.causal_prefill_attention(16, 6, 2, D, P, 4, True)
