@@ -5,8 +5,8 @@
 # ~30 s after a call: /tmp keeps the synthetic model and the round's results; on a fresh machine
 # the second call writes the model again and its table lacks the first call's rows):
 #
-#   bash bench/gpu_round.sh 1      # setup, synth, chunked, variants, profile_chunked, profile_detail
-#   bash bench/gpu_round.sh 2      # setup, synth (if gone), decode, sync, profile, run, pytest, apps
+#   bash bench/gpu_round.sh 1      # setup, synth, pytest, chunked, variants, profile_chunked
+#   bash bench/gpu_round.sh 2      # setup, synth (if gone), decode, sync, profile, run, apps
 #   bash bench/gpu_round.sh STAGE...   # any stages, in the order given (tune: in neither round)
 #
 # Stages (each with a time limit, cut further so that the call ends by ROUND_SECONDS, default 565):
@@ -132,9 +132,10 @@ stage_pytest() {
   rm -f /tmp/sparkinfer-gpu-tests/full_width_cut.txt /tmp/sparkinfer-gpu-tests/full_size_gate.txt
   export SPARKINFER_FULL_MODEL=$model  # the full-size accuracy gate (tests/accuracy/test_accuracy_gpu.py)
   # Not a bare `pytest -m gpu`: with runtime-only TVM the CPU-only modules that import the compiler
-  # fail to collect, and the run stops there. --maxfail=10 rather than -x: one round, most answers.
+  # fail to collect, and the run stops there. --maxfail=30 rather than -x: one round, most answers
+  # (session 9's 10 stopped the run inside one broken kernel family's cases).
   # shellcheck disable=SC2086
-  timeout -k 10 "$(limit 300 250)" python3 -m pytest -m gpu --maxfail=10 -q -p no:cacheprovider --durations=8 $files \
+  timeout -k 10 "$(limit 300 250)" python3 -m pytest -m gpu --maxfail=30 -q -p no:cacheprovider --durations=8 $files \
     > "$round/pytest.log" 2>&1
   local rc=$?
   tail -n 3 "$round/pytest.log"
@@ -287,8 +288,8 @@ stage_profile_detail_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth chunked variants profile_chunked profile_detail) ;;
-  2) stages=(setup synth decode sync profile run pytest apps) ;;
+  1) stages=(setup synth pytest chunked variants profile_chunked) ;;  # pytest early: its limit keeps 250 s for the rest
+  2) stages=(setup synth decode sync profile run apps) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
