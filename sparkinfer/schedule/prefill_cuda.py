@@ -444,14 +444,9 @@ class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
 
 WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
 PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
-# A block's static shared memory plus the dynamic part may exceed 48 KiB only when the launch
-# raises the block's limit, which TVM's CUDA runtime does only for a dynamic part of 48 KiB or
-# more: below that, the static tiles go dynamic too (at head dim 64, 44 KiB of dynamic tiles
-# and 10.3 KiB of static ones failed to launch on an H200: CUDA_ERROR_INVALID_VALUE).
-STATIC_SHARED_LIMIT = 48 * 1024
 
 
-def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
+def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> None:
     """`prefill_attention.causal_prefill_attention_half` on tensor cores: a thread block per
     (KV head, query tile), HALF_ROWS / WARP_ROWS warps (128 threads at 64 rows), warp w owning
     rows 16w .. 16w + 15 of both products.
@@ -496,7 +491,13 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule) -> None:
              ("weight", "p_half", "shared"), ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
              ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
              ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared"))
-    static_scope = "shared" if _dynamic_tile_bytes(sch, tiles) >= STATIC_SHARED_LIMIT else "shared.dyn"
+    # A block's static shared memory plus the dynamic part may exceed the arch's plain limit
+    # (48 KiB) only when the launch raises it, which TVM's CUDA runtime does only for a dynamic
+    # part of that much or more: below it, the static tiles go dynamic too (at head dim 64, 44
+    # KiB of dynamic tiles and 10.3 KiB of static ones failed to launch on an H200:
+    # CUDA_ERROR_INVALID_VALUE; compiler/targets.py check_shared_memory).
+    plain = facts.shared_memory_per_block
+    static_scope = "shared" if _dynamic_tile_bytes(sch, tiles) >= plain else "shared.dyn"
     for block, buffer, scope in tiles:
         b = blk(block)
         index = next(i for i, w in enumerate(sch.get(b).writes) if w.source.name == buffer)
@@ -585,10 +586,10 @@ def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -
     sch.tensorize(sch.get_loops(a)[-2], intrin["load_a"])
     sch.tensorize(sch.get_loops(b)[-2], intrin["load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
-    row = int(sch.get(store).writes[0].source.shape[-1])
+    tile = sch.get(store).writes[0].source
     store = sch.blockize(si_i)
     sch.tensorize(store, intrin["store"])
-    sch.storage_align(store, 0, axis=0, factor=row, offset=4)  # 16 bytes, as the PADDED_TILES
+    sch.storage_align(store, 0, axis=0, factor=int(tile.shape[-1]), offset=_row_padding(tile))  # as the PADDED_TILES
     sch.tensorize(sch.get_loops(sch.get_sblock(name))[-3], intrin["compute"])
 
 
@@ -624,7 +625,7 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         if len(use.args) > 6 and bool(use.args[6]):  # half_operands
-            schedule_tensor_core_attention(sch)
+            schedule_tensor_core_attention(sch, facts)
             return
         blk = sch.get_sblock
         kv, it = sch.get_loops(blk("tile"))

@@ -40,7 +40,7 @@ def test_a_kernel_its_launch_would_refuse_stops_the_build_by_name(tmp_path: Path
     from sparkinfer.errors import SparkInferError
     from sparkinfer.schedule import prefill_cuda
 
-    monkeypatch.setattr(prefill_cuda, "STATIC_SHARED_LIMIT", 0)
+    monkeypatch.setattr(prefill_cuda, "_dynamic_tile_bytes", lambda sch, tiles: 1 << 30)  # P and the state static
     config = preset_config("tiny")
     with pytest.raises(SparkInferError, match=r"cannot launch on sm_90 .*causal_prefill_attention_16x\d+x\d+x64_p\d+_f16"):
         compile_model(config, type_map(config, "q4_k_m"), "sm_90", tmp_path, prefill_chunks=(16,))

@@ -111,7 +111,7 @@ def test_the_launch_check_names_a_kernel_its_launch_would_refuse(monkeypatch: py
     from sparkinfer.compiler.targets import check_shared_memory
     from sparkinfer.schedule import prefill_cuda
 
-    monkeypatch.setattr(prefill_cuda, "STATIC_SHARED_LIMIT", 0)
+    monkeypatch.setattr(prefill_cuda, "_dynamic_tile_bytes", lambda sch, tiles: 1 << 30)  # P and the state static
     with pytest.raises(SparkInferError, match=rf"cannot launch on sm_90 .*{tiny_symbol()}_kernel: 10496 B static \+ 45056 B dynamic"):
         check_shared_memory(kernels_module((128,), (True,)), "sm_90")
 
