@@ -25,7 +25,7 @@ device; an expert no row chose skips its dequantization too.
 
 With float16 operands (the step variant `chunk_operands` "f16", tensor cores on the GPU) the
 experts take `grouped_gate_up_silu_f16` (gate, up and SiLU in one kernel) and `grouped_gemm_f16`
-(the down) instead: per (expert, F16_TILE_N outputs) and per F16_ROW_TILE of the expert's rows,
+(the down) instead: per (expert, F16_TILE_N outputs) and per row tile of the expert's rows,
 the float16-rounded weights and x rows multiplied with float32 sums (`gemm.gemm`'s
 half_operands), written as one sum over K; the CUDA rule computes their stages per K tile.
 """
@@ -245,11 +245,22 @@ def grouped_gemm(ggml_type: int, n_experts: int, rows: int, n: int, k: int, x_ro
 
 
 # The float16-operand (tensor-core) form's tiles: a block per (expert, F16_TILE_N outputs), the
-# expert's sorted rows F16_ROW_TILE at a time. 32 rows: at 512 tokens an expert of Qwen3-30B-A3B
-# (128 experts, top 8) averages 32 rows, so most experts take one or two row tiles (each tile
-# dequantizes the weights again; 64-row tiles would multiply twice the rows that are padding).
+# expert's sorted rows a row tile (`f16_row_tile`) at a time; each row tile dequantizes the
+# expert's weights again.
 F16_TILE_N = 64
-F16_ROW_TILE = 32
+F16_ROW_TILES = (32, 64)
+# Shares an expert's row tiles are dealt into: the most thread blocks a schedule can spread one
+# (expert, output tile) over (schedule.prefill_cuda.GroupedF16Knobs.row_splits).
+F16_ROW_SHARES = 8
+
+
+def f16_row_tile(rows: int, n_experts: int) -> int:
+    """The row tile of the float16 grouped GEMMs: 64 rows where an expert averages 32 or more
+    (chunks of 512 tokens of Qwen3-30B-A3B: 4096 rows over 128 experts; with routing as uneven as
+    the synthetic model's, ~120 rows for each of ~34 experts), so a crowded expert decodes its
+    weights once per 64 rows instead of 32 (bench/NOTES.md, "Grouped expert GEMM v3"); else 32
+    (at 128 tokens an expert averages 8 rows: a 64-row tile would multiply 8 padding rows a real one)."""
+    return F16_ROW_TILES[1] if rows >= F16_ROW_TILES[0] * n_experts else F16_ROW_TILES[0]
 
 
 def grouped_gemm_f16_symbol(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int, k: int) -> str:
@@ -258,29 +269,31 @@ def grouped_gemm_f16_symbol(ggml_types: tuple[int, ...], n_experts: int, rows: i
     return f"{kind}_{names}_{n_experts}x{n}x{k}_r{rows}_f16"
 
 
-def grouped_gemm_f16(ggml_type: int, n_experts: int, rows: int, n: int, k: int) -> tirx.PrimFunc:
+def grouped_gemm_f16(ggml_type: int, n_experts: int, rows: int, n: int, k: int,
+                     row_tile: int | None = None) -> tirx.PrimFunc:
     """The down projection's grouped GEMM on float16 operands: y[r, :] = W[e] . x[r] for
     offsets[e] <= r < offsets[e+1], x already in sorted-row order, the dequantized weights and
     x rounded to float16 and their products summed in float32 (the form tensor cores multiply,
     as `gemm.gemm`'s half_operands). Params (W words [E, n, row_words], offsets int32[E + 1],
-    x f32[rows, k], y f32[rows, n]); rows past offsets[E] are not written."""
-    return _grouped_f16((ggml_type,), n_experts, rows, n, k, rows, gather=False)
+    x f32[rows, k], y f32[rows, n]); rows past offsets[E] are not written. `row_tile`: one of
+    F16_ROW_TILES (None: `f16_row_tile`'s choice)."""
+    return _grouped_f16((ggml_type,), n_experts, rows, n, k, rows, gather=False, row_tile=row_tile)
 
 
 def grouped_gate_up_silu_f16(type_gate: int, type_up: int, n_experts: int, rows: int, n: int, k: int,
-                             x_rows: int) -> tirx.PrimFunc:
+                             x_rows: int, row_tile: int | None = None) -> tirx.PrimFunc:
     """act[r, :] = silu(Wg[e] . x[t]) * (Wu[e] . x[t]), t = row_token[r], for the rows r of each
     expert e, on float16 operands with float32 sums (as `grouped_gemm_f16`); the gate and up
     tiles share the gathered x rows, SiLU and the product are taken on the float32 sums.
     Params (Wg words [E, n, ...], Wu words [E, n, ...], offsets int32[E + 1],
     row_token int32[rows], x f32[x_rows, k], act f32[rows, n]); rows past offsets[E] are not
-    written."""
-    return _grouped_f16((type_gate, type_up), n_experts, rows, n, k, x_rows, gather=True)
+    written. `row_tile` as `grouped_gemm_f16`'s."""
+    return _grouped_f16((type_gate, type_up), n_experts, rows, n, k, x_rows, gather=True, row_tile=row_tile)
 
 
 def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int, k: int, x_rows: int,
-                 gather: bool) -> tirx.PrimFunc:
-    """Per (expert e, output tile), per F16_ROW_TILE of e's rows (the last tile's tail clamped to
+                 gather: bool, row_tile: int | None) -> tirx.PrimFunc:
+    """Per (expert e, output tile), per row tile of e's rows (the last tile's tail clamped to
     e's last row, computed and not stored):
       sc[g, i, u], mn[g, i, u] = weight g's scale and min of the sub-block holding k = u * U
       wh[g, i, k]  = float16(dequantized weight)      xh[ri, k] = float16(x row)
@@ -293,7 +306,10 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
     fmts = tuple(gemv_format(t) for t in ggml_types)
     if n % F16_TILE_N or k % 16:
         raise ValueError(f"the float16 grouped GEMM needs n a multiple of {F16_TILE_N} and k of 16, got {n} x {k}")
-    G, E, R, N, K, XR, TN, M = len(fmts), n_experts, rows, n, k, x_rows, F16_TILE_N, F16_ROW_TILE
+    M = f16_row_tile(rows, n_experts) if row_tile is None else row_tile
+    if M not in F16_ROW_TILES:
+        raise ValueError(f"the float16 grouped GEMM's row tile must be one of {F16_ROW_TILES}, got {M}")
+    G, E, R, N, K, XR, TN, S = len(fmts), n_experts, rows, n, k, x_rows, F16_TILE_N, F16_ROW_SHARES
     # The scale stage's unit: the finest sub-block of the weights (subs are powers of two, so
     # it divides the others; a coarser weight's scale is decoded once per unit it spans).
     U = min(f.sub for f in fmts)
@@ -330,6 +346,9 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
     def count(offsets: tirx.Buffer, e: Expr) -> Expr:
         return offsets[e + 1] - offsets[e]
 
+    def tiles(offsets: tirx.Buffer, e: Expr) -> Expr:
+        return (count(offsets, e) + M - 1) // M
+
     def sorted_row(offsets: tirx.Buffer, e: Expr, tile: Expr, i: Expr) -> Expr:
         return offsets[e] + tirx.min(tile * M + i, count(offsets, e) - 1)
 
@@ -351,41 +370,46 @@ def _grouped_f16(ggml_types: tuple[int, ...], n_experts: int, rows: int, n: int,
                 # outlives the stages. (Inside, TVM's storage rewrite gave it the float16 weight
                 # tile's memory, and its WMMA store's pointer failed TVM's type check.)
                 acc = T.sblock_alloc_buffer((G, M, TN), "float32")
-                for rt in range((count(offsets, ve) + M - 1) // M):
-                    # A block per row tile, its stages its own: a schedule's stages computed per
-                    # K tile then hold one row tile's data.
-                    with T.sblock("rows"):
-                        vr = T.axis.opaque((R + M - 1) // M, rt)
-                        sc = T.sblock_alloc_buffer((G, TN, K // U), "float32")
-                        mn = T.sblock_alloc_buffer((G, TN, K // U), "float32")
-                        wh = T.sblock_alloc_buffer((G, TN, K), "float16")
-                        xh = T.sblock_alloc_buffer((M, K), "float16")
-                        for g, i, u in T.grid(G, TN, K // U):
-                            with T.sblock("scale"):
-                                vg, vi, vu = T.axis.remap("SSS", [g, i, u])
-                                sc[vg, vi, vu] = decoded(ws, "scale", vg, ve, vt * TN + vi, vu)
-                                if has_min:
-                                    mn[vg, vi, vu] = decoded(ws, "min", vg, ve, vt * TN + vi, vu)
-                        for g, i, kk in T.grid(G, TN, K):
-                            with T.sblock("dequant"):
-                                vg, vi, vk = T.axis.remap("SSS", [g, i, kk])
-                                wh[vg, vi, vk] = weight(ws, sc, mn, vg, ve, vt * TN + vi, vi, vk)
-                        for ri, kk in T.grid(M, K):
-                            with T.sblock("xload"):
-                                vri, vk = T.axis.remap("SS", [ri, kk])
-                                xh[vri, vk] = x_value(x, row_token, sorted_row(offsets, ve, vr, vri), vk)
-                        for g, ri, i, kk in T.grid(G, M, TN, K):
-                            with T.sblock("gemm"):
-                                vg, vri, vi, vk = T.axis.remap("SSSR", [g, ri, i, kk])
-                                with T.init():
-                                    acc[vg, vri, vi] = T.float32(0)
-                                acc[vg, vri, vi] = acc[vg, vri, vi] + T.Cast("float32", xh[vri, vk]) * T.Cast(
-                                    "float32", wh[vg, vi, vk])
-                        for ri, i in T.grid(M, TN):
-                            with T.sblock("store"):
-                                vri, vi = T.axis.remap("SS", [ri, i])
-                                if vr * M + vri < count(offsets, ve):
-                                    y[sorted_row(offsets, ve, vr, vri), vt * TN + vi] = result(acc, vri, vi)
+                # The row tiles dealt into F16_ROW_SHARES shares (share s: tiles s, s + S, ...),
+                # which a schedule may spread over thread blocks.
+                for share in range(S):
+                    with T.sblock("share"):
+                        vs = T.axis.spatial(S, share)
+                        for rt in range((tiles(offsets, ve) - vs + S - 1) // S):
+                            # A block per row tile, its stages its own: a schedule's stages
+                            # computed per K tile then hold one row tile's data.
+                            with T.sblock("rows"):
+                                vr = T.axis.spatial((R + M - 1) // M, rt * S + vs)
+                                sc = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                                mn = T.sblock_alloc_buffer((G, TN, K // U), "float32")
+                                wh = T.sblock_alloc_buffer((G, TN, K), "float16")
+                                xh = T.sblock_alloc_buffer((M, K), "float16")
+                                for g, i, u in T.grid(G, TN, K // U):
+                                    with T.sblock("scale"):
+                                        vg, vi, vu = T.axis.remap("SSS", [g, i, u])
+                                        sc[vg, vi, vu] = decoded(ws, "scale", vg, ve, vt * TN + vi, vu)
+                                        if has_min:
+                                            mn[vg, vi, vu] = decoded(ws, "min", vg, ve, vt * TN + vi, vu)
+                                for g, i, kk in T.grid(G, TN, K):
+                                    with T.sblock("dequant"):
+                                        vg, vi, vk = T.axis.remap("SSS", [g, i, kk])
+                                        wh[vg, vi, vk] = weight(ws, sc, mn, vg, ve, vt * TN + vi, vi, vk)
+                                for ri, kk in T.grid(M, K):
+                                    with T.sblock("xload"):
+                                        vri, vk = T.axis.remap("SS", [ri, kk])
+                                        xh[vri, vk] = x_value(x, row_token, sorted_row(offsets, ve, vr, vri), vk)
+                                for g, ri, i, kk in T.grid(G, M, TN, K):
+                                    with T.sblock("gemm"):
+                                        vg, vri, vi, vk = T.axis.remap("SSSR", [g, ri, i, kk])
+                                        with T.init():
+                                            acc[vg, vri, vi] = T.float32(0)
+                                        acc[vg, vri, vi] = acc[vg, vri, vi] + T.Cast("float32", xh[vri, vk]) * T.Cast(
+                                            "float32", wh[vg, vi, vk])
+                                for ri, i in T.grid(M, TN):
+                                    with T.sblock("store"):
+                                        vri, vi = T.axis.remap("SS", [ri, i])
+                                        if vr * M + vri < count(offsets, ve):
+                                            y[sorted_row(offsets, ve, vr, vri), vt * TN + vi] = result(acc, vri, vi)
 
     symbol = grouped_gemm_f16_symbol(ggml_types, E, R, N, K)
     if G == 1:

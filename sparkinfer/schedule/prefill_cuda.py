@@ -10,8 +10,9 @@ time on an H200 and what the next step is):
     once into shared memory and multiplies it by the expert's rows staged there, a thread
     accumulating 2 rows x 1 output in registers (GroupedGemmCudaRule says why);
   - grouped_gate_up_silu_f16 / grouped_gemm_f16 (the experts with float16 operands): the same
-    shared-memory tiles as float16, multiplied on tensor cores (WMMA fragments, 32-row tiles of
-    an expert's rows; `_GroupedGemmF16CudaRule`);
+    shared-memory tiles as float16, multiplied on tensor cores (WMMA fragments, 32- or 64-row
+    tiles of an expert's rows, a crowded expert's tiles over several blocks;
+    `_GroupedGemmF16CudaRule`, knobs `GroupedF16Knobs`);
   - causal_prefill_attention: a block per (KV head, query tile), the tile's Q, K, V, S and
     softmax state in shared memory, S's sums and the output in registers (the rule's docstring);
   - the rest (embedding rows, silu_mul, take_row) take dlight's GPU rules, replayed as a trace;
@@ -20,6 +21,7 @@ time on an H200 and what the next step is):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -29,7 +31,16 @@ from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.kernels.moe_chunk import ROW_BLOCK, TILE_N, k_tile
+from sparkinfer.kernels.gemv import gemv_format
+from sparkinfer.kernels.moe_chunk import (
+    F16_ROW_SHARES,
+    F16_ROW_TILES,
+    F16_TILE_N,
+    ROW_BLOCK,
+    TILE_N,
+    f16_row_tile,
+    k_tile,
+)
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
 from sparkinfer.schedule.rope import schedule_head_blocks
@@ -310,52 +321,144 @@ class GroupedGemmCudaRule(_CudaRule):
         sch.unroll(j)  # each weight read serves the thread's rows
 
 
+WORD_BYTES = 4  # weights a quant word's bytes hold, one a byte in each part of a chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedF16Knobs(Knobs):
+    """row_splits: thread blocks sharing an (expert, output tile)'s row tiles (blockIdx.y: block
+    j takes row tiles j, j + row_splits, ...; a block with none exits at once); warps_m: warps
+    along the row tile (each row tile / 16 / warps_m WMMA fragments high; WARPS_N warps along
+    the outputs); k_tile: weights of a K tile decoded into shared memory at once (a barrier pair
+    each); word_runs: 1 a thread decodes the weights a quant word packs (Q4_K: a word's 4 bytes,
+    low and high nibbles: 8 weights of 2 sub-blocks, constant shifts), 0 DEQUANT_RUN consecutive
+    weights (a per-thread shift). All structural: they change the grid, the block, the shared
+    tiles and the decode's loads."""
+
+    row_splits: int
+    warps_m: int
+    k_tile: int
+    word_runs: int
+
+
 class _GroupedGemmF16CudaRule(_CudaRule):
     """The float16-operand grouped expert GEMMs (`moe_chunk.grouped_gemm_f16`,
-    `grouped_gate_up_silu_f16`) on tensor cores: a block of 4 warps per (expert, 64-output
-    tile), and per 32-row tile of the expert's sorted rows (a loop with the expert's trip count):
-      - per K tile of K_TILE weights the block decodes the tile's scales and mins, then its
+    `grouped_gate_up_silu_f16`) on tensor cores: a block of warps_m x WARPS_N warps per (expert,
+    64-output tile, share of the expert's row tiles: `GroupedF16Knobs`), and per row tile of the
+    expert's sorted rows (a loop with the expert's trip count; 32 or 64 rows, the kernel's
+    `moe_chunk.f16_row_tile`):
+      - per K tile of k_tile weights the block decodes the tile's scales and mins, then its
         weights as float16, into shared memory ([weight, output, k]: gate and up side by side;
-        a thread a run of DEQUANT_RUN consecutive weights), and gathers the row tile's x values
-        into shared memory as float16 ([row, k], 4 a thread): each weight decoded once a row
-        tile, each x value converted once;
-      - each warp owns a 16-row x 32-output quarter of the tile (2 float32 WMMA accumulator
-        fragments a weight, registers across the K tiles) and per 16 of k loads its A fragment
-        and B fragments from shared memory and issues the 16x16x16 MMAs (TVM's WMMA
-        intrinsics through `tensorize`, as dlight's MatmulTensorization);
+        a thread the weights of a quant word's run in every part of its chunk, or DEQUANT_RUN
+        consecutive ones: word_runs), and gathers the row tile's x values into shared memory
+        as float16 ([row, k], 4 a thread): each weight decoded once a row tile, each x value
+        converted once;
+      - each warp owns a (row tile / warps_m)-row x 32-output share of the tile (float32 WMMA
+        accumulator fragments, registers across the K tiles) and per 16 of k loads its A and B
+        fragments from shared memory and issues the 16x16x16 MMAs (TVM's WMMA intrinsics through
+        `tensorize`, as dlight's MatmulTensorization);
       - the accumulators go to a shared float32 tile, and the block writes the rows the expert
         has (never a row past its count: those belong to the next expert), applying SiLU(gate)
         * up on the float32 sums in the fused form.
-    Static shared memory (K_TILE 64; rows of the K tiles padded by 8 halves against bank
-    conflicts): 4.5 KiB of x, 9 KiB of weights and 8 KiB of sums a weight, 1 KiB of scales and
-    mins a weight: 40.5 KiB for gate/up, 22.5 KiB for the down. `ptxas -v` (sm_90a, full-size
-    shapes): 96 registers gate/up (5 blocks an SM), 55-56 the downs, no spills. Not done: double
-    buffering the K tiles, 64-row tiles for crowded experts, the routing weight in the down's
-    epilogue (moe_combine_residual applies it)."""
+    The K tiles of weights and x are dynamic shared memory (52 KiB for gate/up at 64 rows and
+    K tiles of 128), the scales, mins and sums static (TVM lays the sums over the mins: 34 KiB);
+    the K tiles' rows are padded by 8 halves against bank conflicts. (The sums in the dynamic
+    room too, TVM's merge gave them the float16 tiles' type and the WMMA store failed its
+    pointer check.) Why the knobs (bench/NOTES.md, "Grouped expert GEMM v3"): one block per
+    (expert, output tile) looped over all of the expert's 32-row tiles, so with routing as
+    uneven as the synthetic model's (DRAM reads say ~30 of 128 experts a layer, up to the
+    chunk's 512 rows for one) the most crowded expert's blocks ran up to 16 row tiles x 32 K
+    tiles one after the other, each K tile two exposed global-load latencies and two barriers
+    (~2.9 us a K tile: 1461 us a gate/up launch on an H100). row_splits deals a crowded
+    expert's row tiles over blocks; 64-row tiles decode each weight once per 64 rows; larger K
+    tiles halve the barriers and latencies per weight; word runs load a quant word once for
+    all the weights it packs. Not done: double buffering the K tiles, the routing weight in
+    the down's epilogue (moe_combine_residual applies it)."""
 
     family = "moe_chunk"
+    knobs_type = GroupedF16Knobs
     enable_check = False  # the row tiles' trip count is read from `offsets`
 
-    WARPS_M: ClassVar[int] = 2  # warps along the row tile (16 rows each)
     WARPS_N: ClassVar[int] = 2  # warps along the output tile (32 outputs each: 2 fragments)
-    K_TILE: ClassVar[int] = 64  # weights of a K tile decoded into shared memory at once
     LANES: ClassVar[int] = 32
     # Consecutive weights a thread decodes: nvcc loads their shared quant words and their
     # sub-block's scale and min once (a Q4_K word holds 4 of them; a sub-block 16 or 32).
     DEQUANT_RUN: ClassVar[int] = 8
+    ROW_SPLITS: ClassVar[tuple[int, ...]] = tuple(2**n for n in range(F16_ROW_SHARES.bit_length()))
+    WARPS_M: ClassVar[tuple[int, ...]] = (1, 2, 4)
+    K_TILES: ClassVar[tuple[int, ...]] = (64, 128, 256)
+
+    def _shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        """(weights, row tile, n, k) of the kernel."""
+        args = factory_args(use)
+        weights, first = (1, 1) if self.factory == "grouped_gemm_f16" else (2, 2)
+        experts, rows, n, k = args[first:first + 4]
+        explicit = args[first + 5 if weights == 2 else first + 4:]
+        return weights, explicit[0] if explicit else f16_row_tile(rows, experts), n, k
+
+    def shared_bytes(self, use: KernelUse, knobs: GroupedF16Knobs) -> tuple[int, int]:
+        """At most a block's shared memory, (static, dynamic): the K tiles of x and weights
+        (float16, rows padded by 8 halves; dynamic), the float32 sums and a scale and a min per
+        16 weights (static: TVM may lay the sums over the mins, which this does not count on)."""
+        weights, row_tile, _, _ = self._shape(use)
+        tiles = 2 * (knobs.k_tile + 8) * (row_tile + weights * F16_TILE_N)
+        sums = 4 * weights * row_tile * F16_TILE_N
+        scales = 2 * 4 * weights * F16_TILE_N * max(1, knobs.k_tile // 16)
+        return sums + scales, tiles
+
+    def launches(self, use: KernelUse, knobs: GroupedF16Knobs, facts: ArchFacts) -> bool:
+        """Whether a block of these knobs' shared memory can launch: within the 48 KiB a launch
+        allows, or at 48 KiB or more dynamic (TVM's runtime then opts the launch in) and within
+        the arch's opt-in limit (compiler/targets.py check_shared_memory checks the lowered kernel)."""
+        static, dynamic = self.shared_bytes(use, knobs)
+        plain = facts.shared_memory_per_block
+        return static + dynamic <= plain or (dynamic >= plain and static + dynamic <= facts.shared_memory_optin_per_block)
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        """K tiles of K_TILES that divide k and whose shared memory a launch allows (`launches`;
+        a k that none divides: the largest multiple of 16 that divides it under K_TILES[0])."""
+        _, row_tile, _, k = self._shape(use)
+        k_tiles = tuple(t for t in self.K_TILES if k % t == 0 and self.launches(use, GroupedF16Knobs(1, 1, t, 1), facts))
+        return {"row_splits": self.ROW_SPLITS,
+                "warps_m": tuple(w for w in self.WARPS_M if row_tile % (16 * w) == 0),
+                "k_tile": k_tiles or (math.gcd(k, self.K_TILES[0]),),
+                "word_runs": (0, 1)}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("row_splits", "warps_m", "k_tile", "word_runs")
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> GroupedF16Knobs:
+        """row_splits 4 with 64-row tiles and at most 16 output tiles (gate/up at 512 tokens: an
+        expert that all of them chose, 8 row tiles, takes 2 a block), else 2 (the downs' 32
+        output tiles already give an expert 32 blocks: 4 row tiles a block at most, and half
+        the blocks that find no row tile; 128 tokens: 4 row tiles at most); a warp per 16 rows (8 warps at 64 rows: 16 warps an SM for gate/up, whose 87 KB
+        of shared memory allow 2 blocks; 4 warps, 8 an SM, made 168 registers a thread);
+        the largest K tile up to 128 whose shared memory a launch allows (`launches`: gate/up at
+        32-row tiles and the downs at 64 take 64); word runs (sm_90 SASS a warp a
+        K tile of gate/up: 659 instructions, 817 with runs of 8)."""
+        _, row_tile, n, _ = self._shape(use)
+        space = self.space(use, facts)
+        splits = 4 if row_tile == F16_ROW_TILES[-1] and n // F16_TILE_N <= 16 else 2
+        k_tile = max(t for t in space["k_tile"] if t <= 128)
+        return GroupedF16Knobs(row_splits=splits, warps_m=row_tile // 16, k_tile=k_tile, word_runs=1)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-        k = factory_args(use)[4 if self.factory == "grouped_gemm_f16" else 5]
-        k_tile = math.gcd(k, self.K_TILE)  # a multiple of 16: the factory requires k % 16 == 0
-        warps = self.WARPS_M * self.WARPS_N
+        assert isinstance(knobs, GroupedF16Knobs)
+        k_tile = knobs.k_tile
+        warps = knobs.warps_m * self.WARPS_N
         e, tile = sch.get_loops(sch.get_sblock("tile"))
         sch.bind(sch.fuse(e, tile), "blockIdx.x")
+        if knobs.row_splits > 1:
+            # thread block j takes the shares j, j + row_splits, ...: row tiles j, j + row_splits, ...
+            shares, split = sch.split(sch.get_loops(sch.get_sblock("share"))[-1], [None, knobs.row_splits])
+            sch.reorder(split, shares)
+            sch.bind(split, "blockIdx.y")
 
         gemm = sch.get_sblock("gemm")
         g, i, j, kk = sch.get_loops(gemm)[-4:]
-        i_warp, i_frag, i16 = sch.split(i, [self.WARPS_M, None, 16])
+        i_warp, i_frag, i16 = sch.split(i, [knobs.warps_m, None, 16])
         j_warp, j_frag, j16 = sch.split(j, [self.WARPS_N, None, 16])
         k_outer, k_frag, k16 = sch.split(kk, [None, k_tile // 16, 16])
         sch.reorder(i_warp, j_warp, k_outer, k_frag, g, i_frag, j_frag, i16, j16, k16)
@@ -382,7 +485,7 @@ class _GroupedGemmF16CudaRule(_CudaRule):
         # shared buffer's region over the warps: the block's tile), every thread a share.
         for name in ("dequant", "xload"):
             block = sch.get_sblock(name)
-            sch.set_scope(block, 0, "shared")
+            sch.set_scope(block, 0, "shared.dyn")
             sch.compute_at(block, k_outer)
             # rows 8 halves (16 bytes) off a multiple of 16 apart: a fragment load's 16 rows on other banks
             sch.storage_align(block, 0, axis=-2, factor=16, offset=8)
@@ -390,31 +493,54 @@ class _GroupedGemmF16CudaRule(_CudaRule):
         for index in range(len(sch.get(scale).writes)):  # the scales, and the mins where a weight has them
             sch.set_scope(scale, index, "shared")
         sch.compute_at(scale, k_outer)
-        # x: 4 floats a thread (a 16-byte load, 8 bytes of float16 stored): the factory's k is a
-        # multiple of 16, so the runs stay in a row and aligned
-        for name, run in (("scale", 1), ("dequant", self.DEQUANT_RUN), ("xload", 4)):
-            block = sch.get_sblock(name)
-            loops = sch.get_loops(block)
+        def own_loops(name: str) -> list[LoopRV]:
+            """The stage's loops under the K tile's (compute_at made no loop for a unit extent:
+            the down's one weight)."""
+            loops = sch.get_loops(sch.get_sblock(name))
             tile_loop = next(n for n, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(k_outer)))
-            own = loops[tile_loop + 1:]  # (compute_at made no loop for a unit extent: gate/up's one weight)
-            if name == "dequant" and len(own) == 3:
-                # gate and up one after the other, that loop unrolled: each copy reads one
-                # weight's words (a constant test), so nvcc shares a run's loads
-                sch.unroll(own[0])
-                own = own[1:]
-            _, ty, tx, inner = sch.split(sch.fuse(*own), [None, warps, self.LANES, run])
+            return loops[tile_loop + 1:]
+
+        def spread(loops: list[LoopRV], run: int = 1) -> LoopRV:
+            """The loops over the block's threads, `run` consecutive iterations a thread."""
+            _, ty, tx, inner = sch.split(sch.fuse(*loops), [None, warps, self.LANES, run])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
-            if name == "xload":
-                sch.vectorize(inner)
-            else:
-                sch.unroll(inner)
+            return inner
+
+        sch.unroll(spread(own_loops("scale")))
+        own = own_loops("dequant")
+        if len(own) == 3:
+            # gate and up one after the other, that loop unrolled: each copy reads one weight's
+            # words (a constant test), so nvcc shares a run's loads
+            sch.unroll(own[0])
+            own = own[1:]
+        fmt = gemv_format(factory_args(use)[0])
+        parts = min(fmt.parts, k_tile // fmt.sub)  # the sub-blocks of a chunk a K tile holds (0: under one)
+        if knobs.word_runs and fmt.sub % WORD_BYTES == 0 and parts > 0:
+            # k = (chunk, part, word, byte): a thread the WORD_BYTES weights of a word's run in
+            # every part of its chunk, which K-quants pack in the same bytes (Q4_K: the low and
+            # the high nibbles of a word's bytes), so the shifts are constants and a word is
+            # loaded once for all of them
+            output, kk = own
+            chunk, part, word, byte = sch.split(kk, [None, parts, fmt.sub // WORD_BYTES, WORD_BYTES])
+            sch.reorder(output, chunk, word, part, byte)
+            runs, ty, tx = sch.split(sch.fuse(output, chunk, word), [None, warps, self.LANES])
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tx, "threadIdx.x")
+            sch.unroll(runs)
+            sch.unroll(part)
+            sch.vectorize(byte)
+        else:
+            sch.unroll(spread(own, self.DEQUANT_RUN))
+        # x: 4 floats a thread (a 16-byte load, 8 bytes of float16 stored): the factory's k is a
+        # multiple of 16, so the runs stay in a row and aligned
+        sch.vectorize(spread(own_loops("xload"), 4))
         ri, i = sch.get_loops(sch.get_sblock("store"))[-2:]
         _, ty, tx = sch.split(sch.fuse(ri, i), [None, warps, self.LANES])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
 
-        intrins = get_wmma_intrin_group(load_scope="shared", store_scope="shared", in_dtype="float16",
+        intrins = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared", in_dtype="float16",
                                         out_dtype="float32", trans_b=True)
 
         def tensorize_tiles(block: Any, name: str) -> None:

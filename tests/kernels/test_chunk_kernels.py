@@ -165,28 +165,31 @@ def test_rope_append_and_causal_attention_match_numpy(rng: np.random.Generator, 
 
 
 def expert_rows(rng: np.random.Generator, n_tokens: int, experts: int, used: int, n_valid: int,
-                crowded: int) -> tuple[np.ndarray, np.ndarray]:
+                crowded: int, row_tile: int = moe_chunk.F16_ROW_TILES[0]) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, row_token) of a chunk whose expert 0 has no row and expert 1 has `crowded`
-    (more than one float16 row tile: a full tile, then a partial one)."""
+    (more than one float16 `row_tile`: a full tile, then a partial one)."""
     ids = np.empty((n_tokens, used), np.int32)
     for t in range(n_tokens):
         forced = [1] if t < crowded else []
         ids[t] = forced + list(rng.choice(np.arange(2, experts), used - len(forced), replace=False))
     offsets, row_token, _ = moe_chunk.moe_sort_reference(ids, n_valid, experts)
-    assert offsets[1] == 0 and offsets[2] - offsets[1] == crowded > moe_chunk.F16_ROW_TILE
+    assert offsets[1] == 0 and offsets[2] - offsets[1] == crowded > row_tile
     return offsets, row_token
 
 
-@pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q8_0, T.F16)],
-                         ids=lambda ts: "-".join(t.name for t in ts))
+# Each row tile (F16_ROW_TILES) with a crowded expert of a full tile and 3 rows more.
+@pytest.mark.parametrize("types, row_tile", [((T.Q4_K, T.Q4_K), 32), ((T.Q4_K, T.Q6_K), 32), ((T.Q8_0, T.F16), 32),
+                                             ((T.Q4_K, T.Q4_K), 64)],
+                         ids=lambda v: "-".join(t.name for t in v) if isinstance(v, tuple) else f"rows{v}")
 def test_grouped_gate_up_silu_f16_matches_numpy_on_half_operands(rng: np.random.Generator,
-                                                                 types: tuple[T, T]) -> None:
-    n_tokens, experts, used, h, ffn, n_valid = 40, 5, 2, 256, 128, 38
-    offsets, row_token = expert_rows(rng, n_tokens, experts, used, n_valid, 35)
+                                                                 types: tuple[T, T], row_tile: int) -> None:
+    n_tokens, experts, used, h, ffn = row_tile + 8, 5, 2, 256, 128
+    n_valid = n_tokens - 2
+    offsets, row_token = expert_rows(rng, n_tokens, experts, used, n_valid, row_tile + 3, row_tile)
     gate, up = (random_weights(t, (experts, ffn, h), rng) for t in types)
     x = 2 * rng.standard_normal((n_tokens, h), dtype=np.float32)  # gate sums into SiLU's curved range
     r = n_tokens * used
-    func = moe_chunk.grouped_gate_up_silu_f16(*types, experts, r, ffn, h, n_tokens)
+    func = moe_chunk.grouped_gate_up_silu_f16(*types, experts, r, ffn, h, n_tokens, row_tile)
     (act,) = run_cpu(func, gemv.weight_view(types[0], gate), gemv.weight_view(types[1], up), offsets, row_token,
                      x, nan(r, ffn))
     want, magnitude = moe_chunk.grouped_gate_up_silu_reference((types[0], gate), (types[1], up), offsets,
@@ -195,15 +198,17 @@ def test_grouped_gate_up_silu_f16_matches_numpy_on_half_operands(rng: np.random.
     assert np.isnan(act[offsets[-1]:]).all(), "a row past offsets[E] was written"
 
 
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, gemv.Q6_K_PLANAR], ids=lambda t: t.name)
-def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generator, t: T) -> None:
-    n_tokens, experts, used, h, ffn, n_valid = 40, 5, 2, 128, 256, 37
-    offsets, _ = expert_rows(rng, n_tokens, experts, used, n_valid, 35)
+@pytest.mark.parametrize("t, row_tile", [(T.Q6_K, 32), (T.Q4_K, 32), (gemv.Q6_K_PLANAR, 32), (T.Q6_K, 64)],
+                         ids=lambda v: getattr(v, "name", f"rows{v}"))
+def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generator, t: T, row_tile: int) -> None:
+    n_tokens, experts, used, h, ffn = row_tile + 8, 5, 2, 128, 256
+    n_valid = n_tokens - 3
+    offsets, _ = expert_rows(rng, n_tokens, experts, used, n_valid, row_tile + 3, row_tile)
     data = random_weights(t, (experts, h, ffn), rng)
     r = n_tokens * used
     x = rng.standard_normal((r, ffn), dtype=np.float32)
-    (y,) = run_cpu(moe_chunk.grouped_gemm_f16(t, experts, r, h, ffn), gemv.weight_view(t, data), offsets, x,
-                   nan(r, h))
+    (y,) = run_cpu(moe_chunk.grouped_gemm_f16(t, experts, r, h, ffn, row_tile), gemv.weight_view(t, data),
+                   offsets, x, nan(r, h))
     want, magnitude = moe_chunk.grouped_gemm_reference(t, data, offsets, np.zeros(r, np.int32), x, False,
                                                        half_operands=True)
     assert_gemv_close(y[:offsets[-1]], want, magnitude)
@@ -216,6 +221,13 @@ def test_grouped_gemm_f16_matches_numpy_on_half_operands(rng: np.random.Generato
 def test_the_f16_grouped_gemm_rejects_a_shape_off_its_tiles() -> None:
     with pytest.raises(ValueError, match="n a multiple of 64 and k of 16"):
         moe_chunk.grouped_gemm_f16(T.Q8_0, 2, 4, 96, 64)
+    with pytest.raises(ValueError, match=r"row tile must be one of \(32, 64\), got 48"):
+        moe_chunk.grouped_gemm_f16(T.Q8_0, 2, 4, 64, 64, 48)
+
+
+def test_the_f16_row_tile_follows_the_rows_an_expert_averages() -> None:
+    assert moe_chunk.f16_row_tile(4096, 128) == 64  # chunks of 512 tokens, top 8 of 128
+    assert moe_chunk.f16_row_tile(1024, 128) == 32  # chunks of 128
 
 
 @pytest.mark.parametrize("rows, pos, n_valid", [(5, 0, 5), (5, 61, 3), (40, 70, 37)])

@@ -17,13 +17,21 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.kernels import gemv, moe_chunk
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
-from sparkinfer.schedule.prefill_cuda import GroupedGemmCudaRule, GroupedGemmF16CudaRule
+from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.prefill_cuda import (
+    GroupedF16Knobs,
+    GroupedGemmCudaRule,
+    GroupedGemmF16CudaRule,
+    _GroupedGemmF16CudaRule,
+)
+from sparkinfer.schedule.space import kernel_use, rule_for, schedule_kernel
 
 from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
     cuda_source,
+    default_knobs_with,
     gpu_fixture,
     gpu_only,
     kernel_body,
@@ -82,11 +90,16 @@ CASES.append(Case(gemv.Q6_K_PLANAR, False, CHUNKS[0]))
 @dataclass(frozen=True)
 class F16Case:
     """The float16-operand forms: gate, up and SiLU in one kernel (two types), or the down, at
-    the full size or at a small one (experts, hidden, FFN width, top-k) the emulator runs."""
+    the full size or at a small one (experts, hidden, FFN width, top-k) the emulator runs; with
+    the factory's row tile and the rule's default knobs, or an explicit row tile and knobs
+    (`GroupedF16Knobs` fields; the kernel's symbol then tagged with them, so that variants of
+    one kernel share a module)."""
 
     ggml_types: tuple[T, ...]
     n_tokens: int
     shape: tuple[int, int, int, int] = (E, H, I, KU)
+    row_tile: int | None = None
+    knobs: tuple[tuple[str, int], ...] = ()
 
     @property
     def gate_up(self) -> bool:
@@ -110,14 +123,27 @@ class F16Case:
 
     @property
     def symbol(self) -> str:
-        return moe_chunk.grouped_gemm_f16_symbol(self.ggml_types, self.experts, self.rows, self.n, self.k)
+        tag = "".join(f"_{name}{value}" for name, value in self.knobs)
+        return moe_chunk.grouped_gemm_f16_symbol(self.ggml_types, self.experts, self.rows, self.n, self.k) + tag
+
+    @property
+    def factory_args(self) -> tuple:
+        factory = moe_chunk.grouped_gate_up_silu_f16 if self.gate_up else moe_chunk.grouped_gemm_f16
+        tail = (self.n_tokens,) if self.gate_up else ()
+        tile = () if self.row_tile is None else (self.row_tile,)
+        return factory, (*self.ggml_types, self.experts, self.rows, self.n, self.k, *tail, *tile)
+
+    @property
+    def tile(self) -> int:
+        return moe_chunk.f16_row_tile(self.rows, self.experts) if self.row_tile is None else self.row_tile
+
+    def rule_knobs(self) -> GroupedF16Knobs:
+        factory, args = self.factory_args
+        return default_knobs_with(factory, "moe_chunk", *args, **dict(self.knobs))
 
     def func(self) -> tvm.tirx.PrimFunc:
-        if self.gate_up:
-            return scheduled(moe_chunk.grouped_gate_up_silu_f16, "moe_chunk", *self.ggml_types, self.experts,
-                             self.rows, self.n, self.k, self.n_tokens)
-        return scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *self.ggml_types, self.experts, self.rows,
-                         self.n, self.k)
+        factory, args = self.factory_args
+        return scheduled(factory, "moe_chunk", *args, knobs=self.rule_knobs()).with_attr("global_symbol", self.symbol)
 
 
 # Q4_K_M's: Q4_K gate and up, Q6_K or Q4_K down; and the same kernels at a size the emulator
@@ -126,6 +152,16 @@ HALF_KINDS = ((T.Q4_K, T.Q4_K), (T.Q6_K,), (T.Q4_K,))
 SMALL = (12, 256, 256, 2)
 F16_CASES = [F16Case(types, nt) for nt in CHUNKS for types in HALF_KINDS] + [
     F16Case(types, 48, SMALL) for types in ((T.Q4_K, T.Q6_K), (T.Q6_K,), (T.Q4_K,), (gemv.Q6_K_PLANAR,))]
+# Other knob values and the 64-row tile, small: 80 tokens (the crowded expert's 72 rows two
+# 64-row tiles), each row tile dealt over one to eight blocks, one to four warps along it,
+# K tiles of 64 to 256, the weights decoded by word runs (the default) or by runs of 8. (Gate/up
+# at 64 rows with K tiles of 64, 36 KiB static + 27 KiB dynamic, cannot launch: outside the space.)
+F16_CASES += [
+    F16Case((T.Q4_K, T.Q6_K), 80, SMALL, 64, (("row_splits", 8), ("warps_m", 4), ("k_tile", 128))),
+    F16Case((T.Q4_K, T.Q4_K), 48, SMALL, 32, (("row_splits", 1), ("warps_m", 1), ("k_tile", 64), ("word_runs", 0))),
+    F16Case((T.Q6_K,), 80, SMALL, 64, (("row_splits", 4), ("warps_m", 1), ("k_tile", 256))),
+    F16Case((T.Q4_K,), 48, SMALL, 32, (("row_splits", 8), ("warps_m", 2), ("k_tile", 128), ("word_runs", 0))),
+]
 
 
 def kernels_module() -> tvm.IRModule:
@@ -184,31 +220,68 @@ def test_short_k_tiles_compile(args: tuple) -> None:
 @pytest.mark.parametrize("case", F16_CASES, ids=lambda c: c.symbol)
 def test_f16_forms_multiply_on_tensor_cores_from_shared_tiles(source: str, case: F16Case) -> None:
     body = kernel_body(source, case.symbol)
-    rule = GroupedGemmF16CudaRule
+    knobs = case.rule_knobs()
     weights = len(case.ggml_types)
     # the accumulators: WMMA fragments, a warp's share of the gate and up tiles
-    frags = rule.WARPS_M * rule.WARPS_N
-    per_warp = weights * moe_chunk.F16_ROW_TILE * moe_chunk.F16_TILE_N // (16 * 16 * frags)
+    warps = knobs.warps_m * GroupedGemmF16CudaRule.WARPS_N
+    per_warp = weights * case.tile * moe_chunk.F16_TILE_N // (16 * 16 * warps)
     assert f"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_wmma_accumulator_ptr[{per_warp}]" in body
+    assert f"__launch_bounds__({32 * warps})" in source.split(f"{case.symbol}_kernel(")[-2].rsplit("\n", 1)[-1]
     assert body.count("nvcuda::wmma::fill_fragment(") == 1
     assert body.count("nvcuda::wmma::mma_sync(") == 1  # in loops over the warp's fragments
-    assert body.count("nvcuda::wmma::store_matrix_sync(") == 2  # the warp's two 16-output fragments a weight
-    # fragments loaded from the shared tiles only: the x rows as float16 and the decoded weights
+    # fragments loaded from the K tiles in dynamic shared memory only (x rows as float16, the
+    # decoded weights), their rows padded by 8 halves: a fragment's 16 rows on other banks
     loads = re.findall(r"nvcuda::wmma::load_matrix_sync\([^;]*;", body)
-    assert loads and all("xh_shared_ptr[" in load or "wh_shared_ptr[" in load for load in loads)
+    assert loads and all("buf_dyn_shmem_ptr)[" in load and load.endswith(f", {knobs.k_tile + 8});")
+                         for load in loads)
     assert "= *(float4*)(x_ptr + " in body  # the x rows staged 16 bytes a thread at once
-    shared = dict(re.findall(r"__shared__ alignas\(\d+\) (?:float|half) (\w+)_shared_ptr\[(\d+)\]", body))
-    assert {"acc", "sc", "wh", "xh"} <= set(shared) <= {"acc", "sc", "mn", "wh", "xh"}
-    sizes = {"acc": 4, "sc": 4, "mn": 4, "wh": 2, "xh": 2}
-    assert sum(sizes[name] * int(count) for name, count in shared.items()) <= SHARED_BYTES
-    # the K tile's rows padded by 8 halves: a fragment's 16 rows on other banks
-    padded = rule.K_TILE + 8
-    assert int(shared["xh"]) == moe_chunk.F16_ROW_TILE * padded
-    assert int(shared["wh"]) == weights * moe_chunk.F16_TILE_N * padded
+    # the scales, mins and sums static (TVM may lay the sums over the mins), under 48 KiB
+    static = dict(re.findall(r"__shared__ alignas\(\d+\) float (\w+)_shared_ptr\[(\d+)\]", body))
+    assert "sc" in static and set(static) <= {"acc", "sc", "mn"}
+    assert 4 * sum(map(int, static.values())) <= SHARED_BYTES
+    assert 4 * max(map(int, static.values())) >= 4 * weights * case.tile * moe_chunk.F16_TILE_N
+    # a crowded expert's row tiles dealt over row_splits blocks (blockIdx.y), or one block's loop
+    assert ("blockIdx.y" in body) == (knobs.row_splits > 1)
     # after the sums reach shared memory, one output store, behind a test of the expert's row count
     out = "act_ptr[" if case.gate_up else "y_ptr["
     epilogue = body[body.rindex("store_matrix_sync("):]
     assert body.count(out) == 1 and "< (offsets_ptr[" in epilogue.split(out)[0]
+
+
+def test_f16_defaults_split_crowded_experts_and_launch() -> None:
+    """The defaults: 64-row tiles at 512 tokens, dealt over 4 blocks for gate/up (12 output
+    tiles) and 2 for the downs (32), 32-row tiles over 2 at 128; a warp per 16 rows; the largest
+    K tile up to 128 whose shared memory a launch allows: within 48 KiB, or 48 KiB or more of it
+    dynamic (session 9: gate/up at 128 tokens with 128-wide K tiles, 18 KiB static + 42.5 KiB
+    dynamic, and the downs at 512, failed to launch on an H100). Every K tile of the space
+    launches, by the rule's estimate and by the lowered kernel's sizes (check_shared_memory)."""
+    from sparkinfer.compiler.targets import check_shared_memory
+
+    for arch in ("sm_90", "sm_120"):
+        facts = arch_facts(arch)
+        for case in (c for c in F16_CASES if c.shape != SMALL):
+            factory, args = case.factory_args
+            use = kernel_use("moe_chunk", factory.__name__, *args)
+            rule = rule_for(use, facts)
+            assert isinstance(rule, _GroupedGemmF16CudaRule)
+            knobs = rule.default(use, facts)
+            splits = 4 if case.n_tokens == 512 and case.gate_up else 2
+            assert (case.tile, knobs.row_splits) == ((64 if case.n_tokens == 512 else 32), splits)
+            assert (knobs.warps_m, knobs.word_runs) == (case.tile // 16, 1)
+            space = rule.space(use, facts)
+            assert knobs.k_tile == max(t for t in space["k_tile"] if t <= 128)
+            assert all(rule.launches(use, GroupedF16Knobs(1, 1, t, 1), facts) for t in space["k_tile"])
+            check_shared_memory(tvm.IRModule({"k": schedule_kernel(factory(*args), use, facts, knobs)}), arch)
+
+
+@needs_nvcc
+def test_f16_k_under_the_k_tiles_compiles() -> None:
+    """k = 96: no K tile of the space divides it, so the K tiles are 32 weights (one Q8_0
+    block a row)."""
+    args = (T.Q8_0, 2, 12, 64, 96)
+    use = kernel_use("moe_chunk", "grouped_gemm_f16", *args)
+    assert rule_for(use, arch_facts("sm_90")).space(use, arch_facts("sm_90"))["k_tile"] == (32,)
+    assert_nvcc_compiles("sm_90", cuda_source(module(scheduled(moe_chunk.grouped_gemm_f16, "moe_chunk", *args))))
 
 
 gpu = gpu_fixture("moe_chunk", kernels_module)
@@ -257,9 +330,10 @@ def test_f16_forms_on_gpu_match_numpy_on_half_operands(gpu: Gpu, case: F16Case) 
         gpu_only(gpu, "the full-size experts take minutes on the CPU; the small cases run the same schedule")
     rng = np.random.default_rng(20261207 + case.rows)
     datas = [expert_weights(t, case.n, case.k, case.experts) for t in case.ggml_types]
-    # the crowded expert: 72 rows (3 row tiles, the last partial), or 40 of a small chunk (2)
+    # the crowded expert: 72 rows (3 32-row tiles or 2 64-row ones, the last partial), or 40 of
+    # a small chunk of 48 tokens (2)
     offsets, row_token = chunk_assignment(case.n_tokens, rng, case.experts, case.shape[3],
-                                          72 if case.shape != SMALL else 40)
+                                          min(72, case.n_tokens - 8))
     x_rows = case.n_tokens if case.gate_up else case.rows
     x = rng.standard_normal((x_rows, case.k), dtype=np.float32)
     out = gpu.poisoned((case.rows, case.n))
