@@ -22,20 +22,17 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Left from session 9's last round (bench/NOTES.md, "Session 9's last round"):
-# - gemv_rows: the O, Q/K/V and Q/K projections at 4 rows a thread, the O projection's K-quant
-#   block header in one 16-byte load (schedule/gemv.py vector_header), in place of sm_90.json's
-#   tuned entries (296.5 tok/s there, against 300.5 for the MoE headers sm_90 now has: not yet
-#   timed on top of them).
-VARIANT_STEPS: dict[str, dict[str, str]] = {"gemv_rows": {}}
+# under 64 MiB). Session 10 (bench/NOTES.md, "Session 10"):
+# - tuned_r3: tuning round 3's picks that sm_90.json does not hold yet and that beat their
+#   defaults alone by 13-21 % (the planar LM head, the planar Q6_K MoE down at 8 rows a block);
+#   its gate/up pick is round 2's, already slower in the step, so it stays out.
+VARIANT_STEPS: dict[str, dict[str, str]] = {"tuned_r3": {}}
 VARIANT_KNOBS = {
-    "gemv_rows": {
-        "gemv.gemv('Q4_K', 2048, 4096)": {"lanes": 32, "rows": 2, "rows_per_thread": 4, "unroll": 256,
-                                          "vector_header": 1},
-        "gemv.gemv_qkv('Q4_K', 4096, 512, 512, 2048)": {"lanes": 32, "rows": 2, "rows_per_thread": 4,
-                                                        "unroll": 256, "vector_header": 0},
-        "gemv.gemv_qkv('Q4_K', 4096, 512, 0, 2048)": {"lanes": 32, "rows": 1, "rows_per_thread": 4,
-                                                      "unroll": 256, "vector_header": 0}}}
+    "tuned_r3": {
+        "gemv.gemv('Q6_K_PLANAR', 151936, 2048)": {"lanes": 4, "rows": 8, "rows_per_thread": 2, "unroll": 16,
+                                                   "vector_header": 0},
+        "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 8, "rows_per_thread": 2,
+                                                                    "unroll": 256, "vector_header": 0}}}
 VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since

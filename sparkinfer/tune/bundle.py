@@ -32,7 +32,7 @@ from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.tune.runner import FORMAT, INDEX, sample_inputs, versions
 from sparkinfer.tune.search import SearchConfig, propose, records, replay
-from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, trace_knobs
+from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, space_trace, trace_knobs
 
 Log = Callable[[str], None]
 
@@ -64,16 +64,19 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
                      n: int, trials: int, config: SearchConfig,
                      log: Log) -> list[tuple[s_tir.Schedule, bool, dict[str, Any]]]:
     """The next round of a kernel, each pick with whether it is the default and its knobs: the
-    arch default first while the database holds nothing of the kernel (so every tune measures
-    it, with the same runner), then the search's proposals.
+    arch default first while the database holds no record of it in the rule's current form
+    (so every tune measures it, with the same runner as its rivals, also after the rule's
+    knobs changed), then the search's proposals.
     The round index is the number of records: a pure function of the database. A round never
-    takes the kernel past `trials` records."""
-    recorded = len(records(task, database))
-    n = min(n, trials - recorded)
+    takes the kernel past `trials` records of the rule's current form (records of an older
+    form, whose knobs no longer read, do not count)."""
+    recorded = records(task, database)
+    known = current_knobs(task, recorded)
+    n = min(n, trials - len(known))
     if n <= 0:
         return []
     picks: list[tuple[s_tir.Schedule, bool, dict[str, Any]]] = []
-    if recorded == 0:
+    if task.default_knobs not in known:
         try:
             default = replay(task, default_trace(task))
         except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
@@ -82,7 +85,7 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         else:
             picks.append((default, True, trace_knobs(task, default.trace)))
     try:
-        proposals = propose(task, target, database, seed=seed, round_index=recorded, n=n, config=config)
+        proposals = propose(task, target, database, seed=seed, round_index=len(recorded), n=n, config=config)
     except Exception as e:  # the rule's design space fails to build (TVM's ScheduleError): report, go on
         log(f"warning: {task.name}: its design space does not schedule ({_last_line(e)}): no candidates proposed")
         proposals = []
@@ -103,6 +106,18 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     if stale:
         log(f"warning: {task.name}: {stale} proposals from records of an older form of its schedule rule skipped")
     return picks
+
+
+def current_knobs(task: TuneTask, recorded: Sequence[ms.database.TuningRecord]) -> list[dict[str, Any]]:
+    """The knobs of the records made under the rule's current form (`space_trace`)."""
+    spaces = task.spaces()
+    known = []
+    for record in recorded:
+        try:
+            known.append(task.knobs_of(space_trace(task, record.trace, spaces)))
+        except StaleTraceError:
+            continue
+    return known
 
 
 def _last_line(e: BaseException) -> str:

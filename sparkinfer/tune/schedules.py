@@ -36,14 +36,15 @@ def _knobs(task: TuneTask, trace: Any) -> dict[str, Any] | None:
 def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dict[str, Any]],
                  seed: int) -> ScheduleEntry | None:
     """The kernel's entry, or None where nothing of it was measured successfully. Records of
-    an older form of the kernel's schedule rule (their knobs unreadable now) do not count."""
+    an older form of the kernel's schedule rule (their knobs unreadable now) do not count, nor
+    does a measurement of a default other than the rule's current one."""
     recorded = records(task, database)
     timed = [(r, knobs) for r in recorded if r.run_secs and (knobs := _knobs(task, r.trace)) is not None]
     if not timed:
         return None
     best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))
     defaults = [line["median_us"] for line in lines
-                if line["kernel"] == task.key and line["default"] and line["median_us"] is not None]
+                if line["kernel"] == task.key and line["knobs"] == task.default_knobs and line["median_us"] is not None]
     return ScheduleEntry(knobs=knobs, source=TUNED, time_us=round(_median_us(best.run_secs), 4),
                          default_time_us=round(defaults[-1], 4) if defaults else None, trials=len(recorded),
                          seed=seed)

@@ -33,7 +33,7 @@ from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
 from tvm.target import Target
 
 from sparkinfer.tune.mutator import MutateCategorical
-from sparkinfer.tune.task import TuneTask, categorical_insts
+from sparkinfer.tune.task import StaleTraceError, TuneTask, categorical_insts, space_trace
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,33 @@ def tune_context(task: TuneTask, target: Target, seed: int, config: SearchConfig
 
 
 def replay(task: TuneTask, trace: s_tir.Trace) -> s_tir.Schedule:
-    """The schedule a (recorded) trace makes of the task's kernel."""
-    sch = s_tir.Schedule(task.mod, enable_check=task.enable_check)
-    trace.apply_to_schedule(sch, remove_postproc=True)
-    return sch
+    """The schedule a (recorded or proposed) trace makes of the task's kernel (`replay_all`)."""
+    return replay_all(task, [trace])[0]
+
+
+def replay_all(task: TuneTask, traces: list[s_tir.Trace]) -> list[s_tir.Schedule]:
+    """The schedules traces make of the task's kernel: each trace's decisions carried onto the
+    full trace of its design space, made on the same copy of the workload as the schedules.
+
+    Why not apply a trace as it is: a trace read back from JSON (a record, or a proposal the
+    search grew from one) holds its own copies of the kernel's buffers wherever a rule put
+    them into an instruction's attributes (schedule/gemv.py `declare_header_reads`: the
+    region of the MoE weights it declares is indexed by `ids`), so on another copy of the
+    workload that region names a buffer the kernel does not define, and the build fails
+    ("Buffer ids is used before its definition"). A trace of none of the current design
+    spaces (a record of an older form of the rule) is applied as it is."""
+    mod = task.mod
+    spaces = task.design_spaces(mod["main"])
+    schedules = []
+    for trace in traces:
+        try:
+            trace = space_trace(task, trace, spaces)
+        except StaleTraceError:
+            pass
+        sch = s_tir.Schedule(mod, enable_check=task.enable_check)
+        trace.apply_to_schedule(sch, remove_postproc=True)
+        schedules.append(sch)
+    return schedules
 
 
 def records(task: TuneTask, database: ms.database.Database) -> list[ms.database.TuningRecord]:
@@ -105,7 +128,8 @@ def cost_model(context: ms.TuneContext, task: TuneTask, recorded: list[ms.databa
         adaptive_training=False,
     )
     if recorded:
-        candidates = [ms.MeasureCandidate(replay(task, r.trace), r.args_info) for r in recorded]
+        schedules = replay_all(task, [r.trace for r in recorded])
+        candidates = [ms.MeasureCandidate(sch, r.args_info) for sch, r in zip(schedules, recorded)]
         results = [ms.runner.RunnerResult(r.run_secs, None if r.run_secs else "failed") for r in recorded]
         model.update(context, candidates, results)
     return model
@@ -115,7 +139,7 @@ def propose(task: TuneTask, target: Target, database: ms.database.Database, *, s
             n: int, config: SearchConfig = SearchConfig()) -> list[s_tir.Schedule]:
     """Up to `n` candidates for round `round_index` that the database does not hold yet."""
     recorded = records(task, database)
-    measured = {structural_hash(replay(task, r.trace).mod) for r in recorded}
+    measured = {structural_hash(sch.mod) for sch in replay_all(task, [r.trace for r in recorded])}
     s = round_seed(seed, task.key, round_index)
     if not task.enable_check:
         return sweep(task, measured, s, n)
@@ -131,11 +155,11 @@ def propose(task: TuneTask, target: Target, database: ms.database.Database, *, s
     finally:
         context.post_tuning()
     fresh: list[s_tir.Schedule] = []
-    for candidate in found:
-        h = structural_hash(candidate.sch.mod)
+    for sch in replay_all(task, [candidate.sch.trace for candidate in found]):
+        h = structural_hash(sch.mod)
         if h not in measured:
             measured.add(h)
-            fresh.append(candidate.sch)
+            fresh.append(sch)
     return fresh[:n]
 
 

@@ -104,18 +104,23 @@ class StaleTraceError(SparkInferError):
 
 
 def trace_knobs(task: TuneTask, trace: s_tir.Trace) -> dict[str, Any]:
-    """The knobs of any trace of the task's design space, simplified or not.
+    """The knobs of any trace of the task's design space, simplified or not (`space_trace`)."""
+    return task.knobs_of(space_trace(task, trace, task.spaces()))
+
+
+def space_trace(task: TuneTask, trace: s_tir.Trace, spaces: list[s_tir.Schedule]) -> s_tir.Trace:
+    """The full trace of the design space (of `spaces`, the task's) that `trace` is a trace of,
+    simplified or not, with `trace`'s decisions.
 
     MetaSchedule's EvolutionarySearch simplifies the design-space traces (drops instructions
     whose results nothing uses), and a rule's structural knobs are one-candidate draws it
     never uses, so its candidates lack those draws and `knobs_of` cannot read them. This finds
-    the design space whose (simplified) instructions the trace has, carries the trace's
-    decisions over to that space's full trace, and reads the knobs there; a draw that was
-    dropped keeps its first candidate (a structural knob's only one, or a knob the variant
-    never uses)."""
+    the design space whose (simplified) instructions the trace has and carries the trace's
+    decisions over to that space's full trace; a draw that was dropped keeps its first
+    candidate (a structural knob's only one, or a knob the variant never uses)."""
     insts = [inst for inst in trace.insts if inst.kind.name != "EnterPostproc"]
     wanted = [_signature(inst) for inst in insts]
-    for space in task.spaces():
+    for space in spaces:
         full = space.trace
         for form in (full, full.simplified(True)):
             if [_signature(inst) for inst in form.insts] != wanted:
@@ -136,5 +141,5 @@ def trace_knobs(task: TuneTask, trace: s_tir.Trace) -> dict[str, Any]:
             for inst in categorical_insts(full):
                 if inst not in result.decisions:
                     result = result.with_decision(inst, 0, True)
-            return task.knobs_of(result)
+            return result
     raise StaleTraceError(f"kernel {task.name}: a trace matches none of its design spaces")

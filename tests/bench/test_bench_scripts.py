@@ -52,7 +52,8 @@ def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_pa
         from sparkinfer.schedule.space import kernel_key
 
         config = preset_config(gpu_round.FULL_PRESET)
-        step_kernels = build_decode_step(config, type_map(config, gpu_round.FULL_TYPES), **step).kernels
+        # (the step as the variant's file picks it: the arch's step variants, then its own)
+        step_kernels = build_decode_step(config, type_map(config, gpu_round.FULL_TYPES), **written.step).kernels
         assert set(knobs) <= {kernel_key(use) for use in step_kernels}
 
 

@@ -114,3 +114,32 @@ def test_tuning_goes_on_after_the_rule_changed(tmp_path, capsys):
     times = {json.dumps(line["knobs"], sort_keys=True): line["median_us"] for line in revised}
     assert json.dumps(entry["knobs"], sort_keys=True) in times
     assert entry["time_us"] == pytest.approx(min(times.values()))
+    # the default is measured again under the new form, so tuned and default compare alike
+    again = [line for line in revised if line["default"]]
+    assert [line["knobs"] for line in again] == [DEFAULT]
+    assert entry["default_time_us"] == pytest.approx(again[0]["median_us"])
+    assert entry["time_us"] <= entry["default_time_us"]
+
+
+def test_a_trace_read_back_from_json_replays_onto_the_kernels_own_buffers():
+    """The MoE GEMVs' block-header reads (schedule/gemv.py declare_header_reads) declare a region
+    of the weights indexed by the kernel's `ids`: a trace read back from JSON holds its own copy
+    of that buffer, so applied as it is, its kernel does not lower (session 9's tuning round: 10
+    candidates "Buffer ids is used before its definition"); `replay` carries its decisions onto
+    the design space's own trace, and the kernel lowers with its knobs."""
+    from tvm import s_tir
+
+    from sparkinfer.compiler.targets import shared_memory_bytes
+    from sparkinfer.tune.bundle import trace_from_json, trace_json
+    from sparkinfer.tune.tasks import preset_tasks
+
+    task = preset_tasks("tiny", "q4_k_m", "sm_90", "*moe_down_residual*")[0]
+    space = next(s for s in task.spaces() if task.knobs_of(s.trace)["vector_header"] == 1)
+    read_back = trace_from_json(task, trace_json(space))
+    as_is = s_tir.Schedule(task.mod, enable_check=task.enable_check)
+    read_back.apply_to_schedule(as_is, remove_postproc=True)
+    with pytest.raises(Exception, match="Buffer ids is used before its definition"):
+        shared_memory_bytes(as_is.mod, "sm_90")
+    replayed = replay(task, read_back)
+    assert shared_memory_bytes(replayed.mod, "sm_90")
+    assert trace_knobs(task, replayed.trace) == task.knobs_of(space.trace)
