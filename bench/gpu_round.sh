@@ -36,6 +36,9 @@
 #   profile_detail   ncu's detailed sections for the decode step's MoE, attention and GEMV kernels
 #            (bench/profile_detail.sh): what each is bound by
 #   profile_detail_chunked  the same for the T-token step's expert GEMMs, attention, dense and router GEMMs
+#   grouped  the 512-token chunk's float16 grouped expert GEMMs alone at a grid of their knobs
+#            (bench/time_grouped_f16.py run; the call carries compiled/grouped-f16, made here by
+#            `python3 bench/time_grouped_f16.py prepare ARCH`)
 # Results accumulate in ROUND_DIR (default /tmp/gpu-round-results) across calls; each call copies
 # what its stages wrote, and summary.txt, to $OUT (at most 8 files, what the tool returns; more go
 # into $OUT/round.tar.gz beside summary.txt), then
@@ -271,6 +274,20 @@ stage_profile_detail() {
   local rc=$?
   tail -n 1 "$round/profile-detail.log"
   returns profile-detail.txt
+  return $rc
+}
+
+stage_grouped() {
+  if [ ! -d compiled/grouped-f16 ]; then
+    note "== grouped: no compiled/grouped-f16 (bench/time_grouped_f16.py prepare makes it; carry it)"
+    return 1
+  fi
+  note "== grouped: bench/time_grouped_f16.py run"
+  timeout -k 10 "$(limit 120 5)" python3 bench/time_grouped_f16.py run > "$round/grouped.txt" 2>&1
+  local rc=$?
+  cp compiled/grouped-f16/*/times.json "$round/grouped-times.json" 2>/dev/null
+  tail -n 4 "$round/grouped.txt"
+  returns grouped.txt grouped-times.json
   return $rc
 }
 

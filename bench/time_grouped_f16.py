@@ -8,9 +8,9 @@ the library and prints a line a kernel and routing).
 
 The kernels are Qwen3-30B-A3B's (128 experts, top 8, H 2048, I 768) at 4096 sorted rows:
 gate/up/SiLU Q4_K and the Q6_K and Q4_K downs (`moe_chunk.grouped_gate_up_silu_f16`,
-`grouped_gemm_f16`), scheduled by `prefill_cuda._GroupedGemmF16CudaRule` with the knobs of
-POINTS (`GroupedF16Knobs`; "session6" is the session-6 schedule's shape: 32-row tiles, one
-block an (expert, output tile), 4 warps, K tiles of 64, runs of 8). prepare writes
+`grouped_gemm_f16`), scheduled by `prefill_cuda._GroupedGemmF16CudaRule` with its default knobs and those of a
+grid of its space (`GroupedF16Knobs`: ROW_SPLITS x WARPS_M x the launchable K tiles, word
+runs; named s<row_splits>w<warps_m>k<k_tile>). prepare writes
 compiled/grouped-f16/<arch>/kernels.so (each point's kernel under its own symbol) and
 points.json. run times each kernel with `time_evaluator` (median of 5 repeats of 20 launches)
 on three routings of 512 tokens (`moe_chunk.moe_sort_reference`): "uniform" (8 distinct experts
@@ -33,17 +33,9 @@ OUT = REPO / "compiled" / "grouped-f16"
 sys.path.insert(0, str(REPO))
 
 E, KU, H, I, T = 128, 8, 2048, 768, 512
-# name -> (row tile, (row_splits, warps_m, k_tile, word_runs)); None: the rule's default
-POINTS: dict[str, tuple[int | None, tuple[int, int, int, int] | None]] = {
-    "default": (None, None),
-    "session6": (32, (1, 2, 64, 0)),
-    "splits8": (None, (8, 4, 128, 1)),
-    "splits4": (None, (4, 4, 128, 1)),
-    "splits2": (None, (2, 4, 128, 1)),
-    "warps4": (None, (4, 2, 128, 1)),
-    "k64": (None, (4, 4, 64, 1)),
-    "runs8": (None, (4, 4, 128, 0)),
-}
+# The knob points timed besides each kernel's rule default: the rule's space (launchable K tiles
+# only: `_GroupedGemmF16CudaRule.space`) at these row splits and warps, with word runs.
+ROW_SPLITS, WARPS_M = (1, 2, 4, 8), (2, 4)
 KERNELS = ("gate_up_q4_k", "down_q6_k", "down_q4_k")
 
 
@@ -51,10 +43,12 @@ def _factory(kernel: str) -> tuple:
     from gguf import GGMLQuantizationType as Q
 
     from sparkinfer.kernels import moe_chunk
+    from sparkinfer.quant.layouts import Q6_K_PLANAR
 
     if kernel == "gate_up_q4_k":
         return moe_chunk.grouped_gate_up_silu_f16, (Q.Q4_K, Q.Q4_K, E, T * KU, I, H, T)
-    return moe_chunk.grouped_gemm_f16, ((Q.Q6_K if kernel == "down_q6_k" else Q.Q4_K), E, T * KU, H, I)
+    # (the Q6_K down in the layout sm_90 reads, schedules/sm_90.json's "q6_k_layout": planar)
+    return moe_chunk.grouped_gemm_f16, ((Q6_K_PLANAR if kernel == "down_q6_k" else Q.Q4_K), E, T * KU, H, I)
 
 
 def prepare(arch: str) -> None:
@@ -69,14 +63,19 @@ def prepare(arch: str) -> None:
     funcs, listing = {}, {}
     for kernel in KERNELS:
         factory, args = _factory(kernel)
-        for name, (row_tile, knobs) in POINTS.items():
-            full = args if row_tile is None else (*args, row_tile)
-            use = kernel_use("moe_chunk", factory.__name__, *full)
-            chosen = rule_for(use, facts).default(use, facts) if knobs is None else GroupedF16Knobs(*knobs)
+        use = kernel_use("moe_chunk", factory.__name__, *args)
+        rule = rule_for(use, facts)
+        space = rule.space(use, facts)
+        default = rule.default(use, facts)
+        grid = [GroupedF16Knobs(splits, warps, k_tile, 1) for splits in ROW_SPLITS for warps in WARPS_M
+                for k_tile in space["k_tile"] if warps in space["warps_m"] and splits in space["row_splits"]]
+        for knobs in [default, *(g for g in grid if g != default)]:
+            name = "default" if knobs == default else "s{}w{}k{}".format(knobs.row_splits, knobs.warps_m, knobs.k_tile)
             symbol = f"{kernel}_{name}"
-            funcs[symbol] = schedule_kernel(factory(*full), use, facts, chosen).with_attr("global_symbol", symbol)
-            listing[symbol] = {"kernel_key": kernel_key(use), "knobs": chosen.to_json()}
+            funcs[symbol] = schedule_kernel(factory(*args), use, facts, knobs).with_attr("global_symbol", symbol)
+            listing[symbol] = {"kernel_key": kernel_key(use), "knobs": knobs.to_json()}
             print(symbol, listing[symbol]["knobs"], flush=True)
+    targets.check_shared_memory(tvm.IRModule(funcs), arch)
     out = OUT / arch
     out.mkdir(parents=True, exist_ok=True)
     targets.build(tvm.IRModule(funcs), arch).export_library(str(out / "kernels.so"))
@@ -102,6 +101,7 @@ def run() -> None:
     from gguf import GGMLQuantizationType as Q
 
     from sparkinfer.kernels import gemv, moe_chunk
+    from sparkinfer.quant.layouts import Q6_K_PLANAR
     from sparkinfer.runtime.device import import_tvm
 
     tvm = import_tvm()  # with runtime-only TVM (the GPU machines), its CUDA runtime too
@@ -117,7 +117,7 @@ def run() -> None:
         return tvm.runtime.tensor(words, dev)
 
     wq4_up, wq4_gate = weights(Q.Q4_K, I, H), weights(Q.Q4_K, I, H)
-    downs = {"down_q6_k": weights(Q.Q6_K, H, I), "down_q4_k": weights(Q.Q4_K, H, I)}
+    downs = {"down_q6_k": weights(Q6_K_PLANAR, H, I), "down_q4_k": weights(Q.Q4_K, H, I)}
     x_tokens = tvm.runtime.tensor(rng.standard_normal((T, H), dtype=np.float32), dev)
     x_rows = tvm.runtime.tensor(rng.standard_normal((T * KU, I), dtype=np.float32), dev)
     act = tvm.runtime.tensor(np.zeros((T * KU, I), np.float32), dev)

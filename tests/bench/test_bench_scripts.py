@@ -52,8 +52,13 @@ def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_pa
         from sparkinfer.schedule.space import kernel_key
 
         config = preset_config(gpu_round.FULL_PRESET)
-        # (the step as the variant's file picks it: the arch's step variants, then its own)
-        step_kernels = build_decode_step(config, type_map(config, gpu_round.FULL_TYPES), **written.step).kernels
+        from sparkinfer.compiler.pipeline import default_prefill_chunks, step_variants
+
+        # (the step as the variant's module is compiled: the arch's step variants, then its file's;
+        # its T-token steps where it has them)
+        chunks = default_prefill_chunks("sm_90") if name in gpu_round.VARIANT_CHUNKED else ()
+        step_kernels = build_decode_step(config, type_map(config, gpu_round.FULL_TYPES), prefill_chunks=chunks,
+                                         **step_variants("sm_90", written)).kernels
         assert set(knobs) <= {kernel_key(use) for use in step_kernels}
 
 
