@@ -111,7 +111,7 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
              offsets: T.Buffer((E + 1,), "int32"), row_token: T.Buffer((NT * KU,), "int32"),
              row_of: T.Buffer((NT, KU), "int32")):
         T.func_attr({"tirx.noalias": True})
-        expert_of = T.sblock_alloc_buffer((NT * KU,), index)  # every pair's expert, clamped
+        expert_of = T.sblock_alloc_buffer((C, TC * KU), index)  # every pair's expert, clamped, by chunk
         count = T.sblock_alloc_buffer((E, C), index)
         fill = T.sblock_alloc_buffer((E, C), index)
         total = T.sblock_alloc_buffer((E,), "int32")
@@ -121,8 +121,8 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
                 with T.sblock("experts"):
                     vt, vj = T.axis.remap("SS", [t, j])
                     T.reads(ids[vt, vj])
-                    T.writes(expert_of[vt * KU + vj])
-                    expert_of[vt * KU + vj] = T.Cast(index, T.max(T.min(ids[vt, vj], E - 1), 0))
+                    T.writes(expert_of[vt // TC, vt % TC * KU + vj])
+                    expert_of[vt // TC, vt % TC * KU + vj] = T.Cast(index, T.max(T.min(ids[vt, vj], E - 1), 0))
             for e, c in T.grid(E, C):
                 with T.sblock("zero_counts"):
                     ve, vc = T.axis.remap("SS", [e, c])
@@ -131,11 +131,11 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
             for c in range(C):
                 with T.sblock("count"):
                     vc = T.axis.spatial(C, c)
-                    T.reads(expert_of[0:NT * KU], n_valid[0], count[0:E, vc])
+                    T.reads(expert_of[vc, 0:TC * KU], n_valid[0], count[0:E, vc])
                     T.writes(count[0:E, vc])
                     for tt, j in T.grid(TC, KU):
                         if valid(vc * TC + tt, n_valid):
-                            e = T.Cast("int32", expert_of[(vc * TC + tt) * KU + j])
+                            e = T.Cast("int32", expert_of[vc, tt * KU + j])
                             count[e, vc] = count[e, vc] + T.Cast(index, 1)
             for e in range(E):
                 with T.sblock("chunk_starts"):
@@ -162,11 +162,11 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
             for c in range(C):
                 with T.sblock("place"):
                     vc = T.axis.spatial(C, c)
-                    T.reads(expert_of[0:NT * KU], n_valid[0], fill[0:E, vc], start[0:E])
+                    T.reads(expert_of[vc, 0:TC * KU], n_valid[0], fill[0:E, vc], start[0:E])
                     T.writes(fill[0:E, vc], row_token[0:NT * KU], row_of[0:NT, 0:KU])
                     for tt, j in T.grid(TC, KU):
                         if valid(vc * TC + tt, n_valid):
-                            e = T.Cast("int32", expert_of[(vc * TC + tt) * KU + j])
+                            e = T.Cast("int32", expert_of[vc, tt * KU + j])
                             row = start[e] + T.Cast("int32", fill[e, vc])
                             fill[e, vc] = fill[e, vc] + T.Cast(index, 1)
                             row_token[row] = vc * TC + tt
