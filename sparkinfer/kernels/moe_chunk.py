@@ -103,8 +103,9 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
     index = sort_index_dtype(NT * KU)
 
     def valid(t: Expr, n_valid: tirx.Buffer) -> Expr:
-        in_chunk = t < n_valid[0]
-        return in_chunk if NT % TC == 0 else tirx.all(in_chunk, t < NT)
+        """Token t of a chunk is a valid one (the last chunk may run past T)."""
+        below_n_valid = t < n_valid[0]
+        return below_n_valid if NT % TC == 0 else tirx.all(below_n_valid, t < NT)
 
     @T.prim_func(private=True, s_tir=True)
     def func(ids: T.Buffer((NT, KU), "int32"), n_valid: T.Buffer((1,), "int32"),
