@@ -209,28 +209,41 @@ class _OneThreadRule(_CudaRule):
 
 
 class MoeSortCudaRule(_CudaRule):
-    """One thread block, a thread per expert (`moe_chunk.moe_sort`'s stages): the ids, counts
-    and starts in shared memory, so TVM puts a barrier between the stages; the copy and the
-    clearing stages spread over the same threads. (Reading the ids from global memory, the
-    sort took 244 us at T = 512 on an H200, the serial one 358.)"""
+    """One thread block of THREADS threads running `moe_chunk.moe_sort`'s stages one after the
+    other, each spread over them: a thread per chunk for the chunks' two passes, a thread per
+    expert for the rows' prefix sums, every thread for the copy and the clears. The staged
+    experts, the matrices, the totals and the starts are in shared memory, so TVM puts a
+    barrier between the stages. The matrices' rows are padded by a word: a thread per expert
+    walking its row then hits its own bank (an unpadded row is a multiple of 32 words, so a
+    warp's 32 rows would all start in one bank), while a chunk's column stays its thread.
+
+    Why: a thread per expert scanning all T * KU pairs twice (the ids staged in shared memory)
+    took 106 us at T = 512 on an H100 (bench/NOTES.md), each thread's 8192 shared loads with one
+    warp a scheduler to hide them; here each pair is read twice in all, by its chunk's thread,
+    and the chains of T * KU / C steps bound the kernel ("moe_sort by chunks" in
+    bench/NOTES.md has the prediction)."""
 
     family, factory = "moe_chunk", "moe_sort"
     enable_check = False  # the stages' plain loops and data-dependent stores
+    # The most a block holds: the copy's global loads (4 a thread at T = 512) all in flight at
+    # once, the clears' stores 8 a thread.
+    THREADS: ClassVar[int] = 1024
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        count, start = sch.get_sblock("count"), sch.get_sblock("start")
-        block = sch.get_loops(count)[0]
-        sch.bind(block, "blockIdx.x")
-        threads = int(sch.get(sch.get_loops(count)[1]).extent)  # E
-        sch.set_scope(count, 0, "shared")
-        sch.set_scope(start, 0, "shared")
-        # The ids, read by every thread twice, staged once in shared memory (T * KU ints:
-        # 16 KiB at T = 512): each read a broadcast a few cycles away, not a global load.
-        place = sch.get_sblock("place")
-        ids_shared = sch.cache_read(count, 0, "shared", consumer_blocks=[count, place])
-        sch.compute_at(ids_shared, block)
-        for name in ("ids_shared", "count", "start", "place", "clear_rows", "clear_pairs"):
-            spread_over_threads(sch, sch.get_loops(sch.get_sblock(name))[1:], threads)
+        sch.bind(sch.get_loops(sch.get_sblock("experts"))[0], "blockIdx.x")
+        for block, buffer in (("experts", "expert_of"), ("zero_counts", "count"), ("chunk_starts", "fill"),
+                              ("chunk_starts", "total"), ("expert_starts", "start")):
+            sch.set_scope(sch.get_sblock(block), buffer, "shared")
+        # The matrices' rows an odd number of words apart (the first buffer these blocks write:
+        # count, fill); the chunks' runs of experts an odd number of 16 bytes apart, so that the
+        # 8 threads of a quarter warp reading 16 bytes each of theirs hit all 32 banks.
+        bits = tvm.DataType(sch.get(sch.get_sblock("experts")).writes[0].source.dtype).bits
+        for block, unit_bytes in (("zero_counts", 4), ("chunk_starts", 4), ("experts", 16)):
+            unit = unit_bytes * 8 // bits
+            sch.storage_align(sch.get_sblock(block), 0, axis=0, factor=2 * unit, offset=unit)
+        for name in ("experts", "zero_counts", "count", "chunk_starts", "expert_starts", "place", "clear_rows",
+                     "clear_pairs"):
+            spread_over_threads(sch, sch.get_loops(sch.get_sblock(name))[1:], self.THREADS)
 
 
 class AdvanceChunkCudaRule(_OneThreadRule):

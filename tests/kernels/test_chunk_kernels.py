@@ -87,12 +87,22 @@ def test_router_topk_rows_matches_numpy(rng: np.random.Generator) -> None:
         np.testing.assert_allclose(weights[t], want_w, rtol=1e-6)
 
 
-def test_moe_sort_groups_valid_tokens_by_expert(rng: np.random.Generator) -> None:
-    rows, experts, used, n_valid = 9, 5, 2, 7
+@pytest.mark.parametrize("rows, experts, used, n_valid, skew", [
+    (9, 5, 2, 7, False),  # a token a chunk
+    (130, 128, 8, 129, False),  # chunks of 3 tokens, the last one of 1; a padding token
+    (512, 128, 8, 300, False),  # the GPUs' chunk, partly valid
+    (512, 128, 8, 512, True),  # every pair on one expert
+    (4096, 128, 8, 4001, False),  # 32768 pairs: int32 counts and starts
+], ids=["token-chunks", "partial-chunk", "T512-partial", "T512-one-expert", "int32"])
+def test_moe_sort_groups_valid_tokens_by_expert(rng: np.random.Generator, rows: int, experts: int, used: int,
+                                                n_valid: int, skew: bool) -> None:
     ids = np.stack([rng.choice(experts, used, replace=False) for _ in range(rows)]).astype(np.int32)
+    if skew:
+        ids[:] = 77
+    assert moe_chunk.sort_index_dtype(rows * used) == ("int32" if rows * used >= 2**15 else "int16")
     got = run_cpu(moe_chunk.moe_sort(rows, experts, used), ids, np.array([n_valid], np.int32),
-                  np.zeros(experts + 1, np.int32), np.zeros(rows * used, np.int32), np.zeros((rows, used), np.int32),
-                  n_out=3)
+                  np.full(experts + 1, -1, np.int32), np.full(rows * used, -1, np.int32),
+                  np.full((rows, used), -1, np.int32), n_out=3)
     offsets, row_token, row_of = moe_chunk.moe_sort_reference(ids, n_valid, experts)
     for a, b in zip(got, (offsets, row_token, row_of)):
         np.testing.assert_array_equal(a, b)

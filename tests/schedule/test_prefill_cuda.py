@@ -81,6 +81,17 @@ def test_row_kernels_and_the_sort_are_one_kernel_each(factory: str) -> None:
     assert f"{factory}_kernel_1" not in source
 
 
+def test_moe_sort_runs_a_thread_per_chunk_within_static_shared_memory() -> None:
+    """A 512-token chunk's sort: its chunks' passes on 64 threads of one block, the staged
+    experts and both [E, C] matrices in under 48 KiB of static shared memory (no opt-in)."""
+    mod = module(row_kernel("moe_sort"))
+    chunks = -(-4 * NT // moe_chunk.sort_chunk_tokens(4 * NT, E))
+    assert chunks == 64
+    assert f"if (((int)threadIdx.x) < {chunks})" in cuda_source(mod)
+    static, dynamic = targets.shared_memory_bytes(mod, "sm_90")["moe_sort_kernel"]
+    assert dynamic == 0 and static <= 48 * 1024
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, Q6_K_PLANAR], ids=lambda t: t.name)
 def test_gemm_with_half_operands_runs_on_tensor_cores(ggml_type: T) -> None:
     source = cuda_source(module(scheduled(gemm.gemm, "gemm", ggml_type, NT, NH * D, H, True)))
@@ -219,11 +230,13 @@ def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Gene
     np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
 
 
-@pytest.mark.parametrize("n_valid", [4 * NT, 300])
-def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_valid: int) -> None:
+@pytest.mark.parametrize("n_valid, one_expert", [(4 * NT, False), (300, False), (4 * NT, True)])
+def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_valid: int, one_expert: bool) -> None:
     tokens = 4 * NT
     ids = np.stack([rng.choice(E, KU, replace=False) for _ in range(tokens)]).astype(np.int32)
     ids[:40, 0] = 3  # one expert with many rows, and (by chance) some with none
+    if one_expert:  # the worst skew: every pair on one expert (its count column reaches T * KU)
+        ids[:] = E - 1
     offsets = gpu.tensor(np.full(E + 1, -1, np.int32))
     row_token, row_of = gpu.tensor(np.full(tokens * KU, -1, np.int32)), gpu.tensor(np.full((tokens, KU), -1, np.int32))
     gpu("moe_sort", gpu.tensor(ids), gpu.tensor(np.array([n_valid], np.int32)), offsets, row_token, row_of)
