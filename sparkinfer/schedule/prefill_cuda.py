@@ -569,6 +569,7 @@ class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
 
 
 WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
+P_UNROLL = 8  # P entries a thread computes side by side (of 32 a key tile at 64 rows x 64 keys)
 PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
 
 
@@ -636,14 +637,19 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
             sch.storage_align(b, index, axis=0, factor=row, offset=_row_padding(tile))
     rows = int(sch.get(sch.get_loops(blk("state_init"))[-1]).extent)
     warps = rows // WARP_ROWS
+    _scalars_in_registers(sch, ("pos", "n_valid"))
 
     def spread(loops: list[LoopRV]) -> None:
         _, warp, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, warps, 32])
         sch.bind(warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
 
-    for name in ("q_load", "weight"):
-        spread(sch.get_loops(blk(name))[-2:])
+    spread(sch.get_loops(blk("q_load"))[-2:])
+    # P: the thread's (row, key) entries P_UNROLL at a time, unrolled, so that their loads and
+    # exp chains overlap (a loop of one entry a trip waited out each chain's latency)
+    spread(sch.get_loops(blk("weight"))[-2:])
+    _, unrolled = sch.split(sch.get_loops(blk("weight"))[-3], [None, P_UNROLL])
+    sch.unroll(unrolled)
     for name in ("k_load", "v_load"):  # 8 halves (16 bytes) a thread a load
         _, warp, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [None, warps, 32, 8])
         sch.bind(warp, "threadIdx.y")
@@ -661,12 +667,28 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
         in_register = sch.cache_write(block, 0, "local")
         spread(sch.get_loops(block)[-2:-1])
         sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
+        sch.unroll(sch.get_loops(block)[-1])  # the loads side by side, not a branch a key
     for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
         def intrin(load_scope: str) -> dict[str, str]:
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
                                          out_dtype="float32", trans_b=b_transposed)  # noqa: B023
 
         _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"]})
+
+
+def _scalars_in_registers(sch: s_tir.Schedule, names: tuple[str, ...]) -> None:
+    """Each one-element parameter of `names` read once a thread into a register at the top of
+    the tile, for every step that reads it (nvcc kept the causal mask's pos[0] a global load
+    in each trip of the tile's max loop)."""
+    tile = sch.get_sblock("tile")
+    for name in names:
+        readers = [b for b in sch.get_child_blocks(tile) if _reads(sch, b, name)]
+        index = next(i for i, r in enumerate(sch.get(readers[0]).reads) if r.source.name == name)
+        sch.cache_read(readers[0], index, "local", consumer_blocks=readers)
+
+
+def _reads(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, name: str) -> bool:
+    return any(r.source.name == name for r in sch.get(block).reads)
 
 
 def _row_padding(tile: tvm.tirx.Buffer) -> int:
