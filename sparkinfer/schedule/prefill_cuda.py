@@ -603,8 +603,11 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     for one and would put a barrier in each iteration of a step that reads one and writes
     another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
     rows of a fragment load or store, and the rows that a row-per-thread step reads side by
-    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (190
-    registers a thread on sm_90a, no spills). The row state is one buffer
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (168
+    registers a thread on sm_90a, no spills). With 8 warps an SM nothing hides a step's latency,
+    so the steps are unrolled for overlap: P's entries (P_UNROLL a thread side by side: their
+    exp chains), the tile's max and sum (their loads), and pos and n_valid read once into
+    registers (bench/NOTES.md, "Prefill attention at long context"). The row state is one buffer
     a block (alpha, sum, max) because the planner cannot see through the let-bound
     (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
     """
