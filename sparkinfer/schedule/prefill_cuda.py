@@ -671,6 +671,13 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
         spread(sch.get_loops(block)[-2:-1])
         sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
         sch.unroll(sch.get_loops(block)[-1])  # the loads side by side, not a branch a key
+    # the tile max's S row into registers 16 bytes a load first: 4 wavefronts a warp a load on
+    # S's 68-float rows, not 4-way conflicts a key
+    block = blk("tile_max")
+    s_index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.name.startswith("s_"))
+    s_row = sch.cache_read(block, s_index, "local", consumer_blocks=[block])
+    sch.compute_at(s_row, sch.get_loops(block)[-2])
+    sch.vectorize(sch.split(sch.get_loops(s_row)[-1], [None, 4])[1])
     for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
         def intrin(load_scope: str) -> dict[str, str]:
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
