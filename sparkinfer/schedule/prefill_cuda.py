@@ -43,6 +43,7 @@ from sparkinfer.kernels.moe_chunk import (
 )
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
+from sparkinfer.schedule.attention import _read_index
 from sparkinfer.schedule.rope import schedule_head_blocks
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
@@ -603,7 +604,7 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     for one and would put a barrier in each iteration of a step that reads one and writes
     another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
     rows of a fragment load or store, and the rows that a row-per-thread step reads side by
-    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (168
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (167
     registers a thread on sm_90a, no spills). With 8 warps an SM nothing hides a step's latency,
     so the steps are unrolled for overlap: P's entries (P_UNROLL a thread side by side: their
     exp chains), the tile's max and sum (their loads), and pos and n_valid read once into
@@ -674,8 +675,8 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     # the tile max's S row into registers 16 bytes a load first: 4 wavefronts a warp a load on
     # S's 68-float rows, not 4-way conflicts a key
     block = blk("tile_max")
-    s_index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.name.startswith("s_"))
-    s_row = sch.cache_read(block, s_index, "local", consumer_blocks=[block])
+    s_tile = _read_index(sch, block, "s_shared.dyn")  # S as set_scope renamed it
+    s_row = sch.cache_read(block, s_tile, "local", consumer_blocks=[block])
     sch.compute_at(s_row, sch.get_loops(block)[-2])
     sch.vectorize(sch.split(sch.get_loops(s_row)[-1], [None, 4])[1])
     for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
@@ -692,13 +693,8 @@ def _scalars_in_registers(sch: s_tir.Schedule, names: tuple[str, ...]) -> None:
     in each trip of the tile's max loop)."""
     tile = sch.get_sblock("tile")
     for name in names:
-        readers = [b for b in sch.get_child_blocks(tile) if _reads(sch, b, name)]
-        index = next(i for i, r in enumerate(sch.get(readers[0]).reads) if r.source.name == name)
-        sch.cache_read(readers[0], index, "local", consumer_blocks=readers)
-
-
-def _reads(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, name: str) -> bool:
-    return any(r.source.name == name for r in sch.get(block).reads)
+        readers = [b for b in sch.get_child_blocks(tile) if any(r.source.name == name for r in sch.get(b).reads)]
+        sch.cache_read(readers[0], _read_index(sch, readers[0], name), "local", consumer_blocks=readers)
 
 
 def _row_padding(tile: tvm.tirx.Buffer) -> int:
