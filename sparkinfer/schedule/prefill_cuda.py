@@ -43,6 +43,7 @@ from sparkinfer.kernels.moe_chunk import (
 )
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts, cuda_target_attrs
+from sparkinfer.schedule.attention import _read_index
 from sparkinfer.schedule.rope import schedule_head_blocks
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
@@ -582,6 +583,7 @@ class GroupedGateUpSiluF16CudaRule(_GroupedGemmF16CudaRule):
 
 
 WARP_ROWS = 16  # rows of a tile a warp multiplies: one WMMA fragment high
+P_UNROLL = 8  # P entries a thread computes side by side (of 32 a key tile at 64 rows x 64 keys)
 PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
 
 
@@ -615,8 +617,11 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     for one and would put a barrier in each iteration of a step that reads one and writes
     another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
     rows of a fragment load or store, and the rows that a row-per-thread step reads side by
-    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (190
-    registers a thread on sm_90a, no spills). The row state is one buffer
+    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (167
+    registers a thread on sm_90a, no spills). With 8 warps an SM nothing hides a step's latency,
+    so the steps are unrolled for overlap: P's entries (P_UNROLL a thread side by side: their
+    exp chains), the tile's max and sum (their loads), and pos and n_valid read once into
+    registers (bench/NOTES.md, "Prefill attention at long context"). The row state is one buffer
     a block (alpha, sum, max) because the planner cannot see through the let-bound
     (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
     """
@@ -649,14 +654,19 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
             sch.storage_align(b, index, axis=0, factor=row, offset=_row_padding(tile))
     rows = int(sch.get(sch.get_loops(blk("state_init"))[-1]).extent)
     warps = rows // WARP_ROWS
+    _scalars_in_registers(sch, ("pos", "n_valid"))
 
     def spread(loops: list[LoopRV]) -> None:
         _, warp, lane = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, warps, 32])
         sch.bind(warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
 
-    for name in ("q_load", "weight"):
-        spread(sch.get_loops(blk(name))[-2:])
+    spread(sch.get_loops(blk("q_load"))[-2:])
+    # P: the thread's (row, key) entries P_UNROLL at a time, unrolled, so that their loads and
+    # exp chains overlap (a loop of one entry a trip waited out each chain's latency)
+    spread(sch.get_loops(blk("weight"))[-2:])
+    _, unrolled = sch.split(sch.get_loops(blk("weight"))[-3], [None, P_UNROLL])
+    sch.unroll(unrolled)
     for name in ("k_load", "v_load"):  # 8 halves (16 bytes) a thread a load
         _, warp, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [None, warps, 32, 8])
         sch.bind(warp, "threadIdx.y")
@@ -674,12 +684,30 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
         in_register = sch.cache_write(block, 0, "local")
         spread(sch.get_loops(block)[-2:-1])
         sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
+        sch.unroll(sch.get_loops(block)[-1])  # the loads side by side, not a branch a key
+    # the tile max's S row into registers 16 bytes a load first: 4 wavefronts a warp a load on
+    # S's 68-float rows, not 4-way conflicts a key
+    block = blk("tile_max")
+    s_tile = _read_index(sch, block, "s_shared.dyn")  # S as set_scope renamed it
+    s_row = sch.cache_read(block, s_tile, "local", consumer_blocks=[block])
+    sch.compute_at(s_row, sch.get_loops(block)[-2])
+    sch.vectorize(sch.split(sch.get_loops(s_row)[-1], [None, 4])[1])
     for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
         def intrin(load_scope: str) -> dict[str, str]:
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
                                          out_dtype="float32", trans_b=b_transposed)  # noqa: B023
 
         _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"]})
+
+
+def _scalars_in_registers(sch: s_tir.Schedule, names: tuple[str, ...]) -> None:
+    """Each one-element parameter of `names` read once a thread into a register at the top of
+    the tile, for every step that reads it (nvcc kept the causal mask's pos[0] a global load
+    in each trip of the tile's max loop)."""
+    tile = sch.get_sblock("tile")
+    for name in names:
+        readers = [b for b in sch.get_child_blocks(tile) if any(r.source.name == name for r in sch.get(b).reads)]
+        sch.cache_read(readers[0], _read_index(sch, readers[0], name), "local", consumer_blocks=readers)
 
 
 def _row_padding(tile: tvm.tirx.Buffer) -> int:
