@@ -2,7 +2,8 @@
 time on an H200 and what the next step is):
 
   - gemm: with float16 operands dlight's tensor-core (WMMA) matmul, the dequantization fused
-    into its shared-memory tile loads; with float32 operands (the router) dlight's SIMT Matmul;
+    into its shared-memory tile loads, K split over blocks where the output tiles are fewer than
+    the SMs (`GemmKnobs`); with float32 operands (the router) dlight's SIMT Matmul;
   - the row kernels (norms, router top-k, RoPE + KV append, the MoE combine, the sort) have
     hand-made rules: the decode kernels' schedules a thread block per row (schedule/norm.py,
     schedule/router.py), or below;
@@ -88,27 +89,200 @@ class DlightCudaRule(_CudaRule):
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmKnobs(Knobs):
+    """k_splits: thread blocks sharing each output tile's K (split-K; tensor-core form only):
+    block s sums its K / k_splits into tile s of a float32 workspace [k_splits, T, N], and a
+    second kernel adds the k_splits partial tiles into y (1: one kernel, no workspace).
+    Structural: it changes the grid and adds the kernel and the workspace."""
+
+    k_splits: int
+
+
 class GemmCudaRule(_CudaRule):
-    """The dense dequantizing GEMM: with float16 operands (`kernels.gemm`'s half_operands)
-    dlight's tensor-core matmul (WMMA 16x16x16 fragments, float32 accumulators, the
-    dequantization fused into the shared-memory tile loads, double-buffered); else its SIMT
-    Matmul (~6.8 TFLOP/s on an H200 at 128 x 2048 x 4096, bench/NOTES.md). dlight's Matmul
-    would pick the tensor cores itself, but it reads the arch number from the target and
-    "sm_90a" is not a number to it."""
+    """The dense dequantizing GEMM: with float16 operands (`kernels.gemm`'s half_operands) on
+    tensor cores (`schedule_tensor_core_gemm`: dlight's WMMA matmul, split-K by `GemmKnobs`);
+    else dlight's SIMT Matmul (~6.8 TFLOP/s on an H200 at 128 x 2048 x 4096, bench/NOTES.md),
+    or `schedule_float_gemm` for whole tiles of float32 weights (the router)."""
 
     family, factory = "gemm", "gemm"
+    knobs_type = GemmKnobs
+    K_SPLITS: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32)
+
+    @staticmethod
+    def _half_operands(use: KernelUse) -> bool:
+        return len(use.args) > 4 and bool(use.args[4])
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        """Split-K with float16 operands: the K_SPLITS that leave every split a whole number of
+        at least two K tiles (the software pipeline's two stages); float32 operands: 1."""
+        k = factory_args(use)[3]
+        least = 2 * TC_GEMM_TILE[2]
+        return {"k_splits": (1,) + tuple(s for s in self.K_SPLITS[1:]
+                                         if self._half_operands(use) and k % (s * least) == 0)}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("k_splits",)
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> GemmKnobs:
+        """The most splits whose blocks still fit one wave (one block an SM: the WMMA tile's
+        512 threads at 128 registers take an SM's 64 K registers): at 512 tokens on an H100 K and
+        V (16 output tiles) split 8 ways, O (64 tiles, K = 4096) 2 ways, Q (128 tiles) not at
+        all (bench/NOTES.md, "Split-K for the dense GEMMs")."""
+        t, n = factory_args(use)[1:3]
+        rows, cols, _ = TC_GEMM_TILE
+        tiles = math.ceil(t / rows) * math.ceil(n / cols)
+        return GemmKnobs(max(s for s in self.space(use, facts)["k_splits"] if s == 1 or tiles * s <= facts.sms))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir import dlight as dl
 
-        half_operands = len(use.args) > 4 and bool(use.args[4])
+        assert isinstance(knobs, GemmKnobs)
         ggml_type, t, n = factory_args(use)[:3]
+        if self._half_operands(use):
+            schedule_tensor_core_gemm(sch, knobs.k_splits)
+            return
         rows, cols, _ = FLOAT_GEMM_TILE
-        if not half_operands and ggml_type == GGMLQuantizationType.F32 and t % rows == 0 and n % cols == 0:
+        if ggml_type == GGMLQuantizationType.F32 and t % rows == 0 and n % cols == 0:
             schedule_float_gemm(sch)
             return
-        rules = (dl.gpu.matmul.MatmulTensorization(),) if half_operands else ()
-        apply_dlight(sch, use, facts, (*rules, dl.gpu.Matmul()))
+        apply_dlight(sch, use, facts, (dl.gpu.Matmul(),))
+
+
+# The tensor-core GEMM's thread block: TC_GEMM_WARPS warps (rows x columns) each owning
+# TC_GEMM_FRAGMENTS 16 x 16 accumulator fragments, so a 128 x 128 output tile, over K tiles of
+# 64 (dlight's MatmulTensorization's configuration, measured in bench/NOTES.md).
+TC_GEMM_WARPS = (4, 4)
+TC_GEMM_FRAGMENTS = (2, 2)
+TC_GEMM_TILE = (128, 128, 64)  # rows, columns, K: the warps' fragments
+WMMA = 16  # a fragment's side
+TC_GEMM_SUM_THREADS = 256  # the split-K sum's threads a block, an output each
+
+
+def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
+    """`gemm` with float16 operands on WMMA 16x16x16 fragments (float32 accumulators), as dlight's
+    MatmulTensorization schedules it (its steps, replayed here so that K can be split): a block
+    of 16 warps per 128 x 128 output tile, K tiles of 64 double-buffered in dynamic shared memory
+    (the x rows and the weights, each dequantized on its way in: the decode is inlined into the
+    tile loads), each warp 2 x 2 accumulator fragments, stored through shared memory.
+
+    With k_splits > 1 the reduction over K is first split (rfactor): the tensor-core kernel gets
+    k_splits blocks per output tile (blockIdx.z the split, x the row tile, y the column), block s
+    summing K range s into the workspace gemm_rf[s] (TVM allocates it in the host function:
+    TVMBackendAllocWorkspace), and a second kernel sums the splits into y, a thread an output.
+    Why: a 128 x 128 tile is one block an SM (128 registers a thread, bench/NOTES.md), so a
+    GEMM of few output tiles leaves SMs idle however long its K: at 512 tokens K and V (N = 512)
+    are 16 blocks on an H100's 132 SMs, O (N = 2048, K = 4096) 64 blocks, 74 and 142 us a launch
+    where Q (128 blocks) takes 74 us for as many FLOPs as O. (Other tile shapes are not offered:
+    TVM 0.27's shared-memory merge typed the float32 accumulator staging as float16 for every
+    tile but 128 x 128 tried, failing the WMMA store's pointer check.)"""
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_producers, get_index_map
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    main = total = sch.get_sblock("gemm")
+    if k_splits > 1:
+        i, j, k = sch.get_loops(main)
+        split, _ = sch.split(k, [k_splits, None])
+        main = sch.rfactor(split, factor_axis=0)  # gemm_rf[s, i, j]; `total` now sums over s
+        i, j, split, k = sch.get_loops(main)
+        sch.reorder(split, i, j, k)  # the block's iters in loop order, as transform_block_layout needs
+    # C[S, I, J] += A[S, I, K] B[S, J, K] (S: the split, or a unit batch), padded to whole tiles
+    reindex_a, reindex_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
+    reindex_c = sch.reindex(main, ("write", 0))
+    index_maps = get_index_map(sch.get(main))
+    assert index_maps is not None
+    matmul_map, a_map, b_map, c_map = index_maps
+    sch.transform_layout(reindex_a, ("write", 0), a_map)
+    sch.transform_layout(reindex_b, ("write", 0), b_map)
+    sch.transform_layout(reindex_c, ("read", 0), c_map)
+    sch.transform_block_layout(main, matmul_map)
+    rows, cols, k_tile = TC_GEMM_TILE
+    sch.pad_einsum(main, [1, rows, cols, k_tile])
+
+    batch, i, j, k = sch.get_loops(main)
+    i, i16 = sch.split(i, [None, WMMA])
+    j, j16 = sch.split(j, [None, WMMA])
+    k, k16 = sch.split(k, [None, WMMA])
+    sch.reorder(i, j, k, i16, j16, k16)
+    mma = sch.blockize(i16)
+    warps_i, warps_j = TC_GEMM_WARPS
+    frags_i, frags_j = TC_GEMM_FRAGMENTS
+    # (row tile, 1, warp, fragment) and (1, column tile, warp, fragment), as dlight splits them
+    i0, i1, i2, i3 = sch.split(i, [None, 1, warps_i, frags_i])
+    j0, j1, j2, j3 = sch.split(j, [1, None, warps_j, frags_j])
+    k0, k1 = sch.split(k, [None, k_tile // WMMA])
+    # dlight's software pipeline: the next K tile's global loads issued before this one's MMAs
+    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+    sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
+    sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
+    sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
+    sch.reorder(i0, j0, i1, j1, j2, i2, k0, k1, i3, j3)
+    sch.bind(batch, "blockIdx.z")  # the split
+    sch.bind(sch.fuse(i0, j0), "blockIdx.x")  # the row tile
+    sch.bind(sch.fuse(i1, j1), "blockIdx.y")  # the column tile
+    warp = sch.fuse(j2, i2)
+    sch.bind(warp, "threadIdx.y")
+    warps = warps_i * warps_j
+    vector = 4
+
+    def fetch_to_shared(index: int) -> None:
+        """Operand `index`'s K tile into dynamic shared memory, 4 elements a thread a load (its
+        producers, the decode or the float16 rounding, inlined into the load)."""
+        tile = sch.cache_read(mma, index, "shared.dyn")
+        sch.compute_at(tile, k0)
+        _, ty, tx, vec = sch.split(sch.fuse(*sch.get_loops(tile)[-2:]), [None, warps, 32, vector])
+        sch.bind(tx, "threadIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        sch.vectorize(vec)
+        sch.storage_align(tile, 0, axis=-2, factor=16, offset=8)  # rows 16 bytes off: fragment loads
+        sch.annotate(tile, "tirx.manifest_shared_memory_local_stage", 1)
+        sch.annotate(tile, "double_buffer_scope", 0)
+        auto_inline_producers(sch, tile)
+
+    fetch_to_shared(0)
+    fetch_to_shared(1)
+    a_frag = sch.cache_read(mma, 0, "wmma.matrix_a")
+    b_frag = sch.cache_read(mma, 1, "wmma.matrix_b")
+    sch.compute_at(a_frag, k1)
+    sch.compute_at(b_frag, k1)
+    staged = sch.cache_write(mma, 0, "shared.dyn")  # the accumulators, through shared memory
+    store = sch.cache_write(mma, 0, "wmma.accumulator")
+    sch.reverse_compute_at(store, warp)
+    sch.reverse_compute_at(staged, warp)
+    si, sj = sch.get_loops(store)[-2:]
+    si0, si1 = sch.split(si, [None, WMMA])
+    sj0, sj1 = sch.split(sj, [None, WMMA])
+    sch.reorder(si0, sj0, si1, sj1)
+    init = sch.decompose_reduction(mma, k0)
+
+    intrins = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn", in_dtype="float16",
+                                    out_dtype="float32", trans_b=True)
+    for block, name in ((a_frag, "load_a"), (b_frag, "load_b")):
+        fi, fj = sch.get_loops(block)[-2:]
+        fi0, fi1 = sch.split(fi, [None, WMMA])
+        fj0, fj1 = sch.split(fj, [None, WMMA])
+        sch.reorder(fi0, fj0, fi1, fj1)
+        sch.unroll(fi0)
+        sch.unroll(fj0)
+        sch.tensorize(fi1, intrins[name])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrins["init"])
+    sch.tensorize(sch.get_loops(store)[-2], intrins["store"])
+    sch.tensorize(sch.get_loops(main)[-3], intrins["compute"])
+    # the staged tile written out 4 floats a thread, straight into y or the split's partial
+    # tile (the copies out of C's reindex buffer and the padding inlined)
+    while copies := [c for c in sch.get_consumers(staged) if k_splits == 1 or not sch.get(c).same_as(sch.get(total))]:
+        for copy in copies:
+            sch.reverse_compute_inline(copy)
+    _, tx, vec = sch.split(sch.fuse(*sch.get_loops(staged)[-2:]), [None, 32, vector])
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+    if k_splits > 1:
+        i, j, _ = sch.get_loops(total)
+        blocks, threads = sch.split(sch.fuse(i, j), [None, TC_GEMM_SUM_THREADS])
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(threads, "threadIdx.x")
+        in_register = sch.cache_write(total, 0, "local")
+        sch.reverse_compute_at(in_register, threads)
 
 
 FLOAT_GEMM_TILE = (8, 32, 32)  # rows (tokens), columns (outputs), K a step: 256 threads, a thread an output

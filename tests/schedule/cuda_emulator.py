@@ -5,9 +5,10 @@ fragments against numpy without a GPU.
 
 `EmulatedGpu(mod)` has `Gpu`'s interface (cuda_testutil: `tensor`, `poisoned`, calls by symbol).
 It lowers `mod` for sm_90 as `targets.build` does, reads from the device functions each kernel's
-launch extents and parameters and from the host function the order of its launches, and
-compiles a symbol's kernels with g++ against cuda_emulator.h on its first call (one CUDA thread
-a fiber: see the header for what this does and does not check). Tens of thousands of times
+launch extents and parameters and from the host function the order of its launches and the
+workspaces it allocates for them (NaN-filled arrays here), and compiles a symbol's kernels with
+g++ against cuda_emulator.h on its first call (one CUDA thread a fiber: see the header for what
+this does and does not check). Tens of thousands of times
 slower than a GPU: tests give it the shapes a GPU test uses only where those are small.
 """
 
@@ -73,6 +74,7 @@ class EmulatedGpu:
         kernels = {str(gv.name_hint): f for gv, f in device.functions.items()}
         self._source = source
         self._launches = {str(gv.name_hint): _launches(f, kernels, source) for gv, f in host.functions.items()}
+        self._workspaces = {str(gv.name_hint): _workspaces(f) for gv, f in host.functions.items()}
         self._libraries: dict[str, ctypes.CDLL] = {}
         self._build_dir = tempfile.TemporaryDirectory(prefix="cuda-emulator-")
 
@@ -86,6 +88,8 @@ class EmulatedGpu:
     def __call__(self, symbol: str, *args: EmulatedTensor | int) -> None:
         func = self._funcs[symbol]
         values = _bind_arguments(func, args)
+        for name, (shape, dtype) in self._workspaces[symbol].items():  # NaN where floats: read before written fails
+            values[name] = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype)
         library = self._library(symbol)
         for launch in self._launches[symbol]:
             extents = [_evaluate(launch.extents.get(f"{kind}.{d}", 1), values)
@@ -145,6 +149,14 @@ def _launches(host_func: tvm.tirx.PrimFunc, kernels: dict[str, tvm.tirx.PrimFunc
                        if isinstance(s, tvm.tirx.AttrStmt) and s.attr_key == "thread_extent"}
             launches.append(Launch(name.value, _signature(source, name.value), extents))
     return launches
+
+
+def _workspaces(host_func: tvm.tirx.PrimFunc) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The global buffers `host_func` allocates for its kernels (TVM's workspaces, e.g. a
+    split-K GEMM's partial sums), by the kernels' name for their data: (shape, dtype)."""
+    return {_c_name(str(s.buffer.name)) + "_ptr": (tuple(int(d) for d in s.buffer.shape), str(s.buffer.dtype))
+            for s in _statements(host_func.body)
+            if isinstance(s, tvm.tirx.AllocBuffer) and s.buffer.scope() == "global"}
 
 
 def _signature(source: str, kernel: str) -> tuple[tuple[str, str], ...]:

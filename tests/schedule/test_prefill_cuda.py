@@ -15,6 +15,7 @@ from sparkinfer.kernels.testing import assert_gemv_close, random_weights, rope_a
 from sparkinfer.reference.qwen3moe import rms_norm
 from sparkinfer.kernels.use import kernel_factory
 from sparkinfer.schedule.arch import arch_facts
+from sparkinfer.schedule.prefill_cuda import GemmCudaRule, GemmKnobs
 from sparkinfer.schedule.space import kernel_use, rule_for
 
 from cuda_testutil import (
@@ -23,6 +24,8 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     cuda_source,
     gpu_fixture,
+    kernel_body,
+    kernel_definition,
     main,
     module,
     needs_nvcc,
@@ -130,6 +133,17 @@ HALF_GEMMS = {gemm.gemm_symbol(t, NT, n, k, True): (t, NT, n, k, True)
                               (T.Q4_K, H, NH * D))}
 
 
+# split-K by knob (GemmKnobs), small enough for the emulator: one row tile padded (16 tokens) over
+# 2 splits, and the unsplit form (the 512-token Q's default)
+SPLIT_GEMMS = {f"{gemm.gemm_symbol(t, rows, n, k, True)}_split{splits}": ((t, rows, n, k, True), splits)
+               for t, rows, n, k, splits in ((T.Q6_K, 16, 128, 512, 2), (T.Q4_K, 128, 256, 512, 1))}
+
+
+def split_gemm(name: str) -> tvm.tirx.PrimFunc:
+    args, splits = SPLIT_GEMMS[name]
+    return scheduled(gemm.gemm, "gemm", *args, knobs=GemmKnobs(splits)).with_attr("global_symbol", name)
+
+
 # float32 weights (the router's): its shape (whole 8 x 32 tiles), and one with a partial tile
 # (12 outputs: dlight's Matmul)
 FLOAT_GEMMS = {gemm.gemm_symbol(T.F32, t, n, k): (T.F32, t, n, k) for t, n, k in ((NT, E, H), (16, 12, 256))}
@@ -146,6 +160,7 @@ def float_gemm(name: str) -> tvm.tirx.PrimFunc:
 def kernels_module() -> tvm.IRModule:
     return tvm.IRModule({**{name: row_kernel(name) for name in ROW_KERNELS},
                          **{name: half_gemm(name) for name in HALF_GEMMS},
+                         **{name: split_gemm(name) for name in SPLIT_GEMMS},
                          **{name: float_gemm(name) for name in FLOAT_GEMMS}})
 
 
@@ -254,6 +269,48 @@ def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.G
     magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
     assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
 
+
+@pytest.mark.parametrize("name", list(SPLIT_GEMMS))
+def test_gemm_split_k_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
+    (ggml_type, rows, n, k, _), _ = SPLIT_GEMMS[name]
+    data = random_weights(ggml_type, (n, k), rng)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    y = gpu.poisoned((rows, n))
+    gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
+    assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
+
+
+def test_gemm_splits_k_while_its_blocks_fit_one_wave() -> None:
+    """One 128 x 128 tile a block, one block an SM: K and V (N = 512) of a 512-token chunk are 16
+    tiles, O 64, Q 128; a split keeps at least two K tiles of 64."""
+    rule = GemmCudaRule()
+
+    def splits(t: int, n: int, k: int, arch: str = "sm_90", ggml_type: T = T.Q4_K) -> int:
+        use = kernel_use("gemm", "gemm", ggml_type, t, n, k, True)
+        knobs = rule.default(use, arch_facts(arch))
+        assert isinstance(knobs, GemmKnobs) and knobs.k_splits in rule.space(use, arch_facts(arch))["k_splits"]
+        return knobs.k_splits
+
+    assert [splits(512, n, k) for n, k in ((NH * D, H), (NKV * D, H), (H, NH * D))] == [1, 8, 2]  # Q, K/V, O
+    assert splits(512, NKV * D, H, ggml_type=T.Q6_K) == 8
+    assert splits(128, NKV * D, H) == 16  # 4 tiles; 32 splits would leave one K tile each
+    assert splits(512, NKV * D, H, "sm_121") == 2  # 48 SMs
+    assert splits(NT, 151936, H) == 1  # the LM head of `score`
+    assert rule.space(kernel_use("gemm", "gemm", T.Q4_K, 128, 512, 256, True), arch_facts("sm_90")) == {"k_splits": (1, 2)}
+    assert rule.space(kernel_use("gemm", "gemm", T.F32, NT, E, H), arch_facts("sm_90")) == {"k_splits": (1,)}
+
+
+def test_split_k_gemm_sums_the_splits_in_a_second_kernel() -> None:
+    """The split tensor-core kernel writes its partial tiles to a workspace (gemm_rf) that a
+    second kernel sums into y; unsplit, one kernel writes y."""
+    split, whole = (cuda_source(module(scheduled(gemm.gemm, "gemm", T.Q4_K, 512, NKV * D, H, True,
+                                                 knobs=GemmKnobs(s)).with_attr("global_symbol", "g")))
+                    for s in (8, 1))
+    tiles, partials = kernel_body(split, "g"), kernel_definition(split, "g_kernel_1")
+    assert "wmma::mma_sync" in tiles and "gemm_rf_ptr" in tiles and "gemm_ptr" not in tiles
+    assert "gemm_rf_ptr" in partials and "gemm_ptr[" in partials and "wmma" not in partials
+    assert "g_kernel_1" not in whole and "gemm_rf" not in whole
 
 
 @pytest.mark.parametrize("name", list(FLOAT_GEMMS))
