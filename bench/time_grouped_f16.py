@@ -70,7 +70,7 @@ def prepare(arch: str) -> None:
         grid = [GroupedF16Knobs(splits, warps, k_tile, 1) for splits in ROW_SPLITS for warps in WARPS_M
                 for k_tile in space["k_tile"] if warps in space["warps_m"] and splits in space["row_splits"]]
         for knobs in [default, *(g for g in grid if g != default)]:
-            name = "default" if knobs == default else "s{}w{}k{}".format(knobs.row_splits, knobs.warps_m, knobs.k_tile)
+            name = "default" if knobs == default else f"s{knobs.row_splits}w{knobs.warps_m}k{knobs.k_tile}"
             symbol = f"{kernel}_{name}"
             funcs[symbol] = schedule_kernel(factory(*args), use, facts, knobs).with_attr("global_symbol", symbol)
             listing[symbol] = {"kernel_key": kernel_key(use), "knobs": knobs.to_json()}

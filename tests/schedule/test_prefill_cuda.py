@@ -259,26 +259,27 @@ def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_val
         np.testing.assert_array_equal(got.numpy(), want)
 
 
-@pytest.mark.parametrize("name", list(HALF_GEMMS))
-def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
-    ggml_type, rows, n, k, _ = HALF_GEMMS[name]
+def check_half_gemm(gpu: Gpu, rng: np.random.Generator, name: str, ggml_type: int, rows: int, n: int,
+                    k: int) -> None:
+    """Kernel `name` (a float16-operand gemm of these sizes) on fresh random inputs against numpy."""
     data = random_weights(ggml_type, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     y = gpu.poisoned((rows, n))
     gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
     magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
     assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
+
+
+@pytest.mark.parametrize("name", list(HALF_GEMMS))
+def test_gemm_with_half_operands_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
+    ggml_type, rows, n, k, _ = HALF_GEMMS[name]
+    check_half_gemm(gpu, rng, name, ggml_type, rows, n, k)
 
 
 @pytest.mark.parametrize("name", list(SPLIT_GEMMS))
 def test_gemm_split_k_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
     (ggml_type, rows, n, k, _), _ = SPLIT_GEMMS[name]
-    data = random_weights(ggml_type, (n, k), rng)
-    x = rng.standard_normal((rows, k), dtype=np.float32)
-    y = gpu.poisoned((rows, n))
-    gpu(name, gpu.tensor(weight_view(ggml_type, data)), gpu.tensor(x), y)
-    magnitude = np.abs(x).astype(np.float64) @ np.abs(dequantize_rows(ggml_type, data, k)).T
-    assert_gemv_close(y.numpy(), gemm.gemm_reference(ggml_type, data, x, half_operands=True), magnitude)
+    check_half_gemm(gpu, rng, name, ggml_type, rows, n, k)
 
 
 def test_gemm_splits_k_while_its_blocks_fit_one_wave() -> None:
