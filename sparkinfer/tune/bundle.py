@@ -32,7 +32,7 @@ from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.tune.runner import FORMAT, INDEX, sample_inputs, versions
 from sparkinfer.tune.search import SearchConfig, propose, records, replay
-from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, space_trace, trace_knobs
+from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, trace_knobs, traces_knobs
 
 Log = Callable[[str], None]
 
@@ -109,15 +109,8 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
 
 
 def current_knobs(task: TuneTask, recorded: Sequence[ms.database.TuningRecord]) -> list[dict[str, Any]]:
-    """The knobs of the records made under the rule's current form (`space_trace`)."""
-    spaces = task.spaces()
-    known = []
-    for record in recorded:
-        try:
-            known.append(task.knobs_of(space_trace(task, record.trace, spaces)))
-        except StaleTraceError:
-            continue
-    return known
+    """The knobs of the records made under the rule's current form (`traces_knobs`)."""
+    return [knobs for knobs in traces_knobs(task, [r.trace for r in recorded]) if knobs is not None]
 
 
 def _last_line(e: BaseException) -> str:

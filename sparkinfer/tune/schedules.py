@@ -19,18 +19,11 @@ from sparkinfer.schedule.schedules import TUNED, ScheduleEntry, SchedulesFile
 from sparkinfer.tune.database import measurements
 from sparkinfer.tune.runner import versions
 from sparkinfer.tune.search import records
-from sparkinfer.tune.task import StaleTraceError, TuneTask, trace_knobs
+from sparkinfer.tune.task import TuneTask, traces_knobs
 
 
 def _median_us(run_secs: Any) -> float:
     return statistics.median(float(s) for s in run_secs) * 1e6
-
-
-def _knobs(task: TuneTask, trace: Any) -> dict[str, Any] | None:
-    try:
-        return trace_knobs(task, trace)
-    except StaleTraceError:
-        return None
 
 
 def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dict[str, Any]],
@@ -39,7 +32,9 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     an older form of the kernel's schedule rule (their knobs unreadable now) do not count, nor
     does a measurement of a default other than the rule's current one."""
     recorded = records(task, database)
-    timed = [(r, knobs) for r in recorded if r.run_secs and (knobs := _knobs(task, r.trace)) is not None]
+    measured = [r for r in recorded if r.run_secs]
+    timed = [(r, knobs) for r, knobs in zip(measured, traces_knobs(task, [r.trace for r in measured]))
+             if knobs is not None]
     if not timed:
         return None
     best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))

@@ -108,6 +108,19 @@ def trace_knobs(task: TuneTask, trace: s_tir.Trace) -> dict[str, Any]:
     return task.knobs_of(space_trace(task, trace, task.spaces()))
 
 
+def traces_knobs(task: TuneTask, traces: list[s_tir.Trace]) -> list[dict[str, Any] | None]:
+    """Each trace's knobs (`space_trace`, the design spaces built once), None for a trace of an
+    older form of the rule (a record its knobs no longer read from)."""
+    spaces = task.spaces()
+    knobs: list[dict[str, Any] | None] = []
+    for trace in traces:
+        try:
+            knobs.append(task.knobs_of(space_trace(task, trace, spaces)))
+        except StaleTraceError:
+            knobs.append(None)
+    return knobs
+
+
 def space_trace(task: TuneTask, trace: s_tir.Trace, spaces: list[s_tir.Schedule]) -> s_tir.Trace:
     """The full trace of the design space (of `spaces`, the task's) that `trace` is a trace of,
     simplified or not, with `trace`'s decisions.
