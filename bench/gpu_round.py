@@ -22,26 +22,11 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 10 (bench/NOTES.md, "Session 10"):
-# - tuned_r3: tuning round 3's picks that sm_90.json does not hold yet and that beat their
-#   defaults alone by 13-21 % (the planar LM head, the planar Q6_K MoE down at 8 rows a block);
-#   its gate/up pick is round 2's, already slower in the step, so it stays out; and the 512-token
-#   chunk's grouped downs at the knobs that `bench/time_grouped_f16.py run` timed fastest alone on
-#   an H200 (12-24 % under the rule's defaults on all three routings; the gate/up's default was
-#   the fastest there). Decode picks and T-token-step picks are different kernels, so the
-#   variant's decode and prefill times each answer for their own.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"tuned_r3": {}}
-VARIANT_KNOBS = {
-    "tuned_r3": {
-        "gemv.gemv('Q6_K_PLANAR', 151936, 2048)": {"lanes": 4, "rows": 8, "rows_per_thread": 2, "unroll": 16,
-                                                   "vector_header": 0},
-        "moe.moe_down_residual('Q6_K_PLANAR', 128, 8, 2048, 768)": {"lanes": 16, "rows": 8, "rows_per_thread": 2,
-                                                                    "unroll": 256, "vector_header": 0},
-        "moe_chunk.grouped_gemm_f16('Q6_K_PLANAR', 128, 4096, 2048, 768)": {"row_splits": 1, "warps_m": 4,
-                                                                            "k_tile": 256, "word_runs": 1},
-        "moe_chunk.grouped_gemm_f16('Q4_K', 128, 4096, 2048, 768)": {"row_splits": 1, "warps_m": 2, "k_tile": 64,
-                                                                     "word_runs": 1}}}
-VARIANT_CHUNKED: set[str] = {"tuned_r3"}
+# under 64 MiB). None now: session 11 put tuning round 4's picks into sm_90.json (bench/NOTES.md,
+# "Session 11").
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
+VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.

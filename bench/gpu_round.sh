@@ -206,14 +206,15 @@ stage_variants() {
   done
   # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
   # modules fill their depth token by token. The base twice, first and last: the spread of one call.
-  # Modules with T-token steps (the base, VARIANT_CHUNKED) time a 4096-token prompt's prefill too.
+  # Modules with T-token steps (the base, VARIANT_CHUNKED) time the prefill of a 4096-token prompt
+  # and of a 1024-token one (between chunk sizes: engine.plan_chunks' choice) too.
   local chunked
   chunked=" $(python3 bench/gpu_round.py get variants_chunked) "
   for name in base "${names[@]}" base-again; do
     local key=${name}_module json=decode-variant-$name.json prompt=128
     case $name in base*) key=full_module ;; esac
-    case $name in base*) prompt=4096 ;; esac
-    [[ $chunked == *" $name "* ]] && prompt=4096
+    case $name in base*) prompt=1024,4096 ;; esac
+    [[ $chunked == *" $name "* ]] && prompt=1024,4096
     module=$(python3 bench/gpu_round.py get $key) bench_json $json 60 30 \
       --depths 128 --prompts $prompt --reps 5 --sync-every-token || rc=1
     returns $json

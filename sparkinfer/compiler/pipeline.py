@@ -90,11 +90,11 @@ CPU_SPLITS = 1
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
 # its build small (128 amortises each weight's dequantization over 128 tokens). The GPUs cut
-# prompts into 512s and finish in a 128 or a 512: on the H200 this step passed the full-size
-# accuracy gate and prefilled 2283-2305 tok/s at 128 tokens where the token loop did 248, and
-# 3267 tok/s at 4096 (bench/NOTES.md, "The short H200 run").
+# long prompts into 2048s (engine.plan_chunks): an expert then multiplies ~128 tokens a chunk,
+# not ~32, and on an H100 4096 tokens took 0.373 s as two 2048s where eight 512s took 0.415 s
+# (bench/NOTES.md, "Session 11").
 DEFAULT_PREFILL_CHUNKS: dict[str, tuple[int, ...]] = {
-    "cpu": (128,), **{arch: (128, 512) for arch in targets.ARCHS if arch != "cpu"}}
+    "cpu": (128,), **{arch: (128, 512, 2048) for arch in targets.ARCHS if arch != "cpu"}}
 
 
 def default_prefill_chunks(arch: str) -> tuple[int, ...]:

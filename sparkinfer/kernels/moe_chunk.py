@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 import numpy.typing as npt
-from tvm import tirx
+from tvm import DataType, tirx
 
 from sparkinfer.kernels.gemm import dequant_tile_value, split_k
 from sparkinfer.kernels.gemv import dequantize_rows, gemv_format
@@ -57,22 +57,35 @@ K_TILE = 256
 
 # Entries of each of moe_sort's two matrices [E, chunks] (the chunks' counts and starts, 2 bytes
 # each up to 32767 pairs): on a GPU both sit in the block's shared memory beside the staged
-# experts (2 bytes a pair), 16 + 16 + 8 KiB at T = 512, E = 128, KU = 8, under the 48 KiB a
-# block holds without opting in. The sort's time is its chunks' chains (moe_sort), so it takes
-# the most chunks these hold: 64 at E = 128.
+# experts (a byte a pair), 16 + 16 + 4 KiB at T = 512, E = 128, KU = 8. The sort's time is its
+# chunks' chains (moe_sort), so it takes the most chunks these hold: 64 at E = 128.
 SORT_MATRIX_ENTRIES = 8192
-
-
-def sort_chunk_tokens(n_tokens: int, n_experts: int) -> int:
-    """Tokens of one of moe_sort's chunks: the fewest that keep its matrices within
-    SORT_MATRIX_ENTRIES (one token at the least)."""
-    most_chunks = max(1, SORT_MATRIX_ENTRIES // n_experts)
-    return -(-n_tokens // min(n_tokens, most_chunks))
+# What the matrices and the staged experts may take of a GPU block's shared memory: the 48 KiB it
+# holds without opting in, less what the rows' padding (a word or two a matrix row, up to 32
+# bytes a chunk's run: schedule/prefill_cuda.py MoeSortCudaRule) and the experts' totals and
+# starts add. At T = 2048 (16 KiB of staged experts) this, not SORT_MATRIX_ENTRIES, caps the chunks.
+SORT_SHARED_BYTES = 43 * 1024
 
 
 def sort_index_dtype(n_pairs: int) -> str:
-    """moe_sort's staged experts, counts and starts: int16 while they hold every pair's index."""
+    """moe_sort's counts and starts: int16 while they hold every pair's index."""
     return "int16" if n_pairs < 2**15 else "int32"
+
+
+def sort_expert_dtype(n_experts: int) -> str:
+    """moe_sort's staged experts: a byte each while every expert's index fits one."""
+    return "uint8" if n_experts <= 256 else "int32"
+
+
+def sort_chunk_tokens(n_tokens: int, n_experts: int, n_used: int) -> int:
+    """Tokens of one of moe_sort's chunks: the fewest that keep its matrices within
+    SORT_MATRIX_ENTRIES and, beside the staged experts, within SORT_SHARED_BYTES (one token at
+    the least)."""
+    index_bytes = DataType(sort_index_dtype(n_tokens * n_used)).bits // 8
+    staged_bytes = n_tokens * n_used * DataType(sort_expert_dtype(n_experts)).bits // 8
+    fitting = (SORT_SHARED_BYTES - staged_bytes) // (2 * n_experts * index_bytes)
+    most_chunks = max(1, min(SORT_MATRIX_ENTRIES // n_experts, fitting))
+    return -(-n_tokens // min(n_tokens, most_chunks))
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
@@ -98,9 +111,10 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
     from tvm.script import tirx as T
 
     NT, E, KU = n_tokens, n_experts, n_used
-    TC = sort_chunk_tokens(NT, E)
+    TC = sort_chunk_tokens(NT, E, KU)
     C = -(-NT // TC)
     index = sort_index_dtype(NT * KU)
+    expert = sort_expert_dtype(E)
 
     def valid(t: Expr, n_valid: tirx.Buffer) -> Expr:
         """Token t of a chunk is a valid one (the last chunk may run past T)."""
@@ -112,7 +126,7 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
              offsets: T.Buffer((E + 1,), "int32"), row_token: T.Buffer((NT * KU,), "int32"),
              row_of: T.Buffer((NT, KU), "int32")):
         T.func_attr({"tirx.noalias": True})
-        expert_of = T.sblock_alloc_buffer((C, TC * KU), index)  # every pair's expert, clamped, by chunk
+        expert_of = T.sblock_alloc_buffer((C, TC * KU), expert)  # every pair's expert, clamped, by chunk
         count = T.sblock_alloc_buffer((E, C), index)
         fill = T.sblock_alloc_buffer((E, C), index)
         total = T.sblock_alloc_buffer((E,), "int32")
@@ -123,7 +137,7 @@ def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:
                     vt, vj = T.axis.remap("SS", [t, j])
                     T.reads(ids[vt, vj])
                     T.writes(expert_of[vt // TC, vt % TC * KU + vj])
-                    expert_of[vt // TC, vt % TC * KU + vj] = T.Cast(index, T.max(T.min(ids[vt, vj], E - 1), 0))
+                    expert_of[vt // TC, vt % TC * KU + vj] = T.Cast(expert, T.max(T.min(ids[vt, vj], E - 1), 0))
             for e, c in T.grid(E, C):
                 with T.sblock("zero_counts"):
                     ve, vc = T.axis.remap("SS", [e, c])

@@ -419,13 +419,26 @@ class _CudaBackend(_VMBackend):
 MIN_CHUNKED_TOKENS = 8
 
 
+# The most rows of padding a chunk may carry: a T-token step's dense GEMMs and attention run all
+# T rows, its expert GEMMs only the valid ones. On an H100 a 1024-token prompt took 105 ms as one
+# 2048-token chunk and 90 ms as two 512s, while 4096 tokens took 0.373 s as two 2048s and 0.415 s
+# as eight 512s (bench/NOTES.md, "Session 11").
+MAX_PADDING_ROWS = 512
+
+
 def plan_chunks(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
     """(T, valid rows) per chunk for n tokens and the step sizes `sizes` (ascending): the
-    largest T while more than it is left, then the smallest T that holds the rest."""
+    largest T while more than it is left; then the smallest T that holds the rest with at most
+    MAX_PADDING_ROWS of padding, else the largest T below the rest (the smallest T when none
+    is)."""
     out = []
     while n > 0:
-        fitting = [t for t in sizes if t >= n]
-        t = fitting[0] if fitting else sizes[-1]
+        holding = [t for t in sizes if t >= n]
+        below = [t for t in sizes if t < n]
+        if holding and (holding[0] - n <= MAX_PADDING_ROWS or not below):
+            t = holding[0]
+        else:
+            t = below[-1] if below else sizes[-1]
         out.append((t, min(t, n)))
         n -= out[-1][1]
     return out

@@ -412,9 +412,8 @@ class MoeSortCudaRule(_CudaRule):
         # The matrices' rows an odd number of words apart (the first buffer these blocks write:
         # count, fill); the chunks' runs of experts an odd number of 16 bytes apart, so that the
         # 8 threads of a quarter warp reading 16 bytes each of theirs hit all 32 banks.
-        bits = tvm.DataType(sch.get(sch.get_sblock("experts")).writes[0].source.dtype).bits
         for block, unit_bytes in (("zero_counts", 4), ("chunk_starts", 4), ("experts", 16)):
-            unit = unit_bytes * 8 // bits
+            unit = unit_bytes * 8 // tvm.DataType(sch.get(sch.get_sblock(block)).writes[0].source.dtype).bits
             sch.storage_align(sch.get_sblock(block), 0, axis=0, factor=2 * unit, offset=unit)
         for name in ("experts", "zero_counts", "count", "chunk_starts", "expert_starts", "place", "clear_rows",
                      "clear_pairs"):

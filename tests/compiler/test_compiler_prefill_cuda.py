@@ -1,8 +1,8 @@
 """CUDA build of the whole module with a T-token step beside the decode step (no GPU needed):
 the tiny model with prefill_chunks=(16,) for sm_90, one nvcc fatbin, every chunk kernel
 scheduled by its rule in schedule/prefill_cuda.py (tests/schedule/test_prefill_cuda.py builds
-the chunk kernels with nvcc for every arch). The CUDA archs build T-token steps of 128 and 512
-by default (pipeline.DEFAULT_PREFILL_CHUNKS); one small size keeps this build short."""
+the chunk kernels with nvcc for every arch). The CUDA archs build T-token steps of 128, 512 and
+2048 by default (pipeline.DEFAULT_PREFILL_CHUNKS); one small size keeps this build short."""
 
 from pathlib import Path
 
@@ -25,7 +25,7 @@ def test_step_with_a_chunk_step_builds_for_the_arch(arch: str, tmp_path: Path) -
     config = preset_config("tiny")
     result = compile_model(config, type_map(config, "q4_k_m"), arch, tmp_path, prefill_chunks=(16,))
     manifest = result.manifest
-    assert manifest.prefill_chunks == (16,) and default_prefill_chunks(arch) == (128, 512)
+    assert manifest.prefill_chunks == (16,) and default_prefill_chunks(arch) == (128, 512, 2048)
     assert manifest.fatbins == [{"kind": "cubin", "arch": arch + "a"}]
     chunk_kernels = [k for k in manifest.kernels if k["family"] in CHUNK_FAMILIES]
     assert {k["factory"] for k in chunk_kernels} >= {"gemm", "grouped_gate_up_silu_f16", "grouped_gemm_f16", "moe_sort",

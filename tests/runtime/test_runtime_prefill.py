@@ -115,6 +115,18 @@ def test_the_chunk_plan_fills_the_largest_step_then_the_smallest_that_holds_the_
     assert plan_chunks((8, 32), 20) == [(32, 20)]
     assert plan_chunks((8,), 1) == [(8, 1)]
     assert plan_chunks((8,), 0) == []
+    gpu_sizes = (128, 512, 2048)
+    assert plan_chunks(gpu_sizes, 4096) == [(2048, 2048)] * 2
+    assert plan_chunks(gpu_sizes, 200) == [(512, 200)]
+
+
+def test_the_chunk_plan_pads_a_chunk_by_at_most_max_padding_rows() -> None:
+    from sparkinfer.runtime.engine import MAX_PADDING_ROWS
+
+    gpu_sizes = (128, 512, 2048)
+    assert plan_chunks(gpu_sizes, 2048 - MAX_PADDING_ROWS) == [(2048, 2048 - MAX_PADDING_ROWS)]
+    assert plan_chunks(gpu_sizes, 1024) == [(512, 512)] * 2  # not one 2048-token chunk, half of it padding
+    assert plan_chunks(gpu_sizes, 2048 + 600) == [(2048, 2048), (512, 512), (128, 88)]
 
 
 def test_a_prompt_of_a_few_new_tokens_takes_the_token_loop(engine: Engine, prompt: list[int]) -> None:

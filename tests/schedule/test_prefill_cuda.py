@@ -88,11 +88,13 @@ def test_moe_sort_runs_a_thread_per_chunk_within_static_shared_memory() -> None:
     """A 512-token chunk's sort: its chunks' passes on 64 threads of one block, the staged
     experts and both [E, C] matrices in under 48 KiB of static shared memory (no opt-in)."""
     mod = module(row_kernel("moe_sort"))
-    chunks = -(-4 * NT // moe_chunk.sort_chunk_tokens(4 * NT, E))
+    chunks = -(-4 * NT // moe_chunk.sort_chunk_tokens(4 * NT, E, KU))
     assert chunks == 64
     assert f"if (((int)threadIdx.x) < {chunks})" in cuda_source(mod)
     static, dynamic = targets.shared_memory_bytes(mod, "sm_90")["moe_sort_kernel"]
     assert dynamic == 0 and static <= 48 * 1024
+    static, dynamic = targets.shared_memory_bytes(module(long_sort()), "sm_90")["moe_sort_long_kernel"]
+    assert dynamic == 0 and 40 * 1024 < static <= 48 * 1024  # (the experts staged a byte each)
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, Q6_K_PLANAR], ids=lambda t: t.name)
@@ -127,6 +129,16 @@ def row_kernel(factory: str) -> tvm.tirx.PrimFunc:
     return scheduled(kernel_factory(family, factory), family, *args).with_attr("global_symbol", factory)
 
 
+# A 2048-token chunk's sort: fewer, longer chunks, its staged experts and matrices still in static
+# shared memory (moe_chunk.SORT_SHARED_BYTES)
+LONG_SORT_TOKENS = 2048
+
+
+def long_sort() -> tvm.tirx.PrimFunc:
+    return scheduled(moe_chunk.moe_sort, "moe_chunk", LONG_SORT_TOKENS, E, KU).with_attr("global_symbol",
+                                                                                        "moe_sort_long")
+
+
 # Q, K (Q6_K) and O's shapes, by their symbols
 HALF_GEMMS = {gemm.gemm_symbol(t, NT, n, k, True): (t, NT, n, k, True)
               for t, n, k in ((T.Q4_K, NH * D, H), (T.Q6_K, NKV * D, H), (Q6_K_PLANAR, NKV * D, H),
@@ -158,7 +170,7 @@ def float_gemm(name: str) -> tvm.tirx.PrimFunc:
 
 
 def kernels_module() -> tvm.IRModule:
-    return tvm.IRModule({**{name: row_kernel(name) for name in ROW_KERNELS},
+    return tvm.IRModule({**{name: row_kernel(name) for name in ROW_KERNELS}, "moe_sort_long": long_sort(),
                          **{name: half_gemm(name) for name in HALF_GEMMS},
                          **{name: split_gemm(name) for name in SPLIT_GEMMS},
                          **{name: float_gemm(name) for name in FLOAT_GEMMS}})
@@ -245,16 +257,18 @@ def test_moe_combine_residual_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Gene
     np.testing.assert_array_equal(out.numpy()[n_valid:], h[n_valid:])
 
 
-@pytest.mark.parametrize("n_valid, one_expert", [(4 * NT, False), (300, False), (4 * NT, True)])
-def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, n_valid: int, one_expert: bool) -> None:
-    tokens = 4 * NT
+@pytest.mark.parametrize("name, tokens, n_valid, one_expert",
+                         [("moe_sort", 4 * NT, 4 * NT, False), ("moe_sort", 4 * NT, 300, False),
+                          ("moe_sort", 4 * NT, 4 * NT, True), ("moe_sort_long", LONG_SORT_TOKENS, 1500, False)])
+def test_moe_sort_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str, tokens: int, n_valid: int,
+                                       one_expert: bool) -> None:
     ids = np.stack([rng.choice(E, KU, replace=False) for _ in range(tokens)]).astype(np.int32)
     ids[:40, 0] = 3  # one expert with many rows, and (by chance) some with none
     if one_expert:  # the worst skew: every pair on one expert (its count column reaches T * KU)
         ids[:] = E - 1
     offsets = gpu.tensor(np.full(E + 1, -1, np.int32))
     row_token, row_of = gpu.tensor(np.full(tokens * KU, -1, np.int32)), gpu.tensor(np.full((tokens, KU), -1, np.int32))
-    gpu("moe_sort", gpu.tensor(ids), gpu.tensor(np.array([n_valid], np.int32)), offsets, row_token, row_of)
+    gpu(name, gpu.tensor(ids), gpu.tensor(np.array([n_valid], np.int32)), offsets, row_token, row_of)
     for got, want in zip((offsets, row_token, row_of), moe_chunk.moe_sort_reference(ids, n_valid, E)):
         np.testing.assert_array_equal(got.numpy(), want)
 
