@@ -234,8 +234,16 @@ def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     i0, i1, i2, i3 = sch.split(i, [None, 1, warps_i, frags_i])
     j0, j1, j2, j3 = sch.split(j, [1, None, warps_j, frags_j])
     k0, k1 = sch.split(k, [None, k_tile // WMMA])
-    # dlight's software pipeline: the next K tile's global loads issued before this one's MMAs
-    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+    # The software pipeline over K tiles. k0's body, once TVM has made each tile load two steps
+    # (global -> registers -> shared) and pipelined k1: x load, x store, W load (the decode
+    # inlined: registers hold decoded halves), W store, k1's prologue, body and epilogue; the
+    # loads and stores of tile k0 + 1 (stage 0) around the MMAs of tile k0 (stage 1). dlight's
+    # order puts both loads before the MMAs ([0, 3, 1, 4, 5, 2, 6]): the W decode, written
+    # right after its loads, then waits out their latency before the MMAs issue (sm_90a SASS,
+    # bench/NOTES.md "Q projection and router GEMMs"). Here the MMAs of k1's body come between
+    # the x load and the W load: nvcc still issues the W loads ahead of the MMAs, and the decode
+    # that waits for them comes after.
+    sch.annotate(k0, "software_pipeline_order", [0, 3, 2, 4, 5, 1, 6])
     sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
     sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
