@@ -3,7 +3,8 @@ time on an H200 and what the next step is):
 
   - gemm: with float16 operands dlight's tensor-core (WMMA) matmul, the dequantization fused
     into its shared-memory tile loads, K split over blocks where the output tiles are fewer than
-    the SMs (`GemmKnobs`); with float32 operands (the router) dlight's SIMT Matmul;
+    the SMs (`GemmKnobs`); with float32 weights (the router) register tiles on CUDA cores, K
+    split over blocks too (`schedule_float_gemm`), dlight's SIMT Matmul for partial tiles;
   - the row kernels (norms, router top-k, RoPE + KV append, the MoE combine, the sort) have
     hand-made rules: the decode kernels' schedules a thread block per row (schedule/norm.py,
     schedule/router.py), or below;
@@ -184,7 +185,8 @@ TC_GEMM_SUM_THREADS = 256  # the split-K sum's threads a block, an output each
 
 def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     """`gemm` with float16 operands on WMMA 16x16x16 fragments (float32 accumulators), as dlight's
-    MatmulTensorization schedules it (its steps, replayed here so that K can be split): a block
+    MatmulTensorization schedules it (its steps, replayed here so that K can be split and the
+    MMAs issued before the weights' decode): a block
     of 16 warps per 128 x 128 output tile, K tiles of 64 double-buffered in dynamic shared memory
     (the x rows and the weights, each dequantized on its way in: the decode is inlined into the
     tile loads), each warp 2 x 2 accumulator fragments, stored through shared memory.
