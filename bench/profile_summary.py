@@ -17,8 +17,13 @@ from collections import defaultdict
 
 def family(kernel: str) -> str:
     """A kernel's name as the step calls it (type and shape kept: the V GEMV and the LM head
-    are both gemv_q6_k)."""
-    return re.sub(r"_kernel(_\d+)?$", "", kernel.split("(")[0])
+    are both gemv_q6_k); a function's later kernels (TVM's <name>_kernel_1, ...: the split-K
+    GEMMs' sums) are <name>#1, ..., not averaged into its first kernel's time."""
+    name = kernel.split("(")[0]
+    found = re.fullmatch(r"(.*)_kernel(?:_(\d+))?", name)
+    if found is None:
+        return name
+    return found.group(1) + (f"#{found.group(2)}" if found.group(2) else "")
 
 
 def main() -> None:

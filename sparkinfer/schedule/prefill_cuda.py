@@ -3,7 +3,8 @@ time on an H200 and what the next step is):
 
   - gemm: with float16 operands dlight's tensor-core (WMMA) matmul, the dequantization fused
     into its shared-memory tile loads, K split over blocks where the output tiles are fewer than
-    the SMs (`GemmKnobs`); with float32 operands (the router) dlight's SIMT Matmul;
+    the SMs (`GemmKnobs`); with float32 weights (the router) register tiles on CUDA cores, K
+    split over blocks too (`schedule_float_gemm`), dlight's SIMT Matmul for partial tiles;
   - the row kernels (norms, router top-k, RoPE + KV append, the MoE combine, the sort) have
     hand-made rules: the decode kernels' schedules a thread block per row (schedule/norm.py,
     schedule/router.py), or below;
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 import tvm
 from gguf import GGMLQuantizationType
 from tvm import s_tir
-from tvm.s_tir.schedule import LoopRV
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.gemv import gemv_format
@@ -113,40 +114,63 @@ class GemmCudaRule(_CudaRule):
     def _half_operands(use: KernelUse) -> bool:
         return len(use.args) > 4 and bool(use.args[4])
 
+    @staticmethod
+    def _float_tiles(use: KernelUse) -> bool:
+        """float32 weights in whole `schedule_float_gemm` tiles (the router)."""
+        ggml_type, t, n = factory_args(use)[:3]
+        rows, cols, _ = FLOAT_GEMM_TILE
+        return ggml_type == GGMLQuantizationType.F32 and t % rows == 0 and n % cols == 0
+
+    def _tile(self, use: KernelUse) -> tuple[int, int, int] | None:
+        """The block's output tile and K step of the form the kernel takes; None: dlight's."""
+        if self._half_operands(use):
+            return TC_GEMM_TILE
+        return FLOAT_GEMM_TILE if self._float_tiles(use) else None
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        """Split-K with float16 operands: the K_SPLITS that leave every split a whole number of
-        at least two K tiles (the software pipeline's two stages); float32 operands: 1."""
+        """Split-K: the K_SPLITS that leave every split a whole number of at least two K steps
+        (float16 operands: the software pipeline's two stages) of the form's tile; dlight's
+        SIMT Matmul (float32 weights in partial tiles): 1."""
         k = factory_args(use)[3]
-        least = 2 * TC_GEMM_TILE[2]
-        return {"k_splits": (1,) + tuple(s for s in self.K_SPLITS[1:]
-                                         if self._half_operands(use) and k % (s * least) == 0)}
+        tile = self._tile(use)
+        if tile is None:
+            return {"k_splits": (1,)}
+        least = 2 * tile[2]
+        return {"k_splits": (1,) + tuple(s for s in self.K_SPLITS[1:] if k % (s * least) == 0)}
 
     def structural(self) -> tuple[str, ...]:
         return ("k_splits",)
 
     def default(self, use: KernelUse, facts: ArchFacts) -> GemmKnobs:
-        """The most splits whose blocks still fit one wave (one block an SM: the WMMA tile's
-        512 threads at 128 registers take an SM's 64 K registers): at 512 tokens on an H100 K and
-        V (16 output tiles) split 8 ways, O (64 tiles, K = 4096) 2 ways, Q (128 tiles) not at
-        all (bench/NOTES.md, "Split-K for the dense GEMMs")."""
+        """Float16 operands: the most splits whose blocks still fit one wave (one block an SM:
+        the WMMA tile's 512 threads at 128 registers take an SM's 64 K registers): at 512
+        tokens on an H100 K and V (16 output tiles) split 8 ways, O (64 tiles, K = 4096) 2 ways,
+        Q (128 tiles) not at all (bench/NOTES.md, "Split-K for the dense GEMMs").
+        Float32 tiles (the router): the splits whose blocks come nearest (as a ratio) to two an
+        SM, several of its 256-thread blocks fitting an SM to hide each other's loads: 16 at 512
+        tokens on an H100 (256 blocks), 4 at 2048, 32 at 128; 8 at 512 on sm_121's 48 SMs
+        (bench/NOTES.md, "Q projection and router GEMMs")."""
         t, n = factory_args(use)[1:3]
-        rows, cols, _ = TC_GEMM_TILE
+        splits = self.space(use, facts)["k_splits"]
+        tile = self._tile(use)
+        if tile is None:
+            return GemmKnobs(1)
+        rows, cols, _ = tile
         tiles = math.ceil(t / rows) * math.ceil(n / cols)
-        return GemmKnobs(max(s for s in self.space(use, facts)["k_splits"] if s == 1 or tiles * s <= facts.sms))
+        if tile == FLOAT_GEMM_TILE:
+            return GemmKnobs(min(splits, key=lambda s: abs(math.log2(tiles * s / (2 * facts.sms)))))
+        return GemmKnobs(max(s for s in splits if s == 1 or tiles * s <= facts.sms))
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         from tvm.s_tir import dlight as dl
 
         assert isinstance(knobs, GemmKnobs)
-        ggml_type, t, n = factory_args(use)[:3]
         if self._half_operands(use):
             schedule_tensor_core_gemm(sch, knobs.k_splits)
-            return
-        rows, cols, _ = FLOAT_GEMM_TILE
-        if ggml_type == GGMLQuantizationType.F32 and t % rows == 0 and n % cols == 0:
-            schedule_float_gemm(sch)
-            return
-        apply_dlight(sch, use, facts, (dl.gpu.Matmul(),))
+        elif self._float_tiles(use):
+            schedule_float_gemm(sch, knobs.k_splits)
+        else:
+            apply_dlight(sch, use, facts, (dl.gpu.Matmul(),))
 
 
 # The tensor-core GEMM's thread block: TC_GEMM_WARPS warps (rows x columns) each owning
@@ -161,7 +185,8 @@ TC_GEMM_SUM_THREADS = 256  # the split-K sum's threads a block, an output each
 
 def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     """`gemm` with float16 operands on WMMA 16x16x16 fragments (float32 accumulators), as dlight's
-    MatmulTensorization schedules it (its steps, replayed here so that K can be split): a block
+    MatmulTensorization schedules it (its steps, replayed here so that K can be split and the
+    MMAs issued before the weights' decode): a block
     of 16 warps per 128 x 128 output tile, K tiles of 64 double-buffered in dynamic shared memory
     (the x rows and the weights, each dequantized on its way in: the decode is inlined into the
     tile loads), each warp 2 x 2 accumulator fragments, stored through shared memory.
@@ -211,8 +236,16 @@ def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     i0, i1, i2, i3 = sch.split(i, [None, 1, warps_i, frags_i])
     j0, j1, j2, j3 = sch.split(j, [1, None, warps_j, frags_j])
     k0, k1 = sch.split(k, [None, k_tile // WMMA])
-    # dlight's software pipeline: the next K tile's global loads issued before this one's MMAs
-    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
+    # The software pipeline over K tiles. k0's body, once TVM has made each tile load two steps
+    # (global -> registers -> shared) and pipelined k1: x load, x store, W load (the decode
+    # inlined: registers hold decoded halves), W store, k1's prologue, body and epilogue; the
+    # loads and stores of tile k0 + 1 (stage 0) around the MMAs of tile k0 (stage 1). dlight's
+    # order puts both loads before the MMAs ([0, 3, 1, 4, 5, 2, 6]): the W decode, written
+    # right after its loads, then waits out their latency before the MMAs issue (sm_90a SASS,
+    # bench/NOTES.md "Q projection and router GEMMs"). Here the MMAs of k1's body come between
+    # the x load and the W load: nvcc still issues the W loads ahead of the MMAs, and the decode
+    # that waits for them comes after.
+    sch.annotate(k0, "software_pipeline_order", [0, 3, 2, 4, 5, 1, 6])
     sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
     sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
@@ -277,49 +310,75 @@ def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(vec)
     if k_splits > 1:
-        i, j, _ = sch.get_loops(total)
-        blocks, threads = sch.split(sch.fuse(i, j), [None, TC_GEMM_SUM_THREADS])
-        sch.bind(blocks, "blockIdx.x")
-        sch.bind(threads, "threadIdx.x")
-        in_register = sch.cache_write(total, 0, "local")
-        sch.reverse_compute_at(in_register, threads)
+        schedule_split_sum(sch, total)
 
 
-FLOAT_GEMM_TILE = (8, 32, 32)  # rows (tokens), columns (outputs), K a step: 256 threads, a thread an output
+# The float32 GEMM's thread block (the router): FLOAT_GEMM_THREADS (rows x columns) threads, each
+# owning FLOAT_GEMM_REGISTERS (rows x columns) outputs in registers, so a 32-token x 128-output
+# tile (all of the router's experts), over K steps of 32 staged in shared memory.
+FLOAT_GEMM_THREADS = (8, 32)
+FLOAT_GEMM_REGISTERS = (4, 4)
+FLOAT_GEMM_TILE = (32, 128, 32)  # rows (tokens), columns (outputs), K a step
 
 
-def schedule_float_gemm(sch: s_tir.Schedule) -> None:
-    """`gemm` of float32 weights (the router: T x 128 x 2048): a block per 8-token x 32-output
-    tile, a thread per output summing in a register over K, 32 of K at a time through shared
-    memory (the x rows and W rows of the step, one row of W padded by a word so that the 32
-    threads reading 32 rows at one k hit 32 banks). dlight's SIMT Matmul gave such a GEMM 32
-    blocks (64 x 64 tiles): 131 us for 512 x 128 x 2048 on an H200, 3.8 % of the issue slots
-    busy (bench/NOTES.md, session 9); this gives it 256 blocks. Whole tiles only (T a multiple
-    of 8, N of 32; a partial tile's shared-memory rows came out wrong through the emulator):
+def schedule_float_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
+    """`gemm` of float32 weights (the router: T x 128 x 2048) in float32 on CUDA cores: a block per
+    32-token x 128-output tile and K range (`k_splits` of them, the split-K of
+    `schedule_tensor_core_gemm`: partial tiles to the workspace gemm_rf, summed by a second
+    kernel), 256 threads each summing 4 tokens x 4 outputs in registers (outputs 32 apart: the
+    W reads of a warp on 32 banks, the x reads a broadcast), x and W through shared memory 32
+    of K at a time (a W row padded by a word: a K step's rows on distinct banks).
+    Why (bench/NOTES.md, "Q projection and router GEMMs"): a thread an output over all of K in
+    a 8 x 32 tile made 64 K steps a block, each a global round trip then 32 dependent FMAs of
+    two shared loads each: 52.5 us for 0.27 GFLOP on an H100. Whole tiles only (T a multiple of
+    32, N of 128; a partial tile's shared-memory rows came out wrong through the emulator):
     other shapes (the tiny models' routers) keep dlight's Matmul."""
     rows, cols, k_step = FLOAT_GEMM_TILE
+    threads_i, threads_j = FLOAT_GEMM_THREADS
+    regs_i, regs_j = FLOAT_GEMM_REGISTERS
     sch.compute_inline(sch.get_sblock("wdq"))
-    block = sch.get_sblock("gemm")
-    i, j, k = sch.get_loops(block)
-    i_out, i_in = sch.split(i, [None, rows])
-    j_out, j_in = sch.split(j, [None, cols])
+    main = total = sch.get_sblock("gemm")
+    if k_splits > 1:
+        _, _, k = sch.get_loops(main)
+        split, _ = sch.split(k, [k_splits, None])
+        main = sch.rfactor(split, factor_axis=0)  # gemm_rf[s, i, j]; `total` now sums over s
+        i, j, split, k = sch.get_loops(main)
+        sch.reorder(split, i, j, k)
+        blocks: list[LoopRV] = [split]
+    else:
+        i, j, k = sch.get_loops(main)
+        blocks = []
+    i_out, ty, i_reg = sch.split(i, [None, threads_i, regs_i])
+    j_out, j_reg, tx = sch.split(j, [None, regs_j, threads_j])
     k_out, k_in = sch.split(k, [None, k_step])
-    sch.reorder(i_out, j_out, k_out, i_in, j_in, k_in)
-    sch.bind(sch.fuse(i_out, j_out), "blockIdx.x")
-    thread = sch.fuse(i_in, j_in)
-    sch.bind(thread, "threadIdx.x")
-    total = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(total, sch.get_loops(block)[0])
-    sch.bind(sch.fuse(*sch.get_loops(total)[1:]), "threadIdx.x")
+    sch.reorder(*blocks, i_out, j_out, j_reg, ty, tx, k_out, k_in, i_reg)
+    sch.bind(sch.fuse(*blocks, i_out, j_out), "blockIdx.x")
+    sch.bind(j_reg, "vthread.x")  # a thread's outputs 32 apart, each its own registers
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    partial = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(partial, tx)
     for index in (0, 1):  # the step's x rows, then its W rows
-        tile = sch.cache_read(block, index, "shared")
+        tile = sch.cache_read(main, index, "shared")
         sch.compute_at(tile, k_out)
-        fetch = sch.fuse(*sch.get_loops(tile)[-2:])
-        _, lanes = sch.split(fetch, [None, rows * cols])
-        sch.bind(lanes, "threadIdx.x")
+        _, fy, fx = sch.split(sch.fuse(*sch.get_loops(tile)[-2:]), [None, threads_i, threads_j])
+        sch.bind(fy, "threadIdx.y")
+        sch.bind(fx, "threadIdx.x")
         if index == 1:
             sch.storage_align(tile, 0, axis=0, factor=k_step, offset=1)
-    sch.decompose_reduction(block, k_out)
+    sch.decompose_reduction(main, k_out)
+    if k_splits > 1:
+        schedule_split_sum(sch, total)
+
+
+def schedule_split_sum(sch: s_tir.Schedule, total: SBlockRV) -> None:
+    """The split-K sum (y = the sum over s of gemm_rf[s]): a thread an output, in a register."""
+    i, j, _ = sch.get_loops(total)
+    blocks, threads = sch.split(sch.fuse(i, j), [None, TC_GEMM_SUM_THREADS])
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(threads, "threadIdx.x")
+    in_register = sch.cache_write(total, 0, "local")
+    sch.reverse_compute_at(in_register, threads)
 
 
 DLIGHT_RULES: tuple[DlightCudaRule, ...] = tuple(

@@ -107,7 +107,7 @@ def test_profile_summary_keeps_whole_steps_of_the_named_step_only(tmp_path: Path
     import sys
 
     launches = ["gemv_kernel", "advance_kernel",  # the decode step's warm-up
-                "gemm_kernel", "gemm_kernel", "advance_chunk_kernel",  # the prompt's chunk
+                "gemm_kernel", "gemm_kernel_1", "advance_chunk_kernel",  # the prompt's chunk (a split-K GEMM)
                 "gemv_kernel", "advance_kernel",  # a decode step
                 "gemv_kernel"]  # cut off
     rows = ['"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"']
@@ -129,6 +129,9 @@ def test_profile_summary_keeps_whole_steps_of_the_named_step_only(tmp_path: Path
     assert decode.splitlines()[-1].split()[-1] == "26.0"  # gemv 12.5 + advance (11 + 16) / 2
     chunk = summary("--step-end", "advance_chunk")
     assert "3 kernels in 1 whole steps" in chunk and "gemv" not in chunk
+    # the GEMM's two kernels on their own lines: 12 us, then its sum 13 us (not one 12.5 us mean)
+    assert [line.split()[:3] for line in chunk.splitlines() if line.startswith("gemm")] == [
+        ["gemm#1", "1.0", "13.00"], ["gemm", "1.0", "12.00"]]
 
 
 def test_the_round_report_shows_a_chunked_variants_prefill_beside_its_decode(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001

@@ -156,9 +156,10 @@ def split_gemm(name: str) -> tvm.tirx.PrimFunc:
     return scheduled(gemm.gemm, "gemm", *args, knobs=GemmKnobs(splits)).with_attr("global_symbol", name)
 
 
-# float32 weights (the router's): its shape (whole 8 x 32 tiles), and one with a partial tile
-# (12 outputs: dlight's Matmul)
-FLOAT_GEMMS = {gemm.gemm_symbol(T.F32, t, n, k): (T.F32, t, n, k) for t, n, k in ((NT, E, H), (16, 12, 256))}
+# float32 weights (the router's): its shape (whole 32 x 128 tiles, 32 splits by default), one
+# with a partial tile (12 outputs: dlight's Matmul), and whole tiles unsplit by knob
+FLOAT_GEMMS = {gemm.gemm_symbol(T.F32, t, n, k) + ("" if splits is None else f"_split{splits}"): ((T.F32, t, n, k), splits)
+               for t, n, k, splits in ((NT, E, H, None), (16, 12, 256, None), (64, E, 256, 1))}
 
 
 def half_gemm(name: str) -> tvm.tirx.PrimFunc:
@@ -166,7 +167,9 @@ def half_gemm(name: str) -> tvm.tirx.PrimFunc:
 
 
 def float_gemm(name: str) -> tvm.tirx.PrimFunc:
-    return scheduled(gemm.gemm, "gemm", *FLOAT_GEMMS[name]).with_attr("global_symbol", name)
+    args, splits = FLOAT_GEMMS[name]
+    knobs = None if splits is None else GemmKnobs(splits)
+    return scheduled(gemm.gemm, "gemm", *args, knobs=knobs).with_attr("global_symbol", name)
 
 
 def kernels_module() -> tvm.IRModule:
@@ -313,7 +316,23 @@ def test_gemm_splits_k_while_its_blocks_fit_one_wave() -> None:
     assert splits(512, NKV * D, H, "sm_121") == 2  # 48 SMs
     assert splits(NT, 151936, H) == 1  # the LM head of `score`
     assert rule.space(kernel_use("gemm", "gemm", T.Q4_K, 128, 512, 256, True), arch_facts("sm_90")) == {"k_splits": (1, 2)}
-    assert rule.space(kernel_use("gemm", "gemm", T.F32, NT, E, H), arch_facts("sm_90")) == {"k_splits": (1,)}
+
+
+def test_float_gemm_splits_k_to_about_two_blocks_an_sm() -> None:
+    """The router's float32 GEMM: 32-token x 128-output tiles, K split so that the blocks come
+    nearest to two an SM; a split keeps at least two K steps of 32; partial tiles: dlight's, unsplit."""
+    rule = GemmCudaRule()
+
+    def splits(t: int, arch: str = "sm_90") -> int:
+        use = kernel_use("gemm", "gemm", T.F32, t, E, H)
+        knobs = rule.default(use, arch_facts(arch))
+        assert isinstance(knobs, GemmKnobs) and knobs.k_splits in rule.space(use, arch_facts(arch))["k_splits"]
+        return knobs.k_splits
+
+    assert [splits(t) for t in (128, 512, 2048)] == [32, 16, 4]  # 128, 256 and 256 blocks on 132 SMs
+    assert [splits(t, "sm_121") for t in (128, 512, 2048)] == [32, 8, 2]  # 48 SMs
+    assert rule.space(kernel_use("gemm", "gemm", T.F32, NT, E, 256), arch_facts("sm_90")) == {"k_splits": (1, 2, 4)}
+    assert rule.space(kernel_use("gemm", "gemm", T.F32, 16, 12, 256), arch_facts("sm_90")) == {"k_splits": (1,)}
 
 
 def test_split_k_gemm_sums_the_splits_in_a_second_kernel() -> None:
@@ -330,7 +349,7 @@ def test_split_k_gemm_sums_the_splits_in_a_second_kernel() -> None:
 
 @pytest.mark.parametrize("name", list(FLOAT_GEMMS))
 def test_float_gemm_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, name: str) -> None:
-    ggml_type, rows, n, k = FLOAT_GEMMS[name]
+    (ggml_type, rows, n, k), _ = FLOAT_GEMMS[name]
     data = random_weights(ggml_type, (n, k), rng)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     y = gpu.poisoned((rows, n))
@@ -340,10 +359,14 @@ def test_float_gemm_on_gpu_matches_numpy(gpu: Gpu, rng: np.random.Generator, nam
 
 
 def test_float_gemm_tiles_outputs_over_many_blocks() -> None:
-    """The router's 128 x 128 x 2048 at a 128-token chunk: 16 x 4 blocks of 8 x 32 outputs."""
-    source = cuda_source(tvm.IRModule({"g": float_gemm(gemm.gemm_symbol(T.F32, NT, E, H))}))
+    """The router's 128 x 128 x 2048 at a 128-token chunk: 4 tiles of 32 x 128 outputs x 32 K
+    splits, 16 outputs a thread in registers, then the kernel summing the splits."""
+    name = gemm.gemm_symbol(T.F32, NT, E, H)
+    source = cuda_source(module(float_gemm(name)))
+    tiles, partials = kernel_body(source, name), kernel_definition(source, f"{name}_kernel_1")
     assert "__launch_bounds__(256)" in source
-    assert "__shared__" in source and "blockIdx.x" in source
+    assert "__shared__" in tiles and "gemm_rf_local_ptr[16]" in tiles and "gemm_ptr" not in tiles
+    assert "gemm_rf_ptr" in partials and "gemm_ptr[" in partials
 
 
 if __name__ == "__main__":
