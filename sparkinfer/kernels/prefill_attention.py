@@ -280,7 +280,8 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     A tile is (KV head, HALF_ROWS // G queries): HALF_ROWS rows r = (query t0 + r // G, head
     kv * G + r % G). Q is rounded to f16 once, after the 1 / sqrt(D) scale; the keys go in tiles
     of HALF_KEY_TILE (the cache's fp16 as it is, 0 past the tile's last key):
-      S = Q K^T (f16 products summed in f32), the causal mask, m' = max(m, the tile's row max),
+      S = Q K^T (f16 products summed in f32), the causal mask, m' = max(m, the tile's row max)
+      (the `tile_max` reduction starts from m, so the steps after it read one value a row),
       P = f16(exp(S - m')) (0 where masked), alpha = exp(m - m') (both by `exp_by_exp2`),
       l = l alpha + the sum of P,
       O = O alpha + P V (P V's f16 products summed in f32, from 0 each tile); at the end O / l.
@@ -333,7 +334,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 pv = T.sblock_alloc_buffer((R, D), f32)
                 row_max = T.sblock_alloc_buffer((R,), f32)
                 row_sum = T.sblock_alloc_buffer((R,), f32)
-                tile_max = T.sblock_alloc_buffer((R,), f32)
+                tile_max = T.sblock_alloc_buffer((R,), f32)  # m': the running max after this tile
                 tile_sum = T.sblock_alloc_buffer((R,), f32)
                 alpha = T.sblock_alloc_buffer((R,), f32)
                 for r, d in T.grid(R, D):
@@ -372,7 +373,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                             vkb = T.axis.opaque(N_KB, kb)
                             vr, vj = T.axis.remap("SR", [r, jj])
                             with T.init():
-                                tile_max[vr] = lowest
+                                tile_max[vr] = row_max[vr]
                             tile_max[vr] = T.max(tile_max[vr], T.Select(visible(pos, vit, vkb, vj, vr), s[vr, vj],
                                                                         lowest))
                     for r, jj in T.grid(R, BK):
@@ -381,7 +382,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                             vr, vj = T.axis.remap("SS", [r, jj])
                             p_half[vr, vj] = T.Cast(f16, T.Select(
                                 visible(pos, vit, vkb, vj, vr),
-                                exp_by_exp2(s[vr, vj] - T.max(row_max[vr], tile_max[vr])), T.float32(0)))
+                                exp_by_exp2(s[vr, vj] - tile_max[vr]), T.float32(0)))
                     for r, jj in T.grid(R, BK):
                         with T.sblock("tile_sum"):
                             vr, vj = T.axis.remap("SR", [r, jj])
@@ -393,7 +394,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                     for r in range(R):
                         with T.sblock("alpha"):
                             vr = T.axis.spatial(R, r)
-                            alpha[vr] = exp_by_exp2(row_max[vr] - T.max(row_max[vr], tile_max[vr]))
+                            alpha[vr] = exp_by_exp2(row_max[vr] - tile_max[vr])
                     for r in range(R):
                         with T.sblock("sum_update"):
                             vr = T.axis.spatial(R, r)
@@ -401,7 +402,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                     for r in range(R):
                         with T.sblock("max_update"):
                             vr = T.axis.spatial(R, r)
-                            row_max[vr] = T.max(row_max[vr], tile_max[vr])
+                            row_max[vr] = tile_max[vr]
                     for r, d, jj in T.grid(R, D, BK):
                         with T.sblock("pv"):  # this tile's P V apart (a GPU's accumulators start at 0)
                             vr, vd, vj = T.axis.remap("SSR", [r, d, jj])
