@@ -285,7 +285,10 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
       P = f16(exp(S - m')) (0 where masked), alpha = exp(m - m') (both by `exp_by_exp2`),
       l = l alpha + the sum of P,
       O = O alpha + P V (P V's f16 products summed in f32, from 0 each tile); at the end O / l.
-    A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change."""
+    A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change.
+    K and V are read one key tile ahead (k_next, v_next: tile 0 before the loop, tile kb + 1 in
+    iteration kb once tile kb is copied out; past the last key they read as 0), so that a GPU's
+    global loads of the next tile overlap this tile's work."""
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
@@ -327,6 +330,8 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 vkv, vit = T.axis.remap("SS", [kv, it])
                 q_half = T.sblock_alloc_buffer((R, D), f16)  # Q * scale
                 k_half = T.sblock_alloc_buffer((BK, D), f16)
+                k_next = T.sblock_alloc_buffer((BK, D), f16)  # the next key tile's K and V, read ahead
+                v_next = T.sblock_alloc_buffer((BK, D), f16)
                 v_half = T.sblock_alloc_buffer((BK, D), f16)
                 s = T.sblock_alloc_buffer((R, BK), f32)
                 p_half = T.sblock_alloc_buffer((R, BK), f16)
@@ -351,17 +356,37 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                         vr = T.axis.spatial(R, r)
                         row_max[vr] = lowest
                         row_sum[vr] = T.float32(0)
+                for jj, d in T.grid(BK, D):
+                    with T.sblock("k_first"):
+                        vj, vd = T.axis.remap("SS", [jj, d])
+                        k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
+                for jj, d in T.grid(BK, D):
+                    with T.sblock("v_first"):
+                        vj, vd = T.axis.remap("SS", [jj, d])
+                        v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
                 for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
                     for jj, d in T.grid(BK, D):
                         with T.sblock("k_load"):
                             vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            k_half[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                            k_half[vj, vd] = k_next[vj, vd]
                     for jj, d in T.grid(BK, D):
                         with T.sblock("v_load"):
                             vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            v_half[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                            v_half[vj, vd] = v_next[vj, vd]
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("k_ahead"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                       vkv, vd)
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("v_ahead"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                       vkv, vd)
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("qk"):
                             vr, vj, vd = T.axis.remap("SSR", [r, jj, d])
