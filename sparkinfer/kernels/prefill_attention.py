@@ -367,12 +367,10 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
                     for jj, d in T.grid(BK, D):
                         with T.sblock("k_load"):
-                            vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
                             k_half[vj, vd] = k_next[vj, vd]
                     for jj, d in T.grid(BK, D):
                         with T.sblock("v_load"):
-                            vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
                             v_half[vj, vd] = v_next[vj, vd]
                     for jj, d in T.grid(BK, D):
