@@ -26,7 +26,7 @@ import numpy.typing as npt
 from tvm import tirx
 
 from sparkinfer.kernels.rope import qk_norm_rope_kv_append_reference
-from sparkinfer.kernels.vecmath import exp_f32
+from sparkinfer.kernels.vecmath import LOG2E, exp_f32
 from sparkinfer.reference import qwen3moe as ref
 
 Expr = tirx.Expr
@@ -264,6 +264,14 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}")
 
 
+def exp_by_exp2(x: Expr) -> Expr:
+    """exp(x) as 2^(x log2 e): on a GPU exp2f is the SFU's ex2 and two multiplies (expf
+    adds a range reduction; vecmath's polynomial ~20 instructions), for the tensor-core form,
+    whose P is rounded to float16 after it (the error, ~1e-6 relative at |x| = 20, is far
+    below that rounding). -inf and the lowest float give 0."""
+    return tirx.exp2(x * tirx.const(LOG2E, "float32"))
+
+
 def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
                                   max_pages: int) -> tirx.PrimFunc:
     """`causal_prefill_attention` with float16 operands, the form tensor cores multiply
@@ -272,10 +280,15 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     A tile is (KV head, HALF_ROWS // G queries): HALF_ROWS rows r = (query t0 + r // G, head
     kv * G + r % G). Q is rounded to f16 once, after the 1 / sqrt(D) scale; the keys go in tiles
     of HALF_KEY_TILE (the cache's fp16 as it is, 0 past the tile's last key):
-      S = Q K^T (f16 products summed in f32), the causal mask, m' = max(m, the tile's row max),
-      P = f16(exp(S - m')) (0 where masked), alpha = exp(m - m'), l = l alpha + the sum of P,
+      S = Q K^T (f16 products summed in f32), the causal mask, m' = max(m, the tile's row max)
+      (the `tile_max` reduction starts from m, so the steps after it read one value a row),
+      P = f16(exp(S - m')) (0 where masked), alpha = exp(m - m') (both by `exp_by_exp2`),
+      l = l alpha + the sum of P,
       O = O alpha + P V (P V's f16 products summed in f32, from 0 each tile); at the end O / l.
-    A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change."""
+    A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change.
+    K and V are read one key tile ahead (k_next, v_next: tile 0 before the loop, tile kb + 1 in
+    iteration kb once tile kb is copied out; past the last key they read as 0), so that a GPU's
+    global loads of the next tile overlap this tile's work."""
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
@@ -317,6 +330,8 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 vkv, vit = T.axis.remap("SS", [kv, it])
                 q_half = T.sblock_alloc_buffer((R, D), f16)  # Q * scale
                 k_half = T.sblock_alloc_buffer((BK, D), f16)
+                k_next = T.sblock_alloc_buffer((BK, D), f16)  # the next key tile's K and V, read ahead
+                v_next = T.sblock_alloc_buffer((BK, D), f16)
                 v_half = T.sblock_alloc_buffer((BK, D), f16)
                 s = T.sblock_alloc_buffer((R, BK), f32)
                 p_half = T.sblock_alloc_buffer((R, BK), f16)
@@ -324,7 +339,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 pv = T.sblock_alloc_buffer((R, D), f32)
                 row_max = T.sblock_alloc_buffer((R,), f32)
                 row_sum = T.sblock_alloc_buffer((R,), f32)
-                tile_max = T.sblock_alloc_buffer((R,), f32)
+                tile_max = T.sblock_alloc_buffer((R,), f32)  # m': the running max after this tile
                 tile_sum = T.sblock_alloc_buffer((R,), f32)
                 alpha = T.sblock_alloc_buffer((R,), f32)
                 for r, d in T.grid(R, D):
@@ -341,17 +356,35 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                         vr = T.axis.spatial(R, r)
                         row_max[vr] = lowest
                         row_sum[vr] = T.float32(0)
+                for jj, d in T.grid(BK, D):
+                    with T.sblock("k_first"):
+                        vj, vd = T.axis.remap("SS", [jj, d])
+                        k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
+                for jj, d in T.grid(BK, D):
+                    with T.sblock("v_first"):
+                        vj, vd = T.axis.remap("SS", [jj, d])
+                        v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
                 for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
                     for jj, d in T.grid(BK, D):
                         with T.sblock("k_load"):
-                            vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            k_half[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                            k_half[vj, vd] = k_next[vj, vd]
                     for jj, d in T.grid(BK, D):
                         with T.sblock("v_load"):
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_half[vj, vd] = v_next[vj, vd]
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("k_ahead"):
                             vkb = T.axis.opaque(N_KB, kb)
                             vj, vd = T.axis.remap("SS", [jj, d])
-                            v_half[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv, vd)
+                            k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                       vkv, vd)
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("v_ahead"):
+                            vkb = T.axis.opaque(N_KB, kb)
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                       vkv, vd)
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("qk"):
                             vr, vj, vd = T.axis.remap("SSR", [r, jj, d])
@@ -363,7 +396,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                             vkb = T.axis.opaque(N_KB, kb)
                             vr, vj = T.axis.remap("SR", [r, jj])
                             with T.init():
-                                tile_max[vr] = lowest
+                                tile_max[vr] = row_max[vr]
                             tile_max[vr] = T.max(tile_max[vr], T.Select(visible(pos, vit, vkb, vj, vr), s[vr, vj],
                                                                         lowest))
                     for r, jj in T.grid(R, BK):
@@ -372,7 +405,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                             vr, vj = T.axis.remap("SS", [r, jj])
                             p_half[vr, vj] = T.Cast(f16, T.Select(
                                 visible(pos, vit, vkb, vj, vr),
-                                exp_f32(s[vr, vj] - T.max(row_max[vr], tile_max[vr])), T.float32(0)))
+                                exp_by_exp2(s[vr, vj] - tile_max[vr]), T.float32(0)))
                     for r, jj in T.grid(R, BK):
                         with T.sblock("tile_sum"):
                             vr, vj = T.axis.remap("SR", [r, jj])
@@ -384,7 +417,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                     for r in range(R):
                         with T.sblock("alpha"):
                             vr = T.axis.spatial(R, r)
-                            alpha[vr] = exp_f32(row_max[vr] - T.max(row_max[vr], tile_max[vr]))
+                            alpha[vr] = exp_by_exp2(row_max[vr] - tile_max[vr])
                     for r in range(R):
                         with T.sblock("sum_update"):
                             vr = T.axis.spatial(R, r)
@@ -392,7 +425,7 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                     for r in range(R):
                         with T.sblock("max_update"):
                             vr = T.axis.spatial(R, r)
-                            row_max[vr] = T.max(row_max[vr], tile_max[vr])
+                            row_max[vr] = tile_max[vr]
                     for r, d, jj in T.grid(R, D, BK):
                         with T.sblock("pv"):  # this tile's P V apart (a GPU's accumulators start at 0)
                             vr, vd, vj = T.axis.remap("SSR", [r, d, jj])

@@ -841,30 +841,36 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     Softmax by the block's threads: a thread per row for the tile's max and sum (each
     accumulated in a register by cache_write to local, then one shared store), every (row,
     key) for P, every (row, dim) for the Q load, K and V 8 halves (16 bytes) a thread a load
-    (each key's row through the page table, 0 past the tile's keys). O is registers: thread = head dim,
+    (each key's row through the page table, 0 past the tile's keys), one key tile ahead into
+    registers (the factory's k_next and v_next: 64 a thread), copied to shared memory at the top
+    of the next tile, so no key tile waits out its loads' global latency. O is registers: thread = head dim,
     its 64 rows unrolled (indexed by constants), so the update O = O alpha + P V reads shared
-    memory only. Shared memory: Q, K, V, S and the P V tile dynamic (84 KiB at D = 128: TVM
-    merges them, P V reusing S's room), P and the row state static (10.3 KiB), so that the P
+    memory only. Shared memory: Q, S and the P V tile dynamic (50 KiB at D = 128: TVM merges
+    them, P V reusing S's room), K, V, P and the row state static (44.3 KiB), so that the P
     step reads one kind and writes the other: TVM's barrier planner takes every dynamic buffer
     for one and would put a barrier in each iteration of a step that reads one and writes
-    another. Every tile's rows are 16 bytes longer than its data (storage_align), so the 16
-    rows of a fragment load or store, and the rows that a row-per-thread step reads side by
-    side, spread over the banks. ~94 KiB a block: two blocks an SM on an H100 / H200 (167
-    registers a thread on sm_90a, no spills). With 8 warps an SM nothing hides a step's latency,
-    so the steps are unrolled for overlap: P's entries (P_UNROLL a thread side by side: their
-    exp chains), the tile's max and sum (their loads), and pos and n_valid read once into
-    registers (bench/NOTES.md, "Prefill attention at long context"). The row state is one buffer
-    a block (alpha, sum, max) because the planner cannot see through the let-bound
-    (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its own slot.
+    another; with K and V static it also puts none between P V and its store, nor at the top
+    of the key loop (8 barriers a key tile, not 10). Every tile's rows are 16 bytes longer than
+    its data (storage_align), so the 16 rows of a fragment load or store, and the rows that a
+    row-per-thread step reads side by side, spread over the banks. ~94 KiB a block: two blocks
+    an SM on an H100 / H200 (241 registers a thread on sm_90a, no spills). With 8 warps an SM
+    nothing hides a step's latency, so the steps are unrolled for overlap: P's entries
+    (P_UNROLL a thread side by side: their exp chains, exp2f's ex2 since session 11), the
+    tile's max and sum (their loads), and pos and n_valid read once into registers
+    (bench/NOTES.md, "Prefill attention at long context" and "Prefill attention v3"). The row
+    state is one buffer a block (alpha, sum, max) because the planner cannot see through the
+    let-bound (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its
+    own slot.
     """
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     blk = sch.get_sblock
     kv, it = sch.get_loops(blk("tile"))
     sch.bind(sch.fuse(kv, it), "blockIdx.x")
-    tiles = (("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared.dyn"),
-             ("v_load", "v_half", "shared.dyn"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
-             ("weight", "p_half", "shared"), ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
+    tiles = (("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared"),
+             ("v_load", "v_half", "shared"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
+             ("k_first", "k_next", "local"), ("v_first", "v_next", "local"), ("weight", "p_half", "shared"),
+             ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
              ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
              ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared"))
     # A block's static shared memory plus the dynamic part may exceed the arch's plain limit
@@ -899,8 +905,11 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     spread(sch.get_loops(blk("weight"))[-2:])
     _, unrolled = sch.split(sch.get_loops(blk("weight"))[-3], [None, P_UNROLL])
     sch.unroll(unrolled)
-    for name in ("k_load", "v_load"):  # 8 halves (16 bytes) a thread a load
-        _, warp, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [None, warps, 32, 8])
+    for name in ("k_first", "v_first", "k_ahead", "v_ahead", "k_load", "v_load"):
+        # 8 halves (16 bytes) a thread a load, 16 lanes on a row's 256 bytes (coalesced; the
+        # stores to shared memory conflict-free); a warp's loads in its own 16 rows, so that a
+        # thread's part of the read-ahead tiles (K and V of the next key tile) is 64 registers
+        warp, _, lane, vector = sch.split(sch.fuse(*sch.get_loops(blk(name))[-2:]), [warps, None, 32, 8])
         sch.bind(warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
         sch.vectorize(vector)
@@ -929,7 +938,9 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
                                          out_dtype="float32", trans_b=b_transposed)  # noqa: B023
 
-        _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"]})
+        # B (K or V) static, as the softmax's tiles
+        _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"],
+                                       "load_b": intrin(static_scope)["load_b"]}, store_each_column=name == "pv")
 
 
 def _scalars_in_registers(sch: s_tir.Schedule, names: tuple[str, ...]) -> None:
@@ -949,7 +960,7 @@ def _row_padding(tile: tvm.tirx.Buffer) -> int:
 
 def _dynamic_tile_bytes(sch: s_tir.Schedule, tiles: tuple[tuple[str, str, str], ...]) -> int:
     """Bytes of dynamic shared memory that the "shared.dyn" `tiles` take once TVM merges them
-    (Q, K and V side by side, P V reusing S's room), every row 16 bytes longer (PADDED_TILES
+    (side by side, P V reusing S's room), every row 16 bytes longer (PADDED_TILES
     here, S and P V in _tensorize_product)."""
     sizes = {}
     for block, buffer, scope in tiles:
@@ -959,13 +970,17 @@ def _dynamic_tile_bytes(sch: s_tir.Schedule, tiles: tuple[tuple[str, str, str], 
         shape = [int(n) for n in tile.shape]
         shape[-1] += _row_padding(tile)
         sizes[buffer] = math.prod(shape) * tile.dtype.bits // 8
-    return sizes["q_half"] + sizes["k_half"] + sizes["v_half"] + max(sizes["s"], sizes["pv"])
+    return sum(sizes.values()) - min(sizes["s"], sizes["pv"])
 
 
-def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -> None:
+def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str],
+                       store_each_column: bool = False) -> None:
     """Block `name`, C[i, j] (+)= A[i, k] B[k, j] (or B[j, k]: `intrin`'s choice) over shared
     memory, on WMMA fragments: i's 16-row fragments on threadIdx.y (a warp each), j and k
-    serial; C's accumulators stored back to C's shared buffer."""
+    serial; C's accumulators stored back to C's shared buffer, after all of a warp's j
+    fragments or (`store_each_column`) each j fragment when done: one accumulator live, not
+    all (P V's 8 at D = 128 are 64 registers a thread, which with the read-ahead K and V tiles
+    left sm_120a 12 bytes of spills; its A fragments are then loaded again for each j)."""
     block = sch.get_sblock(name)
     i, j, k = sch.get_loops(block)[-3:]
     (i_o, i_i), (j_o, j_i), (k_o, k_i) = (sch.split(loop, [None, 16]) for loop in (i, j, k))
@@ -977,7 +992,7 @@ def _tensorize_product(sch: s_tir.Schedule, name: str, intrin: dict[str, str]) -
     sch.compute_at(a, k_o)
     sch.compute_at(b, k_o)
     store = sch.cache_write(outer, 0, "wmma.accumulator")
-    sch.reverse_compute_at(store, i_o)
+    sch.reverse_compute_at(store, j_o if store_each_column else i_o)
     si, sj = sch.get_loops(store)[-2:]
     (si_o, si_i), (sj_o, sj_i) = sch.split(si, [None, 16]), sch.split(sj, [None, 16])
     sch.reorder(si_o, sj_o, si_i, sj_i)
