@@ -435,10 +435,7 @@ def plan_chunks(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
     while n > 0:
         holding = [t for t in sizes if t >= n]
         below = [t for t in sizes if t < n]
-        if holding and (holding[0] - n <= MAX_PADDING_ROWS or not below):
-            t = holding[0]
-        else:
-            t = below[-1] if below else sizes[-1]
+        t = holding[0] if holding and (holding[0] - n <= MAX_PADDING_ROWS or not below) else below[-1]
         out.append((t, min(t, n)))
         n -= out[-1][1]
     return out

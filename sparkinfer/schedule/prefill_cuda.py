@@ -206,11 +206,7 @@ def schedule_tensor_core_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
 
     main = total = sch.get_sblock("gemm")
     if k_splits > 1:
-        i, j, k = sch.get_loops(main)
-        split, _ = sch.split(k, [k_splits, None])
-        main = sch.rfactor(split, factor_axis=0)  # gemm_rf[s, i, j]; `total` now sums over s
-        i, j, split, k = sch.get_loops(main)
-        sch.reorder(split, i, j, k)  # the block's iters in loop order, as transform_block_layout needs
+        main = split_k_partials(sch, main, k_splits)
     # C[S, I, J] += A[S, I, K] B[S, J, K] (S: the split, or a unit batch), padded to whole tiles
     reindex_a, reindex_b = sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1))
     reindex_c = sch.reindex(main, ("write", 0))
@@ -339,11 +335,8 @@ def schedule_float_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     sch.compute_inline(sch.get_sblock("wdq"))
     main = total = sch.get_sblock("gemm")
     if k_splits > 1:
-        _, _, k = sch.get_loops(main)
-        split, _ = sch.split(k, [k_splits, None])
-        main = sch.rfactor(split, factor_axis=0)  # gemm_rf[s, i, j]; `total` now sums over s
-        i, j, split, k = sch.get_loops(main)
-        sch.reorder(split, i, j, k)
+        main = split_k_partials(sch, main, k_splits)
+        split, i, j, k = sch.get_loops(main)
         blocks: list[LoopRV] = [split]
     else:
         i, j, k = sch.get_loops(main)
@@ -369,6 +362,18 @@ def schedule_float_gemm(sch: s_tir.Schedule, k_splits: int) -> None:
     sch.decompose_reduction(main, k_out)
     if k_splits > 1:
         schedule_split_sum(sch, total)
+
+
+def split_k_partials(sch: s_tir.Schedule, gemm: SBlockRV, k_splits: int) -> SBlockRV:
+    """Split `gemm`'s K loop into k_splits ranges by rfactor: the returned block writes the
+    partial sums gemm_rf[s, i, j] over loops (s, i, j, k) in that order (its iters in loop order,
+    as transform_block_layout needs); `gemm` then sums them over s (schedule_split_sum)."""
+    _, _, k = sch.get_loops(gemm)
+    split, _ = sch.split(k, [k_splits, None])
+    partials = sch.rfactor(split, factor_axis=0)
+    i, j, split, k = sch.get_loops(partials)
+    sch.reorder(split, i, j, k)
+    return partials
 
 
 def schedule_split_sum(sch: s_tir.Schedule, total: SBlockRV) -> None:
