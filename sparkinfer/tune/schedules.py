@@ -50,12 +50,16 @@ def write_schedules(path: str | Path, arch: str, tasks: Sequence[TuneTask], data
     path = Path(path)
     found = SchedulesFile.read(path) if path.is_file() else SchedulesFile(arch, {})
     lines = measurements(work_dir)
-    device = found.made_by.get("device")
+    written = set()
     for task in tasks:
         entry = kernel_entry(task, database, lines, seed)
         if entry is not None:
             found.kernels[task.key] = entry
-            device = next((line["device"] for line in reversed(lines) if line["kernel"] == task.key), device)
+            written.add(task.key)
+    # the card of the newest measurement among the entries written (not the last kernel's own
+    # newest line: a kernel this run did not time keeps an older round's card)
+    device = next((line["device"] for line in reversed(lines) if line["kernel"] in written),
+                  found.made_by.get("device"))
     found.made_by = {**versions(), "device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     found.write(path)
     return found
