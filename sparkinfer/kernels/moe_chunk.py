@@ -60,11 +60,10 @@ K_TILE = 256
 # experts (a byte a pair), 16 + 16 + 4 KiB at T = 512, E = 128, KU = 8. The sort's time is its
 # chunks' chains (moe_sort), so it takes the most chunks these hold: 64 at E = 128.
 SORT_MATRIX_ENTRIES = 8192
-# What the matrices and the staged experts may take of a GPU block's shared memory: the 48 KiB it
-# holds without opting in, less what the rows' padding (a word or two a matrix row, up to 32
-# bytes a chunk's run: schedule/prefill_cuda.py MoeSortCudaRule) and the experts' totals and
-# starts add. At T = 2048 (16 KiB of staged experts) this, not SORT_MATRIX_ENTRIES, caps the chunks.
-SORT_SHARED_BYTES = 43 * 1024
+# What moe_sort's shared memory (sort_shared_bytes) may take of a GPU block: the 48 KiB of static
+# shared memory it holds without opting in. At T = 2048, E = 128 (16 KiB of staged experts) this,
+# not SORT_MATRIX_ENTRIES, caps the chunks; at E = 4 the runs' padding does (2 bytes take 16).
+SORT_SHARED_BYTES = 48 * 1024
 
 
 def sort_index_dtype(n_pairs: int) -> str:
@@ -77,15 +76,35 @@ def sort_expert_dtype(n_experts: int) -> str:
     return "uint8" if n_experts <= 256 else "int32"
 
 
+def _odd_multiple(n_bytes: int, unit: int) -> int:
+    """The least odd multiple of `unit` bytes holding n_bytes: the row strides of
+    schedule/prefill_cuda.py MoeSortCudaRule's storage_align (rows an odd number of units apart,
+    so that they start in different banks)."""
+    units = -(-n_bytes // unit)
+    return unit * (units + 1 - units % 2)
+
+
+def sort_shared_bytes(n_tokens: int, n_experts: int, n_used: int, chunk_tokens: int) -> int:
+    """moe_sort's shared memory on a GPU: the staged experts and the two [E, C] matrices with the
+    rule's padding (each chunk's run of experts an odd number of 16 bytes, each matrix row an odd
+    number of words), and the experts' totals and starts."""
+    chunks = -(-n_tokens // chunk_tokens)
+    run_bytes = chunk_tokens * n_used * DataType(sort_expert_dtype(n_experts)).bits // 8
+    row_bytes = chunks * DataType(sort_index_dtype(n_tokens * n_used)).bits // 8
+    totals_and_starts = (2 * n_experts + 1) * 4
+    return chunks * _odd_multiple(run_bytes, 16) + 2 * n_experts * _odd_multiple(row_bytes, 4) + totals_and_starts
+
+
 def sort_chunk_tokens(n_tokens: int, n_experts: int, n_used: int) -> int:
     """Tokens of one of moe_sort's chunks: the fewest that keep its matrices within
-    SORT_MATRIX_ENTRIES and, beside the staged experts, within SORT_SHARED_BYTES (one token at
-    the least)."""
-    index_bytes = DataType(sort_index_dtype(n_tokens * n_used)).bits // 8
-    staged_bytes = n_tokens * n_used * DataType(sort_expert_dtype(n_experts)).bits // 8
-    fitting = (SORT_SHARED_BYTES - staged_bytes) // (2 * n_experts * index_bytes)
-    most_chunks = max(1, min(SORT_MATRIX_ENTRIES // n_experts, fitting))
-    return -(-n_tokens // min(n_tokens, most_chunks))
+    SORT_MATRIX_ENTRIES and its shared memory within SORT_SHARED_BYTES (all the tokens in one
+    chunk at the most)."""
+    for chunk_tokens in range(1, n_tokens):
+        chunks = -(-n_tokens // chunk_tokens)
+        if (n_experts * chunks <= SORT_MATRIX_ENTRIES
+                and sort_shared_bytes(n_tokens, n_experts, n_used, chunk_tokens) <= SORT_SHARED_BYTES):
+            return chunk_tokens
+    return n_tokens
 
 
 def moe_sort(n_tokens: int, n_experts: int, n_used: int) -> tirx.PrimFunc:

@@ -97,6 +97,19 @@ def test_moe_sort_runs_a_thread_per_chunk_within_static_shared_memory() -> None:
     assert dynamic == 0 and 40 * 1024 < static <= 48 * 1024  # (the experts staged a byte each)
 
 
+@pytest.mark.parametrize(("n_tokens", "n_experts", "n_used"),
+                         [(2048, 4, 2), (2048, 128, 8), (512, 128, 8), (300, 60, 4)])
+def test_moe_sort_shared_memory_is_what_its_chunking_counts(n_tokens: int, n_experts: int, n_used: int) -> None:
+    """sort_chunk_tokens picks the chunks by sort_shared_bytes: it must be the built kernel's
+    static shared memory, padding included (the shipped model's 2048-token sort, 4 experts,
+    came to 65604 B when the chunking left the runs' padding out)."""
+    chunk_tokens = moe_chunk.sort_chunk_tokens(n_tokens, n_experts, n_used)
+    func = scheduled(moe_chunk.moe_sort, "moe_chunk", n_tokens, n_experts, n_used).with_attr("global_symbol", "sort")
+    static, dynamic = targets.shared_memory_bytes(module(func), "sm_90")["sort_kernel"]
+    assert (static, dynamic) == (moe_chunk.sort_shared_bytes(n_tokens, n_experts, n_used, chunk_tokens), 0)
+    assert static <= moe_chunk.SORT_SHARED_BYTES
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, Q6_K_PLANAR], ids=lambda t: t.name)
 def test_gemm_with_half_operands_runs_on_tensor_cores(ggml_type: T) -> None:
     source = cuda_source(module(scheduled(gemm.gemm, "gemm", ggml_type, NT, NH * D, H, True)))
