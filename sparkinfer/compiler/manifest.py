@@ -34,7 +34,10 @@ step, is rebuilt):
   schedules: the schedules file the kernels' knobs came from (null: none, arch defaults),
   kernels: [{name, family, factory, args, schedule}] where schedule is {rule (module.class),
            source: "tuned" | "transferred" | "default" (the rule's arch default), knobs},
-  fatbins: [{kind, arch}] of the library's embedded CUDA binary (CUDA archs).
+  fatbins: [{kind, arch}] of the library's embedded CUDA binary (CUDA archs),
+  workspace_bytes: what the step's functions allocate beyond their inputs, all of them having
+           run (pipeline.workspace_bytes); the runtime keeps it free beside the weights and the
+           KV cache (0 or absent: a module built before it was recorded).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class Manifest:
     schedules: str | None = None
     kernels: list[dict[str, Any]] = field(default_factory=list)
     fatbins: list[dict[str, str]] = field(default_factory=list)
+    workspace_bytes: int = 0
 
     @property
     def directory(self) -> Path:
@@ -210,6 +214,7 @@ class Manifest:
             "schedules": self.schedules,
             "kernels": self.kernels,
             "fatbins": self.fatbins,
+            "workspace_bytes": self.workspace_bytes,
         })
 
     @classmethod
@@ -238,6 +243,7 @@ class Manifest:
             schedules=obj.get("schedules"),
             kernels=list(obj.get("kernels", [])),
             fatbins=list(obj.get("fatbins", [])),
+            workspace_bytes=int(obj.get("workspace_bytes") or 0),
         )
 
     def validate(self) -> None:

@@ -492,6 +492,9 @@ class Engine:
     context_length, shrunk to what fits in memory). module_dir: a compiled module's directory
     (else searched under `search_roots`, then compiled into `cache` when `compile` and the
     compiler is importable). memory_info: (free, total) bytes of the device, injectable.
+    reserve: bytes kept free beside the weights and the KV cache, on top of what the module's
+    functions allocate when they run (its manifest's workspace_bytes: ~2.2 GiB for the
+    full-size model's T-token steps, mostly a 2048-token score's logits).
     """
 
     def __init__(
@@ -527,6 +530,7 @@ class Engine:
         self.manifest = find_or_compile(self.model, self.arch, module_dir=module_dir, search_roots=search_roots,
                                         cache=cache, compile=compile, log=self.log)
         self.lookahead = max(0, int(lookahead))
+        reserve += self.manifest.workspace_bytes
 
         lib = tvm.runtime.load_module(str(self.manifest.library))
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device.tvm_device)

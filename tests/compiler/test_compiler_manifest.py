@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.compiler import manifest as M
-from sparkinfer.compiler.pipeline import compile_model
+from sparkinfer.compiler.pipeline import compile_model, workspace_bytes
 from sparkinfer.errors import CompiledModuleError
 from sparkinfer.gguf_file import preset_config, tensor_specs, type_map
 from sparkinfer.kernels.use import KernelUse
+from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.schedule.schedules import schedules_for
 from sparkinfer.schedule.space import kernel_key
 
@@ -62,6 +63,22 @@ def test_manifest_records_what_the_runtime_needs(compiled) -> None:  # noqa: ANN
         assert k["schedule"]["source"] == ("tuned" if key in tuned else "default"), key
     assert raw["prefill_chunks"] == list(compiled.manifest.prefill_chunks) == [128]
     assert all({"name", "family", "factory", "args"} <= set(k) for k in raw["kernels"])
+    assert raw["workspace_bytes"] == workspace_bytes(build_decode_step(TINY, TYPES, prefill_chunks=(128,)).mod)
+
+
+def test_workspace_counts_each_function_and_its_outputs() -> None:
+    """A T-token step of T tokens adds its prefill and score functions: at least the score's
+    logits [T, V] beside what the decode step alone allocates."""
+    vocab, hidden = TINY.vocab_size, TINY.hidden
+
+    def workspace(chunks: tuple[int, ...]) -> int:
+        return workspace_bytes(build_decode_step(TINY, TYPES, prefill_chunks=chunks).mod)
+
+    decode_only = workspace(())
+    assert vocab * 4 <= decode_only < 4 * (vocab + 64 * hidden) * 4  # its logits, then a few vectors
+    with_16 = workspace((16,))
+    assert with_16 - decode_only >= 16 * vocab * 4 + 16 * hidden * 4  # score_16's logits and a row of h a token
+    assert workspace((16, 64)) - with_16 >= 64 * vocab * 4
 
 
 def test_manifest_round_trip(compiled) -> None:  # noqa: ANN001

@@ -3,6 +3,8 @@ and the errors a user can cause (context, memory, missing module, architecture).
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,24 @@ def test_kv_cache_beyond_free_memory(toy_model: Path, toy_cpu_module: Path) -> N
                     "(the decode step in a loop)"]
     with pytest.raises(ContextLengthError, match="exceeds the context of 80 tokens"):
         engine.generate(PROMPT, 75)
+
+
+def test_the_module_workspace_is_kept_free_beside_the_kv_cache(toy_model: Path, toy_cpu_module: Path,
+                                                                tmp_path: Path) -> None:
+    """What the module's functions allocate (its manifest's workspace_bytes, the full-size
+    model's 2048-token score alone 1.2 GiB) is reserved on top of the 256 MiB: a KV cache that
+    fits only without it is refused, naming the larger reserve."""
+    module = tmp_path / "toy-cpu"
+    shutil.copytree(toy_cpu_module, module)
+    manifest = json.loads((module / "manifest.json").read_text())
+    manifest["workspace_bytes"] = 1 << 20
+    (module / "manifest.json").write_text(json.dumps(manifest))
+    reserve = 256 << 20
+    with pytest.raises(OutOfMemoryError, match=r"\+ 257\.00 MiB kept for the step's buffers.*at most 0 tokens fit"):
+        Engine(toy_model, arch="cpu", module_dir=module, context=128, memory_info=memory(GIB, reserve + 8 * 4096))
+    engine = Engine(toy_model, arch="cpu", module_dir=module, context=128,
+                    memory_info=memory(GIB, reserve + (1 << 20) + 8 * 4096))
+    assert engine.capacity == 128
 
 
 def test_no_module_and_no_compiler(real_model: Path, tmp_path: Path) -> None:
