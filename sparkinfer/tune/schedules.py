@@ -1,12 +1,14 @@
 """The tuner's side of the schedules file (sparkinfer/schedule/schedules.py): a "tuned" entry
 per tuned kernel, written from the database, so the file always says what the tuning log
 holds: the best record's knobs and median time, the arch default's time (its measurement
-line), the kernel's number of records (trials) and the seed. Entries of kernels not tuned in
+line), both on the card of the kernel's newest measurement, the kernel's number of records
+(trials) and the seed. Entries of kernels not tuned in
 this run are kept as they were; `made_by` names the versions and the device that measured.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,19 +32,44 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
                  seed: int) -> ScheduleEntry | None:
     """The kernel's entry, or None where nothing of it was measured successfully. Records of
     an older form of the kernel's schedule rule (their knobs unreadable now) do not count, nor
-    does a measurement of a default other than the rule's current one."""
+    does a measurement of a default other than the rule's current one, nor one on another card
+    than the kernel's newest measurement (`card_lines`)."""
     recorded = records(task, database)
+    on_card = card_lines(task, lines)
     measured = [r for r in recorded if r.run_secs]
     timed = [(r, knobs) for r, knobs in zip(measured, traces_knobs(task, [r.trace for r in measured]))
-             if knobs is not None]
+             if knobs is not None and _measured_on(r, knobs, on_card)]
     if not timed:
         return None
     best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))
-    defaults = [line["median_us"] for line in lines
-                if line["kernel"] == task.key and line["knobs"] == task.default_knobs and line["median_us"] is not None]
+    defaults = [line["median_us"] for line in on_card if line["knobs"] == task.default_knobs]
     return ScheduleEntry(knobs=knobs, source=TUNED, time_us=round(_median_us(best.run_secs), 4),
                          default_time_us=round(defaults[-1], 4) if defaults else None, trials=len(recorded),
                          seed=seed)
+
+
+def card_lines(task: TuneTask, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kernel's successful measurement lines on the card of its newest one. An arch's log
+    may hold several cards' (tuning_logs/sm_90: H200 and H100 rounds); an entry compares times
+    of one card, so that its knobs win on their merit and its time and the default's are that
+    card's."""
+    timed = [line for line in lines if line["kernel"] == task.key and line["median_us"] is not None]
+    if not timed:
+        return []
+    card = timed[-1]["device"]
+    return [line for line in timed if line["device"] == card]
+
+
+def _measured_on(record: ms.database.TuningRecord, knobs: dict[str, Any], on_card: list[dict[str, Any]]) -> bool:
+    """Whether a record is one of these lines (the same knobs and times: the database keeps a
+    record's times, not its card; float32 seconds, so the times agree to ~1e-7). With no lines at all (a database without its measurement log)
+    every record counts."""
+    if not on_card:
+        return True
+    median = _median_us(record.run_secs)
+    # (a line written before the rule gained a knob names fewer knobs than its record reads as)
+    return any(all(knobs.get(name) == value for name, value in line["knobs"].items())
+               and math.isclose(line["median_us"], median, rel_tol=1e-5) for line in on_card)
 
 
 def write_schedules(path: str | Path, arch: str, tasks: Sequence[TuneTask], database: ms.database.Database,

@@ -60,16 +60,20 @@ def test_knobs_of_a_simplified_trace():
     assert trace_knobs(task, trace) == DEFAULT
 
 
-def fake_runner(bundle: Path) -> None:
-    """Times as a fixed function of the knobs: more rows and lanes are faster, unroll helps."""
+def fake_time(knobs: dict) -> float:
+    """A fixed function of the knobs: more rows and lanes are faster, unroll helps."""
+    return 100.0 / knobs["rows"] + 50.0 / knobs["lanes"] + (0.0 if knobs["unroll"] else 7.0)
+
+
+def fake_runner(bundle: Path, device: str = "fake", slower: float = 1.0) -> None:
+    """Times each candidate at fake_time x `slower`, as the card `device`."""
     index = json.loads((bundle / "index.json").read_text())
     results = {}
     for c in index["candidates"]:
-        k = c["knobs"]
-        t = 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0)
+        t = fake_time(c["knobs"]) * slower
         results[c["id"]] = {"times_us": [t, t, t], "error": None}
     (bundle / "results.json").write_text(json.dumps({
-        "device": "fake", "timer": "fake", "samples": 3, "date": "2026-01-01T00:00:00Z",
+        "device": device, "timer": "fake", "samples": 3, "date": "2026-01-01T00:00:00Z",
         "made_by": {"tvm": "fake", "sparkinfer": "fake"}, "results": results}))
 
 
@@ -90,9 +94,28 @@ def test_same_seed_same_times_same_candidates(tmp_path):
     schedules = json.loads((tmp_path / "a" / "cpu.json").read_text())
     assert schedules["arch"] == "cpu" and schedules["made_by"]["device"] == "fake"
     entry = schedules["kernels"]["toy.gemv(256, 512)"]
-    best = min(first, key=lambda k: 100.0 / k["rows"] + 50.0 / k["lanes"] + (0.0 if k["unroll"] else 7.0))
+    best = min(first, key=fake_time)
     assert entry["knobs"] == best and entry["trials"] == 9 and entry["seed"] == 7
     assert entry["default_time_us"] == pytest.approx(100.0 / 4 + 50.0 / 8 + 7.0)
+
+
+def test_an_entry_compares_times_of_one_card(tmp_path):
+    """A log with rounds on two cards (tuning_logs/sm_90: H200 and H100): the entry is the best of
+    the newest card's records, with that card's default time, not a faster card's older best."""
+    logs, out = tmp_path / "logs", tmp_path / "cpu.json"
+    tune([toy_task()], "cpu", logs, out, trials=6, seed=5, rotate_bytes=1 << 16, per_round=3,
+         runner=fake_runner, progress=False)
+    tune([toy_task()], "cpu", logs, out, trials=9, seed=5, rotate_bytes=1 << 16, per_round=3,
+         runner=lambda bundle: fake_runner(bundle, "slow card", 10.0), progress=False)
+    lines = measurements(logs)
+    assert [line["device"] for line in lines] == ["fake"] * 6 + ["slow card"] * 3
+    schedules = json.loads(out.read_text())
+    entry = schedules["kernels"]["toy.gemv(256, 512)"]
+    best = min((line["knobs"] for line in lines[6:]), key=fake_time)
+    assert entry["knobs"] == best and entry["time_us"] == pytest.approx(10.0 * fake_time(best))
+    assert entry["time_us"] > min(line["median_us"] for line in lines[:6])  # the fake card's times lost
+    assert entry["default_time_us"] is None  # the default was timed on the fake card only
+    assert schedules["made_by"]["device"] == "slow card"
 
 
 def test_tuning_goes_on_after_the_rule_changed(tmp_path, capsys):
