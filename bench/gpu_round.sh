@@ -54,8 +54,14 @@ extras_dir=${ROUND_EXTRAS_DIR:-/tmp/site-extras}
 deadline=$((SECONDS + ${ROUND_SECONDS:-565}))
 log="$round/setup.log"
 note() { echo "$*" | tee -a "$log"; }
-# seconds for a stage: at most $1, leaving $2 for the stages after it
-limit() { local t=$((deadline - SECONDS - $2)); ((t > $1)) && t=$1; ((t < 15)) && t=15; echo "$t"; }
+# seconds for a stage: at most $1, leaving $2 for the stages after it (none after the last stage:
+# `setup synth sync decode` once gave decode 15 s, its 220 s kept for nothing)
+last_stage=0
+limit() {
+  local keep=$2 t
+  ((last_stage)) && keep=0
+  t=$((deadline - SECONDS - keep)); ((t > $1)) && t=$1; ((t < 15)) && t=15; echo "$t"
+}
 stage_done() {  # NAME RC START
   note "stage $1: rc $2, $((SECONDS - $3)) s"
 }
@@ -312,7 +318,9 @@ case "${1:-}" in
   *) stages=("$@") ;;
 esac
 [ "${stages[0]}" = setup ] || stage_setup > /dev/null  # every stage needs the environment
-for name in "${stages[@]}"; do
+for i in "${!stages[@]}"; do
+  name=${stages[$i]}
+  ((i == ${#stages[@]} - 1)) && last_stage=1
   if ! declare -F "stage_$name" > /dev/null; then
     note "no stage $name"
     continue
