@@ -33,14 +33,18 @@ def _gpu_round():  # noqa: ANN202
     return module
 
 
-@pytest.mark.parametrize("name", sorted(_gpu_round().VARIANT_STEPS))
+# The round's variants, or (a round without any) one step variant as the script would write it
+EXAMPLE_VARIANT = {"example": {"decode_launches": "fused"}}
+
+
+@pytest.mark.parametrize("name", sorted(_gpu_round().VARIANT_STEPS or EXAMPLE_VARIANT))
 def test_the_round_variant_modules_keep_the_arch_knobs_and_add_their_step(tmp_path: Path, monkeypatch,  # noqa: ANN001
                                                                           name: str) -> None:
     from sparkinfer.schedule.schedules import SchedulesFile, schedules_for
 
     gpu_round = _gpu_round()
     monkeypatch.setattr(gpu_round, "ROUND", tmp_path / "gpu-round.json")
-    step, knobs = gpu_round.VARIANT_STEPS[name], gpu_round.VARIANT_KNOBS.get(name, {})
+    step, knobs = (gpu_round.VARIANT_STEPS or EXAMPLE_VARIANT)[name], gpu_round.VARIANT_KNOBS.get(name, {})
     written = SchedulesFile.read(gpu_round.variant_schedules("sm_90", step, knobs))
     packaged, _ = schedules_for("sm_90")
     assert written.step == {**packaged.step, **step}
