@@ -2,8 +2,8 @@
 per tuned kernel, written from the database, so the file always says what the tuning log
 holds: the best record's knobs and median time, the arch default's time (its measurement
 line), both on the card of the kernel's newest measurement, the kernel's number of records
-(trials) and the seed. Entries of kernels not tuned in
-this run are kept as they were; `made_by` names the versions and the device that measured.
+(trials) and the seed. Entries of kernels not tuned in this run are kept as they were; `made_by`
+names the versions and the device that measured.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def card_lines(task: TuneTask, lines: list[dict[str, Any]]) -> list[dict[str, An
 
 def _measured_on(record: ms.database.TuningRecord, knobs: dict[str, Any], on_card: list[dict[str, Any]]) -> bool:
     """Whether a record is one of these lines (the same knobs and times: the database keeps a
-    record's times, not its card; float32 seconds, so the times agree to ~1e-7). With no lines at all (a database without its measurement log)
-    every record counts."""
+    record's times, not its card, as float32 seconds, so they agree with the line's to ~1e-7).
+    With no lines for the kernel (a database without its measurement log) every record counts."""
     if not on_card:
         return True
     median = _median_us(record.run_secs)
