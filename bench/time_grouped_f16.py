@@ -1,19 +1,20 @@
-"""Time the 512-token chunk's float16 grouped expert GEMMs at several knob points, alone.
+"""Time a chunk's float16 grouped expert GEMMs at several knob points, alone.
 
-    python3 bench/time_grouped_f16.py prepare sm_90   # here (full TVM, nvcc): one library of every point
+    python3 bench/time_grouped_f16.py prepare sm_90 [TOKENS]  # here (full TVM, nvcc): one library of
+                                                              # every point, for a chunk of TOKENS (512)
     python3 bench/time_grouped_f16.py run              # on the GPU: µs a launch of each point and routing
 
 (the device call carries compiled/grouped-f16, an ignored path; run writes times.json beside
 the library and prints a line a kernel and routing).
 
-The kernels are Qwen3-30B-A3B's (128 experts, top 8, H 2048, I 768) at 4096 sorted rows:
+The kernels are Qwen3-30B-A3B's (128 experts, top 8, H 2048, I 768) at TOKENS x 8 sorted rows:
 gate/up/SiLU Q4_K and the Q6_K and Q4_K downs (`moe_chunk.grouped_gate_up_silu_f16`,
 `grouped_gemm_f16`), scheduled by `prefill_cuda._GroupedGemmF16CudaRule` with its default knobs and those of a
 grid of its space (`GroupedF16Knobs`: ROW_SPLITS x WARPS_M x the launchable K tiles, word
 runs; named s<row_splits>w<warps_m>k<k_tile>). prepare writes
 compiled/grouped-f16/<arch>/kernels.so (each point's kernel under its own symbol) and
-points.json. run times each kernel with `time_evaluator` (median of 5 repeats of 20 launches)
-on three routings of 512 tokens (`moe_chunk.moe_sort_reference`): "uniform" (8 distinct experts
+points.json (the points and the chunk's tokens). run times each kernel with `time_evaluator`
+(median of 5 repeats of 20 launches) on three routings of the chunk's tokens (`moe_chunk.moe_sort_reference`): "uniform" (8 distinct experts
 a token at random), "zipf" (experts drawn with weights 1 / rank: a few take most tokens) and
 "repeated" (27 distinct tokens' routings repeated, as `bench/gpu_round.py`'s repeated
 sentence). Weights are random bytes (speed only: their values are not checked; the tests in
@@ -32,14 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "compiled" / "grouped-f16"
 sys.path.insert(0, str(REPO))
 
-E, KU, H, I, T = 128, 8, 2048, 768, 512
+E, KU, H, I = 128, 8, 2048, 768
+TOKENS = 512  # the chunk prepare builds for unless told
 # The knob points timed besides each kernel's rule default: the rule's space (launchable K tiles
 # only: `_GroupedGemmF16CudaRule.space`) at these row splits and warps, with word runs.
 ROW_SPLITS, WARPS_M = (1, 2, 4, 8), (2, 4)
 KERNELS = ("gate_up_q4_k", "down_q6_k", "down_q4_k")
 
 
-def _factory(kernel: str) -> tuple:
+def _factory(kernel: str, T: int) -> tuple:
     from gguf import GGMLQuantizationType as Q
 
     from sparkinfer.kernels import moe_chunk
@@ -51,7 +53,7 @@ def _factory(kernel: str) -> tuple:
     return moe_chunk.grouped_gemm_f16, ((Q6_K_PLANAR if kernel == "down_q6_k" else Q.Q4_K), E, T * KU, H, I)
 
 
-def prepare(arch: str) -> None:
+def prepare(arch: str, T: int) -> None:
     import tvm
 
     from sparkinfer.compiler import targets
@@ -62,7 +64,7 @@ def prepare(arch: str) -> None:
     facts = arch_facts(arch)
     funcs, listing = {}, {}
     for kernel in KERNELS:
-        factory, args = _factory(kernel)
+        factory, args = _factory(kernel, T)
         use = kernel_use("moe_chunk", factory.__name__, *args)
         rule = rule_for(use, facts)
         space = rule.space(use, facts)
@@ -79,11 +81,11 @@ def prepare(arch: str) -> None:
     out = OUT / arch
     out.mkdir(parents=True, exist_ok=True)
     targets.build(tvm.IRModule(funcs), arch).export_library(str(out / "kernels.so"))
-    (out / "points.json").write_text(json.dumps(listing, indent=1) + "\n")
+    (out / "points.json").write_text(json.dumps({"tokens": T, "points": listing}, indent=1) + "\n")
     print(out / "kernels.so")
 
 
-def routings(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def routings(rng: np.random.Generator, T: int) -> dict[str, np.ndarray]:
     """ids int32[T, KU] of each routing."""
     def zipf_pick(weights: np.ndarray) -> np.ndarray:
         return rng.choice(E, KU, replace=False, p=weights / weights.sum())
@@ -107,7 +109,8 @@ def run() -> None:
     tvm = import_tvm()  # with runtime-only TVM (the GPU machines), its CUDA runtime too
     arch = next(p.name for p in sorted(OUT.iterdir()) if (p / "kernels.so").is_file())
     lib = tvm.runtime.load_module(str(OUT / arch / "kernels.so"))
-    listing = json.loads((OUT / arch / "points.json").read_text())
+    prepared = json.loads((OUT / arch / "points.json").read_text())
+    T, listing = prepared["tokens"], prepared["points"]
     dev = tvm.cuda(0)
     rng = np.random.default_rng(0)
 
@@ -123,7 +126,7 @@ def run() -> None:
     act = tvm.runtime.tensor(np.zeros((T * KU, I), np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((T * KU, H), np.float32), dev)
     results = {}
-    for routing, ids in routings(rng).items():
+    for routing, ids in routings(rng, T).items():
         offsets, row_token, _ = moe_chunk.moe_sort_reference(ids, T, E)
         counts = np.diff(offsets)
         print(f"{routing}: {np.count_nonzero(counts)} experts with rows, the most {counts.max()}", flush=True)
@@ -136,12 +139,13 @@ def run() -> None:
                 times = timer(downs[symbol.rsplit("_", 1)[0]], off, x_rows, y).results
             results[f"{routing} {symbol}"] = 1e6 * float(np.median(times))
             print(f"  {symbol:28s} {results[f'{routing} {symbol}']:9.1f} us  {listing[symbol]['knobs']}", flush=True)
-    (OUT / arch / "times.json").write_text(json.dumps({"device": str(dev), "us": results}, indent=1) + "\n")
+    (OUT / arch / "times.json").write_text(json.dumps({"device": str(dev), "tokens": T, "us": results}, indent=1)
+                                           + "\n")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["prepare"] and len(sys.argv) == 3:
-        prepare(sys.argv[2])
+    if sys.argv[1:2] == ["prepare"] and len(sys.argv) in (3, 4):
+        prepare(sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else TOKENS)
     elif sys.argv[1:] == ["run"]:
         run()
     else:
