@@ -64,6 +64,12 @@ SORT_MATRIX_ENTRIES = 8192
 # shared memory it holds without opting in. At T = 2048, E = 128 (16 KiB of staged experts) this,
 # not SORT_MATRIX_ENTRIES, caps the chunks; at E = 4 the runs' padding does (2 bytes take 16).
 SORT_SHARED_BYTES = 48 * 1024
+# The GPU rule's padding of moe_sort's shared buffers (schedule/prefill_cuda.py MoeSortCudaRule):
+# each matrix row an odd number of words apart (a thread per expert walking its row hits its own
+# bank), each chunk's run of staged experts an odd number of 16 bytes apart (a quarter warp's
+# 16-byte reads on all 32 banks). sort_shared_bytes counts them.
+SORT_ROW_ALIGN_BYTES = 4
+SORT_RUN_ALIGN_BYTES = 16
 
 
 def sort_index_dtype(n_pairs: int) -> str:
@@ -86,13 +92,14 @@ def _odd_multiple(n_bytes: int, unit: int) -> int:
 
 def sort_shared_bytes(n_tokens: int, n_experts: int, n_used: int, chunk_tokens: int) -> int:
     """moe_sort's shared memory on a GPU: the staged experts and the two [E, C] matrices with the
-    rule's padding (each chunk's run of experts an odd number of 16 bytes, each matrix row an odd
-    number of words), and the experts' totals and starts."""
+    rule's padding (SORT_RUN_ALIGN_BYTES, SORT_ROW_ALIGN_BYTES), and the experts' totals and
+    starts."""
     chunks = -(-n_tokens // chunk_tokens)
     run_bytes = chunk_tokens * n_used * DataType(sort_expert_dtype(n_experts)).bits // 8
     row_bytes = chunks * DataType(sort_index_dtype(n_tokens * n_used)).bits // 8
     totals_and_starts = (2 * n_experts + 1) * 4
-    return chunks * _odd_multiple(run_bytes, 16) + 2 * n_experts * _odd_multiple(row_bytes, 4) + totals_and_starts
+    return (chunks * _odd_multiple(run_bytes, SORT_RUN_ALIGN_BYTES)
+            + 2 * n_experts * _odd_multiple(row_bytes, SORT_ROW_ALIGN_BYTES) + totals_and_starts)
 
 
 def sort_chunk_tokens(n_tokens: int, n_experts: int, n_used: int) -> int:

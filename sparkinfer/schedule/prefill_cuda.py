@@ -39,6 +39,8 @@ from sparkinfer.kernels.moe_chunk import (
     F16_ROW_TILES,
     F16_TILE_N,
     ROW_BLOCK,
+    SORT_ROW_ALIGN_BYTES,
+    SORT_RUN_ALIGN_BYTES,
     TILE_N,
     f16_row_tile,
     k_tile,
@@ -476,7 +478,8 @@ class MoeSortCudaRule(_CudaRule):
         # The matrices' rows an odd number of words apart (the first buffer these blocks write:
         # count, fill); the chunks' runs of experts an odd number of 16 bytes apart, so that the
         # 8 threads of a quarter warp reading 16 bytes each of theirs hit all 32 banks.
-        for block, unit_bytes in (("zero_counts", 4), ("chunk_starts", 4), ("experts", 16)):
+        for block, unit_bytes in (("zero_counts", SORT_ROW_ALIGN_BYTES), ("chunk_starts", SORT_ROW_ALIGN_BYTES),
+                                  ("experts", SORT_RUN_ALIGN_BYTES)):
             unit = unit_bytes * 8 // tvm.DataType(sch.get(sch.get_sblock(block)).writes[0].source.dtype).bits
             sch.storage_align(sch.get_sblock(block), 0, axis=0, factor=2 * unit, offset=unit)
         for name in ("experts", "zero_counts", "count", "chunk_starts", "expert_starts", "place", "clear_rows",
