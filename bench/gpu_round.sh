@@ -54,13 +54,19 @@ extras_dir=${ROUND_EXTRAS_DIR:-/tmp/site-extras}
 deadline=$((SECONDS + ${ROUND_SECONDS:-565}))
 log="$round/setup.log"
 note() { echo "$*" | tee -a "$log"; }
-# seconds for a stage: at most $1, leaving $2 for the stages after it (none after the last stage:
-# `setup synth sync decode` once gave decode 15 s, its 220 s kept for nothing)
-last_stage=0
+# The least each stage needs to be of use (seconds on an H100 in session 12, model load
+# included): a stage keeps this much for each stage after it in the call, so that a short call
+# cuts the running stage, not the ones after it (with fixed reserves, `setup synth variants` once
+# gave synth 15 s, and decode got 15 s after sync).
+declare -A STAGE_FLOOR=([setup]=15 [tune]=60 [synth]=40 [pytest]=120 [decode]=45 [sync]=30 [chunked]=45
+  [chunked_gate]=30 [variants]=90 [run]=20 [apps]=25 [profile]=60 [profile_chunked]=60 [profile_detail]=60
+  [grouped]=40 [profile_detail_chunked]=60)
+later=0  # the floors of the stages after the running one
+# seconds for a step of a stage: at most $1, leaving $2 for the rest of the stage and `later`
+# for the stages after it (at least 15)
 limit() {
-  local keep=$2 t
-  ((last_stage)) && keep=0
-  t=$((deadline - SECONDS - keep)); ((t > $1)) && t=$1; ((t < 15)) && t=15; echo "$t"
+  local t=$((deadline - SECONDS - $2 - later))
+  ((t > $1)) && t=$1; ((t < 15)) && t=15; echo "$t"
 }
 stage_done() {  # NAME RC START
   note "stage $1: rc $2, $((SECONDS - $3)) s"
@@ -112,7 +118,7 @@ stage_tune() {
   local bundle=/tmp/tune-bundle
   rm -rf "$bundle" && mkdir -p "$bundle" && tar xJf .device/tune.tar.xz -C "$bundle"
   note "== tune: $(python3 -c 'import json, sys; i = json.load(open(sys.argv[1])); print(len(i["candidates"]), "candidates of", len(i["kernels"]), "kernels")' "$bundle/index.json")"
-  timeout -k 10 "$(limit 150 300)" python3 -m sparkinfer.tune.runner "$bundle" > "$round/tune.log" 2>&1
+  timeout -k 10 "$(limit 150 0)" python3 -m sparkinfer.tune.runner "$bundle" > "$round/tune.log" 2>&1
   local rc=$?
   tail -n 1 "$round/tune.log" | tee -a "$log"
   cp "$bundle/results.json" "$round/tune-results.json" 2>/dev/null
@@ -126,7 +132,7 @@ stage_synth() {
     return 0
   fi
   note "== synth $model"
-  timeout -k 10 "$(limit 150 300)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
+  timeout -k 10 "$(limit 150 0)" python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 \
     | tr '\r' '\n' | tail -n 3 >> "$log"
   return "${PIPESTATUS[0]}"
 }
@@ -144,7 +150,7 @@ stage_pytest() {
   # fail to collect, and the run stops there. --maxfail=30 rather than -x: one round, most answers
   # (session 9's 10 stopped the run inside one broken kernel family's cases).
   # shellcheck disable=SC2086
-  timeout -k 10 "$(limit 300 250)" python3 -m pytest -m gpu --maxfail=30 -q -p no:cacheprovider --durations=8 $files \
+  timeout -k 10 "$(limit 300 0)" python3 -m pytest -m gpu --maxfail=30 -q -p no:cacheprovider --durations=8 $files \
     > "$round/pytest.log" 2>&1
   local rc=$?
   tail -n 3 "$round/pytest.log"
@@ -164,7 +170,7 @@ bench_json() {  # OUT_NAME LIMIT RESERVE ARGS...: one `sparkinfer bench --json` 
 
 stage_decode() {
   # Fills depths 128..16384 (21,120 tokens of prefill) before its timed reps.
-  bench_json bench-device.json 220 220 --depths 128,512,4096,16384 --prompts 512 --reps 3
+  bench_json bench-device.json 220 0 --depths 128,512,4096,16384 --prompts 512 --reps 3
   local rc=$?
   tail -n 4 "$round/bench.log"
   returns bench-device.json bench.log
@@ -172,7 +178,7 @@ stage_decode() {
 }
 
 stage_sync() {
-  bench_json bench-sync.json 240 150 --depths 128,512,4096,16384 --prompts 512 --reps 3 --sync-every-token
+  bench_json bench-sync.json 240 0 --depths 128,512,4096,16384 --prompts 512 --reps 3 --sync-every-token
   local rc=$?
   tail -n 4 "$round/bench.log"
   returns bench-sync.json bench.log
@@ -192,13 +198,13 @@ full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MO
 }
 
 stage_chunked_gate() {
-  full_gate "$full" chunked-gate.txt 160
+  full_gate "$full" chunked-gate.txt "${1:-0}"
 }
 
 stage_chunked() {
-  stage_chunked_gate
+  stage_chunked_gate 40  # the prefill's bench after it
   local rc=$?
-  bench_json prefill-chunked.json 200 90 --prompts 512,4096,16384 --depths 128 --reps 2
+  bench_json prefill-chunked.json 200 0 --prompts 512,4096,16384 --depths 128 --reps 2
   local rc2=$?
   returns prefill-chunked.json
   return $((rc || rc2))
@@ -208,7 +214,7 @@ stage_variants() {
   local rc=0 name names
   read -r -a names <<< "$(python3 bench/gpu_round.py get variants)"
   for name in "${names[@]}"; do
-    full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 200 || rc=1
+    full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 120 || rc=1  # the benches after
   done
   # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
   # modules fill their depth token by token. The base twice, first and last: the spread of one call.
@@ -234,7 +240,7 @@ stage_run() {
   note "== run -n 128"
   local prompt
   prompt=$(python3 bench/gpu_round.py get run_prompt)
-  timeout -k 10 "$(limit 60 120)" python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n 128 \
+  timeout -k 10 "$(limit 60 0)" python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n 128 \
     --json -p "$prompt" > "$round/run.json" 2>> "$round/bench.log"
   local rc=$?
   returns run.json
@@ -248,17 +254,17 @@ stage_apps() {
     echo "== full-size synthetic model: accuracy gate against bench/refs/qwen3-30b-a3b-synth.npz (in pytest)"
     cat "$round/full_size_gate.txt" 2>/dev/null || echo "(no report: see pytest.log)"
     echo "== sparkinfer accuracy --arch $arch (shipped Q4_K_M vs its F16 original, numpy reference)"
-    timeout -k 10 "$(limit 90 100)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
+    timeout -k 10 "$(limit 90 40)" python3 -m sparkinfer.cli accuracy --arch "$arch" 2>&1 | tail -n 12
     echo "== bench/chat_prefix_reuse.py --arch $arch"
-    timeout -k 10 "$(limit 60 90)" python3 bench/chat_prefix_reuse.py --arch "$arch" --repeats 2 2>&1 | tail -n 8
+    timeout -k 10 "$(limit 60 20)" python3 bench/chat_prefix_reuse.py --arch "$arch" --repeats 2 2>&1 | tail -n 8
     echo "== bench/server_smoke.py --arch $arch"
-    timeout -k 10 "$(limit 60 80)" python3 bench/server_smoke.py --arch "$arch" 2>&1 | grep -v "INFO" | tail -n 6
+    timeout -k 10 "$(limit 60 0)" python3 bench/server_smoke.py --arch "$arch" 2>&1 | grep -v "INFO" | tail -n 6
   } > "$round/apps.txt" 2>&1
   returns apps.txt
 }
 
 stage_profile() {
-  OUT=$round timeout -k 10 "$(limit 150 5)" bash bench/profile_kernels.sh > "$round/profile.log" 2>&1
+  OUT=$round timeout -k 10 "$(limit 150 0)" bash bench/profile_kernels.sh > "$round/profile.log" 2>&1
   local rc=$?
   [ -f "$round/profile.txt" ] || tail -n 5 "$round/profile.log" > "$round/profile.txt"
   returns profile.txt ncu.csv
@@ -267,7 +273,7 @@ stage_profile() {
 
 stage_profile_chunked() {
   mkdir -p "$round/chunked"
-  OUT=$round/chunked PROFILE_CHUNKED=1 timeout -k 10 "$(limit 150 5)" bash bench/profile_kernels.sh 3000 \
+  OUT=$round/chunked PROFILE_CHUNKED=1 timeout -k 10 "$(limit 150 0)" bash bench/profile_kernels.sh 3000 \
     > "$round/profile-chunked.log" 2>&1
   local rc=$?
   if [ -f "$round/chunked/profile.txt" ]; then cp "$round/chunked/profile.txt" "$round/profile-chunked.txt"
@@ -277,7 +283,7 @@ stage_profile_chunked() {
 }
 
 stage_profile_detail() {
-  OUT=$round timeout -k 10 "$(limit 120 5)" bash bench/profile_detail.sh > "$round/profile-detail.log" 2>&1
+  OUT=$round timeout -k 10 "$(limit 120 0)" bash bench/profile_detail.sh > "$round/profile-detail.log" 2>&1
   local rc=$?
   tail -n 1 "$round/profile-detail.log"
   returns profile-detail.txt
@@ -290,7 +296,7 @@ stage_grouped() {
     return 1
   fi
   note "== grouped: bench/time_grouped_f16.py run"
-  timeout -k 10 "$(limit 120 5)" python3 bench/time_grouped_f16.py run > "$round/grouped.txt" 2>&1
+  timeout -k 10 "$(limit 120 0)" python3 bench/time_grouped_f16.py run > "$round/grouped.txt" 2>&1
   local rc=$?
   cp compiled/grouped-f16/*/times.json "$round/grouped-times.json" 2>/dev/null
   tail -n 4 "$round/grouped.txt"
@@ -301,7 +307,7 @@ stage_grouped() {
 stage_profile_detail_chunked() {
   # the T-token step's expert GEMMs, attention and dense GEMMs (3 launches each kind), past layer 0
   mkdir -p "$round/chunked-detail"
-  OUT=$round/chunked-detail PROFILE_PROMPT=chunk PROFILE_SKIP=8 timeout -k 10 "$(limit 150 5)" \
+  OUT=$round/chunked-detail PROFILE_PROMPT=chunk PROFILE_SKIP=8 timeout -k 10 "$(limit 150 0)" \
     bash bench/profile_detail.sh 'grouped_|causal_prefill|gemm_q4_k_512x2048x4096|gemm_f32_512' 10 \
     > "$round/profile-detail-chunked.log" 2>&1
   local rc=$?
@@ -312,7 +318,7 @@ stage_profile_detail_chunked() {
 }
 
 case "${1:-}" in
-  1) stages=(setup synth pytest chunked variants profile_chunked) ;;  # pytest early: its limit keeps 250 s for the rest
+  1) stages=(setup synth pytest chunked variants profile_chunked) ;;
   2) stages=(setup synth decode sync profile run apps) ;;
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
@@ -320,7 +326,8 @@ esac
 [ "${stages[0]}" = setup ] || stage_setup > /dev/null  # every stage needs the environment
 for i in "${!stages[@]}"; do
   name=${stages[$i]}
-  ((i == ${#stages[@]} - 1)) && last_stage=1
+  later=0
+  for next in "${stages[@]:i+1}"; do later=$((later + ${STAGE_FLOOR[$next]:-0})); done
   if ! declare -F "stage_$name" > /dev/null; then
     note "no stage $name"
     continue
