@@ -22,19 +22,11 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 12 (bench/NOTES.md, "The grouped GEMMs' knobs at 2048 tokens"):
-# - downs_2048: the 2048-token step's grouped downs at the knobs `bench/time_grouped_f16.py run`
-#   timed fastest alone on an H100 on all three routings (11-20 % under the rule's defaults); the
-#   same kind of pick at 512 tokens did not show in the step (session 11, tuned_r3), so the step
-#   decides.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"downs_2048": {}}
-VARIANT_KNOBS: dict[str, dict[str, dict]] = {
-    "downs_2048": {
-        "moe_chunk.grouped_gemm_f16('Q6_K_PLANAR', 128, 16384, 2048, 768)": {"row_splits": 2, "warps_m": 4,
-                                                                             "k_tile": 256, "word_runs": 1},
-        "moe_chunk.grouped_gemm_f16('Q4_K', 128, 16384, 2048, 768)": {"row_splits": 2, "warps_m": 2,
-                                                                      "k_tile": 64, "word_runs": 1}}}
-VARIANT_CHUNKED: set[str] = {"downs_2048"}
+# under 64 MiB). None now: session 12's downs_2048 won in the step (session 13) and its knobs are
+# sm_90.json's entries of the two grouped downs.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
+VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.

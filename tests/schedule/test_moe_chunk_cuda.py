@@ -161,6 +161,9 @@ F16_CASES += [
     F16Case((T.Q4_K, T.Q4_K), 48, SMALL, 32, (("row_splits", 1), ("warps_m", 1), ("k_tile", 64), ("word_runs", 0))),
     F16Case((T.Q6_K,), 80, SMALL, 64, (("row_splits", 4), ("warps_m", 1), ("k_tile", 256))),
     F16Case((T.Q4_K,), 48, SMALL, 32, (("row_splits", 8), ("warps_m", 2), ("k_tile", 128), ("word_runs", 0))),
+    # sm_90.json's knobs of the 2048-token step's downs (bench/NOTES.md, session 13)
+    F16Case((gemv.Q6_K_PLANAR,), 80, SMALL, 64, (("row_splits", 2), ("warps_m", 4), ("k_tile", 256))),
+    F16Case((T.Q4_K,), 80, SMALL, 64, (("row_splits", 2), ("warps_m", 2), ("k_tile", 64))),
 ]
 
 
