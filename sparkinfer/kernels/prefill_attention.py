@@ -107,13 +107,6 @@ QUERY_TILE = 4  # queries a tile: their G heads share each K/V tile load (4 * G 
 KEY_TILE = 16  # keys a tile (at most the page size): one max and one rescale a tile; one AVX-512 vector
 HALF_ROWS = 64  # rows (query, head) a tile of the half-operand form: 64 // G queries, the WMMA M
 HALF_KEY_TILE = 64  # keys a tile of the half-operand form: one page of 64, S a 64 x 64 tile
-# The half-operand form's two shapes (`causal_prefill_attention_half`, its `compact` argument):
-# "read_ahead" reads K and V a key tile ahead into registers and keeps P V's whole 64 x D tile;
-# "compact" loads K and V straight to shared memory (V once S = Q K^T has read K) and takes P V
-# a HALF_KEY_TILE-column part of the head dim at a time. The compact one is meant to fit 3
-# blocks an SM on sm_90 at head dim 128: its shared memory does, its registers not yet
-# (bench/NOTES.md "Prefill attention v4"), so no step selects it.
-ATTENTION_FORMS = ("read_ahead", "compact")
 
 
 def _first_query(it: Expr, n_tiles: int, tile: int) -> Expr:
@@ -300,10 +293,12 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     iteration kb once tile kb is copied out; past the last key they read as 0), so that a GPU's
     global loads of the next tile overlap this tile's work.
 
-    `compact` (ATTENTION_FORMS): no read-ahead; V is loaded once S = Q K^T has read K, and P V
-    goes a part of the head dim at a time (PC = gcd(D, HALF_KEY_TILE) columns: its f32 tile no
-    larger than S's, so a GPU schedule lays it in S's room), O kept as [part, row, column] so
-    that a thread's share of it is one box of registers."""
+    `compact` (the step variant attention_form "compact", schedule.schedules.ATTENTION_FORMS): no
+    read-ahead; V is loaded once S = Q K^T has read K, and P V goes a part of the head dim at a
+    time (PC = gcd(D, HALF_KEY_TILE) columns: its f32 tile no larger than S's, so a GPU schedule
+    lays it in S's room), O kept as [part, row, column] so that a thread's share of it is one
+    box of registers; for 3 blocks an SM on sm_90 at head dim 128, where the read-ahead form
+    fits 2 (bench/NOTES.md "Prefill attention v4")."""
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
@@ -505,13 +500,17 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                                 out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
                                     first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / row_sum[vr], T.float32(0))
                 else:
-                    for c, r, d in T.grid(NC, R, PC):
-                        with T.sblock("store"):
-                            vc, vr, vd = T.axis.remap("SSS", [c, r, d])
-                            if first_query(vit) + vr // G < NT:
-                                out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vc * PC + vd] = (
-                                    T.if_then_else(first_query(vit) + vr // G < n_valid[0],
-                                                   acc[vc, vr, vd] / row_sum[vr], T.float32(0)))
+                    # 3 blocks an SM: TVM's CUDA codegen writes __launch_bounds__(threads, 3), so nvcc
+                    # keeps a thread within 168 registers (201 unbounded on sm_90a; 164 so, no spills).
+                    # An s_tir schedule cannot add the attribute; the CPU build ignores it.
+                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", 3):
+                        for c, r, d in T.grid(NC, R, PC):
+                            with T.sblock("store"):
+                                vc, vr, vd = T.axis.remap("SSS", [c, r, d])
+                                if first_query(vit) + vr // G < NT:
+                                    out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vc * PC + vd] = (
+                                        T.if_then_else(first_query(vit) + vr // G < n_valid[0],
+                                                       acc[vc, vr, vd] / row_sum[vr], T.float32(0)))
 
     suffix = "_compact" if compact else ""
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16{suffix}")

@@ -870,18 +870,18 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts, compac
     let-bound (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its
     own slot.
 
-    `compact` (the factory's compact form, ATTENTION_FORMS): no read-ahead registers: K, and V
-    after S = Q K^T, go from global memory straight to shared memory (8 halves a thread a load,
-    as above), V into K's room (TVM's StorageRewrite reuses it; the comment at the products says
-    what that takes). P V a 64-column part at a time, its f32 tile in S's room. O is registers
+    `compact` (the factory's compact form, the step variant attention_form): no read-ahead
+    registers: K, and V after S = Q K^T, go from global memory straight to shared memory (8
+    halves a thread a load, as above), V into K's room (TVM's StorageRewrite reuses it; the
+    comment at the products says what that takes). P V a 64-column part at a time, its f32
+    tile in S's room. O is registers
     as [part, row, column]: thread = (row half, column), its 32 rows of each part unrolled (64
     registers a thread at head dim 128, as above), every thread busy in each part's update.
     Q, K/V and S/P V dynamic (51 KiB at D = 128, enough dynamic memory for the launch rule
-    below), P and the row state static (10.3 KiB): 61.3 KiB a block, 3 an SM on an H100 by
-    shared memory; but 201 registers a thread on sm_90a (2 blocks by registers), and S stored a
-    column at a time with a barrier before and after each store (18 barriers a key tile, not
-    8). Meant for 3 blocks an SM; not there yet (bench/NOTES.md "Prefill attention v4"), so no
-    step selects it.
+    below), P and the row state static (10.3 KiB): 61.3 KiB a block; with the factory's
+    launch bound of 3 blocks an SM, 164 registers a thread on sm_90a (no spills): 3 blocks an SM
+    on an H100 by both. The price: S stored a column at a time with a barrier before and after
+    each store (18 barriers a key tile, not 8; bench/NOTES.md "Prefill attention v4").
     """
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
