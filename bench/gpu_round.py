@@ -27,14 +27,18 @@ RUN_PROMPT_TOKENS = 128
 #   timed fastest alone on an H100 on all three routings (11-20 % under the rule's defaults); the
 #   same kind of pick at 512 tokens did not show in the step (session 11, tuned_r3), so the step
 #   decides.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"downs_2048": {}}
+# Session 13 (bench/NOTES.md, "Prefill attention v4"):
+# - attention_compact: the T-token steps' attention in its compact form (3 blocks an SM on sm_90
+#   at head dim 128, where the default's read-ahead form fits 2), its 4096-token prefill beside
+#   the base's.
+VARIANT_STEPS: dict[str, dict[str, str]] = {"downs_2048": {}, "attention_compact": {"attention_form": "compact"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {
     "downs_2048": {
         "moe_chunk.grouped_gemm_f16('Q6_K_PLANAR', 128, 16384, 2048, 768)": {"row_splits": 2, "warps_m": 4,
                                                                              "k_tile": 256, "word_runs": 1},
         "moe_chunk.grouped_gemm_f16('Q4_K', 128, 16384, 2048, 768)": {"row_splits": 2, "warps_m": 2,
                                                                       "k_tile": 64, "word_runs": 1}}}
-VARIANT_CHUNKED: set[str] = {"downs_2048"}
+VARIANT_CHUNKED: set[str] = {"downs_2048", "attention_compact"}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.
