@@ -130,7 +130,7 @@ def _cached(cache: tirx.Buffer, page_table: tirx.Buffer, j: Expr, kv: Expr, d: E
 
 
 def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-                             max_pages: int, half_operands: bool = False) -> tirx.PrimFunc:
+                             max_pages: int, half_operands: bool = False, compact: bool = False) -> tirx.PrimFunc:
     """Params (q_rot f32[T, NH, D], k_cache f16[NP, P, NKV, D], v_cache, page_table int32[MP],
     pos int32[1], n_valid int32[1], out f32[T, NH*D]).
 
@@ -140,11 +140,14 @@ def causal_prefill_attention(n_tokens: int, n_heads: int, n_kv_heads: int, head_
     S = Q K^T, a causal mask (key j <= pos + t), the tile's row max, P = exp(S - max), the
     running sum and output rescaled by exp(old max - new max), output += P V.
 
-    `half_operands`: the tensor-core form (`causal_prefill_attention_half`)."""
+    `half_operands`: the tensor-core form (`causal_prefill_attention_half`), `compact` its
+    compact shape."""
     from tvm.script import tirx as T
 
     if half_operands:
-        return causal_prefill_attention_half(n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages)
+        return causal_prefill_attention_half(n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages, compact)
+    if compact:
+        raise ValueError("the compact form is one of the half-operand attention; the float32 one has no other")
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
@@ -273,7 +276,7 @@ def exp_by_exp2(x: Expr) -> Expr:
 
 
 def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int, page_size: int,
-                                  max_pages: int) -> tirx.PrimFunc:
+                                  max_pages: int, compact: bool = False) -> tirx.PrimFunc:
     """`causal_prefill_attention` with float16 operands, the form tensor cores multiply
     (`schedule.prefill_cuda.schedule_tensor_core_attention`): same params and result.
 
@@ -288,7 +291,14 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     A row's key tiles past its own causal limit are all masked (P = 0, alpha = 1): no change.
     K and V are read one key tile ahead (k_next, v_next: tile 0 before the loop, tile kb + 1 in
     iteration kb once tile kb is copied out; past the last key they read as 0), so that a GPU's
-    global loads of the next tile overlap this tile's work."""
+    global loads of the next tile overlap this tile's work.
+
+    `compact` (the step variant attention_form "compact", schedule.schedules.ATTENTION_FORMS): no
+    read-ahead; V is loaded once S = Q K^T has read K, and P V goes a part of the head dim at a
+    time (PC = gcd(D, HALF_KEY_TILE) columns: its f32 tile no larger than S's, so a GPU schedule
+    lays it in S's room), O kept as [part, row, column] so that a thread's share of it is one
+    box of registers; for 3 blocks an SM on sm_90 at head dim 128, where the read-ahead form
+    fits 2 (bench/NOTES.md "Prefill attention v4")."""
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
@@ -298,7 +308,10 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     if R % G or D % 16:
         raise ValueError(f"the half-operand attention needs the {G} query heads per KV head to divide {R} and the "
                          f"head dim ({D}) to be a multiple of 16")
+    read_ahead = not compact
     BQ, NQT, N_KB = R // G, -(-NT // (R // G)), -(-MP * P // BK)
+    PC = math.gcd(D, BK)  # the compact form's P V columns a part
+    NC = D // PC
     scale = T.float32(1.0 / math.sqrt(D))
     lowest = T.min_value("float32")
     f16, f32 = "float16", "float32"
@@ -330,13 +343,18 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                 vkv, vit = T.axis.remap("SS", [kv, it])
                 q_half = T.sblock_alloc_buffer((R, D), f16)  # Q * scale
                 k_half = T.sblock_alloc_buffer((BK, D), f16)
-                k_next = T.sblock_alloc_buffer((BK, D), f16)  # the next key tile's K and V, read ahead
-                v_next = T.sblock_alloc_buffer((BK, D), f16)
+                if read_ahead:
+                    k_next = T.sblock_alloc_buffer((BK, D), f16)  # the next key tile's K and V, read ahead
+                    v_next = T.sblock_alloc_buffer((BK, D), f16)
                 v_half = T.sblock_alloc_buffer((BK, D), f16)
                 s = T.sblock_alloc_buffer((R, BK), f32)
                 p_half = T.sblock_alloc_buffer((R, BK), f16)
-                acc = T.sblock_alloc_buffer((R, D), f32)
-                pv = T.sblock_alloc_buffer((R, D), f32)
+                if read_ahead:
+                    acc = T.sblock_alloc_buffer((R, D), f32)
+                    pv = T.sblock_alloc_buffer((R, D), f32)
+                else:
+                    acc = T.sblock_alloc_buffer((NC, R, PC), f32)  # O's column c * PC + d at [c, r, d]
+                    pv = T.sblock_alloc_buffer((R, PC), f32)
                 row_max = T.sblock_alloc_buffer((R,), f32)
                 row_sum = T.sblock_alloc_buffer((R,), f32)
                 tile_max = T.sblock_alloc_buffer((R,), f32)  # m': the running max after this tile
@@ -347,50 +365,74 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                         vr, vd = T.axis.remap("SS", [r, d])
                         q_half[vr, vd] = T.Cast(f16, q_rot[T.min(first_query(vit) + vr // G, NT - 1),
                                                            vkv * G + vr % G, vd] * scale)
-                for r, d in T.grid(R, D):
-                    with T.sblock("acc_init"):
-                        vr, vd = T.axis.remap("SS", [r, d])
-                        acc[vr, vd] = T.float32(0)
+                if read_ahead:
+                    for r, d in T.grid(R, D):
+                        with T.sblock("acc_init"):
+                            vr, vd = T.axis.remap("SS", [r, d])
+                            acc[vr, vd] = T.float32(0)
+                else:
+                    for c, r, d in T.grid(NC, R, PC):
+                        with T.sblock("acc_init"):
+                            vc, vr, vd = T.axis.remap("SSS", [c, r, d])
+                            acc[vc, vr, vd] = T.float32(0)
                 for r in range(R):
                     with T.sblock("state_init"):
                         vr = T.axis.spatial(R, r)
                         row_max[vr] = lowest
                         row_sum[vr] = T.float32(0)
-                for jj, d in T.grid(BK, D):
-                    with T.sblock("k_first"):
-                        vj, vd = T.axis.remap("SS", [jj, d])
-                        k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
-                for jj, d in T.grid(BK, D):
-                    with T.sblock("v_first"):
-                        vj, vd = T.axis.remap("SS", [jj, d])
-                        v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
+                if read_ahead:
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("k_first"):
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
+                    for jj, d in T.grid(BK, D):
+                        with T.sblock("v_first"):
+                            vj, vd = T.axis.remap("SS", [jj, d])
+                            v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vj, vkv, vd)
                 for kb in range((n_keys(vit, pos, n_valid) + BK - 1) // BK):
-                    for jj, d in T.grid(BK, D):
-                        with T.sblock("k_load"):
-                            vj, vd = T.axis.remap("SS", [jj, d])
-                            k_half[vj, vd] = k_next[vj, vd]
-                    for jj, d in T.grid(BK, D):
-                        with T.sblock("v_load"):
-                            vj, vd = T.axis.remap("SS", [jj, d])
-                            v_half[vj, vd] = v_next[vj, vd]
-                    for jj, d in T.grid(BK, D):
-                        with T.sblock("k_ahead"):
-                            vkb = T.axis.opaque(N_KB, kb)
-                            vj, vd = T.axis.remap("SS", [jj, d])
-                            k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
-                                                       vkv, vd)
-                    for jj, d in T.grid(BK, D):
-                        with T.sblock("v_ahead"):
-                            vkb = T.axis.opaque(N_KB, kb)
-                            vj, vd = T.axis.remap("SS", [jj, d])
-                            v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
-                                                       vkv, vd)
+                    if read_ahead:
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("k_load"):
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                k_half[vj, vd] = k_next[vj, vd]
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("v_load"):
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                v_half[vj, vd] = v_next[vj, vd]
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("k_ahead"):
+                                vkb = T.axis.opaque(N_KB, kb)
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                k_next[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                           vkv, vd)
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("v_ahead"):
+                                vkb = T.axis.opaque(N_KB, kb)
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                v_next[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, (vkb + 1) * BK + vj,
+                                                           vkv, vd)
+                    else:
+                        # kb spatial, not opaque: TVM then allocates the K and V tiles inside the key
+                        # loop, where its storage planner can give V the room K leaves
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("k_load"):
+                                vkb = T.axis.spatial(N_KB, kb)
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                k_half[vj, vd] = tile_row(k_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv,
+                                                          vd)
                     for r, jj, d in T.grid(R, BK, D):
                         with T.sblock("qk"):
                             vr, vj, vd = T.axis.remap("SSR", [r, jj, d])
                             with T.init():
                                 s[vr, vj] = T.float32(0)
                             s[vr, vj] = s[vr, vj] + T.Cast(f32, q_half[vr, vd]) * T.Cast(f32, k_half[vj, vd])
+                    if not read_ahead:  # V over K: S = Q K^T has read it
+                        for jj, d in T.grid(BK, D):
+                            with T.sblock("v_load"):
+                                vkb = T.axis.spatial(N_KB, kb)
+                                vj, vd = T.axis.remap("SS", [jj, d])
+                                v_half[vj, vd] = tile_row(v_cache, page_table, pos, n_valid, vit, vkb * BK + vj, vkv,
+                                                          vd)
                     for r, jj in T.grid(R, BK):
                         with T.sblock("tile_max"):
                             vkb = T.axis.opaque(N_KB, kb)
@@ -426,24 +468,52 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
                         with T.sblock("max_update"):
                             vr = T.axis.spatial(R, r)
                             row_max[vr] = tile_max[vr]
-                    for r, d, jj in T.grid(R, D, BK):
-                        with T.sblock("pv"):  # this tile's P V apart (a GPU's accumulators start at 0)
-                            vr, vd, vj = T.axis.remap("SSR", [r, d, jj])
-                            with T.init():
-                                pv[vr, vd] = T.float32(0)
-                            pv[vr, vd] = pv[vr, vd] + T.Cast(f32, p_half[vr, vj]) * T.Cast(f32, v_half[vj, vd])
+                    if read_ahead:
+                        for r, d, jj in T.grid(R, D, BK):
+                            with T.sblock("pv"):  # this tile's P V apart (a GPU's accumulators start at 0)
+                                vr, vd, vj = T.axis.remap("SSR", [r, d, jj])
+                                with T.init():
+                                    pv[vr, vd] = T.float32(0)
+                                pv[vr, vd] = pv[vr, vd] + T.Cast(f32, p_half[vr, vj]) * T.Cast(f32, v_half[vj, vd])
+                        for r, d in T.grid(R, D):
+                            with T.sblock("accumulate"):
+                                vr, vd = T.axis.remap("SS", [r, d])
+                                acc[vr, vd] = acc[vr, vd] * alpha[vr] + pv[vr, vd]
+                    else:
+                        for c in range(NC):
+                            for r, d, jj in T.grid(R, PC, BK):
+                                with T.sblock("pv"):  # columns c * PC .. of this tile's P V
+                                    vc, vr, vd, vj = T.axis.remap("SSSR", [c, r, d, jj])
+                                    with T.init():
+                                        pv[vr, vd] = T.float32(0)
+                                    pv[vr, vd] = pv[vr, vd] + T.Cast(f32, p_half[vr, vj]) * T.Cast(
+                                        f32, v_half[vj, vc * PC + vd])
+                            for r, d in T.grid(R, PC):
+                                with T.sblock("accumulate"):
+                                    vc, vr, vd = T.axis.remap("SSS", [c, r, d])
+                                    acc[vc, vr, vd] = acc[vc, vr, vd] * alpha[vr] + pv[vr, vd]
+                if read_ahead:
                     for r, d in T.grid(R, D):
-                        with T.sblock("accumulate"):
+                        with T.sblock("store"):
                             vr, vd = T.axis.remap("SS", [r, d])
-                            acc[vr, vd] = acc[vr, vd] * alpha[vr] + pv[vr, vd]
-                for r, d in T.grid(R, D):
-                    with T.sblock("store"):
-                        vr, vd = T.axis.remap("SS", [r, d])
-                        if first_query(vit) + vr // G < NT:
-                            out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
-                                first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / row_sum[vr], T.float32(0))
+                            if first_query(vit) + vr // G < NT:
+                                out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vd] = T.if_then_else(
+                                    first_query(vit) + vr // G < n_valid[0], acc[vr, vd] / row_sum[vr], T.float32(0))
+                else:
+                    # 3 blocks an SM: TVM's CUDA codegen writes __launch_bounds__(threads, 3), so nvcc
+                    # keeps a thread within 168 registers (201 unbounded on sm_90a; 164 so, no spills).
+                    # An s_tir schedule cannot add the attribute; the CPU build ignores it.
+                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", 3):
+                        for c, r, d in T.grid(NC, R, PC):
+                            with T.sblock("store"):
+                                vc, vr, vd = T.axis.remap("SSS", [c, r, d])
+                                if first_query(vit) + vr // G < NT:
+                                    out[first_query(vit) + vr // G, (vkv * G + vr % G) * D + vc * PC + vd] = (
+                                        T.if_then_else(first_query(vit) + vr // G < n_valid[0],
+                                                       acc[vc, vr, vd] / row_sum[vr], T.float32(0)))
 
-    return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16")
+    suffix = "_compact" if compact else ""
+    return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16{suffix}")
 
 
 # ---- numpy references ------------------------------------------------------------------

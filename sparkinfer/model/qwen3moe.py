@@ -73,7 +73,7 @@ from sparkinfer.model.spec import (
     LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
-from sparkinfer.schedule.schedules import PROGRAMMATIC_LAUNCH
+from sparkinfer.schedule.schedules import ATTENTION_FORMS, PROGRAMMATIC_LAUNCH
 
 
 _T = GGMLQuantizationType
@@ -281,11 +281,13 @@ class Normed:
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
-                 decode_launches: str = "split", q6_k_layout: str = "gguf") -> None:
+                 decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead"
+                 ) -> None:
         self.c = config
         self.activations = activations
         self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
+        self.attention_form = attention_form
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
@@ -609,8 +611,9 @@ class _StepBuilder:
             gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["n_valid"],
                  p["page_table"], kc, vc],
             [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
-        # "f16": the attention's Q and P as tensor-core operands too (its half_operands form)
-        half = (True,) if self.chunk_operands == "f16" else ()
+        # "f16": the attention's Q and P as tensor-core operands too (its half_operands form), in
+        # the step's attention_form (the factory's compact argument; the default's call as before)
+        half = (True, *((True,) if self.attention_form == "compact" else ())) if self.chunk_operands == "f16" else ()
         gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
@@ -670,6 +673,7 @@ def build_decode_step(
     decode_launches: str = "split",
     programmatic_launch: str = "off",
     q6_k_layout: str = "gguf",
+    attention_form: str = "read_ahead",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -694,13 +698,20 @@ def build_decode_step(
     `q6_k_layout` (Q6_K_LAYOUTS) is how the Q6_K weights of `planar_tensors` sit in device
     memory: "gguf" as in the file, "planar" re-laid out at binding (quant/layouts.py) so that
     their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR
-    (any decode_launches, and the T-token step's GEMMs)."""
+    (any decode_launches, and the T-token step's GEMMs).
+    `attention_form` (ATTENTION_FORMS) is the shape of the T-token step's tensor-core attention
+    (chunk_operands "f16"): "read_ahead" or "compact" (`causal_prefill_attention_half`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
         raise SparkInferError(f"chunk_operands must be one of {', '.join(GEMM_OPERANDS)}, got {chunk_operands!r}")
     if decode_launches not in DECODE_LAUNCHES:
         raise SparkInferError(f"decode_launches must be one of {', '.join(DECODE_LAUNCHES)}, got {decode_launches!r}")
+    if attention_form not in ATTENTION_FORMS:
+        raise SparkInferError(f"attention_form must be one of {', '.join(ATTENTION_FORMS)}, got {attention_form!r}")
+    if attention_form != ATTENTION_FORMS[0] and chunk_operands != "f16":
+        raise SparkInferError(f"attention_form={attention_form!r} is a form of the tensor-core attention: it needs "
+                              f"chunk_operands='f16', got {chunk_operands!r}")
     if programmatic_launch not in PROGRAMMATIC_LAUNCH:
         raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
                               f"got {programmatic_launch!r}")
@@ -715,7 +726,7 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
-                           q6_k_layout)
+                           q6_k_layout, attention_form)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

@@ -827,7 +827,7 @@ P_UNROLL = 8  # P entries a thread computes side by side (of 32 a key tile at 64
 PADDED_TILES = ("q_half", "k_half", "v_half", "p_half")  # the WMMA operands (S and P V: _tensorize_product)
 
 
-def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> None:
+def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts, compact: bool = False) -> None:
     """`prefill_attention.causal_prefill_attention_half` on tensor cores: a thread block per
     (KV head, query tile), HALF_ROWS / WARP_ROWS warps (128 threads at 64 rows), warp w owning
     rows 16w .. 16w + 15 of both products.
@@ -869,15 +869,31 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     state is one buffer a block (alpha, sum, max) because the planner cannot see through the
     let-bound (threadIdx.y, threadIdx.x) index that a row's thread writes and then reads its
     own slot.
+
+    `compact` (the factory's compact form, the step variant attention_form): no read-ahead
+    registers: K, and V after S = Q K^T, go from global memory straight to shared memory (8
+    halves a thread a load, as above), V into K's room (TVM's StorageRewrite reuses it; the
+    comment at the products says what that takes). P V a 64-column part at a time, its f32
+    tile in S's room. O is registers
+    as [part, row, column]: thread = (row half, column), its 32 rows of each part unrolled (64
+    registers a thread at head dim 128, as above), every thread busy in each part's update.
+    Q, K/V and S/P V dynamic (51 KiB at D = 128, enough dynamic memory for the launch rule
+    below), P and the row state static (10.3 KiB): 61.3 KiB a block; with the factory's
+    launch bound of 3 blocks an SM, 164 registers a thread on sm_90a (no spills): 3 blocks an SM
+    on an H100 by both. The price: S stored a column at a time with a barrier before and after
+    each store (18 barriers a key tile, not 8; bench/NOTES.md "Prefill attention v4").
     """
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     blk = sch.get_sblock
     kv, it = sch.get_loops(blk("tile"))
     sch.bind(sch.fuse(kv, it), "blockIdx.x")
-    tiles = (("q_load", "q_half", "shared.dyn"), ("k_load", "k_half", "shared"),
-             ("v_load", "v_half", "shared"), ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
-             ("k_first", "k_next", "local"), ("v_first", "v_next", "local"), ("weight", "p_half", "shared"),
+    # K and V: static beside the read-ahead form's registers; the compact form's dynamic
+    kv_scope = "shared.dyn" if compact else "shared"
+    kv_tiles = (("k_load", "k_half", kv_scope), ("v_load", "v_half", kv_scope))
+    kv_registers = () if compact else (("k_first", "k_next", "local"), ("v_first", "v_next", "local"))
+    tiles = (("q_load", "q_half", "shared.dyn"), *kv_tiles, ("qk", "s", "shared.dyn"), ("pv", "pv", "shared.dyn"),
+             *kv_registers, ("weight", "p_half", "shared"),
              ("acc_init", "acc", "local"), ("state_init", "row_max", "shared"),
              ("state_init", "row_sum", "shared"), ("tile_max", "tile_max", "shared"),
              ("tile_sum", "tile_sum", "shared"), ("alpha", "alpha", "shared"))
@@ -913,7 +929,8 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
     spread(sch.get_loops(blk("weight"))[-2:])
     _, unrolled = sch.split(sch.get_loops(blk("weight"))[-3], [None, P_UNROLL])
     sch.unroll(unrolled)
-    for name in ("k_first", "v_first", "k_ahead", "v_ahead", "k_load", "v_load"):
+    loads = ("k_load", "v_load") if compact else ("k_first", "v_first", "k_ahead", "v_ahead", "k_load", "v_load")
+    for name in loads:
         # 8 halves (16 bytes) a thread a load, 16 lanes on a row's 256 bytes (coalesced; the
         # stores to shared memory conflict-free); a warp's loads in its own 16 rows, so that a
         # thread's part of the read-ahead tiles (K and V of the next key tile) is 64 registers
@@ -921,11 +938,14 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
         sch.bind(warp, "threadIdx.y")
         sch.bind(lane, "threadIdx.x")
         sch.vectorize(vector)
-    for name in ("acc_init", "accumulate", "store"):  # O: thread = head dim, its rows unrolled (registers)
-        r, d = sch.get_loops(blk(name))[-2:]
-        sch.reorder(d, r)
-        spread([d])
-        sch.unroll(r)
+    if compact:
+        _output_by_row_groups(sch, warps * 32)
+    else:
+        for name in ("acc_init", "accumulate", "store"):  # O: thread = head dim, its rows unrolled (registers)
+            r, d = sch.get_loops(blk(name))[-2:]
+            sch.reorder(d, r)
+            spread([d])
+            sch.unroll(r)
     for name in ("state_init", "alpha", "sum_update", "max_update"):
         spread(sch.get_loops(blk(name))[-1:])
     for name in ("tile_max", "tile_sum"):  # a thread per row, the row's keys in a register
@@ -935,20 +955,48 @@ def schedule_tensor_core_attention(sch: s_tir.Schedule, facts: ArchFacts) -> Non
         sch.reverse_compute_at(in_register, sch.get_loops(block)[-2])
         sch.unroll(sch.get_loops(block)[-1])  # the loads side by side, not a branch a key
     # the tile max's S row into registers 16 bytes a load first: 4 wavefronts a warp a load on
-    # S's 68-float rows, not 4-way conflicts a key
-    block = blk("tile_max")
-    s_tile = _read_index(sch, block, "s_shared.dyn")  # S as set_scope renamed it
-    s_row = sch.cache_read(block, s_tile, "local", consumer_blocks=[block])
-    sch.compute_at(s_row, sch.get_loops(block)[-2])
-    sch.vectorize(sch.split(sch.get_loops(s_row)[-1], [None, 4])[1])
+    # S's 68-float rows, not 4-way conflicts a key (not in the compact form: 64 more registers
+    # a thread at the tile max, 237 against 201 on sm_90a)
+    if not compact:
+        block = blk("tile_max")
+        s_tile = _read_index(sch, block, "s_shared.dyn")  # S as set_scope renamed it
+        s_row = sch.cache_read(block, s_tile, "local", consumer_blocks=[block])
+        sch.compute_at(s_row, sch.get_loops(block)[-2])
+        sch.vectorize(sch.split(sch.get_loops(s_row)[-1], [None, 4])[1])
     for name, a_scope, b_transposed in (("qk", "shared.dyn", True), ("pv", static_scope, False)):
         def intrin(load_scope: str) -> dict[str, str]:
             return get_wmma_intrin_group(load_scope=load_scope, store_scope="shared.dyn", in_dtype="float16",
                                          out_dtype="float32", trans_b=b_transposed)  # noqa: B023
 
-        # B (K or V) static, as the softmax's tiles
+        # B (K or V) static, as the softmax's tiles (the compact form's: dynamic). The compact
+        # form stores S a column at a time, in the statement that reads K's fragments, so that
+        # TVM's StorageRewrite, which gives a new buffer the room of one freed by an earlier
+        # statement, gives K's room to V (float16 too) rather than to S (float32: a
+        # tvm_access_ptr of one dtype into the other's room fails to lower); its P V stores after
+        # all its columns (4 accumulators live a part)
         _tensorize_product(sch, name, {**intrin("shared.dyn"), "load_a": intrin(a_scope)["load_a"],
-                                       "load_b": intrin(static_scope)["load_b"]}, store_each_column=name == "pv")
+                                       "load_b": intrin("shared.dyn" if compact else static_scope)["load_b"]},
+                           store_each_column=(name == "pv") != compact)
+
+
+def _output_by_row_groups(sch: s_tir.Schedule, threads: int) -> None:
+    """The compact form's O ([part, row, column]) over the block's `threads`: thread = (row
+    group, column), the group's rows and the parts unrolled, so a thread's O is registers
+    indexed by constants (accumulate's part loop is P V's too: both unrolled)."""
+    blk = sch.get_sblock
+    for name in ("acc_init", "accumulate", "store"):
+        part, r, d = sch.get_loops(blk(name))[-3:]
+        columns = int(sch.get(d).extent)
+        group, row = sch.split(r, [threads // columns, None])
+        if name == "accumulate":
+            sch.reorder(group, d, row)
+        else:
+            sch.reorder(group, d, part, row)
+        _, warp, lane = sch.split(sch.fuse(group, d), [None, threads // 32, 32])
+        sch.bind(warp, "threadIdx.y")
+        sch.bind(lane, "threadIdx.x")
+        sch.unroll(row)
+        sch.unroll(part)
 
 
 def _scalars_in_registers(sch: s_tir.Schedule, names: tuple[str, ...]) -> None:
@@ -1046,8 +1094,8 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
     enable_check = False  # the key loop's trip count is read from pos and n_valid
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        if len(use.args) > 6 and bool(use.args[6]):  # half_operands
-            schedule_tensor_core_attention(sch, facts)
+        if len(use.args) > 6 and bool(use.args[6]):  # half_operands (and the compact form)
+            schedule_tensor_core_attention(sch, facts, len(use.args) > 7 and bool(use.args[7]))
             return
         blk = sch.get_sblock
         kv, it = sch.get_loops(blk("tile"))

@@ -6,7 +6,7 @@
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
               "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
-              "q6_k_layout": "gguf" | "planar"}}
+              "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -36,17 +36,25 @@ TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # compiler.pipeline.build_step applies it): "on" marks every kernel for programmatic dependent
 # launch (compiler/dependent_launch.py), so a kernel may start while the one before it drains.
 PROGRAMMATIC_LAUNCH = ("off", "on")
+# The T-token step's tensor-core attention (kernels.prefill_attention.causal_prefill_attention_half,
+# chunk_operands "f16"): "read_ahead" reads K and V a key tile ahead into registers, 2 blocks an
+# SM on sm_90 at head dim 128; "compact" (its `compact` argument) does not, and fits 3
+# (bench/NOTES.md "Prefill attention v4").
+ATTENTION_FORMS = ("read_ahead", "compact")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
                                               "decode_launches": DECODE_LAUNCHES,
-                                              "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS}
+                                              "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS,
+                                              "attention_form": ATTENTION_FORMS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
     ("chunk_operands", "f16"): "tensor-core operands; the cpu build has no kernels for it",
     ("programmatic_launch", "on"): "a CUDA launch attribute and the griddepcontrol instruction of sm_90 and later; "
                                    "the cpu build launches no kernels",
+    ("attention_form", "compact"): "a form of the tensor-core attention; the cpu build's attention multiplies "
+                                   "float32",
 }
 
 

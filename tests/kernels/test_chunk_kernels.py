@@ -240,19 +240,22 @@ def test_the_f16_row_tile_follows_the_rows_an_expert_averages() -> None:
     assert moe_chunk.f16_row_tile(1024, 128) == 32  # chunks of 128
 
 
+@pytest.mark.parametrize("compact, d", [(False, 64), (True, 64), (True, 128)],
+                         ids=["read_ahead", "compact", "compact-d128"])
 @pytest.mark.parametrize("rows, pos, n_valid", [(5, 0, 5), (5, 61, 3), (40, 70, 37)])
 def test_causal_attention_with_half_operands_matches_numpy_on_half_operands(
-        rng: np.random.Generator, rows: int, pos: int, n_valid: int) -> None:
+        rng: np.random.Generator, rows: int, pos: int, n_valid: int, compact: bool, d: int) -> None:
     """The tensor-core form: 2 query heads a KV head, so a 64-row tile is 32 queries (the
     40-row chunk has two tiles); 16-slot pages, so each 64-key tile spans four pages; pos 70
-    gives the last rows two key tiles (the second's max rescales the first's sums)."""
-    nh, nkv, d, p, mp, n_pages = 4, 2, 64, 16, 9, 12
+    gives the last rows two key tiles (the second's max rescales the first's sums). Both forms
+    (the step variant attention_form); the compact one also at head dim 128, where P V goes in two parts."""
+    nh, nkv, p, mp, n_pages = 4, 2, 16, 9, 12
     table = rng.permutation(n_pages)[:mp].astype(np.int32)
     kc = (rng.standard_normal((n_pages, p, nkv, d)) * 2).astype(np.float16)
     vc = rng.standard_normal((n_pages, p, nkv, d)).astype(np.float16)
     q = rng.standard_normal((rows, nh, d), dtype=np.float32)
     state = (table, np.array([pos], np.int32), np.array([n_valid], np.int32))
-    (out,) = run_cpu(prefill_attention.causal_prefill_attention(rows, nh, nkv, d, p, mp, True),
+    (out,) = run_cpu(prefill_attention.causal_prefill_attention(rows, nh, nkv, d, p, mp, True, compact),
                      q, kc, vc, *state, nan(rows, nh * d))
     want = prefill_attention.causal_prefill_attention_half_reference(q, kc, vc, table, pos, n_valid)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)

@@ -208,3 +208,18 @@ def test_half_chunk_operands_reach_every_quantized_gemm_but_the_float_router_and
     assert {u.factory for u in plain} & experts == {"grouped_gemm", "silu_mul"}
     with pytest.raises(SparkInferError, match="chunk_operands must be one of f32, f16"):
         build_decode_step(TINY, types, chunk_operands="bf16")
+
+
+def test_the_compact_attention_form_reaches_the_t_token_attention_only() -> None:
+    types = type_map(TINY, "q4_k_m")
+    compact = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16",
+                                attention_form="compact").kernels
+    attention = [u for u in compact if u.factory == "causal_prefill_attention"]
+    assert attention and all(u.args[6:] == (True, True) and u.name.endswith("_compact") for u in attention)
+    half = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
+    assert {u.name for u in compact} - {u.name for u in attention} == \
+        {u.name for u in half if u.factory != "causal_prefill_attention"}
+    with pytest.raises(SparkInferError, match="attention_form must be one of read_ahead, compact"):
+        build_decode_step(TINY, types, attention_form="wide")
+    with pytest.raises(SparkInferError, match="needs chunk_operands='f16'"):
+        build_decode_step(TINY, types, attention_form="compact")

@@ -42,16 +42,25 @@ def symbol(n_tokens: int, half: bool = False) -> str:
 TINY_NH, TINY_NKV, TINY_D, TINY_T = 4, 2, 64, 16
 
 
-def tiny_symbol() -> str:
-    return f"causal_prefill_attention_{TINY_T}x{TINY_NH}x{TINY_NKV}x{TINY_D}_p{P}_f16"
+def tiny_symbol(compact: bool = False) -> str:
+    return f"causal_prefill_attention_{TINY_T}x{TINY_NH}x{TINY_NKV}x{TINY_D}_p{P}_f16{'_compact' if compact else ''}"
+
+
+def compact_symbol(n_tokens: int) -> str:
+    return f"{symbol(n_tokens, True)}_compact"
 
 
 def kernels_module(chunks: tuple[int, ...] = CHUNKS, forms: tuple[bool, ...] = (False, True)) -> tvm.IRModule:
-    tiny = (scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P, MP,
-                      True),) if True in forms else ()
+    """Both forms at `chunks`; with the half one, the tiny model's, and the compact form
+    (the step variant attention_form) at the first chunk and the tiny model's."""
+    half = True in forms
+    tiny = tuple(scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P,
+                           MP, True, compact) for compact in (False, True)) if half else ()
+    compact = (scheduled(PA.causal_prefill_attention, "prefill_attention", chunks[0], NH, NKV, D, P, MP, True,
+                         True),) if half else ()
     return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP,
                               *((True,) if half else ()))
-                    for t in chunks for half in forms), *tiny)
+                    for t in chunks for half in forms), *compact, *tiny)
 
 
 def test_block_per_tile_with_state_in_registers() -> None:
@@ -94,6 +103,7 @@ def test_small_heads_keep_every_tile_in_dynamic_shared_memory() -> None:
     source = cuda_source(kernels_module((128,), (True,)))
     static = r"__shared__ alignas\(64\) \w+ (\w+)_shared_ptr\["
     assert re.findall(static, kernel_body(source, tiny_symbol())) == []
+    assert re.findall(static, kernel_body(source, tiny_symbol(compact=True))) == []
     assert "p_half" in re.findall(static, kernel_body(source, symbol(128, True)))
 
 
@@ -104,6 +114,7 @@ def test_both_head_dims_launch_within_their_shared_memory(arch: str) -> None:
     mod = kernels_module((128,), (True,))
     check_shared_memory(mod, arch)
     assert shared_memory_bytes(mod, arch)[f"{tiny_symbol()}_kernel"][0] == 0  # every tile dynamic
+    assert shared_memory_bytes(mod, arch)[f"{tiny_symbol(compact=True)}_kernel"][0] == 0
 
 
 def test_the_launch_check_names_a_kernel_its_launch_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,6 +127,17 @@ def test_the_launch_check_names_a_kernel_its_launch_would_refuse(monkeypatch: py
     monkeypatch.setattr(prefill_cuda, "_dynamic_tile_bytes", lambda sch, tiles: 1 << 30)  # P and the state static
     with pytest.raises(SparkInferError, match=rf"cannot launch on sm_90 .*{tiny_symbol()}_kernel: 28928 B static \+ 26624 B dynamic"):
         check_shared_memory(kernels_module((128,), (True,)), "sm_90")
+
+
+def test_the_compact_form_reads_no_tile_ahead_and_takes_p_v_in_parts() -> None:
+    source = cuda_source(kernels_module((128,), (True,)))
+    # 3 blocks an SM: nvcc keeps a thread within 168 registers
+    assert f"__launch_bounds__(128, 3) {compact_symbol(128)}_kernel(" in source
+    body = kernel_body(source, compact_symbol(128))
+    assert "k_next" not in body and "v_next" not in body
+    # S = Q K^T once, P V once for each 64-column part of the head dim (the part loop unrolled)
+    assert body.count("nvcuda::wmma::mma_sync(") == 1 + D // 64
+    assert re.search(r"\bfloat acc_local_ptr\[64\];", body)  # O: 64 registers a thread
 
 
 def test_half_operands_refuse_a_head_group_off_the_tile_by_name() -> None:
@@ -186,8 +208,30 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, hal
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
+                         ids=["first-full", "first-partial", "prefix-full", "prefix-partial"])
+def test_the_compact_form_matches_numpy_on_gpu(gpu: Gpu, pos: int, short: int) -> None:
+    """The compact form at the first chunk, as the f16 cases above (same reference, tolerance)."""
+    n_tokens = CHUNKS[0]
+    rng = np.random.default_rng(n_tokens * 1000 + pos + short)
+    n_valid = n_tokens - short
+    page_table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
+    k_cache, v_cache = paged_cache(rng, page_table, pos + n_valid)
+    q = rng.standard_normal((n_tokens, NH, D), dtype=np.float32)
+
+    out = gpu.poisoned((n_tokens, NH * D))
+    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
+    gpu(compact_symbol(n_tokens), *map(gpu.tensor, inputs), out)
+
+    want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
+    np.testing.assert_array_equal(out.numpy()[n_valid:], 0)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["read_ahead", "compact"])
 @pytest.mark.parametrize(("pos", "n_valid"), [(0, 11), (100, 16)], ids=["first-partial", "prefix-full"])
-def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: int, n_valid: int) -> None:
+def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: int, n_valid: int,
+                                                                 compact: bool) -> None:
     rng = np.random.default_rng(pos + n_valid)
     n_pages = 4
     page_table = np.concatenate([rng.permutation(n_pages), np.zeros(MP - n_pages, np.int32)]).astype(np.int32)
@@ -200,7 +244,7 @@ def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: 
 
     out = gpu.poisoned((TINY_T, TINY_NH * TINY_D))
     inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
-    gpu(tiny_symbol(), *map(gpu.tensor, inputs), out)
+    gpu(tiny_symbol(compact), *map(gpu.tensor, inputs), out)
 
     want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
     np.testing.assert_array_equal(out.numpy()[n_valid:], 0)
