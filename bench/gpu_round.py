@@ -25,8 +25,8 @@ RUN_PROMPT_TOKENS = 128
 # under 64 MiB). Session 13 (bench/NOTES.md, "Prefill attention v4"; session 12's downs_2048 won
 # in the step and its knobs are sm_90.json's entries of the two grouped downs):
 # - attention_compact: the T-token steps' attention in its compact form (3 blocks an SM on sm_90
-#   at head dim 128, where the default's read-ahead form fits 2), its 4096-token prefill beside
-#   the base's.
+#   at head dim 128, where the default's read-ahead form fits 2), its 4096- and 16384-token
+#   prefill beside the base's.
 VARIANT_STEPS: dict[str, dict[str, str]] = {"attention_compact": {"attention_form": "compact"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = {"attention_compact"}

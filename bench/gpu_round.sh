@@ -26,9 +26,9 @@
 #   chunked_gate  only the chunked stage's accuracy gate
 #   variants the variants of the default step (bench/gpu_round.py VARIANT_STEPS; and "before",
 #            an earlier tree's full module, when compiled/<arch>/before/ has one): each one's
-#            full-size gate, then decode at depth 128, host sync (and a 4096-token prefill where
-#            it has T-token steps), beside the full module's (base, before and after them) in
-#            the same call
+#            full-size gate, then decode at depth 128, host sync (and 1024-, 4096- and
+#            16384-token prefills where it has T-token steps), beside the full module's (base,
+#            before and after them) in the same call
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
 #   apps     the shipped model on this GPU: accuracy gate, chat prefix reuse, the HTTP server
 #   profile  ncu per-kernel times of the full-size step (bench/profile_kernels.sh)
@@ -218,15 +218,16 @@ stage_variants() {
   done
   # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
   # modules fill their depth token by token. The base twice, first and last: the spread of one call.
-  # Modules with T-token steps (the base, VARIANT_CHUNKED) time the prefill of a 4096-token prompt
-  # and of a 1024-token one (between chunk sizes: engine.plan_chunks' choice) too.
+  # Modules with T-token steps (the base, VARIANT_CHUNKED) time the prefill of 4096- and
+  # 16384-token prompts (where the causal attention's share grows) and of a 1024-token one
+  # (between chunk sizes: engine.plan_chunks' choice) too.
   local chunked
   chunked=" $(python3 bench/gpu_round.py get variants_chunked) "
   for name in base "${names[@]}" base-again; do
     local key=${name}_module json=decode-variant-$name.json prompt=128
     case $name in base*) key=full_module ;; esac
-    case $name in base*) prompt=1024,4096 ;; esac
-    [[ $chunked == *" $name "* ]] && prompt=1024,4096
+    case $name in base*) prompt=1024,4096,16384 ;; esac
+    [[ $chunked == *" $name "* ]] && prompt=1024,4096,16384
     module=$(python3 bench/gpu_round.py get $key) bench_json $json 60 30 \
       --depths 128 --prompts $prompt --reps 5 --sync-every-token || rc=1
     returns $json
