@@ -22,14 +22,11 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 13 (bench/NOTES.md, "Prefill attention v4"; session 12's downs_2048 won
-# in the step and its knobs are sm_90.json's entries of the two grouped downs):
-# - attention_compact: the T-token steps' attention in its compact form (3 blocks an SM on sm_90
-#   at head dim 128, where the default's read-ahead form fits 2), its 4096- and 16384-token
-#   prefill beside the base's.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"attention_compact": {"attention_form": "compact"}}
+# under 64 MiB). None now: session 13's two (downs_2048, attention_compact) won in the step and
+# are sm_90.json's (bench/NOTES.md, "Session 13").
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
-VARIANT_CHUNKED: set[str] = {"attention_compact"}
+VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.

@@ -35,13 +35,17 @@ def test_step_with_a_chunk_step_builds_for_the_arch(arch: str, tmp_path: Path) -
 
 
 def test_a_kernel_its_launch_would_refuse_stops_the_build_by_name(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """The tiny model's tensor-core attention with its static tiles back (44 KiB dynamic + 10.3
-    KiB static: CUDA_ERROR_INVALID_VALUE on a GPU) fails the build before nvcc runs."""
+    """The tiny model's tensor-core attention (its read_ahead form, which sm_90.json no longer
+    picks) with its static tiles back (44 KiB dynamic + 10.3 KiB static:
+    CUDA_ERROR_INVALID_VALUE on a GPU) fails the build before nvcc runs."""
     from sparkinfer.errors import SparkInferError
     from sparkinfer.schedule import prefill_cuda
+    from sparkinfer.schedule.schedules import SchedulesFile
 
     monkeypatch.setattr(prefill_cuda, "_dynamic_tile_bytes", lambda sch, tiles: 1 << 30)  # P and the state static
     config = preset_config("tiny")
+    read_ahead = SchedulesFile("sm_90", {}, step={"attention_form": "read_ahead"}).write(tmp_path / "sm_90.json")
     with pytest.raises(SparkInferError, match=r"cannot launch on sm_90 .*causal_prefill_attention_16x\d+x\d+x64_p\d+_f16"):
-        compile_model(config, type_map(config, "q4_k_m"), "sm_90", tmp_path, prefill_chunks=(16,))
+        compile_model(config, type_map(config, "q4_k_m"), "sm_90", tmp_path / "out", prefill_chunks=(16,),
+                      schedules=read_ahead)
     assert not any(tmp_path.rglob("manifest.json"))  # nothing half-written
