@@ -171,6 +171,21 @@ def paged_cache(rng: np.random.Generator, page_table: np.ndarray, n_cached: int)
     return k, v
 
 
+def run_on_chunk(gpu: Gpu, kernel: str, n_tokens: int, pos: int, short: int) -> tuple[np.ndarray, tuple]:
+    """Runs `kernel` on a chunk of n_tokens at `pos` whose last `short` rows are padding, on
+    fresh random inputs; returns (its output, (q, k_cache, v_cache, page_table)) for the
+    references. Physical pages in random order; the table's unused tail points at real pages too."""
+    rng = np.random.default_rng(n_tokens * 1000 + pos + short)
+    n_valid = n_tokens - short
+    page_table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
+    k_cache, v_cache = paged_cache(rng, page_table, pos + n_valid)
+    q = rng.standard_normal((n_tokens, NH, D), dtype=np.float32)
+    out = gpu.poisoned((n_tokens, NH * D))
+    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
+    gpu(kernel, *map(gpu.tensor, inputs), out)
+    return out.numpy(), (q, k_cache, v_cache, page_table)
+
+
 @pytest.mark.parametrize("half", [False, True], ids=["f32", "f16"])
 @pytest.mark.parametrize("n_tokens", CHUNKS)
 @pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
@@ -181,21 +196,10 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, hal
     its own reference (Q and P rounded where the kernel rounds them)."""
     if n_tokens > CHUNKS[0] and pos > 0:
         gpu_only(gpu, "a 512-token chunk over a prefix takes ~40 s on the CPU; the 128-token ones cover it")
-    rng = np.random.default_rng(n_tokens * 1000 + pos + short)
-    n_valid = n_tokens - short
-    # Physical pages in random order; the table's unused tail points at real pages too.
-    page_table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
-    k_cache, v_cache = paged_cache(rng, page_table, pos + n_valid)
-    q = rng.standard_normal((n_tokens, NH, D), dtype=np.float32)
-
-    out = gpu.poisoned((n_tokens, NH * D))
-    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
-    gpu(symbol(n_tokens, half), *map(gpu.tensor, inputs), out)
-
+    got, inputs = run_on_chunk(gpu, symbol(n_tokens, half), n_tokens, pos, short)
     reference = PA.causal_prefill_attention_half_reference if half else PA.causal_prefill_attention_reference
-    want = reference(q, k_cache, v_cache, page_table, pos, n_valid)
-    got = out.numpy()
-    np.testing.assert_array_equal(got[n_valid:], 0)
+    want = reference(*inputs, pos, n_tokens - short)
+    np.testing.assert_array_equal(got[n_tokens - short:], 0)
     if half:
         # S in float32 in another order than the oracle's: a P near a float16 rounding boundary
         # may round the other way (one f16 ulp, 2^-11 relative, of one weight of a row: up to
@@ -213,19 +217,10 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, hal
 def test_the_compact_form_matches_numpy_on_gpu(gpu: Gpu, pos: int, short: int) -> None:
     """The compact form at the first chunk, as the f16 cases above (same reference, tolerance)."""
     n_tokens = CHUNKS[0]
-    rng = np.random.default_rng(n_tokens * 1000 + pos + short)
-    n_valid = n_tokens - short
-    page_table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
-    k_cache, v_cache = paged_cache(rng, page_table, pos + n_valid)
-    q = rng.standard_normal((n_tokens, NH, D), dtype=np.float32)
-
-    out = gpu.poisoned((n_tokens, NH * D))
-    inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
-    gpu(compact_symbol(n_tokens), *map(gpu.tensor, inputs), out)
-
-    want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
-    np.testing.assert_array_equal(out.numpy()[n_valid:], 0)
-    np.testing.assert_allclose(out.numpy(), want, rtol=1e-3, atol=2e-3)
+    got, inputs = run_on_chunk(gpu, compact_symbol(n_tokens), n_tokens, pos, short)
+    want = PA.causal_prefill_attention_half_reference(*inputs, pos, n_tokens - short)
+    np.testing.assert_array_equal(got[n_tokens - short:], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["read_ahead", "compact"])
