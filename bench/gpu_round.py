@@ -91,6 +91,7 @@ def prepare(arch: str) -> dict:
         "full_compile_s": round(seconds, 1),
         "full_cached": result.cached,
         "prefill_chunks": list(result.manifest.prefill_chunks),
+        "largest_chunk": max(result.manifest.prefill_chunks),
         "variants": " ".join(variants),
         "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED or name == BEFORE),
         **{f"{name}_module": str(_directory(result).relative_to(REPO)) for name, result in variants.items()},
@@ -244,6 +245,10 @@ def report(round_dir: Path) -> str:
         lines.append("the full module's full-size gate, teacher-forced through its T-token step:")
         lines += [f"  {ln}" for ln in chunked_gate[:6]]
         lines += [f"  T-token step: {ln}" for ln in _prefill_rows(_json(round_dir / "prefill-chunked.json"), "")]
+    largest_gate = _read(round_dir / "chunked-gate-largest.txt").strip().splitlines()
+    if largest_gate:
+        lines.append("the same gate through the full module's largest T-token step only (--prefill-chunk):")
+        lines += [f"  {ln}" for ln in largest_gate[:6]]
     for name in (*VARIANT_STEPS, BEFORE):
         gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
         if gate:

@@ -21,9 +21,10 @@
 #   decode   `sparkinfer bench` tg128 at depths 128, 512, 4096, 16384 (and pp512), 3 reps, device loop
 #   sync     the same with --sync-every-token (the host sees every token, llama-bench's way)
 #   chunked  the full module's T-token step (compiler/pipeline.py DEFAULT_PREFILL_CHUNKS): the
-#            full-size accuracy gate through it (its 128 teacher-forced tokens are one chunk), then
+#            full-size accuracy gate through it (its 128 teacher-forced tokens are one chunk; then
+#            again through its largest step only, `accuracy --prefill-chunk`), then
 #            the prefill at 512, 4096 and 16384 tokens (and decode at depth 128)
-#   chunked_gate  only the chunked stage's accuracy gate
+#   chunked_gate  only the chunked stage's accuracy gates (the engine's chunk choice; the largest step)
 #   variants the variants of the default step (bench/gpu_round.py VARIANT_STEPS; and "before",
 #            an earlier tree's full module, when compiled/<arch>/before/ has one): each one's
 #            full-size gate, then decode at depth 128, host sync (and 1024-, 4096- and
@@ -58,8 +59,8 @@ note() { echo "$*" | tee -a "$log"; }
 # included): a stage keeps this much for each stage after it in the call, so that a short call
 # cuts the running stage, not the ones after it (with fixed reserves, `setup synth variants` once
 # gave synth 15 s, and decode got 15 s after sync).
-declare -A STAGE_FLOOR=([setup]=15 [tune]=60 [synth]=40 [pytest]=120 [decode]=45 [sync]=30 [chunked]=45
-  [chunked_gate]=30 [variants]=90 [run]=20 [apps]=25 [profile]=60 [profile_chunked]=60 [profile_detail]=60
+declare -A STAGE_FLOOR=([setup]=15 [tune]=60 [synth]=40 [pytest]=120 [decode]=45 [sync]=30 [chunked]=60
+  [chunked_gate]=45 [variants]=90 [run]=20 [apps]=25 [profile]=60 [profile_chunked]=60 [profile_detail]=60
   [grouped]=40 [profile_detail_chunked]=60)
 later=0  # the floors of the stages after the running one
 # seconds for a step of a stage: at most $1, leaving $2 for the rest of the stage and `later`
@@ -185,12 +186,12 @@ stage_sync() {
   return $rc
 }
 
-full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MODULE
-  note "== gate: $1"
+full_gate() {  # MODULE OUT_NAME RESERVE [ACCURACY FLAGS...]: the full-size accuracy gate through MODULE
+  note "== gate: $1 ${*:4}"
   # The full-size gate's settings (tests/accuracy/test_accuracy_gpu.py FULL_GATE, FULL_THRESHOLDS)
   timeout -k 10 "$(limit 100 "$3")" python3 -m sparkinfer.cli accuracy "$model" --arch "$arch" --module "$1" \
     --ref bench/refs/qwen3-30b-a3b-synth.npz --tokens 128 --prompt-tokens 32 --greedy 32 --max-kl 1e-3 \
-    --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 > "$round/$2" 2>&1
+    --min-top1 0.95 --max-ppl-ratio 1.005 --min-greedy-match 0.9 "${@:4}" > "$round/$2" 2>&1
   local rc=$?
   tail -n 4 "$round/$2"
   returns "$2"
@@ -198,7 +199,15 @@ full_gate() {  # MODULE OUT_NAME RESERVE: the full-size accuracy gate through MO
 }
 
 stage_chunked_gate() {
-  full_gate "$full" chunked-gate.txt "${1:-0}"
+  # twice: the engine's own choice (its 128 teacher-forced tokens are one 128-token chunk), then
+  # through the largest T-token step only (the 128 tokens one padded chunk of it), so that the
+  # step that long prompts run is gated end to end too
+  local largest rc
+  largest=$(python3 bench/gpu_round.py get largest_chunk)
+  full_gate "$full" chunked-gate.txt $((${1:-0} + STAGE_FLOOR[chunked_gate]))
+  rc=$?
+  full_gate "$full" chunked-gate-largest.txt "${1:-0}" --prefill-chunk "$largest" || rc=1
+  return $rc
 }
 
 stage_chunked() {

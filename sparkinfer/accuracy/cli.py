@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON to OUT ('-': stdout, no table)")
     p.add_argument("--arch", help="sm_90, sm_120, sm_121 or cpu (default: the GPU found, else cpu)")
     p.add_argument("--module", type=Path, help="a compiled module directory to use")
+    p.add_argument("--prefill-chunk", type=int, metavar="T",
+                   help="score and prefill through the module's T-token step only, the last chunk padded "
+                        "(as llama.cpp's --ubatch-size; default: the engine's choice among its steps)")
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
                    help=f"greedy check: prompt = the text's first P tokens (default {DEFAULT_PROMPT_TOKENS})")
     p.add_argument("--greedy", type=int, default=DEFAULT_GREEDY_TOKENS,
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(model, text=args.text, n_tokens=args.tokens, ref=args.ref, ref_model=ref_model,
                       save_ref=args.save_ref, arch=args.arch, module_dir=args.module, thresholds=thresholds,
                       prompt_tokens=args.prompt_tokens, greedy_tokens=args.greedy, reference_only=args.ref_only,
-                      log=log)
+                      prefill_chunk=args.prefill_chunk, log=log)
     if args.ref_only:
         return 0
     report = result

@@ -298,6 +298,7 @@ def evaluate(
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
     greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
     reference_only: bool = False,
+    prefill_chunk: int | None = None,
     log: Log | None = None,
 ) -> AccuracyReport | Reference:
     """The accuracy gate of `model` (a GGUF path) on `n_tokens` of `text` (a file; None: the
@@ -306,7 +307,8 @@ def evaluate(
     ref: "numpy" (the numpy forward of `ref_model`, default `model` itself), a file saved by
     `save_ref` earlier, or a `Reference`. engine: an Engine-like object to score instead of
     loading `Engine(model, arch=arch, module_dir=module_dir)`. reference_only: stop after the
-    reference (and `save_ref`) and return it.
+    reference (and `save_ref`) and return it. prefill_chunk: the engine's only T-token step
+    (`Engine`'s prefill_chunk), so that a short text gates a long chunk's step.
     """
     from sparkinfer.gguf_file import GGUFModel
 
@@ -349,10 +351,12 @@ def evaluate(
         return reference
 
     own_engine = engine is None
+    if not own_engine and prefill_chunk is not None:
+        raise AccuracyInputError("prefill_chunk picks a step of the engine evaluate loads; the engine given has its own")
     if own_engine:
         from sparkinfer.runtime.engine import Engine
 
-        engine = Engine(m, arch=arch, module_dir=module_dir, log=log)
+        engine = Engine(m, arch=arch, module_dir=module_dir, log=log, prefill_chunk=prefill_chunk)
     try:
         summary, greedy, per_position, checks, timings = score(engine, reference, thresholds, log=log)
         describe = engine.describe() if hasattr(engine, "describe") else {}

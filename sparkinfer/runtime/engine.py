@@ -32,7 +32,7 @@ import numpy as np
 from sparkinfer.compiler.manifest import MANIFEST_NAME, Manifest, compiled_dir, find_compiled, stale_reason
 from sparkinfer.grammar import mask_words
 from sparkinfer.model.spec import ENTRY_PROCESSED, PROCESSING_INPUTS
-from sparkinfer.errors import CompiledModuleError, ContextLengthError, SparkInferError
+from sparkinfer.errors import CompiledModuleError, ContextLengthError, InvalidParameterError, SparkInferError
 from sparkinfer.runtime import device as device_mod
 from sparkinfer.runtime.device import Device, MemoryInfo, format_bytes
 from sparkinfer.runtime.kv_cache import KVCache
@@ -441,14 +441,28 @@ def plan_chunks(sizes: Sequence[int], n: int) -> list[tuple[int, int]]:
     return out
 
 
-class _ChunkSteps:
-    """The module's T-token steps (`prefill_T`, `score_T` for T in the manifest's
-    `prefill_chunks`) with their device inputs: each T's token buffer, and n_valid."""
+def chunk_sizes(module_sizes: Sequence[int], only: int | None) -> tuple[int, ...]:
+    """The T-token steps an engine uses (ascending): the module's, or only the step of `only`
+    tokens (llama.cpp's --ubatch-size: e.g. to run a short text through a long chunk's kernels)."""
+    sizes = tuple(sorted(module_sizes))
+    if only is None:
+        return sizes
+    if only not in sizes:
+        have = ", ".join(map(str, sizes)) or "none: it prefills token by token"
+        raise InvalidParameterError("prefill_chunk",
+                                    f"prefill chunk {only} is not one of the module's T-token steps ({have})")
+    return (only,)
 
-    def __init__(self, vm: Any, manifest: Manifest, kv: KVCache, args: list[Any], tvm: Any, device: Any) -> None:
+
+class _ChunkSteps:
+    """The T-token steps (`prefill_T`, `score_T`) of `sizes`, T in the manifest's
+    `prefill_chunks`, with their device inputs: each T's token buffer, and n_valid."""
+
+    def __init__(self, vm: Any, sizes: tuple[int, ...], kv: KVCache, args: list[Any], tvm: Any,
+                 device: Any) -> None:
         from sparkinfer.model.spec import chunk_entry
 
-        self.sizes = tuple(sorted(manifest.prefill_chunks))
+        self.sizes = sizes
         self.kv = kv
         self.fns = {(t, all_logits): vm[chunk_entry(t, all_logits)] for t in self.sizes for all_logits in (False, True)}
         self.tokens = {t: tvm.runtime.empty((t,), "int32", device) for t in self.sizes}
@@ -494,7 +508,9 @@ class Engine:
     compiler is importable). memory_info: (free, total) bytes of the device, injectable.
     reserve: bytes kept free beside the weights and the KV cache, on top of what the module's
     functions allocate when they run (its manifest's workspace_bytes: ~2.2 GiB for the
-    full-size model's T-token steps, mostly a 2048-token score's logits).
+    full-size model's T-token steps, mostly a 2048-token score's logits). prefill_chunk: run
+    every chunked prompt and score through the module's T-token step of this many tokens only
+    (`chunk_sizes`); None: `plan_chunks` over all of them.
     """
 
     def __init__(
@@ -513,6 +529,7 @@ class Engine:
         reserve: int = DEFAULT_RESERVE_BYTES,
         progress: bool = False,
         log: Log | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         from sparkinfer.gguf_file import GGUFModel
 
@@ -529,6 +546,7 @@ class Engine:
         mem = memory_info or self.device.memory_info
         self.manifest = find_or_compile(self.model, self.arch, module_dir=module_dir, search_roots=search_roots,
                                         cache=cache, compile=compile, log=self.log)
+        sizes = chunk_sizes(self.manifest.prefill_chunks, prefill_chunk)
         self.lookahead = max(0, int(lookahead))
         reserve += self.manifest.workspace_bytes
 
@@ -561,7 +579,7 @@ class Engine:
         else:
             self._backend = _VMBackend(self._fn, self.args, self.kv, fn_processed)
         self.cuda_graph = bool(cuda_graph and self.device.is_cuda)
-        self._chunks = _ChunkSteps(self.vm, self.manifest, self.kv, self.args, tvm, self.device.tvm_device)
+        self._chunks = _ChunkSteps(self.vm, sizes, self.kv, self.args, tvm, self.device.tvm_device)
         if not self._chunks.sizes:
             self.log(f"the {self.arch} module has no T-token step: prompts are prefilled token by token "
                      f"(the decode step in a loop)")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sparkinfer.accuracy import (
+    AccuracyInputError,
     GATE_FAILED_EXIT,
     Reference,
     ReferenceFileError,
@@ -106,6 +107,23 @@ def test_cli_prints_the_table_and_writes_json(tiny_model: Path, tiny_module: Pat
     assert "min_greedy_prefix" in [c["name"] for c in report["checks"]]
     assert main(cli(tiny_model, tiny_module, "--json", "-")) == 0
     assert json.loads(capsys.readouterr().out)["metrics"]["top1_agreement"] == 1.0
+
+
+def test_cli_gates_through_one_step_of_the_module(tiny_model: Path, tiny_module: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # the CPU module's one T-token step (compiler/pipeline.py DEFAULT_PREFILL_CHUNKS) holds the
+    # 64 tokens, padded; a size the module lacks is refused when the engine loads
+    assert main(cli(tiny_model, tiny_module, "--prefill-chunk", "128")) == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+    assert main(cli(tiny_model, tiny_module, "--prefill-chunk", "64")) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: prefill chunk 64 is not one of the module's T-token steps (128)"
+
+
+def test_a_prefill_chunk_goes_with_the_engine_evaluate_loads(tiny_model: Path, tiny_engine) -> None:  # noqa: ANN001
+    with pytest.raises(AccuracyInputError, match="^prefill_chunk picks a step of the engine evaluate loads; the "
+                                                 "engine given has its own$"):
+        evaluate(tiny_model, engine=tiny_engine, prefill_chunk=128, **SMALL)
 
 
 # -- failing the gate -----------------------------------------------------------------------

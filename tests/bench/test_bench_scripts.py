@@ -97,12 +97,14 @@ def test_the_round_report_shows_the_gate_and_prefill_through_the_t_token_step(tm
 
     gpu_round = _gpu_round()
     (tmp_path / "chunked-gate.txt").write_text("PASS mean KL 3.0e-05\n")
+    (tmp_path / "chunked-gate-largest.txt").write_text("PASS mean KL 3.1e-05\n")
     prefill = {"card": "NVIDIA H200", "mode": "device-loop", "reps": 2,
                "prefill": [{"tokens": 4096, "tok_s_median": 5000.0, "ttft_ms_median": 819.2}]}
     (tmp_path / "prefill-chunked.json").write_text(json.dumps(prefill) + "\n")
     report = gpu_round.report(tmp_path)
     assert "full-size gate, teacher-forced through its T-token step:\n  PASS mean KL 3.0e-05" in report
     assert "pp4096" in report and "5000.0" in report and "0.47" in report  # 5000 / 10577
+    assert "through the full module's largest T-token step only (--prefill-chunk):\n  PASS mean KL 3.1e-05" in report
 
 
 def test_profile_summary_keeps_whole_steps_of_the_named_step_only(tmp_path: Path) -> None:

@@ -120,6 +120,34 @@ def test_the_chunk_plan_fills_the_largest_step_then_the_smallest_that_holds_the_
     assert plan_chunks(gpu_sizes, 200) == [(512, 200)]
 
 
+def test_an_engine_may_keep_one_of_the_module_s_steps() -> None:
+    from sparkinfer.errors import InvalidParameterError
+    from sparkinfer.runtime.engine import chunk_sizes
+
+    assert chunk_sizes((512, 128, 2048), None) == (128, 512, 2048)
+    assert chunk_sizes((128, 512, 2048), 2048) == (2048,)
+    with pytest.raises(InvalidParameterError, match=r"^prefill chunk 300 is not one of the module's T-token steps "
+                                                    r"\(128, 512, 2048\)$"):
+        chunk_sizes((128, 512, 2048), 300)
+    with pytest.raises(InvalidParameterError, match="prefill chunk 8 is not one of the module's T-token steps "
+                                                    "\\(none: it prefills token by token\\)"):
+        chunk_sizes((), 8)
+
+
+def test_an_engine_kept_to_its_module_s_step_scores_alike_and_refuses_others(engine: Engine, real_model: Path,
+                                                                  prompt: list[int]) -> None:
+    from sparkinfer.errors import InvalidParameterError
+
+    kept = Engine(real_model, arch="cpu", module_dir=engine.manifest.directory, prefill_chunk=T)
+    try:
+        np.testing.assert_array_equal(kept.forward(prompt), engine.forward(prompt))
+    finally:
+        kept.close()
+    with pytest.raises(InvalidParameterError, match=f"prefill chunk {2 * T} is not one of the module's T-token steps "
+                                                    f"\\({T}\\)"):
+        Engine(real_model, arch="cpu", module_dir=engine.manifest.directory, prefill_chunk=2 * T)
+
+
 def test_the_chunk_plan_pads_a_chunk_by_at_most_max_padding_rows() -> None:
     from sparkinfer.runtime.engine import MAX_PADDING_ROWS
 
