@@ -250,10 +250,11 @@ def report(round_dir: Path) -> str:
         lines.append("the same gate through the full module's largest T-token step only (--prefill-chunk):")
         lines += [f"  {ln}" for ln in largest_gate[:6]]
     for name in (*VARIANT_STEPS, BEFORE):
-        gate = _read(round_dir / f"{name}-gate.txt").strip().splitlines()
-        if gate:
-            lines.append(f"the {name} module ({variant_label(name)}): full-size gate:")
-            lines += [f"  {ln}" for ln in gate[:6]]
+        for suffix, through in (("", ""), ("-largest", ", through its largest T-token step only")):
+            gate = _read(round_dir / f"{name}-gate{suffix}.txt").strip().splitlines()
+            if gate:
+                lines.append(f"the {name} module ({variant_label(name)}): full-size gate{through}:")
+                lines += [f"  {ln}" for ln in gate[:6]]
     for name in ("base", *VARIANT_STEPS, BEFORE):
         decodes = [d for d in (_json(round_dir / f"decode-variant-{name}{turn}.json") for turn in ("", "-again")) if d]
         for decode in decodes:

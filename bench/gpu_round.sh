@@ -220,18 +220,21 @@ stage_chunked() {
 }
 
 stage_variants() {
-  local rc=0 name names
+  local rc=0 name names chunked largest
   read -r -a names <<< "$(python3 bench/gpu_round.py get variants)"
+  chunked=" $(python3 bench/gpu_round.py get variants_chunked) "
+  largest=$(python3 bench/gpu_round.py get largest_chunk)
   for name in "${names[@]}"; do
     full_gate "$(python3 bench/gpu_round.py get ${name}_module)" $name-gate.txt 120 || rc=1  # the benches after
+    # a variant with T-token steps: its largest step gated too (stage chunked_gate says why)
+    [[ $chunked == *" $name "* ]] && { full_gate "$(python3 bench/gpu_round.py get ${name}_module)" \
+      $name-gate-largest.txt 120 --prefill-chunk "$largest" || rc=1; }
   done
   # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
   # modules fill their depth token by token. The base twice, first and last: the spread of one call.
   # Modules with T-token steps (the base, VARIANT_CHUNKED) time the prefill of 4096- and
   # 16384-token prompts (where the causal attention's share grows) and of a 1024-token one
   # (between chunk sizes: engine.plan_chunks' choice) too.
-  local chunked
-  chunked=" $(python3 bench/gpu_round.py get variants_chunked) "
   for name in base "${names[@]}" base-again; do
     local key=${name}_module json=decode-variant-$name.json prompt=128
     case $name in base*) key=full_module ;; esac

@@ -151,10 +151,14 @@ def test_the_round_report_shows_a_chunked_variants_prefill_beside_its_decode(tmp
         result["prefill"] = [{"tokens": 4096, "tok_s_median": pp, "ttft_ms_median": 4096 / pp * 1e3}]
         result["mode"] = "host-sync"
         (tmp_path / f"decode-variant-{name}.json").write_text(json.dumps(result) + "\n")
+    (tmp_path / "tiles-gate.txt").write_text("PASS mean KL 4.0e-06\n")
+    (tmp_path / "tiles-gate-largest.txt").write_text("PASS mean KL 4.1e-06\n")
     report = gpu_round.report(tmp_path)
     tiles = report.index("stage variants, tiles")
     assert report.index("3300.0") < tiles < report.index("6600.0")
     assert "0.62" in report[tiles:]  # 6600 / 10577 (llama.cpp's pp4096 on an H200)
+    gate = report.index("the tiles module (moe_chunk.grouped_gemm_f16 {'rows': 64}): full-size gate:\n  PASS mean KL 4.0e")
+    assert report.index("full-size gate, through its largest T-token step only:\n  PASS mean KL 4.1e-06") > gate
 
 
 def test_the_round_report_shows_an_earlier_trees_module_as_variant_before(tmp_path: Path) -> None:
