@@ -10,7 +10,8 @@ split, the split's softmax-normalised output and its log-sum-exp:
   o_part[h, s] = sum_t softmax_s(score)[t] * V[t]          lse[h, s] = log sum_t exp(score[t])
 An empty split gives o_part = 0 and lse = -inf. `attention_combine` merges the splits:
   out[h] = sum_s exp(lse[h, s] - M) * o_part[h, s] / sum_s exp(lse[h, s] - M),  M = max_s lse
-(split 0 is never empty, so M is finite).
+(split 0 is never empty, so M is finite). `paged_decode_attention_merged` (CUDA only) is both
+in one launch: the last thread block of a KV head to finish, by an atomic count, merges its splits.
 
 Inside a split the work is `streams` token streams, each an online softmax over tiles of `tile`
 consecutive tokens: step i of stream w takes tokens s*C + (i*streams + w)*tile + [0, tile).
@@ -312,7 +313,7 @@ def paged_decode_attention_merged(
     tile: int = 4,
 ) -> tirx.PrimFunc:
     """`paged_decode_attention` and `attention_combine` in one kernel, for CUDA (the step
-    variant merge="last_block"). Params (q_rot, k_cache, v_cache, page_table, pos as
+    variant attention_merge="last_block"). Params (q_rot, k_cache, v_cache, page_table, pos as
     paged_decode_attention's, arrivals int32[NKV] (in place: 0 before and after), o_part
     f32[NH, S, D], lse f32[NH, S], out f32[NH*D]).
 
@@ -354,9 +355,9 @@ def paged_decode_attention_merged(
         for kv, s in T.grid(NKV, S):
             with T.sblock("release"):
                 # Every thread's o_part and lse stores visible to the whole GPU before the
-                # block counts itself (the arrive below follows the barrier).
+                # block counts itself (the arrive below follows the barrier). Declared: its
+                # split's lse only, a region the schedule can place after the split's stores.
                 vkv, vs = T.axis.remap("SS", [kv, s])
-                # (and o_part: lse alone is declared, which places the block after the stores)
                 T.reads(lse[vkv * G : vkv * G + G, vs])
                 T.writes()
                 T.cuda.thread_fence()

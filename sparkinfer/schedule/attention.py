@@ -25,6 +25,10 @@ slots a block, 32 a warp, whatever the depth), and q lives in registers instead 
 again from shared memory for every token.
 
 attention_combine: one thread block per query head, a thread per head dim, the splits unrolled.
+
+paged_decode_attention_merged: the attention as above, then thread 0 of each block counts it in
+its KV head's `arrivals`, and the last block of the head merges the group's splits, a thread per
+(head, dim) element computed as attention_combine's (bench/NOTES.md, "Decode: the last block merges").
 """
 
 from dataclasses import dataclass
@@ -280,7 +284,8 @@ def _schedule_last_block_merge(sch: s_tir.Schedule, knobs: AttentionKnobs) -> No
         _, thread = sch.split(sch.add_unit_loop(arrive), [None, extent])
         sch.bind(thread, axis)
     sch.set_scope(arrive, _write_index(sch, arrive, "last"), "shared")
-    # Every thread's copy in a register: the merge loop's extent (a shared load cannot be one)
+    # Every thread's copy in a register, the merge loop's extent: TVM's barrier placement
+    # (ThreadSync) fails on a shared load in a loop extent
     sch.set_scope(blk("is_last"), 0, "local")
     # The combine over the block's threads, (stream, head group, dim lane) as the attention has them.
     g, d = sch.get_loops(blk("combine"))[-2:]
