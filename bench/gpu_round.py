@@ -22,9 +22,10 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). None now: session 13's two (downs_2048, attention_compact) won in the step and
-# are sm_90.json's (bench/NOTES.md, "Session 13").
-VARIANT_STEPS: dict[str, dict[str, str]] = {}
+# under 64 MiB). Session 13's two (downs_2048, attention_compact) won in the step and are
+# sm_90.json's (bench/NOTES.md, "Session 13"). last_block: the decode attention merges its splits
+# in its last thread block, a launch a layer less (bench/NOTES.md, "Decode: the last block merges").
+VARIANT_STEPS: dict[str, dict[str, str]] = {"last_block": {"attention_merge": "last_block"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when

@@ -54,6 +54,7 @@ from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
+    ATTENTION_MERGES,
     CUDA_ONLY_VARIANTS,
     DEFAULT,
     TRANSFERRED,
@@ -188,6 +189,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
+    if arch == "cpu" and step.attention_merge != ATTENTION_MERGES[0]:
+        raise SparkInferError(f"attention_merge={step.attention_merge!r} is for the CUDA archs only "
+                              f"({CUDA_ONLY_VARIANTS['attention_merge', step.attention_merge]})")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance

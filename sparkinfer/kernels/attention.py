@@ -10,7 +10,8 @@ split, the split's softmax-normalised output and its log-sum-exp:
   o_part[h, s] = sum_t softmax_s(score)[t] * V[t]          lse[h, s] = log sum_t exp(score[t])
 An empty split gives o_part = 0 and lse = -inf. `attention_combine` merges the splits:
   out[h] = sum_s exp(lse[h, s] - M) * o_part[h, s] / sum_s exp(lse[h, s] - M),  M = max_s lse
-(split 0 is never empty, so M is finite).
+(split 0 is never empty, so M is finite). `paged_decode_attention_merged` (CUDA only) is both
+in one launch: the last thread block of a KV head to finish, by an atomic count, merges its splits.
 
 Inside a split the work is `streams` token streams, each an online softmax over tiles of `tile`
 consecutive tokens: step i of stream w takes tokens s*C + (i*streams + w)*tile + [0, tile).
@@ -27,6 +28,7 @@ the device, so the work follows the actual context, not the cache capacity.
 """
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,7 +60,33 @@ def paged_decode_attention(
     from tvm.script import tirx as T
 
     NH, NKV, D, P, MP, S = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits
-    W, TT = streams, tile
+    attend_splits = _attend_splits(NH, NKV, D, P, MP, S, streams, tile)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        q_rot: T.Buffer((NH, D), "float32"),
+        var_k_cache: T.handle,
+        var_v_cache: T.handle,
+        page_table: T.Buffer((MP,), "int32"),
+        pos: T.Buffer((1,), "int32"),
+        o_part: T.Buffer((NH, S, D), "float32"),
+        lse: T.Buffer((NH, S), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        attend_splits(q_rot, k_cache, v_cache, page_table, pos, o_part, lse)
+
+    return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}")
+
+
+def _attend_splits(NH: int, NKV: int, D: int, P: int, MP: int, S: int, W: int, TT: int) -> Any:
+    """The TVMScript macro of `paged_decode_attention`'s body, (q_rot, k_cache, v_cache,
+    page_table, pos, o_part, lse) -> o_part and lse written: shared with
+    `paged_decode_attention_merged`, which adds the merge after it."""
+    from tvm.script import tirx as T
+
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G = NH // NKV
@@ -98,20 +126,8 @@ def paged_decode_attention(
         page = tirx.max(tirx.min(page, (cache.shape[0] - 1).astype("int32")), 0)
         return cache[page, t % P, kv, d]
 
-    @T.prim_func(private=True, s_tir=True)
-    def func(
-        q_rot: T.Buffer((NH, D), "float32"),
-        var_k_cache: T.handle,
-        var_v_cache: T.handle,
-        page_table: T.Buffer((MP,), "int32"),
-        pos: T.Buffer((1,), "int32"),
-        o_part: T.Buffer((NH, S, D), "float32"),
-        lse: T.Buffer((NH, S), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        n_pages = T.int64()
-        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
-        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+    @T.macro
+    def attend_splits(q_rot, k_cache, v_cache, page_table, pos, o_part, lse):
         # Per stream: running max, running sum, running output (private to the stream) ...
         m = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
         l = T.sblock_alloc_buffer((NKV, S, W, G), "float32")
@@ -277,7 +293,137 @@ def paged_decode_attention(
                     neg_inf,
                 )
 
-    return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}")
+    return attend_splits
+
+
+def split_weight(lse: Expr, lse_max: Expr) -> Expr:
+    """A split's weight in the combine, exp(lse - max_s lse): empty splits have lse = -inf and
+    weigh exp(-inf) = 0; the max is finite (split 0 is never empty)."""
+    return tirx.exp(lse - lse_max)
+
+
+def paged_decode_attention_merged(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    splits: int,
+    streams: int = 8,
+    tile: int = 4,
+) -> tirx.PrimFunc:
+    """`paged_decode_attention` and `attention_combine` in one kernel, for CUDA (the step
+    variant attention_merge="last_block"). Params (q_rot, k_cache, v_cache, page_table, pos as
+    paged_decode_attention's, arrivals int32[NKV] (in place: 0 before and after), o_part
+    f32[NH, S, D], lse f32[NH, S], out f32[NH*D]).
+
+    Each (KV head, split) computes its split as `paged_decode_attention` does, then publishes
+    o_part and lse (a memory fence in every thread, a barrier) and counts itself in
+    arrivals[kv] with an atomic add; the one whose add returns S - 1, the last of its KV head's
+    splits to finish, merges the head group's S splits as `attention_combine` does (the same
+    sums in the same order, so the same out) and puts arrivals[kv] back to 0 for the next
+    launch. A split is one CUDA thread block, so the count and the fences are between blocks;
+    CUDA-only intrinsics (atomicAdd, __threadfence, __syncthreads): no LLVM build."""
+    from tvm.script import tirx as T
+
+    NH, NKV, D, P, MP, S = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits
+    G = NH // NKV
+    f32 = "float32"
+    attend_splits = _attend_splits(NH, NKV, D, P, MP, S, streams, tile)
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        q_rot: T.Buffer((NH, D), "float32"),
+        var_k_cache: T.handle,
+        var_v_cache: T.handle,
+        page_table: T.Buffer((MP,), "int32"),
+        pos: T.Buffer((1,), "int32"),
+        arrivals: T.Buffer((NKV,), "int32"),
+        o_part: T.Buffer((NH, S, D), "float32"),
+        lse: T.Buffer((NH, S), "float32"),
+        out: T.Buffer((NH * D,), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        attend_splits(q_rot, k_cache, v_cache, page_table, pos, o_part, lse)
+        # 1 where (kv, s) is the last of kv's splits to arrive: the counting thread's answer,
+        # and every thread's copy of it (the merge loop's extent)
+        last = T.sblock_alloc_buffer((NKV, S), "int32")
+        is_last = T.sblock_alloc_buffer((NKV, S), "int32")
+        for kv, s in T.grid(NKV, S):
+            with T.sblock("release"):
+                # Every thread's o_part and lse stores visible to the whole GPU before the
+                # block counts itself (the arrive below follows the barrier). Declared: its
+                # split's lse only, a region the schedule can place after the split's stores.
+                vkv, vs = T.axis.remap("SS", [kv, s])
+                T.reads(lse[vkv * G : vkv * G + G, vs])
+                T.writes()
+                T.cuda.thread_fence()
+                T.cuda.cta_sync()
+        for kv, s in T.grid(NKV, S):
+            with T.sblock("arrive"):
+                vkv, vs = T.axis.remap("SS", [kv, s])
+                # arrivals[kv] is read by the atomic add, through its address: declared as
+                # written only (a block that reads and writes a buffer cannot be moved)
+                T.reads(lse[vkv * G : vkv * G + G, vs])
+                T.writes(arrivals[vkv], last[vkv, vs])
+                before: T.int32 = T.cuda.atomic_add(T.address_of(arrivals[vkv]), 1)
+                if before == S - 1:
+                    arrivals[vkv] = 0
+                # The other splits' stores, published before their adds, are visible after
+                # this fence (the merge reads them after the barrier that follows `last`).
+                T.cuda.thread_fence()
+                last[vkv, vs] = T.Cast("int32", before == S - 1)
+        for kv, s in T.grid(NKV, S):
+            with T.sblock("is_last"):
+                vkv, vs = T.axis.remap("SS", [kv, s])
+                is_last[vkv, vs] = last[vkv, vs]
+        for kv, s in T.grid(NKV, S):
+            with T.sblock("merge"):
+                vkv, vs = T.axis.remap("SS", [kv, s])
+                # It reads every split's o_part and lse, written by other thread blocks and ordered by
+                # the count, not by dataflow: its own split's lse alone is declared, which places
+                # it after that split's stores (a region over all splits cannot be placed there).
+                T.reads(is_last[vkv, vs], lse[vkv * G : vkv * G + G, vs])
+                T.writes(out[vkv * G * D : vkv * G * D + G * D])
+                # per head of the group, the combine's max, weight sum and weighted outputs
+                lse_max = T.sblock_alloc_buffer((G,), "float32")
+                weight_sum = T.sblock_alloc_buffer((G,), "float32")
+                merged = T.sblock_alloc_buffer((G, D), "float32")
+                # Once in the last block, never in the others: a loop, not an `if`, so that the
+                # schedule can still place the merge's blocks (an IfThenElse hides them from the
+                # schedule's tree of loops and blocks).
+                for _ in range(is_last[vkv, vs]):
+                    for g, s2 in T.grid(G, S):
+                        with T.sblock("lse_max"):
+                            vg, vs2 = T.axis.remap("SR", [g, s2])
+                            with T.init():
+                                lse_max[vg] = T.min_value(f32)
+                            lse_max[vg] = T.max(lse_max[vg], lse[vkv * G + vg, vs2])
+                    for g, s2 in T.grid(G, S):
+                        with T.sblock("weight_sum"):
+                            vg, vs2 = T.axis.remap("SR", [g, s2])
+                            with T.init():
+                                weight_sum[vg] = T.float32(0)
+                            weight_sum[vg] = weight_sum[vg] + split_weight(
+                                lse[vkv * G + vg, vs2], lse_max[vg]
+                            )
+                    for g, d, s2 in T.grid(G, D, S):
+                        with T.sblock("merged"):
+                            vg, vd, vs2 = T.axis.remap("SSR", [g, d, s2])
+                            with T.init():
+                                merged[vg, vd] = T.float32(0)
+                            merged[vg, vd] = merged[vg, vd] + split_weight(
+                                lse[vkv * G + vg, vs2], lse_max[vg]
+                            ) * o_part[vkv * G + vg, vs2, vd]
+                    for g, d in T.grid(G, D):
+                        with T.sblock("combine"):
+                            vg, vd = T.axis.remap("SS", [g, d])
+                            out[(vkv * G + vg) * D + vd] = merged[vg, vd] / weight_sum[vg]
+
+    return func.with_attr("global_symbol", f"paged_decode_attention_merged_{NH}x{NKV}x{D}_p{P}_s{S}")
 
 
 def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc:
@@ -290,8 +436,7 @@ def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc
     lse_max = te.compute((NH,), lambda h: te.max(lse[h, s_max], axis=s_max), name="lse_max")
 
     def weight(h: Expr, s: Expr) -> Expr:
-        # Empty splits have lse = -inf and weigh exp(-inf) = 0; lse_max is finite (split 0).
-        return tirx.exp(lse[h, s] - lse_max[h])
+        return split_weight(lse[h, s], lse_max[h])
 
     s_sum = te.reduce_axis((0, S), name="s")
     total = te.compute((NH,), lambda h: te.sum(weight(h, s_sum), axis=s_sum), name="weight_sum")

@@ -47,6 +47,8 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv.gemv_qkv_normed,
         gemv.gemv_residual,
         moe.moe_gate_up_silu_routed,
+        # the decode step's last-block merge (merge="last_block", CUDA only)
+        attention.paged_decode_attention_merged,
         logits.process_logits,
         logits.count_token,
         sampling.sample_candidates,

@@ -11,7 +11,9 @@ file of the same shapes and types.
 
   state   token int32[1], pos int32[1], page_table int32[MP], sample_params float32[3],
           rng uint32[2], logits_params float32[3], token_mask int32[ceil(V / 32)],
-          token_counts int32[V] (the last three read only by `decode_processed`)
+          token_counts int32[V] (the last three read only by `decode_processed`), and with
+          attention_merge="last_block" arrivals int32[NKV] (the attention's per-KV-head count of
+          finished splits: 0 between launches, zero at allocation)
   kv      k_cache_0, v_cache_0, k_cache_1, v_cache_1, ...: float16[n_pages, P, NKV, D],
           n_pages a symbolic dim shared by all caches
   weight  every tensor of the file in `gguf_file.tensor_specs` order (token_embd, then per
@@ -29,6 +31,8 @@ Body: embedding -> per layer (rms_norm (layer 0) or the previous layer's residua
 Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_rope_kv_append -> paged_decode_attention -> attention_combine ->
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_candidates -> sample_token -> advance.
+With attention_merge="last_block" paged_decode_attention_merged replaces paged_decode_attention ->
+attention_combine: the attention kernel's last block of each KV head merges its splits.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -62,6 +66,7 @@ from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.quant.layouts import RelaidType
 from sparkinfer.model.spec import (
+    ARRIVALS,
     ENTRY,
     ENTRY_PROCESSED,
     KV_DTYPE,
@@ -73,7 +78,7 @@ from sparkinfer.model.spec import (
     LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
-from sparkinfer.schedule.schedules import ATTENTION_FORMS, PROGRAMMATIC_LAUNCH
+from sparkinfer.schedule.schedules import ATTENTION_FORMS, ATTENTION_MERGES, PROGRAMMATIC_LAUNCH
 
 
 _T = GGMLQuantizationType
@@ -158,10 +163,11 @@ def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType
 
 def decode_inputs(
     config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
-    activations: str = "f32",
+    activations: str = "f32", attention_merge: str = "separate",
 ) -> list[StepInput]:
     """The ordered parameters of `decode` (see the module docstring); the weights of
-    `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding)."""
+    `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding); the
+    attention's `arrivals` counts where attention_merge is "last_block"."""
     types = normalize_type_map(type_map)
     planar = planar_tensors(config, types, q6_k_layout, activations)
     mp = max_pages(config, page_size)
@@ -175,6 +181,8 @@ def decode_inputs(
         StepInput("token_mask", ROLE_STATE, "int32", (mask_words(config.vocab_size),)),
         StepInput("token_counts", ROLE_STATE, "int32", (config.vocab_size,)),
     ]
+    if attention_merge == "last_block":
+        inputs.append(StepInput(ARRIVALS, ROLE_STATE, "int32", (config.n_kv_heads,)))
     kv_shape = (N_PAGES, page_size, config.n_kv_heads, config.head_dim)
     for i in range(config.n_layers):
         inputs.append(StepInput(f"k_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
@@ -213,6 +221,8 @@ class DecodeStep:
     prefill_chunks: tuple[int, ...] = ()
     # how its CUDA kernels are launched (PROGRAMMATIC_LAUNCH; compiler.pipeline.build_step)
     programmatic_launch: str = "off"
+    # where the decode attention's splits are merged (ATTENTION_MERGES; "last_block" is CUDA's)
+    attention_merge: str = "separate"
 
 
 class _Kernels:
@@ -281,20 +291,21 @@ class Normed:
 class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
-                 decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead"
-                 ) -> None:
+                 decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
+                 attention_merge: str = "separate") -> None:
         self.c = config
         self.activations = activations
         self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
         self.attention_form = attention_form
+        self.merge_in_last_block = attention_merge == "last_block"
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations, attention_merge)
         # the weights decode_inputs lays out as planar Q6_K (planar_tensors), read from its inputs
         self.planar = frozenset(inp.tensor for inp in self.inputs if inp.layout == LAYOUT_Q6_K_PLANAR)
         self.params: dict[str, relax.Var] = {}
@@ -482,11 +493,7 @@ class _StepBuilder:
         q_rot, kc, vc = self.call_inplace(
             gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["page_table"], kc, vc],
             [-1, 7, 8], [self.f32(NH, D), cache_t, cache_t], f"rope{i}")
-        gv = self.k("attention", "paged_decode_attention", NH, NKV, D, self.P, self.MP, self.S)
-        o, lse = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"]],
-                           [self.f32(NH, self.S, D), self.f32(NH, self.S)], f"attn{i}")
-        gv = self.k("attention", "attention_combine", NH, self.S, D)
-        att = self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
+        att = self.attention(q_rot, kc, vc, i)
         if self.fused:
             # the residual add in the output projection's epilogue; the norm in its consumers
             name = w + "attn_output.weight"
@@ -503,6 +510,24 @@ class _StepBuilder:
             return h, None
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
         return h, self.rms_norm(h, nxt, f"norm{i + 1}")
+
+    def attention(self, q_rot: relax.Var, kc: relax.Var, vc: relax.Var, i: int) -> relax.Var:
+        """Layer i's attention output f32[NH * D]: its splits, then their combine, in two launches
+        or (merge_in_last_block) in one, which counts in `arrivals` and leaves it at 0."""
+        c, p = self.c, self.params
+        NH, NKV, D = c.n_heads, c.n_kv_heads, c.head_dim
+        parts = [self.f32(NH, self.S, D), self.f32(NH, self.S)]
+        if self.merge_in_last_block:
+            gv = self.k("attention", "paged_decode_attention_merged", NH, NKV, D, self.P, self.MP, self.S)
+            arrivals = p[ARRIVALS]
+            _arrivals, _o, _lse, att = self.call_inplace(
+                gv, [q_rot, kc, vc, p["page_table"], p["pos"], arrivals], [5, -1, -1, -1],
+                [_tensor((NKV,), "int32"), *parts, self.f32(NH * D)], f"att{i}")
+            return att
+        gv = self.k("attention", "paged_decode_attention", NH, NKV, D, self.P, self.MP, self.S)
+        o, lse = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"]], parts, f"attn{i}")
+        gv = self.k("attention", "attention_combine", NH, self.S, D)
+        return self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
 
     def _ffn_input(self, f: relax.Var | Normed, i: int) -> relax.Var:
         """The expert kernels' x: f itself, or in the fused launches where gate/up does not
@@ -674,6 +699,7 @@ def build_decode_step(
     programmatic_launch: str = "off",
     q6_k_layout: str = "gguf",
     attention_form: str = "read_ahead",
+    attention_merge: str = "separate",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -700,7 +726,10 @@ def build_decode_step(
     their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR
     (any decode_launches, and the T-token step's GEMMs).
     `attention_form` (ATTENTION_FORMS) is the shape of the T-token step's tensor-core attention
-    (chunk_operands "f16"): "read_ahead" or "compact" (`causal_prefill_attention_half`)."""
+    (chunk_operands "f16"): "read_ahead" or "compact" (`causal_prefill_attention_half`).
+    `attention_merge` (ATTENTION_MERGES) is where the decode attention's splits are merged:
+    "separate" in an attention_combine launch, "last_block" in the attention kernel
+    (`kernels.attention.paged_decode_attention_merged`, CUDA only), with the `arrivals` state."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -712,6 +741,8 @@ def build_decode_step(
     if attention_form != ATTENTION_FORMS[0] and chunk_operands != "f16":
         raise SparkInferError(f"attention_form={attention_form!r} is a form of the tensor-core attention: it needs "
                               f"chunk_operands='f16', got {chunk_operands!r}")
+    if attention_merge not in ATTENTION_MERGES:
+        raise SparkInferError(f"attention_merge must be one of {', '.join(ATTENTION_MERGES)}, got {attention_merge!r}")
     if programmatic_launch not in PROGRAMMATIC_LAUNCH:
         raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
                               f"got {programmatic_launch!r}")
@@ -726,7 +757,7 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
-                           q6_k_layout, attention_form)
+                           q6_k_layout, attention_form, attention_merge)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -739,4 +770,5 @@ def build_decode_step(
         originals=builder.k.originals,
         prefill_chunks=chunks,
         programmatic_launch=programmatic_launch,
+        attention_merge=attention_merge,
     )

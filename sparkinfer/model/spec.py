@@ -25,6 +25,10 @@ ROLE_STATE, ROLE_KV, ROLE_WEIGHT = "state", "kv", "weight"
 STATE_INPUTS = ("token", "pos", "page_table", "sample_params", "rng")
 # State that only ENTRY_PROCESSED reads; a module without it cannot process logits.
 PROCESSING_INPUTS = ("logits_params", "token_mask", "token_counts")
+# The decode attention's count of finished splits a KV head (the step variant
+# attention_merge="last_block", kernels.attention.paged_decode_attention_merged): state the
+# runtime zeroes once at allocation; every launch leaves it at 0 again.
+ARRIVALS = "arrivals"
 OUTPUTS = ("logits", "next")
 # A weight input's `layout` when the step reads it re-laid out: Q6_K rows as planar Q6_K
 # (quant/layouts.py, the step variant q6_k_layout="planar"), made from the file's bytes when

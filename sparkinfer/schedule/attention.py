@@ -25,6 +25,10 @@ slots a block, 32 a warp, whatever the depth), and q lives in registers instead 
 again from shared memory for every token.
 
 attention_combine: one thread block per query head, a thread per head dim, the splits unrolled.
+
+paged_decode_attention_merged: the attention as above, then thread 0 of each block counts it in
+its KV head's `arrivals`, and the last block of the head merges the group's splits, a thread per
+(head, dim) element computed as attention_combine's (bench/NOTES.md, "Decode: the last block merges").
 """
 
 from dataclasses import dataclass
@@ -247,6 +251,53 @@ def _schedule_paged_decode_attention(sch: s_tir.Schedule, knobs: AttentionKnobs)
     sch.bind(stream, "threadIdx.z")
     sch.bind(lane, "threadIdx.x")
     sch.compute_at(blk("merge_out"), sch.get_loops(o_part)[-1])
+
+
+class PagedDecodeAttentionMergedCudaRule(PagedDecodeAttentionCudaRule):
+    """`paged_decode_attention_merged`: the attention as PagedDecodeAttentionCudaRule lays it
+    out (same knobs), then in the same thread block the release (every thread), the arrival
+    (thread 0) and, in the last block of a KV head, the combine of its head group: a thread per
+    (head, dim) element, the splits unrolled, as AttentionCombineCudaRule computes each element."""
+
+    factory = "paged_decode_attention_merged"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, AttentionKnobs)
+        _schedule_paged_decode_attention(sch, knobs)
+        _schedule_last_block_merge(sch, knobs)
+
+
+def _schedule_last_block_merge(sch: s_tir.Schedule, knobs: AttentionKnobs) -> None:
+    blk = sch.get_sblock
+    # state_init's loops, as the attention's schedule left them: KV head, split, stream, head group, head
+    _, split, stream, head_group = sch.get_loops(blk("state_init"))[:4]
+    n_streams, n_groups = int(sch.get(stream).extent), int(sch.get(head_group).extent)
+    hpl = int(knobs.heads_per_lane)
+    for block in ("release", "arrive", "is_last", "merge"):
+        sch.reverse_compute_at(blk(block), split)
+    # The count is one thread's, (0, 0, 0): per thread axis a loop of one split by the axis's
+    # extent, whose inner loop bound to the axis carries the guard threadIdx < 1 (a loop of one
+    # bound as it is would be run by every thread).
+    arrive = blk("arrive")
+    lanes = _lanes_per_group(n_groups * hpl, hpl)
+    for axis, extent in (("threadIdx.x", lanes), ("threadIdx.y", n_groups), ("threadIdx.z", n_streams)):
+        _, thread = sch.split(sch.add_unit_loop(arrive), [None, extent])
+        sch.bind(thread, axis)
+    sch.set_scope(arrive, _write_index(sch, arrive, "last"), "shared")
+    # Every thread's copy in a register, the merge loop's extent: TVM's barrier placement
+    # (ThreadSync) fails on a shared load in a loop extent
+    sch.set_scope(blk("is_last"), 0, "local")
+    # The combine over the block's threads, (stream, head group, dim lane) as the attention has them.
+    g, d = sch.get_loops(blk("combine"))[-2:]
+    _, z, y, x = sch.split(sch.fuse(g, d), [None, n_streams, n_groups, lanes])
+    for loop, axis in ((z, "threadIdx.z"), (y, "threadIdx.y"), (x, "threadIdx.x")):
+        sch.bind(loop, axis)
+    # As AttentionCombineCudaRule: each thread computes its element's max and sum itself, and
+    # the split loops are unrolled so that their loads go out together.
+    for block in ("merged", "weight_sum", "lse_max"):
+        sch.compute_at(blk(block), x)
+        sch.set_scope(blk(block), 0, "local")
+        sch.unroll(sch.get_loops(blk(block))[-1])
 
 
 class AttentionCombineCudaRule(FixedRule):

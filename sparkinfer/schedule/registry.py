@@ -4,7 +4,11 @@ A kernel factory needs a rule per target kind (cuda, cpu) listed below; a kernel
 fails to compile with an error naming it.
 """
 
-from sparkinfer.schedule.attention import AttentionCombineCudaRule, PagedDecodeAttentionCudaRule
+from sparkinfer.schedule.attention import (
+    AttentionCombineCudaRule,
+    PagedDecodeAttentionCudaRule,
+    PagedDecodeAttentionMergedCudaRule,
+)
 from sparkinfer.schedule.cpu import (
     AddRmsNormCpuRule,
     AsWrittenCpuRule,
@@ -62,6 +66,7 @@ for _rule in (
     MoeDownResidualCudaRule(),
     MoeGateUpSiluRoutedCudaRule(),
     PagedDecodeAttentionCudaRule(),
+    PagedDecodeAttentionMergedCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
     RmsNormCudaRule(),

@@ -12,7 +12,7 @@ import tvm.runtime.vm  # not imported by `import tvm` with runtime-only TVM
 from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.gguf_file import GGUFModel, ModelConfig, write_model
 from sparkinfer.grammar import mask_words
-from sparkinfer.model.spec import bind_weight
+from sparkinfer.model.spec import ARRIVALS, bind_weight
 from sparkinfer.tokenizer import synthetic_vocab
 from reference._tiny import random_weights  # tests/ is on sys.path (pytest, rootdir-relative packages)
 
@@ -46,6 +46,8 @@ class StepRunner:
             "logits_params": np.array([0.0, 0.0, 1.0], np.float32),
             "token_mask": np.full(mask_words(manifest.config.vocab_size), -1, np.int32),
             "token_counts": np.zeros(manifest.config.vocab_size, np.int32),
+            # the last-block merge's counts (attention_merge="last_block"): zero at allocation
+            ARRIVALS: np.zeros(manifest.config.n_kv_heads, np.int32),
         }
         self.args: list[tvm.runtime.Tensor] = []
         self.named: dict[str, tvm.runtime.Tensor] = {}

@@ -133,9 +133,15 @@ inline const char* run_grid(dim3 grid, dim3 threads, void (*body)()) {
   const unsigned n = threads.x * threads.y * threads.z;
   constexpr size_t kStack = 256 * 1024;
   std::unique_ptr<char[]> stacks(new char[kStack * n]);  // one per thread, reused by every block
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
+  // Launches alternate the order of their blocks, ascending and descending: a kernel whose
+  // last block to finish does more (a merge after an atomic count) runs it in another block
+  // on each call.
+  static unsigned launches = 0;
+  const bool grid_descending = launches++ % 2 == 1;
+  const unsigned n_blocks = grid.x * grid.y * grid.z;
+  for (unsigned nth = 0; nth < n_blocks; ++nth) {
+        const unsigned index = grid_descending ? n_blocks - 1 - nth : nth;
+        const unsigned bx = index % grid.x, by = index / grid.x % grid.y, bz = index / (grid.x * grid.y);
         Block b;
         block = &b;
         blockIdx = {bx, by, bz};
@@ -219,6 +225,15 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu::arrive(emu::block->warp_barriers[emu::warp()], __builtin_popcount(mask & emu::live_lanes()));
 }
 inline unsigned __activemask() { return emu::live_lanes(); }
+// Blocks run one after another and threads switch only at barriers: an atomic is a plain
+// read-modify-write, and every store is visible to every later block without a fence.
+template <class T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() {}
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {

@@ -19,6 +19,7 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     cuda_source,
     gpu_fixture,
+    kernel_body,
     main,
     module,
     needs_nvcc,
@@ -49,6 +50,20 @@ def combine_symbol(splits: int, nh: int = NH, d: int = D) -> str:
     return f"attention_combine_{nh}x{splits}x{d}"
 
 
+def merged_symbol(splits: int, nh: int = NH, nkv: int = NKV, d: int = D) -> str:
+    return f"paged_decode_attention_merged_{nh}x{nkv}x{d}_p{P}_s{splits}"
+
+
+# The last-block merge (merge="last_block"): the model's shape at its 32 splits, and the demo
+# model's group of 4 at 16.
+MERGED = [(32, NH, NKV, D), (16, *SMALL)]
+
+
+def merged_module() -> tvm.IRModule:
+    return module(*(scheduled(A.paged_decode_attention_merged, "attention", nh, nkv, d, P, MP, s)
+                    for s, nh, nkv, d in MERGED))
+
+
 def kernels_module(splits: tuple[int, ...] = SPLITS, variants: bool = True) -> tvm.IRModule:
     funcs = []
     for s in splits:
@@ -62,6 +77,7 @@ def kernels_module(splits: tuple[int, ...] = SPLITS, variants: bool = True) -> t
         nh, nkv, d = SMALL
         funcs.append(scheduled(A.paged_decode_attention, "attention", nh, nkv, d, P, MP, 16))
         funcs.append(scheduled(A.attention_combine, "attention", nh, 16, d))
+        funcs.extend(merged_module().functions.values())
     return module(*funcs)
 
 
@@ -104,6 +120,27 @@ def test_a_group_that_does_not_divide_a_warp_is_refused() -> None:
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_for(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module((16,), variants=False))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_nvcc_compiles_the_last_block_merge_for(arch: str) -> None:
+    assert_nvcc_compiles(arch, merged_module())
+
+
+def test_one_thread_counts_after_every_thread_published() -> None:
+    body = kernel_body(cuda_source(merged_module()), merged_symbol(32))
+    release = body.index("tvm_builtin_cuda_thread_fence();\n  tvm_builtin_cuda_cta_sync();")
+    count = body.index("tvm_builtin_cuda_atomic_add((&(arrivals_ptr[((int)blockIdx.y)])), 1)")
+    guard = body.rindex("if (((((int)threadIdx.x) < 1) && (((int)threadIdx.y) < 1)) && (((int)threadIdx.z) < 1))",
+                        0, count)
+    # every o_part and lse store is before the release; the count, thread 0's, after it
+    assert max(body.rindex("o_part_ptr[", 0, release), body.rindex("lse_ptr[", 0, release)) < release < guard
+    assert body.count("tvm_builtin_cuda_atomic_add(") == 1
+    # the answer reaches the other threads through shared memory, after a barrier
+    merge = body.index("for (int", count)
+    assert "__syncthreads();" in body[count:merge] and "last_shared_ptr[0]" in body[count:merge]
+    assert "arrivals_ptr[((int)blockIdx.y)] = 0;" in body[count:merge]
 
 
 gpu = gpu_fixture("attention", kernels_module)
@@ -173,6 +210,33 @@ def test_group_of_four_matches_numpy(gpu: Gpu, pos: int) -> None:
     nh, nkv, d = SMALL
     check_against_numpy(gpu, attention_symbol(16, nh, nkv, d), 16, pos, nh, nkv, d,
                         combine=combine_symbol(16, nh, d))
+
+
+@pytest.mark.parametrize(("splits", "nh", "nkv", "d", "pos"),
+                         [(*case, pos) for case, positions in zip(MERGED, [(5, 700), (0, 200)]) for pos in positions])
+def test_last_block_merge_matches_the_separate_kernels(gpu: Gpu, splits: int, nh: int, nkv: int, d: int,
+                                                       pos: int) -> None:
+    """The merged kernel's o_part, lse and out are the separate kernels' bit for bit, and it
+    leaves every count at 0: twice, so that the emulator runs its blocks in both orders (the
+    last block to arrive is another one) and the second launch starts from the first's reset."""
+    rng = np.random.default_rng(pos + splits)
+    page_table = np.concatenate([rng.permutation(N_PAGES)[: N_PAGES - 8], rng.integers(0, N_PAGES, MP - N_PAGES + 8)])
+    page_table = page_table.astype(np.int32)
+    q = rng.standard_normal((nh, d), dtype=np.float32)
+    inputs = [gpu.tensor(a) for a in (q, *paged_cache(rng, page_table, pos, nkv, d), page_table,
+                                      np.array([pos], np.int32))]
+    o_part, lse, out = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits)), gpu.poisoned((nh * d,))
+    gpu(attention_symbol(splits, nh, nkv, d), *inputs, o_part, lse)
+    gpu(combine_symbol(splits, nh, d), o_part, lse, out)
+    arrivals = gpu.tensor(np.zeros(nkv, np.int32))
+    for _ in range(2):
+        merged = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits)), gpu.poisoned((nh * d,))
+        gpu(merged_symbol(splits, nh, nkv, d), *inputs, arrivals, *merged)
+        for got, want in zip(merged, (o_part, lse, out)):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+        np.testing.assert_array_equal(arrivals.numpy(), np.zeros(nkv, np.int32))
+    oracle = A.decode_attention_reference(q, *(a.numpy() for a in inputs[1:4]), pos)
+    np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-4, atol=2e-5)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def test_the_gpus_default_to_half_chunk_operands_unless_their_file_says_otherwis
     ("chunk_operands", "f16", "tensor-core operands"),
     ("programmatic_launch", "on", "the cpu build launches no kernels"),
     ("attention_form", "compact", "the cpu build's attention multiplies float32"),
+    ("attention_merge", "last_block", "one kernel merges nothing"),
 ])
 def test_the_cpu_refuses_the_cuda_only_variants(tmp_path: Path, name: str, value: str, why: str) -> None:
     path = SchedulesFile("cpu", {}, step={name: value}).write(tmp_path / "cpu.json")
@@ -65,3 +66,10 @@ def test_the_attention_form_is_read_ahead_unless_a_file_says_compact() -> None:
 
     assert STEP_VARIANTS["attention_form"] == ("read_ahead", "compact")
     assert all("attention_form" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
+
+
+def test_the_attention_merges_separately_unless_a_file_says_last_block() -> None:
+    from sparkinfer.compiler.pipeline import step_variants
+
+    assert STEP_VARIANTS["attention_merge"] == ("separate", "last_block")
+    assert all("attention_merge" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
