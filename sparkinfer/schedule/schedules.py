@@ -6,7 +6,7 @@
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
               "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
-              "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact"}}
+              "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -39,8 +39,9 @@ PROGRAMMATIC_LAUNCH = ("off", "on")
 # The T-token step's tensor-core attention (kernels.prefill_attention.causal_prefill_attention_half,
 # chunk_operands "f16"): "read_ahead" reads K and V a key tile ahead into registers, 2 blocks an
 # SM on sm_90 at head dim 128; "compact" (its `compact` argument) does not, and fits 3
-# (bench/NOTES.md "Prefill attention v4").
-ATTENTION_FORMS = ("read_ahead", "compact")
+# (bench/NOTES.md "Prefill attention v4"); "registers" keeps S, P and O in mma.sync's registers
+# (`causal_prefill_attention_registers`, bench/NOTES.md "Prefill attention v5").
+ATTENTION_FORMS = ("read_ahead", "compact", "registers")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
@@ -55,6 +56,8 @@ CUDA_ONLY_VARIANTS = {
                                    "the cpu build launches no kernels",
     ("attention_form", "compact"): "a form of the tensor-core attention; the cpu build's attention multiplies "
                                    "float32",
+    ("attention_form", "registers"): "a form of the tensor-core attention (mma.sync); the cpu build's attention "
+                                     "multiplies float32",
 }
 
 
