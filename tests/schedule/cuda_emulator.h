@@ -13,7 +13,9 @@
 //
 // Warp-collective WMMA calls run once per warp, on lane 0: a fragment is the whole 16x16
 // tile, so each warp's lane-0 fragments are the warp's (TVM reads fragments only through
-// load/store/mma/fill, never element by element).
+// load/store/mma/fill, never element by element). ldmatrix and mma.sync (inline PTX, at the
+// end) are per lane instead: their fragments' elements have documented lanes, and kernels
+// read them one by one.
 #pragma once
 
 #include <algorithm>

@@ -1,7 +1,8 @@
 """The CUDA TVM generates for a module, run on the CPU: the GPU tests' `gpu` fixture runs each
 test twice, on the GPU ("cuda", marked gpu) and here ("emulated", everywhere TVM can compile),
-so CI checks every CUDA schedule's indices, guards, shared-memory tiles, shuffles and WMMA
-fragments against numpy without a GPU.
+so CI checks every CUDA schedule's indices, guards, shared-memory tiles, shuffles, WMMA
+fragments and the inline PTX of ldmatrix and mma.sync (`_inline_ptx`) against numpy without a
+GPU.
 
 `EmulatedGpu(mod)` has `Gpu`'s interface (cuda_testutil: `tensor`, `poisoned`, calls by symbol).
 It lowers `mod` for sm_90 as `targets.build` does, reads from the device functions each kernel's

@@ -6,11 +6,14 @@ emulator) the Qwen3-30B-A3B head shapes at chunks of 128 and 512 against numpy (
 machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm
 
+from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels import prefill_attention as PA
 
@@ -175,6 +178,20 @@ def test_the_register_form_keeps_s_p_and_o_in_mma_registers() -> None:
         indices = re.findall(rf"\b{name}_ptr \+ (\w+)\)|\b{name}_ptr\[([^\]]*)\]", body)
         assert all(re.fullmatch(r"\d+", a or b) for a, b in indices), (name, indices)
     assert body.count("__shfl_xor_sync") == 2 * 2 * 2  # 2 rows a lane: the tile max, and l at the end
+
+
+@needs_nvcc
+def test_the_register_form_fits_three_blocks_an_sm_on_sm_90_without_spills(tmp_path: Path) -> None:
+    """ptxas at head dim 128 (bench/NOTES.md "Prefill attention v5": 166 registers): 3 blocks of
+    128 threads an SM need at most 168 registers a thread, and a spill would put S, P or O in
+    local memory."""
+    source = tmp_path / "registers.cu"
+    source.write_text(cuda_source(module(registers_kernel(128, NH, NKV, D))))
+    ptxas = subprocess.run([targets.find_nvcc(), "-cubin", "-O3", "-arch=sm_90a", "-Xptxas", "-v",
+                            "-o", str(tmp_path / "registers.cubin"), str(source)],
+                           capture_output=True, text=True, check=True).stderr
+    assert int(re.search(r"Used (\d+) registers", ptxas).group(1)) <= 168
+    assert "0 bytes spill stores, 0 bytes spill loads" in ptxas
 
 
 def test_the_register_form_refuses_a_head_dim_off_its_swizzle_by_name() -> None:
