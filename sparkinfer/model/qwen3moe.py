@@ -613,11 +613,12 @@ class _StepBuilder:
             [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
         # "f16": the attention's Q and P as tensor-core operands too (its half_operands form), in
         # the step's attention_form (the factory's compact argument; the default's call as before;
-        # "registers" its own, already scheduled factory)
-        half = (True, *((True,) if self.attention_form == "compact" else ())) if self.chunk_operands == "f16" else ()
+        # "registers" its own factory, which writes the kernel already scheduled)
         if self.attention_form == "registers":
             gv = self.k("prefill_attention", "causal_prefill_attention_registers", NT, NH, NKV, D, self.P, self.MP)
         else:
+            compact = (True,) if self.attention_form == "compact" else ()
+            half = (True, *compact) if self.chunk_operands == "f16" else ()
             gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
