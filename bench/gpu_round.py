@@ -23,11 +23,15 @@ RUN_PROMPT_TOKENS = 128
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
 # under 64 MiB). Session 13's two (downs_2048, attention_compact) won in the step and are
-# sm_90.json's (bench/NOTES.md, "Session 13"). last_block: the decode attention merges its splits
-# in its last thread block, a launch a layer less (bench/NOTES.md, "Decode: the last block merges").
-VARIANT_STEPS: dict[str, dict[str, str]] = {"last_block": {"attention_merge": "last_block"}}
+# sm_90.json's (bench/NOTES.md, "Session 13"). Session 14's:
+# - last_block: the decode attention merges its splits in its last thread block, a launch a layer
+#   less (bench/NOTES.md, "Decode: the last block merges");
+# - attention_registers: the T-token steps' attention in its register form (mma.sync, S, P and
+#   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5").
+VARIANT_STEPS: dict[str, dict[str, str]] = {"last_block": {"attention_merge": "last_block"},
+                                            "attention_registers": {"attention_form": "registers"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
-VARIANT_CHUNKED: set[str] = set()
+VARIANT_CHUNKED: set[str] = {"attention_registers"}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.

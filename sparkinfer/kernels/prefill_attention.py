@@ -516,6 +516,209 @@ def causal_prefill_attention_half(n_tokens: int, n_heads: int, n_kv_heads: int, 
     return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16{suffix}")
 
 
+WARP, MMA_M, MMA_N, MMA_K = 32, 16, 8, 16  # mma.sync m16n8k16: a warp's 16 x 8 product of a 16 x 16 by 16 x 8
+REGISTER_THREADS = HALF_ROWS // MMA_M * WARP  # the register form's block: warp w owns rows 16w .. 16w + 15
+MIN_BLOCKS_PER_SM = 3  # the register form's blocks an SM on sm_90: a thread within 168 registers, 48 KiB each
+SWIZZLE = 8  # 16-byte chunks of a shared row that its row index permutes (chunk ^ row % 8)
+
+
+def causal_prefill_attention_registers(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                                       page_size: int, max_pages: int) -> tirx.PrimFunc:
+    """`causal_prefill_attention_half` (same params, tiles, numerics and result) with S, P and O
+    in registers: the step variant attention_form "registers" (schedule.schedules.ATTENTION_FORMS),
+    CUDA only. Already scheduled: `schedule.prefill_cuda.CausalPrefillAttentionRegistersCudaRule`
+    takes it as it is.
+
+    Why hand-scheduled: the other two forms tensorize the factory's blocks with TVM's WMMA
+    intrinsics, whose accumulators have no documented element layout, so S goes to shared
+    memory for the softmax, P comes back from it as a fragment and P V goes out again for O's
+    update: ncu on an H100 has the compact form at 82 % of the L1/TEX pipe, shared-memory bound
+    (bench/NOTES.md "Prefill attention v4"). TVM's mma.sync intrinsics
+    (s_tir/tensor_intrin/cuda.py) do fix a layout, but they take their operands only through
+    ldmatrix from shared memory, and a tensorized block holds neither the softmax's row
+    reductions (quad shuffles) nor S's accumulators handed on as P's A operand; so this kernel
+    writes the flash-attention-2 structure out with T.ptx_legacy.mma / ldmatrix on "local"
+    arrays indexed by constants (registers), the lane arithmetic explicit.
+
+    A block of REGISTER_THREADS (4 warps) per (KV head, HALF_ROWS // G queries), the blocks and
+    rows those of the half form; warp w owns rows 16w .. 16w + 15, a lane (g = lane / 4, t =
+    lane % 4) rows 16w + g and 16w + g + 8, where mma.sync's fragments put them (PTX ISA,
+    "Matrix Fragments for mma.m16n8k16"):
+      - Q * scale rounded to f16 once into shared memory; per key tile:
+      - K and V into shared memory (16 bytes a thread a load, 0 past the tile's keys), a
+        barrier before and after; Q, K and V rows are stored with their 16-byte chunks permuted
+        (`at`), so every ldmatrix is free of bank conflicts with no padding: 48 KiB at D = 128,
+        static shared memory's limit;
+      - S = Q K^T into 8 m16n8 accumulators (32 f32 a thread), Q's A and K's B fragments by
+        ldmatrix; the causal mask; m' = max(m, the row's max over the quad's 4 lanes: 2
+        xor-shuffles); P = f16(exp(S - m')) in the accumulators' layout, which is the A
+        fragment layout of P V (two adjacent n-tiles are one k-step); alpha = exp(m - m');
+        l = l alpha + the lane's P sum (a lane keeps its share of l; the quad adds them once, at
+        the end); O = O alpha, then O += P V in O's accumulators (D / 8 n-tiles of 4 f32), V's B
+        fragments by ldmatrix.trans;
+      - at the end O / l to `out` (rows past n_valid 0), as the half form stores it.
+    Q's fragments are read again for each key tile (4 KiB a warp beside K's and V's 32 KiB)
+    rather than held: held, they take 32 more registers and sm_90a's 3 blocks an SM then spill
+    (178 registers unbounded; 166 so, no spills, bench/NOTES.md "Prefill attention v5").
+    O takes P V into its accumulators where the half form sums a tile's P V from 0 and adds
+    it: f32 sums in another order, within the half form's tolerance."""
+    from tvm.script import tirx as T
+
+    NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
+    if NH % NKV:
+        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    G, R, BK, THREADS = NH // NKV, HALF_ROWS, HALF_KEY_TILE, REGISTER_THREADS
+    VECTOR = 8  # halves a 16-byte chunk: a load, an ldmatrix row
+    if R % G or D % (SWIZZLE * VECTOR):
+        raise ValueError(f"the register attention needs the {G} query heads per KV head to divide {R} and the "
+                         f"head dim ({D}) to be a multiple of {SWIZZLE * VECTOR}")
+    BQ, NQT = R // G, -(-NT // (R // G))
+    KS, ST, OT = D // MMA_K, BK // MMA_N, D // MMA_N  # Q's k-steps, S's n-tiles, O's n-tiles
+    LOADS = BK * D // VECTOR // THREADS  # 16-byte loads a thread a K (or V) tile
+    scale = T.float32(1.0 / math.sqrt(D))
+    lowest = T.min_value("float32")
+    f16, f32 = "float16", "float32"
+    full = tirx.const(0xFFFFFFFF, "uint32")
+
+    def partner(x: Expr, lane_mask: int) -> Expr:
+        """x of the lane whose index differs in `lane_mask`: masks 1 and 2 span a quad."""
+        return T.tvm_warp_shuffle_xor(full, x, lane_mask, WARP, WARP)
+
+    def at(matrix: int, row: Expr, chunk: Expr) -> Expr:
+        """The offset of row `row`'s 16-byte chunk `chunk` (dims 8 chunk ..) in the shared tile
+        `matrix` (0: Q, 1: K, 2: V), stored as chunk ^ row % 8: the 8 rows an ldmatrix reads
+        (one chunk each) then fall on 8 different 16-byte bank groups."""
+        return (matrix * BK + row) * D + tirx.bitwise_xor(chunk, row % SWIZZLE) * VECTOR
+
+    def element_at(matrix: int, flat: Expr) -> Expr:
+        """The offset of element `flat` (row flat // D, dim flat % D) of the shared tile `matrix`."""
+        return at(matrix, flat // D, flat % D // VECTOR) + flat % VECTOR
+
+    def mma(a: tirx.Buffer, a_at: Expr, b: tirx.Buffer, b_at: Expr, c: tirx.Buffer, c_at: Expr) -> Expr:
+        return T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32", a.data, a_at, b.data, b_at,
+                                c.data, c_at, False, dtype=f32)
+
+    def ldmatrix(transposed: bool, frag: tirx.Buffer, frag_at: Expr, tiles: tirx.Buffer, tile_at: Expr) -> Expr:
+        return T.ptx_legacy.ldmatrix(transposed, 4, ".b16", frag.data, frag_at, tiles.data, tile_at, dtype=f16)
+
+    def row(warp: Expr, lane: Expr, half: Expr) -> Expr:
+        """The tile row of a lane's accumulator entries 2 * half, 2 * half + 1 (of every n-tile)."""
+        return warp * MMA_M + lane // 4 + half * 8
+
+    def column(n_tile: Expr, lane: Expr, e: Expr) -> Expr:
+        """The column of a lane's accumulator entry 2 * half + e of n-tile `n_tile`."""
+        return n_tile * MMA_N + lane % 4 * 2 + e
+
+    def visible(kb: Expr, n_tile: Expr, e: Expr, limit: Expr, warp: Expr, lane: Expr, half: Expr) -> Expr:
+        """Whether the lane's S entry (n_tile, 2 * half + e) of key tile kb passes the causal mask."""
+        return kb * BK + column(n_tile, lane, e) <= limit + row(warp, lane, half) // G
+
+    def cached_vector(cache: tirx.Buffer, page_table: tirx.Buffer, n_keys: Expr, kb: Expr, kv: Expr, chunk: Expr,
+                      e: Expr) -> Expr:
+        """Half e of the tile's 16-byte piece `chunk` (key chunk // (D / 8), dims 8 at a time), 0
+        past the tile's keys."""
+        j = kb * BK + chunk // (D // VECTOR)
+        return tirx.if_then_else(j < n_keys, _cached(cache, page_table, j, kv, chunk % (D // VECTOR) * VECTOR + e),
+                                 tirx.const(0, f16))
+
+    @T.prim_func(private=True)
+    def func(q_rot: T.Buffer((NT, NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+             page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"), n_valid: T.Buffer((1,), "int32"),
+             out: T.Buffer((NT, NH * D), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        for tile in T.thread_binding(NKV * NQT, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                tiles = T.alloc_buffer((3 * BK * D,), f16, scope="shared")  # Q, K, V (R = BK rows each)
+                q_frag = T.alloc_buffer((8,), f16, scope="local")  # one k-step's A fragment
+                kv_frag = T.alloc_buffer((8,), f16, scope="local")  # two n-tiles' B fragments
+                s = T.alloc_buffer((ST * 4,), f32, scope="local")  # n-tile j's accumulator at 4j
+                p = T.alloc_buffer((ST * 4,), f16, scope="local")  # as s: k-step c's A fragment at 8c
+                o = T.alloc_buffer((OT * 4,), f32, scope="local")
+                row_max = T.alloc_buffer((2,), f32, scope="local")  # rows g and g + 8
+                row_sum = T.alloc_buffer((2,), f32, scope="local")  # this lane's share
+                tile_max = T.alloc_buffer((2,), f32, scope="local")
+                alpha = T.alloc_buffer((2,), f32, scope="local")
+                kv = tile // NQT
+                t0 = _first_query(tile % NQT, NQT, BQ)
+                n_keys = _n_keys(tile % NQT, pos, n_valid, NQT, BQ)
+                limit = pos[0] + t0  # + r // G: row r's last visible key
+                warp = tx // WARP
+                lane = tx % WARP
+                for i in T.unroll(R * D // THREADS):  # Q * scale in f16, element (r, d) by thread (r D + d) % 128
+                    tiles[element_at(0, i * THREADS + tx)] = T.Cast(f16, q_rot[
+                        T.min(t0 + (i * THREADS + tx) // D // G, NT - 1), kv * G + (i * THREADS + tx) // D % G,
+                        (i * THREADS + tx) % D] * scale)
+                for i in T.unroll(OT * 4):
+                    o[i] = T.float32(0)
+                for half in T.unroll(2):
+                    row_max[half] = lowest
+                    row_sum[half] = T.float32(0)
+                for kb in range((n_keys + BK - 1) // BK):
+                    T.tvm_storage_sync("shared")  # the last tile's ldmatrix are done (and Q is stored)
+                    for i in T.unroll(LOADS):  # chunk (i * 128 + tx) of the tile: key / (D / 8), dims 8 ..
+                        for e in T.vectorized(VECTOR):
+                            tiles[element_at(1, (i * THREADS + tx) * VECTOR) + e] = cached_vector(
+                                k_cache, page_table, n_keys, kb, kv, i * THREADS + tx, e)
+                    for i in T.unroll(LOADS):
+                        for e in T.vectorized(VECTOR):
+                            tiles[element_at(2, (i * THREADS + tx) * VECTOR) + e] = cached_vector(
+                                v_cache, page_table, n_keys, kb, kv, i * THREADS + tx, e)
+                    T.tvm_storage_sync("shared")
+                    for i in T.unroll(ST * 4):
+                        s[i] = T.float32(0)
+                    for c in T.unroll(KS):  # x4: Q's rows 0-7 and 8-15 of the k-step's dims 0-7, then of 8-15
+                        T.evaluate(ldmatrix(False, q_frag, 0, tiles,
+                                            at(0, warp * MMA_M + lane % 16, c * 2 + lane // 16)))
+                        for jp in T.unroll(ST // 2):  # x4: K's B fragments of n-tiles 2jp, 2jp + 1 (keys 16jp ..)
+                            T.evaluate(ldmatrix(False, kv_frag, 0, tiles, at(
+                                1, jp * 2 * MMA_N + lane // 16 * MMA_N + lane % 8, c * 2 + lane // 8 % 2)))
+                            T.evaluate(mma(q_frag, 0, kv_frag, 0, s, jp * 8))
+                            T.evaluate(mma(q_frag, 0, kv_frag, 4, s, jp * 8 + 4))
+                    for half in T.unroll(2):
+                        tile_max[half] = row_max[half]
+                        for j in T.unroll(ST):
+                            for e in T.unroll(2):
+                                tile_max[half] = T.max(tile_max[half], T.Select(
+                                    visible(kb, j, e, limit, warp, lane, half), s[j * 4 + half * 2 + e], lowest))
+                        for lane_mask in T.unroll(1, 3):  # lanes ^ 1, then ^ 2: the quad's four
+                            tile_max[half] = T.max(tile_max[half], partner(tile_max[half], lane_mask))
+                        alpha[half] = exp_by_exp2(row_max[half] - tile_max[half])
+                        row_sum[half] = row_sum[half] * alpha[half]
+                        row_max[half] = tile_max[half]
+                        for j in T.unroll(ST):
+                            for e in T.unroll(2):
+                                p[j * 4 + half * 2 + e] = T.Cast(f16, T.Select(
+                                    visible(kb, j, e, limit, warp, lane, half),
+                                    exp_by_exp2(s[j * 4 + half * 2 + e] - tile_max[half]), T.float32(0)))
+                                row_sum[half] = row_sum[half] + T.Cast(f32, p[j * 4 + half * 2 + e])
+                        for n in T.unroll(OT):
+                            for e in T.unroll(2):
+                                o[n * 4 + half * 2 + e] = o[n * 4 + half * 2 + e] * alpha[half]
+                    for c in T.unroll(BK // MMA_K):
+                        for n2 in T.unroll(OT // 2):  # x4 .trans: V's B fragments of n-tiles 2n2, 2n2 + 1
+                            T.evaluate(ldmatrix(True, kv_frag, 0, tiles, at(
+                                2, c * MMA_K + lane % 16, n2 * 2 + lane // 16)))
+                            T.evaluate(mma(p, c * 8, kv_frag, 0, o, n2 * 8))
+                            T.evaluate(mma(p, c * 8, kv_frag, 4, o, n2 * 8 + 4))
+                # MIN_BLOCKS_PER_SM blocks an SM: TVM writes __launch_bounds__(threads, MIN_BLOCKS_PER_SM)
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", MIN_BLOCKS_PER_SM):
+                    for half in T.unroll(2):
+                        for lane_mask in T.unroll(1, 3):
+                            row_sum[half] = row_sum[half] + partner(row_sum[half], lane_mask)
+                        if t0 + row(warp, lane, half) // G < NT:
+                            for n in T.unroll(OT):
+                                for e in T.unroll(2):
+                                    out[t0 + row(warp, lane, half) // G,
+                                        (kv * G + row(warp, lane, half) % G) * D + column(n, lane, e)] = T.if_then_else(
+                                        t0 + row(warp, lane, half) // G < n_valid[0],
+                                        o[n * 4 + half * 2 + e] / row_sum[half], T.float32(0))
+
+    return func.with_attr("global_symbol", f"causal_prefill_attention_{NT}x{NH}x{NKV}x{D}_p{P}_f16_registers")
+
+
 # ---- numpy references ------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemm.gemm,
         prefill_attention.qk_norm_rope_kv_append_rows,
         prefill_attention.causal_prefill_attention,
+        prefill_attention.causal_prefill_attention_registers,  # attention_form="registers"
         router.router_topk_rows,
         moe_chunk.moe_sort,
         moe_chunk.grouped_gemm,

@@ -637,9 +637,14 @@ class _StepBuilder:
                  p["page_table"], kc, vc],
             [-1, 8, 9], [self.f32(NT, NH, D), cache_t, cache_t], f"rope{i}")
         # "f16": the attention's Q and P as tensor-core operands too (its half_operands form), in
-        # the step's attention_form (the factory's compact argument; the default's call as before)
-        half = (True, *((True,) if self.attention_form == "compact" else ())) if self.chunk_operands == "f16" else ()
-        gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
+        # the step's attention_form (the factory's compact argument; the default's call as before;
+        # "registers" its own factory, which writes the kernel already scheduled)
+        if self.attention_form == "registers":
+            gv = self.k("prefill_attention", "causal_prefill_attention_registers", NT, NH, NKV, D, self.P, self.MP)
+        else:
+            compact = (True,) if self.attention_form == "compact" else ()
+            half = (True, *compact) if self.chunk_operands == "f16" else ()
+            gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
         ao = self.gemm(w + "attn_output.weight", att, NT, f"ao{i}")
@@ -726,7 +731,8 @@ def build_decode_step(
     their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR
     (any decode_launches, and the T-token step's GEMMs).
     `attention_form` (ATTENTION_FORMS) is the shape of the T-token step's tensor-core attention
-    (chunk_operands "f16"): "read_ahead" or "compact" (`causal_prefill_attention_half`).
+    (chunk_operands "f16"): "read_ahead" or "compact" (`causal_prefill_attention_half`), or
+    "registers" (`causal_prefill_attention_registers`).
     `attention_merge` (ATTENTION_MERGES) is where the decode attention's splits are merged:
     "separate" in an attention_combine launch, "last_block" in the attention kernel
     (`kernels.attention.paged_decode_attention_merged`, CUDA only), with the `arrivals` state."""

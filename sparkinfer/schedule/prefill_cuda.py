@@ -17,6 +17,7 @@ time on an H200 and what the next step is):
     `_GroupedGemmF16CudaRule`, knobs `GroupedF16Knobs`);
   - causal_prefill_attention: a block per (KV head, query tile), the tile's Q, K, V, S and
     softmax state in shared memory, S's sums and the output in registers (the rule's docstring);
+    causal_prefill_attention_registers (attention_form "registers") comes scheduled;
   - the rest (embedding rows, silu_mul, take_row) take dlight's GPU rules, replayed as a trace;
     advance_chunk and advance_pos are one thread.
 """
@@ -1149,6 +1150,17 @@ class CausalPrefillAttentionCudaRule(_CudaRule):
         sch.unroll(sch.get_loops(blk("pv"))[-2])  # the tile's keys
 
 
+class CausalPrefillAttentionRegistersCudaRule(_CudaRule):
+    """`prefill_attention.causal_prefill_attention_registers` (the step variant attention_form
+    "registers"): the factory writes the kernel already scheduled (threads, mma.sync and ldmatrix
+    on registers, shuffles; its docstring says why), so the rule leaves it as it is."""
+
+    family, factory = "prefill_attention", "causal_prefill_attention_registers"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        pass
+
+
 CUDA_RULES: tuple[ScheduleRule, ...] = (
     *DLIGHT_RULES,
     GemmCudaRule(),
@@ -1161,4 +1173,5 @@ CUDA_RULES: tuple[ScheduleRule, ...] = (
     GroupedGemmF16CudaRule(),
     GroupedGateUpSiluF16CudaRule(),
     CausalPrefillAttentionCudaRule(),
+    CausalPrefillAttentionRegistersCudaRule(),
 )

@@ -6,7 +6,7 @@
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
               "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
-              "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact",
+              "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
@@ -40,8 +40,9 @@ PROGRAMMATIC_LAUNCH = ("off", "on")
 # The T-token step's tensor-core attention (kernels.prefill_attention.causal_prefill_attention_half,
 # chunk_operands "f16"): "read_ahead" reads K and V a key tile ahead into registers, 2 blocks an
 # SM on sm_90 at head dim 128; "compact" (its `compact` argument) does not, and fits 3
-# (bench/NOTES.md "Prefill attention v4").
-ATTENTION_FORMS = ("read_ahead", "compact")
+# (bench/NOTES.md "Prefill attention v4"); "registers" keeps S, P and O in mma.sync's registers
+# (`causal_prefill_attention_registers`, bench/NOTES.md "Prefill attention v5").
+ATTENTION_FORMS = ("read_ahead", "compact", "registers")
 # How the decode step merges its attention's splits: "separate", the attention_combine launch after
 # paged_decode_attention; "last_block", inside the attention kernel, by the last of a KV head's
 # thread blocks to finish (kernels.attention.paged_decode_attention_merged): a launch a layer less.
@@ -62,6 +63,8 @@ CUDA_ONLY_VARIANTS = {
                                    "float32",
     ("attention_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "
                                        "build's attention has one split, and one kernel merges nothing",
+    ("attention_form", "registers"): "a form of the tensor-core attention (mma.sync); the cpu build's attention "
+                                     "multiplies float32",
 }
 
 

@@ -34,6 +34,24 @@ def test_step_with_a_chunk_step_builds_for_the_arch(arch: str, tmp_path: Path) -
         assert kernel["schedule"]["rule"].startswith("sparkinfer.schedule."), kernel
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_the_registers_attention_form_builds_for_the_arch(arch: str, tmp_path: Path) -> None:
+    """A schedules file's step variant attention_form "registers": the T-token step's attention
+    is kernels/prefill_attention.py's causal_prefill_attention_registers, taken as it is by its
+    rule, and nvcc builds the step for the arch (tests/schedule/test_prefill_attention_cuda.py
+    checks the kernel against numpy)."""
+    from sparkinfer.schedule.schedules import SchedulesFile
+
+    config = preset_config("tiny")
+    schedules = SchedulesFile(arch, {}, step={"attention_form": "registers"}).write(tmp_path / f"{arch}.json")
+    result = compile_model(config, type_map(config, "q4_k_m"), arch, tmp_path / "out", prefill_chunks=(16,),
+                           schedules=schedules)
+    assert result.manifest.fatbins == [{"kind": "cubin", "arch": arch + "a"}]
+    attention = [k for k in result.manifest.kernels if k["factory"].startswith("causal_prefill_attention")]
+    assert attention and all(k["factory"] == "causal_prefill_attention_registers" for k in attention)
+    assert all(k["schedule"]["rule"].endswith("CausalPrefillAttentionRegistersCudaRule") for k in attention)
+
+
 def test_a_kernel_its_launch_would_refuse_stops_the_build_by_name(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """The tiny model's tensor-core attention (its read_ahead form, which sm_90.json no longer
     picks) with its static tiles back (44 KiB dynamic + 10.3 KiB static:

@@ -219,7 +219,21 @@ def test_the_compact_attention_form_reaches_the_t_token_attention_only() -> None
     half = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
     assert {u.name for u in compact} - {u.name for u in attention} == \
         {u.name for u in half if u.factory != "causal_prefill_attention"}
-    with pytest.raises(SparkInferError, match="attention_form must be one of read_ahead, compact"):
+    with pytest.raises(SparkInferError, match="attention_form must be one of read_ahead, compact, registers"):
         build_decode_step(TINY, types, attention_form="wide")
     with pytest.raises(SparkInferError, match="needs chunk_operands='f16'"):
         build_decode_step(TINY, types, attention_form="compact")
+
+
+def test_the_registers_attention_form_calls_its_own_factory_for_the_t_token_attention_only() -> None:
+    types = type_map(TINY, "q4_k_m")
+    registers = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16",
+                                  attention_form="registers").kernels
+    attention = [u for u in registers if u.factory == "causal_prefill_attention_registers"]
+    assert attention and all(u.args[:4] == (16, TINY.n_heads, TINY.n_kv_heads, TINY.head_dim) and len(u.args) == 6
+                             and u.name.endswith("_registers") for u in attention)
+    half = build_decode_step(TINY, types, prefill_chunks=(16,), chunk_operands="f16").kernels
+    assert {u.name for u in registers} - {u.name for u in attention} == \
+        {u.name for u in half if u.factory != "causal_prefill_attention"}
+    with pytest.raises(SparkInferError, match="attention_form='registers' is a form of the tensor-core attention"):
+        build_decode_step(TINY, types, attention_form="registers")

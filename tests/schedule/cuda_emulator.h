@@ -13,7 +13,9 @@
 //
 // Warp-collective WMMA calls run once per warp, on lane 0: a fragment is the whole 16x16
 // tile, so each warp's lane-0 fragments are the warp's (TVM reads fragments only through
-// load/store/mma/fill, never element by element).
+// load/store/mma/fill, never element by element). ldmatrix and mma.sync (inline PTX, at the
+// end) are per lane instead: their fragments' elements have documented lanes, and kernels
+// read them one by one.
 #pragma once
 
 #include <algorithm>
@@ -68,11 +70,14 @@ struct Block {
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<unsigned long long> warp_slots;  // 32 per warp, for shuffles
+  std::vector<uint32_t> warp_words;  // kLaneWords per lane, for ldmatrix and mma.sync
   unsigned live = 0;
   const char* deadlock = nullptr;
 };
 
 inline Block* block = nullptr;
+inline const char* error = nullptr;  // what a kernel did that its GPU would refuse (see fail)
+constexpr unsigned kLaneWords = 16;  // an mma.sync's operands: 4 + 2 + 4 registers
 inline void (*kernel_body)() = nullptr;
 inline unsigned char dynamic_shared[232448] __attribute__((aligned(128)));
 
@@ -148,6 +153,7 @@ inline const char* run_grid(dim3 grid, dim3 threads, void (*body)()) {
         b.fibers.resize(n);
         b.warp_barriers.resize((n + 31) / 32);
         b.warp_slots.resize(b.warp_barriers.size() * 32);
+        b.warp_words.resize(b.warp_barriers.size() * 32 * kLaneWords);
         b.live = n;
         for (unsigned t = 0; t < n; ++t) {
           Fiber& f = b.fibers[t];
@@ -185,8 +191,18 @@ inline const char* run_grid(dim3 grid, dim3 threads, void (*body)()) {
           }
         }
         block = nullptr;
+        if (error) {
+          const char* message = error;
+          error = nullptr;
+          return message;
+        }
       }
   return nullptr;
+}
+
+// Records that the running thread did something its GPU would refuse; run_grid returns it.
+inline void fail(const char* message) {
+  if (!error) error = message;
 }
 
 template <class T>
@@ -395,3 +411,90 @@ void mma_sync(fragment<accumulator, M, N, K, TC, void>& d, const fragment<matrix
 }
 
 }  // namespace nvcuda::wmma
+
+// ---- inline PTX: ldmatrix and mma.sync -------------------------------------------------------
+//
+// cuda_emulator.py rewrites the `asm volatile` statements TVM prints for these instructions
+// (codegen of T.ptx_legacy.ldmatrix / mma) into the calls below. Each is warp-collective
+// (.sync.aligned: all 32 lanes): a lane publishes its operands, waits for the warp, and takes
+// its own result, with the fragment layouts of the PTX ISA ("Warp-level matrix load
+// instruction: ldmatrix", "Matrix Fragments for mma.m16n8k16 with floating point type").
+
+namespace emu {
+
+// Every lane publishes `n` 32-bit words; `all` receives the 32 lanes' words, lane-major.
+inline void warp_gather(const uint32_t* mine, unsigned n, uint32_t* all) {
+  const unsigned w = warp(), l = lane();
+  uint32_t* words = &block->warp_words[w * 32 * kLaneWords];
+  std::memcpy(words + l * kLaneWords, mine, n * sizeof(uint32_t));
+  arrive(block->warp_barriers[w], 32);
+  for (unsigned i = 0; i < 32; ++i) std::memcpy(all + i * n, words + i * kLaneWords, n * sizeof(uint32_t));
+  arrive(block->warp_barriers[w], 32);
+}
+
+inline uint16_t half_bits(const void* row, unsigned column) {
+  uint16_t h;
+  std::memcpy(&h, static_cast<const char*>(row) + 2 * column, 2);
+  return h;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{count}[.trans].shared.b16: lanes 8i .. 8i + 7 give the 16-byte
+// rows of matrix i; a lane's register i holds matrix i's row lane / 4, columns 2 (lane % 4) and
+// + 1 (low half first), or with .trans that of its transpose.
+inline void ldmatrix(const void* row_address, bool transposed, unsigned count, uint32_t* const* regs) {
+  if (reinterpret_cast<uintptr_t>(row_address) % 16) fail("ldmatrix: a row address is not 16-byte aligned");
+  uint32_t mine[2], all[64];
+  const uint64_t address = reinterpret_cast<uintptr_t>(row_address);
+  mine[0] = static_cast<uint32_t>(address);
+  mine[1] = static_cast<uint32_t>(address >> 32);
+  warp_gather(mine, 2, all);
+  const unsigned l = lane(), group = l / 4, pair = l % 4;
+  auto row = [&](unsigned lane_of_row) {
+    return reinterpret_cast<const void*>(all[2 * lane_of_row] | static_cast<uint64_t>(all[2 * lane_of_row + 1]) << 32);
+  };
+  for (unsigned i = 0; i < count; ++i) {
+    uint16_t lo, hi;
+    if (transposed) {
+      lo = half_bits(row(8 * i + 2 * pair), group);
+      hi = half_bits(row(8 * i + 2 * pair + 1), group);
+    } else {
+      lo = half_bits(row(8 * i + group), 2 * pair);
+      hi = half_bits(row(8 * i + group), 2 * pair + 1);
+    }
+    *regs[i] = lo | static_cast<uint32_t>(hi) << 16;
+  }
+}
+
+inline float half_of(uint32_t word, unsigned which) {
+  const uint16_t bits = static_cast<uint16_t>(word >> (16 * which));
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: D (16 x 8) = A (16 x 16) B (16 x 8) + C.
+// A: register r of lane (g, t) = (lane / 4, lane % 4) holds row g + 8 (r % 2), columns
+// 8 (r / 2) + 2t, + 1; B: register r holds rows 8r + 2t, + 1 of column g; C and D: element e
+// is row g + 8 (e / 2), column 2t + e % 2. Products of f16 are exact in f32; sums in k order.
+inline void mma_m16n8k16_f32_f16(float* const* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  uint32_t mine[10], all[320];
+  std::memcpy(mine, a, 16);
+  std::memcpy(mine + 4, b, 8);
+  std::memcpy(mine + 6, c, 16);
+  warp_gather(mine, 10, all);
+  const unsigned l = lane(), group = l / 4, pair = l % 4;
+  auto a_at = [&](unsigned row, unsigned k) {
+    return half_of(all[10 * ((row % 8) * 4 + (k % 8) / 2) + row / 8 + 2 * (k / 8)], k % 2);
+  };
+  auto b_at = [&](unsigned k, unsigned column) {
+    return half_of(all[10 * (column * 4 + (k % 8) / 2) + 4 + k / 8], k % 2);
+  };
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = group + 8 * (e / 2), column = 2 * pair + e % 2;
+    float acc = c[e];
+    for (unsigned k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, column);
+    *d[e] = acc;
+  }
+}
+
+}  // namespace emu

@@ -1,7 +1,8 @@
 """The CUDA TVM generates for a module, run on the CPU: the GPU tests' `gpu` fixture runs each
 test twice, on the GPU ("cuda", marked gpu) and here ("emulated", everywhere TVM can compile),
-so CI checks every CUDA schedule's indices, guards, shared-memory tiles, shuffles and WMMA
-fragments against numpy without a GPU.
+so CI checks every CUDA schedule's indices, guards, shared-memory tiles, shuffles, WMMA
+fragments and the inline PTX of ldmatrix and mma.sync (`_inline_ptx`) against numpy without a
+GPU.
 
 `EmulatedGpu(mod)` has `Gpu`'s interface (cuda_testutil: `tensor`, `poisoned`, calls by symbol).
 It lowers `mod` for sm_90 as `targets.build` does, reads from the device functions each kernel's
@@ -256,7 +257,9 @@ def kernel_definition(source: str, kernel: str) -> str:
 
 def _device_code(body: str) -> str:
     """Shared memory as function statics (one block runs at a time), the dynamic kind
-    (`extern __shared__ T name[];`) as the emulator's one buffer."""
+    (`extern __shared__ T name[];`) as the emulator's one buffer; inline PTX as the emulator's
+    calls (`_inline_ptx`)."""
+    body = _inline_ptx(body)
     body = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];",
                   r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared);", body)
     # C++ wants the alignment before `static`
@@ -271,3 +274,92 @@ def _entry(launch: Launch) -> str:
             f"  return emu::run_grid(dim3{{dims[0], dims[1], dims[2]}}, dim3{{dims[3], dims[4], dims[5]}},\n"
             f"                       [] {{ const uint64_t* args = a; {launch.kernel}({args}); }});\n"
             f"}}\n")
+
+
+def _inline_ptx(body: str) -> str:
+    """`body` with each `__asm__ __volatile__(...)` statement that TVM prints for ldmatrix and
+    mma.sync (tvm/backend/cuda codegen of T.ptx_legacy.ldmatrix / mma) replaced by the
+    emulator's call (cuda_emulator.h, "inline PTX"), and the shared-memory addresses ldmatrix
+    takes (`unsigned int addr = __cvta_generic_to_shared(p)`) kept as pointers. Any other
+    inline PTX is an EmulationError naming it."""
+    body = re.sub(r"unsigned int (\w+) = __cvta_generic_to_shared\(", r"const void* \1 = (const void*)(", body)
+    out, start = [], 0
+    for match in re.finditer(r"__asm__ __volatile__\(", body):
+        if match.start() < start:
+            continue
+        end = _closing_paren(body, match.end() - 1)
+        out.append(body[start : match.start()])
+        out.append(_emulator_call(body[match.end() : end]))
+        start = end + 1
+    out.append(body[start:])
+    return "".join(out)
+
+
+def _closing_paren(text: str, open_at: int) -> int:
+    """The index of the parenthesis closing the one at `open_at` (string literals skipped)."""
+    depth, i = 0, open_at
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            i = text.index('"', i + 1)
+            while text[i - 1] == "\\":
+                i = text.index('"', i + 1)
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise EmulationError(f"unbalanced inline asm: {text[open_at : open_at + 200]}")
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """`text` split at `separator` outside parentheses and string literals."""
+    parts, depth, current, in_string = [], 0, [], False
+    for char in text:
+        if char == '"':
+            in_string = not in_string
+        elif not in_string and char in "([":
+            depth += 1
+        elif not in_string and char in ")]":
+            depth -= 1
+        if char == separator and depth == 0 and not in_string:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _operands(section: str) -> list[str]:
+    """The C expressions of an asm operand list (`"=r"(x), "f"(y)` -> [x, y])."""
+    operands = []
+    for operand in filter(None, (o.strip() for o in _split_top(section, ","))):
+        match = re.fullmatch(r'"[=+]?\w+"\s*\((.*)\)', operand, re.S)
+        if match is None:
+            raise EmulationError(f"an inline asm operand the emulator cannot read: {operand}")
+        operands.append(match.group(1))
+    return operands
+
+
+def _emulator_call(statement: str) -> str:
+    """The emulator's call for the inside of one `__asm__ __volatile__( ... )`."""
+    template_part, *sections = _split_top(statement, ":")
+    template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', template_part))
+    outputs, inputs = (_operands(sections[i]) if len(sections) > i else [] for i in (0, 1))
+    ldmatrix = re.match(r"ldmatrix\.sync\.aligned\.m8n8\.x([124])(\.trans)?\.shared\.b16", template)
+    if ldmatrix:
+        count, transposed = int(ldmatrix.group(1)), ldmatrix.group(2) is not None
+        regs = ", ".join(f"(uint32_t*)&({o})" for o in outputs)
+        return (f"{{ uint32_t* const regs_[] = {{{regs}}}; "
+                f"emu::ldmatrix({inputs[0]}, {str(transposed).lower()}, {count}, regs_); }}")
+    if template.startswith("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"):
+        a, b, c = inputs[:4], inputs[4:6], inputs[6:10]
+        return ("{ "
+                f"const uint32_t a_[] = {{{', '.join(a)}}}; const uint32_t b_[] = {{{', '.join(b)}}}; "
+                f"const float c_[] = {{{', '.join(c)}}}; "
+                f"float* const d_[] = {{{', '.join(f'&({o})' for o in outputs)}}}; "
+                "emu::mma_m16n8k16_f32_f16(d_, a_, b_, c_); }")
+    raise EmulationError(f"inline PTX the emulator does not have: {template or statement}")

@@ -1,6 +1,8 @@
 """The CUDA emulator's builtins against what CUDA specifies for them (shuffles, barriers, WMMA),
-on hand-written kernels, and its failure modes: a barrier no thread can complete is reported,
-not waited on; a kernel parameter with no argument is named."""
+on hand-written kernels; the inline PTX it rewrites (ldmatrix, mma.sync m16n8k16) against the
+PTX ISA's fragment layouts, on kernels TVM generates from T.ptx_legacy calls; and its failure
+modes: a barrier no thread can complete is reported, not waited on; a kernel parameter with no
+argument is named; an ldmatrix row address off 16 bytes is reported."""
 
 from pathlib import Path
 
@@ -128,3 +130,87 @@ def test_a_barrier_no_thread_can_complete_is_reported(tmp_path: Path) -> None:
     out = np.zeros(32, np.float32)
     with pytest.raises(EmulationError, match="deadlock: every live thread waits at a barrier"):
         _run(tmp_path, STUCK, "stuck_kernel", 1, 32, out)
+
+
+def _ptx_kernel(shift: int = 0):  # noqa: ANN202
+    """One warp on TVM's codegen of T.ptx_legacy.ldmatrix and mma (the register attention's,
+    kernels/prefill_attention.py): m (16 x 16 f16) into shared memory; lane l's ldmatrix x4 and
+    x4 .trans of it (row l % 16 from column 8 (l / 16) + `shift`) into plain[l] and trans[l];
+    then d = m b + c (b 16 x 8 row-major [k, n], by ldmatrix x2 .trans; c and d in the
+    accumulator layout) into d."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def ptx(m: T.Buffer((16, 16), "float16"), b: T.Buffer((16, 8), "float16"), c: T.Buffer((16, 8), "float32"),
+            plain: T.Buffer((32, 8), "float16"), trans: T.Buffer((32, 8), "float16"),
+            d: T.Buffer((16, 8), "float32")):
+        T.func_attr({"global_symbol": "ptx", "tirx.noalias": True})
+        for lane in T.thread_binding(32, thread="threadIdx.x"):
+            tile = T.alloc_buffer((16 * 16 + 16 * 8,), "float16", scope="shared")
+            frag = T.alloc_buffer((8,), "float16", scope="local")
+            frag_t = T.alloc_buffer((8,), "float16", scope="local")
+            frag_b = T.alloc_buffer((4,), "float16", scope="local")
+            acc = T.alloc_buffer((4,), "float32", scope="local")
+            for i in T.unroll(8):
+                tile[lane * 8 + i] = m[lane // 2, lane % 2 * 8 + i]
+            for i in T.unroll(4):
+                tile[256 + lane * 4 + i] = b[lane // 2, lane % 2 * 4 + i]
+                acc[i] = c[lane // 4 + i // 2 * 8, lane % 4 * 2 + i % 2]
+            T.tvm_storage_sync("shared")
+            start = lane % 16 * 16 + lane // 16 * 8 + shift
+            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", frag.data, 0, tile.data, start, dtype="float16"))
+            T.evaluate(T.ptx_legacy.ldmatrix(True, 4, ".b16", frag_t.data, 0, tile.data, start, dtype="float16"))
+            T.evaluate(T.ptx_legacy.ldmatrix(True, 2, ".b16", frag_b.data, 0, tile.data, 256 + lane % 16 * 8,
+                                             dtype="float16"))
+            T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32", frag.data, 0, frag_b.data,
+                                        0, acc.data, 0, False, dtype="float32"))
+            for i in T.unroll(8):
+                plain[lane, i] = frag[i]
+                trans[lane, i] = frag_t[i]
+            for i in T.unroll(4):
+                d[lane // 4 + i // 2 * 8, lane % 4 * 2 + i % 2] = acc[i]
+
+    import tvm
+
+    from cuda_emulator import EmulatedGpu
+
+    return EmulatedGpu(tvm.IRModule({"ptx": ptx}))
+
+
+def test_ldmatrix_and_mma_follow_the_ptx_fragment_layouts() -> None:
+    rng = np.random.default_rng(3)
+    m = np.arange(256, dtype=np.float16).reshape(16, 16)  # every entry its own, exact in f16
+    b = rng.standard_normal((16, 8)).astype(np.float16)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    gpu = _ptx_kernel()
+    plain, trans = (gpu.tensor(np.full((32, 8), np.nan, np.float16)) for _ in range(2))
+    d = gpu.poisoned((16, 8))
+    gpu("ptx", gpu.tensor(m), gpu.tensor(b), gpu.tensor(c), plain, trans, d)
+    # matrix i (lanes 8i .. 8i + 7's rows) is m's 8 x 8 block (i % 2, i / 2); register i of
+    # lane l holds its row l / 4, columns 2 (l % 4) and + 1, or .trans its column l / 4, rows so
+    lane, i, h = np.meshgrid(np.arange(32), np.arange(4), np.arange(2), indexing="ij")
+    rows, cols = 8 * (i % 2), 8 * (i // 2)
+    want_plain = m[rows + lane // 4, cols + 2 * (lane % 4) + h].reshape(32, 8)
+    want_trans = m[rows + 2 * (lane % 4) + h, cols + lane // 4].reshape(32, 8)
+    np.testing.assert_array_equal(plain.numpy(), want_plain)
+    np.testing.assert_array_equal(trans.numpy(), want_trans)
+    want_d = m.astype(np.float64) @ b.astype(np.float64) + c
+    np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-6, atol=1e-3)  # m's entries reach 255
+
+
+def test_an_ldmatrix_row_off_16_bytes_is_reported() -> None:
+    from cuda_emulator import EmulationError
+
+    gpu = _ptx_kernel(shift=4)  # 8 bytes past each row's chunk
+    out = [gpu.tensor(np.zeros(shape, dtype)) for shape, dtype in
+           (((32, 8), np.float16), ((32, 8), np.float16), ((16, 8), np.float32))]
+    with pytest.raises(EmulationError, match="ldmatrix: a row address is not 16-byte aligned"):
+        gpu("ptx", gpu.tensor(np.zeros((16, 16), np.float16)), gpu.tensor(np.zeros((16, 8), np.float16)),
+            gpu.tensor(np.zeros((16, 8), np.float32)), *out)
+
+
+def test_inline_ptx_the_emulator_lacks_is_named() -> None:
+    from cuda_emulator import EmulationError, _inline_ptx
+
+    with pytest.raises(EmulationError, match="inline PTX the emulator does not have: cp.async.cg.shared.global"):
+        _inline_ptx('__asm__ __volatile__("cp.async.cg.shared.global [%0], [%1], 16;\\n" :: "r"(a), "l"(b));')

@@ -1,15 +1,19 @@
 """The T-token step's causal attention on CUDA (schedule/prefill_cuda.py,
-CausalPrefillAttentionCudaRule), the float32 SIMT form and the float16-operand tensor-core form:
-codegen, nvcc for every arch, and on a GPU (and the CUDA emulator) the Qwen3-30B-A3B head
-shapes at chunks of 128 and 512 against numpy (on GPU machines the library comes prebuilt:
-`python -m tests.gpu_prebuild`)."""
+CausalPrefillAttentionCudaRule), the float32 SIMT form and the float16-operand tensor-core forms
+(read_ahead, compact, and registers: kernels/prefill_attention.py's
+causal_prefill_attention_registers): codegen, nvcc for every arch, and on a GPU (and the CUDA
+emulator) the Qwen3-30B-A3B head shapes at chunks of 128 and 512 against numpy (on GPU
+machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
 
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm
 
+from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels import prefill_attention as PA
 
@@ -50,17 +54,33 @@ def compact_symbol(n_tokens: int) -> str:
     return f"{symbol(n_tokens, True)}_compact"
 
 
+def registers_symbol(n_tokens: int, tiny: bool = False) -> str:
+    shape = f"{TINY_T}x{TINY_NH}x{TINY_NKV}x{TINY_D}" if tiny else f"{n_tokens}x{NH}x{NKV}x{D}"
+    return f"causal_prefill_attention_{shape}_p{P}_f16_registers"
+
+
+# the step variant attention_form's half-operand forms -> the tiny model's kernel symbol
+TINY_FORMS = {"read_ahead": tiny_symbol(), "compact": tiny_symbol(compact=True),
+              "registers": registers_symbol(TINY_T, tiny=True)}
+
+
+def registers_kernel(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
+    return scheduled(PA.causal_prefill_attention_registers, "prefill_attention", n_tokens, n_heads, n_kv_heads,
+                     head_dim, P, MP)
+
+
 def kernels_module(chunks: tuple[int, ...] = CHUNKS, forms: tuple[bool, ...] = (False, True)) -> tvm.IRModule:
-    """Both forms at `chunks`; with the half one, the tiny model's, and the compact form
-    (the step variant attention_form) at the first chunk and the tiny model's."""
+    """Both forms at `chunks`; with the half one, the tiny model's, and the compact and
+    registers forms (the step variant attention_form) at the first chunk and the tiny model's."""
     half = True in forms
-    tiny = tuple(scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P,
-                           MP, True, compact) for compact in (False, True)) if half else ()
-    compact = (scheduled(PA.causal_prefill_attention, "prefill_attention", chunks[0], NH, NKV, D, P, MP, True,
-                         True),) if half else ()
+    tiny = (*(scheduled(PA.causal_prefill_attention, "prefill_attention", TINY_T, TINY_NH, TINY_NKV, TINY_D, P,
+                        MP, True, compact) for compact in (False, True)),
+            registers_kernel(TINY_T, TINY_NH, TINY_NKV, TINY_D)) if half else ()
+    other_forms = (scheduled(PA.causal_prefill_attention, "prefill_attention", chunks[0], NH, NKV, D, P, MP, True,
+                             True), registers_kernel(chunks[0], NH, NKV, D)) if half else ()
     return module(*(scheduled(PA.causal_prefill_attention, "prefill_attention", t, NH, NKV, D, P, MP,
                               *((True,) if half else ()))
-                    for t in chunks for half in forms), *compact, *tiny)
+                    for t in chunks for half in forms), *other_forms, *tiny)
 
 
 def test_block_per_tile_with_state_in_registers() -> None:
@@ -140,6 +160,45 @@ def test_the_compact_form_reads_no_tile_ahead_and_takes_p_v_in_parts() -> None:
     assert re.search(r"\bfloat acc_local_ptr\[64\];", body)  # O: 64 registers a thread
 
 
+def test_the_register_form_keeps_s_p_and_o_in_mma_registers() -> None:
+    source = cuda_source(kernels_module((128,), (True,)))
+    assert f"__launch_bounds__(128, 3) {registers_symbol(128)}_kernel(" in source  # 4 warps; 3 blocks an SM
+    body = kernel_body(source, registers_symbol(128))
+    assert "wmma" not in body
+    # per key tile and warp: S = Q K^T over 8 n-tiles of 8 keys and D / 16 k-steps, P V over 16
+    # n-tiles of 8 dims and 4 k-steps of 16 keys; every fragment loaded by ldmatrix x4
+    assert body.count('"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"') == 8 * D // 16 + D // 8 * 4
+    # Q's A fragment once a k-step, K's B fragments two n-tiles a load, V's (.trans) too
+    assert body.count('"ldmatrix.sync.aligned.m8n8.x4.shared.b16"') == D // 16 + D // 16 * 4
+    assert body.count('"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"') == 4 * D // 16
+    # one shared tile (Q, K and V: 48 KiB at D = 128); S, P and O are registers (constant indices)
+    assert re.findall(r"__shared__ alignas\(\d+\) \w+ (\w+)\[(\d+)\]", body) == [("tiles_ptr", str(3 * 64 * D))]
+    for name, size in (("s", 32), ("p", 32), ("o", 4 * D // 8)):
+        assert re.search(rf"\b(float|half) {name}_ptr\[{size}\];", body), name
+        indices = re.findall(rf"\b{name}_ptr \+ (\w+)\)|\b{name}_ptr\[([^\]]*)\]", body)
+        assert all(re.fullmatch(r"\d+", a or b) for a, b in indices), (name, indices)
+    assert body.count("__shfl_xor_sync") == 2 * 2 * 2  # 2 rows a lane: the tile max, and l at the end
+
+
+@needs_nvcc
+def test_the_register_form_fits_three_blocks_an_sm_on_sm_90_without_spills(tmp_path: Path) -> None:
+    """ptxas at head dim 128 (bench/NOTES.md "Prefill attention v5": 166 registers): 3 blocks of
+    128 threads an SM need at most 168 registers a thread, and a spill would put S, P or O in
+    local memory."""
+    source = tmp_path / "registers.cu"
+    source.write_text(cuda_source(module(registers_kernel(128, NH, NKV, D))))
+    ptxas = subprocess.run([targets.find_nvcc(), "-cubin", "-O3", "-arch=sm_90a", "-Xptxas", "-v",
+                            "-o", str(tmp_path / "registers.cubin"), str(source)],
+                           capture_output=True, text=True, check=True).stderr
+    assert int(re.search(r"Used (\d+) registers", ptxas).group(1)) <= 168
+    assert "0 bytes spill stores, 0 bytes spill loads" in ptxas
+
+
+def test_the_register_form_refuses_a_head_dim_off_its_swizzle_by_name() -> None:
+    with pytest.raises(ValueError, match=r"the head dim \(48\) to be a multiple of 64"):
+        PA.causal_prefill_attention_registers(16, 4, 2, 48, P, 4)
+
+
 def test_half_operands_refuse_a_head_group_off_the_tile_by_name() -> None:
     with pytest.raises(ValueError, match="the 3 query heads per KV head to divide 64"):
         PA.causal_prefill_attention(16, 6, 2, D, P, 4, True)
@@ -212,21 +271,25 @@ def test_matches_numpy_on_gpu(gpu: Gpu, n_tokens: int, pos: int, short: int, hal
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("form", ["compact", "registers"])
 @pytest.mark.parametrize(("pos", "short"), [(0, 0), (0, 3), (700, 0), (700, 3)],
                          ids=["first-full", "first-partial", "prefix-full", "prefix-partial"])
-def test_the_compact_form_matches_numpy_on_gpu(gpu: Gpu, pos: int, short: int) -> None:
-    """The compact form at the first chunk, as the f16 cases above (same reference, tolerance)."""
+def test_the_other_forms_match_numpy_on_gpu(gpu: Gpu, pos: int, short: int, form: str) -> None:
+    """The compact and registers forms at the first chunk (head dim 128, 8 query heads a KV
+    head; after the 700-token prefix the keys cross 13 pages), as the f16 cases above (same
+    reference, tolerance)."""
     n_tokens = CHUNKS[0]
-    got, inputs = run_on_chunk(gpu, compact_symbol(n_tokens), n_tokens, pos, short)
+    kernel = compact_symbol(n_tokens) if form == "compact" else registers_symbol(n_tokens)
+    got, inputs = run_on_chunk(gpu, kernel, n_tokens, pos, short)
     want = PA.causal_prefill_attention_half_reference(*inputs, pos, n_tokens - short)
     np.testing.assert_array_equal(got[n_tokens - short:], 0)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["read_ahead", "compact"])
+@pytest.mark.parametrize("form", list(TINY_FORMS))
 @pytest.mark.parametrize(("pos", "n_valid"), [(0, 11), (100, 16)], ids=["first-partial", "prefix-full"])
 def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: int, n_valid: int,
-                                                                 compact: bool) -> None:
+                                                                 form: str) -> None:
     rng = np.random.default_rng(pos + n_valid)
     n_pages = 4
     page_table = np.concatenate([rng.permutation(n_pages), np.zeros(MP - n_pages, np.int32)]).astype(np.int32)
@@ -239,7 +302,7 @@ def test_tiny_model_shapes_with_half_operands_match_numpy_on_gpu(gpu: Gpu, pos: 
 
     out = gpu.poisoned((TINY_T, TINY_NH * TINY_D))
     inputs = [q, k_cache, v_cache, page_table, np.array([pos], np.int32), np.array([n_valid], np.int32)]
-    gpu(tiny_symbol(compact), *map(gpu.tensor, inputs), out)
+    gpu(TINY_FORMS[form], *map(gpu.tensor, inputs), out)
 
     want = PA.causal_prefill_attention_half_reference(q, k_cache, v_cache, page_table, pos, n_valid)
     np.testing.assert_array_equal(out.numpy()[n_valid:], 0)

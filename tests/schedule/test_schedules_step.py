@@ -45,6 +45,7 @@ def test_the_gpus_default_to_half_chunk_operands_unless_their_file_says_otherwis
     ("programmatic_launch", "on", "the cpu build launches no kernels"),
     ("attention_form", "compact", "the cpu build's attention multiplies float32"),
     ("attention_merge", "last_block", "one kernel merges nothing"),
+    ("attention_form", "registers", r"\(mma.sync\); the cpu build's attention multiplies float32"),
 ])
 def test_the_cpu_refuses_the_cuda_only_variants(tmp_path: Path, name: str, value: str, why: str) -> None:
     path = SchedulesFile("cpu", {}, step={name: value}).write(tmp_path / "cpu.json")
@@ -61,10 +62,10 @@ def test_programmatic_launch_is_off_unless_a_file_says_on() -> None:
     assert all("programmatic_launch" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
 
 
-def test_the_attention_form_is_read_ahead_unless_a_file_says_compact() -> None:
+def test_the_attention_form_is_read_ahead_unless_a_file_says_another() -> None:
     from sparkinfer.compiler.pipeline import step_variants
 
-    assert STEP_VARIANTS["attention_form"] == ("read_ahead", "compact")
+    assert STEP_VARIANTS["attention_form"] == ("read_ahead", "compact", "registers")
     assert all("attention_form" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
 
 
