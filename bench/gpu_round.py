@@ -24,8 +24,14 @@ RUN_PROMPT_TOKENS = 128
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
 # under 64 MiB). Session 13's two (downs_2048, attention_compact) won in the step and are
 # sm_90.json's (bench/NOTES.md, "Session 13"). last_block: the decode attention merges its splits
-# in its last thread block, a launch a layer less (bench/NOTES.md, "Decode: the last block merges").
-VARIANT_STEPS: dict[str, dict[str, str]] = {"last_block": {"attention_merge": "last_block"}}
+# in its last thread block, a launch a layer less (bench/NOTES.md, "Decode: the last block merges");
+# router_last_block: the router GEMV's last block picks the experts, a launch a layer less
+# (bench/NOTES.md, "Decode: the router's last block picks the experts"); both_last_block: the two.
+VARIANT_STEPS: dict[str, dict[str, str]] = {
+    "last_block": {"attention_merge": "last_block"},
+    "router_last_block": {"router_merge": "last_block"},
+    "both_last_block": {"attention_merge": "last_block", "router_merge": "last_block"},
+}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
