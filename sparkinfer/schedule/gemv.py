@@ -329,7 +329,7 @@ def schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed
 
 def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False) -> None:
     """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
-    `_schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
+    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
     or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
     16-byte loads where the format allows, else is inlined into the dot; each output copy
     runs right after its row's warp reduction, predicated to the rows it owns."""
