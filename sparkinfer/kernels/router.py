@@ -14,6 +14,9 @@ the exact logits is the deterministic choice.
 
 The weights skip the full softmax: p[e] / sum_top p = exp(l[e] - m) / sum_top exp(l - m) for
 any m, since the softmax denominator cancels; m = max(l) keeps every exp <= 1.
+
+`router_gemv_topk` (CUDA only, the step variant router_merge="last_block") is the router's
+`gemv` and `router_topk` in one launch: the last of the GEMV's thread blocks to finish ranks.
 """
 
 import numpy as np
@@ -101,7 +104,8 @@ def router_gemv_topk_symbol(ggml_type: int, n_experts: int, hidden: int, n_used:
 def router_gemv_topk(ggml_type: int, n_experts: int, hidden: int, n_used: int) -> tirx.PrimFunc:
     """The router's `gemv` and `router_topk` in one kernel, for CUDA (the step variant
     router_merge="last_block"). Params (W words [E, row words], x f32[H], arrivals int32[1]
-    (in place: 0 before and after), logits f32[E], ids int32[KU], weights f32[KU]).
+    (in place: 0 before and after), logits f32[E] (the GEMV's stage, named gemv in the kernel),
+    ids int32[KU], weights f32[KU]).
 
     Row n of the GEMV is thread block n (schedule/router.py's layout), which computes
     logits[n] as `gemv` does, publishes it (a memory fence in every thread, a barrier) and
