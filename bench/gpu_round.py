@@ -26,10 +26,16 @@ RUN_PROMPT_TOKENS = 128
 # sm_90.json's (bench/NOTES.md, "Session 13"). Session 14's:
 # - last_block: the decode attention merges its splits in its last thread block, a launch a layer
 #   less (bench/NOTES.md, "Decode: the last block merges");
+# - router_last_block: the router GEMV's last block picks the experts, a launch a layer less
+#   (bench/NOTES.md, "Decode: the router's last block picks the experts"); both_last_block: the two;
 # - attention_registers: the T-token steps' attention in its register form (mma.sync, S, P and
 #   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5").
-VARIANT_STEPS: dict[str, dict[str, str]] = {"last_block": {"attention_merge": "last_block"},
-                                            "attention_registers": {"attention_form": "registers"}}
+VARIANT_STEPS: dict[str, dict[str, str]] = {
+    "last_block": {"attention_merge": "last_block"},
+    "router_last_block": {"router_merge": "last_block"},
+    "both_last_block": {"attention_merge": "last_block", "router_merge": "last_block"},
+    "attention_registers": {"attention_form": "registers"},
+}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = {"attention_registers"}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when

@@ -55,6 +55,7 @@ from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
     ATTENTION_MERGES,
+    ROUTER_MERGES,
     CUDA_ONLY_VARIANTS,
     DEFAULT,
     TRANSFERRED,
@@ -192,6 +193,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     if arch == "cpu" and step.attention_merge != ATTENTION_MERGES[0]:
         raise SparkInferError(f"attention_merge={step.attention_merge!r} is for the CUDA archs only "
                               f"({CUDA_ONLY_VARIANTS['attention_merge', step.attention_merge]})")
+    if arch == "cpu" and step.router_merge != ROUTER_MERGES[0]:
+        raise SparkInferError(f"router_merge={step.router_merge!r} is for the CUDA archs only "
+                              f"({CUDA_ONLY_VARIANTS['router_merge', step.router_merge]})")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance

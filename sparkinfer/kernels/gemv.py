@@ -339,6 +339,19 @@ def _gemv_input(k: int, norm_eps: float | None) -> tuple[list[te.Tensor], te.Ten
 
 def _gemv_te(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None,
              residual: bool = False) -> tirx.PrimFunc:
+    w, x_params, y = gemv_tensors(fmt, n, k, norm_eps)
+    if not residual:
+        return te.create_prim_func([w, *x_params, y])
+    # The residual add of `norm.add_rms_norm` (its x + r, here W.x + r) in the epilogue.
+    r_in = te.placeholder((n,), "float32", name="r")
+    total = te.compute((n,), lambda i: y[i] + r_in[i], name="residual")
+    return te.create_prim_func([w, *x_params, r_in, total])
+
+
+def gemv_tensors(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None
+                 ) -> tuple[te.Tensor, list[te.Tensor], te.Tensor]:
+    """The GEMV's stages (module docstring) as te tensors: (W, its x parameters, y = gemv):
+    for `_gemv_te`'s kernels and `router.router_gemv_topk`, which ranks y in the same kernel."""
     n_chunks = k // fmt.chunk
     w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
     x_params, x = _gemv_input(k, norm_eps)
@@ -372,12 +385,7 @@ def _gemv_te(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None,
         return value
 
     y = te.compute((n,), lambda r: te.sum(term(r), axis=[c, p]), name="gemv")
-    if not residual:
-        return te.create_prim_func([w, *x_params, y])
-    # The residual add of `norm.add_rms_norm` (its x + r, here W.x + r) in the epilogue.
-    r_in = te.placeholder((n,), "float32", name="r")
-    total = te.compute((n,), lambda i: y[i] + r_in[i], name="residual")
-    return te.create_prim_func([w, *x_params, r_in, total])
+    return w, x_params, y
 
 
 def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:

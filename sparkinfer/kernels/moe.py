@@ -5,7 +5,7 @@ Two kernels per MoE layer, after `router.router_topk` has chosen ids[KU] and wei
   moe_down_residual: h_out[n]   = h[n] + sum_s weights[s] * (Wd[ids[s], n] . act[s])
 Weights stay GGUF blocks, viewed as words by `gemv.weight_view`, and are decoded by the GEMV's
 per-type `GemvFormat` (code/scale/min per sub-block), in the same three-block shape as
-`gemv._gemv_te`: per-sub-block dot products of quant codes with x, per-sub-block sums of x
+`gemv.gemv_tensors`: per-sub-block dot products of quant codes with x, per-sub-block sums of x
 (types with a min), and a reduction that applies scales and mins once per sub-block. So the
 GEMV schedule's layout (lanes along K, warp allreduce) carries over.
 
@@ -57,7 +57,7 @@ def _expert_gemv_terms(
     chunks = k // fmt.chunk
 
     def row(slot: Expr, r: Expr) -> Row:
-        # Clamped so that TVM can bound the access (see gemv._gemv_te).
+        # Clamped so that TVM can bound the access (see gemv.gemv_tensors).
         expert = tirx.max(tirx.min(ids[slot], n_experts - 1), 0)
         return fmt.row_view(lambda i: w[expert, r, i], k)
 

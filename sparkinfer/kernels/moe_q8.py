@@ -33,7 +33,7 @@ def _expert_row(w: te.Tensor, ids: te.Tensor) -> Callable[[tuple[Expr, ...], Exp
     n_experts = int(w.shape[0])
 
     def row_of(e: tuple[Expr, ...], r: Expr) -> Row:
-        # Clamped so that TVM can bound the access (see gemv._gemv_te).
+        # Clamped so that TVM can bound the access (see gemv.gemv_tensors).
         expert = tirx.max(tirx.min(ids[e[0]], n_experts - 1), 0)
         return lambda i: w[expert, r, i]
 

@@ -49,6 +49,8 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         moe.moe_gate_up_silu_routed,
         # the decode step's last-block merge (merge="last_block", CUDA only)
         attention.paged_decode_attention_merged,
+        # the router's last-block top-k (router_merge="last_block", CUDA only)
+        router.router_gemv_topk,
         logits.process_logits,
         logits.count_token,
         sampling.sample_candidates,

@@ -13,7 +13,8 @@ file of the same shapes and types.
           rng uint32[2], logits_params float32[3], token_mask int32[ceil(V / 32)],
           token_counts int32[V] (the last three read only by `decode_processed`), and with
           attention_merge="last_block" arrivals int32[NKV] (the attention's per-KV-head count of
-          finished splits: 0 between launches, zero at allocation)
+          finished splits: 0 between launches, zero at allocation), and with router_merge="last_block"
+          in a MoE model router_arrivals int32[1] (the router GEMV's count of finished rows, likewise)
   kv      k_cache_0, v_cache_0, k_cache_1, v_cache_1, ...: float16[n_pages, P, NKV, D],
           n_pages a symbolic dim shared by all caches
   weight  every tensor of the file in `gguf_file.tensor_specs` order (token_embd, then per
@@ -32,7 +33,9 @@ Q/K/V gemv_qkv (one launch; Q+K and a V gemv where V's type differs) -> qk_norm_
 o gemv -> add_rms_norm -> router gemv -> router_topk -> moe_gate_up_silu ->
 moe_down_residual) -> rms_norm -> lm head gemv -> sample_candidates -> sample_token -> advance.
 With attention_merge="last_block" paged_decode_attention_merged replaces paged_decode_attention ->
-attention_combine: the attention kernel's last block of each KV head merges its splits.
+attention_combine: the attention kernel's last block of each KV head merges its splits. With
+router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
+last block picks the experts.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -67,6 +70,7 @@ from sparkinfer.model import spec as _spec
 from sparkinfer.quant.layouts import RelaidType
 from sparkinfer.model.spec import (
     ARRIVALS,
+    ROUTER_ARRIVALS,
     ENTRY,
     ENTRY_PROCESSED,
     KV_DTYPE,
@@ -78,7 +82,7 @@ from sparkinfer.model.spec import (
     LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
-from sparkinfer.schedule.schedules import ATTENTION_FORMS, ATTENTION_MERGES, PROGRAMMATIC_LAUNCH
+from sparkinfer.schedule.schedules import ATTENTION_FORMS, ATTENTION_MERGES, PROGRAMMATIC_LAUNCH, ROUTER_MERGES
 
 
 _T = GGMLQuantizationType
@@ -163,11 +167,12 @@ def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType
 
 def decode_inputs(
     config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
-    activations: str = "f32", attention_merge: str = "separate",
+    activations: str = "f32", attention_merge: str = "separate", router_merge: str = "separate",
 ) -> list[StepInput]:
     """The ordered parameters of `decode` (see the module docstring); the weights of
     `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding); the
-    attention's `arrivals` counts where attention_merge is "last_block"."""
+    attention's `arrivals` counts where attention_merge is "last_block", the router's
+    `router_arrivals` count where router_merge is and the model has experts."""
     types = normalize_type_map(type_map)
     planar = planar_tensors(config, types, q6_k_layout, activations)
     mp = max_pages(config, page_size)
@@ -183,6 +188,8 @@ def decode_inputs(
     ]
     if attention_merge == "last_block":
         inputs.append(StepInput(ARRIVALS, ROLE_STATE, "int32", (config.n_kv_heads,)))
+    if router_merge == "last_block" and config.n_experts:
+        inputs.append(StepInput(ROUTER_ARRIVALS, ROLE_STATE, "int32", (1,)))
     kv_shape = (N_PAGES, page_size, config.n_kv_heads, config.head_dim)
     for i in range(config.n_layers):
         inputs.append(StepInput(f"k_cache_{i}", ROLE_KV, KV_DTYPE, kv_shape))
@@ -223,6 +230,8 @@ class DecodeStep:
     programmatic_launch: str = "off"
     # where the decode attention's splits are merged (ATTENTION_MERGES; "last_block" is CUDA's)
     attention_merge: str = "separate"
+    # where a MoE layer's experts are picked (ROUTER_MERGES; "last_block" is CUDA's)
+    router_merge: str = "separate"
 
 
 class _Kernels:
@@ -292,20 +301,22 @@ class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
-                 attention_merge: str = "separate") -> None:
+                 attention_merge: str = "separate", router_merge: str = "separate") -> None:
         self.c = config
         self.activations = activations
         self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
         self.attention_form = attention_form
         self.merge_in_last_block = attention_merge == "last_block"
+        self.route_in_last_block = router_merge == "last_block"
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations, attention_merge)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations, attention_merge,
+                                    router_merge)
         # the weights decode_inputs lays out as planar Q6_K (planar_tensors), read from its inputs
         self.planar = frozenset(inp.tensor for inp in self.inputs if inp.layout == LAYOUT_Q6_K_PLANAR)
         self.params: dict[str, relax.Var] = {}
@@ -541,8 +552,13 @@ class _StepBuilder:
         c = self.c
         w = f"blk.{i}."
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
-        router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
         g, u, d = (f"{w}ffn_{kind}_exps.weight" for kind in ("gate", "up", "down"))
+        if self.route_in_last_block:
+            # build_decode_step allows it with decode_launches "split" only, where f is x itself
+            assert not isinstance(f, Normed)
+            ids, weights = self.route(w + "ffn_gate_inp.weight", f, i)
+            return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i)
+        router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
         if isinstance(f, Normed) and not self._int8_experts(g, u, d):
             # router_topk and the FFN norm run inside gate/up, which writes ids and weights
             gv = self.k("moe", "moe_gate_up_silu_routed", self.t(g), self.t(u), E, KU, I, H, c.rms_eps)
@@ -552,6 +568,18 @@ class _StepBuilder:
         gv = self.k("router", "router_topk", E, KU)
         ids, weights = self.call(gv, [router], [_tensor((KU,), "int32"), self.f32(KU)], f"topk{i}")
         return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i)
+
+    def route(self, name: str, x: relax.Var, i: int) -> tuple[relax.Var, relax.Var]:
+        """Layer i's experts (ids, weights) from the router weight `name` and x in one launch,
+        `router_gemv_topk`, which counts in `router_arrivals` and leaves it at 0."""
+        c = self.c
+        E, KU = c.n_experts, c.n_experts_used
+        n, k = self.spec_shape(name)
+        gv = self.k("router", "router_gemv_topk", self.w_fmt(name), n, k, KU)
+        _arrivals, _logits, ids, weights = self.call_inplace(
+            gv, [self.params[name], x, self.params[ROUTER_ARRIVALS]], [2, -1, -1, -1],
+            [_tensor((1,), "int32"), self.f32(E), _tensor((KU,), "int32"), self.f32(KU)], f"route{i}")
+        return ids, weights
 
     def _dense_ffn(self, i: int, h: relax.Var, f: relax.Var | Normed) -> relax.Var:
         # One expert, always chosen with weight 1: the MoE kernels compute SwiGLU + residual.
@@ -705,6 +733,7 @@ def build_decode_step(
     q6_k_layout: str = "gguf",
     attention_form: str = "read_ahead",
     attention_merge: str = "separate",
+    router_merge: str = "separate",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -735,7 +764,11 @@ def build_decode_step(
     "registers" (`causal_prefill_attention_registers`).
     `attention_merge` (ATTENTION_MERGES) is where the decode attention's splits are merged:
     "separate" in an attention_combine launch, "last_block" in the attention kernel
-    (`kernels.attention.paged_decode_attention_merged`, CUDA only), with the `arrivals` state."""
+    (`kernels.attention.paged_decode_attention_merged`, CUDA only), with the `arrivals` state.
+    `router_merge` (ROUTER_MERGES) is where a MoE layer's experts are picked from the router's
+    logits: "separate" in a router_topk launch, "last_block" in the router GEMV kernel
+    (`kernels.router.router_gemv_topk`, CUDA only), with the `router_arrivals` state; it needs
+    decode_launches "split" (the fused gate/up picks the experts itself)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -749,6 +782,12 @@ def build_decode_step(
                               f"chunk_operands='f16', got {chunk_operands!r}")
     if attention_merge not in ATTENTION_MERGES:
         raise SparkInferError(f"attention_merge must be one of {', '.join(ATTENTION_MERGES)}, got {attention_merge!r}")
+    if router_merge not in ROUTER_MERGES:
+        raise SparkInferError(f"router_merge must be one of {', '.join(ROUTER_MERGES)}, got {router_merge!r}")
+    if router_merge != ROUTER_MERGES[0] and decode_launches != "split":
+        raise SparkInferError(f"router_merge={router_merge!r} needs decode_launches='split', got {decode_launches!r}: "
+                              f"the fused launches pick the experts inside gate/up (moe_gate_up_silu_routed), "
+                              f"with no router_topk launch to save")
     if programmatic_launch not in PROGRAMMATIC_LAUNCH:
         raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
                               f"got {programmatic_launch!r}")
@@ -763,7 +802,7 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
-                           q6_k_layout, attention_form, attention_merge)
+                           q6_k_layout, attention_form, attention_merge, router_merge)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -777,4 +816,5 @@ def build_decode_step(
         prefill_chunks=chunks,
         programmatic_launch=programmatic_launch,
         attention_merge=attention_merge,
+        router_merge=router_merge,
     )

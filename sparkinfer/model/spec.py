@@ -29,6 +29,9 @@ PROCESSING_INPUTS = ("logits_params", "token_mask", "token_counts")
 # attention_merge="last_block", kernels.attention.paged_decode_attention_merged): state the
 # runtime zeroes once at allocation; every launch leaves it at 0 again.
 ARRIVALS = "arrivals"
+# The router GEMV's count of finished rows (the step variant router_merge="last_block",
+# kernels.router.router_gemv_topk): int32[1], zeroed and left at 0 as ARRIVALS.
+ROUTER_ARRIVALS = "router_arrivals"
 OUTPUTS = ("logits", "next")
 # A weight input's `layout` when the step reads it re-laid out: Q6_K rows as planar Q6_K
 # (quant/layouts.py, the step variant q6_k_layout="planar"), made from the file's bytes when

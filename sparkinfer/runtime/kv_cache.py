@@ -5,6 +5,7 @@ Device arrays (docs/ARCHITECTURE.md, "The decode step"):
   logits_params float32[3], token_mask int32[ceil(V / 32)], token_counts int32[V] (the logits
   processing's, runtime/processing.py; absent in older modules), arrivals int32[NKV] (the
   attention's last-block merge, where compiled with it: zeroed here, left at 0 by every step),
+  router_arrivals int32[1] (the router's last-block top-k, likewise),
   and per layer k_cache_l / v_cache_l float16[n_pages, P, NKV, D].
 Pages are handed out in order (logical page i is physical page i); the page table exists so
 that prefix sharing and eviction can come later without recompiling. `pos` lives on the
@@ -21,7 +22,7 @@ import numpy as np
 
 from sparkinfer.compiler.manifest import Manifest
 from sparkinfer.errors import ContextLengthError, OutOfMemoryError
-from sparkinfer.model.spec import ARRIVALS
+from sparkinfer.model.spec import ARRIVALS, ROUTER_ARRIVALS
 from sparkinfer.runtime.device import MemoryInfo, format_bytes
 from sparkinfer.runtime.weights import DEFAULT_RESERVE_BYTES, dtype_size
 
@@ -98,8 +99,9 @@ class KVCache:
             self.writer.write(self.arrays["logits_params"], np.array([0.0, 0.0, 1.0], np.float32))
             self.writer.write(self.arrays["token_mask"], np.full(self.arrays["token_mask"].shape, -1, np.int32))
             self.writer.zero(self.arrays["token_counts"])
-        if ARRIVALS in self.arrays:  # the last-block merge's counts: 0 between launches
-            self.writer.zero(self.arrays[ARRIVALS])
+        for name in (ARRIVALS, ROUTER_ARRIVALS):  # the last-block merges' counts: 0 between launches
+            if name in self.arrays:
+                self.writer.zero(self.arrays[name])
         self.tokens: list[int] = []
         self.reset()
 

@@ -313,7 +313,7 @@ def normalize_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any
     sch.set_scope(norm, 0, "shared")
 
 
-def _schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False,
+def schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False,
                    residual: bool = False) -> None:
     """A `gemv` PrimFunc (or its normed / residual form) for a CUDA target; the residual add
     runs right after each row's warp reduction, on the sum in registers."""
@@ -329,7 +329,7 @@ def _schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, norme
 
 def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False) -> None:
     """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
-    `_schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
+    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
     or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
     16-byte loads where the format allows, else is inlined into the dot; each output copy
     runs right after its row's warp reduction, predicated to the rows it owns."""
@@ -392,7 +392,7 @@ class _GemvCudaRule(ScheduleRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs)
+        schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs)
 
 
 class GemvCudaRule(_GemvCudaRule):
@@ -429,7 +429,7 @@ class GemvNormedCudaRule(GemvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
+        schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
 
 
 class GemvResidualCudaRule(GemvCudaRule):
@@ -439,7 +439,7 @@ class GemvResidualCudaRule(GemvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        _schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, residual=True)
+        schedule_gemv(sch, gemv_format(self.shape(use)[0]), knobs, residual=True)
 
 
 class GemvQkvNormedCudaRule(GemvQkvCudaRule):

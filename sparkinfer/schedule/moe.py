@@ -44,7 +44,7 @@ from sparkinfer.schedule.gemv import (
     thread_rows_in_registers,
     x_buffer,
 )
-from sparkinfer.schedule.router import accumulate_in_registers
+from sparkinfer.schedule.router import ids_in_registers, topk_in_block
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
@@ -190,57 +190,6 @@ def schedule_down_residual(sch: s_tir.Schedule, fmt: GemvFormat, config: MoeKnob
     ty = _thread_rows(sch, sch.get_sblock("h_out"), config)
     _lane_reduction(sch, fmt, "down", partial, ty, config, "Wd", x)
     _headers_in_registers(sch, config, ((partial, "Wd", fmt),))
-
-
-def _over_block_threads(sch: s_tir.Schedule, block: SBlockRV, at: LoopRV, threads: tuple[Any, Any]) -> LoopRV:
-    """Spread the first loop of `block` below `at` over the block's (threadIdx.y, threadIdx.x)
-    threads, predicated where it is shorter; returns the threadIdx.x loop."""
-    first = loops_below(sch, block, at)[0]
-    _, ty, tx = sch.split(first, [None, *threads])
-    sch.bind(ty, "threadIdx.y")
-    sch.bind(tx, "threadIdx.x")
-    return tx
-
-
-def ids_in_registers(sch: s_tir.Schedule) -> SBlockRV:
-    """The ids stage accumulating in a register, stored to ids once (schedule/router.py's
-    `accumulate_in_registers`), before any other schedule step names ids: a later cache_write
-    would also rewrite the expert index of the weights' register copies (which read ids) to
-    the register. Returns the store block, for `topk_in_block`."""
-    ids = sch.get_sblock("ids")
-    sch.cache_write(ids, 0, "local")
-    return sch.get_consumers(ids)[0]
-
-
-def topk_in_block(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any], ids_store: SBlockRV) -> None:
-    """`router.topk`'s stages (rank, ids and its store, lmax, ex, total, weights) once per
-    thread block under its blockIdx loop `at`, ahead of everything else there, each spread
-    over the block's threads (extents `threads`) as schedule/router.py spreads them over its
-    one block.
-
-    ids and weights are outputs, which only reverse_compute_at may move: so every stage goes
-    under `at` that way, in dataflow order. The dot products read ids back from global memory
-    (as `moe_gate_up_silu` reads its ids parameter); the barrier that orders those reads after
-    the writes is the one before the first read of the normalized x in shared memory, which
-    `normalize_in_shared` computes after the top-k."""
-    rank, ids, lmax, ex, total, weights = (sch.get_sblock(name) for name in ("rank", "ids", "lmax", "ex", "total", "weights"))
-    for index, block in enumerate((rank, ids, ids_store, lmax, ex, total, weights)):
-        sch.reverse_compute_at(block, at, index=index)
-    logits = sch.cache_read(rank, 0, "shared", consumer_blocks=[rank, lmax])
-    sch.compute_at(logits, at)
-    _over_block_threads(sch, logits, at, threads)
-    sch.set_scope(rank, 0, "shared")
-    accumulate_in_registers(sch, rank, _over_block_threads(sch, rank, at, threads))
-    sch.reverse_compute_at(ids_store, _over_block_threads(sch, ids, at, threads))
-    for block in (rank, ids):
-        # Unrolled, the E shared-memory reads are in flight together (schedule/router.py).
-        sch.unroll(sch.get_loops(block)[-1])
-    # lmax and total are allreduces, which leave the result in every thread; slot s is thread
-    # s in ids and ex, so ex reads back only that thread's own ids[s] (schedule/router.py).
-    for block, scope in ((lmax, "local"), (ex, "shared"), (total, "local"), (weights, None)):
-        if scope is not None:
-            sch.set_scope(block, 0, scope)
-        _over_block_threads(sch, block, at, threads)
 
 
 def gate_up_rows(use: KernelUse) -> int:

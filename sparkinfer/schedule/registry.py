@@ -49,7 +49,7 @@ from sparkinfer.schedule.moe import (
 )
 from sparkinfer.schedule.norm import AddRmsNormCudaRule, AddRmsNormRowsCudaRule, RmsNormCudaRule, RmsNormRowsCudaRule
 from sparkinfer.schedule.rope import QkNormRopeKvAppendCudaRule
-from sparkinfer.schedule.router import RouterTopkCudaRule, RouterTopkRowsCudaRule
+from sparkinfer.schedule.router import RouterGemvTopkCudaRule, RouterTopkCudaRule, RouterTopkRowsCudaRule
 from sparkinfer.schedule.sampling import AdvanceCudaRule, SampleCandidatesCudaRule, SampleTokenCudaRule
 from sparkinfer.schedule.logits import RULES as LOGITS_RULES
 from sparkinfer.schedule.prefill_cpu import CPU_RULES as PREFILL_CPU_RULES
@@ -75,6 +75,7 @@ for _rule in (
     AddRmsNormRowsCudaRule(),
     RouterTopkCudaRule(),
     RouterTopkRowsCudaRule(),
+    RouterGemvTopkCudaRule(),
     SampleCandidatesCudaRule(),
     SampleTokenCudaRule(),
     AdvanceCudaRule(),

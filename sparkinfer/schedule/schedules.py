@@ -7,7 +7,8 @@
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
               "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
-              "attention_merge": "separate" | "last_block"}}
+              "attention_merge": "separate" | "last_block",
+              "router_merge": "separate" | "last_block"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -47,12 +48,17 @@ ATTENTION_FORMS = ("read_ahead", "compact", "registers")
 # paged_decode_attention; "last_block", inside the attention kernel, by the last of a KV head's
 # thread blocks to finish (kernels.attention.paged_decode_attention_merged): a launch a layer less.
 ATTENTION_MERGES = ("separate", "last_block")
+# How the decode step picks a MoE layer's experts: "separate", the router_topk launch after the
+# router's gemv; "last_block", inside the GEMV kernel, by the last of its thread blocks to finish
+# (kernels.router.router_gemv_topk): a launch a layer less.
+ROUTER_MERGES = ("separate", "last_block")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
                                               "decode_launches": DECODE_LAUNCHES,
                                               "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS,
-                                              "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES}
+                                              "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
+                                              "router_merge": ROUTER_MERGES}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -65,6 +71,8 @@ CUDA_ONLY_VARIANTS = {
                                        "build's attention has one split, and one kernel merges nothing",
     ("attention_form", "registers"): "a form of the tensor-core attention (mma.sync); the cpu build's attention "
                                      "multiplies float32",
+    ("router_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "
+                                    "build has no thread blocks to count",
 }
 
 

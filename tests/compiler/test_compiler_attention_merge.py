@@ -23,10 +23,11 @@ TYPES = type_map(CONFIG, "q4_k_m")
 _KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)_kernel\(')
 
 
-def kernel_sources(merge: str, arch: str) -> dict[str, str]:
-    """Each CUDA kernel of the tiny step's build for `arch`, by name: its definition's text."""
+def kernel_sources(arch: str, **variants: str) -> dict[str, str]:
+    """Each CUDA kernel of the tiny step's build for `arch` with the step `variants`, by name:
+    its definition's text."""
     with targets.source_only():
-        executable, _ = build_step(build_decode_step(CONFIG, TYPES, attention_merge=merge), arch)
+        executable, _ = build_step(build_decode_step(CONFIG, TYPES, **variants), arch)
     source = _cuda_source(executable.mod)
     starts = [(m.group(1), m.start()) for m in _KERNEL.finditer(source)]
     return {name: source[start:end] for (name, start), (_, end) in zip(starts, [*starts[1:], ("", len(source))])}
@@ -35,7 +36,7 @@ def kernel_sources(merge: str, arch: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
 def test_only_the_attention_kernels_change(arch: str) -> None:
-    separate, merged = kernel_sources("separate", arch), kernel_sources("last_block", arch)
+    separate, merged = kernel_sources(arch), kernel_sources(arch, attention_merge="last_block")
     attention = {name for name in separate if name.startswith(("paged_decode_attention", "attention_combine"))}
     assert len(attention) == 2
     (new,) = set(merged) - set(separate)

@@ -2,8 +2,9 @@
 (tests/schedule/cuda_emulator.py): its kernels scheduled for sm_90, and its Relax bindings
 (call_tir, call_tir_inplace, tuple items, aliases) followed in order, as the VM would, with
 host arrays for tensors. For the step variants whose kernels only CUDA has (attention_merge
-"last_block"): the step's logits, beside the same step without the variant, on a machine
-without a GPU. Tens of thousands of times slower than a GPU: the tiny models only."""
+"last_block", router_merge "last_block"): the step's logits, beside the same step without the
+variant, on a machine without a GPU. Tens of thousands of times slower than a GPU: the tiny
+models only."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tvm import relax
 from sparkinfer.compiler.pipeline import schedule_step
 from sparkinfer.gguf_file import GGUFModel
 from sparkinfer.model.qwen3moe import DecodeStep
-from sparkinfer.model.spec import ARRIVALS, ENTRY, bind_weight
+from sparkinfer.model.spec import ARRIVALS, ENTRY, ROUTER_ARRIVALS, bind_weight
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "schedule"))
 from cuda_emulator import EmulatedGpu, EmulatedTensor  # noqa: E402
@@ -47,7 +48,7 @@ def step_inputs(step: DecodeStep, model: GGUFModel, n_pages: int) -> dict[str, E
              "logits_params": np.array([0.0, 0.0, 1.0], np.float32),
              "token_mask": np.full(-(-step.config.vocab_size // 32), -1, np.int32),
              "token_counts": np.zeros(step.config.vocab_size, np.int32),
-             ARRIVALS: np.zeros(step.config.n_kv_heads, np.int32)}
+             ARRIVALS: np.zeros(step.config.n_kv_heads, np.int32), ROUTER_ARRIVALS: np.zeros(1, np.int32)}
     values = {}
     for inp in step.inputs:
         if inp.role == "state":

@@ -46,6 +46,7 @@ def test_the_gpus_default_to_half_chunk_operands_unless_their_file_says_otherwis
     ("attention_form", "compact", "the cpu build's attention multiplies float32"),
     ("attention_merge", "last_block", "one kernel merges nothing"),
     ("attention_form", "registers", r"\(mma.sync\); the cpu build's attention multiplies float32"),
+    ("router_merge", "last_block", "no thread blocks to count"),
 ])
 def test_the_cpu_refuses_the_cuda_only_variants(tmp_path: Path, name: str, value: str, why: str) -> None:
     path = SchedulesFile("cpu", {}, step={name: value}).write(tmp_path / "cpu.json")
@@ -74,3 +75,10 @@ def test_the_attention_merges_separately_unless_a_file_says_last_block() -> None
 
     assert STEP_VARIANTS["attention_merge"] == ("separate", "last_block")
     assert all("attention_merge" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
+
+
+def test_the_router_picks_separately_unless_a_file_says_last_block() -> None:
+    from sparkinfer.compiler.pipeline import step_variants
+
+    assert STEP_VARIANTS["router_merge"] == ("separate", "last_block")
+    assert all("router_merge" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))

@@ -1,0 +1,93 @@
+"""The step variant router_merge="last_block" (kernels.router.router_gemv_topk): the launches it
+saves, its `router_arrivals` state, its bad inputs and its refusal beside the fused launches, and
+in the CUDA emulator the tiny model's decode steps with it (alone, and with attention_merge
+"last_block") giving the logits of the step without it, bit for bit."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparkinfer.errors import SparkInferError
+from sparkinfer.gguf_file import preset_config, type_map
+from sparkinfer.model.qwen3moe import build_decode_step
+from sparkinfer.model.spec import ARRIVALS, ROUTER_ARRIVALS
+
+from tests.gpu_prebuild import can_compile
+from tests.model._harness import write_decisive_model
+from tests.model.test_model_attention_merge import launches
+
+TINY = preset_config("tiny")
+TYPES = type_map(TINY, "q4_k_m")
+# The variants measured together on a GPU (bench/gpu_round.py's VARIANT_STEPS): the router's
+# alone, and both last-block merges.
+MERGES = [{"router_merge": "last_block"}, {"router_merge": "last_block", "attention_merge": "last_block"}]
+
+
+def test_the_merge_saves_the_topk_launch_of_every_moe_layer() -> None:
+    separate = launches(build_decode_step(TINY, TYPES))
+    merged = launches(build_decode_step(TINY, TYPES, router_merge="last_block"))
+    assert separate["router_topk"] == TINY.n_layers
+    assert merged["router_gemv_topk"] == TINY.n_layers and "router_topk" not in merged
+    assert merged["gemv"] == separate["gemv"] - TINY.n_layers  # the router GEMVs
+    assert sum(separate.values()) - sum(merged.values()) == TINY.n_layers
+
+
+def test_both_merges_save_two_launches_a_layer() -> None:
+    separate = launches(build_decode_step(TINY, TYPES))
+    both = launches(build_decode_step(TINY, TYPES, **MERGES[1]))
+    assert sum(separate.values()) - sum(both.values()) == 2 * TINY.n_layers
+
+
+def test_a_dense_model_has_no_router_to_merge() -> None:
+    dense = preset_config("tiny-dense")
+    step = build_decode_step(dense, type_map(dense, "q4_k_m"), router_merge="last_block")
+    assert launches(step) == launches(build_decode_step(dense, type_map(dense, "q4_k_m")))
+    assert ROUTER_ARRIVALS not in {inp.name for inp in step.inputs}
+
+
+def test_the_count_is_state_of_one_int() -> None:
+    step = build_decode_step(TINY, TYPES, router_merge="last_block")
+    (arrivals,) = [inp for inp in step.inputs if inp.name == ROUTER_ARRIVALS]
+    assert (arrivals.role, arrivals.dtype, arrivals.shape) == ("state", "int32", (1,))
+    assert step.router_merge == "last_block"
+    assert ROUTER_ARRIVALS not in {inp.name for inp in build_decode_step(TINY, TYPES).inputs}
+
+
+def test_an_unknown_merge_is_refused() -> None:
+    with pytest.raises(SparkInferError, match="router_merge must be one of separate, last_block, got 'first'"):
+        build_decode_step(TINY, TYPES, router_merge="first")
+
+
+def test_the_fused_launches_refuse_it() -> None:
+    with pytest.raises(SparkInferError, match=r"router_merge='last_block' needs decode_launches='split', got "
+                                              r"'fused': the fused launches pick the experts inside gate/up "
+                                              r"\(moe_gate_up_silu_routed\), with no router_topk launch to save"):
+        build_decode_step(TINY, TYPES, router_merge="last_block", decode_launches="fused")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_compile(), reason="the CUDA emulator builds with TVM's compiler")
+@pytest.mark.parametrize("merges", MERGES, ids=["router", "router+attention"])
+def test_emulated_steps_give_the_logits_of_the_separate_kernels(tmp_path: Path, merges: dict[str, str]) -> None:
+    """Three decode steps of the tiny model (token 0, then the sampled ones), with and without
+    the merges, in the emulator (which alternates its blocks' order launch by launch, so the
+    last block to arrive changes): the same logits and tokens, and every count back at 0."""
+    from tests.model.emulated_step import emulated_kernels, run_decode, step_inputs
+
+    model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
+    separate = build_decode_step(TINY, TYPES)
+    merged = build_decode_step(TINY, TYPES, **merges)
+    gpu = emulated_kernels(separate, merged)
+    runs = []
+    for step in (separate, merged):
+        inputs = step_inputs(step, model, n_pages=2)
+        runs.append([run_decode(gpu, step, inputs) for _ in range(3)])
+        for name in (ARRIVALS, ROUTER_ARRIVALS):
+            if name in inputs:
+                np.testing.assert_array_equal(inputs[name].numpy(), np.zeros(inputs[name].numpy().shape, np.int32))
+    assert ROUTER_ARRIVALS in {inp.name for inp in merged.inputs}
+    for (want, want_next), (got, got_next) in zip(*runs):
+        assert np.isfinite(want).all()
+        np.testing.assert_array_equal(got, want)
+        assert got_next == want_next
