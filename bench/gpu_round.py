@@ -22,22 +22,12 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 13's two (downs_2048, attention_compact) won in the step and are
-# sm_90.json's (bench/NOTES.md, "Session 13"). Session 14's:
-# - last_block: the decode attention merges its splits in its last thread block, a launch a layer
-#   less (bench/NOTES.md, "Decode: the last block merges");
-# - router_last_block: the router GEMV's last block picks the experts, a launch a layer less
-#   (bench/NOTES.md, "Decode: the router's last block picks the experts"); both_last_block: the two;
-# - attention_registers: the T-token steps' attention in its register form (mma.sync, S, P and
-#   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5").
-VARIANT_STEPS: dict[str, dict[str, str]] = {
-    "last_block": {"attention_merge": "last_block"},
-    "router_last_block": {"router_merge": "last_block"},
-    "both_last_block": {"attention_merge": "last_block", "router_merge": "last_block"},
-    "attention_registers": {"attention_form": "registers"},
-}
+# under 64 MiB). None now: session 14's four were measured in its call 2 (bench/NOTES.md,
+# "Session 14"): attention_registers won and is sm_90.json's; the last-block merges
+# (attention_merge, router_merge) lost and stay off.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
-VARIANT_CHUNKED: set[str] = {"attention_registers"}
+VARIANT_CHUNKED: set[str] = set()
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.
