@@ -8,6 +8,7 @@ from sparkinfer.schedule.attention import (
     AttentionCombineCudaRule,
     PagedDecodeAttentionCudaRule,
     PagedDecodeAttentionMergedCudaRule,
+    PagedDecodeAttentionMmaCudaRule,
 )
 from sparkinfer.schedule.cpu import (
     AddRmsNormCpuRule,
@@ -67,6 +68,7 @@ for _rule in (
     MoeGateUpSiluRoutedCudaRule(),
     PagedDecodeAttentionCudaRule(),
     PagedDecodeAttentionMergedCudaRule(),
+    PagedDecodeAttentionMmaCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
     RmsNormCudaRule(),
