@@ -1,0 +1,80 @@
+"""The step variant decode_attention="mma" (kernels.attention.paged_decode_attention_mma): the
+kernel it swaps in, its bad inputs and combinations, the cpu's refusal, the tiny model's step with
+it built for every CUDA arch, and in the CUDA emulator that step's logits within fp16 rounding of
+the float32 step's. The kernel-level checks are tests/schedule/test_decode_attention_mma_cuda.py's."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparkinfer.compiler import targets
+from sparkinfer.compiler.pipeline import build_step
+from sparkinfer.errors import SparkInferError
+from sparkinfer.gguf_file import preset_config, type_map
+from sparkinfer.model.qwen3moe import build_decode_step
+
+from tests.gpu_prebuild import can_compile
+from tests.model._harness import write_decisive_model
+from tests.model.test_model_attention_merge import launches
+
+TINY = preset_config("tiny")
+TYPES = type_map(TINY, "q4_k_m")
+
+
+def test_the_mma_attention_replaces_the_float32_one_in_every_layer() -> None:
+    step = build_decode_step(TINY, TYPES, decode_attention="mma")
+    counts = launches(step)
+    assert counts["paged_decode_attention_mma"] == counts["attention_combine"] == TINY.n_layers
+    assert "paged_decode_attention" not in counts
+    assert step.decode_attention == "mma"
+
+
+def test_an_unknown_attention_is_refused() -> None:
+    with pytest.raises(SparkInferError, match="decode_attention must be one of simt, mma, got 'wmma'"):
+        build_decode_step(TINY, TYPES, decode_attention="wmma")
+
+
+def test_the_last_block_merge_is_refused_with_it() -> None:
+    with pytest.raises(SparkInferError, match=r"decode_attention='mma' needs attention_merge='separate', got "
+                                              r"'last_block': the last-block merge .* is a kernel of the float32"):
+        build_decode_step(TINY, TYPES, decode_attention="mma", attention_merge="last_block")
+
+
+def test_the_cpu_refuses_it() -> None:
+    step = build_decode_step(TINY, TYPES, decode_attention="mma")
+    with pytest.raises(SparkInferError, match=r"decode_attention='mma' is for the CUDA archs only \(tensor-core "
+                                              r"products \(mma.sync\); the cpu build's attention multiplies float32"):
+        build_step(step, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_the_step_builds_for(arch: str) -> None:
+    from tests.compiler.test_compiler_attention_merge import kernel_sources
+
+    with_mma = kernel_sources(arch, decode_attention="mma")
+    assert any(name.startswith("paged_decode_attention_") and name.endswith("_mma") for name in with_mma)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in "".join(with_mma.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_compile(), reason="the CUDA emulator builds with TVM's compiler")
+def test_emulated_steps_give_the_float32_steps_logits_within_fp16_rounding(tmp_path: Path) -> None:
+    """Three decode steps of the tiny model, with the float32 and the mma attention, in the
+    emulator: the first step's logits within fp16 rounding of Q and P of each other, and the same
+    tokens (the decisive model's logits are far apart)."""
+    from tests.model.emulated_step import emulated_kernels, run_decode, step_inputs
+
+    model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
+    simt = build_decode_step(TINY, TYPES)
+    mma = build_decode_step(TINY, TYPES, decode_attention="mma")
+    gpu = emulated_kernels(simt, mma)
+    runs = {}
+    for step in (simt, mma):
+        inputs = step_inputs(step, model, n_pages=2)
+        runs[step.decode_attention] = [run_decode(gpu, step, inputs) for _ in range(3)]
+    for (want, want_next), (got, got_next) in zip(runs["simt"], runs["mma"]):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+        assert got_next == want_next
