@@ -29,15 +29,23 @@ RUN_PROMPT_TOKENS = 128
 # - router_last_block: the router GEMV's last block picks the experts, a launch a layer less
 #   (bench/NOTES.md, "Decode: the router's last block picks the experts"); both_last_block: the two;
 # - attention_registers: the T-token steps' attention in its register form (mma.sync, S, P and
-#   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5").
+#   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5");
+# - decode_mma: the decode attention's products on tensor cores (mma.sync, f16 Q and P;
+#   bench/NOTES.md, "Decode attention v3"), timed at depth 16384 too (VARIANT_DEPTHS).
 VARIANT_STEPS: dict[str, dict[str, str]] = {
     "last_block": {"attention_merge": "last_block"},
     "router_last_block": {"router_merge": "last_block"},
     "both_last_block": {"attention_merge": "last_block", "router_merge": "last_block"},
     "attention_registers": {"attention_form": "registers"},
+    "decode_mma": {"decode_attention": "mma"},
 }
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = {"attention_registers"}
+# The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
+# named here, for a variant of the attention, whose share of a token grows with the depth. The
+# base is timed at every depth a variant is.
+DEFAULT_VARIANT_DEPTHS = (128,)
+VARIANT_DEPTHS: dict[str, tuple[int, ...]] = {"decode_mma": (128, 16384)}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.
@@ -106,6 +114,9 @@ def prepare(arch: str) -> dict:
         "variants": " ".join(variants),
         "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED or name == BEFORE),
         **{f"{name}_module": str(_directory(result).relative_to(REPO)) for name, result in variants.items()},
+        **{f"{name}_depths": _depths(VARIANT_DEPTHS.get(name, DEFAULT_VARIANT_DEPTHS)) for name in variants},
+        "base_depths": _depths(sorted({d for name in variants for d in VARIANT_DEPTHS.get(name, DEFAULT_VARIANT_DEPTHS)}
+                                      | set(DEFAULT_VARIANT_DEPTHS))),
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -117,6 +128,11 @@ def prepare(arch: str) -> dict:
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _depths(depths: Any) -> str:
+    """`sparkinfer bench --depths`'s form of a list of depths."""
+    return ",".join(str(d) for d in depths)
 
 
 def _directory(result: Any) -> Path:
