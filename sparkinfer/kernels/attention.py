@@ -517,7 +517,7 @@ def decode_attention_reference(
     return ref.causal_gqa_attention(q_rot[None], k, v, q_start=pos)[0]
 
 
-MMA_WARPS = 4  # warps (key streams) a block of `paged_decode_attention_mma`
+MMA_WARPS = 4  # warps (key streams) a block of `paged_decode_attention_mma`: a power of two (its merge tree)
 
 
 def paged_decode_attention_mma(
@@ -527,7 +527,6 @@ def paged_decode_attention_mma(
     page_size: int,
     max_pages: int,
     splits: int,
-    warps: int = MMA_WARPS,
 ) -> tirx.PrimFunc:
     """`paged_decode_attention` (same params, splits, o_part and lse) on tensor cores: the step
     variant decode_attention="mma", CUDA only, already scheduled
@@ -549,19 +548,21 @@ def paged_decode_attention_mma(
     accumulator layout to the B fragment through 256 bytes of the warp's shared memory (two
     4-byte stores, one ldmatrix.x2.trans): the transpose that `movmatrix` would do in registers.
 
-    A block per (KV head, split) of `warps` warps, as the float32 kernel's; warp w takes the
-    split's 16-key tiles w, w + warps, ... (keys s*C + (i*warps + w)*16 + [0, 16), C =
+    A block per (KV head, split) of MMA_WARPS warps, as the float32 kernel's; warp w takes the
+    split's 16-key tiles w, w + MMA_WARPS, ... (keys s*C + (i*MMA_WARPS + w)*16 + [0, 16), C =
     ceil(L / S)), each through its own shared K and V tile (16-byte loads through the page
     table, rows clamped to the context as `paged_decode_attention` clamps them, their 16-byte
     chunks permuted as the prefill's register form permutes them, so that ldmatrix has no bank
-    conflicts), with __syncwarp only inside the loop. At the end the block merges its warps'
+    conflicts), with __syncwarp only inside the loop. The next tile's K and V are loaded into
+    registers while a tile computes (read ahead: two tiles in flight a warp, since the grid is one
+    wave of one block an SM at the model's 32 splits and only the warps' own loads hide the latency). At the end the block merges its warps'
     states through shared memory (max, then each warp's O scaled by exp(m_w - max) added in
     turn) and writes o_part and lse as the float32 kernel does (an empty split: 0 and -inf)."""
     from tvm.script import tirx as T
 
     from sparkinfer.kernels.prefill_attention import MMA_K, MMA_M, MMA_N, SWIZZLE, WARP, _cached, exp_by_exp2
 
-    NH, NKV, D, P, MP, S, W = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, warps
+    NH, NKV, D, P, MP, S, W = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, MMA_WARPS
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G = NH // NKV
@@ -570,11 +571,10 @@ def paged_decode_attention_mma(
         raise ValueError(f"the tensor-core decode attention needs at most {MMA_N} query heads per KV head (got "
                          f"{G}) and a head dim that is a multiple of {SWIZZLE * VECTOR} (got {D})")
     KT, KS, DT = MMA_M, D // MMA_K, D // MMA_M  # keys a tile, q . K's k-steps, O^T's m-tiles
-    LOADS = KT * D // VECTOR // WARP  # a lane's 16-byte loads of a K (or V) tile
+    CHUNKS = D // VECTOR  # 16-byte chunks a row
+    LOADS = KT * CHUNKS // WARP  # a lane's 16-byte loads of a K (or V) tile
     THREADS = W * WARP
-    WARP_ROUNDS = W.bit_length() - 1  # rounds of the warps' merge tree
-    if W & (W - 1):
-        raise ValueError(f"the tensor-core decode attention merges its warps pairwise: {W} warps is no power of two")
+    WARP_ROUNDS = W.bit_length() - 1  # rounds of the warps' merge tree (W a power of two)
     scale = T.float32(1.0 / math.sqrt(D))
     lowest = T.min_value("float32")
     f16, f32 = "float16", "float32"
@@ -599,6 +599,19 @@ def paged_decode_attention_mma(
         """Where a lane's O^T accumulator entry i (m-tile i / 4: dim 16(i / 4) + g + 8(i % 4 / 2), head
         2t + i % 2) goes in a warp's slot of `merged`: dim * 8 + head."""
         return (i // 4 * MMA_M + lane // 4 + i % 4 // 2 * 8) * MMA_N + lane % 4 * 2 + i % 2
+
+    def key(split: Expr, chunk: Expr, it: Expr, warp: Expr, row: Expr) -> Expr:
+        """The key at row `row` of warp `warp`'s tile `it` of split `split` (C = chunk keys a split)."""
+        return split * chunk + (it * W + warp) * KT + row
+
+    def piece(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, kv: Expr, split: Expr, chunk: Expr,
+              it: Expr, warp: Expr, lane: Expr, i: int, e: Expr) -> Expr:
+        """Half e of a lane's 16-byte piece i of a K or V tile (row (32i + lane) / (D / 8), chunk
+        (32i + lane) % (D / 8)), clamped to the last cached key (as `paged_decode_attention`'s `row`:
+        a key past the split is loaded, its P is 0)."""
+        row = (i * WARP + lane) // CHUNKS
+        return _cached(cache, page_table, T.min(key(split, chunk, it, warp, row), pos[0]), kv,
+                       (i * WARP + lane) % CHUNKS * VECTOR + e)
 
     def sync_warp() -> Expr:
         # the warp's shared stores visible to its ldmatrix, and its ldmatrix done before the next stores
@@ -626,6 +639,8 @@ def paged_decode_attention_mma(
                 states = T.alloc_buffer((2 * W * MMA_N,), f32, scope="shared")  # per warp: max, then sum
                 merged = T.alloc_buffer((max(W // 2, 1) * D * MMA_N,), f32, scope="shared")  # warps' O^T, weighted
                 q_frag = T.alloc_buffer((KS * 4,), f16, scope="local")  # k-step c's B fragment at 4c
+                k_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")  # a lane's pieces of the next tile
+                v_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")
                 a_frag = T.alloc_buffer((8,), f16, scope="local")  # K's, then V^T's A fragment
                 p = T.alloc_buffer((2,), f16, scope="local")  # P of keys g, g + 8 of one head
                 p_frag = T.alloc_buffer((4,), f16, scope="local")
@@ -641,6 +656,7 @@ def paged_decode_attention_mma(
                 lane = tx % WARP
                 chunk = (pos[0] + S) // S  # ceil((pos + 1) / S)
                 end = T.min((split + 1) * chunk, pos[0] + 1)
+                steps = (chunk + W * KT - 1) // (W * KT)  # a warp's tiles
                 for c in T.unroll(KS):
                     for e in T.unroll(4):
                         q_frag[c * 4 + e] = q_value(q_rot, kv, lane, c, e)
@@ -649,21 +665,26 @@ def paged_decode_attention_mma(
                 for e in T.unroll(2):
                     row_max[e] = lowest
                     row_sum[e] = T.float32(0)
-                for it in range((chunk + W * KT - 1) // (W * KT)):
+                for i in T.unroll(LOADS):  # tile 0's K and V
+                    for e in T.vectorized(VECTOR):
+                        k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+                        v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+                for it in range(steps):
                     T.evaluate(sync_warp())  # the last tile's ldmatrix are done
-                    for i in T.unroll(LOADS):  # chunk (32i + lane) of the tile: key / (D / 8), dims 8 ..
+                    for i in T.unroll(LOADS):  # piece i of the tile: row (32i + lane) / (D / 8), chunk % (D / 8)
                         for e in T.vectorized(VECTOR):
-                            tiles[at(warp, 0, (i * WARP + lane) // (D // VECTOR), (i * WARP + lane) % (D // VECTOR))
-                                  + e] = _cached(k_cache, page_table, T.min(
-                                      split * chunk + (it * W + warp) * KT + (i * WARP + lane) // (D // VECTOR),
-                                      pos[0]), kv, (i * WARP + lane) % (D // VECTOR) * VECTOR + e)
-                    for i in T.unroll(LOADS):
-                        for e in T.vectorized(VECTOR):
-                            tiles[at(warp, 1, (i * WARP + lane) // (D // VECTOR), (i * WARP + lane) % (D // VECTOR))
-                                  + e] = _cached(v_cache, page_table, T.min(
-                                      split * chunk + (it * W + warp) * KT + (i * WARP + lane) // (D // VECTOR),
-                                      pos[0]), kv, (i * WARP + lane) % (D // VECTOR) * VECTOR + e)
+                            tiles[at(warp, 0, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = k_next[
+                                i * VECTOR + e]
+                            tiles[at(warp, 1, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = v_next[
+                                i * VECTOR + e]
                     T.evaluate(sync_warp())
+                    if it + 1 < steps:  # the next tile's K and V in flight while this one computes
+                        for i in T.unroll(LOADS):
+                            for e in T.vectorized(VECTOR):
+                                k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                               warp, lane, i, e)
+                                v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                               warp, lane, i, e)
                     for i in T.unroll(4):
                         s[i] = T.float32(0)
                     for c in T.unroll(KS):  # x4: K's keys 0-7 and 8-15 of dims 16c .. 16c + 7, then of + 8 ..
@@ -673,17 +694,15 @@ def paged_decode_attention_mma(
                         tile_max[e] = row_max[e]
                         for half in T.unroll(2):
                             tile_max[e] = T.max(tile_max[e], T.Select(
-                                split * chunk + (it * W + warp) * KT + lane // 4 + half * 8 < end, s[half * 2 + e],
-                                lowest))
+                                key(split, chunk, it, warp, lane // 4 + half * 8) < end, s[half * 2 + e], lowest))
                         for lane_mask in T.unroll(3):  # lanes g ^ 1, g ^ 2, g ^ 4: the head's 8 lanes
                             tile_max[e] = T.max(tile_max[e], lane_xor(tile_max[e], 4 << lane_mask))
                         alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
                         row_max[e] = tile_max[e]
                         row_sum[e] = row_sum[e] * alpha[e]
                         for half in T.unroll(2):
-                            p[half] = T.Cast(f16, T.Select(
-                                split * chunk + (it * W + warp) * KT + lane // 4 + half * 8 < end,
-                                exp_by_exp2(s[half * 2 + e] - tile_max[e]), T.float32(0)))
+                            p[half] = T.Cast(f16, T.Select(key(split, chunk, it, warp, lane // 4 + half * 8) < end,
+                                                           exp_by_exp2(s[half * 2 + e] - tile_max[e]), T.float32(0)))
                             p_tiles[(warp * KT + lane // 4 + half * 8) * MMA_N + lane % 4 * 2 + e] = p[half]
                             row_sum[e] = row_sum[e] + T.Cast(f32, p[half])
                         for j in T.unroll(DT):
@@ -749,12 +768,11 @@ def paged_decode_attention_mma_reference(
     page_table: npt.NDArray[np.int32],
     pos: int,
     splits: int,
-    warps: int = MMA_WARPS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(o_part f32[NH, S, D], lse f32[NH, S]) as `paged_decode_attention_mma` computes them: Q *
     scale rounded to f16, the scores rounded to f32, and each 16-key tile's P rounded to f16
     against its warp's running max (so the walk is the kernel's: warp w of a split takes its
-    tiles w, w + warps, ...), then the warps merged; products and sums in float64. The rounding
+    tiles w, w + MMA_WARPS, ...), then the warps merged; products and sums in float64. The rounding
     convention is `prefill_attention.causal_prefill_attention_half_reference`'s."""
     n_heads, d = q_rot.shape
     length = pos + 1
@@ -773,9 +791,9 @@ def paged_decode_attention_mma_reference(
         if lo >= hi:
             continue
         states = []  # per warp: running max, sum, unnormalised output
-        for w in range(warps):
+        for w in range(MMA_WARPS):
             row_max, row_sum, acc = np.full(n_heads, -np.inf), np.zeros(n_heads), np.zeros((n_heads, d))
-            for start in range(lo + w * tile, hi, warps * tile):
+            for start in range(lo + w * tile, hi, MMA_WARPS * tile):
                 keys = np.arange(start, min(start + tile, hi))
                 new_max = np.maximum(row_max, scores[:, keys].max(axis=1))
                 p = np.exp(scores[:, keys] - new_max[:, None]).astype(np.float16).astype(np.float64)
