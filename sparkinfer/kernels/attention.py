@@ -545,8 +545,8 @@ def paged_decode_attention_mma(
     t = lane % 4) holds S^T's keys g, g + 8 and O^T's dims 16j + g, 16j + g + 8 of the same two
     heads 2t, 2t + 1, so the online softmax's rescale of O needs no exchange between lanes;
     the max over a tile's keys is 3 xor-shuffles (lanes g ^ 1, 2, 4). P^T goes from S^T's
-    accumulator layout to the B fragment through 256 bytes of the warp's shared memory (two
-    4-byte stores, one ldmatrix.x2.trans): the transpose that `movmatrix` would do in registers.
+    accumulator layout to the B fragment through 256 bytes of the warp's shared memory (four
+    2-byte stores, one ldmatrix.x2.trans): the transpose that `movmatrix` would do in registers.
 
     A block per (KV head, split) of MMA_WARPS warps, as the float32 kernel's; warp w takes the
     split's 16-key tiles w, w + MMA_WARPS, ... (keys s*C + (i*MMA_WARPS + w)*16 + [0, 16), C =
@@ -554,10 +554,11 @@ def paged_decode_attention_mma(
     table, rows clamped to the context as `paged_decode_attention` clamps them, their 16-byte
     chunks permuted as the prefill's register form permutes them, so that ldmatrix has no bank
     conflicts), with __syncwarp only inside the loop. The next tile's K and V are loaded into
-    registers while a tile computes (read ahead: two tiles in flight a warp, since the grid is one
-    wave of one block an SM at the model's 32 splits and only the warps' own loads hide the latency). At the end the block merges its warps'
-    states through shared memory (max, then each warp's O scaled by exp(m_w - max) added in
-    turn) and writes o_part and lse as the float32 kernel does (an empty split: 0 and -inf)."""
+    registers while a tile computes (read ahead: at the model's 32 splits the grid is one wave of
+    one block an SM, so only a warp's own loads in flight hide the latency). At the end the block
+    merges its warps' states through shared memory (the max, then a tree adding the warps' O
+    scaled by exp(m_w - max)), and warp 0 writes o_part and lse as the float32 kernel does (an
+    empty split: 0 and -inf)."""
     from tvm.script import tirx as T
 
     from sparkinfer.kernels.prefill_attention import MMA_K, MMA_M, MMA_N, SWIZZLE, WARP, _cached, exp_by_exp2

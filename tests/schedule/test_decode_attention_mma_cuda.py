@@ -29,7 +29,8 @@ from cuda_testutil import (
 
 # Qwen3-30B-A3B: 32 query heads over 4 KV heads of 128, 64-token pages, 32 splits; and a tiny
 # group of 2 at head dim 64 (rows past the group are the mma's padding).
-P, MP, N_PAGES = 64, 48, 40
+P, MP, N_PAGES = 64, 320, 40
+DEEP_PAGES = 264  # the case at depth 16384: 257 pages and a few unmapped
 FULL = (32, 4, 128, 32)
 TINY = (4, 2, 64, 4)
 
@@ -90,12 +91,13 @@ def test_a_group_past_the_mma_n_is_refused_by_name() -> None:
 gpu = gpu_fixture("decode_attention_mma", kernels_module)
 
 
-def paged_inputs(rng: np.random.Generator, nh: int, nkv: int, d: int, pos: int) -> list[np.ndarray]:
+def paged_inputs(rng: np.random.Generator, nh: int, nkv: int, d: int, pos: int,
+                 n_pages: int = N_PAGES) -> list[np.ndarray]:
     """q, K and V (random rows at positions 0..pos, NaN everywhere else: a read past the context
     fails), a page table of pages in random order, pos."""
-    table = np.concatenate([rng.permutation(N_PAGES), rng.integers(0, N_PAGES, MP - N_PAGES)]).astype(np.int32)
-    k = np.full((N_PAGES, P, nkv, d), np.nan, np.float16)
-    v = np.full((N_PAGES, P, nkv, d), np.nan, np.float16)
+    table = np.concatenate([rng.permutation(n_pages), rng.integers(0, n_pages, MP - n_pages)]).astype(np.int32)
+    k = np.full((n_pages, P, nkv, d), np.nan, np.float16)
+    v = np.full((n_pages, P, nkv, d), np.nan, np.float16)
     t = np.arange(pos + 1)
     k[table[t // P], t % P] = rng.standard_normal((pos + 1, nkv, d)) * 2
     v[table[t // P], t % P] = rng.standard_normal((pos + 1, nkv, d))
@@ -110,8 +112,17 @@ def paged_inputs(rng: np.random.Generator, nh: int, nkv: int, d: int, pos: int) 
                                             (TINY, 37), (TINY, 700)],
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else f"pos{x}")
 def test_matches_numpy(gpu: Gpu, shape: tuple[int, int, int, int], pos: int) -> None:
+    check_against_numpy(gpu, shape, pos)
+
+
+def test_matches_numpy_at_depth_16384(gpu: Gpu) -> None:
+    """The issue's depth: 9 tiles a warp, the read-ahead in steady state (~7 s emulated)."""
+    check_against_numpy(gpu, FULL, 16383, DEEP_PAGES)
+
+
+def check_against_numpy(gpu: Gpu, shape: tuple[int, int, int, int], pos: int, n_pages: int = N_PAGES) -> None:
     nh, nkv, d, splits = shape
-    inputs = paged_inputs(np.random.default_rng(pos + nh), nh, nkv, d, pos)
+    inputs = paged_inputs(np.random.default_rng(pos + nh), nh, nkv, d, pos, n_pages)
     o_part, lse = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits))
     gpu(symbol(*shape), *map(gpu.tensor, inputs), o_part, lse)
     o_half, lse_half = A.paged_decode_attention_mma_reference(*inputs[:4], pos, splits)
