@@ -61,9 +61,9 @@ def test_the_step_builds_for(arch: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not can_compile(), reason="the CUDA emulator builds with TVM's compiler")
 def test_emulated_steps_give_the_float32_steps_logits_within_fp16_rounding(tmp_path: Path) -> None:
-    """Three decode steps of the tiny model, with the float32 and the mma attention, in the
-    emulator: the first step's logits within fp16 rounding of Q and P of each other, and the same
-    tokens (the decisive model's logits are far apart)."""
+    """Three decode steps of the tiny model (token 0, then the sampled ones), with the float32 and
+    the mma attention, in the emulator: logits within fp16 rounding of Q and P of each other, and
+    the same tokens."""
     from tests.model.emulated_step import emulated_kernels, run_decode, step_inputs
 
     model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
@@ -76,5 +76,7 @@ def test_emulated_steps_give_the_float32_steps_logits_within_fp16_rounding(tmp_p
         runs[step.decode_attention] = [run_decode(gpu, step, inputs) for _ in range(3)]
     for (want, want_next), (got, got_next) in zip(runs["simt"], runs["mma"]):
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+        # measured: 0, 8e-5 and 6e-4 of the largest logit (depth 1 is V itself, either way)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
         assert got_next == want_next
+    assert not np.array_equal(runs["mma"][-1][0], runs["simt"][-1][0])  # its f16 rounding shows: it ran
