@@ -31,13 +31,16 @@ RUN_PROMPT_TOKENS = 128
 # - attention_registers: the T-token steps' attention in its register form (mma.sync, S, P and
 #   O in registers), its prefill beside the base's compact form (bench/NOTES.md, "Prefill attention v5");
 # - decode_mma: the decode attention's products on tensor cores (mma.sync, f16 Q and P;
-#   bench/NOTES.md, "Decode attention v3"), timed at depth 16384 too (VARIANT_DEPTHS).
+#   bench/NOTES.md, "Decode attention v3"), timed at depth 16384 too (VARIANT_DEPTHS);
+#   decode_mma_last_block: with the attention merge in its last block (a launch a layer less, at
+#   any depth: depth 128 only).
 VARIANT_STEPS: dict[str, dict[str, str]] = {
     "last_block": {"attention_merge": "last_block"},
     "router_last_block": {"router_merge": "last_block"},
     "both_last_block": {"attention_merge": "last_block", "router_merge": "last_block"},
     "attention_registers": {"attention_form": "registers"},
     "decode_mma": {"decode_attention": "mma"},
+    "decode_mma_last_block": {"decode_attention": "mma", "attention_merge": "last_block"},
 }
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = {"attention_registers"}

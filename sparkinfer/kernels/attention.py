@@ -559,11 +559,32 @@ def paged_decode_attention_mma(
     merges its warps' states through shared memory (the max, then a tree adding the warps' O
     scaled by exp(m_w - max)), and warp 0 writes o_part and lse as the float32 kernel does (an
     empty split: 0 and -inf)."""
+    return _mma_attention(n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, merged=False)
+
+
+def paged_decode_attention_mma_merged(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    splits: int,
+) -> tirx.PrimFunc:
+    """`paged_decode_attention_mma` and `attention_combine` in one kernel (decode_attention "mma"
+    with attention_merge "last_block"), params as `paged_decode_attention_merged`'s: after the
+    splits, a fence and a barrier, thread 0 counts the block in arrivals[kv] (the last of the
+    head's S resets it), and the last block merges the group's splits as `attention_combine`
+    does (the same sums in the same order), a thread per (head, dim) element."""
+    return _mma_attention(n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, merged=True)
+
+
+def _mma_attention(NH: int, NKV: int, D: int, P: int, MP: int, S: int, merged: bool) -> tirx.PrimFunc:
+    """`paged_decode_attention_mma`'s kernel, with the last-block merge after it if `merged`."""
     from tvm.script import tirx as T
 
     from sparkinfer.kernels.prefill_attention import MMA_K, MMA_M, MMA_N, SWIZZLE, WARP, _cached, exp_by_exp2
 
-    NH, NKV, D, P, MP, S, W = n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, MMA_WARPS
+    W = MMA_WARPS
     if NH % NKV:
         raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
     G = NH // NKV
@@ -576,6 +597,7 @@ def paged_decode_attention_mma(
     LOADS = KT * CHUNKS // WARP  # a lane's 16-byte loads of a K (or V) tile
     THREADS = W * WARP
     WARP_ROUNDS = W.bit_length() - 1  # rounds of the warps' merge tree (W a power of two)
+    OUTS = -(-G * D // THREADS)  # a thread's elements of the last block's merge
     scale = T.float32(1.0 / math.sqrt(D))
     lowest = T.min_value("float32")
     f16, f32 = "float16", "float32"
@@ -625,141 +647,193 @@ def paged_decode_attention_mma(
         dim = c * MMA_K + e // 2 * 8 + lane % 4 * 2 + e % 2
         return T.Cast(f16, T.Select(head < G, q_rot[kv * G + T.min(head, G - 1), dim] * scale, T.float32(0)))
 
+    @T.macro
+    def attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx):
+        tiles = T.alloc_buffer((W * 2 * KT * D,), f16, scope="shared")  # per warp: K, V
+        p_tiles = T.alloc_buffer((W * KT * MMA_N,), f16, scope="shared")  # per warp: P^T [key, head]
+        states = T.alloc_buffer((2 * W * MMA_N,), f32, scope="shared")  # per warp: max, then sum
+        merged = T.alloc_buffer((max(W // 2, 1) * D * MMA_N,), f32, scope="shared")  # warps' O^T, weighted
+        q_frag = T.alloc_buffer((KS * 4,), f16, scope="local")  # k-step c's B fragment at 4c
+        k_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")  # a lane's pieces of the next tile
+        v_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")
+        a_frag = T.alloc_buffer((8,), f16, scope="local")  # K's, then V^T's A fragment
+        p = T.alloc_buffer((2,), f16, scope="local")  # P of keys g, g + 8 of one head
+        p_frag = T.alloc_buffer((4,), f16, scope="local")
+        s = T.alloc_buffer((4,), f32, scope="local")  # S^T: keys g, g + 8 of heads 2t, 2t + 1
+        o = T.alloc_buffer((DT * 4,), f32, scope="local")  # m-tile j's accumulator at 4j
+        row_max = T.alloc_buffer((2,), f32, scope="local")  # heads 2t, 2t + 1
+        row_sum = T.alloc_buffer((2,), f32, scope="local")  # this lane's share (keys g, g + 8)
+        tile_max = T.alloc_buffer((2,), f32, scope="local")
+        alpha = T.alloc_buffer((2,), f32, scope="local")
+        kv = block // S
+        split = block % S
+        warp = tx // WARP
+        lane = tx % WARP
+        chunk = (pos[0] + S) // S  # ceil((pos + 1) / S)
+        end = T.min((split + 1) * chunk, pos[0] + 1)
+        steps = (chunk + W * KT - 1) // (W * KT)  # a warp's tiles
+        for c in T.unroll(KS):
+            for e in T.unroll(4):
+                q_frag[c * 4 + e] = q_value(q_rot, kv, lane, c, e)
+        for i in T.unroll(DT * 4):
+            o[i] = T.float32(0)
+        for e in T.unroll(2):
+            row_max[e] = lowest
+            row_sum[e] = T.float32(0)
+        for i in T.unroll(LOADS):  # tile 0's K and V
+            for e in T.vectorized(VECTOR):
+                k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+                v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+        for it in range(steps):
+            T.evaluate(sync_warp())  # the last tile's ldmatrix are done
+            for i in T.unroll(LOADS):  # piece i of the tile: row (32i + lane) / (D / 8), chunk % (D / 8)
+                for e in T.vectorized(VECTOR):
+                    tiles[at(warp, 0, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = k_next[
+                        i * VECTOR + e]
+                    tiles[at(warp, 1, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = v_next[
+                        i * VECTOR + e]
+            T.evaluate(sync_warp())
+            if it + 1 < steps:  # the next tile's K and V in flight while this one computes
+                for i in T.unroll(LOADS):
+                    for e in T.vectorized(VECTOR):
+                        k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                       warp, lane, i, e)
+                        v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                       warp, lane, i, e)
+            for i in T.unroll(4):
+                s[i] = T.float32(0)
+            for c in T.unroll(KS):  # x4: K's keys 0-7 and 8-15 of dims 16c .. 16c + 7, then of + 8 ..
+                T.evaluate(ldmatrix(False, 4, a_frag, tiles, at(warp, 0, lane % 16, c * 2 + lane // 16)))
+                T.evaluate(mma(a_frag, q_frag, c * 4, s, 0))
+            for e in T.unroll(2):
+                tile_max[e] = row_max[e]
+                for half in T.unroll(2):
+                    tile_max[e] = T.max(tile_max[e], T.Select(
+                        key(split, chunk, it, warp, lane // 4 + half * 8) < end, s[half * 2 + e], lowest))
+                for lane_mask in T.unroll(3):  # lanes g ^ 1, g ^ 2, g ^ 4: the head's 8 lanes
+                    tile_max[e] = T.max(tile_max[e], lane_xor(tile_max[e], 4 << lane_mask))
+                alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
+                row_max[e] = tile_max[e]
+                row_sum[e] = row_sum[e] * alpha[e]
+                for half in T.unroll(2):
+                    p[half] = T.Cast(f16, T.Select(key(split, chunk, it, warp, lane // 4 + half * 8) < end,
+                                                   exp_by_exp2(s[half * 2 + e] - tile_max[e]), T.float32(0)))
+                    p_tiles[(warp * KT + lane // 4 + half * 8) * MMA_N + lane % 4 * 2 + e] = p[half]
+                    row_sum[e] = row_sum[e] + T.Cast(f32, p[half])
+                for j in T.unroll(DT):
+                    for half in T.unroll(2):
+                        o[j * 4 + half * 2 + e] = o[j * 4 + half * 2 + e] * alpha[e]
+            T.evaluate(sync_warp())
+            # x2 .trans: P^T's keys 0-7, then 8-15, as the B fragment (head g, keys 2t, 2t + 1)
+            T.evaluate(ldmatrix(True, 2, p_frag, p_tiles, (warp * KT + lane % 16) * MMA_N))
+            for j in T.unroll(DT):  # x4 .trans: V^T's dims 16j .. of keys 0-7, dims + 8 .., then keys 8-15
+                T.evaluate(ldmatrix(True, 4, a_frag, tiles, at(warp, 1, lane // 16 * 8 + lane % 8,
+                                                                j * 2 + lane // 8 % 2)))
+                T.evaluate(mma(a_frag, p_frag, 0, o, j * 4))
+        for e in T.unroll(2):
+            for lane_mask in T.unroll(3):
+                row_sum[e] = row_sum[e] + lane_xor(row_sum[e], 4 << lane_mask)
+            if lane < 4:
+                states[warp * MMA_N + lane * 2 + e] = row_max[e]
+                states[(W + warp) * MMA_N + lane * 2 + e] = row_sum[e]
+        T.tvm_storage_sync("shared")
+        # tile_max: the split's max over the warps; alpha: this warp's weight in the merge;
+        # row_sum: the split's sum (every warp's, weighted)
+        for e in T.unroll(2):
+            tile_max[e] = lowest
+            for w in T.unroll(W):
+                tile_max[e] = T.max(tile_max[e], states[w * MMA_N + lane % 4 * 2 + e])
+            alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
+            row_sum[e] = T.float32(0)
+            for w in T.unroll(W):
+                row_sum[e] = row_sum[e] + states[(W + w) * MMA_N + lane % 4 * 2 + e] * exp_by_exp2(
+                    states[w * MMA_N + lane % 4 * 2 + e] - tile_max[e])
+        # A tree over the warps: in round r the upper half of the warps left hands its
+        # weighted O to the lower half through shared memory; pure stores, a barrier, pure
+        # loads (a read-modify-write of shared memory in a loop under a warp test would need
+        # barriers TVM cannot place inside the test).
+        for r in T.unroll(WARP_ROUNDS):
+            if warp >= W >> (r + 1) and warp < W >> r:
+                for i in T.unroll(DT * 4):
+                    merged[(warp - (W >> (r + 1))) * D * MMA_N + merged_at(lane, i)] = o[i] * alpha[i % 2]
+            T.tvm_storage_sync("shared")
+            if warp < W >> (r + 1):
+                for i in T.unroll(DT * 4):
+                    o[i] = o[i] * alpha[i % 2] + merged[warp * D * MMA_N + merged_at(lane, i)]
+                for e in T.unroll(2):
+                    alpha[e] = T.float32(1)  # O is weighted now
+            T.tvm_storage_sync("shared")
+        if warp == 0:
+            for i in T.unroll(DT * 4):
+                if lane % 4 * 2 + i % 2 < G:
+                    o_part[kv * G + lane % 4 * 2 + i % 2, split, merged_at(lane, i) // MMA_N] = T.Select(
+                        row_sum[i % 2] > T.float32(0), o[i] * alpha[i % 2] / row_sum[i % 2], T.float32(0))
+            for e in T.unroll(2):
+                if lane < 4 and lane * 2 + e < G:
+                    lse[kv * G + lane * 2 + e, split] = T.Select(
+                        row_sum[e] > T.float32(0), tile_max[e] + T.log(row_sum[e]), T.float32(_NEG_INF))
+
+
+    if not merged:
+        @T.prim_func(private=True)
+        def func(q_rot: T.Buffer((NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+                 page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"),
+                 o_part: T.Buffer((NH, S, D), "float32"), lse: T.Buffer((NH, S), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            n_pages = T.int64()
+            k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+            v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+            for block in T.thread_binding(NKV * S, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx)
+
+        return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}_mma")
+
     @T.prim_func(private=True)
-    def func(q_rot: T.Buffer((NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
-             page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"), o_part: T.Buffer((NH, S, D), "float32"),
-             lse: T.Buffer((NH, S), "float32")):
+    def merged_func(q_rot: T.Buffer((NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+                    page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"),
+                    arrivals: T.Buffer((NKV,), "int32"), o_part: T.Buffer((NH, S, D), "float32"),
+                    lse: T.Buffer((NH, S), "float32"), out: T.Buffer((NH * D,), "float32")):
         T.func_attr({"tirx.noalias": True})
         n_pages = T.int64()
         k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
         v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
         for block in T.thread_binding(NKV * S, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                tiles = T.alloc_buffer((W * 2 * KT * D,), f16, scope="shared")  # per warp: K, V
-                p_tiles = T.alloc_buffer((W * KT * MMA_N,), f16, scope="shared")  # per warp: P^T [key, head]
-                states = T.alloc_buffer((2 * W * MMA_N,), f32, scope="shared")  # per warp: max, then sum
-                merged = T.alloc_buffer((max(W // 2, 1) * D * MMA_N,), f32, scope="shared")  # warps' O^T, weighted
-                q_frag = T.alloc_buffer((KS * 4,), f16, scope="local")  # k-step c's B fragment at 4c
-                k_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")  # a lane's pieces of the next tile
-                v_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")
-                a_frag = T.alloc_buffer((8,), f16, scope="local")  # K's, then V^T's A fragment
-                p = T.alloc_buffer((2,), f16, scope="local")  # P of keys g, g + 8 of one head
-                p_frag = T.alloc_buffer((4,), f16, scope="local")
-                s = T.alloc_buffer((4,), f32, scope="local")  # S^T: keys g, g + 8 of heads 2t, 2t + 1
-                o = T.alloc_buffer((DT * 4,), f32, scope="local")  # m-tile j's accumulator at 4j
-                row_max = T.alloc_buffer((2,), f32, scope="local")  # heads 2t, 2t + 1
-                row_sum = T.alloc_buffer((2,), f32, scope="local")  # this lane's share (keys g, g + 8)
-                tile_max = T.alloc_buffer((2,), f32, scope="local")
-                alpha = T.alloc_buffer((2,), f32, scope="local")
-                kv = block // S
-                split = block % S
-                warp = tx // WARP
-                lane = tx % WARP
-                chunk = (pos[0] + S) // S  # ceil((pos + 1) / S)
-                end = T.min((split + 1) * chunk, pos[0] + 1)
-                steps = (chunk + W * KT - 1) // (W * KT)  # a warp's tiles
-                for c in T.unroll(KS):
-                    for e in T.unroll(4):
-                        q_frag[c * 4 + e] = q_value(q_rot, kv, lane, c, e)
-                for i in T.unroll(DT * 4):
-                    o[i] = T.float32(0)
-                for e in T.unroll(2):
-                    row_max[e] = lowest
-                    row_sum[e] = T.float32(0)
-                for i in T.unroll(LOADS):  # tile 0's K and V
-                    for e in T.vectorized(VECTOR):
-                        k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
-                        v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
-                for it in range(steps):
-                    T.evaluate(sync_warp())  # the last tile's ldmatrix are done
-                    for i in T.unroll(LOADS):  # piece i of the tile: row (32i + lane) / (D / 8), chunk % (D / 8)
-                        for e in T.vectorized(VECTOR):
-                            tiles[at(warp, 0, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = k_next[
-                                i * VECTOR + e]
-                            tiles[at(warp, 1, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = v_next[
-                                i * VECTOR + e]
-                    T.evaluate(sync_warp())
-                    if it + 1 < steps:  # the next tile's K and V in flight while this one computes
-                        for i in T.unroll(LOADS):
-                            for e in T.vectorized(VECTOR):
-                                k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, it + 1,
-                                                               warp, lane, i, e)
-                                v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, it + 1,
-                                                               warp, lane, i, e)
-                    for i in T.unroll(4):
-                        s[i] = T.float32(0)
-                    for c in T.unroll(KS):  # x4: K's keys 0-7 and 8-15 of dims 16c .. 16c + 7, then of + 8 ..
-                        T.evaluate(ldmatrix(False, 4, a_frag, tiles, at(warp, 0, lane % 16, c * 2 + lane // 16)))
-                        T.evaluate(mma(a_frag, q_frag, c * 4, s, 0))
-                    for e in T.unroll(2):
-                        tile_max[e] = row_max[e]
-                        for half in T.unroll(2):
-                            tile_max[e] = T.max(tile_max[e], T.Select(
-                                key(split, chunk, it, warp, lane // 4 + half * 8) < end, s[half * 2 + e], lowest))
-                        for lane_mask in T.unroll(3):  # lanes g ^ 1, g ^ 2, g ^ 4: the head's 8 lanes
-                            tile_max[e] = T.max(tile_max[e], lane_xor(tile_max[e], 4 << lane_mask))
-                        alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
-                        row_max[e] = tile_max[e]
-                        row_sum[e] = row_sum[e] * alpha[e]
-                        for half in T.unroll(2):
-                            p[half] = T.Cast(f16, T.Select(key(split, chunk, it, warp, lane // 4 + half * 8) < end,
-                                                           exp_by_exp2(s[half * 2 + e] - tile_max[e]), T.float32(0)))
-                            p_tiles[(warp * KT + lane // 4 + half * 8) * MMA_N + lane % 4 * 2 + e] = p[half]
-                            row_sum[e] = row_sum[e] + T.Cast(f32, p[half])
-                        for j in T.unroll(DT):
-                            for half in T.unroll(2):
-                                o[j * 4 + half * 2 + e] = o[j * 4 + half * 2 + e] * alpha[e]
-                    T.evaluate(sync_warp())
-                    # x2 .trans: P^T's keys 0-7, then 8-15, as the B fragment (head g, keys 2t, 2t + 1)
-                    T.evaluate(ldmatrix(True, 2, p_frag, p_tiles, (warp * KT + lane % 16) * MMA_N))
-                    for j in T.unroll(DT):  # x4 .trans: V^T's dims 16j .. of keys 0-7, dims + 8 .., then keys 8-15
-                        T.evaluate(ldmatrix(True, 4, a_frag, tiles, at(warp, 1, lane // 16 * 8 + lane % 8,
-                                                                        j * 2 + lane // 8 % 2)))
-                        T.evaluate(mma(a_frag, p_frag, 0, o, j * 4))
-                for e in T.unroll(2):
-                    for lane_mask in T.unroll(3):
-                        row_sum[e] = row_sum[e] + lane_xor(row_sum[e], 4 << lane_mask)
-                    if lane < 4:
-                        states[warp * MMA_N + lane * 2 + e] = row_max[e]
-                        states[(W + warp) * MMA_N + lane * 2 + e] = row_sum[e]
+                attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx)
+                last = T.alloc_buffer((1,), "int32", scope="shared")  # this block is its KV head's last split
+                is_last = T.alloc_buffer((1,), "int32", scope="local")
+                combined = T.alloc_buffer((3,), f32, scope="local")  # lse max, weight sum, weighted output
+                # As paged_decode_attention_merged: warp 0's o_part and lse stores visible to the
+                # GPU before thread 0 counts the block; the last block's count reads the others'.
+                T.cuda.thread_fence()
                 T.tvm_storage_sync("shared")
-                # tile_max: the split's max over the warps; alpha: this warp's weight in the merge;
-                # row_sum: the split's sum (every warp's, weighted)
-                for e in T.unroll(2):
-                    tile_max[e] = lowest
-                    for w in T.unroll(W):
-                        tile_max[e] = T.max(tile_max[e], states[w * MMA_N + lane % 4 * 2 + e])
-                    alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
-                    row_sum[e] = T.float32(0)
-                    for w in T.unroll(W):
-                        row_sum[e] = row_sum[e] + states[(W + w) * MMA_N + lane % 4 * 2 + e] * exp_by_exp2(
-                            states[w * MMA_N + lane % 4 * 2 + e] - tile_max[e])
-                # A tree over the warps: in round r the upper half of the warps left hands its
-                # weighted O to the lower half through shared memory; pure stores, a barrier, pure
-                # loads (a read-modify-write of shared memory in a loop under a warp test would need
-                # barriers TVM cannot place inside the test).
-                for r in T.unroll(WARP_ROUNDS):
-                    if warp >= W >> (r + 1) and warp < W >> r:
-                        for i in T.unroll(DT * 4):
-                            merged[(warp - (W >> (r + 1))) * D * MMA_N + merged_at(lane, i)] = o[i] * alpha[i % 2]
-                    T.tvm_storage_sync("shared")
-                    if warp < W >> (r + 1):
-                        for i in T.unroll(DT * 4):
-                            o[i] = o[i] * alpha[i % 2] + merged[warp * D * MMA_N + merged_at(lane, i)]
-                        for e in T.unroll(2):
-                            alpha[e] = T.float32(1)  # O is weighted now
-                    T.tvm_storage_sync("shared")
-                if warp == 0:
-                    for i in T.unroll(DT * 4):
-                        if lane % 4 * 2 + i % 2 < G:
-                            o_part[kv * G + lane % 4 * 2 + i % 2, split, merged_at(lane, i) // MMA_N] = T.Select(
-                                row_sum[i % 2] > T.float32(0), o[i] * alpha[i % 2] / row_sum[i % 2], T.float32(0))
-                    for e in T.unroll(2):
-                        if lane < 4 and lane * 2 + e < G:
-                            lse[kv * G + lane * 2 + e, split] = T.Select(
-                                row_sum[e] > T.float32(0), tile_max[e] + T.log(row_sum[e]), T.float32(_NEG_INF))
+                if tx == 0:
+                    before: T.int32 = T.cuda.atomic_add(T.address_of(arrivals[block // S]), 1)
+                    if before == S - 1:
+                        arrivals[block // S] = 0
+                    T.cuda.thread_fence()
+                    last[0] = T.Cast("int32", before == S - 1)
+                T.tvm_storage_sync("shared")
+                is_last[0] = last[0]  # a local copy: TVM reads no shared memory in a condition
+                if is_last[0] == 1:
+                    for i in T.unroll(OUTS):  # element (head, dim) of the group's outputs by thread i * THREADS + tx
+                        if i * THREADS + tx < G * D:
+                            combined[0] = lowest
+                            for s2 in range(S):
+                                combined[0] = T.max(combined[0], lse[block // S * G + (i * THREADS + tx) // D, s2])
+                            combined[1] = T.float32(0)
+                            combined[2] = T.float32(0)
+                            for s2 in range(S):  # attention_combine's sums, in its order
+                                combined[1] = combined[1] + split_weight(
+                                    lse[block // S * G + (i * THREADS + tx) // D, s2], combined[0])
+                                combined[2] = combined[2] + split_weight(
+                                    lse[block // S * G + (i * THREADS + tx) // D, s2], combined[0]) * o_part[
+                                    block // S * G + (i * THREADS + tx) // D, s2, (i * THREADS + tx) % D]
+                            out[block // S * G * D + i * THREADS + tx] = combined[2] / combined[1]
 
-    return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}_mma")
+    return merged_func.with_attr("global_symbol", f"paged_decode_attention_merged_{NH}x{NKV}x{D}_p{P}_s{S}_mma")
+
 
 
 def paged_decode_attention_mma_reference(

@@ -36,7 +36,8 @@ With attention_merge="last_block" paged_decode_attention_merged replaces paged_d
 attention_combine: the attention kernel's last block of each KV head merges its splits. With
 router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
 last block picks the experts. With decode_attention="mma" paged_decode_attention_mma replaces
-paged_decode_attention: the same splits, on tensor cores.
+paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
+tensor cores.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -540,7 +541,9 @@ class _StepBuilder:
         NH, NKV, D = c.n_heads, c.n_kv_heads, c.head_dim
         parts = [self.f32(NH, self.S, D), self.f32(NH, self.S)]
         if self.merge_in_last_block:
-            gv = self.k("attention", "paged_decode_attention_merged", NH, NKV, D, self.P, self.MP, self.S)
+            factory = "paged_decode_attention_mma_merged" if self.decode_attention == "mma" else \
+                "paged_decode_attention_merged"
+            gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S)
             arrivals = p[ARRIVALS]
             _arrivals, _o, _lse, att = self.call_inplace(
                 gv, [q_rot, kc, vc, p["page_table"], p["pos"], arrivals], [5, -1, -1, -1],
@@ -784,8 +787,8 @@ def build_decode_step(
     decode_launches "split" (the fused gate/up picks the experts itself).
     `decode_attention` (DECODE_ATTENTIONS) is how the decode attention multiplies: "simt" in float32
     (`kernels.attention.paged_decode_attention`), "mma" with f16 Q and P on tensor cores
-    (`kernels.attention.paged_decode_attention_mma`, CUDA only); "mma" needs attention_merge
-    "separate" (the last-block merge is a kernel of the float32 attention)."""
+    (`kernels.attention.paged_decode_attention_mma`, CUDA only; with attention_merge
+    "last_block" `paged_decode_attention_mma_merged`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -808,10 +811,6 @@ def build_decode_step(
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")
-    if decode_attention != DECODE_ATTENTIONS[0] and attention_merge != ATTENTION_MERGES[0]:
-        raise SparkInferError(f"decode_attention={decode_attention!r} needs attention_merge='separate', got "
-                              f"{attention_merge!r}: the last-block merge (paged_decode_attention_merged) is a "
-                              f"kernel of the float32 attention")
     if programmatic_launch not in PROGRAMMATIC_LAUNCH:
         raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
                               f"got {programmatic_launch!r}")

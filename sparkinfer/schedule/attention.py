@@ -24,7 +24,8 @@ the work follows the context at short depth (the former token-per-lane step had 
 slots a block, 32 a warp, whatever the depth), and q lives in registers instead of being read
 again from shared memory for every token.
 
-paged_decode_attention_mma (decode_attention "mma"): comes scheduled (its factory's docstring).
+paged_decode_attention_mma (decode_attention "mma") and paged_decode_attention_mma_merged (with
+attention_merge "last_block"): come scheduled (their factory's docstrings).
 
 attention_combine: one thread block per query head, a thread per head dim, the splits unrolled.
 
@@ -313,6 +314,13 @@ class PagedDecodeAttentionMmaCudaRule(FixedRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         pass
+
+
+class PagedDecodeAttentionMmaMergedCudaRule(PagedDecodeAttentionMmaCudaRule):
+    """`attention.paged_decode_attention_mma_merged` (decode_attention "mma" with attention_merge
+    "last_block"): comes scheduled too."""
+
+    factory = "paged_decode_attention_mma_merged"
 
 
 class AttentionCombineCudaRule(FixedRule):

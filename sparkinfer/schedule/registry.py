@@ -9,6 +9,7 @@ from sparkinfer.schedule.attention import (
     PagedDecodeAttentionCudaRule,
     PagedDecodeAttentionMergedCudaRule,
     PagedDecodeAttentionMmaCudaRule,
+    PagedDecodeAttentionMmaMergedCudaRule,
 )
 from sparkinfer.schedule.cpu import (
     AddRmsNormCpuRule,
@@ -69,6 +70,7 @@ for _rule in (
     PagedDecodeAttentionCudaRule(),
     PagedDecodeAttentionMergedCudaRule(),
     PagedDecodeAttentionMmaCudaRule(),
+    PagedDecodeAttentionMmaMergedCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
     RmsNormCudaRule(),

@@ -1,7 +1,8 @@
-"""The step variant decode_attention="mma" (kernels.attention.paged_decode_attention_mma): the
-kernel it swaps in, its bad inputs and combinations, the cpu's refusal, the tiny model's step with
-it built for every CUDA arch, and in the CUDA emulator that step's logits within fp16 rounding of
-the float32 step's. The kernel-level checks are tests/schedule/test_decode_attention_mma_cuda.py's."""
+"""The step variant decode_attention="mma" (kernels.attention.paged_decode_attention_mma, and
+paged_decode_attention_mma_merged with attention_merge "last_block"): the kernels it swaps in, a
+bad value, the cpu's refusal, the tiny model's step with it built for every CUDA arch, and in the
+CUDA emulator that step's logits within fp16 rounding of the float32 step's (and the merged
+step's the same, bit for bit). The kernel-level checks are tests/schedule/test_decode_attention_mma_cuda.py's."""
 
 from pathlib import Path
 
@@ -35,10 +36,11 @@ def test_an_unknown_attention_is_refused() -> None:
         build_decode_step(TINY, TYPES, decode_attention="wmma")
 
 
-def test_the_last_block_merge_is_refused_with_it() -> None:
-    with pytest.raises(SparkInferError, match=r"decode_attention='mma' needs attention_merge='separate', got "
-                                              r"'last_block': the last-block merge .* is a kernel of the float32"):
-        build_decode_step(TINY, TYPES, decode_attention="mma", attention_merge="last_block")
+def test_with_the_last_block_merge_its_merged_kernel_replaces_both_launches() -> None:
+    counts = launches(build_decode_step(TINY, TYPES, decode_attention="mma", attention_merge="last_block"))
+    assert counts["paged_decode_attention_mma_merged"] == TINY.n_layers
+    assert not {"paged_decode_attention", "paged_decode_attention_mma", "attention_combine",
+                "paged_decode_attention_merged"} & set(counts)
 
 
 def test_the_cpu_refuses_it() -> None:
@@ -50,10 +52,11 @@ def test_the_cpu_refuses_it() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
-def test_the_step_builds_for(arch: str) -> None:
+@pytest.mark.parametrize("merge", ["separate", "last_block"])
+def test_the_step_builds_for(arch: str, merge: str) -> None:
     from tests.compiler.test_compiler_attention_merge import kernel_sources
 
-    with_mma = kernel_sources(arch, decode_attention="mma")
+    with_mma = kernel_sources(arch, decode_attention="mma", attention_merge=merge)
     assert any(name.startswith("paged_decode_attention_") and name.endswith("_mma") for name in with_mma)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in "".join(with_mma.values())
 
@@ -69,11 +72,16 @@ def test_emulated_steps_give_the_float32_steps_logits_within_fp16_rounding(tmp_p
     model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
     simt = build_decode_step(TINY, TYPES)
     mma = build_decode_step(TINY, TYPES, decode_attention="mma")
-    gpu = emulated_kernels(simt, mma)
+    merged = build_decode_step(TINY, TYPES, decode_attention="mma", attention_merge="last_block")
+    gpu = emulated_kernels(simt, mma, merged)
     runs = {}
-    for step in (simt, mma):
+    for step in (simt, mma, merged):
         inputs = step_inputs(step, model, n_pages=2)
-        runs[step.decode_attention] = [run_decode(gpu, step, inputs) for _ in range(3)]
+        runs[step.decode_attention, step.attention_merge] = [run_decode(gpu, step, inputs) for _ in range(3)]
+    for (want, want_next), (got, got_next) in zip(runs["mma", "separate"], runs["mma", "last_block"]):
+        np.testing.assert_array_equal(got, want)
+        assert got_next == want_next
+    runs = {name: runs[name, "separate"] for name in ("simt", "mma")}
     for (want, want_next), (got, got_next) in zip(runs["simt"], runs["mma"]):
         assert np.isfinite(got).all()
         # measured: 0, 8e-5 and 6e-4 of the largest logit (depth 1 is V itself, either way)

@@ -1,7 +1,8 @@
 """The tensor-core decode attention (kernels.attention.paged_decode_attention_mma, the step
-variant decode_attention="mma"): codegen, ptxas, nvcc for every arch, and on a GPU (and the CUDA
-emulator) against its own numpy reference (f16 Q and P) and, within fp16 rounding, the float32
-one."""
+variant decode_attention="mma", and paged_decode_attention_mma_merged, with attention_merge
+"last_block"): codegen, ptxas, nvcc for every arch, and on a GPU (and the CUDA emulator) against
+its own numpy reference (f16 Q and P) and, within fp16 rounding, the float32 one; the merged
+kernel against the separate kernels."""
 
 import re
 import subprocess
@@ -39,9 +40,20 @@ def symbol(nh: int, nkv: int, d: int, splits: int) -> str:
     return f"paged_decode_attention_{nh}x{nkv}x{d}_p{P}_s{splits}_mma"
 
 
+def merged_symbol(nh: int, nkv: int, d: int, splits: int) -> str:
+    return f"paged_decode_attention_merged_{nh}x{nkv}x{d}_p{P}_s{splits}_mma"
+
+
+def combine_symbol(nh: int, nkv: int, d: int, splits: int) -> str:
+    return f"attention_combine_{nh}x{splits}x{d}"
+
+
 def kernels_module() -> tvm.IRModule:
-    return module(*(scheduled(A.paged_decode_attention_mma, "attention", nh, nkv, d, P, MP, s)
-                    for nh, nkv, d, s in (FULL, TINY)))
+    """Both shapes' attention, last-block merged attention and combine."""
+    return module(*(f for nh, nkv, d, s in (FULL, TINY) for f in (
+        scheduled(A.paged_decode_attention_mma, "attention", nh, nkv, d, P, MP, s),
+        scheduled(A.paged_decode_attention_mma_merged, "attention", nh, nkv, d, P, MP, s),
+        scheduled(A.attention_combine, "attention", nh, s, d))))
 
 
 def test_q_k_and_p_v_are_mma_sync_on_registers() -> None:
@@ -135,6 +147,28 @@ def check_against_numpy(gpu: Gpu, shape: tuple[int, int, int, int], pos: int, n_
     o_f32, lse_f32 = A.paged_decode_attention_reference(*inputs[:4], pos, splits)
     np.testing.assert_allclose(lse.numpy()[~empty], lse_f32[~empty], rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(o_part.numpy(), o_f32, rtol=1e-2, atol=4e-3)
+
+
+@pytest.mark.parametrize(("shape", "pos"), [(FULL, 700), (TINY, 37)],
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else f"pos{x}")
+def test_last_block_merge_matches_the_separate_kernels(gpu: Gpu, shape: tuple[int, int, int, int], pos: int) -> None:
+    """The merged kernel's o_part, lse and out are the separate kernels' bit for bit (the combine's
+    sums in its order), and it leaves every count at 0: twice, so that the emulator runs its blocks
+    in both orders and the second launch starts from the first's reset."""
+    nh, nkv, d, splits = shape
+    inputs = [gpu.tensor(a) for a in paged_inputs(np.random.default_rng(pos), nh, nkv, d, pos)]
+    o_part, lse, out = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits)), gpu.poisoned((nh * d,))
+    gpu(symbol(*shape), *inputs, o_part, lse)
+    gpu(combine_symbol(*shape), o_part, lse, out)
+    arrivals = gpu.tensor(np.zeros(nkv, np.int32))
+    for _ in range(2):
+        merged = gpu.poisoned((nh, splits, d)), gpu.poisoned((nh, splits)), gpu.poisoned((nh * d,))
+        gpu(merged_symbol(*shape), *inputs, arrivals, *merged)
+        for got, want in zip(merged, (o_part, lse, out)):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+        np.testing.assert_array_equal(arrivals.numpy(), np.zeros(nkv, np.int32))
+    oracle = A.decode_attention_reference(*(a.numpy() for a in inputs[:4]), pos)
+    np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-2, atol=4e-3)
 
 
 if __name__ == "__main__":
