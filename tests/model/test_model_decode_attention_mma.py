@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkinfer.compiler import targets
 from sparkinfer.compiler.pipeline import build_step
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
