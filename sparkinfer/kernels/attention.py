@@ -730,6 +730,10 @@ def _mma_attention(NH: int, NKV: int, D: int, P: int, MP: int, S: int, merged: b
                 T.evaluate(ldmatrix(True, 4, a_frag, tiles, at(warp, 1, lane // 16 * 8 + lane % 8,
                                                                 j * 2 + lane // 8 % 2)))
                 T.evaluate(mma(a_frag, p_frag, 0, o, j * 4))
+        # Every warp past its last ldmatrix of P^T before any writes `states`: TVM's storage
+        # planner lays `states` in `p_tiles`' room (their lifetimes do not overlap in one thread's
+        # order, but a warp may finish its loop before another).
+        T.tvm_storage_sync("shared")
         for e in T.unroll(2):
             for lane_mask in T.unroll(3):
                 row_sum[e] = row_sum[e] + lane_xor(row_sum[e], 4 << lane_mask)
