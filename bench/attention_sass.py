@@ -2,7 +2,9 @@
 "Decode attention v2"): registers and spills (`ptxas -v`) and the instruction mix of the tile
 loop (the kernel's one backward branch at depth: a step of `streams` x `tile` tokens a block),
 per token, for the full-size Qwen3-30B-A3B shape (32 query heads, 4 KV heads of 128, 64-token
-pages) and each (heads_per_lane, k_vector) of the CUDA rule's space.
+pages) and each (heads_per_lane, k_vector) of the CUDA rule's space; then the same for the
+tensor-core kernel (`paged_decode_attention_mma`, decode_attention="mma": a step of 16 tokens a
+warp; bench/NOTES.md, "Decode attention v3").
 
 Needs full TVM, nvcc (CUDA 13), cuobjdump + nvdisasm (bench/decode_kernels_evidence.py finds them):
 
@@ -31,7 +33,7 @@ from sparkinfer.schedule.attention import AttentionKnobs  # noqa: E402
 from sparkinfer.schedule.space import kernel_use, rule_for, schedule_kernel  # noqa: E402
 
 NH, NKV, D, P, MP = 32, 4, 128, 64, 640
-OPS = ("FFMA", "HADD2", "FADD", "FMUL", "SHFL", "MUFU", "LDG", "LDS", "BAR")
+OPS = ("FFMA", "HADD2", "FADD", "FMUL", "SHFL", "MUFU", "LDG", "LDS", "BAR", "HMMA", "LDSM", "STS")
 
 
 def tile_loop_mix(sass: str) -> tuple[int, Counter[str]]:
@@ -82,6 +84,19 @@ def main() -> int:
                 mark = " (default)" if knobs == default else ""
                 print(f"{heads:>14} {vector:>8} {regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>7} "
                       f"{n:>5} {n / tile:>6.0f}  " + " ".join(f"{ops[o]:>5}" for o in OPS) + mark)
+        mma_use = kernel_use("attention", "paged_decode_attention_mma", *shape)
+        func = schedule_kernel(A.paged_decode_attention_mma(*shape), mma_use, facts, None)
+        source = targets.cuda_source(tvm.IRModule({mma_use.name: func}), args.arch)
+        report = _nvcc_cubin(source, args.arch, Path(tmp) / "mma.cubin")
+        regs = re.search(r"Used (\d+) registers", report)
+        spill = re.search(r"(\d+) bytes spill stores", report)
+        env_path = f"{Path(cuobjdump).parent}:{Path(targets.find_nvcc() or 'nvcc').parent}"
+        sass = subprocess.run([cuobjdump, "-sass", str(Path(tmp) / "mma.cubin")], capture_output=True, text=True,
+                              check=True, env={"PATH": env_path}).stdout
+        n, ops = tile_loop_mix(sass)
+        keys = 16  # a warp's step: one m16 tile of keys
+        print(f"{'mma':>14} {'-':>8} {regs.group(1) if regs else '?':>5} {spill.group(1) if spill else '?':>7} "
+              f"{n:>5} {n / keys:>6.0f}  " + " ".join(f"{ops[o]:>5}" for o in OPS) + "  (decode_attention=mma)")
     return 0
 
 

@@ -22,12 +22,19 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). None now: session 14's four were measured in its call 2 (bench/NOTES.md,
-# "Session 14"): attention_registers won and is sm_90.json's; the last-block merges
-# (attention_merge, router_merge) lost and stay off.
-VARIANT_STEPS: dict[str, dict[str, str]] = {}
+# under 64 MiB). Session 14's call 2 measured four (bench/NOTES.md, "Session 14"):
+# attention_registers won and is sm_90.json's; the last-block merges (attention_merge,
+# router_merge) lost and stay off. Left: decode_mma, the decode attention's products on tensor
+# cores (mma.sync, f16 Q and P; bench/NOTES.md, "Decode attention v3"), timed at depth 16384 too
+# (VARIANT_DEPTHS).
+VARIANT_STEPS: dict[str, dict[str, str]] = {"decode_mma": {"decode_attention": "mma"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
+# The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
+# named here, for a variant of the attention, whose share of a token grows with the depth. The
+# base is timed at every depth a variant is.
+DEFAULT_VARIANT_DEPTHS = (128,)
+VARIANT_DEPTHS: dict[str, tuple[int, ...]] = {"decode_mma": (128, 16384)}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.
@@ -96,6 +103,9 @@ def prepare(arch: str) -> dict:
         "variants": " ".join(variants),
         "variants_chunked": " ".join(name for name in variants if name in VARIANT_CHUNKED or name == BEFORE),
         **{f"{name}_module": str(_directory(result).relative_to(REPO)) for name, result in variants.items()},
+        **{f"{name}_depths": _depths(VARIANT_DEPTHS.get(name, DEFAULT_VARIANT_DEPTHS)) for name in variants},
+        "base_depths": _depths(sorted({d for name in variants for d in VARIANT_DEPTHS.get(name, DEFAULT_VARIANT_DEPTHS)}
+                                      | set(DEFAULT_VARIANT_DEPTHS))),
         "cut_module": str(cut_module_dir(arch).relative_to(REPO)) if cut_module_dir(arch).is_relative_to(REPO)
         else str(cut_module_dir(arch)),
         "sources_hash": sources_hash(arch),
@@ -107,6 +117,11 @@ def prepare(arch: str) -> dict:
     }
     ROUND.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _depths(depths: Any) -> str:
+    """`sparkinfer bench --depths`'s form of a list of depths."""
+    return ",".join(str(d) for d in depths)
 
 
 def _directory(result: Any) -> Path:

@@ -27,7 +27,7 @@
 #   chunked_gate  only the chunked stage's accuracy gates (the engine's chunk choice; the largest step)
 #   variants the variants of the default step (bench/gpu_round.py VARIANT_STEPS; and "before",
 #            an earlier tree's full module, when compiled/<arch>/before/ has one): each one's
-#            full-size gate, then decode at depth 128, host sync (and 1024-, 4096- and
+#            full-size gate, then decode at depth 128 (and VARIANT_DEPTHS'), host sync (and 1024-, 4096- and
 #            16384-token prefills where it has T-token steps), beside the full module's (base,
 #            before and after them) in the same call
 #   run      `sparkinfer run -n 128 --json` with a 128-token prompt
@@ -230,18 +230,22 @@ stage_variants() {
     [[ $chunked == *" $name "* ]] && { full_gate "$(python3 bench/gpu_round.py get ${name}_module)" \
       $name-gate-largest.txt 120 --prefill-chunk "$largest" || rc=1; }
   done
-  # depth 128 only (the variants change the kernels, not the attention's depth): the decode-only
-  # modules fill their depth token by token. The base twice, first and last: the spread of one call.
+  # depth 128 (the variants change the kernels, not the attention's depth), and the depths of
+  # gpu_round.py's VARIANT_DEPTHS for a variant of the attention (the base at all of them): the
+  # decode-only modules fill their depth token by token, ~75 s for 16384 tokens, hence their longer
+  # limit. The base twice, first and last: the spread of one call.
   # Modules with T-token steps (the base, VARIANT_CHUNKED) time the prefill of 4096- and
   # 16384-token prompts (where the causal attention's share grows) and of a 1024-token one
   # (between chunk sizes: engine.plan_chunks' choice) too.
   for name in base "${names[@]}" base-again; do
-    local key=${name}_module json=decode-variant-$name.json prompt=128
+    local key=${name}_module json=decode-variant-$name.json prompt=128 seconds=60 depths
+    depths=$(python3 bench/gpu_round.py get "${name%-again}_depths")
+    [[ $depths != 128 ]] && seconds=180
     case $name in base*) key=full_module ;; esac
     case $name in base*) prompt=1024,4096,16384 ;; esac
     [[ $chunked == *" $name "* ]] && prompt=1024,4096,16384
-    module=$(python3 bench/gpu_round.py get $key) bench_json $json 60 30 \
-      --depths 128 --prompts $prompt --reps 5 --sync-every-token || rc=1
+    module=$(python3 bench/gpu_round.py get $key) bench_json $json $seconds 30 \
+      --depths $depths --prompts $prompt --reps 5 --sync-every-token || rc=1
     returns $json
   done
   tail -n 3 "$round/bench.log"

@@ -57,6 +57,7 @@ from sparkinfer.schedule.schedules import (
     ATTENTION_MERGES,
     ROUTER_MERGES,
     CUDA_ONLY_VARIANTS,
+    DECODE_ATTENTIONS,
     DEFAULT,
     TRANSFERRED,
     TUNED,
@@ -196,6 +197,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     if arch == "cpu" and step.router_merge != ROUTER_MERGES[0]:
         raise SparkInferError(f"router_merge={step.router_merge!r} is for the CUDA archs only "
                               f"({CUDA_ONLY_VARIANTS['router_merge', step.router_merge]})")
+    if arch == "cpu" and step.decode_attention != DECODE_ATTENTIONS[0]:
+        raise SparkInferError(f"decode_attention={step.decode_attention!r} is for the CUDA archs only "
+                              f"({CUDA_ONLY_VARIANTS['decode_attention', step.decode_attention]})")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance

@@ -515,3 +515,375 @@ def decode_attention_reference(
     k = gather_context(k_cache, page_table, length)
     v = gather_context(v_cache, page_table, length)
     return ref.causal_gqa_attention(q_rot[None], k, v, q_start=pos)[0]
+
+
+MMA_WARPS = 4  # warps (key streams) a block of `paged_decode_attention_mma`: a power of two (its merge tree)
+
+
+def paged_decode_attention_mma(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    splits: int,
+) -> tirx.PrimFunc:
+    """`paged_decode_attention` (same params, splits, o_part and lse) on tensor cores: the step
+    variant decode_attention="mma", CUDA only, already scheduled
+    (`schedule.attention.PagedDecodeAttentionMmaCudaRule` takes it as it is). Numerics of the
+    prefill's tensor-core form (`prefill_attention.causal_prefill_attention_half`): Q * scale and
+    P rounded to f16 before the products, f32 sums; `paged_decode_attention_mma_reference`.
+
+    Why: the float32 kernel issues ~194 instructions a token and is issue-bound at depth
+    16384 (bench/NOTES.md "Decode attention v2"); mma.sync m16n8k16 does a 16-key tile's q . K
+    for the whole GQA group in D / 16 instructions. The layout (PTX ISA, "Matrix Fragments for
+    mma.m16n8k16"): the scores go transposed, S^T[16 keys x 8 heads] = K[16 x D] Q^T, so the
+    group (G <= 8 heads, rows past G zero) is the n8 and no row of the product is wasted; K is
+    the A operand, as the cache stores it; Q^T the B operand ("col": Q's own rows), loaded once
+    into registers. Then O^T[D x 8] += V^T[D x 16 keys] P^T, D / 16 m-tiles: V^T is the A
+    operand (ldmatrix.trans of the cache's rows), P^T the B operand. A lane (g = lane / 4,
+    t = lane % 4) holds S^T's keys g, g + 8 and O^T's dims 16j + g, 16j + g + 8 of the same two
+    heads 2t, 2t + 1, so the online softmax's rescale of O needs no exchange between lanes;
+    the max over a tile's keys is 3 xor-shuffles (lanes g ^ 1, 2, 4). P^T goes from S^T's
+    accumulator layout to the B fragment through 256 bytes of the warp's shared memory (four
+    2-byte stores, one ldmatrix.x2.trans): the transpose that `movmatrix` would do in registers.
+
+    A block per (KV head, split) of MMA_WARPS warps, as the float32 kernel's; warp w takes the
+    split's 16-key tiles w, w + MMA_WARPS, ... (keys s*C + (i*MMA_WARPS + w)*16 + [0, 16), C =
+    ceil(L / S)), each through its own shared K and V tile (16-byte loads through the page
+    table, rows clamped to the context as `paged_decode_attention` clamps them, their 16-byte
+    chunks permuted as the prefill's register form permutes them, so that ldmatrix has no bank
+    conflicts), with __syncwarp only inside the loop. The next tile's K and V are loaded into
+    registers while a tile computes (read ahead: at the model's 32 splits the grid is one wave of
+    one block an SM, so only a warp's own loads in flight hide the latency). At the end the block
+    merges its warps' states through shared memory (the max, then a tree adding the warps' O
+    scaled by exp(m_w - max)), and warp 0 writes o_part and lse as the float32 kernel does (an
+    empty split: 0 and -inf)."""
+    return _mma_attention(n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, merged=False)
+
+
+def paged_decode_attention_mma_merged(
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    splits: int,
+) -> tirx.PrimFunc:
+    """`paged_decode_attention_mma` and `attention_combine` in one kernel (decode_attention "mma"
+    with attention_merge "last_block"), params as `paged_decode_attention_merged`'s: after the
+    splits, a fence and a barrier, thread 0 counts the block in arrivals[kv] (the last of the
+    head's S resets it), and the last block merges the group's splits as `attention_combine`
+    does (the same sums in the same order), a thread per (head, dim) element."""
+    return _mma_attention(n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, merged=True)
+
+
+def _mma_attention(NH: int, NKV: int, D: int, P: int, MP: int, S: int, merged: bool) -> tirx.PrimFunc:
+    """`paged_decode_attention_mma`'s kernel, with the last-block merge after it if `merged`."""
+    from tvm.script import tirx as T
+
+    from sparkinfer.kernels.prefill_attention import MMA_K, MMA_M, MMA_N, SWIZZLE, WARP, _cached, exp_by_exp2
+
+    W = MMA_WARPS
+    if NH % NKV:
+        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    G = NH // NKV
+    VECTOR = 8  # halves a 16-byte chunk: a load, an ldmatrix row
+    if G > MMA_N or D % (SWIZZLE * VECTOR):
+        raise ValueError(f"the tensor-core decode attention needs at most {MMA_N} query heads per KV head (got "
+                         f"{G}) and a head dim that is a multiple of {SWIZZLE * VECTOR} (got {D})")
+    KT, KS, DT = MMA_M, D // MMA_K, D // MMA_M  # keys a tile, q . K's k-steps, O^T's m-tiles
+    CHUNKS = D // VECTOR  # 16-byte chunks a row
+    LOADS = KT * CHUNKS // WARP  # a lane's 16-byte loads of a K (or V) tile
+    THREADS = W * WARP
+    WARP_ROUNDS = W.bit_length() - 1  # rounds of the warps' merge tree (W a power of two)
+    OUTS = -(-G * D // THREADS)  # a thread's elements of the last block's merge
+    scale = T.float32(1.0 / math.sqrt(D))
+    lowest = T.min_value("float32")
+    f16, f32 = "float16", "float32"
+    full = tirx.const(0xFFFFFFFF, "uint32")
+
+    def lane_xor(x: Expr, lane_mask: int) -> Expr:
+        return T.tvm_warp_shuffle_xor(full, x, lane_mask, WARP, WARP)
+
+    def at(warp: Expr, matrix: int, row: Expr, chunk: Expr) -> Expr:
+        """The offset of row `row`'s 16-byte chunk `chunk` in warp `warp`'s shared tile `matrix`
+        (0: K, 1: V), stored as chunk ^ row % 8: the 8 rows an ldmatrix reads fall on 8 bank groups."""
+        return ((warp * 2 + matrix) * KT + row) * D + tirx.bitwise_xor(chunk, row % SWIZZLE) * VECTOR
+
+    def mma(a: tirx.Buffer, b: tirx.Buffer, b_at: Expr, c: tirx.Buffer, c_at: Expr) -> Expr:
+        return T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32", a.data, 0, b.data, b_at,
+                                c.data, c_at, False, dtype=f32)
+
+    def ldmatrix(transposed: bool, count: int, frag: tirx.Buffer, tiles: tirx.Buffer, tile_at: Expr) -> Expr:
+        return T.ptx_legacy.ldmatrix(transposed, count, ".b16", frag.data, 0, tiles.data, tile_at, dtype=f16)
+
+    def merged_at(lane: Expr, i: int) -> Expr:
+        """Where a lane's O^T accumulator entry i (m-tile i / 4: dim 16(i / 4) + g + 8(i % 4 / 2), head
+        2t + i % 2) goes in a warp's slot of `merged`: dim * 8 + head."""
+        return (i // 4 * MMA_M + lane // 4 + i % 4 // 2 * 8) * MMA_N + lane % 4 * 2 + i % 2
+
+    def key(split: Expr, chunk: Expr, it: Expr, warp: Expr, row: Expr) -> Expr:
+        """The key at row `row` of warp `warp`'s tile `it` of split `split` (C = chunk keys a split)."""
+        return split * chunk + (it * W + warp) * KT + row
+
+    def piece(cache: tirx.Buffer, page_table: tirx.Buffer, pos: tirx.Buffer, kv: Expr, split: Expr, chunk: Expr,
+              it: Expr, warp: Expr, lane: Expr, i: int, e: Expr) -> Expr:
+        """Half e of a lane's 16-byte piece i of a K or V tile (row (32i + lane) / (D / 8), chunk
+        (32i + lane) % (D / 8)), clamped to the last cached key (as `paged_decode_attention`'s `row`:
+        a key past the split is loaded, its P is 0)."""
+        row = (i * WARP + lane) // CHUNKS
+        return _cached(cache, page_table, T.min(key(split, chunk, it, warp, row), pos[0]), kv,
+                       (i * WARP + lane) % CHUNKS * VECTOR + e)
+
+    def sync_warp() -> Expr:
+        # the warp's shared stores visible to its ldmatrix, and its ldmatrix done before the next stores
+        return T.call_extern("void", "__syncwarp")
+
+    def q_value(q_rot: tirx.Buffer, kv: Expr, lane: Expr, c: int, e: int) -> Expr:
+        """B fragment entry e of k-step c: Q[head lane / 4, dim 16c + 8(e / 2) + 2(lane % 4) + e % 2]
+        * scale in f16; 0 for the rows past the group."""
+        head = lane // 4
+        dim = c * MMA_K + e // 2 * 8 + lane % 4 * 2 + e % 2
+        return T.Cast(f16, T.Select(head < G, q_rot[kv * G + T.min(head, G - 1), dim] * scale, T.float32(0)))
+
+    @T.macro
+    def attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx):
+        tiles = T.alloc_buffer((W * 2 * KT * D,), f16, scope="shared")  # per warp: K, V
+        p_tiles = T.alloc_buffer((W * KT * MMA_N,), f16, scope="shared")  # per warp: P^T [key, head]
+        states = T.alloc_buffer((2 * W * MMA_N,), f32, scope="shared")  # per warp: max, then sum
+        merged = T.alloc_buffer((max(W // 2, 1) * D * MMA_N,), f32, scope="shared")  # warps' O^T, weighted
+        q_frag = T.alloc_buffer((KS * 4,), f16, scope="local")  # k-step c's B fragment at 4c
+        k_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")  # a lane's pieces of the next tile
+        v_next = T.alloc_buffer((LOADS * VECTOR,), f16, scope="local")
+        a_frag = T.alloc_buffer((8,), f16, scope="local")  # K's, then V^T's A fragment
+        p = T.alloc_buffer((2,), f16, scope="local")  # P of keys g, g + 8 of one head
+        p_frag = T.alloc_buffer((4,), f16, scope="local")
+        s = T.alloc_buffer((4,), f32, scope="local")  # S^T: keys g, g + 8 of heads 2t, 2t + 1
+        o = T.alloc_buffer((DT * 4,), f32, scope="local")  # m-tile j's accumulator at 4j
+        row_max = T.alloc_buffer((2,), f32, scope="local")  # heads 2t, 2t + 1
+        row_sum = T.alloc_buffer((2,), f32, scope="local")  # this lane's share (keys g, g + 8)
+        tile_max = T.alloc_buffer((2,), f32, scope="local")
+        alpha = T.alloc_buffer((2,), f32, scope="local")
+        kv = block // S
+        split = block % S
+        warp = tx // WARP
+        lane = tx % WARP
+        chunk = (pos[0] + S) // S  # ceil((pos + 1) / S)
+        end = T.min((split + 1) * chunk, pos[0] + 1)
+        steps = (chunk + W * KT - 1) // (W * KT)  # a warp's tiles
+        for c in T.unroll(KS):
+            for e in T.unroll(4):
+                q_frag[c * 4 + e] = q_value(q_rot, kv, lane, c, e)
+        for i in T.unroll(DT * 4):
+            o[i] = T.float32(0)
+        for e in T.unroll(2):
+            row_max[e] = lowest
+            row_sum[e] = T.float32(0)
+        for i in T.unroll(LOADS):  # tile 0's K and V
+            for e in T.vectorized(VECTOR):
+                k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+                v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, 0, warp, lane, i, e)
+        for it in range(steps):
+            T.evaluate(sync_warp())  # the last tile's ldmatrix are done
+            for i in T.unroll(LOADS):  # piece i of the tile: row (32i + lane) / (D / 8), chunk % (D / 8)
+                for e in T.vectorized(VECTOR):
+                    tiles[at(warp, 0, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = k_next[
+                        i * VECTOR + e]
+                    tiles[at(warp, 1, (i * WARP + lane) // CHUNKS, (i * WARP + lane) % CHUNKS) + e] = v_next[
+                        i * VECTOR + e]
+            T.evaluate(sync_warp())
+            if it + 1 < steps:  # the next tile's K and V in flight while this one computes
+                for i in T.unroll(LOADS):
+                    for e in T.vectorized(VECTOR):
+                        k_next[i * VECTOR + e] = piece(k_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                       warp, lane, i, e)
+                        v_next[i * VECTOR + e] = piece(v_cache, page_table, pos, kv, split, chunk, it + 1,
+                                                       warp, lane, i, e)
+            for i in T.unroll(4):
+                s[i] = T.float32(0)
+            for c in T.unroll(KS):  # x4: K's keys 0-7 and 8-15 of dims 16c .. 16c + 7, then of + 8 ..
+                T.evaluate(ldmatrix(False, 4, a_frag, tiles, at(warp, 0, lane % 16, c * 2 + lane // 16)))
+                T.evaluate(mma(a_frag, q_frag, c * 4, s, 0))
+            for e in T.unroll(2):
+                tile_max[e] = row_max[e]
+                for half in T.unroll(2):
+                    tile_max[e] = T.max(tile_max[e], T.Select(
+                        key(split, chunk, it, warp, lane // 4 + half * 8) < end, s[half * 2 + e], lowest))
+                for lane_mask in T.unroll(3):  # lanes g ^ 1, g ^ 2, g ^ 4: the head's 8 lanes
+                    tile_max[e] = T.max(tile_max[e], lane_xor(tile_max[e], 4 << lane_mask))
+                alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
+                row_max[e] = tile_max[e]
+                row_sum[e] = row_sum[e] * alpha[e]
+                for half in T.unroll(2):
+                    p[half] = T.Cast(f16, T.Select(key(split, chunk, it, warp, lane // 4 + half * 8) < end,
+                                                   exp_by_exp2(s[half * 2 + e] - tile_max[e]), T.float32(0)))
+                    p_tiles[(warp * KT + lane // 4 + half * 8) * MMA_N + lane % 4 * 2 + e] = p[half]
+                    row_sum[e] = row_sum[e] + T.Cast(f32, p[half])
+                for j in T.unroll(DT):
+                    for half in T.unroll(2):
+                        o[j * 4 + half * 2 + e] = o[j * 4 + half * 2 + e] * alpha[e]
+            T.evaluate(sync_warp())
+            # x2 .trans: P^T's keys 0-7, then 8-15, as the B fragment (head g, keys 2t, 2t + 1)
+            T.evaluate(ldmatrix(True, 2, p_frag, p_tiles, (warp * KT + lane % 16) * MMA_N))
+            for j in T.unroll(DT):  # x4 .trans: V^T's dims 16j .. of keys 0-7, dims + 8 .., then keys 8-15
+                T.evaluate(ldmatrix(True, 4, a_frag, tiles, at(warp, 1, lane // 16 * 8 + lane % 8,
+                                                                j * 2 + lane // 8 % 2)))
+                T.evaluate(mma(a_frag, p_frag, 0, o, j * 4))
+        # Every warp past its last ldmatrix of P^T before any writes `states`: TVM's storage
+        # planner lays `states` in `p_tiles`' room (their lifetimes do not overlap in one thread's
+        # order, but a warp may finish its loop before another).
+        T.tvm_storage_sync("shared")
+        for e in T.unroll(2):
+            for lane_mask in T.unroll(3):
+                row_sum[e] = row_sum[e] + lane_xor(row_sum[e], 4 << lane_mask)
+            if lane < 4:
+                states[warp * MMA_N + lane * 2 + e] = row_max[e]
+                states[(W + warp) * MMA_N + lane * 2 + e] = row_sum[e]
+        T.tvm_storage_sync("shared")
+        # tile_max: the split's max over the warps; alpha: this warp's weight in the merge;
+        # row_sum: the split's sum (every warp's, weighted)
+        for e in T.unroll(2):
+            tile_max[e] = lowest
+            for w in T.unroll(W):
+                tile_max[e] = T.max(tile_max[e], states[w * MMA_N + lane % 4 * 2 + e])
+            alpha[e] = exp_by_exp2(row_max[e] - tile_max[e])
+            row_sum[e] = T.float32(0)
+            for w in T.unroll(W):
+                row_sum[e] = row_sum[e] + states[(W + w) * MMA_N + lane % 4 * 2 + e] * exp_by_exp2(
+                    states[w * MMA_N + lane % 4 * 2 + e] - tile_max[e])
+        # A tree over the warps: in round r the upper half of the warps left hands its
+        # weighted O to the lower half through shared memory; pure stores, a barrier, pure
+        # loads (a read-modify-write of shared memory in a loop under a warp test would need
+        # barriers TVM cannot place inside the test).
+        for r in T.unroll(WARP_ROUNDS):
+            if warp >= W >> (r + 1) and warp < W >> r:
+                for i in T.unroll(DT * 4):
+                    merged[(warp - (W >> (r + 1))) * D * MMA_N + merged_at(lane, i)] = o[i] * alpha[i % 2]
+            T.tvm_storage_sync("shared")
+            if warp < W >> (r + 1):
+                for i in T.unroll(DT * 4):
+                    o[i] = o[i] * alpha[i % 2] + merged[warp * D * MMA_N + merged_at(lane, i)]
+                for e in T.unroll(2):
+                    alpha[e] = T.float32(1)  # O is weighted now
+            T.tvm_storage_sync("shared")
+        if warp == 0:
+            for i in T.unroll(DT * 4):
+                if lane % 4 * 2 + i % 2 < G:
+                    o_part[kv * G + lane % 4 * 2 + i % 2, split, merged_at(lane, i) // MMA_N] = T.Select(
+                        row_sum[i % 2] > T.float32(0), o[i] * alpha[i % 2] / row_sum[i % 2], T.float32(0))
+            for e in T.unroll(2):
+                if lane < 4 and lane * 2 + e < G:
+                    lse[kv * G + lane * 2 + e, split] = T.Select(
+                        row_sum[e] > T.float32(0), tile_max[e] + T.log(row_sum[e]), T.float32(_NEG_INF))
+
+
+    if not merged:
+        @T.prim_func(private=True)
+        def func(q_rot: T.Buffer((NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+                 page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"),
+                 o_part: T.Buffer((NH, S, D), "float32"), lse: T.Buffer((NH, S), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            n_pages = T.int64()
+            k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+            v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+            for block in T.thread_binding(NKV * S, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx)
+
+        return func.with_attr("global_symbol", f"paged_decode_attention_{NH}x{NKV}x{D}_p{P}_s{S}_mma")
+
+    @T.prim_func(private=True)
+    def merged_func(q_rot: T.Buffer((NH, D), "float32"), var_k_cache: T.handle, var_v_cache: T.handle,
+                    page_table: T.Buffer((MP,), "int32"), pos: T.Buffer((1,), "int32"),
+                    arrivals: T.Buffer((NKV,), "int32"), o_part: T.Buffer((NH, S, D), "float32"),
+                    lse: T.Buffer((NH, S), "float32"), out: T.Buffer((NH * D,), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        n_pages = T.int64()
+        k_cache = T.match_buffer(var_k_cache, (n_pages, P, NKV, D), "float16")
+        v_cache = T.match_buffer(var_v_cache, (n_pages, P, NKV, D), "float16")
+        for block in T.thread_binding(NKV * S, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                attend(q_rot, k_cache, v_cache, page_table, pos, o_part, lse, block, tx)
+                last = T.alloc_buffer((1,), "int32", scope="shared")  # this block is its KV head's last split
+                is_last = T.alloc_buffer((1,), "int32", scope="local")
+                combined = T.alloc_buffer((3,), f32, scope="local")  # lse max, weight sum, weighted output
+                # As paged_decode_attention_merged: warp 0's o_part and lse stores visible to the
+                # GPU before thread 0 counts the block; the last block's count reads the others'.
+                T.cuda.thread_fence()
+                T.tvm_storage_sync("shared")
+                if tx == 0:
+                    before: T.int32 = T.cuda.atomic_add(T.address_of(arrivals[block // S]), 1)
+                    if before == S - 1:
+                        arrivals[block // S] = 0
+                    T.cuda.thread_fence()
+                    last[0] = T.Cast("int32", before == S - 1)
+                T.tvm_storage_sync("shared")
+                is_last[0] = last[0]  # a local copy: TVM reads no shared memory in a condition
+                if is_last[0] == 1:
+                    for i in T.unroll(OUTS):  # element (head, dim) of the group's outputs by thread i * THREADS + tx
+                        if i * THREADS + tx < G * D:
+                            combined[0] = lowest
+                            for s2 in range(S):
+                                combined[0] = T.max(combined[0], lse[block // S * G + (i * THREADS + tx) // D, s2])
+                            combined[1] = T.float32(0)
+                            combined[2] = T.float32(0)
+                            for s2 in range(S):  # attention_combine's sums, in its order
+                                combined[1] = combined[1] + split_weight(
+                                    lse[block // S * G + (i * THREADS + tx) // D, s2], combined[0])
+                                combined[2] = combined[2] + split_weight(
+                                    lse[block // S * G + (i * THREADS + tx) // D, s2], combined[0]) * o_part[
+                                    block // S * G + (i * THREADS + tx) // D, s2, (i * THREADS + tx) % D]
+                            out[block // S * G * D + i * THREADS + tx] = combined[2] / combined[1]
+
+    return merged_func.with_attr("global_symbol", f"paged_decode_attention_merged_{NH}x{NKV}x{D}_p{P}_s{S}_mma")
+
+
+
+def paged_decode_attention_mma_reference(
+    q_rot: npt.NDArray[np.float32],
+    k_cache: npt.NDArray[np.float16],
+    v_cache: npt.NDArray[np.float16],
+    page_table: npt.NDArray[np.int32],
+    pos: int,
+    splits: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(o_part f32[NH, S, D], lse f32[NH, S]) as `paged_decode_attention_mma` computes them: Q *
+    scale rounded to f16, the scores rounded to f32, and each 16-key tile's P rounded to f16
+    against its warp's running max (so the walk is the kernel's: warp w of a split takes its
+    tiles w, w + MMA_WARPS, ...), then the warps merged; products and sums in float64. The rounding
+    convention is `prefill_attention.causal_prefill_attention_half_reference`'s."""
+    n_heads, d = q_rot.shape
+    length = pos + 1
+    k = gather_context(k_cache, page_table, length).astype(np.float64)
+    v = gather_context(v_cache, page_table, length).astype(np.float64)
+    kv_of = np.arange(n_heads) // (n_heads // k.shape[1])
+    k, v = k[:, kv_of], v[:, kv_of]  # [keys, NH, D]
+    q = (q_rot * np.float32(1.0 / math.sqrt(d))).astype(np.float16).astype(np.float64)
+    scores = np.einsum("hd,thd->ht", q, k).astype(np.float32).astype(np.float64)
+    chunk = -(-length // splits)
+    tile = 16  # keys a tile: the mma's m16
+    o_part = np.zeros((n_heads, splits, d))
+    lse = np.full((n_heads, splits), -np.inf)
+    for s in range(splits):
+        lo, hi = s * chunk, min((s + 1) * chunk, length)
+        if lo >= hi:
+            continue
+        states = []  # per warp: running max, sum, unnormalised output
+        for w in range(MMA_WARPS):
+            row_max, row_sum, acc = np.full(n_heads, -np.inf), np.zeros(n_heads), np.zeros((n_heads, d))
+            for start in range(lo + w * tile, hi, MMA_WARPS * tile):
+                keys = np.arange(start, min(start + tile, hi))
+                new_max = np.maximum(row_max, scores[:, keys].max(axis=1))
+                p = np.exp(scores[:, keys] - new_max[:, None]).astype(np.float16).astype(np.float64)
+                alpha = np.exp(row_max - new_max)
+                row_sum = row_sum * alpha + p.sum(axis=1)
+                acc = acc * alpha[:, None] + np.einsum("ht,thd->hd", p, v[keys])
+                row_max = new_max
+            states.append((row_max, row_sum, acc))
+        split_max = np.max([m for m, _, _ in states], axis=0)  # finite: warp 0 has a tile
+        weights = [np.exp(m - split_max) for m, _, _ in states]
+        total = sum(wt * l for wt, (_, l, _) in zip(weights, states))
+        o_part[:, s] = sum(wt[:, None] * a for wt, (_, _, a) in zip(weights, states)) / total[:, None]
+        lse[:, s] = split_max + np.log(total)
+    return o_part.astype(np.float32), lse.astype(np.float32)

@@ -49,6 +49,9 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         moe.moe_gate_up_silu_routed,
         # the decode step's last-block merge (merge="last_block", CUDA only)
         attention.paged_decode_attention_merged,
+        # the decode step's tensor-core attention (decode_attention="mma", CUDA only)
+        attention.paged_decode_attention_mma,
+        attention.paged_decode_attention_mma_merged,  # with merge="last_block"
         # the router's last-block top-k (router_merge="last_block", CUDA only)
         router.router_gemv_topk,
         logits.process_logits,

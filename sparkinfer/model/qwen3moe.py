@@ -35,7 +35,9 @@ moe_down_residual) -> rms_norm -> lm head gemv -> sample_candidates -> sample_to
 With attention_merge="last_block" paged_decode_attention_merged replaces paged_decode_attention ->
 attention_combine: the attention kernel's last block of each KV head merges its splits. With
 router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
-last block picks the experts.
+last block picks the experts. With decode_attention="mma" paged_decode_attention_mma replaces
+paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
+tensor cores.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -82,7 +84,13 @@ from sparkinfer.model.spec import (
     LAYOUT_Q6_K_PLANAR,
     StepInput,
 )
-from sparkinfer.schedule.schedules import ATTENTION_FORMS, ATTENTION_MERGES, PROGRAMMATIC_LAUNCH, ROUTER_MERGES
+from sparkinfer.schedule.schedules import (
+    ATTENTION_FORMS,
+    ATTENTION_MERGES,
+    DECODE_ATTENTIONS,
+    PROGRAMMATIC_LAUNCH,
+    ROUTER_MERGES,
+)
 
 
 _T = GGMLQuantizationType
@@ -232,6 +240,8 @@ class DecodeStep:
     attention_merge: str = "separate"
     # where a MoE layer's experts are picked (ROUTER_MERGES; "last_block" is CUDA's)
     router_merge: str = "separate"
+    # how the decode attention multiplies (DECODE_ATTENTIONS; "mma" is CUDA's)
+    decode_attention: str = "simt"
 
 
 class _Kernels:
@@ -301,8 +311,10 @@ class _StepBuilder:
     def __init__(self, config: ModelConfig, types: dict[str, GGMLQuantizationType], page_size: int,
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
-                 attention_merge: str = "separate", router_merge: str = "separate") -> None:
+                 attention_merge: str = "separate", router_merge: str = "separate",
+                 decode_attention: str = "simt") -> None:
         self.c = config
+        self.decode_attention = decode_attention
         self.activations = activations
         self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
@@ -529,13 +541,16 @@ class _StepBuilder:
         NH, NKV, D = c.n_heads, c.n_kv_heads, c.head_dim
         parts = [self.f32(NH, self.S, D), self.f32(NH, self.S)]
         if self.merge_in_last_block:
-            gv = self.k("attention", "paged_decode_attention_merged", NH, NKV, D, self.P, self.MP, self.S)
+            factory = "paged_decode_attention_mma_merged" if self.decode_attention == "mma" else \
+                "paged_decode_attention_merged"
+            gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S)
             arrivals = p[ARRIVALS]
             _arrivals, _o, _lse, att = self.call_inplace(
                 gv, [q_rot, kc, vc, p["page_table"], p["pos"], arrivals], [5, -1, -1, -1],
                 [_tensor((NKV,), "int32"), *parts, self.f32(NH * D)], f"att{i}")
             return att
-        gv = self.k("attention", "paged_decode_attention", NH, NKV, D, self.P, self.MP, self.S)
+        factory = "paged_decode_attention_mma" if self.decode_attention == "mma" else "paged_decode_attention"
+        gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S)
         o, lse = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"]], parts, f"attn{i}")
         gv = self.k("attention", "attention_combine", NH, self.S, D)
         return self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
@@ -734,6 +749,7 @@ def build_decode_step(
     attention_form: str = "read_ahead",
     attention_merge: str = "separate",
     router_merge: str = "separate",
+    decode_attention: str = "simt",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -768,7 +784,11 @@ def build_decode_step(
     `router_merge` (ROUTER_MERGES) is where a MoE layer's experts are picked from the router's
     logits: "separate" in a router_topk launch, "last_block" in the router GEMV kernel
     (`kernels.router.router_gemv_topk`, CUDA only), with the `router_arrivals` state; it needs
-    decode_launches "split" (the fused gate/up picks the experts itself)."""
+    decode_launches "split" (the fused gate/up picks the experts itself).
+    `decode_attention` (DECODE_ATTENTIONS) is how the decode attention multiplies: "simt" in float32
+    (`kernels.attention.paged_decode_attention`), "mma" with f16 Q and P on tensor cores
+    (`kernels.attention.paged_decode_attention_mma`, CUDA only; with attention_merge
+    "last_block" `paged_decode_attention_mma_merged`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if chunk_operands not in GEMM_OPERANDS:
@@ -788,6 +808,9 @@ def build_decode_step(
         raise SparkInferError(f"router_merge={router_merge!r} needs decode_launches='split', got {decode_launches!r}: "
                               f"the fused launches pick the experts inside gate/up (moe_gate_up_silu_routed), "
                               f"with no router_topk launch to save")
+    if decode_attention not in DECODE_ATTENTIONS:
+        raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
+                              f"got {decode_attention!r}")
     if programmatic_launch not in PROGRAMMATIC_LAUNCH:
         raise SparkInferError(f"programmatic_launch must be one of {', '.join(PROGRAMMATIC_LAUNCH)}, "
                               f"got {programmatic_launch!r}")
@@ -802,7 +825,7 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
-                           q6_k_layout, attention_form, attention_merge, router_merge)
+                           q6_k_layout, attention_form, attention_merge, router_merge, decode_attention)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -817,4 +840,5 @@ def build_decode_step(
         programmatic_launch=programmatic_launch,
         attention_merge=attention_merge,
         router_merge=router_merge,
+        decode_attention=decode_attention,
     )

@@ -24,6 +24,9 @@ the work follows the context at short depth (the former token-per-lane step had 
 slots a block, 32 a warp, whatever the depth), and q lives in registers instead of being read
 again from shared memory for every token.
 
+paged_decode_attention_mma (decode_attention "mma") and paged_decode_attention_mma_merged (with
+attention_merge "last_block"): come scheduled (their factory's docstrings).
+
 attention_combine: one thread block per query head, a thread per head dim, the splits unrolled.
 
 paged_decode_attention_merged: the attention as above, then thread 0 of each block counts it in
@@ -298,6 +301,26 @@ def _schedule_last_block_merge(sch: s_tir.Schedule, knobs: AttentionKnobs) -> No
         sch.compute_at(blk(block), x)
         sch.set_scope(blk(block), 0, "local")
         sch.unroll(sch.get_loops(blk(block))[-1])
+
+
+class PagedDecodeAttentionMmaCudaRule(FixedRule):
+    """`attention.paged_decode_attention_mma` (the step variant decode_attention "mma"): the factory
+    writes the kernel already scheduled (threads, mma.sync and ldmatrix on registers, shuffles;
+    its docstring says why), so the rule leaves it as it is."""
+
+    target_kind = "cuda"
+    family = "attention"
+    factory = "paged_decode_attention_mma"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        pass
+
+
+class PagedDecodeAttentionMmaMergedCudaRule(PagedDecodeAttentionMmaCudaRule):
+    """`attention.paged_decode_attention_mma_merged` (decode_attention "mma" with attention_merge
+    "last_block"): comes scheduled too."""
+
+    factory = "paged_decode_attention_mma_merged"
 
 
 class AttentionCombineCudaRule(FixedRule):

@@ -8,6 +8,8 @@ from sparkinfer.schedule.attention import (
     AttentionCombineCudaRule,
     PagedDecodeAttentionCudaRule,
     PagedDecodeAttentionMergedCudaRule,
+    PagedDecodeAttentionMmaCudaRule,
+    PagedDecodeAttentionMmaMergedCudaRule,
 )
 from sparkinfer.schedule.cpu import (
     AddRmsNormCpuRule,
@@ -67,6 +69,8 @@ for _rule in (
     MoeGateUpSiluRoutedCudaRule(),
     PagedDecodeAttentionCudaRule(),
     PagedDecodeAttentionMergedCudaRule(),
+    PagedDecodeAttentionMmaCudaRule(),
+    PagedDecodeAttentionMmaMergedCudaRule(),
     AttentionCombineCudaRule(),
     QkNormRopeKvAppendCudaRule(),
     RmsNormCudaRule(),

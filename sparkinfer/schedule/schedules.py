@@ -8,7 +8,7 @@
               "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block",
-              "router_merge": "separate" | "last_block"}}
+              "router_merge": "separate" | "last_block", "decode_attention": "simt" | "mma"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -52,13 +52,17 @@ ATTENTION_MERGES = ("separate", "last_block")
 # router's gemv; "last_block", inside the GEMV kernel, by the last of its thread blocks to finish
 # (kernels.router.router_gemv_topk): a launch a layer less.
 ROUTER_MERGES = ("separate", "last_block")
+# How the decode step's attention multiplies: "simt", float32 on CUDA cores
+# (kernels.attention.paged_decode_attention); "mma", Q and P rounded to f16 and multiplied on tensor
+# cores by mma.sync (kernels.attention.paged_decode_attention_mma, bench/NOTES.md "Decode attention v3").
+DECODE_ATTENTIONS = ("simt", "mma")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
                                               "decode_launches": DECODE_LAUNCHES,
                                               "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS,
                                               "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
-                                              "router_merge": ROUTER_MERGES}
+                                              "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -73,6 +77,7 @@ CUDA_ONLY_VARIANTS = {
                                      "multiplies float32",
     ("router_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "
                                     "build has no thread blocks to count",
+    ("decode_attention", "mma"): "tensor-core products (mma.sync); the cpu build's attention multiplies float32",
 }
 
 
