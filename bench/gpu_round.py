@@ -22,19 +22,17 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 14's call 2 measured four (bench/NOTES.md, "Session 14"):
-# attention_registers won and is sm_90.json's; the last-block merges (attention_merge,
-# router_merge) lost and stay off. Left: decode_mma, the decode attention's products on tensor
-# cores (mma.sync, f16 Q and P; bench/NOTES.md, "Decode attention v3"), timed at depths 4096
-# and 16384 too (VARIANT_DEPTHS), with T-token steps so that those depths fill in seconds.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"decode_mma": {"decode_attention": "mma"}}
+# under 64 MiB). None now: session 14's five were measured in its calls 2 and 3 (bench/NOTES.md,
+# "Session 14"): attention_registers and decode_mma won and are sm_90.json's; the last-block
+# merges (attention_merge, router_merge) lost and stay off.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
-VARIANT_CHUNKED: set[str] = {"decode_mma"}
+VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
 # named here, for a variant of the attention, whose share of a token grows with the depth. The
 # base is timed at every depth a variant is.
 DEFAULT_VARIANT_DEPTHS = (128,)
-VARIANT_DEPTHS: dict[str, tuple[int, ...]] = {"decode_mma": (128, 4096, 16384)}
+VARIANT_DEPTHS: dict[str, tuple[int, ...]] = {}
 # The full module of an earlier tree (compiled there, copied into compiled/<arch>/before/): when
 # present, stage variants gates and times it as one more variant, so that the changes since
 # that tree are measured against it in one call on one card.
