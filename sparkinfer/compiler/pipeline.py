@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -49,7 +50,7 @@ from sparkinfer.compiler.manifest import (
 )
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
-from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
+from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step, misfit_variants
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
@@ -60,6 +61,7 @@ from sparkinfer.schedule.schedules import (
     DECODE_ATTENTIONS,
     DEFAULT,
     TRANSFERRED,
+    STEP_VARIANTS,
     TUNED,
     SchedulesFile,
     schedules_for,
@@ -117,6 +119,23 @@ DEFAULT_STEP_VARIANTS: dict[str, dict[str, str]] = {
 def step_variants(arch: str, chosen: SchedulesFile | None) -> dict[str, str]:
     """The arch's default variants, overridden by those its schedules file picks."""
     return {**DEFAULT_STEP_VARIANTS.get(arch, {}), **({} if chosen is None else chosen.step)}
+
+
+def fitting_variants(config: ModelConfig, arch: str, chosen: SchedulesFile | None,
+                     log: Callable[[str], None]) -> dict[str, str]:
+    """`step_variants`, each one whose kernels cannot serve this model's attention heads put back to
+    its default form (the first of STEP_VARIANTS'), slower, which `log` says."""
+    variants = step_variants(arch, chosen)
+    for name, why in misfit_variants(config, variants).items():
+        fallback = STEP_VARIANTS[name][0]
+        log(f"{arch}: step variant {name}={variants[name]!r} does not fit this model ({why}): "
+            f"the step uses the slower {name}={fallback!r}")
+        variants[name] = fallback
+    return variants
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def relax_pipeline() -> tvm.transform.Pass:
@@ -273,6 +292,7 @@ def compile_model(
     prefill_chunks: tuple[int, ...] | None = None,
     force: bool = False,
     schedules: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile the decode step of (config, type_map) for `arch` into `out_dir/<arch>/<key>/`,
     with the knobs of `schedules` (a schedules file; None: the package's for `arch`, if any).
@@ -280,6 +300,7 @@ def compile_model(
     with a T-token step for each T of `prefill_chunks` (None: `default_prefill_chunks(arch)`).
 
     A module already there for the same model, TVM, sources, schedules and chunks is reused unless `force`.
+    log: where a step variant put back for this model is reported (`fitting_variants`; None: stderr).
     """
     from sparkinfer.compiler.manifest import find_compiled
 
@@ -295,7 +316,7 @@ def compile_model(
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
     step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks,
-                             **step_variants(arch, chosen))
+                             **fitting_variants(config, arch, chosen, log or _to_stderr))
     ex, provenance = build_step(step, arch, chosen)
 
     directory = compiled_dir(config, type_map, arch, out_dir, page_size)

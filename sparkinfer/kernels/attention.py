@@ -578,6 +578,20 @@ def paged_decode_attention_mma_merged(
     return _mma_attention(n_heads, n_kv_heads, head_dim, page_size, max_pages, splits, merged=True)
 
 
+def mma_attention_misfit(n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
+    """Why `paged_decode_attention_mma` cannot serve these heads (None: it can): the GQA group is
+    mma.sync's n8, and a row's 16-byte chunks are swizzled over 8 of them."""
+    from sparkinfer.kernels.prefill_attention import MMA_N, SWIZZLE
+
+    if n_heads % n_kv_heads:
+        return f"{n_heads} query heads do not divide into {n_kv_heads} KV heads"
+    group = n_heads // n_kv_heads
+    if group > MMA_N or head_dim % (SWIZZLE * 8):
+        return (f"the tensor-core decode attention needs at most {MMA_N} query heads per KV head (got {group}) "
+                f"and a head dim that is a multiple of {SWIZZLE * 8} (got {head_dim})")
+    return None
+
+
 def _mma_attention(NH: int, NKV: int, D: int, P: int, MP: int, S: int, merged: bool) -> tirx.PrimFunc:
     """`paged_decode_attention_mma`'s kernel, with the last-block merge after it if `merged`."""
     from tvm.script import tirx as T
@@ -585,13 +599,11 @@ def _mma_attention(NH: int, NKV: int, D: int, P: int, MP: int, S: int, merged: b
     from sparkinfer.kernels.prefill_attention import MMA_K, MMA_M, MMA_N, SWIZZLE, WARP, _cached, exp_by_exp2
 
     W = MMA_WARPS
-    if NH % NKV:
-        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    misfit = mma_attention_misfit(NH, NKV, D)
+    if misfit is not None:
+        raise ValueError(misfit)
     G = NH // NKV
     VECTOR = 8  # halves a 16-byte chunk: a load, an ldmatrix row
-    if G > MMA_N or D % (SWIZZLE * VECTOR):
-        raise ValueError(f"the tensor-core decode attention needs at most {MMA_N} query heads per KV head (got "
-                         f"{G}) and a head dim that is a multiple of {SWIZZLE * VECTOR} (got {D})")
     KT, KS, DT = MMA_M, D // MMA_K, D // MMA_M  # keys a tile, q . K's k-steps, O^T's m-tiles
     CHUNKS = D // VECTOR  # 16-byte chunks a row
     LOADS = KT * CHUNKS // WARP  # a lane's 16-byte loads of a K (or V) tile

@@ -522,6 +522,18 @@ MIN_BLOCKS_PER_SM = 3  # the register form's blocks an SM on sm_90: a thread wit
 SWIZZLE = 8  # 16-byte chunks of a shared row that its row index permutes (chunk ^ row % 8)
 
 
+def register_attention_misfit(n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
+    """Why `causal_prefill_attention_registers` cannot serve these heads (None: it can): a tile's
+    HALF_ROWS rows hold whole GQA groups, and a row's 16-byte chunks are swizzled over 8 of them."""
+    if n_heads % n_kv_heads:
+        return f"{n_heads} query heads do not divide into {n_kv_heads} KV heads"
+    group = n_heads // n_kv_heads
+    if HALF_ROWS % group or head_dim % (SWIZZLE * 8):
+        return (f"the register attention needs the {group} query heads per KV head to divide {HALF_ROWS} and the "
+                f"head dim ({head_dim}) to be a multiple of {SWIZZLE * 8}")
+    return None
+
+
 def causal_prefill_attention_registers(n_tokens: int, n_heads: int, n_kv_heads: int, head_dim: int,
                                        page_size: int, max_pages: int) -> tirx.PrimFunc:
     """`causal_prefill_attention_half` (same params, tiles, numerics and result) with S, P and O
@@ -565,13 +577,11 @@ def causal_prefill_attention_registers(n_tokens: int, n_heads: int, n_kv_heads: 
     from tvm.script import tirx as T
 
     NT, NH, NKV, D, P, MP = n_tokens, n_heads, n_kv_heads, head_dim, page_size, max_pages
-    if NH % NKV:
-        raise ValueError(f"{NH} query heads do not divide into {NKV} KV heads")
+    misfit = register_attention_misfit(NH, NKV, D)
+    if misfit is not None:
+        raise ValueError(misfit)
     G, R, BK, THREADS = NH // NKV, HALF_ROWS, HALF_KEY_TILE, REGISTER_THREADS
     VECTOR = 8  # halves a 16-byte chunk: a load, an ldmatrix row
-    if R % G or D % (SWIZZLE * VECTOR):
-        raise ValueError(f"the register attention needs the {G} query heads per KV head to divide {R} and the "
-                         f"head dim ({D}) to be a multiple of {SWIZZLE * VECTOR}")
     BQ, NQT = R // G, -(-NT // (R // G))
     KS, ST, OT = D // MMA_K, BK // MMA_N, D // MMA_N  # Q's k-steps, S's n-tiles, O's n-tiles
     LOADS = BK * D // VECTOR // THREADS  # 16-byte loads a thread a K (or V) tile

@@ -734,6 +734,24 @@ class _StepBuilder:
         return self.call(gv, [down, row_of, weights, h, p["n_valid"]], [self.f32(NT, H)], f"h{i}")
 
 
+def misfit_variants(config: ModelConfig, variants: Mapping[str, str]) -> dict[str, str]:
+    """Of `variants` (step variant -> value), those whose kernels cannot serve `config`'s attention
+    heads, with why (each kernel factory's own check): an arch's schedules file picks a form for
+    the models it was measured on, and a model with another GQA group or head dim may not fit it."""
+    from sparkinfer.kernels.attention import mma_attention_misfit
+    from sparkinfer.kernels.prefill_attention import register_attention_misfit
+
+    checks = {("decode_attention", "mma"): mma_attention_misfit,
+              ("attention_form", "registers"): register_attention_misfit}
+    out = {}
+    for name, value in variants.items():
+        check = checks.get((name, value))
+        why = None if check is None else check(config.n_heads, config.n_kv_heads, config.head_dim)
+        if why is not None:
+            out[name] = why
+    return out
+
+
 def build_decode_step(
     config: ModelConfig,
     type_map: Mapping[str, Any],
