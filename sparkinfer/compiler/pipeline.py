@@ -55,10 +55,7 @@ from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
-    ATTENTION_MERGES,
-    ROUTER_MERGES,
     CUDA_ONLY_VARIANTS,
-    DECODE_ATTENTIONS,
     DEFAULT,
     TRANSFERRED,
     STEP_VARIANTS,
@@ -210,15 +207,10 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
-    if arch == "cpu" and step.attention_merge != ATTENTION_MERGES[0]:
-        raise SparkInferError(f"attention_merge={step.attention_merge!r} is for the CUDA archs only "
-                              f"({CUDA_ONLY_VARIANTS['attention_merge', step.attention_merge]})")
-    if arch == "cpu" and step.router_merge != ROUTER_MERGES[0]:
-        raise SparkInferError(f"router_merge={step.router_merge!r} is for the CUDA archs only "
-                              f"({CUDA_ONLY_VARIANTS['router_merge', step.router_merge]})")
-    if arch == "cpu" and step.decode_attention != DECODE_ATTENTIONS[0]:
-        raise SparkInferError(f"decode_attention={step.decode_attention!r} is for the CUDA archs only "
-                              f"({CUDA_ONLY_VARIANTS['decode_attention', step.decode_attention]})")
+    for name in ("attention_merge", "router_merge", "decode_attention"):
+        value = getattr(step, name)
+        if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
+            raise SparkInferError(f"{name}={value!r} is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance
