@@ -2,35 +2,22 @@
 the launches it saves, its `arrivals` state, its bad inputs, and in the CUDA emulator the tiny
 model's decode steps with it giving the logits of the step without it, bit for bit."""
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tvm import relax
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
-from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
+from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.model.spec import ARRIVALS
 
 from tests.gpu_prebuild import can_compile
 from tests.model._harness import write_decisive_model
+from tests.model.test_model_fused_step import launches
 
 TINY = preset_config("tiny")
 TYPES = type_map(TINY, "q4_k_m")
-
-
-def launches(step: DecodeStep) -> Counter[str]:
-    """Launches of one `decode` call by factory."""
-    factory = {use.name: use.factory for use in step.kernels}
-    counts: Counter[str] = Counter()
-    for block in step.mod["decode"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
-                counts[factory[value.args[0].name_hint]] += 1
-    return counts
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])

@@ -16,7 +16,7 @@ from sparkinfer.model.qwen3moe import build_decode_step
 
 from tests.gpu_prebuild import can_compile
 from tests.model._harness import write_decisive_model
-from tests.model.test_model_attention_merge import launches
+from tests.model.test_model_fused_step import launches
 
 TINY = preset_config("tiny")
 TYPES = type_map(TINY, "q4_k_m")
