@@ -34,6 +34,7 @@ from tvm import te, tirx
 
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format, gemv_reference
+from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, sum_of_squares
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
@@ -185,50 +186,91 @@ def quantize_q8_1_symbol(k: int, rows: int) -> str:
 def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
     """x f32[(rows,) k] -> xq int32[(rows,) k/4], xd f32[(rows,) k/32], xs f32[(rows,) k/32]
     (module docstring); rows = 0 takes a 1-D x. Rounds halves away from zero (llama.cpp's
-    roundf). Two stages find each block's max|x|: `amax_q` for the words and `amax` for the
-    scale and sum block (xd and xs as one two-output block), so that a GPU thread can keep
-    either in registers beside its consumer instead of sharing one through global memory."""
+    roundf)."""
     _check_k(k, "quantize_q8_1")
     lead: tuple[int, ...] = (rows,) if rows else ()
-    nb = k // Q8_BLOCK
     x = te.placeholder(lead + (k,), "float32", name="x")
+    xq, xd, xs = _q8_1_stages(lead, k, lambda ax, i: x[ax + (i,)])
+    func = te.create_prim_func([x, xq, xd, xs])
+    return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
+
+
+def add_rms_norm_q8_1_symbol(h: int) -> str:
+    return f"add_rms_norm_q8_1_{h}"
+
+
+def add_rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
+    """`norm.add_rms_norm` with `quantize_q8_1` of its output as the epilogue: sum = x + r,
+    y = rmsnorm(sum) * w, and y as int8 blocks of 32 (xq, xd, xs), in one launch instead of two.
+
+    The quantizer's stages compute each y they read again from the inputs, with the norm's own
+    operations and 1 / rms (so the values are y's bit for bit): on a GPU a thread
+    quantizes whole blocks of 32, whose sum and y other threads of the block wrote.
+
+    Params (x, r, w f32[h], sum f32[h], y f32[h], xq int32[h/4], xd f32[h/32], xs f32[h/32]).
+    """
+    _check_k(h, "add_rms_norm_q8_1")
+    x = te.placeholder((h,), "float32", name="x")
+    r = te.placeholder((h,), "float32", name="r")
+    w = te.placeholder((h,), "float32", name="w")
+    total = te.compute((h,), lambda i: x[i] + r[i], name="residual")
+    sumsq = sum_of_squares(h, total)
+    # a stage: each thread computes it once, not once a value (`norm.rms_scaled`'s operations)
+    inv_rms = te.compute((), lambda: inverse_rms(h, eps, sumsq), name="inv_rms")
+    y = te.compute((h,), lambda i: total[i] * inv_rms[()] * w[i], name="norm")
+    xq, xd, xs = _q8_1_stages((), h, lambda ax, i: (x[i] + r[i]) * inv_rms[()] * w[i])
+    func = te.create_prim_func([x, r, w, total, y, xq, xd, xs])
+    return func.with_attr("global_symbol", add_rms_norm_q8_1_symbol(h))
+
+
+def _q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr]
+                 ) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+    """xq, xd, xs of the activations value(lead axes, i) for i < k. Each block's max|x| and
+    127 / max are stages of their own, twice: `amax_q` / `inv_q` for the words and `amax` /
+    `inv` for the scale and sum block (xd and xs as one two-output block, `scales`), so that a GPU
+    thread keeps either pair in registers beside its consumer, computed once a block, instead of
+    sharing one through global memory or dividing for every value."""
+    nb = k // Q8_BLOCK
 
     def block_max(name: str) -> te.Tensor:
         l = te.reduce_axis((0, Q8_BLOCK), name="l")
         return te.compute(lead + (nb,), lambda *ax: te.max(
-            tirx.abs(x[ax[:-1] + (ax[-1] * Q8_BLOCK + l,)]), axis=l), name=name)
+            tirx.abs(value(ax[:-1], ax[-1] * Q8_BLOCK + l)), axis=l), name=name)
 
-    def q(amax: te.Tensor, ax: tuple[Expr, ...], i: Expr) -> Expr:
-        m = amax[ax + (i // Q8_BLOCK,)]
-        inv = tirx.Select(m > 0.0, tirx.const(_Q8_MAX, "float32") / m, tirx.const(0.0, "float32"))
-        v = x[ax + (i,)] * inv
+    def inverse(amax: te.Tensor, name: str) -> te.Tensor:
+        return te.compute(lead + (nb,), lambda *ax: tirx.Select(
+            amax[ax] > 0.0, tirx.const(_Q8_MAX, "float32") / amax[ax], tirx.const(0.0, "float32")), name=name)
+
+    def q(inv: te.Tensor, ax: tuple[Expr, ...], block: Expr, i: Expr) -> Expr:
+        """The int8 value of element i of x, in block `block` (its index is passed, not
+        derived from i, so that a block's reads of inv are plain for the scheduler)."""
+        v = value(ax, i) * inv[ax + (block,)]
         # Halves away from zero, like llama.cpp's roundf (tirx.round rounds halves to even).
-        magnitude = tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")).astype("int32")
-        return tirx.Select(v < 0.0, -magnitude, magnitude)
+        return tirx.copysign(tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")), v).astype("int32")
 
-    amax_q = block_max("amax_q")
+    inv_q = inverse(block_max("amax_q"), "inv_q")
 
     def word(*ax: Expr) -> Expr:
         lead_ax, w = ax[:-1], ax[-1]
         packed = _u32(0)
         for b in range(WORD):
-            byte = q(amax_q, lead_ax, w * WORD + b).astype("uint32") & _u32(0xFF)
+            byte = q(inv_q, lead_ax, w // (Q8_BLOCK // WORD), w * WORD + b).astype("uint32") & _u32(0xFF)
             packed = packed | (byte << _u32(8 * b))
         return tirx.reinterpret("int32", packed)
 
     xq = te.compute(lead + (k // WORD,), word, name="xq")
     amax = block_max("amax")
+    inv = inverse(amax, "inv")
     l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")
     qsum = te.compute(lead + (nb,), lambda *ax: te.sum(
-        q(amax, ax[:-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
+        q(inv, ax[:-1], ax[-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
 
     def scale_and_sum(*ax: Expr) -> list[Expr]:
         d = amax[ax] / _Q8_MAX
         return [d, d * qsum[ax].astype("float32")]
 
     xd, xs = te.compute(lead + (nb,), scale_and_sum, name="scales")
-    func = te.create_prim_func([x, xq, xd, xs])
-    return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
+    return xq, xd, xs
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,6 +373,14 @@ def quantize_q8_1_reference(
     xd = (amax / np.float32(_Q8_MAX)).astype(np.float32)
     xs = (xd * q.astype(np.int32).sum(axis=-1).astype(np.float32)).astype(np.float32)
     return xq, xd, xs
+
+
+def add_rms_norm_q8_1_reference(
+    x: npt.NDArray[np.float32], r: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float,
+) -> tuple[np.ndarray, np.ndarray, npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(sum, y, xq, xd, xs): `norm.add_rms_norm`'s oracle, then `quantize_q8_1`'s on its y."""
+    total, y = add_rms_norm_reference(x, r, w, eps)
+    return (total, y, *quantize_q8_1_reference(y))
 
 
 def dequantize_q8_1(xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:

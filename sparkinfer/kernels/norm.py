@@ -17,19 +17,27 @@ from sparkinfer.reference import qwen3moe as ref
 _F32 = "float32"
 
 
+def sum_of_squares(h: int, src: te.Tensor) -> te.Tensor:
+    """The stage sumsq: sum(src^2) in float32."""
+    k = te.reduce_axis((0, h), name="k")
+    return te.compute((), lambda: te.sum(src[k] * src[k], axis=k), name="sumsq")
+
+
+def inverse_rms(h: int, eps: float, sumsq: te.Tensor) -> tirx.Expr:
+    """1 / sqrt(mean of squares + eps)."""
+    return tirx.const(1.0, _F32) / tirx.sqrt(sumsq[()] / tirx.const(h, _F32) + tirx.const(eps, _F32))
+
+
+def rms_scaled(h: int, eps: float, sumsq: te.Tensor, value: tirx.Expr, weight: tirx.Expr) -> tirx.Expr:
+    """value * inverse_rms * weight: one element of the norm's output."""
+    return value * inverse_rms(h, eps, sumsq) * weight
+
+
 def normalize(h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
     """rmsnorm(src) * w as the stages sumsq and norm (also the normed GEMVs' prologue,
     `gemv.gemv_normed`)."""
-    k = te.reduce_axis((0, h), name="k")
-    sumsq = te.compute((), lambda: te.sum(src[k] * src[k], axis=k), name="sumsq")
-
-    def y(i: tirx.Var) -> tirx.Expr:
-        inv_rms = tirx.const(1.0, _F32) / tirx.sqrt(
-            sumsq[()] / tirx.const(h, _F32) + tirx.const(eps, _F32)
-        )
-        return src[i] * inv_rms * w[i]
-
-    return te.compute((h,), y, name="norm")
+    sumsq = sum_of_squares(h, src)
+    return te.compute((h,), lambda i: rms_scaled(h, eps, sumsq, src[i], w[i]), name="norm")
 
 
 def rms_norm(h: int, eps: float) -> tirx.PrimFunc:

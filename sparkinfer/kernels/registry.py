@@ -39,6 +39,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         moe.moe_down_residual,
         # the decode step's int8-activation variant (activations="q8")
         gemv_q8.quantize_q8_1,
+        gemv_q8.add_rms_norm_q8_1,  # the FFN input's norm and quantizer in one launch
         gemv_q8.gemv_q8,
         moe_q8.moe_gate_up_silu_q8,
         moe_q8.moe_down_residual_q8,

@@ -384,10 +384,13 @@ class _StepBuilder:
 
     def quantize_q8(self, x: relax.Expr, k: int, rows: int, label: str) -> list[relax.Var]:
         """x f32[(rows,) k] as int8 blocks of 32: [xq int32 words, xd scales, xs sums]."""
-        lead = (rows,) if rows else ()
         gv = self.k("gemv_q8", "quantize_q8_1", k, rows)
-        return self.call(gv, [x], [_tensor((*lead, k // 4), "int32"), self.f32(*lead, k // 32),
-                                   self.f32(*lead, k // 32)], label)
+        return self.call(gv, [x], self._q8_types(k, rows), label)
+
+    def _q8_types(self, k: int, rows: int) -> list[relax.TensorType]:
+        """The types of `quantize_q8_1(k, rows)`'s outputs: xq int32 words, xd scales, xs sums."""
+        lead = (rows,) if rows else ()
+        return [_tensor((*lead, k // 4), "int32"), self.f32(*lead, k // 32), self.f32(*lead, k // 32)]
 
     def gemv(self, name: str, x: relax.Expr | Normed, label: str) -> relax.Var:
         n, k = self.spec_shape(name)
@@ -524,11 +527,11 @@ class _StepBuilder:
             gv = self.k("gemv", "gemv_residual", self.w_fmt(name), n, k)
             h = self.call(gv, [p[name], att, h], [self.f32(H)], f"ao{i}")
             f: relax.Var | Normed = self.normed(h, w + "ffn_norm.weight")
+            f_q8 = None
         else:
             ao = self.gemv(w + "attn_output.weight", att, f"ao{i}")
-            gv = self.k("norm", "add_rms_norm", H, c.rms_eps)
-            h, f = self.call(gv, [ao, h, p[w + "ffn_norm.weight"]], [self.f32(H), self.f32(H)], f"ffn_in{i}")
-        h = self._moe(i, h, f) if c.is_moe else self._dense_ffn(i, h, f)
+            h, f, f_q8 = self._ffn_norm(i, ao, h)
+        h = self._moe(i, h, f, f_q8) if c.is_moe else self._dense_ffn(i, h, f, f_q8)
         if self.fused:
             return h, None
         nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
@@ -555,6 +558,26 @@ class _StepBuilder:
         gv = self.k("attention", "attention_combine", NH, self.S, D)
         return self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
 
+    def _ffn_norm(self, i: int, ao: relax.Var, h: relax.Var) -> tuple[relax.Var, relax.Var, list[relax.Var] | None]:
+        """The residual after the attention, its norm (the FFN input) and, where the experts take
+        int8 activations, that input's int8 blocks too, quantized in the norm's launch
+        (`gemv_q8.add_rms_norm_q8_1`) instead of a launch of their own."""
+        c = self.c
+        H = c.hidden
+        args = [ao, h, self.params[f"blk.{i}.ffn_norm.weight"]]
+        if not self._int8_experts(*self._ffn_weights(i)):
+            gv = self.k("norm", "add_rms_norm", H, c.rms_eps)
+            h, f = self.call(gv, args, [self.f32(H), self.f32(H)], f"ffn_in{i}")
+            return h, f, None
+        gv = self.k("gemv_q8", "add_rms_norm_q8_1", H, c.rms_eps)
+        h, f, *f_q8 = self.call(gv, args, [self.f32(H), self.f32(H), *self._q8_types(H, 0)], f"ffn_in{i}")
+        return h, f, f_q8
+
+    def _ffn_weights(self, i: int) -> tuple[str, str, str]:
+        """Layer i's gate, up and down weights: its experts' or its dense FFN's."""
+        g, u, d = (f"blk.{i}.ffn_{kind}{'_exps' if self.c.is_moe else ''}.weight" for kind in ("gate", "up", "down"))
+        return g, u, d
+
     def _ffn_input(self, f: relax.Var | Normed, i: int) -> relax.Var:
         """The expert kernels' x: f itself, or in the fused launches where gate/up does not
         normalize h itself (a dense FFN, int8 experts) rms_norm(h, ffn_norm)."""
@@ -563,16 +586,17 @@ class _StepBuilder:
                              [self.f32(self.c.hidden)], f"ffn_in{i}")
         return f
 
-    def _moe(self, i: int, h: relax.Var, f: relax.Var | Normed) -> relax.Var:
+    def _moe(self, i: int, h: relax.Var, f: relax.Var | Normed, f_q8: list[relax.Var] | None) -> relax.Var:
+        """f_q8: f's int8 blocks where `_ffn_norm` quantized it (None: the experts do if int8)."""
         c = self.c
         w = f"blk.{i}."
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
-        g, u, d = (f"{w}ffn_{kind}_exps.weight" for kind in ("gate", "up", "down"))
+        g, u, d = self._ffn_weights(i)
         if self.route_in_last_block:
             # build_decode_step allows it with decode_launches "split" only, where f is x itself
             assert not isinstance(f, Normed)
             ids, weights = self.route(w + "ffn_gate_inp.weight", f, i)
-            return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i)
+            return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i, f_q8)
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
         if isinstance(f, Normed) and not self._int8_experts(g, u, d):
             # router_topk and the FFN norm run inside gate/up, which writes ids and weights
@@ -582,7 +606,7 @@ class _StepBuilder:
             return self._down(d, E, KU, H, I, ids, weights, act, h, i)
         gv = self.k("router", "router_topk", E, KU)
         ids, weights = self.call(gv, [router], [_tensor((KU,), "int32"), self.f32(KU)], f"topk{i}")
-        return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i)
+        return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i, f_q8)
 
     def route(self, name: str, x: relax.Var, i: int) -> tuple[relax.Var, relax.Var]:
         """Layer i's experts (ids, weights) from the router weight `name` and x in one launch,
@@ -596,19 +620,19 @@ class _StepBuilder:
             [_tensor((1,), "int32"), self.f32(E), _tensor((KU,), "int32"), self.f32(KU)], f"route{i}")
         return ids, weights
 
-    def _dense_ffn(self, i: int, h: relax.Var, f: relax.Var | Normed) -> relax.Var:
+    def _dense_ffn(self, i: int, h: relax.Var, f: relax.Var | Normed, f_q8: list[relax.Var] | None) -> relax.Var:
         # One expert, always chosen with weight 1: the MoE kernels compute SwiGLU + residual.
         c = self.c
         ids = relax.const(np.zeros(1, np.int32))
         weights = relax.const(np.ones(1, np.float32))
-        return self._experts(f"blk.{i}.", "", 1, 1, c.ffn, c.hidden, ids, weights, h, self._ffn_input(f, i), i)
+        return self._experts(f"blk.{i}.", "", 1, 1, c.ffn, c.hidden, ids, weights, h, self._ffn_input(f, i), i, f_q8)
 
     def _experts(self, w: str, suffix: str, E: int, KU: int, I: int, H: int, ids: relax.Expr,
-                 weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
+                 weights: relax.Expr, h: relax.Var, f: relax.Var, i: int, f_q8: list[relax.Var] | None) -> relax.Var:
         p = self.params
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
         if self._int8_experts(g, u, d):
-            xq = self.quantize_q8(f, H, 0, f"ffn_q{i}")
+            xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             act = self.call(gv, [p[g], p[u], ids, *xq], [self.f32(KU, I)], f"act{i}")
             aq = self.quantize_q8(act, I, KU, f"act_q{i}")

@@ -45,6 +45,7 @@ from sparkinfer.schedule.cpu import (
     MoeDownResidualCpuRule,
     MoeGateUpSiluCpuRule,
 )
+from sparkinfer.schedule.norm import BlockThreadsCudaRule, BlockThreadsKnobs, schedule_rms_norm
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 
@@ -131,9 +132,9 @@ class MoeDownResidualQ8CudaRule(_MoeCudaRule):
 
 @dataclass(frozen=True)
 class QuantizeKnobs(Knobs):
-    """threads: threads per block, one per block of 32 activations."""
+    """groups: blocks of 32 activations a thread block (QUANTIZER_LANES threads each)."""
 
-    threads: Any
+    groups: Any
 
 
 class QuantizeQ8CudaRule(ScheduleRule):
@@ -142,47 +143,82 @@ class QuantizeQ8CudaRule(ScheduleRule):
     factory = "quantize_q8_1"
     knobs_type = QuantizeKnobs
 
-    def _blocks(self, use: KernelUse) -> int:
-        k, rows = factory_args(use)
-        return max(1, rows) * (k // Q8_BLOCK)
-
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= 32)}
+        most = facts.max_threads_per_block // QUANTIZER_LANES
+        return {"groups": tuple(g for g in powers_of_two(most) if g >= 4)}
 
     def default(self, use: KernelUse, facts: ArchFacts) -> QuantizeKnobs:
-        # 2048 activations are 64 blocks of 32: one warp-multiple block of threads covers them.
-        blocks = self._blocks(use)
-        threads = 32
-        while threads < blocks and threads < 256:
-            threads *= 2
-        return QuantizeKnobs(threads=threads)
+        # 32 groups: 256 threads; 2048 activations (64 blocks of 32) are 2 thread blocks, the
+        # 8 x 768 SiLU activations 6, so that more than one SM shares the work.
+        return QuantizeKnobs(groups=32)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, QuantizeKnobs)
-        words = Q8_BLOCK // WORD
+        schedule_quantizer(sch, knobs.groups, None)
 
-        def thread_per_block(block: SBlockRV, split_words: bool) -> LoopRV:
-            loops = sch.get_loops(block)
-            if split_words:
-                *lead, w = loops
-                blk, inner = sch.split(w, [None, words])
-                sch.unroll(inner)
-                loops = [*lead, blk]
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            bx, tx = sch.split(fused, [None, knobs.threads])
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
-            return tx
 
-        tx = thread_per_block(sch.get_sblock("xq"), True)
-        amax_q = sch.get_sblock("amax_q")
-        sch.compute_at(amax_q, tx)
-        sch.set_scope(amax_q, 0, "local")
-        tx = thread_per_block(sch.get_sblock("scales_v0"), False)
-        for name in ("qsum", "amax"):
-            block = sch.get_sblock(name)
-            sch.compute_at(block, tx)
-            sch.set_scope(block, 0, "local")
+QUANTIZER_LANES = Q8_BLOCK // WORD  # threads a block of 32 activations: one word (4 of them) each
+
+
+def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -> None:
+    """`gemv_q8._q8_1_stages`' blocks: QUANTIZER_LANES threads (threadIdx.x) a block of 32
+    activations, `groups` such blocks (threadIdx.y) a thread block. The scale and sum block
+    first: the block's max and its sum of q are cross-thread reductions (4 values a lane, then
+    shuffles); then the words, a lane each, after the block's max again (the same reduction,
+    kept in registers beside its consumer). In thread blocks of its own, or (`block` given)
+    under that loop of another kernel, after what that kernel's threads do."""
+
+    def lanes(name: str, at: LoopRV) -> None:
+        """Stage `name` (a reduction over a block of 32) at loop `at`, over the lanes."""
+        stage = sch.get_sblock(name)
+        sch.compute_at(stage, at)
+        tx, inner = sch.split(sch.get_loops(stage)[-1], [QUANTIZER_LANES, None])
+        sch.bind(tx, "threadIdx.x")
+        sch.unroll(inner)
+        sch.set_scope(stage, 0, "local")
+
+    def in_registers(name: str, at: LoopRV) -> None:
+        """Stage `name` (a value a block of 32) at loop `at`, in every lane."""
+        stage = sch.get_sblock(name)
+        sch.compute_at(stage, at)
+        sch.set_scope(stage, 0, "local")
+
+    scales = sch.get_sblock("scales_v0")  # with scales_v1 in its loop nest
+    if block is not None:
+        for name in ("amax", "inv", "qsum", "scales_v0", "scales_v1"):
+            sch.reverse_compute_at(sch.get_sblock(name), block)
+        # the two outputs' blocks moved one at a time: one loop nest again
+        sch.merge(sch.get_loops(scales)[-1], sch.get_loops(sch.get_sblock("scales_v1"))[-1])
+    loops = sch.get_loops(scales)[0 if block is None else 1:]
+    outer, ty = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0], [None, groups])
+    if block is None:
+        sch.bind(outer, "blockIdx.x")
+        block = outer
+    sch.bind(ty, "threadIdx.y")
+    lanes("qsum", ty)
+    in_registers("inv", ty)
+    lanes("amax", ty)
+    # the words: under the same thread block
+    for name in ("amax_q", "inv_q", "xq"):
+        sch.reverse_compute_at(sch.get_sblock(name), block)
+    _, ty, tx = sch.split(sch.get_loops(sch.get_sblock("xq"))[-1], [None, groups, QUANTIZER_LANES])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    in_registers("inv_q", ty)
+    lanes("amax_q", ty)
+
+
+class AddRmsNormQ8CudaRule(BlockThreadsCudaRule):
+    """`add_rms_norm_q8_1`: the norm's schedule (`schedule.norm`: one block, thread i owning
+    elements i, i + threads, ...), then the quantizer's in the same block."""
+
+    family = "gemv_q8"
+    factory = "add_rms_norm_q8_1"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, BlockThreadsKnobs)
+        block = schedule_rms_norm(sch, knobs.threads, lanes=QUANTIZER_LANES)
+        schedule_quantizer(sch, knobs.threads // QUANTIZER_LANES, block)
 
 
 class GemvQ8CpuRule(GemvCpuRule):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvm import s_tir
+from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
@@ -37,33 +38,49 @@ def block_threads_space(facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
     return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP)}
 
 
-def _schedule_rms_norm(sch: s_tir.Schedule, threads: Any) -> None:
-    """An `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target."""
+def schedule_rms_norm(sch: s_tir.Schedule, threads: Any, lanes: int = 0) -> LoopRV:
+    """An `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target; returns the block loop
+    (blockIdx.x: one block, or one a row). With `lanes`, the threads are laid out 2-D as
+    (threads / lanes, lanes) (threadIdx.y, threadIdx.x), thread i the same i: for a kernel that
+    goes on with stages of that layout (`schedule.gemv_q8`'s quantizer)."""
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
     sch.set_scope(sumsq, 0, "local")
 
     def over_threads(loop: s_tir.schedule.LoopRV) -> None:
-        _, lane = sch.split(loop, [None, threads])
+        if lanes:
+            _, row, lane = sch.split(loop, [None, threads // lanes, lanes])
+            sch.bind(row, "threadIdx.y")
+        else:
+            _, lane = sch.split(loop, [None, threads])
         sch.bind(lane, "threadIdx.x")
 
     # The block-level loop hangs off the first output: the residual where there is one (an
     # output, which compute_at may not move), else the norm. Its loops are (h) for one row,
     # (row, h) for the row forms: a block per row.
+    # 1 / rms may be a stage of its own (`gemv_q8.add_rms_norm_q8_1`), computed once between the
+    # sum of squares and the norm (by every thread: the same value into shared memory; in
+    # "local" scope TVM 0.27 gives it the allreduce's result buffer, which every thread then
+    # overwrites in place).
+    inv_rms = [sch.get_sblock("inv_rms")] if "inv_rms" in names else []
+    for stage in inv_rms:
+        sch.set_scope(stage, 0, "shared")
     if "residual" in names:
-        anchor, producers, consumers = sch.get_sblock("residual"), [], [sumsq, norm]
+        anchor, producers, consumers = sch.get_sblock("residual"), [], [sumsq, *inv_rms, norm]
     else:
-        anchor, producers, consumers = norm, [sumsq], []
+        anchor, producers, consumers = norm, [sumsq, *inv_rms], []
     loops = sch.get_loops(anchor)
     block, loop = sch.split(loops[0], [1, None]) if len(loops) == 1 else loops
     sch.bind(block, "blockIdx.x")
     over_threads(loop)
     for producer in producers:
         sch.compute_at(producer, block)
-        over_threads(sch.get_loops(producer)[-1])
     for consumer in consumers:
         sch.reverse_compute_at(consumer, block)
-        over_threads(sch.get_loops(consumer)[-1])
+    for stage in (*producers, *consumers):
+        if stage not in inv_rms:  # a scalar: every thread computes it
+            over_threads(sch.get_loops(stage)[-1])
+    return block
 
 
 class BlockThreadsCudaRule(ScheduleRule):
@@ -84,7 +101,7 @@ class _NormCudaRule(BlockThreadsCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, BlockThreadsKnobs)
-        _schedule_rms_norm(sch, knobs.threads)
+        schedule_rms_norm(sch, knobs.threads)
 
 
 class RmsNormCudaRule(_NormCudaRule):

@@ -36,6 +36,7 @@ from sparkinfer.schedule.gemv import (
     GemvResidualCudaRule,
 )
 from sparkinfer.schedule.gemv_q8 import (
+    AddRmsNormQ8CudaRule,
     GemvQ8CpuRule,
     GemvQ8CudaRule,
     MoeDownResidualQ8CpuRule,
@@ -88,6 +89,7 @@ for _rule in (
     MoeGateUpSiluQ8CudaRule(),
     MoeDownResidualQ8CudaRule(),
     QuantizeQ8CudaRule(),
+    AddRmsNormQ8CudaRule(),
     GemvCpuRule(),
     GemvQkvCpuRule(),
     GemvNormedCpuRule(),
@@ -110,6 +112,7 @@ for _rule in (
     MoeGateUpSiluQ8CpuRule(),
     MoeDownResidualQ8CpuRule(),
     AsWrittenCpuRule("gemv_q8", "quantize_q8_1"),
+    AsWrittenCpuRule("gemv_q8", "add_rms_norm_q8_1"),
     *LOGITS_RULES,
     *PREFILL_CPU_RULES,
     *PREFILL_CUDA_RULES,

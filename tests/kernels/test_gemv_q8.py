@@ -60,3 +60,26 @@ def test_gemv_q8_rejects_other_types_and_lengths() -> None:
         Q.gemv_q8(T.F16, 8, 256)
     with pytest.raises(TensorShapeError, match="multiple of 32, got 48"):
         Q.quantize_q8_1(48)
+
+
+def test_add_rms_norm_q8_1_quantizes_its_own_output(rng: np.random.Generator) -> None:
+    h, eps = 256, 1e-6
+    x, r, w = (rng.standard_normal(h, dtype=np.float32) for _ in range(3))
+    x[:32], r[:32] = 1.0, -1.0  # a block whose sum is all zero: d = 0, q = 0
+    outs = [np.empty(h, np.float32), np.empty(h, np.float32), np.empty(h // 4, np.int32),
+            np.empty(h // 32, np.float32), np.empty(h // 32, np.float32)]
+    total, y, xq, xd, xs = run_cpu_outputs(Q.add_rms_norm_q8_1(h, eps), [x, r, w], outs)
+    ref_total, ref_y, *_ = Q.add_rms_norm_q8_1_reference(x, r, w, eps)
+    np.testing.assert_array_equal(total, ref_total)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+    # the quantizer saw y bit for bit: its words, scales and sums are y's own
+    own_q, own_d, own_s = Q.quantize_q8_1_reference(y)
+    np.testing.assert_array_equal(xq, own_q)
+    np.testing.assert_array_equal(xd, own_d)
+    np.testing.assert_allclose(xs, own_s, rtol=1e-6, atol=1e-6)
+    assert not xq[:8].any() and xd[0] == 0.0
+
+
+def test_add_rms_norm_q8_1_rejects_a_partial_block() -> None:
+    with pytest.raises(TensorShapeError, match="add_rms_norm_q8_1 needs a length that is a multiple of 32, got 48"):
+        Q.add_rms_norm_q8_1(48, 1e-6)

@@ -38,6 +38,7 @@ CASES = [
     (gemv_q8.gemv_q8, "gemv_q8", (T.Q8_0, 512, 2048)),
     (gemv_q8.quantize_q8_1, "gemv_q8", (2048, 0)),
     (gemv_q8.quantize_q8_1, "gemv_q8", (768, 8)),
+    (gemv_q8.add_rms_norm_q8_1, "gemv_q8", (2048, 1e-6)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
@@ -54,7 +55,7 @@ def test_default_knobs_lie_in_the_space(factory, family, args) -> None:
         check_knobs(rule, use, rule.default(use, facts), facts)
 
 
-@pytest.mark.parametrize("factory, family, args", CASES[:4] + CASES[6:], ids=IDS[:4] + IDS[6:])
+@pytest.mark.parametrize("factory, family, args", CASES[:4] + CASES[7:], ids=IDS[:4] + IDS[7:])
 def test_int8_gemvs_use_dp4a(factory, family, args) -> None:
     func = scheduled(factory, family, *args)
     body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
@@ -83,7 +84,8 @@ gpu = gpu_fixture("gemv_q8", kernels_module)
 # runtime-only TVM, where building TIR fails (no te.placeholder).
 SYMBOLS = {gemv_q8.quantize_q8_1: gemv_q8.quantize_q8_1_symbol, gemv_q8.gemv_q8: gemv_q8.gemv_q8_symbol,
            moe_q8.moe_gate_up_silu_q8: moe_q8.moe_gate_up_silu_q8_symbol,
-           moe_q8.moe_down_residual_q8: moe_q8.moe_down_residual_q8_symbol}
+           moe_q8.moe_down_residual_q8: moe_q8.moe_down_residual_q8_symbol,
+           gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h)}
 
 
 def _symbol(factory, args) -> str:  # noqa: ANN001
@@ -118,6 +120,29 @@ def test_quantize_on_gpu_matches_numpy(gpu: Gpu, args: tuple[int, int]) -> None:
     np.testing.assert_allclose(xd, ref_d, rtol=1e-6)
     q = xq.view(np.int8).astype(np.float32).reshape(*lead, -1, 32)
     np.testing.assert_allclose(xs, xd * q.sum(axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_add_rms_norm_q8_1_on_gpu_matches_numpy(gpu: Gpu) -> None:
+    """The norm's outputs as `add_rms_norm`'s GPU test has them, and its int8 blocks those of
+    the y it wrote (the quantizer computes each y again, with the norm's operations)."""
+    h, eps = 2048, 1e-6
+    rng = np.random.default_rng(12)
+    x, r, w = (rng.standard_normal(h, dtype=np.float32) for _ in range(3))
+    x[:32], r[:32] = 1.0, -1.0  # an all-zero block: d = 0, no division by zero
+    total, y, xq, xd, xs = _run(gpu, _symbol(gemv_q8.add_rms_norm_q8_1, (h, eps)), [x, r, w],
+                                [np.empty(h, np.float32), np.empty(h, np.float32), np.empty(h // 4, np.int32),
+                                 np.empty(h // 32, np.float32), np.empty(h // 32, np.float32)])
+    ref_total, ref_y, *_ = gemv_q8.add_rms_norm_q8_1_reference(x, r, w, eps)
+    np.testing.assert_array_equal(total, ref_total)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+    own_q, own_d, _ = gemv_q8.quantize_q8_1_reference(y)
+    # as test_quantize_on_gpu_matches_numpy: a contraction may round a value the other way
+    dq = np.abs(xq.view(np.int8).astype(np.int32) - own_q.view(np.int8).astype(np.int32))
+    assert dq.max() <= 1 and np.count_nonzero(dq) <= max(1, dq.size // 1000)
+    np.testing.assert_allclose(xd, own_d, rtol=1e-6)
+    q = xq.view(np.int8).astype(np.float32).reshape(-1, 32)
+    np.testing.assert_allclose(xs, xd * q.sum(axis=-1), rtol=1e-5, atol=1e-6)
+    assert not xq[:8].any() and xd[0] == 0.0
 
 
 def _activations(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
