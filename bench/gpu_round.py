@@ -25,7 +25,7 @@ RUN_PROMPT_TOKENS = 128
 # under 64 MiB). None now: session 15's q8 (int8 expert activations, the FFN input quantized in
 # its norm's launch) was measured in its calls 1-3 (bench/NOTES.md, "Session 15") and came out
 # level with the base (316.5 against 315.4 tok/s), so sm_90 keeps float activations.
-VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_STEPS: dict[str, dict[str, str]] = {"q8": {"activations": "q8"}}  # the branch q8epilogue: its q8, timed
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless

@@ -190,7 +190,7 @@ def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
     _check_k(k, "quantize_q8_1")
     lead: tuple[int, ...] = (rows,) if rows else ()
     x = te.placeholder(lead + (k,), "float32", name="x")
-    xq, xd, xs = _q8_1_stages(lead, k, lambda ax, i: x[ax + (i,)])
+    xq, xd, xs = q8_1_stages(lead, k, lambda ax, i: x[ax + (i,)])
     func = te.create_prim_func([x, xq, xd, xs])
     return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
 
@@ -218,12 +218,12 @@ def add_rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
     # a stage: each thread computes it once, not once a value (`norm.rms_scaled`'s operations)
     inv_rms = te.compute((), lambda: inverse_rms(h, eps, sumsq), name="inv_rms")
     y = te.compute((h,), lambda i: total[i] * inv_rms[()] * w[i], name="norm")
-    xq, xd, xs = _q8_1_stages((), h, lambda ax, i: (x[i] + r[i]) * inv_rms[()] * w[i])
+    xq, xd, xs = q8_1_stages((), h, lambda ax, i: (x[i] + r[i]) * inv_rms[()] * w[i])
     func = te.create_prim_func([x, r, w, total, y, xq, xd, xs])
     return func.with_attr("global_symbol", add_rms_norm_q8_1_symbol(h))
 
 
-def _q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr]
+def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr]
                  ) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
     """xq, xd, xs of the activations value(lead axes, i) for i < k. Each block's max|x| and
     127 / max are stages of their own, twice: `amax_q` / `inv_q` for the words and `amax` /
@@ -258,7 +258,8 @@ def _q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...
             packed = packed | (byte << _u32(8 * b))
         return tirx.reinterpret("int32", packed)
 
-    xq = te.compute(lead + (k // WORD,), word, name="xq")
+    # "words", not "xq": a kernel may read an xq of its own (moe_q8.moe_gate_up_silu_q8_1)
+    xq = te.compute(lead + (k // WORD,), word, name="words")
     amax = block_max("amax")
     inv = inverse(amax, "inv")
     l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")

@@ -17,7 +17,15 @@ import numpy.typing as npt
 from tvm import te, tirx
 
 from sparkinfer.kernels.gemv import GemvFormat
-from sparkinfer.kernels.gemv_q8 import Row, dequantize_q8_1, q8_format, q8_inputs, q8_terms
+from sparkinfer.kernels.gemv_q8 import (
+    Row,
+    dequantize_q8_1,
+    q8_1_stages,
+    q8_format,
+    q8_inputs,
+    q8_terms,
+    quantize_q8_1_reference,
+)
 from sparkinfer.kernels.moe import (
     _silu,
     _weights,
@@ -50,6 +58,35 @@ def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: in
                         hidden: int) -> tirx.PrimFunc:
     """Params (Wg words [E, I, row_words], Wu words [E, I, row_words'], ids int32[KU],
     xq int32[H/4], xd f32[H/32], xs f32[H/32], act f32[KU, I])."""
+    inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return te.create_prim_func([*inputs, act]).with_attr("global_symbol", symbol)
+
+
+def moe_gate_up_silu_q8_1_symbol(type_gate: int, type_up: int, n_experts: int, n_used: int,
+                                 n_ffn: int, hidden: int) -> str:
+    return moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
+        "moe_gate_up_silu_q8_", "moe_gate_up_silu_q8_1_", 1)
+
+
+def moe_gate_up_silu_q8_1(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                          hidden: int) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8` with `gemv_q8.quantize_q8_1` of act as its epilogue: the SiLU
+    activations leave as int8 blocks of 32 (aq, ad, as), what `moe_down_residual_q8` reads, with
+    no quantizer launch between the two (on a GPU a thread block holds whole blocks of 32 rows).
+
+    Params (Wg, Wu, ids, xq, xd, xs as `moe_gate_up_silu_q8`'s, aq int32[KU, I/4],
+    ad f32[KU, I/32], as f32[KU, I/32])."""
+    inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
+    symbol = moe_gate_up_silu_q8_1_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return te.create_prim_func([*inputs, aq, ad, as_]).with_attr("global_symbol", symbol)
+
+
+def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                     hidden: int) -> tuple[list[te.Tensor], te.Tensor]:
+    """The inputs (Wg, Wu, ids, xq, xd, xs) and the stages gate, up (with their _dot producers)
+    and act = silu(gate) * up."""
     fmt_g, fmt_u = q8_format(type_gate), q8_format(type_up)
     w_gate = _weights(fmt_g, n_experts, n_ffn, hidden, "Wg")
     w_up = _weights(fmt_u, n_experts, n_ffn, hidden, "Wu")
@@ -66,9 +103,7 @@ def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: in
 
     gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
     act = te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
-    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    func = te.create_prim_func([w_gate, w_up, ids, xq, xd, xs, act])
-    return func.with_attr("global_symbol", symbol)
+    return [w_gate, w_up, ids, xq, xd, xs], act
 
 
 def moe_down_residual_q8_symbol(ggml_type: int, n_experts: int, n_used: int, hidden: int,
@@ -116,3 +151,12 @@ def moe_down_residual_q8_reference(ggml_type: int, down_data: npt.NDArray[np.uin
     """`kernels.moe`'s oracle on â."""
     return moe_down_residual_reference(ggml_type, down_data, ids, weights,
                                        dequantize_q8_1(aq, ad), h)
+
+
+def moe_gate_up_silu_q8_1_reference(type_gate: int, gate_data: npt.NDArray[np.uint8], type_up: int,
+                                    up_data: npt.NDArray[np.uint8], ids: npt.NDArray[np.int32],
+                                    xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]
+                                    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(aq, ad, as): `quantize_q8_1`'s oracle on `moe_gate_up_silu_q8`'s."""
+    act = moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, ids, xq, xd)
+    return quantize_q8_1_reference(act.astype(np.float32))

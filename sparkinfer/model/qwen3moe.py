@@ -633,9 +633,9 @@ class _StepBuilder:
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
         if self._int8_experts(g, u, d):
             xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
-            gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
-            act = self.call(gv, [p[g], p[u], ids, *xq], [self.f32(KU, I)], f"act{i}")
-            aq = self.quantize_q8(act, I, KU, f"act_q{i}")
+            # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
+            gv = self.k("moe_q8", "moe_gate_up_silu_q8_1", self.t(g), self.t(u), E, KU, I, H)
+            aq = self.call(gv, [p[g], p[u], ids, *xq], self._q8_types(I, KU), f"act_q{i}")
             gv = self.k("moe_q8", "moe_down_residual_q8", self.t(d), E, KU, H, I)
             return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)

@@ -106,6 +106,52 @@ class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
         schedule_gate_up_silu(sch, int8_view(type_gate), int8_view(type_up), knobs, "xq")
 
 
+class MoeGateUpSiluQ81CudaRule(MoeGateUpSiluQ8CudaRule):
+    """`moe_gate_up_silu_q8_1`: the int8 gate/up layout with a thread block of one block of 32
+    rows exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and `quantize_q8_1`
+    of those 32 values after it (`schedule_quantizer_epilogue`)."""
+
+    factory = "moe_gate_up_silu_q8_1"
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {**super().space(use, facts), "rows": (EPILOGUE_ROWS,),
+                "rows_per_thread": (Q8_BLOCK // EPILOGUE_ROWS,), "vector_header": (0,)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
+        return dataclasses.replace(super().default(use, facts), rows=EPILOGUE_ROWS,
+                                   rows_per_thread=Q8_BLOCK // EPILOGUE_ROWS, vector_header=0)
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        super().apply(sch, use, knobs, facts)
+        act = sch.get_sblock("act")
+        sch.set_scope(act, 0, "shared")
+        _, bx, *_ = sch.get_loops(act)
+        schedule_quantizer_epilogue(sch, bx, knobs.lanes)
+
+
+EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8_1`: 4 rows a thread make a block of 32
+
+
+def schedule_quantizer_epilogue(sch: s_tir.Schedule, block: LoopRV, lanes: Any) -> None:
+    """`gemv_q8.q8_1_stages`' blocks under another kernel's thread block `block`, which holds one
+    block of 32 values: the max and the sum of q over its threadIdx.x lanes (a warp's shuffles),
+    127 / max, the scale and the sum in every lane, a word a lane. Every threadIdx.y row of
+    threads does the same and writes the same values."""
+    for name in ("amax", "inv", "qsum", "scales_v0", "scales_v1", "amax_q", "inv_q", "words"):
+        sch.reverse_compute_at(sch.get_sblock(name), block)
+    for name in ("amax", "qsum", "amax_q"):
+        stage = sch.get_sblock(name)
+        tx, inner = sch.split(sch.get_loops(stage)[-1], [lanes, None])
+        sch.bind(tx, "threadIdx.x")
+        sch.unroll(inner)
+        sch.set_scope(stage, 0, "local")
+    for name in ("inv", "inv_q"):
+        sch.set_scope(sch.get_sblock(name), 0, "local")
+    _, tx = sch.split(sch.get_loops(sch.get_sblock("words"))[-1], [None, lanes])
+    sch.bind(tx, "threadIdx.x")
+
+
 class MoeDownResidualQ8CudaRule(_MoeCudaRule):
     """`schedule.moe`'s down/weights/residual layout (same knobs) on the int8 blocks."""
 
@@ -199,9 +245,9 @@ def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -
     in_registers("inv", ty)
     lanes("amax", ty)
     # the words: under the same thread block
-    for name in ("amax_q", "inv_q", "xq"):
+    for name in ("amax_q", "inv_q", "words"):
         sch.reverse_compute_at(sch.get_sblock(name), block)
-    _, ty, tx = sch.split(sch.get_loops(sch.get_sblock("xq"))[-1], [None, groups, QUANTIZER_LANES])
+    _, ty, tx = sch.split(sch.get_loops(sch.get_sblock("words"))[-1], [None, groups, QUANTIZER_LANES])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     in_registers("inv_q", ty)
@@ -247,3 +293,9 @@ class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         return (int8_view(factory_args(use)[0]),)
+
+
+class MoeGateUpSiluQ81CpuRule(MoeGateUpSiluQ8CpuRule):
+    """The int8 gate/up tasks; the quantizer of act after them, as its factory wrote it."""
+
+    factory = "moe_gate_up_silu_q8_1"
