@@ -101,7 +101,7 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
         return 4 * a[0] * max(1, a[1])
     if f == "embedding":
         return _rows_bytes(a[0], 1, a[2])
-    if f in ("rms_norm", "add_rms_norm"):
+    if f in ("rms_norm", "add_rms_norm", "add_rms_norm_q8_1"):
         return 4 * a[0] * (2 if f == "rms_norm" else 3)
     if f == "paged_decode_attention":
         return 2 * DEPTH * c.n_kv_heads * c.head_dim * 2 + 4 * c.n_heads * c.head_dim

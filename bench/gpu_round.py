@@ -22,10 +22,10 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). None now: session 15's q8 (int8 expert activations, the FFN input quantized in
-# its norm's launch) was measured in its calls 1-3 (bench/NOTES.md, "Session 15") and came out
-# level with the base (316.5 against 315.4 tok/s), so sm_90 keeps float activations.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"q8": {"activations": "q8"}}  # the branch q8epilogue: its q8, timed
+# under 64 MiB). None now: session 15's q8 (int8 expert activations) was measured in its calls
+# 1-3 and 5 (bench/NOTES.md, "Session 15"); with its quantizers in the norm's and the gate/up's
+# epilogues it beat the base by 6 % and is sm_90.json's.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless

@@ -120,7 +120,7 @@ def step_variants(arch: str, chosen: SchedulesFile | None) -> dict[str, str]:
 
 def fitting_variants(config: ModelConfig, arch: str, chosen: SchedulesFile | None,
                      log: Callable[[str], None]) -> dict[str, str]:
-    """`step_variants`, each one whose kernels cannot serve this model's attention heads put back to
+    """`step_variants`, each one whose kernels cannot serve this model's shapes put back to
     its default form (the first of STEP_VARIANTS'), slower, which `log` says."""
     variants = step_variants(arch, chosen)
     for name, why in misfit_variants(config, variants).items():

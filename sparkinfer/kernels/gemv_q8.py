@@ -169,6 +169,16 @@ def q8_format(ggml_type: int) -> GemvFormat:
     return gemv_format(ggml_type)
 
 
+def q8_activations_misfit(hidden: int, ffn: int) -> str | None:
+    """Why the int8 decode step (activations="q8") cannot serve a model of this hidden size and
+    FFN width (an expert's, or the dense FFN's; None: it can): its activations come in blocks of
+    32, and the gate/up kernel's thread block holds one block of 32 rows."""
+    for what, k in (("hidden size", hidden), ("FFN width", ffn)):
+        if k % Q8_BLOCK:
+            return f"its {what} {k} is not a multiple of the int8 blocks' {Q8_BLOCK}"
+    return None
+
+
 def _check_k(k: int, what: str) -> None:
     if k <= 0 or k % Q8_BLOCK != 0:
         raise TensorShapeError(f"{what} needs a length that is a multiple of {Q8_BLOCK}, got {k}")

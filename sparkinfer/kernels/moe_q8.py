@@ -1,13 +1,16 @@
 """The fused MoE expert FFN of `kernels.moe` on int8 activations (`kernels.gemv_q8`).
 
-  moe_gate_up_silu_q8:  act[s, i] = silu(Wg[ids[s], i] . x̂) * (Wu[ids[s], i] . x̂)
+  moe_gate_up_silu_q8:  act[s, i] = silu(Wg[ids[s], i] . x̂) * (Wu[ids[s], i] . x̂), written as
+                        â = its int8 blocks of 32 (`gemv_q8.quantize_q8_1` as the epilogue)
   moe_down_residual_q8: h_out[n]  = h[n] + sum_s weights[s] * (Wd[ids[s], n] . â[s])
 
-x̂ is the FFN input quantized once by `gemv_q8.quantize_q8_1(H)` (gate and up share it), â the
-activations quantized per slot by `quantize_q8_1(I, KU)`. Block names and loop order follow
-`kernels.moe` (gate_dot/gate, up_dot/up, act; down_dot/down, h_out), the dot blocks holding int32
-sums of dp4a products and no x-sum blocks (the quantizer made the block sums), so the MoE
-schedule's layout carries over. The oracles are `kernels.moe`'s on x̂ and â.
+x̂ is the FFN input quantized once (`gemv_q8.add_rms_norm_q8_1`, or `quantize_q8_1(H)`; gate and
+up share it), â the activations quantized per slot inside the gate/up kernel, so that no launch
+sits between the two kernels (bench/NOTES.md, "Session 15": as a launch of its own the quantizer
+cost what the int8 GEMVs saved). Block names and loop order follow `kernels.moe` (gate_dot/gate,
+up_dot/up, act; down_dot/down, h_out), the dot blocks holding int32 sums of dp4a products and no
+x-sum blocks (the quantizer made the block sums), so the MoE schedule's layout carries over. The
+oracles are `kernels.moe`'s on x̂ and â, the gate/up's quantized by `quantize_q8_1_reference`.
 """
 
 from collections.abc import Callable
@@ -57,29 +60,12 @@ def moe_gate_up_silu_q8_symbol(type_gate: int, type_up: int, n_experts: int, n_u
 def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
                         hidden: int) -> tirx.PrimFunc:
     """Params (Wg words [E, I, row_words], Wu words [E, I, row_words'], ids int32[KU],
-    xq int32[H/4], xd f32[H/32], xs f32[H/32], act f32[KU, I])."""
-    inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    return te.create_prim_func([*inputs, act]).with_attr("global_symbol", symbol)
-
-
-def moe_gate_up_silu_q8_1_symbol(type_gate: int, type_up: int, n_experts: int, n_used: int,
-                                 n_ffn: int, hidden: int) -> str:
-    return moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
-        "moe_gate_up_silu_q8_", "moe_gate_up_silu_q8_1_", 1)
-
-
-def moe_gate_up_silu_q8_1(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
-                          hidden: int) -> tirx.PrimFunc:
-    """`moe_gate_up_silu_q8` with `gemv_q8.quantize_q8_1` of act as its epilogue: the SiLU
-    activations leave as int8 blocks of 32 (aq, ad, as), what `moe_down_residual_q8` reads, with
-    no quantizer launch between the two (on a GPU a thread block holds whole blocks of 32 rows).
-
-    Params (Wg, Wu, ids, xq, xd, xs as `moe_gate_up_silu_q8`'s, aq int32[KU, I/4],
-    ad f32[KU, I/32], as f32[KU, I/32])."""
+    xq int32[H/4], xd f32[H/32], xs f32[H/32], aq int32[KU, I/4], ad f32[KU, I/32],
+    as f32[KU, I/32]): act as the int8 blocks `moe_down_residual_q8` reads (on a GPU a thread
+    block holds whole blocks of 32 rows, `schedule.gemv_q8.MoeGateUpSiluQ8CudaRule`)."""
     inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
     aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
-    symbol = moe_gate_up_silu_q8_1_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
     return te.create_prim_func([*inputs, aq, ad, as_]).with_attr("global_symbol", symbol)
 
 
@@ -138,10 +124,11 @@ def moe_down_residual_q8(ggml_type: int, n_experts: int, n_used: int, hidden: in
 
 def moe_gate_up_silu_q8_reference(type_gate: int, gate_data: npt.NDArray[np.uint8], type_up: int,
                                   up_data: npt.NDArray[np.uint8], ids: npt.NDArray[np.int32],
-                                  xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:
-    """`kernels.moe`'s oracle on x̂."""
-    x_hat = dequantize_q8_1(xq, xd)
-    return moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, x_hat)
+                                  xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]
+                                  ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(aq, ad, as): `kernels.moe`'s oracle on x̂, quantized by `quantize_q8_1`'s."""
+    act = moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, dequantize_q8_1(xq, xd))
+    return quantize_q8_1_reference(act.astype(np.float32))
 
 
 def moe_down_residual_q8_reference(ggml_type: int, down_data: npt.NDArray[np.uint8],
@@ -152,11 +139,3 @@ def moe_down_residual_q8_reference(ggml_type: int, down_data: npt.NDArray[np.uin
     return moe_down_residual_reference(ggml_type, down_data, ids, weights,
                                        dequantize_q8_1(aq, ad), h)
 
-
-def moe_gate_up_silu_q8_1_reference(type_gate: int, gate_data: npt.NDArray[np.uint8], type_up: int,
-                                    up_data: npt.NDArray[np.uint8], ids: npt.NDArray[np.int32],
-                                    xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]
-                                    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """(aq, ad, as): `quantize_q8_1`'s oracle on `moe_gate_up_silu_q8`'s."""
-    act = moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, ids, xq, xd)
-    return quantize_q8_1_reference(act.astype(np.float32))

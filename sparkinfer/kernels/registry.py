@@ -42,7 +42,6 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.add_rms_norm_q8_1,  # the FFN input's norm and quantizer in one launch
         gemv_q8.gemv_q8,
         moe_q8.moe_gate_up_silu_q8,
-        moe_q8.moe_gate_up_silu_q8_1,  # its SiLU activations leave as int8 blocks
         moe_q8.moe_down_residual_q8,
         # the decode step's fewer-launches variant (decode_launches="fused")
         gemv.gemv_normed,

@@ -71,6 +71,26 @@ def assert_gemv_close(
         )
 
 
+def assert_q8_1_close(aq: np.ndarray, ad: np.ndarray, as_: np.ndarray, y_ref: np.ndarray,
+                      magnitude: np.ndarray, rtol: float = 2e-5) -> None:
+    """A kernel's int8 blocks of 32 (aq words, ad scales, as sums) of a float result whose oracle
+    is y_ref: the kernel's y is within `assert_gemv_close`'s bound of y_ref, and its quantization
+    within half a step of y (so d̂ · q within half a step plus that bound of y_ref); each scale is
+    max|y| / 127 of its block (within the bound's share); each sum is d · sum(q)."""
+    q = np.ascontiguousarray(aq).view(np.int8).astype(np.float64).reshape(*ad.shape, 32)
+    blocks = y_ref.astype(np.float64).reshape(*ad.shape, 32)
+    bound = rtol * magnitude.astype(np.float64).reshape(*ad.shape, 32) + 1e-30
+    d = ad.astype(np.float64)
+    np.testing.assert_array_less(np.abs(d - np.abs(blocks).max(axis=-1) / 127.0),
+                                 bound.max(axis=-1) / 127.0 + 1e-7 * d + 1e-30)
+    err = np.abs(q * d[..., None] - blocks)
+    bad = ~(err <= 0.5 * d[..., None] * (1 + 1e-6) + bound)
+    if bad.any():
+        raise AssertionError(f"{int(bad.sum())} of {bad.size} int8 values more than half a step off "
+                             f"(first at {np.argwhere(bad)[:5].tolist()})")
+    np.testing.assert_allclose(as_, (d * q.sum(axis=-1)).astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
 def rope_angle_error_bound(x_normed: np.ndarray, pos: int) -> np.ndarray:
     """The kernel's RoPE angles are float32 (pos * f, f = theta^(-2i/D) each rounded once), the
     oracle's float64: ~pos * 2^-23 rad apart, times the magnitude of the rotated pair."""

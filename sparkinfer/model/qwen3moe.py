@@ -51,7 +51,7 @@ count_token (token_counts[next] += 1) before advance. It returns the raw logits 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
-from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES, q8_activations_misfit
 from sparkinfer.kernels.sampling import K_MAX as SAMPLING_K_MAX, SLICE as SAMPLING_SLICE, slices as sampling_slices
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
@@ -634,7 +634,7 @@ class _StepBuilder:
         if self._int8_experts(g, u, d):
             xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
             # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
-            gv = self.k("moe_q8", "moe_gate_up_silu_q8_1", self.t(g), self.t(u), E, KU, I, H)
+            gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             aq = self.call(gv, [p[g], p[u], ids, *xq], self._q8_types(I, KU), f"act_q{i}")
             gv = self.k("moe_q8", "moe_down_residual_q8", self.t(d), E, KU, H, I)
             return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
@@ -759,18 +759,22 @@ class _StepBuilder:
 
 
 def misfit_variants(config: ModelConfig, variants: Mapping[str, str]) -> dict[str, str]:
-    """Of `variants` (step variant -> value), those whose kernels cannot serve `config`'s attention
-    heads, with why (each kernel factory's own check): an arch's schedules file picks a form for
-    the models it was measured on, and a model with another GQA group or head dim may not fit it."""
+    """Of `variants` (step variant -> value), those whose kernels cannot serve `config`'s shapes
+    (its attention heads, its widths), with why (each kernel family's own check): an arch's
+    schedules file picks a form for the models it was measured on, and another model may not fit it."""
     from sparkinfer.kernels.attention import mma_attention_misfit
     from sparkinfer.kernels.prefill_attention import register_attention_misfit
 
-    checks = {("decode_attention", "mma"): mma_attention_misfit,
-              ("attention_form", "registers"): register_attention_misfit}
+    c = config
+    checks: dict[tuple[str, str], Callable[[], str | None]] = {
+        ("decode_attention", "mma"): lambda: mma_attention_misfit(c.n_heads, c.n_kv_heads, c.head_dim),
+        ("attention_form", "registers"): lambda: register_attention_misfit(c.n_heads, c.n_kv_heads, c.head_dim),
+        ("activations", "q8"): lambda: q8_activations_misfit(c.hidden, c.expert_ffn if c.is_moe else c.ffn),
+    }
     out = {}
     for name, value in variants.items():
         check = checks.get((name, value))
-        why = None if check is None else check(config.n_heads, config.n_kv_heads, config.head_dim)
+        why = None if check is None else check()
         if why is not None:
             out[name] = why
     return out

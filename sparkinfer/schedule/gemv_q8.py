@@ -6,8 +6,13 @@ differs is read off `int8_view`: the dot block reads int32 words of 4 activation
 chunk's 32 QS bytes and its 16 activation words are two 16-byte loads each), and there is no
 x-sum block (the quantizer wrote the block sums).
 
-The quantizer (`quantize_q8_1`) is a thread per block of 32: it finds the block's max, writes
-its 8 words, then (a second loop nest under the same thread binding) its scale and sum.
+The quantizer's stages (`gemv_q8.q8_1_stages`) run in three places: the kernel
+`quantize_q8_1` (8 lanes a block of 32, one word each), the norm kernel `add_rms_norm_q8_1` (the
+same, in the norm's thread block) and the gate/up kernel's epilogue (its 32 lanes over the 32 rows
+its thread block holds). A block's max and its sum of q are cross-thread reductions (shuffles),
+127 / max a register of every lane, the words a lane each: no division or branch per value
+(bench/NOTES.md, "Session 15": the first form, a thread walking a block three times with a
+division and two branches a value, took 10-12 µs a launch).
 
 On the CPU the int8 kernels take `schedule.cpu`'s dot layout (row tasks across the cores, each
 sub-block's word reduction split into vector lanes); the quantizer runs as written (~1 µs).
@@ -82,7 +87,9 @@ class GemvQ8CudaRule(_GemvCudaRule):
 
 
 class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
-    """`schedule.moe`'s gate/up/SiLU layout (same knobs) on the int8 blocks."""
+    """`schedule.moe`'s gate/up/SiLU layout on the int8 blocks, with a thread block of one block
+    of 32 rows exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and
+    `quantize_q8_1` of those 32 values after it (`schedule_quantizer_epilogue`)."""
 
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
@@ -100,37 +107,25 @@ class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
     def weight_types(self, use: KernelUse) -> tuple[int, ...]:
         return gate_up_types(use)
 
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {**super().space(use, facts), "rows": (EPILOGUE_ROWS,),
+                "rows_per_thread": (Q8_BLOCK // EPILOGUE_ROWS,)}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
+        return dataclasses.replace(super().default(use, facts), rows=EPILOGUE_ROWS,
+                                   rows_per_thread=Q8_BLOCK // EPILOGUE_ROWS)
+
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
         type_gate, type_up, *_ = factory_args(use)
         schedule_gate_up_silu(sch, int8_view(type_gate), int8_view(type_up), knobs, "xq")
-
-
-class MoeGateUpSiluQ81CudaRule(MoeGateUpSiluQ8CudaRule):
-    """`moe_gate_up_silu_q8_1`: the int8 gate/up layout with a thread block of one block of 32
-    rows exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and `quantize_q8_1`
-    of those 32 values after it (`schedule_quantizer_epilogue`)."""
-
-    factory = "moe_gate_up_silu_q8_1"
-
-    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {**super().space(use, facts), "rows": (EPILOGUE_ROWS,),
-                "rows_per_thread": (Q8_BLOCK // EPILOGUE_ROWS,), "vector_header": (0,)}
-
-    def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
-        return dataclasses.replace(super().default(use, facts), rows=EPILOGUE_ROWS,
-                                   rows_per_thread=Q8_BLOCK // EPILOGUE_ROWS, vector_header=0)
-
-    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        assert isinstance(knobs, MoeKnobs)
-        super().apply(sch, use, knobs, facts)
         act = sch.get_sblock("act")
         sch.set_scope(act, 0, "shared")
         _, bx, *_ = sch.get_loops(act)
         schedule_quantizer_epilogue(sch, bx, knobs.lanes)
 
 
-EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8_1`: 4 rows a thread make a block of 32
+EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8`: 4 rows a thread make a block of 32
 
 
 def schedule_quantizer_epilogue(sch: s_tir.Schedule, block: LoopRV, lanes: Any) -> None:
@@ -277,6 +272,8 @@ class GemvQ8CpuRule(GemvCpuRule):
 
 
 class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
+    """The int8 gate/up tasks; the quantizer of act after them, as its factory wrote it."""
+
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
     word_lanes = False
@@ -294,8 +291,3 @@ class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
         return (int8_view(factory_args(use)[0]),)
 
-
-class MoeGateUpSiluQ81CpuRule(MoeGateUpSiluQ8CpuRule):
-    """The int8 gate/up tasks; the quantizer of act after them, as its factory wrote it."""
-
-    factory = "moe_gate_up_silu_q8_1"

@@ -1,7 +1,8 @@
 """An arch's schedules file picks step variants for the models it was measured on
-(sparkinfer/data/schedules/sm_90.json: the register prefill attention and the tensor-core decode
-attention); a model whose attention heads those kernels cannot serve gets the default form
-instead, and the compile says so (compiler/pipeline.py `fitting_variants`)."""
+(sparkinfer/data/schedules/sm_90.json: the register prefill attention, the tensor-core decode
+attention, int8 expert activations); a model whose attention heads or widths those kernels cannot
+serve gets the default form instead, and the compile says so (compiler/pipeline.py
+`fitting_variants`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def test_the_forms_name_what_they_cannot_serve() -> None:
                             "and a head dim that is a multiple of 64 (got 64)"}
     assert set(misfit_variants(HEAD_DIM_96, FAST)) == {"decode_attention", "attention_form"}
     assert misfit_variants(HEAD_DIM_96, {"attention_form": "compact", "decode_attention": "simt"}) == {}
+    assert misfit_variants(TINY, {"activations": "q8"}) == {}
+    assert misfit_variants(dataclasses.replace(TINY, expert_ffn=48), {"activations": "q8"}) == {
+        "activations": "its FFN width 48 is not a multiple of the int8 blocks' 32"}
+    dense = preset_config("tiny-dense")
+    assert misfit_variants(dataclasses.replace(dense, hidden=80), {"activations": "q8"}) == {
+        "activations": "its hidden size 80 is not a multiple of the int8 blocks' 32"}
 
 
 def test_a_misfit_variant_goes_back_to_its_default_and_says_so() -> None:

@@ -8,8 +8,11 @@ from sparkinfer.errors import UnsupportedQuantTypeError
 from sparkinfer.kernels import moe_q8 as M
 from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
 from sparkinfer.kernels.gemv_q8 import dequantize_q8_1, quantize_q8_1_reference
-from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.kernels import gemv_q8 as Q
+from sparkinfer.kernels.moe import moe_gate_up_silu_reference
+from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
+from tests.kernels.test_kernels_gemv import run_cpu_outputs
 from tests.kernels.test_moe import HIDDEN, IDS, IDS_CLAMPED, N_EXPERTS, N_FFN, abs_gemv, run_cpu
 
 
@@ -25,17 +28,22 @@ def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, t
     up_data = random_weights(type_up, (N_EXPERTS, N_FFN, HIDDEN), rng)
     xq, xd, xs = quantize_q8_1_reference((rng.standard_normal(HIDDEN) * 10).astype(np.float32))
     func = M.moe_gate_up_silu_q8(type_gate, type_up, N_EXPERTS, len(IDS), N_FFN, HIDDEN)
-    act = run_cpu(func, weight_view(type_gate, gate_data), weight_view(type_up, up_data), IDS,
-                  xq, xd, xs, np.empty((len(IDS), N_FFN), np.float32))
-    ref = M.moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, xq, xd)
+    aq, ad, as_ = run_cpu_outputs(func, [weight_view(type_gate, gate_data), weight_view(type_up, up_data), IDS,
+                                         xq, xd, xs], [np.empty((len(IDS), N_FFN // 4), np.int32),
+                                                       np.empty((len(IDS), N_FFN // 32), np.float32),
+                                                       np.empty((len(IDS), N_FFN // 32), np.float32)])
     x = dequantize_q8_1(xq, xd)
+    ref = moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, x)
     gate = gemv_experts_reference(type_gate, gate_data, IDS_CLAMPED, x)
     up = gemv_experts_reference(type_up, up_data, IDS_CLAMPED, x)
     assert np.abs(gate).max() > 2, "the test should reach SiLU's nonlinear range"
     with np.errstate(over="ignore"):
         magnitude = (1.1 * np.abs(up) * abs_gemv(type_gate, gate_data, IDS_CLAMPED, x)
                      + np.abs(silu(gate)) * abs_gemv(type_up, up_data, IDS_CLAMPED, x) + np.abs(ref))
-    assert_gemv_close(act, ref, magnitude)
+    assert_q8_1_close(aq, ad, as_, ref, magnitude)
+    # and its reference is the same quantizer on the same oracle
+    ref_q, ref_d, _ = M.moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, xq, xd)
+    assert_q8_1_close(ref_q, ref_d, Q.quantize_q8_1_reference(ref.astype(np.float32))[2], ref, magnitude)
 
 
 @pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)

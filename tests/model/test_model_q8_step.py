@@ -24,7 +24,7 @@ def test_q8_runs_the_experts_on_int8_activations() -> None:
     step = build_decode_step(TINY, type_map(TINY, "q4_k_m"), activations="q8")
     factories = _factories(step)
     assert ("moe", "moe_gate_up_silu") not in factories and ("moe", "moe_down_residual") not in factories
-    assert {("moe_q8", "moe_gate_up_silu_q8_1"), ("moe_q8", "moe_down_residual_q8")} <= set(factories)
+    assert {("moe_q8", "moe_gate_up_silu_q8"), ("moe_q8", "moe_down_residual_q8")} <= set(factories)
     # the FFN input is quantized in its norm's launch, the SiLU activations in gate/up's epilogue
     assert ("gemv_q8", "add_rms_norm_q8_1") in factories and ("norm", "add_rms_norm") not in factories
     assert ("gemv_q8", "quantize_q8_1") not in factories
@@ -41,7 +41,7 @@ def test_q8_keeps_float_experts_whose_type_has_no_int8_form() -> None:
         if name.endswith("ffn_up_exps.weight"):
             types[name] = T.F16
     factories = _factories(build_decode_step(TINY, types, activations="q8"))
-    assert ("moe", "moe_gate_up_silu") in factories and ("moe_q8", "moe_gate_up_silu_q8_1") not in factories
+    assert ("moe", "moe_gate_up_silu") in factories and ("moe_q8", "moe_gate_up_silu_q8") not in factories
     assert ("norm", "add_rms_norm") in factories and ("gemv_q8", "add_rms_norm_q8_1") not in factories
 
 

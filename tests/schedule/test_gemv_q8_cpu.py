@@ -50,13 +50,16 @@ def test_moe_q8_and_quantize(knobs: CpuDotKnobs | None) -> None:
     np.testing.assert_array_equal(xq, Q.quantize_q8_1_reference(x)[0])
     gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
     ids = np.array([4, 1], np.int32)
-    (act,) = run("moe_q8", M.moe_gate_up_silu_q8, (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden), knobs,
-                 [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), ids, xq, xd, xs],
-                 [np.empty((n_used, inter), np.float32)])
-    ref = M.moe_gate_up_silu_q8_reference(T.Q4_K, gate, T.Q6_K, up, ids, xq, xd)
-    np.testing.assert_allclose(act, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    aq, ad, as_ = run("moe_q8", M.moe_gate_up_silu_q8, (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden), knobs,
+                      [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), ids, xq, xd, xs],
+                      [np.empty((n_used, inter // 4), np.int32), np.empty((n_used, inter // 32), np.float32),
+                       np.empty((n_used, inter // 32), np.float32)])
+    ref_q, ref_d, _ = M.moe_gate_up_silu_q8_reference(T.Q4_K, gate, T.Q6_K, up, ids, xq, xd)
+    # the kernel's act and the oracle's differ by float rounding: a value may round the other way
+    dq = np.abs(aq.view(np.int8).astype(np.int32) - ref_q.view(np.int8).astype(np.int32))
+    assert dq.max() <= 1 and np.count_nonzero(dq) <= max(1, dq.size // 100)
+    np.testing.assert_allclose(ad, ref_d, rtol=1e-4)
     down = random_weights(T.Q6_K, (n_experts, hidden, inter), rng)
-    aq, ad, as_ = Q.quantize_q8_1_reference(act)
     weights = np.array([0.7, 0.3], np.float32)
     h = rng.standard_normal(hidden, dtype=np.float32)
     (h_out,) = run("moe_q8", M.moe_down_residual_q8, (T.Q6_K, n_experts, n_used, hidden, inter), knobs,
