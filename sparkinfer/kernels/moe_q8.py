@@ -62,7 +62,7 @@ def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: in
     """Params (Wg words [E, I, row_words], Wu words [E, I, row_words'], ids int32[KU],
     xq int32[H/4], xd f32[H/32], xs f32[H/32], aq int32[KU, I/4], ad f32[KU, I/32],
     as f32[KU, I/32]): act as the int8 blocks `moe_down_residual_q8` reads (on a GPU a thread
-    block holds whole blocks of 32 rows, `schedule.gemv_q8.MoeGateUpSiluQ8CudaRule`)."""
+    block holds whole blocks of 32 rows, `schedule.moe_q8.MoeGateUpSiluQ8CudaRule`)."""
     inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
     aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
     symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)

@@ -39,11 +39,13 @@ from sparkinfer.schedule.gemv_q8 import (
     AddRmsNormQ8CudaRule,
     GemvQ8CpuRule,
     GemvQ8CudaRule,
+    QuantizeQ8CudaRule,
+)
+from sparkinfer.schedule.moe_q8 import (
     MoeDownResidualQ8CpuRule,
     MoeDownResidualQ8CudaRule,
     MoeGateUpSiluQ8CpuRule,
     MoeGateUpSiluQ8CudaRule,
-    QuantizeQ8CudaRule,
 )
 from sparkinfer.schedule.moe import (
     MoeDownResidualCudaRule,
