@@ -23,7 +23,7 @@ from tvm import tirx
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.grammar import mask_words
-from sparkinfer.kernels import sampling
+from sparkinfer.kernels import gemv_q8, sampling
 from sparkinfer.kernels.gemv import weight_view
 from sparkinfer.kernels.testing import random_weights
 from sparkinfer.kernels.use import weight_format_named
@@ -135,6 +135,45 @@ def _moe_down_residual(rng: np.random.Generator, ggml_type: str, n_experts: int,
             _f32(rng, n_used, n_ffn), _f32(rng, hidden), _f32(rng, hidden)]
 
 
+def _q8(rng: np.random.Generator, *shape: int) -> Arrays:
+    """Int8 blocks of 32 (`kernels.gemv_q8.quantize_q8_1`'s outputs) of shape[..., k]."""
+    *lead, k = shape
+    return gemv_q8.quantize_q8_1_reference(_f32(rng, *lead, k))
+
+
+def _q8_out(*shape: int) -> Arrays:
+    """Room for int8 blocks of 32 of shape[..., k] (outputs: any finite fill)."""
+    *lead, k = shape
+    return [np.ones((*lead, k // 4), np.int32), np.ones((*lead, k // 32), np.float32),
+            np.ones((*lead, k // 32), np.float32)]
+
+
+def _quantize_q8_1(rng: np.random.Generator, k: int, rows: int) -> Arrays:
+    lead = (rows,) if rows else ()
+    return [_f32(rng, *lead, k), *_q8_out(*lead, k)]
+
+
+def _add_rms_norm_q8_1(rng: np.random.Generator, hidden: int, eps: float) -> Arrays:
+    return [*_add_rms_norm(rng, hidden, eps), *_q8_out(hidden)]
+
+
+def _gemv_q8(rng: np.random.Generator, ggml_type: str, n: int, k: int) -> Arrays:
+    return [_words(ggml_type, (n, k), rng), *_q8(rng, k), _f32(rng, n)]
+
+
+def _moe_gate_up_silu_q8(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int, n_used: int,
+                         n_ffn: int, hidden: int) -> Arrays:
+    return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
+            _ids(rng, n_experts, n_used), *_q8(rng, hidden), *_q8_out(n_used, n_ffn)]
+
+
+def _moe_down_residual_q8(rng: np.random.Generator, ggml_type: str, n_experts: int, n_used: int, hidden: int,
+                          n_ffn: int) -> Arrays:
+    weights = rng.dirichlet(np.ones(n_used)).astype(np.float32)
+    return [_words(ggml_type, (n_experts, hidden, n_ffn), rng), _ids(rng, n_experts, n_used), weights,
+            *_q8(rng, n_used, n_ffn), _f32(rng, hidden), _f32(rng, hidden)]
+
+
 # Sampling with temperature, top-p and top-k (Qwen3's chat defaults): the candidates' path.
 _SAMPLE_PARAMS = np.array([0.6, 0.95, 20.0], np.float32)
 
@@ -181,6 +220,11 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("moe", "moe_gate_up_silu"): _moe_gate_up_silu,
     ("moe", "moe_gate_up_silu_routed"): _moe_gate_up_silu_routed,
     ("moe", "moe_down_residual"): _moe_down_residual,
+    ("gemv_q8", "quantize_q8_1"): _quantize_q8_1,
+    ("gemv_q8", "add_rms_norm_q8_1"): _add_rms_norm_q8_1,
+    ("gemv_q8", "gemv_q8"): _gemv_q8,
+    ("moe_q8", "moe_gate_up_silu_q8"): _moe_gate_up_silu_q8,
+    ("moe_q8", "moe_down_residual_q8"): _moe_down_residual_q8,
     ("sampling", "sample_candidates"): _sample_candidates,
     ("sampling", "sample_token"): _sample_token,
     ("sampling", "advance"): _advance,
@@ -197,6 +241,8 @@ EXPERT_STACKS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
     ("moe", "moe_gate_up_silu"): ((0, 1), 2),
     ("moe", "moe_gate_up_silu_routed"): ((0, 1), 6),
     ("moe", "moe_down_residual"): ((0,), 1),
+    ("moe_q8", "moe_gate_up_silu_q8"): ((0, 1), 2),
+    ("moe_q8", "moe_down_residual_q8"): ((0,), 1),
 }
 
 

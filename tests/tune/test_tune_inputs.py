@@ -1,5 +1,6 @@
 """The tuner's random kernel inputs (sparkinfer/tune/inputs.py) for planar Q6_K kernels (the
-step variant q6_k_layout="planar"): the arrays the kernel's parameters take."""
+step variant q6_k_layout="planar") and the int8 kernels (activations="q8"): the arrays the
+kernel's parameters take."""
 
 import pytest
 
@@ -14,6 +15,22 @@ from sparkinfer.tune.inputs import kernel_inputs
 def test_planar_kernels_get_inputs_of_their_parameters(family: str, factory: str, args: tuple) -> None:
     use = kernel_use(family, factory, weight_format_named(args[0]), *args[1:])
     assert use.args == args and factory_args(use)[0] == Q6_K_PLANAR  # the name round-trips
+    func = kernel_factory(family, factory)(*factory_args(use))
+    arrays = kernel_inputs(family, factory, use.args, seed=0)
+    assert [(a.shape, str(a.dtype)) for a in arrays] == [(tuple(int(d) for d in p.shape), str(p.dtype))
+                                                         for p in func.params]
+
+
+@pytest.mark.parametrize("family, factory, args", [
+    ("gemv_q8", "quantize_q8_1", (768, 8)),
+    ("gemv_q8", "add_rms_norm_q8_1", (256, 1e-6)),
+    ("gemv_q8", "gemv_q8", ("Q4_K", 64, 512)),
+    ("moe_q8", "moe_gate_up_silu_q8", ("Q4_K", "Q4_K", 16, 2, 64, 256)),
+    ("moe_q8", "moe_down_residual_q8", ("Q6_K", 16, 2, 64, 256)),
+])
+def test_int8_kernels_get_inputs_of_their_parameters(family: str, factory: str, args: tuple) -> None:
+    """The int8 step (sm_90's: activations="q8") is tuned too: every kernel of it has inputs."""
+    use = kernel_use(family, factory, *(weight_format_named(a) if isinstance(a, str) else a for a in args))
     func = kernel_factory(family, factory)(*factory_args(use))
     arrays = kernel_inputs(family, factory, use.args, seed=0)
     assert [(a.shape, str(a.dtype)) for a in arrays] == [(tuple(int(d) for d in p.shape), str(p.dtype))
