@@ -124,7 +124,7 @@ QUANTIZER_LANES = Q8_BLOCK // WORD  # threads a block of 32 activations: one wor
 
 
 def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -> None:
-    """`gemv_q8._q8_1_stages`' blocks: QUANTIZER_LANES threads (threadIdx.x) a block of 32
+    """`gemv_q8.q8_1_stages`' blocks: QUANTIZER_LANES threads (threadIdx.x) a block of 32
     activations, `groups` such blocks (threadIdx.y) a thread block. The scale and sum block
     first: the block's max and its sum of q are cross-thread reductions (4 values a lane, then
     shuffles); then the words, a lane each, after the block's max again (the same reduction,
