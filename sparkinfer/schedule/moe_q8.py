@@ -13,17 +13,15 @@ from typing import Any
 from tvm import s_tir
 
 from sparkinfer.kernels.gemv import GemvFormat
-from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, q8_format
+from sparkinfer.kernels.gemv_q8 import Q8_BLOCK
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.cpu import MoeDownResidualCpuRule, MoeGateUpSiluCpuRule
 from sparkinfer.schedule.gemv_q8 import int8_view, schedule_quantizer_epilogue
 from sparkinfer.schedule.moe import (
+    MoeDownResidualCudaRule,
+    MoeGateUpSiluCudaRule,
     MoeKnobs,
-    _MoeCudaRule,
-    down_rows,
-    gate_up_rows,
-    gate_up_types,
     schedule_down_residual,
     schedule_gate_up_silu,
 )
@@ -32,26 +30,17 @@ from sparkinfer.schedule.space import Knobs
 EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8`: 4 rows a thread make a block of 32
 
 
-class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
-    """`schedule.moe`'s gate/up/SiLU layout on the int8 blocks, with a thread block of one block
-    of 32 rows exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and
-    `quantize_q8_1` of those 32 values after it (`schedule_quantizer_epilogue`)."""
+class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
+    """`schedule.moe`'s gate/up/SiLU rule (its chunks, rows and weight types: the int8 form takes
+    the float form's arguments) on the int8 blocks, with a thread block of one block of 32 rows
+    exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and `quantize_q8_1` of those
+    32 values after it (`schedule_quantizer_epilogue`)."""
 
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
 
     def vector_header(self, use: KernelUse) -> bool:
         return False  # as GemvQ8CudaRule
-
-    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
-        type_gate, type_up, _, _, _, hidden = factory_args(use)
-        return hidden // q8_format(type_gate).chunk, hidden // q8_format(type_up).chunk
-
-    def n_rows(self, use: KernelUse) -> int:
-        return gate_up_rows(use)
-
-    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
-        return gate_up_types(use)
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
         return {**super().space(use, facts), "rows": (EPILOGUE_ROWS,),
@@ -71,24 +60,14 @@ class MoeGateUpSiluQ8CudaRule(_MoeCudaRule):
         schedule_quantizer_epilogue(sch, bx, knobs.lanes)
 
 
-class MoeDownResidualQ8CudaRule(_MoeCudaRule):
-    """`schedule.moe`'s down/weights/residual layout (same knobs) on the int8 blocks."""
+class MoeDownResidualQ8CudaRule(MoeDownResidualCudaRule):
+    """`schedule.moe`'s down/weights/residual rule (same knobs, chunks and rows) on the int8 blocks."""
 
     family = "moe_q8"
     factory = "moe_down_residual_q8"
 
     def vector_header(self, use: KernelUse) -> bool:
         return False  # as GemvQ8CudaRule
-
-    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
-        ggml_type, _, n_used, _, n_ffn = factory_args(use)
-        return (n_used * (n_ffn // q8_format(ggml_type).chunk),)
-
-    def n_rows(self, use: KernelUse) -> int:
-        return down_rows(use)
-
-    def weight_types(self, use: KernelUse) -> tuple[int, ...]:
-        return (factory_args(use)[0],)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
