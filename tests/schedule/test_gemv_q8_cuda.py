@@ -113,12 +113,17 @@ def test_quantize_on_gpu_matches_numpy(gpu: Gpu, args: tuple[int, int]) -> None:
     xq, xd, xs = _run(gpu, _symbol(gemv_q8.quantize_q8_1, args), [x],
                       [np.empty((*lead, k // 4), np.int32), np.empty((*lead, k // 32), np.float32),
                        np.empty((*lead, k // 32), np.float32)])
+    assert_quantizes(xq, xd, xs, x)
+
+
+def assert_quantizes(xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, x: np.ndarray) -> None:
+    """xq, xd, xs are x's int8 blocks as `quantize_q8_1_reference` makes them, but that nvcc may
+    contract x * (127 / amax) + 0.5 differently: a value may round the other way."""
     ref_q, ref_d, _ = gemv_q8.quantize_q8_1_reference(x)
-    # nvcc may contract x * (127 / amax) + 0.5 differently: a value may round the other way.
     dq = np.abs(xq.view(np.int8).astype(np.int32) - ref_q.view(np.int8).astype(np.int32))
     assert dq.max() <= 1 and np.count_nonzero(dq) <= max(1, dq.size // 1000)
     np.testing.assert_allclose(xd, ref_d, rtol=1e-6)
-    q = xq.view(np.int8).astype(np.float32).reshape(*lead, -1, 32)
+    q = xq.view(np.int8).astype(np.float32).reshape(*xd.shape, 32)
     np.testing.assert_allclose(xs, xd * q.sum(axis=-1), rtol=1e-5, atol=1e-6)
 
 
@@ -135,13 +140,7 @@ def test_add_rms_norm_q8_1_on_gpu_matches_numpy(gpu: Gpu) -> None:
     ref_total, ref_y, *_ = gemv_q8.add_rms_norm_q8_1_reference(x, r, w, eps)
     np.testing.assert_array_equal(total, ref_total)
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
-    own_q, own_d, _ = gemv_q8.quantize_q8_1_reference(y)
-    # as test_quantize_on_gpu_matches_numpy: a contraction may round a value the other way
-    dq = np.abs(xq.view(np.int8).astype(np.int32) - own_q.view(np.int8).astype(np.int32))
-    assert dq.max() <= 1 and np.count_nonzero(dq) <= max(1, dq.size // 1000)
-    np.testing.assert_allclose(xd, own_d, rtol=1e-6)
-    q = xq.view(np.int8).astype(np.float32).reshape(-1, 32)
-    np.testing.assert_allclose(xs, xd * q.sum(axis=-1), rtol=1e-5, atol=1e-6)
+    assert_quantizes(xq, xd, xs, y)
     assert not xq[:8].any() and xd[0] == 0.0
 
 
