@@ -225,7 +225,7 @@ def add_rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
     w = te.placeholder((h,), "float32", name="w")
     total = te.compute((h,), lambda i: x[i] + r[i], name="residual")
     sumsq = sum_of_squares(h, total)
-    # a stage: each thread computes it once, not once a value (`norm.rms_scaled`'s operations)
+    # a stage: each thread computes it once, not once a value (`norm.normalize`'s operations)
     inv_rms = te.compute((), lambda: inverse_rms(h, eps, sumsq), name="inv_rms")
     y = te.compute((h,), lambda i: total[i] * inv_rms[()] * w[i], name="norm")
     xq, xd, xs = q8_1_stages((), h, lambda ax, i: (x[i] + r[i]) * inv_rms[()] * w[i])

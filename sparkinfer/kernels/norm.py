@@ -28,16 +28,11 @@ def inverse_rms(h: int, eps: float, sumsq: te.Tensor) -> tirx.Expr:
     return tirx.const(1.0, _F32) / tirx.sqrt(sumsq[()] / tirx.const(h, _F32) + tirx.const(eps, _F32))
 
 
-def rms_scaled(h: int, eps: float, sumsq: te.Tensor, value: tirx.Expr, weight: tirx.Expr) -> tirx.Expr:
-    """value * inverse_rms * weight: one element of the norm's output."""
-    return value * inverse_rms(h, eps, sumsq) * weight
-
-
 def normalize(h: int, eps: float, src: te.Tensor, w: te.Tensor) -> te.Tensor:
     """rmsnorm(src) * w as the stages sumsq and norm (also the normed GEMVs' prologue,
     `gemv.gemv_normed`)."""
     sumsq = sum_of_squares(h, src)
-    return te.compute((h,), lambda i: rms_scaled(h, eps, sumsq, src[i], w[i]), name="norm")
+    return te.compute((h,), lambda i: src[i] * inverse_rms(h, eps, sumsq) * w[i], name="norm")
 
 
 def rms_norm(h: int, eps: float) -> tirx.PrimFunc:
