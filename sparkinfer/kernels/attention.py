@@ -426,12 +426,11 @@ def paged_decode_attention_merged(
     return func.with_attr("global_symbol", f"paged_decode_attention_merged_{NH}x{NKV}x{D}_p{P}_s{S}")
 
 
-def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc:
-    """Params (o_part f32[NH, S, D], lse f32[NH, S], out f32[NH*D])."""
-    NH, S, D = n_heads, splits, head_dim
-    f32 = "float32"
-    o_part = te.placeholder((NH, S, D), f32, name="o_part")
-    lse = te.placeholder((NH, S), f32, name="lse")
+def combine_splits(o_part: te.Tensor, lse: te.Tensor) -> te.Tensor:
+    """The stage `combine` f32[NH*D]: the splits o_part f32[NH, S, D] merged by their weights
+    exp(lse - max lse) (stages lse_max, weight_sum, merged); `attention_combine`'s output, and
+    the input of `gemv_q8.attention_combine_q8_1`'s quantizer."""
+    NH, S, D = (int(n) for n in o_part.shape)
     s_max = te.reduce_axis((0, S), name="s")
     lse_max = te.compute((NH,), lambda h: te.max(lse[h, s_max], axis=s_max), name="lse_max")
 
@@ -446,9 +445,21 @@ def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc
         lambda h, d: te.sum(weight(h, s_out) * o_part[h, s_out, d], axis=s_out),
         name="merged",
     )
-    out = te.compute((NH * D,), lambda i: merged[i // D, i % D] / total[i // D], name="combine")
+    return te.compute((NH * D,), lambda i: merged[i // D, i % D] / total[i // D], name="combine")
+
+
+def combine_inputs(n_heads: int, splits: int, head_dim: int) -> tuple[te.Tensor, te.Tensor]:
+    """The placeholders o_part f32[NH, S, D] and lse f32[NH, S] of the combine kernels."""
+    return (te.placeholder((n_heads, splits, head_dim), "float32", name="o_part"),
+            te.placeholder((n_heads, splits), "float32", name="lse"))
+
+
+def attention_combine(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc:
+    """Params (o_part f32[NH, S, D], lse f32[NH, S], out f32[NH*D])."""
+    o_part, lse = combine_inputs(n_heads, splits, head_dim)
+    out = combine_splits(o_part, lse)
     return te.create_prim_func([o_part, lse, out]).with_attr(
-        "global_symbol", f"attention_combine_{NH}x{S}x{D}"
+        "global_symbol", f"attention_combine_{n_heads}x{splits}x{head_dim}"
     )
 
 

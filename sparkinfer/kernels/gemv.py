@@ -388,7 +388,10 @@ def gemv_tensors(fmt: GemvFormat, n: int, k: int, norm_eps: float | None = None
     return w, x_params, y
 
 
-def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
+QkvWeights = list[tuple[te.Tensor, int, int]]
+
+
+def qkv_row(weights: QkvWeights, r: Expr) -> Row:
     """Row r of the concatenated row space of `weights` ((buffer, first row, rows) each):
     a lazy if_then_else chain on r; each index is clamped into its buffer so that TVM can
     bound it (the untaken branches are never loaded on the GPU)."""
@@ -404,18 +407,33 @@ def _qkv_row(weights: list[tuple[te.Tensor, int, int]], r: Expr) -> Row:
     return word
 
 
+def qkv_row_space(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tuple[QkvWeights, te.Tensor]:
+    """The weight placeholders Wq, Wk (, Wv) of a Q/K/V kernel as (buffer, first row, rows) each,
+    and the stage W: their rows concatenated, as the dot products read them (the schedule caches
+    a lane's chunk of it in registers; the scale decoders read the buffers, `qkv_row`)."""
+    firsts = [sum(ns[:j]) for j in range(len(ns))]
+    ws = [te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name=f"W{name}")
+          for name, n in zip(("q", "k", "v"), ns)]
+    weights = list(zip(ws, firsts, ns))
+    w = te.compute((sum(ns), fmt.row_words(k)), lambda r, i: qkv_row(weights, r)(i), name="W")
+    return weights, w
+
+
+def qkv_outputs(y: te.Tensor, ns: tuple[int, ...]) -> list[te.Tensor]:
+    """q, k (, v): the rows of y f32[sum(ns)] that each weight gave, as stages of their own."""
+
+    def copy_out(first: int) -> Callable[[Expr], Expr]:
+        return lambda i: y[i + first]
+
+    firsts = [sum(ns[:j]) for j in range(len(ns))]
+    return [te.compute((n,), copy_out(first), name=name) for name, first, n in zip(("q", "k", "v"), firsts, ns)]
+
+
 def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float | None = None) -> tirx.PrimFunc:
-    names = ("q", "k", "v")[: len(ns)]
-    row_words = fmt.row_words(k)
     n_chunks = k // fmt.chunk
     n_total = sum(ns)
-    firsts = [sum(ns[:j]) for j in range(len(ns))]
-    ws = [te.placeholder((n, row_words), fmt.word_dtype, name=f"W{name}")
-          for name, n in zip(names, ns)]
-    weights = list(zip(ws, firsts, ns))
+    weights, w = qkv_row_space(fmt, ns, k)
     x_params, x = _gemv_input(k, norm_eps)
-    # The row space as the dot reads it; the schedule caches a lane's chunk of it in registers.
-    w = te.compute((n_total, row_words), lambda r, i: _qkv_row(weights, r)(i), name="W")
 
     def x_at(c: Expr, p: Expr, l: Expr) -> Expr:
         return x[c * fmt.chunk + p * fmt.sub + l]
@@ -436,7 +454,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float |
     p = te.reduce_axis((0, fmt.parts), name="p")
 
     def term(r: Expr) -> Expr:
-        row = fmt.row_view(_qkv_row(weights, r), k)  # scales and mins: read once a sub-block, from W*
+        row = fmt.row_view(qkv_row(weights, r), k)  # scales and mins: read once a sub-block, from W*
         value = dot[r, c, p]
         if fmt.scale is not None:
             value = fmt.scale(row, c, p) * value
@@ -445,11 +463,7 @@ def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float |
         return value
 
     y = te.compute((n_total,), lambda r: te.sum(term(r), axis=[c, p]), name="gemv")
-    def copy_out(first: int) -> Callable[[Expr], Expr]:
-        return lambda i: y[i + first]
-
-    outs = [te.compute((n,), copy_out(first), name=name) for name, first, n in zip(names, firsts, ns)]
-    return te.create_prim_func([*ws, *x_params, *outs])
+    return te.create_prim_func([*(wt for wt, _, _ in weights), *x_params, *qkv_outputs(y, ns)])
 
 
 def gemv_symbol(ggml_type: int, n: int, k: int) -> str:
@@ -468,7 +482,7 @@ def gemv_qkv_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str
     return f"gemv_qkv_{name}_{n_q}x{n_k}x{n_v}x{k}" if n_v else f"gemv_qk_{name}_{n_q}x{n_k}x{k}"
 
 
-def _qkv_rows(n_q: int, n_k: int, n_v: int) -> tuple[int, ...]:
+def qkv_rows(n_q: int, n_k: int, n_v: int) -> tuple[int, ...]:
     if n_q <= 0 or n_k <= 0 or n_v < 0:
         raise TensorShapeError(f"gemv_qkv needs n_q, n_k > 0 and n_v >= 0, got {n_q}, {n_k}, {n_v}")
     return (n_q, n_k, n_v) if n_v else (n_q, n_k)
@@ -481,7 +495,7 @@ def gemv_qkv(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimF
     k f32[n_k], v f32[n_v]). n_v = 0 gives the Q+K form (Wq, Wk, x, q, k): for a V of
     another type, which then takes its own `gemv`.
     """
-    func = _gemv_qkv_te(gemv_format(ggml_type), _qkv_rows(n_q, n_k, n_v), k)
+    func = _gemv_qkv_te(gemv_format(ggml_type), qkv_rows(n_q, n_k, n_v), k)
     return func.with_attr("global_symbol", gemv_qkv_symbol(ggml_type, n_q, n_k, n_v, k))
 
 
@@ -515,7 +529,7 @@ def gemv_qkv_normed_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int)
 def gemv_qkv_normed(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int, eps: float) -> tirx.PrimFunc:
     """`gemv_qkv` of x = rmsnorm(h) * norm_w computed in the kernel (`gemv_normed`).
     Params (Wq, Wk[, Wv], h f32[k], norm_w f32[k], q, k[, v])."""
-    func = _gemv_qkv_te(gemv_format(ggml_type), _qkv_rows(n_q, n_k, n_v), k, norm_eps=eps)
+    func = _gemv_qkv_te(gemv_format(ggml_type), qkv_rows(n_q, n_k, n_v), k, norm_eps=eps)
     return func.with_attr("global_symbol", gemv_qkv_normed_symbol(ggml_type, n_q, n_k, n_v, k))
 
 

@@ -33,8 +33,17 @@ from gguf import GGMLQuantizationType
 from tvm import te, tirx
 
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
-from sparkinfer.kernels.gemv import GemvFormat, gemv_format, gemv_reference
-from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, sum_of_squares
+from sparkinfer.kernels.attention import attention_combine_reference, combine_inputs, combine_splits
+from sparkinfer.kernels.gemv import (
+    GemvFormat,
+    gemv_format,
+    gemv_reference,
+    qkv_outputs,
+    qkv_row,
+    qkv_row_space,
+    qkv_rows,
+)
+from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, rms_norm_reference, sum_of_squares
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
@@ -153,8 +162,9 @@ _CODE_WORDS: dict[GGMLQuantizationType, Callable[[Row, Expr, Expr, Expr], Expr]]
     _T.Q8_0: _q8_0_words,
 }
 Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_CODE_WORDS)
-# Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step):
-# float32, or int8 blocks of 32 (this module) for the expert GEMVs. The first is the default.
+# Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step): float32,
+# or int8 blocks of 32 (this module), for the expert GEMVs (`activations`) and for the attention
+# projections Q, K, V and O (`projection_activations`). The first is the default.
 ACTIVATIONS = ("f32", "q8")
 
 
@@ -174,6 +184,16 @@ def q8_activations_misfit(hidden: int, ffn: int) -> str | None:
     FFN width (an expert's, or the dense FFN's; None: it can): its activations come in blocks of
     32, and the gate/up kernel's thread block holds one block of 32 rows."""
     for what, k in (("hidden size", hidden), ("FFN width", ffn)):
+        if k % Q8_BLOCK:
+            return f"its {what} {k} is not a multiple of the int8 blocks' {Q8_BLOCK}"
+    return None
+
+
+def q8_projections_misfit(hidden: int, head_dim: int) -> str | None:
+    """Why int8 attention projections (projection_activations="q8") cannot serve a model of this
+    hidden size and head dim (None: they can): Q, K and V read the hidden state in blocks of 32,
+    and O the attention's output, whose combine kernel quantizes a head's values as whole blocks."""
+    for what, k in (("hidden size", hidden), ("head dim", head_dim)):
         if k % Q8_BLOCK:
             return f"its {what} {k} is not a multiple of the int8 blocks' {Q8_BLOCK}"
     return None
@@ -231,6 +251,49 @@ def add_rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
     xq, xd, xs = q8_1_stages((), h, lambda ax, i: (x[i] + r[i]) * inv_rms[()] * w[i])
     func = te.create_prim_func([x, r, w, total, y, xq, xd, xs])
     return func.with_attr("global_symbol", add_rms_norm_q8_1_symbol(h))
+
+
+def rms_norm_q8_1_symbol(h: int) -> str:
+    return f"rms_norm_q8_1_{h}"
+
+
+def rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
+    """`norm.rms_norm`'s y = rmsnorm(x) * w, written only as int8 blocks of 32 (xq, xd, xs): the
+    input of int8 attention projections (projection_activations="q8"), which read no float y.
+    Each y the quantizer reads is computed again from x and w with the norm's own operations
+    and 1 / rms as a stage, as in `add_rms_norm_q8_1`.
+
+    Params (x f32[h], w f32[h], xq int32[h/4], xd f32[h/32], xs f32[h/32]).
+    """
+    _check_k(h, "rms_norm_q8_1")
+    x = te.placeholder((h,), "float32", name="x")
+    w = te.placeholder((h,), "float32", name="w")
+    sumsq = sum_of_squares(h, x)
+    inv_rms = te.compute((), lambda: inverse_rms(h, eps, sumsq), name="inv_rms")
+    xq, xd, xs = q8_1_stages((), h, lambda ax, i: x[i] * inv_rms[()] * w[i])
+    func = te.create_prim_func([x, w, xq, xd, xs])
+    return func.with_attr("global_symbol", rms_norm_q8_1_symbol(h))
+
+
+def attention_combine_q8_1_symbol(n_heads: int, splits: int, head_dim: int) -> str:
+    return f"attention_combine_q8_1_{n_heads}x{splits}x{head_dim}"
+
+
+def attention_combine_q8_1(n_heads: int, splits: int, head_dim: int) -> tirx.PrimFunc:
+    """`attention.attention_combine` written only as int8 blocks of 32 of its output (the input
+    of the int8 O projection). A head's head_dim values are whole blocks of 32, so a GPU thread
+    block that merges a head's splits quantizes them too.
+
+    Params (o_part f32[NH, S, D], lse f32[NH, S], xq int32[NH*D/4], xd, xs f32[NH*D/32]).
+    """
+    if head_dim % Q8_BLOCK:
+        raise TensorShapeError(f"attention_combine_q8_1 needs a head dim that is a multiple of {Q8_BLOCK}, "
+                               f"got {head_dim}")
+    o_part, lse = combine_inputs(n_heads, splits, head_dim)
+    out = combine_splits(o_part, lse)
+    xq, xd, xs = q8_1_stages((), n_heads * head_dim, lambda ax, i: out[i])
+    func = te.create_prim_func([o_part, lse, xq, xd, xs])
+    return func.with_attr("global_symbol", attention_combine_q8_1_symbol(n_heads, splits, head_dim))
 
 
 def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr]
@@ -305,10 +368,12 @@ def q8_terms(
     xd_at: XfAt,
     xs_at: XfAt,
     dot_name: str,
+    scale_row_of: Callable[[tuple[Expr, ...], Expr], Row] | None = None,
 ) -> Term:
     """The block `dot_name`[*lead, n, chunk, part] (int32 per sub-block, by dp4a over its words)
     and the term that scales it: xd * (scale * dot) + min * xs. `row_of(lead, r)` reads row r's
-    words; xq/xd/xs readers take the lead axes so a per-slot activation (MoE down) can use them."""
+    words (and `scale_row_of`, where given, those the scale and min decoders read); xq/xd/xs
+    readers take the lead axes so a per-slot activation (MoE down) can use them."""
     words = fmt.sub // WORD
     code_words = _CODE_WORDS[fmt.ggml_type]
 
@@ -326,7 +391,7 @@ def q8_terms(
 
     def term(e: tuple[Expr, ...], r: Expr, c: Expr, p: Expr) -> Expr:
         block = (c * fmt.chunk + p * fmt.sub) // Q8_BLOCK
-        row = row_of(e, r)
+        row = (scale_row_of or row_of)(e, r)
         assert fmt.scale is not None
         value = xd_at(e, block) * (fmt.scale(row, c, p) * dot[e + (r, c, p)].astype("float32"))
         if fmt.min is not None:
@@ -363,6 +428,30 @@ def gemv_q8(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
     return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
 
 
+def gemv_qkv_q8_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
+    name = q8_format(ggml_type).name.lower()
+    return f"gemv_qkv_q8_{name}_{n_q}x{n_k}x{n_v}x{k}" if n_v else f"gemv_qk_q8_{name}_{n_q}x{n_k}x{k}"
+
+
+def gemv_qkv_q8(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimFunc:
+    """`gemv.gemv_qkv` on int8 activations: q, k, v = Wq . x̂, Wk . x̂, Wv . x̂ in one kernel.
+    Params (Wq, Wk[, Wv] words, xq, xd, xs as quantize_q8_1(k) makes them, q, k[, v] f32);
+    n_v = 0 gives the Q+K form, as the float kernel's."""
+    fmt = q8_format(ggml_type)
+    _check_k(k, "gemv_qkv_q8")
+    ns = qkv_rows(n_q, n_k, n_v)
+    weights, w = qkv_row_space(fmt, ns, k)
+    xq, xd, xs = q8_inputs(k)
+    term = q8_terms(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
+                    lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot",
+                    scale_row_of=lambda e, r: qkv_row(weights, r))
+    c = te.reduce_axis((0, k // fmt.chunk), name="c")
+    p = te.reduce_axis((0, fmt.parts), name="p")
+    y = te.compute((sum(ns),), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
+    func = te.create_prim_func([*(wt for wt, _, _ in weights), xq, xd, xs, *qkv_outputs(y, ns)])
+    return func.with_attr("global_symbol", gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k))
+
+
 # ---------------------------------------------------------------------------------------
 # numpy oracles
 # ---------------------------------------------------------------------------------------
@@ -394,6 +483,20 @@ def add_rms_norm_q8_1_reference(
     return (total, y, *quantize_q8_1_reference(y))
 
 
+def rms_norm_q8_1_reference(
+    x: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(xq, xd, xs): `quantize_q8_1`'s oracle on `norm.rms_norm`'s."""
+    return quantize_q8_1_reference(rms_norm_reference(x, w, eps))
+
+
+def attention_combine_q8_1_reference(
+    o_part: npt.NDArray[np.float32], lse: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(xq, xd, xs): `quantize_q8_1`'s oracle on `attention.attention_combine`'s."""
+    return quantize_q8_1_reference(attention_combine_reference(o_part, lse))
+
+
 def dequantize_q8_1(xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:
     """x̂ = d * q, f32[..., k]."""
     q = np.ascontiguousarray(xq).view(np.int8).astype(np.float32)
@@ -408,3 +511,11 @@ def gemv_q8_reference(
     """The float GEMV's oracle on x̂ (float64 products)."""
     q8_format(ggml_type)
     return gemv_reference(ggml_type, data, dequantize_q8_1(xq, xd))
+
+
+def gemv_qkv_q8_reference(
+    ggml_type: int, datas: list[npt.NDArray[np.uint8]], xq: npt.NDArray[np.int32],
+    xd: npt.NDArray[np.float32],
+) -> tuple[np.ndarray, ...]:
+    """(q, k[, v]): `gemv_q8_reference` of each weight."""
+    return tuple(gemv_q8_reference(ggml_type, data, xq, xd) for data in datas)

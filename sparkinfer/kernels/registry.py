@@ -43,6 +43,10 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.gemv_q8,
         moe_q8.moe_gate_up_silu_q8,
         moe_q8.moe_down_residual_q8,
+        # and the int8 attention projections (projection_activations="q8")
+        gemv_q8.rms_norm_q8_1,
+        gemv_q8.gemv_qkv_q8,
+        gemv_q8.attention_combine_q8_1,
         # the decode step's fewer-launches variant (decode_launches="fused")
         gemv.gemv_normed,
         gemv.gemv_qkv_normed,

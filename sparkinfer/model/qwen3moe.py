@@ -65,7 +65,7 @@ from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
-from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES, q8_activations_misfit
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES, q8_activations_misfit, q8_projections_misfit
 from sparkinfer.kernels.sampling import K_MAX as SAMPLING_K_MAX, SLICE as SAMPLING_SLICE, slices as sampling_slices
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
@@ -153,12 +153,13 @@ _PLANAR_READERS = ("output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_d
 
 
 def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str,
-                   activations: str = "f32") -> frozenset[str]:
+                   activations: str = "f32", projection_activations: str = "f32") -> frozenset[str]:
     """The weights the step reads as planar Q6_K (the step variant q6_k_layout="planar"): the
     Q6_K tensors of _PLANAR_READERS: the LM head, the attention projections, the FFN down
     projections. Not token_embd (the embedding kernels read it, and a tied LM head with them),
     nor the gate/up weights (no planar gate/up kernel yet: Q4_K_M has none in Q6_K), nor a down
-    projection of int8 experts (activations="q8": kernels.moe_q8 reads GGUF blocks)."""
+    projection of int8 experts (activations="q8": kernels.moe_q8 reads GGUF blocks), nor an
+    attention projection of int8 projections (projection_activations="q8": kernels.gemv_q8)."""
     if q6_k_layout not in Q6_K_LAYOUTS:
         raise SparkInferError(f"q6_k_layout must be one of {', '.join(Q6_K_LAYOUTS)}, got {q6_k_layout!r}")
     if q6_k_layout != "planar":
@@ -168,21 +169,36 @@ def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType
         ffn = [spec.name.replace("_down", f"_{kind}") for kind in ("gate", "up", "down")]
         return activations == "q8" and all(types[name] in Q8_TYPES for name in ffn)
 
+    def int8_projection(spec: TensorSpec) -> bool:
+        return projection_activations == "q8" and spec.layer is not None and int8_projections(types, spec.layer)
+
     return frozenset(spec.name for spec in _weight_specs(config, types)
                      if types[spec.name] == _T.Q6_K and spec.kind in _PLANAR_READERS
-                     and not (spec.kind.startswith("ffn_down") and int8_down(spec)))
+                     and not (spec.kind.startswith("ffn_down") and int8_down(spec))
+                     and not (spec.kind.startswith("attn_") and int8_projection(spec)))
+
+
+ATTENTION_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output")
+
+
+def int8_projections(types: Mapping[str, GGMLQuantizationType], layer: int) -> bool:
+    """Whether the attention projections of `layer` all have an int8 form (Q8_TYPES): with
+    projection_activations="q8" that layer's then take int8 activations; a layer with another
+    type among them stays float."""
+    return all(types[f"blk.{layer}.{kind}.weight"] in Q8_TYPES for kind in ATTENTION_PROJECTIONS)
 
 
 def decode_inputs(
     config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
     activations: str = "f32", attention_merge: str = "separate", router_merge: str = "separate",
+    projection_activations: str = "f32",
 ) -> list[StepInput]:
     """The ordered parameters of `decode` (see the module docstring); the weights of
     `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding); the
     attention's `arrivals` counts where attention_merge is "last_block", the router's
     `router_arrivals` count where router_merge is and the model has experts."""
     types = normalize_type_map(type_map)
-    planar = planar_tensors(config, types, q6_k_layout, activations)
+    planar = planar_tensors(config, types, q6_k_layout, activations, projection_activations)
     mp = max_pages(config, page_size)
     inputs = [
         StepInput("token", ROLE_STATE, "int32", (1,)),
@@ -312,8 +328,9 @@ class _StepBuilder:
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
                  attention_merge: str = "separate", router_merge: str = "separate",
-                 decode_attention: str = "simt") -> None:
+                 decode_attention: str = "simt", projection_activations: str = "f32") -> None:
         self.c = config
+        self.projection_activations = projection_activations
         self.decode_attention = decode_attention
         self.activations = activations
         self.fused = decode_launches == "fused"
@@ -328,7 +345,7 @@ class _StepBuilder:
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
         self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations, attention_merge,
-                                    router_merge)
+                                    router_merge, projection_activations)
         # the weights decode_inputs lays out as planar Q6_K (planar_tensors), read from its inputs
         self.planar = frozenset(inp.tensor for inp in self.inputs if inp.layout == LAYOUT_Q6_K_PLANAR)
         self.params: dict[str, relax.Var] = {}
@@ -392,8 +409,12 @@ class _StepBuilder:
         lead = (rows,) if rows else ()
         return [_tensor((*lead, k // 4), "int32"), self.f32(*lead, k // 32), self.f32(*lead, k // 32)]
 
-    def gemv(self, name: str, x: relax.Expr | Normed, label: str) -> relax.Var:
+    def gemv(self, name: str, x: "relax.Expr | Normed | list[relax.Var]", label: str) -> relax.Var:
+        """W . x for x float, normed in the kernel (Normed), or int8 blocks ([xq, xd, xs])."""
         n, k = self.spec_shape(name)
+        if isinstance(x, list):
+            gv = self.k("gemv_q8", "gemv_q8", self.t(name), n, k)
+            return self.call(gv, [self.params[name], *x], [self.f32(n)], label)
         if isinstance(x, Normed):
             gv = self.k("gemv", "gemv_normed", self.w_fmt(name), n, k, self.c.rms_eps)
             return self.call(gv, [self.params[name], x.h, x.w], [self.f32(n)], label)
@@ -403,12 +424,13 @@ class _StepBuilder:
     def normed(self, h: relax.Var, weight: str) -> Normed:
         return Normed(h, self.params[weight])
 
-    def qkv(self, w: str, x: relax.Expr | Normed, i: int) -> list[relax.Var]:
+    def qkv(self, w: str, x: "relax.Expr | Normed | list[relax.Var]", i: int) -> list[relax.Var]:
         """Q, K and V of layer i, in as few launches as their types allow: one `gemv_qkv`
         where all three share a type; where two do (Q4_K_M's Q4_K Q+K beside a Q6_K V, or
         a Q8_0 K+V beside a Q4_K Q), that pair in one `gemv_qkv` of n_v = 0 (the kernel is
         two or three GEMVs sharing x; its q/k names are positions) and the third in a `gemv`;
-        else three `gemv` launches."""
+        else three `gemv` launches. On int8 blocks x ([xq, xd, xs]) the same with
+        `gemv_qkv_q8` and `gemv_q8`."""
         kinds = ("q", "k", "v")
         names = [w + f"attn_{kind}.weight" for kind in kinds]
         out: list[relax.Var | None] = [None, None, None]
@@ -423,6 +445,8 @@ class _StepBuilder:
             n_rows = (t, rows[0], rows[1], rows[2] if len(group) == 3 else 0, h)
             if isinstance(x, Normed):
                 gv, x_args = self.k("gemv", "gemv_qkv_normed", *n_rows, self.c.rms_eps), [x.h, x.w]
+            elif isinstance(x, list):
+                gv, x_args = self.k("gemv_q8", "gemv_qkv_q8", *n_rows), x
             else:
                 gv, x_args = self.k("gemv", "gemv_qkv", *n_rows), [x]
             results = self.call(gv, [self.params[names[j]] for j in group] + x_args,
@@ -461,7 +485,7 @@ class _StepBuilder:
         embd = "token_embd.weight"
         gv = self.k("embedding", "embedding", self.t(embd), V, H)
         h = self.call(gv, [p[embd], p["token"]], [self.f32(H)], "embd")
-        x = None if self.fused else self.rms_norm(h, "blk.0.attn_norm.weight", "attn_in")
+        x = None if self.fused else self.attention_norm(h, 0, "attn_in")
         for i in range(c.n_layers):
             h, x = self._layer(i, h, x)
         if x is None:
@@ -504,11 +528,25 @@ class _StepBuilder:
         gv = self.k("norm", "rms_norm", self.c.hidden, self.c.rms_eps)
         return self.call(gv, [h, self.params[weight]], [self.f32(self.c.hidden)], label)
 
-    def _layer(self, i: int, h: relax.Var, x: relax.Var | None) -> tuple[relax.Var, relax.Var | None]:
-        """h: residual stream entering layer i; x: rms_norm(h, attn_norm), or None in the
-        fused launches (the Q/K/V GEMVs normalize h themselves). Returns the residual after the
-        layer and its norm for the next consumer (next attn_norm or output_norm; None in the
-        fused launches)."""
+    def _int8_projections(self, i: int) -> bool:
+        """Whether layer i's Q, K, V and O take int8 activations (projection_activations="q8")."""
+        return self.projection_activations == "q8" and int8_projections(self.types, i)
+
+    def attention_norm(self, h: relax.Var, i: int, label: str) -> "relax.Var | list[relax.Var]":
+        """rms_norm(h, blk.i.attn_norm), layer i's Q/K/V input: float, or where those take int8
+        activations only its int8 blocks, quantized in the norm's launch (`gemv_q8.rms_norm_q8_1`)."""
+        weight = f"blk.{i}.attn_norm.weight"
+        if not self._int8_projections(i):
+            return self.rms_norm(h, weight, label)
+        gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
+        return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
+
+    def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | None"
+               ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | None]":
+        """h: residual stream entering layer i; x: rms_norm(h, attn_norm) (its int8 blocks where
+        the layer's projections take them, `attention_norm`), or None in the fused launches (the
+        Q/K/V GEMVs normalize h themselves). Returns the residual after the layer and its norm
+        for the next consumer (next attn_norm or output_norm; None in the fused launches)."""
         c, p = self.c, self.params
         w = f"blk.{i}."
         H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
@@ -519,7 +557,7 @@ class _StepBuilder:
         q_rot, kc, vc = self.call_inplace(
             gv, [q, k, v, p[w + "attn_q_norm.weight"], p[w + "attn_k_norm.weight"], p["pos"], p["page_table"], kc, vc],
             [-1, 7, 8], [self.f32(NH, D), cache_t, cache_t], f"rope{i}")
-        att = self.attention(q_rot, kc, vc, i)
+        att = self.attention(q_rot, kc, vc, i, self._int8_projections(i))
         if self.fused:
             # the residual add in the output projection's epilogue; the norm in its consumers
             name = w + "attn_output.weight"
@@ -534,12 +572,16 @@ class _StepBuilder:
         h = self._moe(i, h, f, f_q8) if c.is_moe else self._dense_ffn(i, h, f, f_q8)
         if self.fused:
             return h, None
-        nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < c.n_layers else "output_norm.weight"
-        return h, self.rms_norm(h, nxt, f"norm{i + 1}")
+        if i + 1 < c.n_layers:
+            return h, self.attention_norm(h, i + 1, f"norm{i + 1}")
+        return h, self.rms_norm(h, "output_norm.weight", f"norm{i + 1}")
 
-    def attention(self, q_rot: relax.Var, kc: relax.Var, vc: relax.Var, i: int) -> relax.Var:
-        """Layer i's attention output f32[NH * D]: its splits, then their combine, in two launches
-        or (merge_in_last_block) in one, which counts in `arrivals` and leaves it at 0."""
+    def attention(self, q_rot: relax.Var, kc: relax.Var, vc: relax.Var, i: int, int8: bool
+                  ) -> "relax.Var | list[relax.Var]":
+        """Layer i's attention output f32[NH * D] (`int8`: its int8 blocks, for an int8 O): its
+        splits, then their combine (`gemv_q8.attention_combine_q8_1` quantizes), in two launches,
+        or (merge_in_last_block) in one, which counts in `arrivals` and leaves it at 0 (and then
+        a `quantize_q8_1` launch where `int8`)."""
         c, p = self.c, self.params
         NH, NKV, D = c.n_heads, c.n_kv_heads, c.head_dim
         parts = [self.f32(NH, self.S, D), self.f32(NH, self.S)]
@@ -551,10 +593,13 @@ class _StepBuilder:
             _arrivals, _o, _lse, att = self.call_inplace(
                 gv, [q_rot, kc, vc, p["page_table"], p["pos"], arrivals], [5, -1, -1, -1],
                 [_tensor((NKV,), "int32"), *parts, self.f32(NH * D)], f"att{i}")
-            return att
+            return self.quantize_q8(att, NH * D, 0, f"att_q{i}") if int8 else att
         factory = "paged_decode_attention_mma" if self.decode_attention == "mma" else "paged_decode_attention"
         gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S)
         o, lse = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"]], parts, f"attn{i}")
+        if int8:
+            gv = self.k("gemv_q8", "attention_combine_q8_1", NH, self.S, D)
+            return self.call(gv, [o, lse], self._q8_types(NH * D, 0), f"att{i}")
         gv = self.k("attention", "attention_combine", NH, self.S, D)
         return self.call(gv, [o, lse], [self.f32(NH * D)], f"att{i}")
 
@@ -770,6 +815,7 @@ def misfit_variants(config: ModelConfig, variants: Mapping[str, str]) -> dict[st
         ("decode_attention", "mma"): lambda: mma_attention_misfit(c.n_heads, c.n_kv_heads, c.head_dim),
         ("attention_form", "registers"): lambda: register_attention_misfit(c.n_heads, c.n_kv_heads, c.head_dim),
         ("activations", "q8"): lambda: q8_activations_misfit(c.hidden, c.expert_ffn if c.is_moe else c.ffn),
+        ("projection_activations", "q8"): lambda: q8_projections_misfit(c.hidden, c.head_dim),
     }
     out = {}
     for name, value in variants.items():
@@ -796,6 +842,7 @@ def build_decode_step(
     attention_merge: str = "separate",
     router_merge: str = "separate",
     decode_attention: str = "simt",
+    projection_activations: str = "f32",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -804,6 +851,12 @@ def build_decode_step(
     activations; "q8" quantizes each expert FFN's input and its SiLU activations to int8 blocks
     of 32 (`kernels.gemv_q8`) and runs the experts on integer dot products (`kernels.moe_q8`),
     for experts whose three types all have an int8 form (Q8_TYPES; others stay float).
+    `projection_activations` (ACTIVATIONS) is the same for the attention projections: "q8"
+    quantizes each layer's attention input in its norm's launch (`gemv_q8.rms_norm_q8_1`) and the
+    attention's output in the combine's (`attention_combine_q8_1`), and runs Q, K, V and O on
+    integer dot products (`gemv_qkv_q8`, `gemv_q8`), in layers whose four projection types all
+    have an int8 form; it needs decode_launches "split" (the fused launches normalize inside the
+    Q/K/V kernel). The T-token step is float either way.
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
     expert GEMM products for quantized and half weights and of its attention's Q K^T and P V
     ("f16": tensor-core operands, `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` /
@@ -837,6 +890,13 @@ def build_decode_step(
     "last_block" `paged_decode_attention_mma_merged`)."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if projection_activations not in ACTIVATIONS:
+        raise SparkInferError(f"projection_activations must be one of {', '.join(ACTIVATIONS)}, "
+                              f"got {projection_activations!r}")
+    if projection_activations != ACTIVATIONS[0] and decode_launches != "split":
+        raise SparkInferError(f"projection_activations={projection_activations!r} needs decode_launches='split', "
+                              f"got {decode_launches!r}: the fused launches normalize the attention input inside "
+                              f"the Q/K/V kernel, where no norm's launch quantizes it")
     if chunk_operands not in GEMM_OPERANDS:
         raise SparkInferError(f"chunk_operands must be one of {', '.join(GEMM_OPERANDS)}, got {chunk_operands!r}")
     if decode_launches not in DECODE_LAUNCHES:
@@ -871,7 +931,8 @@ def build_decode_step(
     if not 1 <= n_splits <= mp:
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
-                           q6_k_layout, attention_form, attention_merge, router_merge, decode_attention)
+                           q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
+                           projection_activations)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

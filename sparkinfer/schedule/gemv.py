@@ -327,12 +327,13 @@ def schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed
         sch.reverse_compute_at(sch.get_sblock("residual"), row)
 
 
-def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed: bool = False) -> None:
-    """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch) for CUDA: the
-    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk
-    or Wv, picked by a lazy select on r) becomes the lane's register copy of its chunk, in
-    16-byte loads where the format allows, else is inlined into the dot; each output copy
-    runs right after its row's warp reduction, predicated to the rows it owns."""
+def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x: str, normed: bool = False) -> None:
+    """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch; or its int8 form, whose dot
+    products read `x` "xq") for CUDA: the `schedule_gemv` layout over the concatenated row
+    space. The `W` stage (row r of Wq, Wk or Wv, picked by a lazy select on r) becomes the
+    lane's register copy of its chunk, in 16-byte loads where the format allows, else is
+    inlined into the dot; each output copy runs right after its row's warp reduction,
+    predicated to the rows it owns."""
     w = sch.get_sblock("W")
 
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
@@ -347,18 +348,17 @@ def _schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, n
         else:
             sch.compute_inline(w)
         if xsum is None:
-            cache_in_registers(sch, [dot], x_buffer(normed), part, 4)
+            cache_in_registers(sch, [dot], x, part, 4)
         else:
-            cache_in_registers(sch, [dot, xsum], x_buffer(normed), it, 4)
+            cache_in_registers(sch, [dot, xsum], x, it, 4)
 
     gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normed)
     # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
     sch.set_scope(gemv, 0, "local")
-    # (Wq, Wk, Wv, x, q, k, v), or (Wq, Wk, x, q, k) for the n_v = 0 form (h, norm_w for x
-    # in the normed forms).
-    n_outputs = (len(sch.mod["main"].params) - (2 if normed else 1)) // 2
-    for name in ("q", "k", "v")[:n_outputs]:
-        sch.reverse_compute_at(sch.get_sblock(name), row)
+    stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in ("q", "k", "v"):
+        if name in stages:  # no v in the n_v = 0 form
+            sch.reverse_compute_at(sch.get_sblock(name), row)
 
 
 class _GemvCudaRule(ScheduleRule):
@@ -415,7 +415,7 @@ class GemvQkvCudaRule(_GemvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs)
+        schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, x_buffer(False))
 
 
 class GemvNormedCudaRule(GemvCudaRule):
@@ -453,7 +453,7 @@ class GemvQkvNormedCudaRule(GemvQkvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        _schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, normed=True)
+        schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, x_buffer(True), normed=True)
 
 
 def thread_rows_in_registers(

@@ -32,14 +32,16 @@ from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
     GemvKnobs,
+    GemvQkvCudaRule,
     _GemvCudaRule,
     _schedule_rows,
     cache_chunk_in_registers,
     powers_of_two,
+    schedule_gemv_qkv,
 )
-from sparkinfer.schedule.cpu import GemvCpuRule
+from sparkinfer.schedule.cpu import GemvCpuRule, GemvQkvCpuRule
 from sparkinfer.schedule.norm import BlockThreadsCudaRule, BlockThreadsKnobs, schedule_rms_norm
-from sparkinfer.schedule.space import Knobs, ScheduleRule
+from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 
 def int8_view(ggml_type: int) -> GemvFormat:
@@ -72,6 +74,18 @@ class GemvQ8CudaRule(_GemvCudaRule):
             cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "xq", part)
 
         _schedule_rows(sch, fmt, knobs, cache)
+
+
+class GemvQkvQ8CudaRule(GemvQkvCudaRule):
+    """`gemv_qkv_q8`: the float Q/K/V kernel's rule (same knobs, space and defaults) on the int8
+    blocks, the dot products reading the activation words xq."""
+
+    family = "gemv_q8"
+    factory = "gemv_qkv_q8"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        schedule_gemv_qkv(sch, int8_view(self.shape(use)[0]), knobs, "xq")
 
 
 def schedule_quantizer_epilogue(sch: s_tir.Schedule, block: LoopRV, lanes: Any) -> None:
@@ -123,13 +137,14 @@ class QuantizeQ8CudaRule(ScheduleRule):
 QUANTIZER_LANES = Q8_BLOCK // WORD  # threads a block of 32 activations: one word (4 of them) each
 
 
-def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -> None:
+def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -> LoopRV:
     """`gemv_q8.q8_1_stages`' blocks: QUANTIZER_LANES threads (threadIdx.x) a block of 32
     activations, `groups` such blocks (threadIdx.y) a thread block. The scale and sum block
     first: the block's max and its sum of q are cross-thread reductions (4 values a lane, then
     shuffles); then the words, a lane each, after the block's max again (the same reduction,
     kept in registers beside its consumer). In thread blocks of its own, or (`block` given)
-    under that loop of another kernel, after what that kernel's threads do."""
+    under that loop of another kernel, after what that kernel's threads do. Returns the thread
+    block loop (blockIdx.x)."""
 
     def lanes(name: str, at: LoopRV) -> None:
         """Stage `name` (a reduction over a block of 32) at loop `at`, over the lanes."""
@@ -169,6 +184,7 @@ def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -
     sch.bind(tx, "threadIdx.x")
     in_registers("inv_q", ty)
     lanes("amax_q", ty)
+    return block
 
 
 class AddRmsNormQ8CudaRule(BlockThreadsCudaRule):
@@ -184,9 +200,76 @@ class AddRmsNormQ8CudaRule(BlockThreadsCudaRule):
         schedule_quantizer(sch, knobs.threads // QUANTIZER_LANES, block)
 
 
+class RmsNormQ8CudaRule(BlockThreadsCudaRule):
+    """`rms_norm_q8_1`: one thread block, as `rms_norm`'s, its threads laid out as the
+    quantizer's (threads / QUANTIZER_LANES blocks of 32 at a time): the sum of squares an
+    allreduce over them, 1 / rms a shared scalar (as in `add_rms_norm_q8_1`), then the quantizer."""
+
+    family = "gemv_q8"
+    factory = "rms_norm_q8_1"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, BlockThreadsKnobs)
+        groups = knobs.threads // QUANTIZER_LANES
+        sumsq = sch.get_sblock("sumsq")
+        block = sch.add_unit_loop(sch.get_loops(sumsq)[0])  # above its reduction loop
+        sch.bind(block, "blockIdx.x")
+        sch.set_scope(sumsq, 0, "local")  # the allreduce leaves the sum in every thread
+        _, ty, tx = sch.split(sch.get_loops(sumsq)[-1], [None, groups, QUANTIZER_LANES])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        inv_rms = sch.get_sblock("inv_rms")
+        sch.reverse_compute_at(inv_rms, block)
+        sch.set_scope(inv_rms, 0, "shared")
+        schedule_quantizer(sch, groups, block)
+
+
+class AttentionCombineQ8CudaRule(FixedRule):
+    """`attention_combine_q8_1`: a thread block a head, QUANTIZER_LANES threads for each of its
+    head_dim / 32 blocks of 32 (a warp at head dim 128), which merge the head's splits into shared
+    memory (four values a thread, the S splits unrolled, the weights' max and sum once a thread),
+    then quantize them. A quarter of `attention_combine`'s threads (a thread a value), whose
+    time is the S independent loads a thread either way."""
+
+    target_kind = "cuda"
+    family = "gemv_q8"
+    factory = "attention_combine_q8_1"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        blk = sch.get_sblock
+        head_dim = int(sch.get(sch.get_loops(blk("merged"))[1]).extent)
+        groups = head_dim // Q8_BLOCK
+        out = blk("combine")
+        head, value, ty, tx = sch.split(sch.get_loops(out)[0], [None, head_dim // (groups * QUANTIZER_LANES),
+                                                                 groups, QUANTIZER_LANES])
+        sch.reorder(ty, tx, value)  # a thread's values a warp apart: coalesced loads of o_part
+        sch.bind(head, "blockIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.set_scope(out, 0, "shared")
+        sch.compute_at(blk("merged"), value)
+        sch.set_scope(blk("merged"), 0, "local")
+        for name in ("weight_sum", "lse_max"):
+            # once a thread, before its values (the same head's): no shared round trip
+            sch.compute_at(blk(name), tx)
+            sch.set_scope(blk(name), 0, "local")
+        for name in ("lse_max", "weight_sum", "merged"):
+            sch.unroll(sch.get_loops(blk(name))[-1])  # the S loads go out together
+        schedule_quantizer(sch, groups, head)
+
+
 class GemvQ8CpuRule(GemvCpuRule):
     family = "gemv_q8"
     factory = "gemv_q8"
+    word_lanes = False
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class GemvQkvQ8CpuRule(GemvQkvCpuRule):
+    family = "gemv_q8"
+    factory = "gemv_qkv_q8"
     word_lanes = False
 
     def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:

@@ -37,9 +37,13 @@ from sparkinfer.schedule.gemv import (
 )
 from sparkinfer.schedule.gemv_q8 import (
     AddRmsNormQ8CudaRule,
+    AttentionCombineQ8CudaRule,
     GemvQ8CpuRule,
     GemvQ8CudaRule,
+    GemvQkvQ8CpuRule,
+    GemvQkvQ8CudaRule,
     QuantizeQ8CudaRule,
+    RmsNormQ8CudaRule,
 )
 from sparkinfer.schedule.moe_q8 import (
     MoeDownResidualQ8CpuRule,
@@ -92,6 +96,9 @@ for _rule in (
     MoeDownResidualQ8CudaRule(),
     QuantizeQ8CudaRule(),
     AddRmsNormQ8CudaRule(),
+    RmsNormQ8CudaRule(),
+    GemvQkvQ8CudaRule(),
+    AttentionCombineQ8CudaRule(),
     GemvCpuRule(),
     GemvQkvCpuRule(),
     GemvNormedCpuRule(),
@@ -115,6 +122,9 @@ for _rule in (
     MoeDownResidualQ8CpuRule(),
     AsWrittenCpuRule("gemv_q8", "quantize_q8_1"),
     AsWrittenCpuRule("gemv_q8", "add_rms_norm_q8_1"),
+    AsWrittenCpuRule("gemv_q8", "rms_norm_q8_1"),
+    AsWrittenCpuRule("gemv_q8", "attention_combine_q8_1"),
+    GemvQkvQ8CpuRule(),
     *LOGITS_RULES,
     *PREFILL_CPU_RULES,
     *PREFILL_CUDA_RULES,

@@ -161,6 +161,19 @@ def _gemv_q8(rng: np.random.Generator, ggml_type: str, n: int, k: int) -> Arrays
     return [_words(ggml_type, (n, k), rng), *_q8(rng, k), _f32(rng, n)]
 
 
+def _rms_norm_q8_1(rng: np.random.Generator, hidden: int, eps: float) -> Arrays:
+    return [_f32(rng, hidden), _f32(rng, hidden), *_q8_out(hidden)]
+
+
+def _gemv_qkv_q8(rng: np.random.Generator, ggml_type: str, n_q: int, n_k: int, n_v: int, k: int) -> Arrays:
+    rows = [n for n in (n_q, n_k, n_v) if n]
+    return [*(_words(ggml_type, (n, k), rng) for n in rows), *_q8(rng, k), *(_f32(rng, n) for n in rows)]
+
+
+def _attention_combine_q8_1(rng: np.random.Generator, n_heads: int, splits: int, head_dim: int) -> Arrays:
+    return [_f32(rng, n_heads, splits, head_dim), _f32(rng, n_heads, splits), *_q8_out(n_heads * head_dim)]
+
+
 def _moe_gate_up_silu_q8(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int, n_used: int,
                          n_ffn: int, hidden: int) -> Arrays:
     return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
@@ -223,6 +236,9 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("gemv_q8", "quantize_q8_1"): _quantize_q8_1,
     ("gemv_q8", "add_rms_norm_q8_1"): _add_rms_norm_q8_1,
     ("gemv_q8", "gemv_q8"): _gemv_q8,
+    ("gemv_q8", "rms_norm_q8_1"): _rms_norm_q8_1,
+    ("gemv_q8", "gemv_qkv_q8"): _gemv_qkv_q8,
+    ("gemv_q8", "attention_combine_q8_1"): _attention_combine_q8_1,
     ("moe_q8", "moe_gate_up_silu_q8"): _moe_gate_up_silu_q8,
     ("moe_q8", "moe_down_residual_q8"): _moe_down_residual_q8,
     ("sampling", "sample_candidates"): _sample_candidates,

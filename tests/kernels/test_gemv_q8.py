@@ -5,9 +5,11 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.errors import TensorShapeError, UnsupportedQuantTypeError
+from sparkinfer.kernels import attention as A
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels import gemv_q8 as Q
-from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.kernels import norm as N
+from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from tests.kernels.test_kernels_gemv import magnitude, run_cpu, run_cpu_outputs
 
 Q8_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
@@ -83,3 +85,49 @@ def test_add_rms_norm_q8_1_quantizes_its_own_output(rng: np.random.Generator) ->
 def test_add_rms_norm_q8_1_rejects_a_partial_block() -> None:
     with pytest.raises(TensorShapeError, match="add_rms_norm_q8_1 needs a length that is a multiple of 32, got 48"):
         Q.add_rms_norm_q8_1(48, 1e-6)
+
+
+def test_rms_norm_q8_1_quantizes_the_norm(rng: np.random.Generator) -> None:
+    """The attention input's int8 blocks are those of `rms_norm`'s y (within half a step; y only
+    as close to the oracle's as the float sums' order allows)."""
+    h, eps = 256, 1e-6
+    x, w = (rng.standard_normal(h, dtype=np.float32) for _ in range(2))
+    x[64:96] = 0.0  # an all-zero block: d = 0, q = 0
+    outs = [np.empty(h // 4, np.int32), np.empty(h // 32, np.float32), np.empty(h // 32, np.float32)]
+    xq, xd, xs = run_cpu_outputs(Q.rms_norm_q8_1(h, eps), [x, w], outs)
+    y = N.rms_norm_reference(x, w, eps)
+    assert_q8_1_close(xq, xd, xs, y, np.abs(y))
+    assert not xq[16:24].any() and xd[2] == 0.0
+
+
+def test_attention_combine_q8_1_quantizes_the_combine(rng: np.random.Generator) -> None:
+    nh, s, d = 4, 5, 64
+    o_part = rng.standard_normal((nh, s, d), dtype=np.float32)
+    lse = rng.standard_normal((nh, s), dtype=np.float32)
+    lse[:, 3:] = -np.inf  # empty splits weigh nothing
+    outs = [np.empty(nh * d // 4, np.int32), np.empty(nh * d // 32, np.float32), np.empty(nh * d // 32, np.float32)]
+    xq, xd, xs = run_cpu_outputs(Q.attention_combine_q8_1(nh, s, d), [o_part, lse], outs)
+    out = A.attention_combine_reference(o_part, lse)
+    assert_q8_1_close(xq, xd, xs, out, np.abs(o_part).max(axis=1).reshape(-1))
+
+
+@pytest.mark.parametrize("n_v", [48, 0], ids=["qkv", "qk"])
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_gemv_qkv_q8_matches_numpy(rng: np.random.Generator, t: T, n_v: int) -> None:
+    ns, k = [64, 16, n_v], 512
+    datas = [random_weights(t, (n, k), rng) for n in ns if n]
+    xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
+    outs = run_cpu_outputs(Q.gemv_qkv_q8(t, *ns, k), [*(G.weight_view(t, d) for d in datas), xq, xd, xs],
+                           [np.empty(n, np.float32) for n in ns if n])
+    x_hat = Q.dequantize_q8_1(xq, xd)
+    for y, ref, data in zip(outs, Q.gemv_qkv_q8_reference(t, datas, xq, xd), datas, strict=True):
+        assert_gemv_close(y, ref, magnitude(t, data, x_hat))
+
+
+def test_int8_projection_kernels_reject_partial_blocks() -> None:
+    with pytest.raises(TensorShapeError, match="rms_norm_q8_1 needs a length that is a multiple of 32, got 80"):
+        Q.rms_norm_q8_1(80, 1e-6)
+    with pytest.raises(TensorShapeError, match="needs a head dim that is a multiple of 32, got 48"):
+        Q.attention_combine_q8_1(4, 2, 48)
+    with pytest.raises(TensorShapeError, match="gemv_qkv_q8 needs a length that is a multiple of 32, got 48"):
+        Q.gemv_qkv_q8(T.Q8_0, 8, 8, 8, 48)

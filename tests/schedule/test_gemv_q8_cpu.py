@@ -67,3 +67,23 @@ def test_moe_q8_and_quantize(knobs: CpuDotKnobs | None) -> None:
     a_hat = Q.dequantize_q8_1(aq, ad)
     mag = np.abs(h) + weights.astype(np.float64) @ np.stack([_abs_gemv(T.Q6_K, down[e], a) for e, a in zip(ids, a_hat)])
     assert_gemv_close(h_out, M.moe_down_residual_q8_reference(T.Q6_K, down, ids, weights, aq, ad, h), mag)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_gemv_qkv_q8(t: T, knobs: CpuDotKnobs | None) -> None:
+    """The int8 Q/K/V kernel (the attention input as rms_norm_q8_1 writes it, as the step runs)."""
+    rng = np.random.default_rng(3)
+    ns, k, eps = (64, 16, 16), 256, 1e-6
+    x, w = (rng.standard_normal(k, dtype=np.float32) for _ in range(2))
+    xq, xd, xs = run("gemv_q8", Q.rms_norm_q8_1, (k, eps), None, [x, w],
+                     [np.empty(k // 4, np.int32), np.empty(k // 32, np.float32), np.empty(k // 32, np.float32)])
+    datas = [random_weights(t, (n, k), rng) for n in ns]
+    if knobs is not None:
+        use = kernel_use("gemv_q8", "gemv_qkv_q8", t, *ns, k)
+        check_knobs(rule_for(use, CPU), use, knobs, CPU)
+    outs = run("gemv_q8", Q.gemv_qkv_q8, (t, *ns, k), knobs, [*(G.weight_view(t, d) for d in datas), xq, xd, xs],
+               [np.empty(n, np.float32) for n in ns])
+    x_hat = Q.dequantize_q8_1(xq, xd)
+    for y, ref, data in zip(outs, Q.gemv_qkv_q8_reference(t, datas, xq, xd), datas, strict=True):
+        assert_gemv_close(y, ref, _abs_gemv(t, data, x_hat))

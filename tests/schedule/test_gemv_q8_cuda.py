@@ -11,7 +11,9 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer import quant
 from sparkinfer.kernels import gemv_q8, moe_q8
+from sparkinfer.kernels.attention import attention_combine_reference
 from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.norm import rms_norm_reference
 from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
 from sparkinfer.schedule.arch import arch_facts
@@ -39,6 +41,10 @@ CASES = [
     (gemv_q8.quantize_q8_1, "gemv_q8", (2048, 0)),
     (gemv_q8.quantize_q8_1, "gemv_q8", (768, 8)),
     (gemv_q8.add_rms_norm_q8_1, "gemv_q8", (2048, 1e-6)),
+    (gemv_q8.rms_norm_q8_1, "gemv_q8", (2048, 1e-6)),
+    (gemv_q8.attention_combine_q8_1, "gemv_q8", (32, 16, 128)),
+    (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 512, 2048)),
+    (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 0, 2048)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
@@ -55,7 +61,10 @@ def test_default_knobs_lie_in_the_space(factory, family, args) -> None:
         check_knobs(rule, use, rule.default(use, facts), facts)
 
 
-@pytest.mark.parametrize("factory, family, args", CASES[:4] + CASES[7:], ids=IDS[:4] + IDS[7:])
+GEMVS = [i for i, (f, _, _) in enumerate(CASES) if f in (gemv_q8.gemv_q8, gemv_q8.gemv_qkv_q8) or f.__module__ == moe_q8.__name__]
+
+
+@pytest.mark.parametrize("factory, family, args", [CASES[i] for i in GEMVS], ids=[IDS[i] for i in GEMVS])
 def test_int8_gemvs_use_dp4a(factory, family, args) -> None:
     func = scheduled(factory, family, *args)
     body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
@@ -85,7 +94,10 @@ gpu = gpu_fixture("gemv_q8", kernels_module)
 SYMBOLS = {gemv_q8.quantize_q8_1: gemv_q8.quantize_q8_1_symbol, gemv_q8.gemv_q8: gemv_q8.gemv_q8_symbol,
            moe_q8.moe_gate_up_silu_q8: moe_q8.moe_gate_up_silu_q8_symbol,
            moe_q8.moe_down_residual_q8: moe_q8.moe_down_residual_q8_symbol,
-           gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h)}
+           gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h),
+           gemv_q8.rms_norm_q8_1: lambda h, eps: gemv_q8.rms_norm_q8_1_symbol(h),
+           gemv_q8.attention_combine_q8_1: gemv_q8.attention_combine_q8_1_symbol,
+           gemv_q8.gemv_qkv_q8: gemv_q8.gemv_qkv_q8_symbol}
 
 
 def _symbol(factory, args) -> str:  # noqa: ANN001
@@ -142,6 +154,47 @@ def test_add_rms_norm_q8_1_on_gpu_matches_numpy(gpu: Gpu) -> None:
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
     assert_quantizes(xq, xd, xs, y)
     assert not xq[:8].any() and xd[0] == 0.0
+
+
+def test_rms_norm_q8_1_on_gpu_matches_numpy(gpu: Gpu) -> None:
+    """The attention input's int8 blocks: those of `rms_norm`'s y."""
+    h, eps = 2048, 1e-6
+    rng = np.random.default_rng(13)
+    x, w = (rng.standard_normal(h, dtype=np.float32) for _ in range(2))
+    x[32:64] = 0.0  # an all-zero block: d = 0, no division by zero
+    xq, xd, xs = _run(gpu, _symbol(gemv_q8.rms_norm_q8_1, (h, eps)), [x, w],
+                      [np.empty(h // 4, np.int32), np.empty(h // 32, np.float32), np.empty(h // 32, np.float32)])
+    assert_quantizes(xq, xd, xs, rms_norm_reference(x, w, eps))
+    assert not xq[8:16].any() and xd[1] == 0.0
+
+
+def test_attention_combine_q8_1_on_gpu_matches_numpy(gpu: Gpu) -> None:
+    """The O projection's int8 blocks: those of `attention_combine`'s output, with empty splits
+    (lse -inf) among them, as a short context leaves."""
+    args = next(a for f, _, a in CASES if f is gemv_q8.attention_combine_q8_1)
+    nh, s, d = args
+    rng = np.random.default_rng(14)
+    o_part = rng.standard_normal((nh, s, d), dtype=np.float32)
+    lse = rng.standard_normal((nh, s), dtype=np.float32) * 3
+    lse[:, s // 2:] = -np.inf
+    xq, xd, xs = _run(gpu, _symbol(gemv_q8.attention_combine_q8_1, args), [o_part, lse],
+                      [np.empty(nh * d // 4, np.int32), np.empty(nh * d // 32, np.float32),
+                       np.empty(nh * d // 32, np.float32)])
+    assert_quantizes(xq, xd, xs, attention_combine_reference(o_part, lse))
+
+
+@pytest.mark.parametrize("args", [a for f, _, a in CASES if f is gemv_q8.gemv_qkv_q8], ids=str)
+def test_gemv_qkv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noqa: ANN001
+    t, *ns, k = args
+    rng = np.random.default_rng(15)
+    datas = [random_weights(t, (n, k), rng) for n in ns if n]
+    xq, xd, xs = _activations(rng, (k,))
+    outs = _run(gpu, _symbol(gemv_q8.gemv_qkv_q8, args), [*(weight_view(t, d) for d in datas), xq, xd, xs],
+                [np.empty(n, np.float32) for n in ns if n])
+    x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+    for y, ref, data in zip(outs, gemv_q8.gemv_qkv_q8_reference(t, datas, xq, xd), datas, strict=True):
+        magnitude = np.abs(quant.dequantize(t, data, (len(ref), k))).astype(np.float64) @ np.abs(x_hat)
+        assert_gemv_close(y, ref, magnitude)
 
 
 def _activations(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:

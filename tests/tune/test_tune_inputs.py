@@ -25,11 +25,16 @@ def test_planar_kernels_get_inputs_of_their_parameters(family: str, factory: str
     ("gemv_q8", "quantize_q8_1", (768, 8)),
     ("gemv_q8", "add_rms_norm_q8_1", (256, 1e-6)),
     ("gemv_q8", "gemv_q8", ("Q4_K", 64, 512)),
+    ("gemv_q8", "rms_norm_q8_1", (256, 1e-6)),
+    ("gemv_q8", "gemv_qkv_q8", ("Q4_K", 64, 16, 16, 512)),
+    ("gemv_q8", "gemv_qkv_q8", ("Q4_K", 64, 16, 0, 512)),
+    ("gemv_q8", "attention_combine_q8_1", (4, 3, 64)),
     ("moe_q8", "moe_gate_up_silu_q8", ("Q4_K", "Q4_K", 16, 2, 64, 256)),
     ("moe_q8", "moe_down_residual_q8", ("Q6_K", 16, 2, 64, 256)),
 ])
 def test_int8_kernels_get_inputs_of_their_parameters(family: str, factory: str, args: tuple) -> None:
-    """The int8 step (sm_90's: activations="q8") is tuned too: every kernel of it has inputs."""
+    """The int8 step (sm_90's: activations="q8", projection_activations="q8") is tuned too: every
+    kernel of it has inputs."""
     use = kernel_use(family, factory, *(weight_format_named(a) if isinstance(a, str) else a for a in args))
     func = kernel_factory(family, factory)(*factory_args(use))
     arrays = kernel_inputs(family, factory, use.args, seed=0)
