@@ -40,7 +40,7 @@ from sparkinfer.schedule.gemv import (
     schedule_gemv_qkv,
 )
 from sparkinfer.schedule.cpu import GemvCpuRule, GemvQkvCpuRule
-from sparkinfer.schedule.norm import BlockThreadsCudaRule, BlockThreadsKnobs, schedule_rms_norm
+from sparkinfer.schedule.norm import schedule_rms_norm
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
 
@@ -187,30 +187,29 @@ def schedule_quantizer(sch: s_tir.Schedule, groups: Any, block: LoopRV | None) -
     return block
 
 
-class AddRmsNormQ8CudaRule(BlockThreadsCudaRule):
+class AddRmsNormQ8CudaRule(QuantizeQ8CudaRule):
     """`add_rms_norm_q8_1`: the norm's schedule (`schedule.norm`: one block, thread i owning
-    elements i, i + threads, ...), then the quantizer's in the same block."""
+    elements i, i + threads, ...) on `groups` x QUANTIZER_LANES threads, then the quantizer's in
+    the same block (the quantizer's knob and default: 256 threads)."""
 
-    family = "gemv_q8"
     factory = "add_rms_norm_q8_1"
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        assert isinstance(knobs, BlockThreadsKnobs)
-        block = schedule_rms_norm(sch, knobs.threads, lanes=QUANTIZER_LANES)
-        schedule_quantizer(sch, knobs.threads // QUANTIZER_LANES, block)
+        assert isinstance(knobs, QuantizeKnobs)
+        block = schedule_rms_norm(sch, QUANTIZER_LANES, rows=knobs.groups)
+        schedule_quantizer(sch, knobs.groups, block)
 
 
-class RmsNormQ8CudaRule(BlockThreadsCudaRule):
-    """`rms_norm_q8_1`: one thread block, as `rms_norm`'s, its threads laid out as the
-    quantizer's (threads / QUANTIZER_LANES blocks of 32 at a time): the sum of squares an
-    allreduce over them, 1 / rms a shared scalar (as in `add_rms_norm_q8_1`), then the quantizer."""
+class RmsNormQ8CudaRule(QuantizeQ8CudaRule):
+    """`rms_norm_q8_1`: one thread block, as `rms_norm`'s, of the quantizer's layout (`groups`
+    blocks of 32 at a time): the sum of squares an allreduce over its threads, 1 / rms a shared
+    scalar (as in `add_rms_norm_q8_1`), then the quantizer."""
 
-    family = "gemv_q8"
     factory = "rms_norm_q8_1"
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
-        assert isinstance(knobs, BlockThreadsKnobs)
-        groups = knobs.threads // QUANTIZER_LANES
+        assert isinstance(knobs, QuantizeKnobs)
+        groups = knobs.groups
         sumsq = sch.get_sblock("sumsq")
         block = sch.add_unit_loop(sch.get_loops(sumsq)[0])  # above its reduction loop
         sch.bind(block, "blockIdx.x")

@@ -38,18 +38,19 @@ def block_threads_space(facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
     return {"threads": tuple(t for t in powers_of_two(facts.max_threads_per_block) if t >= WARP)}
 
 
-def schedule_rms_norm(sch: s_tir.Schedule, threads: Any, lanes: int = 0) -> LoopRV:
+def schedule_rms_norm(sch: s_tir.Schedule, threads: Any, rows: Any = None) -> LoopRV:
     """An `rms_norm` or `add_rms_norm` PrimFunc for a CUDA target; returns the block loop
-    (blockIdx.x: one block, or one a row). With `lanes`, the threads are laid out 2-D as
-    (threads / lanes, lanes) (threadIdx.y, threadIdx.x), thread i the same i: for a kernel that
-    goes on with stages of that layout (`schedule.gemv_q8`'s quantizer)."""
+    (blockIdx.x: one block, or one a row). With `rows`, the block's threads are laid out 2-D as
+    (rows, threads) (threadIdx.y, threadIdx.x), thread i the same i: for a kernel that goes on
+    with stages of that layout (`schedule.gemv_q8`'s quantizer). Both are split factors as given
+    (a tuner's sampled knobs: no arithmetic on them, which a trace could not record)."""
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
     sch.set_scope(sumsq, 0, "local")
 
     def over_threads(loop: s_tir.schedule.LoopRV) -> None:
-        if lanes:
-            _, row, lane = sch.split(loop, [None, threads // lanes, lanes])
+        if rows is not None:
+            _, row, lane = sch.split(loop, [None, rows, threads])
             sch.bind(row, "threadIdx.y")
         else:
             _, lane = sch.split(loop, [None, threads])

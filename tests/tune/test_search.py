@@ -166,3 +166,21 @@ def test_a_trace_read_back_from_json_replays_onto_the_kernels_own_buffers():
     replayed = replay(task, read_back)
     assert shared_memory_bytes(replayed.mod, "sm_90")
     assert trace_knobs(task, replayed.trace) == task.knobs_of(space.trace)
+
+
+@pytest.mark.parametrize("variants", [{}, {"activations": "q8", "projection_activations": "q8",
+                                           "q6_k_layout": "planar"}], ids=["float", "int8"])
+def test_every_design_space_of_the_step_goes_into_a_round_as_json(variants):
+    """A tuning round stores each candidate's trace as JSON (tune/bundle.py trace_json), which
+    takes the sampled knobs only as split factors and the like: a rule that did arithmetic on one
+    (add_rms_norm_q8_1's threads / 8 until session 16) made a trace JSON cannot hold, and
+    `sparkinfer tune --arch sm_90 --emit` failed on sm_90's int8 step."""
+    from sparkinfer.tune.bundle import trace_from_json, trace_json
+    from sparkinfer.tune.tasks import preset_tasks
+
+    tasks = preset_tasks("tiny", "q4_k_m", "sm_90", variants=variants)
+    assert tasks
+    for task in tasks:
+        for space in task.spaces():
+            read_back = trace_from_json(task, trace_json(space))
+            assert trace_knobs(task, replay(task, read_back).trace) == task.knobs_of(space.trace), task.name
