@@ -20,6 +20,11 @@ carries the 4-wide product. TVM 0.27 lowers it for no target; this module regist
 lowerings (`register_dp4a_lowering`): CUDA's `__dp4a` (one IDP4A instruction), and plain
 integer arithmetic on sign-extended bytes for LLVM (the CPU).
 
+Where a kernel makes the activations, it quantizes them itself, so that no launch is added:
+`add_rms_norm_q8_1` and `rms_norm_q8_1` (the FFN's and the attention's input norms),
+`attention_combine_q8_1` (the O projection's input) and `moe_q8.moe_gate_up_silu_q8` (the SiLU
+activations); `gemv_qkv_q8` is `gemv.gemv_qkv` on int8 activations.
+
 The numpy oracle is exact in meaning: the float GEMV's reference on x̂
 (`gemv_q8_reference`), since d * sum(q) is sum(x̂).
 """

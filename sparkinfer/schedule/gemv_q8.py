@@ -7,10 +7,11 @@ differs is read off `int8_view`: the dot block reads int32 words of 4 activation
 chunk's 32 QS bytes and its 16 activation words are two 16-byte loads each), and there is no
 x-sum block (the quantizer wrote the block sums).
 
-The quantizer's stages (`gemv_q8.q8_1_stages`) run in three places: the kernel
-`quantize_q8_1` (8 lanes a block of 32, one word each), the norm kernel `add_rms_norm_q8_1` (the
-same, in the norm's thread block) and the gate/up kernel's epilogue (its 32 lanes over the 32 rows
-its thread block holds). A block's max and its sum of q are cross-thread reductions (shuffles),
+The quantizer's stages (`gemv_q8.q8_1_stages`) run in five places: the kernel
+`quantize_q8_1` (8 lanes a block of 32, one word each), the norm kernels `add_rms_norm_q8_1` and
+`rms_norm_q8_1` (the same, in the norm's thread block), the split combine
+`attention_combine_q8_1` (the same, in a head's thread block) and the gate/up kernel's epilogue
+(its 32 lanes over the 32 rows its thread block holds). A block's max and its sum of q are cross-thread reductions (shuffles),
 127 / max a register of every lane, the words a lane each: no division or branch per value
 (bench/NOTES.md, "Session 15": the first form, a thread walking a block three times with a
 division and two branches a value, took 10-12 µs a launch).
