@@ -38,6 +38,8 @@ router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: 
 last block picks the experts. With decode_attention="mma" paged_decode_attention_mma replaces
 paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
 tensor cores.
+With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blocks only), Q/K/V
+gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but

@@ -36,6 +36,9 @@ def test_the_forms_name_what_they_cannot_serve() -> None:
     dense = preset_config("tiny-dense")
     assert misfit_variants(dataclasses.replace(dense, hidden=80), {"activations": "q8"}) == {
         "activations": "its hidden size 80 is not a multiple of the int8 blocks' 32"}
+    assert misfit_variants(TINY, {"projection_activations": "q8"}) == {}
+    assert misfit_variants(dataclasses.replace(TINY, head_dim=48), {"projection_activations": "q8"}) == {
+        "projection_activations": "its head dim 48 is not a multiple of the int8 blocks' 32"}
 
 
 def test_a_misfit_variant_goes_back_to_its_default_and_says_so() -> None:

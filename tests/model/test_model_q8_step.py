@@ -70,6 +70,16 @@ def test_q8_projections_run_q_k_v_and_o_on_int8_activations() -> None:
     assert sum(launches(step).values()) == sum(launches(experts_only).values())
 
 
+def test_q8_projections_with_the_last_block_merge_quantize_the_merged_output() -> None:
+    """The merged attention kernel writes float: its output takes a quantize_q8_1 launch (the one
+    combination of the variants that adds a launch a layer)."""
+    types = type_map(TINY, "q4_k_m")
+    step = build_decode_step(TINY, types, attention_merge="last_block", projection_activations="q8")
+    assert ("gemv_q8", "quantize_q8_1") in _factories(step)
+    merged = build_decode_step(TINY, types, attention_merge="last_block")
+    assert sum(launches(step).values()) == sum(launches(merged).values()) + TINY.n_layers
+
+
 def test_q8_projections_keep_a_layer_float_where_a_type_has_no_int8_form() -> None:
     types = type_map(TINY, "q4_k_m")
     types["blk.1.attn_output.weight"] = T.F16
