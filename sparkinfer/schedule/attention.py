@@ -342,15 +342,22 @@ def _schedule_attention_combine(sch: s_tir.Schedule) -> None:
     head, dim = sch.split(i, [None, head_dim])
     sch.bind(head, "blockIdx.x")
     sch.bind(dim, "threadIdx.x")
-    sch.compute_at(blk("merged"), dim)
+    merge_in_registers(sch, dim, dim)
+
+
+def merge_in_registers(sch: s_tir.Schedule, value: LoopRV, thread: LoopRV) -> None:
+    """The combine's stages (`attention.combine_splits`) under its output's loops: `merged` in
+    registers at loop `value` (a thread's one value, or its loop over its values), the splits'
+    weight max and sum at loop `thread`, once a thread. Every thread of the head computes that
+    (S-term) max and sum itself: cheaper than a shared-memory round trip and a barrier. The split
+    loops unrolled: a thread's S loads of each step are independent, so they go out together
+    instead of one L2 round trip an iteration (3 x 32 dependent trips at 32 splits: the combine
+    took 6.2 us a launch on an H100, bench/NOTES.md "Session 10")."""
+    blk = sch.get_sblock
+    sch.compute_at(blk("merged"), value)
     sch.set_scope(blk("merged"), 0, "local")
     for block in ("weight_sum", "lse_max"):
-        # Every thread of the head computes the (S-term) max and sum itself: cheaper than a
-        # shared-memory round trip and a barrier.
-        sch.compute_at(blk(block), dim)
+        sch.compute_at(blk(block), thread)
         sch.set_scope(blk(block), 0, "local")
     for block in ("lse_max", "weight_sum", "merged"):
-        # The split loops unrolled: a thread's S loads of each step are independent, so they go
-        # out together instead of one L2 round trip an iteration (3 x 32 dependent trips at 32
-        # splits: the combine took 6.2 us a launch on an H100, bench/NOTES.md "Session 10").
         sch.unroll(sch.get_loops(blk(block))[-1])

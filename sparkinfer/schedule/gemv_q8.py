@@ -22,7 +22,7 @@ sub-block's word reduction split into vector lanes); the quantizer runs as writt
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
@@ -41,6 +41,7 @@ from sparkinfer.schedule.gemv import (
     schedule_gemv_qkv,
 )
 from sparkinfer.schedule.cpu import GemvCpuRule, GemvQkvCpuRule
+from sparkinfer.schedule.attention import merge_in_registers
 from sparkinfer.schedule.norm import schedule_rms_norm
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
 
@@ -247,30 +248,26 @@ class AttentionCombineQ8CudaRule(FixedRule):
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
         sch.set_scope(out, 0, "shared")
-        sch.compute_at(blk("merged"), value)
-        sch.set_scope(blk("merged"), 0, "local")
-        for name in ("weight_sum", "lse_max"):
-            # once a thread, before its values (the same head's): no shared round trip
-            sch.compute_at(blk(name), tx)
-            sch.set_scope(blk(name), 0, "local")
-        for name in ("lse_max", "weight_sum", "merged"):
-            sch.unroll(sch.get_loops(blk(name))[-1])  # the S loads go out together
+        merge_in_registers(sch, value, tx)  # the weights' max and sum before a thread's values
         schedule_quantizer(sch, groups, head)
 
 
-class GemvQ8CpuRule(GemvCpuRule):
+class Int8WeightsCpu:
+    """For a float kernel's CPU rule (`schedule.cpu`, ahead of it in the bases): its int8 form,
+    one weight format (the factory's first argument) seen through `int8_view`, a lane per word
+    of both the codes and the activations (word_lanes)."""
+
+    word_lanes: ClassVar[bool] = False
+
+    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
+        return (int8_view(factory_args(use)[0]),)
+
+
+class GemvQ8CpuRule(Int8WeightsCpu, GemvCpuRule):
     family = "gemv_q8"
     factory = "gemv_q8"
-    word_lanes = False
-
-    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
-        return (int8_view(factory_args(use)[0]),)
 
 
-class GemvQkvQ8CpuRule(GemvQkvCpuRule):
+class GemvQkvQ8CpuRule(Int8WeightsCpu, GemvQkvCpuRule):
     family = "gemv_q8"
     factory = "gemv_qkv_q8"
-    word_lanes = False
-
-    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
-        return (int8_view(factory_args(use)[0]),)

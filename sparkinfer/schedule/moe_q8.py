@@ -17,7 +17,7 @@ from sparkinfer.kernels.gemv_q8 import Q8_BLOCK
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.cpu import MoeDownResidualCpuRule, MoeGateUpSiluCpuRule
-from sparkinfer.schedule.gemv_q8 import int8_view, schedule_quantizer_epilogue
+from sparkinfer.schedule.gemv_q8 import Int8WeightsCpu, int8_view, schedule_quantizer_epilogue
 from sparkinfer.schedule.moe import (
     MoeDownResidualCudaRule,
     MoeGateUpSiluCudaRule,
@@ -86,11 +86,7 @@ class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
         return int8_view(type_gate), int8_view(type_up)
 
 
-class MoeDownResidualQ8CpuRule(MoeDownResidualCpuRule):
+class MoeDownResidualQ8CpuRule(Int8WeightsCpu, MoeDownResidualCpuRule):
     family = "moe_q8"
     factory = "moe_down_residual_q8"
-    word_lanes = False
-
-    def formats(self, use: KernelUse) -> tuple[GemvFormat, ...]:
-        return (int8_view(factory_args(use)[0]),)
 
