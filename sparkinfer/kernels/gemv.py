@@ -407,14 +407,18 @@ def qkv_row(weights: QkvWeights, r: Expr) -> Row:
     return word
 
 
+def _first_rows(ns: tuple[int, ...]) -> list[int]:
+    """Where each of Q, K (, V) starts in the concatenated row space."""
+    return [sum(ns[:j]) for j in range(len(ns))]
+
+
 def qkv_row_space(fmt: GemvFormat, ns: tuple[int, ...], k: int) -> tuple[QkvWeights, te.Tensor]:
     """The weight placeholders Wq, Wk (, Wv) of a Q/K/V kernel as (buffer, first row, rows) each,
     and the stage W: their rows concatenated, as the dot products read them (the schedule caches
     a lane's chunk of it in registers; the scale decoders read the buffers, `qkv_row`)."""
-    firsts = [sum(ns[:j]) for j in range(len(ns))]
     ws = [te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name=f"W{name}")
           for name, n in zip(("q", "k", "v"), ns)]
-    weights = list(zip(ws, firsts, ns))
+    weights = list(zip(ws, _first_rows(ns), ns))
     w = te.compute((sum(ns), fmt.row_words(k)), lambda r, i: qkv_row(weights, r)(i), name="W")
     return weights, w
 
@@ -425,8 +429,8 @@ def qkv_outputs(y: te.Tensor, ns: tuple[int, ...]) -> list[te.Tensor]:
     def copy_out(first: int) -> Callable[[Expr], Expr]:
         return lambda i: y[i + first]
 
-    firsts = [sum(ns[:j]) for j in range(len(ns))]
-    return [te.compute((n,), copy_out(first), name=name) for name, first, n in zip(("q", "k", "v"), firsts, ns)]
+    return [te.compute((n,), copy_out(first), name=name)
+            for name, first, n in zip(("q", "k", "v"), _first_rows(ns), ns)]
 
 
 def _gemv_qkv_te(fmt: GemvFormat, ns: tuple[int, ...], k: int, norm_eps: float | None = None) -> tirx.PrimFunc:
