@@ -226,11 +226,13 @@ class RmsNormQ8CudaRule(QuantizeQ8CudaRule):
 
 
 class AttentionCombineQ8CudaRule(FixedRule):
-    """`attention_combine_q8_1`: a thread block a head, QUANTIZER_LANES threads for each of its
-    head_dim / 32 blocks of 32 (a warp at head dim 128), which merge the head's splits into shared
-    memory (four values a thread, the S splits unrolled, the weights' max and sum once a thread),
-    then quantize them. A quarter of `attention_combine`'s threads (a thread a value), whose
-    time is the S independent loads a thread either way."""
+    """`attention_combine_q8_1`: a thread block a head, which merges the head's splits into
+    shared memory as `attention_combine` does, a thread a value (its S loads unrolled, the
+    weights' max and sum once a thread), then quantizes them: QUANTIZER_LANES threads
+    (threadIdx.x) for each of the head_dim / 32 blocks of 32 (threadIdx.y), each threadIdx.z
+    (head_dim / (groups x lanes) of them) doing the same and writing the same values. Four values
+    a thread (the quantizer's threads), one after another, left a memory round trip a value: 8.1
+    against the float combine's 5.0 us a launch on an H100 (bench/NOTES.md "Session 17")."""
 
     target_kind = "cuda"
     family = "gemv_q8"
@@ -241,14 +243,15 @@ class AttentionCombineQ8CudaRule(FixedRule):
         head_dim = int(sch.get(sch.get_loops(blk("merged"))[1]).extent)
         groups = head_dim // Q8_BLOCK
         out = blk("combine")
-        head, value, ty, tx = sch.split(sch.get_loops(out)[0], [None, head_dim // (groups * QUANTIZER_LANES),
-                                                                 groups, QUANTIZER_LANES])
-        sch.reorder(ty, tx, value)  # a thread's values a warp apart: coalesced loads of o_part
+        # value = the thread's linear index (z, y, x): coalesced loads of o_part
+        head, tz, ty, tx = sch.split(sch.get_loops(out)[0], [None, head_dim // (groups * QUANTIZER_LANES),
+                                                              groups, QUANTIZER_LANES])
         sch.bind(head, "blockIdx.x")
+        sch.bind(tz, "threadIdx.z")
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
         sch.set_scope(out, 0, "shared")
-        merge_in_registers(sch, value, tx)  # the weights' max and sum before a thread's values
+        merge_in_registers(sch, tx, tx)
         schedule_quantizer(sch, groups, head)
 
 

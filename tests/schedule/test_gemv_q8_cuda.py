@@ -104,6 +104,17 @@ def _symbol(factory, args) -> str:  # noqa: ANN001
     return SYMBOLS[factory](*args)
 
 
+def test_attention_combine_q8_1_merges_a_value_a_thread() -> None:
+    """Each thread's S loads of o_part out at once, not a loop of them a value: as the float
+    combine, a thread of the 128 a head per value (four values a thread, one after another, were
+    four memory round trips: bench/NOTES.md "Session 17")."""
+    func = scheduled(gemv_q8.attention_combine_q8_1, "gemv_q8", 32, 32, 128)
+    body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
+    merge = body[:body.index("__syncthreads")]
+    assert "__launch_bounds__(128)" in body
+    assert "for (" not in merge and merge.count("o_part_ptr[") == 32
+
+
 def test_symbols_are_the_kernels_own() -> None:
     for factory, _, args in CASES:
         assert _symbol(factory, args) == str(factory(*args).attrs["global_symbol"])
