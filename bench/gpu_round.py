@@ -22,14 +22,10 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 16: the int8 attention projections (projection_activations="q8",
-# bench/NOTES.md "Session 16"), at their rules' defaults and with the O projection at the knobs
-# the tuner picked for the float O (fewer rows a block: 1024 blocks of a warp).
-VARIANT_STEPS: dict[str, dict[str, str]] = {"q8proj": {"projection_activations": "q8"},
-                                            "q8proj_o": {"projection_activations": "q8"}}
-VARIANT_KNOBS: dict[str, dict[str, dict]] = {
-    "q8proj_o": {"gemv_q8.gemv_q8('Q4_K', 2048, 4096)": {"lanes": 32, "rows": 1, "rows_per_thread": 2,
-                                                         "unroll": 1024, "vector_header": 0}}}
+# under 64 MiB). Session 17 (bench/NOTES.md): none; the int8 combine's new schedule is timed
+# against the module before it (BEFORE, below).
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
 # named here, for a variant of the attention, whose share of a token grows with the depth. The
