@@ -340,6 +340,15 @@ case "${1:-}" in
   "") echo "usage: bash bench/gpu_round.sh 1|2|STAGE... (see the comment at the top)" >&2; exit 2 ;;
   *) stages=("$@") ;;
 esac
+# Each stage keeps its later stages' floors: where they add up to more than the call has, the
+# first stages get 15 s (session 17's call 5: synth cut off, nothing measured but a profile).
+floors=0
+for name in "${stages[@]}"; do floors=$((floors + ${STAGE_FLOOR[$name]:-0})); done
+if ((floors > deadline - SECONDS)); then
+  echo "the stages' floors add up to $floors s, more than this call's $((deadline - SECONDS)) s" \
+    "(ROUND_SECONDS): give fewer stages or more seconds" >&2
+  exit 2
+fi
 [ "${stages[0]}" = setup ] || stage_setup > /dev/null  # every stage needs the environment
 for i in "${!stages[@]}"; do
   name=${stages[$i]}

@@ -24,6 +24,17 @@ def test_shell_script_parses(script: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_gpu_round_refuses_more_stages_than_its_seconds(tmp_path: Path) -> None:
+    """A call whose stages' floors exceed ROUND_SECONDS stops before setup, naming why, instead
+    of cutting its first stages to 15 s on the device."""
+    env = {"PATH": "/usr/bin:/bin", "ROUND_SECONDS": "100", "OUT": str(tmp_path / "out"),
+           "ROUND_DIR": str(tmp_path / "round")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_round.sh"), "synth", "pytest"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2
+    assert "the stages' floors add up to 160 s, more than this call's 100 s (ROUND_SECONDS)" in proc.stderr
+
+
 def _gpu_round():  # noqa: ANN202
     import importlib.util
 
