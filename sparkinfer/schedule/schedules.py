@@ -16,8 +16,7 @@ The files ship inside the package (sparkinfer/data/schedules/<arch>.json, packag
 through importlib.resources, so an installed package uses them; `sparkinfer compile
 --schedules PATH` names another. `sparkinfer tune` writes "tuned" entries; "transferred" ones
 are knobs carried over to an arch nobody tuned on (the arch table's defaults, or another arch's
-tuned knobs), or to a kernel nobody tuned from the one it replaces on the same arch (timed only end
-to end, bench/NOTES.md); a kernel missing from the file gets its rule's default ("default").
+tuned knobs); a kernel missing from the file gets its rule's default ("default").
 
 Imports no TVM: the manifest's staleness check hashes the file a compile would use.
 """
