@@ -1,5 +1,6 @@
-"""Schedules files for arches nobody has tuned on: every kernel of the given models gets its
-rule's arch-table default, marked "transferred" (untuned; no time measured).
+"""Schedules files for arches nobody has tuned on: the step variants measured on sm_90, and
+every kernel of the given models' step built with them at its rule's arch-table default, all
+marked "transferred" (untuned; no time measured).
 
     python -m sparkinfer.tune.transfer --arch sm_120 [--out PATH]
 
@@ -7,12 +8,18 @@ writes the package's sparkinfer/data/schedules/<arch>.json (or PATH) for the emb
 model and the full-size Qwen3-30B-A3B (Q4_K_M): only hyper-parameters and tensor types are
 used, no weights. tests/tune/test_transfer.py checks that the committed files are what this
 writes.
+
+Why sm_90's step: each of its variants was adopted there by a measurement (bench/NOTES.md), and
+each is built from instructions every CUDA arch we target has (dp4a for the int8 activations,
+mma.sync m16n8k16 and ldmatrix for the tensor-core attentions, a load-time re-layout for the
+planar Q6_K), so the fast paths are what an untuned Blackwell card compiles too; without it
+sm_120 / sm_121 would take the float32 first forms, which no card has measured faster.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sparkinfer import __version__
@@ -20,34 +27,55 @@ from sparkinfer.compiler.manifest import tvm_version
 from sparkinfer.schedule.arch import ARCHS
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.gguf_file.reader import GGUFModel
-from sparkinfer.model.qwen3moe import build_decode_step
+from sparkinfer.model.qwen3moe import build_decode_step, misfit_variants
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import arch_facts
-from sparkinfer.schedule.schedules import TRANSFERRED, ScheduleEntry, SchedulesFile, packaged_schedules_path
+from sparkinfer.schedule.schedules import (TRANSFERRED, ScheduleEntry, SchedulesFile, packaged_schedules_path,
+                                           schedules_for)
 from sparkinfer.schedule.space import kernel_key, rule_for
 
 
-def reference_model_kernels() -> list[KernelUse]:
-    """The kernels of the embedded default model's step and of Qwen3-30B-A3B's (Q4_K_M)."""
+# The arch whose measured step variants the untuned CUDA arches take (see the docstring).
+MEASURED_ARCH = "sm_90"
+
+
+def measured_step() -> dict[str, str]:
+    """The step variants MEASURED_ARCH's committed schedules file picks."""
+    chosen, _ = schedules_for(MEASURED_ARCH)
+    return dict(chosen.step)
+
+
+def reference_model_kernels(arch: str, step: Mapping[str, str]) -> list[KernelUse]:
+    """The kernels of the embedded default model's step and of Qwen3-30B-A3B's (Q4_K_M) on
+    `arch` with `step`'s variants over the arch's defaults (compiler.pipeline.step_variants),
+    each model built with those its shapes fit (compiler.pipeline.fitting_variants' rule: a
+    misfit one takes its first form, as the compiled step would)."""
+    from sparkinfer.compiler.pipeline import DEFAULT_STEP_VARIANTS
     from sparkinfer.data import default_model_path
 
     default = GGUFModel.open(default_model_path())
     full = preset_config("qwen3-30b-a3b")
-    steps = [build_decode_step(default.config, {n: i.ggml_type for n, i in default.tensors.items()}),
-             build_decode_step(full, type_map(full, "q4_k_m"))]
-    return [use for step in steps for use in step.kernels]
+    models = [(default.config, {n: i.ggml_type for n, i in default.tensors.items()}),
+              (full, type_map(full, "q4_k_m"))]
+    variants = {**DEFAULT_STEP_VARIANTS.get(arch, {}), **step}
+    kernels = []
+    for config, types in models:
+        fitting = {name: value for name, value in variants.items() if name not in misfit_variants(config, variants)}
+        kernels += build_decode_step(config, types, **fitting).kernels
+    return kernels
 
 
-def transferred_schedules(arch: str, kernels: Iterable[KernelUse]) -> SchedulesFile:
-    """Each kernel's rule default on `arch`, as "transferred" entries."""
+def transferred_schedules(arch: str, kernels: Iterable[KernelUse], step: Mapping[str, str]) -> SchedulesFile:
+    """Each kernel's rule default on `arch`, as "transferred" entries, with `step`'s variants."""
     facts = arch_facts(arch)
     entries = {}
     for use in kernels:
         entries[kernel_key(use)] = ScheduleEntry(rule_for(use, facts).default(use, facts).to_json(), TRANSFERRED)
     made_by = {"tvm": tvm_version(), "sparkinfer": __version__, "device": None, "date": None,
-               "how": f"the arch table's defaults for {arch} (sparkinfer/schedule/arch.py), untuned: "
-                      "python -m sparkinfer.tune.transfer"}
-    return SchedulesFile(arch=arch, made_by=made_by, kernels=entries)
+               "how": f"the arch table's defaults for {arch} (sparkinfer/schedule/arch.py), untuned, and the step "
+                      f"variants measured on {MEASURED_ARCH} (sparkinfer/data/schedules/{MEASURED_ARCH}.json), "
+                      f"unmeasured on {arch}: python -m sparkinfer.tune.transfer"}
+    return SchedulesFile(arch=arch, made_by=made_by, kernels=entries, step=dict(step))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="where to write (default: the package's schedules file for the arch)")
     args = p.parse_args(argv)
     out = args.out or packaged_schedules_path(args.arch)
-    schedules = transferred_schedules(args.arch, reference_model_kernels())
+    step = measured_step()
+    schedules = transferred_schedules(args.arch, reference_model_kernels(args.arch, step), step)
     schedules.write(out)
     print(f"wrote {out}: {len(schedules.kernels)} kernels, transferred (untuned)")
     return 0
