@@ -19,7 +19,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +61,27 @@ def trace_from_json(task: TuneTask, data: Any) -> s_tir.Trace:
 
 
 def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.database.Database, *, seed: int,
-                     n: int, trials: int, config: SearchConfig,
-                     log: Log) -> list[tuple[s_tir.Schedule, bool, dict[str, Any]]]:
+                     n: int, trials: int, config: SearchConfig, log: Log,
+                     retime: dict[str, Any] | None = None) -> list[tuple[s_tir.Schedule, bool, dict[str, Any]]]:
     """The next round of a kernel, each pick with whether it is the default and its knobs: the
     arch default first while the database holds no record of it in the rule's current form
     (so every tune measures it, with the same runner as its rivals, also after the rule's
     knobs changed), then the search's proposals.
+    With `retime` (the knobs the kernel ships with now, or {} for none), the round timed on
+    another machine: the arch default and those knobs are timed again ahead of the proposals
+    whenever the round has any, since the card that times the round may not be the one that
+    timed the records, and an entry compares the times of one card (tune/schedules.py
+    `card_lines`): without them a round on a new card would pick among its proposals alone.
     The round index is the number of records: a pure function of the database. A round never
-    takes the kernel past `trials` records of the rule's current form (records of an older
-    form, whose knobs no longer read, do not count)."""
+    takes the kernel past `trials` distinct knobs of the rule's current form (records of an
+    older form, whose knobs no longer read, do not count; knobs timed again count once)."""
     recorded = records(task, database)
     known = current_knobs(task, recorded)
-    n = min(n, trials - len(known))
-    if n <= 0:
+    room = min(n, trials - len(distinct(known)))
+    if room <= 0:
         return []
     picks: list[tuple[s_tir.Schedule, bool, dict[str, Any]]] = []
-    if task.default_knobs not in known:
+    if task.default_knobs not in known or retime is not None:
         try:
             default = replay(task, default_trace(task))
         except Exception as e:  # TVM raises its own errors: the trace does not replay with these decisions
@@ -84,6 +89,12 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
                 f"({_last_line(e)}): the default is not measured")
         else:
             picks.append((default, True, trace_knobs(task, default.trace)))
+    if retime and retime != task.default_knobs:
+        shipped = next((r.trace for r, knobs in zip(recorded, traces_knobs(task, [r.trace for r in recorded]))
+                        if knobs == retime), None)
+        if shipped is not None:
+            picks.append((replay(task, shipped), False, dict(retime)))
+    timed_again = len(picks) if retime is not None else 0
     try:
         proposals = propose(task, target, database, seed=seed, round_index=len(recorded), n=n, config=config)
     except Exception as e:  # the rule's design space fails to build (TVM's ScheduleError): report, go on
@@ -92,7 +103,7 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     seen = {_hash(s) for s, _, _ in picks}
     stale = 0
     for sch in proposals:
-        if len(picks) >= n:
+        if len(picks) >= timed_again + room:
             break
         if _hash(sch) in seen:
             continue
@@ -105,12 +116,18 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         picks.append((sch, False, knobs))
     if stale:
         log(f"warning: {task.name}: {stale} proposals from records of an older form of its schedule rule skipped")
-    return picks
+    # knobs timed again only ride along with new ones: a round of nothing new adds no trial
+    return picks if len(picks) > timed_again else []
 
 
 def current_knobs(task: TuneTask, recorded: Sequence[ms.database.TuningRecord]) -> list[dict[str, Any]]:
     """The knobs of the records made under the rule's current form (`traces_knobs`)."""
     return [knobs for knobs in traces_knobs(task, [r.trace for r in recorded]) if knobs is not None]
+
+
+def distinct(knobs: Sequence[dict[str, Any]]) -> set[str]:
+    """The different knobs among `knobs` (a kernel's trials: knobs timed again count once)."""
+    return {json.dumps(k, sort_keys=True) for k in knobs}
 
 
 def _last_line(e: BaseException) -> str:
@@ -145,12 +162,13 @@ def host_record() -> dict[str, str]:
 
 
 def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Database, directory: Path, *,
-                 seed: int, per_round: int, trials: int, config: SearchConfig, log: Log) -> tuple[list, list]:
+                 seed: int, per_round: int, trials: int, config: SearchConfig, log: Log,
+                 retime: Mapping[str, dict[str, Any]] | None) -> tuple[list, list]:
     target = targets.target_for(arch)
     kernels, candidates = [], []
     for i, task in enumerate(tasks):
         picks = round_candidates(task, target, database, seed=seed, n=per_round, trials=trials, config=config,
-                                 log=log)
+                                 log=log, retime=None if retime is None else retime.get(task.key, {}))
         inputs = f"inputs/k{i}.npz"
         stored, tiled = sample_inputs(task.inputs)
         np.savez(directory / inputs, **{f"arg{j}": a for j, a in enumerate(stored)})
@@ -172,10 +190,12 @@ def _build_round(tasks: Sequence[TuneTask], arch: str, database: ms.database.Dat
 
 def emit(tasks: Sequence[TuneTask], arch: str, database: ms.database.Database, directory: str | Path, *,
          seed: int, per_round: int, trials: int, rotate_bytes: int, config: SearchConfig = SearchConfig(),
-         log: Log | None = None) -> dict[str, Any]:
+         log: Log | None = None, retime: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Propose and build one round of every task into `directory` (emptied first); returns
-    the index. A kernel with `trials` records, or whose search found nothing new, gets no
-    candidates."""
+    the index. A kernel with `trials` distinct knobs, or whose search found nothing new, gets
+    no candidates. `retime` (kernel key -> the knobs it ships with now): a round for another
+    machine, which times those and the arch default again beside the new ones
+    (`round_candidates`)."""
     log = log or (lambda message: None)
     directory = Path(directory)
     if directory.exists():
@@ -186,7 +206,7 @@ def emit(tasks: Sequence[TuneTask], arch: str, database: ms.database.Database, d
     (directory / "inputs").mkdir()
     try:
         kernels, candidates = _build_round(tasks, arch, database, directory, seed=seed, per_round=per_round,
-                                           trials=trials, config=config, log=log)
+                                           trials=trials, config=config, log=log, retime=retime)
     except BaseException:
         shutil.rmtree(directory)  # no half bundle: an index only exists for a complete round
         raise

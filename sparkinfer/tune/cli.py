@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.schedule.schedules import SchedulesFile
+from sparkinfer.schedule.schedules import TUNED, SchedulesFile
 
 if TYPE_CHECKING:
     from sparkinfer.tune.task import TuneTask
@@ -137,18 +137,23 @@ def _summary(out: SchedulesFile, keys: list[str]) -> None:
 
 
 def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rotate_bytes: int) -> int:
-    from sparkinfer.tune.bundle import emit
+    from sparkinfer.tune.bundle import current_knobs, distinct, emit
     from sparkinfer.tune.database import open_database
     from sparkinfer.tune.search import records
     from sparkinfer.tune.tuning import PER_ROUND
 
     database = open_database(work_dir)
-    open_tasks = [t for t in tasks if len(records(t, database)) < args.trials]
+    open_tasks = [t for t in tasks if len(distinct(current_knobs(t, records(t, database)))) < args.trials]
     if not open_tasks:
         print(f"every kernel has {args.trials} trials in {work_dir}: nothing to emit (raise --trials to go on)")
         return 0
+    # The round is timed elsewhere, maybe on another card than the records were: it times the
+    # knobs each kernel ships with (its tuned entry) and the default again (bundle.round_candidates).
+    schedules = _schedules_path(args, arch)
+    shipped = SchedulesFile.read(schedules).kernels if schedules.is_file() else {}
+    retime = {key: entry.knobs for key, entry in shipped.items() if entry.source == TUNED}
     index = emit(open_tasks, arch, database, args.emit, seed=args.seed, per_round=PER_ROUND, trials=args.trials,
-                 rotate_bytes=rotate_bytes, log=print)
+                 rotate_bytes=rotate_bytes, log=print, retime=retime)
     print(f"wrote {len(index['candidates'])} candidates of {len(open_tasks)} kernels to {args.emit}; time them "
           f"where the device is (python -m sparkinfer.tune.runner {args.emit}), then sparkinfer tune --ingest "
           f"{args.emit}")

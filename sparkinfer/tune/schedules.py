@@ -18,6 +18,7 @@ from typing import Any
 from tvm.s_tir import meta_schedule as ms
 
 from sparkinfer.schedule.schedules import TUNED, ScheduleEntry, SchedulesFile
+from sparkinfer.tune.bundle import current_knobs, distinct
 from sparkinfer.tune.database import measurements
 from sparkinfer.tune.runner import versions
 from sparkinfer.tune.search import records
@@ -35,6 +36,7 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     does a measurement of a default other than the rule's current one, nor one on another card
     than the kernel's newest measurement (`card_lines`)."""
     recorded = records(task, database)
+    known = current_knobs(task, recorded)  # knobs timed again (bundle.round_candidates' retime) count once
     on_card = card_lines(task, lines)
     measured = [r for r in recorded if r.run_secs]
     timed = [(r, knobs) for r, knobs in zip(measured, traces_knobs(task, [r.trace for r in measured]))
@@ -44,8 +46,8 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))
     defaults = [line["median_us"] for line in on_card if line["knobs"] == task.default_knobs]
     return ScheduleEntry(knobs=knobs, source=TUNED, time_us=round(_median_us(best.run_secs), 4),
-                         default_time_us=round(defaults[-1], 4) if defaults else None, trials=len(recorded),
-                         seed=seed)
+                         default_time_us=round(defaults[-1], 4) if defaults else None,
+                         trials=len(recorded) - (len(known) - len(distinct(known))), seed=seed)
 
 
 def card_lines(task: TuneTask, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.schedule.schedules import SchedulesFile
-from sparkinfer.tune.bundle import current_knobs, emit
+from sparkinfer.tune.bundle import current_knobs, distinct, emit
 from sparkinfer.tune.database import ingest
 from sparkinfer.tune.runner import run_bundle
 from sparkinfer.tune.schedules import write_schedules
@@ -47,7 +47,7 @@ def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir
     from tqdm import tqdm
 
     def done_now() -> int:
-        return len(current_knobs(task, records(task, database)))
+        return len(distinct(current_knobs(task, records(task, database))))
 
     done = done_now()
     with tqdm(total=trials, initial=min(done, trials), desc=task.name, unit="trial", disable=not progress,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.errors import SparkInferError
-from sparkinfer.tune.bundle import emit
+from sparkinfer.tune.bundle import current_knobs, distinct, emit
 from sparkinfer.tune.database import ingest, measurements, open_database
 from sparkinfer.tune.runner import read_index
 from sparkinfer.tune.search import records
@@ -103,3 +103,51 @@ def test_big_inputs_travel_as_their_leading_rows():
         np.testing.assert_array_equal(out[0][r], big[r % 2])
     assert out[1] is ids and out[2] is small
     np.testing.assert_array_equal(out[3], np.resize(logits[: SAMPLE_BYTES // 4], SAMPLE_BYTES // 2))
+
+
+def _time_as(bundle: Path, device: str, times_us: dict[str, float]) -> None:
+    """Write the runner's results.json for a bundle as if `device` had timed it (the runner's
+    own timing is test_round_trip's): each candidate's id -> its time."""
+    results = {cid: {"times_us": [t] * 3, "error": None} for cid, t in times_us.items()}
+    (bundle / "results.json").write_text(json.dumps({
+        "device": device, "timer": "cuda-events", "samples": 3, "made_by": {"tvm": "test", "sparkinfer": "test"},
+        "date": "2026-12-06T00:00:00Z", "results": results}))
+
+
+def test_a_round_for_another_card_times_the_shipped_knobs_and_the_default_again(tmp_path):
+    """A round emitted with `retime` (what `sparkinfer tune --emit` passes: each kernel's tuned
+    entry) times that entry's knobs and the default again beside its new proposals, so that an
+    entry made from a round on another card compares that card's times of all three, and has its
+    default time there; a kernel without room for new trials gets no round."""
+    from sparkinfer.tune.schedules import write_schedules
+
+    task = toy_task()
+    work_dir = tmp_path / "logs"
+    database = open_database(work_dir)
+    first = emit([task], "cpu", database, tmp_path / "round0", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20)
+    ids = [c["id"] for c in first["candidates"]]
+    fastest = first["candidates"][2]
+    _time_as(tmp_path / "round0", "card A", {cid: (1.0 if cid == fastest["id"] else 5.0) for cid in ids})
+    ingest(tmp_path / "round0", {task.key: task}, database, work_dir)
+
+    again = emit([task], "cpu", database, tmp_path / "round1", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20,
+                 retime={task.key: fastest["knobs"]})
+    cands = again["candidates"]
+    assert [c["default"] for c in cands[:2]] == [True, False]
+    assert cands[0]["knobs"] == DEFAULT and cands[1]["knobs"] == fastest["knobs"]
+    old = {json.dumps(c["knobs"], sort_keys=True) for c in first["candidates"]}
+    new = [c for c in cands[2:] if json.dumps(c["knobs"], sort_keys=True) not in old]
+    assert len(cands) == 6 and len(new) == 4
+    # card B: the shipped knobs are slower there than a new proposal, the default slowest
+    times = {c["id"]: 3.0 for c in cands}
+    times.update({cands[0]["id"]: 9.0, cands[1]["id"]: 4.0, new[1]["id"]: 2.0})
+    _time_as(tmp_path / "round1", "card B", times)
+    ingest(tmp_path / "round1", {task.key: task}, database, work_dir)
+    entry = write_schedules(tmp_path / "s.json", "cpu", [task], database, work_dir, seed=3).kernels[task.key]
+    assert entry.knobs == new[1]["knobs"] and entry.time_us == 2.0 and entry.default_time_us == 9.0
+
+    # 8 distinct knobs of 10 (the default and the shipped knobs timed twice count once): room for 2
+    assert len(distinct(current_knobs(task, records(task, database)))) == 8
+    last = emit([task], "cpu", database, tmp_path / "round2", seed=3, per_round=4, trials=8, rotate_bytes=1 << 20,
+                retime={task.key: new[1]["knobs"]})
+    assert last["candidates"] == []
