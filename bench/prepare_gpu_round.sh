@@ -13,9 +13,10 @@
 #      128-token prompt, the sources hash)
 #   4. .device/compiled.tar.xz: those two folders of compiled/, which the calls carry
 #   5. .device/tune-<arch>/: the next tuning round of the full-size model's kernels (`sparkinfer
-#      tune --preset qwen3-30b-a3b --emit`, continuing from tuning_logs/<arch>/), carried as
-#      .device/tune.tar.xz; after the round: cp the returned tune-results.json to
-#      .device/tune-<arch>/results.json and `sparkinfer tune --preset qwen3-30b-a3b --ingest .device/tune-<arch>`
+#      tune --preset qwen3-30b-a3b --trials 64 --emit`, continuing from tuning_logs/<arch>/), carried
+#      as .device/tune.tar.xz; after the round: cp the returned tune-results.json to
+#      .device/tune-<arch>/results.json and `sparkinfer tune --preset qwen3-30b-a3b --ingest
+#      .device/tune-<arch>`
 #
 #   bench/prepare_gpu_round.sh [ARCH]       # default sm_90
 set -euo pipefail
@@ -42,7 +43,10 @@ echo "full model step in $((SECONDS - t2)) s"
 t3=$SECONDS
 # (no round, and no tune.tar.xz, where the emit fails: the rest of the round needs none)
 rm -f .device/tune.tar.xz
-if python3 -m sparkinfer.cli tune --preset qwen3-30b-a3b --type q4_k_m --arch "$arch" --emit ".device/tune-$arch" \
+# --trials 64, not the command's 32: a round on the GPU takes seconds, and each round times the
+# shipped knobs and the default again (sparkinfer/tune/bundle.py round_candidates), so that at 32
+# the projections' kernels had no room left for a round on the H200 (bench/NOTES.md, "Session 18").
+if python3 -m sparkinfer.cli tune --preset qwen3-30b-a3b --type q4_k_m --arch "$arch" --trials 64 --emit ".device/tune-$arch" \
   | grep -v '^skipped'; then
   tar cf - -C ".device/tune-$arch" . | xz -T2 -6 > .device/tune.tar.xz
   echo "tuning round emitted in $((SECONDS - t3)) s"
