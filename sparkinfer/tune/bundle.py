@@ -130,6 +130,11 @@ def distinct(knobs: Sequence[dict[str, Any]]) -> set[str]:
     return {json.dumps(k, sort_keys=True) for k in knobs}
 
 
+def trials_done(task: TuneTask, database: ms.database.Database) -> int:
+    """The kernel's trials so far: the distinct knobs of its records of the rule's current form."""
+    return len(distinct(current_knobs(task, records(task, database))))
+
+
 def _last_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[-1] if text else ""

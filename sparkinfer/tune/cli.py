@@ -137,13 +137,12 @@ def _summary(out: SchedulesFile, keys: list[str]) -> None:
 
 
 def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rotate_bytes: int) -> int:
-    from sparkinfer.tune.bundle import current_knobs, distinct, emit
+    from sparkinfer.tune.bundle import emit, trials_done
     from sparkinfer.tune.database import open_database
-    from sparkinfer.tune.search import records
     from sparkinfer.tune.tuning import PER_ROUND
 
     database = open_database(work_dir)
-    open_tasks = [t for t in tasks if len(distinct(current_knobs(t, records(t, database)))) < args.trials]
+    open_tasks = [t for t in tasks if trials_done(t, database) < args.trials]
     if not open_tasks:
         print(f"every kernel has {args.trials} trials in {work_dir}: nothing to emit (raise --trials to go on)")
         return 0

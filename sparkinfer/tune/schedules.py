@@ -36,7 +36,9 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     does a measurement of a default other than the rule's current one, nor one on another card
     than the kernel's newest measurement (`card_lines`)."""
     recorded = records(task, database)
-    known = current_knobs(task, recorded)  # knobs timed again (bundle.round_candidates' retime) count once
+    # trials: distinct knobs (those timed again, bundle.round_candidates' retime, count once) and the
+    # records of older forms of the rule, whose knobs no longer read
+    known = current_knobs(task, recorded)
     on_card = card_lines(task, lines)
     measured = [r for r in recorded if r.run_secs]
     timed = [(r, knobs) for r, knobs in zip(measured, traces_knobs(task, [r.trace for r in measured]))
@@ -47,7 +49,7 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     defaults = [line["median_us"] for line in on_card if line["knobs"] == task.default_knobs]
     return ScheduleEntry(knobs=knobs, source=TUNED, time_us=round(_median_us(best.run_secs), 4),
                          default_time_us=round(defaults[-1], 4) if defaults else None,
-                         trials=len(recorded) - (len(known) - len(distinct(known))), seed=seed)
+                         trials=len(distinct(known)) + len(recorded) - len(known), seed=seed)
 
 
 def card_lines(task: TuneTask, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from sparkinfer.compiler.manifest import tvm_version
 from sparkinfer.schedule.arch import ARCHS
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.gguf_file.reader import GGUFModel
-from sparkinfer.model.qwen3moe import build_decode_step, misfit_variants
+from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.schedules import (TRANSFERRED, ScheduleEntry, SchedulesFile, packaged_schedules_path,
@@ -39,30 +39,27 @@ from sparkinfer.schedule.space import kernel_key, rule_for
 MEASURED_ARCH = "sm_90"
 
 
-def measured_step() -> dict[str, str]:
-    """The step variants MEASURED_ARCH's committed schedules file picks."""
+def measured_schedules() -> SchedulesFile:
+    """MEASURED_ARCH's committed schedules file (its step variants are what the others take)."""
     chosen, _ = schedules_for(MEASURED_ARCH)
-    return dict(chosen.step)
+    return chosen
 
 
-def reference_model_kernels(arch: str, step: Mapping[str, str]) -> list[KernelUse]:
+def reference_model_kernels(arch: str, measured: SchedulesFile) -> list[KernelUse]:
     """The kernels of the embedded default model's step and of Qwen3-30B-A3B's (Q4_K_M) on
-    `arch` with `step`'s variants over the arch's defaults (compiler.pipeline.step_variants),
-    each model built with those its shapes fit (compiler.pipeline.fitting_variants' rule: a
-    misfit one takes its first form, as the compiled step would)."""
-    from sparkinfer.compiler.pipeline import DEFAULT_STEP_VARIANTS
+    `arch` with `measured`'s step variants, as a compile for `arch` picking them would build
+    each model (compiler.pipeline.fitting_variants: over the arch's defaults, a variant the
+    model's shapes do not fit in its first form)."""
+    from sparkinfer.compiler.pipeline import fitting_variants
     from sparkinfer.data import default_model_path
 
     default = GGUFModel.open(default_model_path())
     full = preset_config("qwen3-30b-a3b")
     models = [(default.config, {n: i.ggml_type for n, i in default.tensors.items()}),
               (full, type_map(full, "q4_k_m"))]
-    variants = {**DEFAULT_STEP_VARIANTS.get(arch, {}), **step}
-    kernels = []
-    for config, types in models:
-        fitting = {name: value for name, value in variants.items() if name not in misfit_variants(config, variants)}
-        kernels += build_decode_step(config, types, **fitting).kernels
-    return kernels
+    return [use for config, types in models
+            for use in build_decode_step(config, types,
+                                         **fitting_variants(config, arch, measured, log=lambda message: None)).kernels]
 
 
 def transferred_schedules(arch: str, kernels: Iterable[KernelUse], step: Mapping[str, str]) -> SchedulesFile:
@@ -84,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="where to write (default: the package's schedules file for the arch)")
     args = p.parse_args(argv)
     out = args.out or packaged_schedules_path(args.arch)
-    step = measured_step()
-    schedules = transferred_schedules(args.arch, reference_model_kernels(args.arch, step), step)
+    measured = measured_schedules()
+    schedules = transferred_schedules(args.arch, reference_model_kernels(args.arch, measured), measured.step)
     schedules.write(out)
     print(f"wrote {out}: {len(schedules.kernels)} kernels, transferred (untuned)")
     return 0

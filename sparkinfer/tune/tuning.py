@@ -1,6 +1,6 @@
 """One-phase tuning: rounds of emit (sparkinfer/tune/bundle.py) -> time (runner.py) -> ingest
 (database.py) per kernel on this machine, the same code paths as two-phase tuning, until each
-kernel has `trials` records or its search finds nothing new; then the schedules file."""
+kernel has `trials` distinct knobs or its search finds nothing new; then the schedules file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.schedule.schedules import SchedulesFile
-from sparkinfer.tune.bundle import current_knobs, distinct, emit
+from sparkinfer.tune.bundle import emit, trials_done
 from sparkinfer.tune.database import ingest
 from sparkinfer.tune.runner import run_bundle
 from sparkinfer.tune.schedules import write_schedules
@@ -42,14 +42,12 @@ def _warnings(bar: Any) -> Callable[[str], None]:
 def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir: Path, *, trials: int, seed: int,
              rotate_bytes: int, per_round: int = PER_ROUND, config: SearchConfig = SearchConfig(),
              runner: Runner = run_bundle, progress: bool = True) -> int:
-    """Tune one kernel up to `trials` records of its rule's current form (`bundle.current_knobs`:
-    an older form's records do not count, as in a round); returns the records it has."""
+    """Tune one kernel up to `trials` distinct knobs of its rule's current form
+    (`bundle.trials_done`: an older form's records do not count, as in a round); returns the
+    trials it has."""
     from tqdm import tqdm
 
-    def done_now() -> int:
-        return len(distinct(current_knobs(task, records(task, database))))
-
-    done = done_now()
+    done = trials_done(task, database)
     with tqdm(total=trials, initial=min(done, trials), desc=task.name, unit="trial", disable=not progress,
               leave=True, dynamic_ncols=True) as bar:
         while done < trials:
@@ -62,7 +60,7 @@ def tune_one(task: TuneTask, arch: str, database: ms.database.Database, work_dir
                     break
                 runner(bundle)
                 ingest(bundle, {task.key: task}, database, work_dir)
-            now = done_now()
+            now = trials_done(task, database)
             if now <= done:
                 raise SparkInferError(f"kernel {task.name}: a round was recorded but the database does not find its "
                                       f"records (its workload does not match itself)")

@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.schedule.schedules import TRANSFERRED, SchedulesFile, packaged_schedules_path, schedules_for
-from sparkinfer.tune.transfer import MEASURED_ARCH, main, measured_step, reference_model_kernels, transferred_schedules
+from sparkinfer.tune.transfer import MEASURED_ARCH, main, measured_schedules, reference_model_kernels, transferred_schedules
 
 
 @pytest.mark.parametrize("arch", ["sm_120", "sm_121"])
 def test_committed_file_is_the_arch_default_transferred(arch: str) -> None:
-    kernels = reference_model_kernels(arch, measured_step())
+    measured = measured_schedules()
+    kernels = reference_model_kernels(arch, measured)
     committed, path = schedules_for(arch)
     assert path == packaged_schedules_path(arch)
-    assert committed == transferred_schedules(arch, kernels, measured_step()), \
+    assert committed == transferred_schedules(arch, kernels, measured.step), \
         f"{path} is stale: run python -m sparkinfer.tune.transfer --arch {arch}"
     assert {e.source for e in committed.kernels.values()} == {TRANSFERRED}
     # the step measured on sm_90, and the int8 kernels it compiles (not the float32 ones it replaces)
-    measured, _ = schedules_for(MEASURED_ARCH)
     assert committed.step == measured.step and committed.step["activations"] == "q8"
     assert "moe_q8.moe_gate_up_silu_q8('Q4_K', 'Q4_K', 128, 8, 768, 2048)" in committed.kernels
     assert "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)" not in committed.kernels
