@@ -22,9 +22,9 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 17 (bench/NOTES.md): none; the int8 combine's new schedule is timed
-# against the module before it (BEFORE, below).
-VARIANT_STEPS: dict[str, dict[str, str]] = {}
+# under 64 MiB). Session 19 (bench/NOTES.md): the LM head on int8 activations; the int8 kernels'
+# planar Q6_K is timed against the module before it (BEFORE, below).
+VARIANT_STEPS: dict[str, dict[str, str]] = {"q8head": {"head_activations": "q8"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless

@@ -11,8 +11,9 @@ of 32 (Q6_K's sub-blocks of 16 are half of one), so a sub-block's contribution i
   xd[block] * (scale(W) * idot) + min(W) * xs[block]     (the min term only for Q4_K/Q5_K)
 
 with idot the int32 sum over the sub-block of code * q, formed from packed words: a word of 4
-weight codes (`_code_words`, built from the GGUF bytes as they lie: Q4_K's 4 consecutive QS bytes
-give 4 codes with one mask and shift) against a word of 4 activations. The scale and min
+weight codes (`_CODE_WORDS`, built from the GGUF bytes as they lie: Q4_K's 4 consecutive QS bytes
+give 4 codes with one mask and shift; Q6_K also from its planar re-layout, Q6_K_PLANAR, whose
+words are 4-byte aligned) against a word of 4 activations. The scale and min
 decoders are the float GEMV's (`kernels.gemv.FORMATS`), applied once per sub-block.
 
 `tirx.dp4a(a, b, acc)` (TVM's intrinsic: acc + the dot product of a's and b's 4 signed bytes)
@@ -143,12 +144,27 @@ def _q5_k_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
 
 def _q6_k_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
     """Chunk c is half c%2 of block c//2; part p (16 weights) is in quarter p//2, at position
-    16(p%2).. of it. Codes q in 0..63 become q - 32 per byte without borrows between bytes:
-    set each byte's top bit, subtract 32 from every byte, flip the top bit back."""
+    16(p%2).. of it."""
     block, half = c // 2 * L.Q6_K_TYPE_SIZE, c % 2
     quarter, pos = p // 2, p % 2 * 16 + g * WORD
     ql = _word_at(row, 2, block + L.Q6_K_QL.start + 64 * half + 32 * (quarter % 2) + pos)
     qh = _word_at(row, 2, block + L.Q6_K_QH.start + 32 * half + pos)
+    return _signed_q6_k(ql, qh, quarter)
+
+
+def _q6_k_planar_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
+    """`_q6_k_words` on planar Q6_K rows (layouts.py): chunk c is the 96-byte run at 96c, its
+    64 QL bytes then its 32 QH bytes, so that every word is 4-byte aligned and a lane's chunk is
+    six 16-byte loads (the GGUF blocks of 210 bytes are read 16 bits at a time)."""
+    run, quarter, pos = c * L.PLANAR_Q6_K_RUN, p // 2, p % 2 * 16 + g * WORD
+    ql = _word_at(row, 4, run + L.PLANAR_Q6_K_HALF_QL.start + 32 * (quarter % 2) + pos)
+    qh = _word_at(row, 4, run + L.PLANAR_Q6_K_HALF_QH.start + pos)
+    return _signed_q6_k(ql, qh, quarter)
+
+
+def _signed_q6_k(ql: Expr, qh: Expr, quarter: Expr) -> Expr:
+    """Four 6-bit codes from a QL and a QH word, as q - 32 per byte without borrows between
+    bytes: set each byte's top bit, subtract 32 from every byte, flip the top bit back."""
     low = (ql >> (quarter // 2 * 4).astype("uint32")) & _u32(0x0F0F0F0F)
     high = (qh >> (quarter * 2).astype("uint32")) & _u32(0x03030303)
     q = low | (high << _u32(4))
@@ -159,14 +175,18 @@ def _q8_0_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
     return _word_at(row, 2, c * L.Q8_0_TYPE_SIZE + L.Q8_0_QS.start + g * WORD)
 
 
-# (format, words of 4 signed codes: (row, chunk, part, word) -> uint32)
-_CODE_WORDS: dict[GGMLQuantizationType, Callable[[Row, Expr, Expr, Expr], Expr]] = {
+# (weight format id, words of 4 signed codes: (row, chunk, part, word) -> uint32): the ggml
+# types, and Q6_K re-laid out at upload (kernels.gemv Q6_K_PLANAR, the step variant
+# q6_k_layout="planar").
+_CODE_WORDS: dict[int, Callable[[Row, Expr, Expr, Expr], Expr]] = {
     _T.Q4_K: _q4_k_words,
     _T.Q5_K: _q5_k_words,
     _T.Q6_K: _q6_k_words,
     _T.Q8_0: _q8_0_words,
+    L.Q6_K_PLANAR: _q6_k_planar_words,
 }
-Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_CODE_WORDS)
+# The file types with an int8 form.
+Q8_TYPES: tuple[GGMLQuantizationType, ...] = (_T.Q4_K, _T.Q5_K, _T.Q6_K, _T.Q8_0)
 # Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step): float32,
 # or int8 blocks of 32 (this module), for the expert GEMVs (`activations`) and for the attention
 # projections Q, K, V and O (`projection_activations`). The first is the default.
@@ -174,9 +194,10 @@ ACTIVATIONS = ("f32", "q8")
 
 
 def q8_format(ggml_type: int) -> GemvFormat:
-    """The float GEMV's format of a type the int8 path takes (its chunking, scale and min)."""
+    """The float GEMV's format of a weight format the int8 path takes (a ggml type of Q8_TYPES,
+    or Q6_K_PLANAR): its chunking, scale and min."""
     if ggml_type not in _CODE_WORDS:
-        supported = ", ".join(t.name for t in Q8_TYPES)
+        supported = ", ".join([*(t.name for t in Q8_TYPES), L.Q6_K_PLANAR.name])
         raise UnsupportedQuantTypeError(
             f"no int8-activation GEMV for quant type {GGMLQuantizationType(ggml_type).name} "
             f"(supported: {supported})"
@@ -380,7 +401,7 @@ def q8_terms(
     words (and `scale_row_of`, where given, those the scale and min decoders read); xq/xd/xs
     readers take the lead axes so a per-slot activation (MoE down) can use them."""
     words = fmt.sub // WORD
-    code_words = _CODE_WORDS[fmt.ggml_type]
+    code_words = _CODE_WORDS[fmt.id]
 
     def first_word(c: Expr, p: Expr) -> Expr:
         return (c * fmt.chunk + p * fmt.sub) // WORD
@@ -389,14 +410,14 @@ def q8_terms(
 
     def dot_value(*ax: Expr) -> Expr:
         e, r, c, p = ax[:-3], ax[-3], ax[-2], ax[-1]
-        return te.sum(dp4a(code_words(row_of(e, r), c, p, g), xq_at(e, first_word(c, p) + g)),
-                      axis=g)
+        return te.sum(dp4a(code_words(fmt.row_view(row_of(e, r), k), c, p, g),
+                           xq_at(e, first_word(c, p) + g)), axis=g)
 
     dot = te.compute(lead + (n, k // fmt.chunk, fmt.parts), dot_value, name=dot_name)
 
     def term(e: tuple[Expr, ...], r: Expr, c: Expr, p: Expr) -> Expr:
         block = (c * fmt.chunk + p * fmt.sub) // Q8_BLOCK
-        row = (scale_row_of or row_of)(e, r)
+        row = fmt.row_view((scale_row_of or row_of)(e, r), k)
         assert fmt.scale is not None
         value = xd_at(e, block) * (fmt.scale(row, c, p) * dot[e + (r, c, p)].astype("float32"))
         if fmt.min is not None:

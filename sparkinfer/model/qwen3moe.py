@@ -148,36 +148,25 @@ def _weight_specs(config: ModelConfig, types: Mapping[str, GGMLQuantizationType]
     return specs
 
 
-# The tensors whose readers all take planar Q6_K: the float-activation GEMVs and GEMMs
-# (kernels.gemv, kernels.gemm) and the down projections of the MoE kernels (kernels.moe,
-# kernels.moe_chunk; the dense FFN runs through them too).
+# The tensors whose readers all take planar Q6_K: the GEMVs and GEMMs on float or int8
+# activations (kernels.gemv, kernels.gemv_q8, kernels.gemm) and the down projections of the MoE
+# kernels (kernels.moe, kernels.moe_q8, kernels.moe_chunk; the dense FFN runs through them too).
 _PLANAR_READERS = ("output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_down_exps", "ffn_down")
 
 
-def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str,
-                   activations: str = "f32", projection_activations: str = "f32") -> frozenset[str]:
+def planar_tensors(config: ModelConfig, types: Mapping[str, GGMLQuantizationType], q6_k_layout: str
+                   ) -> frozenset[str]:
     """The weights the step reads as planar Q6_K (the step variant q6_k_layout="planar"): the
     Q6_K tensors of _PLANAR_READERS: the LM head, the attention projections, the FFN down
-    projections. Not token_embd (the embedding kernels read it, and a tied LM head with them),
-    nor the gate/up weights (no planar gate/up kernel yet: Q4_K_M has none in Q6_K), nor a down
-    projection of int8 experts (activations="q8": kernels.moe_q8 reads GGUF blocks), nor an
-    attention projection of int8 projections (projection_activations="q8": kernels.gemv_q8)."""
+    projections, on float or int8 activations alike. Not token_embd (the embedding kernels read
+    it, and a tied LM head with them), nor the gate/up weights (no planar gate/up kernel yet:
+    Q4_K_M has none in Q6_K)."""
     if q6_k_layout not in Q6_K_LAYOUTS:
         raise SparkInferError(f"q6_k_layout must be one of {', '.join(Q6_K_LAYOUTS)}, got {q6_k_layout!r}")
     if q6_k_layout != "planar":
         return frozenset()
-
-    def int8_down(spec: TensorSpec) -> bool:
-        ffn = [spec.name.replace("_down", f"_{kind}") for kind in ("gate", "up", "down")]
-        return activations == "q8" and all(types[name] in Q8_TYPES for name in ffn)
-
-    def int8_projection(spec: TensorSpec) -> bool:
-        return projection_activations == "q8" and spec.layer is not None and int8_projections(types, spec.layer)
-
     return frozenset(spec.name for spec in _weight_specs(config, types)
-                     if types[spec.name] == _T.Q6_K and spec.kind in _PLANAR_READERS
-                     and not (spec.kind.startswith("ffn_down") and int8_down(spec))
-                     and not (spec.kind.startswith("attn_") and int8_projection(spec)))
+                     if types[spec.name] == _T.Q6_K and spec.kind in _PLANAR_READERS)
 
 
 ATTENTION_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -192,15 +181,14 @@ def int8_projections(types: Mapping[str, GGMLQuantizationType], layer: int) -> b
 
 def decode_inputs(
     config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
-    activations: str = "f32", attention_merge: str = "separate", router_merge: str = "separate",
-    projection_activations: str = "f32",
+    attention_merge: str = "separate", router_merge: str = "separate",
 ) -> list[StepInput]:
     """The ordered parameters of `decode` (see the module docstring); the weights of
     `planar_tensors` as planar Q6_K words, with their layout (re-laid out at binding); the
     attention's `arrivals` counts where attention_merge is "last_block", the router's
     `router_arrivals` count where router_merge is and the model has experts."""
     types = normalize_type_map(type_map)
-    planar = planar_tensors(config, types, q6_k_layout, activations, projection_activations)
+    planar = planar_tensors(config, types, q6_k_layout)
     mp = max_pages(config, page_size)
     inputs = [
         StepInput("token", ROLE_STATE, "int32", (1,)),
@@ -330,9 +318,11 @@ class _StepBuilder:
                  n_splits: int, activations: str = "f32", chunk_operands: str = "f32",
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
                  attention_merge: str = "separate", router_merge: str = "separate",
-                 decode_attention: str = "simt", projection_activations: str = "f32") -> None:
+                 decode_attention: str = "simt", projection_activations: str = "f32",
+                 head_activations: str = "f32") -> None:
         self.c = config
         self.projection_activations = projection_activations
+        self.head_activations = head_activations
         self.decode_attention = decode_attention
         self.activations = activations
         self.fused = decode_launches == "fused"
@@ -346,8 +336,7 @@ class _StepBuilder:
         self.S = n_splits
         self.bb = relax.BlockBuilder()
         self.k = _Kernels(self.bb)
-        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, activations, attention_merge,
-                                    router_merge, projection_activations)
+        self.inputs = decode_inputs(config, types, page_size, q6_k_layout, attention_merge, router_merge)
         # the weights decode_inputs lays out as planar Q6_K (planar_tensors), read from its inputs
         self.planar = frozenset(inp.tensor for inp in self.inputs if inp.layout == LAYOUT_Q6_K_PLANAR)
         self.params: dict[str, relax.Var] = {}
@@ -415,7 +404,7 @@ class _StepBuilder:
         """W . x for x float, normed in the kernel (Normed), or int8 blocks ([xq, xd, xs])."""
         n, k = self.spec_shape(name)
         if isinstance(x, list):
-            gv = self.k("gemv_q8", "gemv_q8", self.t(name), n, k)
+            gv = self.k("gemv_q8", "gemv_q8", self.w_fmt(name), n, k)
             return self.call(gv, [self.params[name], *x], [self.f32(n)], label)
         if isinstance(x, Normed):
             gv = self.k("gemv", "gemv_normed", self.w_fmt(name), n, k, self.c.rms_eps)
@@ -491,10 +480,9 @@ class _StepBuilder:
         for i in range(c.n_layers):
             h, x = self._layer(i, h, x)
         if x is None:
-            x = self.rms_norm(h, "output_norm.weight", "out_norm")
-        # x is rms_norm(h, output_norm) after the last layer
-        head = "output.weight" if "output.weight" in self.types else embd
-        logits = self.gemv(head, x, "logits")
+            x = self.output_norm(h, "out_norm")
+        # x is rms_norm(h, output_norm) after the last layer (its int8 blocks for an int8 head)
+        logits = self.gemv(self.head_name(), x, "logits")
         sampled = logits
         if processed:
             gv = self.k("logits", "process_logits", V)
@@ -543,6 +531,20 @@ class _StepBuilder:
         gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
         return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
 
+    def head_name(self) -> str:
+        """The LM head's weight: output.weight, or token_embd.weight where the file ties them."""
+        return "output.weight" if "output.weight" in self.types else "token_embd.weight"
+
+    def output_norm(self, h: relax.Var, label: str) -> "relax.Var | list[relax.Var]":
+        """rms_norm(h, output_norm), the LM head's input: float, or where the head takes int8
+        activations (head_activations="q8" and a type of Q8_TYPES) only its int8 blocks, quantized
+        in the norm's launch (`gemv_q8.rms_norm_q8_1`), as `attention_norm` does for Q/K/V."""
+        weight = "output_norm.weight"
+        if self.head_activations == ACTIVATIONS[0] or self.t(self.head_name()) not in Q8_TYPES:
+            return self.rms_norm(h, weight, label)
+        gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
+        return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
+
     def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | None"
                ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | None]":
         """h: residual stream entering layer i; x: rms_norm(h, attn_norm) (its int8 blocks where
@@ -576,7 +578,7 @@ class _StepBuilder:
             return h, None
         if i + 1 < c.n_layers:
             return h, self.attention_norm(h, i + 1, f"norm{i + 1}")
-        return h, self.rms_norm(h, "output_norm.weight", f"norm{i + 1}")
+        return h, self.output_norm(h, f"norm{i + 1}")
 
     def attention(self, q_rot: relax.Var, kc: relax.Var, vc: relax.Var, i: int, int8: bool
                   ) -> "relax.Var | list[relax.Var]":
@@ -683,7 +685,7 @@ class _StepBuilder:
             # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             aq = self.call(gv, [p[g], p[u], ids, *xq], self._q8_types(I, KU), f"act_q{i}")
-            gv = self.k("moe_q8", "moe_down_residual_q8", self.t(d), E, KU, H, I)
+            gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
             return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
@@ -720,7 +722,7 @@ class _StepBuilder:
                       [self.f32(NT, H)], "attn_in")
         for i in range(c.n_layers):
             h, x = self._chunk_layer(i, NT, h, x)
-        head = "output.weight" if "output.weight" in self.types else embd
+        head = self.head_name()
         if all_logits:
             logits = self.gemm(head, x, NT, "logits")
             gv = self.k("chunk", "advance_pos")
@@ -845,6 +847,7 @@ def build_decode_step(
     router_merge: str = "separate",
     decode_attention: str = "simt",
     projection_activations: str = "f32",
+    head_activations: str = "f32",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -858,7 +861,9 @@ def build_decode_step(
     attention's output in the combine's (`attention_combine_q8_1`), and runs Q, K, V and O on
     integer dot products (`gemv_qkv_q8`, `gemv_q8`), in layers whose four projection types all
     have an int8 form; it needs decode_launches "split" (the fused launches normalize inside the
-    Q/K/V kernel). The T-token step is float either way.
+    Q/K/V kernel). `head_activations` (ACTIVATIONS) is the same for the LM head: "q8" quantizes
+    the output norm's result in its launch and runs the head on integer dot products
+    (`gemv_q8`), where the head's type has an int8 form. The T-token step is float either way.
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
     expert GEMM products for quantized and half weights and of its attention's Q K^T and P V
     ("f16": tensor-core operands, `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` /
@@ -895,6 +900,8 @@ def build_decode_step(
     if projection_activations not in ACTIVATIONS:
         raise SparkInferError(f"projection_activations must be one of {', '.join(ACTIVATIONS)}, "
                               f"got {projection_activations!r}")
+    if head_activations not in ACTIVATIONS:
+        raise SparkInferError(f"head_activations must be one of {', '.join(ACTIVATIONS)}, got {head_activations!r}")
     if projection_activations != ACTIVATIONS[0] and decode_launches != "split":
         raise SparkInferError(f"projection_activations={projection_activations!r} needs decode_launches='split', "
                               f"got {decode_launches!r}: the fused launches normalize the attention input inside "
@@ -934,7 +941,7 @@ def build_decode_step(
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
                            q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
-                           projection_activations)
+                           projection_activations, head_activations)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,

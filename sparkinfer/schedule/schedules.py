@@ -9,7 +9,7 @@
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block",
               "router_merge": "separate" | "last_block", "decode_attention": "simt" | "mma",
-              "projection_activations": "f32" | "q8"}}
+              "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -64,7 +64,7 @@ STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_
                                               "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS,
                                               "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
                                               "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS,
-                                              "projection_activations": ACTIVATIONS}
+                                              "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {

@@ -13,6 +13,8 @@ from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, ran
 from tests.kernels.test_kernels_gemv import magnitude, run_cpu, run_cpu_outputs
 
 Q8_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+# Every weight format the int8 GEMVs take: those types and the upload's planar Q6_K.
+Q8_FORMATS = [*Q8_TYPES, G.Q6_K_PLANAR]
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_quantize_q8_1_matches_numpy(rng: np.random.Generator, shape: tuple[int,
     assert np.all(np.abs(Q.dequantize_q8_1(xq, xd) - x) <= 0.5 * step + 1e-6)
 
 
-@pytest.mark.parametrize("t", Q8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", Q8_FORMATS, ids=lambda t: t.name)
 def test_gemv_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
     n, k = 37, 512
     data = random_weights(t, (n, k), rng)
@@ -112,7 +114,7 @@ def test_attention_combine_q8_1_quantizes_the_combine(rng: np.random.Generator) 
 
 
 @pytest.mark.parametrize("n_v", [48, 0], ids=["qkv", "qk"])
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, G.Q6_K_PLANAR], ids=lambda t: t.name)
 def test_gemv_qkv_q8_matches_numpy(rng: np.random.Generator, t: T, n_v: int) -> None:
     ns, k = [64, 16, n_v], 512
     datas = [random_weights(t, (n, k), rng) for n in ns if n]

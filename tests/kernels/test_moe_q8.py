@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as T
 
 from sparkinfer.errors import UnsupportedQuantTypeError
 from sparkinfer.kernels import moe_q8 as M
-from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, gemv_experts_reference, weight_view
 from sparkinfer.kernels.gemv_q8 import dequantize_q8_1, quantize_q8_1_reference
 from sparkinfer.kernels import gemv_q8 as Q
 from sparkinfer.kernels.moe import moe_gate_up_silu_reference
@@ -46,7 +46,7 @@ def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, t
     assert_q8_1_close(ref_q, ref_d, Q.quantize_q8_1_reference(ref.astype(np.float32))[2], ref, magnitude)
 
 
-@pytest.mark.parametrize("t", [T.Q6_K, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q6_K, Q6_K_PLANAR, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
 def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
     data = random_weights(t, (N_EXPERTS, HIDDEN, N_FFN), rng)
     aq, ad, as_ = quantize_q8_1_reference((rng.standard_normal((len(IDS), N_FFN)) * 3).astype(np.float32))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler.pipeline import compile_model
 from sparkinfer.errors import CompiledModuleError, SparkInferError
@@ -46,15 +47,22 @@ def test_planar_step_reads_every_q6_k_projection_planar(decode_launches: str) ->
     assert len(step.kernels) == len(gguf.kernels)
 
 
-def test_int8_experts_keep_their_down_projection_in_gguf_blocks() -> None:
+def test_int8_kernels_read_q6_k_planar_too() -> None:
+    """Int8 experts and int8 projections read the same planar rows as the float kernels: the
+    re-laid-out weights do not depend on the activations (bench/NOTES.md, "Session 19")."""
     tiny = preset_config("tiny")  # Q6_K: output, blk.1.ffn_down_exps
     types = type_map(tiny, "q4_k_m")
-    float_experts = build_decode_step(tiny, types, q6_k_layout="planar")
-    assert {i.tensor for i in float_experts.inputs if i.layout} == {"output.weight", "blk.1.ffn_down_exps.weight"}
-    assert planar_uses(float_experts).keys() == {"gemv", "moe_down_residual"}
-    int8 = build_decode_step(tiny, types, q6_k_layout="planar", activations="q8")
-    assert {i.tensor for i in int8.inputs if i.layout} == {"output.weight"}
-    assert planar_uses(int8).keys() == {"gemv"}
+    types["blk.0.attn_v.weight"] = T.Q6_K  # as in half of Qwen3-30B-A3B Q4_K_M's layers
+    relaid = {"output.weight", "blk.0.attn_v.weight", "blk.1.ffn_down_exps.weight"}
+    float_step = build_decode_step(tiny, types, q6_k_layout="planar")
+    assert {i.tensor for i in float_step.inputs if i.layout} == relaid
+    assert planar_uses(float_step).keys() == {"gemv", "moe_down_residual"}
+    int8 = build_decode_step(tiny, types, q6_k_layout="planar", activations="q8", projection_activations="q8")
+    assert {i.tensor for i in int8.inputs if i.layout} == relaid
+    uses = planar_uses(int8)
+    assert uses.keys() == {"gemv", "gemv_q8", "moe_down_residual_q8"}
+    assert uses["gemv"] == {f"gemv_q6_k_planar_{tiny.vocab_size}x{tiny.hidden}"}  # the LM head alone
+    assert all("q6_k_planar" in name for names in uses.values() for name in names)
 
 
 def test_an_unknown_q6_k_layout_is_named() -> None:
@@ -86,10 +94,14 @@ def rng() -> np.random.Generator:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, decode_launches", [("tiny", "fused"), ("tiny-dense", "split")])
-def test_planar_step_logits_equal_the_gguf_steps(tmp_path: Path, preset: str, decode_launches: str) -> None:
+@pytest.mark.parametrize("preset, variants", [
+    ("tiny", {"decode_launches": "fused"}),
+    ("tiny-dense", {"decode_launches": "split"}),
+    ("tiny", {"activations": "q8", "projection_activations": "q8"}),  # sm_90's int8 step
+], ids=["tiny-fused", "tiny-dense-split", "tiny-int8"])
+def test_planar_step_logits_equal_the_gguf_steps(tmp_path: Path, preset: str, variants: dict[str, str]) -> None:
     """Tiny decisive Q4_K_M models compiled for LLVM with q6_k_layout gguf and planar (through a
-    schedules file, with the same decode_launches), fed the same tokens: the logits agree to
+    schedules file, with the same other step variants), fed the same tokens: the logits agree to
     float32 reassociation (the planar kernels decode the same codes and scales; the sums' order
     differs) and every top-1 token is the same."""
     from ._harness import StepRunner, write_decisive_model
@@ -99,16 +111,19 @@ def test_planar_step_logits_equal_the_gguf_steps(tmp_path: Path, preset: str, de
     types = {name: info.ggml_type for name, info in model.tensors.items()}
     manifests = []
     for layout in ("gguf", "planar"):
-        schedules = SchedulesFile("cpu", {}, step={"decode_launches": decode_launches, "q6_k_layout": layout})
+        schedules = SchedulesFile("cpu", {}, step={**variants, "q6_k_layout": layout})
         manifests.append(compile_model(config, types, "cpu", tmp_path / layout, n_splits=16,
                                        schedules=schedules.write(tmp_path / f"{layout}.json")).manifest)
     assert any(i.layout == LAYOUT_Q6_K_PLANAR for i in manifests[1].inputs)
-    assert any(k["factory"] == "gemv" and k["args"][0] == "Q6_K_PLANAR" for k in manifests[1].kernels)
+    planar_factories = {k["factory"] for k in manifests[1].kernels if k["args"] and k["args"][0] == "Q6_K_PLANAR"}
+    assert "gemv" in planar_factories  # the LM head
+    if variants.get("activations") == "q8":
+        assert "moe_down_residual_q8" in planar_factories
     prompt = [1, 100, 7, 512, 33, 901, 2, 64, 5, 77]
     runners = [StepRunner(manifest, model, n_pages=4) for manifest in manifests]
     logits = np.array([[runner.step(t)[0] for t in prompt] for runner in runners])
     diff = np.abs(logits[1].astype(np.float64) - logits[0]).max()
-    print(f"{preset} {decode_launches}: max |planar - gguf| = {diff:.3g}, max |logit| = {np.abs(logits).max():.3g}")
+    print(f"{preset} {variants}: max |planar - gguf| = {diff:.3g}, max |logit| = {np.abs(logits).max():.3g}")
     # Float reassociation only: the CPU rule vectorizes a dot over its words (uint32 planar,
     # uint16 GGUF), so the partial sums meet in another order (seen: 1.4e-6 of logits ~5).
     assert diff <= 1e-5 * np.abs(logits).max()

@@ -14,7 +14,7 @@ from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels import gemv_q8
 from sparkinfer.reference import ReferenceModel
 from sparkinfer.reference import qwen3moe as ref
-from sparkinfer.model.qwen3moe import build_decode_step, decode_inputs
+from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.schedule.schedules import SchedulesFile
 from tests.model._harness import F16CacheReference
 from tests.model.test_model_fused_step import launches
@@ -86,17 +86,6 @@ def test_q8_projections_keep_a_layer_float_where_a_type_has_no_int8_form() -> No
     factories = _factories(build_decode_step(TINY, types, projection_activations="q8"))
     assert ("attention", "attention_combine") in factories and ("gemv_q8", "attention_combine_q8_1") in factories
     assert ("norm", "rms_norm") in factories and ("gemv_q8", "rms_norm_q8_1") in factories
-
-
-def test_q8_projections_read_q6_k_attention_weights_in_gguf_blocks() -> None:
-    """Qwen3-30B-A3B Q4_K_M has Q6_K V weights (the tiny model none): the float step reads them
-    planar, int8 projections as the file has them."""
-    config = preset_config("qwen3-30b-a3b")
-    types = type_map(config, "q4_k_m")
-    float_planar = {i.tensor for i in decode_inputs(config, types, q6_k_layout="planar") if i.layout}
-    int8 = decode_inputs(config, types, q6_k_layout="planar", projection_activations="q8")
-    assert any(".attn_v" in t for t in float_planar)
-    assert {i.tensor for i in int8 if i.layout} == {t for t in float_planar if ".attn_" not in t}
 
 
 def test_bad_projection_variants_are_named() -> None:
@@ -184,3 +173,55 @@ def test_q8_projections_step_follows_the_reference_with_its_roundings(tmp_path: 
             want.append(int(np.argmax(expected)))
     assert err < 1e-2, err
     assert sum(g == w for g, w in zip(got, want)) >= 15, (got, want)
+
+
+def test_q8_head_runs_the_lm_head_on_int8_activations() -> None:
+    """head_activations="q8": the output norm quantizes its result in its launch and the LM head
+    is a `gemv_q8`; the launches stay as many, and the only float GEMV left is the router's."""
+    types = type_map(TINY, "q4_k_m")
+    base = dict(activations="q8", projection_activations="q8")
+    step = build_decode_step(TINY, types, **base, head_activations="q8")
+    heads = [k for k in step.kernels if k.family.startswith("gemv") and k.args[1:] == (TINY.vocab_size, TINY.hidden)]
+    assert [(k.family, k.factory, k.args[0]) for k in heads] == [("gemv_q8", "gemv_q8", types["output.weight"].name)]
+    assert [k.args[1] for k in step.kernels if (k.family, k.factory) == ("gemv", "gemv")] == [TINY.n_experts]
+    assert ("norm", "rms_norm") not in _factories(step)  # the output norm is rms_norm_q8_1 too
+    float_head = build_decode_step(TINY, types, **base)
+    assert sum(launches(step).values()) == sum(launches(float_head).values())
+    assert ("norm", "rms_norm") in _factories(float_head)
+
+
+def test_q8_head_stays_float_where_its_type_has_no_int8_form() -> None:
+    types = type_map(TINY, "q4_k_m")
+    types["output.weight"] = T.F16
+    step = build_decode_step(TINY, types, head_activations="q8")
+    assert ("norm", "rms_norm") in _factories(step)
+    assert not any(k.family == "gemv_q8" for k in step.kernels)
+
+
+def test_an_unknown_head_activations_variant_is_named() -> None:
+    with pytest.raises(SparkInferError, match="head_activations must be one of f32, q8, got 'q4'"):
+        build_decode_step(TINY, type_map(TINY, "q4_k_m"), head_activations="q4")
+
+
+@pytest.mark.slow
+def test_q8_head_logits_follow_the_float_heads(tmp_path: Path) -> None:
+    """The tiny decisive model on LLVM with the LM head on int8 activations and without, fed the
+    same tokens (teacher-forced): the head's input rounded to int8 blocks of 32 moves each logit
+    by at most half a step of each block times the row's |weights| (seen: 5.4e-3 of the largest
+    logit), and the top-1 tokens agree."""
+    from ._harness import StepRunner, write_decisive_model
+
+    model = write_decisive_model(tmp_path / "model.gguf", TINY, "q4_k_m", seed=3)
+    types = {name: info.ggml_type for name, info in model.tensors.items()}
+    runners = []
+    for head in ("f32", "q8"):
+        schedules = SchedulesFile("cpu", {}, step={"head_activations": head}).write(tmp_path / f"{head}.json")
+        result = compile_model(TINY, types, "cpu", tmp_path / head, schedules=schedules)
+        runners.append(StepRunner(result.manifest, model, n_pages=4))
+    assert "gemv_q8" in {k["factory"] for k in result.manifest.kernels}
+    prompt = [1, 100, 7, 512, 33, 901, 2, 64, 5, 77, 3, 250]
+    logits = np.array([[runner.step(t)[0] for t in prompt] for runner in runners], np.float64)
+    rel = np.abs(logits[1] - logits[0]).max() / np.abs(logits[0]).max()
+    print(f"q8 head: max |q8 - f32| / max |logit| = {rel:.3g}")
+    assert rel < 2e-2
+    assert (logits[1].argmax(-1) == logits[0].argmax(-1)).mean() >= 0.9

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from sparkinfer import quant
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels import gemv_q8 as Q
 from sparkinfer.kernels import moe_q8 as M
@@ -21,11 +20,11 @@ IDS = ["default", "serial", "parallel"]
 
 
 def _abs_gemv(t: T, data: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return np.abs(quant.dequantize(t, data, (data.shape[0], x.shape[-1]))).astype(np.float64) @ np.abs(x)
+    return np.abs(G.dequantize_rows(t, data, x.shape[-1])).astype(np.float64) @ np.abs(x)
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q5_K, T.Q6_K, G.Q6_K_PLANAR, T.Q8_0], ids=lambda t: t.name)
 def test_gemv_q8(t: T, knobs: CpuDotKnobs | None) -> None:
     rng = np.random.default_rng(1)
     n, k = 100, 512

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 from sparkinfer import quant
 from sparkinfer.kernels import gemv_q8, moe_q8
 from sparkinfer.kernels.attention import attention_combine_reference
-from sparkinfer.kernels.gemv import gemv_experts_reference, weight_view
+from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, weight_view
 from sparkinfer.kernels.norm import rms_norm_reference
 from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
@@ -36,6 +36,7 @@ from cuda_testutil import (
 CASES = [
     (gemv_q8.gemv_q8, "gemv_q8", (T.Q4_K, 2048, 4096)),
     (gemv_q8.gemv_q8, "gemv_q8", (T.Q6_K, 512, 2048)),
+    (gemv_q8.gemv_q8, "gemv_q8", (Q6_K_PLANAR, 512, 2048)),  # q6_k_layout="planar"
     (gemv_q8.gemv_q8, "gemv_q8", (T.Q5_K, 512, 2048)),
     (gemv_q8.gemv_q8, "gemv_q8", (T.Q8_0, 512, 2048)),
     (gemv_q8.quantize_q8_1, "gemv_q8", (2048, 0)),
@@ -47,6 +48,7 @@ CASES = [
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 0, 2048)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
+    (moe_q8.moe_down_residual_q8, "moe_q8", (Q6_K_PLANAR, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
 ]
 IDS = [f"{f.__name__}{args}" for f, _, args in CASES]
@@ -69,10 +71,12 @@ def test_int8_gemvs_use_dp4a(factory, family, args) -> None:
     func = scheduled(factory, family, *args)
     body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
     assert "__dp4a(" in body
-    if T.Q4_K in args:
-        # the chunk's QS words and its activation words in 16-byte loads
+    if T.Q4_K in args or Q6_K_PLANAR in args:
+        # the chunk's quant words and its activation words in 16-byte loads
         assert body.count("*(int4*)(xq") + body.count("*(int4*)(aq") >= 1
         assert "*(uint4*)(W" in body
+    elif T.Q6_K in args:  # GGUF blocks of 210 bytes: 16-bit words
+        assert "*(uint4*)(W" not in body
 
 
 @needs_nvcc
@@ -221,7 +225,7 @@ def test_gemv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noqa: A
     (y,) = _run(gpu, _symbol(gemv_q8.gemv_q8, args), [weight_view(t, data), xq, xd, xs],
                 [np.empty(n, np.float32)])
     x_hat = gemv_q8.dequantize_q8_1(xq, xd)
-    magnitude = np.abs(quant.dequantize(t, data, (n, k))).astype(np.float64) @ np.abs(x_hat)
+    magnitude = np.abs(dequantize_rows(t, data, k)).astype(np.float64) @ np.abs(x_hat)
     assert_gemv_close(y, gemv_q8.gemv_q8_reference(t, data, xq, xd), magnitude)
 
 
@@ -258,7 +262,7 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
                             [np.empty(h, np.float32)])
             ref = moe_q8.moe_down_residual_q8_reference(t, down, ids, weights, aq, ad, hv)
             a_hat = gemv_q8.dequantize_q8_1(aq, ad)
-            mag = np.stack([np.abs(quant.dequantize(t, down[j], (h, i))) @ np.abs(a) for j, a in zip(ids, a_hat)])
+            mag = np.stack([np.abs(dequantize_rows(t, down[j], i)) @ np.abs(a) for j, a in zip(ids, a_hat)])
             assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
 
 

@@ -31,6 +31,8 @@ def test_planar_kernels_get_inputs_of_their_parameters(family: str, factory: str
     ("gemv_q8", "attention_combine_q8_1", (4, 3, 64)),
     ("moe_q8", "moe_gate_up_silu_q8", ("Q4_K", "Q4_K", 16, 2, 64, 256)),
     ("moe_q8", "moe_down_residual_q8", ("Q6_K", 16, 2, 64, 256)),
+    ("gemv_q8", "gemv_q8", ("Q6_K_PLANAR", 64, 512)),  # q6_k_layout="planar"
+    ("moe_q8", "moe_down_residual_q8", ("Q6_K_PLANAR", 16, 2, 64, 256)),
 ])
 def test_int8_kernels_get_inputs_of_their_parameters(family: str, factory: str, args: tuple) -> None:
     """The int8 step (sm_90's: activations="q8", projection_activations="q8") is tuned too: every
