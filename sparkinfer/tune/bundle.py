@@ -76,7 +76,8 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     takes the kernel past `trials` distinct knobs of the rule's current form (records of an
     older form, whose knobs no longer read, do not count; knobs timed again count once)."""
     recorded = records(task, database)
-    known = current_knobs(task, recorded)
+    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])  # None: a record of an older form
+    known = [knobs for knobs in recorded_knobs if knobs is not None]
     room = min(n, trials - len(distinct(known)))
     if room <= 0:
         return []
@@ -90,8 +91,7 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         else:
             picks.append((default, True, trace_knobs(task, default.trace)))
     if retime and retime != task.default_knobs:
-        shipped = next((r.trace for r, knobs in zip(recorded, traces_knobs(task, [r.trace for r in recorded]))
-                        if knobs == retime), None)
+        shipped = next((r.trace for r, knobs in zip(recorded, recorded_knobs) if knobs == retime), None)
         if shipped is not None:
             picks.append((replay(task, shipped), False, dict(retime)))
     timed_again = len(picks) if retime is not None else 0

@@ -48,17 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     phase.add_argument("--ingest", type=Path, metavar="DIR", help="record a timed bundle in the tuning log")
 
 
-def _tasks(args: argparse.Namespace, arch: str, pattern: str | None = None,
+def _tasks(args: argparse.Namespace, arch: str, shipped: SchedulesFile | None, pattern: str | None = None,
            log: Callable[[str], None] | None = None) -> list[TuneTask]:
     """The tuning tasks of MODEL, of --preset, or of the shipped model: the kernels of the
-    step the arch compiles, with the model-level variants of the schedules file tuned into
-    (compiler.pipeline.step_variants)."""
+    step the arch compiles, with the model-level variants of the schedules file `shipped`
+    tuned into (compiler.pipeline.step_variants)."""
     from sparkinfer.compiler.pipeline import step_variants
     from sparkinfer.gguf_file import FILE_TYPES, PRESETS
     from sparkinfer.tune.tasks import model_tasks, preset_tasks
 
-    schedules = _schedules_path(args, arch)
-    variants = step_variants(arch, SchedulesFile.read(schedules) if schedules.is_file() else None)
+    variants = step_variants(arch, shipped)
     if args.preset is None:
         from sparkinfer.data import default_model_path
 
@@ -89,13 +88,14 @@ def run(args: argparse.Namespace) -> int:
     _need_xgboost()
     from sparkinfer.schedule.arch import arch_facts
 
-    tasks = _tasks(args, arch, args.kernels, log=print)
+    shipped = _read_schedules(args, arch)
+    tasks = _tasks(args, arch, shipped, args.kernels, log=print)
     if not tasks:
         raise SparkInferError(f"no kernel of the model has a schedule rule for {arch}: nothing to tune")
     work_dir = args.logs / arch
     rotate_bytes = arch_facts(arch).l2_bytes
     if args.emit is not None:
-        return _emit(args, arch, tasks, work_dir, rotate_bytes)
+        return _emit(args, arch, tasks, work_dir, rotate_bytes, shipped)
     from sparkinfer.runtime.device import detect_arch
 
     if arch != "cpu" and detect_arch() != arch:
@@ -125,6 +125,12 @@ def _schedules_path(args: argparse.Namespace, arch: str) -> Path:
     return args.schedules or packaged_schedules_path(arch)
 
 
+def _read_schedules(args: argparse.Namespace, arch: str) -> SchedulesFile | None:
+    """The schedules file the arch compiles with (`_schedules_path`), None where there is none."""
+    schedules = _schedules_path(args, arch)
+    return SchedulesFile.read(schedules) if schedules.is_file() else None
+
+
 def _summary(out: SchedulesFile, keys: list[str]) -> None:
     for key in keys:
         entry = out.kernels.get(key)
@@ -136,7 +142,8 @@ def _summary(out: SchedulesFile, keys: list[str]) -> None:
         print(f"  {key}: {entry.time_us:.2f} us{gain}, {entry.trials} trials, knobs {entry.knobs}")
 
 
-def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rotate_bytes: int) -> int:
+def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rotate_bytes: int,
+          shipped: SchedulesFile | None) -> int:
     from sparkinfer.tune.bundle import emit, trials_done
     from sparkinfer.tune.database import open_database
     from sparkinfer.tune.tuning import PER_ROUND
@@ -148,9 +155,8 @@ def _emit(args: argparse.Namespace, arch: str, tasks: list, work_dir: Path, rota
         return 0
     # The round is timed elsewhere, maybe on another card than the records were: it times the
     # knobs each kernel ships with (its tuned entry) and the default again (bundle.round_candidates).
-    schedules = _schedules_path(args, arch)
-    shipped = SchedulesFile.read(schedules).kernels if schedules.is_file() else {}
-    retime = {key: entry.knobs for key, entry in shipped.items() if entry.source == TUNED}
+    entries = shipped.kernels if shipped is not None else {}
+    retime = {key: entry.knobs for key, entry in entries.items() if entry.source == TUNED}
     index = emit(open_tasks, arch, database, args.emit, seed=args.seed, per_round=PER_ROUND, trials=args.trials,
                  rotate_bytes=rotate_bytes, log=print, retime=retime)
     print(f"wrote {len(index['candidates'])} candidates of {len(open_tasks)} kernels to {args.emit}; time them "
@@ -175,7 +181,7 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.arch is not None and args.arch != arch:
         raise SparkInferError(f"{args.ingest} was emitted for {arch}, not --arch {args.arch}")
     keys = {k["key"] for k in index["kernels"]}
-    tasks = [t for t in _tasks(args, arch) if t.key in keys]
+    tasks = [t for t in _tasks(args, arch, _read_schedules(args, arch)) if t.key in keys]
     work_dir = args.logs / arch
     database = open_database(work_dir)
     lines = ingest(args.ingest, {t.key: t for t in tasks}, database, work_dir)
