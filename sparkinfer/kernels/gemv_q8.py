@@ -178,15 +178,15 @@ def _q8_0_words(row: Row, c: Expr, p: Expr, g: Expr) -> Expr:
 # (weight format id, words of 4 signed codes: (row, chunk, part, word) -> uint32): the ggml
 # types, and Q6_K re-laid out at upload (kernels.gemv Q6_K_PLANAR, the step variant
 # q6_k_layout="planar").
-_CODE_WORDS: dict[int, Callable[[Row, Expr, Expr, Expr], Expr]] = {
+_CODE_WORDS: dict[GGMLQuantizationType | L.RelaidType, Callable[[Row, Expr, Expr, Expr], Expr]] = {
     _T.Q4_K: _q4_k_words,
     _T.Q5_K: _q5_k_words,
     _T.Q6_K: _q6_k_words,
     _T.Q8_0: _q8_0_words,
     L.Q6_K_PLANAR: _q6_k_planar_words,
 }
-# The file types with an int8 form.
-Q8_TYPES: tuple[GGMLQuantizationType, ...] = (_T.Q4_K, _T.Q5_K, _T.Q6_K, _T.Q8_0)
+# The file types with an int8 form (the ggml types among _CODE_WORDS' formats).
+Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(t for t in _CODE_WORDS if isinstance(t, GGMLQuantizationType))
 # Model-level variants of the decode step's activations (model.qwen3moe.build_decode_step): float32,
 # or int8 blocks of 32 (this module), for the expert GEMVs (`activations`) and for the attention
 # projections Q, K, V and O (`projection_activations`). The first is the default.
@@ -197,7 +197,7 @@ def q8_format(ggml_type: int) -> GemvFormat:
     """The float GEMV's format of a weight format the int8 path takes (a ggml type of Q8_TYPES,
     or Q6_K_PLANAR): its chunking, scale and min."""
     if ggml_type not in _CODE_WORDS:
-        supported = ", ".join([*(t.name for t in Q8_TYPES), L.Q6_K_PLANAR.name])
+        supported = ", ".join(t.name for t in _CODE_WORDS)
         raise UnsupportedQuantTypeError(
             f"no int8-activation GEMV for quant type {GGMLQuantizationType(ggml_type).name} "
             f"(supported: {supported})"

@@ -522,28 +522,28 @@ class _StepBuilder:
         """Whether layer i's Q, K, V and O take int8 activations (projection_activations="q8")."""
         return self.projection_activations == "q8" and int8_projections(self.types, i)
 
-    def attention_norm(self, h: relax.Var, i: int, label: str) -> "relax.Var | list[relax.Var]":
-        """rms_norm(h, blk.i.attn_norm), layer i's Q/K/V input: float, or where those take int8
-        activations only its int8 blocks, quantized in the norm's launch (`gemv_q8.rms_norm_q8_1`)."""
-        weight = f"blk.{i}.attn_norm.weight"
-        if not self._int8_projections(i):
+    def norm_for(self, h: relax.Var, weight: str, int8: bool, label: str) -> "relax.Var | list[relax.Var]":
+        """rms_norm(h, weight) as its consumer reads it: float, or (`int8`) only its int8 blocks,
+        quantized in the norm's launch (`gemv_q8.rms_norm_q8_1`)."""
+        if not int8:
             return self.rms_norm(h, weight, label)
         gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
         return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
+
+    def attention_norm(self, h: relax.Var, i: int, label: str) -> "relax.Var | list[relax.Var]":
+        """rms_norm(h, blk.i.attn_norm), layer i's Q/K/V input: its int8 blocks where those take
+        int8 activations (`norm_for`)."""
+        return self.norm_for(h, f"blk.{i}.attn_norm.weight", self._int8_projections(i), label)
 
     def head_name(self) -> str:
         """The LM head's weight: output.weight, or token_embd.weight where the file ties them."""
         return "output.weight" if "output.weight" in self.types else "token_embd.weight"
 
     def output_norm(self, h: relax.Var, label: str) -> "relax.Var | list[relax.Var]":
-        """rms_norm(h, output_norm), the LM head's input: float, or where the head takes int8
-        activations (head_activations="q8" and a type of Q8_TYPES) only its int8 blocks, quantized
-        in the norm's launch (`gemv_q8.rms_norm_q8_1`), as `attention_norm` does for Q/K/V."""
-        weight = "output_norm.weight"
-        if self.head_activations == ACTIVATIONS[0] or self.t(self.head_name()) not in Q8_TYPES:
-            return self.rms_norm(h, weight, label)
-        gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
-        return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
+        """rms_norm(h, output_norm), the LM head's input: its int8 blocks where the head takes
+        int8 activations (head_activations="q8" and a type of Q8_TYPES; `norm_for`)."""
+        int8 = self.head_activations != ACTIVATIONS[0] and self.t(self.head_name()) in Q8_TYPES
+        return self.norm_for(h, "output_norm.weight", int8, label)
 
     def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | None"
                ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | None]":

@@ -76,8 +76,8 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     takes the kernel past `trials` distinct knobs of the rule's current form (records of an
     older form, whose knobs no longer read, do not count; knobs timed again count once)."""
     recorded = records(task, database)
-    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])  # None: a record of an older form
-    known = [knobs for knobs in recorded_knobs if knobs is not None]
+    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])
+    known = current_knobs(recorded_knobs)
     room = min(n, trials - len(distinct(known)))
     if room <= 0:
         return []
@@ -120,9 +120,10 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     return picks if len(picks) > timed_again else []
 
 
-def current_knobs(task: TuneTask, recorded: Sequence[ms.database.TuningRecord]) -> list[dict[str, Any]]:
-    """The knobs of the records made under the rule's current form (`traces_knobs`)."""
-    return [knobs for knobs in traces_knobs(task, [r.trace for r in recorded]) if knobs is not None]
+def current_knobs(recorded_knobs: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Of the records' knobs (`traces_knobs`), those of records made under the rule's current
+    form (None: a record of an older form, whose knobs no longer read)."""
+    return [knobs for knobs in recorded_knobs if knobs is not None]
 
 
 def distinct(knobs: Sequence[dict[str, Any]]) -> set[str]:
@@ -132,7 +133,7 @@ def distinct(knobs: Sequence[dict[str, Any]]) -> set[str]:
 
 def trials_done(task: TuneTask, database: ms.database.Database) -> int:
     """The kernel's trials so far: the distinct knobs of its records of the rule's current form."""
-    return len(distinct(current_knobs(task, records(task, database))))
+    return len(distinct(current_knobs(traces_knobs(task, [r.trace for r in records(task, database)]))))
 
 
 def _last_line(e: BaseException) -> str:

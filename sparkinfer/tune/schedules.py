@@ -38,11 +38,11 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     recorded = records(task, database)
     # trials: distinct knobs (those timed again, bundle.round_candidates' retime, count once) and the
     # records of older forms of the rule, whose knobs no longer read
-    known = current_knobs(task, recorded)
+    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])
+    known = current_knobs(recorded_knobs)
     on_card = card_lines(task, lines)
-    measured = [r for r in recorded if r.run_secs]
-    timed = [(r, knobs) for r, knobs in zip(measured, traces_knobs(task, [r.trace for r in measured]))
-             if knobs is not None and _measured_on(r, knobs, on_card)]
+    timed = [(r, knobs) for r, knobs in zip(recorded, recorded_knobs)
+             if r.run_secs and knobs is not None and _measured_on(r, knobs, on_card)]
     if not timed:
         return None
     best, knobs = min(timed, key=lambda pair: _median_us(pair[0].run_secs))
