@@ -24,7 +24,7 @@ RUN_PROMPT_TOKENS = 128
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
 # under 64 MiB). Session 19 (bench/NOTES.md): the LM head on int8 activations; the int8 kernels'
 # planar Q6_K is timed against the module before it (BEFORE, below).
-VARIANT_STEPS: dict[str, dict[str, str]] = {"q8head": {"head_activations": "q8"}}
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
