@@ -17,9 +17,11 @@ words are 4-byte aligned) against a word of 4 activations. The scale and min
 decoders are the float GEMV's (`kernels.gemv.FORMATS`), applied once per sub-block.
 
 `tirx.dp4a(a, b, acc)` (TVM's intrinsic: acc + the dot product of a's and b's 4 signed bytes)
-carries the 4-wide product. TVM 0.27 lowers it for no target; this module registers the
-lowerings (`register_dp4a_lowering`): CUDA's `__dp4a` (one IDP4A instruction), and plain
-integer arithmetic on sign-extended bytes for LLVM (the CPU).
+carries the 4-wide product. TVM 0.27 lowers it for no target and its loop vectorizer scalarizes
+any loop that holds it; this module marks it vectorizable and registers the lowerings
+(`register_dp4a_lowering`): CUDA's `__dp4a` (one IDP4A instruction); for LLVM (the CPU), on
+vectors of 4, 8 or 16 words the x86 VNNI `vpdpbusd` where the CPU has it (`_vnni_intrinsic`),
+else integer arithmetic on sign-extended bytes, lane by lane in the vector registers.
 
 Where a kernel makes the activations, it quantizes them itself, so that no launch is added:
 `add_rms_norm_q8_1` and `rms_norm_q8_1` (the FFN's and the attention's input norms),
@@ -75,15 +77,60 @@ def _signed_byte(word: Expr, i: int) -> Expr:
     return (word << tirx.const(24 - 8 * i, "int32")) >> tirx.const(24, "int32")
 
 
+# Every byte of a word with only its top bit set: a ^ _TOP_BITS is a's signed bytes plus 128,
+# as unsigned bytes.
+_TOP_BITS = -0x7F7F7F80  # 0x80808080 as int32
+
+
+def _lanes(call: Expr) -> int:
+    import tvm
+
+    return tvm.DataType(str(call.ty.dtype)).lanes
+
+
+@functools.cache
+def _vnni_intrinsic(lanes: int) -> str | None:
+    """The LLVM intrinsic of x86 `vpdpbusd` on `lanes` int32 lanes where the CPU the "cpu" arch
+    compiles for (the host's: compiler.targets.target_for("cpu") is -mcpu=<this CPU>) has it
+    (AVX512-VNNI with AVX512-VL: 4, 8 or 16 lanes; AVX-VNNI: 4 or 8), else None. dp4a only
+    occurs in the cpu arch's kernels and in CUDA device code, never in host code."""
+    import tvm
+    from tvm.target import codegen
+
+    if lanes not in (4, 8, 16):
+        return None
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    if codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], host):
+        return f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
+    if lanes < 16 and codegen.llvm_cpu_has_features(["avxvnni"], host):
+        return f"llvm.x86.avxvnni.vpdpbusd.{lanes * 32}"
+    return None
+
+
 def _dp4a_llvm(call: Expr) -> Expr:
     a, b, acc = call.args
-    total = acc
-    for i in range(WORD):
-        total = total + _signed_byte(a, i) * _signed_byte(b, i)
-    return total
+    lanes = _lanes(call)
+    intrinsic = _vnni_intrinsic(lanes)
+    if intrinsic is None:
+        total = acc
+        for i in range(WORD):
+            total = total + _signed_byte(a, i) * _signed_byte(b, i)
+        return total
+    # vpdpbusd multiplies unsigned bytes by signed ones: a's bytes go in offset by 128, and the
+    # 128 * sum(b) this adds comes off with a second vpdpbusd. Exact: each product fits the
+    # instruction's int16 intermediates (255 * -128 >= -2^15) and the sums are int32, unsaturated.
+    word, word_bytes = f"int32x{lanes}", f"int8x{lanes * WORD}"
+    top_bits = tirx.Broadcast(tirx.const(_TOP_BITS, "int32"), lanes)
+    zero = tirx.Broadcast(tirx.const(0, "int32"), lanes)
+    b_bytes = tirx.reinterpret(word_bytes, b)
+    offset = tirx.call_llvm_pure_intrin(word, intrinsic, acc, tirx.reinterpret(word_bytes, a ^ top_bits), b_bytes)
+    return offset - tirx.call_llvm_pure_intrin(word, intrinsic, zero, tirx.reinterpret(word_bytes, top_bits), b_bytes)
 
 
 def _dp4a_cuda(call: Expr) -> Expr:
+    if _lanes(call) != 1:
+        raise ValueError(f"dp4a on {_lanes(call)} lanes in CUDA code: __dp4a takes one word; "
+                         f"a CUDA schedule must not vectorize a loop of dp4a")
     return tirx.call_pure_extern("int32", "__dp4a", *call.args)
 
 
@@ -91,13 +138,16 @@ def _dp4a_cuda(call: Expr) -> Expr:
 def register_dp4a_lowering() -> None:
     """Lowerings of `tirx.dp4a` for LLVM and CUDA, registered once per process, by the first
     kernel that uses the op (not on import: runtime-only TVM, on the GPU machine, has no op
-    registry, and the runtime imports this module for ACTIVATIONS)."""
+    registry, and the runtime imports this module for ACTIVATIONS); and the op marked
+    vectorizable (the CPU rules vectorize their dots over words, `schedule.cpu.vectorized_dots`)."""
     from tvm.ir import Op
 
     op = Op.get("tirx.dp4a")
     for target, lower in (("llvm", _dp4a_llvm), ("cuda", _dp4a_cuda)):
         if op.get_attr(f"{target}.FLowerIntrinsic") is None:
             tirx.op.register_intrin_lowering("tirx.dp4a", target, f=lower)
+    if not op.get_attr("TVectorizable"):
+        op.set_attr("TVectorizable", True)
 
 
 def dp4a(a: Expr, b: Expr) -> Expr:

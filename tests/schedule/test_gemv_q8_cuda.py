@@ -7,6 +7,7 @@ tests/kernels/test_gemv_q8.py, test_moe_q8.py)."""
 import numpy as np
 import pytest
 import tvm
+from tvm import s_tir, te
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer import quant
@@ -269,3 +270,16 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
 
 if __name__ == "__main__":
     main(__doc__, "gemv_q8", kernels_module)
+
+
+def test_cuda_refuses_a_vectorized_dp4a() -> None:
+    """dp4a is vectorizable for the CPU rules; on CUDA (one __dp4a a word) a vectorized loop of
+    it is a schedule error, named as such, not code that nvcc would reject."""
+    a, b = (te.placeholder((256,), "int32", name=n) for n in "ab")
+    dot = te.compute((256,), lambda i: gemv_q8.dp4a(a[i], b[i]), name="dot")
+    sch = s_tir.Schedule(te.create_prim_func([a, b, dot]))
+    block, lane = sch.split(sch.get_loops(sch.get_sblock("dot"))[0], [None, 4])
+    sch.bind(block, "threadIdx.x")
+    sch.vectorize(lane)
+    with pytest.raises(Exception, match="a CUDA schedule must not vectorize a loop of dp4a"):
+        cuda_source(sch.mod)
