@@ -82,34 +82,29 @@ def _signed_byte(word: Expr, i: int) -> Expr:
 _TOP_BITS = -0x7F7F7F80  # 0x80808080 as int32
 
 
-def _lanes(call: Expr) -> int:
-    import tvm
-
-    return tvm.DataType(str(call.ty.dtype)).lanes
-
-
 @functools.cache
 def _vnni_intrinsic(lanes: int) -> str | None:
     """The LLVM intrinsic of x86 `vpdpbusd` on `lanes` int32 lanes where the CPU the "cpu" arch
-    compiles for (the host's: compiler.targets.target_for("cpu") is -mcpu=<this CPU>) has it
+    compiles for (compiler.targets.target_for("cpu"): -mcpu=<this CPU>) has it
     (AVX512-VNNI with AVX512-VL: 4, 8 or 16 lanes; AVX-VNNI: 4 or 8), else None. dp4a only
     occurs in the cpu arch's kernels and in CUDA device code, never in host code."""
-    import tvm
     from tvm.target import codegen
+
+    from sparkinfer.compiler.targets import target_for
 
     if lanes not in (4, 8, 16):
         return None
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    if codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], host):
+    cpu = target_for("cpu")
+    if codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], cpu):
         return f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
-    if lanes < 16 and codegen.llvm_cpu_has_features(["avxvnni"], host):
+    if lanes < 16 and codegen.llvm_cpu_has_features(["avxvnni"], cpu):
         return f"llvm.x86.avxvnni.vpdpbusd.{lanes * 32}"
     return None
 
 
 def _dp4a_llvm(call: Expr) -> Expr:
     a, b, acc = call.args
-    lanes = _lanes(call)
+    lanes = call.ty.dtype.lanes
     intrinsic = _vnni_intrinsic(lanes)
     if intrinsic is None:
         total = acc
@@ -128,8 +123,9 @@ def _dp4a_llvm(call: Expr) -> Expr:
 
 
 def _dp4a_cuda(call: Expr) -> Expr:
-    if _lanes(call) != 1:
-        raise ValueError(f"dp4a on {_lanes(call)} lanes in CUDA code: __dp4a takes one word; "
+    lanes = call.ty.dtype.lanes
+    if lanes != 1:
+        raise ValueError(f"dp4a on {lanes} lanes in CUDA code: __dp4a takes one word; "
                          f"a CUDA schedule must not vectorize a loop of dp4a")
     return tirx.call_pure_extern("int32", "__dp4a", *call.args)
 

@@ -90,9 +90,9 @@ def test_gemv_qkv_q8(t: T, knobs: CpuDotKnobs | None) -> None:
         assert_gemv_close(y, ref, _abs_gemv(t, data, x_hat))
 
 
-def _cpu_assembly(knobs: CpuDotKnobs | None) -> str:
-    use = kernel_use("gemv_q8", "gemv_q8", T.Q4_K, 64, 256)
-    func = schedule_kernel(Q.gemv_q8(T.Q4_K, 64, 256), use, CPU, knobs)
+def _cpu_assembly(t: T, knobs: CpuDotKnobs | None) -> str:
+    use = kernel_use("gemv_q8", "gemv_q8", t, 64, 256)
+    func = schedule_kernel(Q.gemv_q8(t, 64, 256), use, CPU, knobs)
     return tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu")).mod.inspect_source("asm")
 
 
@@ -100,18 +100,18 @@ def _cpu_assembly(knobs: CpuDotKnobs | None) -> str:
 def test_vector_dots_use_vnni() -> None:
     """The word lanes' dp4a (8 lanes: Q4_K's default) become vpdpbusd where the CPU has it;
     test_gemv_q8 checks the values."""
-    assert "vpdpbusd" in _cpu_assembly(CpuDotKnobs(1, 8, 8, 256))
+    assert "vpdpbusd" in _cpu_assembly(T.Q4_K, CpuDotKnobs(1, 8, 8, 256))
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_vector_dots_without_vnni(monkeypatch: pytest.MonkeyPatch, t: T) -> None:
     """A CPU without VNNI: the vectorized dp4a lowers to byte arithmetic on the vector, the same values."""
     monkeypatch.setattr(Q, "_vnni_intrinsic", lambda lanes: None)
-    assert "vpdpbusd" not in _cpu_assembly(CpuDotKnobs(1, 8, 8, 256))
+    knobs = CpuDotKnobs(1, 8, 4, 256)  # 4 lanes: Q6_K's widest
+    assert "vpdpbusd" not in _cpu_assembly(t, knobs)
     rng = np.random.default_rng(4)
     n, k = 64, 256
     data = random_weights(t, (n, k), rng)
     xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
-    knobs = CpuDotKnobs(1, 8, 4, 256)
     (y,) = run("gemv_q8", Q.gemv_q8, (t, n, k), knobs, [G.weight_view(t, data), xq, xd, xs], [np.empty(n, np.float32)])
     assert_gemv_close(y, Q.gemv_q8_reference(t, data, xq, xd), _abs_gemv(t, data, Q.dequantize_q8_1(xq, xd)))

@@ -267,11 +267,6 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
             assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
 
 
-
-if __name__ == "__main__":
-    main(__doc__, "gemv_q8", kernels_module)
-
-
 def test_cuda_refuses_a_vectorized_dp4a() -> None:
     """dp4a is vectorizable for the CPU rules; on CUDA (one __dp4a a word) a vectorized loop of
     it is a schedule error, named as such, not code that nvcc would reject."""
@@ -283,3 +278,7 @@ def test_cuda_refuses_a_vectorized_dp4a() -> None:
     sch.vectorize(lane)
     with pytest.raises(Exception, match="a CUDA schedule must not vectorize a loop of dp4a"):
         cuda_source(sch.mod)
+
+
+if __name__ == "__main__":
+    main(__doc__, "gemv_q8", kernels_module)
