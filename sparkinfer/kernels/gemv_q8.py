@@ -85,16 +85,16 @@ _TOP_BITS = -0x7F7F7F80  # 0x80808080 as int32
 @functools.cache
 def _vnni_intrinsic(lanes: int) -> str | None:
     """The LLVM intrinsic of x86 `vpdpbusd` on `lanes` int32 lanes where the CPU the "cpu" arch
-    compiles for (compiler.targets.target_for("cpu"): -mcpu=<this CPU>) has it
-    (AVX512-VNNI with AVX512-VL: 4, 8 or 16 lanes; AVX-VNNI: 4 or 8), else None. dp4a only
-    occurs in the cpu arch's kernels and in CUDA device code, never in host code."""
+    compiles for has it (AVX512-VNNI with AVX512-VL: 4, 8 or 16 lanes; AVX-VNNI: 4 or 8), else
+    None. That target is LLVM with -mcpu=<this CPU> (compiler.targets.target_for("cpu"), a layer
+    this one may not import: docs/ARCHITECTURE.md). dp4a only occurs in the cpu arch's kernels
+    and in CUDA device code, never in host code."""
+    import tvm
     from tvm.target import codegen
-
-    from sparkinfer.compiler.targets import target_for
 
     if lanes not in (4, 8, 16):
         return None
-    cpu = target_for("cpu")
+    cpu = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     if codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], cpu):
         return f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
     if lanes < 16 and codegen.llvm_cpu_has_features(["avxvnni"], cpu):
