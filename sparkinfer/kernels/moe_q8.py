@@ -4,6 +4,11 @@
                         â = its int8 blocks of 32 (`gemv_q8.quantize_q8_1` as the epilogue)
   moe_down_residual_q8: h_out[n]  = h[n] + sum_s weights[s] * (Wd[ids[s], n] . â[s])
 
+`moe_gate_up_silu_q8_routed` (router_merge="gate_up") is the gate/up kernel taking the router's
+logits instead of ids: every thread block runs `router.topk` first (as `moe.moe_gate_up_silu_routed`
+does) and writes the ids and weights `moe_down_residual_q8` reads, so no router_topk launch sits
+between the router GEMV and the experts.
+
 x̂ is the FFN input quantized once (`gemv_q8.add_rms_norm_q8_1`, or `quantize_q8_1(H)`; gate and
 up share it), â the activations quantized per slot inside the gate/up kernel, so that no launch
 sits between the two kernels (bench/NOTES.md, "Session 15": as a launch of its own the quantizer
@@ -35,6 +40,7 @@ from sparkinfer.kernels.moe import (
     moe_down_residual_reference,
     moe_gate_up_silu_reference,
 )
+from sparkinfer.kernels.router import router_topk_reference, topk
 
 Expr = tirx.Expr
 
@@ -63,20 +69,45 @@ def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: in
     xq int32[H/4], xd f32[H/32], xs f32[H/32], aq int32[KU, I/4], ad f32[KU, I/32],
     as f32[KU, I/32]): act as the int8 blocks `moe_down_residual_q8` reads (on a GPU a thread
     block holds whole blocks of 32 rows, `schedule.moe_q8.MoeGateUpSiluQ8CudaRule`)."""
-    inputs, act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    ids = te.placeholder((n_used,), "int32", name="ids")
+    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids)
     aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
     symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    return te.create_prim_func([*inputs, aq, ad, as_]).with_attr("global_symbol", symbol)
+    return te.create_prim_func([w_gate, w_up, ids, xq, xd, xs, aq, ad, as_]).with_attr("global_symbol", symbol)
 
 
-def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
-                     hidden: int) -> tuple[list[te.Tensor], te.Tensor]:
-    """The inputs (Wg, Wu, ids, xq, xd, xs) and the stages gate, up (with their _dot producers)
-    and act = silu(gate) * up."""
+def moe_gate_up_silu_q8_routed_symbol(type_gate: int, type_up: int, n_experts: int, n_used: int,
+                                      n_ffn: int, hidden: int) -> str:
+    return moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
+        "moe_gate_up_silu_q8_", "moe_gate_up_silu_q8_routed_", 1)
+
+
+def moe_gate_up_silu_q8_routed(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                               hidden: int) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8` with `router_topk` as its prologue (module docstring): ids, weights =
+    router_topk(logits), then act's int8 blocks from the experts ids.
+
+    Params (Wg, Wu words as in `moe_gate_up_silu_q8`, logits f32[E], xq, xd, xs, aq, ad, as as
+    there, ids int32[KU], weights f32[KU])."""
+    if not 0 < n_used <= n_experts:
+        raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
+    logits = te.placeholder((n_experts,), "float32", name="logits")
+    ids, weights = topk(logits, (), n_experts, n_used)
+    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids)
+    aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
+    symbol = moe_gate_up_silu_q8_routed_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    func = te.create_prim_func([w_gate, w_up, logits, xq, xd, xs, aq, ad, as_, ids, weights])
+    return func.with_attr("global_symbol", symbol)
+
+
+def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_ffn: int, hidden: int,
+                     ids: te.Tensor) -> tuple[tuple[te.Tensor, ...], te.Tensor]:
+    """The inputs (Wg, Wu, xq, xd, xs) and the stages gate, up (with their _dot producers) and
+    act = silu(gate) * up of the experts `ids` (a parameter, or the top-k's stage)."""
+    n_used = int(ids.shape[0])
     fmt_g, fmt_u = q8_format(type_gate), q8_format(type_up)
     w_gate = _weights(fmt_g, n_experts, n_ffn, hidden, "Wg")
     w_up = _weights(fmt_u, n_experts, n_ffn, hidden, "Wu")
-    ids = te.placeholder((n_used,), "int32", name="ids")
     xq, xd, xs = q8_inputs(hidden)
 
     def projection(fmt: GemvFormat, w: te.Tensor, name: str) -> te.Tensor:
@@ -89,7 +120,7 @@ def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: int, 
 
     gate, up = projection(fmt_g, w_gate, "gate"), projection(fmt_u, w_up, "up")
     act = te.compute((n_used, n_ffn), lambda s, r: _silu(gate[s, r]) * up[s, r], name="act")
-    return [w_gate, w_up, ids, xq, xd, xs], act
+    return (w_gate, w_up, xq, xd, xs), act
 
 
 def moe_down_residual_q8_symbol(ggml_type: int, n_experts: int, n_used: int, hidden: int,
@@ -129,6 +160,15 @@ def moe_gate_up_silu_q8_reference(type_gate: int, gate_data: npt.NDArray[np.uint
     """(aq, ad, as): `kernels.moe`'s oracle on x̂, quantized by `quantize_q8_1`'s."""
     act = moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, dequantize_q8_1(xq, xd))
     return quantize_q8_1_reference(act.astype(np.float32))
+
+
+def moe_gate_up_silu_q8_routed_reference(type_gate: int, gate_data: npt.NDArray[np.uint8], type_up: int,
+                                         up_data: npt.NDArray[np.uint8], logits: npt.NDArray[np.float32],
+                                         xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32], n_used: int
+                                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(aq, ad, as, ids, weights): `router_topk`'s oracle, then `moe_gate_up_silu_q8`'s."""
+    ids, weights = router_topk_reference(logits, n_used)
+    return (*moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, ids, xq, xd), ids, weights)
 
 
 def moe_down_residual_q8_reference(ggml_type: int, down_data: npt.NDArray[np.uint8],

@@ -35,7 +35,8 @@ moe_down_residual) -> rms_norm -> lm head gemv -> sample_candidates -> sample_to
 With attention_merge="last_block" paged_decode_attention_merged replaces paged_decode_attention ->
 attention_combine: the attention kernel's last block of each KV head merges its splits. With
 router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
-last block picks the experts. With decode_attention="mma" paged_decode_attention_mma replaces
+last block picks the experts; with router_merge="gate_up" (int8 experts) moe_gate_up_silu_q8_routed
+replaces router_topk -> moe_gate_up_silu_q8: every thread block of the gate/up kernel picks them. With decode_attention="mma" paged_decode_attention_mma replaces
 paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
 tensor cores.
 With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blocks only), Q/K/V
@@ -330,6 +331,7 @@ class _StepBuilder:
         self.attention_form = attention_form
         self.merge_in_last_block = attention_merge == "last_block"
         self.route_in_last_block = router_merge == "last_block"
+        self.route_in_gate_up = router_merge == "gate_up"
         self.types = types
         self.P = page_size
         self.MP = max_pages(config, page_size)
@@ -647,6 +649,8 @@ class _StepBuilder:
             ids, weights = self.route(w + "ffn_gate_inp.weight", f, i)
             return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i, f_q8)
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
+        if self.route_in_gate_up and self._int8_experts(g, u, d):
+            return self._routed_int8_experts(w, router, h, f, i, f_q8)
         if isinstance(f, Normed) and not self._int8_experts(g, u, d):
             # router_topk and the FFN norm run inside gate/up, which writes ids and weights
             gv = self.k("moe", "moe_gate_up_silu_routed", self.t(g), self.t(u), E, KU, I, H, c.rms_eps)
@@ -656,6 +660,20 @@ class _StepBuilder:
         gv = self.k("router", "router_topk", E, KU)
         ids, weights = self.call(gv, [router], [_tensor((KU,), "int32"), self.f32(KU)], f"topk{i}")
         return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, self._ffn_input(f, i), i, f_q8)
+
+    def _routed_int8_experts(self, w: str, router: relax.Var, h: relax.Var, f: relax.Var, i: int,
+                             f_q8: list[relax.Var] | None) -> relax.Var:
+        """Layer i's int8 experts with router_topk inside the gate/up kernel (router_merge
+        "gate_up"), which writes the ids and weights that the down kernel reads."""
+        c, p = self.c, self.params
+        E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
+        g, u, d = self._ffn_weights(i)
+        xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
+        gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed", self.t(g), self.t(u), E, KU, I, H)
+        *aq, ids, weights = self.call(gv, [p[g], p[u], router, *xq],
+                                      [*self._q8_types(I, KU), _tensor((KU,), "int32"), self.f32(KU)], f"act_q{i}")
+        gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
+        return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
 
     def route(self, name: str, x: relax.Var, i: int) -> tuple[relax.Var, relax.Var]:
         """Layer i's experts (ids, weights) from the router weight `name` and x in one launch,
@@ -889,8 +907,11 @@ def build_decode_step(
     (`kernels.attention.paged_decode_attention_merged`, CUDA only), with the `arrivals` state.
     `router_merge` (ROUTER_MERGES) is where a MoE layer's experts are picked from the router's
     logits: "separate" in a router_topk launch, "last_block" in the router GEMV kernel
-    (`kernels.router.router_gemv_topk`, CUDA only), with the `router_arrivals` state; it needs
-    decode_launches "split" (the fused gate/up picks the experts itself).
+    (`kernels.router.router_gemv_topk`, CUDA only), with the `router_arrivals` state, or
+    "gate_up" in every thread block of the int8 experts' gate/up kernel
+    (`kernels.moe_q8.moe_gate_up_silu_q8_routed`), which needs activations "q8" (experts whose
+    types have no int8 form keep their router_topk launch); both need decode_launches "split"
+    (the fused gate/up picks the experts itself).
     `decode_attention` (DECODE_ATTENTIONS) is how the decode attention multiplies: "simt" in float32
     (`kernels.attention.paged_decode_attention`), "mma" with f16 Q and P on tensor cores
     (`kernels.attention.paged_decode_attention_mma`, CUDA only; with attention_merge
@@ -923,6 +944,9 @@ def build_decode_step(
         raise SparkInferError(f"router_merge={router_merge!r} needs decode_launches='split', got {decode_launches!r}: "
                               f"the fused launches pick the experts inside gate/up (moe_gate_up_silu_routed), "
                               f"with no router_topk launch to save")
+    if router_merge == "gate_up" and activations != "q8":
+        raise SparkInferError(f"router_merge='gate_up' picks the experts inside the int8 experts' gate/up kernel: "
+                              f"it needs activations='q8', got {activations!r}")
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")

@@ -4,7 +4,9 @@ They take `schedule.moe`'s layouts unchanged (lanes along K, rows per block, per
 and activations in registers, warp allreduce) on the int8 blocks (`schedule.gemv_q8.int8_view`).
 The gate/up kernel's thread block holds one block of 32 rows exactly, so that its epilogue
 quantizes its SiLU activations (`schedule.gemv_q8.schedule_quantizer_epilogue`) for the down
-kernel, with no launch between them. On the CPU they take `schedule.cpu`'s dot layout.
+kernel, with no launch between them. The routed gate/up (`moe_gate_up_silu_q8_routed`) first ranks
+the router logits in every thread block, as `schedule.moe`'s routed float form does
+(`schedule.router.topk_in_block`). On the CPU they take `schedule.cpu`'s dot layout.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from sparkinfer.schedule.moe import (
     schedule_down_residual,
     schedule_gate_up_silu,
 )
+from sparkinfer.schedule.router import ids_in_registers, topk_in_block
 from sparkinfer.schedule.space import Knobs
 
 EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8`: 4 rows a thread make a block of 32
@@ -60,6 +63,22 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
         schedule_quantizer_epilogue(sch, bx, knobs.lanes)
 
 
+class MoeGateUpSiluQ8RoutedCudaRule(MoeGateUpSiluQ8CudaRule):
+    """`moe_gate_up_silu_q8_routed`: the int8 gate/up layout, each thread block first running
+    router_topk on its threads. The dot products read ids back from global memory after the
+    barrier that the top-k's shared ex stage puts before its total (tests/schedule/
+    test_moe_q8_routed_cuda.py asserts one lies between the ids stores and those reads)."""
+
+    factory = "moe_gate_up_silu_q8_routed"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, MoeKnobs)
+        ids_store = ids_in_registers(sch)
+        super().apply(sch, use, knobs, facts)
+        _, bx, *_ = sch.get_loops(sch.get_sblock("act"))
+        topk_in_block(sch, bx, (knobs.rows, knobs.lanes), ids_store)
+
+
 class MoeDownResidualQ8CudaRule(MoeDownResidualCudaRule):
     """`schedule.moe`'s down/weights/residual rule (same knobs, chunks and rows) on the int8 blocks."""
 
@@ -90,3 +109,9 @@ class MoeDownResidualQ8CpuRule(Int8WeightsCpu, MoeDownResidualCpuRule):
     family = "moe_q8"
     factory = "moe_down_residual_q8"
 
+
+
+class MoeGateUpSiluQ8RoutedCpuRule(MoeGateUpSiluQ8CpuRule):
+    """The int8 gate/up tasks after the top-k, which stays ahead of them as its factory wrote it."""
+
+    factory = "moe_gate_up_silu_q8_routed"

@@ -50,6 +50,8 @@ from sparkinfer.schedule.moe_q8 import (
     MoeDownResidualQ8CudaRule,
     MoeGateUpSiluQ8CpuRule,
     MoeGateUpSiluQ8CudaRule,
+    MoeGateUpSiluQ8RoutedCpuRule,
+    MoeGateUpSiluQ8RoutedCudaRule,
 )
 from sparkinfer.schedule.moe import (
     MoeDownResidualCudaRule,
@@ -93,6 +95,7 @@ for _rule in (
     EmbeddingCudaRule(),
     GemvQ8CudaRule(),
     MoeGateUpSiluQ8CudaRule(),
+    MoeGateUpSiluQ8RoutedCudaRule(),
     MoeDownResidualQ8CudaRule(),
     QuantizeQ8CudaRule(),
     AddRmsNormQ8CudaRule(),
@@ -119,6 +122,7 @@ for _rule in (
     EmbeddingCpuRule(),
     GemvQ8CpuRule(),
     MoeGateUpSiluQ8CpuRule(),
+    MoeGateUpSiluQ8RoutedCpuRule(),
     MoeDownResidualQ8CpuRule(),
     AsWrittenCpuRule("gemv_q8", "quantize_q8_1"),
     AsWrittenCpuRule("gemv_q8", "add_rms_norm_q8_1"),

@@ -51,8 +51,10 @@ ATTENTION_FORMS = ("read_ahead", "compact", "registers")
 ATTENTION_MERGES = ("separate", "last_block")
 # How the decode step picks a MoE layer's experts: "separate", the router_topk launch after the
 # router's gemv; "last_block", inside the GEMV kernel, by the last of its thread blocks to finish
-# (kernels.router.router_gemv_topk): a launch a layer less.
-ROUTER_MERGES = ("separate", "last_block")
+# (kernels.router.router_gemv_topk): a launch a layer less; "gate_up", inside the int8 experts' gate/up
+# kernel, by each of its thread blocks (kernels.moe_q8.moe_gate_up_silu_q8_routed): a launch a layer
+# less where the experts run on int8 activations.
+ROUTER_MERGES = ("separate", "last_block", "gate_up")
 # How the decode step's attention multiplies: "simt", float32 on CUDA cores
 # (kernels.attention.paged_decode_attention); "mma", Q and P rounded to f16 and multiplied on tensor
 # cores by mma.sync (kernels.attention.paged_decode_attention_mma, bench/NOTES.md "Decode attention v3").

@@ -180,6 +180,13 @@ def _moe_gate_up_silu_q8(rng: np.random.Generator, type_gate: str, type_up: str,
             _ids(rng, n_experts, n_used), *_q8(rng, hidden), *_q8_out(n_used, n_ffn)]
 
 
+def _moe_gate_up_silu_q8_routed(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int,
+                                n_used: int, n_ffn: int, hidden: int) -> Arrays:
+    return [_words(type_gate, (n_experts, n_ffn, hidden), rng), _words(type_up, (n_experts, n_ffn, hidden), rng),
+            _f32(rng, n_experts), *_q8(rng, hidden), *_q8_out(n_used, n_ffn), _ids(rng, n_experts, n_used),
+            _f32(rng, n_used)]
+
+
 def _moe_down_residual_q8(rng: np.random.Generator, ggml_type: str, n_experts: int, n_used: int, hidden: int,
                           n_ffn: int) -> Arrays:
     weights = rng.dirichlet(np.ones(n_used)).astype(np.float32)
@@ -240,6 +247,7 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("gemv_q8", "gemv_qkv_q8"): _gemv_qkv_q8,
     ("gemv_q8", "attention_combine_q8_1"): _attention_combine_q8_1,
     ("moe_q8", "moe_gate_up_silu_q8"): _moe_gate_up_silu_q8,
+    ("moe_q8", "moe_gate_up_silu_q8_routed"): _moe_gate_up_silu_q8_routed,
     ("moe_q8", "moe_down_residual_q8"): _moe_down_residual_q8,
     ("sampling", "sample_candidates"): _sample_candidates,
     ("sampling", "sample_token"): _sample_token,
@@ -258,6 +266,7 @@ EXPERT_STACKS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
     ("moe", "moe_gate_up_silu_routed"): ((0, 1), 6),
     ("moe", "moe_down_residual"): ((0,), 1),
     ("moe_q8", "moe_gate_up_silu_q8"): ((0, 1), 2),
+    ("moe_q8", "moe_gate_up_silu_q8_routed"): ((0, 1), 9),
     ("moe_q8", "moe_down_residual_q8"): ((0,), 1),
 }
 

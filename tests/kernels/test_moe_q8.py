@@ -46,6 +46,43 @@ def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, t
     assert_q8_1_close(ref_q, ref_d, Q.quantize_q8_1_reference(ref.astype(np.float32))[2], ref, magnitude)
 
 
+def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Generator) -> None:
+    """The top-k prologue's ids and weights are router_topk's, tied and one-ulp-apart logits at
+    the cut included; act's blocks those of the experts it picked."""
+    n_used = 3
+    gate_data = random_weights(T.Q4_K, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    up_data = random_weights(T.Q6_K, (N_EXPERTS, N_FFN, HIDDEN), rng)
+    xq, xd, xs = quantize_q8_1_reference((rng.standard_normal(HIDDEN) * 10).astype(np.float32))
+    logits = rng.standard_normal(N_EXPERTS).astype(np.float32)
+    order = np.argsort(-logits)
+    logits[order[3]] = logits[order[2]]  # a tie at the cut: the lower id wins
+    logits[order[1]] = np.nextafter(logits[order[0]], np.float32(-np.inf))
+    func = M.moe_gate_up_silu_q8_routed(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN)
+    aq, ad, as_, ids, weights = run_cpu_outputs(
+        func, [weight_view(T.Q4_K, gate_data), weight_view(T.Q6_K, up_data), logits, xq, xd, xs],
+        [np.empty((n_used, N_FFN // 4), np.int32), np.empty((n_used, N_FFN // 32), np.float32),
+         np.empty((n_used, N_FFN // 32), np.float32), np.empty(n_used, np.int32), np.empty(n_used, np.float32)])
+    ref_q, ref_d, ref_s, ref_ids, ref_weights = M.moe_gate_up_silu_q8_routed_reference(
+        T.Q4_K, gate_data, T.Q6_K, up_data, logits, xq, xd, n_used)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
+    # the same int8 blocks as the plain kernel given those ids
+    plain = run_cpu_outputs(M.moe_gate_up_silu_q8(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN),
+                            [weight_view(T.Q4_K, gate_data), weight_view(T.Q6_K, up_data), ref_ids, xq, xd, xs],
+                            [np.empty_like(aq), np.empty_like(ad), np.empty_like(as_)])
+    for got, want in zip((aq, ad, as_), plain, strict=True):
+        np.testing.assert_array_equal(got, want)
+    x = dequantize_q8_1(xq, xd)
+    ref = moe_gate_up_silu_reference(T.Q4_K, gate_data, T.Q6_K, up_data, ref_ids, x)
+    gate = gemv_experts_reference(T.Q4_K, gate_data, ref_ids, x)
+    up = gemv_experts_reference(T.Q6_K, up_data, ref_ids, x)
+    with np.errstate(over="ignore"):
+        magnitude = (1.1 * np.abs(up) * abs_gemv(T.Q4_K, gate_data, ref_ids, x)
+                     + np.abs(silu(gate)) * abs_gemv(T.Q6_K, up_data, ref_ids, x) + np.abs(ref))
+    assert_q8_1_close(aq, ad, as_, ref, magnitude)
+    assert_q8_1_close(ref_q, ref_d, ref_s, ref, magnitude)
+
+
 @pytest.mark.parametrize("t", [T.Q6_K, Q6_K_PLANAR, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
 def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
     data = random_weights(t, (N_EXPERTS, HIDDEN, N_FFN), rng)

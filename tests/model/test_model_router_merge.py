@@ -1,12 +1,14 @@
-"""The step variant router_merge="last_block" (kernels.router.router_gemv_topk): the launches it
-saves, its `router_arrivals` state, its bad inputs and its refusal beside the fused launches, and
-in the CUDA emulator the tiny model's decode steps with it (alone, and with attention_merge
-"last_block") giving the logits of the step without it, bit for bit."""
+"""The step variants router_merge="last_block" (kernels.router.router_gemv_topk) and "gate_up"
+(kernels.moe_q8.moe_gate_up_silu_q8_routed): the launches they save, the last block's
+`router_arrivals` state, their bad inputs and refusals, and in the CUDA emulator the tiny model's
+decode steps with them (last_block alone and with attention_merge "last_block"; gate_up on sm_90's
+int8 step) giving the logits of the step without them, bit for bit."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
@@ -22,6 +24,8 @@ TYPES = type_map(TINY, "q4_k_m")
 # The variants measured together on a GPU (bench/gpu_round.py's VARIANT_STEPS): the router's
 # alone, and both last-block merges.
 MERGES = [{"router_merge": "last_block"}, {"router_merge": "last_block", "attention_merge": "last_block"}]
+# The int8 step that schedules/sm_90.json picks, where router_merge="gate_up" applies.
+INT8_STEP = {"activations": "q8", "projection_activations": "q8", "head_activations": "q8"}
 
 
 def test_the_merge_saves_the_topk_launch_of_every_moe_layer() -> None:
@@ -55,8 +59,29 @@ def test_the_count_is_state_of_one_int() -> None:
 
 
 def test_an_unknown_merge_is_refused() -> None:
-    with pytest.raises(SparkInferError, match="router_merge must be one of separate, last_block, got 'first'"):
+    with pytest.raises(SparkInferError, match="router_merge must be one of separate, last_block, gate_up, got 'first'"):
         build_decode_step(TINY, TYPES, router_merge="first")
+
+
+def test_gate_up_saves_the_topk_launch_of_every_int8_moe_layer() -> None:
+    separate = launches(build_decode_step(TINY, TYPES, **INT8_STEP))
+    merged = launches(build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up"))
+    assert merged["moe_gate_up_silu_q8_routed"] == TINY.n_layers
+    assert "router_topk" not in merged and "moe_gate_up_silu_q8" not in merged
+    assert sum(separate.values()) - sum(merged.values()) == TINY.n_layers
+
+
+def test_gate_up_keeps_the_topk_launch_of_float_experts() -> None:
+    types = dict(TYPES)
+    types["blk.0.ffn_up_exps.weight"] = T.F16  # no int8 form: layer 0's experts stay float
+    merged = launches(build_decode_step(TINY, types, **INT8_STEP, router_merge="gate_up"))
+    assert merged["router_topk"] == 1 and merged["moe_gate_up_silu_q8_routed"] == TINY.n_layers - 1
+
+
+def test_gate_up_needs_int8_experts() -> None:
+    with pytest.raises(SparkInferError, match="router_merge='gate_up' picks the experts inside the int8 experts' "
+                                              "gate/up kernel: it needs activations='q8', got 'f32'"):
+        build_decode_step(TINY, TYPES, router_merge="gate_up")
 
 
 def test_the_fused_launches_refuse_it() -> None:
@@ -87,6 +112,28 @@ def test_emulated_steps_give_the_logits_of_the_separate_kernels(tmp_path: Path, 
             if name in inputs:
                 np.testing.assert_array_equal(inputs[name].numpy(), np.zeros(inputs[name].numpy().shape, np.int32))
     assert ROUTER_ARRIVALS in {inp.name for inp in merged.inputs}
+    for (want, want_next), (got, got_next) in zip(*runs):
+        assert np.isfinite(want).all()
+        np.testing.assert_array_equal(got, want)
+        assert got_next == want_next
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_compile(), reason="the CUDA emulator builds with TVM's compiler")
+def test_emulated_steps_with_the_top_k_in_gate_up_give_the_same_logits(tmp_path: Path) -> None:
+    """Three decode steps of the tiny model on sm_90's int8 step, with router_merge "gate_up" and
+    without: the same logits and tokens (the top-k's stages are router_topk's, and the gate/up
+    the same kernel's)."""
+    from tests.model.emulated_step import emulated_kernels, run_decode, step_inputs
+
+    model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
+    separate = build_decode_step(TINY, TYPES, **INT8_STEP)
+    merged = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up")
+    gpu = emulated_kernels(separate, merged)
+    runs = []
+    for step in (separate, merged):
+        inputs = step_inputs(step, model, n_pages=2)
+        runs.append([run_decode(gpu, step, inputs) for _ in range(3)])
     for (want, want_next), (got, got_next) in zip(*runs):
         assert np.isfinite(want).all()
         np.testing.assert_array_equal(got, want)

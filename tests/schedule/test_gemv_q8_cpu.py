@@ -10,6 +10,7 @@ from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels import gemv_q8 as Q
 from sparkinfer.kernels import moe_q8 as M
+from sparkinfer.kernels.router import router_topk_reference
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.schedule.cpu import CpuDotKnobs
 from sparkinfer.schedule.space import check_knobs, kernel_use, rule_for, schedule_kernel
@@ -68,6 +69,33 @@ def test_moe_q8_and_quantize(knobs: CpuDotKnobs | None) -> None:
     a_hat = Q.dequantize_q8_1(aq, ad)
     mag = np.abs(h) + weights.astype(np.float64) @ np.stack([_abs_gemv(T.Q6_K, down[e], a) for e, a in zip(ids, a_hat)])
     assert_gemv_close(h_out, M.moe_down_residual_q8_reference(T.Q6_K, down, ids, weights, aq, ad, h), mag)
+
+
+@pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)
+def test_routed_moe_q8_gate_up(knobs: CpuDotKnobs | None) -> None:
+    """The gate/up kernel with the top-k inside (router_merge="gate_up"): the plain kernel's
+    blocks for router_topk's experts, which it writes out with their weights."""
+    rng = np.random.default_rng(4)
+    n_experts, n_used, hidden, inter = 6, 2, 256, 256
+    xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(hidden, dtype=np.float32))
+    gate, up = random_weights(T.Q4_K, (n_experts, inter, hidden), rng), random_weights(T.Q6_K, (n_experts, inter, hidden), rng)
+    logits = rng.standard_normal(n_experts, dtype=np.float32)
+    args = (T.Q4_K, T.Q6_K, n_experts, n_used, inter, hidden)
+    if knobs is not None:
+        use = kernel_use("moe_q8", "moe_gate_up_silu_q8_routed", *args)
+        check_knobs(rule_for(use, CPU), use, knobs, CPU)
+    blocks = [np.empty((n_used, inter // 4), np.int32), np.empty((n_used, inter // 32), np.float32),
+              np.empty((n_used, inter // 32), np.float32)]
+    *act, ids, weights = run("moe_q8", M.moe_gate_up_silu_q8_routed, args, knobs,
+                             [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), logits, xq, xd, xs],
+                             [*blocks, np.empty(n_used, np.int32), np.empty(n_used, np.float32)])
+    want_ids, want_weights = router_topk_reference(logits, n_used)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+    plain = run("moe_q8", M.moe_gate_up_silu_q8, args, knobs,
+                [G.weight_view(T.Q4_K, gate), G.weight_view(T.Q6_K, up), want_ids, xq, xd, xs], blocks)
+    for got, want in zip(act, plain, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=IDS)

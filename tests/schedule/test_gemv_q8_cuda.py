@@ -4,6 +4,8 @@ defaults hold together, and on a GPU the Qwen3-30B-A3B shapes match the numpy or
 library prebuilt by `python -m tests.gpu_prebuild`; the CPU checks the compute:
 tests/kernels/test_gemv_q8.py, test_moe_q8.py)."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -15,6 +17,7 @@ from sparkinfer.kernels import gemv_q8, moe_q8
 from sparkinfer.kernels.attention import attention_combine_reference
 from sparkinfer.kernels.gemv import Q6_K_PLANAR, dequantize_rows, gemv_experts_reference, weight_view
 from sparkinfer.kernels.norm import rms_norm_reference
+from sparkinfer.kernels.router import router_topk_reference
 from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
 from sparkinfer.schedule.arch import arch_facts
@@ -48,6 +51,7 @@ CASES = [
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 512, 2048)),
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 0, 2048)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
+    (moe_q8.moe_gate_up_silu_q8_routed, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),  # router_merge="gate_up"
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (Q6_K_PLANAR, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
@@ -98,6 +102,7 @@ gpu = gpu_fixture("gemv_q8", kernels_module)
 # runtime-only TVM, where building TIR fails (no te.placeholder).
 SYMBOLS = {gemv_q8.quantize_q8_1: gemv_q8.quantize_q8_1_symbol, gemv_q8.gemv_q8: gemv_q8.gemv_q8_symbol,
            moe_q8.moe_gate_up_silu_q8: moe_q8.moe_gate_up_silu_q8_symbol,
+           moe_q8.moe_gate_up_silu_q8_routed: moe_q8.moe_gate_up_silu_q8_routed_symbol,
            moe_q8.moe_down_residual_q8: moe_q8.moe_down_residual_q8_symbol,
            gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h),
            gemv_q8.rms_norm_q8_1: lambda h, eps: gemv_q8.rms_norm_q8_1_symbol(h),
@@ -118,6 +123,19 @@ def test_attention_combine_q8_1_merges_a_value_a_thread() -> None:
     merge = body[:body.index("__syncthreads")]
     assert "__launch_bounds__(128)" in body
     assert "for (" not in merge and merge.count("o_part_ptr[") == 32
+
+
+def test_routed_gate_up_reads_its_ids_after_a_barrier() -> None:
+    """Each block's threads read the expert ids that its slot threads stored, in global memory,
+    only after a barrier that follows those stores; the rank in shared memory."""
+    args = (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)
+    func = scheduled(moe_q8.moe_gate_up_silu_q8_routed, "moe_q8", *args)
+    body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
+    assert "__shared__ alignas(64) int rank_shared_ptr[128]" in body
+    store = re.search(r"ids_ptr\[[^\]]*threadIdx[^\]]*\] = ", body)
+    first_read = body.find("ids_ptr[((int)blockIdx.y)]")
+    assert store and 0 < store.end() < first_read and "__syncthreads()" in body[store.end():first_read]
+    assert body.count("weights_ptr[") == 1 and "*(uint4*)(Wg_ptr" in body
 
 
 def test_symbols_are_the_kernels_own() -> None:
@@ -249,6 +267,29 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
             ref = silu(g) * u
             mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ids])
             mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ids])
+            with np.errstate(over="ignore"):
+                magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
+            assert_q8_1_close(aq, ad, as_, ref, magnitude)
+        elif factory is moe_q8.moe_gate_up_silu_q8_routed:
+            tg, tu, e, ku, i, h = args
+            gate, up = random_weights(tg, (e, i, h), rng), random_weights(tu, (e, i, h), rng)
+            logits = rng.standard_normal(e).astype(np.float32)
+            order = np.argsort(-logits)
+            logits[order[ku]] = logits[order[ku - 1]]  # a tie at the cut: the lower id wins
+            xq, xd, xs = _activations(rng, (h,))
+            aq, ad, as_, ids, weights = _run(
+                gpu, _symbol(factory, args), [weight_view(tg, gate), weight_view(tu, up), logits, xq, xd, xs],
+                [np.empty((ku, i // 4), np.int32), np.empty((ku, i // 32), np.float32),
+                 np.empty((ku, i // 32), np.float32), np.empty(ku, np.int32), np.empty(ku, np.float32)])
+            ref_ids, ref_weights = router_topk_reference(logits, ku)
+            np.testing.assert_array_equal(ids, ref_ids)
+            np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
+            x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+            g = gemv_experts_reference(tg, gate, ref_ids, x_hat)
+            u = gemv_experts_reference(tu, up, ref_ids, x_hat)
+            ref = silu(g) * u
+            mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ref_ids])
+            mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ref_ids])
             with np.errstate(over="ignore"):
                 magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
             assert_q8_1_close(aq, ad, as_, ref, magnitude)

@@ -77,8 +77,8 @@ def test_the_attention_merges_separately_unless_a_file_says_last_block() -> None
     assert all("attention_merge" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
 
 
-def test_the_router_picks_separately_unless_a_file_says_last_block() -> None:
+def test_the_router_picks_separately_unless_a_file_says_otherwise() -> None:
     from sparkinfer.compiler.pipeline import step_variants
 
-    assert STEP_VARIANTS["router_merge"] == ("separate", "last_block")
+    assert STEP_VARIANTS["router_merge"] == ("separate", "last_block", "gate_up")
     assert all("router_merge" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))

@@ -30,6 +30,7 @@ def test_planar_kernels_get_inputs_of_their_parameters(family: str, factory: str
     ("gemv_q8", "gemv_qkv_q8", ("Q4_K", 64, 16, 0, 512)),
     ("gemv_q8", "attention_combine_q8_1", (4, 3, 64)),
     ("moe_q8", "moe_gate_up_silu_q8", ("Q4_K", "Q4_K", 16, 2, 64, 256)),
+    ("moe_q8", "moe_gate_up_silu_q8_routed", ("Q4_K", "Q4_K", 16, 2, 64, 256)),  # router_merge="gate_up"
     ("moe_q8", "moe_down_residual_q8", ("Q6_K", 16, 2, 64, 256)),
     ("gemv_q8", "gemv_q8", ("Q6_K_PLANAR", 64, 512)),  # q6_k_layout="planar"
     ("moe_q8", "moe_down_residual_q8", ("Q6_K_PLANAR", 16, 2, 64, 256)),
@@ -44,18 +45,20 @@ def test_int8_kernels_get_inputs_of_their_parameters(family: str, factory: str, 
                                                          for p in func.params]
 
 
-@pytest.mark.parametrize("factory, args, stacks", [
-    ("moe_gate_up_silu", ("Q4_K", "Q4_K", 16, 2, 64, 256), (0, 1)),
-    ("moe_gate_up_silu_routed", ("Q4_K", "Q4_K", 16, 2, 64, 256, 1e-6), (0, 1)),
-    ("moe_down_residual", ("Q6_K", 16, 2, 64, 256), (0,)),
+@pytest.mark.parametrize("family, factory, args, stacks", [
+    ("moe", "moe_gate_up_silu", ("Q4_K", "Q4_K", 16, 2, 64, 256), (0, 1)),
+    ("moe", "moe_gate_up_silu_routed", ("Q4_K", "Q4_K", 16, 2, 64, 256, 1e-6), (0, 1)),
+    ("moe", "moe_down_residual", ("Q6_K", 16, 2, 64, 256), (0,)),
+    ("moe_q8", "moe_gate_up_silu_q8_routed", ("Q4_K", "Q4_K", 16, 2, 64, 256), (0, 1)),
 ])
-def test_a_moe_call_reads_only_the_experts_its_ids_name(factory: str, args: tuple, stacks: tuple) -> None:
+def test_a_moe_call_reads_only_the_experts_its_ids_name(family: str, factory: str, args: tuple,
+                                                        stacks: tuple) -> None:
     from sparkinfer.tune.inputs import read_bytes
 
-    arrays = kernel_inputs("moe", factory, args, seed=0)
+    arrays = kernel_inputs(family, factory, args, seed=0)
     rest = sum(a.nbytes for j, a in enumerate(arrays) if j not in stacks)
     assert all(arrays[j].shape[0] == 16 for j in stacks)
-    assert read_bytes("moe", factory, arrays) == rest + sum(arrays[j].nbytes for j in stacks) * 2 // 16
+    assert read_bytes(family, factory, arrays) == rest + sum(arrays[j].nbytes for j in stacks) * 2 // 16
 
 
 def test_copies_rotate_what_the_calls_read_not_what_the_inputs_hold() -> None:
