@@ -75,8 +75,7 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     The round index is the number of records: a pure function of the database. A round never
     takes the kernel past `trials` distinct knobs of the rule's current form (records of an
     older form, whose knobs no longer read, do not count; knobs timed again count once)."""
-    recorded = records(task, database)
-    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])
+    recorded, recorded_knobs = records_and_knobs(task, database)
     known = current_knobs(recorded_knobs)
     room = min(n, trials - len(distinct(known)))
     if room <= 0:
@@ -120,6 +119,14 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     return picks if len(picks) > timed_again else []
 
 
+def records_and_knobs(task: TuneTask, database: ms.database.Database
+                      ) -> tuple[list[ms.database.TuningRecord], list[dict[str, Any] | None]]:
+    """The kernel's records and each one's knobs (`traces_knobs`: None for a record of an older
+    form of its rule)."""
+    recorded = records(task, database)
+    return recorded, traces_knobs(task, [r.trace for r in recorded])
+
+
 def current_knobs(recorded_knobs: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """Of the records' knobs (`traces_knobs`), those of records made under the rule's current
     form (None: a record of an older form, whose knobs no longer read)."""
@@ -133,7 +140,7 @@ def distinct(knobs: Sequence[dict[str, Any]]) -> set[str]:
 
 def trials_done(task: TuneTask, database: ms.database.Database) -> int:
     """The kernel's trials so far: the distinct knobs of its records of the rule's current form."""
-    return len(distinct(current_knobs(traces_knobs(task, [r.trace for r in records(task, database)]))))
+    return len(distinct(current_knobs(records_and_knobs(task, database)[1])))
 
 
 def _last_line(e: BaseException) -> str:

@@ -18,11 +18,10 @@ from typing import Any
 from tvm.s_tir import meta_schedule as ms
 
 from sparkinfer.schedule.schedules import TUNED, ScheduleEntry, SchedulesFile
-from sparkinfer.tune.bundle import current_knobs, distinct
+from sparkinfer.tune.bundle import current_knobs, distinct, records_and_knobs
 from sparkinfer.tune.database import measurements
 from sparkinfer.tune.runner import versions
-from sparkinfer.tune.search import records
-from sparkinfer.tune.task import TuneTask, traces_knobs
+from sparkinfer.tune.task import TuneTask
 
 
 def _median_us(run_secs: Any) -> float:
@@ -35,10 +34,9 @@ def kernel_entry(task: TuneTask, database: ms.database.Database, lines: list[dic
     an older form of the kernel's schedule rule (their knobs unreadable now) do not count, nor
     does a measurement of a default other than the rule's current one, nor one on another card
     than the kernel's newest measurement (`card_lines`)."""
-    recorded = records(task, database)
     # trials: distinct knobs (those timed again, bundle.round_candidates' retime, count once) and the
     # records of older forms of the rule, whose knobs no longer read
-    recorded_knobs = traces_knobs(task, [r.trace for r in recorded])
+    recorded, recorded_knobs = records_and_knobs(task, database)
     known = current_knobs(recorded_knobs)
     on_card = card_lines(task, lines)
     timed = [(r, knobs) for r, knobs in zip(recorded, recorded_knobs)
