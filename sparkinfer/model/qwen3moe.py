@@ -36,8 +36,8 @@ With attention_merge="last_block" paged_decode_attention_merged replaces paged_d
 attention_combine: the attention kernel's last block of each KV head merges its splits. With
 router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
 last block picks the experts; with router_merge="gate_up" (int8 experts) moe_gate_up_silu_q8_routed
-replaces router_topk -> moe_gate_up_silu_q8: every thread block of the gate/up kernel picks them. With decode_attention="mma" paged_decode_attention_mma replaces
-paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
+replaces router_topk -> moe_gate_up_silu_q8: every thread block of the gate/up kernel picks them.
+With decode_attention="mma" paged_decode_attention_mma replaces paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
 tensor cores.
 With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blocks only), Q/K/V
 gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches.
@@ -672,8 +672,7 @@ class _StepBuilder:
         gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed", self.t(g), self.t(u), E, KU, I, H)
         *aq, ids, weights = self.call(gv, [p[g], p[u], router, *xq],
                                       [*self._q8_types(I, KU), _tensor((KU,), "int32"), self.f32(KU)], f"act_q{i}")
-        gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
-        return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
+        return self._down_q8(d, E, KU, H, I, ids, weights, aq, h, i)
 
     def route(self, name: str, x: relax.Var, i: int) -> tuple[relax.Var, relax.Var]:
         """Layer i's experts (ids, weights) from the router weight `name` and x in one launch,
@@ -703,8 +702,7 @@ class _StepBuilder:
             # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
             aq = self.call(gv, [p[g], p[u], ids, *xq], self._q8_types(I, KU), f"act_q{i}")
-            gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
-            return self.call(gv, [p[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
+            return self._down_q8(d, E, KU, H, I, ids, weights, aq, h, i)
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
         return self._down(d, E, KU, H, I, ids, weights, act, h, i)
@@ -712,6 +710,12 @@ class _StepBuilder:
     def _int8_experts(self, *names: str) -> bool:
         """Whether the experts of these weights run on int8 activations (activations="q8")."""
         return self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in names)
+
+    def _down_q8(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
+                 aq: Iterable[relax.Var], h: relax.Var, i: int) -> relax.Var:
+        """The down projection, weighted sum and residual on the gate/up kernel's int8 blocks."""
+        gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
+        return self.call(gv, [self.params[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
 
     def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
               act: relax.Var, h: relax.Var, i: int) -> relax.Var:

@@ -66,8 +66,8 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
 class MoeGateUpSiluQ8RoutedCudaRule(MoeGateUpSiluQ8CudaRule):
     """`moe_gate_up_silu_q8_routed`: the int8 gate/up layout, each thread block first running
     router_topk on its threads. The dot products read ids back from global memory after the
-    barrier that the top-k's shared ex stage puts before its total (tests/schedule/
-    test_moe_q8_routed_cuda.py asserts one lies between the ids stores and those reads)."""
+    barriers of the top-k's block allreduces, which follow the ids stores
+    (tests/schedule/test_gemv_q8_cuda.py asserts one lies between those stores and reads)."""
 
     factory = "moe_gate_up_silu_q8_routed"
 
@@ -108,7 +108,6 @@ class MoeGateUpSiluQ8CpuRule(MoeGateUpSiluCpuRule):
 class MoeDownResidualQ8CpuRule(Int8WeightsCpu, MoeDownResidualCpuRule):
     family = "moe_q8"
     factory = "moe_down_residual_q8"
-
 
 
 class MoeGateUpSiluQ8RoutedCpuRule(MoeGateUpSiluQ8CpuRule):
