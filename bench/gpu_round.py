@@ -22,13 +22,9 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 21 (bench/NOTES.md): the experts picked inside the int8 gate/up kernel.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"route_gate_up": {"router_merge": "gate_up"}}
-# Its gate/up on the knobs sm_90.json ships for the plain int8 gate/up, so that the variant differs
-# from the base by the top-k alone.
-VARIANT_KNOBS: dict[str, dict[str, dict]] = {"route_gate_up": {
-    "moe_q8.moe_gate_up_silu_q8_routed('Q4_K', 'Q4_K', 128, 8, 768, 2048)":
-        {"lanes": 32, "rows": 8, "rows_per_thread": 4, "unroll": 16, "vector_header": 0}}}
+# under 64 MiB). Session 21 (bench/NOTES.md): router_merge "gate_up", since adopted.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
 # named here, for a variant of the attention, whose share of a token grows with the depth. The

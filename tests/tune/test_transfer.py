@@ -21,8 +21,10 @@ def test_committed_file_is_the_arch_default_transferred(arch: str) -> None:
     assert {e.source for e in committed.kernels.values()} == {TRANSFERRED}
     # the step measured on sm_90, and the int8 kernels it compiles (not the float32 ones it replaces)
     assert committed.step == measured.step and committed.step["activations"] == "q8"
-    assert "moe_q8.moe_gate_up_silu_q8('Q4_K', 'Q4_K', 128, 8, 768, 2048)" in committed.kernels
+    # (the int8 gate/up ranking the router logits itself: router_merge "gate_up")
+    assert "moe_q8.moe_gate_up_silu_q8_routed('Q4_K', 'Q4_K', 128, 8, 768, 2048)" in committed.kernels
     assert "moe.moe_gate_up_silu('Q4_K', 'Q4_K', 128, 8, 768, 2048)" not in committed.kernels
+    assert "router.router_topk(128, 8)" not in committed.kernels
     assert MEASURED_ARCH in committed.made_by["how"]
 
 
