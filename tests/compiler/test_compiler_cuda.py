@@ -57,10 +57,11 @@ def test_whole_step_builds_with_a_fatbin_for_the_arch(model: str, arch: str, tmp
     # Q/K/V in one launch, on float or (sm_90.json's projection_activations) int8 activations
     assert any(k["factory"] in ("gemv_qkv", "gemv_qkv_q8") for k in manifest.kernels)
     if model == "30b-a3b-1layer":
-        # every arch's packaged step (sm_90's measured variants, tune/transfer.py): int8 activations
-        # and the tensor-core decode attention
+        # every arch's packaged step (sm_90's measured variants, tune/transfer.py): int8 activations,
+        # the experts picked inside the int8 gate/up, and the tensor-core decode attention
         factories = {k["factory"] for k in manifest.kernels}
-        assert {"moe_gate_up_silu_q8", "gemv_qkv_q8", "paged_decode_attention_mma"} <= factories, factories
+        assert {"moe_gate_up_silu_q8_routed", "gemv_qkv_q8", "paged_decode_attention_mma"} <= factories, factories
+        assert "router_topk" not in factories
     raw = json.loads((result.directory / "manifest.json").read_text())
     assert raw["target"]["kind"] == "cuda" and raw["target"]["arch"] == arch + "a"
     assert raw["max_pages"] == -(-config.context_length // 64)
