@@ -21,6 +21,20 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261204)
 
 
+def _act_and_bound(type_gate: T, gate_data: np.ndarray, type_up: T, up_data: np.ndarray, ids: np.ndarray,
+                   xq: np.ndarray, xd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(act, the bound of its rounding, gate) of the experts ids on x̂ = dequantize(xq, xd):
+    d(silu(g) u) = silu'(g) u dg + silu(g) du, |silu'| < 1.1 (tests/kernels/test_moe.py)."""
+    x = dequantize_q8_1(xq, xd)
+    ref = moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, ids, x)
+    gate = gemv_experts_reference(type_gate, gate_data, ids, x)
+    up = gemv_experts_reference(type_up, up_data, ids, x)
+    with np.errstate(over="ignore"):
+        magnitude = (1.1 * np.abs(up) * abs_gemv(type_gate, gate_data, ids, x)
+                     + np.abs(silu(gate)) * abs_gemv(type_up, up_data, ids, x) + np.abs(ref))
+    return ref, magnitude, gate
+
+
 @pytest.mark.parametrize("type_gate, type_up", [(T.Q4_K, T.Q4_K), (T.Q5_K, T.Q8_0), (T.Q6_K, T.Q4_K)],
                          ids=lambda t: t.name)
 def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, type_up: T) -> None:
@@ -32,14 +46,8 @@ def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, t
                                          xq, xd, xs], [np.empty((len(IDS), N_FFN // 4), np.int32),
                                                        np.empty((len(IDS), N_FFN // 32), np.float32),
                                                        np.empty((len(IDS), N_FFN // 32), np.float32)])
-    x = dequantize_q8_1(xq, xd)
-    ref = moe_gate_up_silu_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, x)
-    gate = gemv_experts_reference(type_gate, gate_data, IDS_CLAMPED, x)
-    up = gemv_experts_reference(type_up, up_data, IDS_CLAMPED, x)
+    ref, magnitude, gate = _act_and_bound(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, xq, xd)
     assert np.abs(gate).max() > 2, "the test should reach SiLU's nonlinear range"
-    with np.errstate(over="ignore"):
-        magnitude = (1.1 * np.abs(up) * abs_gemv(type_gate, gate_data, IDS_CLAMPED, x)
-                     + np.abs(silu(gate)) * abs_gemv(type_up, up_data, IDS_CLAMPED, x) + np.abs(ref))
     assert_q8_1_close(aq, ad, as_, ref, magnitude)
     # and its reference is the same quantizer on the same oracle
     ref_q, ref_d, _ = M.moe_gate_up_silu_q8_reference(type_gate, gate_data, type_up, up_data, IDS_CLAMPED, xq, xd)
@@ -72,13 +80,7 @@ def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Genera
                             [np.empty_like(aq), np.empty_like(ad), np.empty_like(as_)])
     for got, want in zip((aq, ad, as_), plain, strict=True):
         np.testing.assert_array_equal(got, want)
-    x = dequantize_q8_1(xq, xd)
-    ref = moe_gate_up_silu_reference(T.Q4_K, gate_data, T.Q6_K, up_data, ref_ids, x)
-    gate = gemv_experts_reference(T.Q4_K, gate_data, ref_ids, x)
-    up = gemv_experts_reference(T.Q6_K, up_data, ref_ids, x)
-    with np.errstate(over="ignore"):
-        magnitude = (1.1 * np.abs(up) * abs_gemv(T.Q4_K, gate_data, ref_ids, x)
-                     + np.abs(silu(gate)) * abs_gemv(T.Q6_K, up_data, ref_ids, x) + np.abs(ref))
+    ref, magnitude, _ = _act_and_bound(T.Q4_K, gate_data, T.Q6_K, up_data, ref_ids, xq, xd)
     assert_q8_1_close(aq, ad, as_, ref, magnitude)
     assert_q8_1_close(ref_q, ref_d, ref_s, ref, magnitude)
 

@@ -260,16 +260,7 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
                                                              xq, xd, xs],
                                [np.empty((ku, i // 4), np.int32), np.empty((ku, i // 32), np.float32),
                                 np.empty((ku, i // 32), np.float32)])
-            # d(silu(g) u) = silu'(g) u dg + silu(g) du, |silu'| < 1.1 (tests/kernels/test_moe.py)
-            x_hat = gemv_q8.dequantize_q8_1(xq, xd)
-            g = gemv_experts_reference(tg, gate, ids, x_hat)
-            u = gemv_experts_reference(tu, up, ids, x_hat)
-            ref = silu(g) * u
-            mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ids])
-            mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ids])
-            with np.errstate(over="ignore"):
-                magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
-            assert_q8_1_close(aq, ad, as_, ref, magnitude)
+            _assert_gate_up_blocks(tg, gate, tu, up, ids, xq, xd, (aq, ad, as_))
         elif factory is moe_q8.moe_gate_up_silu_q8_routed:
             tg, tu, e, ku, i, h = args
             gate, up = random_weights(tg, (e, i, h), rng), random_weights(tu, (e, i, h), rng)
@@ -284,15 +275,7 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
             ref_ids, ref_weights = router_topk_reference(logits, ku)
             np.testing.assert_array_equal(ids, ref_ids)
             np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
-            x_hat = gemv_q8.dequantize_q8_1(xq, xd)
-            g = gemv_experts_reference(tg, gate, ref_ids, x_hat)
-            u = gemv_experts_reference(tu, up, ref_ids, x_hat)
-            ref = silu(g) * u
-            mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ref_ids])
-            mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ref_ids])
-            with np.errstate(over="ignore"):
-                magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
-            assert_q8_1_close(aq, ad, as_, ref, magnitude)
+            _assert_gate_up_blocks(tg, gate, tu, up, ref_ids, xq, xd, (aq, ad, as_))
         elif factory is moe_q8.moe_down_residual_q8:
             t, e, ku, h, i = args
             down = random_weights(t, (e, h, i), rng)
@@ -306,6 +289,23 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
             a_hat = gemv_q8.dequantize_q8_1(aq, ad)
             mag = np.stack([np.abs(dequantize_rows(t, down[j], i)) @ np.abs(a) for j, a in zip(ids, a_hat)])
             assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
+
+
+def _assert_gate_up_blocks(tg: T, gate: np.ndarray, tu: T, up: np.ndarray, ids: np.ndarray, xq: np.ndarray,
+                           xd: np.ndarray, blocks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """The gate/up kernel's int8 blocks of act against silu(g) * u of the experts ids, within
+    the bound of their rounding."""
+    i, h = gate.shape[1], xq.size * 4
+    x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+    g = gemv_experts_reference(tg, gate, ids, x_hat)
+    u = gemv_experts_reference(tu, up, ids, x_hat)
+    ref = silu(g) * u
+    # d(silu(g) u) = silu'(g) u dg + silu(g) du, |silu'| < 1.1 (tests/kernels/test_moe.py)
+    mag_g = np.stack([np.abs(quant.dequantize(tg, gate[j], (i, h))) @ np.abs(x_hat) for j in ids])
+    mag_u = np.stack([np.abs(quant.dequantize(tu, up[j], (i, h))) @ np.abs(x_hat) for j in ids])
+    with np.errstate(over="ignore"):
+        magnitude = 1.1 * np.abs(u) * mag_g + np.abs(silu(g)) * mag_u + np.abs(ref)
+    assert_q8_1_close(*blocks, ref, magnitude)
 
 
 def test_cuda_refuses_a_vectorized_dp4a() -> None:
