@@ -945,9 +945,12 @@ def build_decode_step(
     if router_merge not in ROUTER_MERGES:
         raise SparkInferError(f"router_merge must be one of {', '.join(ROUTER_MERGES)}, got {router_merge!r}")
     if router_merge != ROUTER_MERGES[0] and decode_launches != "split":
+        why = {"last_block": "the fused launches pick the experts inside gate/up (moe_gate_up_silu_routed), "
+                             "with no router_topk launch to save",
+               "gate_up": "the routed int8 gate/up reads the FFN input that the split launches' "
+                          "add_rms_norm_q8_1 quantizes"}[router_merge]
         raise SparkInferError(f"router_merge={router_merge!r} needs decode_launches='split', got {decode_launches!r}: "
-                              f"the fused launches pick the experts inside gate/up (moe_gate_up_silu_routed), "
-                              f"with no router_topk launch to save")
+                              f"{why}")
     if router_merge == "gate_up" and activations != "q8":
         raise SparkInferError(f"router_merge='gate_up' picks the experts inside the int8 experts' gate/up kernel: "
                               f"it needs activations='q8', got {activations!r}")

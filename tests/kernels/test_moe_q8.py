@@ -100,6 +100,11 @@ def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
     assert_gemv_close(h_out, ref, magnitude)
 
 
+def test_routed_gate_up_silu_q8_rejects_more_experts_used_than_there_are() -> None:
+    with pytest.raises(ValueError, match=f"need 0 < experts used <= experts, got {N_EXPERTS + 1} of {N_EXPERTS}"):
+        M.moe_gate_up_silu_q8_routed(T.Q4_K, T.Q4_K, N_EXPERTS, N_EXPERTS + 1, N_FFN, HIDDEN)
+
+
 def test_moe_q8_rejects_float_types() -> None:
     with pytest.raises(UnsupportedQuantTypeError, match="no int8-activation GEMV for quant type BF16"):
         M.moe_gate_up_silu_q8(T.Q4_K, T.BF16, N_EXPERTS, 2, N_FFN, HIDDEN)

@@ -82,6 +82,10 @@ def test_gate_up_needs_int8_experts() -> None:
     with pytest.raises(SparkInferError, match="router_merge='gate_up' picks the experts inside the int8 experts' "
                                               "gate/up kernel: it needs activations='q8', got 'f32'"):
         build_decode_step(TINY, TYPES, router_merge="gate_up")
+    with pytest.raises(SparkInferError, match=r"router_merge='gate_up' needs decode_launches='split', got 'fused': "
+                                              r"the routed int8 gate/up reads the FFN input that the split "
+                                              r"launches' add_rms_norm_q8_1 quantizes"):
+        build_decode_step(TINY, TYPES, activations="q8", router_merge="gate_up", decode_launches="fused")
 
 
 def test_the_fused_launches_refuse_it() -> None:
