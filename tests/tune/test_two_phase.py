@@ -114,6 +114,29 @@ def _time_as(bundle: Path, device: str, times_us: dict[str, float]) -> None:
         "date": "2026-12-06T00:00:00Z", "results": results}))
 
 
+def test_an_entry_compares_the_fastest_times_of_its_knobs_and_of_the_default(tmp_path):
+    """Two rounds on one card, the second on a slower machine start (everything 1.5x): the entry
+    takes each knob set's fastest time over both, the default's included, so that its ratio is
+    not the first round's best against the second round's default."""
+    from sparkinfer.tune.schedules import write_schedules
+
+    task = toy_task()
+    work_dir = tmp_path / "logs"
+    database = open_database(work_dir)
+    first = emit([task], "cpu", database, tmp_path / "round0", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20)
+    cands = first["candidates"]
+    _time_as(tmp_path / "round0", "card A", {c["id"]: 2.0 if i == 2 else 4.0 for i, c in enumerate(cands)})
+    ingest(tmp_path / "round0", {task.key: task}, database, work_dir)
+    again = emit([task], "cpu", database, tmp_path / "round1", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20,
+                 retime={task.key: cands[2]["knobs"]})
+    assert again["candidates"][0]["default"]
+    _time_as(tmp_path / "round1", "card A", {c["id"]: 6.0 if c["default"] else 3.0 for c in again["candidates"]})
+    ingest(tmp_path / "round1", {task.key: task}, database, work_dir)
+    entry = write_schedules(tmp_path / "s.json", "cpu", [task], database, work_dir, seed=3).kernels[task.key]
+    assert entry.knobs == cands[2]["knobs"] and entry.time_us == 2.0
+    assert entry.default_time_us == 4.0  # round 0's, not round 1's 6.0
+
+
 def test_a_round_for_another_card_times_the_shipped_knobs_and_the_default_again(tmp_path):
     """A round emitted with `retime` (what `sparkinfer tune --emit` passes: each kernel's tuned
     entry) times that entry's knobs and the default again beside its new proposals, so that an
