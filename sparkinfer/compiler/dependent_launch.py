@@ -23,22 +23,41 @@ TVM's whole lowering (TIR_PIPELINE), gives each CUDA kernel both halves at its e
                                        overlap this kernel's tail instead of following it
 Under CUDA stream capture (the driver's one graph per step, runtime/cuda_graph.py) such a
 launch becomes a programmatic edge of the graph (CUDA >= 12.3 driver and toolkit).
+
+With the step variant programmatic_launch "prefetch" (PREFETCH_PIPELINE) a kernel's blocks do
+one thing before the wait: ask the L2 for the kernel's weights, which no kernel writes, so that
+while the kernel before runs (its blocks have all started, or this one would not be running)
+those bytes come from memory instead of after it. `mark_weight_prefetch` finds them in the
+Relax step before lowering: the kernel's arguments that every call passes a parameter of the
+calling function it does not write in place, of at most a quarter of the arch's L2 (the norms,
+the dense projections, the router; not the expert stacks, the LM head or the embedding, which a
+step reads in part); each block, by its thread 0, issues one `cp.async.bulk.prefetch.L2` of its
+share of each (the TMA unit fetches it in the background; nothing waits for it). Then it waits
+and lets its own dependents launch, as above: one kernel ahead, never more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 # TVM's CUDA runtime requires this tag, when present, to be the last of a kernel's launch params.
 _DYNAMIC_SHARED_TAG = "tirx.use_dyn_shared_memory"
 _LAUNCH_PARAMS = "tirx.kernel_launch_params"
 # The TIR pipeline `tvm.compile(..., tir_pipeline=TIR_PIPELINE)` builds with: TVM's default
-# lowering, then MarkProgrammaticLaunch.
+# lowering, then MarkProgrammaticLaunch; PREFETCH_PIPELINE's marks prefetch weights first.
 TIR_PIPELINE = "sparkinfer_programmatic_launch"
+PREFETCH_PIPELINE = "sparkinfer_programmatic_launch_prefetch"
+# A kernel's (PrimFunc's) attribute set by `mark_weight_prefetch`: the names of its buffers to
+# prefetch, which its lowered CUDA kernel declares under the same names.
+PREFETCH_ATTR = "sparkinfer.l2_prefetch"
+# cp.async.bulk's unit: its size and address are multiples of 16 bytes (PTX ISA 9.7.10.28.4.3);
+# TVM's device allocations, every step parameter's among them, are aligned far beyond it.
+_BULK_BYTES = 16
 
 
 def _is_cuda_kernel(func: tvm.ir.BaseFunc) -> bool:
@@ -48,9 +67,11 @@ def _is_cuda_kernel(func: tvm.ir.BaseFunc) -> bool:
     return target is not None and target.kind.name == "cuda"
 
 
-def mark_kernel(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+def mark_kernel(kernel: tirx.PrimFunc, prefetch: Sequence[str] = ()) -> tirx.PrimFunc:
     """One lowered CUDA kernel launched programmatically: LAUNCH_TAG among its launch params,
-    `griddepcontrol.wait` then `griddepcontrol.launch_dependents` at its entry."""
+    `griddepcontrol.wait` then `griddepcontrol.launch_dependents` at its entry; with `prefetch`
+    (names of buffers it declares) the bulk L2 prefetch of those first, once its thread and
+    block indices are bound (`_with_entry`)."""
     from tvm.script import tirx as T  # the compiler's: runtime-only TVM has no TVMScript
 
     params = [str(p) for p in kernel.attrs[_LAUNCH_PARAMS]]
@@ -59,7 +80,74 @@ def mark_kernel(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     last = [p for p in params if p == _DYNAMIC_SHARED_TAG]
     params = [p for p in params if p != _DYNAMIC_SHARED_TAG] + [LAUNCH_TAG] + last
     entry = [tirx.Evaluate(T.ptx.griddepcontrol.wait()), tirx.Evaluate(T.ptx.griddepcontrol.launch_dependents())]
-    return kernel.with_body(tirx.SeqStmt([*entry, kernel.body])).with_attr(_LAUNCH_PARAMS, params)
+    if not prefetch:
+        return kernel.with_body(tirx.SeqStmt([*entry, kernel.body])).with_attr(_LAUNCH_PARAMS, params)
+    buffers = {b.name: b for b in _declared_buffers(kernel.body) if b.name in prefetch}
+    body = _with_entry(kernel.body, lambda axes: [*_prefetch_shares(list(buffers.values()), axes), *entry], {})
+    return kernel.with_body(body).with_attr(_LAUNCH_PARAMS, params)
+
+
+def _declared_buffers(stmt: tirx.Stmt) -> list[tirx.Buffer]:
+    """The global buffers a lowered kernel declares ahead of its first thread binding."""
+    stmts = list(stmt.seq) if isinstance(stmt, tirx.SeqStmt) else [stmt]
+    return [s.buffer for s in stmts if isinstance(s, tirx.DeclBuffer)]
+
+
+def _with_entry(stmt: tirx.Stmt, entry: Callable[[dict[str, tuple[tirx.Var, int]]], list[tirx.Stmt]],
+                axes: dict[str, tuple[tirx.Var, int]]) -> tirx.Stmt:
+    """`stmt` with entry(axes) put in front of its first statement that is neither a buffer
+    declaration or allocation nor a thread binding, below the thread bindings ahead of it
+    (axes: "blockIdx.x" etc. -> (var, extent), what the entry may index by). Nothing ahead of
+    that point touches global memory, so a wait there is still before every global access."""
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = list(stmt.seq)
+        lead = 0
+        while lead < len(seq) and isinstance(seq[lead], (tirx.DeclBuffer, tirx.AllocBuffer)):
+            lead += 1
+        if lead == len(seq):
+            return stmt
+        return tirx.SeqStmt([*seq[:lead], _with_entry(seq[lead], entry, axes), *seq[lead + 1:]])
+    if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "thread_extent" and isinstance(stmt.value, tirx.IntImm):
+        bound = {**axes, str(stmt.node.thread_tag): (stmt.node.var, int(stmt.value))}
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _with_entry(stmt.body, entry, bound))
+    return tirx.SeqStmt([*entry(axes), stmt])
+
+
+def _prefetch_shares(buffers: list[tirx.Buffer], axes: dict[str, tuple[tirx.Var, int]]) -> list[tirx.Stmt]:
+    """Block b's share of each buffer (the b-th of the grid's equal 16-byte-aligned slices), by
+    its thread 0 (of the thread indices bound so far), as one bulk L2 prefetch each."""
+    from tvm.script import tirx as T
+
+    blocks = [axes[tag] for tag in ("blockIdx.x", "blockIdx.y", "blockIdx.z") if tag in axes]
+    n_blocks = math.prod(extent for _, extent in blocks)
+    block: tirx.Expr = tirx.const(0, "int64")
+    for var, extent in reversed(blocks):  # x fastest
+        block = block * extent + var.astype("int64")
+    prefetch = T.ptx.cp
+    for part in ("async", "bulk", "prefetch", "L2", "global"):  # (keywords of Python among them)
+        prefetch = getattr(prefetch, part)
+    stmts = []
+    for buf in buffers:
+        total = _bytes(buf) // _BULK_BYTES * _BULK_BYTES
+        share = -(-total // n_blocks // _BULK_BYTES) * _BULK_BYTES if total else 0
+        if share == 0:
+            continue
+        offset = block * share
+        size = tirx.min(tirx.const(share, "int64"), tirx.const(total, "int64") - offset).astype("uint32")
+        # the address of the share's first element (the kernel's buffers are flat; a share is whole
+        # elements, 16 bytes being a multiple of every element size)
+        start = T.address_of(tirx.BufferLoad(buf, [offset // (_bytes(buf) // math.prod(int(d) for d in buf.shape))]))
+        stmts.append(tirx.IfThenElse(offset < total, tirx.Evaluate(prefetch(start, size)), None))
+    threads = [var for tag, (var, _) in axes.items() if tag.startswith("threadIdx")]
+    if not stmts or not threads:
+        return stmts
+    first = tirx.all(*[var == 0 for var in threads]) if len(threads) > 1 else threads[0] == 0
+    return [tirx.IfThenElse(first, tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0], None)]
+
+
+def _bytes(buf: tirx.Buffer | tirx.Var) -> int:
+    """The bytes of a buffer of static shape (a kernel's buffer parameter, or its declaration)."""
+    return math.prod(int(d) for d in buf.shape) * tvm.runtime.DataType(str(buf.dtype)).bits // 8
 
 
 def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
@@ -67,20 +155,76 @@ def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def mark_programmatic_launch() -> tvm.transform.Pass:
+def _mark_module_prefetch(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+    """`_mark_module` with each kernel's prefetch: the PREFETCH_ATTR of the host function whose
+    kernel it is (SplitHostDevice names a kernel after it, "<name>_kernel...", and keeps the
+    attribute on the host side only)."""
+    wanted = {gvar.name_hint: [str(n) for n in f.attrs[PREFETCH_ATTR]] for gvar, f in mod.functions.items()
+              if isinstance(f, tirx.PrimFunc) and f.attrs is not None and PREFETCH_ATTR in f.attrs}
+
+    def names(kernel: tvm.ir.GlobalVar) -> list[str]:
+        return next((n for host, n in wanted.items() if kernel.name_hint.startswith(f"{host}_kernel")), [])
+
+    functions = {gvar: mark_kernel(func, names(gvar)) if _is_cuda_kernel(func) else func
+                 for gvar, func in mod.functions.items()}
+    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def mark_programmatic_launch(prefetch: bool = False) -> tvm.transform.Pass:
     """The pass MarkProgrammaticLaunch: `mark_kernel` on every CUDA kernel of a module lowered
-    past SplitHostDevice."""
-    return tvm.transform.module_pass(_mark_module, opt_level=0, name="MarkProgrammaticLaunch")
+    past SplitHostDevice (`prefetch`: with the prefetch its PREFETCH_ATTR names)."""
+    return tvm.transform.module_pass(_mark_module_prefetch if prefetch else _mark_module, opt_level=0,
+                                     name="MarkProgrammaticLaunch")
 
 
-def _pipeline() -> tuple[tvm.transform.Pass, Callable[[], tvm.transform.Pass], Callable[[], tvm.transform.Pass]]:
+def mark_weight_prefetch(mod: tvm.IRModule, max_bytes: int) -> None:
+    """Set PREFETCH_ATTR on each kernel of `mod` (in place, before lowering) to the names of its
+    buffers that every call of it passes a parameter of the calling Relax function, not written
+    in place by that call, of at most `max_bytes`: the step's weights that the kernel reads
+    whole (the module docstring)."""
+    for gvar, positions in _parameter_reads(mod).items():
+        func = mod[gvar]
+        names = []
+        for index in sorted(positions):
+            param = func.params[index]  # a buffer
+            if all(isinstance(d, tirx.IntImm) for d in param.shape) and _bytes(param) <= max_bytes:
+                names.append(param.name)
+        if names:
+            mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
+
+
+def _parameter_reads(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, set[int]]:
+    """Per kernel, the argument positions at which each of its call_tir / call_tir_inplace calls
+    passes a parameter of the calling function that the call does not write."""
+    call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
+    found: dict[tvm.ir.GlobalVar, set[int]] = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        params = set(func.params)
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if not isinstance(call, relax.Call) or call.op not in (call_tir, inplace):
+                    continue
+                written = {int(i) for i in call.attrs.inplace_indices} if call.op == inplace else set()
+                read = {j for j, arg in enumerate(call.args[1].fields) if arg in params and j not in written}
+                gvar = call.args[0]
+                found[gvar] = found[gvar] & read if gvar in found else read
+    return found
+
+
+def _pipeline(prefetch: bool
+              ) -> tuple[tvm.transform.Pass, Callable[[], tvm.transform.Pass], Callable[[], tvm.transform.Pass]]:
     """TVM's default TIR pipeline (lowering, host and device finalizers), MarkProgrammaticLaunch
     after its lowering."""
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-    return tvm.transform.Sequential([lower, mark_programmatic_launch()], name=TIR_PIPELINE), finalize_host, finalize_device
+    name = PREFETCH_PIPELINE if prefetch else TIR_PIPELINE
+    return tvm.transform.Sequential([lower, mark_programmatic_launch(prefetch)], name=name), finalize_host, finalize_device
 
 
 # tvm.tirx.build takes a pipeline by name only. Runtime-only TVM (the GPU machines) lowers
 # nothing and has no pipelines; there this module gives only the names above.
 if hasattr(tvm.tirx, "register_tir_pipeline"):
-    tvm.tirx.register_tir_pipeline(TIR_PIPELINE, _pipeline)
+    tvm.tirx.register_tir_pipeline(TIR_PIPELINE, lambda: _pipeline(False))
+    tvm.tirx.register_tir_pipeline(PREFETCH_PIPELINE, lambda: _pipeline(True))

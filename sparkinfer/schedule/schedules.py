@@ -5,10 +5,11 @@
                  "transferred", "time_us": float | null, "default_time_us": float | null,
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
-              "decode_launches": "split" | "fused", "programmatic_launch": "off" | "on",
+              "decode_launches": "split" | "fused",
+              "programmatic_launch": "off" | "on" | "prefetch",
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block",
-              "router_merge": "separate" | "last_block", "decode_attention": "simt" | "mma",
+              "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
               "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
@@ -37,8 +38,10 @@ from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # How the compiled step's CUDA kernels are launched (model.qwen3moe.build_decode_step records it,
 # compiler.pipeline.build_step applies it): "on" marks every kernel for programmatic dependent
-# launch (compiler/dependent_launch.py), so a kernel may start while the one before it drains.
-PROGRAMMATIC_LAUNCH = ("off", "on")
+# launch (compiler/dependent_launch.py), so a kernel may start while the one before it drains;
+# "prefetch" does too, and a kernel's blocks first ask the L2 for its weights, which no kernel
+# writes, so that their loads from memory overlap the kernel before.
+PROGRAMMATIC_LAUNCH = ("off", "on", "prefetch")
 # The T-token step's tensor-core attention (kernels.prefill_attention.causal_prefill_attention_half,
 # chunk_operands "f16"): "read_ahead" reads K and V a key tile ahead into registers, 2 blocks an
 # SM on sm_90 at head dim 128; "compact" (its `compact` argument) does not, and fits 3
@@ -73,6 +76,8 @@ CUDA_ONLY_VARIANTS = {
     ("chunk_operands", "f16"): "tensor-core operands; the cpu build has no kernels for it",
     ("programmatic_launch", "on"): "a CUDA launch attribute and the griddepcontrol instruction of sm_90 and later; "
                                    "the cpu build launches no kernels",
+    ("programmatic_launch", "prefetch"): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
+                                         "prefetch of sm_90 and later; the cpu build launches no kernels",
     ("attention_form", "compact"): "a form of the tensor-core attention; the cpu build's attention multiplies "
                                    "float32",
     ("attention_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "

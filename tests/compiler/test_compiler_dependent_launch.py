@@ -1,8 +1,10 @@
 """The step variant programmatic_launch (compiler/dependent_launch.py): a tiny model's decode
 step built with it "on" has every CUDA kernel tagged for programmatic dependent launch and
 waiting at its entry (codegen only, every arch; with nvcc for sm_90 through compile_model and a
-schedules file), and a cpu step refuses it with a message. The kernel-level checks (nvcc for
-every arch, the emulated and GPU runs) are tests/schedule/test_dependent_launch_cuda.py's."""
+schedules file), and a cpu step refuses it with a message; with "prefetch" the kernels that read
+weights prefetch them before the wait, and on the full-size model those are the dense ones only.
+The kernel-level checks (nvcc for every arch, the emulated and GPU runs) are
+tests/schedule/test_dependent_launch_cuda.py's."""
 
 import re
 from pathlib import Path
@@ -10,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.dependent_launch import LAUNCH_TAG
+from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, PREFETCH_ATTR, mark_weight_prefetch
 from sparkinfer.compiler.pipeline import build_step, compile_model, library_name
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.model.qwen3moe import build_decode_step
+from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.schedules import SchedulesFile
 from tests.compiler.test_compiler_cuda import library_bytes
 
@@ -55,21 +58,66 @@ def test_the_step_is_built_as_before_with_the_variant_off() -> None:
     assert "griddepcontrol" not in _cuda_source(executable.mod)
 
 
-def test_the_cpu_refuses_programmatic_launch() -> None:
-    step = build_decode_step(CONFIG, TYPES, programmatic_launch="on")
-    with pytest.raises(SparkInferError, match=r"programmatic_launch='on' is for the CUDA archs only \(.*launches no kernels"):
+# What may come ahead of a kernel's wait: its declarations, and its thread 0's prefetch of weights.
+_BEFORE_WAIT = re.compile(r"\s*((__shared__ )?alignas\(\d+\) \w+ \w+\[\d+\];|if \(.*\) \{|\}|"
+                          r"tvm_builtin_ptx_cp_async_bulk_prefetch\w*\(\(&\(\w+_ptr\[.*\]\)\), .*\);)\s*")
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_120", "sm_121"])
+def test_with_prefetch_the_kernels_that_read_weights_prefetch_them_before_the_wait(arch: str) -> None:
+    step = build_decode_step(CONFIG, TYPES, programmatic_launch="prefetch")
+    with targets.source_only():
+        executable, _ = build_step(step, arch)
+    source = _cuda_source(executable.mod)
+    kernels = {m.group(1): source[m.end():] for m in _KERNEL.finditer(source)}
+    assert len(kernels) >= len(step.kernels)
+    for name, body in kernels.items():
+        before = body[:body.index("tvm_builtin_ptx_griddepcontrol_wait();")].splitlines()
+        assert all(_BEFORE_WAIT.fullmatch(line) for line in before if line.strip()), (name, before)
+    marked = {gv.name_hint: list(f.attrs[PREFETCH_ATTR]) for gv, f in step.mod.functions.items()
+              if getattr(f, "attrs", None) is not None and PREFETCH_ATTR in f.attrs}
+    assert marked["gemv_q4_k_256x256"] == ["W"] and marked["rms_norm_256"] == ["w"]
+    prefetching = {name for name, body in kernels.items() if "cp_async_bulk_prefetch" in body.split("griddepcontrol_wait")[0]}
+    assert "gemv_q4_k_256x256_kernel" in prefetching
+    assert all(any(name.startswith(f"{host}_kernel") for host in marked) for name in prefetching)
+
+
+def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefetched() -> None:
+    """sm_90's step on Qwen3-30B-A3B: the dense projections, norms and router (up to a quarter of
+    the L2 each), not the expert stacks (read by id), the LM head or the embedding table."""
+    config = preset_config("qwen3-30b-a3b")
+    step = build_decode_step(config, type_map(config, "q4_k_m"), activations="q8", projection_activations="q8",
+                             head_activations="q8", q6_k_layout="planar", router_merge="gate_up",
+                             programmatic_launch="prefetch")
+    mark_weight_prefetch(step.mod, arch_facts("sm_90").l2_bytes // 4)
+    marked = {gv.name_hint: list(f.attrs[PREFETCH_ATTR]) for gv, f in step.mod.functions.items()
+              if getattr(f, "attrs", None) is not None and PREFETCH_ATTR in f.attrs}
+    assert marked["gemv_qkv_q8_q4_k_4096x512x512x2048"] == ["Wq", "Wk", "Wv"]
+    assert marked["gemv_q8_q4_k_2048x4096"] == ["W"] and marked["gemv_f32_128x2048"] == ["W"]
+    assert marked["add_rms_norm_q8_1_2048"] == ["w"]
+    assert marked["embedding_q4_k_151936x2048"] == ["token"]  # its id, not its table
+    for name in ("moe_gate_up_silu_q8_routed_q4_k_q4_k_128x768x2048_top8", "moe_down_residual_q8_q4_k_128x2048x768_top8",
+                 "gemv_q8_q6_k_planar_151936x2048"):
+        assert name in {gv.name_hint for gv in step.mod.functions} and name not in marked
+
+
+@pytest.mark.parametrize("value", ["on", "prefetch"])
+def test_the_cpu_refuses_programmatic_launch(value: str) -> None:
+    step = build_decode_step(CONFIG, TYPES, programmatic_launch=value)
+    with pytest.raises(SparkInferError, match=rf"programmatic_launch='{value}' is for the CUDA archs only \(.*launches no kernels"):
         build_step(step, "cpu")
 
 
 def test_an_unknown_value_is_refused() -> None:
-    with pytest.raises(SparkInferError, match=r"programmatic_launch must be one of off, on, got 'yes'"):
+    with pytest.raises(SparkInferError, match=r"programmatic_launch must be one of off, on, prefetch, got 'yes'"):
         build_decode_step(CONFIG, TYPES, programmatic_launch="yes")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)")
-def test_a_schedules_file_turns_it_on_for_a_whole_build(tmp_path: Path) -> None:
-    schedules = SchedulesFile("sm_90", {}, step={"programmatic_launch": "on"}).write(tmp_path / "sm_90.json")
+@pytest.mark.parametrize("value", ["on", "prefetch"])
+def test_a_schedules_file_turns_it_on_for_a_whole_build(value: str, tmp_path: Path) -> None:
+    schedules = SchedulesFile("sm_90", {}, step={"programmatic_launch": value}).write(tmp_path / "sm_90.json")
     result = compile_model(CONFIG, TYPES, "sm_90", tmp_path / "out", prefill_chunks=(), schedules=schedules)
     library = library_bytes(result.directory / result.manifest.library)
     # each of the tiny step's kernels lowers to one CUDA kernel

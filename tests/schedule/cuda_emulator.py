@@ -242,7 +242,8 @@ def _without_grid_dependency_control(preamble: str) -> str:
     """The preamble with TVM's `griddepcontrol` helpers emptied (programmatic dependent launch,
     compiler/dependent_launch.py): the emulator runs launches one after another, so every
     kernel before this one has completed (what `wait` waits for) and none overlaps another
-    (what `launch_dependents` would allow)."""
+    (what `launch_dependents` would allow); and the bulk L2 prefetch's, a cache hint."""
+    preamble = re.sub(r'asm volatile\("cp\.async\.bulk\.prefetch\.L2\.global [^"]*"[^;]*;', "", preamble)
     return re.sub(r'asm volatile\("griddepcontrol\.\w+;"[^;]*;', "", preamble)
 
 

@@ -2,7 +2,9 @@
 kernels: the launch tag in every kernel's launch params and in the built library, griddepcontrol
 at every kernel's entry in the CUDA source, nvcc for every arch, and on a GPU and in the CUDA
 emulator (the `gpu` fixture) the chain against numpy; on a GPU also replayed from a CUDA graph
-(on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`)."""
+(on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`). One kernel of the
+chain has a weight to prefetch (PREFETCH_PIPELINE, which the `gpu` fixture builds with): its
+blocks' shares cover the weight once, and its prefetch comes before its wait."""
 
 import re
 import tempfile
@@ -14,15 +16,17 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, TIR_PIPELINE, mark_kernel
+from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, PREFETCH_ATTR, PREFETCH_PIPELINE, TIR_PIPELINE, mark_kernel
 
 from cuda_emulator import kernel_definition
 from cuda_testutil import CUDA_ARCHS, Gpu, assert_nvcc_compiles, cuda_source, gpu_fixture, gpu_only, main, module, needs_nvcc
 
 N, THREADS = 4096, 128
+# mirror_scaled's weight: 4000 bytes, not a multiple of the N / THREADS = 32 blocks' 16-byte shares
+WEIGHTS = 1000
 LAUNCH_PARAMS = "tirx.kernel_launch_params"
-# The kernels `kernels_module` lowers to: mirror's, and mirror_twice's two.
-KERNELS = ("mirror_kernel", "mirror_twice_kernel", "mirror_twice_kernel_1")
+# The kernels `kernels_module` lowers to: mirror's, mirror_twice's two and mirror_scaled's.
+KERNELS = ("mirror_kernel", "mirror_twice_kernel", "mirror_twice_kernel_1", "mirror_scaled_kernel")
 
 
 def mirror_reference(x: np.ndarray) -> np.ndarray:
@@ -58,8 +62,24 @@ def mirror_twice() -> tirx.PrimFunc:
     return _bound(te.create_prim_func([x, y, _mirrored(y, "z")]), ("y", "z"), "mirror_twice")
 
 
+def mirror_scaled() -> tirx.PrimFunc:
+    """y[i] = mirror(x)[i] * w[i % WEIGHTS], w marked for the L2 prefetch (as
+    `dependent_launch.mark_weight_prefetch` marks a step's weights)."""
+    x = te.placeholder((N,), "float32", name="x")
+    w = te.placeholder((WEIGHTS,), "float32", name="w")
+    y = te.compute((N,), lambda i: _mirrored(x, "m")[i] * w[i % WEIGHTS], name="y")
+    func = te.create_prim_func([x, w, y])
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("m"))
+    return _bound(sch.mod["main"], ("y",), "mirror_scaled").with_attr(PREFETCH_ATTR, ["w"])
+
+
+def mirror_scaled_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (mirror_reference(x) * np.resize(w, N)).astype(np.float32)
+
+
 def kernels_module() -> tvm.IRModule:
-    return module(mirror(), mirror_twice())
+    return module(mirror(), mirror_twice(), mirror_scaled())
 
 
 def lowered_kernels(tir_pipeline: str) -> dict[str, tirx.PrimFunc]:
@@ -101,6 +121,46 @@ def test_each_kernel_waits_then_lets_its_dependents_launch_before_anything_else(
         assert [s.strip() for s in statements[:2]] == [
             "tvm_builtin_ptx_griddepcontrol_wait()", "tvm_builtin_ptx_griddepcontrol_launch_dependents()"], name
     assert "griddepcontrol" not in cuda_source(kernels_module(), "sm_90")
+    assert "prefetch" not in source  # TIR_PIPELINE ignores the prefetch mark
+
+
+def _prefetches(stmt: tirx.Stmt) -> list[tuple[tirx.Expr, tirx.Expr, tirx.Expr]]:
+    """(guard, byte offset, bytes) of each bulk L2 prefetch in a lowered kernel's statements."""
+    if isinstance(stmt, tirx.IfThenElse) and isinstance(stmt.then_case, tirx.Evaluate):
+        call = stmt.then_case.value
+        if isinstance(call, tvm.ir.Call) and call.op.name == "tirx.ptx.cp_async_bulk_prefetch":
+            (load,) = call.args[0].args  # address_of(w[index])
+            return [(stmt.condition, load.indices[0] * 4, call.args[1])]
+    children = list(stmt.seq) if isinstance(stmt, tirx.SeqStmt) else \
+        [getattr(stmt, name) for name in ("body", "then_case", "else_case") if getattr(stmt, name, None) is not None]
+    return [found for child in children for found in _prefetches(child)]
+
+
+def _at_block(expr: tirx.Expr, block: int) -> int:
+    import tvm.sym  # here, not at import: the GPU machines' runtime-only TVM collects this file
+
+    analyzer = tvm.sym.Analyzer()
+    for var in tirx.analysis.undefined_vars(expr):
+        analyzer.bind(var, tirx.const(block, var.ty.dtype))  # blockIdx.x, the only free variable
+    return int(analyzer.simplify(expr))
+
+
+def test_the_blocks_prefetch_the_weight_once_before_they_wait() -> None:
+    kernels = lowered_kernels(PREFETCH_PIPELINE)
+    assert all(list(k.attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x", LAUNCH_TAG] for k in kernels.values())
+    assert not any(_prefetches(kernels[name].body) for name in KERNELS[:3])
+    (prefetch,) = _prefetches(kernels["mirror_scaled_kernel"].body)
+    covered = []
+    for b in range(N // THREADS):
+        guard, offset, size = (_at_block(e, b) for e in prefetch)
+        if guard:
+            assert offset % 16 == 0 and size % 16 == 0 and size > 0
+            covered.extend(range(offset, offset + size))
+    assert covered == list(range(WEIGHTS * 4))  # 4000 bytes: every one once, in block order
+    source = kernel_definition(cuda_source(kernels_module(), "sm_90", PREFETCH_PIPELINE), "mirror_scaled_kernel")
+    entry = source.index("if (((int)threadIdx.x) == 0)")
+    assert entry < source.index("cp_async_bulk_prefetch") < source.index("griddepcontrol_wait();") \
+        < source.index("griddepcontrol_launch_dependents();") < source.index("y_ptr[")
 
 
 def test_the_built_library_carries_the_tag_for_every_kernel() -> None:
@@ -114,22 +174,27 @@ def test_the_built_library_carries_the_tag_for_every_kernel() -> None:
 
 
 @needs_nvcc
+@pytest.mark.parametrize("pipeline", [TIR_PIPELINE, PREFETCH_PIPELINE])
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
-def test_nvcc_compiles_the_marked_kernels(arch: str) -> None:
-    assert_nvcc_compiles(arch, cuda_source(kernels_module(), arch, TIR_PIPELINE))
+def test_nvcc_compiles_the_marked_kernels(arch: str, pipeline: str) -> None:
+    assert_nvcc_compiles(arch, cuda_source(kernels_module(), arch, pipeline))
 
 
-gpu = gpu_fixture("dependent_launch", kernels_module, TIR_PIPELINE)
+gpu = gpu_fixture("dependent_launch", kernels_module, PREFETCH_PIPELINE)
 
 
 def test_the_chain_matches_numpy(gpu: Gpu) -> None:
-    x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
-    y, z, once = gpu.poisoned((N,)), gpu.poisoned((N,)), gpu.poisoned((N,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(N).astype(np.float32)
+    w = rng.standard_normal(WEIGHTS).astype(np.float32)
+    y, z, once, scaled = (gpu.poisoned((N,)) for _ in range(4))
     gpu("mirror", gpu.tensor(x), once)
     gpu("mirror_twice", gpu.tensor(x), y, z)
+    gpu("mirror_scaled", z, gpu.tensor(w), scaled)
     np.testing.assert_array_equal(once.numpy(), mirror_reference(x))
     np.testing.assert_array_equal(y.numpy(), mirror_reference(x))
     np.testing.assert_array_equal(z.numpy(), mirror_reference(mirror_reference(x)))
+    np.testing.assert_array_equal(scaled.numpy(), mirror_scaled_reference(mirror_reference(mirror_reference(x)), w))
 
 
 def test_the_chain_replays_from_a_cuda_graph(gpu: Gpu) -> None:
@@ -138,14 +203,18 @@ def test_the_chain_replays_from_a_cuda_graph(gpu: Gpu) -> None:
     gpu_only(gpu, "a CUDA graph needs a GPU")
     from sparkinfer.runtime.cuda_graph import CapturedStep, CudaStream
 
-    x = np.random.default_rng(1).standard_normal(N).astype(np.float32)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(N).astype(np.float32)
     a, b = gpu.tensor(x), gpu.poisoned((N,))
     launches, replays = 32, 3
+
+    w = rng.uniform(0.9, 1.1, WEIGHTS).astype(np.float32)  # 64 products of them stay near 1
+    w_dev = gpu.tensor(w)
 
     def chain(a: tvm.runtime.Tensor, b: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
         for _ in range(launches // 2):
             gpu.library["mirror"](a, b)
-            gpu.library["mirror"](b, a)
+            gpu.library["mirror_scaled"](b, w_dev, a)  # its weight prefetched before its wait
         return a
 
     stream = CudaStream(gpu.dev)
@@ -158,10 +227,10 @@ def test_the_chain_replays_from_a_cuda_graph(gpu: Gpu) -> None:
     finally:
         stream.close()
     want = x
-    for _ in range(launches * (1 + replays)):
-        want = mirror_reference(want)
-    np.testing.assert_allclose(a.numpy(), want, rtol=1e-6)
+    for _ in range(launches // 2 * (1 + replays)):
+        want = mirror_scaled_reference(mirror_reference(want), w)
+    np.testing.assert_allclose(a.numpy(), want, rtol=1e-5)
 
 
 if __name__ == "__main__":
-    main(__doc__, "dependent_launch", kernels_module, TIR_PIPELINE)
+    main(__doc__, "dependent_launch", kernels_module, PREFETCH_PIPELINE)
