@@ -22,10 +22,10 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 22 (bench/NOTES.md): programmatic dependent launch again on today's
-# step, without and with the weights' L2 prefetch before the wait.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"pdl": {"programmatic_launch": "on"},
-                                            "pdl_prefetch": {"programmatic_launch": "prefetch"}}
+# under 64 MiB). Session 22 (bench/NOTES.md): the step before programmatic_launch "prefetch" was
+# adopted, and "weights" (only the kernels with weights to prefetch launched programmatically).
+VARIANT_STEPS: dict[str, dict[str, str]] = {"no_pdl": {"programmatic_launch": "off"},
+                                            "pdl_weights": {"programmatic_launch": "weights"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless

@@ -135,14 +135,12 @@ def _schedule_test_module(stem: str):  # noqa: ANN202
 def build_kernel_libraries(arch: str, out: Path) -> list[Path]:
     cuda_testutil = _schedule_test_module("cuda_testutil")
     cases = _schedule_test_module("schedule_gemv_cases")
-    from sparkinfer.compiler.dependent_launch import TIR_PIPELINE
-
-    # The TIR pipeline of a test whose kernels TVM's default one does not lower as it needs.
-    pipelines = {"dependent_launch": TIR_PIPELINE}
     built = [cases.build_library(arch, out)]
     for stem in KERNEL_TESTS:
         test = _schedule_test_module(f"test_{stem}_cuda")
-        built.append(cuda_testutil.export(test.kernels_module(), stem, arch, out, pipelines.get(stem, "default")))
+        # GPU_PIPELINE: the TIR pipeline of a test whose kernels TVM's default one does not lower as it needs
+        pipeline = getattr(test, "GPU_PIPELINE", "default")
+        built.append(cuda_testutil.export(test.kernels_module(), stem, arch, out, pipeline))
     return built
 
 

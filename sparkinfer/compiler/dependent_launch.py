@@ -34,6 +34,13 @@ the dense projections, the router; not the expert stacks, the LM head or the emb
 step reads in part); each block, by its thread 0, issues one `cp.async.bulk.prefetch.L2` of its
 share of each (the TMA unit fetches it in the background; nothing waits for it). Then it waits
 and lets its own dependents launch, as above: one kernel ahead, never more.
+
+With "weights" (WEIGHTS_PIPELINE) only the kernels with weights of WEIGHT_BYTES or more to
+prefetch are launched programmatically (the dense projections and the router on the full-size
+model), as "prefetch" launches them; every other kernel keeps its plain launch and no wait, and
+only lets its dependents launch at its entry (a no-op where the next launch is a plain one).
+A programmatic edge costs a little in itself (bench/NOTES.md, "Session 22": "on" -2.5 % on an
+H100, ~0.1 µs an edge), which a kernel with nothing to prefetch gets nothing back for.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 # TVM's CUDA runtime requires this tag, when present, to be the last of a kernel's launch params.
@@ -52,6 +59,10 @@ _LAUNCH_PARAMS = "tirx.kernel_launch_params"
 # lowering, then MarkProgrammaticLaunch; PREFETCH_PIPELINE's marks prefetch weights first.
 TIR_PIPELINE = "sparkinfer_programmatic_launch"
 PREFETCH_PIPELINE = "sparkinfer_programmatic_launch_prefetch"
+WEIGHTS_PIPELINE = "sparkinfer_programmatic_launch_weights"
+# The least weight bytes for which WEIGHTS_PIPELINE launches a kernel programmatically: ~0.08 µs
+# of an H100's 3.35 TB/s, about what a programmatic edge was measured to cost.
+WEIGHT_BYTES = 256 << 10
 # A kernel's (PrimFunc's) attribute set by `mark_weight_prefetch`: the names of its buffers to
 # prefetch, which its lowered CUDA kernel declares under the same names.
 PREFETCH_ATTR = "sparkinfer.l2_prefetch"
@@ -150,44 +161,74 @@ def _bytes(buf: tirx.Buffer | tirx.Var) -> int:
     return math.prod(int(d) for d in buf.shape) * tvm.runtime.DataType(str(buf.dtype)).bits // 8
 
 
+def trigger_dependents(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A plain-launched kernel that lets a programmatic launch after it start at its entry."""
+    from tvm.script import tirx as T
+
+    return kernel.with_body(tirx.SeqStmt([tirx.Evaluate(T.ptx.griddepcontrol.launch_dependents()), kernel.body]))
+
+
 def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
     functions = {gvar: mark_kernel(func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def _mark_module_prefetch(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    """`_mark_module` with each kernel's prefetch: the PREFETCH_ATTR of the host function whose
-    kernel it is (SplitHostDevice names a kernel after it, "<name>_kernel...", and keeps the
-    attribute on the host side only)."""
+def _prefetch_names(mod: tvm.IRModule) -> Callable[[tvm.ir.GlobalVar], list[str]]:
+    """A kernel's prefetch: the PREFETCH_ATTR of the host function whose kernel it is
+    (SplitHostDevice names a kernel after it, "<name>_kernel...", and keeps the attribute on the
+    host side only)."""
     wanted = {gvar.name_hint: [str(n) for n in f.attrs[PREFETCH_ATTR]] for gvar, f in mod.functions.items()
               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and PREFETCH_ATTR in f.attrs}
+    return lambda kernel: next((n for host, n in wanted.items() if kernel.name_hint.startswith(f"{host}_kernel")), [])
 
-    def names(kernel: tvm.ir.GlobalVar) -> list[str]:
-        return next((n for host, n in wanted.items() if kernel.name_hint.startswith(f"{host}_kernel")), [])
 
+def _mark_module_prefetch(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+    """`_mark_module` with each kernel's prefetch."""
+    names = _prefetch_names(mod)
     functions = {gvar: mark_kernel(func, names(gvar)) if _is_cuda_kernel(func) else func
                  for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def mark_programmatic_launch(prefetch: bool = False) -> tvm.transform.Pass:
-    """The pass MarkProgrammaticLaunch: `mark_kernel` on every CUDA kernel of a module lowered
-    past SplitHostDevice (`prefetch`: with the prefetch its PREFETCH_ATTR names)."""
-    return tvm.transform.module_pass(_mark_module_prefetch if prefetch else _mark_module, opt_level=0,
-                                     name="MarkProgrammaticLaunch")
+def _mark_module_weights(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+    """`_mark_module_prefetch` on the kernels with a prefetch; `trigger_dependents` on the rest."""
+    names = _prefetch_names(mod)
+
+    def marked(gvar: tvm.ir.GlobalVar, func: tirx.PrimFunc) -> tirx.PrimFunc:
+        return mark_kernel(func, names(gvar)) if names(gvar) else trigger_dependents(func)
+
+    functions = {gvar: marked(gvar, func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
+    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def mark_weight_prefetch(mod: tvm.IRModule, max_bytes: int) -> None:
+# programmatic_launch value -> (its TIR pipeline, the module pass that marks the kernels)
+_MARKS = {"on": (TIR_PIPELINE, _mark_module), "prefetch": (PREFETCH_PIPELINE, _mark_module_prefetch),
+          "weights": (WEIGHTS_PIPELINE, _mark_module_weights)}
+
+
+def tir_pipeline_name(programmatic_launch: str) -> str:
+    """The TIR pipeline of a programmatic_launch value other than "off"."""
+    return _MARKS[programmatic_launch][0]
+
+
+def mark_programmatic_launch(programmatic_launch: str = "on") -> tvm.transform.Pass:
+    """The pass MarkProgrammaticLaunch on a module lowered past SplitHostDevice: `mark_kernel` on
+    every CUDA kernel ("on"; "prefetch": with the prefetch its PREFETCH_ATTR names; "weights":
+    on those with a prefetch only, the rest `trigger_dependents`)."""
+    return tvm.transform.module_pass(_MARKS[programmatic_launch][1], opt_level=0, name="MarkProgrammaticLaunch")
+
+
+def mark_weight_prefetch(mod: tvm.IRModule, max_bytes: int, min_bytes: int = 0) -> None:
     """Set PREFETCH_ATTR on each kernel of `mod` (in place, before lowering) to the names of its
     buffers that every call of it passes a parameter of the calling Relax function, not written
-    in place by that call, of at most `max_bytes`: the step's weights that the kernel reads
+    in place by that call, of `min_bytes` to `max_bytes`: the step's weights that the kernel reads
     whole (the module docstring)."""
     for gvar, positions in _parameter_reads(mod).items():
         func = mod[gvar]
         names = []
         for index in sorted(positions):
             param = func.params[index]  # a buffer
-            if all(isinstance(d, tirx.IntImm) for d in param.shape) and _bytes(param) <= max_bytes:
+            if all(isinstance(d, tirx.IntImm) for d in param.shape) and min_bytes <= _bytes(param) <= max_bytes:
                 names.append(param.name)
         if names:
             mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
@@ -196,6 +237,8 @@ def mark_weight_prefetch(mod: tvm.IRModule, max_bytes: int) -> None:
 def _parameter_reads(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, set[int]]:
     """Per kernel, the argument positions at which each of its call_tir / call_tir_inplace calls
     passes a parameter of the calling function that the call does not write."""
+    from tvm import relax  # the compiler's: runtime-only TVM (the GPU tests' import of this module) has no Relax
+
     call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
     found: dict[tvm.ir.GlobalVar, set[int]] = {}
     for func in mod.functions.values():
@@ -214,17 +257,17 @@ def _parameter_reads(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, set[int]]:
     return found
 
 
-def _pipeline(prefetch: bool
+def _pipeline(programmatic_launch: str
               ) -> tuple[tvm.transform.Pass, Callable[[], tvm.transform.Pass], Callable[[], tvm.transform.Pass]]:
     """TVM's default TIR pipeline (lowering, host and device finalizers), MarkProgrammaticLaunch
     after its lowering."""
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-    name = PREFETCH_PIPELINE if prefetch else TIR_PIPELINE
-    return tvm.transform.Sequential([lower, mark_programmatic_launch(prefetch)], name=name), finalize_host, finalize_device
+    return (tvm.transform.Sequential([lower, mark_programmatic_launch(programmatic_launch)],
+                                     name=tir_pipeline_name(programmatic_launch)), finalize_host, finalize_device)
 
 
 # tvm.tirx.build takes a pipeline by name only. Runtime-only TVM (the GPU machines) lowers
 # nothing and has no pipelines; there this module gives only the names above.
 if hasattr(tvm.tirx, "register_tir_pipeline"):
-    tvm.tirx.register_tir_pipeline(TIR_PIPELINE, lambda: _pipeline(False))
-    tvm.tirx.register_tir_pipeline(PREFETCH_PIPELINE, lambda: _pipeline(True))
+    for _value, (_name, _) in _MARKS.items():
+        tvm.tirx.register_tir_pipeline(_name, lambda value=_value: _pipeline(value))

@@ -193,15 +193,14 @@ class CompileResult:
 def tir_pipeline(step: DecodeStep, arch: str) -> str:
     """The TIR pipeline `step`'s kernels are lowered by: with programmatic_launch "on",
     dependent_launch.TIR_PIPELINE (TVM's default, then each CUDA kernel marked for programmatic
-    dependent launch), with "prefetch" its PREFETCH_PIPELINE (the same, each kernel's weights
-    prefetched into the L2 first); a cpu step cannot have either."""
+    dependent launch), with "prefetch" or "weights" its PREFETCH_PIPELINE or WEIGHTS_PIPELINE
+    (each kernel's weights prefetched into the L2 first); a cpu step cannot have any."""
     if step.programmatic_launch == "off":
         return "default"
     if arch == "cpu":
         raise SparkInferError(f"programmatic_launch={step.programmatic_launch!r} is for the CUDA archs only "
                               f"({CUDA_ONLY_VARIANTS['programmatic_launch', step.programmatic_launch]})")
-    return dependent_launch.PREFETCH_PIPELINE if step.programmatic_launch == "prefetch" else \
-        dependent_launch.TIR_PIPELINE
+    return dependent_launch.tir_pipeline_name(step.programmatic_launch)
 
 
 def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = None
@@ -216,9 +215,10 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance
-    if step.programmatic_launch == "prefetch":
+    if step.programmatic_launch in ("prefetch", "weights"):
         # weights of up to a quarter of the L2: a kernel's whole share stays there until it reads it
-        dependent_launch.mark_weight_prefetch(step.mod, arch_facts(arch).l2_bytes // 4)
+        least = dependent_launch.WEIGHT_BYTES if step.programmatic_launch == "weights" else 0
+        dependent_launch.mark_weight_prefetch(step.mod, arch_facts(arch).l2_bytes // 4, least)
     # a kernel whose shared memory its launch would refuse fails here, not on the GPU
     targets.check_shared_memory(tvm.IRModule({gv: f for gv, f in step.mod.functions.items()
                                               if isinstance(f, tvm.tirx.PrimFunc)}), arch)

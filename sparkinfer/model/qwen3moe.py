@@ -899,7 +899,8 @@ def build_decode_step(
     The T-token step is the same either way.
     `programmatic_launch` (PROGRAMMATIC_LAUNCH) leaves the module as it is: the step records it,
     and the compiler marks every CUDA kernel of it for programmatic dependent launch when "on"
-    or "prefetch" (which also prefetches each kernel's weights into the L2 before it waits).
+    or "prefetch" (which also prefetches each kernel's weights into the L2 before it waits), or
+    with "weights" only the kernels with weights enough to prefetch (compiler/dependent_launch.py).
     `q6_k_layout` (Q6_K_LAYOUTS) is how the Q6_K weights of `planar_tensors` sit in device
     memory: "gguf" as in the file, "planar" re-laid out at binding (quant/layouts.py) so that
     their GEMVs load 16 bytes at a time; the kernels reading them take the format Q6_K_PLANAR

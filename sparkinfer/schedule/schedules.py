@@ -6,7 +6,7 @@
                  "trials": int, "seed": int | null}},
      "step": {"activations": "f32" | "q8", "chunk_operands": "f32" | "f16",
               "decode_launches": "split" | "fused",
-              "programmatic_launch": "off" | "on" | "prefetch",
+              "programmatic_launch": "off" | "on" | "prefetch" | "weights",
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block",
               "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
@@ -40,8 +40,9 @@ TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # compiler.pipeline.build_step applies it): "on" marks every kernel for programmatic dependent
 # launch (compiler/dependent_launch.py), so a kernel may start while the one before it drains;
 # "prefetch" does too, and a kernel's blocks first ask the L2 for its weights, which no kernel
-# writes, so that their loads from memory overlap the kernel before.
-PROGRAMMATIC_LAUNCH = ("off", "on", "prefetch")
+# writes, so that their loads from memory overlap the kernel before; "weights" launches only the
+# kernels with weights of dependent_launch.WEIGHT_BYTES or more so (and prefetches those).
+PROGRAMMATIC_LAUNCH = ("off", "on", "prefetch", "weights")
 # The T-token step's tensor-core attention (kernels.prefill_attention.causal_prefill_attention_half,
 # chunk_operands "f16"): "read_ahead" reads K and V a key tile ahead into registers, 2 blocks an
 # SM on sm_90 at head dim 128; "compact" (its `compact` argument) does not, and fits 3
@@ -78,6 +79,8 @@ CUDA_ONLY_VARIANTS = {
                                    "the cpu build launches no kernels",
     ("programmatic_launch", "prefetch"): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
                                          "prefetch of sm_90 and later; the cpu build launches no kernels",
+    ("programmatic_launch", "weights"): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
+                                        "prefetch of sm_90 and later; the cpu build launches no kernels",
     ("attention_form", "compact"): "a form of the tensor-core attention; the cpu build's attention multiplies "
                                    "float32",
     ("attention_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "

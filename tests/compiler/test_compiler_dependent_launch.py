@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, PREFETCH_ATTR, mark_weight_prefetch
+from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, PREFETCH_ATTR, WEIGHT_BYTES, mark_weight_prefetch
 from sparkinfer.compiler.pipeline import build_step, compile_model, library_name
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
@@ -82,26 +82,44 @@ def test_with_prefetch_the_kernels_that_read_weights_prefetch_them_before_the_wa
     assert all(any(name.startswith(f"{host}_kernel") for host in marked) for name in prefetching)
 
 
-def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefetched() -> None:
-    """sm_90's step on Qwen3-30B-A3B: the dense projections, norms and router (up to a quarter of
-    the L2 each), not the expert stacks (read by id), the LM head or the embedding table."""
+def _full_size_marks(least: int) -> tuple[set[str], dict[str, list[str]]]:
+    """sm_90's step on Qwen3-30B-A3B, marked: (its kernels, kernel -> the buffers it prefetches)."""
     config = preset_config("qwen3-30b-a3b")
     step = build_decode_step(config, type_map(config, "q4_k_m"), activations="q8", projection_activations="q8",
                              head_activations="q8", q6_k_layout="planar", router_merge="gate_up",
                              programmatic_launch="prefetch")
-    mark_weight_prefetch(step.mod, arch_facts("sm_90").l2_bytes // 4)
+    mark_weight_prefetch(step.mod, arch_facts("sm_90").l2_bytes // 4, least)
     marked = {gv.name_hint: list(f.attrs[PREFETCH_ATTR]) for gv, f in step.mod.functions.items()
               if getattr(f, "attrs", None) is not None and PREFETCH_ATTR in f.attrs}
+    return {gv.name_hint for gv in step.mod.functions}, marked
+
+
+_NEVER = ("moe_gate_up_silu_q8_routed_q4_k_q4_k_128x768x2048_top8", "moe_down_residual_q8_q4_k_128x2048x768_top8",
+          "gemv_q8_q6_k_planar_151936x2048")
+
+
+def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefetched() -> None:
+    """The dense projections, norms and router (up to a quarter of the L2 each), not the expert
+    stacks (read by id), the LM head or the embedding table."""
+    kernels, marked = _full_size_marks(0)
     assert marked["gemv_qkv_q8_q4_k_4096x512x512x2048"] == ["Wq", "Wk", "Wv"]
     assert marked["gemv_q8_q4_k_2048x4096"] == ["W"] and marked["gemv_f32_128x2048"] == ["W"]
     assert marked["add_rms_norm_q8_1_2048"] == ["w"]
     assert marked["embedding_q4_k_151936x2048"] == ["token"]  # its id, not its table
-    for name in ("moe_gate_up_silu_q8_routed_q4_k_q4_k_128x768x2048_top8", "moe_down_residual_q8_q4_k_128x2048x768_top8",
-                 "gemv_q8_q6_k_planar_151936x2048"):
-        assert name in {gv.name_hint for gv in step.mod.functions} and name not in marked
+    assert all(name in kernels and name not in marked for name in _NEVER)
 
 
-@pytest.mark.parametrize("value", ["on", "prefetch"])
+def test_with_weights_only_the_projections_and_the_router_are_marked() -> None:
+    """programmatic_launch "weights": only weights of WEIGHT_BYTES or more (the norms' 8 KiB and
+    the token id are not)."""
+    kernels, marked = _full_size_marks(WEIGHT_BYTES)
+    assert marked == {"gemv_qk_q8_q4_k_4096x512x2048": ["Wq", "Wk"], "gemv_q8_q6_k_planar_512x2048": ["W"],
+                      "gemv_q8_q4_k_2048x4096": ["W"], "gemv_f32_128x2048": ["W"],
+                      "gemv_qkv_q8_q4_k_4096x512x512x2048": ["Wq", "Wk", "Wv"],
+                      "process_logits_151936": ["token_counts"]}  # the sampler's 151936 counts, 594 KiB
+
+
+@pytest.mark.parametrize("value", ["on", "prefetch", "weights"])
 def test_the_cpu_refuses_programmatic_launch(value: str) -> None:
     step = build_decode_step(CONFIG, TYPES, programmatic_launch=value)
     with pytest.raises(SparkInferError, match=rf"programmatic_launch='{value}' is for the CUDA archs only \(.*launches no kernels"):
@@ -109,18 +127,23 @@ def test_the_cpu_refuses_programmatic_launch(value: str) -> None:
 
 
 def test_an_unknown_value_is_refused() -> None:
-    with pytest.raises(SparkInferError, match=r"programmatic_launch must be one of off, on, prefetch, got 'yes'"):
+    with pytest.raises(SparkInferError, match=r"programmatic_launch must be one of off, on, prefetch, weights, got 'yes'"):
         build_decode_step(CONFIG, TYPES, programmatic_launch="yes")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(targets.find_nvcc() is None, reason="nvcc not found (CUDA_HOME, /usr/local/cuda or PATH)")
-@pytest.mark.parametrize("value", ["on", "prefetch"])
+@pytest.mark.parametrize("value", ["on", "prefetch", "weights"])
 def test_a_schedules_file_turns_it_on_for_a_whole_build(value: str, tmp_path: Path) -> None:
     schedules = SchedulesFile("sm_90", {}, step={"programmatic_launch": value}).write(tmp_path / "sm_90.json")
     result = compile_model(CONFIG, TYPES, "sm_90", tmp_path / "out", prefill_chunks=(), schedules=schedules)
     library = library_bytes(result.directory / result.manifest.library)
-    # each of the tiny step's kernels lowers to one CUDA kernel
-    assert library.count(LAUNCH_TAG.encode()) == len(result.manifest.kernels)
+    # each of the tiny step's kernels lowers to one CUDA kernel; with "weights" only those with
+    # weights of WEIGHT_BYTES or more are tagged (few of the tiny model's)
+    tagged = library.count(LAUNCH_TAG.encode())
+    if value == "weights":
+        assert 0 < tagged < len(result.manifest.kernels)
+    else:
+        assert tagged == len(result.manifest.kernels)
     fatbins = targets.embedded_fatbins(result.directory / result.manifest.library)
     assert targets.fatbin_entries(fatbins[0]) == [targets.FatbinEntry("cubin", "sm_90a")]

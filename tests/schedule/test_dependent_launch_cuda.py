@@ -3,8 +3,11 @@ kernels: the launch tag in every kernel's launch params and in the built library
 at every kernel's entry in the CUDA source, nvcc for every arch, and on a GPU and in the CUDA
 emulator (the `gpu` fixture) the chain against numpy; on a GPU also replayed from a CUDA graph
 (on GPU machines the library comes prebuilt: `python -m tests.gpu_prebuild`). One kernel of the
-chain has a weight to prefetch (PREFETCH_PIPELINE, which the `gpu` fixture builds with): its
-blocks' shares cover the weight once, and its prefetch comes before its wait."""
+chain has a weight to prefetch (PREFETCH_PIPELINE): its blocks' shares cover the weight once, and
+its prefetch comes before its wait; with WEIGHTS_PIPELINE (GPU_PIPELINE, which the `gpu` fixture
+builds with) it alone is launched programmatically, after plain launches that only let it start."""
+
+from __future__ import annotations
 
 import re
 import tempfile
@@ -16,7 +19,14 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.dependent_launch import LAUNCH_TAG, PREFETCH_ATTR, PREFETCH_PIPELINE, TIR_PIPELINE, mark_kernel
+from sparkinfer.compiler.dependent_launch import (
+    LAUNCH_TAG,
+    PREFETCH_ATTR,
+    PREFETCH_PIPELINE,
+    TIR_PIPELINE,
+    WEIGHTS_PIPELINE,
+    mark_kernel,
+)
 
 from cuda_emulator import kernel_definition
 from cuda_testutil import CUDA_ARCHS, Gpu, assert_nvcc_compiles, cuda_source, gpu_fixture, gpu_only, main, module, needs_nvcc
@@ -27,6 +37,8 @@ WEIGHTS = 1000
 LAUNCH_PARAMS = "tirx.kernel_launch_params"
 # The kernels `kernels_module` lowers to: mirror's, mirror_twice's two and mirror_scaled's.
 KERNELS = ("mirror_kernel", "mirror_twice_kernel", "mirror_twice_kernel_1", "mirror_scaled_kernel")
+# The pipeline of the `gpu` fixture and of the library tests/gpu_prebuild.py makes for it.
+GPU_PIPELINE = WEIGHTS_PIPELINE
 
 
 def mirror_reference(x: np.ndarray) -> np.ndarray:
@@ -163,6 +175,19 @@ def test_the_blocks_prefetch_the_weight_once_before_they_wait() -> None:
         < source.index("griddepcontrol_launch_dependents();") < source.index("y_ptr[")
 
 
+def test_with_weights_only_the_kernel_with_a_prefetch_is_launched_programmatically() -> None:
+    kernels = lowered_kernels(WEIGHTS_PIPELINE)
+    assert list(kernels["mirror_scaled_kernel"].attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x", LAUNCH_TAG]
+    assert _prefetches(kernels["mirror_scaled_kernel"].body)
+    source = cuda_source(kernels_module(), "sm_90", WEIGHTS_PIPELINE)
+    for name in KERNELS[:3]:
+        assert list(kernels[name].attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x"], name
+        body = kernel_definition(source, name)
+        assert body[body.index("{") + 1:].split(";")[0].strip() == "tvm_builtin_ptx_griddepcontrol_launch_dependents()"
+        assert "griddepcontrol_wait" not in body and "prefetch" not in body
+    assert kernel_definition(source, "mirror_scaled_kernel").count("griddepcontrol_wait();") == 1
+
+
 def test_the_built_library_carries_the_tag_for_every_kernel() -> None:
     """What TVM's CUDA runtime reads at load time: each kernel's launch params, in the library."""
     with tempfile.TemporaryDirectory() as tmp, targets.source_only():
@@ -174,13 +199,13 @@ def test_the_built_library_carries_the_tag_for_every_kernel() -> None:
 
 
 @needs_nvcc
-@pytest.mark.parametrize("pipeline", [TIR_PIPELINE, PREFETCH_PIPELINE])
+@pytest.mark.parametrize("pipeline", [TIR_PIPELINE, PREFETCH_PIPELINE, WEIGHTS_PIPELINE])
 @pytest.mark.parametrize("arch", CUDA_ARCHS)
 def test_nvcc_compiles_the_marked_kernels(arch: str, pipeline: str) -> None:
     assert_nvcc_compiles(arch, cuda_source(kernels_module(), arch, pipeline))
 
 
-gpu = gpu_fixture("dependent_launch", kernels_module, PREFETCH_PIPELINE)
+gpu = gpu_fixture("dependent_launch", kernels_module, GPU_PIPELINE)
 
 
 def test_the_chain_matches_numpy(gpu: Gpu) -> None:
@@ -233,4 +258,4 @@ def test_the_chain_replays_from_a_cuda_graph(gpu: Gpu) -> None:
 
 
 if __name__ == "__main__":
-    main(__doc__, "dependent_launch", kernels_module, PREFETCH_PIPELINE)
+    main(__doc__, "dependent_launch", kernels_module, GPU_PIPELINE)
