@@ -56,10 +56,10 @@ def test_the_cpu_refuses_the_cuda_only_variants(tmp_path: Path, name: str, value
     assert SchedulesFile.read(gpu).step == {name: value}
 
 
-def test_programmatic_launch_is_off_unless_a_file_says_on() -> None:
+def test_programmatic_launch_is_off_unless_a_file_says_otherwise() -> None:
     from sparkinfer.compiler.pipeline import step_variants
 
-    assert STEP_VARIANTS["programmatic_launch"] == ("off", "on")
+    assert STEP_VARIANTS["programmatic_launch"] == ("off", "on", "prefetch", "weights")
     assert all("programmatic_launch" not in step_variants(arch, None) for arch in ("cpu", "sm_90", "sm_120", "sm_121"))
 
 
