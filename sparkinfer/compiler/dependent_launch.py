@@ -33,7 +33,10 @@ calling function it does not write in place, of at most a quarter of the arch's 
 the dense projections, the router; not the expert stacks, the LM head or the embedding, which a
 step reads in part); each block, by its thread 0, issues one `cp.async.bulk.prefetch.L2` of its
 share of each (the TMA unit fetches it in the background; nothing waits for it). Then it waits
-and lets its own dependents launch, as above: one kernel ahead, never more.
+and lets its own dependents launch, as above: one kernel ahead, never more. Only the decode
+step's kernels are marked so; a kernel only the T-token steps call keeps its plain launch (with
+every kernel marked, the prefill's time to first token grew ~7 % on an H100: bench/NOTES.md,
+"Session 22").
 
 With "weights" (WEIGHTS_PIPELINE) only the kernels with weights of WEIGHT_BYTES or more to
 prefetch are launched programmatically (the dense projections and the router on the full-size
@@ -46,7 +49,7 @@ H100, ~0.1 µs an edge), which a kernel with nothing to prefetch gets nothing ba
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import tvm
 from tvm import tirx
@@ -173,29 +176,38 @@ def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def _prefetch_names(mod: tvm.IRModule) -> Callable[[tvm.ir.GlobalVar], list[str]]:
+def _prefetch_names(mod: tvm.IRModule) -> Callable[[tvm.ir.GlobalVar], list[str] | None]:
     """A kernel's prefetch: the PREFETCH_ATTR of the host function whose kernel it is
     (SplitHostDevice names a kernel after it, "<name>_kernel...", and keeps the attribute on the
-    host side only)."""
+    host side only); None for a kernel without it (one the decode step does not call)."""
     wanted = {gvar.name_hint: [str(n) for n in f.attrs[PREFETCH_ATTR]] for gvar, f in mod.functions.items()
               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and PREFETCH_ATTR in f.attrs}
-    return lambda kernel: next((n for host, n in wanted.items() if kernel.name_hint.startswith(f"{host}_kernel")), [])
+    return lambda kernel: next((n for host, n in wanted.items() if kernel.name_hint.startswith(f"{host}_kernel")),
+                               None)
 
 
 def _mark_module_prefetch(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    """`_mark_module` with each kernel's prefetch."""
+    """`_mark_module` with each kernel's prefetch, on the decode step's kernels."""
     names = _prefetch_names(mod)
-    functions = {gvar: mark_kernel(func, names(gvar)) if _is_cuda_kernel(func) else func
-                 for gvar, func in mod.functions.items()}
+
+    def marked(gvar: tvm.ir.GlobalVar, func: tirx.PrimFunc) -> tirx.PrimFunc:
+        prefetch = names(gvar)
+        return func if prefetch is None else mark_kernel(func, prefetch)
+
+    functions = {gvar: marked(gvar, func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def _mark_module_weights(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    """`_mark_module_prefetch` on the kernels with a prefetch; `trigger_dependents` on the rest."""
+    """Of the decode step's kernels, `mark_kernel` on those with a prefetch, `trigger_dependents`
+    on the rest."""
     names = _prefetch_names(mod)
 
     def marked(gvar: tvm.ir.GlobalVar, func: tirx.PrimFunc) -> tirx.PrimFunc:
-        return mark_kernel(func, names(gvar)) if names(gvar) else trigger_dependents(func)
+        prefetch = names(gvar)
+        if prefetch is None:
+            return func
+        return mark_kernel(func, prefetch) if prefetch else trigger_dependents(func)
 
     functions = {gvar: marked(gvar, func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
@@ -218,31 +230,32 @@ def mark_programmatic_launch(programmatic_launch: str = "on") -> tvm.transform.P
     return tvm.transform.module_pass(_MARKS[programmatic_launch][1], opt_level=0, name="MarkProgrammaticLaunch")
 
 
-def mark_weight_prefetch(mod: tvm.IRModule, max_bytes: int, min_bytes: int = 0) -> None:
-    """Set PREFETCH_ATTR on each kernel of `mod` (in place, before lowering) to the names of its
-    buffers that every call of it passes a parameter of the calling Relax function, not written
-    in place by that call, of `min_bytes` to `max_bytes`: the step's weights that the kernel reads
-    whole (the module docstring)."""
-    for gvar, positions in _parameter_reads(mod).items():
+def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes: int, min_bytes: int = 0) -> None:
+    """Set PREFETCH_ATTR on each kernel that the Relax functions `entries` of `mod` (the decode
+    step's) call (in place, before lowering) to the names of its buffers that every such call
+    passes a parameter of the calling function, not written in place by that call, of
+    `min_bytes` to `max_bytes`: the step's weights that the kernel reads whole (the module
+    docstring); the list may be empty."""
+    for gvar, positions in _parameter_reads(mod, entries).items():
         func = mod[gvar]
         names = []
         for index in sorted(positions):
             param = func.params[index]  # a buffer
             if all(isinstance(d, tirx.IntImm) for d in param.shape) and min_bytes <= _bytes(param) <= max_bytes:
                 names.append(param.name)
-        if names:
-            mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
+        mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
 
 
-def _parameter_reads(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, set[int]]:
-    """Per kernel, the argument positions at which each of its call_tir / call_tir_inplace calls
-    passes a parameter of the calling function that the call does not write."""
+def _parameter_reads(mod: tvm.IRModule, entries: Collection[str]) -> dict[tvm.ir.GlobalVar, set[int]]:
+    """Per kernel the functions `entries` call, the argument positions at which each of their
+    call_tir / call_tir_inplace calls of it passes a parameter of the calling function that the
+    call does not write."""
     from tvm import relax  # the compiler's: runtime-only TVM (the GPU tests' import of this module) has no Relax
 
     call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
     found: dict[tvm.ir.GlobalVar, set[int]] = {}
-    for func in mod.functions.values():
-        if not isinstance(func, relax.Function):
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, relax.Function) or gvar.name_hint not in entries:
             continue
         params = set(func.params)
         for block in func.body.blocks:
@@ -252,8 +265,8 @@ def _parameter_reads(mod: tvm.IRModule) -> dict[tvm.ir.GlobalVar, set[int]]:
                     continue
                 written = {int(i) for i in call.attrs.inplace_indices} if call.op == inplace else set()
                 read = {j for j, arg in enumerate(call.args[1].fields) if arg in params and j not in written}
-                gvar = call.args[0]
-                found[gvar] = found[gvar] & read if gvar in found else read
+                kernel = call.args[0]
+                found[kernel] = found[kernel] & read if kernel in found else read
     return found
 
 

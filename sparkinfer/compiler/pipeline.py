@@ -52,7 +52,7 @@ from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step, misfit_variants
 from sparkinfer.kernels.use import KernelUse
-from sparkinfer.model.spec import PAGE_SIZE
+from sparkinfer.model.spec import ENTRY, ENTRY_PROCESSED, PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
     CUDA_ONLY_VARIANTS,
@@ -218,7 +218,7 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     if step.programmatic_launch in ("prefetch", "weights"):
         # weights of up to a quarter of the L2: a kernel's whole share stays there until it reads it
         least = dependent_launch.WEIGHT_BYTES if step.programmatic_launch == "weights" else 0
-        dependent_launch.mark_weight_prefetch(step.mod, arch_facts(arch).l2_bytes // 4, least)
+        dependent_launch.mark_weight_prefetch(step.mod, (ENTRY, ENTRY_PROCESSED), arch_facts(arch).l2_bytes // 4, least)
     # a kernel whose shared memory its launch would refuse fails here, not on the GPU
     targets.check_shared_memory(tvm.IRModule({gv: f for gv, f in step.mod.functions.items()
                                               if isinstance(f, tvm.tirx.PrimFunc)}), arch)

@@ -37,6 +37,7 @@ WEIGHTS = 1000
 LAUNCH_PARAMS = "tirx.kernel_launch_params"
 # The kernels `kernels_module` lowers to: mirror's, mirror_twice's two and mirror_scaled's.
 KERNELS = ("mirror_kernel", "mirror_twice_kernel", "mirror_twice_kernel_1", "mirror_scaled_kernel")
+UNMARKED = ("mirror_twice_kernel", "mirror_twice_kernel_1")  # no PREFETCH_ATTR
 # The pipeline of the `gpu` fixture and of the library tests/gpu_prebuild.py makes for it.
 GPU_PIPELINE = WEIGHTS_PIPELINE
 
@@ -62,13 +63,15 @@ def _bound(func: tirx.PrimFunc, blocks: tuple[str, ...], symbol: str) -> tirx.Pr
 
 
 def mirror() -> tirx.PrimFunc:
-    """y[i] = x[N-1-i] / 2 + 1: block b reads what the last block but b of the launch before wrote."""
+    """y[i] = x[N-1-i] / 2 + 1: block b reads what the last block but b of the launch before wrote.
+    Marked as a decode step's kernel with no weights to prefetch (an empty PREFETCH_ATTR)."""
     x = te.placeholder((N,), "float32", name="x")
-    return _bound(te.create_prim_func([x, _mirrored(x, "y")]), ("y",), "mirror")
+    return _bound(te.create_prim_func([x, _mirrored(x, "y")]), ("y",), "mirror").with_attr(PREFETCH_ATTR, [])
 
 
 def mirror_twice() -> tirx.PrimFunc:
-    """y = mirror(x), z = mirror(y): one call, two launches, the second reading the first's output."""
+    """y = mirror(x), z = mirror(y): one call, two launches, the second reading the first's output.
+    Not marked: as a kernel only the T-token steps call, which the prefetch pipelines leave plain."""
     x = te.placeholder((N,), "float32", name="x")
     y = _mirrored(x, "y")
     return _bound(te.create_prim_func([x, y, _mirrored(y, "z")]), ("y", "z"), "mirror_twice")
@@ -159,8 +162,12 @@ def _at_block(expr: tirx.Expr, block: int) -> int:
 
 def test_the_blocks_prefetch_the_weight_once_before_they_wait() -> None:
     kernels = lowered_kernels(PREFETCH_PIPELINE)
-    assert all(list(k.attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x", LAUNCH_TAG] for k in kernels.values())
+    for name, kernel in kernels.items():
+        tags = ["blockIdx.x", "threadIdx.x"] + ([] if name in UNMARKED else [LAUNCH_TAG])
+        assert list(kernel.attrs[LAUNCH_PARAMS]) == tags, name
     assert not any(_prefetches(kernels[name].body) for name in KERNELS[:3])
+    unmarked = cuda_source(kernels_module(), "sm_90", PREFETCH_PIPELINE)
+    assert all("griddepcontrol" not in kernel_definition(unmarked, name) for name in UNMARKED)
     (prefetch,) = _prefetches(kernels["mirror_scaled_kernel"].body)
     covered = []
     for b in range(N // THREADS):
@@ -183,7 +190,8 @@ def test_with_weights_only_the_kernel_with_a_prefetch_is_launched_programmatical
     for name in KERNELS[:3]:
         assert list(kernels[name].attrs[LAUNCH_PARAMS]) == ["blockIdx.x", "threadIdx.x"], name
         body = kernel_definition(source, name)
-        assert body[body.index("{") + 1:].split(";")[0].strip() == "tvm_builtin_ptx_griddepcontrol_launch_dependents()"
+        first = body[body.index("{") + 1:].split(";")[0].strip()
+        assert (first == "tvm_builtin_ptx_griddepcontrol_launch_dependents()") == (name not in UNMARKED), name
         assert "griddepcontrol_wait" not in body and "prefetch" not in body
     assert kernel_definition(source, "mirror_scaled_kernel").count("griddepcontrol_wait();") == 1
 
