@@ -59,7 +59,8 @@ LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 _DYNAMIC_SHARED_TAG = "tirx.use_dyn_shared_memory"
 _LAUNCH_PARAMS = "tirx.kernel_launch_params"
 # The TIR pipeline `tvm.compile(..., tir_pipeline=TIR_PIPELINE)` builds with: TVM's default
-# lowering, then MarkProgrammaticLaunch; PREFETCH_PIPELINE's marks prefetch weights first.
+# lowering, then MarkProgrammaticLaunch; PREFETCH_PIPELINE's and WEIGHTS_PIPELINE's marks also
+# prefetch weights.
 TIR_PIPELINE = "sparkinfer_programmatic_launch"
 PREFETCH_PIPELINE = "sparkinfer_programmatic_launch_prefetch"
 WEIGHTS_PIPELINE = "sparkinfer_programmatic_launch_weights"
@@ -118,8 +119,8 @@ def _with_entry(stmt: tirx.Stmt, entry: Callable[[dict[str, tuple[tirx.Var, int]
         lead = 0
         while lead < len(seq) and isinstance(seq[lead], (tirx.DeclBuffer, tirx.AllocBuffer)):
             lead += 1
-        if lead == len(seq):
-            return stmt
+        if lead == len(seq):  # nothing but declarations: the entry still goes in
+            return tirx.SeqStmt([*seq, *entry(axes)])
         return tirx.SeqStmt([*seq[:lead], _with_entry(seq[lead], entry, axes), *seq[lead + 1:]])
     if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "thread_extent" and isinstance(stmt.value, tirx.IntImm):
         bound = {**axes, str(stmt.node.thread_tag): (stmt.node.var, int(stmt.value))}
