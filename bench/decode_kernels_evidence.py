@@ -14,10 +14,13 @@ nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`). No weights are read:
 
     PYTHONPATH=. python3 bench/decode_kernels_evidence.py [--arch sm_90] [--json OUT]
         [--activations f32,q8] [--decode-launches split,fused] [--q6-k-layout gguf,planar]
-        [--schedules FILE]
+        [--schedules FILE] [--packaged-step]
 
 --schedules takes a schedules file in place of the arch's packaged one (a variant's knobs, such
 as the MoE kernels' rows_per_thread: bench/NOTES.md, "MoE kernels: x shared across rows").
+--packaged-step reports the one step the schedules file's "step" picks, every variant of it (as
+`sparkinfer compile` builds it: router_merge, the int8 projections and LM head, ...), in place
+of the activations x decode_launches x q6_k_layout grid.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ import tvm
 from tvm import relax
 
 from sparkinfer.compiler import targets
-from sparkinfer.compiler.pipeline import schedule_step
+from sparkinfer.compiler.pipeline import schedule_step, step_variants
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK, WORD
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step
-from sparkinfer.schedule.schedules import SchedulesFile
+from sparkinfer.schedule.schedules import SchedulesFile, packaged_schedules_path
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format
 from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
@@ -87,12 +90,16 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
         return sum(_rows_bytes(a[0], n, a[4]) for n in a[1:4] if n) + 8 * a[4]
     if f == "gemv_q8":
         return _rows_bytes(a[0], a[1], a[2]) + a[2] + 8 * a[2] // Q8_BLOCK
+    if f == "gemv_qkv_q8":
+        return sum(_rows_bytes(a[0], n, a[4]) for n in a[1:4] if n) + a[4] + 8 * a[4] // Q8_BLOCK
     if f == "moe_gate_up_silu":
         return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + 4 * a[5]
     if f == "moe_gate_up_silu_routed":  # + the norm weight and the E logits
         return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + 8 * a[5] + 4 * a[2]
-    if f == "moe_gate_up_silu_q8":
-        return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + a[5] + 8 * a[5] // Q8_BLOCK
+    if f in ("moe_gate_up_silu_q8", "moe_gate_up_silu_q8_routed"):  # (the routed: + the E logits)
+        logits = 4 * a[2] if f.endswith("routed") else 0
+        return a[3] * (_rows_bytes(a[0], a[4], a[5]) + _rows_bytes(a[1], a[4], a[5])) + a[5] + 8 * a[5] // Q8_BLOCK \
+            + logits
     if f == "moe_down_residual":
         return a[2] * _rows_bytes(a[0], a[3], a[4]) + 4 * a[2] * a[4] + 4 * a[3]
     if f == "moe_down_residual_q8":
@@ -101,10 +108,12 @@ def bytes_read(use: KernelUse, step: DecodeStep) -> int:
         return 4 * a[0] * max(1, a[1])
     if f == "embedding":
         return _rows_bytes(a[0], 1, a[2])
-    if f in ("rms_norm", "add_rms_norm", "add_rms_norm_q8_1"):
-        return 4 * a[0] * (2 if f == "rms_norm" else 3)
-    if f == "paged_decode_attention":
+    if f in ("rms_norm", "rms_norm_q8_1", "add_rms_norm", "add_rms_norm_q8_1"):
+        return 4 * a[0] * (2 if f.startswith("rms_norm") else 3)
+    if f in ("paged_decode_attention", "paged_decode_attention_mma"):
         return 2 * DEPTH * c.n_kv_heads * c.head_dim * 2 + 4 * c.n_heads * c.head_dim
+    if f in ("attention_combine", "attention_combine_q8_1"):  # o_part f32[NH, S, D] and lse
+        return 4 * a[0] * a[1] * (a[2] + 1)
     if f == "sample_candidates":
         return 4 * a[0]
     return 4 * c.hidden  # small kernels: a vector's worth
@@ -184,16 +193,21 @@ def sass_loads(cubin: Path) -> dict[str, Counter[str]]:
     return out
 
 
-def evidence(arch: str, activations_values: list[str], launches_values: list[str],
-             layouts: tuple[str, ...] | list[str] = ("gguf",),
-             schedules: SchedulesFile | None = None) -> dict[str, Any]:
+def grid(activations_values: list[str], launches_values: list[str],
+         layouts: tuple[str, ...] | list[str] = ("gguf",)) -> list[dict[str, str]]:
+    """The step variants of each point of the activations x decode_launches x q6_k_layout grid."""
+    return [{"activations": a, "decode_launches": d, "q6_k_layout": q}
+            for a, d, q in itertools.product(activations_values, launches_values, layouts)]
+
+
+def evidence(arch: str, variants_list: list[dict[str, str]], schedules: SchedulesFile | None = None) -> dict[str, Any]:
+    """Each step of `variants_list` (step variants, build_decode_step's keywords) on `arch`."""
     config = preset_config("qwen3-30b-a3b")
     types = type_map(config, "q4_k_m")
     result: dict[str, Any] = {"arch": arch, "model": "qwen3-30b-a3b q4_k_m", "depth": DEPTH,
                               "bandwidth_bytes_per_s": H200_BYTES_PER_S, "variants": {}}
-    for activations, decode_launches, layout in itertools.product(activations_values, launches_values, layouts):
-        step = build_decode_step(config, types, activations=activations, decode_launches=decode_launches,
-                                 q6_k_layout=layout)
+    for variants in variants_list:
+        step = build_decode_step(config, types, **variants)
         counts = launches(step)
         schedule_step(step, arch, schedules)
         mod = tvm.IRModule({use.name: step.mod[use.name].with_attr("global_symbol", use.name)
@@ -213,7 +227,7 @@ def evidence(arch: str, activations_values: list[str], launches_values: list[str
                 "bytes_per_launch": b, "floor_us_per_launch": b / H200_BYTES_PER_S * 1e6,
             })
         total_bytes = sum(k["bytes_per_launch"] * k["launches"] for k in kernels)
-        result["variants"][f"activations={activations} decode_launches={decode_launches} q6_k_layout={layout}"] = {
+        result["variants"][" ".join(f"{k}={v}" for k, v in sorted(variants.items()))] = {
             "launches_per_token": sum(counts.values()),
             "launches_per_layer": (sum(counts.values()) - _outside_layers(step, counts)) / config.n_layers,
             "bytes_per_token": total_bytes, "floor_ms": total_bytes / H200_BYTES_PER_S * 1e3,
@@ -269,9 +283,16 @@ def main() -> None:
     parser.add_argument("--q6-k-layout", type=_choices(Q6_K_LAYOUTS), default=["gguf"],
                         help=f"comma-separated, of {', '.join(Q6_K_LAYOUTS)} (default: gguf)")
     parser.add_argument("--schedules", type=Path, help="a schedules file (default: the arch's packaged one)")
+    parser.add_argument("--packaged-step", action="store_true",
+                        help="the step the schedules file picks, all its variants, instead of the grid")
     args = parser.parse_args()
     schedules = SchedulesFile.read(args.schedules) if args.schedules else None
-    result = evidence(args.arch, args.activations, args.decode_launches, args.q6_k_layout, schedules)
+    if args.packaged_step:
+        chosen = schedules or SchedulesFile.read(packaged_schedules_path(args.arch))
+        variants_list = [step_variants(args.arch, chosen)]
+    else:
+        variants_list = grid(args.activations, args.decode_launches, args.q6_k_layout)
+    result = evidence(args.arch, variants_list, schedules)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
