@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
@@ -151,7 +152,7 @@ def _prefetch_shares(buffers: list[tirx.Buffer], axes: dict[str, tuple[tirx.Var,
         size = tirx.min(tirx.const(share, "int64"), tirx.const(total, "int64") - offset).astype("uint32")
         # the address of the share's first element (the kernel's buffers are flat; a share is whole
         # elements, 16 bytes being a multiple of every element size)
-        start = T.address_of(tirx.BufferLoad(buf, [offset // (_bytes(buf) // math.prod(int(d) for d in buf.shape))]))
+        start = T.address_of(tirx.BufferLoad(buf, [offset // _element_bytes(buf)]))
         stmts.append(tirx.IfThenElse(offset < total, tirx.Evaluate(prefetch(start, size)), None))
     threads = [var for tag, (var, _) in axes.items() if tag.startswith("threadIdx")]
     if not stmts or not threads:
@@ -160,9 +161,13 @@ def _prefetch_shares(buffers: list[tirx.Buffer], axes: dict[str, tuple[tirx.Var,
     return [tirx.IfThenElse(first, tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0], None)]
 
 
+def _element_bytes(buf: tirx.Buffer | tirx.Var) -> int:
+    return tvm.runtime.DataType(str(buf.dtype)).bits // 8
+
+
 def _bytes(buf: tirx.Buffer | tirx.Var) -> int:
     """The bytes of a buffer of static shape (a kernel's buffer parameter, or its declaration)."""
-    return math.prod(int(d) for d in buf.shape) * tvm.runtime.DataType(str(buf.dtype)).bits // 8
+    return math.prod(int(d) for d in buf.shape) * _element_bytes(buf)
 
 
 def trigger_dependents(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -170,11 +175,6 @@ def trigger_dependents(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     from tvm.script import tirx as T
 
     return kernel.with_body(tirx.SeqStmt([tirx.Evaluate(T.ptx.griddepcontrol.launch_dependents()), kernel.body]))
-
-
-def _mark_module(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    functions = {gvar: mark_kernel(func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
-    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def _prefetch_names(mod: tvm.IRModule) -> Callable[[tvm.ir.GlobalVar], list[str] | None]:
@@ -187,48 +187,70 @@ def _prefetch_names(mod: tvm.IRModule) -> Callable[[tvm.ir.GlobalVar], list[str]
                                None)
 
 
-def _mark_module_prefetch(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    """`_mark_module` with each kernel's prefetch, on the decode step's kernels."""
-    names = _prefetch_names(mod)
-
-    def marked(gvar: tvm.ir.GlobalVar, func: tirx.PrimFunc) -> tirx.PrimFunc:
-        prefetch = names(gvar)
-        return func if prefetch is None else mark_kernel(func, prefetch)
-
-    functions = {gvar: marked(gvar, func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
-    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+# How one value marks a lowered CUDA kernel, given its prefetch (`_prefetch_names`).
+_KernelMark = Callable[[list[str] | None, tirx.PrimFunc], tirx.PrimFunc]
 
 
-def _mark_module_weights(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+def _mark_every_kernel(_prefetch: list[str] | None, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+    return mark_kernel(kernel)
+
+
+def _mark_decode_kernels(prefetch: list[str] | None, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
+    """`mark_kernel` with its prefetch, on the decode step's kernels."""
+    return kernel if prefetch is None else mark_kernel(kernel, prefetch)
+
+
+def _mark_decode_kernels_with_weights(prefetch: list[str] | None, kernel: tirx.PrimFunc) -> tirx.PrimFunc:
     """Of the decode step's kernels, `mark_kernel` on those with a prefetch, `trigger_dependents`
     on the rest."""
-    names = _prefetch_names(mod)
-
-    def marked(gvar: tvm.ir.GlobalVar, func: tirx.PrimFunc) -> tirx.PrimFunc:
-        prefetch = names(gvar)
-        if prefetch is None:
-            return func
-        return mark_kernel(func, prefetch) if prefetch else trigger_dependents(func)
-
-    functions = {gvar: marked(gvar, func) if _is_cuda_kernel(func) else func for gvar, func in mod.functions.items()}
-    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+    if prefetch is None:
+        return kernel
+    return mark_kernel(kernel, prefetch) if prefetch else trigger_dependents(kernel)
 
 
-# programmatic_launch value -> (its TIR pipeline, the module pass that marks the kernels)
-_MARKS = {"on": (TIR_PIPELINE, _mark_module), "prefetch": (PREFETCH_PIPELINE, _mark_module_prefetch),
-          "weights": (WEIGHTS_PIPELINE, _mark_module_weights)}
+@dataclass(frozen=True)
+class _Marking:
+    """What a programmatic_launch value other than "off" does."""
+
+    pipeline: str  # its TIR pipeline's name
+    mark: _KernelMark
+    # the least bytes of a weight `mark_weight_prefetch` marks for the prefetch (None: none)
+    least_weight_bytes: int | None
+
+
+_MARKINGS = {"on": _Marking(TIR_PIPELINE, _mark_every_kernel, None),
+             "prefetch": _Marking(PREFETCH_PIPELINE, _mark_decode_kernels, 0),
+             "weights": _Marking(WEIGHTS_PIPELINE, _mark_decode_kernels_with_weights, WEIGHT_BYTES)}
 
 
 def tir_pipeline_name(programmatic_launch: str) -> str:
     """The TIR pipeline of a programmatic_launch value other than "off"."""
-    return _MARKS[programmatic_launch][0]
+    return _MARKINGS[programmatic_launch].pipeline
 
 
 def mark_programmatic_launch(programmatic_launch: str = "on") -> tvm.transform.Pass:
     """The pass MarkProgrammaticLaunch on a module lowered past SplitHostDevice: `mark_kernel` on
-    every CUDA kernel ("on"; "prefetch": with the prefetch its PREFETCH_ATTR names; "weights":
-    on those with a prefetch only, the rest `trigger_dependents`)."""
-    return tvm.transform.module_pass(_MARKS[programmatic_launch][1], opt_level=0, name="MarkProgrammaticLaunch")
+    every CUDA kernel ("on"; "prefetch": on the decode step's, with the prefetch its PREFETCH_ATTR
+    names; "weights": on those with a prefetch only, the decode step's others
+    `trigger_dependents`)."""
+    mark = _MARKINGS[programmatic_launch].mark
+
+    def marked(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        names = _prefetch_names(mod)
+        functions = {gvar: mark(names(gvar), func) if _is_cuda_kernel(func) else func
+                     for gvar, func in mod.functions.items()}
+        return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+
+    return tvm.transform.module_pass(marked, opt_level=0, name="MarkProgrammaticLaunch")
+
+
+def mark_step_weights(mod: tvm.IRModule, programmatic_launch: str, entries: Collection[str], l2_bytes: int) -> None:
+    """Before lowering, `mark_weight_prefetch` as `programmatic_launch` asks ("prefetch",
+    "weights"; nothing for "on"): weights of up to a quarter of the L2, so that a kernel's whole
+    share stays there until it reads it."""
+    least = _MARKINGS[programmatic_launch].least_weight_bytes
+    if least is not None:
+        mark_weight_prefetch(mod, entries, l2_bytes // 4, least)
 
 
 def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes: int, min_bytes: int = 0) -> None:
@@ -283,5 +305,5 @@ def _pipeline(programmatic_launch: str
 # tvm.tirx.build takes a pipeline by name only. Runtime-only TVM (the GPU machines) lowers
 # nothing and has no pipelines; there this module gives only the names above.
 if hasattr(tvm.tirx, "register_tir_pipeline"):
-    for _value, (_name, _) in _MARKS.items():
-        tvm.tirx.register_tir_pipeline(_name, lambda value=_value: _pipeline(value))
+    for _value, _marking in _MARKINGS.items():
+        tvm.tirx.register_tir_pipeline(_marking.pipeline, lambda value=_value: _pipeline(value))

@@ -215,10 +215,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance
-    if step.programmatic_launch in ("prefetch", "weights"):
-        # weights of up to a quarter of the L2: a kernel's whole share stays there until it reads it
-        least = dependent_launch.WEIGHT_BYTES if step.programmatic_launch == "weights" else 0
-        dependent_launch.mark_weight_prefetch(step.mod, (ENTRY, ENTRY_PROCESSED), arch_facts(arch).l2_bytes // 4, least)
+    if step.programmatic_launch != "off":
+        dependent_launch.mark_step_weights(step.mod, step.programmatic_launch, (ENTRY, ENTRY_PROCESSED),
+                                           arch_facts(arch).l2_bytes)
     # a kernel whose shared memory its launch would refuse fails here, not on the GPU
     targets.check_shared_memory(tvm.IRModule({gv: f for gv, f in step.mod.functions.items()
                                               if isinstance(f, tvm.tirx.PrimFunc)}), arch)

@@ -37,8 +37,8 @@ attention_combine: the attention kernel's last block of each KV head merges its 
 router_merge="last_block" router_gemv_topk replaces router gemv -> router_topk: the GEMV kernel's
 last block picks the experts; with router_merge="gate_up" (int8 experts) moe_gate_up_silu_q8_routed
 replaces router_topk -> moe_gate_up_silu_q8: every thread block of the gate/up kernel picks them.
-With decode_attention="mma" paged_decode_attention_mma replaces paged_decode_attention (paged_decode_attention_mma_merged the merged one): the same splits, on
-tensor cores.
+With decode_attention="mma" paged_decode_attention_mma replaces paged_decode_attention
+(paged_decode_attention_mma_merged the merged one): the same splits, on tensor cores.
 With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blocks only), Q/K/V
 gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in

@@ -77,10 +77,9 @@ CUDA_ONLY_VARIANTS = {
     ("chunk_operands", "f16"): "tensor-core operands; the cpu build has no kernels for it",
     ("programmatic_launch", "on"): "a CUDA launch attribute and the griddepcontrol instruction of sm_90 and later; "
                                    "the cpu build launches no kernels",
-    ("programmatic_launch", "prefetch"): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
-                                         "prefetch of sm_90 and later; the cpu build launches no kernels",
-    ("programmatic_launch", "weights"): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
-                                        "prefetch of sm_90 and later; the cpu build launches no kernels",
+    **{("programmatic_launch", value): "a CUDA launch attribute, the griddepcontrol instruction and the bulk L2 "
+                                       "prefetch of sm_90 and later; the cpu build launches no kernels"
+       for value in ("prefetch", "weights")},
     ("attention_form", "compact"): "a form of the tensor-core attention; the cpu build's attention multiplies "
                                    "float32",
     ("attention_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "

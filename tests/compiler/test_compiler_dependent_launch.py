@@ -21,6 +21,7 @@ from sparkinfer.model.spec import ENTRY, ENTRY_PROCESSED
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.schedules import SchedulesFile
 from tests.compiler.test_compiler_cuda import library_bytes
+from tests.schedule.cuda_emulator import kernel_definition
 
 CONFIG = preset_config("tiny")
 TYPES = type_map(CONFIG, "q4_k_m")
@@ -70,27 +71,27 @@ def test_with_prefetch_the_kernels_that_read_weights_prefetch_them_before_the_wa
     with targets.source_only():
         executable, _ = build_step(step, arch)
     source = _cuda_source(executable.mod)
-    kernels = {m.group(1): source[m.end():] for m in _KERNEL.finditer(source)}
+    kernels = {m.group(1): kernel_definition(source, m.group(1)) for m in _KERNEL.finditer(source)}
     assert len(kernels) >= len(step.kernels)
-    for name, body in kernels.items():
-        before = body[:body.index("tvm_builtin_ptx_griddepcontrol_wait();")].splitlines()
-        assert all(_BEFORE_WAIT.fullmatch(line) for line in before if line.strip()), (name, before)
-    marked = {gv.name_hint: list(f.attrs[PREFETCH_ATTR]) for gv, f in step.mod.functions.items()
-              if getattr(f, "attrs", None) is not None and PREFETCH_ATTR in f.attrs}
+    before_wait = {name: body[body.index("{") + 1:body.index("tvm_builtin_ptx_griddepcontrol_wait();")]
+                   for name, body in kernels.items()}
+    for name, before in before_wait.items():
+        assert all(_BEFORE_WAIT.fullmatch(line) for line in before.splitlines() if line.strip()), (name, before)
+    marked = _marks(step.mod)
     assert marked["gemv_q4_k_256x256"] == ["W"] and marked["rms_norm_256"] == ["w"]
-    prefetching = {name for name, body in kernels.items() if "cp_async_bulk_prefetch" in body.split("griddepcontrol_wait")[0]}
+    prefetching = {name for name, before in before_wait.items() if "cp_async_bulk_prefetch" in before}
     assert "gemv_q4_k_256x256_kernel" in prefetching
     assert all(any(name.startswith(f"{host}_kernel") for host in marked) for name in prefetching)
 
 
-def _full_size_marks(least: int) -> tuple[set[str], dict[str, list[str]]]:
-    """sm_90's step on Qwen3-30B-A3B, marked: (its kernels, kernel -> the buffers it prefetches)."""
+def _full_size_marks(least: int) -> dict[str, list[str]]:
+    """sm_90's step on Qwen3-30B-A3B, marked: kernel -> the buffers it prefetches."""
     config = preset_config("qwen3-30b-a3b")
     step = build_decode_step(config, type_map(config, "q4_k_m"), activations="q8", projection_activations="q8",
                              head_activations="q8", q6_k_layout="planar", router_merge="gate_up",
                              programmatic_launch="prefetch")
     mark_weight_prefetch(step.mod, (ENTRY, ENTRY_PROCESSED), arch_facts("sm_90").l2_bytes // 4, least)
-    return {gv.name_hint for gv in step.mod.functions}, _marks(step.mod)
+    return _marks(step.mod)
 
 
 def _marks(mod: object) -> dict[str, list[str]]:
@@ -106,7 +107,7 @@ _NEVER = ("moe_gate_up_silu_q8_routed_q4_k_q4_k_128x768x2048_top8", "moe_down_re
 def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefetched() -> None:
     """The dense projections, norms and router (up to a quarter of the L2 each), not the expert
     stacks (read by id), the LM head or the embedding table."""
-    kernels, marked = _full_size_marks(0)
+    marked = _full_size_marks(0)
     assert marked["gemv_qkv_q8_q4_k_4096x512x512x2048"] == ["Wq", "Wk", "Wv"]
     assert marked["gemv_q8_q4_k_2048x4096"] == ["W"] and marked["gemv_f32_128x2048"] == ["W"]
     assert marked["add_rms_norm_q8_1_2048"] == ["w"]
@@ -117,11 +118,12 @@ def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefet
 def test_with_weights_only_the_projections_and_the_router_are_marked() -> None:
     """programmatic_launch "weights": only weights of WEIGHT_BYTES or more (the norms' 8 KiB and
     the token id are not)."""
-    kernels, marked = _full_size_marks(WEIGHT_BYTES)
-    assert {name: buffers for name, buffers in marked.items() if buffers} == {"gemv_qk_q8_q4_k_4096x512x2048": ["Wq", "Wk"], "gemv_q8_q6_k_planar_512x2048": ["W"],
-                      "gemv_q8_q4_k_2048x4096": ["W"], "gemv_f32_128x2048": ["W"],
-                      "gemv_qkv_q8_q4_k_4096x512x512x2048": ["Wq", "Wk", "Wv"],
-                      "process_logits_151936": ["token_counts"]}  # the sampler's 151936 counts, 594 KiB
+    marked = _full_size_marks(WEIGHT_BYTES)
+    assert {name: buffers for name, buffers in marked.items() if buffers} == {
+        "gemv_qk_q8_q4_k_4096x512x2048": ["Wq", "Wk"], "gemv_q8_q6_k_planar_512x2048": ["W"],
+        "gemv_q8_q4_k_2048x4096": ["W"], "gemv_f32_128x2048": ["W"],
+        "gemv_qkv_q8_q4_k_4096x512x512x2048": ["Wq", "Wk", "Wv"],
+        "process_logits_151936": ["token_counts"]}  # the sampler's 151936 counts, 594 KiB
 
 
 @pytest.mark.parametrize("value", ["prefetch", "weights"])
@@ -133,13 +135,12 @@ def test_the_t_token_steps_kernels_keep_their_plain_launch(value: str) -> None:
     with targets.source_only():
         executable, _ = build_step(step, "sm_90")
     source = _cuda_source(executable.mod)
-    kernels = {m.group(1): source[m.end():] for m in _KERNEL.finditer(source)}
+    kernels = [m.group(1) for m in _KERNEL.finditer(source)]
     decode = set(_marks(step.mod))
     chunk_only = [name for name in kernels if not any(name.startswith(f"{host}_kernel") for host in decode)]
     assert chunk_only and len(chunk_only) < len(kernels)
     for name in chunk_only:
-        body = source[source.index(f" {name}("):]
-        body = body[:body.index("\n}\n")]
+        body = kernel_definition(source, name)
         assert "griddepcontrol" not in body and "prefetch" not in body, name
 
 
