@@ -48,12 +48,13 @@ H100, ~0.1 µs an edge), which a kernel with nothing to prefetch gets nothing ba
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
+
+from sparkinfer.compiler.l2_prefetch import PREFETCH_ALIGN, Axes, block_index, buffer_bytes, bulk_prefetch, by_thread_zero
 
 LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 # TVM's CUDA runtime requires this tag, when present, to be the last of a kernel's launch params.
@@ -71,9 +72,6 @@ WEIGHT_BYTES = 256 << 10
 # A kernel's (PrimFunc's) attribute set by `mark_weight_prefetch`: the names of its buffers to
 # prefetch, which its lowered CUDA kernel declares under the same names.
 PREFETCH_ATTR = "sparkinfer.l2_prefetch"
-# cp.async.bulk's unit: its size and address are multiples of 16 bytes (PTX ISA 9.7.10.28.4.3);
-# TVM's device allocations, every step parameter's among them, are aligned far beyond it.
-_BULK_BYTES = 16
 
 
 def _is_cuda_kernel(func: tvm.ir.BaseFunc) -> bool:
@@ -109,8 +107,7 @@ def _declared_buffers(stmt: tirx.Stmt) -> list[tirx.Buffer]:
     return [s.buffer for s in stmts if isinstance(s, tirx.DeclBuffer)]
 
 
-def _with_entry(stmt: tirx.Stmt, entry: Callable[[dict[str, tuple[tirx.Var, int]]], list[tirx.Stmt]],
-                axes: dict[str, tuple[tirx.Var, int]]) -> tirx.Stmt:
+def _with_entry(stmt: tirx.Stmt, entry: Callable[[Axes], list[tirx.Stmt]], axes: Axes) -> tirx.Stmt:
     """`stmt` with entry(axes) put in front of its first statement that is neither a buffer
     declaration or allocation nor a thread binding, below the thread bindings ahead of it
     (axes: "blockIdx.x" etc. -> (var, extent), what the entry may index by). Nothing ahead of
@@ -129,45 +126,21 @@ def _with_entry(stmt: tirx.Stmt, entry: Callable[[dict[str, tuple[tirx.Var, int]
     return tirx.SeqStmt([*entry(axes), stmt])
 
 
-def _prefetch_shares(buffers: list[tirx.Buffer], axes: dict[str, tuple[tirx.Var, int]]) -> list[tirx.Stmt]:
+def _prefetch_shares(buffers: list[tirx.Buffer], axes: Axes) -> list[tirx.Stmt]:
     """Block b's share of each buffer (the b-th of the grid's equal 16-byte-aligned slices), by
-    its thread 0 (of the thread indices bound so far), as one bulk L2 prefetch each."""
-    from tvm.script import tirx as T
-
-    blocks = [axes[tag] for tag in ("blockIdx.x", "blockIdx.y", "blockIdx.z") if tag in axes]
-    n_blocks = math.prod(extent for _, extent in blocks)
-    block: tirx.Expr = tirx.const(0, "int64")
-    for var, extent in reversed(blocks):  # x fastest
-        block = block * extent + var.astype("int64")
-    prefetch = T.ptx.cp
-    for part in ("async", "bulk", "prefetch", "L2", "global"):  # (keywords of Python among them)
-        prefetch = getattr(prefetch, part)
+    its thread 0 (of the thread indices bound so far), as one bulk L2 prefetch each (TVM's
+    device allocations, every step parameter's among them, are aligned far beyond 16 bytes)."""
+    block, n_blocks = block_index(axes)
     stmts = []
     for buf in buffers:
-        total = _bytes(buf) // _BULK_BYTES * _BULK_BYTES
-        share = -(-total // n_blocks // _BULK_BYTES) * _BULK_BYTES if total else 0
+        total = buffer_bytes(buf) // PREFETCH_ALIGN * PREFETCH_ALIGN
+        share = -(-total // n_blocks // PREFETCH_ALIGN) * PREFETCH_ALIGN if total else 0
         if share == 0:
             continue
         offset = block * share
-        size = tirx.min(tirx.const(share, "int64"), tirx.const(total, "int64") - offset).astype("uint32")
-        # the address of the share's first element (the kernel's buffers are flat; a share is whole
-        # elements, 16 bytes being a multiple of every element size)
-        start = T.address_of(tirx.BufferLoad(buf, [offset // _element_bytes(buf)]))
-        stmts.append(tirx.IfThenElse(offset < total, tirx.Evaluate(prefetch(start, size)), None))
-    threads = [var for tag, (var, _) in axes.items() if tag.startswith("threadIdx")]
-    if not stmts or not threads:
-        return stmts
-    first = tirx.all(*[var == 0 for var in threads]) if len(threads) > 1 else threads[0] == 0
-    return [tirx.IfThenElse(first, tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0], None)]
-
-
-def _element_bytes(buf: tirx.Buffer | tirx.Var) -> int:
-    return tvm.runtime.DataType(str(buf.dtype)).bits // 8
-
-
-def _bytes(buf: tirx.Buffer | tirx.Var) -> int:
-    """The bytes of a buffer of static shape (a kernel's buffer parameter, or its declaration)."""
-    return math.prod(int(d) for d in buf.shape) * _element_bytes(buf)
+        size = tirx.min(tirx.const(share, "int64"), tirx.const(total, "int64") - offset)
+        stmts.append(tirx.IfThenElse(offset < total, bulk_prefetch(buf, offset, size), None))
+    return by_thread_zero(stmts, axes)
 
 
 def trigger_dependents(kernel: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -264,7 +237,7 @@ def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes:
         names = []
         for index in sorted(positions):
             param = func.params[index]  # a buffer
-            if all(isinstance(d, tirx.IntImm) for d in param.shape) and min_bytes <= _bytes(param) <= max_bytes:
+            if all(isinstance(d, tirx.IntImm) for d in param.shape) and min_bytes <= buffer_bytes(param) <= max_bytes:
                 names.append(param.name)
         mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
 

@@ -38,6 +38,7 @@ import tvm
 from tvm import relax
 
 from sparkinfer.compiler import dependent_launch, targets
+from sparkinfer.compiler.l2_prefetch import prefetch_experts
 from sparkinfer.compiler.manifest import (
     DEFAULT_ROOT,
     Manifest,
@@ -51,6 +52,7 @@ from sparkinfer.compiler.manifest import (
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file.config import ModelConfig
 from sparkinfer.model.qwen3moe import DecodeStep, build_decode_step, misfit_variants
+from sparkinfer.kernels.moe_q8 import PREFETCH_EXPERTS_ATTR
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import ENTRY, ENTRY_PROCESSED, PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
@@ -163,8 +165,16 @@ def kernel_knobs(use: KernelUse, facts: ArchFacts, schedules: SchedulesFile | No
     return knobs, entry.source
 
 
+def step_kernel(func: tvm.tirx.PrimFunc, use: KernelUse, facts: ArchFacts, knobs: Knobs | None = None
+                ) -> tvm.tirx.PrimFunc:
+    """A kernel as a step builds it: `schedule_kernel`, then the L2 prefetch of the experts its
+    factory asks for (`l2_prefetch.prefetch_experts`)."""
+    func = schedule_kernel(func, use, facts, knobs)
+    return prefetch_experts(func) if PREFETCH_EXPERTS_ATTR in func.attrs else func
+
+
 def schedule_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = None) -> dict[str, dict[str, Any]]:
-    """Replace every kernel of `step.mod` by its scheduled form; returns name -> the schedule
+    """Replace every kernel of `step.mod` by its `step_kernel` form; returns name -> the schedule
     record the manifest keeps ({rule, source, knobs})."""
     facts = arch_facts(arch)
     records: dict[str, dict[str, Any]] = {}
@@ -172,7 +182,7 @@ def schedule_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None =
     for use in step.kernels:
         gvar = mod.get_global_var(use.name)
         knobs, source = kernel_knobs(use, facts, schedules)
-        mod.update_func(gvar, schedule_kernel(mod[gvar], use, facts, knobs))
+        mod.update_func(gvar, step_kernel(mod[gvar], use, facts, knobs))
         records[use.name] = {"rule": rule_for(use, facts).name, "source": source, "knobs": knobs.to_json()}
     return records
 
@@ -208,7 +218,7 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
-    for name in ("attention_merge", "router_merge", "decode_attention"):
+    for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch"):
         value = getattr(step, name)
         if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
             raise SparkInferError(f"{name}={value!r} is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})")

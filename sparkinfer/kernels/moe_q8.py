@@ -7,7 +7,11 @@
 `moe_gate_up_silu_q8_routed` (router_merge="gate_up") is the gate/up kernel taking the router's
 logits instead of ids: every thread block runs `router.topk` first (as `moe.moe_gate_up_silu_routed`
 does) and writes the ids and weights `moe_down_residual_q8` reads, so no router_topk launch sits
-between the router GEMV and the experts.
+between the router GEMV and the experts. `moe_gate_up_silu_q8_routed_prefetch` (expert_prefetch="down")
+is that kernel taking the down experts' words too, which no stage reads: PREFETCH_EXPERTS_ATTR
+names them, and on a GPU the compiler has each thread block ask the L2 for its share of the chosen
+experts' down rows once the ids are stored (compiler/l2_prefetch.py), so that the down kernel after
+it finds them there.
 
 x̂ is the FFN input quantized once (`gemv_q8.add_rms_norm_q8_1`, or `quantize_q8_1(H)`; gate and
 up share it), â the activations quantized per slot inside the gate/up kernel, so that no launch
@@ -43,6 +47,14 @@ from sparkinfer.kernels.moe import (
 from sparkinfer.kernels.router import router_topk_reference, topk
 
 Expr = tirx.Expr
+# A kernel's attribute naming what its thread blocks prefetch into the L2 once its expert ids are
+# stored (compiler/l2_prefetch.py): {"weights": a stack of expert weights [E, ...], "ids": the
+# int32[KU] ids picking KU of them, "expert_bytes": the bytes of one expert of the stack, "after":
+# the stage after which the ids are read (`router.topk`'s last, "weights")}.
+PREFETCH_EXPERTS_ATTR = "sparkinfer.l2_prefetch_experts"
+# cp.async.bulk's unit: a prefetch's address and size are multiples of 16 bytes (PTX ISA
+# 9.7.10.28.4.3), so each expert of such a stack starts at one.
+PREFETCH_ALIGN = 16
 
 
 def _expert_row(w: te.Tensor, ids: te.Tensor) -> Callable[[tuple[Expr, ...], Expr], Row]:
@@ -89,15 +101,48 @@ def moe_gate_up_silu_q8_routed(type_gate: int, type_up: int, n_experts: int, n_u
 
     Params (Wg, Wu words as in `moe_gate_up_silu_q8`, logits f32[E], xq, xd, xs, aq, ad, as as
     there, ids int32[KU], weights f32[KU])."""
+    w_gate, w_up, *rest = _routed_tensors(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    symbol = moe_gate_up_silu_q8_routed_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return te.create_prim_func([w_gate, w_up, *rest]).with_attr("global_symbol", symbol)
+
+
+def _routed_tensors(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                    hidden: int) -> list[te.Tensor]:
+    """`moe_gate_up_silu_q8_routed`'s parameters, in order."""
     if not 0 < n_used <= n_experts:
         raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
     logits = te.placeholder((n_experts,), "float32", name="logits")
     ids, weights = topk(logits, (), n_experts, n_used)
     (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids)
     aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
-    symbol = moe_gate_up_silu_q8_routed_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
-    func = te.create_prim_func([w_gate, w_up, logits, xq, xd, xs, aq, ad, as_, ids, weights])
-    return func.with_attr("global_symbol", symbol)
+    return [w_gate, w_up, logits, xq, xd, xs, aq, ad, as_, ids, weights]
+
+
+def moe_gate_up_silu_q8_routed_prefetch_symbol(type_gate: int, type_up: int, n_experts: int, n_used: int,
+                                               n_ffn: int, hidden: int, type_down: int) -> str:
+    g, u, d = (q8_format(t).name.lower() for t in (type_gate, type_up, type_down))
+    return f"moe_gate_up_silu_q8_routed_prefetch_{g}_{u}_{d}_{n_experts}x{n_ffn}x{hidden}_top{n_used}"
+
+
+def moe_gate_up_silu_q8_routed_prefetch(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                                        hidden: int, type_down: int) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8_routed` with the down experts' words Wd [E, H, row_words] (of
+    `type_down`) as its third input, which no stage reads and PREFETCH_EXPERTS_ATTR names (module docstring); its
+    outputs are exactly `moe_gate_up_silu_q8_routed`'s.
+
+    Params (Wg, Wu, Wd words, logits f32[E], xq, xd, xs, aq, ad, as, ids int32[KU], weights f32[KU])."""
+    fmt_d = q8_format(type_down)
+    expert_bytes = hidden * fmt_d.row_words(n_ffn) * fmt_d.word_bytes
+    if expert_bytes % PREFETCH_ALIGN:
+        raise ValueError(f"an L2 prefetch starts at a multiple of {PREFETCH_ALIGN} bytes: one {fmt_d.name} "
+                         f"down expert of {hidden}x{n_ffn} is {expert_bytes} bytes")
+    w_gate, w_up, *rest = _routed_tensors(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    w_down = _weights(fmt_d, n_experts, hidden, n_ffn, "Wd")
+    symbol = moe_gate_up_silu_q8_routed_prefetch_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden,
+                                                        type_down)
+    func = te.create_prim_func([w_gate, w_up, w_down, *rest]).with_attr("global_symbol", symbol)
+    return func.with_attr(PREFETCH_EXPERTS_ATTR, {"weights": "Wd", "ids": "ids", "expert_bytes": expert_bytes,
+                                            "after": "weights"})
 
 
 def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_ffn: int, hidden: int,

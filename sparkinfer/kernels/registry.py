@@ -43,6 +43,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.gemv_q8,
         moe_q8.moe_gate_up_silu_q8,
         moe_q8.moe_gate_up_silu_q8_routed,  # with router_merge="gate_up"
+        moe_q8.moe_gate_up_silu_q8_routed_prefetch,  # and expert_prefetch="down" (CUDA only)
         moe_q8.moe_down_residual_q8,
         # and the int8 attention projections (projection_activations="q8")
         gemv_q8.rms_norm_q8_1,

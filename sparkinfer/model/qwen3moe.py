@@ -91,6 +91,7 @@ from sparkinfer.schedule.schedules import (
     ATTENTION_FORMS,
     ATTENTION_MERGES,
     DECODE_ATTENTIONS,
+    EXPERT_PREFETCHES,
     PROGRAMMATIC_LAUNCH,
     ROUTER_MERGES,
 )
@@ -249,6 +250,8 @@ class DecodeStep:
     router_merge: str = "separate"
     # how the decode attention multiplies (DECODE_ATTENTIONS; "mma" is CUDA's)
     decode_attention: str = "simt"
+    # whether the routed gate/up prefetches the down experts into the L2 (EXPERT_PREFETCHES; CUDA's)
+    expert_prefetch: str = "off"
 
 
 class _Kernels:
@@ -320,8 +323,9 @@ class _StepBuilder:
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
                  attention_merge: str = "separate", router_merge: str = "separate",
                  decode_attention: str = "simt", projection_activations: str = "f32",
-                 head_activations: str = "f32") -> None:
+                 head_activations: str = "f32", expert_prefetch: str = "off") -> None:
         self.c = config
+        self.prefetch_down = expert_prefetch == "down"
         self.projection_activations = projection_activations
         self.head_activations = head_activations
         self.decode_attention = decode_attention
@@ -669,8 +673,14 @@ class _StepBuilder:
         E, KU, I, H = c.n_experts, c.n_experts_used, c.expert_ffn, c.hidden
         g, u, d = self._ffn_weights(i)
         xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
-        gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed", self.t(g), self.t(u), E, KU, I, H)
-        *aq, ids, weights = self.call(gv, [p[g], p[u], router, *xq],
+        if self.prefetch_down:  # gate/up also takes the down experts, to ask the L2 for the chosen ones
+            gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed_prefetch", self.t(g), self.t(u), E, KU, I, H,
+                        self.w_fmt(d))
+            stacks = [p[g], p[u], p[d]]
+        else:
+            gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed", self.t(g), self.t(u), E, KU, I, H)
+            stacks = [p[g], p[u]]
+        *aq, ids, weights = self.call(gv, [*stacks, router, *xq],
                                       [*self._q8_types(I, KU), _tensor((KU,), "int32"), self.f32(KU)], f"act_q{i}")
         return self._down_q8(d, E, KU, H, I, ids, weights, aq, h, i)
 
@@ -870,6 +880,7 @@ def build_decode_step(
     decode_attention: str = "simt",
     projection_activations: str = "f32",
     head_activations: str = "f32",
+    expert_prefetch: str = "off",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -921,7 +932,11 @@ def build_decode_step(
     `decode_attention` (DECODE_ATTENTIONS) is how the decode attention multiplies: "simt" in float32
     (`kernels.attention.paged_decode_attention`), "mma" with f16 Q and P on tensor cores
     (`kernels.attention.paged_decode_attention_mma`, CUDA only; with attention_merge
-    "last_block" `paged_decode_attention_mma_merged`)."""
+    "last_block" `paged_decode_attention_mma_merged`).
+    `expert_prefetch` (EXPERT_PREFETCHES) is whether the routed int8 gate/up (router_merge
+    "gate_up") also takes the layer's down experts and asks the L2 for the chosen ones' rows once
+    it has picked them, so that the down kernel after it reads them from there
+    (`kernels.moe_q8.moe_gate_up_silu_q8_routed_prefetch`, CUDA only): "off" or "down"."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if projection_activations not in ACTIVATIONS:
@@ -956,6 +971,11 @@ def build_decode_step(
     if router_merge == "gate_up" and activations != "q8":
         raise SparkInferError(f"router_merge='gate_up' picks the experts inside the int8 experts' gate/up kernel: "
                               f"it needs activations='q8', got {activations!r}")
+    if expert_prefetch not in EXPERT_PREFETCHES:
+        raise SparkInferError(f"expert_prefetch must be one of {', '.join(EXPERT_PREFETCHES)}, got {expert_prefetch!r}")
+    if expert_prefetch == "down" and router_merge != "gate_up":
+        raise SparkInferError(f"expert_prefetch='down' is done by the routed int8 gate/up kernel, the first to know "
+                              f"the experts: it needs router_merge='gate_up', got {router_merge!r}")
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")
@@ -974,7 +994,7 @@ def build_decode_step(
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
                            q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
-                           projection_activations, head_activations)
+                           projection_activations, head_activations, expert_prefetch)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -990,4 +1010,5 @@ def build_decode_step(
         attention_merge=attention_merge,
         router_merge=router_merge,
         decode_attention=decode_attention,
+        expert_prefetch=expert_prefetch,
     )

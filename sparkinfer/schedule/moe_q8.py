@@ -79,6 +79,17 @@ class MoeGateUpSiluQ8RoutedCudaRule(MoeGateUpSiluQ8CudaRule):
         topk_in_block(sch, bx, (knobs.rows, knobs.lanes), ids_store)
 
 
+class MoeGateUpSiluQ8RoutedPrefetchCudaRule(MoeGateUpSiluQ8RoutedCudaRule):
+    """`moe_gate_up_silu_q8_routed_prefetch`: the routed layout; its down weights, which no
+    block reads, are the compiler's to prefetch (compiler/l2_prefetch.py)."""
+
+    factory = "moe_gate_up_silu_q8_routed_prefetch"
+
+    def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
+        # the routed kernel's, whose arguments are these but the last (type_down)
+        return super().chunk_counts(dataclasses.replace(use, args=use.args[:-1]))
+
+
 class MoeDownResidualQ8CudaRule(MoeDownResidualCudaRule):
     """`schedule.moe`'s down/weights/residual rule (same knobs, chunks and rows) on the int8 blocks."""
 

@@ -52,6 +52,7 @@ from sparkinfer.schedule.moe_q8 import (
     MoeGateUpSiluQ8CudaRule,
     MoeGateUpSiluQ8RoutedCpuRule,
     MoeGateUpSiluQ8RoutedCudaRule,
+    MoeGateUpSiluQ8RoutedPrefetchCudaRule,
 )
 from sparkinfer.schedule.moe import (
     MoeDownResidualCudaRule,
@@ -96,6 +97,7 @@ for _rule in (
     GemvQ8CudaRule(),
     MoeGateUpSiluQ8CudaRule(),
     MoeGateUpSiluQ8RoutedCudaRule(),
+    MoeGateUpSiluQ8RoutedPrefetchCudaRule(),
     MoeDownResidualQ8CudaRule(),
     QuantizeQ8CudaRule(),
     AddRmsNormQ8CudaRule(),

@@ -10,7 +10,8 @@
               "q6_k_layout": "gguf" | "planar", "attention_form": "read_ahead" | "compact" | "registers",
               "attention_merge": "separate" | "last_block",
               "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
-              "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8"}}
+              "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8",
+              "expert_prefetch": "off" | "down"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -63,6 +64,10 @@ ROUTER_MERGES = ("separate", "last_block", "gate_up")
 # (kernels.attention.paged_decode_attention); "mma", Q and P rounded to f16 and multiplied on tensor
 # cores by mma.sync (kernels.attention.paged_decode_attention_mma, bench/NOTES.md "Decode attention v3").
 DECODE_ATTENTIONS = ("simt", "mma")
+# Whether the decode step's routed int8 gate/up (router_merge "gate_up") asks the L2 for the chosen
+# down experts once it has picked them: "off", or "down" (kernels.moe_q8.moe_gate_up_silu_q8_routed_prefetch,
+# compiler/l2_prefetch.py), so that the down kernel after it reads them from the L2.
+EXPERT_PREFETCHES = ("off", "down")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
@@ -70,7 +75,8 @@ STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_
                                               "programmatic_launch": PROGRAMMATIC_LAUNCH, "q6_k_layout": Q6_K_LAYOUTS,
                                               "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
                                               "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS,
-                                              "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS}
+                                              "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS,
+                                              "expert_prefetch": EXPERT_PREFETCHES}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -89,6 +95,7 @@ CUDA_ONLY_VARIANTS = {
     ("router_merge", "last_block"): "an atomic count and memory fences between CUDA thread blocks; the cpu "
                                     "build has no thread blocks to count",
     ("decode_attention", "mma"): "tensor-core products (mma.sync); the cpu build's attention multiplies float32",
+    ("expert_prefetch", "down"): "the bulk L2 prefetch of sm_90 and later; the cpu build has no such instruction",
 }
 
 

@@ -187,6 +187,12 @@ def _moe_gate_up_silu_q8_routed(rng: np.random.Generator, type_gate: str, type_u
             _f32(rng, n_used)]
 
 
+def _moe_gate_up_silu_q8_routed_prefetch(rng: np.random.Generator, type_gate: str, type_up: str, n_experts: int,
+                                         n_used: int, n_ffn: int, hidden: int, type_down: str) -> Arrays:
+    w_gate, w_up, *rest = _moe_gate_up_silu_q8_routed(rng, type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return [w_gate, w_up, _words(type_down, (n_experts, hidden, n_ffn), rng), *rest]
+
+
 def _moe_down_residual_q8(rng: np.random.Generator, ggml_type: str, n_experts: int, n_used: int, hidden: int,
                           n_ffn: int) -> Arrays:
     weights = rng.dirichlet(np.ones(n_used)).astype(np.float32)
@@ -248,6 +254,7 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("gemv_q8", "attention_combine_q8_1"): _attention_combine_q8_1,
     ("moe_q8", "moe_gate_up_silu_q8"): _moe_gate_up_silu_q8,
     ("moe_q8", "moe_gate_up_silu_q8_routed"): _moe_gate_up_silu_q8_routed,
+    ("moe_q8", "moe_gate_up_silu_q8_routed_prefetch"): _moe_gate_up_silu_q8_routed_prefetch,
     ("moe_q8", "moe_down_residual_q8"): _moe_down_residual_q8,
     ("sampling", "sample_candidates"): _sample_candidates,
     ("sampling", "sample_token"): _sample_token,
@@ -267,6 +274,7 @@ EXPERT_STACKS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
     ("moe", "moe_down_residual"): ((0,), 1),
     ("moe_q8", "moe_gate_up_silu_q8"): ((0, 1), 2),
     ("moe_q8", "moe_gate_up_silu_q8_routed"): ((0, 1), 9),
+    ("moe_q8", "moe_gate_up_silu_q8_routed_prefetch"): ((0, 1, 2), 10),
     ("moe_q8", "moe_down_residual_q8"): ((0,), 1),
 }
 

@@ -1,8 +1,9 @@
 """The step variants router_merge="last_block" (kernels.router.router_gemv_topk) and "gate_up"
-(kernels.moe_q8.moe_gate_up_silu_q8_routed): the launches they save, the last block's
-`router_arrivals` state, their bad inputs and refusals, and in the CUDA emulator the tiny model's
-decode steps with them (last_block alone and with attention_merge "last_block"; gate_up on sm_90's
-int8 step) giving the logits of the step without them, bit for bit."""
+(kernels.moe_q8.moe_gate_up_silu_q8_routed, and with expert_prefetch="down"
+moe_gate_up_silu_q8_routed_prefetch): the launches they save, the last block's `router_arrivals`
+state, their bad inputs and refusals, and in the CUDA emulator the tiny model's decode steps with
+them (last_block alone and with attention_merge "last_block"; gate_up, with and without the
+prefetch, on sm_90's int8 step) giving the logits of the step without them, bit for bit."""
 
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from tvm import relax
+
+from sparkinfer.compiler.pipeline import build_step
 from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.model.qwen3moe import build_decode_step
@@ -88,6 +92,39 @@ def test_gate_up_needs_int8_experts() -> None:
         build_decode_step(TINY, TYPES, activations="q8", router_merge="gate_up", decode_launches="fused")
 
 
+def test_expert_prefetch_hands_each_routed_gate_up_its_layers_down_experts() -> None:
+    merged = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up")
+    prefetching = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up", expert_prefetch="down")
+    counts = launches(prefetching)
+    assert counts["moe_gate_up_silu_q8_routed_prefetch"] == TINY.n_layers and "moe_gate_up_silu_q8_routed" not in counts
+    assert sum(counts.values()) == sum(launches(merged).values())
+    decode = prefetching.mod["decode"]
+    # each layer's gate/up takes, third, the weights its down kernel reads first: the step parameter
+    asked = [call.args[1].fields[2] for call in _calls(decode, "moe_gate_up_silu_q8_routed_prefetch")]
+    read = [call.args[1].fields[0] for call in _calls(decode, "moe_down_residual_q8")]
+    assert len(asked) == TINY.n_layers and all(a.same_as(r) and a in decode.params for a, r in zip(asked, read))
+
+
+def _calls(func: relax.Function, kernel: str) -> list[relax.Call]:
+    """The call_tir calls in `func` of the kernels whose names start with `kernel`."""
+    return [b.value for block in func.body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call) and len(b.value.args) > 1 and isinstance(b.value.args[0], relax.GlobalVar)
+            and b.value.args[0].name_hint.startswith(kernel + "_")]
+
+
+def test_expert_prefetch_needs_the_top_k_in_gate_up_and_a_gpu() -> None:
+    with pytest.raises(SparkInferError, match="expert_prefetch='down' is done by the routed int8 gate/up kernel, "
+                                              "the first to know the experts: it needs router_merge='gate_up', "
+                                              "got 'separate'"):
+        build_decode_step(TINY, TYPES, **INT8_STEP, expert_prefetch="down")
+    with pytest.raises(SparkInferError, match="expert_prefetch must be one of off, down, got 'up'"):
+        build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up", expert_prefetch="up")
+    step = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up", expert_prefetch="down")
+    with pytest.raises(SparkInferError, match=r"expert_prefetch='down' is for the CUDA archs only \(the bulk L2 "
+                                              r"prefetch of sm_90 and later; the cpu build has no such instruction\)"):
+        build_step(step, "cpu")
+
+
 def test_the_fused_launches_refuse_it() -> None:
     with pytest.raises(SparkInferError, match=r"router_merge='last_block' needs decode_launches='split', got "
                                               r"'fused': the fused launches pick the experts inside gate/up "
@@ -125,20 +162,22 @@ def test_emulated_steps_give_the_logits_of_the_separate_kernels(tmp_path: Path, 
 @pytest.mark.slow
 @pytest.mark.skipif(not can_compile(), reason="the CUDA emulator builds with TVM's compiler")
 def test_emulated_steps_with_the_top_k_in_gate_up_give_the_same_logits(tmp_path: Path) -> None:
-    """Three decode steps of the tiny model on sm_90's int8 step, with router_merge "gate_up" and
-    without: the same logits and tokens (the top-k's stages are router_topk's, and the gate/up
-    the same kernel's)."""
+    """Three decode steps of the tiny model on sm_90's int8 step, with router_merge "gate_up"
+    (with expert_prefetch "down" too) and without: the same logits and tokens (the top-k's stages
+    are router_topk's, the gate/up the same kernel's, the prefetch only a cache hint)."""
     from tests.model.emulated_step import emulated_kernels, run_decode, step_inputs
 
     model = write_decisive_model(tmp_path / "tiny.gguf", TINY, "q4_k_m")
     separate = build_decode_step(TINY, TYPES, **INT8_STEP)
     merged = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up")
-    gpu = emulated_kernels(separate, merged)
+    prefetching = build_decode_step(TINY, TYPES, **INT8_STEP, router_merge="gate_up", expert_prefetch="down")
+    gpu = emulated_kernels(separate, merged, prefetching)
     runs = []
-    for step in (separate, merged):
+    for step in (separate, merged, prefetching):
         inputs = step_inputs(step, model, n_pages=2)
         runs.append([run_decode(gpu, step, inputs) for _ in range(3)])
-    for (want, want_next), (got, got_next) in zip(*runs):
+    for (want, want_next), *others in zip(*runs):
         assert np.isfinite(want).all()
-        np.testing.assert_array_equal(got, want)
-        assert got_next == want_next
+        for got, got_next in others:
+            np.testing.assert_array_equal(got, want)
+            assert got_next == want_next

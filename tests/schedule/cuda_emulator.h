@@ -205,6 +205,16 @@ inline void fail(const char* message) {
   if (!error) error = message;
 }
 
+// The bulk L2 prefetches (cp.async.bulk.prefetch.L2) the kernels asked for, as (address, bytes)
+// in the order the threads issued them: a cache hint on a GPU, kept here for the test to read
+// (cuda_emulator.py, EmulatedGpu.l2_prefetches).
+inline std::vector<std::pair<const void*, unsigned>> l2_prefetches;
+inline void l2_prefetch(const void* address, unsigned bytes) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 || bytes % 16)
+    fail("a bulk L2 prefetch whose address or size is not a multiple of 16 bytes");
+  l2_prefetches.emplace_back(address, bytes);
+}
+
 template <class T>
 unsigned long long to_bits(T v) {
   static_assert(sizeof(T) <= 8);

@@ -67,7 +67,9 @@ class EmulatedTensor:
 
 
 class EmulatedGpu:
-    """`Gpu` on the CPU: the kernels of `mod`, compiled here as C++ and run one fiber a thread."""
+    """`Gpu` on the CPU: the kernels of `mod`, compiled here as C++ and run one fiber a thread.
+    After a call, `l2_prefetches` holds the (address, bytes) of each bulk L2 prefetch its kernels
+    issued, which a GPU gives no trace of."""
 
     def __init__(self, mod: tvm.IRModule, tir_pipeline: str = "default") -> None:
         host, device, source = _lower(mod, tir_pipeline)
@@ -77,6 +79,7 @@ class EmulatedGpu:
         self._launches = {str(gv.name_hint): _launches(f, kernels, source) for gv, f in host.functions.items()}
         self._workspaces = {str(gv.name_hint): _workspaces(f) for gv, f in host.functions.items()}
         self._libraries: dict[str, ctypes.CDLL] = {}
+        self.l2_prefetches: list[tuple[int, int]] = []
         self._build_dir = tempfile.TemporaryDirectory(prefix="cuda-emulator-")
 
     def tensor(self, array: np.ndarray) -> EmulatedTensor:
@@ -92,6 +95,7 @@ class EmulatedGpu:
         for name, (shape, dtype) in self._workspaces[symbol].items():  # NaN where floats: read before written fails
             values[name] = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype)
         library = self._library(symbol)
+        self._prefetch_log(library)  # what earlier calls left
         for launch in self._launches[symbol]:
             extents = [_evaluate(launch.extents.get(f"{kind}.{d}", 1), values)
                        for kind in ("blockIdx", "threadIdx") for d in _DIMS]
@@ -103,6 +107,18 @@ class EmulatedGpu:
             error = entry(words, dims)
             if error:
                 raise EmulationError(f"{launch.kernel}: {error.decode()}")
+        self.l2_prefetches = self._prefetch_log(library)
+
+    @staticmethod
+    def _prefetch_log(library: ctypes.CDLL) -> list[tuple[int, int]]:
+        """The bulk L2 prefetches `library`'s kernels issued since it was last asked: (address,
+        bytes) each, in the order issued."""
+        count = library.emulated_l2_prefetch_count
+        count.restype = ctypes.c_size_t
+        n = int(count())
+        words = (ctypes.c_uint64 * max(1, 2 * n))()
+        library.emulated_l2_prefetches(words)
+        return [(int(words[2 * i]), int(words[2 * i + 1])) for i in range(n)]
 
     def _library(self, symbol: str) -> ctypes.CDLL:
         if symbol not in self._libraries:
@@ -227,7 +243,7 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     preamble = _without_grid_dependency_control(source[: source.index('extern "C"')])
     kernels = {launch.kernel: launch for launch in launches}  # a kernel launched twice is built once
     bodies = [_device_code(kernel_definition(source, name)) for name in kernels]
-    code = "\n".join([preamble, *bodies, *map(_entry, kernels.values())])
+    code = "\n".join([preamble, *bodies, *map(_entry, kernels.values()), _PREFETCH_LOG])
     cpp, lib = build_dir / f"{symbol}.cpp", build_dir / f"{symbol}.so"
     cpp.write_text(code)
     command = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-w",
@@ -238,12 +254,27 @@ def _compile(source: str, launches: list[Launch], build_dir: Path, symbol: str) 
     return ctypes.CDLL(str(lib))
 
 
+# The bulk L2 prefetches recorded since the last call (cuda_emulator.h, emu::l2_prefetch): how
+# many, and all of them as (address, bytes) pairs into `out`, forgetting them.
+_PREFETCH_LOG = """extern "C" size_t emulated_l2_prefetch_count() { return emu::l2_prefetches.size(); }
+extern "C" void emulated_l2_prefetches(uint64_t* out) {
+  for (size_t i = 0; i < emu::l2_prefetches.size(); ++i) {
+    out[2 * i] = reinterpret_cast<uintptr_t>(emu::l2_prefetches[i].first);
+    out[2 * i + 1] = emu::l2_prefetches[i].second;
+  }
+  emu::l2_prefetches.clear();
+}
+"""
+
+
 def _without_grid_dependency_control(preamble: str) -> str:
     """The preamble with TVM's `griddepcontrol` helpers emptied (programmatic dependent launch,
     compiler/dependent_launch.py): the emulator runs launches one after another, so every
     kernel before this one has completed (what `wait` waits for) and none overlaps another
-    (what `launch_dependents` would allow); and the bulk L2 prefetch's, a cache hint."""
-    preamble = re.sub(r'asm volatile\("cp\.async\.bulk\.prefetch\.L2\.global [^"]*"[^;]*;', "", preamble)
+    (what `launch_dependents` would allow); and the bulk L2 prefetch's, a cache hint, recorded
+    instead (`EmulatedGpu.l2_prefetches`)."""
+    preamble = re.sub(r'asm volatile\("cp\.async\.bulk\.prefetch\.L2\.global [^"]*"[^;]*;',
+                      "emu::l2_prefetch(__src_mem, __size);", preamble)
     return re.sub(r'asm volatile\("griddepcontrol\.\w+;"[^;]*;', "", preamble)
 
 

@@ -29,7 +29,7 @@ import tvm
 from sparkinfer.compiler import targets
 from sparkinfer.runtime.device import detect_arch, import_tvm
 from sparkinfer.schedule.arch import arch_facts
-from sparkinfer.schedule.space import Knobs, kernel_use, rule_for, schedule_kernel
+from sparkinfer.schedule.space import Knobs, kernel_use, rule_for
 
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # `tests.` imports when run as a script or by a bare `pytest`
@@ -51,9 +51,12 @@ CUDA_ARCHS = [a for a in targets.ARCHS if a != "cpu"]
 
 def scheduled(factory: Callable[..., tvm.tirx.PrimFunc], family: str, *args: object,
               knobs: Knobs | None = None, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
-    """`factory(*args)` scheduled by its registered rule for `arch` (knobs None: the default)."""
+    """`factory(*args)` as a step builds it for `arch` (`compiler.pipeline.step_kernel`): scheduled
+    by its registered rule (knobs None: the default)."""
+    from sparkinfer.compiler.pipeline import step_kernel  # the compiler's: runtime-only TVM has no Relax
+
     use = kernel_use(family, factory.__name__, *args)
-    return schedule_kernel(factory(*args), use, arch_facts(arch), knobs)
+    return step_kernel(factory(*args), use, arch_facts(arch), knobs)
 
 
 def default_knobs_with(factory: Callable[..., tvm.tirx.PrimFunc], family: str, *args: object,

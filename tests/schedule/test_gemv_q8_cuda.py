@@ -23,10 +23,12 @@ from sparkinfer.reference.qwen3moe import silu
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.space import check_knobs, kernel_use, rule_for
 
+from cuda_emulator import EmulatedGpu
 from cuda_testutil import (
     CUDA_ARCHS,
     Gpu,
     assert_nvcc_compiles,
+    can_compile,
     cuda_source,
     gpu_fixture,
     kernel_body,
@@ -52,6 +54,8 @@ CASES = [
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 0, 2048)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
     (moe_q8.moe_gate_up_silu_q8_routed, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),  # router_merge="gate_up"
+    # and expert_prefetch="down"
+    (moe_q8.moe_gate_up_silu_q8_routed_prefetch, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048, Q6_K_PLANAR)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q6_K, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (Q6_K_PLANAR, 128, 8, 2048, 768)),
     (moe_q8.moe_down_residual_q8, "moe_q8", (T.Q4_K, 128, 8, 2048, 768)),
@@ -103,6 +107,7 @@ gpu = gpu_fixture("gemv_q8", kernels_module)
 SYMBOLS = {gemv_q8.quantize_q8_1: gemv_q8.quantize_q8_1_symbol, gemv_q8.gemv_q8: gemv_q8.gemv_q8_symbol,
            moe_q8.moe_gate_up_silu_q8: moe_q8.moe_gate_up_silu_q8_symbol,
            moe_q8.moe_gate_up_silu_q8_routed: moe_q8.moe_gate_up_silu_q8_routed_symbol,
+           moe_q8.moe_gate_up_silu_q8_routed_prefetch: moe_q8.moe_gate_up_silu_q8_routed_prefetch_symbol,
            moe_q8.moe_down_residual_q8: moe_q8.moe_down_residual_q8_symbol,
            gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h),
            gemv_q8.rms_norm_q8_1: lambda h, eps: gemv_q8.rms_norm_q8_1_symbol(h),
@@ -136,6 +141,54 @@ def test_routed_gate_up_reads_its_ids_after_a_barrier() -> None:
     first_read = body.find("ids_ptr[((int)blockIdx.y)]")
     assert store and 0 < store.end() < first_read and "__syncthreads()" in body[store.end():first_read]
     assert body.count("weights_ptr[") == 1 and "*(uint4*)(Wg_ptr" in body
+    assert "prefetch" not in body and "Wd_ptr" not in body
+
+
+def test_routed_gate_up_prefetches_the_chosen_down_experts_past_that_barrier() -> None:
+    """expert_prefetch="down": after the ids' barrier and before its own first weight load, each
+    block's thread 0 issues one bulk L2 prefetch of its share of its slot's down expert: I / 32 =
+    24 blocks a slot, a full-size planar Q6_K expert 2048 rows of 640 bytes, 1,310,720 bytes in
+    shares of 54,624 (rounded up to 16), the last one shorter."""
+    args = (T.Q4_K, T.Q4_K, 128, 8, 768, 2048, Q6_K_PLANAR)
+    func = scheduled(moe_q8.moe_gate_up_silu_q8_routed_prefetch, "moe_q8", *args)
+    body = kernel_body(cuda_source(module(func)), str(func.attrs["global_symbol"]))
+    store = re.search(r"ids_ptr\[[^\]]*threadIdx[^\]]*\] = ", body)
+    prefetch = body.index("_L2_global((&(Wd_ptr[")
+    assert store and "__syncthreads()" in body[store.end():prefetch]
+    assert body.count("_L2_global(") == 1 and prefetch < body.index("*(uint4*)(Wg_ptr")
+    guard = body.rindex("if (", 0, prefetch)
+    assert body[guard:prefetch].split("{")[0].strip() == "if ((((int)threadIdx.y) == 0) && (((int)threadIdx.x) == 0))"
+    assert "ids_ptr[((int)blockIdx.y)]" in body[prefetch:].split(";")[0]
+    assert body[prefetch:].split(";")[0].endswith("((uint)min(54624, (1310720 - (((int)blockIdx.x) * 54624)))))")
+
+
+def test_the_prefetching_gate_up_asks_for_each_chosen_expert_once() -> None:
+    """On the emulator (which records the bulk L2 prefetches a GPU only acts on): a small routed
+    gate/up with expert_prefetch "down" writes what the routed one does, and its blocks' prefetches
+    cover the chosen experts' down rows exactly, each byte once, in 16-byte-aligned pieces."""
+    if not can_compile():
+        pytest.skip("the CUDA emulator builds with TVM's compiler; this TVM is runtime-only")
+    tg, tu, e, ku, i, h, td = args = (T.Q4_K, T.Q4_K, 16, 4, 256, 256, T.Q6_K)
+    rng = np.random.default_rng(5)
+    gate, up, down = (random_weights(t, (e, *shape), rng) for t, shape in ((tg, (i, h)), (tu, (i, h)), (td, (h, i))))
+    logits = rng.standard_normal(e).astype(np.float32)
+    xq, xd, xs = _activations(rng, (h,))
+    emulated = EmulatedGpu(module(scheduled(moe_q8.moe_gate_up_silu_q8_routed_prefetch, "moe_q8", *args)))
+    wd = emulated.tensor(weight_view(td, down))
+    outs = [emulated.tensor(np.zeros(shape, dtype)) for shape, dtype in
+            (((ku, i // 4), np.int32), ((ku, i // 32), np.float32), ((ku, i // 32), np.float32), (ku, np.int32),
+             (ku, np.float32))]
+    emulated(_symbol(moe_q8.moe_gate_up_silu_q8_routed_prefetch, args), emulated.tensor(weight_view(tg, gate)),
+             emulated.tensor(weight_view(tu, up)), wd, *(emulated.tensor(a) for a in (logits, xq, xd, xs)), *outs)
+    aq, ad, as_, ids, _ = (o.numpy() for o in outs)
+    ref_ids, _ = router_topk_reference(logits, ku)
+    np.testing.assert_array_equal(ids, ref_ids)
+    _assert_gate_up_blocks(tg, gate, tu, up, ref_ids, xq, xd, (aq, ad, as_))
+    expert_bytes = wd.array.nbytes // e
+    start = wd.array.ctypes.data
+    covered = sorted(b for address, size in emulated.l2_prefetches for b in range(address - start, address - start + size))
+    assert all(address % 16 == 0 and size % 16 == 0 for address, size in emulated.l2_prefetches)
+    assert covered == sorted(b for j in ref_ids for b in range(j * expert_bytes, (j + 1) * expert_bytes))
 
 
 def test_symbols_are_the_kernels_own() -> None:
@@ -261,15 +314,17 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
                                [np.empty((ku, i // 4), np.int32), np.empty((ku, i // 32), np.float32),
                                 np.empty((ku, i // 32), np.float32)])
             _assert_gate_up_blocks(tg, gate, tu, up, ids, xq, xd, (aq, ad, as_))
-        elif factory is moe_q8.moe_gate_up_silu_q8_routed:
-            tg, tu, e, ku, i, h = args
+        elif factory in (moe_q8.moe_gate_up_silu_q8_routed, moe_q8.moe_gate_up_silu_q8_routed_prefetch):
+            tg, tu, e, ku, i, h, *td = args
             gate, up = random_weights(tg, (e, i, h), rng), random_weights(tu, (e, i, h), rng)
+            # expert_prefetch="down": the down experts, which it only asks the L2 for
+            down = [weight_view(t, random_weights(t, (e, h, i), rng)) for t in td]
             logits = rng.standard_normal(e).astype(np.float32)
             order = np.argsort(-logits)
             logits[order[ku]] = logits[order[ku - 1]]  # a tie at the cut: the lower id wins
             xq, xd, xs = _activations(rng, (h,))
             aq, ad, as_, ids, weights = _run(
-                gpu, _symbol(factory, args), [weight_view(tg, gate), weight_view(tu, up), logits, xq, xd, xs],
+                gpu, _symbol(factory, args), [weight_view(tg, gate), weight_view(tu, up), *down, logits, xq, xd, xs],
                 [np.empty((ku, i // 4), np.int32), np.empty((ku, i // 32), np.float32),
                  np.empty((ku, i // 32), np.float32), np.empty(ku, np.int32), np.empty(ku, np.float32)])
             ref_ids, ref_weights = router_topk_reference(logits, ku)
