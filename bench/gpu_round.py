@@ -22,12 +22,10 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Session 23 (bench/NOTES.md): expert_prefetch "down", the routed gate/up asking the
-# L2 for the chosen experts' down rows; and "prefetch" (every decode kernel launched
-# programmatically) again beside the adopted "weights", whose second base run session 22's time
-# limit cut.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"expert_prefetch": {"expert_prefetch": "down"},
-                                             "pdl_prefetch": {"programmatic_launch": "prefetch"}}
+# under 64 MiB). None pending: session 23 timed expert_prefetch "down" (-1 %) and
+# programmatic_launch "prefetch" (level with "weights") beside the base (bench/NOTES.md,
+# "Session 23"), e.g. {"expert_prefetch": {"expert_prefetch": "down"}}.
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless

@@ -5,6 +5,11 @@
 #   bash bench/profile_kernels.sh [N_LAUNCHES]
 #   PROFILE_CHUNKED=1 bash bench/profile_kernels.sh [N_LAUNCHES]   # the T-token step instead
 #
+# PROFILE_MODULE names another module of gpu-round.json (a key such as expert_prefetch_module; default
+# full_module). PROFILE_CACHE=none keeps the caches between the kernels (ncu's --cache-control; its
+# default, all, flushes them before each), so that a kernel finds in the L2 what the one before it
+# left or prefetched there (step variant expert_prefetch "down", bench/NOTES.md "Session 23").
+#
 # With PROFILE_CHUNKED=1 it profiles the T-token step prefilling a prompt of two of its largest
 # chunks (gpu-round.json's chunk_prompt), so the table is per chunk, the second chunk's attention
 # over the first's keys included.
@@ -25,7 +30,7 @@ source .device/setup.sh
 [ -f .device/compiled.tar.xz ] && tar xJf .device/compiled.tar.xz  # prepare_gpu_round.sh packs it
 model=/tmp/q30.gguf
 [ -f "$model" ] || python3 -m sparkinfer.cli synth --preset qwen3-30b-a3b "$model" 2>&1 | tr '\r' '\n' | tail -n 1
-full=$(python3 bench/gpu_round.py get full_module)
+full=$(python3 bench/gpu_round.py get "${PROFILE_MODULE:-full_module}")
 prompt="Hello" steps=3 step_end=advance
 if [ -n "${PROFILE_CHUNKED:-}" ]; then
   prompt=$(python3 bench/gpu_round.py get chunk_prompt) steps=1 step_end=advance_chunk  # the first token comes from the chunks
@@ -33,7 +38,7 @@ fi
 arch=$(python3 bench/gpu_round.py get arch)
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $ncu"
-"$ncu" --clock-control none --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -c "${1:-3000}" \
+"$ncu" --clock-control none --cache-control "${PROFILE_CACHE:-all}" --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum -c "${1:-3000}" \
   python3 -m sparkinfer.cli run "$model" --arch "$arch" --module "$full" -n "$steps" -p "$prompt" \
   > "$out/ncu.csv" 2> "$out/ncu.log"
 echo "ncu rc $?"

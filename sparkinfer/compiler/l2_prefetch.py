@@ -9,8 +9,9 @@ Two users:
     `kernels.moe_q8.PREFETCH_EXPERTS_ATTR` (the routed int8 gate/up of expert_prefetch "down")
     asks the L2 for the chosen experts' rows of a stack of weights that the kernel after it reads
     (the down projection's), as soon as it has stored their ids: the down kernel, which cannot
-    start before gate/up ends, then finds its 7-10 MB in the L2 instead of memory (bench/NOTES.md,
-    "Session 23"). Before lowering, because a kernel's parameters are what its body uses when
+    start before gate/up ends, then finds its 7-10 MB in the L2 instead of memory (on an H100 it
+    did, and was still not faster by what the gate/up lost: bench/NOTES.md, "Session 23"). Before
+    lowering, because a kernel's parameters are what its body uses when
     TVM splits it from the host code: a weight only a later pass used would not be passed. An
     s_tir.Schedule has no primitive that adds a statement without a computation, so this is a
     function of the scheduled kernel rather than a step of its rule.

@@ -66,7 +66,9 @@ ROUTER_MERGES = ("separate", "last_block", "gate_up")
 DECODE_ATTENTIONS = ("simt", "mma")
 # Whether the decode step's routed int8 gate/up (router_merge "gate_up") asks the L2 for the chosen
 # down experts once it has picked them: "off", or "down" (kernels.moe_q8.moe_gate_up_silu_q8_routed_prefetch,
-# compiler/l2_prefetch.py), so that the down kernel after it reads them from the L2.
+# compiler/l2_prefetch.py), so that the down kernel after it reads them from the L2. On an H100 it
+# did (their DRAM reads ~0), but the down kernels gained less than the gate/up lost: -1 %
+# (bench/NOTES.md, "Session 23"), so no arch's file picks it.
 EXPERT_PREFETCHES = ("off", "down")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
