@@ -28,8 +28,8 @@ With the step variant programmatic_launch "prefetch" (PREFETCH_PIPELINE) a kerne
 one thing before the wait: ask the L2 for the kernel's weights, which no kernel writes, so that
 while the kernel before runs (its blocks have all started, or this one would not be running)
 those bytes come from memory instead of after it. `mark_weight_prefetch` finds them in the
-Relax step before lowering: the kernel's arguments that every call passes a parameter of the
-calling function it does not write in place, of at most a quarter of the arch's L2 (the norms,
+Relax step before lowering: the kernel's arguments to which every call passes one of the step's
+weights (not its state, caches or sampling parameters), of at most a quarter of the arch's L2 (the norms,
 the dense projections, the router; not the expert stacks, the LM head or the embedding, which a
 step reads in part); each block, by its thread 0, issues one `cp.async.bulk.prefetch.L2` of its
 share of each (the TMA unit fetches it in the background; nothing waits for it). Then it waits
@@ -228,10 +228,9 @@ def mark_step_weights(mod: tvm.IRModule, programmatic_launch: str, entries: Coll
 
 def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes: int, min_bytes: int = 0) -> None:
     """Set PREFETCH_ATTR on each kernel that the Relax functions `entries` of `mod` (the decode
-    step's) call (in place, before lowering) to the names of its buffers that every such call
-    passes a parameter of the calling function, not written in place by that call, of
-    `min_bytes` to `max_bytes`: the step's weights that the kernel reads whole (the module
-    docstring); the list may be empty."""
+    step's) call (in place, before lowering) to the names of its buffers to which every such
+    call passes one of the step's weights, of `min_bytes` to `max_bytes`: the weights that the
+    kernel reads whole (the module docstring); the list may be empty."""
     for gvar, positions in _parameter_reads(mod, entries).items():
         func = mod[gvar]
         names = []
@@ -244,8 +243,9 @@ def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes:
 
 def _parameter_reads(mod: tvm.IRModule, entries: Collection[str]) -> dict[tvm.ir.GlobalVar, set[int]]:
     """Per kernel the functions `entries` call, the argument positions at which each of their
-    call_tir / call_tir_inplace calls of it passes a parameter of the calling function that the
-    call does not write."""
+    call_tir / call_tir_inplace calls of it passes a weight: a parameter of the calling function
+    at or after its `num_input` (the step puts its weights last and checks only the parameters
+    before them: model/qwen3moe.py `_checked_inputs`), which no kernel writes."""
     from tvm import relax  # the compiler's: runtime-only TVM (the GPU tests' import of this module) has no Relax
 
     call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
@@ -253,14 +253,13 @@ def _parameter_reads(mod: tvm.IRModule, entries: Collection[str]) -> dict[tvm.ir
     for gvar, func in mod.functions.items():
         if not isinstance(func, relax.Function) or gvar.name_hint not in entries:
             continue
-        params = set(func.params)
+        weights = set(func.params[int(func.attrs["num_input"]):])
         for block in func.body.blocks:
             for binding in block.bindings:
                 call = binding.value
                 if not isinstance(call, relax.Call) or call.op not in (call_tir, inplace):
                     continue
-                written = {int(i) for i in call.attrs.inplace_indices} if call.op == inplace else set()
-                read = {j for j, arg in enumerate(call.args[1].fields) if arg in params and j not in written}
+                read = {j for j, arg in enumerate(call.args[1].fields) if arg in weights}
                 kernel = call.args[0]
                 found[kernel] = found[kernel] & read if kernel in found else read
     return found

@@ -106,13 +106,16 @@ _NEVER = ("moe_gate_up_silu_q8_routed_q4_k_q4_k_128x768x2048_top8", "moe_down_re
 
 def test_on_the_full_size_model_only_the_weights_a_kernel_reads_whole_are_prefetched() -> None:
     """The dense projections, norms and router (up to a quarter of the L2 each), not the expert
-    stacks (read by id), the LM head or the embedding table."""
+    stacks (read by id), the LM head or the embedding table; and only weights, not the step's
+    state (the token id, the position, the page table) or its sampling parameters."""
     marked = _full_size_marks(0)
     assert marked["gemv_qkv_q8_q4_k_4096x512x512x2048"] == ["Wq", "Wk", "Wv"]
     assert marked["gemv_q8_q4_k_2048x4096"] == ["W"] and marked["gemv_f32_128x2048"] == ["W"]
     assert marked["add_rms_norm_q8_1_2048"] == ["w"]
-    assert marked["embedding_q4_k_151936x2048"] == ["token"]  # its id, not its table
+    assert marked["embedding_q4_k_151936x2048"] == []  # its token id is state, its table over the quarter
     assert all(marked[name] == [] for name in _NEVER)
+    assert marked["qk_norm_rope_kv_append_32x4x128_p64"] == ["q_norm_w", "k_norm_w"]  # not pos, the page table
+    assert all(marked[name] == [] for name in ("process_logits_151936", "sample_candidates_151936", "advance"))
 
 
 def test_with_weights_only_the_projections_and_the_router_are_marked() -> None:
@@ -122,8 +125,7 @@ def test_with_weights_only_the_projections_and_the_router_are_marked() -> None:
     assert {name: buffers for name, buffers in marked.items() if buffers} == {
         "gemv_qk_q8_q4_k_4096x512x2048": ["Wq", "Wk"], "gemv_q8_q6_k_planar_512x2048": ["W"],
         "gemv_q8_q4_k_2048x4096": ["W"], "gemv_f32_128x2048": ["W"],
-        "gemv_qkv_q8_q4_k_4096x512x512x2048": ["Wq", "Wk", "Wv"],
-        "process_logits_151936": ["token_counts"]}  # the sampler's 151936 counts, 594 KiB
+        "gemv_qkv_q8_q4_k_4096x512x512x2048": ["Wq", "Wk", "Wv"]}
 
 
 @pytest.mark.parametrize("value", ["prefetch", "weights"])
