@@ -127,8 +127,8 @@ def moe_gate_up_silu_q8_routed_prefetch_symbol(type_gate: int, type_up: int, n_e
 def moe_gate_up_silu_q8_routed_prefetch(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
                                         hidden: int, type_down: int) -> tirx.PrimFunc:
     """`moe_gate_up_silu_q8_routed` with the down experts' words Wd [E, H, row_words] (of
-    `type_down`) as its third input, which no stage reads and PREFETCH_EXPERTS_ATTR names (module docstring); its
-    outputs are exactly `moe_gate_up_silu_q8_routed`'s.
+    `type_down`) as its third input, which no stage reads and PREFETCH_EXPERTS_ATTR names (module
+    docstring); its outputs are exactly `moe_gate_up_silu_q8_routed`'s.
 
     Params (Wg, Wu, Wd words, logits f32[E], xq, xd, xs, aq, ad, as, ids int32[KU], weights f32[KU])."""
     fmt_d = q8_format(type_down)
@@ -141,8 +141,8 @@ def moe_gate_up_silu_q8_routed_prefetch(type_gate: int, type_up: int, n_experts:
     symbol = moe_gate_up_silu_q8_routed_prefetch_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden,
                                                         type_down)
     func = te.create_prim_func([w_gate, w_up, w_down, *rest]).with_attr("global_symbol", symbol)
-    return func.with_attr(PREFETCH_EXPERTS_ATTR, {"weights": "Wd", "ids": "ids", "expert_bytes": expert_bytes,
-                                            "after": "weights"})
+    prefetch = {"weights": "Wd", "ids": "ids", "expert_bytes": expert_bytes, "after": "weights"}
+    return func.with_attr(PREFETCH_EXPERTS_ATTR, prefetch)
 
 
 def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_ffn: int, hidden: int,

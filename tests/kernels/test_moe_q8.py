@@ -105,6 +105,27 @@ def test_routed_gate_up_silu_q8_rejects_more_experts_used_than_there_are() -> No
         M.moe_gate_up_silu_q8_routed(T.Q4_K, T.Q4_K, N_EXPERTS, N_EXPERTS + 1, N_FFN, HIDDEN)
 
 
+def test_prefetching_gate_up_takes_the_down_experts_and_names_them() -> None:
+    """Its parameters are the routed kernel's with the down stack third, and its attribute names
+    that stack, the ids and one expert's bytes (a 256 x 256 Q4_K expert: 256 rows of 144 bytes)."""
+    routed = M.moe_gate_up_silu_q8_routed(T.Q4_K, T.Q4_K, N_EXPERTS, 2, N_FFN, HIDDEN)
+    prefetching = M.moe_gate_up_silu_q8_routed_prefetch(T.Q4_K, T.Q4_K, N_EXPERTS, 2, N_FFN, HIDDEN, T.Q4_K)
+    names = [p.name for p in prefetching.params]
+    assert names == [*(p.name for p in routed.params[:2]), "Wd", *(p.name for p in routed.params[2:])]
+    assert [int(d) for d in prefetching.params[2].shape] == [N_EXPERTS, HIDDEN, N_FFN // 256 * 144 // 4]
+    spec = prefetching.attrs[M.PREFETCH_EXPERTS_ATTR]
+    assert (str(spec["weights"]), str(spec["ids"]), str(spec["after"])) == ("Wd", "ids", "weights")
+    assert int(spec["expert_bytes"]) == HIDDEN * N_FFN // 256 * 144
+
+
+def test_prefetching_gate_up_refuses_experts_an_l2_prefetch_cannot_start_at() -> None:
+    """A Q8_0 down expert of 1 row of 32 weights is 34 bytes: the second one starts off the
+    16-byte grid that cp.async.bulk needs."""
+    with pytest.raises(ValueError, match="an L2 prefetch starts at a multiple of 16 bytes: one Q8_0 down expert "
+                                         "of 1x32 is 34 bytes"):
+        M.moe_gate_up_silu_q8_routed_prefetch(T.Q8_0, T.Q8_0, 4, 2, 32, 1, T.Q8_0)
+
+
 def test_moe_q8_rejects_float_types() -> None:
     with pytest.raises(UnsupportedQuantTypeError, match="no int8-activation GEMV for quant type BF16"):
         M.moe_gate_up_silu_q8(T.Q4_K, T.BF16, N_EXPERTS, 2, N_FFN, HIDDEN)
