@@ -235,8 +235,8 @@ def mark_weight_prefetch(mod: tvm.IRModule, entries: Collection[str], max_bytes:
         func = mod[gvar]
         names = []
         for index in sorted(positions):
-            param = func.params[index]  # a buffer
-            if all(isinstance(d, tirx.IntImm) for d in param.shape) and min_bytes <= buffer_bytes(param) <= max_bytes:
+            param = func.params[index]  # a buffer, of a weight's static shape
+            if min_bytes <= buffer_bytes(param) <= max_bytes:
                 names.append(param.name)
         mod.update_func(gvar, func.with_attr(PREFETCH_ATTR, names))
 

@@ -72,7 +72,7 @@ def by_thread_zero(stmts: list[tirx.Stmt], axes: Axes) -> list[tirx.Stmt]:
     if not stmts or not threads:
         return stmts
     first = tirx.all(*[var == 0 for var in threads]) if len(threads) > 1 else threads[0] == 0
-    return [tirx.IfThenElse(first, tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0], None)]
+    return [tirx.IfThenElse(first, _seq(stmts), None)]
 
 
 def prefetch_experts(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -20,7 +20,7 @@ def _scheduled(**spec: object) -> tirx.PrimFunc:
     func = moe_q8.moe_gate_up_silu_q8_routed_prefetch(*ARGS)
     use = kernel_use("moe_q8", "moe_gate_up_silu_q8_routed_prefetch", *ARGS)
     func = schedule_kernel(func, use, arch_facts("sm_90"))
-    wanted = {**{k: v for k, v in func.attrs[moe_q8.PREFETCH_EXPERTS_ATTR].items()}, **spec}
+    wanted = {**dict(func.attrs[moe_q8.PREFETCH_EXPERTS_ATTR]), **spec}
     return func.with_attr(moe_q8.PREFETCH_EXPERTS_ATTR, wanted)
 
 

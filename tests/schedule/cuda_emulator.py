@@ -95,7 +95,7 @@ class EmulatedGpu:
         for name, (shape, dtype) in self._workspaces[symbol].items():  # NaN where floats: read before written fails
             values[name] = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype)
         library = self._library(symbol)
-        self._prefetch_log(library)  # what earlier calls left
+        self._prefetch_log(library)  # what a call of it that raised left
         for launch in self._launches[symbol]:
             extents = [_evaluate(launch.extents.get(f"{kind}.{d}", 1), values)
                        for kind in ("blockIdx", "threadIdx") for d in _DIMS]
