@@ -46,3 +46,10 @@ def test_a_kernel_without_the_stage_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"moe_gate_up_silu_q8_routed_prefetch_q4_k_q4_k_q4_k_16x256x256_top4: "
                                          r"no stage 'top_k' under its thread blocks' loops"):
         prefetch_experts(func)
+
+
+def test_a_grid_with_fewer_blocks_than_experts_is_refused_by_count() -> None:
+    """Each expert needs a thread block at least: xq's 64 words taken as the ids of 64 experts
+    leave the small kernel's 32 blocks (8 row blocks x 4 slots) fewer than one an expert."""
+    with pytest.raises(ValueError, match="32 thread blocks cannot share the prefetch of 64 experts"):
+        prefetch_experts(_scheduled(ids="xq"))
