@@ -22,11 +22,14 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). None pending: session 23 timed expert_prefetch "down" (-1 %) and
-# programmatic_launch "prefetch" (level with "weights") beside the base (bench/NOTES.md,
-# "Session 23"), e.g. {"expert_prefetch": {"expert_prefetch": "down"}}.
-VARIANT_STEPS: dict[str, dict[str, str]] = {}
-VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
+# under 64 MiB). Pending (session 24): the routed int8 gate/up at 16 lanes x 32 thread rows x 1 row
+# a thread, the best of its candidates timed alone in call 8 (12.77 against the default's 13.21 µs)
+# but not in a step; 32 lanes x 32 x 1 was -8 % in the step (bench/NOTES.md, "Session 24"). A step
+# variant is e.g. {"expert_prefetch": {"expert_prefetch": "down"}}.
+VARIANT_STEPS: dict[str, dict[str, str]] = {"gate_up_16x32x1": {}}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {"gate_up_16x32x1": {
+    "moe_q8.moe_gate_up_silu_q8_routed('Q4_K', 'Q4_K', 128, 8, 768, 2048)":
+        {"lanes": 16, "rows": 32, "rows_per_thread": 1, "unroll": 256, "vector_header": 0}}}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
 # named here, for a variant of the attention, whose share of a token grows with the depth. The

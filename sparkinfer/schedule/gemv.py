@@ -98,11 +98,11 @@ def even_lanes(*chunk_counts: int) -> int:
     return lanes
 
 
-def lanes_rows_space(*chunk_counts: int) -> dict[str, tuple[int, ...]]:
-    """Lanes that split every chunk count evenly, and thread rows that keep a block within
-    1024 threads at the most lanes."""
-    most = even_lanes(*chunk_counts)
-    return {"lanes": powers_of_two(most), "rows": powers_of_two(1024 // most)}
+def lanes_rows_space(*chunk_counts: int, wide: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """Lanes that split every chunk count evenly (powers of two up to a warp, then the `wide`
+    counts), and thread rows that keep a block within 1024 threads at the most lanes."""
+    lanes = (*powers_of_two(even_lanes(*chunk_counts)), *wide)
+    return {"lanes": lanes, "rows": powers_of_two(1024 // max(lanes))}
 
 
 # A thread's weight words a chunk, over all its rows, that every dense form holds without

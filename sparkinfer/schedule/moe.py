@@ -263,13 +263,35 @@ class MoeGateUpSiluCudaRule(_MoeCudaRule):
         schedule_gate_up_silu(sch, gemv_format(type_gate), gemv_format(type_up), knobs)
 
 
+# The most threads a row of the down kernel takes (`wide_lanes`): 4 warps.
+MAX_WIDE_LANES = 128
+
+
+def wide_lanes(chunk_count: int) -> tuple[int, ...]:
+    """Lane counts above a warp's even split that still give every lane the same number of a
+    row's `chunk_count` chunks: its divisors between even_lanes and MAX_WIDE_LANES (planar
+    Q6_K's 8 slots x 6 chunks: 24 and 48; Q4_K's 8 x 12: 48 and 96). The down kernel's rows
+    are few (H = 2048) and short, so at a warp's lanes or fewer each of the ~250 threads an SM
+    holds runs its ~300 bytes of weights as several memory round trips (bench/NOTES.md,
+    "Session 23: where it ends"); more lanes a row put those bytes in flight in more threads.
+    A lane count that is not a multiple of the warp reduces in shared memory, not shuffles."""
+    return tuple(d for d in range(even_lanes(chunk_count) + 1, MAX_WIDE_LANES + 1) if chunk_count % d == 0)
+
+
 class MoeDownResidualCudaRule(_MoeCudaRule):
+    """The down/weights/residual layout (`schedule_down_residual`); its lanes go past a warp
+    (`wide_lanes`)."""
+
     factory = "moe_down_residual"
 
     def chunk_counts(self, use: KernelUse) -> tuple[int, ...]:
         # The lanes sweep slot x chunk: size them by all the slots' chunks together.
         ggml_type, _, n_used, _, inter = factory_args(use)
         return (n_used * (inter // gemv_format(ggml_type).chunk),)
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        (chunks,) = self.chunk_counts(use)
+        return {**super().space(use, facts), **lanes_rows_space(chunks, wide=wide_lanes(chunks))}
 
     def n_rows(self, use: KernelUse) -> int:
         return down_rows(use)

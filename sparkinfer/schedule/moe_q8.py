@@ -28,16 +28,21 @@ from sparkinfer.schedule.moe import (
     schedule_gate_up_silu,
 )
 from sparkinfer.schedule.router import ids_in_registers, topk_in_block
-from sparkinfer.schedule.space import Knobs
+from sparkinfer.schedule.space import Knobs, ScheduleError
 
-EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8`: 4 rows a thread make a block of 32
+EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8` by default: 4 rows a thread make a block of 32
+# Its thread rows and rows a thread that the space holds: every pair whose product is 32.
+EPILOGUE_ROW_SPLITS = ((8, 4), (16, 2), (32, 1))
 
 
 class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
-    """`schedule.moe`'s gate/up/SiLU rule (its chunks, rows and weight types: the int8 form takes
-    the float form's arguments) on the int8 blocks, with a thread block of one block of 32 rows
-    exactly (8 threadIdx.y x 4 rows a thread), act in shared memory, and `quantize_q8_1` of those
-    32 values after it (`schedule_quantizer_epilogue`)."""
+    """`schedule.moe`'s gate/up/SiLU rule (its chunks and weight types: the int8 form takes the
+    float form's arguments) on the int8 blocks, with a thread block of one block of 32 rows
+    exactly (rows threadIdx.y x rows_per_thread, EPILOGUE_ROW_SPLITS: by default 8 x 4), act in
+    shared memory, and `quantize_q8_1` of those 32 values after it
+    (`schedule_quantizer_epilogue`). Both row knobs are structural, so that the design spaces
+    are the pairs that make 32; fewer rows a thread put a thread's weight loads in fewer memory
+    round trips, at more threads a block (256, 512, 1,024)."""
 
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
@@ -46,8 +51,11 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
         return False  # as GemvQ8CudaRule
 
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {**super().space(use, facts), "rows": (EPILOGUE_ROWS,),
-                "rows_per_thread": (Q8_BLOCK // EPILOGUE_ROWS,)}
+        rows, per_thread = zip(*EPILOGUE_ROW_SPLITS)
+        return {**super().space(use, facts), "rows": rows, "rows_per_thread": tuple(sorted(per_thread))}
+
+    def structural(self) -> tuple[str, ...]:
+        return ("rows", *super().structural())
 
     def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
         return dataclasses.replace(super().default(use, facts), rows=EPILOGUE_ROWS,
@@ -55,6 +63,10 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)
+        if knobs.rows * knobs.rows_per_thread != Q8_BLOCK:
+            raise ScheduleError(f"kernel {use.name}: a thread block of the int8 gate/up holds one block of "
+                                f"{Q8_BLOCK} rows, but rows {knobs.rows} x rows_per_thread {knobs.rows_per_thread} "
+                                f"is {knobs.rows * knobs.rows_per_thread}")
         type_gate, type_up, *_ = factory_args(use)
         schedule_gate_up_silu(sch, int8_view(type_gate), int8_view(type_up), knobs, "xq")
         act = sch.get_sblock("act")

@@ -183,9 +183,10 @@ def schedule_kernel(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts,
 
 
 def design_spaces(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts) -> list[s_tir.Schedule]:
-    """One schedule per combination of structural knob values; the tunable knobs sampled. When
-    every knob is structural, a combination that does not schedule (TVM's ScheduleError) is
-    left out of the space."""
+    """One schedule per combination of structural knob values; the tunable knobs sampled. A
+    combination that does not schedule (TVM's ScheduleError, or the rule's own for knob values
+    that do not go together) is left out of the space: the sampled knobs only go to split
+    factors and annotations, so a combination schedules for every draw or for none."""
     rule = rule_for(use, facts)
     space = rule.space(use, facts)
     names = [f.name for f in dataclasses.fields(rule.knobs_type)]  # type: ignore[arg-type]
@@ -204,9 +205,7 @@ def design_spaces(func: tirx.PrimFunc, use: KernelUse, facts: ArchFacts) -> list
                 values[n] = sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
         try:
             rule.apply(sch, use, rule.knobs_type(**values), facts)
-        except s_tir.ScheduleError as e:
-            if len(structural) < len(names):
-                raise  # a space with sampled knobs must schedule whatever is drawn
+        except (s_tir.ScheduleError, ScheduleError) as e:
             failed.append(f"{values}: {str(e).strip().splitlines()[-1]}")
             continue
         schedules.append(sch)

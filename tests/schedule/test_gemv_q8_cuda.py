@@ -30,6 +30,7 @@ from cuda_testutil import (
     assert_nvcc_compiles,
     can_compile,
     cuda_source,
+    default_knobs_with,
     gpu_fixture,
     kernel_body,
     main,
@@ -94,9 +95,48 @@ def test_int8_kernels_compile_with_nvcc(arch: str) -> None:
     assert_nvcc_compiles(arch, kernels_module(arch))
 
 
+# The down kernel at lanes past a warp (`schedule.moe.wide_lanes`), on 8 slots of 768-wide experts
+# (planar Q6_K: 48 chunks a row, Q4_K: 96) of a 64-row hidden size: (type, lanes, rows).
+WIDE_DOWN = [(Q6_K_PLANAR, 24, 2), (Q6_K_PLANAR, 48, 2), (T.Q4_K, 48, 4), (T.Q4_K, 96, 1)]
+WIDE_DOWN_SHAPE = (16, 8, 64, 768)  # E, KU, H, I
+
+
+def wide_down_symbol(ggml_type: int, lanes: int, rows: int) -> str:
+    return moe_q8.moe_down_residual_q8_symbol(ggml_type, *WIDE_DOWN_SHAPE) + f"_lanes{lanes}x{rows}"
+
+
+def wide_down(ggml_type: int, lanes: int, rows: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+    args = (ggml_type, *WIDE_DOWN_SHAPE)
+    knobs = default_knobs_with(moe_q8.moe_down_residual_q8, "moe_q8", *args, arch=arch, lanes=lanes, rows=rows,
+                               rows_per_thread=1)
+    func = scheduled(moe_q8.moe_down_residual_q8, "moe_q8", *args, knobs=knobs, arch=arch)
+    return func.with_attr("global_symbol", wide_down_symbol(ggml_type, lanes, rows))
+
+
+# The routed int8 gate/up at its other row splits of a block of 32 (schedule/moe_q8.py
+# EPILOGUE_ROW_SPLITS; the default, 8 x 4, is CASES'), on a small model: (rows, rows_per_thread).
+GATE_UP_SPLITS = [(16, 2), (32, 1)]
+SPLIT_GATE_UP_ARGS = (T.Q4_K, T.Q4_K, 16, 4, 256, 512)  # E 16, top 4, I 256, H 512
+
+
+def split_gate_up_symbol(rows: int, per_thread: int) -> str:
+    return moe_q8.moe_gate_up_silu_q8_routed_symbol(*SPLIT_GATE_UP_ARGS) + f"_rows{rows}x{per_thread}"
+
+
+def split_gate_up(rows: int, per_thread: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+    factory = moe_q8.moe_gate_up_silu_q8_routed
+    knobs = default_knobs_with(factory, "moe_q8", *SPLIT_GATE_UP_ARGS, arch=arch, rows=rows,
+                               rows_per_thread=per_thread)
+    func = scheduled(factory, "moe_q8", *SPLIT_GATE_UP_ARGS, knobs=knobs, arch=arch)
+    return func.with_attr("global_symbol", split_gate_up_symbol(rows, per_thread))
+
+
 def kernels_module(arch: str = "sm_90") -> tvm.IRModule:
-    """Every case, scheduled for `arch`: the GPU tests' library."""
-    return module(*(scheduled(f, family, *args, arch=arch) for f, family, args in CASES))
+    """Every case, scheduled for `arch`, the wide-lane down kernels and the gate/up's other row
+    splits: the GPU tests' library."""
+    return module(*(scheduled(f, family, *args, arch=arch) for f, family, args in CASES),
+                  *(wide_down(*case, arch=arch) for case in WIDE_DOWN),
+                  *(split_gate_up(*split, arch=arch) for split in GATE_UP_SPLITS))
 
 
 gpu = gpu_fixture("gemv_q8", kernels_module)
@@ -344,6 +384,52 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
             a_hat = gemv_q8.dequantize_q8_1(aq, ad)
             mag = np.stack([np.abs(dequantize_rows(t, down[j], i)) @ np.abs(a) for j, a in zip(ids, a_hat)])
             assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
+
+
+def test_wide_lanes_reduce_a_row_across_warps() -> None:
+    """48 lanes a row (not a multiple of the warp): the partial sums meet in shared memory, with
+    a barrier between steps; 96 (3 warps): warp shuffles, then the warps' sums in shared memory."""
+    body48 = kernel_body(cuda_source(module(wide_down(Q6_K_PLANAR, 48, 2))), wide_down_symbol(Q6_K_PLANAR, 48, 2))
+    assert "__launch_bounds__(96)" in body48 and "__shfl" not in body48 and body48.count("__syncthreads()") >= 6
+    body96 = kernel_body(cuda_source(module(wide_down(T.Q4_K, 96, 1))), wide_down_symbol(T.Q4_K, 96, 1))
+    assert "__launch_bounds__(96)" in body96 and "__shfl_down_sync" in body96 and "__syncthreads()" in body96
+
+
+@pytest.mark.parametrize("case", WIDE_DOWN, ids=lambda c: wide_down_symbol(*c))
+def test_wide_lane_down_on_gpu_matches_numpy(gpu: Gpu, case: tuple[int, int, int]) -> None:
+    t = case[0]
+    e, ku, h, i = WIDE_DOWN_SHAPE
+    rng = np.random.default_rng(16)
+    down = random_weights(t, (e, h, i), rng)
+    ids = rng.choice(e, ku, replace=False).astype(np.int32)
+    weights = rng.dirichlet(np.ones(ku)).astype(np.float32)
+    aq, ad, as_ = _activations(rng, (ku, i))
+    hv = rng.standard_normal(h, dtype=np.float32)
+    (h_out,) = _run(gpu, wide_down_symbol(*case), [weight_view(t, down), ids, weights, aq, ad, as_, hv],
+                    [np.empty(h, np.float32)])
+    ref = moe_q8.moe_down_residual_q8_reference(t, down, ids, weights, aq, ad, hv)
+    a_hat = gemv_q8.dequantize_q8_1(aq, ad)
+    mag = np.stack([np.abs(dequantize_rows(t, down[j], i)) @ np.abs(a) for j, a in zip(ids, a_hat)])
+    assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
+
+
+@pytest.mark.parametrize("split", GATE_UP_SPLITS, ids=lambda c: split_gate_up_symbol(*c))
+def test_routed_gate_up_at_other_row_splits_on_gpu_matches_numpy(gpu: Gpu, split: tuple[int, int]) -> None:
+    """16 thread rows of 2 rows each, or 32 of one (512 or 1,024 threads a block): the same
+    ids, weights and int8 blocks of act as the oracles'."""
+    tg, tu, e, ku, i, h = SPLIT_GATE_UP_ARGS
+    rng = np.random.default_rng(17)
+    gate, up = random_weights(tg, (e, i, h), rng), random_weights(tu, (e, i, h), rng)
+    logits = rng.standard_normal(e).astype(np.float32)
+    xq, xd, xs = _activations(rng, (h,))
+    aq, ad, as_, ids, weights = _run(
+        gpu, split_gate_up_symbol(*split), [weight_view(tg, gate), weight_view(tu, up), logits, xq, xd, xs],
+        [np.empty((ku, i // 4), np.int32), np.empty((ku, i // 32), np.float32), np.empty((ku, i // 32), np.float32),
+         np.empty(ku, np.int32), np.empty(ku, np.float32)])
+    ref_ids, ref_weights = router_topk_reference(logits, ku)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
+    _assert_gate_up_blocks(tg, gate, tu, up, ref_ids, xq, xd, (aq, ad, as_))
 
 
 def _assert_gate_up_blocks(tg: T, gate: np.ndarray, tu: T, up: np.ndarray, ids: np.ndarray, xq: np.ndarray,

@@ -142,6 +142,43 @@ def test_moe_design_spaces_cover_rows_per_thread(factory: str, args: tuple) -> N
                                     space["unroll"][unroll], vector_header))
 
 
+@pytest.mark.parametrize("args,wide", [
+    ((G.Q6_K_PLANAR, 128, 8, 2048, 768), (24, 48)),  # 8 slots x 6 chunks
+    ((T.Q4_K, 128, 8, 2048, 768), (48, 96)),  # 8 x 12
+    ((T.Q6_K, 16, 4, 256, 256), ()),  # 4 x 2: a warp's lanes split them already
+])
+def test_down_lanes_go_past_a_warp_within_1024_threads_a_block(args: tuple, wide: tuple) -> None:
+    """The down kernels' lanes: the powers of two that split a row's slot x chunk count evenly,
+    then its divisors up to 128; every lanes x rows of the space a block of at most 1024 threads."""
+    for family, factory in (("moe", "moe_down_residual"), ("moe_q8", "moe_down_residual_q8")):
+        use = kernel_use(family, factory, *args)
+        space = rule_for(use, SM_90).space(use, SM_90)
+        powers = tuple(lanes for lanes in space["lanes"] if lanes & (lanes - 1) == 0)
+        assert space["lanes"] == (*powers, *wide) and max(powers) <= 32
+        assert max(space["lanes"]) * max(space["rows"]) <= 1024 < max(space["lanes"]) * max(space["rows"]) * 2
+
+
+@pytest.mark.parametrize("factory", ["moe_gate_up_silu_q8", "moe_gate_up_silu_q8_routed"])
+def test_int8_gate_up_spaces_are_the_row_splits_of_one_block_of_32(factory: str) -> None:
+    """The int8 gate/up's thread block quantizes one block of 32 rows: a design space for each
+    (rows, rows_per_thread) that makes 32, none for the others, and knobs of another product are
+    an error that says so."""
+    from sparkinfer.kernels import moe_q8
+
+    args = (T.Q4_K, T.Q4_K, 16, 4, 256, 256)
+    use = kernel_use("moe_q8", factory, *args)
+    rule = rule_for(use, SM_90)
+    space = rule.space(use, SM_90)
+    assert (space["rows"], space["rows_per_thread"]) == ((8, 16, 32), (1, 2, 4))
+    schedules = design_spaces(getattr(moe_q8, factory)(*args), use, SM_90)
+    splits = [(int(sch.get(sch.get_loops(sch.get_sblock("act"))[2]).extent),
+               int(sch.get(sch.get_loops(sch.get_sblock("act"))[3]).extent)) for sch in schedules]
+    assert sorted(splits) == [(8, 4), (16, 2), (32, 1)]
+    knobs = MoeKnobs(lanes=4, rows=8, rows_per_thread=2, unroll=256, vector_header=0)
+    with pytest.raises(ScheduleError, match=r"holds one block of 32 rows, but rows 8 x rows_per_thread 2 is 16"):
+        schedule_kernel(getattr(moe_q8, factory)(*args), use, SM_90, knobs)
+
+
 def test_every_gemv_knob_combination_lowers_to_cuda() -> None:
     from sparkinfer.compiler import targets
 
