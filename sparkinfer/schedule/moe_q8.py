@@ -30,8 +30,9 @@ from sparkinfer.schedule.moe import (
 from sparkinfer.schedule.router import ids_in_registers, topk_in_block
 from sparkinfer.schedule.space import Knobs, ScheduleError
 
-EPILOGUE_ROWS = 8  # threadIdx.y of `moe_gate_up_silu_q8` by default: 4 rows a thread make a block of 32
-# Its thread rows and rows a thread that the space holds: every pair whose product is 32.
+# The thread rows (threadIdx.y) and rows a thread of `moe_gate_up_silu_q8` that its space holds:
+# every pair whose product is a block of 32, the first the default. In the decode step on an H100
+# (bench/NOTES.md, "Session 24"), 16 x 2 ran level with 8 x 4 and 32 x 1 8 % slower.
 EPILOGUE_ROW_SPLITS = ((8, 4), (16, 2), (32, 1))
 
 
@@ -41,8 +42,8 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
     exactly (rows threadIdx.y x rows_per_thread, EPILOGUE_ROW_SPLITS: by default 8 x 4), act in
     shared memory, and `quantize_q8_1` of those 32 values after it
     (`schedule_quantizer_epilogue`). Both row knobs are structural, so that the design spaces
-    are the pairs that make 32; fewer rows a thread put a thread's weight loads in fewer memory
-    round trips, at more threads a block (256, 512, 1,024)."""
+    are the pairs that make 32: fewer rows a thread, fewer weight loads a thread at more threads
+    a block (256, 512, 1,024)."""
 
     family = "moe_q8"
     factory = "moe_gate_up_silu_q8"
@@ -58,8 +59,8 @@ class MoeGateUpSiluQ8CudaRule(MoeGateUpSiluCudaRule):
         return ("rows", *super().structural())
 
     def default(self, use: KernelUse, facts: ArchFacts) -> MoeKnobs:
-        return dataclasses.replace(super().default(use, facts), rows=EPILOGUE_ROWS,
-                                   rows_per_thread=Q8_BLOCK // EPILOGUE_ROWS)
+        rows, per_thread = EPILOGUE_ROW_SPLITS[0]
+        return dataclasses.replace(super().default(use, facts), rows=rows, rows_per_thread=per_thread)
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, MoeKnobs)

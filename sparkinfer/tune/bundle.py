@@ -32,7 +32,7 @@ from sparkinfer.compiler import targets
 from sparkinfer.errors import SparkInferError
 from sparkinfer.tune.runner import FORMAT, INDEX, sample_inputs, versions
 from sparkinfer.tune.search import SearchConfig, propose, records, replay
-from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, trace_knobs, traces_knobs
+from sparkinfer.tune.task import StaleTraceError, TuneTask, default_trace, knobs_trace, trace_knobs, traces_knobs
 
 Log = Callable[[str], None]
 
@@ -68,10 +68,11 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
     (so every tune measures it, with the same runner as its rivals, also after the rule's
     knobs changed), then the search's proposals.
     With `retime` (the knobs the kernel ships with now, or {} for none), the round timed on
-    another machine: the arch default and those knobs are timed again ahead of the proposals
-    whenever the round has any, since the card that times the round may not be the one that
-    timed the records, and an entry compares the times of one card (tune/schedules.py
-    `card_lines`): without them a round on a new card would pick among its proposals alone.
+    another machine: the arch default and those knobs (`_shipped_trace`: also after their rule's
+    space changed) are timed again ahead of the proposals whenever the round has any, since the
+    card that times the round may not be the one that timed the records, and an entry compares
+    the times of one card (tune/schedules.py `card_lines`): without them a round on a new card
+    would pick among its proposals alone.
     The round index is the number of records: a pure function of the database. A round never
     takes the kernel past `trials` distinct knobs of the rule's current form (records of an
     older form, whose knobs no longer read, do not count; knobs timed again count once)."""
@@ -90,7 +91,7 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         else:
             picks.append((default, True, trace_knobs(task, default.trace)))
     if retime and retime != task.default_knobs:
-        shipped = next((r.trace for r, knobs in zip(recorded, recorded_knobs) if knobs == retime), None)
+        shipped = _shipped_trace(task, recorded, recorded_knobs, retime, log)
         if shipped is not None:
             picks.append((replay(task, shipped), False, dict(retime)))
     timed_again = len(picks) if retime is not None else 0
@@ -117,6 +118,23 @@ def round_candidates(task: TuneTask, target: tvm.target.Target, database: ms.dat
         log(f"warning: {task.name}: {stale} proposals from records of an older form of its schedule rule skipped")
     # knobs timed again only ride along with new ones: a round of nothing new adds no trial
     return picks if len(picks) > timed_again else []
+
+
+def _shipped_trace(task: TuneTask, recorded: Sequence[ms.database.TuningRecord],
+                   recorded_knobs: Sequence[dict[str, Any] | None], shipped: dict[str, Any], log: Log
+                   ) -> s_tir.Trace | None:
+    """The trace of the knobs a kernel ships with: its record's, or where no record of the rule's
+    current form holds them (the rule's space changed since they were tuned: session 24's down
+    kernels) the design space's, so that they are timed again beside what the new space
+    proposes; None, with a warning, where the current space does not hold them."""
+    found = next((r.trace for r, knobs in zip(recorded, recorded_knobs) if knobs == shipped), None)
+    if found is not None:
+        return found
+    try:
+        return knobs_trace(task, shipped, "shipped ")
+    except SparkInferError as e:
+        log(f"warning: {task.name}: {e}: they are not timed again")
+        return None
 
 
 def records_and_knobs(task: TuneTask, database: ms.database.Database

@@ -59,13 +59,18 @@ def categorical_insts(trace: s_tir.Trace) -> list[Any]:
 
 
 def default_trace(task: TuneTask) -> s_tir.Trace:
-    """The design-space trace whose decisions give the default knobs.
+    """The design-space trace whose decisions give the default knobs (`knobs_trace`); a default
+    that no space holds is an error (its rule's `space()` does not contain `default()`)."""
+    return knobs_trace(task, task.default_knobs, "default ")
+
+
+def knobs_trace(task: TuneTask, want: dict[str, Any], what: str = "") -> s_tir.Trace:
+    """The design-space trace whose decisions give the knobs `want`, or an error naming them
+    (`what` says which knobs they are) where no space holds them.
 
     The design spaces only say which instruction draws which candidate list, so the decision
     of each draw is found by reading the knobs back (`knobs_of`) with each candidate index in
-    turn and keeping the index that brings the most knobs to their default value; a default
-    that no space holds is an error (its rule's `space()` does not contain `default()`)."""
-    want = task.default_knobs
+    turn and keeping the index that brings the most knobs to their wanted value."""
     for space in task.spaces():
         trace = space.trace
         if _structural_mismatch(task.knobs_of(trace), want, categorical_insts(trace), trace, task):
@@ -76,7 +81,7 @@ def default_trace(task: TuneTask) -> s_tir.Trace:
             trace = trace.with_decision(inst, int(np.argmax(scores)), True)
         if task.knobs_of(trace) == want:
             return trace
-    raise SparkInferError(f"kernel {task.name}: its default knobs {want} are not in its design space")
+    raise SparkInferError(f"kernel {task.name}: its {what}knobs {want} are not in its design space")
 
 
 def _agreement(knobs: dict[str, Any], want: dict[str, Any]) -> int:

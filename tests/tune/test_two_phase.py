@@ -174,3 +174,31 @@ def test_a_round_for_another_card_times_the_shipped_knobs_and_the_default_again(
     last = emit([task], "cpu", database, tmp_path / "round2", seed=3, per_round=4, trials=8, rotate_bytes=1 << 20,
                 retime={task.key: new[1]["knobs"]})
     assert last["candidates"] == []
+
+
+def test_a_round_times_the_shipped_knobs_again_after_their_rule_changed(tmp_path):
+    """The shipped knobs' only record is of the rule's older form (the toy's revised rule has one
+    instruction more, so the record's knobs no longer read): the round still times them again,
+    from the current design space, right after the default. Shipped knobs that the space no
+    longer holds are not timed, with a warning that names them."""
+    task = toy_task()
+    work_dir = tmp_path / "logs"
+    database = open_database(work_dir)
+    first = emit([task], "cpu", database, tmp_path / "round0", seed=3, per_round=4, trials=10, rotate_bytes=1 << 20)
+    shipped = next(c["knobs"] for c in first["candidates"] if not c["default"])
+    _time_as(tmp_path / "round0", "card A", {c["id"]: 3.0 for c in first["candidates"]})
+    ingest(tmp_path / "round0", {task.key: task}, database, work_dir)
+
+    revised = toy_task(revised=True)
+    again = emit([revised], "cpu", database, tmp_path / "round1", seed=3, per_round=4, trials=10,
+                 rotate_bytes=1 << 20, retime={revised.key: shipped})
+    cands = again["candidates"]
+    assert cands[0]["default"] and cands[1]["knobs"] == shipped and not cands[1]["default"]
+
+    logs: list[str] = []
+    outside = {**shipped, "lanes": 3}
+    last = emit([revised], "cpu", database, tmp_path / "round2", seed=3, per_round=4, trials=10,
+                rotate_bytes=1 << 20, retime={revised.key: outside}, log=logs.append)
+    assert all(c["knobs"] != outside for c in last["candidates"])
+    assert any(f"its shipped knobs {outside} are not in its design space: they are not timed again" in line
+               for line in logs)
