@@ -24,9 +24,11 @@ RUN_PROMPT_TOKENS = 128
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
 # under 64 MiB). Pending (session 24): the routed int8 gate/up at 16 lanes x 32 thread rows x 1 row
 # a thread, the best of its candidates timed alone in call 8 (12.77 against the default's 13.21 µs)
-# but not in a step; 32 lanes x 32 x 1 was -8 % in the step (bench/NOTES.md, "Session 24"). A step
-# variant is e.g. {"expert_prefetch": {"expert_prefetch": "down"}}.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"gate_up_16x32x1": {}}
+# but not in a step; 32 lanes x 32 x 1 was -8 % in the step (bench/NOTES.md, "Session 24"). And the
+# combine merged into the attention kernel's last block, -3.5 % in session 14, before the step's
+# kernels launched programmatically: a launch less a layer, timed again under that launch.
+VARIANT_STEPS: dict[str, dict[str, str]] = {"gate_up_16x32x1": {},
+                                            "attention_last_block": {"attention_merge": "last_block"}}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {"gate_up_16x32x1": {
     "moe_q8.moe_gate_up_silu_q8_routed('Q4_K', 'Q4_K', 128, 8, 768, 2048)":
         {"lanes": 16, "rows": 32, "rows_per_thread": 1, "unroll": 256, "vector_header": 0}}}
