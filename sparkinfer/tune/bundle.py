@@ -133,7 +133,7 @@ def _shipped_trace(task: TuneTask, recorded: Sequence[ms.database.TuningRecord],
     try:
         return knobs_trace(task, shipped, "shipped ")
     except SparkInferError as e:
-        log(f"warning: {task.name}: {e}: they are not timed again")
+        log(f"warning: {e}: they are not timed again")  # (e names the kernel)
         return None
 
 
