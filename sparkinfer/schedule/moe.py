@@ -232,9 +232,15 @@ class _MoeCudaRule(ScheduleRule):
         weight of a `has_vector_header` format)."""
         return any(has_vector_header(gemv_format(t)) for t in self.weight_types(use))
 
+    def wide_lane_counts(self, use: KernelUse) -> tuple[int, ...]:
+        """Lane counts past a warp's even split that the space also holds (`lanes_rows_space`'s
+        `wide`): none but the down kernel's (`wide_lanes`)."""
+        return ()
+
     def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
-        return {**lanes_rows_space(*self.chunk_counts(use)), "rows_per_thread": (1, 2, 4),
-                "unroll": UNROLL_STEPS, "vector_header": (0, 1) if self.vector_header(use) else (0,)}
+        return {**lanes_rows_space(*self.chunk_counts(use), wide=self.wide_lane_counts(use)),
+                "rows_per_thread": (1, 2, 4), "unroll": UNROLL_STEPS,
+                "vector_header": (0, 1) if self.vector_header(use) else (0,)}
 
     def structural(self) -> tuple[str, ...]:
         return ("rows_per_thread", "vector_header")
@@ -290,9 +296,9 @@ class MoeDownResidualCudaRule(_MoeCudaRule):
         ggml_type, _, n_used, _, inter = factory_args(use)
         return (n_used * (inter // gemv_format(ggml_type).chunk),)
 
-    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+    def wide_lane_counts(self, use: KernelUse) -> tuple[int, ...]:
         (chunks,) = self.chunk_counts(use)
-        return {**super().space(use, facts), **lanes_rows_space(chunks, wide=wide_lanes(chunks))}
+        return wide_lanes(chunks)
 
     def n_rows(self, use: KernelUse) -> int:
         return down_rows(use)

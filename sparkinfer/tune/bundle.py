@@ -131,7 +131,7 @@ def _shipped_trace(task: TuneTask, recorded: Sequence[ms.database.TuningRecord],
     if found is not None:
         return found
     try:
-        return knobs_trace(task, shipped, "shipped ")
+        return knobs_trace(task, shipped, "shipped")
     except SparkInferError as e:
         log(f"warning: {e}: they are not timed again")  # (e names the kernel)
         return None

@@ -61,10 +61,10 @@ def categorical_insts(trace: s_tir.Trace) -> list[Any]:
 def default_trace(task: TuneTask) -> s_tir.Trace:
     """The design-space trace whose decisions give the default knobs (`knobs_trace`); a default
     that no space holds is an error (its rule's `space()` does not contain `default()`)."""
-    return knobs_trace(task, task.default_knobs, "default ")
+    return knobs_trace(task, task.default_knobs, "default")
 
 
-def knobs_trace(task: TuneTask, want: dict[str, Any], what: str = "") -> s_tir.Trace:
+def knobs_trace(task: TuneTask, want: dict[str, Any], what: str) -> s_tir.Trace:
     """The design-space trace whose decisions give the knobs `want`, or an error naming them
     (`what` says which knobs they are) where no space holds them.
 
@@ -81,7 +81,7 @@ def knobs_trace(task: TuneTask, want: dict[str, Any], what: str = "") -> s_tir.T
             trace = trace.with_decision(inst, int(np.argmax(scores)), True)
         if task.knobs_of(trace) == want:
             return trace
-    raise SparkInferError(f"kernel {task.name}: its {what}knobs {want} are not in its design space")
+    raise SparkInferError(f"kernel {task.name}: its {what} knobs {want} are not in its design space")
 
 
 def _agreement(knobs: dict[str, Any], want: dict[str, Any]) -> int:
