@@ -218,7 +218,7 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
-    for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch"):
+    for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch", "attention_norm"):
         value = getattr(step, name)
         if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
             raise SparkInferError(f"{name}={value!r} is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})")

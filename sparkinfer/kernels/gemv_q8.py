@@ -26,7 +26,9 @@ else integer arithmetic on sign-extended bytes, lane by lane in the vector regis
 Where a kernel makes the activations, it quantizes them itself, so that no launch is added:
 `add_rms_norm_q8_1` and `rms_norm_q8_1` (the FFN's and the attention's input norms),
 `attention_combine_q8_1` (the O projection's input) and `moe_q8.moe_gate_up_silu_q8` (the SiLU
-activations); `gemv_qkv_q8` is `gemv.gemv_qkv` on int8 activations.
+activations); `gemv_qkv_q8` is `gemv.gemv_qkv` on int8 activations. `gemv_q8_normed` and
+`gemv_qkv_q8_normed` normalize and quantize their input themselves, each thread block the
+whole of it (`normed_q8_1_stages`): the attention input's norm without a launch of its own.
 
 The numpy oracle is exact in meaning: the float GEMV's reference on x̂
 (`gemv_q8_reference`), since d * sum(q) is sum(x̂).
@@ -51,7 +53,7 @@ from sparkinfer.kernels.gemv import (
     qkv_row_space,
     qkv_rows,
 )
-from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, rms_norm_reference, sum_of_squares
+from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, normalize, rms_norm_reference, sum_of_squares
 from sparkinfer.quant import layouts as L
 
 _T = GGMLQuantizationType
@@ -368,13 +370,15 @@ def attention_combine_q8_1(n_heads: int, splits: int, head_dim: int) -> tirx.Pri
     return func.with_attr("global_symbol", attention_combine_q8_1_symbol(n_heads, splits, head_dim))
 
 
-def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr]
-                 ) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
+def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr],
+                max_once: bool = False) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
     """xq, xd, xs of the activations value(lead axes, i) for i < k. Each block's max|x| and
     127 / max are stages of their own, twice: `amax_q` / `inv_q` for the words and `amax` /
     `inv` for the scale and sum block (xd and xs as one two-output block, `scales`), so that a GPU
     thread keeps either pair in registers beside its consumer, computed once a block, instead of
-    sharing one through global memory or dividing for every value."""
+    sharing one through global memory or dividing for every value. `max_once`: only `amax` /
+    `inv`, which the words read too (a kernel that keeps them in shared memory), and xd and xs
+    as stages of their own, `scales` and `sums`."""
     nb = k // Q8_BLOCK
 
     def block_max(name: str) -> te.Tensor:
@@ -393,7 +397,9 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
         # Halves away from zero, like llama.cpp's roundf (tirx.round rounds halves to even).
         return tirx.copysign(tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")), v).astype("int32")
 
-    inv_q = inverse(block_max("amax_q"), "inv_q")
+    amax = block_max("amax")
+    inv = inverse(amax, "inv")
+    inv_q = inv if max_once else inverse(block_max("amax_q"), "inv_q")
 
     def word(*ax: Expr) -> Expr:
         lead_ax, w = ax[:-1], ax[-1]
@@ -405,8 +411,6 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
 
     # "words", not "xq": a kernel may read an xq of its own (moe_q8.moe_gate_up_silu_q8_1)
     xq = te.compute(lead + (k // WORD,), word, name="words")
-    amax = block_max("amax")
-    inv = inverse(amax, "inv")
     l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")
     qsum = te.compute(lead + (nb,), lambda *ax: te.sum(
         q(inv, ax[:-1], ax[-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
@@ -415,6 +419,10 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
         d = amax[ax] / _Q8_MAX
         return [d, d * qsum[ax].astype("float32")]
 
+    if max_once:  # apart, so that a kernel that reads no sums (no weight mins) has no sum stages
+        xd = te.compute(lead + (nb,), lambda *ax: scale_and_sum(*ax)[0], name="scales")
+        xs = te.compute(lead + (nb,), lambda *ax: scale_and_sum(*ax)[1], name="sums")
+        return xq, xd, xs
     xd, xs = te.compute(lead + (nb,), scale_and_sum, name="scales")
     return xq, xd, xs
 
@@ -487,17 +495,39 @@ def gemv_q8_symbol(ggml_type: int, n: int, k: int) -> str:
 def gemv_q8(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
     """y[n] = W[n, k] . x̂: params (W words [n, row_words], xq, xd, xs as quantize_q8_1(k) makes
     them, y f32[n]). Blocks dot (int32 per sub-block) and gemv, as the float GEMV's."""
-    fmt = q8_format(ggml_type)
     _check_k(k, "gemv_q8")
-    w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
     xq, xd, xs = q8_inputs(k)
+    func = _gemv_q8_te(ggml_type, n, k, [xq, xd, xs], (xq, xd, xs))
+    return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
+
+
+def gemv_q8_normed_symbol(ggml_type: int, n: int, k: int) -> str:
+    return f"gemv_q8_normed_{q8_format(ggml_type).name.lower()}_{n}x{k}"
+
+
+def gemv_q8_normed(ggml_type: int, n: int, k: int, eps: float) -> tirx.PrimFunc:
+    """`gemv_q8` of rmsnorm(h) * norm_w, normalized and quantized by the kernel itself
+    (`normed_q8_1_stages`): params (W words, h f32[k], norm_w f32[k], y f32[n]). The attention
+    input of the step variant attention_norm "prologue", without the `rms_norm_q8_1` launch."""
+    _check_k(k, "gemv_q8_normed")
+    h, norm_w, x8 = normed_q8_1_stages(k, eps)
+    func = _gemv_q8_te(ggml_type, n, k, [h, norm_w], x8)
+    return func.with_attr("global_symbol", gemv_q8_normed_symbol(ggml_type, n, k))
+
+
+def _gemv_q8_te(ggml_type: int, n: int, k: int, x_params: list[te.Tensor],
+                x8: tuple[te.Tensor, te.Tensor, te.Tensor]) -> tirx.PrimFunc:
+    """The int8 GEMV's blocks on activations x8 = (xq, xd, xs), parameters or stages, with
+    parameters (W, *x_params, y)."""
+    fmt = q8_format(ggml_type)
+    w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
+    xq, xd, xs = x8
     term = q8_terms(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
                     lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot")
     c = te.reduce_axis((0, k // fmt.chunk), name="c")
     p = te.reduce_axis((0, fmt.parts), name="p")
     y = te.compute((n,), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
-    func = te.create_prim_func([w, xq, xd, xs, y])
-    return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
+    return te.create_prim_func([w, *x_params, y])
 
 
 def gemv_qkv_q8_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
@@ -509,19 +539,52 @@ def gemv_qkv_q8(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.Pr
     """`gemv.gemv_qkv` on int8 activations: q, k, v = Wq . x̂, Wk . x̂, Wv . x̂ in one kernel.
     Params (Wq, Wk[, Wv] words, xq, xd, xs as quantize_q8_1(k) makes them, q, k[, v] f32);
     n_v = 0 gives the Q+K form, as the float kernel's."""
-    fmt = q8_format(ggml_type)
     _check_k(k, "gemv_qkv_q8")
-    ns = qkv_rows(n_q, n_k, n_v)
-    weights, w = qkv_row_space(fmt, ns, k)
     xq, xd, xs = q8_inputs(k)
+    func = _gemv_qkv_q8_te(ggml_type, (n_q, n_k, n_v), k, [xq, xd, xs], (xq, xd, xs))
+    return func.with_attr("global_symbol", gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k))
+
+
+def gemv_qkv_q8_normed_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
+    return gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k).replace("_q8_", "_q8_normed_", 1)
+
+
+def gemv_qkv_q8_normed(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int, eps: float) -> tirx.PrimFunc:
+    """`gemv_qkv_q8` of rmsnorm(h) * norm_w, normalized and quantized by the kernel itself
+    (`normed_q8_1_stages`): params (Wq, Wk[, Wv] words, h f32[k], norm_w f32[k], q, k[, v] f32).
+    The attention input of the step variant attention_norm "prologue", without the
+    `rms_norm_q8_1` launch."""
+    _check_k(k, "gemv_qkv_q8_normed")
+    h, norm_w, x8 = normed_q8_1_stages(k, eps)
+    func = _gemv_qkv_q8_te(ggml_type, (n_q, n_k, n_v), k, [h, norm_w], x8)
+    return func.with_attr("global_symbol", gemv_qkv_q8_normed_symbol(ggml_type, n_q, n_k, n_v, k))
+
+
+def _gemv_qkv_q8_te(ggml_type: int, rows: tuple[int, int, int], k: int, x_params: list[te.Tensor],
+                    x8: tuple[te.Tensor, te.Tensor, te.Tensor]) -> tirx.PrimFunc:
+    """The int8 Q/K/V kernel's blocks on activations x8 = (xq, xd, xs), parameters or stages, with
+    parameters (Wq, Wk[, Wv], *x_params, q, k[, v])."""
+    fmt = q8_format(ggml_type)
+    ns = qkv_rows(*rows)
+    weights, w = qkv_row_space(fmt, ns, k)
+    xq, xd, xs = x8
     term = q8_terms(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
                     lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot",
                     scale_row_of=lambda e, r: qkv_row(weights, r))
     c = te.reduce_axis((0, k // fmt.chunk), name="c")
     p = te.reduce_axis((0, fmt.parts), name="p")
     y = te.compute((sum(ns),), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
-    func = te.create_prim_func([*(wt for wt, _, _ in weights), xq, xd, xs, *qkv_outputs(y, ns)])
-    return func.with_attr("global_symbol", gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k))
+    return te.create_prim_func([*(wt for wt, _, _ in weights), *x_params, *qkv_outputs(y, ns)])
+
+
+def normed_q8_1_stages(k: int, eps: float) -> tuple[te.Tensor, te.Tensor, tuple[te.Tensor, te.Tensor, te.Tensor]]:
+    """Placeholders h and norm_w f32[k], and the int8 blocks (words, scales) of rmsnorm(h) *
+    norm_w as stages: `norm.normalize`'s (sumsq, norm), then `q8_1_stages` reading norm (each
+    block's max once), the same arithmetic as `rms_norm_q8_1` (1 / rms here inlined in each value)."""
+    h = te.placeholder((k,), "float32", name="h")
+    norm_w = te.placeholder((k,), "float32", name="norm_w")
+    x = normalize(k, eps, h, norm_w)
+    return h, norm_w, q8_1_stages((), k, lambda ax, i: x[i], max_once=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,3 +654,21 @@ def gemv_qkv_q8_reference(
 ) -> tuple[np.ndarray, ...]:
     """(q, k[, v]): `gemv_q8_reference` of each weight."""
     return tuple(gemv_q8_reference(ggml_type, data, xq, xd) for data in datas)
+
+
+def gemv_q8_normed_reference(
+    ggml_type: int, data: npt.NDArray[np.uint8], h: npt.NDArray[np.float32], norm_w: npt.NDArray[np.float32],
+    eps: float,
+) -> np.ndarray:
+    """`gemv_q8_reference` on `rms_norm_q8_1_reference`'s blocks of rmsnorm(h) * norm_w."""
+    xq, xd, _ = rms_norm_q8_1_reference(h, norm_w, eps)
+    return gemv_q8_reference(ggml_type, data, xq, xd)
+
+
+def gemv_qkv_q8_normed_reference(
+    ggml_type: int, datas: list[npt.NDArray[np.uint8]], h: npt.NDArray[np.float32],
+    norm_w: npt.NDArray[np.float32], eps: float,
+) -> tuple[np.ndarray, ...]:
+    """(q, k[, v]): `gemv_qkv_q8_reference` on `rms_norm_q8_1_reference`'s blocks."""
+    xq, xd, _ = rms_norm_q8_1_reference(h, norm_w, eps)
+    return gemv_qkv_q8_reference(ggml_type, datas, xq, xd)

@@ -49,6 +49,9 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.rms_norm_q8_1,
         gemv_q8.gemv_qkv_q8,
         gemv_q8.attention_combine_q8_1,
+        # with attention_norm="prologue" (CUDA only): the attention norm inside Q/K/V
+        gemv_q8.gemv_qkv_q8_normed,
+        gemv_q8.gemv_q8_normed,
         # the decode step's fewer-launches variant (decode_launches="fused")
         gemv.gemv_normed,
         gemv.gemv_qkv_normed,

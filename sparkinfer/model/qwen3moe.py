@@ -40,7 +40,9 @@ replaces router_topk -> moe_gate_up_silu_q8: every thread block of the gate/up k
 With decode_attention="mma" paged_decode_attention_mma replaces paged_decode_attention
 (paged_decode_attention_mma_merged the merged one): the same splits, on tensor cores.
 With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blocks only), Q/K/V
-gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches.
+gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches;
+with attention_norm="prologue" too, no attention norm launch: gemv_qkv_q8_normed (and
+gemv_q8_normed) normalize and quantize h in each thread block.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -92,6 +94,7 @@ from sparkinfer.schedule.schedules import (
     ATTENTION_MERGES,
     DECODE_ATTENTIONS,
     EXPERT_PREFETCHES,
+    ATTENTION_NORMS,
     PROGRAMMATIC_LAUNCH,
     ROUTER_MERGES,
 )
@@ -252,6 +255,8 @@ class DecodeStep:
     decode_attention: str = "simt"
     # whether the routed gate/up prefetches the down experts into the L2 (EXPERT_PREFETCHES; CUDA's)
     expert_prefetch: str = "off"
+    # where the int8 attention input is normalized (ATTENTION_NORMS; "prologue" is CUDA's)
+    attention_norm: str = "separate"
 
 
 class _Kernels:
@@ -311,10 +316,12 @@ def _tensor(shape: Iterable[Any], dtype: str) -> relax.TensorType:
 
 @dataclass(frozen=True)
 class Normed:
-    """A GEMV input left to its kernel to normalize: rmsnorm(h) * w (the fused launches)."""
+    """A GEMV input left to its kernel to normalize: rmsnorm(h) * w (the fused launches), and
+    with `int8` to quantize too (`gemv_q8.gemv_qkv_q8_normed`, attention_norm "prologue")."""
 
     h: relax.Var
     w: relax.Var
+    int8: bool = False
 
 
 class _StepBuilder:
@@ -323,8 +330,10 @@ class _StepBuilder:
                  decode_launches: str = "split", q6_k_layout: str = "gguf", attention_form: str = "read_ahead",
                  attention_merge: str = "separate", router_merge: str = "separate",
                  decode_attention: str = "simt", projection_activations: str = "f32",
-                 head_activations: str = "f32", expert_prefetch: str = "off") -> None:
+                 head_activations: str = "f32", expert_prefetch: str = "off",
+                 attention_norm: str = "separate") -> None:
         self.c = config
+        self.norm_in_projections = attention_norm == "prologue"
         self.prefetch_down = expert_prefetch == "down"
         self.projection_activations = projection_activations
         self.head_activations = head_activations
@@ -413,7 +422,8 @@ class _StepBuilder:
             gv = self.k("gemv_q8", "gemv_q8", self.w_fmt(name), n, k)
             return self.call(gv, [self.params[name], *x], [self.f32(n)], label)
         if isinstance(x, Normed):
-            gv = self.k("gemv", "gemv_normed", self.w_fmt(name), n, k, self.c.rms_eps)
+            family, factory = ("gemv_q8", "gemv_q8_normed") if x.int8 else ("gemv", "gemv_normed")
+            gv = self.k(family, factory, self.w_fmt(name), n, k, self.c.rms_eps)
             return self.call(gv, [self.params[name], x.h, x.w], [self.f32(n)], label)
         gv = self.k("gemv", "gemv", self.w_fmt(name), n, k)
         return self.call(gv, [self.params[name], x], [self.f32(n)], label)
@@ -441,7 +451,8 @@ class _StepBuilder:
             h = self.spec_shape(names[group[0]])[1]
             n_rows = (t, rows[0], rows[1], rows[2] if len(group) == 3 else 0, h)
             if isinstance(x, Normed):
-                gv, x_args = self.k("gemv", "gemv_qkv_normed", *n_rows, self.c.rms_eps), [x.h, x.w]
+                family, factory = ("gemv_q8", "gemv_qkv_q8_normed") if x.int8 else ("gemv", "gemv_qkv_normed")
+                gv, x_args = self.k(family, factory, *n_rows, self.c.rms_eps), [x.h, x.w]
             elif isinstance(x, list):
                 gv, x_args = self.k("gemv_q8", "gemv_qkv_q8", *n_rows), x
             else:
@@ -536,10 +547,14 @@ class _StepBuilder:
         gv = self.k("gemv_q8", "rms_norm_q8_1", self.c.hidden, self.c.rms_eps)
         return self.call(gv, [h, self.params[weight]], self._q8_types(self.c.hidden, 0), label)
 
-    def attention_norm(self, h: relax.Var, i: int, label: str) -> "relax.Var | list[relax.Var]":
+    def attention_norm(self, h: relax.Var, i: int, label: str) -> "relax.Var | list[relax.Var] | Normed":
         """rms_norm(h, blk.i.attn_norm), layer i's Q/K/V input: its int8 blocks where those take
-        int8 activations (`norm_for`)."""
-        return self.norm_for(h, f"blk.{i}.attn_norm.weight", self._int8_projections(i), label)
+        int8 activations (`norm_for`), or with attention_norm "prologue" there no launch: h
+        and the weight, which those kernels normalize and quantize themselves."""
+        weight = f"blk.{i}.attn_norm.weight"
+        if self.norm_in_projections and self._int8_projections(i):
+            return Normed(h, self.params[weight], int8=True)
+        return self.norm_for(h, weight, self._int8_projections(i), label)
 
     def head_name(self) -> str:
         """The LM head's weight: output.weight, or token_embd.weight where the file ties them."""
@@ -551,12 +566,13 @@ class _StepBuilder:
         int8 = self.head_activations != ACTIVATIONS[0] and self.t(self.head_name()) in Q8_TYPES
         return self.norm_for(h, "output_norm.weight", int8, label)
 
-    def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | None"
-               ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | None]":
+    def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | Normed | None"
+               ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | Normed | None]":
         """h: residual stream entering layer i; x: rms_norm(h, attn_norm) (its int8 blocks where
-        the layer's projections take them, `attention_norm`), or None in the fused launches (the
-        Q/K/V GEMVs normalize h themselves). Returns the residual after the layer and its norm
-        for the next consumer (next attn_norm or output_norm; None in the fused launches)."""
+        the layer's projections take them, or h to normalize and quantize there: `attention_norm`),
+        or None in the fused launches (the Q/K/V GEMVs normalize h themselves). Returns the
+        residual after the layer and its norm for the next consumer (next attn_norm or
+        output_norm; None in the fused launches)."""
         c, p = self.c, self.params
         w = f"blk.{i}."
         H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
@@ -881,6 +897,7 @@ def build_decode_step(
     projection_activations: str = "f32",
     head_activations: str = "f32",
     expert_prefetch: str = "off",
+    attention_norm: str = "separate",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -936,7 +953,11 @@ def build_decode_step(
     `expert_prefetch` (EXPERT_PREFETCHES) is whether the routed int8 gate/up (router_merge
     "gate_up") also takes the layer's down experts and asks the L2 for the chosen ones' rows once
     it has picked them, so that the down kernel after it reads them from there
-    (`kernels.moe_q8.moe_gate_up_silu_q8_routed_prefetch`, CUDA only): "off" or "down"."""
+    (`kernels.moe_q8.moe_gate_up_silu_q8_routed_prefetch`, CUDA only): "off" or "down".
+    `attention_norm` (ATTENTION_NORMS) is where an int8 attention input is normalized
+    (projection_activations "q8"): "separate" in its rms_norm_q8_1 launch, "prologue" in each
+    thread block of the Q/K/V kernels (`kernels.gemv_q8.gemv_qkv_q8_normed`, `gemv_q8_normed`,
+    CUDA only), a launch a layer less."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if projection_activations not in ACTIVATIONS:
@@ -976,6 +997,11 @@ def build_decode_step(
     if expert_prefetch == "down" and router_merge != "gate_up":
         raise SparkInferError(f"expert_prefetch='down' is done by the routed int8 gate/up kernel, the first to know "
                               f"the experts: it needs router_merge='gate_up', got {router_merge!r}")
+    if attention_norm not in ATTENTION_NORMS:
+        raise SparkInferError(f"attention_norm must be one of {', '.join(ATTENTION_NORMS)}, got {attention_norm!r}")
+    if attention_norm == "prologue" and projection_activations != "q8":
+        raise SparkInferError(f"attention_norm='prologue' normalizes the int8 attention input inside the Q/K/V "
+                              f"kernels: it needs projection_activations='q8', got {projection_activations!r}")
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")
@@ -994,7 +1020,7 @@ def build_decode_step(
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
                            q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
-                           projection_activations, head_activations, expert_prefetch)
+                           projection_activations, head_activations, expert_prefetch, attention_norm)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -1011,4 +1037,5 @@ def build_decode_step(
         router_merge=router_merge,
         decode_attention=decode_attention,
         expert_prefetch=expert_prefetch,
+        attention_norm=attention_norm,
     )

@@ -295,6 +295,11 @@ def x_buffer(normed: bool) -> str:
     return "norm" if normed else "x"
 
 
+# What a normed GEMV's thread blocks compute before their dots: (schedule, the blockIdx loop, its
+# threads' (threadIdx.y, threadIdx.x) extents) -> None.
+Prologue = Callable[[s_tir.Schedule, LoopRV, tuple[Any, Any]], None]
+
+
 def normalize_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any]) -> None:
     """The normed forms' prologue (stages sumsq and norm, `kernels.norm.normalize`) once per
     thread block, under its blockIdx loop `at`: x = rmsnorm(h) * w into shared memory, the
@@ -321,15 +326,16 @@ def schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed
     def cache_weight(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
         cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", x_buffer(normed), part)
 
-    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normed)
+    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normalize_in_shared if normed else None)
     if residual:
         sch.set_scope(gemv, 0, "local")
         sch.reverse_compute_at(sch.get_sblock("residual"), row)
 
 
-def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x: str, normed: bool = False) -> None:
+def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x: str,
+                      prologue: "Prologue | None" = None) -> None:
     """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch; or its int8 form, whose dot
-    products read `x` "xq") for CUDA: the `schedule_gemv` layout over the concatenated row
+    products read `x` "xq", or "words" where its `prologue` quantizes) for CUDA: the `schedule_gemv` layout over the concatenated row
     space. The `W` stage (row r of Wq, Wk or Wv, picked by a lazy select on r) becomes the
     lane's register copy of its chunk, in 16-byte loads where the format allows, else is
     inlined into the dot; each output copy runs right after its row's warp reduction,
@@ -352,7 +358,7 @@ def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x:
         else:
             cache_in_registers(sch, [dot, xsum], x, it, 4)
 
-    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, normed)
+    gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, prologue)
     # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
     sch.set_scope(gemv, 0, "local")
     stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -453,7 +459,7 @@ class GemvQkvNormedCudaRule(GemvQkvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, x_buffer(True), normed=True)
+        schedule_gemv_qkv(sch, gemv_format(self.shape(use)[0]), knobs, x_buffer(True), normalize_in_shared)
 
 
 def thread_rows_in_registers(
@@ -501,10 +507,11 @@ def _schedule_rows(
     fmt: GemvFormat,
     config: GemvKnobs,
     cache_weight: Callable[[SBlockRV, SBlockRV | None, LoopRV, LoopRV], None],
-    normed: bool = False,
+    prologue: "Prologue | None" = None,
 ) -> tuple[SBlockRV, LoopRV]:
     """The GEMV layout (module docstring) on blocks dot, xsum (K-quants) and gemv, with the
-    normed forms' prologue per thread block (`normalize_in_shared`);
+    normed forms' `prologue` per thread block (`normalize_in_shared`, or the int8 forms'
+    `gemv_q8.quantize_normed_in_shared`);
     `cache_weight(dot, xsum, it, part)` puts a lane's chunk into registers, and
     `header_in_registers` each chunk's block header where the knobs say so. Returns the gemv
     block and its per-thread row loop."""
@@ -533,6 +540,6 @@ def _schedule_rows(
     if config.vector_header:
         # The partial sums' loops: lane, chunk, row, part.
         header_in_registers(sch, partial, sch.get_loops(partial)[-2], "W")
-    if normed:
-        normalize_in_shared(sch, final_bx, (config.rows, config.lanes))
+    if prologue is not None:
+        prologue(sch, final_bx, (config.rows, config.lanes))
     return gemv, final_r

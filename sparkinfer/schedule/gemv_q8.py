@@ -33,6 +33,8 @@ from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
     GemvKnobs,
+    loops_below,
+    normalize_in_shared,
     GemvQkvCudaRule,
     _GemvCudaRule,
     _schedule_rows,
@@ -60,6 +62,7 @@ class GemvQ8CudaRule(_GemvCudaRule):
 
     family = "gemv_q8"
     factory = "gemv_q8"
+    normed = False  # the activations are parameters (quantize_q8_1's), not the prologue's stages
 
     def vector_header(self, use: KernelUse) -> bool:
         return False  # not tried on the int8 blocks' layout
@@ -71,11 +74,24 @@ class GemvQ8CudaRule(_GemvCudaRule):
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
         fmt = int8_view(self.shape(use)[0])
+        x = x_words(self.normed)
 
         def cache(dot: SBlockRV, xsum: SBlockRV | None, it: LoopRV, part: LoopRV) -> None:
-            cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", "xq", part)
+            cache_chunk_in_registers(sch, fmt, dot, xsum, it, "W", x, part)
 
-        _schedule_rows(sch, fmt, knobs, cache)
+        _schedule_rows(sch, fmt, knobs, cache, quantize_normed_in_shared if self.normed else None)
+
+
+class GemvQ8NormedCudaRule(GemvQ8CudaRule):
+    """`gemv_q8_normed`: `gemv_q8`'s rule (same knobs, space and defaults), each thread block
+    first normalizing and quantizing h (`quantize_normed_in_shared`)."""
+
+    factory = "gemv_q8_normed"
+    normed = True
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n, k, _ = factory_args(use)
+        return ggml_type, n, k, 1
 
 
 class GemvQkvQ8CudaRule(GemvQkvCudaRule):
@@ -87,7 +103,69 @@ class GemvQkvQ8CudaRule(GemvQkvCudaRule):
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
-        schedule_gemv_qkv(sch, int8_view(self.shape(use)[0]), knobs, "xq")
+        schedule_gemv_qkv(sch, int8_view(self.shape(use)[0]), knobs, x_words(False))
+
+
+class GemvQkvQ8NormedCudaRule(GemvQkvCudaRule):
+    """`gemv_qkv_q8_normed`: `gemv_qkv_q8`'s rule (same knobs, space and defaults), each thread
+    block first normalizing and quantizing h (`quantize_normed_in_shared`)."""
+
+    family = "gemv_q8"
+    factory = "gemv_qkv_q8_normed"
+
+    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
+        ggml_type, n_q, n_k, n_v, k, _ = factory_args(use)
+        return ggml_type, n_q + n_k + n_v, k, 1
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, GemvKnobs)
+        schedule_gemv_qkv(sch, int8_view(self.shape(use)[0]), knobs, x_words(True), quantize_normed_in_shared)
+
+
+def x_words(normed: bool) -> str:
+    """The buffer an int8 GEMV's dots read the activation words from: the parameter xq, or in
+    the normed forms the prologue's stage words (`gemv_q8.normed_q8_1_stages`)."""
+    return "words" if normed else "xq"
+
+
+def quantize_normed_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any]) -> None:
+    """The int8 normed forms' prologue (`gemv_q8.normed_q8_1_stages`) once per thread block,
+    under its blockIdx loop `at`, on the block's (threadIdx.y, threadIdx.x) `threads`: x =
+    rmsnorm(h) * w into shared memory as `schedule.gemv.normalize_in_shared` puts it; then
+    each block of 32's max and 127 / max, a thread a block, into shared memory; then the words
+    (a thread a word) and the scales and sums (a thread a block) into shared memory, where the
+    dots read them. A thread block holds the whole of x (K/32 blocks of 32: 64 on the full-size
+    model, at most its threads), so the quantizer's cross-lane reductions would buy nothing
+    over a thread's 32 loads from shared memory, which it issues at once."""
+
+    def over_threads(name: str) -> LoopRV:
+        """Stage `name`, under `at`, a thread an element (its reduction, if any, the thread's
+        own loop): returns its threadIdx.x loop."""
+        loop, *_ = loops_below(sch, sch.get_sblock(name), at)
+        _, ty, tx = sch.split(loop, [None, *threads])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        return tx
+
+    stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    # the dots' reads, under `at` already (no sums where the weights have no mins), then what
+    # they read, consumers first
+    reads = [name for name in ("words", "scales", "sums") if name in stages]
+    for name in reads:
+        sch.compute_at(sch.get_sblock(name), at)
+        over_threads(name)
+    for name in [name for name in ("qsum", "inv", "amax") if name in stages]:
+        stage = sch.get_sblock(name)
+        sch.compute_at(stage, at)
+        tx = over_threads(name)
+        sch.set_scope(stage, 0, "shared")
+        if name != "inv":
+            # a reduction accumulates in a register, then one store: a shared accumulator
+            # under the predicate of fewer blocks than threads asks for barriers inside it
+            sch.reverse_compute_at(sch.cache_write(stage, 0, "local"), tx)
+    for name in reads:
+        sch.set_scope(sch.get_sblock(name), 0, "shared")
+    normalize_in_shared(sch, at, threads)
 
 
 def schedule_quantizer_epilogue(sch: s_tir.Schedule, block: LoopRV, lanes: Any) -> None:

@@ -11,7 +11,7 @@
               "attention_merge": "separate" | "last_block",
               "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
               "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8",
-              "expert_prefetch": "off" | "down"}}
+              "expert_prefetch": "off" | "down", "attention_norm": "separate" | "prologue"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -70,6 +70,12 @@ DECODE_ATTENTIONS = ("simt", "mma")
 # did (their DRAM reads ~0), but the down kernels gained less than the gate/up lost: -1 %
 # (bench/NOTES.md, "Session 23"), so no arch's file picks it.
 EXPERT_PREFETCHES = ("off", "down")
+# Where the decode step normalizes a layer's attention input where its projections take int8
+# activations (projection_activations "q8"): "separate", in an rms_norm_q8_1 launch before the
+# Q/K/V kernels; "prologue", in every thread block of those kernels, which read h and quantize
+# rmsnorm(h) * w into shared memory themselves (kernels.gemv_q8.gemv_qkv_q8_normed,
+# gemv_q8_normed): a launch a layer less, for the norm's work redone by each block.
+ATTENTION_NORMS = ("separate", "prologue")
 # Model-level variants a schedules file may pick: keyword arguments of
 # model.qwen3moe.build_decode_step and their legal values (absent: the first, the default).
 STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_operands": GEMM_OPERANDS,
@@ -78,7 +84,7 @@ STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_
                                               "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
                                               "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS,
                                               "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS,
-                                              "expert_prefetch": EXPERT_PREFETCHES}
+                                              "expert_prefetch": EXPERT_PREFETCHES, "attention_norm": ATTENTION_NORMS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -98,6 +104,8 @@ CUDA_ONLY_VARIANTS = {
                                     "build has no thread blocks to count",
     ("decode_attention", "mma"): "tensor-core products (mma.sync); the cpu build's attention multiplies float32",
     ("expert_prefetch", "down"): "the bulk L2 prefetch of sm_90 and later; the cpu build has no such instruction",
+    ("attention_norm", "prologue"): "the norm redone by every CUDA thread block of the Q/K/V kernels to save a "
+                                    "launch; the cpu build launches no kernels",
 }
 
 

@@ -53,6 +53,11 @@ CASES = [
     (gemv_q8.attention_combine_q8_1, "gemv_q8", (32, 16, 128)),
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 512, 2048)),
     (gemv_q8.gemv_qkv_q8, "gemv_q8", (T.Q4_K, 4096, 512, 0, 2048)),
+    # attention_norm="prologue": the norm and quantizer in each thread block, on fewer rows (the
+    # prologue is the same at any row count: x of the full-size hidden size, 2048)
+    (gemv_q8.gemv_qkv_q8_normed, "gemv_q8", (T.Q4_K, 256, 32, 32, 2048, 1e-6)),
+    (gemv_q8.gemv_qkv_q8_normed, "gemv_q8", (T.Q4_K, 256, 32, 0, 2048, 1e-6)),
+    (gemv_q8.gemv_q8_normed, "gemv_q8", (Q6_K_PLANAR, 64, 2048, 1e-6)),
     (moe_q8.moe_gate_up_silu_q8, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),
     (moe_q8.moe_gate_up_silu_q8_routed, "moe_q8", (T.Q4_K, T.Q4_K, 128, 8, 768, 2048)),  # router_merge="gate_up"
     # and expert_prefetch="down"
@@ -73,7 +78,9 @@ def test_default_knobs_lie_in_the_space(factory, family, args) -> None:
         check_knobs(rule, use, rule.default(use, facts), facts)
 
 
-GEMVS = [i for i, (f, _, _) in enumerate(CASES) if f in (gemv_q8.gemv_q8, gemv_q8.gemv_qkv_q8) or f.__module__ == moe_q8.__name__]
+NORMED = (gemv_q8.gemv_q8_normed, gemv_q8.gemv_qkv_q8_normed)
+GEMVS = [i for i, (f, _, _) in enumerate(CASES)
+         if f in (gemv_q8.gemv_q8, gemv_q8.gemv_qkv_q8, *NORMED) or f.__module__ == moe_q8.__name__]
 
 
 @pytest.mark.parametrize("factory, family, args", [CASES[i] for i in GEMVS], ids=[IDS[i] for i in GEMVS])
@@ -83,7 +90,7 @@ def test_int8_gemvs_use_dp4a(factory, family, args) -> None:
     assert "__dp4a(" in body
     if T.Q4_K in args or Q6_K_PLANAR in args:
         # the chunk's quant words and its activation words in 16-byte loads
-        assert body.count("*(int4*)(xq") + body.count("*(int4*)(aq") >= 1
+        assert body.count("*(int4*)(xq") + body.count("*(int4*)(aq") + body.count("*(int4*)(words_shared") >= 1
         assert "*(uint4*)(W" in body
     elif T.Q6_K in args:  # GGUF blocks of 210 bytes: 16-bit words
         assert "*(uint4*)(W" not in body
@@ -131,12 +138,31 @@ def split_gate_up(rows: int, per_thread: int, arch: str = "sm_90") -> tvm.tirx.P
     return func.with_attr("global_symbol", split_gate_up_symbol(rows, per_thread))
 
 
+# The normed Q+K kernel at thread counts below, at and above the 64 blocks of 32 its prologue
+# quantizes (a thread a block: fewer threads loop, more leave some idle): (lanes, rows).
+NORMED_THREADS = [(16, 2), (32, 2), (16, 16)]
+NORMED_QK_ARGS = (T.Q4_K, 256, 32, 0, 2048, 1e-6)
+
+
+def normed_qk_symbol(lanes: int, rows: int) -> str:
+    return gemv_q8.gemv_qkv_q8_normed_symbol(*NORMED_QK_ARGS[:-1]) + f"_lanes{lanes}x{rows}"
+
+
+def normed_qk(lanes: int, rows: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+    factory = gemv_q8.gemv_qkv_q8_normed
+    knobs = default_knobs_with(factory, "gemv_q8", *NORMED_QK_ARGS, arch=arch, lanes=lanes, rows=rows,
+                               rows_per_thread=1)
+    func = scheduled(factory, "gemv_q8", *NORMED_QK_ARGS, knobs=knobs, arch=arch)
+    return func.with_attr("global_symbol", normed_qk_symbol(lanes, rows))
+
+
 def kernels_module(arch: str = "sm_90") -> tvm.IRModule:
-    """Every case, scheduled for `arch`, the wide-lane down kernels and the gate/up's other row
-    splits: the GPU tests' library."""
+    """Every case, scheduled for `arch`, the wide-lane down kernels, the gate/up's other row
+    splits and the normed Q+K at other thread counts: the GPU tests' library."""
     return module(*(scheduled(f, family, *args, arch=arch) for f, family, args in CASES),
                   *(wide_down(*case, arch=arch) for case in WIDE_DOWN),
-                  *(split_gate_up(*split, arch=arch) for split in GATE_UP_SPLITS))
+                  *(split_gate_up(*split, arch=arch) for split in GATE_UP_SPLITS),
+                  *(normed_qk(*threads, arch=arch) for threads in NORMED_THREADS))
 
 
 gpu = gpu_fixture("gemv_q8", kernels_module)
@@ -152,7 +178,9 @@ SYMBOLS = {gemv_q8.quantize_q8_1: gemv_q8.quantize_q8_1_symbol, gemv_q8.gemv_q8:
            gemv_q8.add_rms_norm_q8_1: lambda h, eps: gemv_q8.add_rms_norm_q8_1_symbol(h),
            gemv_q8.rms_norm_q8_1: lambda h, eps: gemv_q8.rms_norm_q8_1_symbol(h),
            gemv_q8.attention_combine_q8_1: gemv_q8.attention_combine_q8_1_symbol,
-           gemv_q8.gemv_qkv_q8: gemv_q8.gemv_qkv_q8_symbol}
+           gemv_q8.gemv_qkv_q8: gemv_q8.gemv_qkv_q8_symbol,
+           gemv_q8.gemv_q8_normed: lambda t, n, k, eps: gemv_q8.gemv_q8_normed_symbol(t, n, k),
+           gemv_q8.gemv_qkv_q8_normed: lambda t, nq, nk, nv, k, eps: gemv_q8.gemv_qkv_q8_normed_symbol(t, nq, nk, nv, k)}
 
 
 def _symbol(factory, args) -> str:  # noqa: ANN001
@@ -322,6 +350,35 @@ def test_gemv_qkv_q8_on_gpu_matches_numpy(gpu: Gpu, args: tuple) -> None:  # noq
     for y, ref, data in zip(outs, gemv_q8.gemv_qkv_q8_reference(t, datas, xq, xd), datas, strict=True):
         magnitude = np.abs(quant.dequantize(t, data, (len(ref), k))).astype(np.float64) @ np.abs(x_hat)
         assert_gemv_close(y, ref, magnitude)
+
+
+NORMED_RUNS = [(f, a, _symbol(f, a)) for f, _, a in CASES if f in NORMED] + \
+    [(gemv_q8.gemv_qkv_q8_normed, NORMED_QK_ARGS, normed_qk_symbol(*threads)) for threads in NORMED_THREADS]
+
+
+@pytest.mark.parametrize("factory, args, symbol", NORMED_RUNS, ids=[r[2] for r in NORMED_RUNS])
+def test_normed_int8_gemvs_on_gpu_match_numpy(gpu: Gpu, factory, args: tuple, symbol: str) -> None:  # noqa: ANN001
+    """attention_norm="prologue": each thread block normalizes and quantizes h itself; the outputs
+    are the GEMVs' of `rms_norm_q8_1`'s blocks (an all-zero block of 32 among them: d = 0), but
+    that a value the kernel rounds the other way (`assert_quantizes`) moves a row's sum by at
+    most its weight times d."""
+    t, *ns, k, eps = args
+    rng = np.random.default_rng(16)
+    h = rng.standard_normal(k, dtype=np.float32)
+    h[64:96] = 0.0
+    norm_w = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    datas = [random_weights(t, (n, k), rng) for n in ns if n]
+    outs = _run(gpu, symbol, [*(weight_view(t, d) for d in datas), h, norm_w], [np.empty(n, np.float32) for n in ns if n])
+    refs = (gemv_q8.gemv_qkv_q8_normed_reference(t, datas, h, norm_w, eps) if factory is gemv_q8.gemv_qkv_q8_normed
+            else (gemv_q8.gemv_q8_normed_reference(t, datas[0], h, norm_w, eps),))
+    xq, xd, _ = gemv_q8.rms_norm_q8_1_reference(h, norm_w, eps)
+    x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+    one_step = np.repeat(xd, 32).astype(np.float64)  # a value rounded the other way moves x̂ by d
+    rtol = 2e-5
+    for y, ref, data in zip(outs, refs, datas, strict=True):
+        w_abs = np.abs(dequantize_rows(t, data, k)).astype(np.float64)
+        two_flips = 2 * (w_abs * one_step).max(axis=1)
+        assert_gemv_close(y, ref, w_abs @ np.abs(x_hat) + two_flips / rtol, rtol)
 
 
 def _activations(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
