@@ -381,10 +381,16 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
     as stages of their own, `scales` and `sums`."""
     nb = k // Q8_BLOCK
 
+    def element(block: Expr, l: Expr) -> Expr:
+        """Index of the l-th value a reduction over `block` visits. With `max_once` from a start
+        rotated by the block, so that threads reducing consecutive blocks in shared memory read
+        32 different banks at each step (a max and an integer sum: the order changes nothing)."""
+        return block * Q8_BLOCK + ((l + block) % Q8_BLOCK if max_once else l)
+
     def block_max(name: str) -> te.Tensor:
         l = te.reduce_axis((0, Q8_BLOCK), name="l")
         return te.compute(lead + (nb,), lambda *ax: te.max(
-            tirx.abs(value(ax[:-1], ax[-1] * Q8_BLOCK + l)), axis=l), name=name)
+            tirx.abs(value(ax[:-1], element(ax[-1], l))), axis=l), name=name)
 
     def inverse(amax: te.Tensor, name: str) -> te.Tensor:
         return te.compute(lead + (nb,), lambda *ax: tirx.Select(
@@ -413,7 +419,7 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
     xq = te.compute(lead + (k // WORD,), word, name="words")
     l_sum = te.reduce_axis((0, Q8_BLOCK), name="l")
     qsum = te.compute(lead + (nb,), lambda *ax: te.sum(
-        q(inv, ax[:-1], ax[-1], ax[-1] * Q8_BLOCK + l_sum), axis=l_sum), name="qsum")
+        q(inv, ax[:-1], ax[-1], element(ax[-1], l_sum)), axis=l_sum), name="qsum")
 
     def scale_and_sum(*ax: Expr) -> list[Expr]:
         d = amax[ax] / _Q8_MAX

@@ -304,16 +304,20 @@ def normalize_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[Any, Any
     """The normed forms' prologue (stages sumsq and norm, `kernels.norm.normalize`) once per
     thread block, under its blockIdx loop `at`: x = rmsnorm(h) * w into shared memory, the
     block's threads (threadIdx.y, threadIdx.x extents `threads`) each taking every
-    (rows * lanes)-th element, the sum of squares a block-wide allreduce. Every block reads h
-    and w (2 * 4 * H bytes, from L2 after the first) for a launch less per norm."""
+    (rows * lanes)-th element, unrolled, the sum of squares a block-wide allreduce. Every block
+    reads h and w (2 * 4 * H bytes, from L2 after the first) for a launch less per norm."""
     sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
     sch.compute_at(norm, at)
     sch.compute_at(sumsq, at)
     for block in (sumsq, norm):
         (loop,) = loops_below(sch, block, at)
-        _, ty, tx = sch.split(loop, [None, *threads])
+        each, ty, tx = sch.split(loop, [None, *threads])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
+        # unrolled, so that a thread's loads of h and w are all in flight at once: a loop
+        # waits for each before the next (16 values a thread at 128 threads: ~16 L2 round trips,
+        # ~10 µs a block on an H200, bench/NOTES.md "Session 25")
+        sch.unroll(each)
     sch.set_scope(sumsq, 0, "local")  # the allreduce leaves the sum in every thread
     sch.set_scope(norm, 0, "shared")
 

@@ -7,11 +7,12 @@ differs is read off `int8_view`: the dot block reads int32 words of 4 activation
 chunk's 32 QS bytes and its 16 activation words are two 16-byte loads each), and there is no
 x-sum block (the quantizer wrote the block sums).
 
-The quantizer's stages (`gemv_q8.q8_1_stages`) run in five places: the kernel
+The quantizer's stages (`gemv_q8.q8_1_stages`) run in six places: the kernel
 `quantize_q8_1` (8 lanes a block of 32, one word each), the norm kernels `add_rms_norm_q8_1` and
 `rms_norm_q8_1` (the same, in the norm's thread block), the split combine
-`attention_combine_q8_1` (the same, in a head's thread block) and the gate/up kernel's epilogue
-(its 32 lanes over the 32 rows its thread block holds). A block's max and its sum of q are cross-thread reductions (shuffles),
+`attention_combine_q8_1` (the same, in a head's thread block), the gate/up kernel's epilogue
+(its 32 lanes over the 32 rows its thread block holds) and the normed Q/K/V kernels' prologue
+(`quantize_normed_in_shared`: a thread a block of 32, each thread block all of its input). A block's max and its sum of q are cross-thread reductions (shuffles),
 127 / max a register of every lane, the words a lane each: no division or branch per value
 (bench/NOTES.md, "Session 15": the first form, a thread walking a block three times with a
 division and two branches a value, took 10-12 µs a launch).
@@ -33,12 +34,12 @@ from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
     GemvKnobs,
-    loops_below,
-    normalize_in_shared,
     GemvQkvCudaRule,
     _GemvCudaRule,
     _schedule_rows,
     cache_chunk_in_registers,
+    loops_below,
+    normalize_in_shared,
     powers_of_two,
     schedule_gemv_qkv,
 )
@@ -134,17 +135,21 @@ def quantize_normed_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[An
     rmsnorm(h) * w into shared memory as `schedule.gemv.normalize_in_shared` puts it; then
     each block of 32's max and 127 / max, a thread a block, into shared memory; then the words
     (a thread a word) and the scales and sums (a thread a block) into shared memory, where the
-    dots read them. A thread block holds the whole of x (K/32 blocks of 32: 64 on the full-size
+    dots read them. Every loop unrolled; a thread walks its block of 32 from a rotated start
+    (`gemv_q8.q8_1_stages(max_once=True)`), so that a warp's loads hit 32 banks, not one. A thread block holds the whole of x (K/32 blocks of 32: 64 on the full-size
     model, at most its threads), so the quantizer's cross-lane reductions would buy nothing
     over a thread's 32 loads from shared memory, which it issues at once."""
 
     def over_threads(name: str) -> LoopRV:
         """Stage `name`, under `at`, a thread an element (its reduction, if any, the thread's
-        own loop): returns its threadIdx.x loop."""
-        loop, *_ = loops_below(sch, sch.get_sblock(name), at)
-        _, ty, tx = sch.split(loop, [None, *threads])
+        own loop), its loops unrolled (a thread's shared loads all issued at once): returns its
+        threadIdx.x loop."""
+        loop, *reduction = loops_below(sch, sch.get_sblock(name), at)
+        each, ty, tx = sch.split(loop, [None, *threads])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
+        for serial in (each, *reduction):
+            sch.unroll(serial)
         return tx
 
     stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
