@@ -27,16 +27,12 @@ RUN_PROMPT_TOKENS = 128
 # but not in a step; 32 lanes x 32 x 1 was -8 % in the step (bench/NOTES.md, "Session 24"). And the
 # combine merged into the attention kernel's last block, -3.5 % in session 14, before the step's
 # kernels launched programmatically: a launch less a layer, timed again under that launch.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"gate_up_16x32x1": {},
-                                            "attention_last_block": {"attention_merge": "last_block"},
-                                            "norm_prologue": {"attention_norm": "prologue"}}
+VARIANT_STEPS: dict[str, dict[str, str]] = {"norm_prologue": {"attention_norm": "prologue"}}
 # The normed Q/K/V kernels at 16 lanes x 8 rows (128 threads), the tuned Q+K's layout: each
 # thread block normalizes and quantizes all of h, so the tuned Q+K+V's and V's 32-thread blocks
 # (2,560 and 256 of them) would each do that with a quarter of the threads.
 _NORMED_KNOBS = {"lanes": 16, "rows": 8, "rows_per_thread": 1, "unroll": 64, "vector_header": 0}
 VARIANT_KNOBS: dict[str, dict[str, dict]] = {
-    "gate_up_16x32x1": {"moe_q8.moe_gate_up_silu_q8_routed('Q4_K', 'Q4_K', 128, 8, 768, 2048)":
-                        {"lanes": 16, "rows": 32, "rows_per_thread": 1, "unroll": 256, "vector_header": 0}},
     "norm_prologue": {"gemv_q8.gemv_qkv_q8_normed('Q4_K', 4096, 512, 0, 2048, 1e-06)": _NORMED_KNOBS,
                       "gemv_q8.gemv_qkv_q8_normed('Q4_K', 4096, 512, 512, 2048, 1e-06)": _NORMED_KNOBS,
                       "gemv_q8.gemv_q8_normed('Q6_K_PLANAR', 512, 2048, 1e-06)": _NORMED_KNOBS}}

@@ -104,20 +104,40 @@ def test_int8_kernels_compile_with_nvcc(arch: str) -> None:
 
 # The down kernel at lanes past a warp (`schedule.moe.wide_lanes`), on 8 slots of 768-wide experts
 # (planar Q6_K: 48 chunks a row, Q4_K: 96) of a 64-row hidden size: (type, lanes, rows).
-WIDE_DOWN = [(Q6_K_PLANAR, 24, 2), (Q6_K_PLANAR, 48, 2), (T.Q4_K, 48, 4), (T.Q4_K, 96, 1)]
+# (type, lanes, rows, rows_per_thread); the last two, unroll 16, are sm_90.json's from the H200's
+# round of session 25.
+WIDE_DOWN = [(Q6_K_PLANAR, 24, 2, 1), (Q6_K_PLANAR, 48, 2, 1), (T.Q4_K, 48, 4, 1), (T.Q4_K, 96, 1, 1),
+             (Q6_K_PLANAR, 48, 2, 2), (T.Q4_K, 96, 2, 2)]
 WIDE_DOWN_SHAPE = (16, 8, 64, 768)  # E, KU, H, I
 
 
-def wide_down_symbol(ggml_type: int, lanes: int, rows: int) -> str:
-    return moe_q8.moe_down_residual_q8_symbol(ggml_type, *WIDE_DOWN_SHAPE) + f"_lanes{lanes}x{rows}"
+def wide_down_symbol(ggml_type: int, lanes: int, rows: int, per_thread: int) -> str:
+    return moe_q8.moe_down_residual_q8_symbol(ggml_type, *WIDE_DOWN_SHAPE) + f"_lanes{lanes}x{rows}x{per_thread}"
 
 
-def wide_down(ggml_type: int, lanes: int, rows: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+def wide_down(ggml_type: int, lanes: int, rows: int, per_thread: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
     args = (ggml_type, *WIDE_DOWN_SHAPE)
     knobs = default_knobs_with(moe_q8.moe_down_residual_q8, "moe_q8", *args, arch=arch, lanes=lanes, rows=rows,
-                               rows_per_thread=1)
+                               rows_per_thread=per_thread, unroll=16)
     func = scheduled(moe_q8.moe_down_residual_q8, "moe_q8", *args, knobs=knobs, arch=arch)
-    return func.with_attr("global_symbol", wide_down_symbol(ggml_type, lanes, rows))
+    return func.with_attr("global_symbol", wide_down_symbol(ggml_type, lanes, rows, per_thread))
+
+
+# The planar Q6_K GEMVs at sm_90.json's knobs from the H200's round of session 25 (the LM head on
+# fewer rows): (n, k, lanes, rows, rows_per_thread, unroll).
+TUNED_PLANAR = [(512, 2048, 8, 2, 2, 16), (1024, 2048, 16, 8, 4, 256)]
+
+
+def tuned_planar_symbol(n: int, k: int, lanes: int, rows: int, per_thread: int, unroll: int) -> str:
+    return gemv_q8.gemv_q8_symbol(Q6_K_PLANAR, n, k) + f"_lanes{lanes}x{rows}x{per_thread}_u{unroll}"
+
+
+def tuned_planar(n: int, k: int, lanes: int, rows: int, per_thread: int, unroll: int,
+                 arch: str = "sm_90") -> tvm.tirx.PrimFunc:
+    knobs = default_knobs_with(gemv_q8.gemv_q8, "gemv_q8", Q6_K_PLANAR, n, k, arch=arch, lanes=lanes, rows=rows,
+                               rows_per_thread=per_thread, unroll=unroll)
+    func = scheduled(gemv_q8.gemv_q8, "gemv_q8", Q6_K_PLANAR, n, k, knobs=knobs, arch=arch)
+    return func.with_attr("global_symbol", tuned_planar_symbol(n, k, lanes, rows, per_thread, unroll))
 
 
 # The routed int8 gate/up at its other row splits of a block of 32 (schedule/moe_q8.py
@@ -158,11 +178,13 @@ def normed_qk(lanes: int, rows: int, arch: str = "sm_90") -> tvm.tirx.PrimFunc:
 
 def kernels_module(arch: str = "sm_90") -> tvm.IRModule:
     """Every case, scheduled for `arch`, the wide-lane down kernels, the gate/up's other row
-    splits and the normed Q+K at other thread counts: the GPU tests' library."""
+    splits, the normed Q+K at other thread counts and the planar GEMVs at sm_90's tuned knobs: the
+    GPU tests' library."""
     return module(*(scheduled(f, family, *args, arch=arch) for f, family, args in CASES),
                   *(wide_down(*case, arch=arch) for case in WIDE_DOWN),
                   *(split_gate_up(*split, arch=arch) for split in GATE_UP_SPLITS),
-                  *(normed_qk(*threads, arch=arch) for threads in NORMED_THREADS))
+                  *(normed_qk(*threads, arch=arch) for threads in NORMED_THREADS),
+                  *(tuned_planar(*case, arch=arch) for case in TUNED_PLANAR))
 
 
 gpu = gpu_fixture("gemv_q8", kernels_module)
@@ -446,14 +468,14 @@ def test_moe_q8_on_gpu_matches_numpy(gpu: Gpu) -> None:
 def test_wide_lanes_reduce_a_row_across_warps() -> None:
     """48 lanes a row (not a multiple of the warp): the partial sums meet in shared memory, with
     a barrier between steps; 96 (3 warps): warp shuffles, then the warps' sums in shared memory."""
-    body48 = kernel_body(cuda_source(module(wide_down(Q6_K_PLANAR, 48, 2))), wide_down_symbol(Q6_K_PLANAR, 48, 2))
+    body48 = kernel_body(cuda_source(module(wide_down(Q6_K_PLANAR, 48, 2, 1))), wide_down_symbol(Q6_K_PLANAR, 48, 2, 1))
     assert "__launch_bounds__(96)" in body48 and "__shfl" not in body48 and body48.count("__syncthreads()") >= 6
-    body96 = kernel_body(cuda_source(module(wide_down(T.Q4_K, 96, 1))), wide_down_symbol(T.Q4_K, 96, 1))
+    body96 = kernel_body(cuda_source(module(wide_down(T.Q4_K, 96, 1, 1))), wide_down_symbol(T.Q4_K, 96, 1, 1))
     assert "__launch_bounds__(96)" in body96 and "__shfl_down_sync" in body96 and "__syncthreads()" in body96
 
 
 @pytest.mark.parametrize("case", WIDE_DOWN, ids=lambda c: wide_down_symbol(*c))
-def test_wide_lane_down_on_gpu_matches_numpy(gpu: Gpu, case: tuple[int, int, int]) -> None:
+def test_wide_lane_down_on_gpu_matches_numpy(gpu: Gpu, case: tuple[int, int, int, int]) -> None:
     t = case[0]
     e, ku, h, i = WIDE_DOWN_SHAPE
     rng = np.random.default_rng(16)
@@ -468,6 +490,19 @@ def test_wide_lane_down_on_gpu_matches_numpy(gpu: Gpu, case: tuple[int, int, int
     a_hat = gemv_q8.dequantize_q8_1(aq, ad)
     mag = np.stack([np.abs(dequantize_rows(t, down[j], i)) @ np.abs(a) for j, a in zip(ids, a_hat)])
     assert_gemv_close(h_out, ref, np.abs(hv) + weights.astype(np.float64) @ mag)
+
+
+@pytest.mark.parametrize("case", TUNED_PLANAR, ids=lambda c: tuned_planar_symbol(*c))
+def test_planar_gemv_at_tuned_knobs_on_gpu_matches_numpy(gpu: Gpu, case: tuple[int, ...]) -> None:
+    n, k = case[:2]
+    rng = np.random.default_rng(17)
+    data = random_weights(Q6_K_PLANAR, (n, k), rng)
+    xq, xd, xs = _activations(rng, (k,))
+    (y,) = _run(gpu, tuned_planar_symbol(*case), [weight_view(Q6_K_PLANAR, data), xq, xd, xs],
+                [np.empty(n, np.float32)])
+    x_hat = gemv_q8.dequantize_q8_1(xq, xd)
+    magnitude = np.abs(dequantize_rows(Q6_K_PLANAR, data, k)).astype(np.float64) @ np.abs(x_hat)
+    assert_gemv_close(y, gemv_q8.gemv_q8_reference(Q6_K_PLANAR, data, xq, xd), magnitude)
 
 
 @pytest.mark.parametrize("split", GATE_UP_SPLITS, ids=lambda c: split_gate_up_symbol(*c))
