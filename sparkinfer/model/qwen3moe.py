@@ -92,9 +92,9 @@ from sparkinfer.model.spec import (
 from sparkinfer.schedule.schedules import (
     ATTENTION_FORMS,
     ATTENTION_MERGES,
+    ATTENTION_NORMS,
     DECODE_ATTENTIONS,
     EXPERT_PREFETCHES,
-    ATTENTION_NORMS,
     PROGRAMMATIC_LAUNCH,
     ROUTER_MERGES,
 )

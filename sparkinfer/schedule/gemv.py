@@ -192,6 +192,11 @@ def default_knobs(facts: ArchFacts, weight_format: int, n: int, k: int, batch: i
                      vector_header=int(vector_header))
 
 
+def stage_names(sch: s_tir.Schedule) -> list[str]:
+    """The names of the PrimFunc's stages (the root block's children), in order."""
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
 def loops_below(sch: s_tir.Schedule, block: SBlockRV, loop: LoopRV) -> list[LoopRV]:
     """The loops of `block` nested inside `loop`, outermost first."""
     loops = sch.get_loops(block)
@@ -339,8 +344,8 @@ def schedule_gemv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, normed
 def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x: str,
                       prologue: "Prologue | None" = None) -> None:
     """A `gemv_qkv` PrimFunc (Q, K and V, or Q and K, in one launch; or its int8 form, whose dot
-    products read `x` "xq", or "words" where its `prologue` quantizes) for CUDA: the `schedule_gemv` layout over the concatenated row
-    space. The `W` stage (row r of Wq, Wk or Wv, picked by a lazy select on r) becomes the
+    products read `x` "xq", or "words" where its `prologue` quantizes) for CUDA: the
+    `schedule_gemv` layout over the concatenated row space. The `W` stage (row r of Wq, Wk or Wv, picked by a lazy select on r) becomes the
     lane's register copy of its chunk, in 16-byte loads where the format allows, else is
     inlined into the dot; each output copy runs right after its row's warp reduction,
     predicated to the rows it owns."""
@@ -365,7 +370,7 @@ def schedule_gemv_qkv(sch: s_tir.Schedule, fmt: GemvFormat, knobs: GemvKnobs, x:
     gemv, row = _schedule_rows(sch, fmt, knobs, cache_weight, prologue)
     # The sum stays in the thread's registers; q/k/v copy it out under the row loop.
     sch.set_scope(gemv, 0, "local")
-    stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    stages = stage_names(sch)
     for name in ("q", "k", "v"):
         if name in stages:  # no v in the n_v = 0 form
             sch.reverse_compute_at(sch.get_sblock(name), row)

@@ -12,8 +12,9 @@ The quantizer's stages (`gemv_q8.q8_1_stages`) run in six places: the kernel
 `rms_norm_q8_1` (the same, in the norm's thread block), the split combine
 `attention_combine_q8_1` (the same, in a head's thread block), the gate/up kernel's epilogue
 (its 32 lanes over the 32 rows its thread block holds) and the normed Q/K/V kernels' prologue
-(`quantize_normed_in_shared`: a thread a block of 32, each thread block all of its input). A block's max and its sum of q are cross-thread reductions (shuffles),
-127 / max a register of every lane, the words a lane each: no division or branch per value
+(`quantize_normed_in_shared`: a thread a block of 32, each thread block all of its input). A
+block's max and its sum of q are cross-thread reductions (shuffles), 127 / max a register of
+every lane, the words a lane each: no division or branch per value
 (bench/NOTES.md, "Session 15": the first form, a thread walking a block three times with a
 division and two branches a value, took 10-12 µs a launch).
 
@@ -34,7 +35,9 @@ from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.gemv import (
     GemvKnobs,
+    GemvNormedCudaRule,
     GemvQkvCudaRule,
+    GemvQkvNormedCudaRule,
     _GemvCudaRule,
     _schedule_rows,
     cache_chunk_in_registers,
@@ -42,6 +45,7 @@ from sparkinfer.schedule.gemv import (
     normalize_in_shared,
     powers_of_two,
     schedule_gemv_qkv,
+    stage_names,
 )
 from sparkinfer.schedule.cpu import GemvCpuRule, GemvQkvCpuRule
 from sparkinfer.schedule.attention import merge_in_registers
@@ -89,10 +93,7 @@ class GemvQ8NormedCudaRule(GemvQ8CudaRule):
 
     factory = "gemv_q8_normed"
     normed = True
-
-    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
-        ggml_type, n, k, _ = factory_args(use)
-        return ggml_type, n, k, 1
+    shape = GemvNormedCudaRule.shape  # the same arguments: gemv_q8's and the norm's eps
 
 
 class GemvQkvQ8CudaRule(GemvQkvCudaRule):
@@ -107,16 +108,13 @@ class GemvQkvQ8CudaRule(GemvQkvCudaRule):
         schedule_gemv_qkv(sch, int8_view(self.shape(use)[0]), knobs, x_words(False))
 
 
-class GemvQkvQ8NormedCudaRule(GemvQkvCudaRule):
-    """`gemv_qkv_q8_normed`: `gemv_qkv_q8`'s rule (same knobs, space and defaults), each thread
-    block first normalizing and quantizing h (`quantize_normed_in_shared`)."""
+class GemvQkvQ8NormedCudaRule(GemvQkvNormedCudaRule):
+    """`gemv_qkv_q8_normed`: the float normed Q/K/V rule's arguments, `gemv_qkv_q8`'s knobs, space
+    and defaults, each thread block first normalizing and quantizing h
+    (`quantize_normed_in_shared`)."""
 
     family = "gemv_q8"
     factory = "gemv_qkv_q8_normed"
-
-    def shape(self, use: KernelUse) -> tuple[int, int, int, int]:
-        ggml_type, n_q, n_k, n_v, k, _ = factory_args(use)
-        return ggml_type, n_q + n_k + n_v, k, 1
 
     def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
         assert isinstance(knobs, GemvKnobs)
@@ -136,9 +134,10 @@ def quantize_normed_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[An
     each block of 32's max and 127 / max, a thread a block, into shared memory; then the words
     (a thread a word) and the scales and sums (a thread a block) into shared memory, where the
     dots read them. Every loop unrolled; a thread walks its block of 32 from a rotated start
-    (`gemv_q8.q8_1_stages(max_once=True)`), so that a warp's loads hit 32 banks, not one. A thread block holds the whole of x (K/32 blocks of 32: 64 on the full-size
-    model, at most its threads), so the quantizer's cross-lane reductions would buy nothing
-    over a thread's 32 loads from shared memory, which it issues at once."""
+    (`gemv_q8.q8_1_stages(max_once=True)`), so that a warp's loads hit 32 banks, not one. A
+    thread block holds the whole of x (K/32 blocks of 32: 64 on the full-size model, at most its
+    threads), so the quantizer's cross-lane reductions would buy nothing over a thread's 32
+    loads from shared memory, which it issues at once."""
 
     def over_threads(name: str) -> LoopRV:
         """Stage `name`, under `at`, a thread an element (its reduction, if any, the thread's
@@ -152,7 +151,7 @@ def quantize_normed_in_shared(sch: s_tir.Schedule, at: LoopRV, threads: tuple[An
             sch.unroll(serial)
         return tx
 
-    stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    stages = stage_names(sch)
     # the dots' reads, under `at` already (no sums where the weights have no mins), then what
     # they read, consumers first
     reads = [name for name in ("words", "scales", "sums") if name in stages]

@@ -20,7 +20,7 @@ from tvm.s_tir.schedule import LoopRV
 
 from sparkinfer.kernels.use import KernelUse
 from sparkinfer.schedule.arch import ArchFacts
-from sparkinfer.schedule.gemv import WARP, powers_of_two
+from sparkinfer.schedule.gemv import WARP, powers_of_two, stage_names
 from sparkinfer.schedule.space import Knobs, ScheduleRule
 
 DEFAULT_THREADS = 256
@@ -44,7 +44,7 @@ def schedule_rms_norm(sch: s_tir.Schedule, threads: Any, rows: Any = None) -> Lo
     (rows, threads) (threadIdx.y, threadIdx.x), thread i the same i: for a kernel that goes on
     with stages of that layout (`schedule.gemv_q8`'s quantizer). Both are split factors as given
     (a tuner's sampled knobs: no arithmetic on them, which a trace could not record)."""
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    names = stage_names(sch)
     sumsq, norm = sch.get_sblock("sumsq"), sch.get_sblock("norm")
     sch.set_scope(sumsq, 0, "local")
 
