@@ -57,6 +57,7 @@ from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import ENTRY, ENTRY_PROCESSED, PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
+    CPU_ONLY_VARIANTS,
     CUDA_ONLY_VARIANTS,
     DEFAULT,
     TRANSFERRED,
@@ -222,6 +223,9 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
         value = getattr(step, name)
         if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
             raise SparkInferError(f"{name}={value!r} is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})")
+    if arch != "cpu" and ("chunk_activations", step.chunk_activations) in CPU_ONLY_VARIANTS:
+        raise SparkInferError(f"chunk_activations={step.chunk_activations!r} is for the cpu build only "
+                              f"({CPU_ONLY_VARIANTS['chunk_activations', step.chunk_activations]})")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance

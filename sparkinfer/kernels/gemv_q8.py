@@ -29,9 +29,11 @@ Where a kernel makes the activations, it quantizes them itself, so that no launc
 activations); `gemv_qkv_q8` is `gemv.gemv_qkv` on int8 activations. `gemv_q8_normed` and
 `gemv_qkv_q8_normed` normalize and quantize their input themselves, each thread block the
 whole of it (`normed_q8_1_stages`): the attention input's norm without a launch of its own.
+`round_q8_1_rows` gives the T-token step's float GEMMs the same values, x̂ = d * q, in float32.
 
 The numpy oracle is exact in meaning: the float GEMV's reference on x̂
-(`gemv_q8_reference`), since d * sum(q) is sum(x̂).
+(`gemv_q8_reference`), since d * sum(q) is sum(x̂); the blocks' numpy definition is
+`sparkinfer.quant.q8_1`.
 """
 
 import functools
@@ -55,14 +57,20 @@ from sparkinfer.kernels.gemv import (
 )
 from sparkinfer.kernels.norm import add_rms_norm_reference, inverse_rms, normalize, rms_norm_reference, sum_of_squares
 from sparkinfer.quant import layouts as L
+from sparkinfer.quant.q8_1 import (  # the numpy definition of the blocks, also the kernels' oracle
+    Q8_BLOCK,
+    Q8_MAX,
+    check_k,
+    dequantize_q8_1,
+    quantize_q8_1_reference,
+    round_q8_1_reference,
+)
 
 _T = GGMLQuantizationType
 Expr = tirx.Expr
 Row = Callable[[Expr], Expr]
-# Activation block (llama.cpp's QK8_1) and the int8 values a word holds.
-Q8_BLOCK = 32
+# The int8 values a word holds.
 WORD = 4
-_Q8_MAX = 127.0
 
 
 def _u32(v: int) -> Expr:
@@ -273,11 +281,6 @@ def q8_projections_misfit(hidden: int, head_dim: int) -> str | None:
     return None
 
 
-def _check_k(k: int, what: str) -> None:
-    if k <= 0 or k % Q8_BLOCK != 0:
-        raise TensorShapeError(f"{what} needs a length that is a multiple of {Q8_BLOCK}, got {k}")
-
-
 # ---------------------------------------------------------------------------------------
 # The activation quantizer
 # ---------------------------------------------------------------------------------------
@@ -291,12 +294,37 @@ def quantize_q8_1(k: int, rows: int = 0) -> tirx.PrimFunc:
     """x f32[(rows,) k] -> xq int32[(rows,) k/4], xd f32[(rows,) k/32], xs f32[(rows,) k/32]
     (module docstring); rows = 0 takes a 1-D x. Rounds halves away from zero (llama.cpp's
     roundf)."""
-    _check_k(k, "quantize_q8_1")
+    check_k(k, "quantize_q8_1")
     lead: tuple[int, ...] = (rows,) if rows else ()
     x = te.placeholder(lead + (k,), "float32", name="x")
     xq, xd, xs = q8_1_stages(lead, k, lambda ax, i: x[ax + (i,)])
     func = te.create_prim_func([x, xq, xd, xs])
     return func.with_attr("global_symbol", quantize_q8_1_symbol(k, rows))
+
+
+def round_q8_1_rows_symbol(rows: int, k: int) -> str:
+    return f"round_q8_1_{rows}x{k}"
+
+
+def round_q8_1_rows(rows: int, k: int) -> tirx.PrimFunc:
+    """x f32[rows, k] -> x̂ f32[rows, k]: each value as the int8 GEMVs see it, d * q with d and q
+    of its block of 32 as `quantize_q8_1` makes them, in float32. The T-token step's GEMMs read
+    their inputs so where the decode step's kernels read int8 blocks (the step variant
+    `chunk_activations` "q8"): float GEMMs on x̂ compute what the int8 GEMVs do, so that the
+    logits of a prompt and of the same tokens decoded agree to float32 rounding."""
+    check_k(k, "round_q8_1_rows")
+    x = te.placeholder((rows, k), "float32", name="x")
+    l = te.reduce_axis((0, Q8_BLOCK), name="l")
+    amax = te.compute((rows, k // Q8_BLOCK), lambda r, b: te.max(tirx.abs(x[r, b * Q8_BLOCK + l]), axis=l),
+                      name="amax")
+    inv = te.compute((rows, k // Q8_BLOCK), lambda r, b: _q8_inverse(amax[r, b]), name="inv")
+
+    def rounded(r: Expr, i: Expr) -> Expr:
+        b = i // Q8_BLOCK
+        return amax[r, b] / tirx.const(Q8_MAX, "float32") * _q8_round(x[r, i] * inv[r, b])
+
+    y = te.compute((rows, k), rounded, name="rounded")
+    return te.create_prim_func([x, y]).with_attr("global_symbol", round_q8_1_rows_symbol(rows, k))
 
 
 def add_rms_norm_q8_1_symbol(h: int) -> str:
@@ -313,7 +341,7 @@ def add_rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
 
     Params (x, r, w f32[h], sum f32[h], y f32[h], xq int32[h/4], xd f32[h/32], xs f32[h/32]).
     """
-    _check_k(h, "add_rms_norm_q8_1")
+    check_k(h, "add_rms_norm_q8_1")
     x = te.placeholder((h,), "float32", name="x")
     r = te.placeholder((h,), "float32", name="r")
     w = te.placeholder((h,), "float32", name="w")
@@ -339,7 +367,7 @@ def rms_norm_q8_1(h: int, eps: float) -> tirx.PrimFunc:
 
     Params (x f32[h], w f32[h], xq int32[h/4], xd f32[h/32], xs f32[h/32]).
     """
-    _check_k(h, "rms_norm_q8_1")
+    check_k(h, "rms_norm_q8_1")
     x = te.placeholder((h,), "float32", name="x")
     w = te.placeholder((h,), "float32", name="w")
     sumsq = sum_of_squares(h, x)
@@ -370,6 +398,17 @@ def attention_combine_q8_1(n_heads: int, splits: int, head_dim: int) -> tirx.Pri
     return func.with_attr("global_symbol", attention_combine_q8_1_symbol(n_heads, splits, head_dim))
 
 
+def _q8_inverse(amax: Expr) -> Expr:
+    """127 / max|x| of a block (0 for an all-zero block, whose values all quantize to 0)."""
+    return tirx.Select(amax > 0.0, tirx.const(Q8_MAX, "float32") / amax, tirx.const(0.0, "float32"))
+
+
+def _q8_round(v: Expr) -> Expr:
+    """x * 127 / max|x| rounded to the int8 value, still float32. Halves away from zero, like
+    llama.cpp's roundf (tirx.round rounds halves to even)."""
+    return tirx.copysign(tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")), v)
+
+
 def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...], Expr], Expr],
                 max_once: bool = False) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
     """xq, xd, xs of the activations value(lead axes, i) for i < k. Each block's max|x| and
@@ -393,15 +432,12 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
             tirx.abs(value(ax[:-1], element(ax[-1], l))), axis=l), name=name)
 
     def inverse(amax: te.Tensor, name: str) -> te.Tensor:
-        return te.compute(lead + (nb,), lambda *ax: tirx.Select(
-            amax[ax] > 0.0, tirx.const(_Q8_MAX, "float32") / amax[ax], tirx.const(0.0, "float32")), name=name)
+        return te.compute(lead + (nb,), lambda *ax: _q8_inverse(amax[ax]), name=name)
 
     def q(inv: te.Tensor, ax: tuple[Expr, ...], block: Expr, i: Expr) -> Expr:
         """The int8 value of element i of x, in block `block` (its index is passed, not
         derived from i, so that a block's reads of inv are plain for the scheduler)."""
-        v = value(ax, i) * inv[ax + (block,)]
-        # Halves away from zero, like llama.cpp's roundf (tirx.round rounds halves to even).
-        return tirx.copysign(tirx.floor(tirx.abs(v) + tirx.const(0.5, "float32")), v).astype("int32")
+        return _q8_round(value(ax, i) * inv[ax + (block,)]).astype("int32")
 
     amax = block_max("amax")
     inv = inverse(amax, "inv")
@@ -422,7 +458,7 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
         q(inv, ax[:-1], ax[-1], element(ax[-1], l_sum)), axis=l_sum), name="qsum")
 
     def scale_and_sum(*ax: Expr) -> list[Expr]:
-        d = amax[ax] / _Q8_MAX
+        d = amax[ax] / Q8_MAX
         return [d, d * qsum[ax].astype("float32")]
 
     if max_once:  # apart, so that a kernel that reads no sums (no weight mins) has no sum stages
@@ -501,7 +537,7 @@ def gemv_q8_symbol(ggml_type: int, n: int, k: int) -> str:
 def gemv_q8(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
     """y[n] = W[n, k] . x̂: params (W words [n, row_words], xq, xd, xs as quantize_q8_1(k) makes
     them, y f32[n]). Blocks dot (int32 per sub-block) and gemv, as the float GEMV's."""
-    _check_k(k, "gemv_q8")
+    check_k(k, "gemv_q8")
     xq, xd, xs = q8_inputs(k)
     func = _gemv_q8_te(ggml_type, n, k, [xq, xd, xs], (xq, xd, xs))
     return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
@@ -515,7 +551,7 @@ def gemv_q8_normed(ggml_type: int, n: int, k: int, eps: float) -> tirx.PrimFunc:
     """`gemv_q8` of rmsnorm(h) * norm_w, normalized and quantized by the kernel itself
     (`normed_q8_1_stages`): params (W words, h f32[k], norm_w f32[k], y f32[n]). The attention
     input of the step variant attention_norm "prologue", without the `rms_norm_q8_1` launch."""
-    _check_k(k, "gemv_q8_normed")
+    check_k(k, "gemv_q8_normed")
     h, norm_w, x8 = normed_q8_1_stages(k, eps)
     func = _gemv_q8_te(ggml_type, n, k, [h, norm_w], x8)
     return func.with_attr("global_symbol", gemv_q8_normed_symbol(ggml_type, n, k))
@@ -545,7 +581,7 @@ def gemv_qkv_q8(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.Pr
     """`gemv.gemv_qkv` on int8 activations: q, k, v = Wq . x̂, Wk . x̂, Wv . x̂ in one kernel.
     Params (Wq, Wk[, Wv] words, xq, xd, xs as quantize_q8_1(k) makes them, q, k[, v] f32);
     n_v = 0 gives the Q+K form, as the float kernel's."""
-    _check_k(k, "gemv_qkv_q8")
+    check_k(k, "gemv_qkv_q8")
     xq, xd, xs = q8_inputs(k)
     func = _gemv_qkv_q8_te(ggml_type, (n_q, n_k, n_v), k, [xq, xd, xs], (xq, xd, xs))
     return func.with_attr("global_symbol", gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k))
@@ -560,7 +596,7 @@ def gemv_qkv_q8_normed(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int, eps
     (`normed_q8_1_stages`): params (Wq, Wk[, Wv] words, h f32[k], norm_w f32[k], q, k[, v] f32).
     The attention input of the step variant attention_norm "prologue", without the
     `rms_norm_q8_1` launch."""
-    _check_k(k, "gemv_qkv_q8_normed")
+    check_k(k, "gemv_qkv_q8_normed")
     h, norm_w, x8 = normed_q8_1_stages(k, eps)
     func = _gemv_qkv_q8_te(ggml_type, (n_q, n_k, n_v), k, [h, norm_w], x8)
     return func.with_attr("global_symbol", gemv_qkv_q8_normed_symbol(ggml_type, n_q, n_k, n_v, k))
@@ -598,24 +634,6 @@ def normed_q8_1_stages(k: int, eps: float) -> tuple[te.Tensor, te.Tensor, tuple[
 # ---------------------------------------------------------------------------------------
 
 
-def quantize_q8_1_reference(
-    x: npt.NDArray[np.float32],
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """(xq, xd, xs) of x f32[..., k], in the kernel's float32 operation order."""
-    x = np.asarray(x, dtype=np.float32)
-    _check_k(x.shape[-1], "quantize_q8_1")
-    blocks = x.reshape(*x.shape[:-1], -1, Q8_BLOCK)
-    amax = np.abs(blocks).max(axis=-1)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(_Q8_MAX) / amax, np.float32(0)).astype(np.float32)
-    v = blocks * inv[..., None]
-    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)  # halves away from 0
-    xq = q.reshape(*x.shape[:-1], -1).view(np.int32)
-    xd = (amax / np.float32(_Q8_MAX)).astype(np.float32)
-    xs = (xd * q.astype(np.int32).sum(axis=-1).astype(np.float32)).astype(np.float32)
-    return xq, xd, xs
-
-
 def add_rms_norm_q8_1_reference(
     x: npt.NDArray[np.float32], r: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float,
 ) -> tuple[np.ndarray, np.ndarray, npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -636,13 +654,6 @@ def attention_combine_q8_1_reference(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """(xq, xd, xs): `quantize_q8_1`'s oracle on `attention.attention_combine`'s."""
     return quantize_q8_1_reference(attention_combine_reference(o_part, lse))
-
-
-def dequantize_q8_1(xq: npt.NDArray[np.int32], xd: npt.NDArray[np.float32]) -> np.ndarray:
-    """x̂ = d * q, f32[..., k]."""
-    q = np.ascontiguousarray(xq).view(np.int8).astype(np.float32)
-    q = q.reshape(*xd.shape, Q8_BLOCK)
-    return (q * xd[..., None]).reshape(*xd.shape[:-1], -1)
 
 
 def gemv_q8_reference(

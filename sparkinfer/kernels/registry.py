@@ -77,6 +77,7 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         prefill_attention.qk_norm_rope_kv_append_rows,
         prefill_attention.causal_prefill_attention,
         prefill_attention.causal_prefill_attention_registers,  # attention_form="registers"
+        gemv_q8.round_q8_1_rows,  # chunk_activations="q8" (cpu only): GEMM inputs as int8 GEMVs see them
         router.router_topk_rows,
         moe_chunk.moe_sort,
         moe_chunk.grouped_gemm,

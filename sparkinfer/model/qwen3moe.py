@@ -43,6 +43,9 @@ With projection_activations="q8" the attention norms are rms_norm_q8_1 (int8 blo
 gemv_qkv_q8 (and gemv_q8), the combine attention_combine_q8_1 and O gemv_q8: the same launches;
 with attention_norm="prologue" too, no attention norm launch: gemv_qkv_q8_normed (and
 gemv_q8_normed) normalize and quantize h in each thread block.
+With chunk_activations="q8" (chunk_operands "f32") the T-token step's GEMMs read their inputs
+rounded by round_q8_1_rows where the decode step's kernels read int8 blocks (and its last row's
+LM head is the decode step's quantize_q8_1 -> gemv_q8): float GEMMs of what the int8 GEMVs see.
 With decode_launches="fused" a layer is gemv_qkv_normed (Q/K/V of rms_norm(h), computed in
 the kernel) -> rope -> attention -> combine -> gemv_residual (o + h) -> gemv_normed (router)
 -> moe_gate_up_silu_routed (top-k and norm inside) -> moe_down_residual: no norm launches but
@@ -75,6 +78,7 @@ from sparkinfer.kernels.sampling import K_MAX as SAMPLING_K_MAX, SLICE as SAMPLI
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
 from sparkinfer.quant.layouts import RelaidType
+from sparkinfer.reference import Int8Inputs
 from sparkinfer.model.spec import (
     ARRIVALS,
     ROUTER_ARRIVALS,
@@ -184,6 +188,24 @@ def int8_projections(types: Mapping[str, GGMLQuantizationType], layer: int) -> b
     return all(types[f"blk.{layer}.{kind}.weight"] in Q8_TYPES for kind in ATTENTION_PROJECTIONS)
 
 
+def int8_inputs(config: ModelConfig, type_map: Mapping[str, Any], activations: str = "f32",
+                projection_activations: str = "f32", head_activations: str = "f32") -> Int8Inputs:
+    """Where a step with these variants reads int8 activations: the attention projections of the
+    layers whose four types have an int8 form (projection_activations "q8", `int8_projections`),
+    the FFN (experts or dense) of those whose gate, up and down types all do (activations "q8"),
+    the LM head if its type does (head_activations "q8"). The numpy reference's `int8_inputs`."""
+    types = normalize_type_map(type_map)
+    moe = "_exps" if config.is_moe else ""
+    layers = range(config.n_layers)
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"
+    return Int8Inputs(
+        projections=frozenset(i for i in layers if projection_activations == "q8" and int8_projections(types, i)),
+        experts=frozenset(i for i in layers if activations == "q8" and all(
+            types[f"blk.{i}.ffn_{kind}{moe}.weight"] in Q8_TYPES for kind in ("gate", "up", "down"))),
+        head=head_activations == "q8" and types[head] in Q8_TYPES,
+    )
+
+
 def decode_inputs(
     config: ModelConfig, type_map: Mapping[str, Any], page_size: int = PAGE_SIZE, q6_k_layout: str = "gguf",
     attention_merge: str = "separate", router_merge: str = "separate",
@@ -257,6 +279,9 @@ class DecodeStep:
     expert_prefetch: str = "off"
     # where the int8 attention input is normalized (ATTENTION_NORMS; "prologue" is CUDA's)
     attention_norm: str = "separate"
+    # whether the T-token step's GEMM inputs are rounded as the int8 GEMVs see them (ACTIVATIONS;
+    # "q8" is the cpu build's)
+    chunk_activations: str = "f32"
 
 
 class _Kernels:
@@ -331,14 +356,12 @@ class _StepBuilder:
                  attention_merge: str = "separate", router_merge: str = "separate",
                  decode_attention: str = "simt", projection_activations: str = "f32",
                  head_activations: str = "f32", expert_prefetch: str = "off",
-                 attention_norm: str = "separate") -> None:
+                 attention_norm: str = "separate", chunk_activations: str = "f32") -> None:
         self.c = config
+        self.round_chunk_inputs = chunk_activations == "q8"
         self.norm_in_projections = attention_norm == "prologue"
         self.prefetch_down = expert_prefetch == "down"
-        self.projection_activations = projection_activations
-        self.head_activations = head_activations
         self.decode_attention = decode_attention
-        self.activations = activations
         self.fused = decode_launches == "fused"
         self.chunk_operands = chunk_operands
         self.attention_form = attention_form
@@ -346,6 +369,7 @@ class _StepBuilder:
         self.route_in_last_block = router_merge == "last_block"
         self.route_in_gate_up = router_merge == "gate_up"
         self.types = types
+        self.int8 = int8_inputs(config, types, activations, projection_activations, head_activations)
         self.P = page_size
         self.MP = max_pages(config, page_size)
         self.S = n_splits
@@ -537,7 +561,7 @@ class _StepBuilder:
 
     def _int8_projections(self, i: int) -> bool:
         """Whether layer i's Q, K, V and O take int8 activations (projection_activations="q8")."""
-        return self.projection_activations == "q8" and int8_projections(self.types, i)
+        return i in self.int8.projections
 
     def norm_for(self, h: relax.Var, weight: str, int8: bool, label: str) -> "relax.Var | list[relax.Var]":
         """rms_norm(h, weight) as its consumer reads it: float, or (`int8`) only its int8 blocks,
@@ -560,11 +584,14 @@ class _StepBuilder:
         """The LM head's weight: output.weight, or token_embd.weight where the file ties them."""
         return "output.weight" if "output.weight" in self.types else "token_embd.weight"
 
+    def _int8_head(self) -> bool:
+        """Whether the LM head takes int8 activations (head_activations="q8" and a type of Q8_TYPES)."""
+        return self.int8.head
+
     def output_norm(self, h: relax.Var, label: str) -> "relax.Var | list[relax.Var]":
         """rms_norm(h, output_norm), the LM head's input: its int8 blocks where the head takes
-        int8 activations (head_activations="q8" and a type of Q8_TYPES; `norm_for`)."""
-        int8 = self.head_activations != ACTIVATIONS[0] and self.t(self.head_name()) in Q8_TYPES
-        return self.norm_for(h, "output_norm.weight", int8, label)
+        int8 activations (`_int8_head`; `norm_for`)."""
+        return self.norm_for(h, "output_norm.weight", self._int8_head(), label)
 
     def _layer(self, i: int, h: relax.Var, x: "relax.Var | list[relax.Var] | Normed | None"
                ) -> "tuple[relax.Var, relax.Var | list[relax.Var] | Normed | None]":
@@ -636,7 +663,7 @@ class _StepBuilder:
         c = self.c
         H = c.hidden
         args = [ao, h, self.params[f"blk.{i}.ffn_norm.weight"]]
-        if not self._int8_experts(*self._ffn_weights(i)):
+        if not self._int8_experts(i):
             gv = self.k("norm", "add_rms_norm", H, c.rms_eps)
             h, f = self.call(gv, args, [self.f32(H), self.f32(H)], f"ffn_in{i}")
             return h, f, None
@@ -669,9 +696,9 @@ class _StepBuilder:
             ids, weights = self.route(w + "ffn_gate_inp.weight", f, i)
             return self._experts(w, "_exps", E, KU, I, H, ids, weights, h, f, i, f_q8)
         router = self.gemv(w + "ffn_gate_inp.weight", f, f"router{i}")
-        if self.route_in_gate_up and self._int8_experts(g, u, d):
+        if self.route_in_gate_up and self._int8_experts(i):
             return self._routed_int8_experts(w, router, h, f, i, f_q8)
-        if isinstance(f, Normed) and not self._int8_experts(g, u, d):
+        if isinstance(f, Normed) and not self._int8_experts(i):
             # router_topk and the FFN norm run inside gate/up, which writes ids and weights
             gv = self.k("moe", "moe_gate_up_silu_routed", self.t(g), self.t(u), E, KU, I, H, c.rms_eps)
             act, ids, weights = self.call(gv, [self.params[g], self.params[u], router, f.h, f.w],
@@ -723,7 +750,7 @@ class _StepBuilder:
                  weights: relax.Expr, h: relax.Var, f: relax.Var, i: int, f_q8: list[relax.Var] | None) -> relax.Var:
         p = self.params
         g, u, d = (f"{w}ffn_{kind}{suffix}.weight" for kind in ("gate", "up", "down"))
-        if self._int8_experts(g, u, d):
+        if self._int8_experts(i):
             xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
             # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
             gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
@@ -733,9 +760,9 @@ class _StepBuilder:
         act = self.call(gv, [p[g], p[u], ids, f], [self.f32(KU, I)], f"act{i}")
         return self._down(d, E, KU, H, I, ids, weights, act, h, i)
 
-    def _int8_experts(self, *names: str) -> bool:
-        """Whether the experts of these weights run on int8 activations (activations="q8")."""
-        return self.activations == "q8" and all(self.t(name) in Q8_TYPES for name in names)
+    def _int8_experts(self, i: int) -> bool:
+        """Whether layer i's experts (or dense FFN) run on int8 activations (activations="q8")."""
+        return i in self.int8.experts
 
     def _down_q8(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
                  aq: Iterable[relax.Var], h: relax.Var, i: int) -> relax.Var:
@@ -772,14 +799,17 @@ class _StepBuilder:
             h, x = self._chunk_layer(i, NT, h, x)
         head = self.head_name()
         if all_logits:
-            logits = self.gemm(head, x, NT, "logits")
+            logits = self.gemm(head, self.chunk_input(x, NT, H, self._int8_head(), "x_head"), NT, "logits")
             gv = self.k("chunk", "advance_pos")
             pos = self.call_inplace(gv, [p["n_valid"], p["pos"]], [1], [_tensor((1,), "int32")], "advance")
             # The returned pos depends on the advance, so no pass can drop it.
             return [logits, pos]
         gv = self.k("chunk", "take_row", NT, H)
         last = self.call(gv, [x, p["n_valid"]], [self.f32(H)], "last")
-        logits = self.gemv(head, last, "logits")
+        if self.round_chunk_inputs and self._int8_head():  # the decode step's own head kernels
+            logits = self.gemv(head, self.quantize_q8(last, H, 0, "last_q"), "logits")
+        else:
+            logits = self.gemv(head, last, "logits")
         nxt = self.sample(logits)
         gv = self.k("chunk", "advance_chunk")
         nxt, _n, _tok, _pos = self.call_inplace(gv, [nxt, p["n_valid"], p["token"], p["pos"]], [0, 1, 2, 3],
@@ -791,6 +821,7 @@ class _StepBuilder:
         c, p = self.c, self.params
         w = f"blk.{i}."
         H, NH, NKV, D = c.hidden, c.n_heads, c.n_kv_heads, c.head_dim
+        x = self.chunk_input(x, NT, H, self._int8_projections(i), f"x_q{i}")
         q, k, v = (self.gemm(w + f"attn_{kind}.weight", x, NT, f"{kind}{i}") for kind in ("q", "k", "v"))
         kc, vc = p[f"k_cache_{i}"], p[f"v_cache_{i}"]
         cache_t = kc.ty
@@ -811,6 +842,7 @@ class _StepBuilder:
             gv = self.k("prefill_attention", "causal_prefill_attention", NT, NH, NKV, D, self.P, self.MP, *half)
         att = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"], p["n_valid"]], [self.f32(NT, NH * D)],
                         f"att{i}")
+        att = self.chunk_input(att, NT, NH * D, self._int8_projections(i), f"att_q{i}")
         ao = self.gemm(w + "attn_output.weight", att, NT, f"ao{i}")
         gv = self.k("norm", "add_rms_norm_rows", NT, H, c.rms_eps)
         h, f = self.call(gv, [ao, h, p[w + "ffn_norm.weight"]], [self.f32(NT, H), self.f32(NT, H)], f"ffn_in{i}")
@@ -829,6 +861,14 @@ class _StepBuilder:
                       f"norm{i + 1}")
         return h, x
 
+    def chunk_input(self, x: relax.Var, rows: int, k: int, int8: bool, label: str) -> relax.Var:
+        """x f32[rows, k], a T-token step GEMM's input where the decode step's kernel reads it as
+        int8 blocks if `int8`: with chunk_activations "q8" there rounded so
+        (`gemv_q8.round_q8_1_rows`), else x."""
+        if not (self.round_chunk_inputs and int8):
+            return x
+        return self.call(self.k("gemv_q8", "round_q8_1_rows", rows, k), [x], [self.f32(rows, k)], label)
+
     def _chunk_experts(self, w: str, suffix: str, E: int, KU: int, I: int, NT: int, ids: relax.Expr,
                        weights: relax.Expr, h: relax.Var, f: relax.Var, i: int) -> relax.Var:
         """Sort the chunk's (token, slot) pairs by expert, grouped GEMMs, weighted gather-add."""
@@ -845,10 +885,13 @@ class _StepBuilder:
             gv = self.k("moe_chunk", "grouped_gemm_f16", self.w_fmt(d), E, R, H, I)
             down = self.call(gv, [p[d], offsets, act], [self.f32(R, H)], f"down{i}")
         else:
+            int8 = self._int8_experts(i)
+            f = self.chunk_input(f, NT, H, int8, f"ffn_q{i}")
             gate, up = (self.call(self.k("moe_chunk", "grouped_gemm", self.t(name), E, R, I, H, NT, True),
                                   [p[name], offsets, row_token, f], [self.f32(R, I)], f"{kind}{i}")
                         for name, kind in ((g, "gate"), (u, "up")))
             act = self.call(self.k("moe_chunk", "silu_mul", R, I), [gate, up], [self.f32(R, I)], f"act{i}")
+            act = self.chunk_input(act, R, I, int8, f"act_q{i}")
             down = self.call(self.k("moe_chunk", "grouped_gemm", self.w_fmt(d), E, R, H, I, R, False),
                              [p[d], offsets, row_token, act], [self.f32(R, H)], f"down{i}")
         gv = self.k("moe_chunk", "moe_combine_residual", NT, KU, R, H)
@@ -898,6 +941,7 @@ def build_decode_step(
     head_activations: str = "f32",
     expert_prefetch: str = "off",
     attention_norm: str = "separate",
+    chunk_activations: str = "f32",
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -913,7 +957,13 @@ def build_decode_step(
     have an int8 form; it needs decode_launches "split" (the fused launches normalize inside the
     Q/K/V kernel). `head_activations` (ACTIVATIONS) is the same for the LM head: "q8" quantizes
     the output norm's result in its launch and runs the head on integer dot products
-    (`gemv_q8`), where the head's type has an int8 form. The T-token step is float either way.
+    (`gemv_q8`), where the head's type has an int8 form. The T-token step multiplies float
+    either way; `chunk_activations` (ACTIVATIONS) is whether its GEMMs read their inputs as
+    they are ("f32") or, where the decode step's kernels read int8 blocks, rounded to the values
+    those blocks hold ("q8": `kernels.gemv_q8.round_q8_1_rows`; its last row's LM head is the
+    decode step's `quantize_q8_1` -> `gemv_q8`), so that a prompt's logits and those of the same
+    tokens decoded agree to float32 rounding; it needs chunk_operands "f32" (float16 operands
+    would round the values again) and is the cpu build's (no CUDA schedule of the rounding).
     `chunk_operands` (GEMM_OPERANDS) is the precision of the T-token step's dense and grouped
     expert GEMM products for quantized and half weights and of its attention's Q K^T and P V
     ("f16": tensor-core operands, `kernels.gemm`, `kernels.moe_chunk.grouped_gate_up_silu_f16` /
@@ -1002,6 +1052,11 @@ def build_decode_step(
     if attention_norm == "prologue" and projection_activations != "q8":
         raise SparkInferError(f"attention_norm='prologue' normalizes the int8 attention input inside the Q/K/V "
                               f"kernels: it needs projection_activations='q8', got {projection_activations!r}")
+    if chunk_activations not in ACTIVATIONS:
+        raise SparkInferError(f"chunk_activations must be one of {', '.join(ACTIVATIONS)}, got {chunk_activations!r}")
+    if chunk_activations == "q8" and chunk_operands != "f32":
+        raise SparkInferError(f"chunk_activations='q8' rounds the T-token step's GEMM inputs to the int8 blocks' "
+                              f"values for float32 products: it needs chunk_operands='f32', got {chunk_operands!r}")
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")
@@ -1020,7 +1075,8 @@ def build_decode_step(
         raise ValueError(f"n_splits must be in 1..{mp} (pages), got {n_splits}")
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
                            q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
-                           projection_activations, head_activations, expert_prefetch, attention_norm)
+                           projection_activations, head_activations, expert_prefetch, attention_norm,
+                           chunk_activations)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -1038,4 +1094,5 @@ def build_decode_step(
         decode_attention=decode_attention,
         expert_prefetch=expert_prefetch,
         attention_norm=attention_norm,
+        chunk_activations=chunk_activations,
     )

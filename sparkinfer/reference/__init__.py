@@ -1,6 +1,7 @@
 """Numpy float32 reference forward of the models: the oracle every kernel is checked against."""
 
 from sparkinfer.reference.qwen3moe import (
+    Int8Inputs,
     ReferenceModel,
     causal_gqa_attention,
     rms_norm,
@@ -13,6 +14,7 @@ from sparkinfer.reference.qwen3moe import (
 )
 
 __all__ = [
+    "Int8Inputs",
     "ReferenceModel",
     "causal_gqa_attention",
     "rms_norm",

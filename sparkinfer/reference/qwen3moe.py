@@ -26,19 +26,27 @@ Weights come either from a dict of GGUF tensor names to float32 arrays (experts 
 dequantized lazily: dense tensors once, on first use; experts one at a time, on
 demand, through ``expert_f32``, kept in a byte-bounded LRU cache; embedding rows only
 for the tokens seen.
+
+``int8_inputs`` (an ``Int8Inputs``) makes it the oracle of a compiled step whose GEMVs read
+int8 activations (the step variants ``activations`` / ``projection_activations`` /
+``head_activations`` "q8"): the inputs of those matmuls are rounded to the values the int8
+blocks hold (``sparkinfer.quant.q8_1``), the products stay float.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sparkinfer import quant
+from sparkinfer.quant.q8_1 import round_q8_1_reference
 
 __all__ = [
+    "Int8Inputs",
     "ReferenceModel",
     "rms_norm",
     "rope_cos_sin",
@@ -99,12 +107,15 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-def swiglu(h: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+def swiglu(h: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray,
+           act_input: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """SwiGLU FFN: ``(silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T``.
 
-    ``h[T, hidden]``, ``w_gate``/``w_up`` ``[ffn, hidden]``, ``w_down`` ``[hidden, ffn]``.
+    ``h[T, hidden]``, ``w_gate``/``w_up`` ``[ffn, hidden]``, ``w_down`` ``[hidden, ffn]``;
+    ``act_input``: what the down projection reads of the activations (None: them as they are).
     """
-    return (silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
+    act = silu(h @ w_gate.T) * (h @ w_up.T)
+    return (act if act_input is None else act_input(act)) @ w_down.T
 
 
 def causal_gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int) -> np.ndarray:
@@ -223,6 +234,26 @@ class _GGUFWeights:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Int8Inputs:
+    """Where a compiled step's matmuls read their input as int8 blocks, which the reference then
+    rounds to the blocks' values: Q, K, V and O of the layers in ``projections``, the experts'
+    gate/up and down (or the dense FFN's) of those in ``experts``, and the LM head if ``head``.
+    ``sparkinfer.model.qwen3moe.int8_inputs`` says which a step's variants give."""
+
+    projections: frozenset[int] = frozenset()
+    experts: frozenset[int] = frozenset()
+    head: bool = False
+
+
+def _int8_if(rounded: bool) -> Callable[[np.ndarray], np.ndarray] | None:
+    return round_q8_1_reference if rounded else None
+
+
+def _seen(x: np.ndarray, how: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    return x if how is None else how(x).astype(np.float32)
+
+
 class ReferenceModel:
     """Float32 numpy forward of a ``qwen3moe`` or ``qwen3`` model, with a KV cache.
 
@@ -234,6 +265,8 @@ class ReferenceModel:
     same computation (prefill of T tokens == T decodes). ``reset()`` empties the cache;
     ``position`` is the number of tokens in it.
 
+    ``int8_inputs``: see the module docstring (None: every matmul reads float32).
+
     ``capture``: pass a dict to ``prefill``/``decode`` to receive named intermediates of that
     call (float32, per layer ``blk.{i}.``: ``attn_in`` (after attn_norm), ``q``/``k`` (after
     Q/K norm and RoPE, ``[T, heads, head_dim]``), ``v``, ``attn`` (attention output before
@@ -242,8 +275,10 @@ class ReferenceModel:
     (residual after the FFN); then ``output_norm``).
     """
 
-    def __init__(self, config: Any, weights: Any, *, expert_cache_bytes: int = 1 << 30):
+    def __init__(self, config: Any, weights: Any, *, expert_cache_bytes: int = 1 << 30,
+                 int8_inputs: Int8Inputs | None = None):
         self.config = config
+        self.int8 = int8_inputs or Int8Inputs()
         if config.arch not in ("qwen3moe", "qwen3"):
             raise ValueError(f"reference forward supports qwen3moe and qwen3, not {config.arch!r}")
         self.is_moe = config.arch == "qwen3moe"
@@ -319,7 +354,8 @@ class ReferenceModel:
         h = rms_norm(x, self.weights.dense("output_norm.weight"), self.eps)
         if capture is not None:
             capture["output_norm"] = h
-        return (h @ self.weights.dense(self.lm_head_name).T).astype(np.float32)
+        head_in = _seen(h, _int8_if(self.int8.head))
+        return (head_in @ self.weights.dense(self.lm_head_name).T).astype(np.float32)
 
     def decode(self, token: int, capture: dict | None = None) -> np.ndarray:
         """Run one token; returns float32 logits ``[vocab]``."""
@@ -347,29 +383,35 @@ class ReferenceModel:
         t = x.shape[0]
         # attention
         h = rms_norm(x, w(p + "attn_norm.weight"), self.eps)
-        q = (h @ w(p + "attn_q.weight").T).reshape(t, self.n_heads, self.head_dim)
-        k = (h @ w(p + "attn_k.weight").T).reshape(t, self.n_kv, self.head_dim)
-        v = (h @ w(p + "attn_v.weight").T).reshape(t, self.n_kv, self.head_dim)
+        seen = _int8_if(i in self.int8.projections)
+        hq = _seen(h, seen)
+        q = (hq @ w(p + "attn_q.weight").T).reshape(t, self.n_heads, self.head_dim)
+        k = (hq @ w(p + "attn_k.weight").T).reshape(t, self.n_kv, self.head_dim)
+        v = (hq @ w(p + "attn_v.weight").T).reshape(t, self.n_kv, self.head_dim)
         q = rope_neox(rms_norm(q, w(p + "attn_q_norm.weight"), self.eps), cos, sin)
         k = rope_neox(rms_norm(k, w(p + "attn_k_norm.weight"), self.eps), cos, sin)
         k_all, v_all = self._append_kv(i, k, v)
         a = causal_gqa_attention(q, k_all, v_all, self._pos)
-        x = x + a @ w(p + "attn_output.weight").T
+        x = x + _seen(a, seen) @ w(p + "attn_output.weight").T
         if cap is not None:
             cap.update({p + "attn_in": h, p + "q": q, p + "k": k, p + "v": v, p + "attn": a, p + "attn_res": x})
         # feed-forward
         h = rms_norm(x, w(p + "ffn_norm.weight"), self.eps)
         if self.is_moe:
-            f = self._moe(p, h, cap)
+            f = self._moe(i, h, cap)
         else:
-            f = swiglu(h, w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight"))
+            seen = _int8_if(i in self.int8.experts)
+            f = swiglu(_seen(h, seen), w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight"),
+                       seen)
         x = x + f
         if cap is not None:
             cap.update({p + "ffn_in": h, p + "ffn_out": f, p + "out": x})
         return x
 
-    def _moe(self, p: str, h: np.ndarray, cap: dict | None) -> np.ndarray:
-        logits = h @ self.weights.dense(p + "ffn_gate_inp.weight").T  # [T, n_experts]
+    def _moe(self, i: int, h: np.ndarray, cap: dict | None) -> np.ndarray:
+        p = f"blk.{i}."
+        logits = h @ self.weights.dense(p + "ffn_gate_inp.weight").T  # [T, n_experts]; the router reads float
+        seen = _int8_if(i in self.int8.experts)
         ids, weights = route_topk(logits, int(self.config.n_experts_used))
         if cap is not None:
             cap.update({p + "router_logits": logits, p + "expert_ids": ids, p + "expert_weights": weights})
@@ -378,10 +420,11 @@ class ReferenceModel:
         for e in np.unique(ids):
             tok, slot = np.nonzero(ids == e)
             y = swiglu(
-                h[tok],
+                _seen(h[tok], seen),
                 self.weights.expert(p + "ffn_gate_exps.weight", e),
                 self.weights.expert(p + "ffn_up_exps.weight", e),
                 self.weights.expert(p + "ffn_down_exps.weight", e),
+                seen,
             )
             out[tok] += weights[tok, slot][:, None] * y  # a token picks an expert at most once
         return out

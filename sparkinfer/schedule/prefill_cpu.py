@@ -13,6 +13,8 @@ GEMM and the causal prefill attention; the chunk's row-wise bookkeeping as its f
                         vectorised.
   moe_chunk.silu_mul:   rows in parallel, the elements of a row vectorised (the sigmoid is
                         plain arithmetic: `vecmath.sigmoid_f32`).
+  gemv_q8.round_q8_1_rows: rows in parallel; a block of 32's max and inverse computed before its
+                        values, which are vectorised (chunk_activations "q8").
   prefill_attention.causal_prefill_attention: (KV head, query tile) pairs in parallel; every
                         stage's last loop vectorised: the tile's rows (the softmax state, the
                         scores S^T) or the head dims (the output). Its half_operands form
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from tvm import s_tir
 
 from sparkinfer.kernels.gemv import GemvFormat, gemv_format
+from sparkinfer.kernels.gemv_q8 import Q8_BLOCK
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
 from sparkinfer.schedule.cpu import AsWrittenCpuRule
@@ -147,6 +150,18 @@ class SiluMulCpuRule(_FixedCpuRule):
         sch.parallel(r)
 
 
+class RoundQ8RowsCpuRule(_FixedCpuRule):
+    family, factory = "gemv_q8", "round_q8_1_rows"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        r, i = sch.get_loops(sch.get_sblock("rounded"))
+        block, value = sch.split(i, [None, Q8_BLOCK])
+        for name in ("inv", "amax"):
+            sch.compute_at(sch.get_sblock(name), block)
+        sch.vectorize(value)
+        sch.parallel(r)
+
+
 PV_ROWS = 2  # rows a P V register block: 2 x D/16 accumulators (8 at D = 64); 4 measured slower
 
 
@@ -184,6 +199,7 @@ CPU_RULES: tuple[ScheduleRule, ...] = (
     GemmCpuRule(),
     GroupedGemmCpuRule(),
     SiluMulCpuRule(),
+    RoundQ8RowsCpuRule(),
     CausalPrefillAttentionCpuRule(),
     *(AsWrittenCpuRule(family, factory) for family, factory in (
         ("embedding", "embedding_rows"),

@@ -11,7 +11,8 @@
               "attention_merge": "separate" | "last_block",
               "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
               "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8",
-              "expert_prefetch": "off" | "down", "attention_norm": "separate" | "prologue"}}
+              "expert_prefetch": "off" | "down", "attention_norm": "separate" | "prologue",
+              "chunk_activations": "f32" | "q8"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -84,7 +85,8 @@ STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_
                                               "attention_form": ATTENTION_FORMS, "attention_merge": ATTENTION_MERGES,
                                               "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS,
                                               "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS,
-                                              "expert_prefetch": EXPERT_PREFETCHES, "attention_norm": ATTENTION_NORMS}
+                                              "expert_prefetch": EXPERT_PREFETCHES, "attention_norm": ATTENTION_NORMS,
+                                              "chunk_activations": ACTIVATIONS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -106,6 +108,12 @@ CUDA_ONLY_VARIANTS = {
     ("expert_prefetch", "down"): "the bulk L2 prefetch of sm_90 and later; the cpu build has no such instruction",
     ("attention_norm", "prologue"): "the norm redone by every CUDA thread block of the Q/K/V kernels to save a "
                                     "launch; the cpu build launches no kernels",
+}
+# And those only the cpu build has: each with why the CUDA archs have no such thing.
+CPU_ONLY_VARIANTS = {
+    ("chunk_activations", "q8"): "the T-token step's GEMM inputs rounded to the int8 blocks' values for float32 "
+                                 "products; the CUDA archs' T-token steps multiply float16 operands on tensor "
+                                 "cores, and the rounding kernel has no CUDA schedule",
 }
 
 
@@ -179,6 +187,9 @@ class SchedulesFile:
             if obj["arch"] == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
                 raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
                                          f"archs only ({CUDA_ONLY_VARIANTS[name, value]})")
+            if obj["arch"] != "cpu" and (name, value) in CPU_ONLY_VARIANTS:
+                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the cpu "
+                                         f"build only ({CPU_ONLY_VARIANTS[name, value]})")
         return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels,
                    step=dict(step))
 

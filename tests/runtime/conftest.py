@@ -70,9 +70,35 @@ def write_real_model(path: Path) -> Path:
     return path
 
 
-def f16_cache_reference(config: ModelConfig, weights: object) -> object:
+def float_schedules(directory: Path) -> Path:
+    """The packaged cpu schedules file's knobs without its step variants: a cpu module on float
+    activations throughout, whose T-token step and token loop compute the same function up to
+    float32 reassociation (the int8 default's rounding to blocks of 32 can flip apart there:
+    tests/runtime/test_runtime_prefill.py, `test_the_int8_step_prefills_as_its_reference`)."""
+    from sparkinfer.schedule.schedules import SchedulesFile, packaged_schedules_path
+
+    packaged = SchedulesFile.read(packaged_schedules_path("cpu"))
+    return SchedulesFile("cpu", packaged.made_by, packaged.kernels).write(directory / "cpu-float.json")
+
+
+def step_int8_inputs(model: object, schedules: Path | None = None) -> object:
+    """Where a cpu module of `model` (a GGUFModel) compiled with `schedules` (None: the packaged
+    file) reads int8 activations: the numpy reference's `int8_inputs` for it."""
+    from sparkinfer.compiler.pipeline import fitting_variants
+    from sparkinfer.model.qwen3moe import int8_inputs
+    from sparkinfer.schedule.schedules import schedules_for
+
+    config = model.config  # type: ignore[attr-defined]
+    variants = fitting_variants(config, "cpu", schedules_for("cpu", schedules)[0], lambda _: None)
+    types = {n: i.ggml_type for n, i in model.tensors.items()}  # type: ignore[attr-defined]
+    return int8_inputs(config, types, *(variants.get(name, "f32") for name in
+                                        ("activations", "projection_activations", "head_activations")))
+
+
+def f16_cache_reference(config: ModelConfig, weights: object, int8_inputs: object = None) -> object:
     """ReferenceModel whose K and V are rounded to float16 as they enter the cache, as the
-    compiled step stores them."""
+    compiled step stores them (and with `int8_inputs`, `step_int8_inputs`'s, its matmul inputs
+    rounded where the step reads int8 blocks)."""
     import numpy as np
 
     from sparkinfer.reference import ReferenceModel
@@ -82,17 +108,18 @@ def f16_cache_reference(config: ModelConfig, weights: object) -> object:
             return super()._append_kv(layer, k.astype(np.float16).astype(np.float32),
                                       v.astype(np.float16).astype(np.float32))
 
-    return Reference(config, weights)
+    return Reference(config, weights, int8_inputs=int8_inputs)
 
 
-def build_real_module(model_path: Path, arch: str, root: Path) -> Path:
-    """compile_model of the real tiny model; returns the module dir."""
+def build_real_module(model_path: Path, arch: str, root: Path, schedules: Path | None = None) -> Path:
+    """compile_model of the real tiny model (with `schedules`, None: the packaged file); returns
+    the module dir."""
     from sparkinfer.compiler.pipeline import compile_model
     from sparkinfer.gguf_file import GGUFModel
 
     model = GGUFModel.open(model_path)
     types = {n: i.ggml_type for n, i in model.tensors.items()}
-    return Path(compile_model(model.config, types, arch, root).directory)
+    return Path(compile_model(model.config, types, arch, root, schedules=schedules).directory)
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +149,11 @@ def real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_cpu_module(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """On float activations (`float_schedules`), so that its tokens can be held to the numpy
+    reference's greedy ones; the packaged int8 step: test_runtime_prefill.py's
+    `test_the_int8_step_prefills_as_its_reference`."""
     if not can_compile():
         pytest.skip("runtime-only TVM: cannot build the CPU module here")
-    return build_real_module(real_model, "cpu", tmp_path_factory.mktemp("real-compiled"))
+    root = tmp_path_factory.mktemp("real-compiled")
+    return build_real_module(real_model, "cpu", root, schedules=float_schedules(root))
 

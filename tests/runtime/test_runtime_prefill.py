@@ -1,7 +1,9 @@
 """The T-token step on the CPU: prompts prefilled in chunks of T = 8 (the last one partial)
 against the numpy reference's prefill and against the decode step in a token loop, for prompt
 lengths 1, T-1, T, T+1 and 3T+5, after a cached prefix, and through `generate` with prefix
-reuse. The model is conftest's real tiny one (decisive top-1 tokens and experts).
+reuse. The model is conftest's real tiny one (decisive top-1 tokens and experts), compiled on
+float activations (conftest's `float_schedules`); the packaged cpu step, on int8 activations,
+against the reference that rounds as it does: `test_the_int8_step_prefills_as_its_reference`.
 
 Measured here (max over rows, at lengths 1 / 7 / 8 / 9 / 29): logits against the f16-cache
 reference within 4e-6 - 5.2e-5 of the largest |logit|; KL(token loop || chunks) 3.6e-9 - 6.8e-8,
@@ -15,7 +17,13 @@ import numpy as np
 import pytest
 
 from sparkinfer.runtime.engine import Engine, plan_chunks
-from tests.runtime.conftest import REAL_CONFIG, can_compile, f16_cache_reference
+from tests.runtime.conftest import (
+    REAL_CONFIG,
+    can_compile,
+    f16_cache_reference,
+    float_schedules,
+    step_int8_inputs,
+)
 
 T = 8
 LENGTHS = [1, T - 1, T, T + 1, 3 * T + 5]
@@ -30,7 +38,8 @@ def engine(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine
         pytest.skip("runtime-only TVM: cannot build the CPU module here")
     model = GGUFModel.open(real_model)
     types = {n: i.ggml_type for n, i in model.tensors.items()}
-    result = compile_model(model.config, types, "cpu", tmp_path_factory.mktemp("chunked"), prefill_chunks=(T,))
+    root = tmp_path_factory.mktemp("chunked")
+    result = compile_model(model.config, types, "cpu", root, prefill_chunks=(T,), schedules=float_schedules(root))
     assert result.manifest.prefill_chunks == (T,)
     return Engine(real_model, arch="cpu", module_dir=result.directory)
 
@@ -74,6 +83,32 @@ def test_chunked_logits_match_the_reference_and_the_token_loop(engine: Engine, r
     loop = engine.forward(tokens, token_loop=True)
     want = f16_cache_reference(REAL_CONFIG, GGUFModel.open(real_model)).prefill(tokens)
     assert_agrees(got, want, loop)
+
+
+def test_the_int8_step_prefills_as_its_reference(real_model: Path, prompt: list[int], tmp_path: Path) -> None:
+    """The packaged cpu step: int8 activations in the decode step, and its T-token step's GEMMs
+    reading the values of those int8 blocks (chunk_activations "q8"). The token loop is the
+    reference that rounds where the step does, to float32 rounding. The chunks are too, but for a
+    value that lands within float32 rounding of a rounding boundary: it may round to the next
+    int8 value in one path and not the other (seen on this prompt at 29 tokens: row 28 7.6e-3 off,
+    KL 1.9e-4; the other rows within 1.3e-6). Without the rounding every row is ~4e-2 off."""
+    from sparkinfer.compiler.pipeline import compile_model
+    from sparkinfer.gguf_file import GGUFModel
+
+    model = GGUFModel.open(real_model)
+    types = {n: i.ggml_type for n, i in model.tensors.items()}
+    result = compile_model(model.config, types, "cpu", tmp_path, prefill_chunks=(T,))
+    assert {k["factory"] for k in result.manifest.kernels} >= {"round_q8_1_rows", "gemv_q8", "moe_gate_up_silu_q8"}
+    int8 = Engine(real_model, arch="cpu", module_dir=result.directory)
+    try:
+        got, loop = int8.forward(prompt), int8.forward(prompt, token_loop=True)
+    finally:
+        int8.close()
+    want = f16_cache_reference(REAL_CONFIG, model, step_int8_inputs(model)).prefill(prompt)
+    assert rel_err(loop, want) < 1e-5
+    row_err = np.abs(got.astype(np.float64) - want).max(-1) / np.abs(want).max()
+    assert np.mean(row_err < 1e-5) >= 0.9 and row_err.max() < 2e-2, row_err
+    assert kl(loop, got) < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_chunks_after_a_cached_prefix(engine: Engine, real_model: Path, prompt: list[int]) -> None:

@@ -7,7 +7,8 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer.compiler.targets import target_for
-from sparkinfer.kernels import gemm, gemv, moe_chunk, prefill_attention
+from sparkinfer.errors import TensorShapeError
+from sparkinfer.kernels import gemm, gemv, gemv_q8, moe_chunk, prefill_attention
 from sparkinfer.kernels.testing import assert_gemv_close, random_weights
 from sparkinfer.kernels.use import factory_args, kernel_factory
 from sparkinfer.schedule.arch import arch_facts
@@ -82,6 +83,26 @@ def test_scheduled_silu_mul_matches_numpy(rng: np.random.Generator) -> None:
     (act,) = run_scheduled("moe_chunk", "silu_mul", (rows, n), gate, up, np.full((rows, n), np.nan, np.float32))
     g = gate.astype(np.float64)
     np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * up, rtol=2e-6, atol=1e-30)
+
+
+def test_scheduled_round_q8_1_rows_is_the_int8_blocks_values(rng: np.random.Generator) -> None:
+    rows, k = 5, 96
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    x[1, 32:64] = 0.0  # an all-zero block stays 0 (no division by zero)
+    x[2, :32] = np.float32(0.5) * np.arange(32, dtype=np.float32)  # max 15.5: q = 127 x / 15.5, halves on 0.25 steps
+    x[3, 64] = 1e30  # one huge value: its block's others round to 0
+    (got,) = run_scheduled("gemv_q8", "round_q8_1_rows", (rows, k), x, np.full((rows, k), np.nan, np.float32))
+    # bit for bit what quantize_q8_1's blocks hold, as the int8 GEMVs read them
+    np.testing.assert_array_equal(got, gemv_q8.round_q8_1_reference(x))
+    xq, xd, _ = gemv_q8.quantize_q8_1_reference(x)
+    np.testing.assert_array_equal(got, gemv_q8.dequantize_q8_1(xq, xd))
+    assert np.all(got[1, 32:64] == 0) and np.count_nonzero(got[3, 64:]) == 1
+    assert np.all(np.abs(got - x) <= 0.5 * np.repeat(xd, 32, axis=-1) * (1 + 1e-6))
+
+
+def test_round_q8_1_rows_refuses_a_width_off_the_blocks() -> None:
+    with pytest.raises(TensorShapeError, match="round_q8_1_rows needs a length that is a multiple of 32, got 48"):
+        gemv_q8.round_q8_1_rows(4, 48)
 
 
 # sharpness scales the queries: at 8 the scores spread over ~+-60, so a later key tile's max

@@ -1,6 +1,6 @@
 """The agent-grade API against the shipped model on the CPU, through the official `openai`
 client on loopback: tool calls (forced and named, a whole round trip, streamed and not),
-structured outputs (54 schemas, every output valid), logprobs equal to `LLM.score`, penalties
+structured outputs (54 schemas, every output valid), logprobs equal to the decode step's, penalties
 that move the distribution as defined, reproducible seeds, 400s for malformed tools and
 schemas, and the OpenAI Agents SDK running a two-step tool task.
 
@@ -178,16 +178,23 @@ def test_python_api_json_schema(shipped: Server) -> None:
 # -- logprobs ------------------------------------------------------------------------------
 
 
-def test_chat_logprobs_equal_score(shipped: Server, client: openai.OpenAI) -> None:
+def test_chat_logprobs_equal_the_decode_step_s(shipped: Server, client: openai.OpenAI) -> None:
     llm = shipped.llm
     r = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=12, logprobs=True,
                                        top_logprobs=3)
     entries = r.choices[0].logprobs.content
     prompt = llm.prompt_tokens(ASK)
     tokens = llm.engine.generate(prompt, 12, temperature=0.0, stop_tokens=()).all()[: len(entries)]
-    expected = llm.score(prompt + tokens)[len(prompt) - 1:]
-    # score() takes each position's logits from the T-token step (score_T), the stream from the
-    # decode step: the same math with float32 sums in another order, ~1e-5 apart in a logprob.
+    # The same tokens teacher-forced as the stream made them: the prompt through the T-token step,
+    # then the decode step (the token loop) on the cache it left; a logprob is the log-softmax at
+    # the token. (`LLM.score` takes every position from the T-token step, which on the cpu step's
+    # int8 activations may round a value to another int8 value than the decode step does, and
+    # then differ by ~1e-2: tests/runtime/test_runtime_prefill.py.)
+    logits = np.concatenate([llm.engine.forward(prompt)[-1:],
+                             llm.engine.forward(tokens[:-1], reset=False, token_loop=True)]).astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
+    expected = logits[np.arange(len(tokens)), tokens] - logz
     np.testing.assert_allclose([e.logprob for e in entries], expected, atol=1e-4)
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace").startswith(r.choices[0].message.content)
     for e in entries:  # greedy: the chosen token is the most likely one
@@ -236,7 +243,8 @@ def test_penalties_move_the_distribution_as_defined(client: openai.OpenAI) -> No
 
 def test_greedy_penalised_tokens_follow_the_reference(shipped: Server) -> None:
     """Each greedy token is the argmax of the numpy reference's processed logits of the raw
-    logits (Engine.forward) with the counts of the tokens before it."""
+    logits (Engine.forward's, the prompt chunked and the rest token by token as `complete` runs
+    them) with the counts of the tokens before it."""
     from sparkinfer.kernels.logits import mask_words, process_logits_reference
 
     llm = shipped.llm
@@ -244,7 +252,8 @@ def test_greedy_penalised_tokens_follow_the_reference(shipped: Server) -> None:
     params = np.array([0.7, 0.9, 1.5], np.float32)
     c = llm.complete(prompt, 24, presence_penalty=0.7, frequency_penalty=0.9, repetition_penalty=1.5,
                      stop_tokens=())
-    logits = llm.engine.forward(prompt + c.tokens[:-1])[len(prompt) - 1:]
+    logits = np.concatenate([llm.engine.forward(prompt)[-1:],
+                             llm.engine.forward(c.tokens[:-1], reset=False, token_loop=True)])
     counts = np.zeros(llm.config.vocab_size, np.int32)
     mask = np.full(mask_words(llm.config.vocab_size), -1, np.int32)
     for row, token in zip(logits, c.tokens):
