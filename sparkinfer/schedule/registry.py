@@ -24,6 +24,7 @@ from sparkinfer.schedule.cpu import (
     MoeGateUpSiluCpuRule,
     MoeGateUpSiluRoutedCpuRule,
     PagedDecodeAttentionCpuRule,
+    QkNormRopeKvAppendCpuRule,
     RmsNormCpuRule,
     SampleCandidatesCpuRule,
 )
@@ -118,7 +119,7 @@ for _rule in (
     MoeDownResidualCpuRule(),
     PagedDecodeAttentionCpuRule(),
     AsWrittenCpuRule("attention", "attention_combine"),
-    AsWrittenCpuRule("rope", "qk_norm_rope_kv_append"),
+    QkNormRopeKvAppendCpuRule(),
     RmsNormCpuRule(),
     AddRmsNormCpuRule(),
     AsWrittenCpuRule("router", "router_topk"),

@@ -14,7 +14,8 @@ from sparkinfer.kernels import embedding as E
 from sparkinfer.kernels import gemv as G
 from sparkinfer.kernels import moe as M
 from sparkinfer.kernels import norm as N
-from sparkinfer.kernels.testing import assert_gemv_close, random_weights
+from sparkinfer.kernels import rope as R
+from sparkinfer.kernels.testing import assert_gemv_close, assert_qk_norm_rope_kv_append_close, random_weights
 from sparkinfer.schedule.arch import arch_facts
 from sparkinfer.schedule.cpu import CpuDotKnobs, CpuVectorKnobs
 from sparkinfer.schedule.space import Knobs, kernel_use, rule_for, schedule_kernel
@@ -153,6 +154,29 @@ def test_attention_streams_in_parallel(streams: int, tile: int, vector: int | No
     o_ref, lse_ref = A.paged_decode_attention_reference(q, k, v, table, pos, splits)
     np.testing.assert_allclose(o_part, o_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", [0, 37, 200])
+def test_rope_by_dim_with_the_heads_unrolled(pos: int) -> None:
+    """qk_norm_rope_kv_append's CPU rule (the head dims outside, the heads unrolled inside, so a
+    dim's cos and sin are computed once for all heads) against the oracle, the K and V rows landing
+    in the page the table maps."""
+    rng = np.random.default_rng(pos)
+    nh, nkv, d, page, pages, eps, theta = 8, 2, 64, 64, 4, 1e-6, 1e6
+    use = kernel_use("rope", "qk_norm_rope_kv_append", nh, nkv, d, page, pages, eps, theta)
+    func = schedule_kernel(R.qk_norm_rope_kv_append(nh, nkv, d, page, pages, eps, theta), use, CPU, None)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target_for("cpu"))
+    q, k, v = (4 * rng.standard_normal(n * d, dtype=np.float32) for n in (nh, nkv, nkv))
+    q_norm_w, k_norm_w = (rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2))
+    table = rng.permutation(pages).astype(np.int32)
+    k_cache, v_cache = (rng.standard_normal((pages, page, nkv, d)).astype(np.float16) for _ in range(2))
+    args = [q, k, v, q_norm_w, k_norm_w, np.array([pos], np.int32), table, k_cache, v_cache]
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    q_rot = tvm.runtime.tensor(np.full((nh, d), np.nan, np.float32))
+    lib["main"](*tensors, q_rot)
+    assert_qk_norm_rope_kv_append_close(q_rot.numpy(), tensors[7].numpy(), tensors[8].numpy(),
+                                        (q, k, v, q_norm_w, k_norm_w, table, k_cache, v_cache), pos, eps, theta,
+                                        q_rtol=1e-6)
 
 
 @pytest.mark.parametrize("knobs", DOT_KNOBS, ids=["default", "serial", "parallel"])
