@@ -166,13 +166,15 @@ def test_a_schedules_file_is_applied_recorded_and_part_of_the_cache_key(compiled
     from sparkinfer.compiler.pipeline import schedules_summary
     from sparkinfer.schedule.schedules import ScheduleEntry, SchedulesFile
 
-    norm = next(k for k in compiled.manifest.kernels if k["factory"] == "rms_norm")
-    key = f"norm.rms_norm({', '.join(repr(a) for a in norm['args'])})"
+    from sparkinfer.schedule.space import kernel_key, kernel_use
+
+    # a file of one tuned kernel and no step variants: a float step, whose norms are rms_norm
+    key = kernel_key(kernel_use("norm", "rms_norm", TINY.hidden, TINY.rms_eps))
     path = SchedulesFile("cpu", {}, {key: ScheduleEntry({"vector": 1}, "tuned", 1.0, 2.0, 4, 0)}).write(tmp_path / "cpu.json")
     root = compiled.directory.parents[1]
     tuned = compile_model(TINY, TYPES, "cpu", root, schedules=path)
     assert not tuned.cached  # another schedule choice: recompiled, not the module built without it
-    record = next(k["schedule"] for k in tuned.manifest.kernels if k["name"] == norm["name"])
+    record = next(k["schedule"] for k in tuned.manifest.kernels if k["factory"] == "rms_norm")
     assert record == {"rule": "sparkinfer.schedule.cpu.RmsNormCpuRule", "source": "tuned", "knobs": {"vector": 1}}
     n = len(tuned.manifest.kernels)
     assert schedules_summary(tuned.manifest) == f"schedules: 1 tuned, {n - 1} default ({path})"
