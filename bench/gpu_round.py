@@ -22,20 +22,11 @@ RUN_PROMPT_TOKENS = 128
 # Variants of the arch's default step that stage variants gates and times beside the full
 # module's decode in one call (each module's schedules file: the arch's, with its "step" and some
 # kernels' knobs overridden), decode only unless in VARIANT_CHUNKED (that keeps the call's carry
-# under 64 MiB). Pending (session 24): the routed int8 gate/up at 16 lanes x 32 thread rows x 1 row
-# a thread, the best of its candidates timed alone in call 8 (12.77 against the default's 13.21 µs)
-# but not in a step; 32 lanes x 32 x 1 was -8 % in the step (bench/NOTES.md, "Session 24"). And the
-# combine merged into the attention kernel's last block, -3.5 % in session 14, before the step's
-# kernels launched programmatically: a launch less a layer, timed again under that launch.
-VARIANT_STEPS: dict[str, dict[str, str]] = {"norm_prologue": {"attention_norm": "prologue"}}
-# The normed Q/K/V kernels at 16 lanes x 8 rows (128 threads), the tuned Q+K's layout: each
-# thread block normalizes and quantizes all of h, so the tuned Q+K+V's and V's 32-thread blocks
-# (2,560 and 256 of them) would each do that with a quarter of the threads.
-_NORMED_KNOBS = {"lanes": 16, "rows": 8, "rows_per_thread": 1, "unroll": 64, "vector_header": 0}
-VARIANT_KNOBS: dict[str, dict[str, dict]] = {
-    "norm_prologue": {"gemv_q8.gemv_qkv_q8_normed('Q4_K', 4096, 512, 0, 2048, 1e-06)": _NORMED_KNOBS,
-                      "gemv_q8.gemv_qkv_q8_normed('Q4_K', 4096, 512, 512, 2048, 1e-06)": _NORMED_KNOBS,
-                      "gemv_q8.gemv_q8_normed('Q6_K_PLANAR', 512, 2048, 1e-06)": _NORMED_KNOBS}}
+# under 64 MiB). None pending: the last, attention_norm "prologue" unrolled, lost 19 % on an H100
+# (bench/NOTES.md, "Session 26"). The next round on an H200 times the base (the H200 round's
+# knobs, untimed in a step there) against `before` (session 24's knobs, compiled/<arch>/before/).
+VARIANT_STEPS: dict[str, dict[str, str]] = {}
+VARIANT_KNOBS: dict[str, dict[str, dict]] = {}
 VARIANT_CHUNKED: set[str] = set()
 # The decode depths stage variants times a variant at: depth 128 (DEFAULT_VARIANT_DEPTHS) unless
 # named here, for a variant of the attention, whose share of a token grows with the depth. The
