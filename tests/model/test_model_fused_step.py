@@ -18,11 +18,11 @@ from sparkinfer.schedule.schedules import SchedulesFile
 TINY = preset_config("tiny")
 
 
-def launches(step: DecodeStep) -> Counter[str]:
-    """Launches of one `decode` call by factory."""
+def launches(step: DecodeStep, entry: str = "decode") -> Counter[str]:
+    """Launches of one call of the step's function `entry` (default `decode`) by factory."""
     factory = {use.name: use.factory for use in step.kernels}
     counts: Counter[str] = Counter()
-    for block in step.mod["decode"].body.blocks:
+    for block in step.mod[entry].body.blocks:
         for binding in block.bindings:
             value = binding.value
             if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
