@@ -20,6 +20,7 @@ forced, by KL and top-1, against the reference that rounds the same matmul input
 import numpy as np
 import pytest
 
+from sparkinfer.accuracy.metrics import log_softmax
 from sparkinfer.compiler.pipeline import compile_model
 from sparkinfer.gguf_file import GGUFModel, preset_config
 from sparkinfer.reference import ReferenceModel
@@ -144,7 +145,7 @@ def test_the_int8_step_follows_its_reference(tmp_path_factory: pytest.TempPathFa
     for i in range(len(prompt) + 40 - 1):
         logits, nxt = runner.step(prompt[i] if i < len(prompt) else None)
         want = ref.decode(token)
-        p, q = _log_softmax(want), _log_softmax(logits)
+        p, q = log_softmax(want).astype(np.float64), log_softmax(logits).astype(np.float64)
         kl.append(float((np.exp(p) * (p - q)).sum()))
         rel.append(_rel_err(logits, want))
         if i >= len(prompt) - 1:
@@ -155,9 +156,3 @@ def test_the_int8_step_follows_its_reference(tmp_path_factory: pytest.TempPathFa
     # The first position, one token's values: no boundary flip there (seen 3e-7), while an int8
     # input the reference did not round (or rounded and the step did not) costs ~1e-2.
     assert rel[0] < 1e-5, rel
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max()
-    return x - m - np.log(np.exp(x - m).sum())

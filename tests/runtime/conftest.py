@@ -81,15 +81,15 @@ def float_schedules(directory: Path) -> Path:
     return SchedulesFile("cpu", packaged.made_by, packaged.kernels).write(directory / "cpu-float.json")
 
 
-def step_int8_inputs(model: object, schedules: Path | None = None) -> object:
-    """Where a cpu module of `model` (a GGUFModel) compiled with `schedules` (None: the packaged
-    file) reads int8 activations: the numpy reference's `int8_inputs` for it."""
+def step_int8_inputs(model: object) -> object:
+    """Where the packaged cpu step of `model` (a GGUFModel) reads int8 activations: the numpy
+    reference's `int8_inputs` for it."""
     from sparkinfer.compiler.pipeline import fitting_variants
     from sparkinfer.model.qwen3moe import int8_inputs
     from sparkinfer.schedule.schedules import schedules_for
 
     config = model.config  # type: ignore[attr-defined]
-    variants = fitting_variants(config, "cpu", schedules_for("cpu", schedules)[0], lambda _: None)
+    variants = fitting_variants(config, "cpu", schedules_for("cpu")[0], lambda _: None)
     types = {n: i.ggml_type for n, i in model.tensors.items()}  # type: ignore[attr-defined]
     return int8_inputs(config, types, *(variants.get(name, "f32") for name in
                                         ("activations", "projection_activations", "head_activations")))

@@ -18,6 +18,8 @@ import numpy as np
 import openai
 import pytest
 
+from sparkinfer.accuracy.metrics import log_softmax
+
 from tests.server.conftest import Server, serving
 from tests.server.schemas import SCHEMAS
 from tests.server.tiny import load_shipped
@@ -178,6 +180,13 @@ def test_python_api_json_schema(shipped: Server) -> None:
 # -- logprobs ------------------------------------------------------------------------------
 
 
+def stream_logits(llm: Any, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits each of `tokens` was drawn from, teacher-forced as generation made them: the
+    prompt through the T-token step, then the decode step (the token loop) on the cache it left."""
+    return np.concatenate([llm.engine.forward(prompt)[-1:],
+                           llm.engine.forward(tokens[:-1], reset=False, token_loop=True)])
+
+
 def test_chat_logprobs_equal_the_decode_step_s(shipped: Server, client: openai.OpenAI) -> None:
     llm = shipped.llm
     r = client.chat.completions.create(model="m", messages=ASK, temperature=0, max_tokens=12, logprobs=True,
@@ -185,16 +194,10 @@ def test_chat_logprobs_equal_the_decode_step_s(shipped: Server, client: openai.O
     entries = r.choices[0].logprobs.content
     prompt = llm.prompt_tokens(ASK)
     tokens = llm.engine.generate(prompt, 12, temperature=0.0, stop_tokens=()).all()[: len(entries)]
-    # The same tokens teacher-forced as the stream made them: the prompt through the T-token step,
-    # then the decode step (the token loop) on the cache it left; a logprob is the log-softmax at
-    # the token. (`LLM.score` takes every position from the T-token step, which on the cpu step's
-    # int8 activations may round a value to another int8 value than the decode step does, and
-    # then differ by ~1e-2: tests/runtime/test_runtime_prefill.py.)
-    logits = np.concatenate([llm.engine.forward(prompt)[-1:],
-                             llm.engine.forward(tokens[:-1], reset=False, token_loop=True)]).astype(np.float64)
-    m = logits.max(-1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
-    expected = logits[np.arange(len(tokens)), tokens] - logz
+    # (`LLM.score` takes every position from the T-token step, which on the cpu step's int8
+    # activations may round a value to another int8 value than the decode step does, and then
+    # differ by ~1e-2: tests/runtime/test_runtime_prefill.py.)
+    expected = log_softmax(stream_logits(llm, prompt, tokens))[np.arange(len(tokens)), tokens]
     np.testing.assert_allclose([e.logprob for e in entries], expected, atol=1e-4)
     assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace").startswith(r.choices[0].message.content)
     for e in entries:  # greedy: the chosen token is the most likely one
@@ -252,8 +255,7 @@ def test_greedy_penalised_tokens_follow_the_reference(shipped: Server) -> None:
     params = np.array([0.7, 0.9, 1.5], np.float32)
     c = llm.complete(prompt, 24, presence_penalty=0.7, frequency_penalty=0.9, repetition_penalty=1.5,
                      stop_tokens=())
-    logits = np.concatenate([llm.engine.forward(prompt)[-1:],
-                             llm.engine.forward(c.tokens[:-1], reset=False, token_loop=True)])
+    logits = stream_logits(llm, prompt, c.tokens)
     counts = np.zeros(llm.config.vocab_size, np.int32)
     mask = np.full(mask_words(llm.config.vocab_size), -1, np.int32)
     for row, token in zip(logits, c.tokens):
