@@ -57,13 +57,12 @@ from sparkinfer.kernels.use import KernelUse
 from sparkinfer.model.spec import ENTRY, ENTRY_PROCESSED, PAGE_SIZE
 from sparkinfer.schedule.arch import ArchFacts, arch_facts
 from sparkinfer.schedule.schedules import (
-    CPU_ONLY_VARIANTS,
-    CUDA_ONLY_VARIANTS,
     DEFAULT,
     TRANSFERRED,
     STEP_VARIANTS,
     TUNED,
     SchedulesFile,
+    arch_refusal,
     schedules_for,
 )
 from sparkinfer.schedule.space import Knobs, ScheduleError, check_knobs, kernel_key, rule_for, schedule_kernel
@@ -208,9 +207,9 @@ def tir_pipeline(step: DecodeStep, arch: str) -> str:
     (each kernel's weights prefetched into the L2 first); a cpu step cannot have any."""
     if step.programmatic_launch == "off":
         return "default"
-    if arch == "cpu":
-        raise SparkInferError(f"programmatic_launch={step.programmatic_launch!r} is for the CUDA archs only "
-                              f"({CUDA_ONLY_VARIANTS['programmatic_launch', step.programmatic_launch]})")
+    why = arch_refusal(arch, "programmatic_launch", step.programmatic_launch)
+    if why is not None:
+        raise SparkInferError(f"programmatic_launch={step.programmatic_launch!r} {why}")
     return dependent_launch.tir_pipeline_name(step.programmatic_launch)
 
 
@@ -219,13 +218,12 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     """Schedule and build a decode step; returns the executable and each kernel's schedule record."""
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
-    for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch", "attention_norm"):
+    for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch", "attention_norm",
+                 "chunk_activations"):
         value = getattr(step, name)
-        if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
-            raise SparkInferError(f"{name}={value!r} is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})")
-    if arch != "cpu" and ("chunk_activations", step.chunk_activations) in CPU_ONLY_VARIANTS:
-        raise SparkInferError(f"chunk_activations={step.chunk_activations!r} is for the cpu build only "
-                              f"({CPU_ONLY_VARIANTS['chunk_activations', step.chunk_activations]})")
+        why = arch_refusal(arch, name, value)
+        if why is not None:
+            raise SparkInferError(f"{name}={value!r} {why}")
     provenance = schedule_step(step, arch, schedules)
     if arch == "cpu":
         return tvm.compile(step.mod, target=target, relax_pipeline=relax_pipeline(), tir_pipeline=lowering), provenance

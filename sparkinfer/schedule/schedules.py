@@ -117,6 +117,17 @@ CPU_ONLY_VARIANTS = {
 }
 
 
+def arch_refusal(arch: str, name: str, value: str) -> str | None:
+    """Why step variant name=value cannot be built for `arch` ("is for the CUDA archs only (...)"
+    or "is for the cpu build only (...)", CUDA_ONLY_VARIANTS' or CPU_ONLY_VARIANTS' reason), or
+    None where it can: the one check behind a schedules file's refusal and `build_step`'s."""
+    if arch == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
+        return f"is for the CUDA archs only ({CUDA_ONLY_VARIANTS[name, value]})"
+    if arch != "cpu" and (name, value) in CPU_ONLY_VARIANTS:
+        return f"is for the cpu build only ({CPU_ONLY_VARIANTS[name, value]})"
+    return None
+
+
 class SchedulesFileError(SparkInferError):
     """A schedules file that cannot be read or does not fit the format."""
 
@@ -184,12 +195,9 @@ class SchedulesFile:
                 legal = "; ".join(f"{k}: {', '.join(v)}" for k, v in STEP_VARIANTS.items())
                 raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} "
                                          f"is not one of ({legal})")
-            if obj["arch"] == "cpu" and (name, value) in CUDA_ONLY_VARIANTS:
-                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the CUDA "
-                                         f"archs only ({CUDA_ONLY_VARIANTS[name, value]})")
-            if obj["arch"] != "cpu" and (name, value) in CPU_ONLY_VARIANTS:
-                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} is for the cpu "
-                                         f"build only ({CPU_ONLY_VARIANTS[name, value]})")
+            why = arch_refusal(obj["arch"], name, value)
+            if why is not None:
+                raise SchedulesFileError(f"schedules file {path}: step variant {name}={value!r} {why}")
         return cls(arch=obj["arch"], made_by=dict(obj.get("made_by") or {}), kernels=kernels,
                    step=dict(step))
 
