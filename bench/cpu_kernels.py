@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import tvm
 
-from sparkinfer.compiler.pipeline import CPU_SPLITS
+from sparkinfer.compiler.pipeline import CPU_ATTENTION_TILES, CPU_SPLITS
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.data import default_model_path
 from sparkinfer.gguf_file.reader import GGUFModel
@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     model = GGUFModel.open(default_model_path())
     types = {n: i.ggml_type for n, i in model.tensors.items()}
-    step = build_decode_step(model.config, types, n_splits=args.splits)
+    step = build_decode_step(model.config, types, n_splits=args.splits, attention_tiles=CPU_ATTENTION_TILES)
     facts, dev = arch_facts("cpu"), tvm.cpu()
     for use in step.kernels:
         if args.only and not any(o in use.name for o in args.only):

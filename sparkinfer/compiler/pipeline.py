@@ -91,6 +91,12 @@ RELAX_PASSES: tuple[Callable[[], tvm.transform.Pass], ...] = (
 # 128 of the default model one split took 0.16 ms a call, 16 took 5.1 ms (bench/NOTES.md,
 # bench/cpu_kernels.py; measured with 32-token tiles).
 CPU_SPLITS = 1
+# The CPU's (streams, tile) of that one split (model.qwen3moe.build_decode_step's attention_tiles):
+# the attention factory's 8 x 4 gives a GPU's warps their lanes, while a core runs the streams one
+# by one and gains from longer tiles (fewer rescales of the running state, longer vector loops over
+# the tile's K and V rows): 25.8 -> 17.3 us a call at depth 128 on the 2-core EPYC dev VM
+# (bench/NOTES.md, "Session 26").
+CPU_ATTENTION_TILES = (2, 16)
 
 # The T-token steps built beside the decode step when the caller names none: the chunk sizes
 # a prompt is cut into (docs/ARCHITECTURE.md, "The T-token step"). One size on the CPU keeps
@@ -219,7 +225,7 @@ def build_step(step: DecodeStep, arch: str, schedules: SchedulesFile | None = No
     target = targets.target_for(arch)
     lowering = tir_pipeline(step, arch)
     for name in ("attention_merge", "router_merge", "decode_attention", "expert_prefetch", "attention_norm",
-                 "chunk_activations"):
+                 "chunk_activations", "int8_dots"):
         value = getattr(step, name)
         why = arch_refusal(arch, name, value)
         if why is not None:
@@ -324,6 +330,7 @@ def compile_model(
             return CompileResult(found, compiled_dir(config, type_map, arch, out_dir, page_size), 0.0, True)
     start = time.perf_counter()
     step = build_decode_step(config, type_map, page_size=page_size, n_splits=n_splits, prefill_chunks=chunks,
+                             attention_tiles=CPU_ATTENTION_TILES if arch == "cpu" else None,
                              **fitting_variants(config, arch, chosen, log or _to_stderr))
     ex, provenance = build_step(step, arch, chosen)
 

@@ -112,6 +112,34 @@ def _vnni_intrinsic(lanes: int) -> str | None:
     return None
 
 
+_ALL_BITS = 0xFFFFFFFF
+
+
+def _bits_that_may_be_set(e: Expr) -> int:
+    """The bits of the 32-bit word(s) e that may be 1, as far as its outermost masks, ors and
+    constant shifts show (all 32 where they show nothing): enough to see that a weight format's
+    code words (`_nibbles` & 0x0F0F0F0F, Q5_K's | its high bits) hold bytes below 128."""
+    if isinstance(e, tirx.Broadcast):
+        return _bits_that_may_be_set(e.value)
+    if isinstance(e, tirx.IntImm):
+        return int(e.value) & _ALL_BITS
+    if isinstance(e, tirx.Cast) and e.ty.dtype.bits == 32 and e.value.ty.dtype.bits == 32:
+        return _bits_that_may_be_set(e.value)
+    if isinstance(e, tirx.BitwiseAnd):
+        return _bits_that_may_be_set(e.a) & _bits_that_may_be_set(e.b)
+    if isinstance(e, tirx.BitwiseOr):
+        return _bits_that_may_be_set(e.a) | _bits_that_may_be_set(e.b)
+    if isinstance(e, (tirx.LShift, tirx.RShift)):
+        shift = e.b.value if isinstance(e.b, tirx.Broadcast) else e.b
+        if isinstance(shift, tirx.IntImm):
+            bits = _bits_that_may_be_set(e.a)
+            if isinstance(e, tirx.LShift):
+                return (bits << int(shift.value)) & _ALL_BITS
+            if str(e.a.ty.dtype).startswith("uint") or not bits >> 31:  # no sign bit to shift in
+                return bits >> int(shift.value)
+    return _ALL_BITS
+
+
 def _dp4a_llvm(call: Expr) -> Expr:
     a, b, acc = call.args
     lanes = call.ty.dtype.lanes
@@ -121,13 +149,16 @@ def _dp4a_llvm(call: Expr) -> Expr:
         for i in range(WORD):
             total = total + _signed_byte(a, i) * _signed_byte(b, i)
         return total
+    word, word_bytes = f"int32x{lanes}", f"int8x{lanes * WORD}"
+    b_bytes = tirx.reinterpret(word_bytes, b)
+    if not _bits_that_may_be_set(a) & 0x80808080:
+        # a's bytes are below 128 (Q4_K's and Q5_K's codes): signed and unsigned alike, one vpdpbusd
+        return tirx.call_llvm_pure_intrin(word, intrinsic, acc, tirx.reinterpret(word_bytes, a), b_bytes)
     # vpdpbusd multiplies unsigned bytes by signed ones: a's bytes go in offset by 128, and the
     # 128 * sum(b) this adds comes off with a second vpdpbusd. Exact: each product fits the
     # instruction's int16 intermediates (255 * -128 >= -2^15) and the sums are int32, unsaturated.
-    word, word_bytes = f"int32x{lanes}", f"int8x{lanes * WORD}"
     top_bits = tirx.Broadcast(tirx.const(_TOP_BITS, "int32"), lanes)
     zero = tirx.Broadcast(tirx.const(0, "int32"), lanes)
-    b_bytes = tirx.reinterpret(word_bytes, b)
     offset = tirx.call_llvm_pure_intrin(word, intrinsic, acc, tirx.reinterpret(word_bytes, a ^ top_bits), b_bytes)
     return offset - tirx.call_llvm_pure_intrin(word, intrinsic, zero, tirx.reinterpret(word_bytes, top_bits), b_bytes)
 
@@ -247,6 +278,10 @@ Q8_TYPES: tuple[GGMLQuantizationType, ...] = tuple(t for t in _CODE_WORDS if isi
 # or int8 blocks of 32 (this module), for the expert GEMVs (`activations`) and for the attention
 # projections Q, K, V and O (`projection_activations`). The first is the default.
 ACTIVATIONS = ("f32", "q8")
+# The form of the int8 GEMVs' sums, a model-level variant too: "sub_block", each sub-block's dot
+# product an int32 before its scale (`q8_terms`; every CUDA kernel), or "lanes", a lane per word
+# of a block of 32 kept across the row (`q8_lane_sum`, the `_lanes` factories; the cpu's).
+INT8_DOTS = ("sub_block", "lanes")
 
 
 def q8_format(ggml_type: int) -> GemvFormat:
@@ -523,6 +558,86 @@ def q8_terms(
     return term
 
 
+# Lanes of the lane form (the `_lanes` factories, the cpu's): a lane per word of a block of 32, so
+# that one SIMD register of int32 holds a block's dot products, word by word.
+LANES = Q8_BLOCK // WORD
+# slot -> float32 weight of its rows in a sum over slots (the MoE down projection's expert weights)
+SlotWeight = Callable[[Expr], Expr]
+
+
+def q8_lane_sum(
+    fmt: GemvFormat,
+    lead: tuple[int, ...],
+    n: int,
+    k: int,
+    row_of: Callable[[tuple[Expr, ...], Expr], Row],
+    xq_at: XqAt,
+    xd_at: XfAt,
+    xs_at: XfAt,
+    name: str,
+    scale_row_of: Callable[[tuple[Expr, ...], Expr], Row] | None = None,
+    slot_weight: SlotWeight | None = None,
+) -> te.Tensor:
+    """`name`[*lead, n]: each row's sum of `q8_terms`' terms, in lanes that last the whole row.
+
+      {name}_lanes[*lead, n, l] = sum over (c, g) of xd * scale * dp4a(word l of block g of chunk c, x's)
+      {name}_mins[*lead, n]     = sum over (c, p) of min * xs            (formats with mins)
+      name[*lead, n]            = sum over l of {name}_lanes, plus {name}_mins
+
+    Every sub-block holds whole words (16 or 32 weights), so each lane's word has one scale, which
+    multiplies its int32 product before the float sum: the LANES int32 products of a block are one
+    SIMD register (x86 `vpdpbusd`), scaled and summed into LANES float sums, reduced once a row.
+    The sub-block form (`q8_terms`) reduces its lanes at every sub-block instead, a horizontal
+    sum each 32 weights (bench/NOTES.md, "Session 27"). With `slot_weight` the lead is one slot axis,
+    summed over: name[n] = sum over s of slot_weight(s) * (...) (the MoE down projection)."""
+    groups, chunks = fmt.chunk // Q8_BLOCK, k // fmt.chunk
+    code_words = _CODE_WORDS[fmt.id]
+    out_lead = () if slot_weight is not None else lead
+
+    def lane_term(e: tuple[Expr, ...], r: Expr, c: Expr, g: Expr, l: Expr) -> Expr:
+        at = g * Q8_BLOCK + l * WORD  # the lane's word, as the first of its weights in chunk c
+        p, word = at // fmt.sub, at % fmt.sub // WORD
+        block = c * groups + g
+        dot = dp4a(code_words(fmt.row_view(row_of(e, r), k), c, p, word), xq_at(e, block * LANES + l))
+        scale = fmt.scale(fmt.row_view((scale_row_of or row_of)(e, r), k), c, p)
+        return xd_at(e, block) * (scale * dot.astype("float32"))
+
+    def min_term(e: tuple[Expr, ...], r: Expr, c: Expr, p: Expr) -> Expr:
+        assert fmt.min is not None
+        row = fmt.row_view((scale_row_of or row_of)(e, r), k)
+        return fmt.min(row, c, p) * xs_at(e, (c * fmt.chunk + p * fmt.sub) // Q8_BLOCK)
+
+    def summed(term: Callable[..., Expr], per_chunk: int, label: str, lane: bool) -> te.Tensor:
+        """Block {name}_{label}: term summed over the row's chunks and their `per_chunk` blocks of
+        32 (lane) or sub-blocks (slots too where weighted)."""
+        c = te.reduce_axis((0, chunks), name="c")
+        g = te.reduce_axis((0, per_chunk), name="g" if lane else "p")
+        shape = out_lead + (n,) + ((LANES,) if lane else ())
+
+        def value(*ax: Expr) -> Expr:
+            r, l = (ax[-2], ax[-1]) if lane else (ax[-1], None)
+            extra = (l,) if lane else ()
+            if slot_weight is None:
+                return te.sum(term(ax[:len(out_lead)], r, c, g, *extra), axis=[c, g])
+            s = te.reduce_axis((0, lead[0]), name="s")
+            return te.sum(slot_weight(s) * term((s,), r, c, g, *extra), axis=[s, c, g])
+
+        return te.compute(shape, value, name=f"{name}_{label}")
+
+    assert fmt.scale is not None
+    lanes = summed(lane_term, groups, "lanes", lane=True)
+    mins = summed(min_term, fmt.parts, "mins", lane=False) if fmt.min is not None else None
+    l = te.reduce_axis((0, LANES), name="l")
+
+    def total(*ax: Expr) -> Expr:
+        if mins is None:
+            return te.sum(lanes[ax + (l,)], axis=l)
+        # the mins join lane 0's sum: one reduction over the lanes, the block's only loop
+        return te.sum(lanes[ax + (l,)] + tirx.Select(l == 0, mins[ax], tirx.const(0.0, "float32")), axis=l)
+
+    return te.compute(out_lead + (n,), total, name=name)
+
+
 def q8_inputs(k: int, lead: tuple[int, ...] = (), prefix: str = "x") -> tuple[te.Tensor, ...]:
     """Placeholders xq int32[*lead, k/4], xd and xs f32[*lead, k/32] (quantize_q8_1's outputs)."""
     return (te.placeholder(lead + (k // WORD,), "int32", name=f"{prefix}q"),
@@ -543,6 +658,19 @@ def gemv_q8(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
     return func.with_attr("global_symbol", gemv_q8_symbol(ggml_type, n, k))
 
 
+def gemv_q8_lanes_symbol(ggml_type: int, n: int, k: int) -> str:
+    return gemv_q8_symbol(ggml_type, n, k).replace("gemv_q8_", "gemv_q8_lanes_", 1)
+
+
+def gemv_q8_lanes(ggml_type: int, n: int, k: int) -> tirx.PrimFunc:
+    """`gemv_q8` in the lane form (`q8_lane_sum`; the step variant int8_dots "lanes", the cpu's):
+    the same parameters and oracle, blocks gemv_lanes (, gemv_mins) and gemv."""
+    check_k(k, "gemv_q8_lanes")
+    xq, xd, xs = q8_inputs(k)
+    func = _gemv_q8_te(ggml_type, n, k, [xq, xd, xs], (xq, xd, xs), lanes=True)
+    return func.with_attr("global_symbol", gemv_q8_lanes_symbol(ggml_type, n, k))
+
+
 def gemv_q8_normed_symbol(ggml_type: int, n: int, k: int) -> str:
     return f"gemv_q8_normed_{q8_format(ggml_type).name.lower()}_{n}x{k}"
 
@@ -558,12 +686,16 @@ def gemv_q8_normed(ggml_type: int, n: int, k: int, eps: float) -> tirx.PrimFunc:
 
 
 def _gemv_q8_te(ggml_type: int, n: int, k: int, x_params: list[te.Tensor],
-                x8: tuple[te.Tensor, te.Tensor, te.Tensor]) -> tirx.PrimFunc:
+                x8: tuple[te.Tensor, te.Tensor, te.Tensor], lanes: bool = False) -> tirx.PrimFunc:
     """The int8 GEMV's blocks on activations x8 = (xq, xd, xs), parameters or stages, with
-    parameters (W, *x_params, y)."""
+    parameters (W, *x_params, y); in the lane form where `lanes`."""
     fmt = q8_format(ggml_type)
     w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
     xq, xd, xs = x8
+    if lanes:
+        y = q8_lane_sum(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
+                        lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "gemv")
+        return te.create_prim_func([w, *x_params, y])
     term = q8_terms(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
                     lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot")
     c = te.reduce_axis((0, k // fmt.chunk), name="c")
@@ -587,6 +719,19 @@ def gemv_qkv_q8(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.Pr
     return func.with_attr("global_symbol", gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k))
 
 
+def gemv_qkv_q8_lanes_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
+    return gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k).replace("_q8_", "_q8_lanes_", 1)
+
+
+def gemv_qkv_q8_lanes(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> tirx.PrimFunc:
+    """`gemv_qkv_q8` in the lane form (`q8_lane_sum`; the step variant int8_dots "lanes", the cpu's):
+    the same parameters and oracle."""
+    check_k(k, "gemv_qkv_q8_lanes")
+    xq, xd, xs = q8_inputs(k)
+    func = _gemv_qkv_q8_te(ggml_type, (n_q, n_k, n_v), k, [xq, xd, xs], (xq, xd, xs), lanes=True)
+    return func.with_attr("global_symbol", gemv_qkv_q8_lanes_symbol(ggml_type, n_q, n_k, n_v, k))
+
+
 def gemv_qkv_q8_normed_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
     return gemv_qkv_q8_symbol(ggml_type, n_q, n_k, n_v, k).replace("_q8_", "_q8_normed_", 1)
 
@@ -603,13 +748,18 @@ def gemv_qkv_q8_normed(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int, eps
 
 
 def _gemv_qkv_q8_te(ggml_type: int, rows: tuple[int, int, int], k: int, x_params: list[te.Tensor],
-                    x8: tuple[te.Tensor, te.Tensor, te.Tensor]) -> tirx.PrimFunc:
+                    x8: tuple[te.Tensor, te.Tensor, te.Tensor], lanes: bool = False) -> tirx.PrimFunc:
     """The int8 Q/K/V kernel's blocks on activations x8 = (xq, xd, xs), parameters or stages, with
-    parameters (Wq, Wk[, Wv], *x_params, q, k[, v])."""
+    parameters (Wq, Wk[, Wv], *x_params, q, k[, v]); in the lane form where `lanes`."""
     fmt = q8_format(ggml_type)
     ns = qkv_rows(*rows)
     weights, w = qkv_row_space(fmt, ns, k)
     xq, xd, xs = x8
+    if lanes:
+        y = q8_lane_sum(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
+                        lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "gemv",
+                        scale_row_of=lambda e, r: qkv_row(weights, r))
+        return te.create_prim_func([*(wt for wt, _, _ in weights), *x_params, *qkv_outputs(y, ns)])
     term = q8_terms(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
                     lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot",
                     scale_row_of=lambda e, r: qkv_row(weights, r))

@@ -35,6 +35,7 @@ from sparkinfer.kernels.gemv_q8 import (
     q8_1_stages,
     q8_format,
     q8_inputs,
+    q8_lane_sum,
     q8_terms,
     quantize_q8_1_reference,
 )
@@ -81,10 +82,25 @@ def moe_gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_used: in
     xq int32[H/4], xd f32[H/32], xs f32[H/32], aq int32[KU, I/4], ad f32[KU, I/32],
     as f32[KU, I/32]): act as the int8 blocks `moe_down_residual_q8` reads (on a GPU a thread
     block holds whole blocks of 32 rows, `schedule.moe_q8.MoeGateUpSiluQ8CudaRule`)."""
-    ids = te.placeholder((n_used,), "int32", name="ids")
-    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids)
-    aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
     symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden)
+    return _gate_up_silu_q8_func(type_gate, type_up, n_experts, n_used, n_ffn, hidden, False, symbol)
+
+
+def moe_gate_up_silu_q8_lanes(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                              hidden: int) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8` with gate and up in the lane form (`gemv_q8.q8_lane_sum`; the step
+    variant int8_dots "lanes", the cpu's): the same parameters and oracle."""
+    symbol = moe_gate_up_silu_q8_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
+        "moe_gate_up_silu_q8_", "moe_gate_up_silu_q8_lanes_", 1)
+    return _gate_up_silu_q8_func(type_gate, type_up, n_experts, n_used, n_ffn, hidden, True, symbol)
+
+
+def _gate_up_silu_q8_func(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                          hidden: int, lanes: bool, symbol: str) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8`'s function, its dots in the lane form where `lanes`."""
+    ids = te.placeholder((n_used,), "int32", name="ids")
+    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids, lanes)
+    aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
     return te.create_prim_func([w_gate, w_up, ids, xq, xd, xs, aq, ad, as_]).with_attr("global_symbol", symbol)
 
 
@@ -106,14 +122,24 @@ def moe_gate_up_silu_q8_routed(type_gate: int, type_up: int, n_experts: int, n_u
     return te.create_prim_func([w_gate, w_up, *rest]).with_attr("global_symbol", symbol)
 
 
+def moe_gate_up_silu_q8_routed_lanes(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
+                                     hidden: int) -> tirx.PrimFunc:
+    """`moe_gate_up_silu_q8_routed` with gate and up in the lane form (`gemv_q8.q8_lane_sum`; the
+    step variant int8_dots "lanes", the cpu's): the same parameters and oracle."""
+    w_gate, w_up, *rest = _routed_tensors(type_gate, type_up, n_experts, n_used, n_ffn, hidden, lanes=True)
+    symbol = moe_gate_up_silu_q8_routed_symbol(type_gate, type_up, n_experts, n_used, n_ffn, hidden).replace(
+        "moe_gate_up_silu_q8_routed_", "moe_gate_up_silu_q8_routed_lanes_", 1)
+    return te.create_prim_func([w_gate, w_up, *rest]).with_attr("global_symbol", symbol)
+
+
 def _routed_tensors(type_gate: int, type_up: int, n_experts: int, n_used: int, n_ffn: int,
-                    hidden: int) -> list[te.Tensor]:
-    """`moe_gate_up_silu_q8_routed`'s parameters, in order."""
+                    hidden: int, lanes: bool = False) -> list[te.Tensor]:
+    """`moe_gate_up_silu_q8_routed`'s parameters, in order (its dots in the lane form where `lanes`)."""
     if not 0 < n_used <= n_experts:
         raise ValueError(f"need 0 < experts used <= experts, got {n_used} of {n_experts}")
     logits = te.placeholder((n_experts,), "float32", name="logits")
     ids, weights = topk(logits, (), n_experts, n_used)
-    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids)
+    (w_gate, w_up, xq, xd, xs), act = _gate_up_silu_q8(type_gate, type_up, n_experts, n_ffn, hidden, ids, lanes)
     aq, ad, as_ = q8_1_stages((n_used,), n_ffn, lambda ax, i: act[ax[0], i])
     return [w_gate, w_up, logits, xq, xd, xs, aq, ad, as_, ids, weights]
 
@@ -146,9 +172,10 @@ def moe_gate_up_silu_q8_routed_prefetch(type_gate: int, type_up: int, n_experts:
 
 
 def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_ffn: int, hidden: int,
-                     ids: te.Tensor) -> tuple[tuple[te.Tensor, ...], te.Tensor]:
-    """The inputs (Wg, Wu, xq, xd, xs) and the stages gate, up (with their _dot producers) and
-    act = silu(gate) * up of the experts `ids` (a parameter, or the top-k's stage)."""
+                     ids: te.Tensor, lanes: bool = False) -> tuple[tuple[te.Tensor, ...], te.Tensor]:
+    """The inputs (Wg, Wu, xq, xd, xs) and the stages gate, up (with their _dot producers, or in
+    the lane form where `lanes` their _lanes and _mins) and act = silu(gate) * up of the experts
+    `ids` (a parameter, or the top-k's stage)."""
     n_used = int(ids.shape[0])
     fmt_g, fmt_u = q8_format(type_gate), q8_format(type_up)
     w_gate = _weights(fmt_g, n_experts, n_ffn, hidden, "Wg")
@@ -156,6 +183,9 @@ def _gate_up_silu_q8(type_gate: int, type_up: int, n_experts: int, n_ffn: int, h
     xq, xd, xs = q8_inputs(hidden)
 
     def projection(fmt: GemvFormat, w: te.Tensor, name: str) -> te.Tensor:
+        if lanes:
+            return q8_lane_sum(fmt, (n_used,), n_ffn, hidden, _expert_row(w, ids), lambda e, i: xq[i],
+                               lambda e, b: xd[b], lambda e, b: xs[b], name)
         term = q8_terms(fmt, (n_used,), n_ffn, hidden, _expert_row(w, ids),
                         lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], f"{name}_dot")
         c = te.reduce_axis((0, hidden // fmt.chunk), name="c")
@@ -178,22 +208,42 @@ def moe_down_residual_q8(ggml_type: int, n_experts: int, n_used: int, hidden: in
                          n_ffn: int) -> tirx.PrimFunc:
     """Params (Wd words [E, H, row_words], ids int32[KU], weights f32[KU], aq int32[KU, I/4],
     ad f32[KU, I/32], as f32[KU, I/32], h f32[H], h_out f32[H])."""
+    symbol = moe_down_residual_q8_symbol(ggml_type, n_experts, n_used, hidden, n_ffn)
+    return _down_residual_q8_func(ggml_type, n_experts, n_used, hidden, n_ffn, False, symbol)
+
+
+def moe_down_residual_q8_lanes(ggml_type: int, n_experts: int, n_used: int, hidden: int,
+                               n_ffn: int) -> tirx.PrimFunc:
+    """`moe_down_residual_q8` in the lane form (`gemv_q8.q8_lane_sum`, each slot's rows weighted in
+    the lanes; the step variant int8_dots "lanes", the cpu's): the same parameters and oracle."""
+    symbol = moe_down_residual_q8_symbol(ggml_type, n_experts, n_used, hidden, n_ffn).replace(
+        "moe_down_residual_q8_", "moe_down_residual_q8_lanes_", 1)
+    return _down_residual_q8_func(ggml_type, n_experts, n_used, hidden, n_ffn, True, symbol)
+
+
+def _down_residual_q8_func(ggml_type: int, n_experts: int, n_used: int, hidden: int, n_ffn: int,
+                           lanes: bool, symbol: str) -> tirx.PrimFunc:
+    """`moe_down_residual_q8`'s function, its dots in the lane form where `lanes`."""
     fmt = q8_format(ggml_type)
     w_down = _weights(fmt, n_experts, hidden, n_ffn, "Wd")
     ids = te.placeholder((n_used,), "int32", name="ids")
     weights = te.placeholder((n_used,), "float32", name="weights")
     aq, ad, as_ = q8_inputs(n_ffn, (n_used,), "a")
     h = te.placeholder((hidden,), "float32", name="h")
-    term = q8_terms(fmt, (n_used,), hidden, n_ffn, _expert_row(w_down, ids),
-                    lambda e, i: aq[e[0], i], lambda e, b: ad[e[0], b],
-                    lambda e, b: as_[e[0], b], "down_dot")
-    s = te.reduce_axis((0, n_used), name="s")
-    c = te.reduce_axis((0, n_ffn // fmt.chunk), name="c")
-    p = te.reduce_axis((0, fmt.parts), name="p")
-    down = te.compute((hidden,), lambda r: te.sum(weights[s] * term((s,), r, c, p),
-                                                  axis=[s, c, p]), name="down")
+    if lanes:
+        down = q8_lane_sum(fmt, (n_used,), hidden, n_ffn, _expert_row(w_down, ids), lambda e, i: aq[e[0], i],
+                           lambda e, b: ad[e[0], b], lambda e, b: as_[e[0], b], "down",
+                           slot_weight=lambda s: weights[s])
+    else:
+        term = q8_terms(fmt, (n_used,), hidden, n_ffn, _expert_row(w_down, ids),
+                        lambda e, i: aq[e[0], i], lambda e, b: ad[e[0], b],
+                        lambda e, b: as_[e[0], b], "down_dot")
+        s = te.reduce_axis((0, n_used), name="s")
+        c = te.reduce_axis((0, n_ffn // fmt.chunk), name="c")
+        p = te.reduce_axis((0, fmt.parts), name="p")
+        down = te.compute((hidden,), lambda r: te.sum(weights[s] * term((s,), r, c, p),
+                                                      axis=[s, c, p]), name="down")
     h_out = te.compute((hidden,), lambda r: h[r] + down[r], name="h_out")
-    symbol = moe_down_residual_q8_symbol(ggml_type, n_experts, n_used, hidden, n_ffn)
     func = te.create_prim_func([w_down, ids, weights, aq, ad, as_, h, h_out])
     return func.with_attr("global_symbol", symbol)
 

@@ -49,6 +49,12 @@ FACTORIES: dict[tuple[str, str], KernelFactory] = {
         gemv_q8.rms_norm_q8_1,
         gemv_q8.gemv_qkv_q8,
         gemv_q8.attention_combine_q8_1,
+        # the int8 kernels' lane form (int8_dots="lanes", cpu only)
+        gemv_q8.gemv_q8_lanes,
+        gemv_q8.gemv_qkv_q8_lanes,
+        moe_q8.moe_gate_up_silu_q8_lanes,
+        moe_q8.moe_gate_up_silu_q8_routed_lanes,
+        moe_q8.moe_down_residual_q8_lanes,
         # with attention_norm="prologue" (CUDA only): the attention norm inside Q/K/V
         gemv_q8.gemv_qkv_q8_normed,
         gemv_q8.gemv_q8_normed,

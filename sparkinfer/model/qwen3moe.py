@@ -73,7 +73,7 @@ from sparkinfer.grammar import mask_words
 from sparkinfer.gguf_file.layout import TensorSpec, tensor_specs
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS, gemv_format, weight_format
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
-from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, Q8_TYPES, q8_activations_misfit, q8_projections_misfit
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, INT8_DOTS, Q8_TYPES, q8_activations_misfit, q8_projections_misfit
 from sparkinfer.kernels.sampling import K_MAX as SAMPLING_K_MAX, SLICE as SAMPLING_SLICE, slices as sampling_slices
 from sparkinfer.kernels.use import KernelUse, kernel_args, kernel_factory
 from sparkinfer.model import spec as _spec
@@ -282,6 +282,8 @@ class DecodeStep:
     # whether the T-token step's GEMM inputs are rounded as the int8 GEMVs see them (ACTIVATIONS;
     # "q8" is the cpu build's)
     chunk_activations: str = "f32"
+    # the form of the int8 GEMVs' sums (INT8_DOTS; "lanes" is the cpu build's)
+    int8_dots: str = "sub_block"
 
 
 class _Kernels:
@@ -356,8 +358,11 @@ class _StepBuilder:
                  attention_merge: str = "separate", router_merge: str = "separate",
                  decode_attention: str = "simt", projection_activations: str = "f32",
                  head_activations: str = "f32", expert_prefetch: str = "off",
-                 attention_norm: str = "separate", chunk_activations: str = "f32") -> None:
+                 attention_norm: str = "separate", chunk_activations: str = "f32",
+                 int8_dots: str = "sub_block", attention_tiles: tuple[int, int] | None = None) -> None:
         self.c = config
+        self.attention_tiles = attention_tiles
+        self.lane_form = int8_dots == "lanes"
         self.round_chunk_inputs = chunk_activations == "q8"
         self.norm_in_projections = attention_norm == "prologue"
         self.prefetch_down = expert_prefetch == "down"
@@ -429,6 +434,10 @@ class _StepBuilder:
     def f32(self, *shape: int) -> relax.TensorType:
         return _tensor(shape, "float32")
 
+    def dots(self, factory: str) -> str:
+        """The int8 GEMV factory `factory`, or its lane form's (int8_dots "lanes")."""
+        return f"{factory}_lanes" if self.lane_form else factory
+
     def quantize_q8(self, x: relax.Expr, k: int, rows: int, label: str) -> list[relax.Var]:
         """x f32[(rows,) k] as int8 blocks of 32: [xq int32 words, xd scales, xs sums]."""
         gv = self.k("gemv_q8", "quantize_q8_1", k, rows)
@@ -443,7 +452,7 @@ class _StepBuilder:
         """W . x for x float, normed in the kernel (Normed), or int8 blocks ([xq, xd, xs])."""
         n, k = self.spec_shape(name)
         if isinstance(x, list):
-            gv = self.k("gemv_q8", "gemv_q8", self.w_fmt(name), n, k)
+            gv = self.k("gemv_q8", self.dots("gemv_q8"), self.w_fmt(name), n, k)
             return self.call(gv, [self.params[name], *x], [self.f32(n)], label)
         if isinstance(x, Normed):
             family, factory = ("gemv_q8", "gemv_q8_normed") if x.int8 else ("gemv", "gemv_normed")
@@ -478,7 +487,7 @@ class _StepBuilder:
                 family, factory = ("gemv_q8", "gemv_qkv_q8_normed") if x.int8 else ("gemv", "gemv_qkv_normed")
                 gv, x_args = self.k(family, factory, *n_rows, self.c.rms_eps), [x.h, x.w]
             elif isinstance(x, list):
-                gv, x_args = self.k("gemv_q8", "gemv_qkv_q8", *n_rows), x
+                gv, x_args = self.k("gemv_q8", self.dots("gemv_qkv_q8"), *n_rows), x
             else:
                 gv, x_args = self.k("gemv", "gemv_qkv", *n_rows), [x]
             results = self.call(gv, [self.params[names[j]] for j in group] + x_args,
@@ -648,7 +657,8 @@ class _StepBuilder:
                 [_tensor((NKV,), "int32"), *parts, self.f32(NH * D)], f"att{i}")
             return self.quantize_q8(att, NH * D, 0, f"att_q{i}") if int8 else att
         factory = "paged_decode_attention_mma" if self.decode_attention == "mma" else "paged_decode_attention"
-        gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S)
+        tiles = self.attention_tiles or ()  # (streams, tile) where the caller picks them
+        gv = self.k("attention", factory, NH, NKV, D, self.P, self.MP, self.S, *tiles)
         o, lse = self.call(gv, [q_rot, kc, vc, p["page_table"], p["pos"]], parts, f"attn{i}")
         if int8:
             gv = self.k("gemv_q8", "attention_combine_q8_1", NH, self.S, D)
@@ -721,7 +731,7 @@ class _StepBuilder:
                         self.w_fmt(d))
             stacks = [p[g], p[u], p[d]]
         else:
-            gv = self.k("moe_q8", "moe_gate_up_silu_q8_routed", self.t(g), self.t(u), E, KU, I, H)
+            gv = self.k("moe_q8", self.dots("moe_gate_up_silu_q8_routed"), self.t(g), self.t(u), E, KU, I, H)
             stacks = [p[g], p[u]]
         *aq, ids, weights = self.call(gv, [*stacks, router, *xq],
                                       [*self._q8_types(I, KU), _tensor((KU,), "int32"), self.f32(KU)], f"act_q{i}")
@@ -753,7 +763,7 @@ class _StepBuilder:
         if self._int8_experts(i):
             xq = f_q8 if f_q8 is not None else self.quantize_q8(f, H, 0, f"ffn_q{i}")
             # the SiLU activations leave the gate/up kernel as int8 blocks (its epilogue)
-            gv = self.k("moe_q8", "moe_gate_up_silu_q8", self.t(g), self.t(u), E, KU, I, H)
+            gv = self.k("moe_q8", self.dots("moe_gate_up_silu_q8"), self.t(g), self.t(u), E, KU, I, H)
             aq = self.call(gv, [p[g], p[u], ids, *xq], self._q8_types(I, KU), f"act_q{i}")
             return self._down_q8(d, E, KU, H, I, ids, weights, aq, h, i)
         gv = self.k("moe", "moe_gate_up_silu", self.t(g), self.t(u), E, KU, I, H)
@@ -767,7 +777,7 @@ class _StepBuilder:
     def _down_q8(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
                  aq: Iterable[relax.Var], h: relax.Var, i: int) -> relax.Var:
         """The down projection, weighted sum and residual on the gate/up kernel's int8 blocks."""
-        gv = self.k("moe_q8", "moe_down_residual_q8", self.w_fmt(d), E, KU, H, I)
+        gv = self.k("moe_q8", self.dots("moe_down_residual_q8"), self.w_fmt(d), E, KU, H, I)
         return self.call(gv, [self.params[d], ids, weights, *aq, h], [self.f32(H)], f"h{i}")
 
     def _down(self, d: str, E: int, KU: int, H: int, I: int, ids: relax.Expr, weights: relax.Expr,
@@ -942,6 +952,8 @@ def build_decode_step(
     expert_prefetch: str = "off",
     attention_norm: str = "separate",
     chunk_activations: str = "f32",
+    int8_dots: str = "sub_block",
+    attention_tiles: tuple[int, int] | None = None,
 ) -> DecodeStep:
     """The Relax module of one decode step for `config` with these tensor types, and a
     T-token step (`prefill_T`, `score_T`) beside it for each T in `prefill_chunks`.
@@ -1007,7 +1019,14 @@ def build_decode_step(
     `attention_norm` (ATTENTION_NORMS) is where an int8 attention input is normalized
     (projection_activations "q8"): "separate" in its rms_norm_q8_1 launch, "prologue" in each
     thread block of the Q/K/V kernels (`kernels.gemv_q8.gemv_qkv_q8_normed`, `gemv_q8_normed`,
-    CUDA only), a launch a layer less."""
+    CUDA only), a launch a layer less.
+    `int8_dots` (INT8_DOTS) is the form of the int8 GEMVs' sums (any of the activations "q8"):
+    "sub_block", each sub-block's dot product summed to one int32 before its scale
+    (`kernels.gemv_q8.q8_terms`), or "lanes", a lane per word of a block of 32 kept across the
+    whole row (`q8_lane_sum`: the `_lanes` factories, cpu only).
+    `attention_tiles` is (streams, tile) of the float32 decode attention inside a split
+    (`kernels.attention.paged_decode_attention`; None: its defaults, shaped for a GPU's warps), as
+    `n_splits` an arch's choice (compiler.pipeline.CPU_ATTENTION_TILES), not a variant."""
     if activations not in ACTIVATIONS:
         raise SparkInferError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if projection_activations not in ACTIVATIONS:
@@ -1057,6 +1076,12 @@ def build_decode_step(
     if chunk_activations == "q8" and chunk_operands != "f32":
         raise SparkInferError(f"chunk_activations='q8' rounds the T-token step's GEMM inputs to the int8 blocks' "
                               f"values for float32 products: it needs chunk_operands='f32', got {chunk_operands!r}")
+    if attention_tiles is not None and (decode_attention != "simt" or attention_merge != "separate"):
+        raise SparkInferError(f"attention_tiles={attention_tiles} shapes the float32 attention with a combine "
+                              f"launch (decode_attention='simt', attention_merge='separate'), got "
+                              f"decode_attention={decode_attention!r}, attention_merge={attention_merge!r}")
+    if int8_dots not in INT8_DOTS:
+        raise SparkInferError(f"int8_dots must be one of {', '.join(INT8_DOTS)}, got {int8_dots!r}")
     if decode_attention not in DECODE_ATTENTIONS:
         raise SparkInferError(f"decode_attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                               f"got {decode_attention!r}")
@@ -1076,7 +1101,7 @@ def build_decode_step(
     builder = _StepBuilder(config, types, page_size, n_splits, activations, chunk_operands, decode_launches,
                            q6_k_layout, attention_form, attention_merge, router_merge, decode_attention,
                            projection_activations, head_activations, expert_prefetch, attention_norm,
-                           chunk_activations)
+                           chunk_activations, int8_dots, attention_tiles)
     mod = builder.build(chunks)
     return DecodeStep(
         mod=mod,
@@ -1095,4 +1120,5 @@ def build_decode_step(
         expert_prefetch=expert_prefetch,
         attention_norm=attention_norm,
         chunk_activations=chunk_activations,
+        int8_dots=int8_dots,
     )

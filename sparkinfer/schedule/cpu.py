@@ -14,6 +14,9 @@ layout:
     copied once a call into the matching order (`vectorized_dots`);
   - the chunk loop is unrolled up to `unroll` statements.
 The x sums of the K-quants (a few hundred adds) stay outside, computed once.
+The int8 kernels' lane form (`kernels.gemv_q8.q8_lane_sum`) keeps the row tasks and the unroll,
+and has no lanes to choose: its LANES float sums are one vector loop inside the row's chunk
+loop, each block's int32 products one vector of it (`lane_sums`).
 
 Attention parallelizes its (KV head, split) streams and vectorizes over the head dim; the
 norms and the embedding vectorize their element loops; RoPE rotates a head dim of every head
@@ -59,6 +62,16 @@ class CpuDotKnobs(Knobs):
     parallel: int
     rows_per_task: Any
     vector: Any
+    unroll: Any
+
+
+@dataclass(frozen=True)
+class CpuLaneKnobs(Knobs):
+    """The int8 lane form's (`lane_sums`): parallel, rows_per_task and unroll as CpuDotKnobs';
+    its lanes are fixed, a word of each block of 32 (kernels.gemv_q8.LANES)."""
+
+    parallel: int
+    rows_per_task: Any
     unroll: Any
 
 
@@ -116,12 +129,32 @@ def vectorized_dots(sch: s_tir.Schedule, dot: SBlockRV, chunk_loop: LoopRV, vect
         sch.transform_layout(x_lanes, ("write", 0), lambda *i: (*i[:-1], i[-1] % per_word, i[-1] // per_word))
 
 
+def lane_sums(sch: s_tir.Schedule, name: str, row: LoopRV, unroll: Any, mins: bool) -> None:
+    """Compute the lane form's {name}_lanes and, where the format has `mins`, {name}_mins
+    (`kernels.gemv_q8.q8_lane_sum`) under `row`, the loop over a task's rows (`name` already
+    there, or the root block): the lanes' loop inside their reduction over (slot,) chunk and
+    block, vectorized, so that each block's LANES dp4a are one vector op and the float sums stay
+    in one vector register across the row; the chunk loops unrolled up to `unroll` statements."""
+    lanes = sch.get_sblock(f"{name}_lanes")
+    sch.compute_at(lanes, row, preserve_unit_loops=True)
+    reductions = sum(1 for v in sch.get(lanes).iter_vars if v.iter_type == v.CommReduce)
+    loops = loops_below(sch, lanes, row)
+    lane, reduction = loops[-reductions - 1], loops[-reductions:]
+    sch.reorder(*reduction, lane)
+    sch.vectorize(lane)
+    unroll_loop(sch, reduction[-2], unroll)
+    if mins:
+        block = sch.get_sblock(f"{name}_mins")
+        sch.compute_at(block, row, preserve_unit_loops=True)
+        unroll_loop(sch, sch.get_loops(block)[-2], unroll)
+
+
 def unroll_loop(sch: s_tir.Schedule, loop: LoopRV, unroll: Any) -> None:
     sch.annotate(loop, "pragma_auto_unroll_max_step", unroll)
     sch.annotate(loop, "pragma_unroll_explicit", 1)
 
 
-def row_tasks(sch: s_tir.Schedule, slot: LoopRV | None, rows: LoopRV, knobs: CpuDotKnobs) -> LoopRV:
+def row_tasks(sch: s_tir.Schedule, slot: LoopRV | None, rows: LoopRV, knobs: CpuDotKnobs | CpuLaneKnobs) -> LoopRV:
     """Cut `rows` into tasks (fused with the expert `slot` loop where there is one), run in
     parallel if knobs.parallel; returns the loop over a task's rows."""
     task, row = sch.split(rows, [None, knobs.rows_per_task])
@@ -164,6 +197,21 @@ class _CpuDotRule(ScheduleRule):
         """vectorized_dots of `dot`, lanes over words where the rule has word_lanes."""
         per_word = word_weights(fmt) if self.word_lanes else 1
         vectorized_dots(sch, dot, chunk_loop, knobs.vector, per_word, x_name)
+
+
+class LaneFormCpu:
+    """For an int8 kernel's CPU rule (ahead of it in the bases): the space and default of its
+    lane form (`kernels.gemv_q8.q8_lane_sum`, scheduled by `lane_sums`), which has no lanes knob."""
+
+    knobs_type = CpuLaneKnobs
+
+    def space(self, use: KernelUse, facts: ArchFacts) -> dict[str, tuple[Any, ...]]:
+        return {"parallel": (0, 1), "rows_per_task": ROWS_PER_TASK, "unroll": UNROLL_STEPS}
+
+    def default(self, use: KernelUse, facts: ArchFacts) -> CpuLaneKnobs:
+        assert isinstance(self, _CpuDotRule)
+        dot = default_dot_knobs(self.formats(use), *self.size(use), facts, self.word_lanes)
+        return CpuLaneKnobs(parallel=dot.parallel, rows_per_task=dot.rows_per_task, unroll=dot.unroll)
 
 
 class _GemvCpuRule(_CpuDotRule):

@@ -47,7 +47,7 @@ from sparkinfer.schedule.gemv import (
     schedule_gemv_qkv,
     stage_names,
 )
-from sparkinfer.schedule.cpu import GemvCpuRule, GemvQkvCpuRule
+from sparkinfer.schedule.cpu import CpuLaneKnobs, GemvCpuRule, GemvQkvCpuRule, LaneFormCpu, lane_sums, row_tasks
 from sparkinfer.schedule.attention import merge_in_registers
 from sparkinfer.schedule.norm import schedule_rms_norm
 from sparkinfer.schedule.space import FixedRule, Knobs, ScheduleRule
@@ -356,3 +356,36 @@ class GemvQ8CpuRule(Int8WeightsCpu, GemvCpuRule):
 class GemvQkvQ8CpuRule(Int8WeightsCpu, GemvQkvCpuRule):
     family = "gemv_q8"
     factory = "gemv_qkv_q8"
+
+
+class GemvQ8LanesCpuRule(LaneFormCpu, GemvQ8CpuRule):
+    """`gemv_q8_lanes`: row tasks, each row's lanes summed under it (`lane_sums`)."""
+
+    factory = "gemv_q8_lanes"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        schedule_gemv_lanes(sch, use, knobs)
+
+
+class GemvQkvQ8LanesCpuRule(LaneFormCpu, GemvQkvQ8CpuRule):
+    """`gemv_qkv_q8_lanes`: `gemv_q8_lanes`' layout over the rows of Wq, Wk and Wv, each row's
+    select among them inlined."""
+
+    factory = "gemv_qkv_q8_lanes"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        sch.compute_inline(sch.get_sblock("W"))
+        schedule_gemv_lanes(sch, use, knobs)
+
+
+def schedule_gemv_lanes(sch: s_tir.Schedule, use: KernelUse, knobs: Knobs) -> None:
+    """Row tasks of the lane form's `gemv` block, each row's lanes summed under it (`lane_sums`)."""
+    assert isinstance(knobs, CpuLaneKnobs)
+    rows, _ = sch.get_loops(sch.get_sblock("gemv"))
+    row = row_tasks(sch, None, rows, knobs)
+    lane_sums(sch, "gemv", row, knobs.unroll, has_mins(factory_args(use)[0]))
+
+
+def has_mins(ggml_type: int) -> bool:
+    """Whether the int8 kernels' weight format has mins (the lane form's _mins blocks)."""
+    return q8_format(ggml_type).min is not None

@@ -18,8 +18,15 @@ from sparkinfer.kernels.gemv import GemvFormat
 from sparkinfer.kernels.gemv_q8 import Q8_BLOCK
 from sparkinfer.kernels.use import KernelUse, factory_args
 from sparkinfer.schedule.arch import ArchFacts
-from sparkinfer.schedule.cpu import MoeDownResidualCpuRule, MoeGateUpSiluCpuRule
-from sparkinfer.schedule.gemv_q8 import Int8WeightsCpu, int8_view, schedule_quantizer_epilogue
+from sparkinfer.schedule.cpu import (
+    CpuLaneKnobs,
+    LaneFormCpu,
+    MoeDownResidualCpuRule,
+    MoeGateUpSiluCpuRule,
+    lane_sums,
+    row_tasks,
+)
+from sparkinfer.schedule.gemv_q8 import Int8WeightsCpu, has_mins, int8_view, schedule_quantizer_epilogue
 from sparkinfer.schedule.moe import (
     MoeDownResidualCudaRule,
     MoeGateUpSiluCudaRule,
@@ -138,3 +145,38 @@ class MoeGateUpSiluQ8RoutedCpuRule(MoeGateUpSiluQ8CpuRule):
     """The int8 gate/up tasks after the top-k, which stays ahead of them as its factory wrote it."""
 
     factory = "moe_gate_up_silu_q8_routed"
+
+
+class MoeGateUpSiluQ8LanesCpuRule(LaneFormCpu, MoeGateUpSiluQ8CpuRule):
+    """Tasks over (slot, rows of act); a row's gate and up lanes summed where act uses them
+    (`lane_sums`); the quantizer of act after them, as its factory wrote it."""
+
+    factory = "moe_gate_up_silu_q8_lanes"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuLaneKnobs)
+        slot, rows = sch.get_loops(sch.get_sblock("act"))
+        row = row_tasks(sch, slot, rows, knobs)
+        for name, ggml_type in zip(("gate", "up"), factory_args(use)[:2]):
+            sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+            lane_sums(sch, name, row, knobs.unroll, has_mins(ggml_type))
+
+
+class MoeGateUpSiluQ8RoutedLanesCpuRule(MoeGateUpSiluQ8LanesCpuRule):
+    """The lane form's gate/up tasks after the top-k, which stays ahead of them as its factory wrote it."""
+
+    factory = "moe_gate_up_silu_q8_routed_lanes"
+
+
+class MoeDownResidualQ8LanesCpuRule(LaneFormCpu, MoeDownResidualQ8CpuRule):
+    """Tasks over rows of h_out; a row's lanes, summed over (slot, chunk, block), where h_out uses them."""
+
+    factory = "moe_down_residual_q8_lanes"
+
+    def apply(self, sch: s_tir.Schedule, use: KernelUse, knobs: Knobs, facts: ArchFacts) -> None:
+        assert isinstance(knobs, CpuLaneKnobs)
+        (rows,) = sch.get_loops(sch.get_sblock("h_out"))
+        row = row_tasks(sch, None, rows, knobs)
+        sch.compute_at(sch.get_sblock("down"), row, preserve_unit_loops=True)
+        lane_sums(sch, "down", row, knobs.unroll, has_mins(factory_args(use)[0]))
+

@@ -12,7 +12,7 @@
               "router_merge": "separate" | "last_block" | "gate_up", "decode_attention": "simt" | "mma",
               "projection_activations": "f32" | "q8", "head_activations": "f32" | "q8",
               "expert_prefetch": "off" | "down", "attention_norm": "separate" | "prologue",
-              "chunk_activations": "f32" | "q8"}}
+              "chunk_activations": "f32" | "q8", "int8_dots": "sub_block" | "lanes"}}
                                                 (optional: model-level variants, STEP_VARIANTS)
 
 The files ship inside the package (sparkinfer/data/schedules/<arch>.json, package data), found
@@ -35,7 +35,7 @@ from typing import Any
 from sparkinfer.errors import SparkInferError
 from sparkinfer.kernels.gemm import GEMM_OPERANDS
 from sparkinfer.kernels.gemv import DECODE_LAUNCHES, Q6_K_LAYOUTS
-from sparkinfer.kernels.gemv_q8 import ACTIVATIONS
+from sparkinfer.kernels.gemv_q8 import ACTIVATIONS, INT8_DOTS
 
 TUNED, DEFAULT, TRANSFERRED = "tuned", "default", "transferred"
 # How the compiled step's CUDA kernels are launched (model.qwen3moe.build_decode_step records it,
@@ -86,7 +86,7 @@ STEP_VARIANTS: dict[str, tuple[str, ...]] = {"activations": ACTIVATIONS, "chunk_
                                               "router_merge": ROUTER_MERGES, "decode_attention": DECODE_ATTENTIONS,
                                               "projection_activations": ACTIVATIONS, "head_activations": ACTIVATIONS,
                                               "expert_prefetch": EXPERT_PREFETCHES, "attention_norm": ATTENTION_NORMS,
-                                              "chunk_activations": ACTIVATIONS}
+                                              "chunk_activations": ACTIVATIONS, "int8_dots": INT8_DOTS}
 SOURCES = (TUNED, DEFAULT, TRANSFERRED)
 # Variant values only the CUDA archs have: each with why the cpu build has no such thing.
 CUDA_ONLY_VARIANTS = {
@@ -114,6 +114,8 @@ CPU_ONLY_VARIANTS = {
     ("chunk_activations", "q8"): "the T-token step's GEMM inputs rounded to the int8 blocks' values for float32 "
                                  "products; the CUDA archs' T-token steps multiply float16 operands on tensor "
                                  "cores, and the rounding kernel has no CUDA schedule",
+    ("int8_dots", "lanes"): "a lane per word of a block of 32 in a SIMD register across the row; the CUDA "
+                            "int8 kernels give each thread its words, and the lane form has no CUDA schedule",
 }
 
 

@@ -256,6 +256,12 @@ INPUT_MAKERS: dict[tuple[str, str], InputMaker] = {
     ("moe_q8", "moe_gate_up_silu_q8_routed"): _moe_gate_up_silu_q8_routed,
     ("moe_q8", "moe_gate_up_silu_q8_routed_prefetch"): _moe_gate_up_silu_q8_routed_prefetch,
     ("moe_q8", "moe_down_residual_q8"): _moe_down_residual_q8,
+    # the lane forms (int8_dots="lanes"): the same parameters
+    ("gemv_q8", "gemv_q8_lanes"): _gemv_q8,
+    ("gemv_q8", "gemv_qkv_q8_lanes"): _gemv_qkv_q8,
+    ("moe_q8", "moe_gate_up_silu_q8_lanes"): _moe_gate_up_silu_q8,
+    ("moe_q8", "moe_gate_up_silu_q8_routed_lanes"): _moe_gate_up_silu_q8_routed,
+    ("moe_q8", "moe_down_residual_q8_lanes"): _moe_down_residual_q8,
     ("sampling", "sample_candidates"): _sample_candidates,
     ("sampling", "sample_token"): _sample_token,
     ("sampling", "advance"): _advance,
@@ -276,6 +282,9 @@ EXPERT_STACKS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
     ("moe_q8", "moe_gate_up_silu_q8_routed"): ((0, 1), 9),
     ("moe_q8", "moe_gate_up_silu_q8_routed_prefetch"): ((0, 1, 2), 10),
     ("moe_q8", "moe_down_residual_q8"): ((0,), 1),
+    ("moe_q8", "moe_gate_up_silu_q8_lanes"): ((0, 1), 2),
+    ("moe_q8", "moe_gate_up_silu_q8_routed_lanes"): ((0, 1), 9),
+    ("moe_q8", "moe_down_residual_q8_lanes"): ((0,), 1),
 }
 
 

@@ -15,6 +15,13 @@ from tests.kernels.test_kernels_gemv import magnitude, run_cpu, run_cpu_outputs
 Q8_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
 # Every weight format the int8 GEMVs take: those types and the upload's planar Q6_K.
 Q8_FORMATS = [*Q8_TYPES, G.Q6_K_PLANAR]
+# The int8 GEMVs' two forms of their sums (kernels.gemv_q8.INT8_DOTS): the same oracle.
+FORMS = ["sub_block", "lanes"]
+
+
+def int8_factory(name: str, form: str):  # noqa: ANN201
+    """Factory `name` of kernels.gemv_q8, or its lane form's."""
+    return getattr(Q, f"{name}_lanes" if form == "lanes" else name)
 
 
 @pytest.fixture
@@ -49,12 +56,13 @@ def test_quantize_q8_1_matches_numpy(rng: np.random.Generator, shape: tuple[int,
     assert np.all(np.abs(Q.dequantize_q8_1(xq, xd) - x) <= 0.5 * step + 1e-6)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("t", Q8_FORMATS, ids=lambda t: t.name)
-def test_gemv_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
+def test_gemv_q8_matches_numpy(rng: np.random.Generator, t: T, form: str) -> None:
     n, k = 37, 512
     data = random_weights(t, (n, k), rng)
     xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
-    y = run_cpu(Q.gemv_q8(t, n, k), G.weight_view(t, data), xq, xd, xs, np.empty(n, np.float32))
+    y = run_cpu(int8_factory("gemv_q8", form)(t, n, k), G.weight_view(t, data), xq, xd, xs, np.empty(n, np.float32))
     x_hat = Q.dequantize_q8_1(xq, xd)
     assert_gemv_close(y, Q.gemv_q8_reference(t, data, xq, xd), magnitude(t, data, x_hat))
 
@@ -113,13 +121,14 @@ def test_attention_combine_q8_1_quantizes_the_combine(rng: np.random.Generator) 
     assert_q8_1_close(xq, xd, xs, out, np.abs(o_part).max(axis=1).reshape(-1))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("n_v", [48, 0], ids=["qkv", "qk"])
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, G.Q6_K_PLANAR], ids=lambda t: t.name)
-def test_gemv_qkv_q8_matches_numpy(rng: np.random.Generator, t: T, n_v: int) -> None:
+def test_gemv_qkv_q8_matches_numpy(rng: np.random.Generator, t: T, n_v: int, form: str) -> None:
     ns, k = [64, 16, n_v], 512
     datas = [random_weights(t, (n, k), rng) for n in ns if n]
     xq, xd, xs = Q.quantize_q8_1_reference(rng.standard_normal(k, dtype=np.float32))
-    outs = run_cpu_outputs(Q.gemv_qkv_q8(t, *ns, k), [*(G.weight_view(t, d) for d in datas), xq, xd, xs],
+    outs = run_cpu_outputs(int8_factory("gemv_qkv_q8", form)(t, *ns, k), [*(G.weight_view(t, d) for d in datas), xq, xd, xs],
                            [np.empty(n, np.float32) for n in ns if n])
     x_hat = Q.dequantize_q8_1(xq, xd)
     for y, ref, data in zip(outs, Q.gemv_qkv_q8_reference(t, datas, xq, xd), datas, strict=True):
@@ -133,3 +142,17 @@ def test_int8_projection_kernels_reject_partial_blocks() -> None:
         Q.attention_combine_q8_1(4, 2, 48)
     with pytest.raises(TensorShapeError, match="gemv_qkv_q8 needs a length that is a multiple of 32, got 48"):
         Q.gemv_qkv_q8(T.Q8_0, 8, 8, 8, 48)
+
+
+def test_code_words_show_which_bytes_are_below_128() -> None:
+    """The LLVM lowering of dp4a gives vpdpbusd a word whose bytes are all below 128 (Q4_K's and
+    Q5_K's codes) as its unsigned operand directly; Q6_K's and Q8_0's signed codes are not such."""
+    from tvm import te, tirx
+
+    row = te.placeholder((64,), "uint32", name="row")
+    c, p, g = (tirx.Var(name, "int32") for name in "cpg")
+    bits = {t: Q._bits_that_may_be_set(Q._CODE_WORDS[t](lambda i: row[i], c, p, g)) for t in Q8_TYPES}
+    assert bits[T.Q4_K] == 0x0F0F0F0F
+    assert bits[T.Q5_K] == 0x1F1F1F1F
+    assert bits[T.Q6_K] & 0x80808080 and bits[T.Q8_0] & 0x80808080
+

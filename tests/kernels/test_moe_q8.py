@@ -12,6 +12,7 @@ from sparkinfer.kernels import gemv_q8 as Q
 from sparkinfer.kernels.moe import moe_gate_up_silu_reference
 from sparkinfer.kernels.testing import assert_gemv_close, assert_q8_1_close, random_weights
 from sparkinfer.reference.qwen3moe import silu
+from tests.kernels.test_gemv_q8 import FORMS
 from tests.kernels.test_kernels_gemv import run_cpu_outputs
 from tests.kernels.test_moe import HIDDEN, IDS, IDS_CLAMPED, N_EXPERTS, N_FFN, abs_gemv, run_cpu
 
@@ -19,6 +20,11 @@ from tests.kernels.test_moe import HIDDEN, IDS, IDS_CLAMPED, N_EXPERTS, N_FFN, a
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261204)
+
+
+def moe_factory(name: str, form: str):  # noqa: ANN201
+    """Factory `name` of kernels.moe_q8, or its lane form's."""
+    return getattr(M, f"{name}_lanes" if form == "lanes" else name)
 
 
 def _act_and_bound(type_gate: T, gate_data: np.ndarray, type_up: T, up_data: np.ndarray, ids: np.ndarray,
@@ -37,11 +43,12 @@ def _act_and_bound(type_gate: T, gate_data: np.ndarray, type_up: T, up_data: np.
 
 @pytest.mark.parametrize("type_gate, type_up", [(T.Q4_K, T.Q4_K), (T.Q5_K, T.Q8_0), (T.Q6_K, T.Q4_K)],
                          ids=lambda t: t.name)
-def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, type_up: T) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, type_up: T, form: str) -> None:
     gate_data = random_weights(type_gate, (N_EXPERTS, N_FFN, HIDDEN), rng)
     up_data = random_weights(type_up, (N_EXPERTS, N_FFN, HIDDEN), rng)
     xq, xd, xs = quantize_q8_1_reference((rng.standard_normal(HIDDEN) * 10).astype(np.float32))
-    func = M.moe_gate_up_silu_q8(type_gate, type_up, N_EXPERTS, len(IDS), N_FFN, HIDDEN)
+    func = moe_factory("moe_gate_up_silu_q8", form)(type_gate, type_up, N_EXPERTS, len(IDS), N_FFN, HIDDEN)
     aq, ad, as_ = run_cpu_outputs(func, [weight_view(type_gate, gate_data), weight_view(type_up, up_data), IDS,
                                          xq, xd, xs], [np.empty((len(IDS), N_FFN // 4), np.int32),
                                                        np.empty((len(IDS), N_FFN // 32), np.float32),
@@ -54,7 +61,8 @@ def test_gate_up_silu_q8_matches_numpy(rng: np.random.Generator, type_gate: T, t
     assert_q8_1_close(ref_q, ref_d, Q.quantize_q8_1_reference(ref.astype(np.float32))[2], ref, magnitude)
 
 
-def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Generator, form: str) -> None:
     """The top-k prologue's ids and weights are router_topk's, tied and one-ulp-apart logits at
     the cut included; act's blocks those of the experts it picked."""
     n_used = 3
@@ -65,7 +73,7 @@ def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Genera
     order = np.argsort(-logits)
     logits[order[3]] = logits[order[2]]  # a tie at the cut: the lower id wins
     logits[order[1]] = np.nextafter(logits[order[0]], np.float32(-np.inf))
-    func = M.moe_gate_up_silu_q8_routed(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN)
+    func = moe_factory("moe_gate_up_silu_q8_routed", form)(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN)
     aq, ad, as_, ids, weights = run_cpu_outputs(
         func, [weight_view(T.Q4_K, gate_data), weight_view(T.Q6_K, up_data), logits, xq, xd, xs],
         [np.empty((n_used, N_FFN // 4), np.int32), np.empty((n_used, N_FFN // 32), np.float32),
@@ -75,7 +83,7 @@ def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Genera
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
     # the same int8 blocks as the plain kernel given those ids
-    plain = run_cpu_outputs(M.moe_gate_up_silu_q8(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN),
+    plain = run_cpu_outputs(moe_factory("moe_gate_up_silu_q8", form)(T.Q4_K, T.Q6_K, N_EXPERTS, n_used, N_FFN, HIDDEN),
                             [weight_view(T.Q4_K, gate_data), weight_view(T.Q6_K, up_data), ref_ids, xq, xd, xs],
                             [np.empty_like(aq), np.empty_like(ad), np.empty_like(as_)])
     for got, want in zip((aq, ad, as_), plain, strict=True):
@@ -85,13 +93,14 @@ def test_routed_gate_up_silu_q8_picks_router_topks_experts(rng: np.random.Genera
     assert_q8_1_close(ref_q, ref_d, ref_s, ref, magnitude)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("t", [T.Q6_K, Q6_K_PLANAR, T.Q4_K, T.Q5_K, T.Q8_0], ids=lambda t: t.name)
-def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T) -> None:
+def test_down_residual_q8_matches_numpy(rng: np.random.Generator, t: T, form: str) -> None:
     data = random_weights(t, (N_EXPERTS, HIDDEN, N_FFN), rng)
     aq, ad, as_ = quantize_q8_1_reference((rng.standard_normal((len(IDS), N_FFN)) * 3).astype(np.float32))
     weights = rng.dirichlet(np.ones(len(IDS))).astype(np.float32)
     h = rng.standard_normal(HIDDEN).astype(np.float32)
-    func = M.moe_down_residual_q8(t, N_EXPERTS, len(IDS), HIDDEN, N_FFN)
+    func = moe_factory("moe_down_residual_q8", form)(t, N_EXPERTS, len(IDS), HIDDEN, N_FFN)
     h_out = run_cpu(func, weight_view(t, data), IDS, weights, aq, ad, as_, h,
                     np.empty(HIDDEN, np.float32))
     ref = M.moe_down_residual_q8_reference(t, data, IDS_CLAMPED, weights, aq, ad, h)

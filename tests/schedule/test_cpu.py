@@ -8,6 +8,7 @@ import tvm
 from gguf import GGMLQuantizationType as T
 
 from sparkinfer import quant
+from sparkinfer.compiler.pipeline import CPU_ATTENTION_TILES
 from sparkinfer.compiler.targets import target_for
 from sparkinfer.kernels import attention as A
 from sparkinfer.kernels import embedding as E
@@ -133,9 +134,10 @@ def test_norms_and_embedding(vector: int | None) -> None:
     np.testing.assert_array_equal(row, E.embedding_reference(T.Q4_K, data, 37))
 
 
-# (streams, tile): the default (the GPU's) shape and one stream of small tiles (several
-# tiles, the last partial); knobs: the default and the space's extremes of q . K lanes.
-@pytest.mark.parametrize("streams, tile", [(8, 4), (1, 8)])
+# (streams, tile): the default (the GPU's) shape, the CPU step's (compiler.pipeline.CPU_ATTENTION_TILES)
+# and one stream of small tiles (several tiles, the last partial); knobs: the default and the
+# space's extremes of q . K lanes.
+@pytest.mark.parametrize("streams, tile", [(8, 4), CPU_ATTENTION_TILES, (1, 8)])
 @pytest.mark.parametrize("vector", [None, 1, 16], ids=["default", "scalar", "lanes16"])
 def test_attention_streams_in_parallel(streams: int, tile: int, vector: int | None) -> None:
     rng = np.random.default_rng(5)
