@@ -130,13 +130,17 @@ def test_the_int8_step_follows_its_reference(tmp_path_factory: pytest.TempPathFa
     """The packaged cpu step (int8 activations), fed 8 prompt tokens then its own 40, against the
     f16-cache reference that rounds its int8 inputs as the step's blocks hold them, given the same
     tokens. The two agree to float32 rounding until a value lands within it of an int8 rounding
-    boundary and rounds apart (seen here at the third position); from then on they differ as two
-    int8 roundings of the same model do. So: by KL and top-1, as the accuracy gate measures.
-    Seen: mean KL 2.7e-4 (max 1.1e-3), top-1 97.5 %, the first two positions within 4e-7."""
+    boundary and rounds apart; from then on they differ as two int8 roundings of the same model
+    do, and where a layer's router has a near-tie they may pick another expert for a position. So:
+    by KL and top-1, as the accuracy gate measures. Seen (the lane form, int8_dots "lanes"):
+    within 1e-7 for 17 positions, then mean KL 8.7e-4, top-1 100 %, and once KL 0.029, at a
+    position whose last layer's top-k gap was 2e-4 (the sub-block form: first flip at the third
+    position, mean KL 2.7e-4, max 1.1e-3, top-1 97.5 %)."""
     model, result = _compiled(tmp_path_factory, "tiny", "q4_k_m", n_splits=16, packaged=True)
     int8 = step_int8_inputs(model)
     assert int8.projections and int8.experts and int8.head
-    assert {"gemv_qkv_q8", "moe_gate_up_silu_q8", "gemv_q8"} <= {k["factory"] for k in result.manifest.kernels}
+    # in the lane form (int8_dots "lanes", as cpu.json picks)
+    assert {"gemv_qkv_q8_lanes", "moe_gate_up_silu_q8_lanes", "gemv_q8_lanes"} <= {k["factory"] for k in result.manifest.kernels}
     runner = StepRunner(result.manifest, model, n_pages=4)
     ref = F16Reference(model.config, model, int8_inputs=int8)
     prompt = [1, 100, 7, 512, 33, 901, 2, 64]
@@ -151,7 +155,9 @@ def test_the_int8_step_follows_its_reference(tmp_path_factory: pytest.TempPathFa
         if i >= len(prompt) - 1:
             agree.append(nxt == int(np.argmax(want)))
         token = prompt[i + 1] if i + 1 < len(prompt) else nxt
-    assert np.mean(kl) < 1e-3 and max(kl) < 1e-2, kl
+    assert np.mean(kl) < 1e-3, kl
+    # one expert picked the other way at a near-tie moves one position's logits, not the run's
+    assert sum(k > 1e-2 for k in kl) <= 1 and max(kl) < 0.1, kl
     assert np.mean(agree) >= 0.9, agree
     # The first position, one token's values: no boundary flip there (seen 3e-7), while an int8
     # input the reference did not round (or rounded and the step did not) costs ~1e-2.
