@@ -17,7 +17,7 @@ def test_argument_errors(capsys, tmp_path):
     assert "is not a tuning bundle" in _error(capsys, ["tune", "--run", str(tmp_path)])
     assert "is not a tuning bundle" in _error(capsys, ["tune", "--ingest", str(tmp_path)])
     message = _error(capsys, ["tune", "--arch", "cpu", "--kernels", "no_such_kernel*", "--logs", str(tmp_path)])
-    assert "matches none of the model's kernels" in message and "gemv_q8_q4_k_256x512" in message  # the O projection, int8 on the cpu
+    assert "matches none of the model's kernels" in message and "gemv_q8_lanes_q4_k_256x512" in message  # the O projection, int8 on the cpu
     assert "needs that GPU" in _error(capsys, ["tune", "--arch", "sm_90", "--kernels", "gemv_q8_q6_k_planar_4096x256",
                                                "--logs", str(tmp_path)])
     assert "unknown --preset 'qwen9'" in _error(capsys, ["tune", "--arch", "cpu", "--preset", "qwen9"])
