@@ -20,8 +20,14 @@ decoders are the float GEMV's (`kernels.gemv.FORMATS`), applied once per sub-blo
 carries the 4-wide product. TVM 0.27 lowers it for no target and its loop vectorizer scalarizes
 any loop that holds it; this module marks it vectorizable and registers the lowerings
 (`register_dp4a_lowering`): CUDA's `__dp4a` (one IDP4A instruction); for LLVM (the CPU), on
-vectors of 4, 8 or 16 words the x86 VNNI `vpdpbusd` where the CPU has it (`_vnni_intrinsic`),
-else integer arithmetic on sign-extended bytes, lane by lane in the vector registers.
+vectors of 4, 8 or 16 words the x86 VNNI `vpdpbusd` where the CPU has it (`_vnni_intrinsic`: one
+where the weight codes' bytes are below 128, Q4_K's and Q5_K's, else two), else integer
+arithmetic on sign-extended bytes, lane by lane in the vector registers.
+
+The sums come in two forms (INT8_DOTS): each sub-block's dot product an int32 that its scale then
+multiplies (`q8_terms`, every CUDA kernel), or the lane form (`q8_lane_sum`, the `_lanes`
+factories, the cpu's), a lane per word of each block of 32 scaled and summed in float across the
+whole row, the lanes reduced once a row.
 
 Where a kernel makes the activations, it quantizes them itself, so that no launch is added:
 `add_rms_norm_q8_1` and `rms_norm_q8_1` (the FFN's and the attention's input norms),
