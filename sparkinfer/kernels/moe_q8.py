@@ -19,7 +19,10 @@ sits between the two kernels (bench/NOTES.md, "Session 15": as a launch of its o
 cost what the int8 GEMVs saved). Block names and loop order follow `kernels.moe` (gate_dot/gate,
 up_dot/up, act; down_dot/down, h_out), the dot blocks holding int32 sums of dp4a products and no
 x-sum blocks (the quantizer made the block sums), so the MoE schedule's layout carries over. The
-oracles are `kernels.moe`'s on x̂ and â, the gate/up's quantized by `quantize_q8_1_reference`.
+`_lanes` factories are the gate/up, routed gate/up and down kernels with their sums in
+`gemv_q8.q8_lane_sum`'s lane form (blocks gate_lanes / gate_mins / gate, ...; the step variant
+int8_dots "lanes", the cpu's). The oracles are `kernels.moe`'s on x̂ and â, the gate/up's
+quantized by `quantize_q8_1_reference`, for both forms.
 """
 
 from collections.abc import Callable
