@@ -517,6 +517,8 @@ def q8_1_stages(lead: tuple[int, ...], k: int, value: Callable[[tuple[Expr, ...]
 # (lead axes, word index) -> int32 word of 4 activations; (lead axes, block) -> float32
 XqAt = Callable[[tuple[Expr, ...], Expr], Expr]
 XfAt = Callable[[tuple[Expr, ...], Expr], Expr]
+# (lead axes, row) -> that row's words
+RowOf = Callable[[tuple[Expr, ...], Expr], Row]
 # (lead axes, row, chunk, part) -> float32 contribution of that sub-block
 Term = Callable[[tuple[Expr, ...], Expr, Expr, Expr], Expr]
 
@@ -526,12 +528,12 @@ def q8_terms(
     lead: tuple[int, ...],
     n: int,
     k: int,
-    row_of: Callable[[tuple[Expr, ...], Expr], Row],
+    row_of: RowOf,
     xq_at: XqAt,
     xd_at: XfAt,
     xs_at: XfAt,
     dot_name: str,
-    scale_row_of: Callable[[tuple[Expr, ...], Expr], Row] | None = None,
+    scale_row_of: RowOf | None = None,
 ) -> Term:
     """The block `dot_name`[*lead, n, chunk, part] (int32 per sub-block, by dp4a over its words)
     and the term that scales it: xd * (scale * dot) + min * xs. `row_of(lead, r)` reads row r's
@@ -576,12 +578,12 @@ def q8_lane_sum(
     lead: tuple[int, ...],
     n: int,
     k: int,
-    row_of: Callable[[tuple[Expr, ...], Expr], Row],
+    row_of: RowOf,
     xq_at: XqAt,
     xd_at: XfAt,
     xs_at: XfAt,
     name: str,
-    scale_row_of: Callable[[tuple[Expr, ...], Expr], Row] | None = None,
+    scale_row_of: RowOf | None = None,
     slot_weight: SlotWeight | None = None,
 ) -> te.Tensor:
     """`name`[*lead, n]: each row's sum of `q8_terms`' terms, in lanes that last the whole row.
@@ -621,12 +623,11 @@ def q8_lane_sum(
         shape = out_lead + (n,) + ((LANES,) if lane else ())
 
         def value(*ax: Expr) -> Expr:
-            r, l = (ax[-2], ax[-1]) if lane else (ax[-1], None)
-            extra = (l,) if lane else ()
+            e, (r, *lane_ax) = ax[:len(out_lead)], ax[len(out_lead):]
             if slot_weight is None:
-                return te.sum(term(ax[:len(out_lead)], r, c, g, *extra), axis=[c, g])
+                return te.sum(term(e, r, c, g, *lane_ax), axis=[c, g])
             s = te.reduce_axis((0, lead[0]), name="s")
-            return te.sum(slot_weight(s) * term((s,), r, c, g, *extra), axis=[s, c, g])
+            return te.sum(slot_weight(s) * term((s,), r, c, g, *lane_ax), axis=[s, c, g])
 
         return te.compute(shape, value, name=f"{name}_{label}")
 
@@ -697,17 +698,22 @@ def _gemv_q8_te(ggml_type: int, n: int, k: int, x_params: list[te.Tensor],
     parameters (W, *x_params, y); in the lane form where `lanes`."""
     fmt = q8_format(ggml_type)
     w = te.placeholder((n, fmt.row_words(k)), fmt.word_dtype, name="W")
+    y = _q8_rows(fmt, n, k, lambda e, r: (lambda i: w[r, i]), x8, lanes)
+    return te.create_prim_func([w, *x_params, y])
+
+
+def _q8_rows(fmt: GemvFormat, n: int, k: int, row_of: RowOf, x8: tuple[te.Tensor, te.Tensor, te.Tensor],
+             lanes: bool, scale_row_of: RowOf | None = None) -> te.Tensor:
+    """Block `gemv`: the n rows' dot products with the activations x8 = (xq, xd, xs), summed by
+    `q8_terms` (its `dot` block) or, where `lanes`, by `q8_lane_sum`."""
     xq, xd, xs = x8
+    readers = (lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b])
     if lanes:
-        y = q8_lane_sum(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
-                        lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "gemv")
-        return te.create_prim_func([w, *x_params, y])
-    term = q8_terms(fmt, (), n, k, lambda e, r: (lambda i: w[r, i]),
-                    lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot")
+        return q8_lane_sum(fmt, (), n, k, row_of, *readers, "gemv", scale_row_of=scale_row_of)
+    term = q8_terms(fmt, (), n, k, row_of, *readers, "dot", scale_row_of=scale_row_of)
     c = te.reduce_axis((0, k // fmt.chunk), name="c")
     p = te.reduce_axis((0, fmt.parts), name="p")
-    y = te.compute((n,), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
-    return te.create_prim_func([w, *x_params, y])
+    return te.compute((n,), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
 
 
 def gemv_qkv_q8_symbol(ggml_type: int, n_q: int, n_k: int, n_v: int, k: int) -> str:
@@ -760,18 +766,8 @@ def _gemv_qkv_q8_te(ggml_type: int, rows: tuple[int, int, int], k: int, x_params
     fmt = q8_format(ggml_type)
     ns = qkv_rows(*rows)
     weights, w = qkv_row_space(fmt, ns, k)
-    xq, xd, xs = x8
-    if lanes:
-        y = q8_lane_sum(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
-                        lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "gemv",
-                        scale_row_of=lambda e, r: qkv_row(weights, r))
-        return te.create_prim_func([*(wt for wt, _, _ in weights), *x_params, *qkv_outputs(y, ns)])
-    term = q8_terms(fmt, (), sum(ns), k, lambda e, r: (lambda i: w[r, i]),
-                    lambda e, i: xq[i], lambda e, b: xd[b], lambda e, b: xs[b], "dot",
-                    scale_row_of=lambda e, r: qkv_row(weights, r))
-    c = te.reduce_axis((0, k // fmt.chunk), name="c")
-    p = te.reduce_axis((0, fmt.parts), name="p")
-    y = te.compute((sum(ns),), lambda r: te.sum(term((), r, c, p), axis=[c, p]), name="gemv")
+    y = _q8_rows(fmt, sum(ns), k, lambda e, r: (lambda i: w[r, i]), x8, lanes,
+                 scale_row_of=lambda e, r: qkv_row(weights, r))
     return te.create_prim_func([*(wt for wt, _, _ in weights), *x_params, *qkv_outputs(y, ns)])
 
 

@@ -25,8 +25,6 @@ int8_dots "lanes", the cpu's). The oracles are `kernels.moe`'s on x̂ and â, th
 quantized by `quantize_q8_1_reference`, for both forms.
 """
 
-from collections.abc import Callable
-
 import numpy as np
 import numpy.typing as npt
 from tvm import te, tirx
@@ -34,6 +32,7 @@ from tvm import te, tirx
 from sparkinfer.kernels.gemv import GemvFormat
 from sparkinfer.kernels.gemv_q8 import (
     Row,
+    RowOf,
     dequantize_q8_1,
     q8_1_stages,
     q8_format,
@@ -61,7 +60,7 @@ PREFETCH_EXPERTS_ATTR = "sparkinfer.l2_prefetch_experts"
 PREFETCH_ALIGN = 16
 
 
-def _expert_row(w: te.Tensor, ids: te.Tensor) -> Callable[[tuple[Expr, ...], Expr], Row]:
+def _expert_row(w: te.Tensor, ids: te.Tensor) -> RowOf:
     """Row r of expert ids[slot] of all experts' words w [E, rows, row_words]."""
     n_experts = int(w.shape[0])
 
