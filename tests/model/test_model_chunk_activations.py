@@ -60,9 +60,16 @@ def test_bad_values_half_operands_and_the_cuda_archs_are_refused(tmp_path: Path)
     with pytest.raises(SparkInferError, match=r"chunk_activations='q8' is for the cpu build only \(the T-token "
                                               r"step's GEMM inputs rounded"):
         build_step(step, "sm_90")
-    path = SchedulesFile("sm_120", {}, step={"chunk_activations": "q8"}).write(tmp_path / "sm_120.json")
-    with pytest.raises(SchedulesFileError, match=r"step variant chunk_activations='q8' is for the cpu build only "
-                                                 r"\(.*the rounding kernel has no CUDA schedule\)"):
+    assert_schedules_files_keep_it_for_the_cpu(tmp_path, "sm_120", "chunk_activations", "q8",
+                                               r"the rounding kernel has no CUDA schedule")
+
+
+def assert_schedules_files_keep_it_for_the_cpu(tmp_path: Path, arch: str, name: str, value: str, why: str) -> None:
+    """A schedules file of CUDA `arch` picking the cpu-only step variant name=value is refused,
+    its message ending in `why` (a regex); the cpu's file takes it."""
+    path = SchedulesFile(arch, {}, step={name: value}).write(tmp_path / f"{arch}.json")
+    with pytest.raises(SchedulesFileError, match=rf"step variant {name}='{value}' is for the cpu build only "
+                                                 rf"\(.*{why}\)"):
         SchedulesFile.read(path)
-    cpu = SchedulesFile("cpu", {}, step={"chunk_activations": "q8"}).write(tmp_path / "cpu.json")
-    assert SchedulesFile.read(cpu).step == {"chunk_activations": "q8"}
+    cpu = SchedulesFile("cpu", {}, step={name: value}).write(tmp_path / "cpu.json")
+    assert SchedulesFile.read(cpu).step == {name: value}

@@ -12,8 +12,7 @@ from sparkinfer.errors import SparkInferError
 from sparkinfer.gguf_file import preset_config, type_map
 from sparkinfer.model.qwen3moe import build_decode_step
 from sparkinfer.model.spec import ENTRY
-from sparkinfer.schedule.schedules import SchedulesFile, SchedulesFileError
-from tests.model.test_model_chunk_activations import INT8_STEP
+from tests.model.test_model_chunk_activations import INT8_STEP, assert_schedules_files_keep_it_for_the_cpu
 from tests.model.test_model_fused_step import launches
 
 TINY = preset_config("tiny")
@@ -48,9 +47,4 @@ def test_bad_values_and_the_cuda_archs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SparkInferError, match=r"int8_dots='lanes' is for the cpu build only \(a lane per word of a "
                                               r"block of 32 in a SIMD register across the row"):
         build_step(step, "sm_121")
-    path = SchedulesFile("sm_90", {}, step={"int8_dots": "lanes"}).write(tmp_path / "sm_90.json")
-    with pytest.raises(SchedulesFileError, match=r"step variant int8_dots='lanes' is for the cpu build only "
-                                                 r"\(.*the lane form has no CUDA schedule\)"):
-        SchedulesFile.read(path)
-    cpu = SchedulesFile("cpu", {}, step={"int8_dots": "lanes"}).write(tmp_path / "cpu.json")
-    assert SchedulesFile.read(cpu).step == {"int8_dots": "lanes"}
+    assert_schedules_files_keep_it_for_the_cpu(tmp_path, "sm_90", "int8_dots", "lanes", r"the lane form has no CUDA schedule")
