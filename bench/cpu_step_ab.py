@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tvm
 
-from sparkinfer.data import default_model_path
-from sparkinfer.runtime.engine import Engine
+from cpu_step_profile import decode_step_at
 
 STEPS_PER_ROUND = 16
 
@@ -29,10 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     steps = []
     for module in args.modules:
-        engine = Engine(default_model_path(), arch="cpu", module_dir=module)
-        engine.forward([1 + i % 1000 for i in range(args.depth)])
-        vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(engine.manifest.library)), tvm.cpu())
-        step, step_args = vm[engine.manifest.entry], engine.args
+        engine, _, step = decode_step_at(module, args.depth)
+        step_args = engine.args
         for _ in range(10):
             step(*step_args)
         steps.append((step, step_args, engine.kv.arrays["pos"], engine.kv.arrays["pos"].numpy()))

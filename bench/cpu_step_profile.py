@@ -27,13 +27,20 @@ from sparkinfer.runtime.engine import Engine
 REPS = 10
 
 
+def decode_step_at(module: Path | None, depth: int) -> tuple[Engine, Any, Any]:
+    """(engine, its module's VM, the VM's decode step) of the default model's cpu module in
+    `module` (None: the engine's), the cache holding `depth` tokens; call the step with
+    `engine.args` (each call appends a token: `pos` advances)."""
+    engine = Engine(default_model_path(), arch="cpu", module_dir=module)
+    engine.forward([1 + i % 1000 for i in range(depth)])
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(engine.manifest.library)), tvm.cpu())
+    return engine, vm, vm[engine.manifest.entry]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", type=Path, nargs="?", help="a compiled module directory (default: the engine's)")
-    engine = Engine(default_model_path(), arch="cpu", module_dir=parser.parse_args().module)
-    engine.forward(list(range(1, 129)))
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(engine.manifest.library)), tvm.cpu())
-    step = vm[engine.manifest.entry]
+    engine, vm, step = decode_step_at(parser.parse_args().module, 128)
     for _ in range(3):
         step(*engine.args)
     plain = []
